@@ -1,0 +1,2 @@
+//! `ferry`: the command line.
+fn main() {}
