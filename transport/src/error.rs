@@ -1,0 +1,49 @@
+//! The transport's error type.
+
+use std::io;
+
+use crate::frame::FrameError;
+
+/// Everything that can go wrong moving frames. One variant per failed operation.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Connecting to the peer failed.
+    #[error("could not connect to {addr}")]
+    Connect {
+        /// The address tried.
+        addr: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Binding a listening socket failed.
+    #[error("could not listen on {addr}")]
+    Bind {
+        /// The address tried.
+        addr: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Accepting an incoming connection failed.
+    #[error("could not accept a connection")]
+    Accept(#[source] io::Error),
+    /// Setting a socket option or duplicating a socket failed.
+    #[error("could not configure the socket")]
+    Configure(#[source] io::Error),
+    /// Reading a frame from the connection failed.
+    #[error("could not read a frame")]
+    Read(#[source] io::Error),
+    /// Writing a frame to the connection failed.
+    #[error("could not write a frame")]
+    Write(#[source] io::Error),
+    /// The bytes received are not a valid frame; the connection is unusable.
+    #[error("received a corrupt frame")]
+    Corrupt(#[source] FrameError),
+    /// A frame to send breaks a limit of the format (e.g. too long).
+    #[error("refused to send an invalid frame")]
+    Encode(#[source] FrameError),
+    /// The peer closed the connection cleanly at a frame boundary.
+    #[error("the peer closed the connection")]
+    PeerClosed,
+}

@@ -1,0 +1,500 @@
+//! The frame: ferry's unit on the wire.
+//!
+//! Every message is one frame: a fixed 24-byte little-endian header followed by
+//! `len` payload bytes. The layout (also in `transport/PROTOCOL.md`):
+//!
+//! | offset | size | field      | meaning                                                    |
+//! |-------:|-----:|------------|------------------------------------------------------------|
+//! | 0      | 4    | `magic`    | [`MAGIC`], the bytes `FERY`: "this is a ferry stream"      |
+//! | 4      | 2    | `version`  | [`PROTOCOL_VERSION`]; a peer accepts only its own version  |
+//! | 6      | 2    | `kind`     | [`FrameKind`]; `0` is reserved as invalid                  |
+//! | 8      | 4    | `flags`    | meaning defined per kind by the layer that owns the kind   |
+//! | 12     | 4    | `len`      | payload length in bytes, at most [`MAX_PAYLOAD_LEN`]       |
+//! | 16     | 8    | `checksum` | xxh3-64 of header bytes `0..16` followed by the payload    |
+//!
+//! The checksum covers the first 16 header bytes as well as the payload, so a
+//! flipped bit in `kind` or `flags` is caught like one in the payload.
+//!
+//! Decoding validates in a fixed order (magic, version, kind, length, then the
+//! checksum once the payload is there) and returns a [`FrameError`] naming the
+//! first thing that is wrong. Nothing read from the wire is trusted before it
+//! has been checked against a bound.
+
+use std::fmt;
+use std::io::IoSlice;
+
+use xxhash_rust::xxh3::Xxh3;
+
+/// The first four bytes of every frame: ASCII `FERY`, read as a little-endian `u32`.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"FERY");
+
+/// The protocol version this build speaks. Bumped on any change to the header
+/// or to the meaning of an existing kind; a peer rejects frames of any other
+/// version (see "The version rule" in `PROTOCOL.md`).
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Size of the fixed frame header in bytes.
+pub const HEADER_LEN: usize = 24;
+
+/// Largest payload one frame may carry: 32 MiB.
+///
+/// Why this bound: the receiver allocates a buffer of the announced length
+/// before it can verify the checksum, so the length field is the one thing a
+/// corrupt or hostile peer could use to make it allocate without limit. 32 MiB
+/// holds a batch of 4096 raw 4 KiB pages (16 MiB) with room for per-page
+/// descriptors, or a digest of 8-byte hashes for a 16 GiB guest's pages in
+/// four frames; senders split anything larger.
+pub const MAX_PAYLOAD_LEN: u32 = 32 << 20;
+
+/// What a frame carries. The numbering is part of the wire format; `0` is
+/// reserved so that zeroed bytes never decode as a meaningful frame.
+///
+/// Kinds 1..=31 are the migration engine's (payloads defined by `ferry-engine`),
+/// 32..=47 belong to the lane layer, 48..=63 to the byte-stream tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum FrameKind {
+    /// Handshake from the source: protocol version, features, memory layout.
+    Hello = 1,
+    /// Destination accepts the handshake (its features, its view of the layout).
+    HelloAck = 2,
+    /// A batch of guest pages (engine-defined encoding).
+    PageBatch = 3,
+    /// End of a pre-copy round (round number, counts).
+    RoundEnd = 4,
+    /// Saved vCPU and device state, sent after the VM is paused.
+    VcpuState = 5,
+    /// Memory digest the destination verifies before READY.
+    Digest = 6,
+    /// Destination verified everything and is ready to resume.
+    Ready = 7,
+    /// Source commits the handover: the destination may resume.
+    Go = 8,
+    /// Destination resumed the guest.
+    Running = 9,
+    /// Either side gives up; payload is a UTF-8 reason.
+    Abort = 10,
+    /// Progress report (engine-defined).
+    Progress = 11,
+}
+
+impl FrameKind {
+    /// Every defined kind, in wire order.
+    pub const ALL: [FrameKind; 11] = [
+        FrameKind::Hello,
+        FrameKind::HelloAck,
+        FrameKind::PageBatch,
+        FrameKind::RoundEnd,
+        FrameKind::VcpuState,
+        FrameKind::Digest,
+        FrameKind::Ready,
+        FrameKind::Go,
+        FrameKind::Running,
+        FrameKind::Abort,
+        FrameKind::Progress,
+    ];
+
+    /// The kind's number on the wire.
+    pub fn to_wire(self) -> u16 {
+        self as u16
+    }
+
+    /// The kind for a wire number, or `None` for `0` and unknown numbers.
+    pub fn from_wire(value: u16) -> Option<FrameKind> {
+        FrameKind::ALL
+            .iter()
+            .copied()
+            .find(|k| k.to_wire() == value)
+    }
+}
+
+impl fmt::Display for FrameKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Why bytes are not a valid frame. One variant per kind of corruption.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The first four bytes are not [`MAGIC`]: the peer does not speak ferry,
+    /// or the stream lost its alignment.
+    #[error("bad magic {found:#010x} (expected {MAGIC:#010x}): not a ferry stream or out of sync")]
+    BadMagic {
+        /// The value found.
+        found: u32,
+    },
+    /// The peer speaks another protocol version.
+    #[error("peer speaks protocol version {found}, this side speaks version {PROTOCOL_VERSION}")]
+    UnsupportedVersion {
+        /// The version found.
+        found: u16,
+    },
+    /// The kind number is `0` or not one this side knows.
+    #[error("unknown frame kind {found}")]
+    UnknownKind {
+        /// The kind number found.
+        found: u16,
+    },
+    /// The announced payload length exceeds [`MAX_PAYLOAD_LEN`].
+    #[error("frame payload of {len} bytes exceeds the limit of {MAX_PAYLOAD_LEN} bytes")]
+    TooLong {
+        /// The announced length.
+        len: u32,
+    },
+    /// The checksum does not match the header and payload received.
+    #[error("checksum mismatch on a {kind} frame: header says {expected:#018x}, data hashes to {computed:#018x}")]
+    ChecksumMismatch {
+        /// Kind of the damaged frame.
+        kind: FrameKind,
+        /// Checksum in the header.
+        expected: u64,
+        /// Checksum computed over what arrived.
+        computed: u64,
+    },
+    /// The bytes end before the frame does.
+    #[error("truncated frame: needed {needed} bytes, got {got}")]
+    Truncated {
+        /// Bytes the frame needs (header, or header + payload).
+        needed: usize,
+        /// Bytes available.
+        got: usize,
+    },
+}
+
+/// A decoded, validated frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// What the frame carries.
+    pub kind: FrameKind,
+    /// Kind-specific flags.
+    pub flags: u32,
+    /// Payload length in bytes (at most [`MAX_PAYLOAD_LEN`]).
+    pub len: u32,
+    /// xxh3-64 of header bytes `0..16` and the payload.
+    pub checksum: u64,
+}
+
+/// A whole frame with an owned payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// What the frame carries.
+    pub kind: FrameKind,
+    /// Kind-specific flags.
+    pub flags: u32,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// A frame of `kind` with no flags.
+    pub fn new(kind: FrameKind, payload: Vec<u8>) -> Frame {
+        Frame {
+            kind,
+            flags: 0,
+            payload,
+        }
+    }
+}
+
+/// Header bytes `0..16` (everything but the checksum) for a frame.
+fn prefix(kind: FrameKind, flags: u32, len: u32) -> [u8; 16] {
+    let mut p = [0u8; 16];
+    p[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    p[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    p[6..8].copy_from_slice(&kind.to_wire().to_le_bytes());
+    p[8..12].copy_from_slice(&flags.to_le_bytes());
+    p[12..16].copy_from_slice(&len.to_le_bytes());
+    p
+}
+
+/// Checksum of a frame: xxh3-64 over the header prefix then each payload part.
+fn checksum(prefix: &[u8; 16], parts: &[IoSlice<'_>]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(prefix);
+    for part in parts {
+        h.update(part);
+    }
+    h.digest()
+}
+
+/// Total length of vectored payload parts, checked against [`MAX_PAYLOAD_LEN`].
+pub(crate) fn payload_len(parts: &[IoSlice<'_>]) -> Result<u32, FrameError> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    match u32::try_from(total) {
+        Ok(len) if len <= MAX_PAYLOAD_LEN => Ok(len),
+        _ => Err(FrameError::TooLong {
+            len: u32::try_from(total).unwrap_or(u32::MAX),
+        }),
+    }
+}
+
+/// Builds the 24-byte header for a payload given as parts (a page batch can be
+/// gathered straight from guest memory). Fails if the payload is too long.
+pub fn encode_header(
+    kind: FrameKind,
+    flags: u32,
+    parts: &[IoSlice<'_>],
+) -> Result<[u8; HEADER_LEN], FrameError> {
+    let len = payload_len(parts)?;
+    let p = prefix(kind, flags, len);
+    let sum = checksum(&p, parts);
+    let mut header = [0u8; HEADER_LEN];
+    header[..16].copy_from_slice(&p);
+    header[16..].copy_from_slice(&sum.to_le_bytes());
+    Ok(header)
+}
+
+/// Appends one whole frame (header + payload) to `out`.
+pub fn encode_frame(
+    kind: FrameKind,
+    flags: u32,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    let header = encode_header(kind, flags, &[IoSlice::new(payload)])?;
+    out.reserve(HEADER_LEN + payload.len());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+impl FrameHeader {
+    /// Decodes and validates a header: magic, version, kind and length bound.
+    /// The checksum can only be checked with the payload: see [`FrameHeader::verify`].
+    pub fn decode(bytes: &[u8; HEADER_LEN]) -> Result<FrameHeader, FrameError> {
+        let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
+        let u32_at =
+            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let magic = u32_at(0);
+        if magic != MAGIC {
+            return Err(FrameError::BadMagic { found: magic });
+        }
+        let version = u16_at(4);
+        if version != PROTOCOL_VERSION {
+            return Err(FrameError::UnsupportedVersion { found: version });
+        }
+        let kind_raw = u16_at(6);
+        let kind =
+            FrameKind::from_wire(kind_raw).ok_or(FrameError::UnknownKind { found: kind_raw })?;
+        let flags = u32_at(8);
+        let len = u32_at(12);
+        if len > MAX_PAYLOAD_LEN {
+            return Err(FrameError::TooLong { len });
+        }
+        let mut sum = [0u8; 8];
+        sum.copy_from_slice(&bytes[16..24]);
+        Ok(FrameHeader {
+            kind,
+            flags,
+            len,
+            checksum: u64::from_le_bytes(sum),
+        })
+    }
+
+    /// Payload length as a `usize`.
+    pub fn payload_len(&self) -> usize {
+        // u32 -> usize is lossless on every target ferry builds for (64-bit).
+        self.len as usize
+    }
+
+    /// Checks the checksum against the payload that arrived.
+    pub fn verify(&self, payload: &[u8]) -> Result<(), FrameError> {
+        if payload.len() != self.payload_len() {
+            return Err(FrameError::Truncated {
+                needed: HEADER_LEN + self.payload_len(),
+                got: HEADER_LEN + payload.len(),
+            });
+        }
+        let p = prefix(self.kind, self.flags, self.len);
+        let computed = checksum(&p, &[IoSlice::new(payload)]);
+        if computed != self.checksum {
+            return Err(FrameError::ChecksumMismatch {
+                kind: self.kind,
+                expected: self.checksum,
+                computed,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Decodes one frame from the front of `bytes`. Returns the header, the
+/// payload (borrowed) and the number of bytes the frame occupied.
+pub fn decode_frame(bytes: &[u8]) -> Result<(FrameHeader, &[u8], usize), FrameError> {
+    let Some(head) = bytes.first_chunk::<HEADER_LEN>() else {
+        return Err(FrameError::Truncated {
+            needed: HEADER_LEN,
+            got: bytes.len(),
+        });
+    };
+    let header = FrameHeader::decode(head)?;
+    let total = HEADER_LEN + header.payload_len();
+    let Some(payload) = bytes.get(HEADER_LEN..total) else {
+        return Err(FrameError::Truncated {
+            needed: total,
+            got: bytes.len(),
+        });
+    };
+    header.verify(payload)?;
+    Ok((header, payload, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame_bytes(kind: FrameKind, flags: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_frame(kind, flags, payload, &mut out).unwrap();
+        out
+    }
+
+    /// Rewrites the checksum so that only the field under test is wrong.
+    fn reseal(bytes: &mut [u8]) {
+        let mut p = [0u8; 16];
+        p.copy_from_slice(&bytes[..16]);
+        let sum = checksum(&p, &[IoSlice::new(&bytes[HEADER_LEN..])]);
+        bytes[16..24].copy_from_slice(&sum.to_le_bytes());
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        for (i, kind) in FrameKind::ALL.into_iter().enumerate() {
+            let payload: Vec<u8> = (0..i * 37).map(|b| (b % 251) as u8).collect();
+            let flags = u32::try_from(i).unwrap() * 0x0101;
+            let bytes = frame_bytes(kind, flags, &payload);
+            let (h, p, used) = decode_frame(&bytes).unwrap();
+            assert_eq!(
+                (h.kind, h.flags, p, used),
+                (kind, flags, &payload[..], bytes.len())
+            );
+        }
+    }
+
+    #[test]
+    fn header_layout_is_little_endian_at_documented_offsets() {
+        let bytes = frame_bytes(FrameKind::PageBatch, 0xA1B2_C3D4, b"abc");
+        assert_eq!(&bytes[0..4], b"FERY");
+        assert_eq!(&bytes[4..6], &PROTOCOL_VERSION.to_le_bytes());
+        assert_eq!(&bytes[6..8], &[3, 0]);
+        assert_eq!(&bytes[8..12], &[0xD4, 0xC3, 0xB2, 0xA1]);
+        assert_eq!(&bytes[12..16], &[3, 0, 0, 0]);
+        assert_eq!(bytes.len(), HEADER_LEN + 3);
+    }
+
+    #[test]
+    fn vectored_header_equals_contiguous_header() {
+        let whole = frame_bytes(FrameKind::PageBatch, 7, b"hello, world");
+        let parts = [
+            IoSlice::new(b"hello"),
+            IoSlice::new(b", "),
+            IoSlice::new(b"world"),
+        ];
+        let header = encode_header(FrameKind::PageBatch, 7, &parts).unwrap();
+        assert_eq!(&whole[..HEADER_LEN], &header[..]);
+    }
+
+    #[test]
+    fn zero_kind_is_invalid() {
+        assert_eq!(FrameKind::from_wire(0), None);
+    }
+
+    #[test]
+    fn bad_magic_is_rejected() {
+        let mut bytes = frame_bytes(FrameKind::Hello, 0, b"x");
+        bytes[0] = b'G';
+        reseal(&mut bytes);
+        assert!(matches!(
+            decode_frame(&bytes),
+            Err(FrameError::BadMagic { .. })
+        ));
+    }
+
+    #[test]
+    fn wrong_version_is_rejected() {
+        let mut bytes = frame_bytes(FrameKind::Hello, 0, b"x");
+        bytes[4..6].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
+        reseal(&mut bytes);
+        assert_eq!(
+            decode_frame(&bytes).unwrap_err(),
+            FrameError::UnsupportedVersion {
+                found: PROTOCOL_VERSION + 1
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_kind_is_rejected() {
+        for raw in [0u16, 999, u16::MAX] {
+            let mut bytes = frame_bytes(FrameKind::Hello, 0, b"x");
+            bytes[6..8].copy_from_slice(&raw.to_le_bytes());
+            reseal(&mut bytes);
+            assert_eq!(
+                decode_frame(&bytes).unwrap_err(),
+                FrameError::UnknownKind { found: raw }
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_rejected_before_the_payload_is_needed() {
+        let mut bytes = frame_bytes(FrameKind::PageBatch, 0, b"");
+        bytes[12..16].copy_from_slice(&(MAX_PAYLOAD_LEN + 1).to_le_bytes());
+        assert_eq!(
+            decode_frame(&bytes).unwrap_err(),
+            FrameError::TooLong {
+                len: MAX_PAYLOAD_LEN + 1
+            }
+        );
+    }
+
+    #[test]
+    fn oversized_payload_is_refused_on_encode() {
+        let big = vec![0u8; MAX_PAYLOAD_LEN as usize + 1];
+        let err = encode_frame(FrameKind::PageBatch, 0, &big, &mut Vec::new()).unwrap_err();
+        assert!(matches!(err, FrameError::TooLong { .. }));
+    }
+
+    #[test]
+    fn checksum_mismatch_in_payload_is_rejected() {
+        let mut bytes = frame_bytes(FrameKind::PageBatch, 0, &[7u8; 4096]);
+        bytes[HEADER_LEN + 100] ^= 1;
+        assert!(matches!(
+            decode_frame(&bytes),
+            Err(FrameError::ChecksumMismatch {
+                kind: FrameKind::PageBatch,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn checksum_covers_flags() {
+        let mut bytes = frame_bytes(FrameKind::PageBatch, 0, b"payload");
+        bytes[8] ^= 0x80;
+        assert!(matches!(
+            decode_frame(&bytes),
+            Err(FrameError::ChecksumMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_header_and_payload_are_rejected() {
+        let bytes = frame_bytes(FrameKind::Digest, 0, &[1u8; 64]);
+        assert_eq!(
+            decode_frame(&bytes[..10]).unwrap_err(),
+            FrameError::Truncated {
+                needed: HEADER_LEN,
+                got: 10
+            }
+        );
+        assert_eq!(
+            decode_frame(&bytes[..HEADER_LEN + 63]).unwrap_err(),
+            FrameError::Truncated {
+                needed: HEADER_LEN + 64,
+                got: HEADER_LEN + 63
+            }
+        );
+    }
+}
