@@ -1,0 +1,415 @@
+//! When to stop copying: the convergence controller.
+//!
+//! After every round the source asks [`ConvergenceController::assess`] what
+//! to do next, given what the round measured. The whole policy is the one
+//! function [`decide`]; the controller only keeps the state it needs across
+//! rounds (best bandwidth seen, the previous dirty set, the throttle).
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::encode::PAGE_SIZE;
+
+/// Rounds that moved fewer wire bytes than this do not update the bandwidth
+/// estimate: a small round is dominated by latency, not by the link.
+pub const MIN_BYTES_FOR_BANDWIDTH: u64 = 1 << 20;
+
+/// A round "shrinks" when it leaves at most this share (in percent) of the
+/// previous round's dirty pages.
+pub const SHRINK_PERCENT: u64 = 90;
+
+/// The knobs of convergence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ConvergencePolicy {
+    /// Stop-and-copy once the expected downtime is at most this.
+    pub max_downtime: Duration,
+    /// Give up (guest keeps running on the source) once the migration has
+    /// run this long without converging. `None`: never give up.
+    pub deadline: Option<Duration>,
+    /// Throttle the vCPUs when rounds stop shrinking.
+    pub auto_converge: bool,
+    /// First throttle step, percent of vCPU time taken away.
+    pub throttle_initial: u8,
+    /// Added per further step.
+    pub throttle_step: u8,
+    /// Never throttle beyond this.
+    pub throttle_max: u8,
+}
+
+impl Default for ConvergencePolicy {
+    fn default() -> Self {
+        Self {
+            max_downtime: Duration::from_millis(20),
+            deadline: Some(Duration::from_secs(300)),
+            auto_converge: true,
+            throttle_initial: 20,
+            throttle_step: 10,
+            throttle_max: 99,
+        }
+    }
+}
+
+/// What one round measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RoundMeasurement {
+    /// How long the round took (first page read to last page written).
+    pub duration: Duration,
+    /// Pages the round sent (unchanged pages skipped are not counted).
+    pub pages_sent: u64,
+    /// Bytes the round put on the wire, frame headers included.
+    pub wire_bytes: u64,
+    /// Pages dirtied while the round ran: the next round's work.
+    pub dirty_pages: u64,
+    /// Time since the migration started.
+    pub elapsed: Duration,
+}
+
+/// What to do after a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum Decision {
+    /// Pause the guest and send what is left.
+    StopAndCopy,
+    /// Run another round as is.
+    Continue,
+    /// Run another round with the vCPUs throttled to `percent`.
+    Throttle {
+        /// Share of vCPU time taken away.
+        percent: u8,
+    },
+    /// Stop migrating; the guest keeps running on the source.
+    GiveUp,
+}
+
+/// A decision with the figures it was made from (what progress events
+/// report).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Assessment {
+    /// Pages dirtied per second during the round.
+    pub dirty_rate_pages_per_sec: f64,
+    /// The link's bandwidth estimate, bytes per second.
+    pub bandwidth_bytes_per_sec: f64,
+    /// Wire bytes the dirty pages are expected to take.
+    pub bytes_left: u64,
+    /// `bytes_left / bandwidth`.
+    pub expected_downtime: Duration,
+    /// True when the round left fewer dirty pages than the one before.
+    pub shrinking: bool,
+    /// The decision.
+    pub decision: Decision,
+}
+
+/// The controller's memory across rounds: what [`decide`] reads besides the
+/// round itself.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ControllerState {
+    /// Best bandwidth seen on a round of at least
+    /// [`MIN_BYTES_FOR_BANDWIDTH`], bytes/s (0 before the first).
+    pub bandwidth: f64,
+    /// Dirty pages the previous round left (`None` after round 0).
+    pub previous_dirty_pages: Option<u64>,
+    /// Current throttle, percent.
+    pub throttle: u8,
+}
+
+/// The convergence decision, in order:
+/// 1. The bandwidth estimate is the best seen on a round that moved at least
+///    [`MIN_BYTES_FOR_BANDWIDTH`] (this round's figure if none did yet).
+/// 2. Bytes left = dirty pages × this round's wire bytes per page sent (a
+///    full page plus header when it sent nothing), so compression and XOR
+///    deltas count. Expected downtime = bytes left / bandwidth.
+/// 3. It fits `max_downtime` → **stop-and-copy** (even past the deadline:
+///    the last round is cheap).
+/// 4. Past the deadline → **give up**.
+/// 5. The round did not shrink the dirty set below [`SHRINK_PERCENT`] % of
+///    the previous one and auto-converge is on → **throttle** one step
+///    (`throttle_initial`, then `+throttle_step`, capped at `throttle_max`;
+///    once at the cap, continue).
+/// 6. Otherwise **continue**.
+pub fn decide(
+    policy: &ConvergencePolicy,
+    state: &ControllerState,
+    round: &RoundMeasurement,
+) -> Assessment {
+    let secs = round.duration.as_secs_f64().max(1e-6);
+    let round_bandwidth = round.wire_bytes as f64 / secs;
+    let bandwidth = if round.wire_bytes >= MIN_BYTES_FOR_BANDWIDTH || state.bandwidth == 0.0 {
+        state.bandwidth.max(round_bandwidth)
+    } else {
+        state.bandwidth
+    };
+    let bytes_per_page = if round.pages_sent == 0 {
+        (PAGE_SIZE + crate::encode::batch::ENTRY_HEADER_BYTES) as u64
+    } else {
+        round.wire_bytes.div_ceil(round.pages_sent)
+    };
+    let bytes_left = round.dirty_pages.saturating_mul(bytes_per_page);
+    let expected_downtime = if bytes_left == 0 {
+        Duration::ZERO
+    } else if bandwidth <= 0.0 {
+        Duration::MAX
+    } else {
+        Duration::try_from_secs_f64(bytes_left as f64 / bandwidth).unwrap_or(Duration::MAX)
+    };
+    let shrinking = match state.previous_dirty_pages {
+        None => true,
+        Some(prev) => round.dirty_pages * 100 < prev * SHRINK_PERCENT || round.dirty_pages == 0,
+    };
+    let decision = if expected_downtime <= policy.max_downtime {
+        Decision::StopAndCopy
+    } else if policy.deadline.is_some_and(|d| round.elapsed >= d) {
+        Decision::GiveUp
+    } else if !shrinking && policy.auto_converge && state.throttle < policy.throttle_max {
+        let next = if state.throttle == 0 {
+            policy.throttle_initial
+        } else {
+            state.throttle.saturating_add(policy.throttle_step)
+        };
+        Decision::Throttle {
+            percent: next.min(policy.throttle_max),
+        }
+    } else {
+        Decision::Continue
+    };
+    Assessment {
+        dirty_rate_pages_per_sec: round.dirty_pages as f64 / secs,
+        bandwidth_bytes_per_sec: bandwidth,
+        bytes_left,
+        expected_downtime,
+        shrinking,
+        decision,
+    }
+}
+
+/// Keeps [`ControllerState`] across rounds and applies [`decide`].
+#[derive(Debug, Clone)]
+pub struct ConvergenceController {
+    policy: ConvergencePolicy,
+    state: ControllerState,
+}
+
+impl ConvergenceController {
+    /// A controller for `policy`, before round 0.
+    pub fn new(policy: ConvergencePolicy) -> Self {
+        Self {
+            policy,
+            state: ControllerState::default(),
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &ConvergencePolicy {
+        &self.policy
+    }
+
+    /// The current throttle, percent.
+    pub fn throttle(&self) -> u8 {
+        self.state.throttle
+    }
+
+    /// Decide after a round, and remember what the next decision needs.
+    pub fn assess(&mut self, round: &RoundMeasurement) -> Assessment {
+        let assessment = decide(&self.policy, &self.state, round);
+        self.state.bandwidth = assessment.bandwidth_bytes_per_sec;
+        self.state.previous_dirty_pages = Some(round.dirty_pages);
+        if let Decision::Throttle { percent } = assessment.decision {
+            self.state.throttle = percent;
+        }
+        assessment
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+    const MIB: u64 = 1 << 20;
+
+    fn round(
+        duration_ms: u64,
+        pages_sent: u64,
+        wire_bytes: u64,
+        dirty_pages: u64,
+        elapsed_ms: u64,
+    ) -> RoundMeasurement {
+        RoundMeasurement {
+            duration: MS(duration_ms),
+            pages_sent,
+            wire_bytes,
+            dirty_pages,
+            elapsed: MS(elapsed_ms),
+        }
+    }
+
+    fn state(bandwidth: f64, previous: Option<u64>, throttle: u8) -> ControllerState {
+        ControllerState {
+            bandwidth,
+            previous_dirty_pages: previous,
+            throttle,
+        }
+    }
+
+    #[test]
+    fn decision_table() {
+        let policy = ConvergencePolicy::default();
+        let no_auto = ConvergencePolicy {
+            auto_converge: false,
+            ..policy
+        };
+        // 1 GB/s link; raw pages (4107 wire bytes each).
+        let gbps = 1e9;
+        let cases: Vec<(
+            &str,
+            ConvergencePolicy,
+            ControllerState,
+            RoundMeasurement,
+            Decision,
+        )> = vec![
+            (
+                "idle after round 0: nothing left",
+                policy,
+                state(0.0, None, 0),
+                round(1000, 262_144, 1 << 30, 0, 1000),
+                Decision::StopAndCopy,
+            ),
+            (
+                "few pages left fit 20 ms",
+                policy,
+                state(gbps, Some(10_000), 0),
+                round(100, 10_000, 41_070_000, 2_000, 5000),
+                Decision::StopAndCopy,
+            ),
+            (
+                "too many left but shrinking: continue",
+                policy,
+                state(gbps, Some(100_000), 0),
+                round(400, 100_000, 410_700_000, 20_000, 5000),
+                Decision::Continue,
+            ),
+            (
+                "not shrinking: first throttle step",
+                policy,
+                state(gbps, Some(20_000), 0),
+                round(100, 20_000, 82_140_000, 19_500, 5000),
+                Decision::Throttle { percent: 20 },
+            ),
+            (
+                "not shrinking again: next step",
+                policy,
+                state(gbps, Some(20_000), 20),
+                round(100, 20_000, 82_140_000, 19_500, 5000),
+                Decision::Throttle { percent: 30 },
+            ),
+            (
+                "step capped at the maximum",
+                policy,
+                state(gbps, Some(20_000), 95),
+                round(100, 20_000, 82_140_000, 19_500, 5000),
+                Decision::Throttle { percent: 99 },
+            ),
+            (
+                "at the cap: continue",
+                policy,
+                state(gbps, Some(20_000), 99),
+                round(100, 20_000, 82_140_000, 19_500, 5000),
+                Decision::Continue,
+            ),
+            (
+                "auto-converge off: continue",
+                no_auto,
+                state(gbps, Some(20_000), 0),
+                round(100, 20_000, 82_140_000, 19_500, 5000),
+                Decision::Continue,
+            ),
+            (
+                "past the deadline: give up",
+                no_auto,
+                state(gbps, Some(20_000), 0),
+                round(100, 20_000, 82_140_000, 19_500, 300_000),
+                Decision::GiveUp,
+            ),
+            (
+                "past the deadline but fits: stop",
+                policy,
+                state(gbps, Some(20_000), 0),
+                round(100, 20_000, 82_140_000, 100, 300_000),
+                Decision::StopAndCopy,
+            ),
+            (
+                "xor deltas make many pages cheap",
+                policy,
+                state(gbps, Some(60_000), 0),
+                round(100, 50_000, 1_500_000, 50_000, 5000),
+                Decision::StopAndCopy,
+            ),
+        ];
+        for (name, policy, st, r, expected) in cases {
+            let got = decide(&policy, &st, &r);
+            assert_eq!(got.decision, expected, "{name}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn small_rounds_do_not_lower_the_bandwidth_estimate() {
+        let policy = ConvergencePolicy::default();
+        let got = decide(
+            &policy,
+            &state(1e9, Some(10), 0),
+            &round(100, 10, 41_070, 10, 1000),
+        );
+        assert_eq!(got.bandwidth_bytes_per_sec, 1e9);
+    }
+
+    #[test]
+    fn the_first_round_sets_the_bandwidth_even_when_small() {
+        let policy = ConvergencePolicy::default();
+        let got = decide(
+            &policy,
+            &state(0.0, None, 0),
+            &round(1000, 10, 500_000, 10, 1000),
+        );
+        assert_eq!(got.bandwidth_bytes_per_sec, 500_000.0);
+    }
+
+    #[test]
+    fn expected_downtime_is_bytes_left_over_bandwidth() {
+        let policy = ConvergencePolicy::default();
+        // 100 MiB/s, 4 KiB per page on the wire, 2560 pages = 10 MiB: 100 ms.
+        let got = decide(
+            &policy,
+            &state(100.0 * MIB as f64, Some(100_000), 0),
+            &round(1000, 1000, 4096 * 1000, 2560, 1000),
+        );
+        assert_eq!(got.bytes_left, 10 * MIB);
+        assert_eq!(got.expected_downtime, MS(100));
+        assert_eq!(got.dirty_rate_pages_per_sec, 2560.0);
+    }
+
+    #[test]
+    fn the_controller_walks_up_the_throttle_and_remembers_it() {
+        let mut c = ConvergenceController::new(ConvergencePolicy::default());
+        let stuck = round(100, 20_000, 82_140_000, 20_000, 1000);
+        assert_eq!(
+            c.assess(&stuck).decision,
+            Decision::Continue,
+            "round 0 has nothing to compare with"
+        );
+        assert_eq!(
+            c.assess(&stuck).decision,
+            Decision::Throttle { percent: 20 }
+        );
+        assert_eq!(
+            c.assess(&stuck).decision,
+            Decision::Throttle { percent: 30 }
+        );
+        assert_eq!(c.throttle(), 30);
+    }
+
+    #[test]
+    fn decisions_serialize_for_json_progress() {
+        let json = serde_json::to_string(&Decision::Throttle { percent: 40 }).unwrap();
+        assert_eq!(json, r#"{"decision":"throttle","percent":40}"#);
+    }
+}

@@ -1,0 +1,166 @@
+//! Page encoding: how one 4 KiB guest page travels on the wire.
+//!
+//! The source picks, per page, the cheapest of (in this order):
+//! - **zero**: a flag, no payload ([`PageEncoding::Zero`]);
+//! - **unchanged since last sent**: not sent at all; the caller compares the
+//!   page's xxh3-64 with the hash of the copy it sent last ([`page_hash`]);
+//! - **XOR delta** against a cached earlier copy ([`XorDeltaCache`]): the XOR
+//!   of old and new content, run-length coded ([`xor_rle`]), then LZ4 when
+//!   that shrinks it further;
+//! - **LZ4** (lz4_flex block format) when it shrinks the page;
+//! - **raw** otherwise.
+//!
+//! Pages travel in batches ([`batch`]): page index + encoding + length +
+//! payload, bounded and validated on decode so hostile bytes give a
+//! [`DecodeError`], never a panic.
+
+pub mod batch;
+mod delta_cache;
+mod page;
+pub mod xor_rle;
+
+pub use batch::{BatchBuilder, BatchEntry, BatchReader};
+pub use delta_cache::XorDeltaCache;
+pub use page::{decode_page, PageEncoder};
+
+use serde::Serialize;
+
+/// Size of a guest page, the unit of everything in this crate.
+pub const PAGE_SIZE: usize = 4096;
+
+/// One page's bytes.
+pub type Page = [u8; PAGE_SIZE];
+
+/// How one page's payload is encoded. `0` is reserved as invalid so zeroed
+/// bytes never decode as a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[repr(u8)]
+pub enum PageEncoding {
+    /// All bytes zero; no payload.
+    Zero = 1,
+    /// The page as is; payload is exactly [`PAGE_SIZE`] bytes.
+    Raw = 2,
+    /// An LZ4 block that decompresses to exactly [`PAGE_SIZE`] bytes.
+    Lz4 = 3,
+    /// A run-length coded XOR against the destination's current copy of
+    /// the page (see [`xor_rle`]).
+    XorRle = 4,
+    /// `u16` LE length of the run-length coded XOR, then that stream as an
+    /// LZ4 block.
+    XorRleLz4 = 5,
+}
+
+impl PageEncoding {
+    /// The encoding for a wire byte.
+    pub fn from_wire(byte: u8) -> Result<Self, DecodeError> {
+        Ok(match byte {
+            1 => Self::Zero,
+            2 => Self::Raw,
+            3 => Self::Lz4,
+            4 => Self::XorRle,
+            5 => Self::XorRleLz4,
+            other => return Err(DecodeError::UnknownEncoding(other)),
+        })
+    }
+}
+
+/// Why a page or a batch could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The encoding byte names no known encoding.
+    #[error("unknown page encoding {0}")]
+    UnknownEncoding(u8),
+    /// A payload length that the encoding does not allow.
+    #[error("{encoding:?} page with a payload of {len} bytes")]
+    BadLength {
+        /// The page's encoding.
+        encoding: PageEncoding,
+        /// The length found.
+        len: usize,
+    },
+    /// The LZ4 block was corrupt or did not give the expected size.
+    #[error("LZ4 block does not decompress to {expected} bytes")]
+    Lz4 {
+        /// The size it had to decompress to.
+        expected: usize,
+    },
+    /// The run-length coded XOR runs past the page or is malformed.
+    #[error("XOR delta malformed at byte {at}")]
+    XorRle {
+        /// Offset in the run-length stream.
+        at: usize,
+    },
+    /// The batch ended in the middle of an entry.
+    #[error("page batch truncated at byte {at}")]
+    Truncated {
+        /// Offset where more bytes were needed.
+        at: usize,
+    },
+    /// More pages in one batch than [`batch::MAX_BATCH_PAGES`].
+    #[error("page batch claims {0} pages (limit {limit})", limit = batch::MAX_BATCH_PAGES)]
+    TooManyPages(u32),
+    /// Bytes left after the last entry the header announced.
+    #[error("{0} bytes after the last page of the batch")]
+    TrailingBytes(usize),
+    /// A page index outside guest memory.
+    #[error("page {page} outside guest memory ({pages} pages)")]
+    PageOutOfRange {
+        /// The page index found.
+        page: u64,
+        /// Number of pages of the memory layout.
+        pages: u64,
+    },
+}
+
+/// xxh3-64 of a page: what "unchanged since last sent" and the memory digest
+/// compare.
+pub fn page_hash(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
+}
+
+/// True when every byte of the page is zero.
+pub fn is_zero(page: &Page) -> bool {
+    page.chunks_exact(8)
+        .all(|w| u64::from_ne_bytes(w.try_into().expect("8-byte chunk")) == 0)
+}
+
+/// Counts of pages per way they were sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EncodingCounts {
+    /// Sent as a zero flag.
+    pub zero: u64,
+    /// Not sent: unchanged since last sent.
+    pub unchanged: u64,
+    /// Sent as a XOR delta (with or without LZ4 on top).
+    pub xor_delta: u64,
+    /// Sent LZ4-compressed.
+    pub lz4: u64,
+    /// Sent raw.
+    pub raw: u64,
+}
+
+impl EncodingCounts {
+    /// Count one page sent with `encoding`.
+    pub fn count(&mut self, encoding: PageEncoding) {
+        match encoding {
+            PageEncoding::Zero => self.zero += 1,
+            PageEncoding::Raw => self.raw += 1,
+            PageEncoding::Lz4 => self.lz4 += 1,
+            PageEncoding::XorRle | PageEncoding::XorRleLz4 => self.xor_delta += 1,
+        }
+    }
+
+    /// Add another set of counts.
+    pub fn add(&mut self, other: &EncodingCounts) {
+        self.zero += other.zero;
+        self.unchanged += other.unchanged;
+        self.xor_delta += other.xor_delta;
+        self.lz4 += other.lz4;
+        self.raw += other.raw;
+    }
+
+    /// Pages that went on the wire (all but the unchanged ones).
+    pub fn sent(&self) -> u64 {
+        self.zero + self.xor_delta + self.lz4 + self.raw
+    }
+}

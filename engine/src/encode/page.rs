@@ -1,0 +1,346 @@
+//! Encoding and decoding of one page.
+
+use super::batch::BatchBuilder;
+use super::{is_zero, xor_rle, DecodeError, Page, PageEncoding, XorDeltaCache, PAGE_SIZE};
+
+/// A XOR delta is used only when its run-length stream is at most this long;
+/// beyond it the page changed so much that LZ4 or raw is as good.
+pub const MAX_XOR_STREAM: usize = PAGE_SIZE / 2;
+
+/// A run-length stream shorter than this is sent as is: LZ4 cannot gain on
+/// a few dozen bytes.
+const MIN_XOR_STREAM_FOR_LZ4: usize = 128;
+
+/// After this many pages in a row that LZ4 could not shrink, the encoder
+/// stops trying for [`LZ4_BACKOFF_PAGES`] pages, then probes again.
+/// Incompressible memory (encrypted, random, the workload guest's fill) then
+/// costs no LZ4 time; compressible memory is found again within a probe.
+const LZ4_FAILURES_BEFORE_BACKOFF: u32 = 16;
+/// See [`LZ4_FAILURES_BEFORE_BACKOFF`].
+const LZ4_BACKOFF_PAGES: u32 = 256;
+
+/// Encodes pages into a batch. One per worker thread; holds scratch buffers
+/// and the LZ4 back-off state.
+#[derive(Debug)]
+pub struct PageEncoder {
+    lz4_out: Vec<u8>,
+    xor_stream: Vec<u8>,
+    lz4_failures: u32,
+    lz4_skip: u32,
+}
+
+impl Default for PageEncoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PageEncoder {
+    /// A fresh encoder.
+    pub fn new() -> Self {
+        Self {
+            lz4_out: vec![0; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)],
+            xor_stream: Vec::with_capacity(PAGE_SIZE),
+            lz4_failures: 0,
+            lz4_skip: 0,
+        }
+    }
+
+    /// Append `data`, the current content of guest page `page`, to `out` in
+    /// the cheapest encoding, and return that encoding. With a `delta` cache,
+    /// `data` becomes the page's cached copy (or, for a zero page, its
+    /// cached copy is dropped).
+    pub fn encode(
+        &mut self,
+        page: u64,
+        data: &Page,
+        delta: Option<&XorDeltaCache>,
+        out: &mut BatchBuilder,
+    ) -> PageEncoding {
+        if is_zero(data) {
+            if let Some(cache) = delta {
+                cache.forget(page);
+            }
+            out.push(page, PageEncoding::Zero, &[]);
+            return PageEncoding::Zero;
+        }
+        if let Some(cache) = delta {
+            self.xor_stream.clear();
+            let stream = &mut self.xor_stream;
+            let fits = cache.with_previous_then_store(page, data, |old| {
+                xor_rle::encode(old, data, MAX_XOR_STREAM, stream)
+            });
+            if fits == Some(true) {
+                return self.push_xor(page, out);
+            }
+        }
+        if self.lz4_skip > 0 {
+            self.lz4_skip -= 1;
+        } else {
+            match lz4_flex::block::compress_into(data, &mut self.lz4_out) {
+                Ok(n) if n < PAGE_SIZE => {
+                    self.lz4_failures = 0;
+                    out.push(page, PageEncoding::Lz4, &self.lz4_out[..n]);
+                    return PageEncoding::Lz4;
+                }
+                _ => {
+                    self.lz4_failures += 1;
+                    if self.lz4_failures >= LZ4_FAILURES_BEFORE_BACKOFF {
+                        self.lz4_failures = 0;
+                        self.lz4_skip = LZ4_BACKOFF_PAGES;
+                    }
+                }
+            }
+        }
+        out.push(page, PageEncoding::Raw, data);
+        PageEncoding::Raw
+    }
+
+    fn push_xor(&mut self, page: u64, out: &mut BatchBuilder) -> PageEncoding {
+        let stream = &self.xor_stream;
+        if stream.len() >= MIN_XOR_STREAM_FOR_LZ4 {
+            let (len_bytes, body) = self.lz4_out.split_at_mut(2);
+            if let Ok(n) = lz4_flex::block::compress_into(stream, body) {
+                if n + 2 < stream.len() {
+                    let len = u16::try_from(stream.len()).expect("stream below MAX_XOR_STREAM");
+                    len_bytes.copy_from_slice(&len.to_le_bytes());
+                    out.push(page, PageEncoding::XorRleLz4, &self.lz4_out[..n + 2]);
+                    return PageEncoding::XorRleLz4;
+                }
+            }
+        }
+        out.push(page, PageEncoding::XorRle, stream);
+        PageEncoding::XorRle
+    }
+}
+
+/// Decode one page's payload into `page`. `page` must hold the destination's
+/// current copy of the page (XOR deltas apply to it); on error it may be
+/// partly changed.
+pub fn decode_page(
+    encoding: PageEncoding,
+    payload: &[u8],
+    page: &mut Page,
+) -> Result<(), DecodeError> {
+    let bad_length = || DecodeError::BadLength {
+        encoding,
+        len: payload.len(),
+    };
+    match encoding {
+        PageEncoding::Zero => {
+            if !payload.is_empty() {
+                return Err(bad_length());
+            }
+            page.fill(0);
+        }
+        PageEncoding::Raw => {
+            if payload.len() != PAGE_SIZE {
+                return Err(bad_length());
+            }
+            page.copy_from_slice(payload);
+        }
+        PageEncoding::Lz4 => {
+            if payload.is_empty() || payload.len() >= PAGE_SIZE {
+                return Err(bad_length());
+            }
+            match lz4_flex::block::decompress_into(payload, page) {
+                Ok(PAGE_SIZE) => {}
+                _ => {
+                    return Err(DecodeError::Lz4 {
+                        expected: PAGE_SIZE,
+                    })
+                }
+            }
+        }
+        PageEncoding::XorRle => {
+            if payload.len() > MAX_XOR_STREAM {
+                return Err(bad_length());
+            }
+            xor_rle::apply(payload, page)?;
+        }
+        PageEncoding::XorRleLz4 => {
+            if payload.len() < 3 || payload.len() > MAX_XOR_STREAM {
+                return Err(bad_length());
+            }
+            let stream_len = usize::from(u16::from_le_bytes([payload[0], payload[1]]));
+            if stream_len == 0 || stream_len > MAX_XOR_STREAM {
+                return Err(DecodeError::Lz4 {
+                    expected: stream_len,
+                });
+            }
+            let mut stream = [0u8; MAX_XOR_STREAM];
+            match lz4_flex::block::decompress_into(&payload[2..], &mut stream[..stream_len]) {
+                Ok(n) if n == stream_len => {}
+                _ => {
+                    return Err(DecodeError::Lz4 {
+                        expected: stream_len,
+                    })
+                }
+            }
+            xor_rle::apply(&stream[..stream_len], page)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode::BatchReader;
+
+    fn encode_one(
+        enc: &mut PageEncoder,
+        page: u64,
+        data: &Page,
+        cache: Option<&XorDeltaCache>,
+    ) -> (PageEncoding, Vec<u8>) {
+        let mut batch = BatchBuilder::new();
+        let encoding = enc.encode(page, data, cache, &mut batch);
+        (encoding, batch.finish())
+    }
+
+    fn decode_into(batch: &[u8], page: &mut Page) {
+        let mut reader = BatchReader::new(batch, 1 << 20).unwrap();
+        let entry = reader.next_entry().unwrap().unwrap();
+        decode_page(entry.encoding, entry.payload, page).unwrap();
+        assert!(reader.next_entry().unwrap().is_none());
+    }
+
+    fn noise(seed: u64) -> Box<Page> {
+        let mut page = Box::new([0u8; PAGE_SIZE]);
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        for word in page.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        page
+    }
+
+    #[test]
+    fn zero_page_is_a_flag() {
+        let mut enc = PageEncoder::new();
+        let (encoding, batch) = encode_one(&mut enc, 3, &[0; PAGE_SIZE], None);
+        assert_eq!(encoding, PageEncoding::Zero);
+        let mut page = [9u8; PAGE_SIZE];
+        decode_into(&batch, &mut page);
+        assert_eq!(page, [0u8; PAGE_SIZE]);
+    }
+
+    #[test]
+    fn compressible_page_is_lz4() {
+        let mut enc = PageEncoder::new();
+        let mut data = [0u8; PAGE_SIZE];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i % 7) as u8;
+        }
+        let (encoding, batch) = encode_one(&mut enc, 1, &data, None);
+        assert_eq!(encoding, PageEncoding::Lz4);
+        assert!(batch.len() < PAGE_SIZE / 4);
+        let mut page = [0u8; PAGE_SIZE];
+        decode_into(&batch, &mut page);
+        assert_eq!(page, data);
+    }
+
+    #[test]
+    fn incompressible_page_is_raw() {
+        let mut enc = PageEncoder::new();
+        let data = noise(1);
+        let (encoding, batch) = encode_one(&mut enc, 1, &data, None);
+        assert_eq!(encoding, PageEncoding::Raw);
+        let mut page = [0u8; PAGE_SIZE];
+        decode_into(&batch, &mut page);
+        assert_eq!(&page, &*data);
+    }
+
+    #[test]
+    fn a_small_change_to_a_cached_page_is_a_xor_delta() {
+        let mut enc = PageEncoder::new();
+        let cache = XorDeltaCache::new(1 << 20);
+        let old = noise(2);
+        let (first, _) = encode_one(&mut enc, 5, &old, Some(&cache));
+        assert_eq!(first, PageEncoding::Raw);
+        let mut new = old.clone();
+        new[800..808].copy_from_slice(&0x1234_u64.to_le_bytes());
+        let (second, batch) = encode_one(&mut enc, 5, &new, Some(&cache));
+        assert_eq!(second, PageEncoding::XorRle);
+        assert!(batch.len() < 64, "{} bytes", batch.len());
+        let mut page = *old;
+        decode_into(&batch, &mut page);
+        assert_eq!(&page, &*new);
+    }
+
+    #[test]
+    fn a_large_regular_change_is_a_compressed_xor_delta() {
+        let mut enc = PageEncoder::new();
+        let cache = XorDeltaCache::new(1 << 20);
+        let old = noise(3);
+        encode_one(&mut enc, 5, &old, Some(&cache));
+        let mut new = old.clone();
+        for b in &mut new[1000..2000] {
+            *b ^= 0x55;
+        }
+        let (encoding, batch) = encode_one(&mut enc, 5, &new, Some(&cache));
+        assert_eq!(encoding, PageEncoding::XorRleLz4);
+        let mut page = *old;
+        decode_into(&batch, &mut page);
+        assert_eq!(&page, &*new);
+    }
+
+    #[test]
+    fn a_rewritten_cached_page_falls_back_to_raw() {
+        let mut enc = PageEncoder::new();
+        let cache = XorDeltaCache::new(1 << 20);
+        encode_one(&mut enc, 5, &noise(4), Some(&cache));
+        let (encoding, _) = encode_one(&mut enc, 5, &noise(5), Some(&cache));
+        assert_eq!(encoding, PageEncoding::Raw);
+    }
+
+    #[test]
+    fn lz4_backs_off_on_incompressible_pages_and_probes_again() {
+        let mut enc = PageEncoder::new();
+        for i in 0..u64::from(LZ4_FAILURES_BEFORE_BACKOFF) {
+            encode_one(&mut enc, i, &noise(i + 10), None);
+        }
+        let mut data = [0u8; PAGE_SIZE];
+        data[0] = 1;
+        // In back-off: a compressible page still goes raw (correct, just larger).
+        let (encoding, _) = encode_one(&mut enc, 99, &data, None);
+        assert_eq!(encoding, PageEncoding::Raw);
+        for i in 0..u64::from(LZ4_BACKOFF_PAGES) {
+            encode_one(&mut enc, i, &noise(i + 1000), None);
+        }
+        let (encoding, _) = encode_one(&mut enc, 99, &data, None);
+        assert_eq!(encoding, PageEncoding::Lz4);
+    }
+
+    #[test]
+    fn corrupt_lz4_is_an_error() {
+        let mut page = [0u8; PAGE_SIZE];
+        let err = decode_page(PageEncoding::Lz4, &[0xff, 0xff, 0xff], &mut page).unwrap_err();
+        assert!(matches!(err, DecodeError::Lz4 { .. }));
+    }
+
+    #[test]
+    fn raw_with_the_wrong_length_is_an_error() {
+        let mut page = [0u8; PAGE_SIZE];
+        let err = decode_page(PageEncoding::Raw, &[1; 100], &mut page).unwrap_err();
+        assert!(matches!(err, DecodeError::BadLength { .. }));
+    }
+
+    #[test]
+    fn zero_with_a_payload_is_an_error() {
+        let mut page = [0u8; PAGE_SIZE];
+        assert!(decode_page(PageEncoding::Zero, &[1], &mut page).is_err());
+    }
+
+    #[test]
+    fn compressed_xor_with_a_lying_length_is_an_error() {
+        let mut page = [0u8; PAGE_SIZE];
+        let stream = [0u8, 4, 1, 2, 3, 4];
+        let mut payload = vec![0xff, 0x7f];
+        payload.extend(lz4_flex::block::compress(&stream));
+        assert!(decode_page(PageEncoding::XorRleLz4, &payload, &mut page).is_err());
+    }
+}
