@@ -43,6 +43,33 @@ pub enum TransportError {
     /// A frame to send breaks a limit of the format (e.g. too long).
     #[error("refused to send an invalid frame")]
     Encode(#[source] FrameError),
+    /// A lane handshake was invalid.
+    #[error("lane handshake failed")]
+    LaneHandshake(#[source] crate::lanes::handshake::LaneHandshakeError),
+    /// The peer refused the connection; the reason is the peer's.
+    #[error("the peer refused the connection: {0}")]
+    Refused(String),
+    /// There is no lane with this index.
+    #[error("no lane {lane}")]
+    NoSuchLane {
+        /// The index asked for.
+        lane: usize,
+    },
+    /// A lane's writer failed.
+    #[error("lane {lane} failed")]
+    Lane {
+        /// Which lane.
+        lane: usize,
+        /// Why.
+        #[source]
+        source: Box<TransportError>,
+    },
+    /// A lane's writer has stopped (after an error already reported).
+    #[error("lane {lane} is closed")]
+    LaneClosed {
+        /// Which lane.
+        lane: usize,
+    },
     /// The peer closed the connection cleanly at a frame boundary.
     #[error("the peer closed the connection")]
     PeerClosed,

@@ -76,11 +76,15 @@ pub enum FrameKind {
     Abort = 10,
     /// Progress report (engine-defined).
     Progress = 11,
+    /// Lane layer: first frame on every lane (session id, lane index, lane count).
+    LaneHello = 32,
+    /// Lane layer: the listener accepted the whole session.
+    LaneWelcome = 33,
 }
 
 impl FrameKind {
     /// Every defined kind, in wire order.
-    pub const ALL: [FrameKind; 11] = [
+    pub const ALL: [FrameKind; 13] = [
         FrameKind::Hello,
         FrameKind::HelloAck,
         FrameKind::PageBatch,
@@ -92,6 +96,8 @@ impl FrameKind {
         FrameKind::Running,
         FrameKind::Abort,
         FrameKind::Progress,
+        FrameKind::LaneHello,
+        FrameKind::LaneWelcome,
     ];
 
     /// The kind's number on the wire.

@@ -29,6 +29,8 @@
 
 mod error;
 pub mod frame;
+pub mod lanes;
+pub mod security;
 mod stream;
 pub mod tcp;
 
@@ -36,5 +38,7 @@ pub use error::TransportError;
 pub use frame::{
     Frame, FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_PAYLOAD_LEN, PROTOCOL_VERSION,
 };
+pub use lanes::{default_lane_count, lane_for_page, Lane, LaneListener, LaneOptions, Lanes};
+pub use security::Security;
 pub use stream::{FrameReader, FrameSink, FrameSource, FrameWriter};
 pub use tcp::{FrameConnection, FrameListener, TcpFrameConnection};

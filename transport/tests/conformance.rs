@@ -18,6 +18,21 @@ fn tcp_pair() -> Pair {
     (Box::new(client.writer), Box::new(server.reader))
 }
 
+fn lane_pair() -> Pair {
+    use ferry_transport::{LaneListener, LaneOptions, Lanes, Security};
+    let mut listener =
+        LaneListener::bind("127.0.0.1:0", LaneOptions::new(1, Security::Insecure)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = thread::spawn(move || {
+        Lanes::connect(addr, &LaneOptions::new(2, Security::Insecure)).unwrap()
+    });
+    let server = listener.accept_session().unwrap();
+    let client = client.join().unwrap();
+    let client_lane = client.into_vec().swap_remove(1);
+    let server_lane = server.into_vec().swap_remove(1);
+    (Box::new(client_lane), Box::new(server_lane))
+}
+
 /// Frames arrive complete, in order, with kinds, flags and payloads intact,
 /// including a maximum-size frame and a vectored one; closing is a clean end.
 fn delivers_in_order(make: fn() -> Pair) {
@@ -83,4 +98,14 @@ fn tcp_delivers_in_order() {
 #[test]
 fn tcp_refuses_oversized() {
     refuses_oversized(tcp_pair);
+}
+
+#[test]
+fn lane_delivers_in_order() {
+    delivers_in_order(lane_pair);
+}
+
+#[test]
+fn lane_refuses_oversized() {
+    refuses_oversized(lane_pair);
 }

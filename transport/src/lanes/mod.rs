@@ -1,0 +1,460 @@
+//! Lanes: one session (a migration or a tunnel) over several TCP connections.
+//!
+//! The connecting side opens `lanes` connections to a [`LaneListener`] and
+//! introduces each with a `LaneHello` (session id, lane index, lane count, see
+//! [`handshake`]); the listener groups connections by session id and, once all
+//! lanes of a session have arrived, welcomes each and hands the set out as
+//! [`Lanes`]. Lane 0 is the control lane (both directions).
+//!
+//! Pages are striped over lanes by page index ([`lane_for_page`]): a page is
+//! always sent on the same lane, so per-lane FIFO order keeps a newer copy of a
+//! page behind an older one. A shared [`TokenBucket`] caps the bandwidth of all
+//! lanes together. [`queue`] adds bounded per-lane send queues (back-pressure)
+//! and a merged receiver.
+
+pub mod bucket;
+pub mod handshake;
+pub mod queue;
+
+use std::collections::HashMap;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use bucket::TokenBucket;
+pub use handshake::{LaneHello, SessionId, MAX_LANES};
+
+use crate::error::TransportError;
+use crate::frame::FrameKind;
+use crate::security::Security;
+use crate::stream::{FrameReader, FrameSink, FrameSource, FrameWriter};
+
+/// Pages per stripe: 64 pages (one dirty-bitmap word) go to the same lane, so
+/// a worker owns whole bitmap words and batches stay contiguous.
+pub const STRIPE_PAGES: u64 = 64;
+
+/// The lane that carries guest page `page` in a session of `lanes` lanes.
+pub fn lane_for_page(page: u64, lanes: usize) -> usize {
+    let lanes = u64::try_from(lanes.max(1)).unwrap_or(u64::MAX);
+    // The result is < lanes, which came from a usize.
+    usize::try_from((page / STRIPE_PAGES) % lanes).unwrap_or(0)
+}
+
+/// A sensible lane count for this machine: one per core, between 1 and 8.
+/// (PLATFORM.md: on loopback 4 connections already saturate 2 cores.)
+pub fn default_lane_count() -> u16 {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    u16::try_from(cores.clamp(1, 8)).unwrap_or(1)
+}
+
+/// A boxed reading half of a lane (plain TCP or TLS).
+pub type LaneRead = Box<dyn Read + Send>;
+/// A boxed writing half of a lane (plain TCP or TLS, maybe rate-limited).
+pub type LaneWrite = Box<dyn Write + Send>;
+
+/// How lanes are set up.
+#[derive(Debug, Clone)]
+pub struct LaneOptions {
+    /// Number of lanes to open (connecting side), `1..=MAX_LANES`.
+    pub lanes: u16,
+    /// Plaintext or mutual TLS. There is no default: plaintext must be asked for.
+    pub security: Security,
+    /// Cap on the bytes/s written by all lanes of the session together.
+    pub max_bandwidth: Option<u64>,
+    /// How long a new connection may take to complete its handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl LaneOptions {
+    /// `lanes` lanes with `security`, no bandwidth cap, a 10 s handshake timeout.
+    pub fn new(lanes: u16, security: Security) -> LaneOptions {
+        LaneOptions {
+            lanes,
+            security,
+            max_bandwidth: None,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A `Write` that charges a shared [`TokenBucket`] for every byte written.
+#[derive(Debug)]
+pub struct ThrottledWrite<W> {
+    inner: W,
+    bucket: Arc<TokenBucket>,
+}
+
+impl<W: Write> ThrottledWrite<W> {
+    /// Wraps `inner`, charging `bucket`.
+    pub fn new(inner: W, bucket: Arc<TokenBucket>) -> ThrottledWrite<W> {
+        ThrottledWrite { inner, bucket }
+    }
+}
+
+impl<W: Write> Write for ThrottledWrite<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bucket.charge(n);
+        Ok(n)
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let n = self.inner.write_vectored(bufs)?;
+        self.bucket.charge(n);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// One connection of a session.
+pub struct Lane {
+    index: u16,
+    /// Frames from the peer.
+    pub reader: FrameReader<LaneRead>,
+    /// Frames to the peer.
+    pub writer: FrameWriter<LaneWrite>,
+    socket: TcpStream,
+}
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lane")
+            .field("index", &self.index)
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Shuts a lane's socket down from another thread (unblocks its reader).
+#[derive(Debug)]
+pub struct LaneCloser(TcpStream);
+
+impl LaneCloser {
+    /// Shuts down both directions; errors (already closed) are ignored.
+    pub fn close(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Shuts down the writing direction: the peer reads a clean end.
+    pub fn close_write(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl Lane {
+    /// This lane's index in its session.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// A handle that can shut this lane down from another thread.
+    pub fn closer(&self) -> Result<LaneCloser, TransportError> {
+        self.socket
+            .try_clone()
+            .map(LaneCloser)
+            .map_err(TransportError::Configure)
+    }
+
+    /// Splits the lane into its index, reader and writer.
+    pub fn into_parts(self) -> (u16, FrameReader<LaneRead>, FrameWriter<LaneWrite>) {
+        (self.index, self.reader, self.writer)
+    }
+}
+
+impl FrameSink for Lane {
+    fn send_vectored(
+        &mut self,
+        kind: FrameKind,
+        flags: u32,
+        parts: &[IoSlice<'_>],
+    ) -> Result<(), TransportError> {
+        self.writer.write_frame_vectored(kind, flags, parts)
+    }
+    fn flush(&mut self) -> Result<(), TransportError> {
+        self.writer.flush()
+    }
+}
+
+impl FrameSource for Lane {
+    fn recv_into(
+        &mut self,
+        payload: &mut Vec<u8>,
+    ) -> Result<crate::frame::FrameHeader, TransportError> {
+        self.reader.read_frame_into(payload)
+    }
+}
+
+/// All lanes of one session, in lane-index order (lane 0 = control).
+#[derive(Debug)]
+pub struct Lanes {
+    session: SessionId,
+    lanes: Vec<Lane>,
+}
+
+/// Secures a fresh TCP connection and wraps it for framing.
+fn open_lane(
+    stream: TcpStream,
+    security: &Security,
+    server_side: bool,
+    bucket: Option<&Arc<TokenBucket>>,
+    index: u16,
+) -> Result<Lane, TransportError> {
+    stream
+        .set_nodelay(true)
+        .map_err(TransportError::Configure)?;
+    let socket = stream.try_clone().map_err(TransportError::Configure)?;
+    let (read, write) = if server_side {
+        security.accept(stream)?
+    } else {
+        security.connect(stream)?
+    };
+    let write: LaneWrite = match bucket {
+        Some(b) => Box::new(ThrottledWrite::new(write, Arc::clone(b))),
+        None => write,
+    };
+    Ok(Lane {
+        index,
+        reader: FrameReader::new(read),
+        writer: FrameWriter::new(write),
+        socket,
+    })
+}
+
+fn handshake_err(e: handshake::LaneHandshakeError) -> TransportError {
+    TransportError::LaneHandshake(e)
+}
+
+impl Lanes {
+    /// Opens `opts.lanes` connections to `addr` as one new session and waits
+    /// until the listener has welcomed every lane.
+    pub fn connect<A: ToSocketAddrs + std::fmt::Debug>(
+        addr: A,
+        opts: &LaneOptions,
+    ) -> Result<Lanes, TransportError> {
+        if opts.lanes == 0 || opts.lanes > MAX_LANES {
+            return Err(handshake_err(handshake::LaneHandshakeError::BadLaneCount {
+                lanes: opts.lanes,
+            }));
+        }
+        let addrs: Vec<SocketAddr> = addr
+            .to_socket_addrs()
+            .map_err(|source| TransportError::Connect {
+                addr: format!("{addr:?}"),
+                source,
+            })?
+            .collect();
+        let bucket = opts
+            .max_bandwidth
+            .map(|r| Arc::new(TokenBucket::with_rate(r)));
+        let session = handshake::new_session_id();
+        let mut lanes = Vec::with_capacity(usize::from(opts.lanes));
+        for index in 0..opts.lanes {
+            let stream =
+                TcpStream::connect(&addrs[..]).map_err(|source| TransportError::Connect {
+                    addr: format!("{addr:?}"),
+                    source,
+                })?;
+            stream
+                .set_read_timeout(Some(opts.handshake_timeout))
+                .map_err(TransportError::Configure)?;
+            let mut lane = open_lane(stream, &opts.security, false, bucket.as_ref(), index)?;
+            let hello = LaneHello {
+                session,
+                lane: index,
+                lanes: opts.lanes,
+            };
+            lane.writer
+                .write_frame(FrameKind::LaneHello, 0, &hello.encode())?;
+            lane.writer.flush()?;
+            lanes.push((lane, hello));
+        }
+        let mut out = Vec::with_capacity(lanes.len());
+        for (mut lane, hello) in lanes {
+            let f = lane.reader.read_frame()?;
+            match f.kind {
+                FrameKind::LaneWelcome => hello.check_welcome(&f.payload).map_err(handshake_err)?,
+                FrameKind::Abort => {
+                    return Err(TransportError::Refused(
+                        String::from_utf8_lossy(&f.payload).into_owned(),
+                    ))
+                }
+                other => {
+                    return Err(handshake_err(
+                        handshake::LaneHandshakeError::UnexpectedKind {
+                            expected: "LaneWelcome",
+                            got: other,
+                        },
+                    ))
+                }
+            }
+            lane.socket
+                .set_read_timeout(None)
+                .map_err(TransportError::Configure)?;
+            out.push(lane);
+        }
+        Ok(Lanes {
+            session,
+            lanes: out,
+        })
+    }
+
+    /// The session id shared by all lanes.
+    pub fn session(&self) -> SessionId {
+        self.session
+    }
+
+    /// Number of lanes.
+    pub fn len(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Whether there are no lanes (never true for a connected session).
+    pub fn is_empty(&self) -> bool {
+        self.lanes.is_empty()
+    }
+
+    /// The lane that carries guest page `page`.
+    pub fn lane_for_page(&self, page: u64) -> usize {
+        lane_for_page(page, self.lanes.len())
+    }
+
+    /// Lane `i` (0 = control).
+    pub fn lane_mut(&mut self, i: usize) -> Option<&mut Lane> {
+        self.lanes.get_mut(i)
+    }
+
+    /// The lanes, in index order, to move into worker threads.
+    pub fn into_vec(self) -> Vec<Lane> {
+        self.lanes
+    }
+}
+
+/// Accepts lane connections and groups them into sessions.
+#[derive(Debug)]
+pub struct LaneListener {
+    listener: TcpListener,
+    opts: LaneOptions,
+    bucket: Option<Arc<TokenBucket>>,
+    pending: HashMap<SessionId, Vec<Option<Lane>>>,
+}
+
+/// Most sessions a listener holds half-open (some lanes arrived, not all).
+/// Why: a peer that opens lanes and never completes its session must not make
+/// the listener hold sockets without bound.
+pub const MAX_PENDING_SESSIONS: usize = 16;
+
+impl LaneListener {
+    /// Listens on `addr`. `opts.lanes` is ignored (the peer says how many);
+    /// `opts.max_bandwidth` caps what this side writes back.
+    pub fn bind<A: ToSocketAddrs + std::fmt::Debug>(
+        addr: A,
+        opts: LaneOptions,
+    ) -> Result<LaneListener, TransportError> {
+        let listener = TcpListener::bind(&addr).map_err(|source| TransportError::Bind {
+            addr: format!("{addr:?}"),
+            source,
+        })?;
+        let bucket = opts
+            .max_bandwidth
+            .map(|r| Arc::new(TokenBucket::with_rate(r)));
+        Ok(LaneListener {
+            listener,
+            opts,
+            bucket,
+            pending: HashMap::new(),
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.listener
+            .local_addr()
+            .map_err(TransportError::Configure)
+    }
+
+    /// Accepts connections until every lane of some session has arrived, then
+    /// welcomes them and returns the session. A connection that fails its
+    /// handshake (TLS, bad hello, timeout) ends this call with its error;
+    /// lanes of other sessions already accepted stay pending for the next call.
+    pub fn accept_session(&mut self) -> Result<Lanes, TransportError> {
+        loop {
+            let (stream, _) = self.listener.accept().map_err(TransportError::Accept)?;
+            stream
+                .set_read_timeout(Some(self.opts.handshake_timeout))
+                .map_err(TransportError::Configure)?;
+            let mut lane = open_lane(stream, &self.opts.security, true, self.bucket.as_ref(), 0)?;
+            let f = lane.reader.read_frame()?;
+            if f.kind != FrameKind::LaneHello {
+                let e = handshake::LaneHandshakeError::UnexpectedKind {
+                    expected: "LaneHello",
+                    got: f.kind,
+                };
+                let _ = lane
+                    .writer
+                    .write_frame(FrameKind::Abort, 0, e.to_string().as_bytes());
+                return Err(handshake_err(e));
+            }
+            let hello = match LaneHello::decode(&f.payload) {
+                Ok(h) => h,
+                Err(e) => {
+                    let _ = lane
+                        .writer
+                        .write_frame(FrameKind::Abort, 0, e.to_string().as_bytes());
+                    return Err(handshake_err(e));
+                }
+            };
+            lane.index = hello.lane;
+            if !self.pending.contains_key(&hello.session)
+                && self.pending.len() >= MAX_PENDING_SESSIONS
+            {
+                let msg = format!("too many half-open sessions (limit {MAX_PENDING_SESSIONS})");
+                let _ = lane.writer.write_frame(FrameKind::Abort, 0, msg.as_bytes());
+                return Err(TransportError::Refused(msg));
+            }
+            let group = self
+                .pending
+                .entry(hello.session)
+                .or_insert_with(|| (0..hello.lanes).map(|_| None).collect());
+            let fits = group.len() == usize::from(hello.lanes)
+                && matches!(group.get(usize::from(hello.lane)), Some(None));
+            if !fits {
+                let msg = format!(
+                    "lane {} of {} repeats or contradicts its session's other lanes",
+                    hello.lane, hello.lanes
+                );
+                let _ = lane.writer.write_frame(FrameKind::Abort, 0, msg.as_bytes());
+                return Err(TransportError::Refused(msg));
+            }
+            group[usize::from(hello.lane)] = Some(lane);
+            if self.pending[&hello.session].iter().all(Option::is_some) {
+                let group = self.pending.remove(&hello.session).unwrap_or_default();
+                let mut lanes = Vec::with_capacity(group.len());
+                for lane in group.into_iter().flatten() {
+                    lanes.push(lane);
+                }
+                for lane in &mut lanes {
+                    let welcome = LaneHello {
+                        session: hello.session,
+                        lane: lane.index,
+                        lanes: hello.lanes,
+                    }
+                    .welcome();
+                    lane.writer
+                        .write_frame(FrameKind::LaneWelcome, 0, &welcome)?;
+                    lane.writer.flush()?;
+                    lane.socket
+                        .set_read_timeout(None)
+                        .map_err(TransportError::Configure)?;
+                }
+                return Ok(Lanes {
+                    session: hello.session,
+                    lanes,
+                });
+            }
+        }
+    }
+}

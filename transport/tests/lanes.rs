@@ -1,0 +1,202 @@
+//! Lanes over real loopback TCP: grouping, striping, ordering, refusal.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpStream;
+use std::thread;
+
+use ferry_transport::lanes::queue::{LaneInbox, LaneQueues, OutFrame};
+use ferry_transport::{
+    frame, lane_for_page, FrameKind, FrameReader, LaneListener, LaneOptions, Lanes, Security,
+    TransportError,
+};
+
+fn listener() -> LaneListener {
+    LaneListener::bind("127.0.0.1:0", LaneOptions::new(1, Security::Insecure)).unwrap()
+}
+
+#[test]
+fn lanes_of_a_session_arrive_grouped_and_indexed() {
+    let mut l = listener();
+    let addr = l.local_addr().unwrap();
+    let client = thread::spawn(move || {
+        Lanes::connect(addr, &LaneOptions::new(4, Security::Insecure)).unwrap()
+    });
+    let server = l.accept_session().unwrap();
+    let client = client.join().unwrap();
+    assert_eq!(server.session(), client.session());
+    assert_eq!(server.len(), 4);
+    // A frame sent on client lane i arrives on server lane i.
+    let mut client = client.into_vec();
+    let mut server = server.into_vec();
+    for (i, lane) in client.iter_mut().enumerate() {
+        assert_eq!(usize::from(lane.index()), i);
+        lane.writer
+            .write_frame(FrameKind::Progress, 0, &[u8::try_from(i).unwrap()])
+            .unwrap();
+    }
+    for (i, lane) in server.iter_mut().enumerate() {
+        assert_eq!(usize::from(lane.index()), i);
+        assert_eq!(
+            lane.reader.read_frame().unwrap().payload,
+            vec![u8::try_from(i).unwrap()]
+        );
+    }
+    // Lane 0 is bidirectional (control).
+    server[0]
+        .writer
+        .write_frame(FrameKind::Ready, 0, b"")
+        .unwrap();
+    assert_eq!(
+        client[0].reader.read_frame().unwrap().kind,
+        FrameKind::Ready
+    );
+}
+
+#[test]
+fn concurrent_sessions_are_kept_apart() {
+    let mut l = listener();
+    let addr = l.local_addr().unwrap();
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            thread::spawn(move || {
+                Lanes::connect(addr, &LaneOptions::new(3, Security::Insecure)).unwrap()
+            })
+        })
+        .collect();
+    let servers: Vec<Lanes> = (0..3).map(|_| l.accept_session().unwrap()).collect();
+    let clients: Vec<Lanes> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let mut client_ids: Vec<_> = clients.iter().map(Lanes::session).collect();
+    let mut server_ids: Vec<_> = servers.iter().map(Lanes::session).collect();
+    client_ids.sort();
+    server_ids.sort();
+    assert_eq!(client_ids, server_ids);
+    client_ids.dedup();
+    assert_eq!(client_ids.len(), 3);
+}
+
+#[test]
+fn a_connection_without_a_lane_hello_is_refused_with_a_reason() {
+    let mut l = listener();
+    let addr = l.local_addr().unwrap();
+    let client = thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let mut bytes = Vec::new();
+        frame::encode_frame(FrameKind::Hello, 0, b"not a lane hello", &mut bytes).unwrap();
+        s.write_all(&bytes).unwrap();
+        FrameReader::new(s).read_frame().unwrap()
+    });
+    let err = l.accept_session().unwrap_err();
+    assert!(matches!(err, TransportError::LaneHandshake(_)), "{err:?}");
+    let answer = client.join().unwrap();
+    assert_eq!(answer.kind, FrameKind::Abort);
+    assert!(String::from_utf8_lossy(&answer.payload).contains("LaneHello"));
+}
+
+#[test]
+fn garbage_instead_of_a_frame_is_refused() {
+    let mut l = listener();
+    let addr = l.local_addr().unwrap();
+    let client = thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s
+    });
+    let err = l.accept_session().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::Corrupt(frame::FrameError::BadMagic { .. })
+        ),
+        "{err:?}"
+    );
+    drop(client.join().unwrap());
+}
+
+#[test]
+fn zero_lanes_are_refused_before_connecting() {
+    let err = Lanes::connect("127.0.0.1:9", &LaneOptions::new(0, Security::Insecure)).unwrap_err();
+    assert!(matches!(err, TransportError::LaneHandshake(_)));
+}
+
+/// Every page is sent in several versions through the queues; because a page
+/// always travels on one lane, the receiver sees each page's versions in order.
+#[test]
+fn queued_lanes_keep_per_page_order() {
+    let mut l = listener();
+    let addr = l.local_addr().unwrap();
+    let mut opts = LaneOptions::new(4, Security::Insecure);
+    opts.max_bandwidth = Some(1 << 30);
+    let sender = thread::spawn(move || {
+        let lanes = Lanes::connect(addr, &opts).unwrap();
+        let writers = lanes
+            .into_vec()
+            .into_iter()
+            .map(|l| l.into_parts().2)
+            .collect();
+        let q = LaneQueues::spawn(writers, 2);
+        for version in 0u32..5 {
+            for page in (0u64..2048).step_by(16) {
+                let mut payload = page.to_le_bytes().to_vec();
+                payload.extend_from_slice(&version.to_le_bytes());
+                payload.extend_from_slice(&[0xEE; 4096]);
+                q.send_pages(page, OutFrame::new(FrameKind::PageBatch, 0, payload))
+                    .unwrap();
+            }
+        }
+        q.broadcast(&OutFrame::new(FrameKind::RoundEnd, 0, Vec::new()))
+            .unwrap();
+        q.finish().unwrap();
+    });
+    let lanes = l.accept_session().unwrap();
+    let readers = lanes.into_vec().into_iter().map(|l| {
+        let (i, r, _) = l.into_parts();
+        (i, r)
+    });
+    let inbox = LaneInbox::spawn(readers.collect(), 8);
+    let mut last: HashMap<u64, u32> = HashMap::new();
+    let mut ends = 0;
+    while ends < 4 {
+        let ev = inbox.recv().unwrap();
+        let f = ev.frame.unwrap();
+        match f.kind {
+            FrameKind::RoundEnd => ends += 1,
+            FrameKind::PageBatch => {
+                let page = u64::from_le_bytes(f.payload[..8].try_into().unwrap());
+                let version = u32::from_le_bytes(f.payload[8..12].try_into().unwrap());
+                assert_eq!(
+                    usize::from(ev.lane),
+                    lane_for_page(page, 4),
+                    "page {page} on the wrong lane"
+                );
+                let prev = last.insert(page, version);
+                assert_eq!(
+                    prev.map_or(0, |p| p + 1),
+                    version,
+                    "page {page} out of order"
+                );
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    sender.join().unwrap();
+    assert_eq!(last.len(), 128);
+    assert!(last.values().all(|&v| v == 4));
+    // After the sender finished, every lane ends cleanly.
+    for _ in 0..4 {
+        assert!(matches!(
+            inbox.recv().unwrap().frame,
+            Err(TransportError::PeerClosed)
+        ));
+    }
+    assert!(inbox.recv().is_none());
+}
+
+#[test]
+fn pages_stripe_by_bitmap_word() {
+    assert_eq!(lane_for_page(0, 4), 0);
+    assert_eq!(lane_for_page(63, 4), 0);
+    assert_eq!(lane_for_page(64, 4), 1);
+    assert_eq!(lane_for_page(64 * 4, 4), 0);
+    assert_eq!(lane_for_page(12345, 1), 0);
+}
