@@ -1,2 +1,40 @@
+//! # ferry-vm: a minimal KVM VM that ferry can run and migrate
+//!
+//! One vCPU, one memory region at guest-physical 0, no devices: enough to run
+//! the workload guest of GUEST.md (or any multiboot image that follows it),
+//! pause it from another thread, save and restore its vCPU state, and read
+//! its status block. Built on the rust-vmm crates (`kvm-ioctls`,
+//! `kvm-bindings`, `vm-memory`).
+//!
+//! ```no_run
+//! use ferry_vm::{Vm, VmConfig, DirtyBackend};
+//! let vm = Vm::boot(&VmConfig {
+//!     mem_bytes: 256 << 20,
+//!     kernel: None, // the built-in workload guest
+//!     cmdline: "rate=2000 tsc_khz=2300000".into(),
+//!     dirty: DirtyBackend::Bitmap,
+//! })?;
+//! vm.wait_running(std::time::Duration::from_secs(60))?;
+//! println!("{}", vm.status());
+//! vm.pause()?;
+//! let blob = vm.save_state()?;
+//! # Ok::<(), ferry_vm::VmError>(())
+//! ```
 #![deny(missing_docs)]
-//! placeholder
+
+mod entry;
+mod error;
+mod guest;
+mod loader;
+mod state;
+mod vcpu;
+mod vm;
+
+pub use error::VmError;
+pub use guest::{
+    guest_elf_path, parse_size, GuestParams, GuestPhase, GuestStatus, FILL_BASE, GUEST_ELF,
+    STATUS_ADDR,
+};
+pub use loader::{load_multiboot, LoadedImage};
+pub use vcpu::RunState;
+pub use vm::{DirtyBackend, GuestMem, Vm, VmConfig};

@@ -1,0 +1,235 @@
+/*
+ * ferry workload guest: multiboot v1 entry stub.
+ *
+ * Entered in 32-bit protected mode (paging off) by a multiboot loader.
+ * Under PVM (this project's nested KVM) ring-0 code is emulated ~1000x
+ * slower, so this stub does the minimum: identity-map memory with 2 MiB
+ * user-accessible pages, enter long mode, install an IDT and a TSS, and
+ * drop to 64-bit ring 3 where guest_main (main.c) does all the work.
+ */
+#define MB_MAGIC   0x1BADB002
+#define MB_FLAGS   0x00010003      /* page align, memory info, address fields */
+#define STATUS     0x1000
+#define PD_COUNT   64              /* 64 page directories: up to 64 GiB mapped */
+
+        .section .multiboot, "a"
+        .align 4
+mb_header:
+        .long MB_MAGIC
+        .long MB_FLAGS
+        .long -(MB_MAGIC + MB_FLAGS)
+        .long mb_header            /* header_addr */
+        .long _load_start          /* load_addr */
+        .long _load_end            /* load_end_addr */
+        .long _bss_end             /* bss_end_addr */
+        .long _start32             /* entry_addr */
+
+        .text
+        .code32
+        .globl _start32
+_start32:
+        cli
+        movl    %ebx, mbi_ptr
+        movl    $stack0_top, %esp
+
+        /* KVM paravirt clock off (firmware may have left it on). */
+        movl    $0x40000000, %eax
+        cpuid
+        cmpl    $0x4b4d564b, %ebx      /* "KVMK" */
+        jne     1f
+        cmpl    $0x564b4d56, %ecx      /* "VMKV" */
+        jne     1f
+        cmpl    $0x0000004d, %edx      /* "M\0\0\0" */
+        jne     1f
+        xorl    %eax, %eax
+        xorl    %edx, %edx
+        movl    $0x4b564d01, %ecx      /* MSR_KVM_SYSTEM_TIME_NEW */
+        wrmsr
+        movl    $0x12, %ecx            /* MSR_KVM_SYSTEM_TIME */
+        wrmsr
+1:
+        /* How many 2 MiB pages: max(4 GiB, top of RAM), capped by PD_COUNT. */
+        movl    $2048, %ecx
+        movl    mbi_ptr, %ebx
+        testl   $1, (%ebx)
+        jz      2f
+        movl    8(%ebx), %eax          /* mem_upper, KiB above 1 MiB */
+        addl    $1024 + 2047, %eax
+        shrl    $11, %eax              /* 2 MiB pages covering the top */
+        cmpl    %ecx, %eax
+        jbe     2f
+        movl    %eax, %ecx
+2:
+        cmpl    $PD_COUNT * 512, %ecx
+        jbe     3f
+        movl    $PD_COUNT * 512, %ecx
+3:
+        /* PD entries: (i << 21) | P|RW|US|PS, high dword i >> 11 */
+        movl    $pds, %edi
+        xorl    %esi, %esi
+4:
+        movl    %esi, %eax
+        shll    $21, %eax
+        orl     $0x87, %eax
+        movl    %eax, (%edi)
+        movl    %esi, %eax
+        shrl    $11, %eax
+        movl    %eax, 4(%edi)
+        addl    $8, %edi
+        incl    %esi
+        cmpl    %ecx, %esi
+        jb      4b
+        /* PDPT entries: one per 512 PD entries */
+        addl    $511, %ecx
+        shrl    $9, %ecx
+        movl    $pdpt, %edi
+        movl    $pds + 7, %eax
+5:
+        movl    %eax, (%edi)
+        addl    $4096, %eax
+        addl    $8, %edi
+        loop    5b
+        movl    $pdpt + 7, pml4
+
+        movl    $pml4, %eax
+        movl    %eax, %cr3
+        movl    %cr4, %eax
+        orl     $0x20, %eax            /* PAE */
+        movl    %eax, %cr4
+        movl    $0xC0000080, %ecx      /* EFER */
+        rdmsr
+        orl     $0x100, %eax           /* LME */
+        wrmsr
+        movl    %cr0, %eax
+        orl     $0x80010001, %eax      /* PG | WP | PE */
+        movl    %eax, %cr0
+        lgdt    gdt_ptr
+        ljmp    $0x08, $_start64
+
+        .code64
+_start64:
+        movw    $0x10, %ax
+        movw    %ax, %ds
+        movw    %ax, %es
+        movw    %ax, %ss
+        movw    %ax, %fs
+        movw    %ax, %gs
+        movq    $stack0_top, %rsp
+
+        /* TSS descriptor at GDT 0x28: base = tss, limit 103, type 0x89. */
+        movq    $tss, %rax
+        movq    $gdt + 0x28, %rdi
+        movw    $103, (%rdi)
+        movw    %ax, 2(%rdi)
+        shrq    $16, %rax
+        movb    %al, 4(%rdi)
+        movb    $0x89, 5(%rdi)
+        movb    $0, 6(%rdi)
+        movb    %ah, 7(%rdi)
+        shrq    $16, %rax
+        movl    %eax, 8(%rdi)
+        movl    $0, 12(%rdi)
+        movq    $stack0_top, %rax
+        movq    %rax, tss + 4          /* rsp0 */
+        movw    $104, tss + 102        /* no I/O bitmap */
+        movw    $0x28, %ax
+        ltr     %ax
+
+        /* IDT: 32 interrupt gates, handler i = vec_stubs + 16 * i. */
+        movq    $idt, %rdi
+        movq    $vec_stubs, %rsi
+        movl    $32, %ecx
+6:
+        movq    %rsi, %rax
+        movw    %ax, (%rdi)
+        movw    $0x08, 2(%rdi)
+        movw    $0x8E00, 4(%rdi)
+        shrq    $16, %rax
+        movw    %ax, 6(%rdi)
+        shrq    $16, %rax
+        movl    %eax, 8(%rdi)
+        movl    $0, 12(%rdi)
+        addq    $16, %rdi
+        addq    $16, %rsi
+        loop    6b
+        lidt    idt_ptr
+
+        /* Drop to ring 3: iretq to guest_main(mbi). */
+        movl    mbi_ptr, %edi
+        pushq   $0x1b                  /* user data, RPL 3 */
+        pushq   $stack3_top
+        pushq   $0x2
+        pushq   $0x23                  /* user code64, RPL 3 */
+        pushq   $guest_main
+        iretq
+
+/* Any exception is fatal: phase = 0xDEAD, record vector and rip, halt. */
+        .align 16
+vec_stubs:
+        .set vec, 0
+        .rept 32
+        .align 16
+        pushq   $vec
+        jmp     fatal
+        .set vec, vec + 1
+        .endr
+fatal:
+        popq    %rax                   /* vector */
+        movq    %rax, STATUS + 0x80
+        /* exceptions 8,10-14,17 push an error code before rip */
+        movq    (%rsp), %rdx
+        cmpq    $8, %rax
+        je      7f
+        cmpq    $10, %rax
+        jb      8f
+        cmpq    $14, %rax
+        jbe     7f
+        cmpq    $17, %rax
+        jne     8f
+7:
+        movq    %rdx, STATUS + 0x90     /* error code */
+        movq    8(%rsp), %rdx
+8:
+        movq    %rdx, STATUS + 0x88     /* faulting rip */
+        movq    $0xDEAD, STATUS + 0x08
+9:
+        hlt
+        jmp     9b
+
+        .data
+        .align 16
+gdt:
+        .quad   0
+        .quad   0x00AF9A000000FFFF     /* 0x08 kernel code64 */
+        .quad   0x00CF92000000FFFF     /* 0x10 kernel data */
+        .quad   0x00CFF2000000FFFF     /* 0x18 user data */
+        .quad   0x00AFFA000000FFFF     /* 0x20 user code64 */
+        .quad   0, 0                   /* 0x28 TSS (filled at boot) */
+gdt_end:
+        .align 4
+        .word   0
+gdt_ptr:
+        .word   gdt_end - gdt - 1
+        .quad   gdt
+        .align 4
+        .word   0
+idt_ptr:
+        .word   32 * 16 - 1
+        .quad   idt
+mbi_ptr:
+        .long   0
+
+        .bss
+        .align 4096
+pml4:   .skip   4096
+pdpt:   .skip   4096
+pds:    .skip   4096 * PD_COUNT
+idt:    .skip   32 * 16
+tss:    .skip   104
+        .align 16
+stack0: .skip   8192
+stack0_top:
+        .align 16
+stack3: .skip   65536
+        .globl stack3_top
+stack3_top:

@@ -1,0 +1,304 @@
+/*
+ * ferry workload guest, 64-bit ring 3 part (see shared GUEST.md).
+ *
+ * fill:   every 4-byte word in [2 MiB, mem_top) = fill_word(addr, seed)
+ * dirty:  pass k writes (k << 32) | page at byte (k mod 512) * 8 of every
+ *         working-set page, in a strided order, paced on the TSC
+ * verify: every ms re-check `verify` pages against what fill and pass
+ *         arithmetic say must be there
+ */
+typedef unsigned long u64;
+typedef unsigned int u32;
+typedef unsigned char u8;
+typedef long i64;
+
+#define BASE       0x200000UL
+#define PAGE       4096UL
+#define STATUS     ((volatile u64 *)0x1000)
+#define MAGIC      0x4645525259475354UL
+
+enum {
+    ST_MAGIC = 0x00 / 8, ST_PHASE = 0x08 / 8, ST_HEARTBEAT = 0x10 / 8,
+    ST_DIRTIED = 0x18 / 8, ST_PASSES = 0x20 / 8, ST_MEM_TOP = 0x40 / 8,
+    ST_WSS_PAGES = 0x48 / 8, ST_VERIFIED = 0x60 / 8, ST_VERIFY_ERRORS = 0x70 / 8,
+    ST_FIRST_BAD = 0x78 / 8, ST_FATAL_VECTOR = 0x80 / 8, ST_FATAL_RIP = 0x88 / 8,
+    ST_FATAL_CODE = 0x90 / 8, ST_FATAL_REASON = 0x98 / 8,
+    /* not in GUEST.md: where the dirty loop is (pass, position) for debugging */
+    ST_PASS_POS = 0xA0 / 8,
+};
+
+enum { PHASE_BOOT = 0, PHASE_FILLING = 1, PHASE_RUNNING = 2, PHASE_FATAL = 0xDEAD };
+enum { REASON_BAD_CMDLINE = 1, REASON_NO_TSC_KHZ = 2, REASON_NO_MEMORY = 3 };
+
+struct mb_info { u32 flags, mem_lower, mem_upper, boot_device, cmdline; };
+
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+
+static inline void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
+{
+    __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(0));
+}
+
+static void fatal(u64 reason)
+{
+    STATUS[ST_FATAL_REASON] = reason;
+    STATUS[ST_PHASE] = PHASE_FATAL;
+    for (;;)
+        __asm__ volatile("pause");
+}
+
+/* murmur3 64-bit finalizer: a bijection, so words differ address by address. */
+static inline u32 fill_word(u64 addr, u64 seed)
+{
+    u64 x = (addr >> 2) ^ (seed * 0x9E3779B97F4A7C15UL);
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdUL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53UL;
+    x ^= x >> 33;
+    u32 w = (u32)x;
+    return w ? w : 1;
+}
+
+static u64 gcd(u64 a, u64 b)
+{
+    while (b) { u64 t = a % b; a = b; b = t; }
+    return a;
+}
+
+/* inverse of a modulo n (gcd(a, n) == 1) */
+static u64 inverse_mod(u64 a, u64 n)
+{
+    i64 t = 0, nt = 1;
+    i64 r = (i64)n, nr = (i64)(a % n);
+    while (nr) {
+        i64 q = r / nr, tmp;
+        tmp = t - q * nt; t = nt; nt = tmp;
+        tmp = r - q * nr; r = nr; nr = tmp;
+    }
+    if (t < 0) t += (i64)n;
+    return (u64)t;
+}
+
+/* ---- command line ---- */
+struct params {
+    u64 wss_bytes;   /* 0 = all */
+    u64 rate;        /* pages/s; 0 none */
+    int rate_max;
+    u64 tsc_khz;
+    u64 seed;
+    int fill;
+    u64 verify;
+};
+
+static int streq(const char *a, const char *b, u64 n)
+{
+    for (u64 i = 0; i < n; i++)
+        if (a[i] != b[i] || !b[i]) return 0;
+    return b[n] == 0;
+}
+
+/* number with optional K/M/G suffix; `unit` applies when there is none */
+static int parse_num(const char *s, u64 n, u64 unit, u64 *out)
+{
+    u64 v = 0, i = 0;
+    if (n == 0) return 0;
+    for (; i < n && s[i] >= '0' && s[i] <= '9'; i++) v = v * 10 + (u64)(s[i] - '0');
+    if (i == 0) return 0;
+    if (i == n) { *out = v * unit; return 1; }
+    if (i + 1 != n) return 0;
+    switch (s[i]) {
+    case 'K': case 'k': *out = v << 10; return 1;
+    case 'M': case 'm': *out = v << 20; return 1;
+    case 'G': case 'g': *out = v << 30; return 1;
+    }
+    return 0;
+}
+
+static void parse_cmdline(const char *c, struct params *p)
+{
+    while (c && *c) {
+        while (*c == ' ') c++;
+        if (!*c) break;
+        const char *key = c;
+        while (*c && *c != '=' && *c != ' ') c++;
+        u64 klen = (u64)(c - key);
+        if (*c != '=') {
+            /* a bare word: the kernel path QEMU passes first is fine; skip it */
+            continue;
+        }
+        c++;
+        const char *val = c;
+        while (*c && *c != ' ') c++;
+        u64 vlen = (u64)(c - val);
+        int ok = 1;
+        if (streq(key, "wss", klen)) {
+            if (streq(val, "all", vlen)) p->wss_bytes = 0;
+            else ok = parse_num(val, vlen, 1UL << 20, &p->wss_bytes);
+        } else if (streq(key, "rate", klen)) {
+            if (streq(val, "max", vlen)) p->rate_max = 1;
+            else ok = parse_num(val, vlen, 1, &p->rate);
+        } else if (streq(key, "tsc_khz", klen)) {
+            ok = parse_num(val, vlen, 1, &p->tsc_khz);
+        } else if (streq(key, "seed", klen)) {
+            ok = parse_num(val, vlen, 1, &p->seed);
+        } else if (streq(key, "fill", klen)) {
+            u64 f = 1;
+            ok = parse_num(val, vlen, 1, &f);
+            p->fill = f != 0;
+        } else if (streq(key, "verify", klen)) {
+            ok = parse_num(val, vlen, 1, &p->verify);
+        }
+        /* unknown keys are ignored: the VMM validates what it passes */
+        if (!ok) fatal(REASON_BAD_CMDLINE);
+    }
+}
+
+/* ---- the workload ---- */
+static u64 mem_top, wss_pages, stride, stride_inv, seed;
+
+/* where page p (working-set index) comes in a pass */
+static inline u64 position_of(u64 p)
+{
+    return (p * stride_inv) % wss_pages; /* < 2^48: at most 2^24 pages */
+}
+
+static int verify_page(u64 addr, u64 pass, u64 pos)
+{
+    volatile u64 *w = (volatile u64 *)addr;
+    u64 page = (addr - BASE) / PAGE;
+    int in_wss = page < wss_pages;
+    /* last pass that wrote this page: passes [0, last] have written it */
+    i64 last = -1;
+    if (in_wss)
+        last = position_of(page) < pos ? (i64)pass : (i64)pass - 1;
+    for (u64 slot = 0; slot < 512; slot++) {
+        u64 a = addr + slot * 8;
+        u64 expect = ((u64)fill_word(a + 4, seed) << 32) | fill_word(a, seed);
+        if (last >= 0) {
+            /* the newest pass k <= last with k mod 512 == slot */
+            i64 k = last - (i64)(((u64)last - slot) % 512);
+            if ((u64)last >= slot && k >= 0)
+                expect = ((u64)k << 32) | page;
+        }
+        u64 got = w[slot];
+        if (got != expect) {
+            if (STATUS[ST_VERIFY_ERRORS] == 0) STATUS[ST_FIRST_BAD] = a;
+            STATUS[ST_VERIFY_ERRORS] += 1;
+            return 0;
+        }
+    }
+    return 1;
+}
+
+void guest_main(struct mb_info *mbi)
+{
+    struct params p = { 0, 0, 0, 0, 1, 1, 256 };
+    volatile u64 *st = STATUS;
+    st[ST_PHASE] = PHASE_BOOT;
+    st[ST_MAGIC] = MAGIC;
+
+    if (mbi->flags & 4) parse_cmdline((const char *)(u64)mbi->cmdline, &p);
+    if (!(mbi->flags & 1)) fatal(REASON_NO_MEMORY);
+    mem_top = ((u64)mbi->mem_upper + 1024) * 1024;
+    mem_top &= ~(PAGE - 1);
+    if (mem_top > 64UL << 30) mem_top = 64UL << 30;
+    if (mem_top <= BASE + PAGE) fatal(REASON_NO_MEMORY);
+    seed = p.seed;
+
+    if (!p.tsc_khz) {
+        /* KVM/VMware timing leaf: TSC kHz in EAX */
+        u32 a, b, c, d;
+        cpuid(0x40000000, &a, &b, &c, &d);
+        if (a >= 0x40000010) {
+            cpuid(0x40000010, &a, &b, &c, &d);
+            p.tsc_khz = a;
+        }
+    }
+    if (!p.tsc_khz) {
+        if (p.rate && !p.rate_max) fatal(REASON_NO_TSC_KHZ);
+        p.tsc_khz = 1000000; /* only the heartbeat's millisecond depends on it */
+    }
+
+    u64 total_pages = (mem_top - BASE) / PAGE;
+    wss_pages = p.wss_bytes ? p.wss_bytes / PAGE : total_pages;
+    if (wss_pages > total_pages) wss_pages = total_pages;
+    if (wss_pages == 0) wss_pages = 1;
+    stride = wss_pages * 618 / 1000 + 1;
+    while (gcd(stride, wss_pages) != 1) stride++;
+    stride %= wss_pages;
+    if (wss_pages == 1) stride = 0;
+    stride_inv = wss_pages == 1 ? 0 : inverse_mod(stride, wss_pages);
+
+    st[ST_MEM_TOP] = mem_top;
+    st[ST_WSS_PAGES] = wss_pages;
+    st[ST_DIRTIED] = 0;
+    st[ST_PASSES] = 0;
+    st[ST_HEARTBEAT] = 0;
+    st[ST_VERIFIED] = 0;
+    st[ST_VERIFY_ERRORS] = 0;
+    st[ST_FIRST_BAD] = 0;
+
+    if (p.fill) {
+        st[ST_PHASE] = PHASE_FILLING;
+        for (u64 a = BASE; a < mem_top; a += 4)
+            *(volatile u32 *)a = fill_word(a, seed);
+    }
+    st[ST_PHASE] = PHASE_RUNNING;
+
+    const u64 tick = p.tsc_khz;            /* TSC ticks per ms */
+    u64 start = rdtsc(), last_ms = start;
+    u64 written = 0;                       /* writes since start (pacing) */
+    u64 pass = 0, pos = 0, cur = 0;        /* cur = page at pos */
+    u64 vpage = 0;                         /* next page to verify */
+    u64 verify_total = total_pages;
+    if (!p.fill) verify_total = 0;         /* nothing known to check without a fill */
+
+    for (;;) {
+        u64 now = rdtsc();
+        if (now - last_ms >= tick) {
+            last_ms = now;
+            st[ST_HEARTBEAT] += 1;
+            for (u64 i = 0; i < p.verify && verify_total; i++) {
+                verify_page(BASE + vpage * PAGE, pass, pos);
+                st[ST_VERIFIED] += 1;
+                if (++vpage == verify_total) vpage = 0;
+            }
+        }
+        if (!p.rate && !p.rate_max) continue;
+        /* pages allowed by now: rate * elapsed */
+        u64 budget;
+        if (p.rate_max) {
+            budget = 64;
+        } else {
+            u64 el = now - start;
+            u64 allowed = (el / tick) * p.rate / 1000 + (el % tick) * p.rate / (tick * 1000);
+            budget = allowed > written ? allowed - written : 0;
+            if (budget > 4096) { /* after a pause (migration), do not burst */
+                written = allowed - 4096;
+                budget = 4096;
+            }
+            if (budget > 64) budget = 64;
+        }
+        for (u64 i = 0; i < budget; i++) {
+            volatile u64 *w = (volatile u64 *)(BASE + cur * PAGE + (pass % 512) * 8);
+            *w = (pass << 32) | cur;
+            written++;
+            st[ST_DIRTIED] += 1;
+            cur += stride;
+            if (cur >= wss_pages) cur -= wss_pages;
+            if (++pos == wss_pages) {
+                pos = 0;
+                cur = 0;
+                pass++;
+                st[ST_PASSES] = pass;
+            }
+            st[ST_PASS_POS] = (pass << 32) | pos;
+        }
+    }
+}

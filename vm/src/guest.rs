@@ -1,0 +1,294 @@
+//! The workload guest (shared GUEST.md): where its image is, how to talk to
+//! it (command line) and how to read it (the status block at `0x1000`).
+
+use std::fmt;
+use std::path::Path;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+/// The workload guest built from `vm/guest/` by this crate's build script.
+pub fn guest_elf_path() -> &'static Path {
+    Path::new(concat!(env!("OUT_DIR"), "/guest.elf"))
+}
+
+/// The workload guest image bytes, embedded so a `ferry` binary copied
+/// elsewhere still has it.
+pub const GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.elf"));
+
+/// Guest-physical address of the status block.
+pub const STATUS_ADDR: u64 = 0x1000;
+/// `"FERRYGST"`, the status block's magic.
+pub const STATUS_MAGIC: u64 = 0x4645_5252_5947_5354;
+/// Start of the region the guest fills and dirties.
+pub const FILL_BASE: u64 = 0x20_0000;
+
+/// The guest's phase word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum GuestPhase {
+    /// Not started or before the status block is set up.
+    Boot,
+    /// Filling memory.
+    Filling,
+    /// Running the dirty loop.
+    Running,
+    /// The guest hit a fatal error.
+    Fatal,
+    /// A value GUEST.md does not define.
+    Unknown(u64),
+}
+
+impl GuestPhase {
+    /// The phase word as the guest wrote it.
+    pub fn raw(self) -> u64 {
+        match self {
+            Self::Boot => 0,
+            Self::Filling => 1,
+            Self::Running => 2,
+            Self::Fatal => 0xDEAD,
+            Self::Unknown(v) => v,
+        }
+    }
+}
+
+impl From<u64> for GuestPhase {
+    fn from(v: u64) -> Self {
+        match v {
+            0 => Self::Boot,
+            1 => Self::Filling,
+            2 => Self::Running,
+            0xDEAD => Self::Fatal,
+            v => Self::Unknown(v),
+        }
+    }
+}
+
+/// A snapshot of the status block (GUEST.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct GuestStatus {
+    /// Whether the magic is present (the guest has booted).
+    pub magic_ok: bool,
+    /// Phase.
+    pub phase: GuestPhase,
+    /// +1 per main-loop pass that saw at least 1 ms go by.
+    pub heartbeat: u64,
+    /// Total page writes.
+    pub pages_dirtied: u64,
+    /// Passes completed over the working set.
+    pub passes: u64,
+    /// End of the filled region.
+    pub mem_top: u64,
+    /// Working-set pages.
+    pub wss_pages: u64,
+    /// Pages verified.
+    pub pages_verified: u64,
+    /// Self-check failures.
+    pub verify_errors: u64,
+    /// Address of the first bad word.
+    pub first_bad_addr: u64,
+    /// Exception vector when phase is fatal (0x80, ferry's guest only).
+    pub fatal_vector: u64,
+    /// Faulting RIP when phase is fatal (0x88, ferry's guest only).
+    pub fatal_rip: u64,
+    /// Reason code for a fatal error raised by the guest itself (0x98).
+    pub fatal_reason: u64,
+}
+
+impl GuestStatus {
+    /// Parses the status block from 20 little-endian words at `0x1000`.
+    pub fn from_words(w: &[u64; 20]) -> Self {
+        Self {
+            magic_ok: w[0] == STATUS_MAGIC,
+            phase: GuestPhase::from(w[1]),
+            heartbeat: w[2],
+            pages_dirtied: w[3],
+            passes: w[4],
+            mem_top: w[8],
+            wss_pages: w[9],
+            pages_verified: w[12],
+            verify_errors: w[14],
+            first_bad_addr: w[15],
+            fatal_vector: w[16],
+            fatal_rip: w[17],
+            fatal_reason: w[19],
+        }
+    }
+
+    /// Reads the status block from guest memory.
+    pub fn read<M: GuestMemoryBackend>(mem: &M) -> Result<Self, vm_memory::GuestMemoryError> {
+        let mut w = [0u64; 20];
+        for (i, word) in w.iter_mut().enumerate() {
+            *word = mem.read_obj::<u64>(GuestAddress(STATUS_ADDR + 8 * i as u64))?;
+        }
+        Ok(Self::from_words(&w))
+    }
+
+    /// Healthy as GUEST.md defines it (heartbeat growth is checked by the caller).
+    pub fn is_healthy(&self) -> bool {
+        self.magic_ok && self.phase == GuestPhase::Running && self.verify_errors == 0
+    }
+
+    /// A one-line explanation of a fatal phase.
+    pub fn fatal_reason_text(&self) -> String {
+        match self.fatal_reason {
+            1 => "the guest could not parse its command line".into(),
+            2 => "rate is a number but tsc_khz is unknown".into(),
+            3 => "no usable memory (need more than 2 MiB)".into(),
+            _ => format!(
+                "exception vector {} at rip {:#x}",
+                self.fatal_vector, self.fatal_rip
+            ),
+        }
+    }
+}
+
+impl fmt::Display for GuestStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "phase {:?} heartbeat {} dirtied {} passes {} verified {} verify_errors {}",
+            self.phase,
+            self.heartbeat,
+            self.pages_dirtied,
+            self.passes,
+            self.pages_verified,
+            self.verify_errors
+        )
+    }
+}
+
+/// The guest's command-line parameters (GUEST.md), validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestParams {
+    /// Working set in bytes from 2 MiB; `None` = all.
+    pub wss_bytes: Option<u64>,
+    /// Pages/s to dirty; `None` = unpaced (`max`).
+    pub rate: Option<u64>,
+    /// TSC frequency in kHz.
+    pub tsc_khz: Option<u64>,
+    /// Fill seed.
+    pub seed: u64,
+    /// Whether to fill memory.
+    pub fill: bool,
+    /// Pages self-checked per millisecond.
+    pub verify: u64,
+}
+
+impl Default for GuestParams {
+    fn default() -> Self {
+        Self {
+            wss_bytes: None,
+            rate: Some(0),
+            tsc_khz: None,
+            seed: 1,
+            fill: true,
+            verify: 256,
+        }
+    }
+}
+
+impl GuestParams {
+    /// Parses a GUEST.md command line; unknown keys and bad values are errors.
+    pub fn parse(cmdline: &str) -> Result<Self, String> {
+        let mut p = Self::default();
+        for word in cmdline.split_whitespace() {
+            let (key, val) = word
+                .split_once('=')
+                .ok_or_else(|| format!("`{word}` is not key=value"))?;
+            let num = |v: &str| -> Result<u64, String> {
+                parse_size(v, 1).ok_or_else(|| format!("`{key}={v}`: not a number"))
+            };
+            match key {
+                "wss" if val == "all" => p.wss_bytes = None,
+                "wss" => {
+                    p.wss_bytes = Some(
+                        parse_size(val, 1 << 20)
+                            .ok_or_else(|| format!("`wss={val}`: want MiB, a K/M/G size or `all`"))?,
+                    )
+                }
+                "rate" if val == "max" => p.rate = None,
+                "rate" => p.rate = Some(num(val)?),
+                "tsc_khz" => p.tsc_khz = Some(num(val)?),
+                "seed" => p.seed = num(val)?,
+                "fill" => p.fill = num(val)? != 0,
+                "verify" => p.verify = num(val)?,
+                _ => {
+                    return Err(format!(
+                        "unknown guest parameter `{key}` (known: wss, rate, tsc_khz, seed, fill, verify)"
+                    ))
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    /// Renders the command line the guest reads.
+    pub fn to_cmdline(&self) -> String {
+        let mut s = String::new();
+        match self.wss_bytes {
+            None => s.push_str("wss=all"),
+            Some(b) => s.push_str(&format!("wss={}K", b / 1024)),
+        }
+        match self.rate {
+            None => s.push_str(" rate=max"),
+            Some(r) => s.push_str(&format!(" rate={r}")),
+        }
+        if let Some(t) = self.tsc_khz {
+            s.push_str(&format!(" tsc_khz={t}"));
+        }
+        s.push_str(&format!(
+            " seed={} fill={} verify={}",
+            self.seed,
+            u8::from(self.fill),
+            self.verify
+        ));
+        s
+    }
+}
+
+/// Parses `123`, `4K`, `16M`, `2G` (bytes); a bare number is multiplied by `unit`.
+pub fn parse_size(s: &str, unit: u64) -> Option<u64> {
+    let (digits, mult) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 1u64 << 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, unit),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_round_trip() {
+        let p = GuestParams::parse("wss=64 rate=20000 tsc_khz=2300000 seed=7 verify=0").unwrap();
+        assert_eq!(p.wss_bytes, Some(64 << 20));
+        assert_eq!(p.rate, Some(20000));
+        assert_eq!(GuestParams::parse(&p.to_cmdline()).unwrap(), p);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let e = GuestParams::parse("rate=1 colour=blue").unwrap_err();
+        assert!(e.contains("unknown guest parameter `colour`"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        assert!(GuestParams::parse("rate=fast").is_err());
+        assert!(GuestParams::parse("wss=12X").is_err());
+        assert!(GuestParams::parse("wss").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("2G", 1), Some(2 << 30));
+        assert_eq!(parse_size("16", 1 << 20), Some(16 << 20));
+        assert_eq!(parse_size("", 1), None);
+        assert_eq!(parse_size("99999999999999999999G", 1), None);
+    }
+}

@@ -1,0 +1,205 @@
+//! The vCPU state that must move with the guest: registers, segments and
+//! control registers, FPU/SSE/AVX state, extended control registers, MSRs
+//! (the TSC among them, so the guest's clock continues), and pending events.
+
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+};
+use kvm_ioctls::VcpuFd;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{kvm_err, VmError};
+
+/// Version of the blob layout; a receiver refuses other versions.
+pub const STATE_VERSION: u32 = 1;
+
+/// MSRs saved and restored when the host supports them.
+const MSRS: &[u32] = &[
+    0x10,        // IA32_TSC: the guest clock continues where it stopped
+    0x174,       // SYSENTER_CS
+    0x175,       // SYSENTER_ESP
+    0x176,       // SYSENTER_EIP
+    0x277,       // PAT
+    0x1a0,       // MISC_ENABLE
+    0xC000_0081, // STAR
+    0xC000_0082, // LSTAR
+    0xC000_0083, // CSTAR
+    0xC000_0084, // SFMASK
+    0xC000_0102, // KERNEL_GS_BASE
+    0xC000_0103, // TSC_AUX
+    0x4b56_4d01, // KVM system time (new)
+    0x4b56_4d02, // KVM async PF
+    0x4b56_4d03, // KVM steal time
+    0x4b56_4d04, // KVM PV EOI
+    0x12,        // KVM system time (old)
+];
+
+/// Everything needed to resume the vCPU elsewhere.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    version: u32,
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    fpu: Fpu,
+    xsave: Option<kvm_xsave>,
+    xcrs: Option<kvm_xcrs>,
+    msrs: Vec<(u32, u64)>,
+    events: Option<kvm_vcpu_events>,
+}
+
+impl std::fmt::Debug for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuState")
+            .field("rip", &format_args!("{:#x}", self.regs.rip))
+            .field("msrs", &self.msrs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The MSRs from [`MSRS`] this host can read.
+pub fn supported_msrs(kvm: &kvm_ioctls::Kvm) -> Vec<u32> {
+    let list = kvm
+        .get_msr_index_list()
+        .map(|l| l.as_slice().to_vec())
+        .unwrap_or_default();
+    MSRS.iter().copied().filter(|m| list.contains(m)).collect()
+}
+
+impl VcpuState {
+    /// Reads the state of a stopped vCPU.
+    pub fn save(vcpu: &VcpuFd, msr_ids: &[u32]) -> Result<Self, VmError> {
+        let regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let fpu = Fpu::from(&vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?);
+        let xsave = vcpu.get_xsave().ok();
+        let xcrs = vcpu.get_xcrs().ok();
+        let events = vcpu.get_vcpu_events().ok();
+        let mut msrs = Vec::with_capacity(msr_ids.len());
+        for &index in msr_ids {
+            let mut one = Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                ..Default::default()
+            }])
+            .map_err(|e| VmError::BadState(format!("MSR list: {e:?}")))?;
+            if vcpu.get_msrs(&mut one).map_err(kvm_err("KVM_GET_MSRS"))? == 1 {
+                msrs.push((index, one.as_slice()[0].data));
+            }
+        }
+        Ok(Self {
+            version: STATE_VERSION,
+            regs,
+            sregs,
+            fpu,
+            xsave,
+            xcrs,
+            msrs,
+            events,
+        })
+    }
+
+    /// Writes the state into a stopped vCPU.
+    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), VmError> {
+        vcpu.set_sregs(&self.sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        vcpu.set_fpu(&kvm_fpu::from(&self.fpu))
+            .map_err(kvm_err("KVM_SET_FPU"))?;
+        if let Some(xcrs) = &self.xcrs {
+            vcpu.set_xcrs(xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
+        }
+        if let Some(x) = &self.xsave {
+            // SAFETY: `x` is a plain kvm_xsave of the legacy 4 KiB size, which is
+            // what KVM_SET_XSAVE reads; no extended (larger) area is involved.
+            unsafe { vcpu.set_xsave(x) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+        }
+        let entries: Vec<kvm_msr_entry> = self
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        if !entries.is_empty() {
+            let msrs = Msrs::from_entries(&entries)
+                .map_err(|e| VmError::BadState(format!("MSR list: {e:?}")))?;
+            let n = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+            if n != entries.len() {
+                return Err(VmError::BadState(format!(
+                    "this host refused MSR {:#x}",
+                    entries[n].index
+                )));
+            }
+        }
+        if let Some(ev) = &self.events {
+            vcpu.set_vcpu_events(ev)
+                .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        }
+        Ok(())
+    }
+
+    /// Serialises to a self-describing blob.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("vCPU state serialises")
+    }
+
+    /// Parses a blob made by [`VcpuState::to_bytes`], checking its version.
+    pub fn from_bytes(blob: &[u8]) -> Result<Self, VmError> {
+        let s: Self = serde_json::from_slice(blob).map_err(|e| VmError::BadState(e.to_string()))?;
+        if s.version != STATE_VERSION {
+            return Err(VmError::BadState(format!(
+                "version {} (this ferry reads version {STATE_VERSION})",
+                s.version
+            )));
+        }
+        Ok(s)
+    }
+}
+
+/// `kvm_fpu` in a form serde can carry (kvm-bindings does not derive it).
+#[derive(Serialize, Deserialize)]
+struct Fpu {
+    fpr: [[u8; 16]; 8],
+    fcw: u16,
+    fsw: u16,
+    ftwx: u8,
+    last_opcode: u16,
+    last_ip: u64,
+    last_dp: u64,
+    xmm: [[u8; 16]; 16],
+    mxcsr: u32,
+}
+
+impl From<&kvm_fpu> for Fpu {
+    fn from(f: &kvm_fpu) -> Self {
+        Self {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+        }
+    }
+}
+
+impl From<&Fpu> for kvm_fpu {
+    fn from(f: &Fpu) -> Self {
+        Self {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! The vCPU thread: runs `KVM_RUN` until asked to pause, throttle or stop.
+//!
+//! Another thread asks by setting [`VcpuControl::request`] and kicking the
+//! vCPU thread with a real-time signal. The signal handler sets the thread's
+//! `kvm_run.immediate_exit`, so a kick that lands just before `KVM_RUN` is
+//! not lost: `KVM_RUN` then returns at once with `EINTR`.
+
+use std::cell::Cell;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+/// `KVM_EXIT_DIRTY_RING_FULL` (kvm-ioctls reports it as unsupported).
+const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
+
+/// What the controller wants the vCPU thread to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Request {
+    Run = 0,
+    Pause = 1,
+    Stop = 2,
+}
+
+/// Where the vCPU thread is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunState {
+    /// Created, not started or paused by request.
+    Paused,
+    /// In the `KVM_RUN` loop.
+    Running,
+    /// The guest stopped itself (halt, triple fault) or KVM failed.
+    Failed(String),
+    /// The thread has ended.
+    Stopped,
+}
+
+thread_local! {
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    IMMEDIATE_EXIT.with(|p| {
+        let p = p.get();
+        if !p.is_null() {
+            // SAFETY: `p` points at `immediate_exit` in this thread's own mapped
+            // kvm_run page; the vCPU thread sets it before entering the run loop
+            // and clears it (to null) before the page is unmapped.
+            unsafe { std::ptr::write_volatile(p, 1) };
+        }
+    });
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        register_signal_handler(kick_signal(), kick_handler)
+            .expect("registering the vCPU kick signal handler");
+    });
+}
+
+/// Called by the vCPU thread on `KVM_EXIT_DIRTY_RING_FULL`.
+pub type RingFullHook = Box<dyn FnMut() + Send>;
+
+/// Shared between the vCPU thread and its controller.
+pub struct VcpuControl {
+    request: AtomicU8,
+    /// Share of time (percent) the vCPU sleeps: auto-converge's throttle.
+    throttle: AtomicU8,
+    state: Mutex<RunState>,
+    changed: Condvar,
+    /// The vCPU fd; the thread holds the lock while it runs the guest.
+    pub(crate) fd: Mutex<VcpuFd>,
+    /// Called on `KVM_EXIT_DIRTY_RING_FULL` to drain the ring.
+    pub(crate) ring_full: Mutex<Option<RingFullHook>>,
+    exited: AtomicBool,
+}
+
+impl std::fmt::Debug for VcpuControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuControl")
+            .field("state", &self.state())
+            .field("throttle", &self.throttle())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VcpuControl {
+    pub(crate) fn new(fd: VcpuFd) -> Arc<Self> {
+        install_kick_handler();
+        Arc::new(Self {
+            request: AtomicU8::new(Request::Pause as u8),
+            throttle: AtomicU8::new(0),
+            state: Mutex::new(RunState::Paused),
+            changed: Condvar::new(),
+            fd: Mutex::new(fd),
+            ring_full: Mutex::new(None),
+            exited: AtomicBool::new(false),
+        })
+    }
+
+    fn request(&self) -> Request {
+        match self.request.load(Ordering::Acquire) {
+            0 => Request::Run,
+            1 => Request::Pause,
+            _ => Request::Stop,
+        }
+    }
+
+    fn set_state(&self, s: RunState) {
+        *self.state.lock().expect("vcpu state lock") = s;
+        self.changed.notify_all();
+    }
+
+    /// The current run state.
+    pub fn state(&self) -> RunState {
+        self.state.lock().expect("vcpu state lock").clone()
+    }
+
+    /// Sets the throttle (0–99 %).
+    pub fn set_throttle(&self, percent: u8) {
+        self.throttle.store(percent.min(99), Ordering::Release);
+    }
+
+    /// The current throttle.
+    pub fn throttle(&self) -> u8 {
+        self.throttle.load(Ordering::Acquire)
+    }
+}
+
+/// Handle to a running vCPU thread.
+#[derive(Debug)]
+pub struct VcpuThread {
+    pub(crate) ctl: Arc<VcpuControl>,
+    thread: Option<JoinHandle<()>>,
+    ticker: Option<JoinHandle<()>>,
+}
+
+impl VcpuThread {
+    /// Starts the vCPU thread (paused) and the throttle ticker.
+    pub fn spawn(fd: VcpuFd) -> std::io::Result<Self> {
+        let ctl = VcpuControl::new(fd);
+        let c = ctl.clone();
+        let thread = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || run_loop(&c))?;
+        // The ticker kicks the vCPU out of KVM_RUN every 10 ms while a
+        // throttle is set, so the vCPU thread gets a chance to sleep.
+        let c = ctl.clone();
+        let handle_for_ticker = ThreadKicker::of(&thread);
+        let ticker = std::thread::Builder::new()
+            .name("vcpu0-throttle".into())
+            .spawn(move || {
+                while !c.exited.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(10));
+                    if c.throttle() > 0 && c.request() == Request::Run {
+                        handle_for_ticker.kick();
+                    }
+                }
+            })?;
+        Ok(Self {
+            ctl,
+            thread: Some(thread),
+            ticker: Some(ticker),
+        })
+    }
+
+    fn kicker(&self) -> Option<ThreadKicker> {
+        self.thread.as_ref().map(ThreadKicker::of)
+    }
+
+    /// Lets the guest run.
+    pub fn resume(&self) -> Result<(), String> {
+        if let RunState::Failed(why) = self.ctl.state() {
+            return Err(why);
+        }
+        self.ctl
+            .request
+            .store(Request::Run as u8, Ordering::Release);
+        self.ctl.changed.notify_all();
+        let mut st = self.ctl.state.lock().expect("vcpu state lock");
+        while *st == RunState::Paused {
+            st = self.ctl.changed.wait(st).expect("vcpu state lock");
+        }
+        match &*st {
+            RunState::Running => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    /// Stops the guest and waits until the vCPU is out of `KVM_RUN`.
+    pub fn pause(&self) -> Result<(), String> {
+        self.ctl
+            .request
+            .store(Request::Pause as u8, Ordering::Release);
+        let kicker = self.kicker();
+        let mut st = self.ctl.state.lock().expect("vcpu state lock");
+        while *st == RunState::Running {
+            if let Some(k) = &kicker {
+                k.kick();
+            }
+            st = self
+                .ctl
+                .changed
+                .wait_timeout(st, Duration::from_millis(1))
+                .expect("vcpu state lock")
+                .0;
+        }
+        match &*st {
+            RunState::Paused => Ok(()),
+            RunState::Failed(w) => Err(w.clone()),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    /// The vCPU fd, for state save/restore; only while paused.
+    pub fn fd(&self) -> Option<MutexGuard<'_, VcpuFd>> {
+        match self.ctl.state() {
+            RunState::Paused | RunState::Failed(_) => {
+                Some(self.ctl.fd.lock().expect("vcpu fd lock"))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Drop for VcpuThread {
+    fn drop(&mut self) {
+        self.ctl
+            .request
+            .store(Request::Stop as u8, Ordering::Release);
+        self.ctl.changed.notify_all();
+        if let Some(t) = self.thread.take() {
+            let kicker = ThreadKicker::of(&t);
+            while !t.is_finished() {
+                kicker.kick();
+                self.ctl.changed.notify_all();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = t.join();
+        }
+        self.ctl.exited.store(true, Ordering::Release);
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends the kick signal to one thread.
+#[derive(Debug, Clone, Copy)]
+struct ThreadKicker(libc::pthread_t);
+
+impl ThreadKicker {
+    fn of(t: &JoinHandle<()>) -> Self {
+        Self(t.as_pthread_t())
+    }
+    fn kick(&self) {
+        // A thread that already ended makes pthread_kill fail with ESRCH; the
+        // callers check the thread's state, so the result is not needed.
+        // SAFETY: pthread_kill only sends a signal; the handler installed by
+        // `install_kick_handler` touches nothing but a thread-local pointer.
+        let _ = unsafe { libc::pthread_kill(self.0, kick_signal()) };
+    }
+}
+
+fn run_loop(ctl: &VcpuControl) {
+    loop {
+        // Parked: wait for Run or Stop.
+        {
+            let mut st = ctl.state.lock().expect("vcpu state lock");
+            loop {
+                match ctl.request() {
+                    Request::Stop => {
+                        *st = RunState::Stopped;
+                        ctl.changed.notify_all();
+                        return;
+                    }
+                    Request::Run if !matches!(*st, RunState::Failed(_)) => break,
+                    _ => {
+                        if *st == RunState::Running {
+                            *st = RunState::Paused;
+                            ctl.changed.notify_all();
+                        }
+                        st = ctl.changed.wait(st).expect("vcpu state lock");
+                    }
+                }
+            }
+            *st = RunState::Running;
+            ctl.changed.notify_all();
+        }
+        let mut fd = ctl.fd.lock().expect("vcpu fd lock");
+        let exit_ptr: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|p| p.set(exit_ptr));
+        let outcome = run_until_request(ctl, &mut fd);
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+        fd.set_kvm_immediate_exit(0);
+        drop(fd);
+        if let Err(why) = outcome {
+            tracing::warn!(%why, "vCPU stopped");
+            ctl.set_state(RunState::Failed(why));
+        } else {
+            ctl.set_state(RunState::Paused);
+        }
+    }
+}
+
+/// Runs the guest until a pause/stop request (Ok) or a guest/KVM failure (Err).
+fn run_until_request(ctl: &VcpuControl, fd: &mut VcpuFd) -> Result<(), String> {
+    loop {
+        if ctl.request() != Request::Run {
+            return Ok(());
+        }
+        let throttle = ctl.throttle();
+        if throttle > 0 {
+            // Sleep `throttle` % of each 10 ms tick.
+            let us = 10_000 * u64::from(throttle) / u64::from(100 - throttle);
+            std::thread::sleep(Duration::from_micros(us.min(1_000_000)));
+            if ctl.request() != Request::Run {
+                return Ok(());
+            }
+        }
+        match fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::Hlt => {
+                    return Err("the guest halted (fatal exception in the guest?)".into())
+                }
+                VcpuExit::Shutdown => return Err("the guest shut down (triple fault)".into()),
+                VcpuExit::FailEntry(reason, cpu) => {
+                    return Err(format!(
+                        "KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"
+                    ))
+                }
+                VcpuExit::InternalError => return Err("KVM internal error".into()),
+                VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
+                    let mut f = ctl.ring_full.lock().expect("ring-full hook lock");
+                    match f.as_mut() {
+                        Some(drain) => drain(),
+                        None => std::thread::sleep(Duration::from_millis(1)),
+                    }
+                }
+                // No devices: writes are dropped, reads see zeros.
+                VcpuExit::IoIn(_, data) | VcpuExit::MmioRead(_, data) => data.fill(0),
+                VcpuExit::IoOut(..) | VcpuExit::MmioWrite(..) => {}
+                VcpuExit::Intr => {}
+                other => return Err(format!("unexpected vCPU exit {other:?}")),
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                fd.set_kvm_immediate_exit(0);
+            }
+            Err(e) => return Err(format!("KVM_RUN failed: {e}")),
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The workload guest on a real KVM VM: boots, runs, pauses, and resumes
+//! from saved state in a second VM.
+
+use std::time::{Duration, Instant};
+
+use ferry_vm::{DirtyBackend, GuestPhase, RunState, Vm, VmConfig};
+use vm_memory::{Bytes, GuestAddress};
+
+/// Skips (loudly) when this host has no usable KVM.
+fn kvm_or_skip() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIPPED: /dev/kvm is not usable here ({e}); this test needs KVM");
+            false
+        }
+    }
+}
+
+fn boot(mem_mib: u64, cmdline: &str) -> Vm {
+    let vm = Vm::boot(&VmConfig {
+        mem_bytes: mem_mib << 20,
+        kernel: None,
+        cmdline: cmdline.into(),
+        dirty: DirtyBackend::Bitmap,
+    })
+    .expect("boot the workload guest");
+    vm.wait_running(Duration::from_secs(120))
+        .expect("guest reaches phase 2");
+    vm
+}
+
+fn wait_heartbeat_above(vm: &Vm, value: u64) -> u64 {
+    let start = Instant::now();
+    loop {
+        let hb = vm.status().heartbeat;
+        if hb > value {
+            return hb;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "heartbeat stuck at {hb}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn guest_boots_fills_and_dirties() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let vm = boot(64, "rate=5000 tsc_khz=2300000 wss=8");
+    let a = vm.status();
+    assert!(a.is_healthy(), "{a}");
+    assert_eq!(a.mem_top, 64 << 20);
+    assert_eq!(a.wss_pages, 8 * 256);
+    let hb = wait_heartbeat_above(&vm, a.heartbeat + 50);
+    let b = vm.status();
+    assert!(b.pages_dirtied > a.pages_dirtied, "{a} -> {b}");
+    assert!(b.pages_verified > a.pages_verified);
+    assert_eq!(b.verify_errors, 0);
+    assert!(hb > a.heartbeat);
+}
+
+#[test]
+fn paused_guest_stands_still_and_resumes() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let vm = boot(32, "rate=2000 tsc_khz=2300000");
+    wait_heartbeat_above(&vm, 5);
+    vm.pause().unwrap();
+    assert_eq!(vm.run_state(), RunState::Paused);
+    let a = vm.status();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(vm.status(), a, "a paused guest must not change its memory");
+    vm.resume().unwrap();
+    wait_heartbeat_above(&vm, a.heartbeat);
+}
+
+#[test]
+fn saved_state_resumes_in_a_second_vm() {
+    if !kvm_or_skip() {
+        return;
+    }
+    // Small working set, fast rate: many passes, so the self-check covers
+    // pages rewritten before and after the move.
+    let src = boot(32, "rate=20000 tsc_khz=2300000 wss=2 verify=64");
+    wait_heartbeat_above(&src, 200);
+    src.pause().unwrap();
+    let before = src.status();
+    let blob = src.save_state().unwrap();
+
+    let dst = Vm::incoming(32 << 20, DirtyBackend::Bitmap).unwrap();
+    let mut buf = vec![0u8; 32 << 20];
+    src.memory().read_slice(&mut buf, GuestAddress(0)).unwrap();
+    dst.memory().write_slice(&buf, GuestAddress(0)).unwrap();
+    dst.restore_state(&blob).unwrap();
+    drop(src);
+    dst.resume().unwrap();
+
+    let hb = wait_heartbeat_above(&dst, before.heartbeat + 100);
+    let after = dst.status();
+    assert!(hb >= before.heartbeat);
+    assert_eq!(after.phase, GuestPhase::Running);
+    assert!(after.pages_dirtied > before.pages_dirtied);
+    assert!(after.passes > before.passes);
+    assert_eq!(
+        after.verify_errors, 0,
+        "first bad word at {:#x}",
+        after.first_bad_addr
+    );
+}
+
+#[test]
+fn a_wrong_blob_is_refused() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let vm = Vm::incoming(8 << 20, DirtyBackend::Bitmap).unwrap();
+    let e = vm.restore_state(b"{\"version\": 99}").unwrap_err();
+    assert!(e.to_string().contains("invalid vCPU state blob"), "{e}");
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let cfg = |mem: u64, kernel: Option<&str>| VmConfig {
+        mem_bytes: mem,
+        kernel: kernel.map(Into::into),
+        cmdline: String::new(),
+        dirty: DirtyBackend::Bitmap,
+    };
+    let e = Vm::boot(&cfg(1 << 40, None)).unwrap_err().to_string();
+    assert!(
+        e.contains("between 4 MiB and 64 GiB") || e.contains("cannot reserve"),
+        "{e}"
+    );
+    let e = Vm::boot(&cfg(3 << 20, None)).unwrap_err().to_string();
+    assert!(e.contains("multiple of 2 MiB"), "{e}");
+    let e = Vm::boot(&cfg(16 << 20, Some("/nonexistent/kernel.elf")))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot read kernel image /nonexistent/kernel.elf"),
+        "{e}"
+    );
+    let e = Vm::boot(&cfg(16 << 20, Some("/etc/hostname")))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a multiboot v1 image"), "{e}");
+}
+
+#[test]
+fn a_guest_that_cannot_parse_its_cmdline_is_reported() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let vm = Vm::boot(&VmConfig {
+        mem_bytes: 16 << 20,
+        kernel: None,
+        cmdline: "rate=fast".into(),
+        dirty: DirtyBackend::Bitmap,
+    })
+    .unwrap();
+    let e = vm
+        .wait_running(Duration::from_secs(60))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("could not parse its command line"), "{e}");
+}
