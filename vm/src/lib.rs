@@ -22,6 +22,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod dirty;
 mod entry;
 mod error;
 mod guest;
@@ -30,6 +31,7 @@ mod state;
 mod vcpu;
 mod vm;
 
+pub use dirty::VmDirtyLog;
 pub use error::VmError;
 pub use guest::{
     guest_elf_path, parse_size, GuestParams, GuestPhase, GuestStatus, FILL_BASE, GUEST_ELF,

@@ -3,13 +3,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kvm_bindings::{
-    kvm_enable_cap, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
-};
+use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::dirty::{SlotLogging, VmDirtyLog};
 use crate::entry::{multiboot_regs, multiboot_sregs};
 use crate::error::{kvm_err, VmError};
 use crate::guest::{GuestStatus, GUEST_ELF};
@@ -65,6 +64,8 @@ pub struct Vm {
     dirty: DirtyBackend,
     manual_protect: bool,
     tsc_khz: Option<u32>,
+    /// The dirty ring, mapped at creation (the vCPU fd is free then).
+    ring: std::sync::Mutex<Option<ferry_dirtylog::KvmDirtyRing>>,
 }
 
 fn host_ram() -> u64 {
@@ -156,10 +157,34 @@ impl Vm {
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
         let tsc_khz = vcpu_fd.get_tsc_khz().ok();
         let msr_ids = supported_msrs(&kvm);
+        let vm_fd = Arc::new(vm_fd);
+        let ring = match dirty {
+            DirtyBackend::Ring(bytes) => Some(
+                ferry_dirtylog::KvmDirtyRing::new(
+                    vm_fd.clone(),
+                    vec![Self::slot_desc(mem_bytes)],
+                    &[&vcpu_fd],
+                    bytes,
+                )
+                .map_err(|source| VmError::DirtyLog {
+                    backend: "kvm-ring",
+                    source,
+                })?,
+            ),
+            DirtyBackend::Bitmap => None,
+        };
         let vcpu = VcpuThread::spawn(vcpu_fd).map_err(VmError::SpawnVcpu)?;
+        if let Some(r) = &ring {
+            let handler = r.ring_full_handler();
+            *vcpu.ctl.ring_full.lock().expect("ring-full hook lock") = Some(Box::new(move || {
+                if let Err(e) = handler.handle_ring_full() {
+                    tracing::warn!(error = %e, "draining a full dirty ring failed");
+                }
+            }));
+        }
         Ok(Self {
             kvm,
-            vm_fd: Arc::new(vm_fd),
+            vm_fd,
             memory,
             vcpu,
             msr_ids,
@@ -167,6 +192,7 @@ impl Vm {
             dirty,
             manual_protect,
             tsc_khz,
+            ring: std::sync::Mutex::new(ring),
         })
     }
 
@@ -267,22 +293,56 @@ impl Vm {
         self.tsc_khz
     }
 
-    /// Turns KVM's dirty logging for the memory slot on or off.
-    pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
+    fn slot_desc(mem_bytes: u64) -> ferry_dirtylog::MemorySlot {
+        ferry_dirtylog::MemorySlot {
+            slot: 0,
+            guest_phys_addr: 0,
+            pages: (mem_bytes / 4096) as usize,
+        }
+    }
+
+    fn slot_logging(&self) -> SlotLogging {
         let host_addr = self
             .memory
             .get_host_address(GuestAddress(0))
             .expect("address 0 is mapped");
-        let slot = kvm_userspace_memory_region {
-            slot: 0,
-            flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-            guest_phys_addr: 0,
-            memory_size: self.mem_bytes,
-            userspace_addr: host_addr as u64,
+        SlotLogging {
+            vm_fd: self.vm_fd.clone(),
+            host_addr: host_addr as u64,
+            size: self.mem_bytes,
+        }
+    }
+
+    /// A dirty log over all guest memory: KVM's log (bitmap or ring, as
+    /// configured) OR the pages the VMM itself wrote. KVM's logging is on
+    /// from this call until the log is stopped or dropped. The dirty ring can
+    /// be handed out once per VM.
+    pub fn dirty_log(&self) -> Result<Box<dyn ferry_dirtylog::DirtyLog>, VmError> {
+        let kvm_log: Box<dyn ferry_dirtylog::DirtyLog> = match self.dirty {
+            DirtyBackend::Bitmap => Box::new(
+                ferry_dirtylog::KvmBitmapLog::new(
+                    self.vm_fd.clone(),
+                    vec![Self::slot_desc(self.mem_bytes)],
+                    self.manual_protect,
+                )
+                .map_err(|source| VmError::DirtyLog {
+                    backend: "kvm-bitmap",
+                    source,
+                })?,
+            ),
+            DirtyBackend::Ring(_) => Box::new(self.ring.lock().expect("ring lock").take().ok_or(
+                VmError::VcpuGone("the dirty ring was already handed out".into()),
+            )?),
         };
-        // SAFETY: same mapping as at creation, still owned by `self.memory`.
-        unsafe { self.vm_fd.set_user_memory_region(slot) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION(log dirty)"))
+        let slot = self.slot_logging();
+        slot.set(true).map_err(kvm_err(
+            "KVM_SET_USER_MEMORY_REGION(KVM_MEM_LOG_DIRTY_PAGES)",
+        ))?;
+        Ok(Box::new(VmDirtyLog::new(
+            kvm_log,
+            self.memory.clone(),
+            slot,
+        )))
     }
 
     /// Auto-converge: the vCPU sleeps `percent` % of the time (0 = off).
