@@ -70,6 +70,9 @@ pub enum TransportError {
         /// Which lane.
         lane: usize,
     },
+    /// Setting up TLS on a connection failed (e.g. the peer's certificate was refused).
+    #[error("TLS failed")]
+    Tls(#[source] crate::tls::TlsError),
     /// The peer closed the connection cleanly at a frame boundary.
     #[error("the peer closed the connection")]
     PeerClosed,

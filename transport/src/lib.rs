@@ -33,6 +33,7 @@ pub mod lanes;
 pub mod security;
 mod stream;
 pub mod tcp;
+pub mod tls;
 
 pub use error::TransportError;
 pub use frame::{
@@ -42,3 +43,4 @@ pub use lanes::{default_lane_count, lane_for_page, Lane, LaneListener, LaneOptio
 pub use security::Security;
 pub use stream::{FrameReader, FrameSink, FrameSource, FrameWriter};
 pub use tcp::{FrameConnection, FrameListener, TcpFrameConnection};
+pub use tls::{TlsFiles, TlsSettings};

@@ -33,6 +33,29 @@ fn lane_pair() -> Pair {
     (Box::new(client_lane), Box::new(server_lane))
 }
 
+fn tls_lane_pair() -> Pair {
+    use ferry_transport::{LaneListener, LaneOptions, Lanes, Security, TlsSettings};
+    use std::sync::Arc;
+    let set = ferry_transport::tls::generate_cert_set(&["a", "b"]).unwrap();
+    let sec = |i: usize| {
+        let (_, cert, key) = &set.nodes[i];
+        Security::Tls(Arc::new(
+            TlsSettings::from_pem(cert, key, &set.ca_pem, "ferry").unwrap(),
+        ))
+    };
+    let mut listener = LaneListener::bind("127.0.0.1:0", LaneOptions::new(1, sec(0))).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client_sec = sec(1);
+    let client =
+        thread::spawn(move || Lanes::connect(addr, &LaneOptions::new(1, client_sec)).unwrap());
+    let server = listener.accept_session().unwrap();
+    let client = client.join().unwrap();
+    (
+        Box::new(client.into_vec().swap_remove(0)),
+        Box::new(server.into_vec().swap_remove(0)),
+    )
+}
+
 /// Frames arrive complete, in order, with kinds, flags and payloads intact,
 /// including a maximum-size frame and a vectored one; closing is a clean end.
 fn delivers_in_order(make: fn() -> Pair) {
@@ -108,4 +131,14 @@ fn lane_delivers_in_order() {
 #[test]
 fn lane_refuses_oversized() {
     refuses_oversized(lane_pair);
+}
+
+#[test]
+fn tls_lane_delivers_in_order() {
+    delivers_in_order(tls_lane_pair);
+}
+
+#[test]
+fn tls_lane_refuses_oversized() {
+    refuses_oversized(tls_lane_pair);
 }

@@ -155,17 +155,25 @@ fn queued_lanes_keep_per_page_order() {
     });
     let inbox = LaneInbox::spawn(readers.collect(), 8);
     let mut last: HashMap<u64, u32> = HashMap::new();
-    let mut ends = 0;
-    while ends < 4 {
-        let ev = inbox.recv().unwrap();
-        let f = ev.frame.unwrap();
+    let (mut ends, mut closed) = ([false; 4], [false; 4]);
+    while let Some(ev) = inbox.recv() {
+        let lane = usize::from(ev.lane);
+        let f = match ev.frame {
+            Err(TransportError::PeerClosed) => {
+                assert!(ends[lane], "lane {lane} closed before its RoundEnd");
+                closed[lane] = true;
+                continue;
+            }
+            other => other.unwrap(),
+        };
+        assert!(!ends[lane], "frame after RoundEnd on lane {lane}");
         match f.kind {
-            FrameKind::RoundEnd => ends += 1,
+            FrameKind::RoundEnd => ends[lane] = true,
             FrameKind::PageBatch => {
                 let page = u64::from_le_bytes(f.payload[..8].try_into().unwrap());
                 let version = u32::from_le_bytes(f.payload[8..12].try_into().unwrap());
                 assert_eq!(
-                    usize::from(ev.lane),
+                    lane,
                     lane_for_page(page, 4),
                     "page {page} on the wrong lane"
                 );
@@ -182,13 +190,8 @@ fn queued_lanes_keep_per_page_order() {
     sender.join().unwrap();
     assert_eq!(last.len(), 128);
     assert!(last.values().all(|&v| v == 4));
-    // After the sender finished, every lane ends cleanly.
-    for _ in 0..4 {
-        assert!(matches!(
-            inbox.recv().unwrap().frame,
-            Err(TransportError::PeerClosed)
-        ));
-    }
+    // Every lane ended cleanly after its RoundEnd.
+    assert_eq!(closed, [true; 4]);
     assert!(inbox.recv().is_none());
 }
 

@@ -270,10 +270,8 @@ impl Lanes {
             lane.writer
                 .write_frame(FrameKind::LaneHello, 0, &hello.encode())?;
             lane.writer.flush()?;
-            lanes.push((lane, hello));
-        }
-        let mut out = Vec::with_capacity(lanes.len());
-        for (mut lane, hello) in lanes {
+            // Wait for this lane's welcome before opening the next, so a
+            // refusal (TLS alert, Abort) is reported from the lane it concerns.
             let f = lane.reader.read_frame()?;
             match f.kind {
                 FrameKind::LaneWelcome => hello.check_welcome(&f.payload).map_err(handshake_err)?,
@@ -294,8 +292,9 @@ impl Lanes {
             lane.socket
                 .set_read_timeout(None)
                 .map_err(TransportError::Configure)?;
-            out.push(lane);
+            lanes.push(lane);
         }
+        let out = lanes;
         Ok(Lanes {
             session,
             lanes: out,
@@ -429,27 +428,16 @@ impl LaneListener {
                 let _ = lane.writer.write_frame(FrameKind::Abort, 0, msg.as_bytes());
                 return Err(TransportError::Refused(msg));
             }
+            lane.writer
+                .write_frame(FrameKind::LaneWelcome, 0, &hello.welcome())?;
+            lane.writer.flush()?;
+            lane.socket
+                .set_read_timeout(None)
+                .map_err(TransportError::Configure)?;
             group[usize::from(hello.lane)] = Some(lane);
             if self.pending[&hello.session].iter().all(Option::is_some) {
                 let group = self.pending.remove(&hello.session).unwrap_or_default();
-                let mut lanes = Vec::with_capacity(group.len());
-                for lane in group.into_iter().flatten() {
-                    lanes.push(lane);
-                }
-                for lane in &mut lanes {
-                    let welcome = LaneHello {
-                        session: hello.session,
-                        lane: lane.index,
-                        lanes: hello.lanes,
-                    }
-                    .welcome();
-                    lane.writer
-                        .write_frame(FrameKind::LaneWelcome, 0, &welcome)?;
-                    lane.writer.flush()?;
-                    lane.socket
-                        .set_read_timeout(None)
-                        .map_err(TransportError::Configure)?;
-                }
+                let lanes: Vec<Lane> = group.into_iter().flatten().collect();
                 return Ok(Lanes {
                     session: hello.session,
                     lanes,
