@@ -145,7 +145,10 @@ impl DirtyBitmap {
     /// # Panics
     /// If the two bitmaps have different lengths.
     pub fn merge(&mut self, other: &DirtyBitmap) {
-        assert_eq!(self.pages, other.pages, "merging bitmaps of different sizes");
+        assert_eq!(
+            self.pages, other.pages,
+            "merging bitmaps of different sizes"
+        );
         for (a, b) in self.words.iter_mut().zip(&other.words) {
             *a |= *b;
         }

@@ -19,7 +19,9 @@ pub enum DirtyLogError {
         got: usize,
     },
     /// `reprotect` got a range that is not 64-page aligned or not inside the log.
-    #[error("reprotect range at page {first_page} ({pages} pages) is not 64-aligned or out of range")]
+    #[error(
+        "reprotect range at page {first_page} ({pages} pages) is not 64-aligned or out of range"
+    )]
     ReprotectRange {
         /// First page of the range.
         first_page: usize,

@@ -139,8 +139,7 @@ impl KvmBitmapLog {
                     .sum::<usize>();
             }
             if self.manual_protect && clear {
-                let (calls, pages) =
-                    clear_slot_range(&self.vm, slot, 0, &self.scratch[..nwords])?;
+                let (calls, pages) = clear_slot_range(&self.vm, slot, 0, &self.scratch[..nwords])?;
                 stats.syscalls += calls;
                 stats.reprotected += pages;
             } else if !self.manual_protect {
@@ -177,7 +176,10 @@ fn clear_slot_range(
         }
         let num_pages = (chunk.len() * BITS_PER_WORD).min(slot.pages - chunk_first);
         // Both fit: validate_slots bounds slot.pages by u32::MAX.
-        let (first, num) = (chunk_first as u64, u32::try_from(num_pages).unwrap_or(u32::MAX));
+        let (first, num) = (
+            chunk_first as u64,
+            u32::try_from(num_pages).unwrap_or(u32::MAX),
+        );
         let clear = kvm_clear_dirty_log {
             slot: slot.slot,
             num_pages: num,

@@ -120,16 +120,20 @@ impl MappedRing {
             let index = (self.fetch % self.entries) as usize;
             // SAFETY: index < entries, so the entry lies inside the mapping.
             let entry = unsafe { self.base.as_ptr().add(index) };
+            // SAFETY: `entry` points inside the mapping; taking a field's
+            // address reads nothing.
+            let flags_ptr = unsafe { std::ptr::addr_of_mut!((*entry).flags) };
             // SAFETY: `flags` is a naturally aligned u32 in shared memory that
             // KVM also accesses atomically; viewing it as AtomicU32 is the
             // documented protocol.
-            let flags = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*entry).flags)) };
+            let flags = unsafe { AtomicU32::from_ptr(flags_ptr) };
             if flags.load(Ordering::Acquire) & KVM_DIRTY_GFN_F_DIRTY == 0 {
                 return n;
             }
             // SAFETY: the acquire load above saw DIRTY, so KVM finished writing
             // slot and offset; they stay put until we store RESET.
-            let (slot, offset) = unsafe { ((*entry).slot, (*entry).offset) };
+            let gfn = unsafe { entry.read() };
+            let (slot, offset) = (gfn.slot, gfn.offset);
             f(slot, offset);
             flags.store(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
             self.fetch = self.fetch.wrapping_add(1);

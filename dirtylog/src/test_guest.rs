@@ -33,8 +33,8 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 use crate::kvm_sys::kvm_err;
 use crate::{
-    enable_dirty_ring, enable_manual_protect, DirtyLog, DirtyLogError, KvmBitmapLog,
-    KvmDirtyRing, MemorySlot, RingFullHandler, KVM_EXIT_DIRTY_RING_FULL, PAGE_SIZE,
+    enable_dirty_ring, enable_manual_protect, DirtyLog, DirtyLogError, KvmBitmapLog, KvmDirtyRing,
+    MemorySlot, RingFullHandler, KVM_EXIT_DIRTY_RING_FULL, PAGE_SIZE,
 };
 
 /// Guest-physical base of the harness slot (4 GiB, above any tracked memory).
@@ -51,9 +51,9 @@ const TABLE: u64 = 0x10000;
 const EXIT_PORT: u16 = 0x10;
 
 const PROGRAM: [u8; 39] = [
-    0x48, 0x89, 0xf7, 0x48, 0x89, 0xca, 0x48, 0x8b, 0x1f, 0x48, 0x89, 0x03, 0x48, 0x83, 0xc7,
-    0x08, 0x48, 0xff, 0xca, 0x75, 0xf1, 0x48, 0xff, 0xc0, 0x49, 0x83, 0x39, 0x00, 0x75, 0x05,
-    0x49, 0xff, 0xc8, 0x75, 0xdd, 0xe6, 0x10, 0xeb, 0xd9,
+    0x48, 0x89, 0xf7, 0x48, 0x89, 0xca, 0x48, 0x8b, 0x1f, 0x48, 0x89, 0x03, 0x48, 0x83, 0xc7, 0x08,
+    0x48, 0xff, 0xca, 0x75, 0xf1, 0x48, 0xff, 0xc0, 0x49, 0x83, 0x39, 0x00, 0x75, 0x05, 0x49, 0xff,
+    0xc8, 0x75, 0xdd, 0xe6, 0x10, 0xeb, 0xd9,
 ];
 
 /// How the test VM's dirty pages are tracked.
@@ -139,21 +139,28 @@ impl Mapping {
         })
     }
 
+    /// The word at `offset` (in bounds, 8-aligned: checked by callers), as
+    /// an atomic: the guest may access it concurrently.
+    fn word(&self, offset: usize) -> &AtomicU64 {
+        // SAFETY: callers checked offset + 8 <= len, so the pointer stays in
+        // the mapping.
+        let ptr = unsafe { self.ptr.add(offset) };
+        // SAFETY: 8-aligned (mapping is page-aligned, offset % 8 == 0), valid
+        // for the mapping's lifetime, accessed only atomically or by the guest.
+        unsafe { AtomicU64::from_ptr(ptr.cast()) }
+    }
+
     fn write_u64(&self, offset: u64, value: u64) {
         let offset = offset as usize;
         assert!(offset + 8 <= self.len && offset % 8 == 0);
-        // SAFETY: in bounds and 8-aligned (checked above); the memory is
-        // shared with the guest, so the write is an atomic store.
-        let word = unsafe { AtomicU64::from_ptr(self.ptr.add(offset).cast()) };
+        let word = self.word(offset);
         word.store(value, Ordering::SeqCst);
     }
 
     fn read_u64(&self, offset: u64) -> u64 {
         let offset = offset as usize;
         assert!(offset + 8 <= self.len && offset % 8 == 0);
-        // SAFETY: in bounds and 8-aligned (checked above); atomic load of
-        // memory the guest may be writing.
-        let word = unsafe { AtomicU64::from_ptr(self.ptr.add(offset).cast()) };
+        let word = self.word(offset);
         word.load(Ordering::SeqCst)
     }
 }
@@ -242,7 +249,9 @@ impl TestVm {
         let manual = match tracking {
             Tracking::BitmapManualProtect => {
                 if !enable_manual_protect(&vm)? {
-                    return Err(DirtyLogError::MissingCap("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2").into());
+                    return Err(
+                        DirtyLogError::MissingCap("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2").into(),
+                    );
                 }
                 true
             }
@@ -272,7 +281,8 @@ impl TestVm {
             };
             // SAFETY: the region maps memory owned by `mem`/`harness`, which
             // the VM holds (Arc) for as long as it exists.
-            unsafe { vm.set_user_memory_region(region) }.map_err(kvm_op("set_user_memory_region"))?;
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(kvm_op("set_user_memory_region"))?;
         }
 
         let vcpu = vm.create_vcpu(0).map_err(kvm_op("create_vcpu"))?;
@@ -293,7 +303,10 @@ impl TestVm {
                 let handler = ring.ring_full_handler();
                 (Box::new(ring), Some(handler))
             }
-            _ => (Box::new(KvmBitmapLog::new(vm.clone(), slots, manual)?), None),
+            _ => (
+                Box::new(KvmBitmapLog::new(vm.clone(), slots, manual)?),
+                None,
+            ),
         };
         Ok(Self {
             vm,
@@ -324,7 +337,12 @@ impl TestVm {
 
     /// Makes the guest write `value` (then `value + 1`, ... per pass) to each
     /// of `pages`, `passes` times; returns when it is done.
-    pub fn write_pages(&mut self, pages: &[usize], value: u64, passes: u64) -> Result<(), TestGuestError> {
+    pub fn write_pages(
+        &mut self,
+        pages: &[usize],
+        value: u64,
+        passes: u64,
+    ) -> Result<(), TestGuestError> {
         if passes == 0 {
             return Err(TestGuestError::Invalid("passes must be at least 1".into()));
         }
@@ -401,7 +419,9 @@ impl TestVm {
                     Some(h) => {
                         h.handle_ring_full()?;
                     }
-                    None => return Err(TestGuestError::GuestExit("ring full without a ring".into())),
+                    None => {
+                        return Err(TestGuestError::GuestExit("ring full without a ring".into()))
+                    }
                 },
                 other => {
                     let what = format!("{other:?}");
@@ -422,15 +442,18 @@ impl TestVm {
 fn build_harness(h: &Mapping, harness_bytes: u64) {
     const P_RW_US: u64 = 0x7;
     const PS: u64 = 0x80;
-    h.write_u64(PML4, HARNESS_GPA + PDPT | P_RW_US);
+    h.write_u64(PML4, (HARNESS_GPA + PDPT) | P_RW_US);
     for gib in 0..5u64 {
-        h.write_u64(PDPT + gib * 8, HARNESS_GPA + PD + gib * 0x1000 | P_RW_US);
+        h.write_u64(PDPT + gib * 8, (HARNESS_GPA + PD + gib * 0x1000) | P_RW_US);
     }
     for i in 0..4 * 512u64 {
-        h.write_u64(PD + i * 8, i * TWO_MIB | P_RW_US | PS);
+        h.write_u64(PD + i * 8, (i * TWO_MIB) | P_RW_US | PS);
     }
     for i in 0..harness_bytes / TWO_MIB {
-        h.write_u64(PD + 4 * 0x1000 + i * 8, HARNESS_GPA + i * TWO_MIB | P_RW_US | PS);
+        h.write_u64(
+            PD + 4 * 0x1000 + i * 8,
+            (HARNESS_GPA + i * TWO_MIB) | P_RW_US | PS,
+        );
     }
     let tss = HARNESS_GPA + TSS;
     let gdt = [

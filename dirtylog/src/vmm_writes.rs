@@ -90,7 +90,9 @@ impl VmmWriteSource for VmmWriteLog {
     }
 
     fn reset(&self) {
-        self.words.iter().for_each(|w| w.store(0, Ordering::Release));
+        self.words
+            .iter()
+            .for_each(|w| w.store(0, Ordering::Release));
     }
 }
 

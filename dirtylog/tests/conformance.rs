@@ -38,8 +38,18 @@ fn reports_the_written_pages(mut s: Subject) {
     let pages = known_pages();
     s.log.start().expect("start");
     s.work.write(&pages, 0x1111).expect("write");
-    assert_eq!(collect_set(&mut s, Reprotect::Now), as_set(&pages), "{}", s.log.name());
-    assert_eq!(collect_set(&mut s, Reprotect::Now), BTreeSet::new(), "{}", s.log.name());
+    assert_eq!(
+        collect_set(&mut s, Reprotect::Now),
+        as_set(&pages),
+        "{}",
+        s.log.name()
+    );
+    assert_eq!(
+        collect_set(&mut s, Reprotect::Now),
+        BTreeSet::new(),
+        "{}",
+        s.log.name()
+    );
 }
 
 /// A page written again after it was collected is reported again in the next
@@ -51,7 +61,12 @@ fn write_after_collect_is_caught_next_round(mut s: Subject) {
     s.work.write(&first, 1).expect("write");
     assert_eq!(collect_set(&mut s, Reprotect::Now), as_set(&first));
     s.work.write(&second, 2).expect("write");
-    assert_eq!(collect_set(&mut s, Reprotect::Now), as_set(&second), "{}", s.log.name());
+    assert_eq!(
+        collect_set(&mut s, Reprotect::Now),
+        as_set(&second),
+        "{}",
+        s.log.name()
+    );
 }
 
 /// `Deferred` + `reprotect` chunk by chunk behaves like `Now`.
@@ -61,13 +76,20 @@ fn deferred_reprotect_rearms_the_chunks(mut s: Subject) {
     s.log.start().expect("start");
     s.work.write(&first, 1).expect("write");
     let mut out = DirtyBitmap::new(s.log.pages());
-    s.log.collect(&mut out, Reprotect::Deferred).expect("collect");
+    s.log
+        .collect(&mut out, Reprotect::Deferred)
+        .expect("collect");
     assert_eq!(out.iter_ones().collect::<BTreeSet<_>>(), as_set(&first));
     for (i, chunk) in out.words().chunks(4).enumerate() {
         s.log.reprotect(i * 256, chunk).expect("reprotect");
     }
     s.work.write(&second, 2).expect("write");
-    assert_eq!(collect_set(&mut s, Reprotect::Now), as_set(&second), "{}", s.log.name());
+    assert_eq!(
+        collect_set(&mut s, Reprotect::Now),
+        as_set(&second),
+        "{}",
+        s.log.name()
+    );
 }
 
 /// `Never` (final round) still reports every written page.
@@ -75,7 +97,12 @@ fn never_still_reports(mut s: Subject) {
     let pages = known_pages();
     s.log.start().expect("start");
     s.work.write(&pages, 7).expect("write");
-    assert_eq!(collect_set(&mut s, Reprotect::Never), as_set(&pages), "{}", s.log.name());
+    assert_eq!(
+        collect_set(&mut s, Reprotect::Never),
+        as_set(&pages),
+        "{}",
+        s.log.name()
+    );
 }
 
 /// Pre-copy with writes racing the collection: while the writer rewrites a
@@ -104,14 +131,20 @@ fn racing_writes_are_never_lost(mut s: Subject) {
         })
         .expect("spin");
     let mut out = DirtyBitmap::new(log.pages());
-    log.collect(&mut out, Reprotect::Never).expect("final collect");
+    log.collect(&mut out, Reprotect::Never)
+        .expect("final collect");
     for p in out.iter_ones() {
         shadow[p] = s.work.read_word(p);
     }
     assert!(passes >= 1, "the writer made no full pass");
     assert!(rounds_with_pages >= 1, "no round saw the racing writes");
     for &p in &pages {
-        assert_eq!(shadow[p], s.work.read_word(p), "{}: page {p} stale", s.log.name());
+        assert_eq!(
+            shadow[p],
+            s.work.read_word(p),
+            "{}: page {p} stale",
+            s.log.name()
+        );
         assert!(s.work.read_word(p) >= 1 << 32, "page {p} never written");
     }
 }

@@ -40,7 +40,9 @@ impl ProcessMemoryLog {
     /// Tracks `ranges` of the calling process.
     pub fn for_self(ranges: Vec<MemoryRange>) -> Result<Self, DirtyLogError> {
         let uffd = uffd::create_userfaultfd()?;
-        Self::with_userfaultfd(std::process::id() as i32, uffd, ranges)
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() };
+        Self::with_userfaultfd(pid, uffd, ranges)
     }
 
     /// Tracks `ranges` of process `pid`, given a fresh (no handshake yet)

@@ -86,7 +86,9 @@ fn probe_in_child() -> i32 {
         return 5;
     }
     let mut entry = 0u64;
-    let offset = (page as u64 / PAGE_SIZE * 8) as libc::off_t;
+    let Ok(offset) = libc::off_t::try_from(page as u64 / PAGE_SIZE * 8) else {
+        return 7;
+    };
     // SAFETY: reads 8 bytes into `entry`, a valid u64.
     let got = unsafe { libc::pread(fd, (&raw mut entry).cast(), 8, offset) };
     // SAFETY: closes the fd opened above.
@@ -115,7 +117,6 @@ pub struct SoftDirtyLog {
     pagemap: File,
     ranges: Vec<MemoryRange>,
     pages: usize,
-    entries: Vec<u64>,
     started: bool,
 }
 
@@ -134,7 +135,6 @@ impl SoftDirtyLog {
             pagemap,
             ranges,
             pages,
-            entries: Vec::new(),
             started: false,
         })
     }
@@ -177,7 +177,6 @@ impl DirtyLog for SoftDirtyLog {
         let mut stats = CollectStats::default();
         let mut base = 0;
         for r in &self.ranges {
-            self.entries.resize(r.pages(), 0);
             let bytes = r.pages() * 8;
             let mut buf = vec![0u8; bytes];
             self.pagemap

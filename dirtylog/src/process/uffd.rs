@@ -73,9 +73,8 @@ pub fn create_userfaultfd() -> Result<OwnedFd, DirtyLogError> {
     if fd < 0 {
         return Err(DirtyLogError::CreateUserfaultfd(io::Error::last_os_error()));
     }
-    let fd = i32::try_from(fd).map_err(|_| {
-        DirtyLogError::CreateUserfaultfd(io::Error::from_raw_os_error(libc::EBADF))
-    })?;
+    let fd = i32::try_from(fd)
+        .map_err(|_| DirtyLogError::CreateUserfaultfd(io::Error::from_raw_os_error(libc::EBADF)))?;
     // SAFETY: `fd` is a fresh descriptor nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -123,7 +122,11 @@ pub fn write_protect(
 ) -> Result<(), DirtyLogError> {
     let mut wp = UffdioWriteprotect {
         range: UffdioRange { start, len },
-        mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        mode: if protect {
+            UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        },
     };
     // SAFETY: `uffd` is a userfaultfd; `wp` is a valid uffdio_writeprotect.
     let ret = unsafe { ioctl_with_mut_ref(uffd, UFFDIO_WRITEPROTECT(), &mut wp) };

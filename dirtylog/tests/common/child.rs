@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{bail, Context};
 use ferry_dirtylog::{MemoryRange, ProcessMemoryLog, PAGE_SIZE};
 
-use super::{Subject, Workload};
+use super::{Collector, Subject, Workload};
 
 const CMD_EXIT: u64 = 0;
 const CMD_WRITE: u64 = 1;
@@ -48,7 +48,12 @@ impl Drop for ChildWorkload {
         // SAFETY: unmaps the shared stop-flag page mapped in `spawn`.
         unsafe { libc::munmap(self.stop as *mut libc::c_void, PAGE_SIZE as usize) };
         // SAFETY: unmaps the parent's copy of the region mapped in `spawn`.
-        unsafe { libc::munmap(self.region as *mut libc::c_void, self.pages * PAGE_SIZE as usize) };
+        unsafe {
+            libc::munmap(
+                self.region as *mut libc::c_void,
+                self.pages * PAGE_SIZE as usize,
+            )
+        };
     }
 }
 
@@ -78,11 +83,21 @@ pub fn spawn(pages: usize) -> anyhow::Result<(ChildWorkload, ProcessMemoryLog)> 
     let stop = mmap(PAGE_SIZE as usize, libc::MAP_SHARED)? as *const AtomicU64;
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two fds into `fds`.
-    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } < 0 {
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } < 0
+    {
         bail!("socketpair: {}", io::Error::last_os_error());
     }
-    // SAFETY: both fds are fresh and owned here.
-    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: fds[0] is fresh and owned here.
+    let ours = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: fds[1] is fresh and owned here.
+    let theirs = unsafe { OwnedFd::from_raw_fd(fds[1]) };
     // SAFETY: the child only makes raw system calls, then `_exit`s.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -133,7 +148,14 @@ fn child_loop(sock: RawFd, region: u64, stop: *const AtomicU64) -> i32 {
     let mut msg = [0u64; MSG_WORDS];
     loop {
         // SAFETY: reads at most `size_of_val(&msg)` bytes into `msg`.
-        let n = unsafe { libc::recv(sock, msg.as_mut_ptr().cast(), size_of::<[u64; MSG_WORDS]>(), 0) };
+        let n = unsafe {
+            libc::recv(
+                sock,
+                msg.as_mut_ptr().cast(),
+                size_of::<[u64; MSG_WORDS]>(),
+                0,
+            )
+        };
         if n < 24 {
             return 11;
         }
@@ -180,14 +202,18 @@ fn send_fd(sock: RawFd, fd: RawFd) -> bool {
     msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
     // SAFETY: msg_control points at `cbuf`, large enough for one cmsghdr + int.
     let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    // SAFETY: `cmsg` points into `cbuf` (non-null: controllen fits a header);
-    // the data area holds one int.
-    unsafe {
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize;
-        libc::CMSG_DATA(cmsg).cast::<RawFd>().write_unaligned(fd);
-    }
+    // SAFETY: CMSG_LEN is a pure size computation.
+    let cmsg_len = unsafe { libc::CMSG_LEN(size_of::<RawFd>() as u32) } as usize;
+    // SAFETY: `cmsg` points into `cbuf`, which is large enough for one
+    // header plus an int (CMSG_FIRSTHDR returned non-null for that space).
+    let header = unsafe { &mut *cmsg };
+    header.cmsg_level = libc::SOL_SOCKET;
+    header.cmsg_type = libc::SCM_RIGHTS;
+    header.cmsg_len = cmsg_len;
+    // SAFETY: the data area of this header lies inside `cbuf`.
+    let data = unsafe { libc::CMSG_DATA(cmsg) };
+    // SAFETY: room for one int at `data`, possibly unaligned.
+    unsafe { data.cast::<RawFd>().write_unaligned(fd) };
     // SAFETY: `msg` and everything it points to are live for the call.
     unsafe { libc::sendmsg(sock, &msg, 0) == 1 }
 }
@@ -215,8 +241,10 @@ fn recv_fd(sock: RawFd) -> anyhow::Result<OwnedFd> {
     if cmsg.is_null() || unsafe { (*cmsg).cmsg_type } != libc::SCM_RIGHTS {
         bail!("the child sent no file descriptor");
     }
+    // SAFETY: the data area of this header lies inside `cbuf`.
+    let data = unsafe { libc::CMSG_DATA(cmsg) };
     // SAFETY: an SCM_RIGHTS message carries an int fd now owned by us.
-    let fd = unsafe { libc::CMSG_DATA(cmsg).cast::<RawFd>().read_unaligned() };
+    let fd = unsafe { data.cast::<RawFd>().read_unaligned() };
     // SAFETY: `fd` was just installed in this process for us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -230,7 +258,7 @@ impl ChildWorkload {
         msg.extend(pages.iter().map(|&p| p as u64));
         // SAFETY: sends the bytes of `msg`, which is live for the call.
         let n = unsafe { libc::send(self.sock.as_raw_fd(), msg.as_ptr().cast(), msg.len() * 8, 0) };
-        if n != (msg.len() * 8) as isize {
+        if usize::try_from(n).ok() != Some(msg.len() * 8) {
             bail!("send to child: {}", io::Error::last_os_error());
         }
         Ok(())
@@ -286,7 +314,7 @@ impl Workload for ChildWorkload {
         &mut self,
         pages: &[usize],
         value: u64,
-        during: &mut dyn FnMut(&dyn Fn(usize) -> u64),
+        during: Collector<'_>,
     ) -> anyhow::Result<u64> {
         self.stop_flag().store(0, Ordering::Release);
         self.command(CMD_SPIN, pages, value)?;

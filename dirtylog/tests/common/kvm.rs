@@ -2,7 +2,7 @@
 
 use ferry_dirtylog::test_guest::{TestGuestError, TestVm, Tracking};
 
-use super::{skip, Subject, Workload};
+use super::{skip, Collector, Subject, Workload};
 
 /// Tracked memory of the test VMs: 8 MiB.
 pub const TEST_MEM: u64 = 8 << 20;
@@ -24,7 +24,7 @@ impl Workload for KvmWorkload {
         &mut self,
         pages: &[usize],
         value: u64,
-        during: &mut dyn FnMut(&dyn Fn(usize) -> u64),
+        during: Collector<'_>,
     ) -> anyhow::Result<u64> {
         let ((), passes) = self
             .vm
@@ -45,7 +45,10 @@ pub fn test_vm(test: &str, mem: u64, tracking: Tracking) -> Option<TestVm> {
             skip(test, &format!("no usable /dev/kvm ({e})"));
             None
         }
-        Err(e) => panic!("{test}: building the test VM failed: {:?}", anyhow::Error::from(e)),
+        Err(e) => panic!(
+            "{test}: building the test VM failed: {:?}",
+            anyhow::Error::from(e)
+        ),
     }
 }
 

@@ -7,6 +7,11 @@ pub mod kvm;
 
 use ferry_dirtylog::DirtyLog;
 
+/// Reads the first word of a page of the workload's memory.
+pub type PageReader<'a> = &'a dyn Fn(usize) -> u64;
+/// What runs while a workload spins: collect rounds, reading pages.
+pub type Collector<'a> = &'a mut dyn FnMut(PageReader<'_>);
+
 /// Writes pages of the memory a dirty log tracks.
 pub trait Workload {
     /// Pages of tracked memory.
@@ -19,7 +24,7 @@ pub trait Workload {
         &mut self,
         pages: &[usize],
         value: u64,
-        during: &mut dyn FnMut(&dyn Fn(usize) -> u64),
+        during: Collector<'_>,
     ) -> anyhow::Result<u64>;
     /// First word of `page`, as it is now.
     fn read_word(&self, page: usize) -> u64;
