@@ -1,2 +1,48 @@
-//! `ferry`: the command line.
-fn main() {}
+//! `ferry`: live-migrate KVM guests, tunnel QEMU migrations, benchmark
+//! migration engines, and schedule VMs across hosts.
+//!
+//! Exit codes: 0 success, 1 the operation failed (the message says why),
+//! 2 bad usage.
+
+mod vm_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Live migration of KVM guests, and a scheduler that decides where they go"
+)]
+struct Cli {
+    /// Log filter (also RUST_LOG), e.g. `info` or `ferry_engine=debug`.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run or receive a VM.
+    #[command(subcommand)]
+    Vm(vm_cmd::VmCmd),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.cmd {
+        Cmd::Vm(c) => vm_cmd::run(c),
+    };
+    if let Err(e) = result {
+        // One readable line: the whole chain, outermost first.
+        let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+        eprintln!("ferry: error: {}", chain.join(": "));
+        std::process::exit(1);
+    }
+}

@@ -39,4 +39,4 @@ pub use guest::{
 };
 pub use loader::{load_multiboot, LoadedImage};
 pub use vcpu::RunState;
-pub use vm::{DirtyBackend, GuestMem, Vm, VmConfig};
+pub use vm::{host_tsc_khz, DirtyBackend, GuestMem, Vm, VmConfig};

@@ -55,10 +55,12 @@ pub struct VmConfig {
 /// A running (or paused) KVM guest.
 #[derive(Debug)]
 pub struct Vm {
+    // Declared first so it is dropped first: the vCPU thread must be gone
+    // before the guest memory is unmapped.
+    vcpu: VcpuThread,
     kvm: Kvm,
     vm_fd: Arc<VmFd>,
     memory: GuestMem,
-    vcpu: VcpuThread,
     msr_ids: Vec<u32>,
     mem_bytes: u64,
     dirty: DirtyBackend,
@@ -406,4 +408,13 @@ fn advise(addr: *mut u8, len: usize, populate: bool) {
         // SAFETY: as above; populating writes zeros into fresh anonymous pages.
         let _ = unsafe { libc::madvise(addr.cast(), len, 23) };
     }
+}
+
+/// The TSC frequency (kHz) KVM gives guests on this host, which the workload
+/// guest needs for pacing (`tsc_khz=`).
+pub fn host_tsc_khz() -> Result<u32, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))
 }
