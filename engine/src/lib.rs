@@ -5,15 +5,73 @@
 //! the guest keeps running: round 0 sends every page, each further round
 //! sends the pages the guest dirtied meanwhile, and once what is left fits
 //! the downtime budget the guest is paused for a last round, its state
-//! sent, and handed over under a commit protocol so it never runs twice and
-//! is never lost.
+//! sent, and handed over under a commit protocol so that it never runs
+//! twice and is never lost (see [`protocol`]).
 //!
-//! The engine sees a VM only through `MigratableVm` (memory, pause/resume,
+//! The engine sees a VM only through [`MigratableVm`] (memory, pause/resume,
 //! state blob, dirty log, throttle), so any VMM can embed it; `ferry-vm`'s
-//! VM implements it (feature `ferry-vm`).
+//! VM implements it (feature `ferry-vm`, on by default).
 //!
+//! ```no_run
+//! use std::sync::Arc;
+//! use ferry_engine::{DestinationMigration, DestinationOptions, MigrationOptions, SourceMigration};
+//! use ferry_transport::{tcp, FrameListener};
+//! use ferry_vm::{DirtyBackend, Vm, VmConfig};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Destination (another process or host).
+//! let listener = FrameListener::bind("127.0.0.1:7070")?;
+//! let receiving = std::thread::spawn(move || {
+//!     let conn = listener.accept().expect("accept");
+//!     DestinationMigration::accept(conn, &DestinationOptions::default(), |layout| {
+//!         Ok(Vm::incoming(layout.bytes(), DirtyBackend::Bitmap)?)
+//!     })
+//! });
+//!
+//! // Source.
+//! let vm = Arc::new(Vm::boot(&VmConfig {
+//!     mem_bytes: 256 << 20,
+//!     kernel: None,
+//!     cmdline: "rate=5000 tsc_khz=2300000".into(),
+//!     dirty: DirtyBackend::Bitmap,
+//! })?);
+//! let summary = SourceMigration::new(vm, MigrationOptions::default())
+//!     .run(tcp::connect("127.0.0.1:7070")?, |event| {
+//!         println!("{}", serde_json::to_string(&event).unwrap())
+//!     })?;
+//! println!("downtime {:?}", summary.downtime);
+//! let (_vm, _dest_summary) = receiving.join().unwrap()?; // the guest runs here now
+//! # Ok(()) }
+//! ```
+//!
+//! Modules:
 //! - [`encode`]: page encodings (zero, unchanged, XOR delta, LZ4, raw) and
 //!   the page-batch format.
 //! - [`convergence`]: when to stop copying, throttle, or give up.
+//! - [`protocol`]: the frames of a migration and their order.
+
 pub mod convergence;
+mod destination;
+mod digest;
 pub mod encode;
+mod error;
+#[cfg(feature = "ferry-vm")]
+mod ferry_vm;
+pub mod layout;
+mod options;
+pub mod progress;
+pub mod protocol;
+mod source;
+mod summary;
+mod vm;
+
+pub use convergence::{ConvergencePolicy, Decision};
+pub use destination::DestinationMigration;
+pub use digest::PageHashes;
+pub use error::MigrationError;
+pub use layout::{MemoryLayout, MemoryRegion};
+pub use options::{DestinationOptions, MigrationOptions};
+pub use progress::{HandoverStep, ProgressEvent};
+pub use source::SourceMigration;
+pub use summary::{DestinationSummary, DowntimeBreakdown, MigrationSummary};
+pub use vm::{GuestMemoryMmap, MigratableVm, VmOpError};

@@ -1,0 +1,342 @@
+//! The destination side: receive pages into a prepared VM, verify, take over.
+
+mod workers;
+
+use std::io::IoSlice;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Receiver;
+use ferry_transport::{FrameKind, FrameSink, FrameSource, TcpFrameConnection, HEADER_LEN};
+use tracing::{info, warn};
+
+use crate::digest::PageHashes;
+use crate::encode::{EncodingCounts, PAGE_SIZE};
+use crate::error::MigrationError;
+use crate::layout::MemoryLayout;
+use crate::options::DestinationOptions;
+use crate::protocol::{self, Hello, RoundEnd, Running, STREAM_VERSION};
+use crate::summary::DestinationSummary;
+use crate::vm::{MigratableVm, VmOpError};
+use workers::{run_worker, DecodeContext};
+
+/// Receives one migration.
+#[derive(Debug)]
+pub struct DestinationMigration;
+
+impl DestinationMigration {
+    /// Receive a migration over one TCP connection. `make_vm` creates the
+    /// VM for the layout the source announces: paused, memory zeroed and
+    /// populated (e.g. `ferry_vm::Vm::incoming`). On `Ok` the guest runs in
+    /// the returned VM. On `Err` the VM (if made) was never resumed and is
+    /// dropped; the source was told why.
+    pub fn accept<V: MigratableVm>(
+        conn: TcpFrameConnection,
+        opts: &DestinationOptions,
+        make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
+    ) -> Result<(V, DestinationSummary), MigrationError> {
+        let _ = conn
+            .reader
+            .get_ref()
+            .set_read_timeout(Some(opts.idle_timeout));
+        let ferry_transport::FrameConnection {
+            mut reader,
+            mut writer,
+        } = conn;
+        Self::accept_over(&mut writer, &mut reader, opts, make_vm)
+    }
+
+    /// Receive a migration over any frame sink/source pair.
+    pub fn accept_over<V: MigratableVm>(
+        sink: &mut impl FrameSink,
+        source: &mut impl FrameSource,
+        opts: &DestinationOptions,
+        make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
+    ) -> Result<(V, DestinationSummary), MigrationError> {
+        let mut receiver = Receiving {
+            sink,
+            source,
+            opts,
+            wire_bytes: 0,
+            started: Instant::now(),
+        };
+        let result = receiver.receive(make_vm);
+        if let Err(e) = &result {
+            warn!(error = %e, "incoming migration failed");
+            if !matches!(e, MigrationError::PeerAborted(_)) {
+                let _ = receiver.sink.send_vectored(
+                    FrameKind::Abort,
+                    0,
+                    &[IoSlice::new(&protocol::encode_reason(&e.to_string()))],
+                );
+                let _ = receiver.sink.flush();
+            }
+        }
+        result
+    }
+}
+
+struct Receiving<'a, S: FrameSink, R: FrameSource> {
+    sink: &'a mut S,
+    source: &'a mut R,
+    opts: &'a DestinationOptions,
+    wire_bytes: u64,
+    started: Instant,
+}
+
+/// Decoded-batch results the receiving thread still waits for.
+struct InFlight<'r> {
+    results: &'r Receiver<Result<EncodingCounts, MigrationError>>,
+    outstanding: usize,
+    counts: EncodingCounts,
+}
+
+impl InFlight<'_> {
+    /// Collect finished batches without blocking; fail on the first error.
+    fn poll(&mut self) -> Result<(), MigrationError> {
+        while let Ok(r) = self.results.try_recv() {
+            self.finish(r)?;
+        }
+        Ok(())
+    }
+
+    /// Wait until every batch sent to the workers is written.
+    fn drain(&mut self) -> Result<(), MigrationError> {
+        while self.outstanding > 0 {
+            let r = self
+                .results
+                .recv()
+                .map_err(|_| MigrationError::WorkerPanicked)?;
+            self.finish(r)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, r: Result<EncodingCounts, MigrationError>) -> Result<(), MigrationError> {
+        self.outstanding -= 1;
+        self.counts.add(&r?);
+        Ok(())
+    }
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+impl<S: FrameSink, R: FrameSource> Receiving<'_, S, R> {
+    fn send(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), MigrationError> {
+        self.sink
+            .send_vectored(kind, 0, &[IoSlice::new(payload)])
+            .map_err(MigrationError::Send)?;
+        self.sink.flush().map_err(MigrationError::Send)
+    }
+
+    fn recv(
+        &mut self,
+        buf: &mut Vec<u8>,
+        during: &'static str,
+    ) -> Result<FrameKind, MigrationError> {
+        let header = self
+            .source
+            .recv_into(buf)
+            .map_err(|e| MigrationError::from_receive(e, during))?;
+        self.wire_bytes += (HEADER_LEN + buf.len()) as u64;
+        if header.kind == FrameKind::Abort {
+            return Err(MigrationError::PeerAborted(protocol::decode_reason(buf)));
+        }
+        Ok(header.kind)
+    }
+
+    fn receive<V: MigratableVm>(
+        &mut self,
+        make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
+    ) -> Result<(V, DestinationSummary), MigrationError> {
+        let mut buf = Vec::new();
+        let kind = self.recv(&mut buf, "the handshake")?;
+        if kind != FrameKind::Hello {
+            return Err(MigrationError::UnexpectedFrame {
+                expected: "Hello",
+                got: kind,
+            });
+        }
+        let hello = Hello::decode(&buf).map_err(MigrationError::Message)?;
+        if hello.stream_version != STREAM_VERSION {
+            return Err(MigrationError::VersionMismatch {
+                ours: STREAM_VERSION,
+                theirs: hello.stream_version,
+            });
+        }
+        if hello.page_size as usize != PAGE_SIZE {
+            return Err(MigrationError::Message(protocol::MessageError {
+                message: "Hello",
+                problem: format!(
+                    "page size {} (only {PAGE_SIZE} is supported)",
+                    hello.page_size
+                ),
+            }));
+        }
+        let layout = hello.layout;
+        layout.validate().map_err(MigrationError::Layout)?;
+        let vm = make_vm(&layout).map_err(MigrationError::MakeVm)?;
+        layout
+            .check_covered_by(vm.memory())
+            .map_err(MigrationError::Layout)?;
+        self.send(FrameKind::HelloAck, &protocol::encode_u32(STREAM_VERSION))?;
+        info!(pages = layout.pages(), "incoming migration accepted");
+
+        let hashes = PageHashes::new(layout.page_index_end());
+        let ctx = DecodeContext {
+            memory: vm.memory(),
+            hashes: &hashes,
+            page_index_end: layout.page_index_end(),
+        };
+        let workers = self.opts.workers.max(1);
+        let outcome = std::thread::scope(|scope| {
+            let (job_tx, job_rx) = crossbeam_channel::bounded::<Vec<u8>>(4 * workers);
+            let (res_tx, res_rx) = crossbeam_channel::unbounded();
+            for i in 0..workers {
+                let (ctx, jobs, out) = (&ctx, job_rx.clone(), res_tx.clone());
+                std::thread::Builder::new()
+                    .name(format!("ferry-decode-{i}"))
+                    .spawn_scoped(scope, move || run_worker(ctx, &jobs, &out))
+                    .expect("spawn a decoder thread");
+            }
+            drop(res_tx);
+            let mut inflight = InFlight {
+                results: &res_rx,
+                outstanding: 0,
+                counts: EncodingCounts::default(),
+            };
+            let r = self.stream(&mut buf, &job_tx, &mut inflight);
+            drop(job_tx);
+            let counts = inflight.counts;
+            drop(res_rx);
+            r.map(|(rounds, state, digest)| (rounds, state, digest, counts))
+        });
+        let (rounds, state, source_digest, counts) = outcome?;
+
+        let t_verify = Instant::now();
+        let digest = hashes.digest(&layout);
+        let verify = t_verify.elapsed();
+        if digest != source_digest {
+            return Err(MigrationError::DigestMismatch {
+                source_digest,
+                destination_digest: digest,
+            });
+        }
+        let t_restore = Instant::now();
+        vm.restore_state(&state)
+            .map_err(MigrationError::RestoreState)?;
+        let restore = t_restore.elapsed();
+        self.send(FrameKind::Ready, &protocol::encode_u64(digest))?;
+
+        let kind = self.recv(&mut buf, "waiting for Go")?;
+        if kind != FrameKind::Go {
+            return Err(MigrationError::UnexpectedFrame {
+                expected: "Go",
+                got: kind,
+            });
+        }
+        let t_go = Instant::now();
+        vm.resume().map_err(MigrationError::Resume)?;
+        let resumed_at = unix_ns();
+        let running = Running {
+            resumed_at_unix_ns: resumed_at,
+            verify_ns: nanos(verify),
+            restore_ns: nanos(restore),
+            resume_ns: nanos(t_go.elapsed()),
+        };
+        // The guest runs here now, whatever happens to this message.
+        if let Err(e) = self.send(FrameKind::Running, &running.encode()) {
+            warn!(error = %e, "could not tell the source the guest runs here");
+        }
+        info!("incoming migration completed; guest running");
+        Ok((
+            vm,
+            DestinationSummary {
+                rounds,
+                pages: counts,
+                wire_bytes: self.wire_bytes,
+                memory_digest: digest,
+                resumed_at_unix_ns: resumed_at,
+                verify,
+                restore,
+                total: self.started.elapsed(),
+            },
+        ))
+    }
+
+    /// Receive rounds until the Digest: returns (rounds, state blob, the
+    /// source's digest), with every page written.
+    fn stream(
+        &mut self,
+        buf: &mut Vec<u8>,
+        jobs: &crossbeam_channel::Sender<Vec<u8>>,
+        inflight: &mut InFlight<'_>,
+    ) -> Result<(u32, Vec<u8>, u64), MigrationError> {
+        let mut rounds = 0u32;
+        let mut state = None;
+        loop {
+            let kind = self.recv(buf, "the page stream")?;
+            match kind {
+                FrameKind::PageBatch => {
+                    inflight.poll()?;
+                    jobs.send(std::mem::take(buf))
+                        .map_err(|_| MigrationError::WorkerPanicked)?;
+                    inflight.outstanding += 1;
+                }
+                FrameKind::RoundEnd => {
+                    let end = RoundEnd::decode(buf).map_err(MigrationError::Message)?;
+                    // Barrier: a page of the next round must not overtake
+                    // its copy from this round.
+                    inflight.drain()?;
+                    if end.round != rounds {
+                        return Err(MigrationError::Message(protocol::MessageError {
+                            message: "RoundEnd",
+                            problem: format!(
+                                "round {} after round {}",
+                                end.round,
+                                rounds.wrapping_sub(1)
+                            ),
+                        }));
+                    }
+                    rounds += 1;
+                }
+                FrameKind::VcpuState => {
+                    if buf.len() > protocol::MAX_STATE_BYTES {
+                        return Err(MigrationError::Message(protocol::MessageError {
+                            message: "VcpuState",
+                            problem: format!(
+                                "{} bytes (limit {})",
+                                buf.len(),
+                                protocol::MAX_STATE_BYTES
+                            ),
+                        }));
+                    }
+                    state = Some(std::mem::take(buf));
+                }
+                FrameKind::Digest => {
+                    let digest =
+                        protocol::decode_u64("Digest", buf).map_err(MigrationError::Message)?;
+                    inflight.drain()?;
+                    let state = state.take().ok_or(MigrationError::UnexpectedFrame {
+                        expected: "VcpuState",
+                        got: FrameKind::Digest,
+                    })?;
+                    return Ok((rounds, state, digest));
+                }
+                other => {
+                    return Err(MigrationError::UnexpectedFrame {
+                        expected: "PageBatch, RoundEnd, VcpuState or Digest",
+                        got: other,
+                    })
+                }
+            }
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}

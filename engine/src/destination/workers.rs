@@ -1,0 +1,79 @@
+//! Decoder threads: decode page batches and write the pages into guest
+//! memory, recording each written page's hash for the digest.
+
+use crossbeam_channel::{Receiver, Sender};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::digest::PageHashes;
+use crate::encode::{
+    decode_page, page_hash, BatchReader, EncodingCounts, Page, PageEncoding, PAGE_SIZE,
+};
+use crate::error::MigrationError;
+use crate::vm::GuestMemoryMmap;
+
+/// What decoder threads share.
+pub(crate) struct DecodeContext<'a> {
+    pub memory: &'a GuestMemoryMmap,
+    pub hashes: &'a PageHashes,
+    pub page_index_end: u64,
+}
+
+/// Decode batches until the job channel closes or the result channel is
+/// dropped.
+pub(crate) fn run_worker(
+    ctx: &DecodeContext<'_>,
+    jobs: &Receiver<Vec<u8>>,
+    out: &Sender<Result<EncodingCounts, MigrationError>>,
+) {
+    let mut page: Box<Page> = Box::new([0; PAGE_SIZE]);
+    let zero_hash = page_hash(&[0u8; PAGE_SIZE]);
+    while let Ok(batch) = jobs.recv() {
+        let r = decode_batch(ctx, &batch, &mut page, zero_hash);
+        let failed = r.is_err();
+        if out.send(r).is_err() || failed {
+            return;
+        }
+    }
+}
+
+fn decode_batch(
+    ctx: &DecodeContext<'_>,
+    batch: &[u8],
+    page: &mut Page,
+    zero_hash: u64,
+) -> Result<EncodingCounts, MigrationError> {
+    let mut reader = BatchReader::new(batch, ctx.page_index_end).map_err(MigrationError::Decode)?;
+    let mut counts = EncodingCounts::default();
+    while let Some(entry) = reader.next_entry().map_err(MigrationError::Decode)? {
+        let addr = GuestAddress(entry.page * PAGE_SIZE as u64);
+        let memory_error = |_| MigrationError::GuestMemory { page: entry.page };
+        let hash = match entry.encoding {
+            PageEncoding::Raw if entry.payload.len() == PAGE_SIZE => {
+                ctx.memory
+                    .write_slice(entry.payload, addr)
+                    .map_err(memory_error)?;
+                page_hash(entry.payload)
+            }
+            PageEncoding::Zero if entry.payload.is_empty() => {
+                ctx.memory
+                    .write_slice(&[0u8; PAGE_SIZE], addr)
+                    .map_err(memory_error)?;
+                zero_hash
+            }
+            PageEncoding::XorRle | PageEncoding::XorRleLz4 => {
+                ctx.memory.read_slice(page, addr).map_err(memory_error)?;
+                decode_page(entry.encoding, entry.payload, page).map_err(MigrationError::Decode)?;
+                ctx.memory.write_slice(page, addr).map_err(memory_error)?;
+                page_hash(page)
+            }
+            encoding => {
+                decode_page(encoding, entry.payload, page).map_err(MigrationError::Decode)?;
+                ctx.memory.write_slice(page, addr).map_err(memory_error)?;
+                page_hash(page)
+            }
+        };
+        ctx.hashes.set(entry.page, hash);
+        counts.count(entry.encoding);
+    }
+    Ok(counts)
+}

@@ -1,0 +1,148 @@
+//! What can go wrong in a migration.
+
+use std::time::Duration;
+
+use ferry_dirtylog::DirtyLogError;
+use ferry_transport::{FrameError, FrameKind, TransportError};
+
+use crate::encode::DecodeError;
+use crate::layout::LayoutError;
+use crate::protocol::MessageError;
+use crate::vm::VmOpError;
+
+/// Why a migration failed. Unless the variant says otherwise, on the source
+/// the guest is running again (resumed if it had been paused, throttle
+/// removed) when this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// A frame could not be sent: the peer is gone or the link broke.
+    #[error("could not send to the peer")]
+    Send(#[source] TransportError),
+    /// A frame could not be received: the peer is gone or the link broke.
+    #[error("could not receive from the peer")]
+    Receive(#[source] TransportError),
+    /// The peer closed the connection in the middle of the migration.
+    #[error("the peer closed the connection during {during}")]
+    PeerClosed {
+        /// What was going on.
+        during: &'static str,
+    },
+    /// A frame failed validation (checksum, magic, length, kind).
+    #[error("received a corrupt frame")]
+    CorruptFrame(#[source] FrameError),
+    /// The peer speaks another version of the frame format or stream.
+    #[error("the peer speaks protocol version {theirs}, this side speaks {ours}")]
+    VersionMismatch {
+        /// Our version.
+        ours: u32,
+        /// The peer's.
+        theirs: u32,
+    },
+    /// A message payload did not parse.
+    #[error("received a malformed message")]
+    Message(#[source] MessageError),
+    /// A page batch did not decode.
+    #[error("received a page batch that does not decode")]
+    Decode(#[source] DecodeError),
+    /// A frame that does not belong at this point of the protocol.
+    #[error("expected {expected}, received a {got} frame")]
+    UnexpectedFrame {
+        /// What the protocol wanted.
+        expected: &'static str,
+        /// What came.
+        got: FrameKind,
+    },
+    /// The peer gave up and said why.
+    #[error("the peer aborted the migration: {0}")]
+    PeerAborted(String),
+    /// The memory layout offered is unusable.
+    #[error("unusable memory layout")]
+    Layout(#[source] LayoutError),
+    /// The destination's caller could not create the VM.
+    #[error("could not create the destination VM")]
+    MakeVm(#[source] VmOpError),
+    /// The dirty log could not be created.
+    #[error("could not create the dirty log")]
+    CreateDirtyLog(#[source] VmOpError),
+    /// The dirty log failed.
+    #[error("dirty log failed")]
+    DirtyLog(#[source] DirtyLogError),
+    /// Pausing the guest failed.
+    #[error("could not pause the guest")]
+    Pause(#[source] VmOpError),
+    /// Resuming the guest failed.
+    #[error("could not resume the guest")]
+    Resume(#[source] VmOpError),
+    /// Saving the vCPU/device state failed.
+    #[error("could not save the guest state")]
+    SaveState(#[source] VmOpError),
+    /// Restoring the vCPU/device state failed.
+    #[error("could not restore the guest state")]
+    RestoreState(#[source] VmOpError),
+    /// Guest memory could not be read or written at a page.
+    #[error("guest memory access failed at page {page}")]
+    GuestMemory {
+        /// The page index.
+        page: u64,
+    },
+    /// The destination's memory digest differs from the source's.
+    #[error("memory digest mismatch: source {source_digest:#018x}, destination {destination_digest:#018x}")]
+    DigestMismatch {
+        /// The source's digest.
+        source_digest: u64,
+        /// The destination's digest.
+        destination_digest: u64,
+    },
+    /// The migration did not converge before the deadline.
+    #[error("did not converge within the {deadline:?} deadline ({rounds} rounds, {dirty_pages} pages still dirty)")]
+    DeadlineExceeded {
+        /// The deadline.
+        deadline: Duration,
+        /// Rounds run.
+        rounds: u32,
+        /// Dirty pages left.
+        dirty_pages: u64,
+    },
+    /// The peer did not answer in time.
+    #[error("no {waiting_for} from the peer within {timeout:?}")]
+    Timeout {
+        /// What was awaited.
+        waiting_for: &'static str,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// GO was sent but RUNNING never came: the guest may be running on the
+    /// destination. The source guest stays **paused**; the destination's
+    /// state decides.
+    #[error("handover in doubt after GO: {reason}; the source guest stays paused")]
+    InDoubt {
+        /// What happened after GO.
+        reason: String,
+    },
+    /// An engine thread panicked.
+    #[error("an engine worker thread panicked")]
+    WorkerPanicked,
+}
+
+impl MigrationError {
+    /// Classify a receive error: corruption, version and clean close get
+    /// their own variants.
+    pub(crate) fn from_receive(err: TransportError, during: &'static str) -> Self {
+        match err {
+            TransportError::PeerClosed => Self::PeerClosed { during },
+            TransportError::Corrupt(FrameError::UnsupportedVersion { found }) => {
+                Self::VersionMismatch {
+                    ours: u32::from(ferry_transport::PROTOCOL_VERSION),
+                    theirs: u32::from(found),
+                }
+            }
+            TransportError::Corrupt(frame) => Self::CorruptFrame(frame),
+            other => Self::Receive(other),
+        }
+    }
+
+    /// True when the source guest was left paused (handover in doubt).
+    pub fn source_left_paused(&self) -> bool {
+        matches!(self, Self::InDoubt { .. })
+    }
+}

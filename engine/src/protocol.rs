@@ -1,0 +1,358 @@
+//! The migration stream: which frames flow when, and their payloads.
+//!
+//! Frames (kind, length, checksum, frame-format version) are
+//! `ferry-transport`'s; this module defines what the engine puts in them.
+//! All integers little-endian.
+//!
+//! ```text
+//! source                                   destination
+//!   Hello {stream version, page size, layout}  ->
+//!                                          <-  HelloAck {stream version}   (or Abort)
+//!   round 0..n: PageBatch*, RoundEnd {round, pages}  ->
+//!   (guest paused) final round: PageBatch*, RoundEnd  ->
+//!   VcpuState {blob}  ->
+//!   Digest {memory digest}  ->
+//!                   (destination: all pages written, digest equal, state restored)
+//!                                          <-  Ready {digest}               (or Abort)
+//!   Go  ->
+//!                   (destination: resume)
+//!                                          <-  Running {resume instant, times}
+//! ```
+//! Either side may send `Abort {reason}` instead of its next frame; the other
+//! side then stops. Before `Go` the source resumes its guest; after `Go`
+//! without `Running` the outcome is in doubt and the source stays paused.
+//!
+//! Version rule: a Hello whose stream version differs from
+//! [`STREAM_VERSION`] is refused with an Abort naming both versions (the
+//! frame format itself is versioned by the transport).
+
+use crate::encode::PAGE_SIZE;
+use crate::layout::{MemoryLayout, MemoryRegion, MAX_REGIONS};
+
+/// Version of the migration stream described here.
+pub const STREAM_VERSION: u32 = 1;
+
+/// Longest Abort reason kept.
+pub const MAX_REASON_BYTES: usize = 4096;
+
+/// Largest vCPU/device state blob accepted.
+pub const MAX_STATE_BYTES: usize = 16 << 20;
+
+/// A payload that does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("malformed {message} payload: {problem}")]
+pub struct MessageError {
+    /// Which message.
+    pub message: &'static str,
+    /// What is wrong.
+    pub problem: String,
+}
+
+struct Cursor<'a> {
+    message: &'static str,
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(message: &'static str, bytes: &'a [u8]) -> Self {
+        Self {
+            message,
+            bytes,
+            at: 0,
+        }
+    }
+
+    fn error(&self, problem: impl Into<String>) -> MessageError {
+        MessageError {
+            message: self.message,
+            problem: problem.into(),
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], MessageError> {
+        let out = self
+            .bytes
+            .get(self.at..self.at.saturating_add(n))
+            .ok_or_else(|| self.error(format!("truncated at byte {}", self.at)))?;
+        self.at += n;
+        Ok(out)
+    }
+
+    fn u32(&mut self) -> Result<u32, MessageError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn u64(&mut self) -> Result<u64, MessageError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    fn end(self) -> Result<(), MessageError> {
+        match self.bytes.len() - self.at {
+            0 => Ok(()),
+            n => Err(self.error(format!("{n} unexpected trailing bytes"))),
+        }
+    }
+}
+
+/// Source -> destination: what is coming.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The source's [`STREAM_VERSION`].
+    pub stream_version: u32,
+    /// Page size; only [`PAGE_SIZE`] is supported.
+    pub page_size: u32,
+    /// Guest memory layout.
+    pub layout: MemoryLayout,
+}
+
+impl Hello {
+    /// Payload bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(12 + 16 * self.layout.regions.len());
+        out.extend_from_slice(&self.stream_version.to_le_bytes());
+        out.extend_from_slice(&self.page_size.to_le_bytes());
+        let n = u32::try_from(self.layout.regions.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&n.to_le_bytes());
+        for r in &self.layout.regions {
+            out.extend_from_slice(&r.guest_phys_addr.to_le_bytes());
+            out.extend_from_slice(&r.bytes.to_le_bytes());
+        }
+        out
+    }
+
+    /// Parse a payload. The stream version is returned whatever it is (the
+    /// caller refuses a foreign one with a clear message); the rest is only
+    /// parsed, not validated (see [`MemoryLayout::validate`]).
+    pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
+        let mut c = Cursor::new("Hello", bytes);
+        let stream_version = c.u32()?;
+        if stream_version != STREAM_VERSION {
+            return Ok(Self {
+                stream_version,
+                page_size: 0,
+                layout: MemoryLayout {
+                    regions: Vec::new(),
+                },
+            });
+        }
+        let page_size = c.u32()?;
+        let n = c.u32()?;
+        if n as usize > MAX_REGIONS {
+            return Err(c.error(format!("{n} regions (limit {MAX_REGIONS})")));
+        }
+        let mut regions = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            regions.push(MemoryRegion {
+                guest_phys_addr: c.u64()?,
+                bytes: c.u64()?,
+            });
+        }
+        c.end()?;
+        Ok(Self {
+            stream_version,
+            page_size,
+            layout: MemoryLayout { regions },
+        })
+    }
+
+    /// Hello for `layout` at this side's version.
+    pub fn new(layout: MemoryLayout) -> Self {
+        Self {
+            stream_version: STREAM_VERSION,
+            page_size: PAGE_SIZE as u32,
+            layout,
+        }
+    }
+}
+
+/// Encode a message that is one u32.
+pub fn encode_u32(value: u32) -> Vec<u8> {
+    value.to_le_bytes().to_vec()
+}
+
+/// Decode a message that is one u32.
+pub fn decode_u32(message: &'static str, bytes: &[u8]) -> Result<u32, MessageError> {
+    let mut c = Cursor::new(message, bytes);
+    let v = c.u32()?;
+    c.end()?;
+    Ok(v)
+}
+
+/// Encode a message that is one u64.
+pub fn encode_u64(value: u64) -> Vec<u8> {
+    value.to_le_bytes().to_vec()
+}
+
+/// Decode a message that is one u64.
+pub fn decode_u64(message: &'static str, bytes: &[u8]) -> Result<u64, MessageError> {
+    let mut c = Cursor::new(message, bytes);
+    let v = c.u64()?;
+    c.end()?;
+    Ok(v)
+}
+
+/// End of a round: every page batch of round `round` came before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundEnd {
+    /// Round number, 0 first.
+    pub round: u32,
+    /// Page entries the round sent.
+    pub pages: u64,
+}
+
+impl RoundEnd {
+    /// Payload bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.round.to_le_bytes().to_vec();
+        out.extend_from_slice(&self.pages.to_le_bytes());
+        out
+    }
+
+    /// Parse a payload.
+    pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
+        let mut c = Cursor::new("RoundEnd", bytes);
+        let v = Self {
+            round: c.u32()?,
+            pages: c.u64()?,
+        };
+        c.end()?;
+        Ok(v)
+    }
+}
+
+/// Destination -> source after Go: when and how it resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Running {
+    /// When the guest resumed: nanoseconds since the Unix epoch on the
+    /// destination's realtime clock.
+    pub resumed_at_unix_ns: u64,
+    /// Time spent checking the memory digest, ns.
+    pub verify_ns: u64,
+    /// Time spent restoring the state blob, ns.
+    pub restore_ns: u64,
+    /// Time from receiving Go to the guest running, ns.
+    pub resume_ns: u64,
+}
+
+impl Running {
+    /// Payload bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        [
+            self.resumed_at_unix_ns,
+            self.verify_ns,
+            self.restore_ns,
+            self.resume_ns,
+        ]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
+    }
+
+    /// Parse a payload.
+    pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
+        let mut c = Cursor::new("Running", bytes);
+        let v = Self {
+            resumed_at_unix_ns: c.u64()?,
+            verify_ns: c.u64()?,
+            restore_ns: c.u64()?,
+            resume_ns: c.u64()?,
+        };
+        c.end()?;
+        Ok(v)
+    }
+}
+
+/// Encode an Abort reason (cut to [`MAX_REASON_BYTES`] at a char boundary).
+pub fn encode_reason(reason: &str) -> Vec<u8> {
+    let mut end = reason.len().min(MAX_REASON_BYTES);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason.as_bytes()[..end].to_vec()
+}
+
+/// Decode an Abort reason (lossy, bounded).
+pub fn decode_reason(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_REASON_BYTES)]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn hello_round_trips() {
+        let hello = Hello::new(MemoryLayout {
+            regions: vec![MemoryRegion {
+                guest_phys_addr: 0,
+                bytes: 1 << 30,
+            }],
+        });
+        assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
+    }
+
+    #[test]
+    fn a_foreign_hello_version_is_reported_not_parsed() {
+        let mut bytes = Hello::new(MemoryLayout { regions: vec![] }).encode();
+        bytes[..4].copy_from_slice(&99u32.to_le_bytes());
+        bytes.truncate(4);
+        assert_eq!(Hello::decode(&bytes).unwrap().stream_version, 99);
+    }
+
+    #[test]
+    fn too_many_regions_are_refused_before_allocating() {
+        let mut bytes = encode_u32(STREAM_VERSION);
+        bytes.extend_from_slice(&4096u32.to_le_bytes());
+        bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Hello::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn round_end_and_running_round_trip() {
+        let r = RoundEnd {
+            round: 3,
+            pages: 77,
+        };
+        assert_eq!(RoundEnd::decode(&r.encode()).unwrap(), r);
+        let run = Running {
+            resumed_at_unix_ns: 1,
+            verify_ns: 2,
+            restore_ns: 3,
+            resume_ns: 4,
+        };
+        assert_eq!(Running::decode(&run.encode()).unwrap(), run);
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut bytes = RoundEnd { round: 1, pages: 1 }.encode();
+        bytes.push(0);
+        assert!(RoundEnd::decode(&bytes).is_err());
+        assert!(decode_u64("Digest", &[0; 9]).is_err());
+    }
+
+    #[test]
+    fn reasons_are_cut_at_a_char_boundary() {
+        let long = "é".repeat(MAX_REASON_BYTES);
+        let bytes = encode_reason(&long);
+        assert!(bytes.len() <= MAX_REASON_BYTES);
+        assert!(std::str::from_utf8(&bytes).is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn hostile_payloads_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Hello::decode(&bytes);
+            let _ = RoundEnd::decode(&bytes);
+            let _ = Running::decode(&bytes);
+            let _ = decode_u32("x", &bytes);
+            let _ = decode_reason(&bytes);
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Encoder threads: read dirty pages from guest memory and encode them into
+//! page batches. They never run on a vCPU thread.
+//!
+//! Ordering rule (DESIGN.md): a chunk's dirty bits are cleared in the dirty
+//! log (re-protected) *before* its pages are read, so a write that lands
+//! after the read shows up in the next round.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use crossbeam_channel::{Receiver, Sender};
+use ferry_dirtylog::DirtyLog;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::digest::PageHashes;
+use crate::encode::batch::MAX_BATCH_PAGES;
+use crate::encode::{
+    page_hash, BatchBuilder, EncodingCounts, Page, PageEncoder, XorDeltaCache, PAGE_SIZE,
+};
+use crate::error::MigrationError;
+use crate::vm::GuestMemoryMmap;
+
+/// Dirty-bitmap words per chunk: 64 words = 4096 pages = 16 MiB of guest
+/// memory, re-protected with one call.
+pub(crate) const CHUNK_WORDS: usize = 64;
+
+/// A piece of a round's work: the dirty pages of `words`, starting at
+/// page `first_page` (a multiple of 64).
+#[derive(Debug)]
+pub(crate) struct Chunk {
+    pub first_page: u64,
+    pub words: Vec<u64>,
+    /// Call `DirtyLog::reprotect` for these words before reading.
+    pub reprotect: bool,
+    /// Send every page, even one whose hash matches (round 0).
+    pub force: bool,
+    /// Use and update the XOR-delta cache.
+    pub use_delta: bool,
+}
+
+/// What workers hand back.
+#[derive(Debug)]
+pub(crate) enum WorkerOutput {
+    /// A finished page batch to send.
+    Batch(Vec<u8>),
+    /// A chunk is done.
+    ChunkDone {
+        /// Dirty pages the chunk covered.
+        pages: u64,
+        /// How they went.
+        counts: EncodingCounts,
+    },
+    /// A chunk failed; the migration must stop.
+    Failed(MigrationError),
+}
+
+/// What all workers share.
+pub(crate) struct WorkerContext<'a> {
+    pub memory: &'a GuestMemoryMmap,
+    pub log: &'a Mutex<Box<dyn DirtyLog>>,
+    pub hashes: &'a PageHashes,
+    pub cache: &'a XorDeltaCache,
+    pub batch_bytes: usize,
+    pub cancel: &'a AtomicBool,
+}
+
+/// Run one worker until the job channel closes or the output channel is
+/// dropped.
+pub(crate) fn run_worker(
+    ctx: &WorkerContext<'_>,
+    jobs: &Receiver<Chunk>,
+    out: &Sender<WorkerOutput>,
+) {
+    let mut encoder = PageEncoder::new();
+    let mut page: Box<Page> = Box::new([0; PAGE_SIZE]);
+    while let Ok(chunk) = jobs.recv() {
+        if ctx.cancel.load(Ordering::Relaxed) {
+            return;
+        }
+        match encode_chunk(ctx, &chunk, &mut encoder, &mut page, out) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                let _ = out.send(WorkerOutput::Failed(e));
+                return;
+            }
+        }
+    }
+}
+
+/// Encode one chunk. `Ok(false)` when the output channel is gone.
+fn encode_chunk(
+    ctx: &WorkerContext<'_>,
+    chunk: &Chunk,
+    encoder: &mut PageEncoder,
+    page: &mut Page,
+    out: &Sender<WorkerOutput>,
+) -> Result<bool, MigrationError> {
+    if chunk.reprotect {
+        let first = usize::try_from(chunk.first_page).expect("page index fits usize");
+        let mut log = ctx.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.reprotect(first, &chunk.words)
+            .map_err(MigrationError::DirtyLog)?;
+    }
+    let new_batch = || BatchBuilder::with_capacity(ctx.batch_bytes + PAGE_SIZE + 64);
+    let mut batch = new_batch();
+    let mut counts = EncodingCounts::default();
+    let mut pages = 0u64;
+    let delta = chunk.use_delta.then_some(ctx.cache);
+    for (i, &word) in chunk.words.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let bit = u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            let index = chunk.first_page + 64 * i as u64 + bit;
+            ctx.memory
+                .read_slice(page, GuestAddress(index * PAGE_SIZE as u64))
+                .map_err(|_| MigrationError::GuestMemory { page: index })?;
+            pages += 1;
+            let hash = page_hash(page);
+            if !chunk.force && ctx.hashes.get(index) == hash {
+                counts.unchanged += 1;
+                continue;
+            }
+            counts.count(encoder.encode(index, page, delta, &mut batch));
+            ctx.hashes.set(index, hash);
+            if batch.is_full(MAX_BATCH_PAGES, ctx.batch_bytes) {
+                let full = std::mem::replace(&mut batch, new_batch());
+                if out.send(WorkerOutput::Batch(full.finish())).is_err() {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+    if !batch.is_empty() && out.send(WorkerOutput::Batch(batch.finish())).is_err() {
+        return Ok(false);
+    }
+    Ok(out.send(WorkerOutput::ChunkDone { pages, counts }).is_ok())
+}

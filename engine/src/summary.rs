@@ -1,0 +1,96 @@
+//! What a finished migration reports.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::encode::EncodingCounts;
+use crate::progress::as_ms;
+
+/// Where the downtime went, source pause to destination resume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DowntimeBreakdown {
+    /// Pausing the vCPU.
+    #[serde(serialize_with = "as_ms", rename = "pause_ms")]
+    pub pause: Duration,
+    /// Collecting the final dirty set (no re-protection).
+    #[serde(serialize_with = "as_ms", rename = "final_collect_ms")]
+    pub final_collect: Duration,
+    /// Sending the last dirty pages.
+    #[serde(serialize_with = "as_ms", rename = "final_pages_ms")]
+    pub final_pages: Duration,
+    /// Saving the state blob and sending it with the digest.
+    #[serde(serialize_with = "as_ms", rename = "state_ms")]
+    pub state: Duration,
+    /// Destination: checking the memory digest.
+    #[serde(serialize_with = "as_ms", rename = "dest_verify_ms")]
+    pub dest_verify: Duration,
+    /// Destination: restoring the state blob.
+    #[serde(serialize_with = "as_ms", rename = "dest_restore_ms")]
+    pub dest_restore: Duration,
+    /// What remains: page writes still in flight on the destination, the
+    /// READY/GO exchange, and resuming.
+    #[serde(serialize_with = "as_ms", rename = "handover_ms")]
+    pub handover: Duration,
+}
+
+/// The source's account of a completed migration.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationSummary {
+    /// Rounds, the final stopped round included.
+    pub rounds: u32,
+    /// From the start of `run` to RUNNING.
+    #[serde(serialize_with = "as_ms", rename = "total_ms")]
+    pub total: Duration,
+    /// Source pause to destination resume. Measured across two clocks (the
+    /// destination reports its resume instant on its realtime clock): exact
+    /// on one host (loopback shares the clock), as good as clock sync
+    /// between hosts.
+    #[serde(serialize_with = "as_ms", rename = "downtime_ms")]
+    pub downtime: Duration,
+    /// Its parts.
+    pub downtime_parts: DowntimeBreakdown,
+    /// Guest bytes handled: pages × page size over all rounds (pages found
+    /// unchanged included).
+    pub guest_bytes: u64,
+    /// Bytes put on the wire, frame headers included.
+    pub wire_bytes: u64,
+    /// Size of guest memory.
+    pub memory_bytes: u64,
+    /// Pages by how they were sent.
+    pub pages: EncodingCounts,
+    /// Guest memory size / total time, bytes/s.
+    pub throughput_bytes_per_sec: f64,
+    /// Wire bytes / total time, bytes/s.
+    pub wire_bytes_per_sec: f64,
+    /// Highest auto-converge throttle used, percent.
+    pub max_throttle_percent: u8,
+    /// The memory digest both sides agreed on.
+    pub memory_digest: u64,
+    /// The dirty log backend used.
+    pub dirty_log: &'static str,
+}
+
+/// The destination's account of a completed migration.
+#[derive(Debug, Clone, Serialize)]
+pub struct DestinationSummary {
+    /// Rounds received, final included.
+    pub rounds: u32,
+    /// Page entries received.
+    pub pages: EncodingCounts,
+    /// Bytes received, frame headers included.
+    pub wire_bytes: u64,
+    /// The memory digest verified.
+    pub memory_digest: u64,
+    /// When the guest resumed, ns since the Unix epoch (realtime clock).
+    pub resumed_at_unix_ns: u64,
+    /// Checking the digest.
+    #[serde(serialize_with = "as_ms", rename = "verify_ms")]
+    pub verify: Duration,
+    /// Restoring state.
+    #[serde(serialize_with = "as_ms", rename = "restore_ms")]
+    pub restore: Duration,
+    /// From the Hello to RUNNING.
+    #[serde(serialize_with = "as_ms", rename = "total_ms")]
+    pub total: Duration,
+}

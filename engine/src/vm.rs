@@ -1,0 +1,35 @@
+//! What the engine needs from a VM.
+
+use ferry_dirtylog::DirtyLog;
+
+/// Guest memory as rust-vmm VMMs hold it, with vm-memory's dirty bitmap for
+/// the VMM's own writes.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+/// Error of a VM operation, whatever the VMM's error type.
+pub type VmOpError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A VM the engine can migrate. The source side uses everything; the
+/// destination side `memory`, `restore_state` and `resume` (its VM is created
+/// paused, memory prepared, by the caller's `make_vm`).
+///
+/// Implementations must be usable from several threads: encoder threads
+/// read `memory()` while the source thread pauses, resumes and throttles.
+pub trait MigratableVm: Send + Sync {
+    /// Guest memory. On the destination it must start zeroed and be
+    /// populated already (faulting it in during the stream is slow).
+    fn memory(&self) -> &GuestMemoryMmap;
+    /// Stop the vCPUs (they stay stopped until `resume`).
+    fn pause(&self) -> Result<(), VmOpError>;
+    /// Let the vCPUs run again.
+    fn resume(&self) -> Result<(), VmOpError>;
+    /// The vCPU and device state as an opaque blob; the VM is paused.
+    fn save_state(&self) -> Result<Vec<u8>, VmOpError>;
+    /// Load a blob from `save_state` of the source VM; the VM is paused.
+    fn restore_state(&self, blob: &[u8]) -> Result<(), VmOpError>;
+    /// A dirty log over the guest memory, not yet started. It must include
+    /// the VMM's own writes to guest memory.
+    fn dirty_log(&self) -> Result<Box<dyn DirtyLog>, VmOpError>;
+    /// Auto-converge: take `percent` (0..=99) of the vCPUs' time away.
+    fn set_throttle(&self, percent: u8);
+}

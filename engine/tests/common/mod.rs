@@ -1,0 +1,190 @@
+//! Shared by the engine's KVM tests: boot guests, run a migration between
+//! two in-process VMs over loopback TCP, fake peers and link faults.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry_engine::{
+    DestinationMigration, DestinationOptions, DestinationSummary, MigrationError, MigrationOptions,
+    MigrationSummary, ProgressEvent, SourceMigration,
+};
+use ferry_transport::{tcp, FrameListener};
+use ferry_vm::{DirtyBackend, GuestStatus, RunState, Vm, VmConfig};
+
+/// KVM tests run one at a time: two cores, and each test runs two guests.
+static KVM_LOCK: Mutex<()> = Mutex::new(());
+
+/// Take the KVM lock, or `None` (after a loud SKIP line) without /dev/kvm.
+pub fn kvm_or_skip(test: &str) -> Option<MutexGuard<'static, ()>> {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        eprintln!("SKIP {test}: /dev/kvm is not usable ({e}); this test needs KVM");
+        return None;
+    }
+    Some(KVM_LOCK.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Boot the workload guest and wait until it runs its dirty loop.
+pub fn boot(mem_mib: u64, cmdline: &str) -> Result<Arc<Vm>> {
+    let vm = Vm::boot(&VmConfig {
+        mem_bytes: mem_mib << 20,
+        kernel: None,
+        cmdline: cmdline.into(),
+        dirty: DirtyBackend::Bitmap,
+    })
+    .context("boot the workload guest")?;
+    vm.wait_running(Duration::from_secs(120))
+        .context("wait for the guest to run")?;
+    Ok(Arc::new(vm))
+}
+
+/// The destination's VM factory used by the tests.
+pub fn incoming(layout: &ferry_engine::MemoryLayout) -> Result<Vm, ferry_engine::VmOpError> {
+    Ok(Vm::incoming(layout.bytes(), DirtyBackend::Bitmap)?)
+}
+
+/// A real destination on a loopback port, on its own thread.
+pub struct Destination {
+    pub addr: std::net::SocketAddr,
+    thread: JoinHandle<Result<(Vm, DestinationSummary), MigrationError>>,
+}
+
+impl Destination {
+    pub fn spawn(opts: DestinationOptions) -> Result<Self> {
+        let listener = FrameListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let thread = std::thread::spawn(move || {
+            let conn = listener.accept().expect("accept the source");
+            DestinationMigration::accept(conn, &opts, incoming)
+        });
+        Ok(Self { addr, thread })
+    }
+
+    pub fn join(self) -> Result<(Vm, DestinationSummary), MigrationError> {
+        self.thread.join().expect("destination thread panicked")
+    }
+}
+
+/// Run a migration of `vm` to `addr`, collecting progress events.
+pub fn migrate_to(
+    vm: &Arc<Vm>,
+    addr: std::net::SocketAddr,
+    opts: MigrationOptions,
+) -> (Result<MigrationSummary, MigrationError>, Vec<ProgressEvent>) {
+    let conn = tcp::connect(addr).expect("connect to the destination");
+    let mut events = Vec::new();
+    let result = SourceMigration::new(vm.clone(), opts).run(conn, |e| events.push(e));
+    (result, events)
+}
+
+/// Wait until `f(status)` holds or `timeout` passes; return the last status.
+pub fn wait_status(vm: &Vm, timeout: Duration, f: impl Fn(&GuestStatus) -> bool) -> GuestStatus {
+    let start = Instant::now();
+    loop {
+        let st = vm.status();
+        if f(&st) || start.elapsed() > timeout {
+            return st;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The guest keeps running here: the heartbeat rises, and self-checks pass.
+pub fn assert_alive(vm: &Vm, what: &str) -> Result<GuestStatus> {
+    let before = vm.status();
+    let after = wait_status(vm, Duration::from_secs(20), |s| {
+        s.heartbeat > before.heartbeat + 5
+    });
+    if vm.run_state() != RunState::Running {
+        bail!("{what}: vCPU is {:?}, not running", vm.run_state());
+    }
+    if after.heartbeat <= before.heartbeat + 5 {
+        bail!(
+            "{what}: heartbeat stuck at {} (was {})",
+            after.heartbeat,
+            before.heartbeat
+        );
+    }
+    if !after.is_healthy() {
+        bail!("{what}: guest unhealthy: {after:?}");
+    }
+    Ok(after)
+}
+
+/// A TCP relay between the source and a destination that can cut or corrupt
+/// the stream from the source once `after_bytes` went through.
+pub struct Relay {
+    pub addr: std::net::SocketAddr,
+    thread: JoinHandle<()>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Close both connections.
+    Cut,
+    /// Flip one bit of the byte at that position, then go on relaying.
+    FlipBit,
+}
+
+impl Relay {
+    pub fn spawn(to: std::net::SocketAddr, after_bytes: u64, fault: Fault) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let thread = std::thread::spawn(move || {
+            let (src, _) = listener.accept().expect("accept the source");
+            let dst = TcpStream::connect(to).expect("connect to the destination");
+            let (src2, dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+            // Destination -> source: plain copy.
+            let back = std::thread::spawn(move || {
+                let (mut from, mut to) = (dst2, src2);
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(Shutdown::Write);
+            });
+            let (mut from, mut to) = (src, dst);
+            let mut buf = vec![0u8; 64 << 10];
+            let mut passed = 0u64;
+            let mut faulted = false;
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let chunk = &mut buf[..n];
+                if !faulted && passed + n as u64 > after_bytes {
+                    let at = usize::try_from(after_bytes.saturating_sub(passed)).unwrap();
+                    match fault {
+                        Fault::Cut => {
+                            let _ = to.write_all(&chunk[..at]);
+                            let _ = from.shutdown(Shutdown::Both);
+                            let _ = to.shutdown(Shutdown::Both);
+                            break;
+                        }
+                        Fault::FlipBit => {
+                            chunk[at] ^= 0x10;
+                            faulted = true;
+                        }
+                    }
+                }
+                passed += n as u64;
+                if to.write_all(chunk).is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown(Shutdown::Write);
+            let _ = back.join();
+        });
+        Ok(Self { addr, thread })
+    }
+
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}

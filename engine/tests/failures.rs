@@ -1,0 +1,243 @@
+//! A migration that fails leaves the guest running on the source, with an
+//! error that says what happened.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use common::{assert_alive, boot, kvm_or_skip, migrate_to, Destination, Fault, Relay};
+use ferry_engine::protocol::{self, Hello, STREAM_VERSION};
+use ferry_engine::{
+    DestinationMigration, DestinationOptions, MemoryLayout, MemoryRegion, MigrationError,
+    MigrationOptions,
+};
+use ferry_transport::{tcp, FrameKind, FrameListener, FrameSink, FrameSource};
+
+const GUEST: &str = "rate=5000 wss=16M tsc_khz=2300000";
+
+fn quick() -> MigrationOptions {
+    MigrationOptions {
+        handover_timeout: Duration::from_secs(10),
+        ..MigrationOptions::default()
+    }
+}
+
+/// A fake destination: answers the Hello with `answer`, reads `frames`
+/// frames, then drops the connection (what a killed process does).
+fn fake_destination(
+    answer: impl FnOnce(&mut TcpStream) + Send + 'static,
+    frames: usize,
+) -> Result<std::net::SocketAddr> {
+    let listener = FrameListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        let mut conn = listener.accept().expect("accept");
+        let hello = conn.reader.recv().expect("hello");
+        assert_eq!(hello.kind, FrameKind::Hello);
+        answer(conn.writer.get_mut());
+        for _ in 0..frames {
+            if conn.reader.recv().is_err() {
+                break;
+            }
+        }
+    });
+    Ok(addr)
+}
+
+fn hello_ack(version: u32) -> impl FnOnce(&mut TcpStream) + Send + 'static {
+    move |s| {
+        let mut frame = Vec::new();
+        ferry_transport::frame::encode_frame(
+            FrameKind::HelloAck,
+            0,
+            &protocol::encode_u32(version),
+            &mut frame,
+        )
+        .unwrap();
+        s.write_all(&frame).unwrap();
+    }
+}
+
+#[test]
+fn a_killed_destination_leaves_the_guest_running_on_the_source() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("a_killed_destination_leaves_the_guest_running_on_the_source")
+    else {
+        return Ok(());
+    };
+    let vm = boot(64, GUEST)?;
+    let addr = fake_destination(hello_ack(STREAM_VERSION), 20)?;
+    let (result, _) = migrate_to(&vm, addr, quick());
+    let err = result.err().context("the migration must fail")?;
+    ensure!(
+        matches!(
+            err,
+            MigrationError::PeerClosed { .. } | MigrationError::Send(_)
+        ),
+        "unexpected error: {err:?}"
+    );
+    assert_alive(&vm, "source")?;
+    Ok(())
+}
+
+#[test]
+fn a_dropped_connection_mid_round_leaves_the_guest_running_on_the_source() -> Result<()> {
+    let Some(_kvm) =
+        kvm_or_skip("a_dropped_connection_mid_round_leaves_the_guest_running_on_the_source")
+    else {
+        return Ok(());
+    };
+    let vm = boot(64, GUEST)?;
+    let dest = Destination::spawn(DestinationOptions::default())?;
+    let relay = Relay::spawn(dest.addr, 8 << 20, Fault::Cut)?;
+    let (result, _) = migrate_to(&vm, relay.addr, quick());
+    let err = result.err().context("the migration must fail")?;
+    ensure!(
+        matches!(
+            err,
+            MigrationError::PeerClosed { .. }
+                | MigrationError::Send(_)
+                | MigrationError::Receive(_)
+        ),
+        "unexpected error: {err:?}"
+    );
+    let dest_err = dest.join().err().context("the destination must fail too")?;
+    ensure!(
+        matches!(
+            dest_err,
+            MigrationError::PeerClosed { .. }
+                | MigrationError::Receive(_)
+                | MigrationError::CorruptFrame(_)
+        ),
+        "{dest_err:?}"
+    );
+    relay.join();
+    assert_alive(&vm, "source")?;
+    Ok(())
+}
+
+#[test]
+fn a_corrupt_frame_is_caught_and_the_guest_keeps_running_on_the_source() -> Result<()> {
+    let Some(_kvm) =
+        kvm_or_skip("a_corrupt_frame_is_caught_and_the_guest_keeps_running_on_the_source")
+    else {
+        return Ok(());
+    };
+    let vm = boot(64, GUEST)?;
+    let dest = Destination::spawn(DestinationOptions::default())?;
+    let relay = Relay::spawn(dest.addr, 4 << 20, Fault::FlipBit)?;
+    let (result, _) = migrate_to(&vm, relay.addr, quick());
+    let err = result.err().context("the migration must fail")?;
+    let dest_err = dest
+        .join()
+        .err()
+        .context("the destination must refuse the stream")?;
+    ensure!(
+        matches!(dest_err, MigrationError::CorruptFrame(_)),
+        "destination: {dest_err:?}"
+    );
+    match &err {
+        MigrationError::PeerAborted(reason) => {
+            ensure!(reason.contains("corrupt"), "reason: {reason}")
+        }
+        other => anyhow::bail!("source should hear the destination's reason, got {other:?}"),
+    }
+    relay.join();
+    assert_alive(&vm, "source")?;
+    Ok(())
+}
+
+#[test]
+fn a_destination_speaking_another_stream_version_is_refused() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("a_destination_speaking_another_stream_version_is_refused") else {
+        return Ok(());
+    };
+    let vm = boot(64, GUEST)?;
+    let addr = fake_destination(hello_ack(STREAM_VERSION + 98), 5)?;
+    let (result, _) = migrate_to(&vm, addr, quick());
+    match result {
+        Err(MigrationError::VersionMismatch { ours, theirs }) => {
+            ensure!(ours == STREAM_VERSION && theirs == STREAM_VERSION + 98);
+        }
+        other => anyhow::bail!("expected a version mismatch, got {other:?}"),
+    }
+    assert_alive(&vm, "source")?;
+    Ok(())
+}
+
+#[test]
+fn a_destination_speaking_another_frame_version_is_refused() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("a_destination_speaking_another_frame_version_is_refused") else {
+        return Ok(());
+    };
+    let vm = boot(64, GUEST)?;
+    let addr = fake_destination(
+        |s| {
+            let mut frame = Vec::new();
+            ferry_transport::frame::encode_frame(
+                FrameKind::HelloAck,
+                0,
+                &protocol::encode_u32(STREAM_VERSION),
+                &mut frame,
+            )
+            .unwrap();
+            frame[4..6].copy_from_slice(&7u16.to_le_bytes());
+            s.write_all(&frame).unwrap();
+        },
+        5,
+    )?;
+    let (result, _) = migrate_to(&vm, addr, quick());
+    ensure!(
+        matches!(
+            result,
+            Err(MigrationError::VersionMismatch { theirs: 7, .. })
+        ),
+        "expected a frame version mismatch, got {result:?}"
+    );
+    assert_alive(&vm, "source")?;
+    Ok(())
+}
+
+/// No KVM needed: the destination refuses before creating a VM.
+#[test]
+fn the_destination_refuses_a_foreign_stream_version_and_says_why() -> Result<()> {
+    let listener = FrameListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let dest = std::thread::spawn(move || {
+        let conn = listener.accept().unwrap();
+        DestinationMigration::accept(conn, &DestinationOptions::default(), common::incoming)
+            .map(|_| ())
+    });
+    let mut conn = tcp::connect(addr)?;
+    let mut hello = Hello::new(MemoryLayout {
+        regions: vec![MemoryRegion {
+            guest_phys_addr: 0,
+            bytes: 64 << 20,
+        }],
+    });
+    hello.stream_version = 42;
+    conn.writer.send(FrameKind::Hello, 0, &hello.encode())?;
+    let reply = conn.reader.recv()?;
+    ensure!(
+        reply.kind == FrameKind::Abort,
+        "expected an Abort, got {:?}",
+        reply.kind
+    );
+    let reason = protocol::decode_reason(&reply.payload);
+    ensure!(
+        reason.contains("42"),
+        "the reason should name the version: {reason}"
+    );
+    let err = dest
+        .join()
+        .unwrap()
+        .err()
+        .context("destination must fail")?;
+    ensure!(
+        matches!(err, MigrationError::VersionMismatch { theirs: 42, .. }),
+        "{err:?}"
+    );
+    Ok(())
+}

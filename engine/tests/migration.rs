@@ -1,0 +1,208 @@
+//! Live migration between two real KVM guests in one process, over
+//! loopback TCP: the happy paths and convergence.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use common::{assert_alive, boot, kvm_or_skip, migrate_to, wait_status, Destination};
+use ferry_engine::{
+    ConvergencePolicy, Decision, DestinationOptions, MigrationError, MigrationOptions,
+    ProgressEvent,
+};
+use ferry_vm::RunState;
+
+const TSC: &str = "tsc_khz=2300000";
+
+fn options(policy: ConvergencePolicy) -> MigrationOptions {
+    MigrationOptions {
+        convergence: policy,
+        ..MigrationOptions::default()
+    }
+}
+
+/// Migrate a guest booted with `cmdline` and check it lives on at the
+/// destination and no longer runs at the source.
+fn migrates_and_lives_on(
+    test: &str,
+    mem_mib: u64,
+    cmdline: &str,
+    opts: MigrationOptions,
+) -> Result<Vec<ProgressEvent>> {
+    let Some(_kvm) = kvm_or_skip(test) else {
+        return Ok(Vec::new());
+    };
+    let vm = boot(mem_mib, cmdline)?;
+    let dirtying = !cmdline.contains("rate=0");
+    if dirtying {
+        // Let it dirty a while before migrating.
+        let st = vm.status();
+        wait_status(&vm, Duration::from_secs(10), |s| {
+            s.pages_dirtied > st.pages_dirtied + 1000
+        });
+    }
+    let dest = Destination::spawn(DestinationOptions::default())?;
+    let (result, events) = migrate_to(&vm, dest.addr, opts);
+    let summary = result?;
+    let (dest_vm, dest_summary) = dest.join()?;
+
+    // The source is paused for good and frozen at the switchover.
+    ensure!(
+        vm.run_state() == RunState::Paused,
+        "source vCPU is {:?}",
+        vm.run_state()
+    );
+    let at_switchover = vm.status();
+    std::thread::sleep(Duration::from_millis(200));
+    ensure!(
+        vm.status() == at_switchover,
+        "the source guest still changes after the handover"
+    );
+
+    // Both sides agree on memory.
+    ensure!(
+        summary.memory_digest == dest_summary.memory_digest,
+        "digests differ"
+    );
+
+    // The destination continues where the source stopped.
+    let st = assert_alive(&dest_vm, "destination")?;
+    ensure!(
+        st.heartbeat >= at_switchover.heartbeat,
+        "destination heartbeat {} below the source's last {}",
+        st.heartbeat,
+        at_switchover.heartbeat
+    );
+    ensure!(
+        st.verify_errors == 0,
+        "destination guest found bad pages: {st:?}"
+    );
+    if dirtying {
+        let later = wait_status(&dest_vm, Duration::from_secs(10), |s| {
+            s.pages_dirtied > at_switchover.pages_dirtied + 1000
+        });
+        ensure!(
+            later.pages_dirtied > at_switchover.pages_dirtied,
+            "destination does not dirty pages: {} vs {} at switchover",
+            later.pages_dirtied,
+            at_switchover.pages_dirtied
+        );
+    }
+    ensure!(
+        summary.rounds >= 2,
+        "expected round 0 and the final round, got {}",
+        summary.rounds
+    );
+    ensure!(summary.pages.sent() > 0 && summary.wire_bytes > 0);
+    ensure!(matches!(
+        events.last(),
+        Some(ProgressEvent::Completed { .. })
+    ));
+    Ok(events)
+}
+
+#[test]
+fn idle_guest_migrates() -> Result<()> {
+    let events = migrates_and_lives_on(
+        "idle_guest_migrates",
+        128,
+        &format!("rate=0 {TSC}"),
+        options(ConvergencePolicy::default()),
+    )?;
+    // JSON progress works for every event.
+    for e in &events {
+        serde_json::to_string(e)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn dirtying_guest_migrates() -> Result<()> {
+    migrates_and_lives_on(
+        "dirtying_guest_migrates",
+        128,
+        &format!("rate=20000 wss=32M {TSC}"),
+        options(ConvergencePolicy::default()),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn dirtying_guest_migrates_without_the_xor_cache() -> Result<()> {
+    migrates_and_lives_on(
+        "dirtying_guest_migrates_without_the_xor_cache",
+        64,
+        &format!("rate=5000 wss=16M {TSC}"),
+        MigrationOptions {
+            xor_cache_bytes: 0,
+            ..MigrationOptions::default()
+        },
+    )?;
+    Ok(())
+}
+
+/// A guest dirtying 40 MB/s of incompressible pages over a 16 MB/s link
+/// (XOR deltas off, so each dirty page costs a full page).
+fn faster_than_the_link(auto_converge: bool, deadline: Duration) -> MigrationOptions {
+    MigrationOptions {
+        convergence: ConvergencePolicy {
+            auto_converge,
+            deadline: Some(deadline),
+            ..ConvergencePolicy::default()
+        },
+        max_bandwidth: Some(16_000_000),
+        xor_cache_bytes: 0,
+        ..MigrationOptions::default()
+    }
+}
+
+const FAST_DIRTIER: &str = "rate=10000 wss=16M tsc_khz=2300000";
+
+#[test]
+fn a_guest_dirtying_faster_than_the_link_converges_with_auto_converge() -> Result<()> {
+    let events = migrates_and_lives_on(
+        "a_guest_dirtying_faster_than_the_link_converges_with_auto_converge",
+        64,
+        FAST_DIRTIER,
+        faster_than_the_link(true, Duration::from_secs(120)),
+    )?;
+    if events.is_empty() {
+        return Ok(()); // skipped
+    }
+    let throttled = events.iter().any(|e| {
+        matches!(e, ProgressEvent::RoundFinished { assessment, .. } if matches!(assessment.decision, Decision::Throttle { .. }))
+    });
+    ensure!(
+        throttled,
+        "converged without throttling: the test does not test auto-converge"
+    );
+    Ok(())
+}
+
+#[test]
+fn without_auto_converge_it_is_abandoned_at_the_deadline_and_keeps_running() -> Result<()> {
+    let Some(_kvm) =
+        kvm_or_skip("without_auto_converge_it_is_abandoned_at_the_deadline_and_keeps_running")
+    else {
+        return Ok(());
+    };
+    let vm = boot(64, FAST_DIRTIER)?;
+    let dest = Destination::spawn(DestinationOptions::default())?;
+    let (result, events) = migrate_to(
+        &vm,
+        dest.addr,
+        faster_than_the_link(false, Duration::from_secs(8)),
+    );
+    ensure!(
+        matches!(result, Err(MigrationError::DeadlineExceeded { .. })),
+        "expected the deadline to end it, got {result:?}"
+    );
+    ensure!(matches!(
+        events.last(),
+        Some(ProgressEvent::Abandoned { .. })
+    ));
+    ensure!(dest.join().is_err(), "the destination must not complete");
+    assert_alive(&vm, "source after giving up")?;
+    Ok(())
+}
