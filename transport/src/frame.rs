@@ -80,11 +80,21 @@ pub enum FrameKind {
     LaneHello = 32,
     /// Lane layer: the listener accepted the whole session.
     LaneWelcome = 33,
+    /// Tunnel: the source accepted a local connection (a new stream).
+    StreamOpen = 48,
+    /// Tunnel: stream bytes with a sequence number.
+    StreamData = 49,
+    /// Tunnel: one direction of a stream ended (half-close).
+    StreamEof = 50,
+    /// Tunnel: a stream failed; close it.
+    StreamReset = 51,
+    /// Tunnel: flow-control credit for a stream.
+    StreamCredit = 52,
 }
 
 impl FrameKind {
     /// Every defined kind, in wire order.
-    pub const ALL: [FrameKind; 13] = [
+    pub const ALL: [FrameKind; 18] = [
         FrameKind::Hello,
         FrameKind::HelloAck,
         FrameKind::PageBatch,
@@ -98,6 +108,11 @@ impl FrameKind {
         FrameKind::Progress,
         FrameKind::LaneHello,
         FrameKind::LaneWelcome,
+        FrameKind::StreamOpen,
+        FrameKind::StreamData,
+        FrameKind::StreamEof,
+        FrameKind::StreamReset,
+        FrameKind::StreamCredit,
     ];
 
     /// The kind's number on the wire.

@@ -34,6 +34,7 @@ pub mod security;
 mod stream;
 pub mod tcp;
 pub mod tls;
+pub mod tunnel;
 
 pub use error::TransportError;
 pub use frame::{
