@@ -25,6 +25,7 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
@@ -217,6 +218,9 @@ pub struct TestVm {
     max_entries: usize,
     /// `KVM_RUN` calls made so far (each costs ~300 µs under PVM).
     pub runs: u64,
+    /// Time spent harvesting rings on `KVM_EXIT_DIRTY_RING_FULL` exits so far
+    /// (collect work done early, on the vCPU thread).
+    pub ring_full_time: Duration,
 }
 
 impl std::fmt::Debug for TestVm {
@@ -317,6 +321,7 @@ impl TestVm {
             log: Some(log),
             max_entries,
             runs: 0,
+            ring_full_time: Duration::ZERO,
         })
     }
 
@@ -417,7 +422,9 @@ impl TestVm {
                 VcpuExit::IoOut(EXIT_PORT, _) => return Ok(()),
                 VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => match &self.ring {
                     Some(h) => {
+                        let t0 = Instant::now();
                         h.handle_ring_full()?;
+                        self.ring_full_time += t0.elapsed();
                     }
                     None => {
                         return Err(TestGuestError::GuestExit("ring full without a ring".into()))
