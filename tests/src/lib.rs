@@ -1,1 +1,5 @@
 //! Shared helpers for end-to-end tests (process guards, skips).
+
+pub mod process;
+pub mod qemu;
+pub mod qmp;

@@ -224,6 +224,23 @@ fn open_lane(
     })
 }
 
+/// A TLS alert while waiting for the welcome means the listener refused
+/// this side (with TLS 1.3 the client's certificate is judged after the
+/// client's handshake is done): say so instead of "could not read a frame".
+fn explain_refusal(e: TransportError) -> TransportError {
+    if let TransportError::Read(io) = &e {
+        if let Some(rustls::Error::AlertReceived(alert)) = io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return TransportError::Refused(format!(
+                "the peer ended the TLS session with alert {alert:?}: it does not accept this side's certificate"
+            ));
+        }
+    }
+    e
+}
+
 fn handshake_err(e: handshake::LaneHandshakeError) -> TransportError {
     TransportError::LaneHandshake(e)
 }
@@ -272,7 +289,7 @@ impl Lanes {
             lane.writer.flush()?;
             // Wait for this lane's welcome before opening the next, so a
             // refusal (TLS alert, Abort) is reported from the lane it concerns.
-            let f = lane.reader.read_frame()?;
+            let f = lane.reader.read_frame().map_err(explain_refusal)?;
             match f.kind {
                 FrameKind::LaneWelcome => hello.check_welcome(&f.payload).map_err(handshake_err)?,
                 FrameKind::Abort => {
