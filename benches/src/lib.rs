@@ -1,1 +1,69 @@
-//! Shared code for ferry benchmarks.
+//! # ferry-benches: criterion micro-benchmarks and the migration harness
+//!
+//! The harness behind `ferry bench compare` (and `cargo bench -p
+//! ferry-benches --bench migration`): the same workload guest (GUEST.md)
+//! migrated by stock QEMU and by ferry on this machine, in one session,
+//! measured the same way for both from outside the engines:
+//!
+//! - total time, downtime and rounds as each engine reports them;
+//! - the downtime the guest saw: the gap in its heartbeat, read from both
+//!   processes' memory through `/proc/PID/mem` ([`watch`]);
+//! - CPU seconds of source and destination processes (`/proc/PID/stat`,
+//!   with and without the guest's vCPU thread) and the bytes the
+//!   destination read (`/proc/PID/io`);
+//! - whether the guest lives on at the destination ([`alive`]);
+//! - bytes left to send over time, for the plot ([`plot`]);
+//! - a plain TCP stream on the same loopback as the ceiling ([`ceiling`]).
+//!
+//! ```no_run
+//! use ferry_benches::compare::{self, CompareConfig};
+//! use ferry_benches::settings::RunSettings;
+//! let settings = RunSettings {
+//!     kernel: ferry_vm::guest_elf_path().to_path_buf(),
+//!     custom_kernel: false,
+//!     tsc_khz: ferry_vm::host_tsc_khz()?,
+//!     max_downtime_ms: 20,
+//!     deadline: None,
+//!     ferry_bin: ferry_benches::locate_ferry().unwrap(),
+//!     qemu_bin: "qemu-system-x86_64".into(),
+//!     workdir: std::env::temp_dir(),
+//!     verbose: true,
+//! };
+//! let report = compare::run(&CompareConfig::quick(settings), |r| eprintln!("{}", compare::run_line(r)))?;
+//! print!("{}", report.text());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![deny(missing_docs)]
+
+pub mod alive;
+pub mod ceiling;
+pub mod compare;
+pub mod error;
+pub mod ferry;
+pub mod guest_probe;
+pub mod matrix;
+pub mod outcome;
+pub mod plot;
+pub mod procfs;
+pub mod qemu;
+pub mod report;
+pub mod run_common;
+pub mod settings;
+pub mod stats;
+pub mod watch;
+
+pub use error::BenchError;
+
+/// The `ferry` binary to benchmark: `$FERRY_BIN`, else `ferry` next to
+/// (or one directory above) the running executable (`target/<profile>/`
+/// holds both `ferry` and `deps/` where bench and test binaries live).
+pub fn locate_ferry() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("FERRY_BIN") {
+        return Some(p.into());
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join("ferry"), dir.parent()?.join("ferry")]
+        .into_iter()
+        .find(|p| p.is_file())
+}

@@ -1,0 +1,76 @@
+//! `cargo bench -p ferry-benches --bench migration`: the same session as
+//! `ferry bench compare`, with settings from the environment:
+//! `FERRY_BENCH_QUICK=1` for the CI row, `FERRY_BENCH_REPEAT=N`,
+//! `FERRY_BENCH_MEM=1G,2G`, `FERRY_BIN` for the ferry binary (default: the
+//! one built next to this bench), `FERRY_BENCH_OUT=DIR` for the JSON lines
+//! and the plot (default `target/bench-compare`).
+
+use ferry_benches::compare::{self, CompareConfig};
+use ferry_benches::matrix::{DirtyLevel, Profile};
+use ferry_benches::settings::RunSettings;
+
+fn parse_mem(s: &str) -> Option<u64> {
+    ferry_vm::parse_size(s.trim(), 1 << 20)
+}
+
+fn main() {
+    // cargo passes `--bench`; criterion-style filters are ignored.
+    let Some(ferry_bin) = ferry_benches::locate_ferry() else {
+        eprintln!("SKIP migration bench: no ferry binary (build it: cargo build -p ferry, or set FERRY_BIN)");
+        return;
+    };
+    let tsc_khz = match ferry_vm::host_tsc_khz() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("SKIP migration bench: KVM unusable here: {e}");
+            return;
+        }
+    };
+    let workdir = tempfile_dir();
+    let out = std::env::var("FERRY_BENCH_OUT").unwrap_or_else(|_| "target/bench-compare".into());
+    let settings = RunSettings {
+        kernel: ferry_vm::guest_elf_path().to_path_buf(),
+        custom_kernel: false,
+        tsc_khz,
+        max_downtime_ms: 20,
+        deadline: None,
+        ferry_bin,
+        qemu_bin: "qemu-system-x86_64".into(),
+        workdir: workdir.clone(),
+        verbose: true,
+    };
+    let mut cfg = if std::env::var_os("FERRY_BENCH_QUICK").is_some() {
+        CompareConfig::quick(settings)
+    } else {
+        CompareConfig {
+            mems: vec![1 << 30, 2 << 30],
+            levels: vec![DirtyLevel::Idle, DirtyLevel::Moderate, DirtyLevel::Heavy],
+            qemu_profiles: Profile::QEMU.to_vec(),
+            ferry_profiles: Profile::FERRY.to_vec(),
+            repeat: 3,
+            ceiling_bytes: 2 << 30,
+            json_out: None,
+            plot_out: None,
+            settings,
+        }
+    };
+    if let Ok(r) = std::env::var("FERRY_BENCH_REPEAT") {
+        cfg.repeat = r.parse().unwrap_or(cfg.repeat);
+    }
+    if let Ok(m) = std::env::var("FERRY_BENCH_MEM") {
+        cfg.mems = m.split(',').filter_map(parse_mem).collect();
+    }
+    cfg.json_out = Some(format!("{out}/runs.jsonl").into());
+    cfg.plot_out = Some(format!("{out}/bytes-left.svg").into());
+    match compare::run(&cfg, |r| eprintln!("{}", compare::run_line(r))) {
+        Ok(report) => print!("{}", report.text()),
+        Err(e) => eprintln!("migration bench failed: {e}"),
+    }
+    let _ = std::fs::remove_dir_all(&workdir);
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("ferry-bench-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&d);
+    d
+}

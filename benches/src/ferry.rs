@@ -1,0 +1,298 @@
+//! ferry's side: three CLI processes, so each side's CPU time is measured
+//! per process like QEMU's: `ferry vm run --api` (source, runs the guest),
+//! `ferry vm receive` (destination) and `ferry migrate --json` (the client
+//! that starts the migration and streams its events; its CPU is counted
+//! with the source's).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ferry_e2e::process::ProcessGuard;
+use serde_json::Value;
+
+use crate::error::BenchError;
+use crate::matrix::{FerryProfile, Profile, Workload};
+use crate::outcome::{BytesLeft, RunOutcome, RunStatus};
+use crate::procfs;
+use crate::qemu::error_chain;
+use crate::run_common::{self, Baseline, EngineProcess};
+use crate::settings::RunSettings;
+use crate::watch::Watch;
+
+/// The `ferry migrate` flag a profile needs (`None` for the defaults).
+pub fn profile_flag(p: FerryProfile) -> Option<&'static [&'static str]> {
+    match p {
+        FerryProfile::Default => None,
+        FerryProfile::OneLane => Some(&["--lanes", "1"]),
+        FerryProfile::NoCompress => Some(&["--no-compress"]),
+        FerryProfile::NoDelta => Some(&["--no-delta"]),
+    }
+}
+
+/// Why ferry's side cannot run a profile (its binary or a flag missing),
+/// checked once per session from `--help`.
+pub fn unsupported(s: &RunSettings, p: FerryProfile) -> Option<String> {
+    let help = |args: &[&str]| -> Option<String> {
+        let o = Command::new(&s.ferry_bin)
+            .args(args)
+            .arg("--help")
+            .output()
+            .ok()?;
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let Some(migrate) = help(&["migrate"]) else {
+        return Some(format!(
+            "{} has no `migrate` command (not built yet?)",
+            s.ferry_bin.display()
+        ));
+    };
+    for sub in [["vm", "run"], ["vm", "receive"]] {
+        if help(&sub).is_none() {
+            return Some(format!(
+                "{} has no `{}` command",
+                s.ferry_bin.display(),
+                sub.join(" ")
+            ));
+        }
+    }
+    if let Some(flag) = profile_flag(p) {
+        if !migrate.contains(flag[0]) {
+            return Some(format!("`ferry migrate` has no {} option yet", flag[0]));
+        }
+    }
+    None
+}
+
+/// Runs one ferry migration of `w` with profile `p`.
+pub fn run(s: &RunSettings, w: &Workload, p: FerryProfile, repeat: u32) -> RunOutcome {
+    let mut out = RunOutcome::new(Profile::Ferry(p), *w, repeat, RunStatus::Completed);
+    if let Err(e) = run_inner(s, w, p, &mut out) {
+        out.status = match e {
+            BenchError::Deadline(..) => RunStatus::NotConverged(e.to_string()),
+            e => RunStatus::Failed(error_chain(&e)),
+        };
+    }
+    out
+}
+
+/// One stdout line of `ferry migrate`, with when it arrived.
+struct Line {
+    t_ms: f64,
+    json: Option<Value>,
+    text: String,
+}
+
+fn run_inner(
+    s: &RunSettings,
+    w: &Workload,
+    p: FerryProfile,
+    out: &mut RunOutcome,
+) -> Result<(), BenchError> {
+    let src_sock = s.workdir.join("ferry-src.sock");
+    let dst_sock = s.workdir.join("ferry-dst.sock");
+    let _ = std::fs::remove_file(&src_sock);
+    let _ = std::fs::remove_file(&dst_sock);
+    let mut cmd = Command::new(&s.ferry_bin);
+    cmd.args(["vm", "run", "--quiet", "--mem"])
+        .arg(format!("{}M", w.mem_bytes >> 20))
+        .arg("--rate")
+        .arg(w.rate.to_string())
+        .arg("--wss")
+        .arg(w.wss_arg())
+        .arg("--api")
+        .arg(&src_sock);
+    if s.custom_kernel {
+        cmd.arg("--kernel").arg(&s.kernel);
+    }
+    let mut src = EngineProcess::spawn("ferry vm run (source)", "ferry-src", &mut cmd, &s.workdir)?;
+    let src_pid = src.pid();
+    run_common::wait_guest_running(
+        src_pid,
+        w.mem_bytes,
+        RunSettings::boot_timeout(w.mem_bytes),
+        Duration::from_secs(1),
+        || src.check_running(),
+    )?;
+    wait_socket(&src_sock, &mut src)?;
+    let port = run_common::free_port()?;
+    let to = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new(&s.ferry_bin);
+    cmd.args(["vm", "receive", "--quiet", "--listen", &to, "--api"])
+        .arg(&dst_sock);
+    let mut dst = EngineProcess::spawn(
+        "ferry vm receive (destination)",
+        "ferry-dst",
+        &mut cmd,
+        &s.workdir,
+    )?;
+    let dst_pid = dst.pid();
+    wait_socket(&dst_sock, &mut dst)?;
+
+    let deadline = s.deadline_for(w);
+    let mut cmd = Command::new(&s.ferry_bin);
+    cmd.args(["migrate", "--json", "--api"])
+        .arg(&src_sock)
+        .args(["--to", &to, "--max-downtime-ms"])
+        .arg(s.max_downtime_ms.to_string())
+        .arg("--deadline-s")
+        .arg(deadline.as_secs().to_string());
+    if let Some(cap) = w.cap_bytes_per_sec {
+        cmd.arg("--max-bandwidth").arg(cap.to_string());
+    }
+    if let Some(flag) = profile_flag(p) {
+        cmd.args(flag);
+    }
+    let migrate_log = s.workdir.join("ferry-migrate.log");
+    let errfile = std::fs::File::create(&migrate_log)
+        .map_err(|e| BenchError::Spawn("ferry migrate".into(), e))?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(errfile);
+
+    let base = Baseline::take(src_pid, dst_pid);
+    let t0 = Instant::now();
+    let watch = Watch::start(t0, src_pid, dst_pid, w.mem_bytes);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| BenchError::Spawn("ferry migrate".into(), e))?;
+    let stdout = child.stdout.take();
+    let client = ProcessGuard::adopt("ferry-migrate", child);
+    let client_pid = client.pid();
+    let (tx, rx) = mpsc::channel::<Line>();
+    if let Some(stdout) = stdout {
+        std::thread::spawn(move || {
+            for text in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let line = Line {
+                    t_ms: t0.elapsed().as_secs_f64() * 1e3,
+                    json: serde_json::from_str(&text).ok(),
+                    text,
+                };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    // ferry gives up by itself at the deadline; the harness allows 15 s
+    // more before it calls the client hung.
+    let hard_deadline = deadline + Duration::from_secs(15);
+    let mut summary: Option<Value> = None;
+    let mut failure: Option<BenchError> = None;
+    let mut dst_read_end = None;
+    let mut last_text = String::new();
+    loop {
+        let left = hard_deadline.saturating_sub(t0.elapsed());
+        match rx.recv_timeout(left.min(Duration::from_millis(500))) {
+            Ok(line) => {
+                let Some(v) = line.json else {
+                    last_text = line.text;
+                    continue;
+                };
+                record_event(out, &v, line.t_ms, w.mem_bytes);
+                if let Some(sum) = summary_of(&v) {
+                    if summary.is_none() {
+                        out.wall_ms = Some(line.t_ms);
+                        dst_read_end = procfs::read_bytes(dst_pid).ok();
+                        summary = Some(sum);
+                    }
+                }
+                if v["event"] == "abandoned" {
+                    failure = Some(BenchError::Deadline(
+                        deadline.as_secs(),
+                        format!("ferry abandoned: {}", v["reason"].as_str().unwrap_or("?")),
+                    ));
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break, // client exited
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if t0.elapsed() >= hard_deadline {
+                    failure = Some(BenchError::Deadline(
+                        deadline.as_secs(),
+                        "ferry migrate did not finish".into(),
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+    // The client has exited but is not reaped yet: its CPU time is still
+    // in /proc.
+    let client_cpu = procfs::process_cpu_secs(client_pid).unwrap_or(0.0);
+    drop(client);
+    if summary.is_some() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = watch.finish();
+    run_common::fill_from_watch(out, &log, &base, dst_read_end, client_cpu);
+    let Some(sum) = summary else {
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        let err = run_common::log_tail(&migrate_log);
+        return Err(BenchError::Engine(format!(
+            "ferry migrate ended without a summary: {err} {last_text}"
+        )));
+    };
+    out.total_ms = sum["total_ms"].as_f64();
+    out.downtime_ms = sum["downtime_ms"].as_f64();
+    out.rounds = sum["rounds"].as_u64();
+    out.wire_bytes = sum["wire_bytes"].as_u64();
+    dst.check_running()?;
+    run_common::check_alive(out, dst_pid);
+    // The source exits 0 once its guest migrated away.
+    let end = Instant::now() + Duration::from_secs(5);
+    while src.guard.is_running() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The summary object, from whichever line carries it.
+fn summary_of(v: &Value) -> Option<Value> {
+    let ok = v["event"] == "summary" || v["event"] == "completed" || v["result"] == "ok";
+    (ok && v["summary"].is_object()).then(|| v["summary"].clone())
+}
+
+/// Adds a bytes-left sample from a progress event.
+fn record_event(out: &mut RunOutcome, v: &Value, t_ms: f64, mem_bytes: u64) {
+    let sample = match v["event"].as_str() {
+        Some("started") => Some((0, v["guest_bytes"].as_u64().unwrap_or(mem_bytes))),
+        Some("round_progress") => {
+            let total = v["pages_total"].as_u64().unwrap_or(0);
+            let done = v["pages_done"].as_u64().unwrap_or(0);
+            v["round"]
+                .as_u64()
+                .map(|r| (r, total.saturating_sub(done) * 4096))
+        }
+        Some("round_finished") => v["round"]
+            .as_u64()
+            .map(|r| (r, v["dirty_pages"].as_u64().unwrap_or(0) * 4096)),
+        Some("stop_and_copy") => out
+            .bytes_left
+            .last()
+            .map(|b| (b.round + 1, v["dirty_pages"].as_u64().unwrap_or(0) * 4096)),
+        _ => None,
+    };
+    if let Some((round, bytes)) = sample {
+        out.bytes_left.push(BytesLeft { t_ms, round, bytes });
+    }
+}
+
+fn wait_socket(path: &std::path::Path, p: &mut EngineProcess) -> Result<(), BenchError> {
+    let end = Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        p.check_running()?;
+        if Instant::now() > end {
+            return Err(BenchError::Engine(format!(
+                "no control socket at {} after 30 s",
+                path.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}

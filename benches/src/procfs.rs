@@ -1,0 +1,125 @@
+//! What `/proc` says about an engine process: CPU time (whole process and
+//! its vCPU thread), bytes it read, and where its guest memory is.
+//!
+//! Both engines are measured through these same files, so the figures are
+//! comparable: QEMU and ferry are just PIDs here.
+
+use std::fs;
+use std::io;
+
+/// Clock ticks per second of `/proc/PID/stat` times.
+fn ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime in seconds from the text of a `stat` file.
+fn stat_cpu_secs(stat: &str) -> Option<f64> {
+    // The command name (field 2) may contain spaces and parentheses: split
+    // after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): utime is field 14, stime field 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / ticks_per_sec())
+}
+
+/// CPU seconds (user + system) of a whole process, threads that already
+/// exited included. Readable until the process is reaped (zombies too).
+pub fn process_cpu_secs(pid: u32) -> io::Result<f64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_cpu_secs(&s).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad stat"))
+}
+
+/// CPU seconds of one thread.
+pub fn thread_cpu_secs(pid: u32, tid: u32) -> io::Result<f64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))?;
+    stat_cpu_secs(&s).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad stat"))
+}
+
+/// The thread of `pid` whose name is one of `names` (QEMU: `CPU 0/KVM`
+/// with `-name ...,debug-threads=on`; ferry: `vcpu0`).
+pub fn find_thread(pid: u32, names: &[&str]) -> Option<u32> {
+    for e in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if names.contains(&comm.trim_end()) {
+            return e.file_name().to_str()?.parse().ok();
+        }
+    }
+    None
+}
+
+/// Bytes the process has read through read-like system calls (`rchar` of
+/// `/proc/PID/io`): sockets included, so on an engine's destination the
+/// growth during a migration is the bytes it took off the wire.
+pub fn read_bytes(pid: u32) -> io::Result<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/io"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no rchar in io"))
+}
+
+/// Writable private or shared mappings of at least `min_len` bytes, as
+/// `(start, len)`: candidates for guest RAM.
+pub fn large_rw_mappings(pid: u32, min_len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    Ok(maps
+        .lines()
+        .filter_map(|l| parse_map_line(l, min_len))
+        .collect())
+}
+
+fn parse_map_line(line: &str, min_len: u64) -> Option<(u64, u64)> {
+    let mut it = line.split_whitespace();
+    let (a, b) = it.next()?.split_once('-')?;
+    let perms = it.next()?;
+    if !perms.starts_with("rw") {
+        return None;
+    }
+    let start = u64::from_str_radix(a, 16).ok()?;
+    let end = u64::from_str_radix(b, 16).ok()?;
+    (end - start >= min_len).then_some((start, end - start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_spaces_in_name_parses() {
+        let line = "600 (CPU 0/KVM) R 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0";
+        let secs = stat_cpu_secs(line).unwrap();
+        assert!((secs - 300.0 / ticks_per_sec()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn own_process_is_readable() {
+        let me = std::process::id();
+        assert!(process_cpu_secs(me).unwrap() >= 0.0);
+        assert!(read_bytes(me).unwrap() > 0);
+        let mut v = vec![1u8; 64 << 20];
+        v[12345] = 2;
+        let maps = large_rw_mappings(me, 64 << 20).unwrap();
+        let addr = v.as_ptr() as u64;
+        assert!(maps.iter().any(|&(s, l)| addr >= s && addr < s + l));
+    }
+
+    #[test]
+    fn map_lines_filter_by_perms_and_size() {
+        let l = "7ff25fe00000-7ff26fe00000 rw-p 00000000 00:00 0";
+        assert_eq!(
+            parse_map_line(l, 1 << 20),
+            Some((0x7ff2_5fe0_0000, 256 << 20))
+        );
+        assert_eq!(parse_map_line(l, 512 << 20), None);
+        let ro = "7ff25fe00000-7ff26fe00000 r--p 00000000 00:00 0";
+        assert_eq!(parse_map_line(ro, 1), None);
+    }
+}

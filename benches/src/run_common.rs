@@ -1,0 +1,186 @@
+//! Steps both engine runners share: free ports, waiting for a guest to be
+//! ready, and turning the watch log and counters into an outcome.
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use ferry_vm::GuestPhase;
+
+use crate::alive;
+use crate::error::BenchError;
+use crate::guest_probe::GuestProbe;
+use crate::outcome::RunOutcome;
+use crate::procfs;
+use crate::watch::{CpuMeter, CpuSample, WatchLog};
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> Result<u16, BenchError> {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| BenchError::Spawn("a port probe".into(), e))?;
+    Ok(l.local_addr()
+        .map_err(|e| BenchError::Spawn("a port probe".into(), e))?
+        .port())
+}
+
+/// Waits until the guest in `pid` runs its dirty loop (phase 2), then
+/// `settle` longer. `alive` says whether the process still runs.
+pub fn wait_guest_running(
+    pid: u32,
+    mem_bytes: u64,
+    timeout: Duration,
+    settle: Duration,
+    mut alive: impl FnMut() -> Result<(), BenchError>,
+) -> Result<(), BenchError> {
+    let deadline = Instant::now() + timeout;
+    let mut probe = None;
+    loop {
+        alive()?;
+        if probe.is_none() {
+            probe = GuestProbe::find(pid, mem_bytes)?;
+        }
+        if let Some(p) = &probe {
+            let st = p
+                .read()
+                .map_err(|e| BenchError::Proc(format!("/proc/{pid}/mem"), e))?;
+            match st.phase {
+                GuestPhase::Running => break,
+                GuestPhase::Fatal => {
+                    return Err(BenchError::Guest(format!(
+                        "fatal: {}",
+                        st.fatal_reason_text()
+                    )))
+                }
+                _ => {}
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Guest(format!(
+                "not running its dirty loop after {} s",
+                timeout.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(settle);
+    Ok(())
+}
+
+/// Counters taken right before the migration starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Baseline {
+    /// Source CPU.
+    pub src: CpuSample,
+    /// Destination CPU.
+    pub dst: CpuSample,
+    /// Destination rchar.
+    pub dst_read: u64,
+}
+
+impl Baseline {
+    /// Takes the counters of `src` and `dst`.
+    pub fn take(src: u32, dst: u32) -> Self {
+        Self {
+            src: CpuMeter::new(src).sample().unwrap_or_default(),
+            dst: CpuMeter::new(dst).sample().unwrap_or_default(),
+            dst_read: procfs::read_bytes(dst).unwrap_or(0),
+        }
+    }
+}
+
+/// Fills the measured-from-outside fields of `out` (heartbeat gap, CPU,
+/// destination bytes read, liveness). `extra_src_cpu` adds the CPU of
+/// helper processes on the source side (ferry's `migrate` client).
+pub fn fill_from_watch(
+    out: &mut RunOutcome,
+    log: &WatchLog,
+    base: &Baseline,
+    dst_read_end: Option<u64>,
+    extra_src_cpu: f64,
+) {
+    out.heartbeat_gap_ms = log.heartbeat_gap_ms();
+    out.switch_heartbeat = log.switch_heartbeat();
+    if let Some(s) = log.src_cpu {
+        let total = s.process - base.src.process + extra_src_cpu;
+        out.src_cpu_s = Some(total);
+        out.src_engine_cpu_s = Some(total - (s.vcpu - base.src.vcpu));
+    }
+    if let Some(d) = log.dst_cpu {
+        let total = d.process - base.dst.process;
+        out.dst_cpu_s = Some(total);
+        out.dst_engine_cpu_s = Some(total - (d.vcpu - base.dst.vcpu));
+    }
+    out.dst_read_bytes = dst_read_end.map(|e| e.saturating_sub(base.dst_read));
+}
+
+/// Runs the liveness check on the destination and records it.
+pub fn check_alive(out: &mut RunOutcome, dst_pid: u32) {
+    let l = alive::check(
+        dst_pid,
+        out.workload.mem_bytes,
+        out.switch_heartbeat,
+        out.workload.rate > 0,
+        Duration::from_millis(500),
+    );
+    out.guest_alive = Some(l.alive);
+    out.verify_errors = l.verify_errors;
+    out.alive_detail = l.detail;
+}
+
+/// An engine process under a kill-on-drop guard, with its log file.
+#[derive(Debug)]
+pub struct EngineProcess {
+    /// The guard (kills and reaps by PID on drop).
+    pub guard: ferry_e2e::process::ProcessGuard,
+    /// stdout + stderr of the process.
+    pub log: std::path::PathBuf,
+    what: String,
+}
+
+impl EngineProcess {
+    /// Spawns `cmd` as `what`, output to `<workdir>/<name>.log`.
+    pub fn spawn(
+        what: &str,
+        name: &str,
+        cmd: &mut std::process::Command,
+        workdir: &std::path::Path,
+    ) -> Result<Self, BenchError> {
+        let log = workdir.join(format!("{name}.log"));
+        let _ = std::fs::remove_file(&log);
+        let guard = ferry_e2e::process::ProcessGuard::spawn(name, cmd, &log)
+            .map_err(|e| BenchError::Spawn(what.into(), std::io::Error::other(format!("{e:#}"))))?;
+        Ok(Self {
+            guard,
+            log,
+            what: what.into(),
+        })
+    }
+
+    /// Its PID.
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
+    /// `Err` (with the end of its log) once the process has exited.
+    pub fn check_running(&mut self) -> Result<(), BenchError> {
+        if self.guard.is_running() {
+            return Ok(());
+        }
+        Err(BenchError::Engine(format!(
+            "{} exited: {}",
+            self.what,
+            log_tail(&self.log)
+        )))
+    }
+}
+
+/// The last few lines of a log file, on one line.
+pub fn log_tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
+    if tail.is_empty() {
+        "(no output)".into()
+    } else {
+        tail
+    }
+}

@@ -1,0 +1,41 @@
+//! Settings every run of a session shares.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Shared by all runs of one `bench compare` session.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    /// The guest image both engines boot.
+    pub kernel: PathBuf,
+    /// Whether `kernel` was given by the user (ferry then gets `--kernel`).
+    pub custom_kernel: bool,
+    /// Host TSC kHz, for the guest's pacing.
+    pub tsc_khz: u32,
+    /// Downtime limit both engines get, ms.
+    pub max_downtime_ms: u64,
+    /// Per-row deadline override (default: [`crate::matrix::Workload::default_deadline_secs`]).
+    pub deadline: Option<Duration>,
+    /// The `ferry` binary.
+    pub ferry_bin: PathBuf,
+    /// The QEMU binary.
+    pub qemu_bin: PathBuf,
+    /// Where sockets go (a temporary directory).
+    pub workdir: PathBuf,
+    /// Print progress to stderr.
+    pub verbose: bool,
+}
+
+impl RunSettings {
+    /// The migration deadline for a workload.
+    pub fn deadline_for(&self, w: &crate::matrix::Workload) -> Duration {
+        self.deadline
+            .unwrap_or_else(|| Duration::from_secs(w.default_deadline_secs()))
+    }
+
+    /// How long booting and filling may take: 60 s + 60 s per GiB (the
+    /// fill runs natively, but the machine is shared).
+    pub fn boot_timeout(mem_bytes: u64) -> Duration {
+        Duration::from_secs(60 + 60 * mem_bytes.div_ceil(1 << 30))
+    }
+}

@@ -1,0 +1,234 @@
+//! Watching both sides of a migration from outside while it runs: the
+//! guest's heartbeat on the source and on the destination, and the CPU time
+//! of both engine processes.
+//!
+//! ## How the heartbeat gap is measured (the same for both engines)
+//! One thread reads the status block of both processes through
+//! `/proc/PID/mem` about every 200 µs ([`GuestProbe`]). On the source it
+//! remembers when the heartbeat last changed and to what value (`H`): the
+//! guest stopped within ~1 ms after that (the heartbeat moves about once per
+//! ms of guest run time). On the destination it records when each new value
+//! was first seen; the first value above `H` means the guest runs there
+//! again. The gap between the two instants is the downtime the guest
+//! experienced, as seen from memory, to about ±1 ms plus the poll period.
+//! Values the destination receives before the switch (copies from earlier
+//! rounds) are all `<= H` and are ignored.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use ferry_vm::GuestStatus;
+
+use crate::guest_probe::GuestProbe;
+use crate::procfs;
+
+/// Names of the vCPU thread: QEMU (`-name ...,debug-threads=on`), ferry.
+pub const VCPU_THREAD_NAMES: &[&str] = &["CPU 0/KVM", "vcpu0"];
+
+/// CPU seconds of one engine process at one instant.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSample {
+    /// Whole process.
+    pub process: f64,
+    /// Its vCPU thread (the guest's own run time), when found.
+    pub vcpu: f64,
+}
+
+/// Reads [`CpuSample`]s of one process.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMeter {
+    pid: u32,
+    vcpu_tid: Option<u32>,
+}
+
+impl CpuMeter {
+    /// For `pid`, finding its vCPU thread now if it has one yet.
+    pub fn new(pid: u32) -> Self {
+        Self {
+            pid,
+            vcpu_tid: procfs::find_thread(pid, VCPU_THREAD_NAMES),
+        }
+    }
+
+    /// The process's CPU time now, `None` once it is gone.
+    pub fn sample(&mut self) -> Option<CpuSample> {
+        if self.vcpu_tid.is_none() {
+            self.vcpu_tid = procfs::find_thread(self.pid, VCPU_THREAD_NAMES);
+        }
+        let process = procfs::process_cpu_secs(self.pid).ok()?;
+        let vcpu = self
+            .vcpu_tid
+            .and_then(|t| procfs::thread_cpu_secs(self.pid, t).ok());
+        Some(CpuSample {
+            process,
+            vcpu: vcpu.unwrap_or(0.0),
+        })
+    }
+}
+
+/// What the watch saw.
+#[derive(Debug, Clone, Default)]
+pub struct WatchLog {
+    /// Source: (ms since t0, heartbeat) when the heartbeat last changed.
+    pub src_last_change: Option<(f64, u64)>,
+    /// Destination: (ms since t0, heartbeat) each time a new value appeared.
+    pub dst_changes: Vec<(f64, u64)>,
+    /// Last CPU sample of the source (taken while it still existed).
+    pub src_cpu: Option<CpuSample>,
+    /// Last CPU sample of the destination.
+    pub dst_cpu: Option<CpuSample>,
+    /// Last status seen on the destination.
+    pub dst_last: Option<GuestStatus>,
+}
+
+impl WatchLog {
+    /// The heartbeat gap in ms (see the module docs), when both ends were
+    /// seen.
+    pub fn heartbeat_gap_ms(&self) -> Option<f64> {
+        let (t_stop, h) = self.src_last_change?;
+        let &(t_run, _) = self.dst_changes.iter().find(|&&(_, v)| v > h)?;
+        Some(t_run - t_stop)
+    }
+
+    /// The heartbeat the guest had when the source stopped it.
+    pub fn switch_heartbeat(&self) -> Option<u64> {
+        self.src_last_change.map(|(_, h)| h)
+    }
+}
+
+/// A running watch; [`Watch::finish`] stops it and returns the log.
+#[derive(Debug)]
+pub struct Watch {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<WatchLog>>,
+}
+
+impl Watch {
+    /// Starts watching `src` (already running its guest) and `dst` (whose
+    /// guest memory appears as the migration proceeds), times relative to
+    /// `t0`.
+    pub fn start(t0: Instant, src: u32, dst: u32, mem_bytes: u64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = thread::Builder::new()
+            .name("bench-watch".into())
+            .spawn(move || watch_loop(t0, src, dst, mem_bytes, &flag))
+            .ok();
+        Self { stop, handle }
+    }
+
+    /// Stops the watch and returns what it saw.
+    pub fn finish(mut self) -> WatchLog {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn ms_since(t0: Instant) -> f64 {
+    t0.elapsed().as_secs_f64() * 1e3
+}
+
+fn watch_loop(t0: Instant, src: u32, dst: u32, mem_bytes: u64, stop: &AtomicBool) -> WatchLog {
+    let mut log = WatchLog::default();
+    let mut src_probe = GuestProbe::find(src, mem_bytes).ok().flatten();
+    let mut dst_probe: Option<GuestProbe> = None;
+    let mut src_meter = CpuMeter::new(src);
+    let mut dst_meter = CpuMeter::new(dst);
+    let mut last_dst_find = Instant::now() - Duration::from_secs(1);
+    let mut last_cpu = Instant::now() - Duration::from_secs(1);
+    let mut src_last: Option<u64> = None;
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(p) = &src_probe {
+            match p.read() {
+                Ok(st) if st.magic_ok => {
+                    if src_last != Some(st.heartbeat) {
+                        src_last = Some(st.heartbeat);
+                        log.src_last_change = Some((ms_since(t0), st.heartbeat));
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => src_probe = None, // the source exited
+            }
+        }
+        match &dst_probe {
+            Some(p) => {
+                if let Ok(st) = p.read() {
+                    if st.magic_ok && log.dst_changes.last().map(|&(_, h)| h) != Some(st.heartbeat)
+                    {
+                        log.dst_changes.push((ms_since(t0), st.heartbeat));
+                    }
+                    log.dst_last = Some(st);
+                }
+            }
+            None if last_dst_find.elapsed() > Duration::from_millis(5) => {
+                last_dst_find = Instant::now();
+                dst_probe = GuestProbe::find(dst, mem_bytes).ok().flatten();
+            }
+            None => {}
+        }
+        if last_cpu.elapsed() > Duration::from_millis(20) {
+            last_cpu = Instant::now();
+            if let Some(s) = src_meter.sample() {
+                log.src_cpu = Some(s);
+            }
+            if let Some(s) = dst_meter.sample() {
+                log.dst_cpu = Some(s);
+            }
+        }
+        thread::sleep(Duration::from_micros(200));
+    }
+    if let Some(s) = src_meter.sample() {
+        log.src_cpu = Some(s);
+    }
+    if let Some(s) = dst_meter.sample() {
+        log.dst_cpu = Some(s);
+    }
+    log
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gap_is_from_last_source_change_to_first_new_value() {
+        let log = WatchLog {
+            src_last_change: Some((100.0, 50)),
+            // Earlier rounds' copies (<= 50), then the guest runs again.
+            dst_changes: vec![
+                (20.0, 10),
+                (90.0, 49),
+                (110.0, 50),
+                (135.0, 51),
+                (136.0, 52),
+            ],
+            ..WatchLog::default()
+        };
+        assert_eq!(log.heartbeat_gap_ms(), Some(35.0));
+        assert_eq!(log.switch_heartbeat(), Some(50));
+    }
+
+    #[test]
+    fn no_gap_when_the_guest_never_ran_again() {
+        let log = WatchLog {
+            src_last_change: Some((100.0, 50)),
+            dst_changes: vec![(110.0, 50)],
+            ..WatchLog::default()
+        };
+        assert_eq!(log.heartbeat_gap_ms(), None);
+    }
+}
