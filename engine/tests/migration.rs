@@ -46,6 +46,12 @@ fn migrates_and_lives_on(
     let (result, events) = migrate_to(&vm, dest.addr, opts);
     let summary = result?;
     let (dest_vm, dest_summary) = dest.join()?;
+    eprintln!("{test}: {}", serde_json::to_string(&summary)?);
+    for e in &events {
+        if let ProgressEvent::RoundFinished { .. } = e {
+            eprintln!("  {}", serde_json::to_string(e)?);
+        }
+    }
 
     // The source is paused for good and frozen at the switchover.
     ensure!(

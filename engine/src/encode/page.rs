@@ -86,7 +86,8 @@ impl PageEncoder {
                 _ => {
                     self.lz4_failures += 1;
                     if self.lz4_failures >= LZ4_FAILURES_BEFORE_BACKOFF {
-                        self.lz4_failures = 0;
+                        // Back off; one more failed probe backs off again.
+                        self.lz4_failures = LZ4_FAILURES_BEFORE_BACKOFF - 1;
                         self.lz4_skip = LZ4_BACKOFF_PAGES;
                     }
                 }
@@ -313,6 +314,20 @@ mod tests {
         }
         let (encoding, _) = encode_one(&mut enc, 99, &data, None);
         assert_eq!(encoding, PageEncoding::Lz4);
+    }
+
+    #[test]
+    fn one_failed_probe_backs_off_again() {
+        let mut enc = PageEncoder::new();
+        for i in 0..u64::from(LZ4_FAILURES_BEFORE_BACKOFF + LZ4_BACKOFF_PAGES) {
+            encode_one(&mut enc, i, &noise(i + 10), None);
+        }
+        // The probe: incompressible, fails, and the encoder backs off again.
+        encode_one(&mut enc, 1, &noise(5000), None);
+        let mut data = [0u8; PAGE_SIZE];
+        data[0] = 1;
+        let (encoding, _) = encode_one(&mut enc, 99, &data, None);
+        assert_eq!(encoding, PageEncoding::Raw);
     }
 
     #[test]

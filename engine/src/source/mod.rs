@@ -102,10 +102,7 @@ impl SourceMigration {
         if let Err(e) = &result {
             session.recover(e, &mut progress);
         }
-        drop(session);
-        // The inbox thread ends when the caller closes the connection; only
-        // join it when it already ended.
-        drop(inbox);
+        // The inbox thread ends when the caller closes the connection.
         result
     }
 }

@@ -1,0 +1,167 @@
+//! The engine's migration benchmark: a filled guest (2 GiB by default)
+//! migrated over loopback between two in-process VMs, idle and at two dirty
+//! rates, against a plain TCP stream measured in the same run.
+//!
+//! ```text
+//! cargo bench -p ferry-benches --bench migration_engine
+//! FERRY_BENCH_MEM_MIB=512 FERRY_BENCH_RATES=0,20000 cargo bench -p ferry-benches --bench migration_engine
+//! ```
+//! Prints a Markdown table (the figures of BENCHMARKS.md, "## Engine").
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_engine::{
+    DestinationMigration, DestinationOptions, MigrationOptions, MigrationSummary, SourceMigration,
+};
+use ferry_transport::{tcp, FrameListener};
+use ferry_vm::{DirtyBackend, Vm, VmConfig};
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// Plain TCP on loopback: one connection, 1 MiB writes, `bytes` in total.
+fn tcp_stream_baseline(bytes: u64) -> f64 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        while got < bytes {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n as u64,
+            }
+        }
+        got
+    });
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let buf = vec![0x5au8; 1 << 20];
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while sent < bytes {
+        s.write_all(&buf).expect("write");
+        sent += buf.len() as u64;
+    }
+    let got = reader.join().expect("reader");
+    let secs = t0.elapsed().as_secs_f64();
+    got as f64 / secs
+}
+
+struct Case {
+    rate: String,
+    summary: MigrationSummary,
+    /// The plain TCP stream measured right before, with the source guest
+    /// running (it takes a vCPU's worth of CPU, as during the migration).
+    baseline: f64,
+}
+
+fn migrate(mem_mib: u64, rate: &str) -> Case {
+    let cmdline = if rate == "0" {
+        "rate=0 tsc_khz=2300000".to_string()
+    } else {
+        format!("rate={rate} tsc_khz=2300000")
+    };
+    let vm = Arc::new(
+        Vm::boot(&VmConfig {
+            mem_bytes: mem_mib << 20,
+            kernel: None,
+            cmdline,
+            dirty: DirtyBackend::Bitmap,
+        })
+        .expect("boot the source guest"),
+    );
+    vm.wait_running(Duration::from_secs(300))
+        .expect("guest running");
+    let baseline = tcp_stream_baseline(mem_mib << 20);
+    // The destination VM is made (and its memory populated) before the
+    // migration starts, as a receiving host would have it ready.
+    let dest_vm = Vm::incoming(mem_mib << 20, DirtyBackend::Bitmap).expect("destination VM");
+    let listener = FrameListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let dest = std::thread::spawn(move || {
+        let conn = listener.accept().expect("accept");
+        DestinationMigration::accept(conn, &DestinationOptions::default(), move |_layout| {
+            Ok(dest_vm)
+        })
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let conn = tcp::connect(addr).expect("connect");
+    let summary = SourceMigration::new(vm.clone(), MigrationOptions::default())
+        .run(conn, |_| {})
+        .expect("migration");
+    let (dest_vm, _) = dest
+        .join()
+        .expect("destination thread")
+        .expect("destination");
+    let st = dest_vm.status();
+    assert!(
+        st.is_healthy(),
+        "destination guest unhealthy after the benchmark: {st:?}"
+    );
+    Case {
+        rate: rate.to_string(),
+        summary,
+        baseline,
+    }
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` would pass nothing
+    // useful: only run when benchmarking.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("migration_engine: run with `cargo bench` (skipping)");
+        return;
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("SKIP migration_engine: /dev/kvm is not usable");
+        return;
+    }
+    let mem_mib: u64 = env_or("FERRY_BENCH_MEM_MIB", "2048")
+        .parse()
+        .expect("FERRY_BENCH_MEM_MIB");
+    let rates = env_or("FERRY_BENCH_RATES", "0,10000,30000");
+    let idle_machine = tcp_stream_baseline(mem_mib << 20);
+    println!(
+        "plain TCP stream, loopback, 1 connection, no guest running: {:.2} GB/s",
+        idle_machine / 1e9
+    );
+    println!();
+    println!("| guest | dirty rate (pages/s) | rounds | total (s) | downtime (ms) | downtime parts (ms): pause / collect / last pages / state / verify / restore / handover | guest bytes | wire bytes | throughput (GB/s) | TCP stream, guest running (GB/s) | vs TCP stream | throttle |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for rate in rates.split(',') {
+        let c = migrate(mem_mib, rate.trim());
+        let s = &c.summary;
+        let p = &s.downtime_parts;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "| {mem_mib} MiB | {} | {} | {:.2} | {:.1} | {:.1} / {:.2} / {:.1} / {:.1} / {:.1} / {:.1} / {:.1} | {:.0} MiB | {:.0} MiB | {:.2} | {:.2} | {:.0}% | {}% |",
+            c.rate,
+            s.rounds,
+            s.total.as_secs_f64(),
+            ms(s.downtime),
+            ms(p.pause),
+            ms(p.final_collect),
+            ms(p.final_pages),
+            ms(p.state),
+            ms(p.dest_verify),
+            ms(p.dest_restore),
+            ms(p.handover),
+            s.guest_bytes as f64 / 1048576.0,
+            s.wire_bytes as f64 / 1048576.0,
+            s.throughput_bytes_per_sec / 1e9,
+            c.baseline / 1e9,
+            100.0 * s.throughput_bytes_per_sec / c.baseline,
+            s.max_throttle_percent,
+        );
+    }
+}
