@@ -201,7 +201,12 @@ fn unknown_entry((slot, offset): (u32, u64)) -> DirtyLogError {
 /// [`RingFullHandler::handle_ring_full`] (from [`KvmDirtyRing::ring_full_handler`])
 /// before running again: it harvests every ring into a pending bitmap that
 /// the next `collect` reports, and resets the rings so the vCPU can go on.
-#[derive(Debug)]
+///
+/// Create it **once per VM**: it remembers where it stopped reading each
+/// ring, which a second `new` over the same vCPUs would not know. Hand out
+/// more logs with `clone()`, which shares the rings, the read positions and
+/// the pending pages.
+#[derive(Debug, Clone)]
 pub struct KvmDirtyRing {
     vm: Arc<VmFd>,
     state: Arc<Mutex<RingState>>,

@@ -195,3 +195,36 @@ impl<B: DirtyLog, S: VmmWriteSource> DirtyLog for WithVmmWrites<B, S> {
         self.inner.stop()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_are_drained_once() {
+        let log = VmmWriteLog::new(200);
+        log.mark(3);
+        log.mark_range(64 * 4096 + 4000, 200); // straddles pages 64 and 65
+        log.mark(500); // past the end: ignored
+        let mut out = DirtyBitmap::new(200);
+        assert_eq!(log.drain_into(&mut out), 3);
+        assert_eq!(out.iter_ones().collect::<Vec<_>>(), [3, 64, 65]);
+        let mut again = DirtyBitmap::new(200);
+        assert_eq!(log.drain_into(&mut again), 0);
+    }
+
+    #[test]
+    fn marks_racing_with_drains_are_never_lost() {
+        let log = Arc::new(VmmWriteLog::new(4096));
+        let mut seen = DirtyBitmap::new(4096);
+        std::thread::scope(|s| {
+            let marker = log.clone();
+            let h = s.spawn(move || (0..4096).for_each(|p| marker.mark(p)));
+            while !h.is_finished() {
+                log.drain_into(&mut seen);
+            }
+        });
+        log.drain_into(&mut seen);
+        assert_eq!(seen.count_ones(), 4096);
+    }
+}
