@@ -52,6 +52,7 @@ fn main() {
             json_out: None,
             plot_out: None,
             settings,
+            custom: None,
         }
     };
     if let Ok(r) = std::env::var("FERRY_BENCH_REPEAT") {

@@ -35,15 +35,26 @@ pub struct CompareConfig {
     pub plot_out: Option<PathBuf>,
     /// Shared run settings.
     pub settings: RunSettings,
+    /// Run only this workload (instead of `mems` x `levels`).
+    pub custom: Option<Workload>,
 }
 
 impl CompareConfig {
-    /// The CI mode: a 256 MiB guest at the moderate level, QEMU's and
-    /// ferry's default profiles once each.
-    pub fn quick(settings: RunSettings) -> Self {
+    /// The CI mode: the smallest row (a 256 MiB guest dirtying 64 MiB at
+    /// 1,000 pages/s, so even debug builds converge), QEMU's and ferry's
+    /// default profiles once each, a 90 s deadline unless one was given.
+    pub fn quick(mut settings: RunSettings) -> Self {
+        settings.deadline = settings.deadline.or(Some(std::time::Duration::from_secs(90)));
         Self {
             mems: vec![256 << 20],
             levels: vec![DirtyLevel::Moderate],
+            custom: Some(Workload {
+                mem_bytes: 256 << 20,
+                level: DirtyLevel::Moderate,
+                wss_bytes: Some(64 << 20),
+                rate: 1_000,
+                cap_bytes_per_sec: None,
+            }),
             qemu_profiles: vec![QemuProfile::Default],
             ferry_profiles: vec![FerryProfile::Default],
             repeat: 1,
@@ -56,6 +67,9 @@ impl CompareConfig {
 
     /// The workloads, smallest first.
     pub fn workloads(&self) -> Vec<Workload> {
+        if let Some(w) = self.custom {
+            return vec![w];
+        }
         let mut v = Vec::new();
         for &m in &self.mems {
             for &l in &self.levels {
