@@ -94,20 +94,7 @@ impl Qmp {
     /// Reads `count` guest-physical u64 words at `addr` (via HMP `xp`).
     pub fn read_phys_u64(&mut self, addr: u64, count: usize) -> Result<Vec<u64>> {
         let text = self.hmp(&format!("xp /{count}gx {addr:#x}"))?;
-        let words: Vec<u64> = text
-            .lines()
-            .filter_map(|l| l.split_once(':').map(|(_, rest)| rest))
-            .flat_map(str::split_whitespace)
-            .map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16))
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("parsing xp output {text:?}"))?;
-        if words.len() != count {
-            bail!(
-                "xp returned {} words, expected {count}: {text:?}",
-                words.len()
-            );
-        }
-        Ok(words)
+        parse_xp(&text, count)
     }
 
     /// `query-status`'s `status` (`running`, `paused`, `postmigrate`, `inmigrate`, ...).
@@ -137,6 +124,24 @@ impl Qmp {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Parses the output of HMP `xp /Ngx ADDR` into its `count` words.
+pub fn parse_xp(text: &str, count: usize) -> Result<Vec<u64>> {
+    let words: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(_, rest)| rest))
+        .flat_map(str::split_whitespace)
+        .map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parsing xp output {text:?}"))?;
+    if words.len() != count {
+        bail!(
+            "xp returned {} words, expected {count}: {text:?}",
+            words.len()
+        );
+    }
+    Ok(words)
 }
 
 /// The workload guest's status block (GUEST.md), read through QMP.
