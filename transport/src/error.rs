@@ -73,6 +73,9 @@ pub enum TransportError {
     /// Setting up TLS on a connection failed (e.g. the peer's certificate was refused).
     #[error("TLS failed")]
     Tls(#[source] crate::tls::TlsError),
+    /// Zero-copy sending was asked for on a TLS lane.
+    #[error("zero-copy sending needs a plaintext lane (TLS encrypts into its own buffers)")]
+    ZeroCopyNeedsPlaintext,
     /// The peer closed the connection cleanly at a frame boundary.
     #[error("the peer closed the connection")]
     PeerClosed,

@@ -35,6 +35,7 @@ mod stream;
 pub mod tcp;
 pub mod tls;
 pub mod tunnel;
+pub mod zerocopy;
 
 pub use error::TransportError;
 pub use frame::{

@@ -56,6 +56,25 @@ fn tls_lane_pair() -> Pair {
     )
 }
 
+/// Zero-copy io_uring sender to an io_uring receiver, or `None` (with a
+/// loud SKIP) where this kernel has no io_uring zero-copy send.
+fn zc_pair() -> Option<Pair> {
+    use ferry_transport::zerocopy::{UringReader, ZcSender};
+    use ferry_transport::FrameReader;
+    if !ZcSender::is_supported() {
+        eprintln!("SKIP (zero-copy conformance): io_uring SENDMSG_ZC is not supported here");
+        return None;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = thread::spawn(move || std::net::TcpStream::connect(addr).unwrap());
+    let (server, _) = listener.accept().unwrap();
+    let client = client.join().unwrap();
+    let sink = ZcSender::new(client, 8).unwrap();
+    let source = FrameReader::new(UringReader::new(server).unwrap());
+    Some((Box::new(sink), Box::new(source)))
+}
+
 /// Frames arrive complete, in order, with kinds, flags and payloads intact,
 /// including a maximum-size frame and a vectored one; closing is a clean end.
 fn delivers_in_order(make: fn() -> Pair) {
@@ -141,4 +160,68 @@ fn tls_lane_delivers_in_order() {
 #[test]
 fn tls_lane_refuses_oversized() {
     refuses_oversized(tls_lane_pair);
+}
+
+#[test]
+fn zero_copy_delivers_in_order() {
+    if zc_pair().is_some() {
+        delivers_in_order(|| zc_pair().unwrap());
+    }
+}
+
+#[test]
+fn zero_copy_refuses_oversized() {
+    if zc_pair().is_some() {
+        refuses_oversized(|| zc_pair().unwrap());
+    }
+}
+
+/// Owned frames pipelined `depth` deep arrive whole and in order.
+#[test]
+fn zero_copy_pipelined_owned_frames_arrive_in_order() {
+    use bytes::Bytes;
+    use ferry_transport::lanes::queue::OutFrame;
+    use ferry_transport::zerocopy::ZcSender;
+    use ferry_transport::FrameReader;
+    if !ZcSender::is_supported() {
+        eprintln!("SKIP (zero-copy pipeline): io_uring SENDMSG_ZC is not supported here");
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sender = thread::spawn(move || {
+        let mut zc = ZcSender::new(std::net::TcpStream::connect(addr).unwrap(), 16).unwrap();
+        let memory = Bytes::from(
+            (0..1u32 << 22)
+                .map(|i| (i % 241) as u8)
+                .collect::<Vec<u8>>(),
+        );
+        for i in 0..500u32 {
+            let off = (i as usize * 4096 * 7) % ((1 << 22) - 65536);
+            let frame = OutFrame {
+                kind: FrameKind::PageBatch,
+                flags: i,
+                parts: vec![
+                    Bytes::copy_from_slice(&i.to_le_bytes()),
+                    memory.slice(off..off + 65536),
+                ],
+            };
+            zc.send_owned(frame).unwrap();
+        }
+        zc.flush().unwrap();
+    });
+    let (server, _) = listener.accept().unwrap();
+    let mut r = FrameReader::new(server);
+    for i in 0..500u32 {
+        let f = r.read_frame().unwrap();
+        assert_eq!(f.flags, i);
+        assert_eq!(&f.payload[..4], &i.to_le_bytes());
+        let off = (i as usize * 4096 * 7) % ((1 << 22) - 65536);
+        assert!(f.payload[4..]
+            .iter()
+            .enumerate()
+            .all(|(j, &b)| b == ((off + j) as u32 % 241) as u8));
+    }
+    sender.join().unwrap();
+    assert!(matches!(r.read_frame(), Err(TransportError::PeerClosed)));
 }

@@ -123,18 +123,40 @@ fn zero_lanes_are_refused_before_connecting() {
 /// always travels on one lane, the receiver sees each page's versions in order.
 #[test]
 fn queued_lanes_keep_per_page_order() {
+    per_page_order(false);
+}
+
+#[test]
+fn zero_copy_queued_lanes_keep_per_page_order() {
+    if !ferry_transport::zerocopy::ZcSender::is_supported() {
+        eprintln!("SKIP (zero-copy lanes): io_uring SENDMSG_ZC is not supported here");
+        return;
+    }
+    per_page_order(true);
+}
+
+fn per_page_order(zero_copy: bool) {
     let mut l = listener();
     let addr = l.local_addr().unwrap();
     let mut opts = LaneOptions::new(4, Security::Insecure);
     opts.max_bandwidth = Some(1 << 30);
     let sender = thread::spawn(move || {
         let lanes = Lanes::connect(addr, &opts).unwrap();
-        let writers = lanes
-            .into_vec()
-            .into_iter()
-            .map(|l| l.into_parts().2)
-            .collect();
-        let q = LaneQueues::spawn(writers, 2);
+        let q = if zero_copy {
+            let raw = lanes
+                .into_vec()
+                .into_iter()
+                .map(|l| l.into_raw_parts().unwrap().1)
+                .collect();
+            LaneQueues::spawn_zero_copy(raw, 2).unwrap()
+        } else {
+            let writers = lanes
+                .into_vec()
+                .into_iter()
+                .map(|l| l.into_parts().2)
+                .collect();
+            LaneQueues::spawn(writers, 2)
+        };
         for version in 0u32..5 {
             for page in (0u64..2048).step_by(16) {
                 let mut payload = page.to_le_bytes().to_vec();

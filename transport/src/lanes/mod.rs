@@ -24,6 +24,7 @@ use std::time::Duration;
 
 pub use bucket::TokenBucket;
 pub use handshake::{LaneHello, SessionId, MAX_LANES};
+pub use queue::{LaneInbox, LaneQueues, OutFrame};
 
 use crate::error::TransportError;
 use crate::frame::FrameKind;
@@ -110,9 +111,23 @@ impl<W: Write> Write for ThrottledWrite<W> {
     }
 }
 
+/// A plaintext lane taken apart for zero-copy sending: its raw socket and
+/// the session's bandwidth bucket.
+#[derive(Debug)]
+pub struct RawLane {
+    /// The lane's index.
+    pub index: u16,
+    /// The connected socket (plaintext).
+    pub socket: TcpStream,
+    /// The session's `--max-bandwidth` bucket, if any.
+    pub bucket: Option<Arc<TokenBucket>>,
+}
+
 /// One connection of a session.
 pub struct Lane {
     index: u16,
+    plaintext: bool,
+    bucket: Option<Arc<TokenBucket>>,
     /// Frames from the peer.
     pub reader: FrameReader<LaneRead>,
     /// Frames to the peer.
@@ -157,6 +172,22 @@ impl Lane {
             .try_clone()
             .map(LaneCloser)
             .map_err(TransportError::Configure)
+    }
+
+    /// For zero-copy sending: the reader and the raw socket. Fails for a TLS
+    /// lane (encryption copies the bytes anyway).
+    pub fn into_raw_parts(self) -> Result<(FrameReader<LaneRead>, RawLane), TransportError> {
+        if !self.plaintext {
+            return Err(TransportError::ZeroCopyNeedsPlaintext);
+        }
+        Ok((
+            self.reader,
+            RawLane {
+                index: self.index,
+                socket: self.socket,
+                bucket: self.bucket,
+            },
+        ))
     }
 
     /// Splits the lane into its index, reader and writer.
@@ -218,6 +249,8 @@ fn open_lane(
     };
     Ok(Lane {
         index,
+        plaintext: matches!(security, Security::Insecure),
+        bucket: bucket.cloned(),
         reader: FrameReader::new(read),
         writer: FrameWriter::new(write),
         socket,

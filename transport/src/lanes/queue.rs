@@ -15,10 +15,11 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use super::{lane_for_page, LaneRead, LaneWrite};
+use super::{lane_for_page, LaneRead, LaneWrite, RawLane, TokenBucket};
 use crate::error::TransportError;
 use crate::frame::{Frame, FrameKind};
 use crate::stream::{FrameReader, FrameWriter};
+use crate::zerocopy::ZcSender;
 
 /// A frame waiting in a send queue; its payload is the concatenation of `parts`.
 #[derive(Debug, Clone)]
@@ -44,48 +45,110 @@ impl OutFrame {
 
 type ErrorSlot = Arc<Mutex<Option<TransportError>>>;
 
+/// What a lane's writer thread sends queued frames through.
+pub trait QueuedSink: Send {
+    /// Sends (or queues in the kernel) one owned frame.
+    fn put(&mut self, frame: OutFrame) -> Result<(), TransportError>;
+    /// Pushes out everything put so far.
+    fn flush(&mut self) -> Result<(), TransportError>;
+}
+
+impl QueuedSink for FrameWriter<LaneWrite> {
+    fn put(&mut self, f: OutFrame) -> Result<(), TransportError> {
+        let slices: Vec<IoSlice<'_>> = f.parts.iter().map(|p| IoSlice::new(p)).collect();
+        self.write_frame_vectored(f.kind, f.flags, &slices)
+    }
+    fn flush(&mut self) -> Result<(), TransportError> {
+        FrameWriter::flush(self)
+    }
+}
+
+/// Zero-copy lane sender: frames stay owned until the kernel releases them;
+/// charges the session's bandwidth bucket, if any, per frame.
+struct ZeroCopyLane {
+    sender: ZcSender,
+    bucket: Option<Arc<TokenBucket>>,
+}
+
+impl QueuedSink for ZeroCopyLane {
+    fn put(&mut self, f: OutFrame) -> Result<(), TransportError> {
+        let len = crate::frame::HEADER_LEN + f.parts.iter().map(Bytes::len).sum::<usize>();
+        self.sender.send_owned(f)?;
+        if let Some(b) = &self.bucket {
+            b.charge(len);
+        }
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), TransportError> {
+        self.sender.flush()
+    }
+}
+
 /// Writer threads, one per lane, each behind a bounded queue.
 #[derive(Debug)]
 pub struct LaneQueues {
     queues: Vec<Sender<OutFrame>>,
     errors: Vec<ErrorSlot>,
-    threads: Vec<JoinHandle<Option<FrameWriter<LaneWrite>>>>,
+    threads: Vec<JoinHandle<bool>>,
 }
 
 impl LaneQueues {
-    /// Starts one writer thread per lane; each queue holds at most `depth` frames.
+    /// Starts one writer thread per lane (plain `write`, or TLS); each queue
+    /// holds at most `depth` frames.
     pub fn spawn(writers: Vec<FrameWriter<LaneWrite>>, depth: usize) -> LaneQueues {
-        let mut queues = Vec::with_capacity(writers.len());
-        let mut errors = Vec::with_capacity(writers.len());
-        let mut threads = Vec::with_capacity(writers.len());
-        for (lane, mut writer) in writers.into_iter().enumerate() {
+        let sinks = writers
+            .into_iter()
+            .map(|w| Box::new(w) as Box<dyn QueuedSink>)
+            .collect();
+        LaneQueues::spawn_sinks(sinks, depth)
+    }
+
+    /// Starts one zero-copy (io_uring `SENDMSG_ZC`) writer thread per lane;
+    /// needs plaintext lanes ([`Lane::into_raw_parts`]). Up to `depth`
+    /// frames wait in each queue and up to `depth` more are in the kernel.
+    pub fn spawn_zero_copy(
+        lanes: Vec<RawLane>,
+        depth: usize,
+    ) -> Result<LaneQueues, TransportError> {
+        let mut sinks: Vec<Box<dyn QueuedSink>> = Vec::with_capacity(lanes.len());
+        for lane in lanes {
+            sinks.push(Box::new(ZeroCopyLane {
+                sender: ZcSender::new(lane.socket, depth)?,
+                bucket: lane.bucket,
+            }));
+        }
+        Ok(LaneQueues::spawn_sinks(sinks, depth))
+    }
+
+    /// Starts one writer thread per sink.
+    pub fn spawn_sinks(sinks: Vec<Box<dyn QueuedSink>>, depth: usize) -> LaneQueues {
+        let mut queues = Vec::with_capacity(sinks.len());
+        let mut errors = Vec::with_capacity(sinks.len());
+        let mut threads = Vec::with_capacity(sinks.len());
+        for (lane, mut sink) in sinks.into_iter().enumerate() {
             let (tx, rx): (Sender<OutFrame>, Receiver<OutFrame>) = bounded(depth.max(1));
             let slot: ErrorSlot = Arc::new(Mutex::new(None));
             let thread_slot = Arc::clone(&slot);
             let handle = std::thread::Builder::new()
                 .name(format!("ferry-lane-{lane}"))
                 .spawn(move || {
+                    let fail = |e| {
+                        *thread_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        false
+                    };
                     for f in rx.iter() {
-                        let slices: Vec<IoSlice<'_>> =
-                            f.parts.iter().map(|p| IoSlice::new(p)).collect();
-                        let sent = writer.write_frame_vectored(f.kind, f.flags, &slices);
-                        if let Err(e) = sent.and_then(|()| {
-                            if rx.is_empty() {
-                                writer.flush()
-                            } else {
-                                Ok(())
+                        if let Err(e) = sink.put(f) {
+                            return fail(e);
+                        }
+                        if rx.is_empty() {
+                            if let Err(e) = sink.flush() {
+                                return fail(e);
                             }
-                        }) {
-                            *thread_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                            return None;
                         }
                     }
-                    match writer.flush() {
-                        Ok(()) => Some(writer),
-                        Err(e) => {
-                            *thread_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                            None
-                        }
+                    match sink.flush() {
+                        Ok(()) => true,
+                        Err(e) => fail(e),
                     }
                 })
                 .expect("spawning a lane writer thread");
@@ -136,37 +199,33 @@ impl LaneQueues {
             .unwrap_or(TransportError::LaneClosed { lane })
     }
 
-    /// Drains every queue, flushes, stops the threads and returns the writers
-    /// (lane order) for further use, or the first lane's error.
-    pub fn finish(self) -> Result<Vec<FrameWriter<LaneWrite>>, TransportError> {
+    /// Drains every queue, flushes, stops the threads; the first lane's
+    /// error, if any.
+    pub fn finish(self) -> Result<(), TransportError> {
         let LaneQueues {
             queues,
             errors,
             threads,
         } = self;
         drop(queues);
-        let mut writers = Vec::with_capacity(threads.len());
         let mut first_err = None;
         for (lane, t) in threads.into_iter().enumerate() {
-            match t.join() {
-                Ok(Some(w)) => writers.push(w),
-                Ok(None) | Err(_) => {
-                    let e = errors[lane]
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .take()
-                        .map(|e| TransportError::Lane {
-                            lane,
-                            source: Box::new(e),
-                        })
-                        .unwrap_or(TransportError::LaneClosed { lane });
-                    first_err.get_or_insert(e);
-                }
+            if !t.join().unwrap_or(false) {
+                let e = errors[lane]
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    .map(|e| TransportError::Lane {
+                        lane,
+                        source: Box::new(e),
+                    })
+                    .unwrap_or(TransportError::LaneClosed { lane });
+                first_err.get_or_insert(e);
             }
         }
         match first_err {
             Some(e) => Err(e),
-            None => Ok(writers),
+            None => Ok(()),
         }
     }
 }
