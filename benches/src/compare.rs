@@ -44,7 +44,9 @@ impl CompareConfig {
     /// 1,000 pages/s, so even debug builds converge), QEMU's and ferry's
     /// default profiles once each, a 90 s deadline unless one was given.
     pub fn quick(mut settings: RunSettings) -> Self {
-        settings.deadline = settings.deadline.or(Some(std::time::Duration::from_secs(90)));
+        settings.deadline = settings
+            .deadline
+            .or(Some(std::time::Duration::from_secs(90)));
         Self {
             mems: vec![256 << 20],
             levels: vec![DirtyLevel::Moderate],
@@ -163,6 +165,12 @@ pub fn run(
             Profile::Ferry(*p).name()
         ));
     }
+    if s.ferry_bin.components().any(|c| c.as_os_str() == "debug") {
+        notes.push(format!(
+            "{} is a debug build: ferry's figures are not representative (cargo build --release -p ferry)",
+            s.ferry_bin.display()
+        ));
+    }
     let mut runs = Vec::new();
     for w in cfg.workloads() {
         for (rep, profile) in interleave(&cfg.qemu_profiles, &cfg.ferry_profiles, cfg.repeat) {
@@ -211,7 +219,10 @@ pub fn run(
 pub fn run_line(r: &RunOutcome) -> String {
     let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.1}"));
     let status = match &r.status {
-        RunStatus::Completed if r.guest_alive == Some(true) => "ok".to_string(),
+        RunStatus::Completed if r.succeeded() => "ok".to_string(),
+        RunStatus::Completed if r.static_memory_match == Some(false) => {
+            format!("MEMORY DIFFERS ({})", r.alive_detail)
+        }
         RunStatus::Completed => format!("guest NOT alive ({})", r.alive_detail),
         RunStatus::NotConverged(w) => format!("not converged: {w}"),
         RunStatus::Failed(w) => format!("FAILED: {w}"),

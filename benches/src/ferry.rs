@@ -13,6 +13,7 @@ use ferry_e2e::process::ProcessGuard;
 use serde_json::Value;
 
 use crate::error::BenchError;
+use crate::guest_probe::StaticDigest;
 use crate::matrix::{FerryProfile, Profile, Workload};
 use crate::outcome::{BytesLeft, RunOutcome, RunStatus};
 use crate::procfs;
@@ -118,6 +119,7 @@ fn run_inner(
         || src.check_running(),
     )?;
     wait_socket(&src_sock, &mut src)?;
+    let before = StaticDigest::of_source(src_pid, w.mem_bytes, w.rate);
     let port = run_common::free_port()?;
     let to = format!("127.0.0.1:{port}");
     let mut cmd = Command::new(&s.ferry_bin);
@@ -182,7 +184,7 @@ fn run_inner(
     let hard_deadline = deadline + Duration::from_secs(15);
     let mut summary: Option<Value> = None;
     let mut failure: Option<BenchError> = None;
-    let mut dst_read_end = None;
+    let mut lo_end = None;
     let mut last_text = String::new();
     loop {
         let left = hard_deadline.saturating_sub(t0.elapsed());
@@ -196,7 +198,7 @@ fn run_inner(
                 if let Some(sum) = summary_of(&v) {
                     if summary.is_none() {
                         out.wall_ms = Some(line.t_ms);
-                        dst_read_end = procfs::read_bytes(dst_pid).ok();
+                        lo_end = procfs::loopback_bytes().ok();
                         summary = Some(sum);
                     }
                 }
@@ -227,7 +229,7 @@ fn run_inner(
         std::thread::sleep(Duration::from_millis(50));
     }
     let log = watch.finish();
-    run_common::fill_from_watch(out, &log, &base, dst_read_end, client_cpu);
+    run_common::fill_from_watch(out, &log, &base, lo_end, client_cpu);
     let Some(sum) = summary else {
         if let Some(f) = failure {
             return Err(f);
@@ -242,7 +244,7 @@ fn run_inner(
     out.rounds = sum["rounds"].as_u64();
     out.wire_bytes = sum["wire_bytes"].as_u64();
     dst.check_running()?;
-    run_common::check_alive(out, dst_pid);
+    run_common::check_alive(out, dst_pid, before.as_ref());
     // The source exits 0 once its guest migrated away.
     let end = Instant::now() + Duration::from_secs(5);
     while src.guard.is_running() && Instant::now() < end {

@@ -54,6 +54,21 @@ impl GuestProbe {
         Ok(None)
     }
 
+    /// xxh3 of guest-physical `[start, end)`, read in 1 MiB pieces.
+    pub fn digest(&self, start: u64, end: u64) -> std::io::Result<u64> {
+        let base = self.addr - STATUS_ADDR;
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = start;
+        while at < end {
+            let n = usize::try_from((end - at).min(buf.len() as u64)).unwrap_or(buf.len());
+            self.mem.read_exact_at(&mut buf[..n], base + at)?;
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(h.digest())
+    }
+
     /// The status block now.
     pub fn read(&self) -> std::io::Result<GuestStatus> {
         let mut raw = [0u8; 160];
@@ -65,5 +80,51 @@ impl GuestProbe {
             *word = u64::from_le_bytes(b);
         }
         Ok(GuestStatus::from_words(&w))
+    }
+}
+
+/// Guest-physical range the workload guest fills and then never writes
+/// again: the fill region above its working set (all of it when it does
+/// not dirty). Equal on source and destination after any correct
+/// migration, whatever the engine; `None` when there is no such range.
+pub fn static_range(status: &GuestStatus, rate: u64) -> Option<(u64, u64)> {
+    let start = if rate == 0 {
+        ferry_vm::FILL_BASE
+    } else {
+        ferry_vm::FILL_BASE + status.wss_pages * 4096
+    };
+    (status.mem_top > start).then_some((start, status.mem_top))
+}
+
+/// What the static-memory comparison found.
+#[derive(Debug, Clone, Copy)]
+pub struct StaticDigest {
+    /// The range hashed.
+    pub range: (u64, u64),
+    /// Its xxh3 on the source before the migration.
+    pub digest: u64,
+}
+
+impl StaticDigest {
+    /// Hashes the static range of the source's guest (after the fill).
+    pub fn of_source(pid: u32, mem_bytes: u64, rate: u64) -> Option<Self> {
+        let p = GuestProbe::find(pid, mem_bytes).ok()??;
+        let st = p.read().ok()?;
+        let range = static_range(&st, rate)?;
+        Some(Self {
+            range,
+            digest: p.digest(range.0, range.1).ok()?,
+        })
+    }
+
+    /// Whether the destination holds the same bytes there.
+    pub fn matches_destination(&self, pid: u32, mem_bytes: u64) -> Result<bool, String> {
+        let p = GuestProbe::find(pid, mem_bytes)
+            .map_err(|e| e.to_string())?
+            .ok_or("no guest in the destination's memory")?;
+        let d = p
+            .digest(self.range.0, self.range.1)
+            .map_err(|e| e.to_string())?;
+        Ok(d == self.digest)
     }
 }

@@ -58,9 +58,11 @@ pub struct RunOutcome {
     pub rounds: Option<u64>,
     /// Bytes on the wire, engine's own figure.
     pub wire_bytes: Option<u64>,
-    /// Bytes the destination process read during the migration
-    /// (`/proc/PID/io` rchar), the same measure for both engines.
-    pub dst_read_bytes: Option<u64>,
+    /// Bytes the loopback interface carried during the migration
+    /// (`/sys/class/net/lo/statistics/tx_bytes`): the same measure for both
+    /// engines, TCP/IP headers included, machine-wide (other loopback
+    /// traffic on the machine adds to it).
+    pub lo_bytes: Option<u64>,
     /// CPU seconds of the source side (all its processes) during the
     /// migration.
     pub src_cpu_s: Option<f64>,
@@ -78,6 +80,13 @@ pub struct RunOutcome {
     pub guest_alive: Option<bool>,
     /// Self-check errors the destination guest counted.
     pub verify_errors: Option<u64>,
+    /// Bytes of guest memory the guest filled and never writes again,
+    /// hashed on the source before and on the destination after.
+    pub static_bytes: Option<u64>,
+    /// Whether those bytes are identical on the destination.
+    pub static_memory_match: Option<bool>,
+    /// Pages/s the guest really dirtied on the source during the migration.
+    pub guest_dirty_rate: Option<f64>,
     /// Detail of the liveness check.
     pub alive_detail: String,
     /// Bytes left over time.
@@ -100,7 +109,7 @@ impl RunOutcome {
             heartbeat_gap_ms: None,
             rounds: None,
             wire_bytes: None,
-            dst_read_bytes: None,
+            lo_bytes: None,
             src_cpu_s: None,
             src_engine_cpu_s: None,
             dst_cpu_s: None,
@@ -108,6 +117,9 @@ impl RunOutcome {
             switch_heartbeat: None,
             guest_alive: None,
             verify_errors: None,
+            static_bytes: None,
+            static_memory_match: None,
+            guest_dirty_rate: None,
             alive_detail: String::new(),
             bytes_left: Vec::new(),
         }
@@ -115,6 +127,8 @@ impl RunOutcome {
 
     /// Completed with the guest alive at the destination.
     pub fn succeeded(&self) -> bool {
-        self.status == RunStatus::Completed && self.guest_alive == Some(true)
+        self.status == RunStatus::Completed
+            && self.guest_alive == Some(true)
+            && self.static_memory_match != Some(false)
     }
 }

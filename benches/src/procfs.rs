@@ -66,6 +66,14 @@ pub fn read_bytes(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no rchar in io"))
 }
 
+/// Bytes sent over the loopback interface since boot.
+pub fn loopback_bytes() -> io::Result<u64> {
+    fs::read_to_string("/sys/class/net/lo/statistics/tx_bytes")?
+        .trim()
+        .parse()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad lo tx_bytes"))
+}
+
 /// Writable private or shared mappings of at least `min_len` bytes, as
 /// `(start, len)`: candidates for guest RAM.
 pub fn large_rw_mappings(pid: u32, min_len: u64) -> io::Result<Vec<(u64, u64)>> {

@@ -10,6 +10,7 @@ use ferry_e2e::qmp::Qmp;
 use serde_json::{json, Value};
 
 use crate::error::BenchError;
+use crate::guest_probe::StaticDigest;
 use crate::matrix::{Profile, QemuProfile, Workload};
 use crate::outcome::{BytesLeft, RunOutcome, RunStatus};
 use crate::run_common::{self, Baseline, EngineProcess};
@@ -188,6 +189,7 @@ fn run_inner(
         Duration::from_secs(1),
         || src.check_running(),
     )?;
+    let before = StaticDigest::of_source(src_pid, w.mem_bytes, w.rate);
     let (mut dst, mut dst_qmp) = start(s, w, "bench-dst", true)?;
     let dst_pid = dst.pid();
     configure(&mut src_qmp, p, w, s, true)?;
@@ -206,7 +208,7 @@ fn run_inner(
         .map_err(qmp_err("migrate"))?;
     let deadline = s.deadline_for(w);
     let mut last = Value::Null;
-    let mut dst_read_end = None;
+    let mut lo_end = None;
     let result = loop {
         let info = src_qmp
             .execute("query-migrate", json!({}))
@@ -229,7 +231,7 @@ fn run_inner(
         match status.as_str() {
             "completed" => {
                 out.wall_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
-                dst_read_end = crate::procfs::read_bytes(dst_pid).ok();
+                lo_end = crate::procfs::loopback_bytes().ok();
                 last = info;
                 break Ok(());
             }
@@ -268,13 +270,13 @@ fn run_inner(
         std::thread::sleep(Duration::from_millis(50));
     }
     let log = watch.finish();
-    run_common::fill_from_watch(out, &log, &base, dst_read_end, 0.0);
+    run_common::fill_from_watch(out, &log, &base, lo_end, 0.0);
     out.rounds = u64_at(&last, &["ram", "dirty-sync-count"]);
     out.wire_bytes = u64_at(&last, &["ram", "transferred"]);
     result?;
     out.total_ms = u64_at(&last, &["total-time"]).map(|v| v as f64);
     out.downtime_ms = u64_at(&last, &["downtime"]).map(|v| v as f64);
-    run_common::check_alive(out, dst_pid);
+    run_common::check_alive(out, dst_pid, before.as_ref());
     Ok(())
 }
 

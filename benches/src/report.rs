@@ -37,8 +37,8 @@ pub struct Aggregate {
     pub rounds: Option<Spread>,
     /// Engine's wire bytes, MiB.
     pub wire_mib: Option<Spread>,
-    /// Destination's bytes read, MiB.
-    pub dst_read_mib: Option<Spread>,
+    /// Loopback bytes during the migration, MiB.
+    pub lo_mib: Option<Spread>,
     /// Source CPU s (guest vCPU included).
     pub src_cpu_s: Option<Spread>,
     /// Source CPU s without the vCPU thread.
@@ -47,6 +47,8 @@ pub struct Aggregate {
     pub dst_cpu_s: Option<Spread>,
     /// Destination CPU s without the vCPU thread.
     pub dst_engine_cpu_s: Option<Spread>,
+    /// Pages/s the guest really dirtied on the source during the migration.
+    pub guest_dirty_rate: Option<Spread>,
     /// Guest bytes per second of total time as a fraction of the TCP
     /// ceiling.
     pub ceiling_fraction: Option<Spread>,
@@ -80,8 +82,8 @@ pub fn aggregate(runs: &[RunOutcome], ceiling_bps: Option<f64>) -> Vec<Aggregate
             let mut problems: Vec<String> = Vec::new();
             for r in &all {
                 let p = match &r.status {
-                    RunStatus::Completed if r.guest_alive != Some(true) => {
-                        format!("guest not alive at the destination: {}", r.alive_detail)
+                    RunStatus::Completed if !r.succeeded() => {
+                        format!("guest not healthy at the destination: {}", r.alive_detail)
                     }
                     RunStatus::Completed => continue,
                     RunStatus::NotConverged(why) => format!("not converged: {why}"),
@@ -110,11 +112,12 @@ pub fn aggregate(runs: &[RunOutcome], ceiling_bps: Option<f64>) -> Vec<Aggregate
                 heartbeat_gap_ms: f(&|r| r.heartbeat_gap_ms),
                 rounds: f(&|r| r.rounds.map(|x| x as f64)),
                 wire_mib: f(&|r| mib(r.wire_bytes)),
-                dst_read_mib: f(&|r| mib(r.dst_read_bytes)),
+                lo_mib: f(&|r| mib(r.lo_bytes)),
                 src_cpu_s: f(&|r| r.src_cpu_s),
                 src_engine_cpu_s: f(&|r| r.src_engine_cpu_s),
                 dst_cpu_s: f(&|r| r.dst_cpu_s),
                 dst_engine_cpu_s: f(&|r| r.dst_engine_cpu_s),
+                guest_dirty_rate: f(&|r| r.guest_dirty_rate),
                 ceiling_fraction: ceiling_bps.and_then(|c| {
                     f(&|r| r.total_ms.filter(|&t| t > 0.0).map(|t| mem / (t / 1e3) / c))
                 }),
@@ -202,6 +205,8 @@ pub fn table(aggs: &[Aggregate], ceilings: &[Ceiling]) -> String {
         "hb gap ms",
         "rounds",
         "wire MiB",
+        "lo MiB",
+        "guest p/s",
         "src cpu s",
         "dst cpu s",
         "of ceil",
@@ -224,6 +229,9 @@ pub fn table(aggs: &[Aggregate], ceilings: &[Ceiling]) -> String {
             cell(a.heartbeat_gap_ms, 1),
             cell(a.rounds, 0),
             cell(a.wire_mib, 0),
+            cell(a.lo_mib, 0),
+            a.guest_dirty_rate
+                .map_or("-".into(), |d| format!("{:.0}", d.median)),
             cpu(a.src_cpu_s, a.src_engine_cpu_s),
             cpu(a.dst_cpu_s, a.dst_engine_cpu_s),
             a.ceiling_fraction

@@ -8,7 +8,7 @@ use ferry_vm::GuestPhase;
 
 use crate::alive;
 use crate::error::BenchError;
-use crate::guest_probe::GuestProbe;
+use crate::guest_probe::{GuestProbe, StaticDigest};
 use crate::outcome::RunOutcome;
 use crate::procfs;
 use crate::watch::{CpuMeter, CpuSample, WatchLog};
@@ -72,8 +72,8 @@ pub struct Baseline {
     pub src: CpuSample,
     /// Destination CPU.
     pub dst: CpuSample,
-    /// Destination rchar.
-    pub dst_read: u64,
+    /// Loopback tx bytes.
+    pub lo: u64,
 }
 
 impl Baseline {
@@ -82,22 +82,23 @@ impl Baseline {
         Self {
             src: CpuMeter::new(src).sample().unwrap_or_default(),
             dst: CpuMeter::new(dst).sample().unwrap_or_default(),
-            dst_read: procfs::read_bytes(dst).unwrap_or(0),
+            lo: procfs::loopback_bytes().unwrap_or(0),
         }
     }
 }
 
 /// Fills the measured-from-outside fields of `out` (heartbeat gap, CPU,
-/// destination bytes read, liveness). `extra_src_cpu` adds the CPU of
+/// loopback bytes). `extra_src_cpu` adds the CPU of
 /// helper processes on the source side (ferry's `migrate` client).
 pub fn fill_from_watch(
     out: &mut RunOutcome,
     log: &WatchLog,
     base: &Baseline,
-    dst_read_end: Option<u64>,
+    lo_end: Option<u64>,
     extra_src_cpu: f64,
 ) {
     out.heartbeat_gap_ms = log.heartbeat_gap_ms();
+    out.guest_dirty_rate = log.src_dirty_rate();
     out.switch_heartbeat = log.switch_heartbeat();
     if let Some(s) = log.src_cpu {
         let total = s.process - base.src.process + extra_src_cpu;
@@ -109,11 +110,12 @@ pub fn fill_from_watch(
         out.dst_cpu_s = Some(total);
         out.dst_engine_cpu_s = Some(total - (d.vcpu - base.dst.vcpu));
     }
-    out.dst_read_bytes = dst_read_end.map(|e| e.saturating_sub(base.dst_read));
+    out.lo_bytes = lo_end.map(|e| e.saturating_sub(base.lo));
 }
 
-/// Runs the liveness check on the destination and records it.
-pub fn check_alive(out: &mut RunOutcome, dst_pid: u32) {
+/// Runs the liveness check on the destination and records it, with the
+/// static-memory comparison against `before` (taken on the source).
+pub fn check_alive(out: &mut RunOutcome, dst_pid: u32, before: Option<&StaticDigest>) {
     let l = alive::check(
         dst_pid,
         out.workload.mem_bytes,
@@ -124,6 +126,21 @@ pub fn check_alive(out: &mut RunOutcome, dst_pid: u32) {
     out.guest_alive = Some(l.alive);
     out.verify_errors = l.verify_errors;
     out.alive_detail = l.detail;
+    if let Some(b) = before {
+        out.static_bytes = Some(b.range.1 - b.range.0);
+        match b.matches_destination(dst_pid, out.workload.mem_bytes) {
+            Ok(m) => {
+                out.static_memory_match = Some(m);
+                if !m {
+                    out.alive_detail += &format!(
+                        "; static memory {:#x}..{:#x} differs from the source's",
+                        b.range.0, b.range.1
+                    );
+                }
+            }
+            Err(e) => out.alive_detail += &format!("; static memory not compared: {e}"),
+        }
+    }
 }
 
 /// An engine process under a kill-on-drop guard, with its log file.

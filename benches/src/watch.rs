@@ -41,6 +41,9 @@ pub struct CpuSample {
 pub struct CpuMeter {
     pid: u32,
     vcpu_tid: Option<u32>,
+    /// The vCPU thread's time at the last read that found it: a thread
+    /// that exited keeps its last figure.
+    vcpu_last: f64,
 }
 
 impl CpuMeter {
@@ -49,6 +52,7 @@ impl CpuMeter {
         Self {
             pid,
             vcpu_tid: procfs::find_thread(pid, VCPU_THREAD_NAMES),
+            vcpu_last: 0.0,
         }
     }
 
@@ -58,12 +62,15 @@ impl CpuMeter {
             self.vcpu_tid = procfs::find_thread(self.pid, VCPU_THREAD_NAMES);
         }
         let process = procfs::process_cpu_secs(self.pid).ok()?;
-        let vcpu = self
+        if let Some(v) = self
             .vcpu_tid
-            .and_then(|t| procfs::thread_cpu_secs(self.pid, t).ok());
+            .and_then(|t| procfs::thread_cpu_secs(self.pid, t).ok())
+        {
+            self.vcpu_last = v;
+        }
         Some(CpuSample {
             process,
-            vcpu: vcpu.unwrap_or(0.0),
+            vcpu: self.vcpu_last,
         })
     }
 }
@@ -81,6 +88,8 @@ pub struct WatchLog {
     pub dst_cpu: Option<CpuSample>,
     /// Last status seen on the destination.
     pub dst_last: Option<GuestStatus>,
+    /// Source: (ms, pages dirtied) at the first and the latest read.
+    pub src_dirtied: Option<((f64, u64), (f64, u64))>,
 }
 
 impl WatchLog {
@@ -90,6 +99,13 @@ impl WatchLog {
         let (t_stop, h) = self.src_last_change?;
         let &(t_run, _) = self.dst_changes.iter().find(|&&(_, v)| v > h)?;
         Some(t_run - t_stop)
+    }
+
+    /// Pages per second the guest dirtied on the source while watched (up
+    /// to the switch): what it managed under dirty logging and throttling.
+    pub fn src_dirty_rate(&self) -> Option<f64> {
+        let ((t0, d0), (t1, d1)) = self.src_dirtied?;
+        (t1 > t0).then(|| (d1 - d0) as f64 / ((t1 - t0) / 1e3))
     }
 
     /// The heartbeat the guest had when the source stopped it.
@@ -155,6 +171,12 @@ fn watch_loop(t0: Instant, src: u32, dst: u32, mem_bytes: u64, stop: &AtomicBool
         if let Some(p) = &src_probe {
             match p.read() {
                 Ok(st) if st.magic_ok => {
+                    let now = (ms_since(t0), st.pages_dirtied);
+                    log.src_dirtied = Some(match log.src_dirtied {
+                        None => (now, now),
+                        Some((first, last)) if st.pages_dirtied != last.1 => (first, now),
+                        Some(x) => x,
+                    });
                     if src_last != Some(st.heartbeat) {
                         src_last = Some(st.heartbeat);
                         log.src_last_change = Some((ms_since(t0), st.heartbeat));
