@@ -8,13 +8,16 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use common::{assert_alive, boot, kvm_or_skip, migrate_to, Destination, Fault, Relay};
+use common::{
+    assert_alive, boot, kvm_or_skip, migrate_to, Destination, Fault, FrameFault, FrameRelay, Relay,
+};
 use ferry_engine::protocol::{self, Hello, STREAM_VERSION};
 use ferry_engine::{
     DestinationMigration, DestinationOptions, MemoryLayout, MemoryRegion, MigrationError,
     MigrationOptions,
 };
 use ferry_transport::{tcp, FrameKind, FrameListener, FrameSink, FrameSource};
+use ferry_vm::RunState;
 
 const GUEST: &str = "rate=5000 wss=16M tsc_khz=2300000";
 
@@ -239,5 +242,109 @@ fn the_destination_refuses_a_foreign_stream_version_and_says_why() -> Result<()>
         matches!(err, MigrationError::VersionMismatch { theirs: 42, .. }),
         "{err:?}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_link_lost_before_go_leaves_the_guest_running_on_the_source_only() -> Result<()> {
+    let Some(_kvm) =
+        kvm_or_skip("a_link_lost_before_go_leaves_the_guest_running_on_the_source_only")
+    else {
+        return Ok(());
+    };
+    let vm = boot(64, GUEST)?;
+    let dest = Destination::spawn(DestinationOptions::default())?;
+    // The guest is paused and its state sent; the link dies before the
+    // digest reaches the destination.
+    let relay = FrameRelay::spawn(dest.addr, FrameFault::CutBefore(FrameKind::Digest))?;
+    let (result, _) = migrate_to(&vm, relay.addr, quick());
+    let err = result.err().context("the migration must fail")?;
+    ensure!(
+        !err.source_left_paused(),
+        "before GO the source must resume: {err:?}"
+    );
+    let dest_err = dest
+        .join()
+        .err()
+        .context("the destination must not complete")?;
+    ensure!(
+        matches!(
+            dest_err,
+            MigrationError::PeerClosed { .. } | MigrationError::Receive(_)
+        ),
+        "{dest_err:?}"
+    );
+    relay.join();
+    assert_alive(&vm, "source")?;
+    Ok(())
+}
+
+#[test]
+fn a_go_lost_on_the_way_is_in_doubt_and_runs_the_guest_nowhere_twice() -> Result<()> {
+    let Some(_kvm) =
+        kvm_or_skip("a_go_lost_on_the_way_is_in_doubt_and_runs_the_guest_nowhere_twice")
+    else {
+        return Ok(());
+    };
+    let vm = boot(64, GUEST)?;
+    let dest = Destination::spawn(DestinationOptions::default())?;
+    let relay = FrameRelay::spawn(dest.addr, FrameFault::CutBefore(FrameKind::Go))?;
+    let (result, _) = migrate_to(&vm, relay.addr, quick());
+    // The source sent GO and cannot know it was lost: in doubt, paused.
+    let err = result.err().context("the migration must not succeed")?;
+    ensure!(
+        matches!(err, MigrationError::InDoubt { .. }),
+        "expected in-doubt, got {err:?}"
+    );
+    ensure!(
+        vm.run_state() == RunState::Paused,
+        "source vCPU is {:?}",
+        vm.run_state()
+    );
+    // The destination never got GO: it did not resume either.
+    let dest_err = dest
+        .join()
+        .err()
+        .context("the destination must not resume without GO")?;
+    ensure!(
+        matches!(
+            dest_err,
+            MigrationError::PeerClosed { .. } | MigrationError::Receive(_)
+        ),
+        "{dest_err:?}"
+    );
+    relay.join();
+    Ok(())
+}
+
+#[test]
+fn no_running_after_go_is_in_doubt_and_the_source_stays_paused() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("no_running_after_go_is_in_doubt_and_the_source_stays_paused")
+    else {
+        return Ok(());
+    };
+    let vm = boot(64, GUEST)?;
+    let dest = Destination::spawn(DestinationOptions::default())?;
+    let relay = FrameRelay::spawn(dest.addr, FrameFault::SilenceAfter(FrameKind::Go))?;
+    let (result, _) = migrate_to(&vm, relay.addr, quick());
+    let err = result
+        .err()
+        .context("without RUNNING the source cannot call it done")?;
+    ensure!(
+        matches!(err, MigrationError::InDoubt { .. }),
+        "expected in-doubt, got {err:?}"
+    );
+    ensure!(err.source_left_paused());
+    ensure!(
+        vm.run_state() == RunState::Paused,
+        "source vCPU is {:?}",
+        vm.run_state()
+    );
+    // The destination got GO: the guest runs there, exactly once.
+    let (dest_vm, _) = dest.join().context("the destination took over")?;
+    relay.join();
+    let frozen = vm.status();
+    assert_alive(&dest_vm, "destination")?;
+    ensure!(vm.status() == frozen, "the source guest must stay frozen");
     Ok(())
 }

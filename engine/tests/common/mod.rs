@@ -13,7 +13,7 @@ use ferry_engine::{
     DestinationMigration, DestinationOptions, DestinationSummary, MigrationError, MigrationOptions,
     MigrationSummary, ProgressEvent, SourceMigration,
 };
-use ferry_transport::{tcp, FrameListener};
+use ferry_transport::{tcp, FrameKind, FrameListener};
 use ferry_vm::{DirtyBackend, GuestStatus, RunState, Vm, VmConfig};
 
 /// KVM tests run one at a time: two cores, and each test runs two guests.
@@ -132,6 +132,92 @@ pub enum Fault {
     Cut,
     /// Flip one bit of the byte at that position, then go on relaying.
     FlipBit,
+}
+
+/// Faults placed by frame kind (source -> destination direction).
+#[derive(Debug, Clone, Copy)]
+pub enum FrameFault {
+    /// Close both connections instead of forwarding the first frame of
+    /// this kind.
+    CutBefore(FrameKind),
+    /// Forward the first frame of this kind, then stop relaying anything
+    /// back to the source (and close the source's connection).
+    SilenceAfter(FrameKind),
+}
+
+/// A frame-aware relay.
+pub struct FrameRelay {
+    pub addr: std::net::SocketAddr,
+    thread: JoinHandle<()>,
+}
+
+impl FrameRelay {
+    pub fn spawn(to: std::net::SocketAddr, fault: FrameFault) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let thread = std::thread::spawn(move || {
+            let (src, _) = listener.accept().expect("accept the source");
+            let dst = TcpStream::connect(to).expect("connect to the destination");
+            let (src2, dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+            let silenced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let silenced2 = silenced.clone();
+            let back = std::thread::spawn(move || {
+                let (mut from, mut to) = (dst2, src2);
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = match from.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if silenced2.load(std::sync::atomic::Ordering::SeqCst)
+                        || to.write_all(&buf[..n]).is_err()
+                    {
+                        break;
+                    }
+                }
+                let _ = to.shutdown(Shutdown::Both);
+            });
+            let (mut from, mut to) = (src, dst);
+            let mut header = [0u8; ferry_transport::HEADER_LEN];
+            loop {
+                if from.read_exact(&mut header).is_err() {
+                    break;
+                }
+                let kind = u16::from_le_bytes([header[6], header[7]]);
+                let len = u32::from_le_bytes(header[12..16].try_into().unwrap()) as usize;
+                let mut payload = vec![0u8; len];
+                if from.read_exact(&mut payload).is_err() {
+                    break;
+                }
+                match fault {
+                    FrameFault::CutBefore(k) if k.to_wire() == kind => {
+                        let _ = from.shutdown(Shutdown::Both);
+                        let _ = to.shutdown(Shutdown::Both);
+                        break;
+                    }
+                    FrameFault::SilenceAfter(k) if k.to_wire() == kind => {
+                        silenced.store(true, std::sync::atomic::Ordering::SeqCst);
+                        let _ = to.write_all(&header);
+                        let _ = to.write_all(&payload);
+                        // Let the destination read it before the source goes away.
+                        std::thread::sleep(Duration::from_millis(500));
+                        let _ = from.shutdown(Shutdown::Both);
+                        break;
+                    }
+                    _ => {}
+                }
+                if to.write_all(&header).is_err() || to.write_all(&payload).is_err() {
+                    break;
+                }
+            }
+            let _ = back.join();
+        });
+        Ok(Self { addr, thread })
+    }
+
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
 }
 
 impl Relay {
