@@ -154,6 +154,7 @@ fn run_inner(
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(errfile);
+    run_common::die_with_parent(&mut cmd);
 
     let base = Baseline::take(src_pid, dst_pid);
     let t0 = Instant::now();

@@ -163,6 +163,7 @@ impl EngineProcess {
     ) -> Result<Self, BenchError> {
         let log = workdir.join(format!("{name}.log"));
         let _ = std::fs::remove_file(&log);
+        die_with_parent(cmd);
         let guard = ferry_e2e::process::ProcessGuard::spawn(name, cmd, &log)
             .map_err(|e| BenchError::Spawn(what.into(), std::io::Error::other(format!("{e:#}"))))?;
         Ok(Self {
@@ -199,5 +200,26 @@ pub fn log_tail(path: &std::path::Path) -> String {
         "(no output)".into()
     } else {
         tail
+    }
+}
+
+/// Makes the child get SIGKILL when the harness thread that started it
+/// dies, even by SIGKILL, when no guard gets to run.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let hook = || {
+        // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers and touches
+        // no memory of ours.
+        let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: the hook runs in the child between fork and exec; it only
+    // calls prctl (async-signal-safe) and allocates nothing on success.
+    unsafe {
+        cmd.pre_exec(hook);
     }
 }
