@@ -1,2 +1,19 @@
 #![deny(missing_docs)]
-//! placeholder
+//! # ferry-scheduler
+//!
+//! Decides which VM runs where: a cluster model, policies that turn the
+//! model into plans of moves (initial placement, even distribution, power
+//! save, maintenance), a trace-driven simulator that reproduces the
+//! Beloglazov & Buyya CCPE 2012 setup on the PlanetLab traces, and a daemon.
+//!
+//! ```no_run
+//! use ferry_scheduler::sim::{simulate, SimConfig};
+//! let cfg = SimConfig::published(std::path::Path::new("../shared/traces"));
+//! let results = simulate(&cfg, |r| println!("{} {} {:.1} kWh", r.day, r.policy, r.energy_kwh))?;
+//! # Ok::<(), ferry_scheduler::sim::SimError>(())
+//! ```
+
+pub mod power;
+pub mod reference;
+pub mod sim;
+pub mod trace;

@@ -1,0 +1,143 @@
+//! Simulator behaviour on small synthetic days.
+
+use super::*;
+use crate::power::PowerModel;
+use crate::trace::SAMPLES_PER_DAY;
+
+fn host_types() -> Vec<HostType> {
+    let g4 = PowerModel {
+        name: "G4".into(),
+        watts: [
+            86.0, 89.4, 92.6, 96.0, 99.5, 102.0, 106.0, 108.0, 112.0, 114.0, 117.0,
+        ],
+    };
+    let g5 = PowerModel {
+        name: "G5".into(),
+        watts: [
+            93.7, 97.0, 101.0, 105.0, 110.0, 116.0, 121.0, 125.0, 129.0, 133.0, 135.0,
+        ],
+    };
+    vec![
+        HostType {
+            pe_mips: 1860.0,
+            pes: 2,
+            ram_mb: 4096.0,
+            bw_mbit: 1000.0,
+            power: g4,
+        },
+        HostType {
+            pe_mips: 2660.0,
+            pes: 2,
+            ram_mb: 4096.0,
+            bw_mbit: 1000.0,
+            power: g5,
+        },
+    ]
+}
+
+fn constant(name: &str, pct: u8) -> Trace {
+    Trace {
+        name: name.into(),
+        samples: vec![pct; SAMPLES_PER_DAY],
+    }
+}
+
+#[test]
+fn dvfs_energy_matches_hand_computation() {
+    // n = 4: one VM of each type. First fit: VM0 (2500) and VM1 (2000) on
+    // host 1 (G5; G4 cores are too small), VM2 and VM3 on host 0 (G4).
+    let traces: Vec<Trace> = (0..4).map(|i| constant(&format!("v{i}"), 50)).collect();
+    let ht = host_types();
+    let r = simulate_day("d", &traces, &ht, 4, &Policy::Dvfs, MemoryModel::CloudSim).unwrap();
+    let u0 = (500.0 + 250.0) / 3720.0;
+    let u1 = (1250.0 + 1000.0) / 5320.0;
+    // Energy from the first tick (300.1 s) to the last (86100.1 s).
+    let secs = 86_100.0 - 300.0;
+    let expect = (ht[0].power.power(u0) + ht[1].power.power(u1)) * secs / 3.6e6;
+    assert!(
+        (r.energy_kwh - expect).abs() < 1e-6,
+        "{} vs {expect}",
+        r.energy_kwh
+    );
+    assert_eq!(r.migrations, 0);
+    assert_eq!(r.slatah, 0.0);
+    assert!(r.active_hosts.iter().all(|&a| a == 2));
+}
+
+#[test]
+fn thr_consolidates_idle_hosts_and_pays_migration_degradation() {
+    let traces: Vec<Trace> = (0..4).map(|i| constant(&format!("v{i}"), 5)).collect();
+    let ht = host_types();
+    let thr = Policy::Mmt(baseline::Detector::Thr(0.8));
+    let r = simulate_day("d", &traces, &ht, 8, &thr, MemoryModel::CloudSim).unwrap();
+    assert!(r.migrations > 0);
+    assert_eq!(*r.active_hosts.last().unwrap(), 1, "{:?}", r.active_hosts);
+    assert!(r.pdm > 0.0);
+    let dvfs = simulate_day("d", &traces, &ht, 8, &Policy::Dvfs, MemoryModel::CloudSim).unwrap();
+    assert!(r.energy_kwh < dvfs.energy_kwh);
+}
+
+#[test]
+fn strict_memory_never_overcommits() {
+    // 6 VMs of types 1..2 sizes (1740 MB): at most 2 per 4096 MB host.
+    let traces: Vec<Trace> = (0..8).map(|i| constant(&format!("v{i}"), 2)).collect();
+    let ht = host_types();
+    for policy in [
+        Policy::Mmt(baseline::Detector::Thr(0.8)),
+        Policy::Ferry(FerryParams::default()),
+    ] {
+        let strict = simulate_day("d", &traces, &ht, 8, &policy, MemoryModel::Strict).unwrap();
+        let loose = simulate_day("d", &traces, &ht, 8, &policy, MemoryModel::CloudSim).unwrap();
+        // RAM: 2x870 + 2x1740 + 2x1740 + 2x613 = 9926 MB -> at least 3 hosts.
+        assert!(strict.active_hosts.iter().all(|&a| a >= 3), "{policy:?}");
+        assert!(*loose.active_hosts.last().unwrap() < 3, "{policy:?}");
+    }
+}
+
+#[test]
+fn ferry_moves_less_than_thr_on_a_bursty_day() {
+    // Noisy VMs (deterministic LCG): mostly 0-30 %, sometimes a burst to 80 %.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = || {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        (x >> 33) % 100
+    };
+    let traces: Vec<Trace> = (0..40)
+        .map(|i| Trace {
+            name: format!("v{i:02}"),
+            samples: (0..SAMPLES_PER_DAY)
+                .map(|_| {
+                    let r = next();
+                    if r < 5 {
+                        80
+                    } else {
+                        (r % 30) as u8
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    let ht = host_types();
+    let run = |p: &Policy| simulate_day("d", &traces, &ht, 40, p, MemoryModel::CloudSim).unwrap();
+    let thr = run(&Policy::Mmt(baseline::Detector::Thr(0.8)));
+    let ferry = run(&Policy::Ferry(FerryParams::default()));
+    assert!(
+        ferry.migrations * 3 < thr.migrations,
+        "{} vs {}",
+        ferry.migrations,
+        thr.migrations
+    );
+    assert!(ferry.slav < thr.slav, "{} vs {}", ferry.slav, thr.slav);
+}
+
+#[test]
+fn policy_names_round_trip() {
+    for p in Policy::all() {
+        assert_eq!(Policy::parse(&p.name()).unwrap().name(), p.name());
+    }
+    assert!(Policy::parse("nonsense").is_none());
+    let Some(Policy::Ferry(p)) = Policy::parse("ferry:target=0.7:limit=1") else {
+        panic!("ferry with parameters")
+    };
+    assert_eq!((p.target, p.max_migrations_per_host), (0.7, 1));
+}
