@@ -4,6 +4,10 @@
 //! Exit codes: 0 success, 1 the operation failed (the message says why),
 //! 2 bad usage.
 
+mod api;
+mod bench_cmd;
+mod demo;
+mod migrate_cmd;
 mod vm_cmd;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +31,12 @@ enum Cmd {
     /// Run or receive a VM.
     #[command(subcommand)]
     Vm(vm_cmd::VmCmd),
+    /// The main job: migrate a live guest between two processes over loopback.
+    Demo(demo::DemoArgs),
+    /// Migrate the guest of a `ferry vm run --api` process to a `ferry vm receive`.
+    Migrate(migrate_cmd::MigrateArgs),
+    /// Benchmark migration engines (ferry vs QEMU).
+    Bench(bench_cmd::BenchArgs),
 }
 
 fn main() {
@@ -38,6 +48,9 @@ fn main() {
         .init();
     let result = match cli.cmd {
         Cmd::Vm(c) => vm_cmd::run(c),
+        Cmd::Migrate(a) => migrate_cmd::run(a),
+        Cmd::Demo(a) => demo::run(a),
+        Cmd::Bench(a) => bench_cmd::run(a),
     };
     if let Err(e) = result {
         // One readable line: the whole chain, outermost first.

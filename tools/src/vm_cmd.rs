@@ -2,20 +2,29 @@
 //! and show its heartbeat, dirty count and self-check errors live.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use ferry_engine::{DestinationMigration, DestinationOptions};
+use ferry_transport::FrameListener;
 use ferry_vm::{
     host_tsc_khz, parse_size, DirtyBackend, GuestParams, GuestPhase, RunState, Vm, VmConfig,
 };
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::api::{self, GuestHome, Served};
 
 /// `ferry vm ...`
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
     /// Boot a guest and show it live.
     Run(RunArgs),
+    /// Wait for an incoming guest, then run it.
+    Receive(ReceiveArgs),
+    /// Show the guest status of a `ferry vm run/receive --api` process.
+    Status(StatusArgs),
 }
 
 /// How to build a guest.
@@ -71,26 +80,29 @@ impl GuestArgs {
             }
             return Ok(a.clone());
         }
-        let mut p = GuestParams::default();
-        p.rate = match self.rate.as_str() {
+        let rate = match self.rate.as_str() {
             "max" => None,
             r => Some(
                 r.parse()
                     .with_context(|| format!("--rate `{r}`: want pages/s or `max`"))?,
             ),
         };
-        p.wss_bytes = match self.wss.as_str() {
+        let wss_bytes = match self.wss.as_str() {
             "all" => None,
             w => Some(
                 parse_size(w, 1 << 20)
                     .with_context(|| format!("--wss `{w}`: want a size or `all`"))?,
             ),
         };
-        p.seed = self.seed;
-        p.verify = self.verify;
-        p.tsc_khz = Some(u64::from(
-            host_tsc_khz().context("asking KVM for the TSC frequency")?,
-        ));
+        let tsc_khz = host_tsc_khz().context("asking KVM for the TSC frequency")?;
+        let p = GuestParams {
+            rate,
+            wss_bytes,
+            seed: self.seed,
+            verify: self.verify,
+            tsc_khz: Some(u64::from(tsc_khz)),
+            ..GuestParams::default()
+        };
         Ok(p.to_cmdline())
     }
 
@@ -116,11 +128,50 @@ pub struct RunArgs {
     /// Print a JSON status line every second instead of a live display.
     #[arg(long)]
     pub json: bool,
+    /// Serve a control socket here (for `ferry migrate --api`).
+    #[arg(long)]
+    pub api: Option<PathBuf>,
+    /// No live display (for scripts; errors still go to stderr).
+    #[arg(long)]
+    pub quiet: bool,
 }
 
-/// Boots the guest and waits for phase 2, with a spinner.
-pub fn boot_with_progress(cfg: &VmConfig, quiet: bool) -> anyhow::Result<Vm> {
-    let vm = Vm::boot(cfg).context("starting the VM")?;
+/// `ferry vm receive`
+#[derive(Args, Debug)]
+pub struct ReceiveArgs {
+    /// Address to listen on for the incoming migration.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// Serve a control socket here.
+    #[arg(long)]
+    pub api: Option<PathBuf>,
+    /// Dirty tracking for the received VM: `bitmap` or `ring`.
+    #[arg(long, default_value = "bitmap", value_parser = parse_backend)]
+    pub dirty_log: DirtyBackend,
+    /// Print JSON status lines instead of a live display.
+    #[arg(long)]
+    pub json: bool,
+    /// No live display.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Stop this many seconds after the guest arrived (default: run until Ctrl-C).
+    #[arg(long)]
+    pub duration: Option<f64>,
+}
+
+/// `ferry vm status`
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The control socket of the VM process.
+    #[arg(long)]
+    pub api: PathBuf,
+    /// Print the raw JSON reply.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Waits for the guest to reach phase 2, with a spinner.
+pub fn wait_running(vm: &Vm, quiet: bool) -> anyhow::Result<()> {
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
@@ -154,12 +205,13 @@ pub fn boot_with_progress(cfg: &VmConfig, quiet: bool) -> anyhow::Result<Vm> {
         std::thread::sleep(Duration::from_millis(50));
     }
     bar.finish_and_clear();
-    Ok(vm)
+    Ok(())
 }
 
 fn run_vm(args: RunArgs) -> anyhow::Result<()> {
     let cfg = args.guest.config()?;
-    if !args.json {
+    let quiet = args.quiet || args.json;
+    if !quiet {
         eprintln!(
             "ferry: booting {} MiB guest: {}",
             cfg.mem_bytes >> 20,
@@ -167,52 +219,168 @@ fn run_vm(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     let t0 = Instant::now();
-    let vm = boot_with_progress(&cfg, args.json)?;
-    let boot_s = t0.elapsed().as_secs_f64();
-    if !args.json {
+    let vm = Arc::new(Vm::boot(&cfg).context("starting the VM")?);
+    // The control socket answers from the start (its status shows the fill).
+    let served = Served::new(Some(vm.clone()), "source");
+    let _server = args
+        .api
+        .as_deref()
+        .map(|p| api::serve(p, served.clone()))
+        .transpose()?;
+    wait_running(&vm, quiet)?;
+    if !quiet {
         eprintln!(
-            "ferry: guest running after {boot_s:.2} s (filled {} MiB)",
+            "ferry: guest running after {:.2} s (filled {} MiB)",
+            t0.elapsed().as_secs_f64(),
             vm.status().mem_top >> 20
         );
     }
-    let bar = if args.json {
-        ProgressBar::hidden()
+    live(&served, Display::pick(args.json, args.quiet), args.duration)
+}
+
+fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
+    let served = Served::new(None, "destination");
+    let _server = args
+        .api
+        .as_deref()
+        .map(|p| api::serve(p, served.clone()))
+        .transpose()?;
+    let listener = FrameListener::bind(args.listen.as_str())
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let quiet = args.quiet || args.json;
+    if !quiet {
+        eprintln!("ferry: waiting for a guest on {}", listener.local_addr()?);
+    }
+    let conn = listener
+        .accept()
+        .context("accepting the incoming migration")?;
+    let dirty = args.dirty_log;
+    let (vm, summary) =
+        DestinationMigration::accept(conn, &DestinationOptions::default(), |layout| {
+            Ok(Vm::incoming(layout.bytes(), dirty)?)
+        })
+        .context("receiving the guest")?;
+    if !quiet {
+        eprintln!(
+            "ferry: guest arrived: {} rounds, {:.1} MiB on the wire, verified in {:.1} ms; running here",
+            summary.rounds,
+            summary.wire_bytes as f64 / 1048576.0,
+            summary.verify.as_secs_f64() * 1e3
+        );
+    }
+    *served.vm.lock().expect("vm lock") = Some(Arc::new(vm));
+    live(&served, Display::pick(args.json, args.quiet), args.duration)
+}
+
+fn show_status(args: StatusArgs) -> anyhow::Result<()> {
+    let reply = api::status(&args.api)?;
+    if args.json {
+        println!("{reply}");
     } else {
+        let st = &reply["status"];
+        println!(
+            "{} ({}): heartbeat {} dirtied {} verify_errors {} phase {}",
+            reply["role"].as_str().unwrap_or("?"),
+            reply["state"].as_str().unwrap_or("?"),
+            st["heartbeat"],
+            st["pages_dirtied"],
+            st["verify_errors"],
+            st["phase"]
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Display {
+    Live,
+    Json,
+    Quiet,
+}
+
+impl Display {
+    fn pick(json: bool, quiet: bool) -> Self {
+        if json {
+            Self::Json
+        } else if quiet {
+            Self::Quiet
+        } else {
+            Self::Live
+        }
+    }
+}
+
+/// Shows the guest until it migrates away, `quit` is asked, it fails, or `duration` passes.
+fn live(served: &Served, display: Display, duration: Option<f64>) -> anyhow::Result<()> {
+    let vm = served
+        .vm
+        .lock()
+        .expect("vm lock")
+        .clone()
+        .context("no guest")?;
+    let bar = if display == Display::Live {
         ProgressBar::new_spinner()
+    } else {
+        ProgressBar::hidden()
     };
     bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
     let start = Instant::now();
     let mut last = vm.status();
     let mut last_t = Instant::now();
+    let mut last_json = Instant::now();
     loop {
-        std::thread::sleep(Duration::from_millis(if args.json { 1000 } else { 250 }));
-        let st = vm.status();
-        let dt = last_t.elapsed().as_secs_f64();
-        let rate = (st.pages_dirtied - last.pages_dirtied) as f64 / dt;
-        if args.json {
-            println!(
-                "{}",
-                serde_json::json!({"t": start.elapsed().as_secs_f64(), "status": st, "dirty_pages_per_s": rate})
-            );
-        } else {
-            bar.set_message(format!(
-                "heartbeat {:>8}  dirtied {:>10} ({:>7.0}/s)  passes {:>5}  verified {:>9}  verify_errors {}",
-                st.heartbeat, st.pages_dirtied, rate, st.passes, st.pages_verified, st.verify_errors
-            ));
-            bar.tick();
+        std::thread::sleep(Duration::from_millis(100));
+        match served.home() {
+            GuestHome::MigratedAway => {
+                bar.finish_and_clear();
+                if display != Display::Json {
+                    eprintln!(
+                        "ferry: the guest now runs at the destination; this copy is discarded"
+                    );
+                }
+                return Ok(());
+            }
+            GuestHome::InDoubt => {
+                bar.set_message("in doubt: GO was sent but the destination never confirmed; the guest stays paused here");
+                continue;
+            }
+            GuestHome::Here | GuestHome::Migrating => {}
         }
+        if served.quit.load(std::sync::atomic::Ordering::Acquire) {
+            bar.finish_and_clear();
+            return Ok(());
+        }
+        let st = vm.status();
         if st.phase == GuestPhase::Fatal {
             bail!("the guest failed: {}", st.fatal_reason_text());
         }
         if let RunState::Failed(why) = vm.run_state() {
             bail!("the guest stopped: {why}");
         }
-        last = st;
-        last_t = Instant::now();
-        if args
-            .duration
-            .is_some_and(|d| start.elapsed().as_secs_f64() >= d)
-        {
+        if last_t.elapsed() >= Duration::from_millis(500) {
+            let rate = st.pages_dirtied.saturating_sub(last.pages_dirtied) as f64
+                / last_t.elapsed().as_secs_f64();
+            let migrating = if served.home() == GuestHome::Migrating {
+                "  [migrating]"
+            } else {
+                ""
+            };
+            bar.set_message(format!(
+                "heartbeat {:>8}  dirtied {:>10} ({:>7.0}/s)  passes {:>5}  verified {:>9}  verify_errors {}{migrating}",
+                st.heartbeat, st.pages_dirtied, rate, st.passes, st.pages_verified, st.verify_errors
+            ));
+            bar.tick();
+            last = st;
+            last_t = Instant::now();
+        }
+        if display == Display::Json && last_json.elapsed() >= Duration::from_secs(1) {
+            println!(
+                "{}",
+                serde_json::json!({"t": start.elapsed().as_secs_f64(), "state": served.home(), "status": st})
+            );
+            last_json = Instant::now();
+        }
+        if duration.is_some_and(|d| start.elapsed().as_secs_f64() >= d) {
             break;
         }
     }
@@ -231,5 +399,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<()> {
 pub fn run(cmd: VmCmd) -> anyhow::Result<()> {
     match cmd {
         VmCmd::Run(a) => run_vm(a),
+        VmCmd::Receive(a) => receive(a),
+        VmCmd::Status(a) => show_status(a),
     }
 }

@@ -1,0 +1,249 @@
+//! `ferry demo`: the main job. Starts a guest (`ferry vm run`) and a
+//! destination (`ferry vm receive`) as two real processes, migrates the
+//! guest live over loopback with a progress bar, prints the summary, and
+//! shows that the guest lives on at the destination.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use ferry_e2e::process::ProcessGuard;
+use serde_json::Value;
+
+use crate::api::{self, MigrateRequest};
+use crate::migrate_cmd;
+
+/// `ferry demo`
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Guest RAM.
+    #[arg(long, default_value = "1G")]
+    pub mem: String,
+    /// Pages per second the guest dirties while it moves.
+    #[arg(long, default_value_t = 20_000)]
+    pub rate: u64,
+    /// Downtime limit (ms).
+    #[arg(long, default_value_t = 20)]
+    pub max_downtime_ms: u64,
+    /// Seconds to watch the guest at the destination afterwards.
+    #[arg(long, default_value_t = 3.0)]
+    pub watch_s: f64,
+    /// Loopback port for the migration (0: pick a free one).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_for_socket(p: &Path, who: &mut ProcessGuard, log: &Path) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !p.exists() || api::status(p).is_err() {
+        if !who.is_running() {
+            bail!(
+                "{} exited early; its log {}:\n{}",
+                who.name(),
+                log.display(),
+                tail(log)
+            );
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("{} did not open {} within 60 s", who.name(), p.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn tail(log: &Path) -> String {
+    let s = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+fn status_of(p: &Path) -> anyhow::Result<Value> {
+    Ok(api::status(p)?["status"].clone())
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or(0)
+}
+
+/// Runs the demo.
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the ferry binary")?;
+    let dir = std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let _cleanup = RemoveDir(dir.clone());
+    let (src_api, dst_api) = (dir.join("source.sock"), dir.join("destination.sock"));
+    let (src_log, dst_log) = (dir.join("source.log"), dir.join("destination.log"));
+    let port = if args.port == 0 {
+        free_port()?
+    } else {
+        args.port
+    };
+    let addr = format!("127.0.0.1:{port}");
+
+    println!("ferry demo: live migration of a running KVM guest over loopback\n");
+    println!("1. destination: `ferry vm receive --listen {addr}`");
+    let mut dst = ProcessGuard::spawn(
+        "destination",
+        Command::new(&exe)
+            .args(["vm", "receive", "--quiet", "--listen", &addr, "--api"])
+            .arg(&dst_api),
+        &dst_log,
+    )?;
+    wait_for_socket(&dst_api, &mut dst, &dst_log)?;
+
+    println!(
+        "2. source: `ferry vm run --mem {} --rate {}` (fills its memory, then dirties {} pages/s)",
+        args.mem, args.rate, args.rate
+    );
+    let mut src = ProcessGuard::spawn(
+        "source",
+        Command::new(&exe)
+            .args([
+                "vm",
+                "run",
+                "--quiet",
+                "--mem",
+                &args.mem,
+                "--rate",
+                &args.rate.to_string(),
+                "--api",
+            ])
+            .arg(&src_api),
+        &src_log,
+    )?;
+    wait_for_socket(&src_api, &mut src, &src_log)?;
+    let t0 = Instant::now();
+    loop {
+        let st = status_of(&src_api)?;
+        if st["phase"] == "Running" {
+            break;
+        }
+        if !src.is_running() {
+            bail!("the source exited; its log:\n{}", tail(&src_log));
+        }
+        if st["phase"] == "Fatal" || t0.elapsed() > Duration::from_secs(300) {
+            bail!("the guest did not start: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let before = status_of(&src_api)?;
+    println!(
+        "   guest running at the source: heartbeat {}, {} pages dirtied, verify_errors {}\n",
+        u(&before, "heartbeat"),
+        u(&before, "pages_dirtied"),
+        u(&before, "verify_errors")
+    );
+
+    // Watch the source's heartbeat while it moves: the last value seen there
+    // is where the destination must continue from.
+    let last_src_hb = Arc::new(AtomicU64::new(u(&before, "heartbeat")));
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (hb, done, p) = (last_src_hb.clone(), done.clone(), src_api.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Acquire) {
+                if let Ok(st) = status_of(&p) {
+                    hb.fetch_max(u(&st, "heartbeat"), Ordering::AcqRel);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+
+    println!(
+        "3. `ferry migrate --to {addr}` (max downtime {} ms)",
+        args.max_downtime_ms
+    );
+    let req = MigrateRequest {
+        to: addr.clone(),
+        max_downtime_ms: Some(args.max_downtime_ms),
+        ..Default::default()
+    };
+    let result = migrate_cmd::migrate(&src_api, &req, false);
+    done.store(true, Ordering::Release);
+    let _ = watcher.join();
+    let summary = result?;
+    migrate_cmd::print_summary(&summary);
+
+    println!("\n4. the guest at the destination:");
+    let last_hb = last_src_hb.load(Ordering::Acquire);
+    let first = status_of(&dst_api)?;
+    let start = Instant::now();
+    let mut last = first.clone();
+    while start.elapsed().as_secs_f64() < args.watch_s {
+        std::thread::sleep(Duration::from_millis(500));
+        last = status_of(&dst_api)?;
+        println!(
+            "   heartbeat {:>8}  pages dirtied {:>10}  verify_errors {}",
+            u(&last, "heartbeat"),
+            u(&last, "pages_dirtied"),
+            u(&last, "verify_errors")
+        );
+    }
+    let src_exited = wait_exit(&mut src, Duration::from_secs(5));
+    let mut ok = true;
+    let mut check = |good: bool, what: String| {
+        println!("   [{}] {what}", if good { " ok " } else { "FAIL" });
+        ok &= good;
+    };
+    check(
+        u(&first, "heartbeat") >= last_hb,
+        format!(
+            "heartbeat continued from the source's last value ({last_hb} -> {})",
+            u(&first, "heartbeat")
+        ),
+    );
+    check(
+        u(&last, "heartbeat") > u(&first, "heartbeat"),
+        "heartbeat keeps rising at the destination".into(),
+    );
+    check(
+        u(&last, "pages_dirtied") > u(&before, "pages_dirtied"),
+        "the guest keeps dirtying pages".into(),
+    );
+    check(
+        u(&last, "verify_errors") == 0,
+        "the guest's own self-check found no bad page".into(),
+    );
+    check(
+        src_exited,
+        "the source process let go of its copy and exited".into(),
+    );
+    drop(dst);
+    if !ok {
+        bail!("the demo's checks failed; logs in {}", dir.display());
+    }
+    println!("\nthe guest moved live and keeps running at the destination.");
+    Ok(())
+}
+
+fn wait_exit(p: &mut ProcessGuard, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while p.is_running() {
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
