@@ -195,11 +195,13 @@ impl<S: FrameSink, R: FrameSource> Receiving<'_, S, R> {
         let outcome = std::thread::scope(|scope| {
             let (job_tx, job_rx) = crossbeam_channel::bounded::<Vec<u8>>(4 * workers);
             let (res_tx, res_rx) = crossbeam_channel::unbounded();
+            let (free_tx, free_rx) = crossbeam_channel::bounded::<Vec<u8>>(8 * workers);
             for i in 0..workers {
-                let (ctx, jobs, out) = (&ctx, job_rx.clone(), res_tx.clone());
+                let (ctx, jobs, out, free) =
+                    (&ctx, job_rx.clone(), res_tx.clone(), free_tx.clone());
                 std::thread::Builder::new()
                     .name(format!("ferry-decode-{i}"))
-                    .spawn_scoped(scope, move || run_worker(ctx, &jobs, &out))
+                    .spawn_scoped(scope, move || run_worker(ctx, &jobs, &out, &free))
                     .expect("spawn a decoder thread");
             }
             drop(res_tx);
@@ -208,7 +210,7 @@ impl<S: FrameSink, R: FrameSource> Receiving<'_, S, R> {
                 outstanding: 0,
                 counts: EncodingCounts::default(),
             };
-            let r = self.stream(&mut buf, &job_tx, &mut inflight);
+            let r = self.stream(&mut buf, &job_tx, &free_rx, &mut inflight);
             drop(job_tx);
             let counts = inflight.counts;
             drop(res_rx);
@@ -273,6 +275,7 @@ impl<S: FrameSink, R: FrameSource> Receiving<'_, S, R> {
         &mut self,
         buf: &mut Vec<u8>,
         jobs: &crossbeam_channel::Sender<Vec<u8>>,
+        free: &Receiver<Vec<u8>>,
         inflight: &mut InFlight<'_>,
     ) -> Result<(u32, Vec<u8>, u64), MigrationError> {
         let mut rounds = 0u32;
@@ -282,7 +285,8 @@ impl<S: FrameSink, R: FrameSource> Receiving<'_, S, R> {
             match kind {
                 FrameKind::PageBatch => {
                     inflight.poll()?;
-                    jobs.send(std::mem::take(buf))
+                    let next = free.try_recv().unwrap_or_default();
+                    jobs.send(std::mem::replace(buf, next))
                         .map_err(|_| MigrationError::WorkerPanicked)?;
                     inflight.outstanding += 1;
                 }

@@ -24,11 +24,13 @@ pub(crate) fn run_worker(
     ctx: &DecodeContext<'_>,
     jobs: &Receiver<Vec<u8>>,
     out: &Sender<Result<EncodingCounts, MigrationError>>,
+    free: &Sender<Vec<u8>>,
 ) {
     let mut page: Box<Page> = Box::new([0; PAGE_SIZE]);
     let zero_hash = page_hash(&[0u8; PAGE_SIZE]);
     while let Ok(batch) = jobs.recv() {
         let r = decode_batch(ctx, &batch, &mut page, zero_hash);
+        let _ = free.try_send(batch);
         let failed = r.is_err();
         if out.send(r).is_err() || failed {
             return;

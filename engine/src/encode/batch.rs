@@ -12,7 +12,7 @@
 //! and per round (the source guarantees it; a destination that is fed a page
 //! twice simply applies both in order).
 
-use super::{DecodeError, PageEncoding, PAGE_SIZE};
+use super::{DecodeError, Page, PageEncoding, PAGE_SIZE};
 
 /// Most pages one batch may hold: bounds the work one frame can ask for.
 pub const MAX_BATCH_PAGES: u32 = 1024;
@@ -23,10 +23,14 @@ pub const ENTRY_HEADER_BYTES: usize = 8 + 1 + 2;
 /// Largest possible batch: the header plus `MAX_BATCH_PAGES` raw pages.
 pub const MAX_BATCH_BYTES: usize = 4 + MAX_BATCH_PAGES as usize * (ENTRY_HEADER_BYTES + PAGE_SIZE);
 
-/// Builds one batch.
+/// Builds one batch. Its buffer can be recycled ([`BatchBuilder::from_buffer`])
+/// and a page can be read straight into it ([`BatchBuilder::page_slot`]),
+/// so building a batch costs no allocation and no extra copy of the page.
 #[derive(Debug)]
 pub struct BatchBuilder {
+    /// Initialized bytes; `used` of them hold the batch so far.
     bytes: Vec<u8>,
+    used: usize,
     pages: u32,
 }
 
@@ -44,9 +48,38 @@ impl BatchBuilder {
 
     /// An empty batch with room for `bytes` bytes.
     pub fn with_capacity(bytes: usize) -> Self {
-        let mut v = Vec::with_capacity(bytes);
-        v.extend_from_slice(&0u32.to_le_bytes());
-        Self { bytes: v, pages: 0 }
+        Self::from_buffer(Vec::new(), bytes)
+    }
+
+    /// An empty batch in a recycled buffer (e.g. one [`BatchBuilder::finish`]
+    /// returned earlier), grown to at least `bytes` bytes.
+    pub fn from_buffer(mut buffer: Vec<u8>, bytes: usize) -> Self {
+        let len = bytes.max(4 + ENTRY_HEADER_BYTES + PAGE_SIZE);
+        buffer.resize(len, 0);
+        buffer[..4].fill(0);
+        Self {
+            bytes: buffer,
+            used: 4,
+            pages: 0,
+        }
+    }
+
+    fn ensure_room(&mut self, payload: usize) {
+        let need = self.used + ENTRY_HEADER_BYTES + payload;
+        if need > self.bytes.len() {
+            self.bytes.resize(need.max(self.bytes.len() * 2), 0);
+        }
+    }
+
+    fn write_header(&mut self, page: u64, encoding: PageEncoding, len: usize) {
+        let len = u16::try_from(len)
+            .ok()
+            .filter(|&l| usize::from(l) <= PAGE_SIZE)
+            .expect("page payload longer than a page");
+        let h = &mut self.bytes[self.used..self.used + ENTRY_HEADER_BYTES];
+        h[..8].copy_from_slice(&page.to_le_bytes());
+        h[8] = encoding as u8;
+        h[9..11].copy_from_slice(&len.to_le_bytes());
     }
 
     /// Append one page. Panics when the batch already holds
@@ -54,14 +87,35 @@ impl BatchBuilder {
     /// callers check [`BatchBuilder::is_full`].
     pub fn push(&mut self, page: u64, encoding: PageEncoding, payload: &[u8]) {
         assert!(self.pages < MAX_BATCH_PAGES, "batch full");
-        let len = u16::try_from(payload.len())
-            .ok()
-            .filter(|&l| usize::from(l) <= PAGE_SIZE)
-            .expect("page payload longer than a page");
-        self.bytes.extend_from_slice(&page.to_le_bytes());
-        self.bytes.push(encoding as u8);
-        self.bytes.extend_from_slice(&len.to_le_bytes());
-        self.bytes.extend_from_slice(payload);
+        self.ensure_room(payload.len());
+        self.write_header(page, encoding, payload.len());
+        let start = self.used + ENTRY_HEADER_BYTES;
+        self.bytes[start..start + payload.len()].copy_from_slice(payload);
+        self.used = start + payload.len();
+        self.pages += 1;
+    }
+
+    /// Room for the next page's bytes, right where a raw payload goes: fill
+    /// it (e.g. straight from guest memory), then either
+    /// [`BatchBuilder::commit_slot`] it or let the next call reuse it.
+    pub fn page_slot(&mut self) -> &mut Page {
+        assert!(self.pages < MAX_BATCH_PAGES, "batch full");
+        self.ensure_room(PAGE_SIZE);
+        self.slot()
+    }
+
+    /// The slot [`BatchBuilder::page_slot`] handed out (same bytes).
+    pub(crate) fn slot(&mut self) -> &mut Page {
+        let start = self.used + ENTRY_HEADER_BYTES;
+        (&mut self.bytes[start..start + PAGE_SIZE])
+            .try_into()
+            .expect("a page-sized slot")
+    }
+
+    /// Make the slot's first `len` bytes the payload of `page`.
+    pub fn commit_slot(&mut self, page: u64, encoding: PageEncoding, len: usize) {
+        self.write_header(page, encoding, len);
+        self.used += ENTRY_HEADER_BYTES + len;
         self.pages += 1;
     }
 
@@ -72,7 +126,7 @@ impl BatchBuilder {
 
     /// Bytes the batch takes so far.
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.used
     }
 
     /// True when no page was pushed.
@@ -83,12 +137,13 @@ impl BatchBuilder {
     /// True when the batch holds `max_pages` pages (capped at
     /// [`MAX_BATCH_PAGES`]) or at least `target_bytes` bytes.
     pub fn is_full(&self, max_pages: u32, target_bytes: usize) -> bool {
-        self.pages >= max_pages.min(MAX_BATCH_PAGES) || self.bytes.len() >= target_bytes
+        self.pages >= max_pages.min(MAX_BATCH_PAGES) || self.used >= target_bytes
     }
 
     /// The finished batch bytes.
     pub fn finish(mut self) -> Vec<u8> {
         self.bytes[..4].copy_from_slice(&self.pages.to_le_bytes());
+        self.bytes.truncate(self.used);
         self.bytes
     }
 }

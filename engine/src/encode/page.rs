@@ -57,11 +57,24 @@ impl PageEncoder {
         delta: Option<&XorDeltaCache>,
         out: &mut BatchBuilder,
     ) -> PageEncoding {
+        out.page_slot().copy_from_slice(data);
+        self.encode_slot(page, delta, out)
+    }
+
+    /// Like [`PageEncoder::encode`] for a page already read into
+    /// `out.page_slot()`: saves a copy of every page sent raw.
+    pub fn encode_slot(
+        &mut self,
+        page: u64,
+        delta: Option<&XorDeltaCache>,
+        out: &mut BatchBuilder,
+    ) -> PageEncoding {
+        let data = out.slot();
         if is_zero(data) {
             if let Some(cache) = delta {
                 cache.forget(page);
             }
-            out.push(page, PageEncoding::Zero, &[]);
+            out.commit_slot(page, PageEncoding::Zero, 0);
             return PageEncoding::Zero;
         }
         if let Some(cache) = delta {
@@ -71,7 +84,11 @@ impl PageEncoder {
                 xor_rle::encode(old, data, MAX_XOR_STREAM, stream)
             });
             if fits == Some(true) {
-                return self.push_xor(page, out);
+                let (encoding, payload) = self.xor_payload();
+                let slot = out.slot();
+                slot[..payload.len()].copy_from_slice(payload);
+                out.commit_slot(page, encoding, payload.len());
+                return encoding;
             }
         }
         if self.lz4_skip > 0 {
@@ -80,7 +97,8 @@ impl PageEncoder {
             match lz4_flex::block::compress_into(data, &mut self.lz4_out) {
                 Ok(n) if n < PAGE_SIZE => {
                     self.lz4_failures = 0;
-                    out.push(page, PageEncoding::Lz4, &self.lz4_out[..n]);
+                    data[..n].copy_from_slice(&self.lz4_out[..n]);
+                    out.commit_slot(page, PageEncoding::Lz4, n);
                     return PageEncoding::Lz4;
                 }
                 _ => {
@@ -93,11 +111,13 @@ impl PageEncoder {
                 }
             }
         }
-        out.push(page, PageEncoding::Raw, data);
+        out.commit_slot(page, PageEncoding::Raw, PAGE_SIZE);
         PageEncoding::Raw
     }
 
-    fn push_xor(&mut self, page: u64, out: &mut BatchBuilder) -> PageEncoding {
+    /// The XOR stream in `self.xor_stream` as a payload: LZ4-compressed
+    /// when that pays.
+    fn xor_payload(&mut self) -> (PageEncoding, &[u8]) {
         let stream = &self.xor_stream;
         if stream.len() >= MIN_XOR_STREAM_FOR_LZ4 {
             let (len_bytes, body) = self.lz4_out.split_at_mut(2);
@@ -105,13 +125,11 @@ impl PageEncoder {
                 if n + 2 < stream.len() {
                     let len = u16::try_from(stream.len()).expect("stream below MAX_XOR_STREAM");
                     len_bytes.copy_from_slice(&len.to_le_bytes());
-                    out.push(page, PageEncoding::XorRleLz4, &self.lz4_out[..n + 2]);
-                    return PageEncoding::XorRleLz4;
+                    return (PageEncoding::XorRleLz4, &self.lz4_out[..n + 2]);
                 }
             }
         }
-        out.push(page, PageEncoding::XorRle, stream);
-        PageEncoding::XorRle
+        (PageEncoding::XorRle, &self.xor_stream)
     }
 }
 

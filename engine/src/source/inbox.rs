@@ -43,6 +43,22 @@ impl Inbox {
         }
     }
 
+    /// After a failed send: the destination may have said why it hung up.
+    /// Returns its Abort reason if one arrives within `grace`.
+    pub(crate) fn abort_reason(&self, grace: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.frames.recv_timeout(left) {
+                Ok(Ok(frame)) if frame.kind == FrameKind::Abort => {
+                    return Some(decode_reason(&frame.payload))
+                }
+                Ok(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    }
+
     /// Wait up to `timeout` for a frame of `kind`.
     pub(crate) fn expect(
         &self,

@@ -29,6 +29,9 @@ use crate::vm::MigratableVm;
 use inbox::Inbox;
 use workers::{run_worker, Chunk, WorkerContext, WorkerOutput, CHUNK_WORDS};
 
+/// How long a failed send waits for the destination's Abort reason.
+const ABORT_GRACE: Duration = Duration::from_millis(200);
+
 /// How often a round reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
@@ -128,6 +131,14 @@ struct RoundTotals {
     wire_bytes: u64,
 }
 
+/// The channels to and from the encoder threads.
+struct Pipeline<'a> {
+    jobs: &'a Sender<Chunk>,
+    results: &'a Receiver<WorkerOutput>,
+    /// Sent batch buffers go back to the encoders.
+    free: &'a Sender<Vec<u8>>,
+}
+
 /// How a round is sent.
 #[derive(Debug, Clone, Copy)]
 struct RoundMode {
@@ -147,9 +158,13 @@ fn unix_ns() -> u64 {
 
 impl<W: FrameSink> Session<'_, W> {
     fn send(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), MigrationError> {
-        self.sink
-            .send_vectored(kind, 0, &[IoSlice::new(payload)])
-            .map_err(MigrationError::Send)?;
+        if let Err(e) = self.sink.send_vectored(kind, 0, &[IoSlice::new(payload)]) {
+            // A destination that gives up says why before it closes.
+            return Err(match self.inbox.abort_reason(ABORT_GRACE) {
+                Some(reason) => MigrationError::PeerAborted(reason),
+                None => MigrationError::Send(e),
+            });
+        }
         let bytes = HEADER_LEN + payload.len();
         self.wire_bytes += bytes as u64;
         if let Some(bucket) = &self.bucket {
@@ -233,6 +248,8 @@ impl<W: FrameSink> Session<'_, W> {
         let cache = XorDeltaCache::new(self.opts.xor_cache_bytes);
         let cancel = AtomicBool::new(false);
         let memory = self.vm.memory();
+        let workers = self.opts.workers.max(1);
+        let (free_tx, free_rx) = crossbeam_channel::bounded::<Vec<u8>>(8 * workers);
         let ctx = WorkerContext {
             memory,
             log,
@@ -240,8 +257,8 @@ impl<W: FrameSink> Session<'_, W> {
             cache: &cache,
             batch_bytes: self.opts.batch_bytes.clamp(PAGE_SIZE, 16 << 20),
             cancel: &cancel,
+            free: &free_rx,
         };
-        let workers = self.opts.workers.max(1);
         progress(ProgressEvent::Started {
             pages: layout.pages(),
             guest_bytes: layout.bytes(),
@@ -263,7 +280,12 @@ impl<W: FrameSink> Session<'_, W> {
                     .expect("spawn an encoder thread");
             }
             drop(out_tx);
-            let result = self.rounds(layout, log, &hashes, dirty_log, &job_tx, &out_rx, progress);
+            let pipeline = Pipeline {
+                jobs: &job_tx,
+                results: &out_rx,
+                free: &free_tx,
+            };
+            let result = self.rounds(layout, log, &hashes, dirty_log, &pipeline, progress);
             cancel.store(true, Ordering::Relaxed);
             drop(job_tx);
             drop(out_rx);
@@ -271,15 +293,13 @@ impl<W: FrameSink> Session<'_, W> {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn rounds(
         &mut self,
         layout: &MemoryLayout,
         log: &Mutex<Box<dyn DirtyLog>>,
         hashes: &PageHashes,
         dirty_log: &'static str,
-        jobs: &Sender<Chunk>,
-        results: &Receiver<WorkerOutput>,
+        pipeline: &Pipeline<'_>,
         progress: &mut impl FnMut(ProgressEvent),
     ) -> Result<MigrationSummary, MigrationError> {
         let index_end = log.lock().unwrap_or_else(|p| p.into_inner()).pages();
@@ -311,7 +331,7 @@ impl<W: FrameSink> Session<'_, W> {
                 use_delta: round > 0,
                 deadline: controller.policy().deadline,
             };
-            let totals = self.send_round(&dirty, mode, jobs, results, progress)?;
+            let totals = self.send_round(&dirty, mode, pipeline, progress)?;
             let duration = t0.elapsed();
             guest_pages += totals.pages;
             counts.add(&totals.counts);
@@ -376,7 +396,7 @@ impl<W: FrameSink> Session<'_, W> {
             use_delta: true,
             deadline: None,
         };
-        let totals = self.send_round(&dirty, mode, jobs, results, progress)?;
+        let totals = self.send_round(&dirty, mode, pipeline, progress)?;
         guest_pages += totals.pages;
         counts.add(&totals.counts);
         round += 1;
@@ -476,8 +496,7 @@ impl<W: FrameSink> Session<'_, W> {
         &mut self,
         dirty: &DirtyBitmap,
         mode: RoundMode,
-        jobs: &Sender<Chunk>,
-        results: &Receiver<WorkerOutput>,
+        pipeline: &Pipeline<'_>,
         progress: &mut impl FnMut(ProgressEvent),
     ) -> Result<RoundTotals, MigrationError> {
         let wire_before = self.wire_bytes;
@@ -494,7 +513,9 @@ impl<W: FrameSink> Session<'_, W> {
                 force: mode.force,
                 use_delta: mode.use_delta,
             };
-            jobs.send(chunk)
+            pipeline
+                .jobs
+                .send(chunk)
                 .map_err(|_| MigrationError::WorkerPanicked)?;
             chunks += 1;
         }
@@ -502,8 +523,11 @@ impl<W: FrameSink> Session<'_, W> {
         let mut done = 0usize;
         let mut last_progress = Instant::now();
         while done < chunks {
-            match results.recv_timeout(PROGRESS_EVERY) {
-                Ok(WorkerOutput::Batch(bytes)) => self.send(FrameKind::PageBatch, &bytes)?,
+            match pipeline.results.recv_timeout(PROGRESS_EVERY) {
+                Ok(WorkerOutput::Batch(bytes)) => {
+                    self.send(FrameKind::PageBatch, &bytes)?;
+                    let _ = pipeline.free.try_send(bytes);
+                }
                 Ok(WorkerOutput::ChunkDone { pages, counts }) => {
                     done += 1;
                     totals.pages += pages;

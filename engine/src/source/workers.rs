@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::digest::PageHashes;
 use crate::encode::batch::MAX_BATCH_PAGES;
 use crate::encode::{
-    page_hash, BatchBuilder, EncodingCounts, Page, PageEncoder, XorDeltaCache, PAGE_SIZE,
+    page_hash, BatchBuilder, EncodingCounts, PageEncoder, XorDeltaCache, PAGE_SIZE,
 };
 use crate::error::MigrationError;
 use crate::vm::GuestMemoryMmap;
@@ -62,6 +62,8 @@ pub(crate) struct WorkerContext<'a> {
     pub cache: &'a XorDeltaCache,
     pub batch_bytes: usize,
     pub cancel: &'a AtomicBool,
+    /// Sent batch buffers, back for reuse.
+    pub free: &'a Receiver<Vec<u8>>,
 }
 
 /// Run one worker until the job channel closes or the output channel is
@@ -72,12 +74,11 @@ pub(crate) fn run_worker(
     out: &Sender<WorkerOutput>,
 ) {
     let mut encoder = PageEncoder::new();
-    let mut page: Box<Page> = Box::new([0; PAGE_SIZE]);
     while let Ok(chunk) = jobs.recv() {
         if ctx.cancel.load(Ordering::Relaxed) {
             return;
         }
-        match encode_chunk(ctx, &chunk, &mut encoder, &mut page, out) {
+        match encode_chunk(ctx, &chunk, &mut encoder, out) {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
@@ -93,7 +94,6 @@ fn encode_chunk(
     ctx: &WorkerContext<'_>,
     chunk: &Chunk,
     encoder: &mut PageEncoder,
-    page: &mut Page,
     out: &Sender<WorkerOutput>,
 ) -> Result<bool, MigrationError> {
     if chunk.reprotect {
@@ -102,7 +102,8 @@ fn encode_chunk(
         log.reprotect(first, &chunk.words)
             .map_err(MigrationError::DirtyLog)?;
     }
-    let new_batch = || BatchBuilder::with_capacity(ctx.batch_bytes + PAGE_SIZE + 64);
+    let capacity = ctx.batch_bytes + PAGE_SIZE + 64;
+    let new_batch = || BatchBuilder::from_buffer(ctx.free.try_recv().unwrap_or_default(), capacity);
     let mut batch = new_batch();
     let mut counts = EncodingCounts::default();
     let mut pages = 0u64;
@@ -113,16 +114,18 @@ fn encode_chunk(
             let bit = u64::from(bits.trailing_zeros());
             bits &= bits - 1;
             let index = chunk.first_page + 64 * i as u64 + bit;
+            // Straight from guest memory into the batch.
+            let slot = batch.page_slot();
             ctx.memory
-                .read_slice(page, GuestAddress(index * PAGE_SIZE as u64))
+                .read_slice(slot, GuestAddress(index * PAGE_SIZE as u64))
                 .map_err(|_| MigrationError::GuestMemory { page: index })?;
             pages += 1;
-            let hash = page_hash(page);
+            let hash = page_hash(slot);
             if !chunk.force && ctx.hashes.get(index) == hash {
                 counts.unchanged += 1;
                 continue;
             }
-            counts.count(encoder.encode(index, page, delta, &mut batch));
+            counts.count(encoder.encode_slot(index, delta, &mut batch));
             ctx.hashes.set(index, hash);
             if batch.is_full(MAX_BATCH_PAGES, ctx.batch_bytes) {
                 let full = std::mem::replace(&mut batch, new_batch());
