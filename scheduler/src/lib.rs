@@ -13,6 +13,8 @@
 //! # Ok::<(), ferry_scheduler::sim::SimError>(())
 //! ```
 
+pub mod model;
+pub mod plan;
 pub mod power;
 pub mod reference;
 pub mod sim;

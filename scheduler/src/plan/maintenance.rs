@@ -1,0 +1,174 @@
+//! Maintenance: evacuate a host (live-migrate its VMs, or shut down those
+//! marked so), keep it out of every decision while in maintenance, and move
+//! its VMs back when it leaves.
+
+use super::{best_fit, Action, Ledger, Limits, Plan, PlanError};
+use crate::model::{Cluster, HostId, OnEvacuate, VmId};
+
+/// Evacuation of host `h` (in maintenance): as many moves as the per-host
+/// limit allows now; the planner calls again until the host is empty.
+/// VMs that fit nowhere are reported, never dropped.
+pub fn evacuate(
+    c: &Cluster,
+    h: HostId,
+    cpu_cap: f64,
+    limits: &Limits,
+    ledger: &mut Ledger,
+) -> Result<Plan, PlanError> {
+    if h >= c.hosts.len() {
+        return Err(PlanError::UnknownHost(h));
+    }
+    let mut out = Plan::default();
+    let mut vms: Vec<VmId> = c.vms_on(h).filter(|&v| !ledger.moved[v]).collect();
+    // Biggest memory first: the hardest to place while room remains.
+    vms.sort_by_key(|&v| std::cmp::Reverse(c.vms[v].mem_mb));
+    for v in vms {
+        match c.vms[v].on_evacuate {
+            OnEvacuate::Shutdown => {
+                ledger.moved[v] = true;
+                out.actions.push(Action::ShutdownVm {
+                    vm: v,
+                    reason: format!(
+                        "maintenance: {} is evacuated; {} is marked shutdown-on-evacuate",
+                        c.hosts[h].name, c.vms[v].name
+                    ),
+                });
+            }
+            OnEvacuate::Migrate => {
+                if !ledger.may_move(c, limits, v, true) {
+                    continue; // the per-host limit: next round
+                }
+                let mips = c.vms[v].peak(3);
+                let Some(to) = best_fit(c, ledger, limits, v, mips, cpu_cap, &[h])
+                    .or_else(|| best_fit(c, ledger, limits, v, mips, 1.0, &[h]))
+                else {
+                    if ledger.migrations.iter().all(|&m| m == 0) {
+                        return Err(PlanError::NoHost {
+                            vm: c.vms[v].name.clone(),
+                            mips,
+                            mem_mb: c.vms[v].mem_mb,
+                        });
+                    }
+                    continue;
+                };
+                ledger.commit(c, v, mips, to);
+                out.actions.push(Action::Migrate {
+                    vm: v,
+                    from: h,
+                    to,
+                    reason: format!(
+                        "maintenance: evacuating {} ({} -> {})",
+                        c.hosts[h].name, c.vms[v].name, c.hosts[to].name
+                    ),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// VMs whose home is `h` (usable again) go back: migrated ones move, shut
+/// down ones start.
+pub fn return_home(c: &Cluster, h: HostId, limits: &Limits, ledger: &mut Ledger) -> Plan {
+    let mut out = Plan::default();
+    if !c.hosts.get(h).is_some_and(|x| x.usable()) {
+        return out;
+    }
+    for v in 0..c.vms.len() {
+        if c.vms[v].home != Some(h) {
+            continue;
+        }
+        let mips = c.vms[v].peak(3);
+        match c.vms[v].host {
+            None if ledger.mem[h] + c.vms[v].mem_mb <= c.hosts[h].mem_mb => {
+                ledger.mem[h] += c.vms[v].mem_mb;
+                ledger.cpu[h] += mips;
+                out.actions.push(Action::StartVm {
+                    vm: v,
+                    host: h,
+                    reason: format!(
+                        "maintenance over: {} starts again on {}",
+                        c.vms[v].name, c.hosts[h].name
+                    ),
+                });
+            }
+            Some(cur)
+                if cur != h
+                    && ledger.may_move(c, limits, v, true)
+                    && ledger.fits(c, limits, v, mips, h, 1.0) =>
+            {
+                ledger.commit(c, v, mips, h);
+                out.actions.push(Action::Migrate {
+                    vm: v,
+                    from: cur,
+                    to: h,
+                    reason: format!(
+                        "maintenance over: {} returns to {}",
+                        c.vms[v].name, c.hosts[h].name
+                    ),
+                });
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::apply;
+    use crate::plan::testkit::{add_vm, cluster};
+
+    #[test]
+    fn evacuates_in_waves_then_returns_home() {
+        let mut c = cluster(3);
+        for _ in 0..3 {
+            add_vm(&mut c, 0, 200.0, 512);
+        }
+        let stay = add_vm(&mut c, 1, 200.0, 512);
+        c.vms[2].on_evacuate = OnEvacuate::Shutdown;
+        c.hosts[0].maintenance = true;
+        let limits = Limits {
+            max_migrations_per_host: 1,
+            min_move_interval_s: 3600.0,
+        };
+        let mut rounds = 0;
+        while c.vms_on(0).next().is_some() {
+            rounds += 1;
+            assert!(rounds < 10, "evacuation does not finish");
+            let mut ledger = Ledger::new(&c, |v| c.vms[v].peak(3));
+            let plan = evacuate(&c, 0, 0.8, &limits, &mut ledger).unwrap();
+            assert!(plan.migrations() <= 1, "limit per host");
+            for a in &plan.actions {
+                apply(&mut c, a);
+            }
+            c.now += 10.0;
+        }
+        assert!(rounds >= 2);
+        assert_eq!(c.vms[2].host, None, "shut down, not lost");
+        assert_eq!(c.vms[stay].host, Some(1));
+        // Leave maintenance: everyone comes back (minimum interval waived).
+        c.hosts[0].maintenance = false;
+        for _ in 0..4 {
+            let mut ledger = Ledger::new(&c, |v| c.vms[v].peak(3));
+            let plan = return_home(&c, 0, &limits, &mut ledger);
+            for a in &plan.actions {
+                apply(&mut c, a);
+            }
+        }
+        assert_eq!(c.vms_on(0).count(), 3);
+        assert_eq!(c.vms[stay].host, Some(1));
+    }
+
+    #[test]
+    fn reports_a_vm_that_fits_nowhere() {
+        let mut c = cluster(2);
+        add_vm(&mut c, 0, 100.0, 3000);
+        add_vm(&mut c, 1, 100.0, 3000);
+        c.hosts[0].maintenance = true;
+        let mut ledger = Ledger::new(&c, |v| c.vms[v].peak(3));
+        let e = evacuate(&c, 0, 0.8, &Limits::default(), &mut ledger).unwrap_err();
+        assert!(e.to_string().contains("v0"), "{e}");
+    }
+}

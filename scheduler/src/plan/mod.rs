@@ -1,0 +1,298 @@
+//! Policies as plans: each policy reads the [`Cluster`] and returns a
+//! [`Plan`] of actions, each with the reason it was taken. A [`Ledger`]
+//! tracks what the plan has already committed (CPU, memory, migrations per
+//! host) so that no plan overcommits memory, pushes a host over its
+//! threshold, moves a VM again too soon, or exceeds the per-host limit of
+//! concurrent migrations.
+
+pub mod balance;
+pub mod maintenance;
+pub mod placement;
+pub mod planner;
+pub mod power_save;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Cluster, HostId, VmId};
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// Live-migrate `vm` from `from` to `to`.
+    Migrate {
+        /// VM.
+        vm: VmId,
+        /// Source host.
+        from: HostId,
+        /// Target host.
+        to: HostId,
+        /// Why.
+        reason: String,
+    },
+    /// Power a host up.
+    PowerOn {
+        /// Host.
+        host: HostId,
+        /// Why.
+        reason: String,
+    },
+    /// Power a (now empty) host down.
+    PowerOff {
+        /// Host.
+        host: HostId,
+        /// Why.
+        reason: String,
+    },
+    /// Shut a VM down (maintenance, `on_evacuate = shutdown`).
+    ShutdownVm {
+        /// VM.
+        vm: VmId,
+        /// Why.
+        reason: String,
+    },
+    /// Start a stopped VM on a host.
+    StartVm {
+        /// VM.
+        vm: VmId,
+        /// Host.
+        host: HostId,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Action {
+    /// The reason recorded with the action.
+    pub fn reason(&self) -> &str {
+        match self {
+            Action::Migrate { reason, .. }
+            | Action::PowerOn { reason, .. }
+            | Action::PowerOff { reason, .. }
+            | Action::ShutdownVm { reason, .. }
+            | Action::StartVm { reason, .. } => reason,
+        }
+    }
+}
+
+/// An ordered list of actions.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Actions in execution order.
+    pub actions: Vec<Action>,
+}
+
+impl Plan {
+    /// Number of migrations in the plan.
+    pub fn migrations(&self) -> usize {
+        self.actions
+            .iter()
+            .filter(|a| matches!(a, Action::Migrate { .. }))
+            .count()
+    }
+
+    /// Append another plan.
+    pub fn extend(&mut self, other: Plan) {
+        self.actions.extend(other.actions);
+    }
+}
+
+/// Limits every plan obeys.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Concurrent migrations (in + out) per host.
+    pub max_migrations_per_host: usize,
+    /// Minimum seconds between two moves of the same VM.
+    pub min_move_interval_s: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_migrations_per_host: 2,
+            min_move_interval_s: 1800.0,
+        }
+    }
+}
+
+/// Why a policy could not plan.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    /// No usable host has room for the VM.
+    #[error("no host has room for VM {vm} ({mips:.0} MIPS, {mem_mb} MB)")]
+    NoHost {
+        /// VM name.
+        vm: String,
+        /// CPU demand used.
+        mips: f64,
+        /// Memory.
+        mem_mb: u64,
+    },
+    /// The host is unknown.
+    #[error("no host with index {0}")]
+    UnknownHost(HostId),
+}
+
+/// What a plan has committed so far, per host.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    /// CPU demand (MIPS) after the planned moves.
+    pub cpu: Vec<f64>,
+    /// Memory (MB) after the planned moves, counting both ends of a move
+    /// (the target reserves it before the source frees it).
+    pub mem: Vec<u64>,
+    /// Migrations touching each host.
+    pub migrations: Vec<usize>,
+    /// VMs already moved by this plan.
+    pub moved: Vec<bool>,
+}
+
+impl Ledger {
+    /// The cluster as it is, with `demand` giving each VM's CPU estimate.
+    pub fn new(c: &Cluster, demand: impl Fn(VmId) -> f64) -> Self {
+        let mut cpu = vec![0.0; c.hosts.len()];
+        let mut mem = vec![0; c.hosts.len()];
+        for (v, vm) in c.vms.iter().enumerate() {
+            if let Some(h) = vm.host {
+                cpu[h] += demand(v);
+                mem[h] += vm.mem_mb;
+            }
+        }
+        Self {
+            cpu,
+            mem,
+            migrations: vec![0; c.hosts.len()],
+            moved: vec![false; c.vms.len()],
+        }
+    }
+
+    /// Whether `vm` may move now under `limits` (`urgent` ignores the
+    /// minimum interval, e.g. for maintenance).
+    pub fn may_move(&self, c: &Cluster, limits: &Limits, vm: VmId, urgent: bool) -> bool {
+        if self.moved[vm] {
+            return false;
+        }
+        let Some(h) = c.vms[vm].host else {
+            return false;
+        };
+        if self.migrations[h] >= limits.max_migrations_per_host {
+            return false;
+        }
+        urgent
+            || c.vms[vm]
+                .last_moved
+                .is_none_or(|t| c.now - t >= limits.min_move_interval_s)
+    }
+
+    /// Whether `to` can take `vm` (demand `mips`) staying at or under
+    /// `cpu_cap` share, memory never overcommitted, migration limit kept.
+    pub fn fits(
+        &self,
+        c: &Cluster,
+        limits: &Limits,
+        vm: VmId,
+        mips: f64,
+        to: HostId,
+        cpu_cap: f64,
+    ) -> bool {
+        let host = &c.hosts[to];
+        host.usable()
+            && c.vms[vm].host != Some(to)
+            && mips <= host.core_mips * (c.vms[vm].cpu_mips / host.core_mips).ceil().max(1.0)
+            && self.cpu[to] + mips <= cpu_cap * host.cpu_mips
+            && self.mem[to] + c.vms[vm].mem_mb <= host.mem_mb
+            && self.migrations[to] < limits.max_migrations_per_host
+    }
+
+    /// Commit a move in the ledger.
+    pub fn commit(&mut self, c: &Cluster, vm: VmId, mips: f64, to: HostId) {
+        let from = c.vms[vm].host.expect("moving VM is placed");
+        self.cpu[from] -= mips;
+        self.cpu[to] += mips;
+        // Memory stays reserved on the source until the move completes.
+        self.mem[to] += c.vms[vm].mem_mb;
+        self.migrations[from] += 1;
+        self.migrations[to] += 1;
+        self.moved[vm] = true;
+    }
+}
+
+/// The usable host with the least headroom left after taking `vm` (best
+/// fit by CPU and memory), among those [`Ledger::fits`] accepts.
+pub fn best_fit(
+    c: &Cluster,
+    ledger: &Ledger,
+    limits: &Limits,
+    vm: VmId,
+    mips: f64,
+    cpu_cap: f64,
+    exclude: &[HostId],
+) -> Option<HostId> {
+    (0..c.hosts.len())
+        .filter(|h| !exclude.contains(h))
+        .filter(|&h| ledger.fits(c, limits, vm, mips, h, cpu_cap))
+        .map(|h| {
+            let host = &c.hosts[h];
+            let cpu_left = (cpu_cap * host.cpu_mips - ledger.cpu[h] - mips) / host.cpu_mips;
+            let mem_left =
+                (host.mem_mb - ledger.mem[h] - c.vms[vm].mem_mb) as f64 / host.mem_mb as f64;
+            (h, cpu_left + mem_left)
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(h, _)| h)
+}
+
+/// Apply an action to the model (what an executor does once the action
+/// succeeded): placement, home for maintenance returns, power state.
+pub fn apply(c: &mut Cluster, a: &Action) {
+    match *a {
+        Action::Migrate { vm, from, to, .. } => {
+            let vmr = &mut c.vms[vm];
+            if c.hosts[from].maintenance && vmr.home.is_none() {
+                vmr.home = Some(from);
+            } else if vmr.home == Some(to) {
+                vmr.home = None;
+            }
+            vmr.host = Some(to);
+            vmr.last_moved = Some(c.now);
+        }
+        Action::ShutdownVm { vm, .. } => {
+            let vmr = &mut c.vms[vm];
+            vmr.home = vmr.host;
+            vmr.host = None;
+        }
+        Action::StartVm { vm, host, .. } => {
+            c.vms[vm].host = Some(host);
+            c.vms[vm].home = None;
+        }
+        Action::PowerOn { host, .. } => c.hosts[host].power = crate::model::PowerState::On,
+        Action::PowerOff { host, .. } => c.hosts[host].power = crate::model::PowerState::Off,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testkit {
+    use crate::model::{Cluster, Host, Vm};
+
+    /// `n` hosts of 2 x 1000 MIPS, 4096 MB.
+    pub fn cluster(n: usize) -> Cluster {
+        Cluster {
+            hosts: (0..n)
+                .map(|i| Host::new(&format!("h{i}"), 2, 1000.0, 4096))
+                .collect(),
+            vms: Vec::new(),
+            now: 100_000.0,
+        }
+    }
+
+    /// Add a placed VM with a steady `demand`.
+    pub fn add_vm(c: &mut Cluster, host: usize, demand: f64, mem_mb: u64) -> usize {
+        let mut vm = Vm::new(&format!("v{}", c.vms.len()), 1000.0, mem_mb);
+        vm.host = Some(host);
+        for _ in 0..12 {
+            vm.record(demand);
+        }
+        c.vms.push(vm);
+        c.vms.len() - 1
+    }
+}

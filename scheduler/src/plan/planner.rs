@@ -1,0 +1,182 @@
+//! The planner: keeps the per-host timers (how long a host has been over or
+//! under a threshold) and runs the policies in order: maintenance first,
+//! then even distribution and/or power save. One shared ledger, so the
+//! limits hold across the whole plan.
+
+use serde::{Deserialize, Serialize};
+
+use super::balance::{self, Balance};
+use super::maintenance;
+use super::power_save::{self, PowerSave};
+use super::{Ledger, Limits, Plan, PlanError};
+use crate::model::Cluster;
+
+/// Which balancing policy runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyMode {
+    /// Even distribution only.
+    Balance,
+    /// Power save only.
+    PowerSave,
+    /// Both (even distribution first).
+    Both,
+    /// Maintenance only (no balancing).
+    Manual,
+}
+
+impl std::str::FromStr for PolicyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "balance" => Ok(Self::Balance),
+            "power_save" | "power-save" => Ok(Self::PowerSave),
+            "both" => Ok(Self::Both),
+            "manual" => Ok(Self::Manual),
+            _ => Err(format!(
+                "unknown policy {s:?} (balance, power_save, both, manual)"
+            )),
+        }
+    }
+}
+
+/// Planner state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Planner {
+    /// Active policy.
+    pub mode: PolicyMode,
+    /// Even distribution parameters.
+    pub balance: Balance,
+    /// Power save parameters.
+    pub power_save: PowerSave,
+    /// Limits for every plan.
+    pub limits: Limits,
+    over_since: Vec<Option<f64>>,
+    light_since: Vec<Option<f64>>,
+}
+
+impl Planner {
+    /// A planner with default parameters.
+    pub fn new(mode: PolicyMode) -> Self {
+        Self {
+            mode,
+            balance: Balance::default(),
+            power_save: PowerSave::default(),
+            limits: Limits::default(),
+            over_since: Vec::new(),
+            light_since: Vec::new(),
+        }
+    }
+
+    fn tick(timers: &mut Vec<Option<f64>>, n: usize, now: f64, hot: &[usize]) {
+        timers.resize(n, None);
+        for (h, t) in timers.iter_mut().enumerate() {
+            *t = if hot.contains(&h) {
+                Some(t.unwrap_or(now))
+            } else {
+                None
+            };
+        }
+    }
+
+    /// Plan for the cluster as it is now.
+    pub fn plan(&mut self, c: &Cluster) -> Result<Plan, PlanError> {
+        let n = c.hosts.len();
+        let over = balance::overloaded_now(c, &self.balance);
+        let light = power_save::light_now(c, &self.power_save);
+        Self::tick(&mut self.over_since, n, c.now, &over);
+        Self::tick(&mut self.light_since, n, c.now, &light);
+        let window = self.balance.window.max(self.power_save.window);
+        let mut ledger = Ledger::new(c, |v| c.vms[v].peak(window));
+        let mut plan = Plan::default();
+        for h in 0..n {
+            if c.hosts[h].maintenance {
+                plan.extend(maintenance::evacuate(
+                    c,
+                    h,
+                    self.balance.threshold,
+                    &self.limits,
+                    &mut ledger,
+                )?);
+            } else {
+                plan.extend(maintenance::return_home(c, h, &self.limits, &mut ledger));
+            }
+        }
+        let due = |timers: &[Option<f64>], d: f64| -> Vec<usize> {
+            (0..n)
+                .filter(|&h| timers[h].is_some_and(|s| c.now - s >= d))
+                .collect()
+        };
+        if matches!(self.mode, PolicyMode::Balance | PolicyMode::Both) {
+            let d = due(&self.over_since, self.balance.duration_s);
+            plan.extend(balance::plan(
+                c,
+                &self.balance,
+                &self.limits,
+                &mut ledger,
+                &d,
+            ));
+        }
+        if matches!(self.mode, PolicyMode::PowerSave | PolicyMode::Both) {
+            let d = due(&self.light_since, self.power_save.duration_s);
+            plan.extend(power_save::plan(
+                c,
+                &self.power_save,
+                &self.limits,
+                &mut ledger,
+                &d,
+            ));
+        }
+        Ok(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::testkit::{add_vm, cluster};
+    use crate::plan::{apply, Action};
+
+    #[test]
+    fn balance_waits_for_the_duration_then_acts_once() {
+        let mut c = cluster(2);
+        add_vm(&mut c, 0, 1000.0, 512);
+        add_vm(&mut c, 0, 800.0, 512);
+        let mut p = Planner::new(PolicyMode::Balance);
+        assert_eq!(p.plan(&c).unwrap().migrations(), 0, "not yet long enough");
+        c.now += p.balance.duration_s;
+        let plan = p.plan(&c).unwrap();
+        assert_eq!(plan.migrations(), 1);
+        for a in &plan.actions {
+            apply(&mut c, a);
+        }
+        c.now += p.balance.duration_s;
+        assert_eq!(p.plan(&c).unwrap().migrations(), 0, "no flapping");
+    }
+
+    #[test]
+    fn power_save_then_balance_do_not_flap() {
+        let mut c = cluster(3);
+        add_vm(&mut c, 0, 300.0, 512);
+        add_vm(&mut c, 1, 300.0, 512);
+        add_vm(&mut c, 2, 300.0, 512);
+        let mut p = Planner::new(PolicyMode::Both);
+        let mut moves = 0;
+        for _ in 0..20 {
+            let plan = p.plan(&c).unwrap();
+            moves += plan.migrations();
+            for a in &plan.actions {
+                apply(&mut c, a);
+            }
+            c.now += 300.0;
+        }
+        let on = c.hosts.iter().filter(|h| h.usable()).count();
+        assert_eq!(on, 1, "consolidated onto one host");
+        assert!(moves <= 2, "{moves} moves for 3 VMs");
+        assert!(c.vms.iter().all(|v| v.host.is_some()));
+        let _ = Action::PowerOn {
+            host: 0,
+            reason: String::new(),
+        };
+    }
+}
