@@ -212,3 +212,44 @@ fn without_auto_converge_it_is_abandoned_at_the_deadline_and_keeps_running() -> 
     assert_alive(&vm, "source after giving up")?;
     Ok(())
 }
+
+#[test]
+fn a_guest_migrates_over_a_mutual_tls_lane() -> Result<()> {
+    use ferry_transport::lanes::LaneListener;
+    use ferry_transport::tls::{generate_cert_set, TlsSettings};
+    use ferry_transport::{LaneOptions, Lanes, Security};
+    use std::sync::Arc;
+
+    let Some(_kvm) = kvm_or_skip("a_guest_migrates_over_a_mutual_tls_lane") else {
+        return Ok(());
+    };
+    let certs = generate_cert_set(&["source", "destination"])?;
+    let security = |i: usize| -> Result<Security> {
+        let (_, cert, key) = &certs.nodes[i];
+        Ok(Security::Tls(Arc::new(TlsSettings::from_pem(
+            cert,
+            key,
+            &certs.ca_pem,
+            "localhost",
+        )?)))
+    };
+    let vm = boot(64, &format!("rate=5000 wss=16M {TSC}"))?;
+    let mut listener = LaneListener::bind("127.0.0.1:0", LaneOptions::new(1, security(1)?))?;
+    let addr = listener.local_addr()?;
+    let dest = std::thread::spawn(move || {
+        let lanes = listener.accept_session().expect("lane session");
+        ferry_engine::DestinationMigration::accept_lanes(
+            lanes,
+            &DestinationOptions::default(),
+            common::incoming,
+        )
+    });
+    let lanes = Lanes::connect(addr, &LaneOptions::new(1, security(0)?))?;
+    let summary = ferry_engine::SourceMigration::new(vm.clone(), MigrationOptions::default())
+        .run_lanes(lanes, |_| {})?;
+    let (dest_vm, dest_summary) = dest.join().expect("destination thread")?;
+    ensure!(summary.memory_digest == dest_summary.memory_digest);
+    ensure!(vm.run_state() == RunState::Paused);
+    assert_alive(&dest_vm, "destination")?;
+    Ok(())
+}

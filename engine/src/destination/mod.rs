@@ -6,7 +6,7 @@ use std::io::IoSlice;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Receiver;
-use ferry_transport::{FrameKind, FrameSink, FrameSource, TcpFrameConnection, HEADER_LEN};
+use ferry_transport::{FrameKind, FrameSink, FrameSource, Lanes, TcpFrameConnection, HEADER_LEN};
 use tracing::{info, warn};
 
 use crate::digest::PageHashes;
@@ -43,6 +43,24 @@ impl DestinationMigration {
             mut writer,
         } = conn;
         Self::accept_over(&mut writer, &mut reader, opts, make_vm)
+    }
+
+    /// Receive a migration over a session of ferry lanes (see
+    /// [`crate::SourceMigration::run_lanes`]: lane 0 carries everything).
+    pub fn accept_lanes<V: MigratableVm>(
+        lanes: Lanes,
+        opts: &DestinationOptions,
+        make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
+    ) -> Result<(V, DestinationSummary), MigrationError> {
+        let (control, closers) = crate::source::control_lane(lanes)?;
+        let (_, mut reader, mut writer) = control.into_parts();
+        let result = Self::accept_over(&mut writer, &mut reader, opts, make_vm);
+        if result.is_err() {
+            for closer in closers {
+                closer.close();
+            }
+        }
+        result
     }
 
     /// Receive a migration over any frame sink/source pair.

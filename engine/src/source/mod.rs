@@ -10,10 +10,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ferry_dirtylog::{DirtyBitmap, DirtyLog, Reprotect};
-use ferry_transport::lanes::TokenBucket;
+use ferry_transport::lanes::{LaneCloser, TokenBucket};
 use ferry_transport::{
     FrameConnection, FrameKind, FrameSink, FrameSource, TcpFrameConnection, HEADER_LEN,
 };
+use ferry_transport::{Lane, Lanes};
 use tracing::{debug, info, warn};
 
 use crate::convergence::{ConvergenceController, Decision, RoundMeasurement};
@@ -71,6 +72,24 @@ impl SourceMigration {
         let result = self.run_over(writer, reader, progress);
         if let Some(stream) = closer {
             let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        result
+    }
+
+    /// Migrate over a session of ferry lanes (plaintext or mutual TLS, see
+    /// `ferry_transport::LaneOptions`). All frames travel on lane 0 (the
+    /// control lane); further lanes are closed unused: striping pages over
+    /// lanes is not implemented yet, so open one lane.
+    pub fn run_lanes(
+        self,
+        lanes: Lanes,
+        progress: impl FnMut(ProgressEvent),
+    ) -> Result<MigrationSummary, MigrationError> {
+        let (control, closers) = control_lane(lanes)?;
+        let (_, reader, writer) = control.into_parts();
+        let result = self.run_over(writer, reader, progress);
+        for closer in closers {
+            closer.close();
         }
         result
     }
@@ -565,6 +584,25 @@ impl<W: FrameSink> Session<'_, W> {
         totals.wire_bytes = self.wire_bytes - wire_before;
         Ok(totals)
     }
+}
+
+/// Lane 0 of a session, and closers for every lane (lane 0 included) to
+/// call when the migration is over.
+pub(crate) fn control_lane(lanes: Lanes) -> Result<(Lane, Vec<LaneCloser>), MigrationError> {
+    let mut lanes = lanes.into_vec();
+    let closers = lanes
+        .iter()
+        .map(Lane::closer)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(MigrationError::Send)?;
+    if lanes.is_empty() {
+        return Err(MigrationError::PeerClosed {
+            during: "the lane handshake",
+        });
+    }
+    let control = lanes.swap_remove(0);
+    closers.iter().skip(1).for_each(LaneCloser::close);
+    Ok((control, closers))
 }
 
 /// An error and its sources on one line.
