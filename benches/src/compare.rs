@@ -144,6 +144,28 @@ pub fn run(
         }
         Ok(())
     };
+    let qemu_version = std::process::Command::new(&s.qemu_bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|v| v.lines().next().map(str::to_string));
+    let session = json!({
+        "kind": "session",
+        "machine": crate::procfs::machine(),
+        "load_1m_start": crate::procfs::load_1m(),
+        "qemu": qemu_version,
+        "ferry_bin": s.ferry_bin,
+        "kernel_image": s.kernel,
+        "max_downtime_ms": s.max_downtime_ms,
+        "repeat": cfg.repeat,
+    });
+    notes.push(format!(
+        "machine: {}; load average at start {:.2}",
+        crate::procfs::machine(),
+        crate::procfs::load_1m().unwrap_or(f64::NAN)
+    ));
+    emit(session)?;
     let mut ceilings = Vec::new();
     for conns in [1, 4] {
         let c = ceiling::measure(conns, cfg.ceiling_bytes)?;
@@ -191,6 +213,10 @@ pub fn run(
             runs.push(outcome);
         }
     }
+    notes.push(format!(
+        "load average at the end {:.2} (other work on the machine slows both engines)",
+        crate::procfs::load_1m().unwrap_or(f64::NAN)
+    ));
     let ceiling_bps = ceilings
         .iter()
         .map(|c| c.bytes_per_sec)

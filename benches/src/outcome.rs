@@ -89,6 +89,8 @@ pub struct RunOutcome {
     pub guest_dirty_rate: Option<f64>,
     /// Detail of the liveness check.
     pub alive_detail: String,
+    /// 1-minute load average when the run started (the machine is shared).
+    pub load_1m: Option<f64>,
     /// Bytes left over time.
     pub bytes_left: Vec<BytesLeft>,
 }
@@ -121,6 +123,7 @@ impl RunOutcome {
             static_memory_match: None,
             guest_dirty_rate: None,
             alive_detail: String::new(),
+            load_1m: crate::procfs::load_1m(),
             bytes_left: Vec::new(),
         }
     }

@@ -31,7 +31,7 @@ pub struct CompareArgs {
     #[arg(long, default_value = "1G,2G", value_delimiter = ',')]
     pub mem: Vec<String>,
     /// Dirty levels: idle (filled, no writes), moderate (256M at 5000
-    /// pages/s), heavy (256M at 30000 pages/s over a 64 MiB/s cap).
+    /// pages/s), heavy (256M at 30000 pages/s over a 48 MiB/s cap).
     #[arg(long, default_value = "idle,moderate,heavy", value_delimiter = ',')]
     pub levels: Vec<String>,
     /// QEMU profiles (default, multifd, multifd-zstd, xbzrle, auto-converge); `none` for none.
@@ -62,8 +62,8 @@ pub struct CompareArgs {
     /// Downtime limit for both engines, ms.
     #[arg(long, default_value_t = 20)]
     pub max_downtime_ms: u64,
-    /// Per-row migration deadline, s (default: 20 s + 3 passes at the cap
-    /// or at 300 MB/s).
+    /// Per-row migration deadline, s (default: 20 s + 2.5 passes at the cap
+    /// or at 200 MB/s).
     #[arg(long)]
     pub deadline_s: Option<u64>,
     /// JSON lines: every run, the ceilings, the aggregates, the floors.
