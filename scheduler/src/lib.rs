@@ -13,6 +13,7 @@
 //! # Ok::<(), ferry_scheduler::sim::SimError>(())
 //! ```
 
+pub mod daemon;
 pub mod model;
 pub mod plan;
 pub mod power;

@@ -18,6 +18,20 @@ enum SchedCommand {
     /// Replay the PlanetLab traces (CCPE 2012 setup) for each policy and
     /// report energy, SLATAH, PDM, SLAV, ESV, migrations, active hosts.
     Simulate(SimulateArgs),
+    /// Run the scheduler daemon: HTTP API, metrics, planning rounds that
+    /// drive the host agents and power drivers.
+    Daemon(DaemonArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DaemonArgs {
+    /// The cluster description (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Only validate the config: print every problem (file:line) and exit
+    /// 1 if there is any.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -53,7 +67,34 @@ struct SimulateArgs {
 pub fn run(args: SchedArgs) -> anyhow::Result<()> {
     match args.command {
         SchedCommand::Simulate(a) => simulate(a),
+        SchedCommand::Daemon(a) => daemon(a),
     }
+}
+
+fn daemon(a: DaemonArgs) -> anyhow::Result<()> {
+    use ferry_scheduler::daemon;
+    if a.check {
+        let cfg = daemon::config::Config::load(&a.config)?;
+        for p in &cfg.problems {
+            eprintln!("{p}");
+        }
+        if !cfg.problems.is_empty() {
+            bail!(
+                "{} problem(s) in {}",
+                cfg.problems.len(),
+                a.config.display()
+            );
+        }
+        println!(
+            "{}: {} hosts, {} VMs, no problems",
+            a.config.display(),
+            cfg.hosts.len(),
+            cfg.vms.len()
+        );
+        return Ok(());
+    }
+    daemon::run(&a.config)
+        .with_context(|| format!("ferry sched daemon --config {}", a.config.display()))
 }
 
 fn simulate(a: SimulateArgs) -> anyhow::Result<()> {

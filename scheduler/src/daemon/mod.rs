@@ -1,0 +1,387 @@
+//! `ferry sched daemon`: keeps the cluster model current from the agents,
+//! plans with the active policy every interval, carries the plan out
+//! through an [`agent::Executor`] and the hosts' power drivers, and serves
+//! an HTTP API and Prometheus metrics. Every decision is logged with its
+//! reason.
+
+pub mod agent;
+pub mod api;
+pub mod config;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
+pub mod power;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::model::{Cluster, Host, PowerState, Vm};
+use crate::plan::planner::{Planner, PolicyMode};
+use crate::plan::{apply, Action, Plan};
+use agent::{Executor, HttpAgents};
+use config::{Config, ConfigError, ConfigProblem};
+use power::PowerDriver;
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The configuration could not be read.
+    #[error("bad configuration")]
+    Config(#[from] ConfigError),
+    /// The API address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The async runtime could not start.
+    #[error("cannot start the runtime")]
+    Runtime(#[source] std::io::Error),
+    /// Serving HTTP failed.
+    #[error("HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Counters exported as Prometheus metrics.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counters {
+    /// Planning rounds.
+    pub rounds: u64,
+    /// Migrations that completed.
+    pub migrations_ok: u64,
+    /// Migrations that failed (VM stayed on its source).
+    pub migrations_failed: u64,
+    /// Hosts powered on.
+    pub power_on: u64,
+    /// Hosts powered off.
+    pub power_off: u64,
+    /// Power operations that failed.
+    pub power_failed: u64,
+    /// Agent status requests that failed.
+    pub inventory_failed: u64,
+}
+
+/// Shared daemon state.
+#[derive(Debug)]
+pub struct State {
+    /// The model.
+    pub cluster: Cluster,
+    /// The planner (policy, timers).
+    pub planner: Planner,
+    /// The last plan made.
+    pub last_plan: Plan,
+    /// Configuration problems (entries left out).
+    pub problems: Vec<ConfigProblem>,
+    /// Counters.
+    pub counters: Counters,
+}
+
+/// A running daemon's handles.
+#[derive(Clone)]
+pub struct Daemon {
+    /// Shared state.
+    pub state: Arc<Mutex<State>>,
+    /// Executes actions.
+    pub executor: Arc<dyn Executor>,
+    /// Power driver per host (by index).
+    pub drivers: Arc<Vec<Option<Box<dyn PowerDriver>>>>,
+    /// Serialises planning rounds.
+    round_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon").finish_non_exhaustive()
+    }
+}
+
+fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Daemon {
+    /// Build the model, agents and drivers from a validated config.
+    pub fn from_config(cfg: &Config) -> Self {
+        let mut problems = cfg.problems.clone();
+        let mut cluster = Cluster::default();
+        let mut agents = HttpAgents {
+            timeout: Some(Duration::from_secs(600)),
+            ..HttpAgents::default()
+        };
+        let mut drivers: Vec<Option<Box<dyn PowerDriver>>> = Vec::new();
+        for h in &cfg.hosts {
+            let name = h.name.get_ref().clone();
+            let mut host = Host::new(&name, h.cores, h.core_mips, h.mem_mb);
+            if let Some(a) = &h.agent {
+                if let Ok(addr) = a.get_ref().parse::<SocketAddr>() {
+                    agents.agents.insert(name.clone(), addr);
+                }
+            }
+            let driver = h.power.as_ref().and_then(|p| match power::from_config(p) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    problems.push(ConfigProblem {
+                        path: cfg.path.display().to_string(),
+                        line: 0,
+                        message: format!("host {name}: {e}"),
+                    });
+                    None
+                }
+            });
+            if matches!(h.power, Some(config::PowerConfig::Process { .. })) {
+                // The process driver's host is off until powered on.
+                host.power = PowerState::Off;
+            }
+            cluster.hosts.push(host);
+            drivers.push(driver);
+        }
+        for v in &cfg.vms {
+            let mut vm = Vm::new(v.name.get_ref(), v.cpu_mips, *v.mem_mb.get_ref());
+            vm.host = cluster.host_by_name(v.host.get_ref());
+            vm.on_evacuate = v.on_evacuate;
+            cluster.vms.push(vm);
+        }
+        let mode = cfg.daemon.policy.parse().unwrap_or_else(|e: String| {
+            problems.push(ConfigProblem {
+                path: cfg.path.display().to_string(),
+                line: 0,
+                message: e,
+            });
+            PolicyMode::Manual
+        });
+        for p in &problems {
+            warn!(problem = %p, "configuration entry left out");
+        }
+        Self {
+            state: Arc::new(Mutex::new(State {
+                cluster,
+                planner: Planner::new(mode),
+                last_plan: Plan::default(),
+                problems,
+                counters: Counters::default(),
+            })),
+            executor: Arc::new(agents),
+            drivers: Arc::new(drivers),
+            round_lock: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// Replace the executor (e.g. libvirt, or tests).
+    pub fn with_executor(mut self, e: Arc<dyn Executor>) -> Self {
+        self.executor = e;
+        self
+    }
+
+    /// One round: inventory, plan, execute. Returns the plan.
+    pub async fn round(&self, now: f64) -> Plan {
+        let _g = self.round_lock.lock().await;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.round_blocking(now))
+            .await
+            .unwrap_or_default()
+    }
+
+    fn round_blocking(&self, now: f64) -> Plan {
+        self.refresh_inventory();
+        let (snapshot, plan) = {
+            let mut st = lock(&self.state);
+            st.cluster.now = now;
+            st.counters.rounds += 1;
+            let snapshot = st.cluster.clone();
+            let plan = match st.planner.plan(&snapshot) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "planning failed; nothing moves this round");
+                    Plan::default()
+                }
+            };
+            st.last_plan = plan.clone();
+            (snapshot, plan)
+        };
+        for a in &plan.actions {
+            info!(action = %describe(&snapshot, a), reason = a.reason(), "decision");
+            if self.execute(&snapshot, a) {
+                apply(&mut lock(&self.state).cluster, a);
+            }
+        }
+        plan
+    }
+
+    fn refresh_inventory(&self) {
+        let hosts: Vec<(usize, String, PowerState)> = {
+            let st = lock(&self.state);
+            st.cluster
+                .hosts
+                .iter()
+                .enumerate()
+                .map(|(i, h)| (i, h.name.clone(), h.power))
+                .collect()
+        };
+        for (h, name, power) in hosts {
+            if power != PowerState::On {
+                continue;
+            }
+            match self.executor.status(&name) {
+                Ok(s) => {
+                    let mut st = lock(&self.state);
+                    for av in s.vms {
+                        match st.cluster.vm_by_name(&av.name) {
+                            Some(v) => {
+                                let vm = &mut st.cluster.vms[v];
+                                vm.record(av.cpu_mips);
+                                if av.running {
+                                    vm.host = Some(h);
+                                }
+                            }
+                            None if av.running => {
+                                info!(vm = %av.name, host = %name, "new VM found in inventory");
+                                let mut vm = Vm::new(&av.name, av.cpu_mips.max(1.0), av.mem_mb);
+                                vm.host = Some(h);
+                                vm.record(av.cpu_mips);
+                                st.cluster.vms.push(vm);
+                            }
+                            None => {}
+                        }
+                    }
+                }
+                Err(agent::ExecError::NoAgent(_)) => {}
+                Err(e) => {
+                    lock(&self.state).counters.inventory_failed += 1;
+                    warn!(host = %name, error = %e, "inventory failed; keeping the last known state");
+                }
+            }
+        }
+    }
+
+    fn execute(&self, c: &Cluster, a: &Action) -> bool {
+        let count = |f: fn(&mut Counters)| f(&mut lock(&self.state).counters);
+        match *a {
+            Action::Migrate { vm, from, to, .. } => {
+                match self
+                    .executor
+                    .migrate(&c.vms[vm].name, &c.hosts[from].name, &c.hosts[to].name)
+                {
+                    Ok(()) => {
+                        count(|c| c.migrations_ok += 1);
+                        true
+                    }
+                    Err(e) => {
+                        count(|c| c.migrations_failed += 1);
+                        warn!(vm = %c.vms[vm].name, error = %e, "migration failed; the VM stays on its source, the next round retries");
+                        false
+                    }
+                }
+            }
+            Action::PowerOn { host, .. } | Action::PowerOff { host, .. } => {
+                let on = matches!(a, Action::PowerOn { .. });
+                let Some(Some(d)) = self.drivers.get(host) else {
+                    warn!(host = %c.hosts[host].name, "no power driver; not switched");
+                    return false;
+                };
+                let r = if on { d.power_on() } else { d.power_off() };
+                match r {
+                    Ok(()) => {
+                        if on {
+                            count(|c| c.power_on += 1);
+                        } else {
+                            count(|c| c.power_off += 1);
+                        }
+                        true
+                    }
+                    Err(e) => {
+                        count(|c| c.power_failed += 1);
+                        warn!(host = %c.hosts[host].name, driver = d.name(), error = %e, "power operation failed");
+                        false
+                    }
+                }
+            }
+            Action::ShutdownVm { vm, .. } => {
+                let host = c.vms[vm]
+                    .host
+                    .map(|h| c.hosts[h].name.clone())
+                    .unwrap_or_default();
+                match self.executor.shutdown_vm(&c.vms[vm].name, &host) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(vm = %c.vms[vm].name, error = %e, "shutdown failed");
+                        false
+                    }
+                }
+            }
+            Action::StartVm { vm, host, .. } => {
+                match self
+                    .executor
+                    .start_vm(&c.vms[vm].name, c.vms[vm].mem_mb, &c.hosts[host].name)
+                {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(vm = %c.vms[vm].name, error = %e, "start failed");
+                        false
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One line for an action, with names.
+pub fn describe(c: &Cluster, a: &Action) -> String {
+    let h = |i: usize| c.hosts.get(i).map(|h| h.name.as_str()).unwrap_or("?");
+    let v = |i: usize| c.vms.get(i).map(|v| v.name.as_str()).unwrap_or("?");
+    match *a {
+        Action::Migrate { vm, from, to, .. } => {
+            format!("migrate {} {} -> {}", v(vm), h(from), h(to))
+        }
+        Action::PowerOn { host, .. } => format!("power on {}", h(host)),
+        Action::PowerOff { host, .. } => format!("power off {}", h(host)),
+        Action::ShutdownVm { vm, .. } => format!("shut down {}", v(vm)),
+        Action::StartVm { vm, host, .. } => format!("start {} on {}", v(vm), h(host)),
+    }
+}
+
+/// Serve the API on `listener` and plan every `interval`; runs until the
+/// future is dropped.
+pub async fn serve(
+    daemon: Daemon,
+    listener: tokio::net::TcpListener,
+    interval: Duration,
+) -> Result<(), DaemonError> {
+    let ticker = daemon.clone();
+    let started = std::time::Instant::now();
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(interval);
+        loop {
+            t.tick().await;
+            ticker.round(started.elapsed().as_secs_f64()).await;
+        }
+    });
+    axum::serve(listener, api::router(daemon, started))
+        .await
+        .map_err(DaemonError::Serve)
+}
+
+/// `ferry sched daemon --config FILE`: blocks until killed.
+pub fn run(config: &Path) -> Result<(), DaemonError> {
+    let cfg = Config::load(config)?;
+    let rt = tokio::runtime::Runtime::new().map_err(DaemonError::Runtime)?;
+    rt.block_on(async {
+        let addr = cfg.daemon.listen.get_ref().clone();
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                addr: addr.clone(),
+                source,
+            })?;
+        info!(%addr, "ferry sched daemon listening");
+        let daemon = Daemon::from_config(&cfg);
+        let interval = Duration::from_secs_f64(cfg.daemon.interval_s.max(1.0));
+        serve(daemon, listener, interval).await
+    })
+}

@@ -1,0 +1,308 @@
+//! The daemon end to end over loopback HTTP: its API, planning rounds, and
+//! agents speaking the agent protocol (protocol-level agents that keep VMs
+//! in memory; the real `ferry agent` runs guests through the engine).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferry_scheduler::daemon::agent::{
+    request, AgentStatus, AgentVm, MigrateRequest, OpResult, VmRequest,
+};
+use ferry_scheduler::daemon::api::{HostView, VmView};
+use ferry_scheduler::daemon::config::Config;
+use ferry_scheduler::daemon::{serve, Daemon};
+
+type World = Arc<Mutex<HashMap<String, Vec<AgentVm>>>>;
+
+#[derive(Clone)]
+struct Agent {
+    host: String,
+    world: World,
+    refuse: Option<String>,
+}
+
+async fn status(State(a): State<Agent>) -> Json<AgentStatus> {
+    let w = a.world.lock().unwrap();
+    Json(AgentStatus {
+        host: a.host.clone(),
+        vms: w.get(&a.host).cloned().unwrap_or_default(),
+    })
+}
+
+async fn migrate(State(a): State<Agent>, Json(r): Json<MigrateRequest>) -> Json<OpResult> {
+    if a.refuse.as_deref() == Some(r.vm.as_str()) {
+        return Json(OpResult {
+            ok: false,
+            error: Some(format!("{} did not converge; rolled back", r.vm)),
+        });
+    }
+    let mut w = a.world.lock().unwrap();
+    let src = w.get_mut(&a.host).unwrap();
+    let Some(i) = src.iter().position(|v| v.name == r.vm) else {
+        return Json(OpResult {
+            ok: false,
+            error: Some(format!("no VM {}", r.vm)),
+        });
+    };
+    let vm = src.remove(i);
+    w.entry(r.target_host).or_default().push(vm);
+    Json(OpResult {
+        ok: true,
+        error: None,
+    })
+}
+
+async fn shutdown(State(a): State<Agent>, Json(r): Json<VmRequest>) -> Json<OpResult> {
+    let mut w = a.world.lock().unwrap();
+    for v in w.get_mut(&a.host).unwrap().iter_mut() {
+        if v.name == r.vm {
+            v.running = false;
+        }
+    }
+    Json(OpResult {
+        ok: true,
+        error: None,
+    })
+}
+
+async fn spawn_agent(host: &str, world: World, refuse: Option<&str>) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/migrate", post(migrate))
+        .route("/v1/vms/shutdown", post(shutdown))
+        .with_state(Agent {
+            host: host.into(),
+            world,
+            refuse: refuse.map(String::from),
+        });
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    addr
+}
+
+struct Setup {
+    api: SocketAddr,
+    world: World,
+    flag: tempfile::TempDir,
+}
+
+async fn setup(refuse: Option<&str>, policy: &str) -> Setup {
+    let world: World = Arc::new(Mutex::new(HashMap::new()));
+    let vm = |n: &str| AgentVm {
+        name: n.into(),
+        mem_mb: 512,
+        cpu_mips: 100.0,
+        running: true,
+    };
+    world
+        .lock()
+        .unwrap()
+        .insert("h1".into(), vec![vm("a"), vm("b")]);
+    let mut agents = Vec::new();
+    for h in ["h1", "h2", "h3"] {
+        agents.push(spawn_agent(h, world.clone(), refuse).await);
+    }
+    let flag = tempfile::tempdir().unwrap();
+    let off = flag.path().join("h3-off");
+    let text = format!(
+        r#"[daemon]
+listen = "127.0.0.1:0"
+policy = "{policy}"
+
+[[host]]
+name = "h1"
+cores = 2
+core_mips = 2000
+mem_mb = 4096
+agent = "{}"
+
+[[host]]
+name = "h2"
+cores = 2
+core_mips = 2000
+mem_mb = 4096
+agent = "{}"
+
+[[host]]
+name = "h3"
+cores = 2
+core_mips = 2000
+mem_mb = 4096
+agent = "{}"
+power = {{ driver = "command", on = ["true"], off = ["touch", "{}"] }}
+
+[[vm]]
+name = "a"
+host = "h1"
+cpu_mips = 1000
+mem_mb = 512
+
+[[vm]]
+name = "b"
+host = "h1"
+cpu_mips = 1000
+mem_mb = 512
+
+[[vm]]
+name = "ghost"
+host = "h9"
+cpu_mips = 1000
+mem_mb = 512
+"#,
+        agents[0],
+        agents[1],
+        agents[2],
+        off.display()
+    );
+    let cfg = Config::parse(Path::new("cluster.toml"), &text).unwrap();
+    let daemon = Daemon::from_config(&cfg);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = l.local_addr().unwrap();
+    tokio::spawn(serve(daemon, l, std::time::Duration::from_secs(3600)));
+    Setup { api, world, flag }
+}
+
+async fn call<T: serde::de::DeserializeOwned + Send + 'static>(
+    api: SocketAddr,
+    method: &'static str,
+    path: &'static str,
+    body: Option<serde_json::Value>,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(move || {
+        request::<serde_json::Value, T>(api, method, path, body.as_ref(), None)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap()
+}
+
+fn where_is(world: &World, vm: &str) -> Option<String> {
+    let w = world.lock().unwrap();
+    w.iter()
+        .find(|(_, vms)| vms.iter().any(|v| v.name == vm))
+        .map(|(h, _)| h.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_evacuates_and_returns_through_the_api() {
+    let s = setup(None, "manual").await;
+    let hosts: Vec<HostView> = call(s.api, "GET", "/v1/hosts", None).await.unwrap();
+    assert_eq!(hosts.len(), 3);
+    assert_eq!(hosts[0].vms, vec!["a", "b"]);
+
+    let _: serde_json::Value = call(s.api, "POST", "/v1/hosts/h1/maintenance", None)
+        .await
+        .unwrap();
+    assert_ne!(where_is(&s.world, "a").as_deref(), Some("h1"));
+    assert_ne!(where_is(&s.world, "b").as_deref(), Some("h1"));
+    let vms: Vec<VmView> = call(s.api, "GET", "/v1/vms", None).await.unwrap();
+    assert!(vms
+        .iter()
+        .filter(|v| v.name != "ghost")
+        .all(|v| v.home.as_deref() == Some("h1")));
+
+    let _: serde_json::Value = call(s.api, "DELETE", "/v1/hosts/h1/maintenance", None)
+        .await
+        .unwrap();
+    assert_eq!(where_is(&s.world, "a").as_deref(), Some("h1"));
+    assert_eq!(where_is(&s.world, "b").as_deref(), Some("h1"));
+
+    let plan: Vec<serde_json::Value> = call(s.api, "GET", "/v1/plan", None).await.unwrap();
+    assert!(plan
+        .iter()
+        .all(|a| a["reason"].as_str().unwrap().contains("maintenance")));
+    let e = call::<serde_json::Value>(s.api, "POST", "/v1/hosts/nope/maintenance", None)
+        .await
+        .unwrap_err();
+    assert!(e.contains("404") && e.contains("no host named"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_migration_leaves_the_vm_on_its_source() {
+    let s = setup(Some("a"), "manual").await;
+    let _: serde_json::Value = call(s.api, "POST", "/v1/hosts/h1/maintenance", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        where_is(&s.world, "a").as_deref(),
+        Some("h1"),
+        "rolled back"
+    );
+    assert_ne!(where_is(&s.world, "b").as_deref(), Some("h1"));
+    let vms: Vec<VmView> = call(s.api, "GET", "/v1/vms", None).await.unwrap();
+    let a = vms.iter().find(|v| v.name == "a").unwrap();
+    assert_eq!(
+        a.host.as_deref(),
+        Some("h1"),
+        "model agrees with the agents"
+    );
+    let m = tokio::task::spawn_blocking(move || raw_get(s.api, "/metrics"))
+        .await
+        .unwrap();
+    let failed: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_sched_migrations_failed_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(failed >= 1, "{m}"); // each round retries it
+    assert!(m.contains("ferry_sched_migrations_total 1"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_problems_are_served_and_policy_switches() {
+    let s = setup(None, "manual").await;
+    let p: Vec<serde_json::Value> = call(s.api, "GET", "/v1/problems", None).await.unwrap();
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0]["line"], 41);
+    assert!(p[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("unknown host \"h9\""));
+    let r: serde_json::Value = call(
+        s.api,
+        "PUT",
+        "/v1/policy",
+        Some(serde_json::json!({"mode": "power_save"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r["mode"], "power_save");
+    let e = call::<serde_json::Value>(
+        s.api,
+        "PUT",
+        "/v1/policy",
+        Some(serde_json::json!({"mode": "chaos"})),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("400"), "{e}");
+    // Power save: h2 and h3 are empty and not needed: the command hook runs.
+    let _: serde_json::Value = call(s.api, "POST", "/v1/round", None).await.unwrap();
+    assert!(s.flag.path().join("h3-off").exists(), "power-off hook ran");
+    let hosts: Vec<HostView> = call(s.api, "GET", "/v1/hosts", None).await.unwrap();
+    assert_eq!(hosts[2].power, ferry_scheduler::model::PowerState::Off);
+    assert_eq!(
+        hosts[1].power,
+        ferry_scheduler::model::PowerState::On,
+        "h2 has no driver"
+    );
+}
+
+fn raw_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
