@@ -1,0 +1,294 @@
+//! `ferry vm run`, `ferry vm receive` and `ferry migrate` as real processes
+//! on loopback, with a real KVM guest: the guest moves, or stays running on
+//! the source with a clear error.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use ferry_e2e::process::ProcessGuard;
+use serde_json::Value;
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIPPED: {test}: /dev/kvm is not usable ({e})");
+            false
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn ferry(args: &[&str]) -> Output {
+    Command::new(FERRY).args(args).output().expect("run ferry")
+}
+
+fn status(api: &Path) -> Option<Value> {
+    let out = ferry(&["vm", "status", "--json", "--api", api.to_str().unwrap()]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+fn wait_guest_running(api: &Path, p: &mut ProcessGuard) -> Value {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = status(api) {
+            if s["status"]["phase"] == "Running" {
+                return s;
+            }
+        }
+        assert!(p.is_running(), "{} exited", p.name());
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "guest never reached phase 2"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Pair {
+    dir: tempfile::TempDir,
+    src: ProcessGuard,
+    dst: ProcessGuard,
+    addr: String,
+}
+
+impl Pair {
+    fn api(&self, who: &str) -> PathBuf {
+        self.dir.path().join(format!("{who}.sock"))
+    }
+
+    fn start(mem: &str, rate: &str) -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let dst_api = dir.path().join("dst.sock");
+        let src_api = dir.path().join("src.sock");
+        let dst = ProcessGuard::spawn(
+            "destination",
+            Command::new(FERRY)
+                .args(["vm", "receive", "--quiet", "--listen", &addr, "--api"])
+                .arg(&dst_api),
+            &dir.path().join("dst.log"),
+        )
+        .unwrap();
+        let mut src = ProcessGuard::spawn(
+            "source",
+            Command::new(FERRY)
+                .args([
+                    "vm", "run", "--quiet", "--mem", mem, "--rate", rate, "--verify", "64", "--api",
+                ])
+                .arg(&src_api),
+            &dir.path().join("src.log"),
+        )
+        .unwrap();
+        wait_guest_running(&src_api, &mut src);
+        Pair {
+            dir,
+            src,
+            dst,
+            addr,
+        }
+    }
+
+    fn migrate(&self, extra: &[&str]) -> Output {
+        let api = self.api("src");
+        let mut args = vec![
+            "migrate",
+            "--json",
+            "--api",
+            api.to_str().unwrap(),
+            "--to",
+            &self.addr,
+        ];
+        args.extend_from_slice(extra);
+        ferry(&args)
+    }
+}
+
+fn heartbeat(v: &Value) -> u64 {
+    v["status"]["heartbeat"].as_u64().unwrap()
+}
+
+/// The source is still the guest's home, and the guest keeps running there.
+fn assert_runs_on_source(p: &Pair) {
+    let a = status(&p.api("src")).expect("source still answers");
+    assert_eq!(a["state"], "here", "{a}");
+    std::thread::sleep(Duration::from_millis(300));
+    let b = status(&p.api("src")).unwrap();
+    assert!(
+        heartbeat(&b) > heartbeat(&a),
+        "source heartbeat stuck: {a} -> {b}"
+    );
+    assert_eq!(b["status"]["verify_errors"], 0);
+}
+
+#[test]
+fn a_dirtying_guest_moves_between_processes() {
+    if !kvm_or_skip("a_dirtying_guest_moves_between_processes") {
+        return;
+    }
+    let mut p = Pair::start("128M", "5000");
+    let out = p.migrate(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last: Value = serde_json::from_slice(
+        out.stdout
+            .split(|&b| b == b'\n')
+            .rfind(|l| !l.is_empty())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["event"], "summary");
+    let summary = &last["summary"];
+    assert!(summary["rounds"].as_u64().unwrap() >= 1);
+    assert!(summary["downtime_ms"].as_f64().unwrap() > 0.0);
+
+    let a = status(&p.api("dst")).expect("destination answers");
+    assert_eq!(a["state"], "here");
+    let start = Instant::now();
+    while p.src.is_running() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the source kept running after handing over"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let b = status(&p.api("dst")).unwrap();
+    assert!(heartbeat(&b) > heartbeat(&a));
+    assert!(b["status"]["pages_dirtied"].as_u64() > a["status"]["pages_dirtied"].as_u64());
+    assert_eq!(b["status"]["verify_errors"], 0);
+    assert_eq!(b["status"]["phase"], "Running");
+}
+
+#[test]
+fn killing_the_destination_leaves_the_guest_on_the_source() {
+    if !kvm_or_skip("killing_the_destination_leaves_the_guest_on_the_source") {
+        return;
+    }
+    let mut p = Pair::start("256M", "2000");
+    // A slow link keeps the migration in round 0 long enough to kill the peer.
+    let api = p.api("src");
+    let (addr, api_s) = (p.addr.clone(), api.to_str().unwrap().to_owned());
+    let migrating = std::thread::spawn(move || {
+        Command::new(FERRY)
+            .args([
+                "migrate",
+                "--api",
+                &api_s,
+                "--to",
+                &addr,
+                "--max-bandwidth",
+                "20M",
+            ])
+            .output()
+            .unwrap()
+    });
+    let start = Instant::now();
+    while status(&api)
+        .map(|s| s["state"] != "migrating")
+        .unwrap_or(true)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "migration never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    p.dst.kill();
+    let out = migrating.join().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("migration failed") && err.contains("still running on the source"),
+        "{err}"
+    );
+    assert_runs_on_source(&p);
+}
+
+#[test]
+fn nothing_listening_is_a_clear_error_and_the_guest_stays() {
+    if !kvm_or_skip("nothing_listening_is_a_clear_error_and_the_guest_stays") {
+        return;
+    }
+    let mut p = Pair::start("64M", "1000");
+    p.dst.kill();
+    let out = p.migrate(&[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect to the destination"), "{err}");
+    assert_runs_on_source(&p);
+}
+
+#[test]
+fn bad_command_lines_are_one_line_errors() {
+    let out = ferry(&["vm", "run", "--mem", "64M", "--append", "rate=1 colour=red"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown guest parameter `colour`"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let out = ferry(&["vm", "run", "--mem", "lots"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = ferry(&[
+        "migrate",
+        "--api",
+        "/nonexistent/ferry.sock",
+        "--to",
+        "127.0.0.1:1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the ferry process"));
+}
+
+#[test]
+fn a_guest_too_big_for_the_host_is_refused() {
+    if !kvm_or_skip("a_guest_too_big_for_the_host_is_refused") {
+        return;
+    }
+    let out = ferry(&["vm", "run", "--mem", "60G", "--duration", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reserve") && err.contains("try a smaller --mem"),
+        "{err}"
+    );
+}
+
+#[test]
+fn demo_runs_and_its_checks_pass() {
+    if !kvm_or_skip("demo_runs_and_its_checks_pass") {
+        return;
+    }
+    let out = ferry(&["demo", "--mem", "256M", "--watch-s", "1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("migration summary"));
+    assert_eq!(stdout.matches("[ ok ]").count(), 5, "{stdout}");
+    assert!(!stdout.contains("FAIL"));
+}
