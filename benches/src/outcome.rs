@@ -91,6 +91,10 @@ pub struct RunOutcome {
     pub alive_detail: String,
     /// 1-minute load average when the run started (the machine is shared).
     pub load_1m: Option<f64>,
+    /// When the source's heartbeat last changed (ms since migrate, value),
+    /// then the destination's first values from the switch value on: how
+    /// the heartbeat gap was read.
+    pub heartbeat_trace: Vec<(f64, u64)>,
     /// Bytes left over time.
     pub bytes_left: Vec<BytesLeft>,
 }
@@ -124,6 +128,7 @@ impl RunOutcome {
             guest_dirty_rate: None,
             alive_detail: String::new(),
             load_1m: crate::procfs::load_1m(),
+            heartbeat_trace: Vec::new(),
             bytes_left: Vec::new(),
         }
     }

@@ -99,6 +99,11 @@ pub fn fill_from_watch(
 ) {
     out.heartbeat_gap_ms = log.heartbeat_gap_ms();
     out.guest_dirty_rate = log.src_dirty_rate();
+    out.heartbeat_trace = log
+        .src_last_change
+        .into_iter()
+        .chain(log.resume_trace(8))
+        .collect();
     out.switch_heartbeat = log.switch_heartbeat();
     if let Some(s) = log.src_cpu {
         let total = s.process - base.src.process + extra_src_cpu;

@@ -108,6 +108,20 @@ impl WatchLog {
         (t1 > t0).then(|| (d1 - d0) as f64 / ((t1 - t0) / 1e3))
     }
 
+    /// The destination's first values from the switch value on (ms since
+    /// t0, heartbeat), to show how the guest got going again.
+    pub fn resume_trace(&self, n: usize) -> Vec<(f64, u64)> {
+        let Some((_, h)) = self.src_last_change else {
+            return Vec::new();
+        };
+        self.dst_changes
+            .iter()
+            .copied()
+            .filter(|&(_, v)| v >= h)
+            .take(n)
+            .collect()
+    }
+
     /// The heartbeat the guest had when the source stopped it.
     pub fn switch_heartbeat(&self) -> Option<u64> {
         self.src_last_change.map(|(_, h)| h)
