@@ -12,6 +12,28 @@
 //! | `XenLogDirty` | libxenctrl shadow log-dirty | cargo feature `xen` |
 //! | [`WithVmmWrites`] | any backend OR the VMM's own writes | KVM does not log host writes |
 //!
+//! ## Wiring it into a VMM
+//!
+//! 1. Bitmap with manual protect: call [`enable_manual_protect`] right after
+//!    creating the VM, before any memory slot. Ring: call
+//!    [`enable_dirty_ring`] before creating any vCPU.
+//! 2. Create the memory slots with `KVM_MEM_LOG_DIRTY_PAGES`, each starting
+//!    on a 256 KiB boundary; describe them as [`MemorySlot`]s.
+//! 3. Ring: build one [`KvmDirtyRing`] after the vCPUs exist (clone it to
+//!    hand out more logs); give each vCPU thread its
+//!    [`KvmDirtyRing::ring_full_handler`] and, on
+//!    `VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)`, call
+//!    [`RingFullHandler::handle_ring_full`] before re-entering `KVM_RUN`.
+//! 4. Wrap the log in [`WithVmmWrites`] with a clone of the VMM's
+//!    `GuestMemoryMmap<AtomicBitmap>` (or a shared [`VmmWriteLog`]) so pages
+//!    the VMM writes itself are reported too.
+//!
+//! Process memory ([`ProcessMemoryLog`]): a userfaultfd always acts on the
+//! memory of the process that created it, so the tracked process creates
+//! one ([`create_userfaultfd`], one system call) and hands it over
+//! (`SCM_RIGHTS` or `pidfd_getfd`); the tracker does everything else. The
+//! tests do exactly this with a forked child.
+//!
 //! Pre-copy correctness rests on one ordering rule: **clear a page's dirty
 //! bit before reading the page**; a later write then shows up next round.
 //!
