@@ -229,13 +229,18 @@ impl<R: Read> FrameReader<R> {
             ));
         }
         let header = FrameHeader::decode(&head).map_err(TransportError::Corrupt)?;
-        payload.clear();
-        payload.reserve(header.payload_len());
-        let len = u64::from(header.len);
-        let got = (&mut self.inner)
-            .take(len)
-            .read_to_end(payload)
-            .map_err(TransportError::Read)?;
+        // Size the buffer without clearing it first: only bytes beyond its
+        // old length get zeroed, and the payload is read with few large reads.
+        let len = header.payload_len();
+        if payload.len() > len {
+            payload.truncate(len);
+        } else {
+            payload.resize(len, 0);
+        }
+        let got = read_full(&mut self.inner, payload).map_err(TransportError::Read)?;
+        if got < len {
+            payload.truncate(got);
+        }
         header.verify(payload).map_err(TransportError::Corrupt)?;
         self.bytes_read += (HEADER_LEN + got) as u64;
         self.frames_read += 1;

@@ -194,6 +194,11 @@ impl TlsSettings {
             .with_single_cert(cert, key)
             .map_err(TlsError::Config)?;
 
+        // No TLS 1.3 session tickets: ferry never resumes sessions, and a
+        // ticket left unread on a send-only lane would make closing that
+        // lane reset the connection (unread data) and lose the peer's tail.
+        let mut server = server;
+        server.send_tls13_tickets = 0;
         Ok(TlsSettings {
             client: Arc::new(client),
             server: Arc::new(server),
@@ -257,6 +262,19 @@ struct Shared {
     /// Serialises socket writes; taken while `conn` is held, released after
     /// the (possibly blocking) socket write, with `conn` already released.
     socket_out: Mutex<TcpStream>,
+}
+
+impl Drop for Shared {
+    /// Both halves are gone: discard whatever the peer sent that nobody read
+    /// (a close_notify, say) so closing the socket sends FIN, not a reset
+    /// that could destroy data the peer has not read yet.
+    fn drop(&mut self) {
+        let mut socket = lock(&self.socket_out);
+        if socket.set_nonblocking(true).is_ok() {
+            let mut sink = [0u8; 4096];
+            while matches!(socket.read(&mut sink), Ok(n) if n > 0) {}
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

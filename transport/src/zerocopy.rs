@@ -166,7 +166,10 @@ impl ZcSender {
         parts: Vec<Bytes>,
         part_ranges: Vec<(*const u8, usize)>,
     ) -> Result<(), TransportError> {
-        while self.order.len() >= self.depth {
+        // One send at a time per socket: concurrent sends on a stream socket
+        // may complete out of order or interleave after a partial send. Many
+        // frames can still wait for their notifications (the zero-copy part).
+        while self.order.len() >= self.depth || self.sending_now() {
             self.reap(1)?;
         }
         self.check()?;
@@ -199,6 +202,12 @@ impl ZcSender {
         self.submit(idx)
     }
 
+    fn sending_now(&self) -> bool {
+        self.order
+            .iter()
+            .any(|&i| self.slots[i].as_ref().is_some_and(|f| f.sending))
+    }
+
     fn submit(&mut self, idx: usize) -> Result<(), TransportError> {
         let fd = types::Fd(self.stream.as_raw_fd());
         let Some(f) = self.slots[idx].as_mut() else {
@@ -208,6 +217,7 @@ impl ZcSender {
         f.sending = true;
         let sqe = opcode::SendMsgZc::new(fd, &f.msg)
             .ioprio(SEND_ZC_REPORT_USAGE)
+            .flags(u32::try_from(libc::MSG_WAITALL).unwrap_or(0))
             .build()
             .user_data(u64::try_from(idx).unwrap_or(u64::MAX));
         loop {
