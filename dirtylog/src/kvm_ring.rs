@@ -205,7 +205,7 @@ fn unknown_entry((slot, offset): (u32, u64)) -> DirtyLogError {
 /// Create it **once per VM**: it remembers where it stopped reading each
 /// ring, which a second `new` over the same vCPUs would not know. Hand out
 /// more logs with `clone()`, which shares the rings, the read positions and
-/// the pending pages.
+/// the pending pages (and copies whether the log is started).
 #[derive(Debug, Clone)]
 pub struct KvmDirtyRing {
     vm: Arc<VmFd>,

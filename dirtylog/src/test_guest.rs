@@ -214,6 +214,7 @@ pub struct TestVm {
     mem: GuestMemory,
     harness: Arc<Mapping>,
     ring: Option<RingFullHandler>,
+    ring_log: Option<KvmDirtyRing>,
     log: Option<Box<dyn DirtyLog>>,
     max_entries: usize,
     /// `KVM_RUN` calls made so far (each costs ~300 µs under PVM).
@@ -301,14 +302,15 @@ impl TestVm {
             guest_phys_addr: 0,
             pages: max_entries,
         }];
-        let (log, ring): (Box<dyn DirtyLog>, _) = match tracking {
+        let (log, ring, ring_log): (Box<dyn DirtyLog>, _, _) = match tracking {
             Tracking::Ring(bytes) => {
                 let ring = KvmDirtyRing::new(vm.clone(), slots, &[&vcpu], bytes)?;
                 let handler = ring.ring_full_handler();
-                (Box::new(ring), Some(handler))
+                (Box::new(ring.clone()), Some(handler), Some(ring))
             }
             _ => (
                 Box::new(KvmBitmapLog::new(vm.clone(), slots, manual)?),
+                None,
                 None,
             ),
         };
@@ -318,6 +320,7 @@ impl TestVm {
             mem: GuestMemory { mem },
             harness,
             ring,
+            ring_log,
             log: Some(log),
             max_entries,
             runs: 0,
@@ -328,6 +331,12 @@ impl TestVm {
     /// The dirty log of this VM (once; later calls return `None`).
     pub fn take_dirty_log(&mut self) -> Option<Box<dyn DirtyLog>> {
         self.log.take()
+    }
+
+    /// With a dirty ring: a clone of the ring log (sharing read positions
+    /// with the one [`take_dirty_log`](Self::take_dirty_log) returns).
+    pub fn ring_log(&self) -> Option<KvmDirtyRing> {
+        self.ring_log.clone()
     }
 
     /// The VM fd.

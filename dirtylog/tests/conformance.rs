@@ -185,7 +185,9 @@ macro_rules! suite {
         mod process_child {
             use super::*;
             $(#[test] fn $check() {
-                super::$check(child::subject(CHILD_PAGES).expect("child process subject"))
+                if common::uffd_wp_async_or_skip(stringify!($check)) {
+                    super::$check(child::subject(CHILD_PAGES).expect("child process subject"))
+                }
             })*
         }
     };

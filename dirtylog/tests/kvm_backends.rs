@@ -78,6 +78,28 @@ fn ring_counts_every_report() {
     assert!(stats.reported >= distinct.len(), "{stats:?}");
 }
 
+/// Clones of a ring log share the read positions: a clone collecting after
+/// the original sees exactly the writes made since, nothing older, nothing lost.
+#[test]
+fn ring_clones_continue_where_the_other_stopped() {
+    let Some(mut vm) = test_vm("ring_clones", TEST_MEM, Tracking::Ring(4096)) else {
+        return;
+    };
+    let mut first = vm.take_dirty_log().unwrap();
+    first.start().unwrap();
+    let mut second = vm.ring_log().unwrap();
+    second.start().unwrap();
+    vm.write_pages(&scattered(300, 2048), 1, 1).unwrap();
+    assert_eq!(
+        collect(&mut *first, Reprotect::Now),
+        scattered(300, 2048).into_iter().collect()
+    );
+    vm.write_pages(&[7, 8], 2, 1).unwrap();
+    assert_eq!(collect(&mut second, Reprotect::Now), BTreeSet::from([7, 8]));
+    vm.write_pages(&[9], 3, 1).unwrap();
+    assert_eq!(collect(&mut *first, Reprotect::Now), BTreeSet::from([9]));
+}
+
 /// KVM does not log writes the VMM makes through its own mapping;
 /// `WithVmmWrites` adds them from an explicitly marked `VmmWriteLog`.
 #[test]

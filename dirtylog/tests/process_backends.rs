@@ -71,6 +71,9 @@ fn collect(log: &mut dyn DirtyLog) -> BTreeSet<usize> {
 /// populated before `start` and never-touched ones alike.
 #[test]
 fn tracks_the_calling_process_over_several_ranges() {
+    if !common::uffd_wp_async_or_skip("tracks_the_calling_process_over_several_ranges") {
+        return;
+    }
     let a = Region::new(100);
     let b = Region::new(300);
     a.write(10, 1); // populated before tracking starts
@@ -90,6 +93,9 @@ fn tracks_the_calling_process_over_several_ranges() {
 /// region (same addresses, private) is not what is tracked.
 #[test]
 fn child_writes_are_tracked_and_parent_writes_are_not() {
+    if !common::uffd_wp_async_or_skip("child_writes_are_tracked_and_parent_writes_are_not") {
+        return;
+    }
     let (mut child, mut log) = child::spawn(256).unwrap();
     log.start().unwrap();
     common::Workload::write(&mut child, &[1, 200], 77).unwrap();
@@ -119,6 +125,9 @@ fn bad_ranges_are_refused() {
 
 #[test]
 fn unmapped_range_fails_to_register() {
+    if !common::uffd_wp_async_or_skip("unmapped_range_fails_to_register") {
+        return;
+    }
     let r = Region::new(4);
     let range = r.range();
     drop(r);

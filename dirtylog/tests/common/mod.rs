@@ -40,3 +40,42 @@ pub struct Subject {
 pub fn skip(test: &str, why: &str) {
     eprintln!("SKIP {test}: {why}");
 }
+
+/// Whether this kernel offers userfaultfd async write-protect (Linux ≥ 6.7);
+/// prints a loud SKIP for `test` when it does not.
+pub fn uffd_wp_async_or_skip(test: &str) -> bool {
+    let len = 4096;
+    // SAFETY: fresh anonymous mapping, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    let range = ferry_dirtylog::MemoryRange {
+        start: p as u64,
+        len: len as u64,
+    };
+    let result = ferry_dirtylog::ProcessMemoryLog::for_self(vec![range]).map(drop);
+    // SAFETY: unmaps the page mapped above (the log is dropped).
+    unsafe { libc::munmap(p, len) };
+    match result {
+        Ok(()) => true,
+        Err(
+            e @ (ferry_dirtylog::DirtyLogError::UffdApi(_)
+            | ferry_dirtylog::DirtyLogError::CreateUserfaultfd(_)),
+        ) => {
+            skip(
+                test,
+                &format!("no userfaultfd async write-protect here: {e}"),
+            );
+            false
+        }
+        Err(e) => panic!("{test}: probing userfaultfd failed: {e}"),
+    }
+}
