@@ -244,6 +244,25 @@ impl TestVm {
     /// memory, tracked as `tracking` says. The dirty log is built but not
     /// started: take it with [`take_dirty_log`](Self::take_dirty_log).
     pub fn new(mem_bytes: u64, tracking: Tracking) -> Result<Self, TestGuestError> {
+        Self::with_split(mem_bytes, tracking, None)
+    }
+
+    /// Like [`new`](Self::new), but with the tracked memory cut into two KVM
+    /// slots at `split` bytes (a multiple of 256 KiB inside the memory):
+    /// slot 0 below, slot 2 above, one log over both. Page indices stay
+    /// guest frame numbers, so the guest and the tests see no difference.
+    pub fn with_split(
+        mem_bytes: u64,
+        tracking: Tracking,
+        split: Option<u64>,
+    ) -> Result<Self, TestGuestError> {
+        if let Some(at) = split {
+            if at == 0 || at >= mem_bytes || at % (64 * PAGE_SIZE) != 0 {
+                return Err(TestGuestError::Invalid(format!(
+                    "split at {at:#x}: must be a non-zero multiple of 256 KiB below {mem_bytes:#x}"
+                )));
+            }
+        }
         if mem_bytes == 0 || mem_bytes % TWO_MIB != 0 || mem_bytes > HARNESS_GPA {
             return Err(TestGuestError::Invalid(format!(
                 "test VM memory {mem_bytes:#x}: must be a non-zero multiple of 2 MiB up to 4 GiB"
@@ -273,16 +292,34 @@ impl TestVm {
         let harness = Arc::new(Mapping::new(harness_bytes as usize)?);
         build_harness(&harness, harness_bytes);
 
-        for (slot, gpa, map, flags) in [
-            (0, 0, &mem, KVM_MEM_LOG_DIRTY_PAGES),
-            (1, HARNESS_GPA, &harness, 0),
-        ] {
+        // (slot, guest address, host address, bytes, flags)
+        let mut regions = vec![(1, HARNESS_GPA, harness.ptr as u64, harness.len as u64, 0)];
+        let mut slots = Vec::new();
+        let cuts = match split {
+            Some(at) => vec![(0u32, 0, at), (2, at, mem_bytes - at)],
+            None => vec![(0, 0, mem_bytes)],
+        };
+        for (slot, gpa, bytes) in cuts {
+            regions.push((
+                slot,
+                gpa,
+                mem.ptr as u64 + gpa,
+                bytes,
+                KVM_MEM_LOG_DIRTY_PAGES,
+            ));
+            slots.push(MemorySlot {
+                slot,
+                guest_phys_addr: gpa,
+                pages: (bytes / PAGE_SIZE) as usize,
+            });
+        }
+        for (slot, gpa, host, bytes, flags) in regions {
             let region = kvm_userspace_memory_region {
                 slot,
                 flags,
                 guest_phys_addr: gpa,
-                memory_size: map.len as u64,
-                userspace_addr: map.ptr as u64,
+                memory_size: bytes,
+                userspace_addr: host,
             };
             // SAFETY: the region maps memory owned by `mem`/`harness`, which
             // the VM holds (Arc) for as long as it exists.
@@ -297,11 +334,6 @@ impl TestVm {
         vcpu.set_cpuid2(&cpuid).map_err(kvm_op("set_cpuid2"))?;
         set_long_mode_ring3(&vcpu)?;
 
-        let slots = vec![MemorySlot {
-            slot: 0,
-            guest_phys_addr: 0,
-            pages: max_entries,
-        }];
         let (log, ring, ring_log): (Box<dyn DirtyLog>, _, _) = match tracking {
             Tracking::Ring(bytes) => {
                 let ring = KvmDirtyRing::new(vm.clone(), slots, &[&vcpu], bytes)?;

@@ -182,6 +182,20 @@ macro_rules! suite {
                 if let Some(s) = kvm::subject(stringify!($check), Tracking::Ring(64 * 1024)) { super::$check(s) }
             })*
         }
+        /// Two KVM slots cut at 4 MiB (page 1024, between 1023 and 1024 of
+        /// the known pages): slot-to-page mapping and chunked clears across slots.
+        mod kvm_bitmap_manual_protect_two_slots {
+            use super::*;
+            $(#[test] fn $check() {
+                if let Some(s) = kvm::subject_split(stringify!($check), Tracking::BitmapManualProtect, Some(4 << 20)) { super::$check(s) }
+            })*
+        }
+        mod kvm_ring_two_slots {
+            use super::*;
+            $(#[test] fn $check() {
+                if let Some(s) = kvm::subject_split(stringify!($check), Tracking::Ring(64 * 1024), Some(4 << 20)) { super::$check(s) }
+            })*
+        }
         mod process_child {
             use super::*;
             $(#[test] fn $check() {

@@ -54,7 +54,22 @@ pub fn test_vm(test: &str, mem: u64, tracking: Tracking) -> Option<TestVm> {
 
 /// A KVM subject tracked as `tracking`.
 pub fn subject(test: &str, tracking: Tracking) -> Option<Subject> {
-    let mut vm = test_vm(test, TEST_MEM, tracking)?;
+    subject_split(test, tracking, None)
+}
+
+/// A KVM subject whose memory is two slots cut at `split` bytes.
+pub fn subject_split(test: &str, tracking: Tracking, split: Option<u64>) -> Option<Subject> {
+    let mut vm = match TestVm::with_split(TEST_MEM, tracking, split) {
+        Ok(vm) => vm,
+        Err(TestGuestError::NoKvm(e)) => {
+            skip(test, &format!("no usable /dev/kvm ({e})"));
+            return None;
+        }
+        Err(e) => panic!(
+            "{test}: building the test VM failed: {:?}",
+            anyhow::Error::from(e)
+        ),
+    };
     let log = vm.take_dirty_log().expect("fresh VM has its log");
     Some(Subject {
         log,
