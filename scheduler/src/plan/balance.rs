@@ -30,9 +30,11 @@ impl Default for Balance {
 }
 
 /// Hosts over the threshold right now.
-pub fn overloaded_now(c: &Cluster, p: &Balance) -> Vec<HostId> {
+pub fn overloaded_now(c: &Cluster, p: &Balance, ledger: &Ledger) -> Vec<HostId> {
     (0..c.hosts.len())
-        .filter(|&h| c.hosts[h].usable() && c.demand(h) > p.threshold * c.hosts[h].cpu_mips)
+        .filter(|&h| {
+            c.hosts[h].usable() && ledger.before.demand[h] > p.threshold * c.hosts[h].cpu_mips
+        })
         .collect()
 }
 
@@ -48,8 +50,10 @@ pub fn plan(
     let est = |v: VmId| c.vms[v].peak(p.window);
     for &h in due {
         let cap = p.threshold * c.hosts[h].cpu_mips;
-        let mut cands: Vec<VmId> = c
-            .vms_on(h)
+        let before = ledger.before.clone();
+        let mut cands: Vec<VmId> = before.on[h]
+            .iter()
+            .copied()
             .filter(|&v| ledger.may_move(c, limits, v, false))
             .collect();
         while ledger.cpu[h] > cap && !cands.is_empty() {
@@ -71,7 +75,7 @@ pub fn plan(
                 });
             let Some(v) = pick else { break };
             cands.retain(|&x| x != v);
-            let Some(to) = best_fit(c, ledger, limits, v, est(v), p.threshold, &[h]) else {
+            let Some(to) = best_fit(c, ledger, limits, v, est(v), p.threshold, &|x| x == h) else {
                 continue;
             };
             ledger.commit(c, v, est(v), to);
@@ -82,7 +86,7 @@ pub fn plan(
                 reason: format!(
                     "even distribution: {} at {:.0}% CPU > {:.0}% for {:.0} s; {} ({:.0} MIPS, {} MB) is the cheapest move that helps",
                     c.hosts[h].name,
-                    100.0 * c.demand(h) / c.hosts[h].cpu_mips,
+                    100.0 * before.demand[h] / c.hosts[h].cpu_mips,
                     100.0 * p.threshold,
                     p.duration_s,
                     c.vms[v].name,
@@ -103,7 +107,7 @@ mod tests {
     fn run(c: &Cluster, limits: &Limits) -> Plan {
         let p = Balance::default();
         let mut ledger = Ledger::new(c, |v| c.vms[v].peak(p.window));
-        let due = overloaded_now(c, &p);
+        let due = overloaded_now(c, &p, &ledger);
         plan(c, &p, limits, &mut ledger, &due)
     }
 

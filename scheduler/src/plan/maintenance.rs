@@ -19,7 +19,11 @@ pub fn evacuate(
         return Err(PlanError::UnknownHost(h));
     }
     let mut out = Plan::default();
-    let mut vms: Vec<VmId> = c.vms_on(h).filter(|&v| !ledger.moved[v]).collect();
+    let mut vms: Vec<VmId> = ledger.before.on[h]
+        .iter()
+        .copied()
+        .filter(|&v| !ledger.moved[v])
+        .collect();
     // Biggest memory first: the hardest to place while room remains.
     vms.sort_by_key(|&v| std::cmp::Reverse(c.vms[v].mem_mb));
     for v in vms {
@@ -39,8 +43,8 @@ pub fn evacuate(
                     continue; // the per-host limit: next round
                 }
                 let mips = c.vms[v].peak(3);
-                let Some(to) = best_fit(c, ledger, limits, v, mips, cpu_cap, &[h])
-                    .or_else(|| best_fit(c, ledger, limits, v, mips, 1.0, &[h]))
+                let Some(to) = best_fit(c, ledger, limits, v, mips, cpu_cap, &|x| x == h)
+                    .or_else(|| best_fit(c, ledger, limits, v, mips, 1.0, &|x| x == h))
                 else {
                     if ledger.migrations.iter().all(|&m| m == 0) {
                         return Err(PlanError::NoHost {

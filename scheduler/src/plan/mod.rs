@@ -145,6 +145,33 @@ pub struct Ledger {
     pub migrations: Vec<usize>,
     /// VMs already moved by this plan.
     pub moved: Vec<bool>,
+    /// Placement before the plan (shared, cheap to clone).
+    pub before: std::sync::Arc<Placement>,
+}
+
+/// Where VMs are and what they demand now, per host (an index built once
+/// per plan so that policies never scan all VMs per host).
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// VMs on each host.
+    pub on: Vec<Vec<VmId>>,
+    /// Current demand (MIPS) per host.
+    pub demand: Vec<f64>,
+}
+
+impl Placement {
+    /// Index the cluster.
+    pub fn new(c: &Cluster) -> Self {
+        let mut on = vec![Vec::new(); c.hosts.len()];
+        let mut demand = vec![0.0; c.hosts.len()];
+        for (v, vm) in c.vms.iter().enumerate() {
+            if let Some(h) = vm.host {
+                on[h].push(v);
+                demand[h] += vm.current();
+            }
+        }
+        Self { on, demand }
+    }
 }
 
 impl Ledger {
@@ -163,6 +190,7 @@ impl Ledger {
             mem,
             migrations: vec![0; c.hosts.len()],
             moved: vec![false; c.vms.len()],
+            before: std::sync::Arc::new(Placement::new(c)),
         }
     }
 
@@ -204,6 +232,17 @@ impl Ledger {
             && self.migrations[to] < limits.max_migrations_per_host
     }
 
+    /// Undo [`Ledger::commit`] (a trial that did not work out).
+    pub fn uncommit(&mut self, c: &Cluster, vm: VmId, mips: f64, to: HostId) {
+        let from = c.vms[vm].host.expect("moving VM is placed");
+        self.cpu[from] += mips;
+        self.cpu[to] -= mips;
+        self.mem[to] -= c.vms[vm].mem_mb;
+        self.migrations[from] -= 1;
+        self.migrations[to] -= 1;
+        self.moved[vm] = false;
+    }
+
     /// Commit a move in the ledger.
     pub fn commit(&mut self, c: &Cluster, vm: VmId, mips: f64, to: HostId) {
         let from = c.vms[vm].host.expect("moving VM is placed");
@@ -218,7 +257,8 @@ impl Ledger {
 }
 
 /// The usable host with the least headroom left after taking `vm` (best
-/// fit by CPU and memory), among those [`Ledger::fits`] accepts.
+/// fit by CPU and memory), among those [`Ledger::fits`] accepts and
+/// `exclude` does not reject.
 pub fn best_fit(
     c: &Cluster,
     ledger: &Ledger,
@@ -226,10 +266,10 @@ pub fn best_fit(
     vm: VmId,
     mips: f64,
     cpu_cap: f64,
-    exclude: &[HostId],
+    exclude: &dyn Fn(HostId) -> bool,
 ) -> Option<HostId> {
     (0..c.hosts.len())
-        .filter(|h| !exclude.contains(h))
+        .filter(|&h| !exclude(h))
         .filter(|&h| ledger.fits(c, limits, vm, mips, h, cpu_cap))
         .map(|h| {
             let host = &c.hosts[h];

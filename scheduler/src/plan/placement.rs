@@ -14,7 +14,7 @@ pub fn place(c: &Cluster, vm: VmId, cpu_cap: f64) -> Result<HostId, PlanError> {
         min_move_interval_s: 0.0,
     };
     let mips = c.vms[vm].peak(12);
-    best_fit(c, &ledger, &limits, vm, mips, cpu_cap, &[]).ok_or_else(|| PlanError::NoHost {
+    best_fit(c, &ledger, &limits, vm, mips, cpu_cap, &|_| false).ok_or_else(|| PlanError::NoHost {
         vm: c.vms[vm].name.clone(),
         mips,
         mem_mb: c.vms[vm].mem_mb,

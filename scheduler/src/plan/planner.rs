@@ -70,8 +70,12 @@ impl Planner {
 
     fn tick(timers: &mut Vec<Option<f64>>, n: usize, now: f64, hot: &[usize]) {
         timers.resize(n, None);
+        let mut is_hot = vec![false; n];
+        for &h in hot {
+            is_hot[h] = true;
+        }
         for (h, t) in timers.iter_mut().enumerate() {
-            *t = if hot.contains(&h) {
+            *t = if is_hot[h] {
                 Some(t.unwrap_or(now))
             } else {
                 None
@@ -82,14 +86,23 @@ impl Planner {
     /// Plan for the cluster as it is now.
     pub fn plan(&mut self, c: &Cluster) -> Result<Plan, PlanError> {
         let n = c.hosts.len();
-        let over = balance::overloaded_now(c, &self.balance);
-        let light = power_save::light_now(c, &self.power_save);
-        Self::tick(&mut self.over_since, n, c.now, &over);
-        Self::tick(&mut self.light_since, n, c.now, &light);
         let window = self.balance.window.max(self.power_save.window);
         let mut ledger = Ledger::new(c, |v| c.vms[v].peak(window));
+        let over = balance::overloaded_now(c, &self.balance, &ledger);
+        let light = power_save::light_now(c, &self.power_save, &ledger);
+        Self::tick(&mut self.over_since, n, c.now, &over);
+        Self::tick(&mut self.light_since, n, c.now, &light);
         let mut plan = Plan::default();
+        let mut homes: Vec<bool> = vec![false; n];
+        for v in &c.vms {
+            if let Some(h) = v.home {
+                homes[h] = true;
+            }
+        }
         for h in 0..n {
+            if !c.hosts[h].maintenance && !homes[h] {
+                continue;
+            }
             if c.hosts[h].maintenance {
                 plan.extend(maintenance::evacuate(
                     c,

@@ -55,12 +55,11 @@ impl PowerSave {
 }
 
 /// Hosts under the low threshold right now (with VMs on them).
-pub fn light_now(c: &Cluster, p: &PowerSave) -> Vec<HostId> {
+pub fn light_now(c: &Cluster, p: &PowerSave, ledger: &Ledger) -> Vec<HostId> {
+    let b = &ledger.before;
     (0..c.hosts.len())
         .filter(|&h| {
-            c.hosts[h].usable()
-                && c.vms_on(h).next().is_some()
-                && c.demand(h) < p.low * c.hosts[h].cpu_mips
+            c.hosts[h].usable() && !b.on[h].is_empty() && b.demand[h] < p.low * c.hosts[h].cpu_mips
         })
         .collect()
 }
@@ -80,15 +79,13 @@ pub fn plan(
         .filter(|&v| c.vms[v].host.is_some())
         .map(est)
         .sum();
-    let on_capacity = |skip: &[HostId]| -> f64 {
-        (0..c.hosts.len())
-            .filter(|h| !skip.contains(h))
-            .filter(|&h| c.hosts[h].usable() || c.hosts[h].power == PowerState::Booting)
-            .map(|h| c.hosts[h].cpu_mips)
-            .sum()
-    };
+    let running = |h: HostId| c.hosts[h].usable() || c.hosts[h].power == PowerState::Booting;
+    let on_capacity: f64 = (0..c.hosts.len())
+        .filter(|&h| running(h))
+        .map(|h| c.hosts[h].cpu_mips)
+        .sum();
     // 1. Ahead of need: keep `spare` of the running capacity free.
-    let mut cap = on_capacity(&[]);
+    let mut cap = on_capacity;
     let mut off: Vec<HostId> = (0..c.hosts.len())
         .filter(|&h| c.hosts[h].power == PowerState::Off && !c.hosts[h].maintenance)
         .collect();
@@ -114,13 +111,16 @@ pub fn plan(
     // 2. Empty light hosts, lightest first, all VMs or none.
     let mut due: Vec<HostId> = due.to_vec();
     due.sort_by(|&a, &b| ledger.cpu[a].total_cmp(&ledger.cpu[b]));
-    let mut donors: Vec<HostId> = Vec::new();
-    let mut receivers: Vec<HostId> = Vec::new();
+    let n = c.hosts.len();
+    let mut donor = vec![false; n];
+    let mut receiver = vec![false; n];
+    // Capacity left running if the donors so far power down.
+    let mut kept = on_capacity;
     for h in due {
-        if receivers.contains(&h) {
+        if receiver[h] {
             continue;
         }
-        let vms: Vec<VmId> = c.vms_on(h).collect();
+        let vms: Vec<VmId> = ledger.before.on[h].clone();
         if vms.is_empty() || !vms.iter().all(|&v| ledger.may_move(c, limits, v, false)) {
             continue;
         }
@@ -131,17 +131,19 @@ pub fn plan(
         {
             continue;
         }
-        let mut trial = ledger.clone();
-        let mut moves = Vec::new();
-        let mut exclude = donors.clone();
-        exclude.push(h);
+        // Would the remaining hosts still keep the spare capacity?
+        if demand > (1.0 - p.spare) * (kept - c.hosts[h].cpu_mips) {
+            continue;
+        }
+        let mut moves: Vec<(VmId, HostId)> = Vec::new();
         let mut sorted = vms.clone();
         sorted.sort_by(|&a, &b| est(b).total_cmp(&est(a)));
         let mut ok = true;
         for v in sorted {
-            match best_fit(c, &trial, limits, v, est(v), p.target, &exclude) {
-                Some(to) if c.vms_on(to).next().is_some() || trial.cpu[to] > 0.0 => {
-                    trial.commit(c, v, est(v), to);
+            let exclude = |x: HostId| x == h || donor[x];
+            match best_fit(c, ledger, limits, v, est(v), p.target, &exclude) {
+                Some(to) if !ledger.before.on[to].is_empty() || ledger.cpu[to] > 0.0 => {
+                    ledger.commit(c, v, est(v), to);
                     moves.push((v, to));
                 }
                 _ => {
@@ -151,18 +153,15 @@ pub fn plan(
             }
         }
         if !ok {
+            for &(v, to) in moves.iter().rev() {
+                ledger.uncommit(c, v, est(v), to);
+            }
             continue;
         }
-        // Would the remaining hosts still keep the spare capacity?
-        let mut skip = donors.clone();
-        skip.push(h);
-        if demand > (1.0 - p.spare) * on_capacity(&skip) {
-            continue;
-        }
-        *ledger = trial;
-        donors.push(h);
+        donor[h] = true;
+        kept -= c.hosts[h].cpu_mips;
         for (v, to) in moves {
-            receivers.push(to);
+            receiver[to] = true;
             out.actions.push(Action::Migrate {
                 vm: v,
                 from: h,
@@ -182,18 +181,16 @@ pub fn plan(
         });
     }
     // 3. Hosts already empty and not needed.
-    let mut skip = donors.clone();
-    for h in 0..c.hosts.len() {
-        if !c.hosts[h].usable() || donors.contains(&h) || ledger.mem[h] > 0 {
+    for h in 0..n {
+        if !c.hosts[h].usable() || donor[h] || ledger.mem[h] > 0 {
             continue;
         }
-        if c.vms_on(h).next().is_some() {
+        if !ledger.before.on[h].is_empty() {
             continue;
         }
-        let mut with = skip.clone();
-        with.push(h);
-        if demand <= (1.0 - p.spare) * on_capacity(&with) && on_capacity(&with) > 0.0 {
-            skip.push(h);
+        let left = kept - c.hosts[h].cpu_mips;
+        if left > 0.0 && demand <= (1.0 - p.spare) * left {
+            kept = left;
             out.actions.push(Action::PowerOff {
                 host: h,
                 reason: format!("power save: {} is empty and not needed", c.hosts[h].name),
@@ -210,7 +207,7 @@ mod tests {
 
     fn run(c: &Cluster, p: &PowerSave) -> Plan {
         let mut ledger = Ledger::new(c, |v| c.vms[v].peak(p.window));
-        let due = light_now(c, p);
+        let due = light_now(c, p, &ledger);
         plan(c, p, &Limits::default(), &mut ledger, &due)
     }
 
