@@ -5,6 +5,9 @@
 //! threshold, moves a VM again too soon, or exceeds the per-host limit of
 //! concurrent migrations.
 
+// Per-host arrays (ledger, flags) are indexed in parallel by host id.
+#![allow(clippy::needless_range_loop)]
+
 pub mod balance;
 pub mod maintenance;
 pub mod placement;
