@@ -8,6 +8,8 @@ mod api;
 mod bench_cmd;
 mod demo;
 mod migrate_cmd;
+mod sched_cmd;
+mod tunnel_cmd;
 mod vm_cmd;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +39,14 @@ enum Cmd {
     Migrate(migrate_cmd::MigrateArgs),
     /// Benchmark migration engines (ferry vs QEMU).
     Bench(bench_cmd::BenchArgs),
+    /// Carry a stock QEMU/libvirt migration (UNIX socket) over ferry lanes.
+    #[command(subcommand)]
+    Tunnel(tunnel_cmd::TunnelCmd),
+    /// TLS certificates for lanes and tunnels.
+    #[command(subcommand)]
+    Tls(tunnel_cmd::TlsCmd),
+    /// The scheduler: simulate policies on traces, or run the daemon.
+    Sched(sched_cmd::SchedArgs),
 }
 
 fn main() {
@@ -51,6 +61,9 @@ fn main() {
         Cmd::Migrate(a) => migrate_cmd::run(a),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench_cmd::run(a),
+        Cmd::Tunnel(c) => tunnel_cmd::run(c),
+        Cmd::Tls(c) => tunnel_cmd::tls(c),
+        Cmd::Sched(a) => sched_cmd::run(a),
     };
     if let Err(e) = result {
         // One readable line: the whole chain, outermost first.

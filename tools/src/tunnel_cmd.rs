@@ -1,0 +1,168 @@
+//! `ferry tunnel`: carry a UNIX-socket byte stream (stock QEMU or libvirt
+//! migration, `migrate "unix:PATH"`) over ferry lanes, with optional LZ4,
+//! mutual TLS and a bandwidth cap. `ferry tls gen-certs` makes a CA and
+//! certificates for both ends.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use ferry_transport::tunnel::{Tunnel, TunnelOptions};
+use ferry_transport::{default_lane_count, LaneOptions, Security, TlsFiles, TlsSettings};
+
+/// `ferry tunnel ...`
+#[derive(Subcommand, Debug)]
+pub enum TunnelCmd {
+    /// Source side: listen on a UNIX socket (QEMU's `migrate unix:PATH` connects here).
+    Source {
+        /// The UNIX socket the source QEMU/libvirt connects to.
+        #[arg(long)]
+        listen_unix: PathBuf,
+        /// The tunnel destination (host:port).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        link: LinkArgs,
+    },
+    /// Destination side: accept lanes, connect each stream to a UNIX socket
+    /// (the destination QEMU's `-incoming unix:PATH`).
+    Destination {
+        /// Address to accept the source's lanes on.
+        #[arg(long)]
+        listen: String,
+        /// The UNIX socket of the destination QEMU.
+        #[arg(long)]
+        connect_unix: PathBuf,
+        #[command(flatten)]
+        link: LinkArgs,
+    },
+}
+
+/// Lanes, compression, bandwidth and security of the tunnel.
+#[derive(Args, Debug)]
+pub struct LinkArgs {
+    /// TCP lanes (the source decides; default from the core count).
+    #[arg(long)]
+    lanes: Option<u16>,
+    /// Compress with LZ4 (chunks that do not shrink go raw).
+    #[arg(long)]
+    lz4: bool,
+    /// Cap in bytes per second (e.g. 100M).
+    #[arg(long, value_parser = parse_rate)]
+    max_bandwidth: Option<u64>,
+    /// Plaintext, no authentication: only when asked for.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+    insecure: bool,
+    /// This end's certificate (PEM).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// This end's private key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// The CA that signed the peer's certificate (PEM).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// The name the server's certificate must carry.
+    #[arg(long, default_value = ferry_transport::tls::DEFAULT_SERVER_NAME)]
+    tls_name: String,
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    ferry_vm::parse_size(s, 1).ok_or_else(|| format!("`{s}` is not a rate in bytes/s (e.g. 100M)"))
+}
+
+impl LinkArgs {
+    fn options(&self) -> anyhow::Result<TunnelOptions> {
+        let security = if self.insecure {
+            Security::Insecure
+        } else {
+            let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca)
+            else {
+                bail!("give --tls-cert, --tls-key and --tls-ca (`ferry tls gen-certs DIR` makes them), or --insecure for plaintext");
+            };
+            let files = TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            };
+            Security::Tls(Arc::new(
+                TlsSettings::from_files(&files, &self.tls_name).context("loading TLS files")?,
+            ))
+        };
+        let mut lanes = LaneOptions::new(self.lanes.unwrap_or_else(default_lane_count), security);
+        lanes.max_bandwidth = self.max_bandwidth;
+        let mut opts = TunnelOptions::new(lanes);
+        opts.lz4 = self.lz4;
+        Ok(opts)
+    }
+}
+
+/// Runs one end until the session ends (source) or the process is killed.
+pub fn run(cmd: TunnelCmd) -> anyhow::Result<()> {
+    match cmd {
+        TunnelCmd::Source {
+            listen_unix,
+            to,
+            link,
+        } => {
+            let opts = link.options()?;
+            let t =
+                Tunnel::source(&listen_unix, &to, &opts).context("starting the tunnel source")?;
+            eprintln!(
+                "ferry tunnel: {} -> {to} ({} lanes)",
+                listen_unix.display(),
+                opts.lanes.lanes
+            );
+            t.wait().context("tunnel source")?;
+        }
+        TunnelCmd::Destination {
+            listen,
+            connect_unix,
+            link,
+        } => {
+            let opts = link.options()?;
+            let t = Tunnel::destination(&listen, &connect_unix, &opts)
+                .context("starting the tunnel destination")?;
+            let addr = t.local_addr().map(|a| a.to_string()).unwrap_or(listen);
+            eprintln!("ferry tunnel: {addr} -> {}", connect_unix.display());
+            t.wait().context("tunnel destination")?;
+        }
+    }
+    Ok(())
+}
+
+/// `ferry tls ...`
+#[derive(Subcommand, Debug)]
+pub enum TlsCmd {
+    /// Make a CA and a certificate + key for each node in DIR.
+    GenCerts {
+        /// Output folder.
+        dir: PathBuf,
+        /// Node names (one certificate each).
+        #[arg(long, num_args = 1.., default_values = ["source", "destination"])]
+        nodes: Vec<String>,
+    },
+}
+
+/// Runs `ferry tls ...`.
+pub fn tls(cmd: TlsCmd) -> anyhow::Result<()> {
+    match cmd {
+        TlsCmd::GenCerts { dir, nodes } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
+            let g = ferry_transport::tls::generate_certs(&dir, &names)
+                .context("generating certificates")?;
+            println!("CA: {}", g.ca.display());
+            for (name, f) in g.nodes {
+                println!(
+                    "{name}: --tls-cert {} --tls-key {} --tls-ca {}",
+                    f.cert.display(),
+                    f.key.display(),
+                    f.ca.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
