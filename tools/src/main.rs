@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 the operation failed (the message says why),
 //! 2 bad usage.
 
+mod agent_cmd;
 mod api;
 mod bench_cmd;
 mod demo;
@@ -45,6 +46,8 @@ enum Cmd {
     /// TLS certificates for lanes and tunnels.
     #[command(subcommand)]
     Tls(tunnel_cmd::TlsCmd),
+    /// A host agent: runs VMs and migrates them when the scheduler asks.
+    Agent(agent_cmd::AgentArgs),
     /// The scheduler: simulate policies on traces, or run the daemon.
     Sched(sched_cmd::SchedArgs),
 }
@@ -64,6 +67,7 @@ fn main() {
         Cmd::Tunnel(c) => tunnel_cmd::run(c),
         Cmd::Tls(c) => tunnel_cmd::tls(c),
         Cmd::Sched(a) => sched_cmd::run(a),
+        Cmd::Agent(a) => agent_cmd::run(a),
     };
     if let Err(e) = result {
         // One readable line: the whole chain, outermost first.
