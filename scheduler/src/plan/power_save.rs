@@ -24,6 +24,11 @@ pub struct PowerSave {
     pub window_hours: Option<(u8, u8)>,
     /// Samples of history in a VM's demand estimate (its peak).
     pub window: usize,
+    /// Hosts emptied per round at most (consolidation is rate-limited).
+    pub max_hosts_per_round: usize,
+    /// Light hosts tried per round at most (bounds planning time on big
+    /// clusters; the rest are tried in later rounds).
+    pub max_tries_per_round: usize,
 }
 
 impl Default for PowerSave {
@@ -35,6 +40,8 @@ impl Default for PowerSave {
             spare: 0.2,
             window_hours: None,
             window: 12,
+            max_hosts_per_round: 32,
+            max_tries_per_round: 128,
         }
     }
 }
@@ -116,10 +123,15 @@ pub fn plan(
     let mut receiver = vec![false; n];
     // Capacity left running if the donors so far power down.
     let mut kept = on_capacity;
+    let (mut emptied, mut tries) = (0, 0);
     for h in due {
         if receiver[h] {
             continue;
         }
+        if emptied >= p.max_hosts_per_round || tries >= p.max_tries_per_round {
+            break;
+        }
+        tries += 1;
         let vms: Vec<VmId> = ledger.before.on[h].clone();
         if vms.is_empty() || !vms.iter().all(|&v| ledger.may_move(c, limits, v, false)) {
             continue;
@@ -159,6 +171,7 @@ pub fn plan(
             continue;
         }
         donor[h] = true;
+        emptied += 1;
         kept -= c.hosts[h].cpu_mips;
         for (v, to) in moves {
             receiver[to] = true;
