@@ -23,8 +23,60 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
+/// CPU seconds this process spent, all threads (exited ones included).
+fn process_cpu() -> f64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one rusage into the pointer, which is valid
+    // and properly aligned for it.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) };
+    assert_eq!(rc, 0, "getrusage");
+    // SAFETY: getrusage succeeded and filled the struct.
+    let ru = unsafe { ru.assume_init() };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// CPU seconds spent by the live vCPU threads (`vcpu*`): the guests' share,
+/// to be taken out of `process_cpu`.
+fn vcpu_cpu() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut total = 0.0;
+    for task in std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("vcpu") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the ")" that closes the command name: state is the
+        // 1st, utime the 12th and stime the 13th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        total += (ticks(11) + ticks(12)) / tick;
+    }
+    total
+}
+
+/// CPU seconds of everything but the guests, across `f`.
+fn engine_cpu<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let (p0, v0) = (process_cpu(), vcpu_cpu());
+    let out = f();
+    let (p1, v1) = (process_cpu(), vcpu_cpu());
+    (out, (p1 - p0) - (v1 - v0))
+}
+
 /// Plain TCP on loopback: one connection, 1 MiB writes, `bytes` in total.
-fn tcp_stream_baseline(bytes: u64) -> f64 {
+/// Returns (bytes/s, CPU seconds per GiB moved).
+fn tcp_stream_baseline(bytes: u64) -> (f64, f64) {
+    let (rate, cpu) = engine_cpu(|| tcp_stream(bytes));
+    (rate, cpu / (bytes as f64 / f64::from(1u32 << 30)))
+}
+
+fn tcp_stream(bytes: u64) -> f64 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let reader = std::thread::spawn(move || {
@@ -58,6 +110,10 @@ struct Case {
     /// The plain TCP stream measured right before, with the source guest
     /// running (it takes a vCPU's worth of CPU, as during the migration).
     baseline: f64,
+    /// CPU seconds per GiB of guest memory, engine threads (both sides).
+    cpu_per_gib: f64,
+    /// CPU seconds per GiB of the plain TCP stream (both ends).
+    baseline_cpu_per_gib: f64,
 }
 
 fn migrate(mem_mib: u64, rate: &str) -> Case {
@@ -77,7 +133,7 @@ fn migrate(mem_mib: u64, rate: &str) -> Case {
     );
     vm.wait_running(Duration::from_secs(300))
         .expect("guest running");
-    let baseline = tcp_stream_baseline(mem_mib << 20);
+    let (baseline, baseline_cpu_per_gib) = tcp_stream_baseline(mem_mib << 20);
     // The destination VM is made (and its memory populated) before the
     // migration starts, as a receiving host would have it ready.
     let dest_vm = Vm::incoming(mem_mib << 20, DirtyBackend::Bitmap).expect("destination VM");
@@ -90,14 +146,18 @@ fn migrate(mem_mib: u64, rate: &str) -> Case {
         })
     });
     std::thread::sleep(Duration::from_secs(1));
-    let conn = tcp::connect(addr).expect("connect");
-    let summary = SourceMigration::new(vm.clone(), MigrationOptions::default())
-        .run(conn, |_| {})
-        .expect("migration");
-    let (dest_vm, _) = dest
-        .join()
-        .expect("destination thread")
-        .expect("destination");
+    let ((summary, dest_vm), cpu) = engine_cpu(|| {
+        let conn = tcp::connect(addr).expect("connect");
+        let summary = SourceMigration::new(vm.clone(), MigrationOptions::default())
+            .run(conn, |_| {})
+            .expect("migration");
+        let (dest_vm, _) = dest
+            .join()
+            .expect("destination thread")
+            .expect("destination");
+        (summary, dest_vm)
+    });
+    let cpu_per_gib = cpu / (mem_mib as f64 / 1024.0);
     let st = dest_vm.status();
     assert!(
         st.is_healthy(),
@@ -107,6 +167,8 @@ fn migrate(mem_mib: u64, rate: &str) -> Case {
         rate: rate.to_string(),
         summary,
         baseline,
+        cpu_per_gib,
+        baseline_cpu_per_gib,
     }
 }
 
@@ -130,21 +192,22 @@ fn main() {
         .parse()
         .expect("FERRY_BENCH_MEM_MIB");
     let rates = env_or("FERRY_BENCH_RATES", "0,10000,30000");
-    let idle_machine = tcp_stream_baseline(mem_mib << 20);
+    let (idle_machine, idle_cpu) = tcp_stream_baseline(mem_mib << 20);
     println!(
-        "plain TCP stream, loopback, 1 connection, no guest running: {:.2} GB/s",
-        idle_machine / 1e9
+        "plain TCP stream, loopback, 1 connection, no guest running: {:.2} GB/s, {:.2} CPU s/GiB",
+        idle_machine / 1e9,
+        idle_cpu
     );
     println!();
-    println!("| guest | dirty rate (pages/s) | rounds | total (s) | downtime (ms) | downtime parts (ms): pause / collect / last pages / state / verify / restore / handover | guest bytes | wire bytes | throughput (GB/s) | TCP stream, guest running (GB/s) | vs TCP stream | throttle |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| guest | dirty rate (pages/s) | rounds | total (s) | downtime (ms) | downtime parts (ms): pause / collect / last pages / state / ready wait (verify, restore) / GO to resume (resume) | guest bytes | wire bytes | throughput (GB/s) | TCP stream, guest running (GB/s) | vs TCP stream | engine CPU s/GiB (TCP stream) | throttle |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for rate in rates.split(',') {
         let c = migrate(mem_mib, rate.trim());
         let s = &c.summary;
         let p = &s.downtime_parts;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         println!(
-            "| {mem_mib} MiB | {} | {} | {:.2} | {:.1} | {:.1} / {:.2} / {:.1} / {:.1} / {:.1} / {:.1} / {:.1} | {:.0} MiB | {:.0} MiB | {:.2} | {:.2} | {:.0}% | {}% |",
+            "| {mem_mib} MiB | {} | {} | {:.2} | {:.1} | {:.1} / {:.2} / {:.1} / {:.1} / {:.1} ({:.1}, {:.1}) / {:.1} ({:.1}) | {:.0} MiB | {:.0} MiB | {:.2} | {:.2} | {:.0}% | {:.2} ({:.2}) | {}% |",
             c.rate,
             s.rounds,
             s.total.as_secs_f64(),
@@ -153,14 +216,18 @@ fn main() {
             ms(p.final_collect),
             ms(p.final_pages),
             ms(p.state),
+            ms(p.ready_wait),
             ms(p.dest_verify),
             ms(p.dest_restore),
-            ms(p.handover),
+            ms(p.go_to_resume),
+            ms(p.dest_resume),
             s.guest_bytes as f64 / 1048576.0,
             s.wire_bytes as f64 / 1048576.0,
             s.throughput_bytes_per_sec / 1e9,
             c.baseline / 1e9,
             100.0 * s.throughput_bytes_per_sec / c.baseline,
+            c.cpu_per_gib,
+            c.baseline_cpu_per_gib,
             s.max_throttle_percent,
         );
     }

@@ -7,7 +7,9 @@ use serde::Serialize;
 use crate::encode::EncodingCounts;
 use crate::progress::as_ms;
 
-/// Where the downtime went, source pause to destination resume.
+/// Where the downtime went, source pause to destination resume. The top
+/// level parts follow each other and add up to the downtime; `dest_*` parts
+/// are the destination's share of the part named in their doc.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct DowntimeBreakdown {
     /// Pausing the vCPU.
@@ -22,16 +24,24 @@ pub struct DowntimeBreakdown {
     /// Saving the state blob and sending it with the digest.
     #[serde(serialize_with = "as_ms", rename = "state_ms")]
     pub state: Duration,
-    /// Destination: checking the memory digest.
+    /// From the digest sent to READY received: the destination writes the
+    /// pages still in flight, verifies, restores, answers.
+    #[serde(serialize_with = "as_ms", rename = "ready_wait_ms")]
+    pub ready_wait: Duration,
+    /// Of `ready_wait`: the destination checking the memory digest.
     #[serde(serialize_with = "as_ms", rename = "dest_verify_ms")]
     pub dest_verify: Duration,
-    /// Destination: restoring the state blob.
+    /// Of `ready_wait`: the destination restoring the state blob.
     #[serde(serialize_with = "as_ms", rename = "dest_restore_ms")]
     pub dest_restore: Duration,
-    /// What remains: page writes still in flight on the destination, the
-    /// READY/GO exchange, and resuming.
-    #[serde(serialize_with = "as_ms", rename = "handover_ms")]
-    pub handover: Duration,
+    /// From READY received to the guest running on the destination: GO on
+    /// the wire, the destination resuming.
+    #[serde(serialize_with = "as_ms", rename = "go_to_resume_ms")]
+    pub go_to_resume: Duration,
+    /// Of `go_to_resume`: the destination's resume call (GO received to
+    /// vCPU running).
+    #[serde(serialize_with = "as_ms", rename = "dest_resume_ms")]
+    pub dest_resume: Duration,
 }
 
 /// The source's account of a completed migration.

@@ -432,9 +432,11 @@ impl<W: FrameSink> Session<'_, W> {
             step: HandoverStep::StateSent,
         });
 
+        let t_ready = Instant::now();
         let ready = self
             .inbox
             .expect(FrameKind::Ready, "Ready", self.opts.handover_timeout)?;
+        let ready_wait = t_ready.elapsed();
         let theirs = protocol::decode_u64("Ready", &ready).map_err(MigrationError::Message)?;
         if theirs != digest {
             return Err(MigrationError::DigestMismatch {
@@ -465,9 +467,7 @@ impl<W: FrameSink> Session<'_, W> {
 
         let total = self.started.elapsed();
         let downtime = Duration::from_nanos(running.resumed_at_unix_ns.saturating_sub(paused_at));
-        let dest_verify = Duration::from_nanos(running.verify_ns);
-        let dest_restore = Duration::from_nanos(running.restore_ns);
-        let known = pause + final_collect + final_pages + state_time + dest_verify + dest_restore;
+        let before_ready = pause + final_collect + final_pages + state_time + ready_wait;
         let summary = MigrationSummary {
             rounds: round,
             total,
@@ -477,9 +477,11 @@ impl<W: FrameSink> Session<'_, W> {
                 final_collect,
                 final_pages,
                 state: state_time,
-                dest_verify,
-                dest_restore,
-                handover: downtime.saturating_sub(known),
+                ready_wait,
+                dest_verify: Duration::from_nanos(running.verify_ns),
+                dest_restore: Duration::from_nanos(running.restore_ns),
+                go_to_resume: downtime.saturating_sub(before_ready),
+                dest_resume: Duration::from_nanos(running.resume_ns),
             },
             guest_bytes: guest_pages * PAGE_SIZE as u64,
             wire_bytes: self.wire_bytes,
