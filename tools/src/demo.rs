@@ -92,11 +92,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let addr = format!("127.0.0.1:{port}");
 
     println!("ferry demo: live migration of a running KVM guest over loopback\n");
-    println!("1. destination: `ferry vm receive --listen {addr}`");
+    println!(
+        "1. destination: `ferry vm receive --mem {} --listen {addr}` (prepares its memory)",
+        args.mem
+    );
     let mut dst = ProcessGuard::spawn(
         "destination",
         Command::new(&exe)
-            .args(["vm", "receive", "--quiet", "--listen", &addr, "--api"])
+            .args([
+                "vm", "receive", "--quiet", "--mem", &args.mem, "--listen", &addr, "--api",
+            ])
             .arg(&dst_api),
         &dst_log,
     )?;

@@ -148,6 +148,11 @@ pub struct ReceiveArgs {
     /// Dirty tracking for the received VM: `bitmap` or `ring`.
     #[arg(long, default_value = "bitmap", value_parser = parse_backend)]
     pub dirty_log: DirtyBackend,
+    /// Prepare (allocate and populate) this much guest memory before the
+    /// source connects, as a VMM started with `-m` would; used when the
+    /// incoming guest has this size.
+    #[arg(long, value_parser = parse_mem)]
+    pub mem: Option<u64>,
     /// Print JSON status lines instead of a live display.
     #[arg(long)]
     pub json: bool,
@@ -251,15 +256,23 @@ fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
     if !quiet {
         eprintln!("ferry: waiting for a guest on {}", listener.local_addr()?);
     }
+    let dirty = args.dirty_log;
+    let mut prepared = args
+        .mem
+        .map(|m| Vm::incoming(m, dirty).context("preparing the destination VM"))
+        .transpose()?;
     let conn = listener
         .accept()
         .context("accepting the incoming migration")?;
-    let dirty = args.dirty_log;
-    let (vm, summary) =
-        DestinationMigration::accept(conn, &DestinationOptions::default(), |layout| {
-            Ok(Vm::incoming(layout.bytes(), dirty)?)
-        })
-        .context("receiving the guest")?;
+    let (vm, summary) = DestinationMigration::accept(
+        conn,
+        &DestinationOptions::default(),
+        |layout| match prepared.take() {
+            Some(vm) if vm.mem_bytes() == layout.bytes() => Ok(vm),
+            _ => Ok(Vm::incoming(layout.bytes(), dirty)?),
+        },
+    )
+    .context("receiving the guest")?;
     if !quiet {
         eprintln!(
             "ferry: guest arrived: {} rounds, {:.1} MiB on the wire, verified in {:.1} ms; running here",
