@@ -48,6 +48,7 @@ pub fn plan(
 ) -> Plan {
     let mut out = Plan::default();
     let est = |v: VmId| c.vms[v].peak(p.window);
+    let mut failed: Vec<(f64, u64)> = Vec::new();
     for &h in due {
         let cap = p.threshold * c.hosts[h].cpu_mips;
         let before = ledger.before.clone();
@@ -75,7 +76,16 @@ pub fn plan(
                 });
             let Some(v) = pick else { break };
             cands.retain(|&x| x != v);
+            // A VM at least as big as one that fitted nowhere fits nowhere
+            // either (the plan only fills hosts): skip the scan.
+            if failed
+                .iter()
+                .any(|&(m, r): &(f64, u64)| est(v) >= m && c.vms[v].mem_mb >= r)
+            {
+                continue;
+            }
             let Some(to) = best_fit(c, ledger, limits, v, est(v), p.threshold, &|x| x == h) else {
+                failed.push((est(v), c.vms[v].mem_mb));
                 continue;
             };
             ledger.commit(c, v, est(v), to);
