@@ -64,6 +64,7 @@ pub mod protocol;
 mod source;
 mod summary;
 mod vm;
+mod wire;
 
 pub use convergence::{ConvergencePolicy, Decision};
 pub use destination::DestinationMigration;

@@ -6,7 +6,9 @@ use std::io::IoSlice;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Receiver;
-use ferry_transport::{FrameKind, FrameSink, FrameSource, Lanes, TcpFrameConnection, HEADER_LEN};
+use ferry_transport::{
+    FrameHeader, FrameKind, FrameSink, FrameSource, Lanes, TcpFrameConnection, HEADER_LEN,
+};
 use tracing::{info, warn};
 
 use crate::digest::PageHashes;
@@ -17,7 +19,8 @@ use crate::options::DestinationOptions;
 use crate::protocol::{self, Hello, RoundEnd, Running, STREAM_VERSION};
 use crate::summary::DestinationSummary;
 use crate::vm::{MigratableVm, VmOpError};
-use workers::{run_worker, DecodeContext};
+use crate::wire::{Checked, FrameIn, UncheckedTcp};
+use workers::{run_worker, DecodeContext, Job};
 
 /// Receives one migration.
 #[derive(Debug)]
@@ -34,15 +37,11 @@ impl DestinationMigration {
         opts: &DestinationOptions,
         make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
     ) -> Result<(V, DestinationSummary), MigrationError> {
-        let _ = conn
-            .reader
-            .get_ref()
-            .set_read_timeout(Some(opts.idle_timeout));
-        let ferry_transport::FrameConnection {
-            mut reader,
-            mut writer,
-        } = conn;
-        Self::accept_over(&mut writer, &mut reader, opts, make_vm)
+        let ferry_transport::FrameConnection { reader, mut writer } = conn;
+        let stream = reader.into_inner();
+        let _ = stream.set_read_timeout(Some(opts.idle_timeout));
+        // Page batch checksums are verified on the decoder threads.
+        Self::receive_from(&mut writer, UncheckedTcp(stream), opts, make_vm)
     }
 
     /// Receive a migration over a session of ferry lanes (see
@@ -70,6 +69,15 @@ impl DestinationMigration {
         opts: &DestinationOptions,
         make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
     ) -> Result<(V, DestinationSummary), MigrationError> {
+        Self::receive_from(sink, Checked(source), opts, make_vm)
+    }
+
+    fn receive_from<V: MigratableVm>(
+        sink: &mut impl FrameSink,
+        source: impl FrameIn,
+        opts: &DestinationOptions,
+        make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
+    ) -> Result<(V, DestinationSummary), MigrationError> {
         let mut receiver = Receiving {
             sink,
             source,
@@ -81,11 +89,10 @@ impl DestinationMigration {
         if let Err(e) = &result {
             warn!(error = %e, "incoming migration failed");
             if !matches!(e, MigrationError::PeerAborted(_)) {
-                let _ = receiver.sink.send_vectored(
-                    FrameKind::Abort,
-                    0,
-                    &[IoSlice::new(&protocol::encode_reason(&e.to_string()))],
-                );
+                let reason = protocol::encode_reason(&e.to_string());
+                let _ = receiver
+                    .sink
+                    .send_vectored(FrameKind::Abort, 0, &[IoSlice::new(&reason)]);
                 let _ = receiver.sink.flush();
             }
         }
@@ -93,9 +100,9 @@ impl DestinationMigration {
     }
 }
 
-struct Receiving<'a, S: FrameSink, R: FrameSource> {
+struct Receiving<'a, S: FrameSink, R: FrameIn> {
     sink: &'a mut S,
-    source: &'a mut R,
+    source: R,
     opts: &'a DestinationOptions,
     wire_bytes: u64,
     started: Instant,
@@ -142,7 +149,7 @@ fn unix_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-impl<S: FrameSink, R: FrameSource> Receiving<'_, S, R> {
+impl<S: FrameSink, R: FrameIn> Receiving<'_, S, R> {
     fn send(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), MigrationError> {
         self.sink
             .send_vectored(kind, 0, &[IoSlice::new(payload)])
@@ -155,15 +162,38 @@ impl<S: FrameSink, R: FrameSource> Receiving<'_, S, R> {
         buf: &mut Vec<u8>,
         during: &'static str,
     ) -> Result<FrameKind, MigrationError> {
-        let header = self
+        match self.recv_maybe_unchecked(buf, during)? {
+            (kind, None) => Ok(kind),
+            (_, Some(header)) => {
+                header.verify(buf).map_err(MigrationError::CorruptFrame)?;
+                Ok(header.kind)
+            }
+        }
+    }
+
+    /// The next frame. Page batches may come back unverified (with the
+    /// header to verify them against, on a decoder thread); every other
+    /// kind is verified here.
+    fn recv_maybe_unchecked(
+        &mut self,
+        buf: &mut Vec<u8>,
+        during: &'static str,
+    ) -> Result<(FrameKind, Option<FrameHeader>), MigrationError> {
+        let (header, verified) = self
             .source
-            .recv_into(buf)
+            .recv(buf)
             .map_err(|e| MigrationError::from_receive(e, during))?;
         self.wire_bytes += (HEADER_LEN + buf.len()) as u64;
+        if !verified {
+            if header.kind == FrameKind::PageBatch {
+                return Ok((header.kind, Some(header)));
+            }
+            header.verify(buf).map_err(MigrationError::CorruptFrame)?;
+        }
         if header.kind == FrameKind::Abort {
             return Err(MigrationError::PeerAborted(protocol::decode_reason(buf)));
         }
-        Ok(header.kind)
+        Ok((header.kind, None))
     }
 
     fn receive<V: MigratableVm>(
@@ -211,7 +241,7 @@ impl<S: FrameSink, R: FrameSource> Receiving<'_, S, R> {
         };
         let workers = self.opts.workers.max(1);
         let outcome = std::thread::scope(|scope| {
-            let (job_tx, job_rx) = crossbeam_channel::bounded::<Vec<u8>>(4 * workers);
+            let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(4 * workers);
             let (res_tx, res_rx) = crossbeam_channel::unbounded();
             let (free_tx, free_rx) = crossbeam_channel::bounded::<Vec<u8>>(8 * workers);
             for i in 0..workers {
@@ -292,19 +322,20 @@ impl<S: FrameSink, R: FrameSource> Receiving<'_, S, R> {
     fn stream(
         &mut self,
         buf: &mut Vec<u8>,
-        jobs: &crossbeam_channel::Sender<Vec<u8>>,
+        jobs: &crossbeam_channel::Sender<Job>,
         free: &Receiver<Vec<u8>>,
         inflight: &mut InFlight<'_>,
     ) -> Result<(u32, Vec<u8>, u64), MigrationError> {
         let mut rounds = 0u32;
         let mut state = None;
         loop {
-            let kind = self.recv(buf, "the page stream")?;
+            let (kind, unverified) = self.recv_maybe_unchecked(buf, "the page stream")?;
             match kind {
                 FrameKind::PageBatch => {
                     inflight.poll()?;
                     let next = free.try_recv().unwrap_or_default();
-                    jobs.send(std::mem::replace(buf, next))
+                    let batch = std::mem::replace(buf, next);
+                    jobs.send(Job { unverified, batch })
                         .map_err(|_| MigrationError::WorkerPanicked)?;
                     inflight.outstanding += 1;
                 }

@@ -2,6 +2,7 @@
 //! memory, recording each written page's hash for the digest.
 
 use crossbeam_channel::{Receiver, Sender};
+use ferry_transport::FrameHeader;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::digest::PageHashes;
@@ -10,6 +11,15 @@ use crate::encode::{
 };
 use crate::error::MigrationError;
 use crate::vm::GuestMemoryMmap;
+
+/// A page batch to decode.
+pub(crate) struct Job {
+    /// The frame header to verify the batch against, unless the transport
+    /// verified it already.
+    pub unverified: Option<FrameHeader>,
+    /// The batch.
+    pub batch: Vec<u8>,
+}
 
 /// What decoder threads share.
 pub(crate) struct DecodeContext<'a> {
@@ -22,14 +32,17 @@ pub(crate) struct DecodeContext<'a> {
 /// dropped.
 pub(crate) fn run_worker(
     ctx: &DecodeContext<'_>,
-    jobs: &Receiver<Vec<u8>>,
+    jobs: &Receiver<Job>,
     out: &Sender<Result<EncodingCounts, MigrationError>>,
     free: &Sender<Vec<u8>>,
 ) {
     let mut page: Box<Page> = Box::new([0; PAGE_SIZE]);
     let zero_hash = page_hash(&[0u8; PAGE_SIZE]);
-    while let Ok(batch) = jobs.recv() {
-        let r = decode_batch(ctx, &batch, &mut page, zero_hash);
+    while let Ok(Job { unverified, batch }) = jobs.recv() {
+        let r = match unverified.map(|h| h.verify(&batch)) {
+            Some(Err(e)) => Err(MigrationError::CorruptFrame(e)),
+            _ => decode_batch(ctx, &batch, &mut page, zero_hash),
+        };
         let _ = free.try_send(batch);
         let failed = r.is_err();
         if out.send(r).is_err() || failed {

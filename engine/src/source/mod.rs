@@ -4,6 +4,7 @@ mod inbox;
 mod workers;
 
 use std::io::IoSlice;
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -12,7 +13,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ferry_dirtylog::{DirtyBitmap, DirtyLog, Reprotect};
 use ferry_transport::lanes::{LaneCloser, TokenBucket};
 use ferry_transport::{
-    FrameConnection, FrameKind, FrameSink, FrameSource, TcpFrameConnection, HEADER_LEN,
+    FrameConnection, FrameKind, FrameSink, FrameSource, TcpFrameConnection, TransportError,
+    HEADER_LEN,
 };
 use ferry_transport::{Lane, Lanes};
 use tracing::{debug, info, warn};
@@ -27,6 +29,7 @@ use crate::progress::{HandoverStep, ProgressEvent};
 use crate::protocol::{self, Hello, RoundEnd, Running, STREAM_VERSION};
 use crate::summary::{DowntimeBreakdown, MigrationSummary};
 use crate::vm::MigratableVm;
+use crate::wire;
 use inbox::Inbox;
 use workers::{run_worker, Chunk, WorkerContext, WorkerOutput, CHUNK_WORDS};
 
@@ -68,8 +71,9 @@ impl SourceMigration {
         progress: impl FnMut(ProgressEvent),
     ) -> Result<MigrationSummary, MigrationError> {
         let closer = conn.writer.get_ref().try_clone().ok();
+        let raw = conn.writer.get_ref().try_clone().ok();
         let FrameConnection { reader, writer } = conn;
-        let result = self.run_over(writer, reader, progress);
+        let result = self.run_inner(writer, reader, raw, progress);
         if let Some(stream) = closer {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
@@ -100,8 +104,24 @@ impl SourceMigration {
     /// this returns.
     pub fn run_over<W, R>(
         self,
+        sink: W,
+        source: R,
+        progress: impl FnMut(ProgressEvent),
+    ) -> Result<MigrationSummary, MigrationError>
+    where
+        W: FrameSink,
+        R: FrameSource + Send + 'static,
+    {
+        self.run_inner(sink, source, None, progress)
+    }
+
+    /// `raw`: the socket under `sink` when it is plain TCP, for page frames
+    /// whose headers the encoder threads build (see `crate::wire`).
+    fn run_inner<W, R>(
+        self,
         mut sink: W,
         source: R,
+        raw: Option<TcpStream>,
         mut progress: impl FnMut(ProgressEvent),
     ) -> Result<MigrationSummary, MigrationError>
     where
@@ -113,6 +133,7 @@ impl SourceMigration {
             vm: &*self.vm,
             opts: &self.opts,
             sink: &mut sink,
+            raw,
             inbox: &inbox,
             bucket: self.opts.max_bandwidth.map(TokenBucket::with_rate),
             wire_bytes: 0,
@@ -134,6 +155,8 @@ struct Session<'a, W: FrameSink> {
     vm: &'a dyn MigratableVm,
     opts: &'a MigrationOptions,
     sink: &'a mut W,
+    /// The plain TCP socket under `sink`, if that is what it is.
+    raw: Option<TcpStream>,
     inbox: &'a Inbox,
     bucket: Option<TokenBucket>,
     wire_bytes: u64,
@@ -178,18 +201,45 @@ fn unix_ns() -> u64 {
 impl<W: FrameSink> Session<'_, W> {
     fn send(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), MigrationError> {
         if let Err(e) = self.sink.send_vectored(kind, 0, &[IoSlice::new(payload)]) {
-            // A destination that gives up says why before it closes.
-            return Err(match self.inbox.abort_reason(ABORT_GRACE) {
-                Some(reason) => MigrationError::PeerAborted(reason),
-                None => MigrationError::Send(e),
-            });
+            return Err(self.send_failed(e));
         }
-        let bytes = HEADER_LEN + payload.len();
+        self.sent(HEADER_LEN + payload.len());
+        Ok(())
+    }
+
+    /// Send a page batch, with the frame header the encoder built when the
+    /// link is plain TCP.
+    fn send_batch(
+        &mut self,
+        header: Option<[u8; HEADER_LEN]>,
+        bytes: &[u8],
+    ) -> Result<(), MigrationError> {
+        match (&mut self.raw, header) {
+            (Some(stream), Some(header)) => {
+                if let Err(e) = wire::write_frame(stream, &header, bytes) {
+                    return Err(self.send_failed(TransportError::Write(e)));
+                }
+                self.sent(HEADER_LEN + bytes.len());
+                Ok(())
+            }
+            _ => self.send(FrameKind::PageBatch, bytes),
+        }
+    }
+
+    fn sent(&mut self, bytes: usize) {
         self.wire_bytes += bytes as u64;
         if let Some(bucket) = &self.bucket {
             bucket.charge(bytes);
         }
-        Ok(())
+    }
+
+    /// A destination that gives up says why before it closes: prefer its
+    /// reason over the broken pipe.
+    fn send_failed(&self, e: TransportError) -> MigrationError {
+        match self.inbox.abort_reason(ABORT_GRACE) {
+            Some(reason) => MigrationError::PeerAborted(reason),
+            None => MigrationError::Send(e),
+        }
     }
 
     /// Put things back after a failure: tell the peer, resume the guest
@@ -277,6 +327,7 @@ impl<W: FrameSink> Session<'_, W> {
             batch_bytes: self.opts.batch_bytes.clamp(PAGE_SIZE, 16 << 20),
             cancel: &cancel,
             free: &free_rx,
+            frame_headers: self.raw.is_some(),
         };
         progress(ProgressEvent::Started {
             pages: layout.pages(),
@@ -545,8 +596,8 @@ impl<W: FrameSink> Session<'_, W> {
         let mut last_progress = Instant::now();
         while done < chunks {
             match pipeline.results.recv_timeout(PROGRESS_EVERY) {
-                Ok(WorkerOutput::Batch(bytes)) => {
-                    self.send(FrameKind::PageBatch, &bytes)?;
+                Ok(WorkerOutput::Batch { header, bytes }) => {
+                    self.send_batch(header, &bytes)?;
                     let _ = pipeline.free.try_send(bytes);
                 }
                 Ok(WorkerOutput::ChunkDone { pages, counts }) => {

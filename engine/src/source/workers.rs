@@ -8,8 +8,12 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use std::io::IoSlice;
+
 use crossbeam_channel::{Receiver, Sender};
 use ferry_dirtylog::DirtyLog;
+use ferry_transport::frame::encode_header;
+use ferry_transport::{FrameKind, TransportError, HEADER_LEN};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::digest::PageHashes;
@@ -41,8 +45,12 @@ pub(crate) struct Chunk {
 /// What workers hand back.
 #[derive(Debug)]
 pub(crate) enum WorkerOutput {
-    /// A finished page batch to send.
-    Batch(Vec<u8>),
+    /// A finished page batch to send, with its frame header when the
+    /// sender writes pre-built frames (see `crate::wire`).
+    Batch {
+        header: Option<[u8; HEADER_LEN]>,
+        bytes: Vec<u8>,
+    },
     /// A chunk is done.
     ChunkDone {
         /// Dirty pages the chunk covered.
@@ -64,6 +72,22 @@ pub(crate) struct WorkerContext<'a> {
     pub cancel: &'a AtomicBool,
     /// Sent batch buffers, back for reuse.
     pub free: &'a Receiver<Vec<u8>>,
+    /// Build each batch's frame header (checksum) here, off the sending
+    /// thread.
+    pub frame_headers: bool,
+}
+
+/// A finished batch as the sending thread wants it.
+fn finished(ctx: &WorkerContext<'_>, batch: BatchBuilder) -> Result<WorkerOutput, MigrationError> {
+    let bytes = batch.finish();
+    let header = if ctx.frame_headers {
+        let h = encode_header(FrameKind::PageBatch, 0, &[IoSlice::new(&bytes)])
+            .map_err(|e| MigrationError::Send(TransportError::Encode(e)))?;
+        Some(h)
+    } else {
+        None
+    };
+    Ok(WorkerOutput::Batch { header, bytes })
 }
 
 /// Run one worker until the job channel closes or the output channel is
@@ -129,13 +153,13 @@ fn encode_chunk(
             ctx.hashes.set(index, hash);
             if batch.is_full(MAX_BATCH_PAGES, ctx.batch_bytes) {
                 let full = std::mem::replace(&mut batch, new_batch());
-                if out.send(WorkerOutput::Batch(full.finish())).is_err() {
+                if out.send(finished(ctx, full)?).is_err() {
                     return Ok(false);
                 }
             }
         }
     }
-    if !batch.is_empty() && out.send(WorkerOutput::Batch(batch.finish())).is_err() {
+    if !batch.is_empty() && out.send(finished(ctx, batch)?).is_err() {
         return Ok(false);
     }
     Ok(out.send(WorkerOutput::ChunkDone { pages, counts }).is_ok())
