@@ -190,6 +190,9 @@ fn write_all_vectored<W: Write>(w: &mut W, slices: &mut [IoSlice<'_>]) -> io::Re
     Ok(total)
 }
 
+/// How far ahead of the bytes received a payload buffer grows.
+const READ_STEP: usize = 1 << 20;
+
 /// Reads and validates frames from a byte stream.
 #[derive(Debug)]
 pub struct FrameReader<R> {
@@ -229,18 +232,25 @@ impl<R: Read> FrameReader<R> {
             ));
         }
         let header = FrameHeader::decode(&head).map_err(TransportError::Corrupt)?;
-        // Size the buffer without clearing it first: only bytes beyond its
-        // old length get zeroed, and the payload is read with few large reads.
+        // Grow the buffer as the payload arrives, at most 1 MiB ahead, so a
+        // hostile length on a stream that then ends costs no more memory
+        // than what was actually sent; reads stay large.
         let len = header.payload_len();
-        if payload.len() > len {
-            payload.truncate(len);
-        } else {
-            payload.resize(len, 0);
+        // Bytes already in the buffer are overwritten, not zeroed again.
+        let mut got = 0;
+        while got < len {
+            let step = (len - got).min(READ_STEP);
+            if payload.len() < got + step {
+                payload.resize(got + step, 0);
+            }
+            let n = read_full(&mut self.inner, &mut payload[got..got + step])
+                .map_err(TransportError::Read)?;
+            got += n;
+            if n < step {
+                break;
+            }
         }
-        let got = read_full(&mut self.inner, payload).map_err(TransportError::Read)?;
-        if got < len {
-            payload.truncate(got);
-        }
+        payload.truncate(got);
         header.verify(payload).map_err(TransportError::Corrupt)?;
         self.bytes_read += (HEADER_LEN + got) as u64;
         self.frames_read += 1;
@@ -412,6 +422,24 @@ mod tests {
             TransportError::Corrupt(FrameError::TooLong { len: u32::MAX })
         ));
         assert!(payload.capacity() <= MAX_PAYLOAD_LEN as usize);
+    }
+
+    #[test]
+    fn a_reused_longer_buffer_does_not_read_past_the_frame() {
+        let mut w = FrameWriter::new(Vec::new());
+        w.write_frame(FrameKind::PageBatch, 0, &[1u8; 5000])
+            .unwrap();
+        w.write_frame(FrameKind::PageBatch, 0, &[2u8; 10]).unwrap();
+        w.write_frame(FrameKind::Go, 0, b"go").unwrap();
+        let bytes = w.into_inner();
+        let mut r = FrameReader::new(&bytes[..]);
+        let mut buf = Vec::new();
+        r.read_frame_into(&mut buf).unwrap();
+        assert_eq!(buf.len(), 5000);
+        r.read_frame_into(&mut buf).unwrap();
+        assert_eq!(buf, vec![2u8; 10]);
+        assert_eq!(r.read_frame_into(&mut buf).unwrap().kind, FrameKind::Go);
+        assert_eq!(buf, b"go");
     }
 
     #[test]
