@@ -106,6 +106,8 @@ pub struct Datacenter<'a> {
     pub migrations: u64,
     flights: Vec<Flight>,
     last_process: f64,
+    /// VMs that left the simulation (CloudSim's completed VMs).
+    pub removed: usize,
 }
 
 impl<'a> Datacenter<'a> {
@@ -173,6 +175,7 @@ impl<'a> Datacenter<'a> {
             migrations: 0,
             flights: Vec::new(),
             last_process: 0.0,
+            removed: 0,
         }
     }
 
@@ -364,6 +367,29 @@ impl<'a> Datacenter<'a> {
         }
         if dt > 0.0 {
             self.last_process = t;
+        }
+        if self.memory == MemoryModel::CloudSim {
+            self.remove_finished_vms();
+        }
+    }
+
+    /// CloudSim 3.0.3 quirk (`HostDynamicWorkload.getCompletedVms`): after
+    /// each update a VM that is not migrating and requests exactly 0 MIPS
+    /// (two consecutive zero samples) is deallocated and leaves the
+    /// simulation for good. Reproduced in the CloudSim memory model only.
+    fn remove_finished_vms(&mut self) {
+        for h in 0..self.hosts.len() {
+            let mut i = 0;
+            while i < self.hosts[h].vms.len() {
+                let v = self.hosts[h].vms[i];
+                if !self.vms[v].in_migration && self.req[v] == 0.0 {
+                    self.hosts[h].vms.remove(i);
+                    self.vms[v].host = None;
+                    self.removed += 1;
+                } else {
+                    i += 1;
+                }
+            }
         }
     }
 

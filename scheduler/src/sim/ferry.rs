@@ -39,12 +39,12 @@ impl Default for FerryParams {
         Self {
             target: 0.95,
             upper: 1.05,
-            low: 0.7,
-            low_steps: 2,
+            low: 0.8,
+            low_steps: 1,
             window: 2,
-            consolidation_window: 6,
+            consolidation_window: 3,
             min_move_interval_s: 1200.0,
-            max_migrations_per_host: 3,
+            max_migrations_per_host: 4,
         }
     }
 }

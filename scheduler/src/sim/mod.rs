@@ -37,9 +37,13 @@ const FIRST_EVENT: f64 = 0.1;
 pub enum MemoryModel {
     /// CloudSim 3.0.3: RAM is checked only when a VM is created; running
     /// VMs request 0 MB ("null" utilisation model), so migrations never
-    /// check memory (their duration still uses the full RAM).
+    /// check memory (their duration still uses the full RAM). Also
+    /// reproduces CloudSim's removal of "completed" VMs: a VM that requests
+    /// exactly 0 MIPS at an update (two consecutive zero samples) leaves
+    /// the simulation (`HostDynamicWorkload.getCompletedVms`).
     CloudSim,
-    /// Never overcommit memory: every placement checks the full RAM.
+    /// Never overcommit memory: every placement checks the full RAM, and
+    /// idle VMs stay (what a real scheduler must obey).
     Strict,
 }
 

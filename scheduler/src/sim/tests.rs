@@ -131,6 +131,22 @@ fn ferry_moves_less_than_thr_on_a_bursty_day() {
 }
 
 #[test]
+fn cloudsim_model_drops_vms_that_request_nothing_strict_keeps_them() {
+    // VM 0 pauses (two zero samples at steps 10 and 11), then works again.
+    let mut traces: Vec<Trace> = (0..4).map(|i| constant(&format!("v{i}"), 30)).collect();
+    traces[0].samples[10] = 0;
+    traces[0].samples[11] = 0;
+    let ht = host_types();
+    let run = |m| simulate_day("d", &traces, &ht, 4, &Policy::Dvfs, m).unwrap();
+    let loose = run(MemoryModel::CloudSim);
+    let strict = run(MemoryModel::Strict);
+    // CloudSim drops VM 0 at the pause for good: its later demand is gone.
+    // First fit put VM 0 and VM 1 on host 1, which stays on with VM 1.
+    assert!(loose.energy_kwh < strict.energy_kwh);
+    assert_eq!(loose.active_hosts.last(), strict.active_hosts.last());
+}
+
+#[test]
 fn policy_names_round_trip() {
     for p in Policy::all() {
         assert_eq!(Policy::parse(&p.name()).unwrap().name(), p.name());
