@@ -10,47 +10,82 @@
 //! (`ferry_transport::frame`), built and checked with the transport's own
 //! `encode_header`, `FrameHeader::decode` and `FrameHeader::verify`.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::TcpStream;
 
-use ferry_transport::frame::FrameError;
-use ferry_transport::{FrameHeader, FrameSource, TransportError, HEADER_LEN};
+use ferry_transport::frame::{FrameError, MAGIC};
+use ferry_transport::{
+    FrameHeader, FrameKind, FrameSource, TransportError, HEADER_LEN, MAX_PAYLOAD_LEN,
+    PROTOCOL_VERSION,
+};
+use xxhash_rust::xxh3::xxh3_64;
 
-/// Write a frame whose header was encoded elsewhere, header and payload in
-/// vectored writes.
-pub(crate) fn write_frame(
-    stream: &mut TcpStream,
-    header: &[u8; HEADER_LEN],
-    payload: &[u8],
-) -> io::Result<()> {
-    let mut written = 0usize;
-    let total = HEADER_LEN + payload.len();
-    while written < total {
-        let r = if written < HEADER_LEN {
-            stream.write_vectored(&[IoSlice::new(&header[written..]), IoSlice::new(payload)])
-        } else {
-            stream.write(&payload[written - HEADER_LEN..])
-        };
-        match r {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "socket accepted no bytes",
-                ))
-            }
-            Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+/// Bytes of the frame header's prefix: everything but the checksum.
+pub(crate) const PREFIX_LEN: usize = 16;
+
+/// Free bytes a payload needs in front of it for [`seal`].
+pub(crate) const FRAME_HEADROOM: usize = HEADER_LEN;
+
+fn prefix(kind: FrameKind, len: u32) -> [u8; PREFIX_LEN] {
+    let mut p = [0u8; PREFIX_LEN];
+    p[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    p[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    p[6..8].copy_from_slice(&kind.to_wire().to_le_bytes());
+    // Flags (8..12) are 0.
+    p[12..16].copy_from_slice(&len.to_le_bytes());
+    p
+}
+
+/// Turn `frame` = [`FRAME_HEADROOM`] free bytes ‖ payload into a complete
+/// frame of `kind` (flags 0), in place.
+pub(crate) fn seal(frame: &mut [u8], kind: FrameKind) -> Result<(), FrameError> {
+    let payload_len = frame.len() - FRAME_HEADROOM;
+    let len = u32::try_from(payload_len)
+        .ok()
+        .filter(|&l| l <= MAX_PAYLOAD_LEN)
+        .ok_or(FrameError::TooLong {
+            len: u32::try_from(payload_len).unwrap_or(u32::MAX),
+        })?;
+    let at = FRAME_HEADROOM - PREFIX_LEN;
+    frame[at..FRAME_HEADROOM].copy_from_slice(&prefix(kind, len));
+    let checksum = xxh3_64(&frame[at..]);
+    frame.copy_within(at..FRAME_HEADROOM, 0);
+    frame[PREFIX_LEN..HEADER_LEN].copy_from_slice(&checksum.to_le_bytes());
+    Ok(())
+}
+
+/// Check `prefixed` = the frame's 16-byte prefix ‖ payload against the
+/// checksum in `header`.
+pub(crate) fn verify_prefixed(header: &FrameHeader, prefixed: &[u8]) -> Result<(), FrameError> {
+    let payload = prefixed.len().saturating_sub(PREFIX_LEN);
+    if prefixed.len() < PREFIX_LEN || payload != header.payload_len() {
+        return Err(FrameError::Truncated {
+            needed: HEADER_LEN + header.payload_len(),
+            got: HEADER_LEN + payload,
+        });
+    }
+    let computed = xxh3_64(prefixed);
+    if computed != header.checksum {
+        return Err(FrameError::ChecksumMismatch {
+            kind: header.kind,
+            expected: header.checksum,
+            computed,
+        });
     }
     Ok(())
+}
+
+/// Write a complete frame (header included).
+pub(crate) fn write_sealed(stream: &mut TcpStream, frame: &[u8]) -> io::Result<()> {
+    stream.write_all(frame)
 }
 
 /// Frames in, possibly not yet checksum-verified.
 pub(crate) trait FrameIn {
     /// The next frame's header and payload (into `payload`). Returns
-    /// whether the checksum was verified already; if not, the caller must
-    /// call `FrameHeader::verify` before using the payload.
+    /// whether the checksum was verified already. If not, `payload` holds
+    /// the 16-byte header prefix followed by the payload, and the caller
+    /// must call [`verify_prefixed`] before using `payload[PREFIX_LEN..]`.
     fn recv(&mut self, payload: &mut Vec<u8>) -> Result<(FrameHeader, bool), TransportError>;
 }
 
@@ -64,7 +99,8 @@ impl<R: FrameSource> FrameIn for Checked<'_, R> {
 }
 
 /// A TCP stream read frame by frame: header validated (magic, version,
-/// kind, length bound), checksum left to the caller.
+/// kind, length bound), checksum left to the caller, prefix kept in front
+/// of the payload.
 pub(crate) struct UncheckedTcp(pub TcpStream);
 
 impl FrameIn for UncheckedTcp {
@@ -87,8 +123,9 @@ impl FrameIn for UncheckedTcp {
         }
         let header = FrameHeader::decode(&head).map_err(TransportError::Corrupt)?;
         payload.clear();
-        payload.resize(header.payload_len(), 0);
-        self.0.read_exact(payload).map_err(|e| {
+        payload.resize(PREFIX_LEN + header.payload_len(), 0);
+        payload[..PREFIX_LEN].copy_from_slice(&head[..PREFIX_LEN]);
+        self.0.read_exact(&mut payload[PREFIX_LEN..]).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 TransportError::Corrupt(FrameError::Truncated {
                     needed: HEADER_LEN + header.payload_len(),
@@ -99,5 +136,46 @@ impl FrameIn for UncheckedTcp {
             }
         })?;
         Ok((header, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_transport::frame::encode_header;
+    use proptest::prelude::*;
+    use std::io::IoSlice;
+
+    proptest! {
+        /// A sealed frame is exactly what the transport would have written,
+        /// and the transport's verify and ours agree.
+        #[test]
+        fn sealed_frames_match_the_transport(payload in proptest::collection::vec(any::<u8>(), 0..5000)) {
+            let mut frame = vec![0u8; FRAME_HEADROOM];
+            frame.extend_from_slice(&payload);
+            seal(&mut frame, FrameKind::PageBatch).unwrap();
+            let theirs = encode_header(FrameKind::PageBatch, 0, &[IoSlice::new(&payload)]).unwrap();
+            prop_assert_eq!(&frame[..HEADER_LEN], &theirs[..]);
+            let header = FrameHeader::decode(&theirs).unwrap();
+            header.verify(&payload).unwrap();
+            let mut prefixed = theirs[..PREFIX_LEN].to_vec();
+            prefixed.extend_from_slice(&payload);
+            prop_assert!(verify_prefixed(&header, &prefixed).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_fails_verification() {
+        let mut frame = vec![0u8; FRAME_HEADROOM];
+        frame.extend_from_slice(&[5u8; 300]);
+        seal(&mut frame, FrameKind::PageBatch).unwrap();
+        let header = FrameHeader::decode(frame[..HEADER_LEN].try_into().unwrap()).unwrap();
+        let mut prefixed = frame[..PREFIX_LEN].to_vec();
+        prefixed.extend_from_slice(&frame[HEADER_LEN..]);
+        prefixed[100] ^= 4;
+        assert!(matches!(
+            verify_prefixed(&header, &prefixed),
+            Err(FrameError::ChecksumMismatch { .. })
+        ));
     }
 }

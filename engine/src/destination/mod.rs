@@ -19,7 +19,7 @@ use crate::options::DestinationOptions;
 use crate::protocol::{self, Hello, RoundEnd, Running, STREAM_VERSION};
 use crate::summary::DestinationSummary;
 use crate::vm::{MigratableVm, VmOpError};
-use crate::wire::{Checked, FrameIn, UncheckedTcp};
+use crate::wire::{verify_prefixed, Checked, FrameIn, UncheckedTcp, PREFIX_LEN};
 use workers::{run_worker, DecodeContext, Job};
 
 /// Receives one migration.
@@ -165,7 +165,8 @@ impl<S: FrameSink, R: FrameIn> Receiving<'_, S, R> {
         match self.recv_maybe_unchecked(buf, during)? {
             (kind, None) => Ok(kind),
             (_, Some(header)) => {
-                header.verify(buf).map_err(MigrationError::CorruptFrame)?;
+                verify_prefixed(&header, buf).map_err(MigrationError::CorruptFrame)?;
+                buf.drain(..PREFIX_LEN);
                 Ok(header.kind)
             }
         }
@@ -188,7 +189,8 @@ impl<S: FrameSink, R: FrameIn> Receiving<'_, S, R> {
             if header.kind == FrameKind::PageBatch {
                 return Ok((header.kind, Some(header)));
             }
-            header.verify(buf).map_err(MigrationError::CorruptFrame)?;
+            verify_prefixed(&header, buf).map_err(MigrationError::CorruptFrame)?;
+            buf.drain(..PREFIX_LEN);
         }
         if header.kind == FrameKind::Abort {
             return Err(MigrationError::PeerAborted(protocol::decode_reason(buf)));

@@ -11,11 +11,13 @@ use crate::encode::{
 };
 use crate::error::MigrationError;
 use crate::vm::GuestMemoryMmap;
+use crate::wire::{verify_prefixed, PREFIX_LEN};
 
 /// A page batch to decode.
 pub(crate) struct Job {
     /// The frame header to verify the batch against, unless the transport
-    /// verified it already.
+    /// verified it already; then `batch` starts with the frame's 16-byte
+    /// prefix (see `crate::wire`).
     pub unverified: Option<FrameHeader>,
     /// The batch.
     pub batch: Vec<u8>,
@@ -39,9 +41,12 @@ pub(crate) fn run_worker(
     let mut page: Box<Page> = Box::new([0; PAGE_SIZE]);
     let zero_hash = page_hash(&[0u8; PAGE_SIZE]);
     while let Ok(Job { unverified, batch }) = jobs.recv() {
-        let r = match unverified.map(|h| h.verify(&batch)) {
-            Some(Err(e)) => Err(MigrationError::CorruptFrame(e)),
-            _ => decode_batch(ctx, &batch, &mut page, zero_hash),
+        let r = match &unverified {
+            Some(header) => match verify_prefixed(header, &batch) {
+                Ok(()) => decode_batch(ctx, &batch[PREFIX_LEN..], &mut page, zero_hash),
+                Err(e) => Err(MigrationError::CorruptFrame(e)),
+            },
+            None => decode_batch(ctx, &batch, &mut page, zero_hash),
         };
         let _ = free.try_send(batch);
         let failed = r.is_err();

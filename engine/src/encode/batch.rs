@@ -28,8 +28,10 @@ pub const MAX_BATCH_BYTES: usize = 4 + MAX_BATCH_PAGES as usize * (ENTRY_HEADER_
 /// so building a batch costs no allocation and no extra copy of the page.
 #[derive(Debug)]
 pub struct BatchBuilder {
-    /// Initialized bytes; `used` of them hold the batch so far.
+    /// Initialized bytes; `used` of them hold the batch so far, after
+    /// `headroom` bytes left free for the caller (e.g. a frame header).
     bytes: Vec<u8>,
+    headroom: usize,
     used: usize,
     pages: u32,
 }
@@ -53,13 +55,21 @@ impl BatchBuilder {
 
     /// An empty batch in a recycled buffer (e.g. one [`BatchBuilder::finish`]
     /// returned earlier), grown to at least `bytes` bytes.
-    pub fn from_buffer(mut buffer: Vec<u8>, bytes: usize) -> Self {
-        let len = bytes.max(4 + ENTRY_HEADER_BYTES + PAGE_SIZE);
+    pub fn from_buffer(buffer: Vec<u8>, bytes: usize) -> Self {
+        Self::with_headroom(buffer, bytes, 0)
+    }
+
+    /// Like [`BatchBuilder::from_buffer`], with `headroom` free bytes before
+    /// the batch: [`BatchBuilder::finish`] then returns them, unchanged, in
+    /// front of the batch.
+    pub fn with_headroom(mut buffer: Vec<u8>, bytes: usize, headroom: usize) -> Self {
+        let len = bytes.max(headroom + 4 + ENTRY_HEADER_BYTES + PAGE_SIZE);
         buffer.resize(len, 0);
-        buffer[..4].fill(0);
+        buffer[headroom..headroom + 4].fill(0);
         Self {
             bytes: buffer,
-            used: 4,
+            headroom,
+            used: headroom + 4,
             pages: 0,
         }
     }
@@ -126,7 +136,7 @@ impl BatchBuilder {
 
     /// Bytes the batch takes so far.
     pub fn len(&self) -> usize {
-        self.used
+        self.used - self.headroom
     }
 
     /// True when no page was pushed.
@@ -137,12 +147,13 @@ impl BatchBuilder {
     /// True when the batch holds `max_pages` pages (capped at
     /// [`MAX_BATCH_PAGES`]) or at least `target_bytes` bytes.
     pub fn is_full(&self, max_pages: u32, target_bytes: usize) -> bool {
-        self.pages >= max_pages.min(MAX_BATCH_PAGES) || self.used >= target_bytes
+        self.pages >= max_pages.min(MAX_BATCH_PAGES) || self.len() >= target_bytes
     }
 
-    /// The finished batch bytes.
+    /// The finished batch bytes (after the headroom, if any).
     pub fn finish(mut self) -> Vec<u8> {
-        self.bytes[..4].copy_from_slice(&self.pages.to_le_bytes());
+        let h = self.headroom;
+        self.bytes[h..h + 4].copy_from_slice(&self.pages.to_le_bytes());
         self.bytes.truncate(self.used);
         self.bytes
     }
@@ -257,6 +268,16 @@ mod tests {
             (7, PageEncoding::Zero)
         );
         assert_eq!((entries[1].page, entries[1].payload), (2, &[1u8, 2, 3][..]));
+    }
+
+    #[test]
+    fn headroom_comes_back_in_front_of_the_batch() {
+        let mut b = BatchBuilder::with_headroom(vec![7u8; 100], 0, 24);
+        b.push(3, PageEncoding::Lz4, &[1, 2]);
+        let bytes = b.finish();
+        let entries = read_all(&bytes[24..], 10).unwrap();
+        assert_eq!((entries[0].page, entries[0].payload), (3, &[1u8, 2][..]));
+        assert_eq!(bytes.len(), 24 + 4 + ENTRY_HEADER_BYTES + 2);
     }
 
     #[test]

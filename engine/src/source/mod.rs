@@ -207,19 +207,15 @@ impl<W: FrameSink> Session<'_, W> {
         Ok(())
     }
 
-    /// Send a page batch, with the frame header the encoder built when the
-    /// link is plain TCP.
-    fn send_batch(
-        &mut self,
-        header: Option<[u8; HEADER_LEN]>,
-        bytes: &[u8],
-    ) -> Result<(), MigrationError> {
-        match (&mut self.raw, header) {
-            (Some(stream), Some(header)) => {
-                if let Err(e) = wire::write_frame(stream, &header, bytes) {
+    /// Send a page batch; `sealed`: `bytes` is a complete frame the
+    /// encoder built for the plain TCP socket.
+    fn send_batch(&mut self, sealed: bool, bytes: &[u8]) -> Result<(), MigrationError> {
+        match (&mut self.raw, sealed) {
+            (Some(stream), true) => {
+                if let Err(e) = wire::write_sealed(stream, bytes) {
                     return Err(self.send_failed(TransportError::Write(e)));
                 }
-                self.sent(HEADER_LEN + bytes.len());
+                self.sent(bytes.len());
                 Ok(())
             }
             _ => self.send(FrameKind::PageBatch, bytes),
@@ -596,8 +592,8 @@ impl<W: FrameSink> Session<'_, W> {
         let mut last_progress = Instant::now();
         while done < chunks {
             match pipeline.results.recv_timeout(PROGRESS_EVERY) {
-                Ok(WorkerOutput::Batch { header, bytes }) => {
-                    self.send_batch(header, &bytes)?;
+                Ok(WorkerOutput::Batch { sealed, bytes }) => {
+                    self.send_batch(sealed, &bytes)?;
                     let _ = pipeline.free.try_send(bytes);
                 }
                 Ok(WorkerOutput::ChunkDone { pages, counts }) => {

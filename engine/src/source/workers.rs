@@ -8,12 +8,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use std::io::IoSlice;
-
 use crossbeam_channel::{Receiver, Sender};
 use ferry_dirtylog::DirtyLog;
-use ferry_transport::frame::encode_header;
-use ferry_transport::{FrameKind, TransportError, HEADER_LEN};
+use ferry_transport::{FrameKind, TransportError};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::digest::PageHashes;
@@ -23,6 +20,7 @@ use crate::encode::{
 };
 use crate::error::MigrationError;
 use crate::vm::GuestMemoryMmap;
+use crate::wire;
 
 /// Dirty-bitmap words per chunk: 64 words = 4096 pages = 16 MiB of guest
 /// memory, re-protected with one call.
@@ -45,12 +43,9 @@ pub(crate) struct Chunk {
 /// What workers hand back.
 #[derive(Debug)]
 pub(crate) enum WorkerOutput {
-    /// A finished page batch to send, with its frame header when the
-    /// sender writes pre-built frames (see `crate::wire`).
-    Batch {
-        header: Option<[u8; HEADER_LEN]>,
-        bytes: Vec<u8>,
-    },
+    /// A finished page batch to send: a complete frame when `sealed`
+    /// (see `crate::wire`), else the bare batch.
+    Batch { sealed: bool, bytes: Vec<u8> },
     /// A chunk is done.
     ChunkDone {
         /// Dirty pages the chunk covered.
@@ -72,22 +67,22 @@ pub(crate) struct WorkerContext<'a> {
     pub cancel: &'a AtomicBool,
     /// Sent batch buffers, back for reuse.
     pub free: &'a Receiver<Vec<u8>>,
-    /// Build each batch's frame header (checksum) here, off the sending
-    /// thread.
+    /// Build each batch's complete frame (checksum included) here, off the
+    /// sending thread.
     pub frame_headers: bool,
 }
 
 /// A finished batch as the sending thread wants it.
 fn finished(ctx: &WorkerContext<'_>, batch: BatchBuilder) -> Result<WorkerOutput, MigrationError> {
-    let bytes = batch.finish();
-    let header = if ctx.frame_headers {
-        let h = encode_header(FrameKind::PageBatch, 0, &[IoSlice::new(&bytes)])
+    let mut bytes = batch.finish();
+    if ctx.frame_headers {
+        wire::seal(&mut bytes, FrameKind::PageBatch)
             .map_err(|e| MigrationError::Send(TransportError::Encode(e)))?;
-        Some(h)
-    } else {
-        None
-    };
-    Ok(WorkerOutput::Batch { header, bytes })
+    }
+    Ok(WorkerOutput::Batch {
+        sealed: ctx.frame_headers,
+        bytes,
+    })
 }
 
 /// Run one worker until the job channel closes or the output channel is
@@ -127,7 +122,13 @@ fn encode_chunk(
             .map_err(MigrationError::DirtyLog)?;
     }
     let capacity = ctx.batch_bytes + PAGE_SIZE + 64;
-    let new_batch = || BatchBuilder::from_buffer(ctx.free.try_recv().unwrap_or_default(), capacity);
+    let headroom = if ctx.frame_headers {
+        wire::FRAME_HEADROOM
+    } else {
+        0
+    };
+    let new_batch =
+        || BatchBuilder::with_headroom(ctx.free.try_recv().unwrap_or_default(), capacity, headroom);
     let mut batch = new_batch();
     let mut counts = EncodingCounts::default();
     let mut pages = 0u64;
