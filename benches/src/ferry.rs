@@ -68,6 +68,15 @@ pub fn unsupported(s: &RunSettings, p: FerryProfile) -> Option<String> {
     None
 }
 
+/// Whether `ferry vm receive` takes `--mem` (prepare memory before the
+/// source connects).
+fn receive_prepares_memory(s: &RunSettings) -> bool {
+    Command::new(&s.ferry_bin)
+        .args(["vm", "receive", "--help"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--mem"))
+}
+
 /// Runs one ferry migration of `w` with profile `p`.
 pub fn run(s: &RunSettings, w: &Workload, p: FerryProfile, repeat: u32) -> RunOutcome {
     let mut out = RunOutcome::new(Profile::Ferry(p), *w, repeat, RunStatus::Completed);
@@ -125,6 +134,11 @@ fn run_inner(
     let mut cmd = Command::new(&s.ferry_bin);
     cmd.args(["vm", "receive", "--quiet", "--listen", &to, "--api"])
         .arg(&dst_sock);
+    if receive_prepares_memory(s) {
+        // Allocate and populate the destination's memory up front, as
+        // QEMU's destination gets `-m` at start.
+        cmd.arg("--mem").arg(format!("{}M", w.mem_bytes >> 20));
+    }
     let mut dst = EngineProcess::spawn(
         "ferry vm receive (destination)",
         "ferry-dst",

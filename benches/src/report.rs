@@ -380,3 +380,79 @@ pub fn floors_text(f: &[FloorCheck]) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matrix::QemuProfile;
+
+    fn run(profile: Profile, w: Workload, total: f64, gap: f64, status: RunStatus) -> RunOutcome {
+        let mut r = RunOutcome::new(profile, w, 0, status);
+        r.total_ms = Some(total);
+        r.heartbeat_gap_ms = Some(gap);
+        r.guest_alive = Some(true);
+        r
+    }
+
+    #[test]
+    fn ratios_are_against_qemus_best_converged_profile() {
+        let w = Workload::new(1 << 30, DirtyLevel::Idle);
+        let q = Profile::Qemu(QemuProfile::Default);
+        let qm = Profile::Qemu(QemuProfile::Multifd);
+        let f = Profile::Ferry(FerryProfile::Default);
+        let runs = vec![
+            run(q, w, 9000.0, 100.0, RunStatus::Completed),
+            run(qm, w, 6000.0, 200.0, RunStatus::Completed),
+            // A failed run of the default counts in neither medians nor best.
+            run(q, w, 1.0, 1.0, RunStatus::Failed("x".into())),
+            run(f, w, 2000.0, 5.0, RunStatus::Completed),
+            run(f, w, 3000.0, 7.0, RunStatus::Completed),
+        ];
+        let aggs = aggregate(&runs, Some(1e9));
+        let ferry = aggs.iter().find(|a| a.profile == f).unwrap();
+        assert_eq!(ferry.total_ms.unwrap().median, 2500.0);
+        assert_eq!(ferry.total_vs_qemu_best, Some(2500.0 / 6000.0));
+        assert_eq!(ferry.downtime_vs_qemu_best, Some(6.0 / 100.0));
+        let qemu_default = aggs.iter().find(|a| a.profile == q).unwrap();
+        assert_eq!((qemu_default.ok, qemu_default.runs), (1, 2));
+        assert_eq!(qemu_default.problems, vec!["failed: x".to_string()]);
+
+        let f = floors(&aggs);
+        let total = f
+            .iter()
+            .find(|c| c.floor.starts_with("idle 1 GiB"))
+            .unwrap();
+        assert_eq!(
+            total.met,
+            Some(false),
+            "2500 ms is more than a third of 6000 ms"
+        );
+        let down = f.iter().find(|c| c.floor.starts_with("downtime")).unwrap();
+        assert_eq!(down.met, Some(true), "6 ms is under a tenth of 100 ms");
+        let conv = f
+            .iter()
+            .find(|c| c.floor.starts_with("ferry converges"))
+            .unwrap();
+        assert_eq!(conv.met, Some(true));
+    }
+
+    #[test]
+    fn a_guest_that_died_at_the_destination_is_not_a_success() {
+        let w = Workload::new(256 << 20, DirtyLevel::Moderate);
+        let mut r = run(
+            Profile::Ferry(FerryProfile::Default),
+            w,
+            100.0,
+            1.0,
+            RunStatus::Completed,
+        );
+        r.guest_alive = Some(false);
+        r.alive_detail = "heartbeat stuck at 7".into();
+        let aggs = aggregate(&[r], None);
+        assert_eq!(aggs[0].ok, 0);
+        assert!(aggs[0].problems[0].contains("heartbeat stuck"));
+        assert!(aggs[0].total_ms.is_none());
+        let t = table(&aggs, &[]);
+        assert!(t.contains("note: 256M moderate"), "{t}");
+    }
+}
