@@ -263,3 +263,74 @@ fn nothing_listening_on_the_destination_resets_the_stream() {
     src.stop().unwrap();
     dst.stop().unwrap();
 }
+
+/// A peer that speaks the lane handshake but then sends tunnel frames that
+/// break the rules ends its session with an error; nothing panics and the
+/// destination keeps listening.
+#[test]
+fn hostile_tunnel_frames_end_the_session_with_an_error() {
+    use ferry_transport::tunnel::wire::TunnelMsg;
+    use ferry_transport::tunnel::SessionError;
+    use ferry_transport::{FrameKind, Lanes};
+    let e = ends();
+    let _app = UnixListener::bind(&e.dst_sock).unwrap();
+    let dst = Tunnel::destination("127.0.0.1:0", &e.dst_sock, &plain(1)).unwrap();
+    let addr = dst.local_addr().unwrap();
+    let cases: Vec<(FrameKind, Vec<u8>)> = vec![
+        // A stream id far beyond any opened.
+        (FrameKind::StreamOpen, 1000u32.to_le_bytes().to_vec()),
+        // A payload too short for its fixed fields.
+        (FrameKind::StreamData, vec![0, 0]),
+        // An engine frame inside a tunnel session.
+        (FrameKind::Go, Vec::new()),
+    ];
+    for (kind, payload) in cases {
+        let mut lanes = Lanes::connect(addr, &LaneOptions::new(1, Security::Insecure))
+            .unwrap()
+            .into_vec();
+        lanes[0].writer.write_frame(kind, 0, &payload).unwrap();
+        // The destination closes the session: the lane ends.
+        let end = within(30, move || lanes[0].reader.read_frame().map(|f| f.kind));
+        assert!(end.is_err(), "{kind}: session not ended ({end:?})");
+        let seen = dst
+            .stats()
+            .last_error
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_default();
+        assert!(
+            seen.contains("tunnel") || seen.contains("stream"),
+            "{kind}: {seen}"
+        );
+    }
+    // Data for an opened stream out of its window is refused too.
+    let mut lanes = Lanes::connect(addr, &LaneOptions::new(1, Security::Insecure))
+        .unwrap()
+        .into_vec();
+    let data = TunnelMsg::Data {
+        id: 0,
+        seq: 99_999,
+        bytes: bytes::Bytes::from_static(b"x"),
+    }
+    .encode(false);
+    let payload: Vec<u8> = data.parts.iter().flat_map(|p| p.iter().copied()).collect();
+    lanes[0]
+        .writer
+        .write_frame(data.kind, data.flags, &payload)
+        .unwrap();
+    let end = within(30, move || lanes[0].reader.read_frame().map(|f| f.kind));
+    assert!(end.is_err());
+    let err = dst.stop().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TunnelError::Session(
+                SessionError::TooFarAhead { .. }
+                    | SessionError::Wire(_)
+                    | SessionError::Reorder { .. }
+            )
+        ),
+        "{err:?}"
+    );
+}

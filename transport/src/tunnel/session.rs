@@ -224,6 +224,17 @@ impl Session {
             .name("ferry-tunnel-dispatch".into())
             .spawn(move || {
                 let r = s.dispatch(&inbox, &role);
+                if let Err(e) = &r {
+                    let mut msg = e.to_string();
+                    let mut src = std::error::Error::source(e);
+                    while let Some(c) = src {
+                        msg.push_str(": ");
+                        msg.push_str(&c.to_string());
+                        src = c.source();
+                    }
+                    tracing::warn!("tunnel session ended: {msg}");
+                    s.record_error(&msg);
+                }
                 s.end();
                 inbox.join();
                 r
