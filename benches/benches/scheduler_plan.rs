@@ -7,10 +7,12 @@
 //! 613-1740 MB with 12 demand samples from a fixed LCG (bursty, mean ~20 %),
 //! placed round-robin so that some hosts are over 80 % and many under 30 %.
 //! Thresholds' durations are zero, so every over/under host is due now.
+//! Baseline (same run): `*_index_only`, building the plan's ledger alone.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use ferry_scheduler::model::{Cluster, Host, Vm};
 use ferry_scheduler::plan::planner::{Planner, PolicyMode};
+use ferry_scheduler::plan::Ledger;
 
 fn cluster(hosts: usize, vms: usize) -> Cluster {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -66,6 +68,13 @@ fn bench(c: &mut Criterion) {
             BenchmarkId::from_parameter(format!("{hosts}h_{vms}vm")),
             &cl,
             |b, cl| b.iter(|| planner().plan(cl).expect("plan")),
+        );
+        // Baseline in the same run: only indexing the cluster (one pass
+        // over the VMs), the floor any plan pays.
+        g.bench_with_input(
+            BenchmarkId::from_parameter(format!("{hosts}h_{vms}vm_index_only")),
+            &cl,
+            |b, cl| b.iter(|| Ledger::new(cl, |v| cl.vms[v].peak(12))),
         );
     }
     g.finish();
