@@ -1,0 +1,75 @@
+//! The simulator on the real PlanetLab traces against CloudSim 3.0.3's own
+//! results (sorted-file-order rows). Traces: `$FERRY_TRACES`, else
+//! `../shared/traces` beside the repository.
+
+use std::path::PathBuf;
+
+use ferry_scheduler::power::PowerModels;
+use ferry_scheduler::reference;
+use ferry_scheduler::sim::baseline::Detector;
+use ferry_scheduler::sim::{ccpe2012_host_types, simulate_day, MemoryModel, Policy};
+use ferry_scheduler::trace::load_day;
+
+fn traces() -> Option<PathBuf> {
+    let p = std::env::var_os("FERRY_TRACES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces"));
+    if p.join("planetlab").is_dir() {
+        Some(p)
+    } else {
+        eprintln!(
+            "SKIP: no PlanetLab traces at {} (set FERRY_TRACES)",
+            p.display()
+        );
+        None
+    }
+}
+
+fn check(day: &str, policy: Policy, energy_tol: f64, migr_tol: f64) {
+    let Some(root) = traces() else { return };
+    let vms = load_day(&root.join("planetlab").join(day)).unwrap();
+    let models = PowerModels::load(&root.join("power_models.csv")).unwrap();
+    let hosts = ccpe2012_host_types(&models).unwrap();
+    let refs = reference::load(&root.join("planetlab_cloudsim303_results.csv")).unwrap();
+    let r = simulate_day(day, &vms, &hosts, 800, &policy, MemoryModel::CloudSim).unwrap();
+    let want = reference::lookup(&refs, day, &r.policy).unwrap();
+    assert!(want.simulator.ends_with("sorted-files"));
+    let de = (r.energy_kwh / want.energy_kwh - 1.0).abs();
+    assert!(
+        de <= energy_tol,
+        "{day} {}: {:.2} kWh vs {:.2}",
+        r.policy,
+        r.energy_kwh,
+        want.energy_kwh
+    );
+    if want.migrations > 0 {
+        let dm = (r.migrations as f64 / want.migrations as f64 - 1.0).abs();
+        assert!(
+            dm <= migr_tol,
+            "{day} {}: {} migrations vs {}",
+            r.policy,
+            r.migrations,
+            want.migrations
+        );
+    }
+}
+
+#[test]
+fn loads_a_real_day_sorted_with_spaces_in_names() {
+    let Some(root) = traces() else { return };
+    let day = load_day(&root.join("planetlab/20110303")).unwrap();
+    assert_eq!(day.len(), 1052);
+    assert!(day.windows(2).all(|w| w[0].name < w[1].name));
+    assert!(day.iter().any(|t| t.name.contains(' ')));
+    assert!(day.iter().all(|t| t.samples.len() == 288));
+}
+
+#[test]
+fn dvfs_matches_cloudsim() {
+    check("20110303", Policy::Dvfs, 0.005, 0.0);
+}
+
+#[test]
+fn thr_mmt_lands_within_a_few_percent_of_cloudsim() {
+    check("20110306", Policy::Mmt(Detector::Thr(0.8)), 0.03, 0.05);
+}
