@@ -184,7 +184,8 @@ impl<S: FrameSink, R: FrameIn> Receiving<'_, S, R> {
             .source
             .recv(buf)
             .map_err(|e| MigrationError::from_receive(e, during))?;
-        self.wire_bytes += (HEADER_LEN + buf.len()) as u64;
+        let prefix = if verified { 0 } else { PREFIX_LEN };
+        self.wire_bytes += (HEADER_LEN + buf.len() - prefix) as u64;
         if !verified {
             if header.kind == FrameKind::PageBatch {
                 return Ok((header.kind, Some(header)));
