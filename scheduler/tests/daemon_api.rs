@@ -306,3 +306,101 @@ fn raw_get(addr: SocketAddr, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_rise_powers_a_host_up_through_the_process_driver_and_a_drop_powers_it_down() {
+    let world: World = Arc::new(Mutex::new(HashMap::new()));
+    let vm = |n: &str| AgentVm {
+        name: n.into(),
+        mem_mb: 256,
+        cpu_mips: 1700.0,
+        running: true,
+    };
+    world
+        .lock()
+        .unwrap()
+        .insert("h1".into(), vec![vm("a"), vm("b")]);
+    world
+        .lock()
+        .unwrap()
+        .insert("h2".into(), vec![vm("c"), vm("d")]);
+    let a1 = spawn_agent("h1", world.clone(), None).await;
+    let a2 = spawn_agent("h2", world.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("h3.pid");
+    let text = format!(
+        r#"[daemon]
+listen = "127.0.0.1:0"
+policy = "power_save"
+
+[[host]]
+name = "h1"
+cores = 2
+core_mips = 2000
+mem_mb = 4096
+agent = "{a1}"
+
+[[host]]
+name = "h2"
+cores = 2
+core_mips = 2000
+mem_mb = 4096
+agent = "{a2}"
+
+[[host]]
+name = "h3"
+cores = 2
+core_mips = 2000
+mem_mb = 4096
+power = {{ driver = "process", command = ["sh", "-c", "echo $$ > '{}'; exec sleep 300"] }}
+"#,
+        pidfile.display()
+    );
+    let cfg = Config::parse(Path::new("cluster.toml"), &text).unwrap();
+    assert!(cfg.problems.is_empty(), "{:?}", cfg.problems);
+    let daemon = Daemon::from_config(&cfg);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = l.local_addr().unwrap();
+    tokio::spawn(serve(daemon, l, std::time::Duration::from_secs(3600)));
+
+    // Load: 4 x 1700 MIPS on 8000 MIPS running: over 80 %, h3 powers up.
+    let _: serde_json::Value = call(api, "POST", "/v1/round", None).await.unwrap();
+    let hosts: Vec<HostView> = call(api, "GET", "/v1/hosts", None).await.unwrap();
+    assert_eq!(hosts[2].power, ferry_scheduler::model::PowerState::On);
+    let mut pid = None;
+    for _ in 0..500 {
+        pid = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        if pid.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let pid = pid.expect("the process driver started the host's process");
+    assert!(alive(pid));
+
+    // Load drops; once the demand peaks have aged out, h3 is not needed.
+    for vms in world.lock().unwrap().values_mut() {
+        for v in vms.iter_mut() {
+            v.cpu_mips = 100.0;
+        }
+    }
+    let mut off = false;
+    for _ in 0..20 {
+        let _: serde_json::Value = call(api, "POST", "/v1/round", None).await.unwrap();
+        let hosts: Vec<HostView> = call(api, "GET", "/v1/hosts", None).await.unwrap();
+        if hosts[2].power == ferry_scheduler::model::PowerState::Off {
+            off = true;
+            break;
+        }
+    }
+    assert!(off, "h3 powered down after the load drop");
+    assert!(!alive(pid), "the host's process was stopped and reaped");
+}
