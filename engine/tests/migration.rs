@@ -71,6 +71,12 @@ fn migrates_and_lives_on(
         summary.memory_digest == dest_summary.memory_digest,
         "digests differ"
     );
+    ensure!(
+        summary.wire_bytes == dest_summary.wire_bytes,
+        "sent {} bytes, received {}",
+        summary.wire_bytes,
+        dest_summary.wire_bytes
+    );
 
     // The destination continues where the source stopped.
     let st = assert_alive(&dest_vm, "destination")?;
