@@ -6,6 +6,17 @@
 //! save, maintenance), a trace-driven simulator that reproduces the
 //! Beloglazov & Buyya CCPE 2012 setup on the PlanetLab traces, and a daemon.
 //!
+//! - [`model`]: hosts, VMs, the cluster.
+//! - [`plan`]: policies as plans, a ledger that enforces memory, thresholds,
+//!   the minimum time between moves of a VM and per-host migration limits;
+//!   [`plan::planner::Planner`] runs them.
+//! - [`sim`]: the simulator (CloudSim 3.0.3 semantics), the published
+//!   baselines (NPA, DVFS, THR/IQR/MAD/LR/LRR-MMT), ferry's policy, reports
+//!   ([`sim::run::run_simulate`] is what `ferry sched simulate` calls).
+//! - [`daemon`]: `ferry sched daemon`: config, HTTP API, metrics, power
+//!   drivers, the agent protocol and the [`daemon::agent::Executor`] seam.
+//! - [`trace`], [`power`], [`reference`]: the input files.
+//!
 //! ```no_run
 //! use ferry_scheduler::sim::{simulate, SimConfig};
 //! let cfg = SimConfig::published(std::path::Path::new("../shared/traces"));
