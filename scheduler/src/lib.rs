@@ -15,7 +15,7 @@
 //!   ([`sim::run::run_simulate`] is what `ferry sched simulate` calls).
 //! - [`daemon`]: `ferry sched daemon`: config, HTTP API, metrics, power
 //!   drivers, the agent protocol and the [`daemon::agent::Executor`] seam.
-//! - [`trace`], [`power`], [`reference`]: the input files.
+//! - [`trace`], [`power`], [`mod@reference`]: the input files.
 //!
 //! ```no_run
 //! use ferry_scheduler::sim::{simulate, SimConfig};
