@@ -12,7 +12,8 @@ fuzz_target!(|data: &[u8]| {
     while let Ok((header, payload, used)) = decode_frame(rest) {
         // What decodes re-encodes to the same bytes.
         let mut again = Vec::new();
-        encode_frame(header.kind, header.flags, payload, &mut again).expect("a decoded frame re-encodes");
+        encode_frame(header.kind, header.flags, payload, &mut again)
+            .expect("a decoded frame re-encodes");
         assert_eq!(&again[..], &rest[..used]);
         rest = &rest[used..];
     }
