@@ -47,6 +47,13 @@ fn unavailable() -> Option<String> {
     if euid.ok() != Some(0) {
         return Some("needs root (mount namespaces, libvirtd)".into());
     }
+    let private_mounts = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !private_mounts {
+        return Some("cannot create a mount namespace here (unshare -m failed)".into());
+    }
     None
 }
 
