@@ -6,12 +6,12 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use common::{assert_alive, boot, kvm_or_skip, migrate_to, wait_status, Destination};
+use common::{assert_alive, boot, boot_with, kvm_or_skip, migrate_to, wait_status, Destination};
 use ferry_engine::{
     ConvergencePolicy, Decision, DestinationOptions, MigrationError, MigrationOptions,
     ProgressEvent,
 };
-use ferry_vm::RunState;
+use ferry_vm::{DirtyBackend, RunState};
 
 const TSC: &str = "tsc_khz=2300000";
 
@@ -30,10 +30,20 @@ fn migrates_and_lives_on(
     cmdline: &str,
     opts: MigrationOptions,
 ) -> Result<Vec<ProgressEvent>> {
+    migrates_and_lives_on_with(test, mem_mib, cmdline, opts, DirtyBackend::Bitmap)
+}
+
+fn migrates_and_lives_on_with(
+    test: &str,
+    mem_mib: u64,
+    cmdline: &str,
+    opts: MigrationOptions,
+    dirty: DirtyBackend,
+) -> Result<Vec<ProgressEvent>> {
     let Some(_kvm) = kvm_or_skip(test) else {
         return Ok(Vec::new());
     };
-    let vm = boot(mem_mib, cmdline)?;
+    let vm = boot_with(mem_mib, cmdline, dirty)?;
     let dirtying = !cmdline.contains("rate=0");
     if dirtying {
         // Let it dirty a while before migrating.
@@ -137,6 +147,26 @@ fn dirtying_guest_migrates() -> Result<()> {
         &format!("rate=20000 wss=32M {TSC}"),
         options(ConvergencePolicy::default()),
     )?;
+    Ok(())
+}
+
+#[test]
+fn dirtying_guest_migrates_with_the_kvm_dirty_ring() -> Result<()> {
+    let events = migrates_and_lives_on_with(
+        "dirtying_guest_migrates_with_the_kvm_dirty_ring",
+        128,
+        &format!("rate=20000 wss=32M {TSC}"),
+        options(ConvergencePolicy::default()),
+        DirtyBackend::Ring(64 << 10),
+    )?;
+    let backend = events.iter().find_map(|e| match e {
+        ProgressEvent::Started { dirty_log, .. } => Some(*dirty_log),
+        _ => None,
+    });
+    ensure!(
+        events.is_empty() || backend == Some("kvm-ring"),
+        "dirty log used: {backend:?}"
+    );
     Ok(())
 }
 

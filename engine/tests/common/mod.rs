@@ -34,11 +34,16 @@ pub fn kvm_or_skip(test: &str) -> Option<MutexGuard<'static, ()>> {
 
 /// Boot the workload guest and wait until it runs its dirty loop.
 pub fn boot(mem_mib: u64, cmdline: &str) -> Result<Arc<Vm>> {
+    boot_with(mem_mib, cmdline, DirtyBackend::Bitmap)
+}
+
+/// [`boot`] with a chosen dirty-log backend.
+pub fn boot_with(mem_mib: u64, cmdline: &str, dirty: DirtyBackend) -> Result<Arc<Vm>> {
     let vm = Vm::boot(&VmConfig {
         mem_bytes: mem_mib << 20,
         kernel: None,
         cmdline: cmdline.into(),
-        dirty: DirtyBackend::Bitmap,
+        dirty,
     })
     .context("boot the workload guest")?;
     vm.wait_running(Duration::from_secs(120))
