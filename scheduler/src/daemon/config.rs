@@ -7,6 +7,10 @@
 //! listen = "127.0.0.1:7070"
 //! policy = "both"          # balance | power_save | both | manual
 //! interval_s = 30
+//! # optional planner timers (seconds; defaults 900, 600, 1800):
+//! # power_save_duration_s = 900
+//! # balance_duration_s = 600
+//! # min_move_interval_s = 1800
 //!
 //! [[host]]
 //! name = "h1"
@@ -88,6 +92,18 @@ pub struct DaemonSection {
     /// Libvirt URI for inventory (feature `libvirt`), e.g. `test:///default`.
     #[serde(default)]
     pub libvirt: Option<String>,
+    /// Seconds a host must stay lightly loaded before power save empties
+    /// it (default: the planner's, 900).
+    #[serde(default)]
+    pub power_save_duration_s: Option<f64>,
+    /// Seconds a host must stay overloaded before even distribution acts
+    /// (default: the planner's, 600).
+    #[serde(default)]
+    pub balance_duration_s: Option<f64>,
+    /// Minimum seconds between two non-urgent moves of the same VM
+    /// (default: the planner's, 1800).
+    #[serde(default)]
+    pub min_move_interval_s: Option<f64>,
 }
 
 fn default_policy() -> String {

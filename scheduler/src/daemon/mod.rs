@@ -159,10 +159,21 @@ impl Daemon {
         for p in &problems {
             warn!(problem = %p, "configuration entry left out");
         }
+        let mut planner = Planner::new(mode);
+        let d = &cfg.daemon;
+        if let Some(s) = d.power_save_duration_s {
+            planner.power_save.duration_s = s;
+        }
+        if let Some(s) = d.balance_duration_s {
+            planner.balance.duration_s = s;
+        }
+        if let Some(s) = d.min_move_interval_s {
+            planner.limits.min_move_interval_s = s;
+        }
         Self {
             state: Arc::new(Mutex::new(State {
                 cluster,
-                planner: Planner::new(mode),
+                planner,
                 last_plan: Plan::default(),
                 problems,
                 counters: Counters::default(),

@@ -1,0 +1,535 @@
+//! The scheduler daemon with real pieces: three `ferry agent` processes on
+//! loopback, each started and stopped by the daemon's `process` power
+//! driver, running small real KVM workload guests. Putting a host into
+//! maintenance evacuates its guest live (heartbeats keep rising, no verify
+//! errors) and leaving brings it back; a load drop makes power save empty a
+//! host and power it down (its agent process is gone), a load rise powers
+//! it up again (a new agent process answers).
+//!
+//! Planning rounds are triggered through `POST /v1/round` (the timer is set
+//! to a day), so every step is explicit.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry_e2e::process::ProcessGuard;
+use ferry_scheduler::daemon::agent::request;
+use serde_json::{json, Value};
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
+/// Each host's guest, by index (v1 on h1, ...).
+const VMS: [&str; 3] = ["v1", "v2", "v3"];
+const VM_MEM_MB: u64 = 64;
+
+fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIPPED: {test}: /dev/kvm is not usable ({e})");
+            false
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+    request::<Value, Value>(addr, method, path, body, Some(Duration::from_secs(300)))
+        .with_context(|| format!("{method} http://{addr}{path}"))
+}
+
+/// Polls `f` every 200 ms until it gives a value, at most `limit`.
+fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// PIDs whose parent is `parent`, with their command lines.
+fn children(parent: u32) -> Vec<(u32, String)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // "pid (comm) S ppid ...": comm may hold spaces, so split after ')'.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let mut f = rest.split(' ');
+        let state = f.next()?;
+        let ppid: u32 = f.next()?.parse().ok()?;
+        if ppid != parent || state == "Z" {
+            return None;
+        }
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        Some((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")))
+    })
+    .collect()
+}
+
+fn kill(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) with a PID we found as a child of our own daemon and
+    // a constant signal; no memory is shared.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
+/// The daemon process; on drop its children (the agents its process
+/// driver started, which a SIGKILLed daemon cannot stop) are killed by
+/// PID first, then the daemon itself.
+struct DaemonGuard {
+    proc: ProcessGuard,
+    api: SocketAddr,
+    agents: Vec<SocketAddr>,
+    log: PathBuf,
+}
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        let pid = self.proc.pid();
+        for (child, _) in children(pid) {
+            kill(child);
+        }
+        self.proc.kill();
+    }
+}
+
+impl DaemonGuard {
+    fn get(&self, path: &str) -> Result<Value> {
+        http(self.api, "GET", path, None)
+    }
+
+    fn round(&self) -> Result<Value> {
+        http(self.api, "POST", "/v1/round", Some(&json!({})))
+    }
+
+    /// The agent process the daemon's power driver runs for `host`.
+    fn agent_pid(&self, host: &str) -> Option<u32> {
+        let needle = format!(" agent --host {host} ");
+        children(self.proc.pid())
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains(&needle))
+            .map(|(pid, _)| pid)
+    }
+
+    fn agent(&self, host: &str) -> SocketAddr {
+        self.agents[HOSTS.iter().position(|h| *h == host).expect("known host")]
+    }
+
+    /// Names of the VMs `host`'s agent runs.
+    fn agent_vms(&self, host: &str) -> Result<Vec<String>> {
+        let s = http(self.agent(host), "GET", "/v1/status", None)?;
+        Ok(s["vms"]
+            .as_array()
+            .context("status without vms")?
+            .iter()
+            .filter_map(|v| v["name"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// Which agent runs `vm` (asking every host that answers).
+    fn where_is(&self, vm: &str) -> Vec<String> {
+        HOSTS
+            .iter()
+            .filter(|h| {
+                self.agent_vms(h)
+                    .is_ok_and(|vms| vms.iter().any(|v| v == vm))
+            })
+            .map(|h| h.to_string())
+            .collect()
+    }
+
+    /// The guest's status block from the agent running it.
+    fn guest(&self, host: &str, vm: &str) -> Result<Value> {
+        let r = http(self.agent(host), "GET", &format!("/v1/vms/{vm}"), None)?;
+        if r["ok"] != true {
+            bail!("agent {host} about {vm}: {r}");
+        }
+        Ok(r["status"].clone())
+    }
+
+    fn set_load(&self, host: &str, vm: &str, mips: f64) -> Result<()> {
+        let r = http(
+            self.agent(host),
+            "POST",
+            "/v1/vms/load",
+            Some(&json!({"vm": vm, "cpu_mips": mips})),
+        )?;
+        if r["ok"] != true {
+            bail!("setting the load of {vm} on {host}: {r}");
+        }
+        Ok(())
+    }
+
+    fn hosts(&self) -> Result<Vec<Value>> {
+        Ok(self
+            .get("/v1/hosts")?
+            .as_array()
+            .context("hosts is not a list")?
+            .clone())
+    }
+
+    fn power(&self, host: &str) -> Result<String> {
+        Ok(self
+            .hosts()?
+            .iter()
+            .find(|h| h["name"] == host)
+            .with_context(|| format!("no host {host} in /v1/hosts"))?["power"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned())
+    }
+
+    /// What to print when something is wrong: the daemon's view and log.
+    fn diag(&self) -> String {
+        let show = |p: &str| {
+            self.get(p)
+                .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default())
+                .unwrap_or_else(|e| format!("{e:#}"))
+        };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+        format!(
+            "\n--- /v1/plan\n{}\n--- /v1/hosts\n{}\n--- /v1/vms\n{}\n--- daemon log (last 80 lines of {})\n{tail}\n",
+            show("/v1/plan"),
+            show("/v1/hosts"),
+            show("/v1/vms"),
+            self.log.display()
+        )
+    }
+
+    /// `vm` runs on `host`, its heartbeat is at least `from` and then
+    /// rises, and it has no verify errors. Returns the last heartbeat.
+    fn check_alive(&self, host: &str, vm: &str, from: u64) -> Result<u64> {
+        let first = self.guest(host, vm)?;
+        let hb0 = first["heartbeat"].as_u64().context("no heartbeat")?;
+        if hb0 < from {
+            bail!("{vm} on {host}: heartbeat {hb0} went back below {from}: {first}");
+        }
+        let last = wait_for(
+            &format!("{vm}'s heartbeat to rise past {hb0} on {host}"),
+            Duration::from_secs(30),
+            || {
+                let s = self.guest(host, vm).ok()?;
+                let hb = s["heartbeat"].as_u64()?;
+                (hb > hb0).then_some(s)
+            },
+        )?;
+        if last["verify_errors"] != 0 || last["magic_ok"] != true {
+            bail!("{vm} on {host} is not healthy: {last}");
+        }
+        Ok(last["heartbeat"].as_u64().unwrap_or(hb0))
+    }
+}
+
+fn start_daemon(dir: &Path) -> Result<DaemonGuard> {
+    let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let agents: Vec<SocketAddr> = HOSTS
+        .iter()
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse())
+        .collect::<Result<_, _>>()?;
+    // Power save empties a light host at once (no waiting time) and the
+    // timer never fires on its own; rounds come from POST /v1/round.
+    let mut toml = format!(
+        "[daemon]\nlisten = \"{api}\"\npolicy = \"power_save\"\ninterval_s = 86400\n\
+         power_save_duration_s = 0\nmin_move_interval_s = 0\n"
+    );
+    for (i, host) in HOSTS.iter().enumerate() {
+        let listen = agents[i].to_string();
+        let argv = [
+            FERRY,
+            "agent",
+            "--host",
+            host,
+            "--listen",
+            &listen,
+            "--guest-rate",
+            "1000",
+        ];
+        toml += &format!(
+            "\n[[host]]\nname = \"{host}\"\ncores = 2\ncore_mips = 1000\nmem_mb = 1024\n\
+             agent = \"{listen}\"\npower = {{ driver = \"process\", command = {} }}\n",
+            serde_json::to_string(&argv)?
+        );
+    }
+    // Sized so that the first round powers up all three hosts (3 x 1200
+    // MIPS is over 80 % of two hosts).
+    for (vm, host) in VMS.iter().zip(HOSTS) {
+        toml += &format!(
+            "\n[[vm]]\nname = \"{vm}\"\nhost = \"{host}\"\ncpu_mips = 1200\nmem_mb = {VM_MEM_MB}\n"
+        );
+    }
+    let config = dir.join("cluster.toml");
+    std::fs::write(&config, &toml)?;
+    let log = dir.join("daemon.log");
+    let proc = ProcessGuard::spawn(
+        "ferry sched daemon",
+        Command::new(FERRY)
+            .args(["sched", "daemon", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1"),
+        &log,
+    )?;
+    let d = DaemonGuard {
+        proc,
+        api,
+        agents,
+        log,
+    };
+    wait_for("the daemon's API", Duration::from_secs(30), || {
+        d.get("/v1/hosts").ok()
+    })
+    .with_context(|| d.diag())?;
+    Ok(d)
+}
+
+#[test]
+fn maintenance_evacuates_live_and_power_save_cycles_an_agent() {
+    if !kvm_or_skip("maintenance_evacuates_live_and_power_save_cycles_an_agent") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut d = start_daemon(dir.path()).expect("daemon starts");
+    let diag = |d: &DaemonGuard| d.diag();
+
+    // Power-up: process-driven hosts start off; the configured demand makes
+    // power save switch all three on (the timer's first round, or ours).
+    d.round().expect("round");
+    for host in HOSTS {
+        assert_eq!(
+            d.power(host).unwrap(),
+            "on",
+            "{host} not powered on{}",
+            diag(&d)
+        );
+        wait_for(
+            &format!("agent {host} to answer"),
+            Duration::from_secs(60),
+            || d.agent_vms(host).ok(),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}{}", diag(&d)));
+        assert!(d.agent_pid(host).is_some(), "no agent process for {host}");
+    }
+    assert!(d.proc.is_running(), "daemon exited{}", diag(&d));
+
+    // One real guest per host; demand 800 MIPS each (40 %: not light).
+    for (vm, host) in VMS.iter().zip(HOSTS) {
+        let r = http(
+            d.agent(host),
+            "POST",
+            "/v1/vms/start",
+            Some(&json!({"vm": vm, "mem_mb": VM_MEM_MB})),
+        )
+        .expect("start VM");
+        assert_eq!(r["ok"], true, "starting {vm} on {host}: {r}");
+        d.set_load(host, vm, 800.0).expect("set load");
+    }
+    d.round().expect("round");
+    let mut hb = [0u64; 3];
+    for (i, (vm, host)) in VMS.iter().zip(HOSTS).enumerate() {
+        hb[i] = d
+            .check_alive(host, vm, 0)
+            .unwrap_or_else(|e| panic!("{e:#}{}", diag(&d)));
+    }
+
+    // 1. Maintenance on h1: v1 leaves live, h1 runs nothing.
+    let plan = http(d.api, "POST", "/v1/hosts/h1/maintenance", Some(&json!({})))
+        .unwrap_or_else(|e| panic!("{e:#}{}", diag(&d)));
+    let at = d.where_is("v1");
+    assert_eq!(
+        at.len(),
+        1,
+        "v1 runs on {at:?} after evacuation (plan {plan}){}",
+        diag(&d)
+    );
+    assert_ne!(
+        at[0],
+        "h1",
+        "v1 was not evacuated (plan {plan}){}",
+        diag(&d)
+    );
+    let evac = at[0].clone();
+    eprintln!("maintenance h1: v1 evacuated live to {evac} (plan {plan})");
+    hb[0] = d
+        .check_alive(&evac, "v1", hb[0])
+        .unwrap_or_else(|e| panic!("after evacuation: {e:#}{}", diag(&d)));
+    d.round().expect("round");
+    assert_eq!(
+        d.agent_vms("h1").unwrap(),
+        Vec::<String>::new(),
+        "h1 runs VMs while in maintenance{}",
+        diag(&d)
+    );
+    let vms = d.get("/v1/vms").unwrap();
+    let v1 = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "v1")
+        .unwrap();
+    assert_eq!(v1["host"], evac.as_str(), "daemon's view of v1{}", diag(&d));
+    assert_eq!(v1["home"], "h1", "v1's home is remembered{}", diag(&d));
+    for (i, (vm, host)) in VMS.iter().zip(HOSTS).enumerate().skip(1) {
+        hb[i] = d
+            .check_alive(host, vm, hb[i])
+            .unwrap_or_else(|e| panic!("{e:#}{}", diag(&d)));
+    }
+
+    // Leaving maintenance brings v1 home, still the same running guest.
+    let plan = http(d.api, "DELETE", "/v1/hosts/h1/maintenance", None)
+        .unwrap_or_else(|e| panic!("{e:#}{}", diag(&d)));
+    assert_eq!(
+        d.where_is("v1"),
+        vec!["h1".to_string()],
+        "v1 did not return home (plan {plan}){}",
+        diag(&d)
+    );
+    hb[0] = d
+        .check_alive("h1", "v1", hb[0])
+        .unwrap_or_else(|e| panic!("after return: {e:#}{}", diag(&d)));
+    eprintln!(
+        "left maintenance: v1 back on h1, heartbeat {} (plan {plan})",
+        hb[0]
+    );
+
+    // 2. Load drop: 560 MIPS each is light (< 30 % of 2000) but 1680 in all
+    // needs two hosts' spare capacity, so exactly one host empties.
+    for (vm, host) in VMS.iter().zip(HOSTS) {
+        d.set_load(host, vm, 560.0).expect("set load");
+    }
+    // The demand estimate is a VM's peak over its last 12 samples (one per
+    // round), so the drop shows after at most 12 rounds.
+    let pids_before: Vec<Option<u32>> = HOSTS.iter().map(|h| d.agent_pid(h)).collect();
+    let mut off = None;
+    let mut rounds = 0;
+    for _ in 0..30 {
+        rounds += 1;
+        d.round().unwrap_or_else(|e| panic!("{e:#}{}", diag(&d)));
+        let hosts = d.hosts().unwrap();
+        let down: Vec<String> = hosts
+            .iter()
+            .filter(|h| h["power"] == "off")
+            .filter_map(|h| h["name"].as_str().map(str::to_owned))
+            .collect();
+        if !down.is_empty() {
+            assert_eq!(down.len(), 1, "more than one host powered down{}", diag(&d));
+            off = Some(down[0].clone());
+            break;
+        }
+    }
+    let off = off.unwrap_or_else(|| panic!("power save never powered a host down{}", diag(&d)));
+    let off_plan = d.get("/v1/plan").unwrap();
+    eprintln!("load drop: power save powered {off} down after {rounds} rounds (plan {off_plan})");
+    assert!(
+        d.agent_pid(&off).is_none(),
+        "the agent process of {off} still runs after power-off{}",
+        diag(&d)
+    );
+    assert!(
+        d.agent_vms(&off).is_err(),
+        "{off}'s agent still answers after power-off{}",
+        diag(&d)
+    );
+    let mut placed = Vec::new();
+    for (i, vm) in VMS.iter().enumerate() {
+        let at = d.where_is(vm);
+        assert_eq!(at.len(), 1, "{vm} runs on {at:?}{}", diag(&d));
+        assert_ne!(at[0], off, "{vm} is on the powered-down host{}", diag(&d));
+        hb[i] = d
+            .check_alive(&at[0], vm, hb[i])
+            .unwrap_or_else(|e| panic!("after consolidation: {e:#}{}", diag(&d)));
+        placed.push(at[0].clone());
+    }
+
+    // Load rise: 3 x 1200 MIPS is over 80 % of the two running hosts, so
+    // power save switches the third on again: a new agent process answers.
+    for (vm, host) in VMS.iter().zip(&placed) {
+        d.set_load(host, vm, 1200.0).expect("set load");
+    }
+    d.round().unwrap_or_else(|e| panic!("{e:#}{}", diag(&d)));
+    assert_eq!(
+        d.power(&off).unwrap(),
+        "on",
+        "{off} was not powered up on the load rise{}",
+        diag(&d)
+    );
+    wait_for(
+        &format!("{off}'s agent to answer again"),
+        Duration::from_secs(60),
+        || d.agent_vms(&off).ok(),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}{}", diag(&d)));
+    assert!(
+        d.agent_pid(&off).is_some(),
+        "no agent process for {off} after power-on{}",
+        diag(&d)
+    );
+    let old_pid = pids_before[HOSTS.iter().position(|h| *h == off).expect("known host")];
+    assert_ne!(
+        d.agent_pid(&off),
+        old_pid,
+        "{off}'s agent process is not a new one{}",
+        diag(&d)
+    );
+    for (i, vm) in VMS.iter().enumerate() {
+        hb[i] = d
+            .check_alive(&placed[i], vm, hb[i])
+            .unwrap_or_else(|e| panic!("after power-up: {e:#}{}", diag(&d)));
+    }
+    eprintln!(
+        "load rise: {off} powered up again (new agent pid {:?}); guests on {placed:?}, heartbeats {hb:?}",
+        d.agent_pid(&off)
+    );
+    let metrics = http_text(d.api, "/metrics");
+    assert!(
+        metrics.contains("ferry_sched_power_off_total 1\n")
+            && metrics.contains("ferry_sched_migrations_failed_total 0\n"),
+        "metrics: {metrics}{}",
+        diag(&d)
+    );
+    assert!(d.proc.is_running(), "daemon exited{}", diag(&d));
+}
+
+/// A plain-text GET (the metrics are not JSON).
+fn http_text(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = match std::net::TcpStream::connect(addr) {
+        Ok(s) => s,
+        Err(e) => return format!("cannot connect: {e}"),
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
