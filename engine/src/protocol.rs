@@ -6,8 +6,8 @@
 //!
 //! ```text
 //! source                                   destination
-//!   Hello {stream version, page size, layout}  ->
-//!                                          <-  HelloAck {stream version}   (or Abort)
+//!   Hello {stream version, page size, features, layout}  ->
+//!                                          <-  HelloAck {stream version, features}  (or Abort)
 //!   round 0..n: PageBatch*, RoundEnd {round, pages}  ->
 //!   (guest paused) final round: PageBatch*, RoundEnd  ->
 //!   VcpuState {blob}  ->
@@ -21,6 +21,10 @@
 //! Either side may send `Abort {reason}` instead of its next frame; the other
 //! side then stops. Before `Go` the source resumes its guest; after `Go`
 //! without `Running` the outcome is in doubt and the source stays paused.
+//!
+//! Features: the source offers the optional encodings it would use, the
+//! destination accepts the subset it decodes, the source uses only those;
+//! the destination refuses a page in an encoding it did not accept.
 //!
 //! Version rule: a Hello whose stream version differs from
 //! [`STREAM_VERSION`] is refused with an Abort naming both versions (the
@@ -106,6 +110,8 @@ pub struct Hello {
     pub stream_version: u32,
     /// Page size; only [`PAGE_SIZE`] is supported.
     pub page_size: u32,
+    /// Optional features the source would use ([`FEATURE_LZ4`], ...).
+    pub features: u64,
     /// Guest memory layout.
     pub layout: MemoryLayout,
 }
@@ -116,6 +122,7 @@ impl Hello {
         let mut out = Vec::with_capacity(12 + 16 * self.layout.regions.len());
         out.extend_from_slice(&self.stream_version.to_le_bytes());
         out.extend_from_slice(&self.page_size.to_le_bytes());
+        out.extend_from_slice(&self.features.to_le_bytes());
         let n = u32::try_from(self.layout.regions.len()).unwrap_or(u32::MAX);
         out.extend_from_slice(&n.to_le_bytes());
         for r in &self.layout.regions {
@@ -135,12 +142,14 @@ impl Hello {
             return Ok(Self {
                 stream_version,
                 page_size: 0,
+                features: 0,
                 layout: MemoryLayout {
                     regions: Vec::new(),
                 },
             });
         }
         let page_size = c.u32()?;
+        let features = c.u64()?;
         let n = c.u32()?;
         if n as usize > MAX_REGIONS {
             return Err(c.error(format!("{n} regions (limit {MAX_REGIONS})")));
@@ -156,17 +165,66 @@ impl Hello {
         Ok(Self {
             stream_version,
             page_size,
+            features,
             layout: MemoryLayout { regions },
         })
     }
 
-    /// Hello for `layout` at this side's version.
-    pub fn new(layout: MemoryLayout) -> Self {
+    /// Hello for `layout` at this side's version, offering `features`.
+    pub fn new(layout: MemoryLayout, features: u64) -> Self {
         Self {
             stream_version: STREAM_VERSION,
             page_size: PAGE_SIZE as u32,
+            features,
             layout,
         }
+    }
+}
+
+/// Feature: LZ4-compressed pages ([`crate::encode::PageEncoding::Lz4`]).
+pub const FEATURE_LZ4: u64 = 1 << 0;
+/// Feature: XOR deltas ([`crate::encode::PageEncoding::XorRle`] and
+/// `XorRleLz4`; the latter also needs [`FEATURE_LZ4`]).
+pub const FEATURE_XOR_DELTA: u64 = 1 << 1;
+/// Every feature this build understands. Zero pages and raw pages are not
+/// features: every side has them.
+pub const SUPPORTED_FEATURES: u64 = FEATURE_LZ4 | FEATURE_XOR_DELTA;
+
+/// Destination -> source: the stream version spoken and the features
+/// accepted (a subset of those offered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HelloAck {
+    /// The destination's [`STREAM_VERSION`].
+    pub stream_version: u32,
+    /// Features the source may use.
+    pub features: u64,
+}
+
+impl HelloAck {
+    /// Payload bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.stream_version.to_le_bytes().to_vec();
+        out.extend_from_slice(&self.features.to_le_bytes());
+        out
+    }
+
+    /// Parse a payload; like [`Hello::decode`], a foreign version is
+    /// returned (features 0) for the caller to refuse by name.
+    pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
+        let mut c = Cursor::new("HelloAck", bytes);
+        let stream_version = c.u32()?;
+        if stream_version != STREAM_VERSION {
+            return Ok(Self {
+                stream_version,
+                features: 0,
+            });
+        }
+        let features = c.u64()?;
+        c.end()?;
+        Ok(Self {
+            stream_version,
+            features,
+        })
     }
 }
 
@@ -288,18 +346,26 @@ mod tests {
 
     #[test]
     fn hello_round_trips() {
-        let hello = Hello::new(MemoryLayout {
-            regions: vec![MemoryRegion {
-                guest_phys_addr: 0,
-                bytes: 1 << 30,
-            }],
-        });
+        let hello = Hello::new(
+            MemoryLayout {
+                regions: vec![MemoryRegion {
+                    guest_phys_addr: 0,
+                    bytes: 1 << 30,
+                }],
+            },
+            SUPPORTED_FEATURES,
+        );
         assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
+        let ack = HelloAck {
+            stream_version: STREAM_VERSION,
+            features: FEATURE_LZ4,
+        };
+        assert_eq!(HelloAck::decode(&ack.encode()).unwrap(), ack);
     }
 
     #[test]
     fn a_foreign_hello_version_is_reported_not_parsed() {
-        let mut bytes = Hello::new(MemoryLayout { regions: vec![] }).encode();
+        let mut bytes = Hello::new(MemoryLayout { regions: vec![] }, 0).encode();
         bytes[..4].copy_from_slice(&99u32.to_le_bytes());
         bytes.truncate(4);
         assert_eq!(Hello::decode(&bytes).unwrap().stream_version, 99);
@@ -309,6 +375,7 @@ mod tests {
     fn too_many_regions_are_refused_before_allocating() {
         let mut bytes = encode_u32(STREAM_VERSION);
         bytes.extend_from_slice(&4096u32.to_le_bytes());
+        bytes.extend_from_slice(&0u64.to_le_bytes());
         bytes.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(Hello::decode(&bytes).is_err());
     }
@@ -349,6 +416,7 @@ mod tests {
         #[test]
         fn hostile_payloads_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Hello::decode(&bytes);
+            let _ = HelloAck::decode(&bytes);
             let _ = RoundEnd::decode(&bytes);
             let _ = Running::decode(&bytes);
             let _ = decode_u32("x", &bytes);

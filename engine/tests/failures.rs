@@ -11,7 +11,7 @@ use anyhow::{ensure, Context, Result};
 use common::{
     assert_alive, boot, kvm_or_skip, migrate_to, Destination, Fault, FrameFault, FrameRelay, Relay,
 };
-use ferry_engine::protocol::{self, Hello, STREAM_VERSION};
+use ferry_engine::protocol::{self, Hello, HelloAck, STREAM_VERSION};
 use ferry_engine::{
     DestinationMigration, DestinationOptions, MemoryLayout, MemoryRegion, MigrationError,
     MigrationOptions,
@@ -56,7 +56,11 @@ fn hello_ack(version: u32) -> impl FnOnce(&mut TcpStream) + Send + 'static {
         ferry_transport::frame::encode_frame(
             FrameKind::HelloAck,
             0,
-            &protocol::encode_u32(version),
+            &HelloAck {
+                stream_version: version,
+                features: 0,
+            }
+            .encode(),
             &mut frame,
         )
         .unwrap();
@@ -182,7 +186,11 @@ fn a_destination_speaking_another_frame_version_is_refused() -> Result<()> {
             ferry_transport::frame::encode_frame(
                 FrameKind::HelloAck,
                 0,
-                &protocol::encode_u32(STREAM_VERSION),
+                &HelloAck {
+                    stream_version: STREAM_VERSION,
+                    features: 0,
+                }
+                .encode(),
                 &mut frame,
             )
             .unwrap();
@@ -214,12 +222,15 @@ fn the_destination_refuses_a_foreign_stream_version_and_says_why() -> Result<()>
             .map(|_| ())
     });
     let mut conn = tcp::connect(addr)?;
-    let mut hello = Hello::new(MemoryLayout {
-        regions: vec![MemoryRegion {
-            guest_phys_addr: 0,
-            bytes: 64 << 20,
-        }],
-    });
+    let mut hello = Hello::new(
+        MemoryLayout {
+            regions: vec![MemoryRegion {
+                guest_phys_addr: 0,
+                bytes: 64 << 20,
+            }],
+        },
+        0,
+    );
     hello.stream_version = 42;
     conn.writer.send(FrameKind::Hello, 0, &hello.encode())?;
     let reply = conn.reader.recv()?;

@@ -16,7 +16,7 @@ use crate::encode::{EncodingCounts, PAGE_SIZE};
 use crate::error::MigrationError;
 use crate::layout::MemoryLayout;
 use crate::options::DestinationOptions;
-use crate::protocol::{self, Hello, RoundEnd, Running, STREAM_VERSION};
+use crate::protocol::{self, Hello, HelloAck, RoundEnd, Running, STREAM_VERSION};
 use crate::summary::DestinationSummary;
 use crate::vm::{MigratableVm, VmOpError};
 use crate::wire::{verify_prefixed, Checked, FrameIn, UncheckedTcp, PREFIX_LEN};
@@ -233,7 +233,12 @@ impl<S: FrameSink, R: FrameIn> Receiving<'_, S, R> {
         layout
             .check_covered_by(vm.memory())
             .map_err(MigrationError::Layout)?;
-        self.send(FrameKind::HelloAck, &protocol::encode_u32(STREAM_VERSION))?;
+        let features = hello.features & protocol::SUPPORTED_FEATURES;
+        let ack = HelloAck {
+            stream_version: STREAM_VERSION,
+            features,
+        };
+        self.send(FrameKind::HelloAck, &ack.encode())?;
         info!(pages = layout.pages(), "incoming migration accepted");
 
         let hashes = PageHashes::new(layout.page_index_end());
@@ -241,6 +246,7 @@ impl<S: FrameSink, R: FrameIn> Receiving<'_, S, R> {
             memory: vm.memory(),
             hashes: &hashes,
             page_index_end: layout.page_index_end(),
+            features,
         };
         let workers = self.opts.workers.max(1);
         let outcome = std::thread::scope(|scope| {

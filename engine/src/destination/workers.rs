@@ -7,7 +7,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::digest::PageHashes;
 use crate::encode::{
-    decode_page, page_hash, BatchReader, EncodingCounts, Page, PageEncoding, PAGE_SIZE,
+    decode_page, page_hash, BatchReader, DecodeError, EncodingCounts, Page, PageEncoding, PAGE_SIZE,
 };
 use crate::error::MigrationError;
 use crate::vm::GuestMemoryMmap;
@@ -28,6 +28,8 @@ pub(crate) struct DecodeContext<'a> {
     pub memory: &'a GuestMemoryMmap,
     pub hashes: &'a PageHashes,
     pub page_index_end: u64,
+    /// Features accepted in the handshake.
+    pub features: u64,
 }
 
 /// Decode batches until the job channel closes or the result channel is
@@ -65,6 +67,11 @@ fn decode_batch(
     let mut reader = BatchReader::new(batch, ctx.page_index_end).map_err(MigrationError::Decode)?;
     let mut counts = EncodingCounts::default();
     while let Some(entry) = reader.next_entry().map_err(MigrationError::Decode)? {
+        if entry.encoding.required_features() & !ctx.features != 0 {
+            return Err(MigrationError::Decode(DecodeError::NotNegotiated(
+                entry.encoding,
+            )));
+        }
         let addr = GuestAddress(entry.page * PAGE_SIZE as u64);
         let memory_error = |_| MigrationError::GuestMemory { page: entry.page };
         let hash = match entry.encoding {
@@ -96,4 +103,72 @@ fn decode_batch(
         counts.count(entry.encoding);
     }
     Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode::{BatchBuilder, PageEncoder};
+    use crate::protocol::{FEATURE_LZ4, SUPPORTED_FEATURES};
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * PAGE_SIZE)]).unwrap()
+    }
+
+    fn compressible_batch(page: u64) -> (Vec<u8>, Box<Page>) {
+        let mut data = Box::new([0u8; PAGE_SIZE]);
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i % 13) as u8 + 1;
+        }
+        let mut batch = BatchBuilder::new();
+        assert_eq!(
+            PageEncoder::new().encode(page, &data, None, &mut batch),
+            PageEncoding::Lz4
+        );
+        (batch.finish(), data)
+    }
+
+    #[test]
+    fn pages_land_in_guest_memory_with_their_hash() {
+        let mem = memory();
+        let hashes = PageHashes::new(16);
+        let ctx = DecodeContext {
+            memory: &mem,
+            hashes: &hashes,
+            page_index_end: 16,
+            features: SUPPORTED_FEATURES,
+        };
+        let (batch, data) = compressible_batch(3);
+        let mut page = Box::new([0u8; PAGE_SIZE]);
+        let counts = decode_batch(&ctx, &batch, &mut page, 0).unwrap();
+        assert_eq!(counts.lz4, 1);
+        let mut back = [0u8; PAGE_SIZE];
+        mem.read_slice(&mut back, GuestAddress(3 * PAGE_SIZE as u64))
+            .unwrap();
+        assert_eq!(&back, &*data);
+        assert_eq!(hashes.get(3), page_hash(&back));
+    }
+
+    #[test]
+    fn an_encoding_that_was_not_negotiated_is_refused() {
+        let mem = memory();
+        let hashes = PageHashes::new(16);
+        let ctx = DecodeContext {
+            memory: &mem,
+            hashes: &hashes,
+            page_index_end: 16,
+            features: SUPPORTED_FEATURES & !FEATURE_LZ4,
+        };
+        let (batch, _) = compressible_batch(3);
+        let mut page = Box::new([0u8; PAGE_SIZE]);
+        let err = decode_batch(&ctx, &batch, &mut page, 0).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MigrationError::Decode(DecodeError::NotNegotiated(PageEncoding::Lz4))
+            ),
+            "{err:?}"
+        );
+        assert_eq!(hashes.get(3), 0, "nothing written");
+    }
 }

@@ -51,6 +51,18 @@ pub enum PageEncoding {
 }
 
 impl PageEncoding {
+    /// The handshake features (`crate::protocol::FEATURE_*`) a peer must
+    /// have accepted to receive this encoding.
+    pub fn required_features(self) -> u64 {
+        use crate::protocol::{FEATURE_LZ4, FEATURE_XOR_DELTA};
+        match self {
+            Self::Zero | Self::Raw => 0,
+            Self::Lz4 => FEATURE_LZ4,
+            Self::XorRle => FEATURE_XOR_DELTA,
+            Self::XorRleLz4 => FEATURE_XOR_DELTA | FEATURE_LZ4,
+        }
+    }
+
     /// The encoding for a wire byte.
     pub fn from_wire(byte: u8) -> Result<Self, DecodeError> {
         Ok(match byte {
@@ -102,6 +114,9 @@ pub enum DecodeError {
     /// Bytes left after the last entry the header announced.
     #[error("{0} bytes after the last page of the batch")]
     TrailingBytes(usize),
+    /// An encoding the destination did not accept in the handshake.
+    #[error("{0:?} page, but that encoding was not negotiated")]
+    NotNegotiated(PageEncoding),
     /// A page index outside guest memory.
     #[error("page {page} outside guest memory ({pages} pages)")]
     PageOutOfRange {

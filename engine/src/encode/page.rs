@@ -27,6 +27,7 @@ pub struct PageEncoder {
     xor_stream: Vec<u8>,
     lz4_failures: u32,
     lz4_skip: u32,
+    lz4: bool,
 }
 
 impl Default for PageEncoder {
@@ -43,7 +44,15 @@ impl PageEncoder {
             xor_stream: Vec::with_capacity(PAGE_SIZE),
             lz4_failures: 0,
             lz4_skip: 0,
+            lz4: true,
         }
+    }
+
+    /// Use LZ4 (for pages and XOR deltas) or not (the peer did not accept
+    /// it). On by default.
+    pub fn with_lz4(mut self, lz4: bool) -> Self {
+        self.lz4 = lz4;
+        self
     }
 
     /// Append `data`, the current content of guest page `page`, to `out` in
@@ -91,7 +100,9 @@ impl PageEncoder {
                 return encoding;
             }
         }
-        if self.lz4_skip > 0 {
+        if !self.lz4 {
+            // Not negotiated: raw.
+        } else if self.lz4_skip > 0 {
             self.lz4_skip -= 1;
         } else {
             match lz4_flex::block::compress_into(data, &mut self.lz4_out) {
@@ -119,7 +130,7 @@ impl PageEncoder {
     /// when that pays.
     fn xor_payload(&mut self) -> (PageEncoding, &[u8]) {
         let stream = &self.xor_stream;
-        if stream.len() >= MIN_XOR_STREAM_FOR_LZ4 {
+        if self.lz4 && stream.len() >= MIN_XOR_STREAM_FOR_LZ4 {
             let (len_bytes, body) = self.lz4_out.split_at_mut(2);
             if let Ok(n) = lz4_flex::block::compress_into(stream, body) {
                 if n + 2 < stream.len() {
@@ -347,6 +358,22 @@ mod tests {
         data[0] = 1;
         let (encoding, _) = encode_one(&mut enc, 99, &data, None);
         assert_eq!(encoding, PageEncoding::Raw);
+    }
+
+    #[test]
+    fn without_lz4_compressible_pages_and_deltas_go_uncompressed() {
+        let mut enc = PageEncoder::new().with_lz4(false);
+        let (encoding, _) = encode_one(&mut enc, 1, &[3u8; PAGE_SIZE], None);
+        assert_eq!(encoding, PageEncoding::Raw);
+        let cache = XorDeltaCache::new(1 << 20);
+        let old = noise(3);
+        encode_one(&mut enc, 5, &old, Some(&cache));
+        let mut new = old.clone();
+        for b in &mut new[1000..2000] {
+            *b ^= 0x55;
+        }
+        let (encoding, _) = encode_one(&mut enc, 5, &new, Some(&cache));
+        assert_eq!(encoding, PageEncoding::XorRle);
     }
 
     #[test]

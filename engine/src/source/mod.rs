@@ -26,7 +26,7 @@ use crate::error::MigrationError;
 use crate::layout::MemoryLayout;
 use crate::options::MigrationOptions;
 use crate::progress::{HandoverStep, ProgressEvent};
-use crate::protocol::{self, Hello, RoundEnd, Running, STREAM_VERSION};
+use crate::protocol::{self, Hello, HelloAck, RoundEnd, Running, STREAM_VERSION};
 use crate::summary::{DowntimeBreakdown, MigrationSummary};
 use crate::vm::MigratableVm;
 use crate::wire;
@@ -139,6 +139,7 @@ impl SourceMigration {
             wire_bytes: 0,
             paused: false,
             go_sent: false,
+            xor_delta: false,
             started: Instant::now(),
         };
         let result = session.migrate(&mut progress);
@@ -162,6 +163,8 @@ struct Session<'a, W: FrameSink> {
     wire_bytes: u64,
     paused: bool,
     go_sent: bool,
+    /// XOR deltas were negotiated.
+    xor_delta: bool,
     started: Instant,
 }
 
@@ -268,7 +271,7 @@ impl<W: FrameSink> Session<'_, W> {
     ) -> Result<MigrationSummary, MigrationError> {
         let layout = MemoryLayout::of(self.vm.memory());
         layout.validate().map_err(MigrationError::Layout)?;
-        self.handshake(&layout)?;
+        let features = self.handshake(&layout)?;
 
         let mut log = self
             .vm
@@ -277,7 +280,7 @@ impl<W: FrameSink> Session<'_, W> {
         log.start().map_err(MigrationError::DirtyLog)?;
         let dirty_log_name = log.name();
         let log = Mutex::new(log);
-        let result = self.migrate_with_log(&layout, &log, dirty_log_name, progress);
+        let result = self.migrate_with_log(&layout, &log, dirty_log_name, features, progress);
         let mut log = log.into_inner().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = log.stop() {
             warn!(error = %e, "could not stop the dirty log");
@@ -285,20 +288,28 @@ impl<W: FrameSink> Session<'_, W> {
         result
     }
 
-    fn handshake(&mut self, layout: &MemoryLayout) -> Result<(), MigrationError> {
-        self.send(FrameKind::Hello, &Hello::new(layout.clone()).encode())?;
+    /// Hello/HelloAck; returns the features both sides use.
+    fn handshake(&mut self, layout: &MemoryLayout) -> Result<u64, MigrationError> {
+        let mut offered = protocol::FEATURE_LZ4;
+        if self.opts.xor_cache_bytes >= PAGE_SIZE {
+            offered |= protocol::FEATURE_XOR_DELTA;
+        }
+        self.send(
+            FrameKind::Hello,
+            &Hello::new(layout.clone(), offered).encode(),
+        )?;
         self.sink.flush().map_err(MigrationError::Send)?;
         let ack = self
             .inbox
             .expect(FrameKind::HelloAck, "HelloAck", self.opts.handover_timeout)?;
-        let theirs = protocol::decode_u32("HelloAck", &ack).map_err(MigrationError::Message)?;
-        if theirs != STREAM_VERSION {
+        let ack = HelloAck::decode(&ack).map_err(MigrationError::Message)?;
+        if ack.stream_version != STREAM_VERSION {
             return Err(MigrationError::VersionMismatch {
                 ours: STREAM_VERSION,
-                theirs,
+                theirs: ack.stream_version,
             });
         }
-        Ok(())
+        Ok(ack.features & offered)
     }
 
     fn migrate_with_log(
@@ -306,8 +317,10 @@ impl<W: FrameSink> Session<'_, W> {
         layout: &MemoryLayout,
         log: &Mutex<Box<dyn DirtyLog>>,
         dirty_log: &'static str,
+        features: u64,
         progress: &mut impl FnMut(ProgressEvent),
     ) -> Result<MigrationSummary, MigrationError> {
+        self.xor_delta = features & protocol::FEATURE_XOR_DELTA != 0;
         let index_end = log.lock().unwrap_or_else(|p| p.into_inner()).pages();
         let hashes = PageHashes::new(layout.page_index_end().max(index_end as u64));
         let cache = XorDeltaCache::new(self.opts.xor_cache_bytes);
@@ -324,6 +337,7 @@ impl<W: FrameSink> Session<'_, W> {
             cancel: &cancel,
             free: &free_rx,
             frame_headers: self.raw.is_some(),
+            lz4: features & protocol::FEATURE_LZ4 != 0,
         };
         progress(ProgressEvent::Started {
             pages: layout.pages(),
@@ -394,7 +408,7 @@ impl<W: FrameSink> Session<'_, W> {
                 round,
                 reprotect: true,
                 force: round == 0,
-                use_delta: round > 0,
+                use_delta: self.xor_delta && round > 0,
                 deadline: controller.policy().deadline,
             };
             let totals = self.send_round(&dirty, mode, pipeline, progress)?;
@@ -459,7 +473,7 @@ impl<W: FrameSink> Session<'_, W> {
             round,
             reprotect: false,
             force: false,
-            use_delta: true,
+            use_delta: self.xor_delta,
             deadline: None,
         };
         let totals = self.send_round(&dirty, mode, pipeline, progress)?;

@@ -70,6 +70,8 @@ pub(crate) struct WorkerContext<'a> {
     /// Build each batch's complete frame (checksum included) here, off the
     /// sending thread.
     pub frame_headers: bool,
+    /// LZ4 was negotiated.
+    pub lz4: bool,
 }
 
 /// A finished batch as the sending thread wants it.
@@ -92,7 +94,7 @@ pub(crate) fn run_worker(
     jobs: &Receiver<Chunk>,
     out: &Sender<WorkerOutput>,
 ) {
-    let mut encoder = PageEncoder::new();
+    let mut encoder = PageEncoder::new().with_lz4(ctx.lz4);
     while let Ok(chunk) = jobs.recv() {
         if ctx.cancel.load(Ordering::Relaxed) {
             return;
