@@ -5,7 +5,7 @@
 //! LEB128 varints (at most [`MAX_VARINT_BYTES`] bytes each): skip `skip`
 //! bytes that did not change, then XOR the next `len` bytes of the page with
 //! the `len` bytes that follow. Runs never pass the end of the page; `len`
-//! is at least 1. Zero gaps shorter than [`MIN_GAP`] are folded into the
+//! is at least 1. Zero gaps shorter than `MIN_GAP` (4) are folded into the
 //! surrounding run, since a new run header would cost more than the gap.
 
 use super::{DecodeError, PAGE_SIZE};
