@@ -122,8 +122,14 @@ impl FrameIn for UncheckedTcp {
             }
         }
         let header = FrameHeader::decode(&head).map_err(TransportError::Corrupt)?;
-        payload.clear();
-        payload.resize(PREFIX_LEN + header.payload_len(), 0);
+        // Recycled buffers keep their length: only growth is zero-filled,
+        // not every frame (that would be one more pass over the data).
+        let need = PREFIX_LEN + header.payload_len();
+        if payload.len() > need {
+            payload.truncate(need);
+        } else {
+            payload.resize(need, 0);
+        }
         payload[..PREFIX_LEN].copy_from_slice(&head[..PREFIX_LEN]);
         self.0.read_exact(&mut payload[PREFIX_LEN..]).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
