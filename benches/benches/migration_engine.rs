@@ -145,6 +145,11 @@ fn migrate(mem_mib: u64, rate: &str) -> Case {
             Ok(dest_vm)
         })
     });
+    // Profilers can attach now (`perf record -p PID`).
+    eprintln!(
+        "migration_engine: pid {} migrating {mem_mib} MiB at rate {rate} in 1 s",
+        std::process::id()
+    );
     std::thread::sleep(Duration::from_secs(1));
     let ((summary, dest_vm), cpu) = engine_cpu(|| {
         let conn = tcp::connect(addr).expect("connect");
