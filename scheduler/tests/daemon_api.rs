@@ -404,3 +404,73 @@ power = {{ driver = "process", command = ["sh", "-c", "echo $$ > '{}'; exec slee
     assert!(off, "h3 powered down after the load drop");
     assert!(!alive(pid), "the host's process was stopped and reaped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_whose_vm_failed_to_leave_is_not_powered_off() {
+    // Two lightly loaded hosts: power save wants to empty one of them, but
+    // each agent refuses to move its VM away. Powering the host off anyway
+    // would lose the VM.
+    let world: World = Arc::new(Mutex::new(HashMap::new()));
+    let vm = |n: &str| AgentVm {
+        name: n.into(),
+        mem_mb: 256,
+        cpu_mips: 100.0,
+        running: true,
+    };
+    world.lock().unwrap().insert("h1".into(), vec![vm("a")]);
+    world.lock().unwrap().insert("h2".into(), vec![vm("b")]);
+    let a1 = spawn_agent("h1", world.clone(), Some("a")).await;
+    let a2 = spawn_agent("h2", world.clone(), Some("b")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (off1, off2) = (dir.path().join("h1-off"), dir.path().join("h2-off"));
+    let text = format!(
+        r#"[daemon]
+listen = "127.0.0.1:0"
+policy = "power_save"
+power_save_duration_s = 0
+min_move_interval_s = 0
+
+[[host]]
+name = "h1"
+cores = 2
+core_mips = 2000
+mem_mb = 4096
+agent = "{a1}"
+power = {{ driver = "command", on = ["true"], off = ["touch", "{}"] }}
+
+[[host]]
+name = "h2"
+cores = 2
+core_mips = 2000
+mem_mb = 4096
+agent = "{a2}"
+power = {{ driver = "command", on = ["true"], off = ["touch", "{}"] }}
+"#,
+        off1.display(),
+        off2.display()
+    );
+    let cfg = Config::parse(Path::new("cluster.toml"), &text).unwrap();
+    assert!(cfg.problems.is_empty(), "{:?}", cfg.problems);
+    let daemon = Daemon::from_config(&cfg);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = l.local_addr().unwrap();
+    tokio::spawn(serve(daemon, l, std::time::Duration::from_secs(3600)));
+    for _ in 0..15 {
+        let _: serde_json::Value = call(api, "POST", "/v1/round", None).await.unwrap();
+    }
+    let m = tokio::task::spawn_blocking(move || raw_get(api, "/metrics"))
+        .await
+        .unwrap();
+    let failed: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_sched_migrations_failed_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(failed >= 1, "power save never tried to empty a host: {m}");
+    assert!(
+        !off1.exists() && !off2.exists(),
+        "a host with a VM on it was powered off"
+    );
+    assert_eq!(where_is(&world, "a").as_deref(), Some("h1"));
+    assert_eq!(where_is(&world, "b").as_deref(), Some("h2"));
+}

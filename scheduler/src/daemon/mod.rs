@@ -216,13 +216,56 @@ impl Daemon {
             st.last_plan = plan.clone();
             (snapshot, plan)
         };
+        // Hosts that must stay on this round: a move or shutdown off them
+        // failed, so a VM may still run there.
+        let mut keep_on = std::collections::BTreeSet::new();
         for a in &plan.actions {
             info!(action = %describe(&snapshot, a), reason = a.reason(), "decision");
+            if let Action::PowerOff { host, .. } = *a {
+                if let Some(why) = self.unsafe_to_power_off(&snapshot, host, &keep_on) {
+                    lock(&self.state).counters.power_failed += 1;
+                    warn!(host = %snapshot.hosts[host].name, %why, "not powering off: it may still run a VM");
+                    continue;
+                }
+            }
             if self.execute(&snapshot, a) {
                 apply(&mut lock(&self.state).cluster, a);
+            } else {
+                match *a {
+                    Action::Migrate { from, .. } => {
+                        keep_on.insert(from);
+                    }
+                    Action::ShutdownVm { vm, .. } => {
+                        keep_on.extend(snapshot.vms[vm].host);
+                    }
+                    _ => {}
+                }
             }
         }
         plan
+    }
+
+    /// Why `host` must not be powered off now, if it must not: a VM failed
+    /// to leave it this round, or its agent still reports a running VM (or
+    /// cannot be asked). Powering it off would lose a guest.
+    fn unsafe_to_power_off(
+        &self,
+        c: &Cluster,
+        host: usize,
+        keep_on: &std::collections::BTreeSet<usize>,
+    ) -> Option<String> {
+        if keep_on.contains(&host) {
+            return Some("a VM failed to leave it this round".into());
+        }
+        match self.executor.status(&c.hosts[host].name) {
+            Ok(s) => s
+                .vms
+                .iter()
+                .find(|v| v.running)
+                .map(|v| format!("its agent still runs {}", v.name)),
+            Err(agent::ExecError::NoAgent(_)) => None,
+            Err(e) => Some(format!("its agent cannot be asked: {e}")),
+        }
     }
 
     fn refresh_inventory(&self) {
