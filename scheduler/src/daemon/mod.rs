@@ -436,6 +436,14 @@ pub fn run(config: &Path) -> Result<(), DaemonError> {
         info!(%addr, "ferry sched daemon listening");
         let daemon = Daemon::from_config(&cfg);
         let interval = Duration::from_secs_f64(cfg.daemon.interval_s.max(1.0));
-        serve(daemon, listener, interval).await
+        // On SIGTERM or Ctrl-C, stop serving; dropping the runtime then drops
+        // the power drivers, which stop the processes they started.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(DaemonError::Runtime)?;
+        tokio::select! {
+            r = serve(daemon, listener, interval) => r,
+            _ = tokio::signal::ctrl_c() => { info!("interrupted; shutting down"); Ok(()) }
+            _ = term.recv() => { info!("terminated; shutting down"); Ok(()) }
+        }
     })
 }
