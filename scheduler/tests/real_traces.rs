@@ -17,6 +17,10 @@ fn traces() -> Option<PathBuf> {
     if p.join("planetlab").is_dir() {
         Some(p)
     } else {
+        assert!(
+            std::env::var_os("FERRY_NO_SKIP").is_none(),
+            "FERRY_NO_SKIP is set, so this test may not skip"
+        );
         eprintln!(
             "SKIP: no PlanetLab traces at {} (set FERRY_TRACES)",
             p.display()

@@ -9,6 +9,10 @@ use ferry_e2e::qmp::guest_status;
 #[test]
 fn workload_guest_runs_in_qemu() {
     if let Some(why) = qemu_unavailable() {
+        assert!(
+            std::env::var_os("FERRY_NO_SKIP").is_none(),
+            "FERRY_NO_SKIP is set, so this test may not skip"
+        );
         eprintln!("SKIPPED: workload_guest_runs_in_qemu: {why}");
         return;
     }

@@ -274,6 +274,10 @@ fn libvirt_migration(parallel: Option<u32>) -> Result<()> {
 
 fn run(parallel: Option<u32>) {
     if let Some(why) = unavailable() {
+        assert!(
+            std::env::var_os("FERRY_NO_SKIP").is_none(),
+            "FERRY_NO_SKIP is set, so this test may not skip"
+        );
         eprintln!("SKIP (tunnel_libvirt): {why}");
         return;
     }

@@ -67,6 +67,10 @@ fn runs_of(jsonl: &Path) -> Vec<Value> {
 #[test]
 fn quick_compare_measures_both_engines() {
     if let Some(why) = skip_reason() {
+        assert!(
+            std::env::var_os("FERRY_NO_SKIP").is_none(),
+            "FERRY_NO_SKIP is set, so this test may not skip"
+        );
         eprintln!("SKIP quick_compare_measures_both_engines: {why}");
         return;
     }
@@ -133,6 +137,10 @@ fn missing_qemu_and_a_bad_image_are_reported_per_row() {
         .open("/dev/kvm")
         .is_err()
     {
+        assert!(
+            std::env::var_os("FERRY_NO_SKIP").is_none(),
+            "FERRY_NO_SKIP is set, so this test may not skip"
+        );
         eprintln!("SKIP missing_qemu_and_a_bad_image_are_reported_per_row: /dev/kvm is missing or not usable");
         return;
     }

@@ -7,23 +7,10 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use ferry_e2e::process::ProcessGuard;
+use ferry_vm::testing::kvm_or_skip;
 use serde_json::Value;
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
-
-fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIPPED: {test}: /dev/kvm is not usable ({e})");
-            false
-        }
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

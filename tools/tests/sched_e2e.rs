@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ferry_e2e::process::ProcessGuard;
 use ferry_scheduler::daemon::agent::request;
+use ferry_vm::testing::kvm_or_skip;
 use serde_json::{json, Value};
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
@@ -24,20 +25,6 @@ const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
 /// Each host's guest, by index (v1 on h1, ...).
 const VMS: [&str; 3] = ["v1", "v2", "v3"];
 const VM_MEM_MB: u64 = 64;
-
-fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIPPED: {test}: /dev/kvm is not usable ({e})");
-            false
-        }
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -28,6 +28,7 @@ mod error;
 mod guest;
 mod loader;
 mod state;
+pub mod testing;
 mod vcpu;
 mod vm;
 

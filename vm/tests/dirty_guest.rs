@@ -5,25 +5,12 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use ferry_dirtylog::{DirtyBitmap, DirtyLog, Reprotect};
+use ferry_vm::testing::kvm_or_skip;
 use ferry_vm::{DirtyBackend, Vm, VmConfig, FILL_BASE};
 use vm_memory::{Bytes, GuestAddress};
 
 const MEM: u64 = 32 << 20;
 const PAGE: usize = 4096;
-
-fn kvm_or_skip() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIPPED: /dev/kvm is not usable here ({e}); this test needs KVM");
-            false
-        }
-    }
-}
 
 fn backends() -> [DirtyBackend; 2] {
     // A small ring (4096 entries) fills often: the ring-full path runs too.
@@ -150,7 +137,7 @@ fn vmm_writes_tracked(dirty: DirtyBackend) {
 /// must report exactly the same pages (the ring may repeat entries, the set agrees).
 #[test]
 fn ring_and_bitmap_agree() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip(module_path!()) {
         return;
     }
     let mut sets = Vec::new();
@@ -179,35 +166,35 @@ fn ring_and_bitmap_agree() {
 
 #[test]
 fn bitmap_misses_nothing() {
-    if kvm_or_skip() {
+    if kvm_or_skip(module_path!()) {
         nothing_missed(DirtyBackend::Bitmap);
     }
 }
 
 #[test]
 fn ring_misses_nothing() {
-    if kvm_or_skip() {
+    if kvm_or_skip(module_path!()) {
         nothing_missed(DirtyBackend::Ring(64 << 10));
     }
 }
 
 #[test]
 fn bitmap_catches_racing_writes() {
-    if kvm_or_skip() {
+    if kvm_or_skip(module_path!()) {
         racing_write_caught_next_round(DirtyBackend::Bitmap);
     }
 }
 
 #[test]
 fn ring_catches_racing_writes() {
-    if kvm_or_skip() {
+    if kvm_or_skip(module_path!()) {
         racing_write_caught_next_round(DirtyBackend::Ring(64 << 10));
     }
 }
 
 #[test]
 fn vmm_writes_are_tracked_with_every_backend() {
-    if kvm_or_skip() {
+    if kvm_or_skip(module_path!()) {
         for dirty in backends() {
             vmm_writes_tracked(dirty);
         }

@@ -3,23 +3,9 @@
 
 use std::time::{Duration, Instant};
 
+use ferry_vm::testing::kvm_or_skip;
 use ferry_vm::{DirtyBackend, GuestPhase, RunState, Vm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
-
-/// Skips (loudly) when this host has no usable KVM.
-fn kvm_or_skip() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIPPED: /dev/kvm is not usable here ({e}); this test needs KVM");
-            false
-        }
-    }
-}
 
 fn boot(mem_mib: u64, cmdline: &str) -> Vm {
     let vm = Vm::boot(&VmConfig {
@@ -51,7 +37,7 @@ fn wait_heartbeat_above(vm: &Vm, value: u64) -> u64 {
 
 #[test]
 fn guest_boots_fills_and_dirties() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip(module_path!()) {
         return;
     }
     let vm = boot(64, "rate=5000 tsc_khz=2300000 wss=8");
@@ -69,7 +55,7 @@ fn guest_boots_fills_and_dirties() {
 
 #[test]
 fn paused_guest_stands_still_and_resumes() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip(module_path!()) {
         return;
     }
     let vm = boot(32, "rate=2000 tsc_khz=2300000");
@@ -85,7 +71,7 @@ fn paused_guest_stands_still_and_resumes() {
 
 #[test]
 fn saved_state_resumes_in_a_second_vm() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip(module_path!()) {
         return;
     }
     // Small working set, fast rate: many passes, so the self-check covers
@@ -119,7 +105,7 @@ fn saved_state_resumes_in_a_second_vm() {
 
 #[test]
 fn a_wrong_blob_is_refused() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip(module_path!()) {
         return;
     }
     let vm = Vm::incoming(8 << 20, DirtyBackend::Bitmap).unwrap();
@@ -129,7 +115,7 @@ fn a_wrong_blob_is_refused() {
 
 #[test]
 fn bad_inputs_are_clear_errors() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip(module_path!()) {
         return;
     }
     let cfg = |mem: u64, kernel: Option<&str>| VmConfig {
@@ -160,7 +146,7 @@ fn bad_inputs_are_clear_errors() {
 
 #[test]
 fn a_guest_that_cannot_parse_its_cmdline_is_reported() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip(module_path!()) {
         return;
     }
     let vm = Vm::boot(&VmConfig {
