@@ -317,8 +317,7 @@ impl Vm {
 
     /// A dirty log over all guest memory: KVM's log (bitmap or ring, as
     /// configured) OR the pages the VMM itself wrote. KVM's logging is on
-    /// from this call until the log is stopped or dropped. The dirty ring can
-    /// be handed out once per VM.
+    /// from this call until the log is stopped or dropped.
     pub fn dirty_log(&self) -> Result<Box<dyn ferry_dirtylog::DirtyLog>, VmError> {
         let kvm_log: Box<dyn ferry_dirtylog::DirtyLog> = match self.dirty {
             DirtyBackend::Bitmap => Box::new(
@@ -332,9 +331,15 @@ impl Vm {
                     source,
                 })?,
             ),
-            DirtyBackend::Ring(_) => Box::new(self.ring.lock().expect("ring lock").take().ok_or(
-                VmError::VcpuGone("the dirty ring was already handed out".into()),
-            )?),
+            DirtyBackend::Ring(_) => Box::new(
+                // Clones share the rings' read positions: a second log (a
+                // retried migration) goes on where the first one stopped.
+                self.ring
+                    .lock()
+                    .expect("ring lock")
+                    .clone()
+                    .expect("a ring-backed VM maps its ring at creation"),
+            ),
         };
         let slot = self.slot_logging();
         slot.set(true).map_err(kvm_err(

@@ -200,3 +200,34 @@ fn vmm_writes_are_tracked_with_every_backend() {
         }
     }
 }
+
+/// A second dirty log (a migration retried after a failure) works with the
+/// ring too, and misses nothing written after the first one stopped.
+#[test]
+fn a_second_ring_log_after_the_first_stopped() {
+    if !kvm_or_skip("a_second_ring_log_after_the_first_stopped") {
+        return;
+    }
+    let vm = boot(
+        DirtyBackend::Ring(64 << 10),
+        "rate=20000 tsc_khz=2300000 wss=4 verify=16",
+    );
+    let mut first = vm.dirty_log().unwrap();
+    first.start().unwrap();
+    collect(&mut *first);
+    first.stop().unwrap();
+    drop(first);
+    let mut second = vm.dirty_log().unwrap();
+    second.start().unwrap();
+    vm.pause().unwrap();
+    collect(&mut *second);
+    let before = snapshot(&vm);
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    vm.pause().unwrap();
+    let reported = collect(&mut *second);
+    let changed = changed_pages(&before, &snapshot(&vm));
+    assert!(changed.len() > 100);
+    let missed: Vec<_> = changed.difference(&reported).collect();
+    assert!(missed.is_empty(), "second ring log missed {missed:?}");
+}
