@@ -254,6 +254,7 @@ fn run_inner(
             "ferry migrate ended without a summary: {err} {last_text}"
         )));
     };
+    out.engine_report = sum.clone();
     out.total_ms = sum["total_ms"].as_f64();
     out.downtime_ms = sum["downtime_ms"].as_f64();
     out.rounds = sum["rounds"].as_u64();

@@ -54,6 +54,9 @@ pub struct RunOutcome {
     pub downtime_ms: Option<f64>,
     /// Downtime seen from guest memory (heartbeat gap), ms.
     pub heartbeat_gap_ms: Option<f64>,
+    /// The heartbeat gap split: source stop until the final state shows
+    /// on the destination, then until the guest runs there.
+    pub gap_parts_ms: Option<(f64, f64)>,
     /// Rounds (QEMU: dirty-sync-count).
     pub rounds: Option<u64>,
     /// Bytes on the wire, engine's own figure.
@@ -95,6 +98,9 @@ pub struct RunOutcome {
     /// then the destination's first values from the switch value on: how
     /// the heartbeat gap was read.
     pub heartbeat_trace: Vec<(f64, u64)>,
+    /// The engine's own final report, verbatim (QEMU: the last
+    /// `query-migrate`; ferry: the migration summary).
+    pub engine_report: serde_json::Value,
     /// Bytes left over time.
     pub bytes_left: Vec<BytesLeft>,
 }
@@ -113,6 +119,7 @@ impl RunOutcome {
             wall_ms: None,
             downtime_ms: None,
             heartbeat_gap_ms: None,
+            gap_parts_ms: None,
             rounds: None,
             wire_bytes: None,
             lo_bytes: None,
@@ -129,6 +136,7 @@ impl RunOutcome {
             alive_detail: String::new(),
             load_1m: crate::procfs::load_1m(),
             heartbeat_trace: Vec::new(),
+            engine_report: serde_json::Value::Null,
             bytes_left: Vec::new(),
         }
     }

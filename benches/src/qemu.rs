@@ -273,6 +273,7 @@ fn run_inner(
     run_common::fill_from_watch(out, &log, &base, lo_end, 0.0);
     out.rounds = u64_at(&last, &["ram", "dirty-sync-count"]);
     out.wire_bytes = u64_at(&last, &["ram", "transferred"]);
+    out.engine_report = last.clone();
     result?;
     out.total_ms = u64_at(&last, &["total-time"]).map(|v| v as f64);
     out.downtime_ms = u64_at(&last, &["downtime"]).map(|v| v as f64);

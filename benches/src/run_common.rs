@@ -99,6 +99,7 @@ pub fn fill_from_watch(
 ) {
     out.heartbeat_gap_ms = log.heartbeat_gap_ms();
     out.guest_dirty_rate = log.src_dirty_rate();
+    out.gap_parts_ms = log.gap_parts_ms();
     out.heartbeat_trace = log
         .src_last_change
         .into_iter()

@@ -108,6 +108,17 @@ impl WatchLog {
         (t1 > t0).then(|| (d1 - d0) as f64 / ((t1 - t0) / 1e3))
     }
 
+    /// The heartbeat gap in two parts: source stop to the switch value
+    /// showing on the destination (the final state crossing over), and
+    /// from there to the first new value (resume and the guest's first
+    /// 1 ms pass there).
+    pub fn gap_parts_ms(&self) -> Option<(f64, f64)> {
+        let (t_stop, h) = self.src_last_change?;
+        let &(t_state, _) = self.dst_changes.iter().find(|&&(_, v)| v == h)?;
+        let &(t_run, _) = self.dst_changes.iter().find(|&&(_, v)| v > h)?;
+        Some((t_state - t_stop, t_run - t_state))
+    }
+
     /// The destination's first values from the switch value on (ms since
     /// t0, heartbeat), to show how the guest got going again.
     pub fn resume_trace(&self, n: usize) -> Vec<(f64, u64)> {
@@ -255,6 +266,7 @@ mod tests {
             ..WatchLog::default()
         };
         assert_eq!(log.heartbeat_gap_ms(), Some(35.0));
+        assert_eq!(log.gap_parts_ms(), Some((10.0, 25.0)));
         assert_eq!(log.switch_heartbeat(), Some(50));
     }
 
