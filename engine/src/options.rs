@@ -16,6 +16,9 @@ pub struct MigrationOptions {
     /// Size of the XOR-delta cache of earlier page copies (0 disables XOR
     /// deltas).
     pub xor_cache_bytes: usize,
+    /// Offer LZ4 compression of pages (false: pages that are not zero,
+    /// unchanged or a delta go raw).
+    pub compress: bool,
     /// Target size of one page batch frame.
     pub batch_bytes: usize,
     /// How long to wait for READY and for RUNNING.
@@ -29,6 +32,7 @@ impl Default for MigrationOptions {
             max_bandwidth: None,
             workers: 2,
             xor_cache_bytes: 64 << 20,
+            compress: true,
             batch_bytes: 256 << 10,
             handover_timeout: Duration::from_secs(30),
         }

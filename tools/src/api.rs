@@ -49,6 +49,8 @@ pub struct MigrateRequest {
     pub workers: Option<usize>,
     /// XOR-delta cache bytes (0 disables deltas).
     pub xor_cache_bytes: Option<usize>,
+    /// LZ4-compress pages (default on).
+    pub compress: Option<bool>,
 }
 
 impl MigrateRequest {
@@ -70,6 +72,9 @@ impl MigrateRequest {
         }
         if let Some(x) = self.xor_cache_bytes {
             o.xor_cache_bytes = x;
+        }
+        if let Some(c) = self.compress {
+            o.compress = c;
         }
         o
     }

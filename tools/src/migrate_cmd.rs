@@ -37,6 +37,9 @@ pub struct MigrateArgs {
     /// Do not send XOR deltas against earlier copies.
     #[arg(long)]
     pub no_delta: bool,
+    /// Do not LZ4-compress pages.
+    #[arg(long)]
+    pub no_compress: bool,
     /// JSON lines (events, then the summary) instead of a progress bar.
     #[arg(long)]
     pub json: bool,
@@ -57,6 +60,7 @@ impl MigrateArgs {
             auto_converge: Some(!self.no_auto_converge),
             workers: self.workers,
             xor_cache_bytes: self.no_delta.then_some(0),
+            compress: Some(!self.no_compress),
         }
     }
 }

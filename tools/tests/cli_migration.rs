@@ -279,3 +279,30 @@ fn demo_runs_and_its_checks_pass() {
     assert_eq!(stdout.matches("[ ok ]").count(), 5, "{stdout}");
     assert!(!stdout.contains("FAIL"));
 }
+
+#[test]
+fn compression_and_deltas_can_be_switched_off() {
+    if !kvm_or_skip("compression_and_deltas_can_be_switched_off") {
+        return;
+    }
+    let p = Pair::start("64M", "2000");
+    let out = p.migrate(&["--no-compress", "--no-delta"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last: Value = serde_json::from_slice(
+        out.stdout
+            .split(|&b| b == b'\n')
+            .rfind(|l| !l.is_empty())
+            .unwrap(),
+    )
+    .unwrap();
+    let pages = &last["summary"]["pages"];
+    assert_eq!(pages["lz4"], 0, "{pages}");
+    assert_eq!(pages["xor_delta"], 0, "{pages}");
+    assert!(pages["raw"].as_u64().unwrap() > 10_000, "{pages}");
+    let dst = status(&p.api("dst")).expect("destination answers");
+    assert_eq!(dst["status"]["verify_errors"], 0);
+}

@@ -290,7 +290,10 @@ impl<W: FrameSink> Session<'_, W> {
 
     /// Hello/HelloAck; returns the features both sides use.
     fn handshake(&mut self, layout: &MemoryLayout) -> Result<u64, MigrationError> {
-        let mut offered = protocol::FEATURE_LZ4;
+        let mut offered = 0;
+        if self.opts.compress {
+            offered |= protocol::FEATURE_LZ4;
+        }
         if self.opts.xor_cache_bytes >= PAGE_SIZE {
             offered |= protocol::FEATURE_XOR_DELTA;
         }
