@@ -244,23 +244,25 @@ fn run_vm(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
-    let served = Served::new(None, "destination");
-    let _server = args
-        .api
-        .as_deref()
-        .map(|p| api::serve(p, served.clone()))
-        .transpose()?;
-    let listener = FrameListener::bind(args.listen.as_str())
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let quiet = args.quiet || args.json;
-    if !quiet {
-        eprintln!("ferry: waiting for a guest on {}", listener.local_addr()?);
-    }
+    // Memory first: once the control socket and the listener exist, this
+    // destination is ready and a source's stream never waits on page faults.
     let dirty = args.dirty_log;
     let mut prepared = args
         .mem
         .map(|m| Vm::incoming(m, dirty).context("preparing the destination VM"))
         .transpose()?;
+    let served = Served::new(None, "destination");
+    let listener = FrameListener::bind(args.listen.as_str())
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let _server = args
+        .api
+        .as_deref()
+        .map(|p| api::serve(p, served.clone()))
+        .transpose()?;
+    let quiet = args.quiet || args.json;
+    if !quiet {
+        eprintln!("ferry: waiting for a guest on {}", listener.local_addr()?);
+    }
     let conn = listener
         .accept()
         .context("accepting the incoming migration")?;
