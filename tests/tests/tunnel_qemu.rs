@@ -233,7 +233,9 @@ fn migrate_through_tunnel(case: Case) -> Result<()> {
         "heartbeat restarted: {} < {before}",
         first.heartbeat
     );
-    let later = heartbeat_rises(&mut dst, first.heartbeat)?;
+    // ~200 ms of guest time: at rate=2000 that is ~400 page writes, so a
+    // guest that still dirties cannot show the same count by chance.
+    let later = heartbeat_rises(&mut dst, first.heartbeat + 200)?;
     ensure!(
         later.pages_dirtied > first.pages_dirtied,
         "destination guest stopped dirtying"
