@@ -22,7 +22,8 @@ use crate::run_common::{self, Baseline, EngineProcess};
 use crate::settings::RunSettings;
 use crate::watch::Watch;
 
-/// The `ferry migrate` flag a profile needs (`None` for the defaults).
+/// The `ferry migrate` flag a profile needs (`None` for the defaults: the
+/// default lane count, `ferry_transport::default_lane_count()`).
 pub fn profile_flag(p: FerryProfile) -> Option<&'static [&'static str]> {
     match p {
         FerryProfile::Default => None,
@@ -132,8 +133,18 @@ fn run_inner(
     let port = run_common::free_port()?;
     let to = format!("127.0.0.1:{port}");
     let mut cmd = Command::new(&s.ferry_bin);
-    cmd.args(["vm", "receive", "--quiet", "--listen", &to, "--api"])
-        .arg(&dst_sock);
+    // Loopback benchmark: plaintext, asked for by name (TLS is measured by
+    // the transport benchmarks).
+    cmd.args([
+        "vm",
+        "receive",
+        "--quiet",
+        "--insecure",
+        "--listen",
+        &to,
+        "--api",
+    ])
+    .arg(&dst_sock);
     if receive_prepares_memory(s) {
         // Allocate and populate the destination's memory up front, as
         // QEMU's destination gets `-m` at start.
@@ -152,7 +163,7 @@ fn run_inner(
     let mut cmd = Command::new(&s.ferry_bin);
     cmd.args(["migrate", "--json", "--api"])
         .arg(&src_sock)
-        .args(["--to", &to, "--max-downtime-ms"])
+        .args(["--to", &to, "--insecure", "--max-downtime-ms"])
         .arg(s.max_downtime_ms.to_string())
         .arg("--deadline-s")
         .arg(deadline.as_secs().to_string());

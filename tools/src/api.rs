@@ -4,8 +4,12 @@
 //! | request | reply |
 //! |---|---|
 //! | `{"op":"status"}` | `{"ok":true,"role":..,"state":..,"status":{..}}` |
-//! | `{"op":"migrate","to":ADDR,..options}` | progress events (`{"event":..}`), then `{"result":"ok","summary":{..}}` or `{"result":"error","error":..,"guest":..}` |
+//! | `{"op":"migrate","to":ADDR,"lanes":N,"security":SEC,..options}` | `{"event":"connected","lanes":N,"security":"tls"\|"insecure"}`, progress events (`{"event":..}`), then `{"result":"ok","summary":{..}}` or `{"result":"error","error":..,"guest":..}` |
 //! | `{"op":"quit"}` | `{"ok":true}`, then the process ends |
+//!
+//! `SEC` is `{"mode":"tls","cert":PATH,"key":PATH,"ca":PATH,"server_name":NAME}`
+//! or `{"mode":"insecure"}`; a migrate request without it is refused. The
+//! source opens the lanes itself, so the paths are read by the source process.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -15,8 +19,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ferry_engine::{MigrationError, MigrationOptions, SourceMigration};
+use ferry_transport::{default_lane_count, LaneOptions, Lanes};
 use ferry_vm::Vm;
 use serde::{Deserialize, Serialize};
+
+use crate::security_args::SecuritySpec;
 
 /// Where the guest of this process is, as far as this process knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -37,6 +44,10 @@ pub enum GuestHome {
 pub struct MigrateRequest {
     /// Destination address (host:port).
     pub to: String,
+    /// TCP lanes to open (default: `ferry_transport::default_lane_count()`).
+    pub lanes: Option<u16>,
+    /// Plaintext or mutual TLS: required, there is no default.
+    pub security: Option<SecuritySpec>,
     /// Downtime limit in milliseconds.
     pub max_downtime_ms: Option<u64>,
     /// Give up after this many seconds.
@@ -84,7 +95,7 @@ impl MigrateRequest {
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Request {
     Status,
-    Migrate(MigrateRequest),
+    Migrate(Box<MigrateRequest>),
     Quit,
 }
 
@@ -225,11 +236,11 @@ fn migrate(w: &mut UnixStream, served: &Served, req: &MigrateRequest) -> anyhow:
             }
         }
     };
-    let conn = match ferry_transport::tcp::connect(req.to.as_str()) {
-        Ok(c) => c,
+    let lanes = match connect_lanes(req) {
+        Ok(l) => l,
         Err(e) => {
             served.set_home(GuestHome::Here);
-            let msg = format!("cannot connect to the destination {}: {e}", req.to);
+            let msg = format!("{e:#}");
             send(
                 w,
                 &serde_json::json!({"result": "error", "error": msg, "guest": GuestHome::Here}),
@@ -237,8 +248,13 @@ fn migrate(w: &mut UnixStream, served: &Served, req: &MigrateRequest) -> anyhow:
             return Ok(());
         }
     };
-    let mut client_gone = false;
-    let result = SourceMigration::new(vm, req.options()).run(conn, |ev| {
+    // Before the engine's own events: what the link is.
+    let mut client_gone = send(
+        w,
+        &serde_json::json!({"event": "connected", "to": req.to, "lanes": lanes.len(), "security": req.security.as_ref().map(SecuritySpec::mode)}),
+    )
+    .is_err();
+    let result = SourceMigration::new(vm, req.options()).run_lanes(lanes, |ev| {
         if !client_gone {
             let v = serde_json::to_value(&ev).expect("progress events serialise");
             client_gone = send(w, &v).is_err();
@@ -262,6 +278,29 @@ fn migrate(w: &mut UnixStream, served: &Served, req: &MigrateRequest) -> anyhow:
     };
     let _ = send(w, &reply);
     Ok(())
+}
+
+/// Opens the request's lanes to its destination, secured as it asks. The
+/// engine applies `max_bandwidth` itself (MigrationOptions), so the lanes
+/// are not capped a second time.
+fn connect_lanes(req: &MigrateRequest) -> anyhow::Result<Lanes> {
+    let Some(spec) = &req.security else {
+        bail!("the migrate request chooses no security: send \"security\" with TLS files (ferry migrate --tls-cert/--tls-key/--tls-ca) or insecure (--insecure)");
+    };
+    let security = spec.load()?;
+    let lanes = req.lanes.unwrap_or_else(default_lane_count);
+    let opts = LaneOptions {
+        max_bandwidth: None,
+        ..LaneOptions::new(lanes, security)
+    };
+    Lanes::connect(req.to.as_str(), &opts).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to the destination {} ({lanes} lanes, {}): {}",
+            req.to,
+            spec.describe(),
+            error_chain(&e)
+        )
+    })
 }
 
 /// An error and its sources in one line.

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::api::{self, MigrateRequest};
 use crate::migrate_cmd;
+use crate::security_args::SecuritySpec;
 
 /// `ferry demo`
 #[derive(Args, Debug)]
@@ -32,6 +33,9 @@ pub struct DemoArgs {
     /// Seconds to watch the guest at the destination afterwards.
     #[arg(long, default_value_t = 3.0)]
     pub watch_s: f64,
+    /// TCP lanes for the migration (default from the core count).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=i64::from(ferry_transport::lanes::MAX_LANES)))]
+    pub lanes: Option<u16>,
     /// Loopback port for the migration (0: pick a free one).
     #[arg(long, default_value_t = 0)]
     pub port: u16,
@@ -93,14 +97,22 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     println!("ferry demo: live migration of a running KVM guest over loopback\n");
     println!(
-        "1. destination: `ferry vm receive --mem {} --listen {addr}` (prepares its memory)",
+        "1. destination: `ferry vm receive --mem {} --listen {addr} --insecure` (prepares its memory; plaintext is fine on loopback, across hosts use --tls-cert/--tls-key/--tls-ca)",
         args.mem
     );
     let mut dst = ProcessGuard::spawn(
         "destination",
         Command::new(&exe)
             .args([
-                "vm", "receive", "--quiet", "--mem", &args.mem, "--listen", &addr, "--api",
+                "vm",
+                "receive",
+                "--quiet",
+                "--mem",
+                &args.mem,
+                "--listen",
+                &addr,
+                "--insecure",
+                "--api",
             ])
             .arg(&dst_api),
         &dst_log,
@@ -167,12 +179,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         })
     };
 
+    let lanes = args
+        .lanes
+        .unwrap_or_else(ferry_transport::default_lane_count);
     println!(
-        "3. `ferry migrate --to {addr}` (max downtime {} ms)",
+        "3. `ferry migrate --to {addr} --lanes {lanes} --insecure` (max downtime {} ms)",
         args.max_downtime_ms
     );
     let req = MigrateRequest {
         to: addr.clone(),
+        lanes: Some(lanes),
+        security: Some(SecuritySpec::Insecure),
         max_downtime_ms: Some(args.max_downtime_ms),
         ..Default::default()
     };

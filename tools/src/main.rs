@@ -10,6 +10,7 @@ mod bench_cmd;
 mod demo;
 mod migrate_cmd;
 mod sched_cmd;
+mod security_args;
 mod tunnel_cmd;
 mod vm_cmd;
 

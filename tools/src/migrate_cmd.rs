@@ -8,7 +8,11 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
+use ferry_transport::default_lane_count;
+use ferry_transport::lanes::MAX_LANES;
+
 use crate::api::{self, MigrateRequest};
+use crate::security_args::SecurityArgs;
 
 /// `ferry migrate`
 #[derive(Args, Debug, Clone)]
@@ -19,6 +23,11 @@ pub struct MigrateArgs {
     /// Destination address (`ferry vm receive --listen ADDR`).
     #[arg(long)]
     pub to: String,
+    /// TCP lanes to the destination (default from the core count).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_LANES)))]
+    pub lanes: Option<u16>,
+    #[command(flatten)]
+    pub security: SecurityArgs,
     /// Downtime limit (ms).
     #[arg(long = "max-downtime-ms", alias = "max-downtime", default_value_t = 20)]
     pub max_downtime_ms: u64,
@@ -50,10 +59,12 @@ fn parse_rate(s: &str) -> Result<u64, String> {
 }
 
 impl MigrateArgs {
-    /// The request sent to the source.
-    pub fn request(&self) -> MigrateRequest {
-        MigrateRequest {
+    /// The request sent to the source (fails when no security is chosen).
+    pub fn request(&self) -> anyhow::Result<MigrateRequest> {
+        Ok(MigrateRequest {
             to: self.to.clone(),
+            lanes: Some(self.lanes.unwrap_or_else(default_lane_count)),
+            security: Some(self.security.spec()?),
             max_downtime_ms: Some(self.max_downtime_ms),
             deadline_s: Some(self.deadline_s),
             max_bandwidth: self.max_bandwidth,
@@ -61,7 +72,7 @@ impl MigrateArgs {
             workers: self.workers,
             xor_cache_bytes: self.no_delta.then_some(0),
             compress: Some(!self.no_compress),
-        }
+        })
     }
 }
 
@@ -98,6 +109,12 @@ pub fn migrate(api_path: &Path, req: &MigrateRequest, json: bool) -> anyhow::Res
             );
         }
         match v["event"].as_str() {
+            Some("connected") => bar.set_message(format!(
+                "connected to {}: {} lanes, {}",
+                v["to"].as_str().unwrap_or("?"),
+                v["lanes"],
+                v["security"].as_str().unwrap_or("?")
+            )),
             Some("started") => bar.set_message(format!(
                 "{} MiB, dirty log {}",
                 v["guest_bytes"].as_u64().unwrap_or(0) >> 20,
@@ -205,7 +222,8 @@ pub fn print_summary(s: &Value) {
 
 /// `ferry migrate`
 pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
-    let summary = migrate(&args.api, &args.request(), args.json).context("ferry migrate")?;
+    let req = args.request()?;
+    let summary = migrate(&args.api, &req, args.json).context("ferry migrate")?;
     if args.json {
         println!(
             "{}",

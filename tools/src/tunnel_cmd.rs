@@ -4,12 +4,13 @@
 //! certificates for both ends.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use ferry_transport::tunnel::{Tunnel, TunnelOptions};
-use ferry_transport::{default_lane_count, LaneOptions, Security, TlsFiles, TlsSettings};
+use ferry_transport::{default_lane_count, LaneOptions};
+
+use crate::security_args::SecurityArgs;
 
 /// `ferry tunnel ...`
 #[derive(Subcommand, Debug)]
@@ -51,21 +52,8 @@ pub struct LinkArgs {
     /// Cap in bytes per second (e.g. 100M).
     #[arg(long, value_parser = parse_rate)]
     max_bandwidth: Option<u64>,
-    /// Plaintext, no authentication: only when asked for.
-    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
-    insecure: bool,
-    /// This end's certificate (PEM).
-    #[arg(long)]
-    tls_cert: Option<PathBuf>,
-    /// This end's private key (PEM).
-    #[arg(long)]
-    tls_key: Option<PathBuf>,
-    /// The CA that signed the peer's certificate (PEM).
-    #[arg(long)]
-    tls_ca: Option<PathBuf>,
-    /// The name the server's certificate must carry.
-    #[arg(long, default_value = ferry_transport::tls::DEFAULT_SERVER_NAME)]
-    tls_name: String,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -74,22 +62,7 @@ fn parse_rate(s: &str) -> Result<u64, String> {
 
 impl LinkArgs {
     fn options(&self) -> anyhow::Result<TunnelOptions> {
-        let security = if self.insecure {
-            Security::Insecure
-        } else {
-            let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca)
-            else {
-                bail!("give --tls-cert, --tls-key and --tls-ca (`ferry tls gen-certs DIR` makes them), or --insecure for plaintext");
-            };
-            let files = TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                ca: ca.clone(),
-            };
-            Security::Tls(Arc::new(
-                TlsSettings::from_files(&files, &self.tls_name).context("loading TLS files")?,
-            ))
-        };
+        let security = self.security.security()?;
         let mut lanes = LaneOptions::new(self.lanes.unwrap_or_else(default_lane_count), security);
         lanes.max_bandwidth = self.max_bandwidth;
         let mut opts = TunnelOptions::new(lanes);

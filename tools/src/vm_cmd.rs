@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use ferry_engine::{DestinationMigration, DestinationOptions};
-use ferry_transport::FrameListener;
+use ferry_transport::{LaneListener, LaneOptions, Lanes, TransportError};
 use ferry_vm::{
     host_tsc_khz, parse_size, DirtyBackend, GuestParams, GuestPhase, RunState, Vm, VmConfig,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::api::{self, GuestHome, Served};
+use crate::security_args::SecurityArgs;
 
 /// `ferry vm ...`
 #[derive(Subcommand, Debug)]
@@ -142,6 +143,8 @@ pub struct ReceiveArgs {
     /// Address to listen on for the incoming migration.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: String,
+    #[command(flatten)]
+    pub security: SecurityArgs,
     /// Serve a control socket here.
     #[arg(long)]
     pub api: Option<PathBuf>,
@@ -246,13 +249,16 @@ fn run_vm(args: RunArgs) -> anyhow::Result<()> {
 fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
     // Memory first: once the control socket and the listener exist, this
     // destination is ready and a source's stream never waits on page faults.
+    // Bad security flags fail before anything is allocated.
+    let spec = args.security.spec()?;
+    let security = spec.load()?;
     let dirty = args.dirty_log;
     let mut prepared = args
         .mem
         .map(|m| Vm::incoming(m, dirty).context("preparing the destination VM"))
         .transpose()?;
     let served = Served::new(None, "destination");
-    let listener = FrameListener::bind(args.listen.as_str())
+    let mut listener = LaneListener::bind(args.listen.as_str(), LaneOptions::new(1, security))
         .with_context(|| format!("listening on {}", args.listen))?;
     let _server = args
         .api
@@ -261,20 +267,21 @@ fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
         .transpose()?;
     let quiet = args.quiet || args.json;
     if !quiet {
-        eprintln!("ferry: waiting for a guest on {}", listener.local_addr()?);
+        eprintln!(
+            "ferry: waiting for a guest on {} ({})",
+            listener.local_addr()?,
+            spec.describe()
+        );
     }
-    let conn = listener
-        .accept()
-        .context("accepting the incoming migration")?;
-    let (vm, summary) = DestinationMigration::accept(
-        conn,
-        &DestinationOptions::default(),
-        |layout| match prepared.take() {
-            Some(vm) if vm.mem_bytes() == layout.bytes() => Ok(vm),
-            _ => Ok(Vm::incoming(layout.bytes(), dirty)?),
-        },
-    )
-    .context("receiving the guest")?;
+    let lanes = accept_source(&mut listener)?;
+    let (vm, summary) =
+        DestinationMigration::accept_lanes(lanes, &DestinationOptions::default(), |layout| {
+            match prepared.take() {
+                Some(vm) if vm.mem_bytes() == layout.bytes() => Ok(vm),
+                _ => Ok(Vm::incoming(layout.bytes(), dirty)?),
+            }
+        })
+        .context("receiving the guest")?;
     if !quiet {
         eprintln!(
             "ferry: guest arrived: {} rounds, {:.1} MiB on the wire, verified in {:.1} ms; running here",
@@ -285,6 +292,28 @@ fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
     }
     *served.vm.lock().expect("vm lock") = Some(Arc::new(vm));
     live(&served, Display::pick(args.json, args.quiet), args.duration)
+}
+
+/// Waits for a source whose lanes all pass the handshake. A connection that
+/// fails it (wrong or missing certificate, plaintext against TLS, a port
+/// scanner) is reported and refused, and the wait goes on: a stranger must
+/// not end a destination before the real source arrives. Only a failing
+/// listening socket ends the wait.
+fn accept_source(listener: &mut LaneListener) -> anyhow::Result<Lanes> {
+    loop {
+        match listener.accept_session() {
+            Ok(lanes) => return Ok(lanes),
+            Err(TransportError::Accept(io))
+                if io.kind() == std::io::ErrorKind::ConnectionAborted => {}
+            Err(e @ TransportError::Accept(_)) => {
+                return Err(e).context("accepting the incoming migration")
+            }
+            Err(e) => eprintln!(
+                "ferry: refused a connection: {}; still waiting for a source",
+                api::error_chain(&e)
+            ),
+        }
+    }
 }
 
 fn show_status(args: StatusArgs) -> anyhow::Result<()> {

@@ -2,128 +2,16 @@
 //! on loopback, with a real KVM guest: the guest moves, or stays running on
 //! the source with a clear error.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferry_e2e::process::ProcessGuard;
+use common::{
+    assert_runs_on_destination, assert_runs_on_source, events, ferry, last_json_line, status, Pair,
+    FERRY,
+};
 use ferry_vm::testing::kvm_or_skip;
-use serde_json::Value;
-
-const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn ferry(args: &[&str]) -> Output {
-    Command::new(FERRY).args(args).output().expect("run ferry")
-}
-
-fn status(api: &Path) -> Option<Value> {
-    let out = ferry(&["vm", "status", "--json", "--api", api.to_str().unwrap()]);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).ok())
-        .flatten()
-}
-
-fn wait_guest_running(api: &Path, p: &mut ProcessGuard) -> Value {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = status(api) {
-            if s["status"]["phase"] == "Running" {
-                return s;
-            }
-        }
-        assert!(p.is_running(), "{} exited", p.name());
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "guest never reached phase 2"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-struct Pair {
-    dir: tempfile::TempDir,
-    src: ProcessGuard,
-    dst: ProcessGuard,
-    addr: String,
-}
-
-impl Pair {
-    fn api(&self, who: &str) -> PathBuf {
-        self.dir.path().join(format!("{who}.sock"))
-    }
-
-    fn start(mem: &str, rate: &str) -> Pair {
-        let dir = tempfile::tempdir().unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
-        let dst_api = dir.path().join("dst.sock");
-        let src_api = dir.path().join("src.sock");
-        let dst = ProcessGuard::spawn(
-            "destination",
-            Command::new(FERRY)
-                .args(["vm", "receive", "--quiet", "--listen", &addr, "--api"])
-                .arg(&dst_api),
-            &dir.path().join("dst.log"),
-        )
-        .unwrap();
-        let mut src = ProcessGuard::spawn(
-            "source",
-            Command::new(FERRY)
-                .args([
-                    "vm", "run", "--quiet", "--mem", mem, "--rate", rate, "--verify", "64", "--api",
-                ])
-                .arg(&src_api),
-            &dir.path().join("src.log"),
-        )
-        .unwrap();
-        wait_guest_running(&src_api, &mut src);
-        Pair {
-            dir,
-            src,
-            dst,
-            addr,
-        }
-    }
-
-    fn migrate(&self, extra: &[&str]) -> Output {
-        let api = self.api("src");
-        let mut args = vec![
-            "migrate",
-            "--json",
-            "--api",
-            api.to_str().unwrap(),
-            "--to",
-            &self.addr,
-        ];
-        args.extend_from_slice(extra);
-        ferry(&args)
-    }
-}
-
-fn heartbeat(v: &Value) -> u64 {
-    v["status"]["heartbeat"].as_u64().unwrap()
-}
-
-/// The source is still the guest's home, and the guest keeps running there.
-fn assert_runs_on_source(p: &Pair) {
-    let a = status(&p.api("src")).expect("source still answers");
-    assert_eq!(a["state"], "here", "{a}");
-    std::thread::sleep(Duration::from_millis(300));
-    let b = status(&p.api("src")).unwrap();
-    assert!(
-        heartbeat(&b) > heartbeat(&a),
-        "source heartbeat stuck: {a} -> {b}"
-    );
-    assert_eq!(b["status"]["verify_errors"], 0);
-}
 
 #[test]
 fn a_dirtying_guest_moves_between_processes() {
@@ -137,34 +25,16 @@ fn a_dirtying_guest_moves_between_processes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let last: Value = serde_json::from_slice(
-        out.stdout
-            .split(|&b| b == b'\n')
-            .rfind(|l| !l.is_empty())
-            .unwrap(),
-    )
-    .unwrap();
+    let last = last_json_line(&out);
     assert_eq!(last["event"], "summary");
     let summary = &last["summary"];
     assert!(summary["rounds"].as_u64().unwrap() >= 1);
     assert!(summary["downtime_ms"].as_f64().unwrap() > 0.0);
 
-    let a = status(&p.api("dst")).expect("destination answers");
-    assert_eq!(a["state"], "here");
-    let start = Instant::now();
-    while p.src.is_running() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the source kept running after handing over"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let b = status(&p.api("dst")).unwrap();
-    assert!(heartbeat(&b) > heartbeat(&a));
-    assert!(b["status"]["pages_dirtied"].as_u64() > a["status"]["pages_dirtied"].as_u64());
-    assert_eq!(b["status"]["verify_errors"], 0);
-    assert_eq!(b["status"]["phase"], "Running");
+    let connected: Vec<_> = events(&out, "connected").collect();
+    assert_eq!(connected.len(), 1, "{connected:?}");
+    assert_eq!(connected[0]["security"], "insecure");
+    assert_runs_on_destination(&mut p);
 }
 
 #[test]
@@ -184,6 +54,7 @@ fn killing_the_destination_leaves_the_guest_on_the_source() {
                 &api_s,
                 "--to",
                 &addr,
+                "--insecure",
                 "--max-bandwidth",
                 "20M",
             ])
@@ -244,6 +115,7 @@ fn bad_command_lines_are_one_line_errors() {
         "/nonexistent/ferry.sock",
         "--to",
         "127.0.0.1:1",
+        "--insecure",
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the ferry process"));
@@ -292,13 +164,7 @@ fn compression_and_deltas_can_be_switched_off() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let last: Value = serde_json::from_slice(
-        out.stdout
-            .split(|&b| b == b'\n')
-            .rfind(|l| !l.is_empty())
-            .unwrap(),
-    )
-    .unwrap();
+    let last = last_json_line(&out);
     let pages = &last["summary"]["pages"];
     assert_eq!(pages["lz4"], 0, "{pages}");
     assert_eq!(pages["xor_delta"], 0, "{pages}");
