@@ -27,6 +27,15 @@ pub enum MigrationError {
         /// What was going on.
         during: &'static str,
     },
+    /// One lane of a multi-lane session failed (the others were fine so far).
+    #[error("lane {lane} failed")]
+    LaneFailed {
+        /// The lane's index.
+        lane: usize,
+        /// What happened on it.
+        #[source]
+        cause: Box<MigrationError>,
+    },
     /// A frame failed validation (checksum, magic, length, kind).
     #[error("received a corrupt frame")]
     CorruptFrame(#[source] FrameError),

@@ -47,19 +47,25 @@
 //! Entry points: [`SourceMigration::run`] / [`DestinationMigration::accept`]
 //! over one TCP connection (page frames are checksummed on the worker
 //! threads there), `run_lanes` / `accept_lanes` over a ferry lane session
-//! (mutual TLS; all frames on lane 0 for now), and `run_over` / `accept_over`
-//! over any `FrameSink`/`FrameSource` pair. Progress comes as
+//! (plaintext or mutual TLS; pages striped over the lanes by page index, one
+//! writer thread per lane on the source and one reader thread per lane on
+//! the destination, control frames on lane 0), and `run_over` /
+//! `accept_over` over any `FrameSink`/`FrameSource` pair. Progress comes as
 //! [`ProgressEvent`]s (serde: one JSON object per event), the end as a
 //! [`MigrationSummary`] whose downtime runs from the source's pause to the
 //! destination's resume, measured across the two sides' realtime clocks
 //! (exact on one host, as good as clock sync between hosts).
 //!
 //! Threads: the source's calling thread collects the dirty log, decides and
-//! sends; encoder threads read pages (re-protecting each chunk first, so a
-//! later write lands in the next round) and encode them; on the destination
-//! the calling thread receives and decoder threads write pages into guest
-//! memory. Rounds are separated by a barrier on both sides, so a page's
-//! newer copy never overtakes an older one.
+//! sends control frames; encoder threads read pages (re-protecting each
+//! chunk first, so a later write lands in the next round), encode them and
+//! queue the batches on their lane (a bounded queue: back-pressure); a
+//! writer thread per lane writes. On the destination a reader thread per
+//! lane receives, the calling thread dispatches, and decoder threads write
+//! pages into guest memory. A page always travels on the same lane, and
+//! every lane ends every round with a RoundEnd at which the destination
+//! waits for its decoders (a barrier), so a page's newer copy never
+//! overtakes an older one.
 //!
 //! Modules:
 //! - [`encode`]: page encodings (zero, unchanged, XOR delta, LZ4, raw) and

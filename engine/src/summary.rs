@@ -90,6 +90,8 @@ pub struct DestinationSummary {
     pub pages: EncodingCounts,
     /// Bytes received, frame headers included.
     pub wire_bytes: u64,
+    /// The same, per lane (lane 0 first).
+    pub wire_bytes_per_lane: Vec<u64>,
     /// The memory digest verified.
     pub memory_digest: u64,
     /// When the guest resumed, ns since the Unix epoch (realtime clock).

@@ -10,7 +10,7 @@
 //! (`ferry_transport::frame`), built and checked with the transport's own
 //! `encode_header`, `FrameHeader::decode` and `FrameHeader::verify`.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::TcpStream;
 
 use ferry_transport::frame::{FrameError, MAGIC};
@@ -75,11 +75,6 @@ pub(crate) fn verify_prefixed(header: &FrameHeader, prefixed: &[u8]) -> Result<(
     Ok(())
 }
 
-/// Write a complete frame (header included).
-pub(crate) fn write_sealed(stream: &mut TcpStream, frame: &[u8]) -> io::Result<()> {
-    stream.write_all(frame)
-}
-
 /// Frames in, possibly not yet checksum-verified.
 pub(crate) trait FrameIn {
     /// The next frame's header and payload (into `payload`). Returns
@@ -90,9 +85,9 @@ pub(crate) trait FrameIn {
 }
 
 /// Any transport source: verified on receipt.
-pub(crate) struct Checked<'a, R: FrameSource>(pub &'a mut R);
+pub(crate) struct Checked<R: FrameSource>(pub R);
 
-impl<R: FrameSource> FrameIn for Checked<'_, R> {
+impl<R: FrameSource> FrameIn for Checked<R> {
     fn recv(&mut self, payload: &mut Vec<u8>) -> Result<(FrameHeader, bool), TransportError> {
         Ok((self.0.recv_into(payload)?, true))
     }

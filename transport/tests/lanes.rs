@@ -6,6 +6,7 @@ use std::net::TcpStream;
 use std::thread;
 
 use ferry_transport::lanes::queue::{LaneInbox, LaneQueues, OutFrame};
+use ferry_transport::lanes::STRIPE_PAGES;
 use ferry_transport::{
     frame, lane_for_page, FrameKind, FrameReader, LaneListener, LaneOptions, Lanes, Security,
     TransportError,
@@ -162,7 +163,7 @@ fn per_page_order(zero_copy: bool) {
             LaneQueues::spawn(writers, 2)
         };
         for version in 0u32..5 {
-            for page in (0u64..2048).step_by(16) {
+            for page in (0..STRIPE_PAGES * 8).step_by((STRIPE_PAGES / 16) as usize) {
                 let mut payload = page.to_le_bytes().to_vec();
                 payload.extend_from_slice(&version.to_le_bytes());
                 payload.extend_from_slice(&[0xEE; 4096]);
@@ -222,10 +223,10 @@ fn per_page_order(zero_copy: bool) {
 }
 
 #[test]
-fn pages_stripe_by_bitmap_word() {
+fn pages_stripe_by_stripe_of_pages() {
     assert_eq!(lane_for_page(0, 4), 0);
-    assert_eq!(lane_for_page(63, 4), 0);
-    assert_eq!(lane_for_page(64, 4), 1);
-    assert_eq!(lane_for_page(64 * 4, 4), 0);
+    assert_eq!(lane_for_page(STRIPE_PAGES - 1, 4), 0);
+    assert_eq!(lane_for_page(STRIPE_PAGES, 4), 1);
+    assert_eq!(lane_for_page(STRIPE_PAGES * 4, 4), 0);
     assert_eq!(lane_for_page(12345, 1), 0);
 }

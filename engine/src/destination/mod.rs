@@ -1,13 +1,16 @@
 //! The destination side: receive pages into a prepared VM, verify, take over.
 
+mod inbound;
 mod workers;
 
 use std::io::IoSlice;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
+use ferry_transport::lanes::LaneWrite;
 use ferry_transport::{
-    FrameHeader, FrameKind, FrameSink, FrameSource, Lanes, TcpFrameConnection, HEADER_LEN,
+    FrameHeader, FrameKind, FrameSink, FrameSource, FrameWriter, Lanes, TcpFrameConnection,
+    TransportError, HEADER_LEN,
 };
 use tracing::{info, warn};
 
@@ -20,7 +23,11 @@ use crate::protocol::{self, Hello, HelloAck, RoundEnd, Running, STREAM_VERSION};
 use crate::summary::DestinationSummary;
 use crate::vm::{MigratableVm, VmOpError};
 use crate::wire::{verify_prefixed, Checked, FrameIn, UncheckedTcp, PREFIX_LEN};
+use inbound::Inbound;
 use workers::{run_worker, DecodeContext, Job};
+
+/// How long a lane failure waits for the source's Abort reason on lane 0.
+const ABORT_GRACE: Duration = Duration::from_millis(200);
 
 /// Receives one migration.
 #[derive(Debug)]
@@ -41,19 +48,47 @@ impl DestinationMigration {
         let stream = reader.into_inner();
         let _ = stream.set_read_timeout(Some(opts.idle_timeout));
         // Page batch checksums are verified on the decoder threads.
-        Self::receive_from(&mut writer, UncheckedTcp(stream), opts, make_vm)
+        let readers: Vec<Box<dyn FrameIn + Send>> = vec![Box::new(UncheckedTcp(stream))];
+        Self::receive_from(&mut writer, readers, opts, make_vm)
     }
 
     /// Receive a migration over a session of ferry lanes (see
-    /// [`crate::SourceMigration::run_lanes`]: lane 0 carries everything).
+    /// [`crate::SourceMigration::run_lanes`]): every lane is read by its own
+    /// thread; lane 0 also carries the control frames, and the answers go
+    /// back on it.
     pub fn accept_lanes<V: MigratableVm>(
         lanes: Lanes,
         opts: &DestinationOptions,
         make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
     ) -> Result<(V, DestinationSummary), MigrationError> {
-        let (control, closers) = crate::source::control_lane(lanes)?;
-        let (_, mut reader, mut writer) = control.into_parts();
-        let result = Self::accept_over(&mut writer, &mut reader, opts, make_vm);
+        let mut closers = Vec::new();
+        let mut readers: Vec<Box<dyn FrameIn + Send>> = Vec::new();
+        let mut control: Option<FrameWriter<LaneWrite>> = None;
+        for lane in lanes.into_vec() {
+            closers.push(lane.closer().map_err(MigrationError::Send)?);
+            if let Some(socket) = lane.socket_clone() {
+                let _ = socket.set_read_timeout(Some(opts.idle_timeout));
+            }
+            if lane.is_plaintext() {
+                let (_, raw) = lane.into_raw_parts().map_err(MigrationError::Send)?;
+                let read = raw
+                    .socket
+                    .try_clone()
+                    .map_err(|e| MigrationError::Send(TransportError::Configure(e)))?;
+                readers.push(Box::new(UncheckedTcp(read)));
+                control.get_or_insert_with(|| FrameWriter::new(Box::new(raw.socket)));
+            } else {
+                let (_, reader, writer) = lane.into_parts();
+                readers.push(Box::new(Checked(reader)));
+                control.get_or_insert(writer);
+            }
+        }
+        let Some(mut control) = control else {
+            return Err(MigrationError::PeerClosed {
+                during: "the lane handshake",
+            });
+        };
+        let result = Self::receive_from(&mut control, readers, opts, make_vm);
         if result.is_err() {
             for closer in closers {
                 closer.close();
@@ -62,34 +97,43 @@ impl DestinationMigration {
         result
     }
 
-    /// Receive a migration over any frame sink/source pair.
+    /// Receive a migration over any frame sink/source pair. The source is
+    /// read on a thread of its own that ends when it fails or closes.
     pub fn accept_over<V: MigratableVm>(
         sink: &mut impl FrameSink,
-        source: &mut impl FrameSource,
+        source: impl FrameSource + Send + 'static,
         opts: &DestinationOptions,
         make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
     ) -> Result<(V, DestinationSummary), MigrationError> {
-        Self::receive_from(sink, Checked(source), opts, make_vm)
+        let readers: Vec<Box<dyn FrameIn + Send>> = vec![Box::new(Checked(source))];
+        Self::receive_from(sink, readers, opts, make_vm)
     }
 
     fn receive_from<V: MigratableVm>(
         sink: &mut impl FrameSink,
-        source: impl FrameIn,
+        readers: Vec<Box<dyn FrameIn + Send>>,
         opts: &DestinationOptions,
         make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
     ) -> Result<(V, DestinationSummary), MigrationError> {
+        let workers = opts.workers.max(1);
+        let (free_tx, free_rx) =
+            crossbeam_channel::bounded::<Vec<u8>>(8 * workers + 8 * readers.len());
+        let lanes = readers.len();
+        let inbound = Inbound::spawn(readers, &free_rx);
         let mut receiver = Receiving {
             sink,
-            source,
+            inbound,
+            free: free_tx,
             opts,
             wire_bytes: 0,
+            lane_bytes: vec![0; lanes],
             started: Instant::now(),
         };
         let result = receiver.receive(make_vm);
         if let Err(e) = &result {
             warn!(error = %e, "incoming migration failed");
             if !matches!(e, MigrationError::PeerAborted(_)) {
-                let reason = protocol::encode_reason(&e.to_string());
+                let reason = protocol::encode_reason(&crate::source::error_chain(e));
                 let _ = receiver
                     .sink
                     .send_vectored(FrameKind::Abort, 0, &[IoSlice::new(&reason)]);
@@ -100,11 +144,14 @@ impl DestinationMigration {
     }
 }
 
-struct Receiving<'a, S: FrameSink, R: FrameIn> {
+struct Receiving<'a, S: FrameSink> {
     sink: &'a mut S,
-    source: R,
+    inbound: Inbound,
+    /// Spent buffers go back to the lane readers.
+    free: Sender<Vec<u8>>,
     opts: &'a DestinationOptions,
     wire_bytes: u64,
+    lane_bytes: Vec<u64>,
     started: Instant,
 }
 
@@ -149,7 +196,7 @@ fn unix_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-impl<S: FrameSink, R: FrameIn> Receiving<'_, S, R> {
+impl<S: FrameSink> Receiving<'_, S> {
     fn send(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), MigrationError> {
         self.sink
             .send_vectored(kind, 0, &[IoSlice::new(payload)])
@@ -157,38 +204,49 @@ impl<S: FrameSink, R: FrameIn> Receiving<'_, S, R> {
         self.sink.flush().map_err(MigrationError::Send)
     }
 
+    /// The next frame from any lane, verified: its lane and kind.
     fn recv(
         &mut self,
         buf: &mut Vec<u8>,
         during: &'static str,
-    ) -> Result<FrameKind, MigrationError> {
+    ) -> Result<(usize, FrameKind), MigrationError> {
         match self.recv_maybe_unchecked(buf, during)? {
-            (kind, None) => Ok(kind),
-            (_, Some(header)) => {
+            (lane, kind, None) => Ok((lane, kind)),
+            (lane, _, Some(header)) => {
                 verify_prefixed(&header, buf).map_err(MigrationError::CorruptFrame)?;
                 buf.drain(..PREFIX_LEN);
-                Ok(header.kind)
+                Ok((lane, header.kind))
             }
         }
     }
 
-    /// The next frame. Page batches may come back unverified (with the
+    /// The next frame from any lane (per-lane order kept), its payload
+    /// swapped into `buf`. Page batches may come back unverified (with the
     /// header to verify them against, on a decoder thread); every other
     /// kind is verified here.
     fn recv_maybe_unchecked(
         &mut self,
         buf: &mut Vec<u8>,
         during: &'static str,
-    ) -> Result<(FrameKind, Option<FrameHeader>), MigrationError> {
-        let (header, verified) = self
-            .source
-            .recv(buf)
-            .map_err(|e| MigrationError::from_receive(e, during))?;
+    ) -> Result<(usize, FrameKind, Option<FrameHeader>), MigrationError> {
+        let event = self
+            .inbound
+            .recv()
+            .ok_or(MigrationError::PeerClosed { during })?;
+        let (header, verified, payload) = match event.frame {
+            Ok(arrival) => arrival,
+            Err(e) => return Err(self.lane_failed(event.lane, e, during)),
+        };
+        let spent = std::mem::replace(buf, payload);
+        let _ = self.free.try_send(spent);
+        let lane = event.lane;
         let prefix = if verified { 0 } else { PREFIX_LEN };
-        self.wire_bytes += (HEADER_LEN + buf.len() - prefix) as u64;
+        let frame_bytes = (HEADER_LEN + buf.len() - prefix) as u64;
+        self.wire_bytes += frame_bytes;
+        self.lane_bytes[lane] += frame_bytes;
         if !verified {
             if header.kind == FrameKind::PageBatch {
-                return Ok((header.kind, Some(header)));
+                return Ok((lane, header.kind, Some(header)));
             }
             verify_prefixed(&header, buf).map_err(MigrationError::CorruptFrame)?;
             buf.drain(..PREFIX_LEN);
@@ -196,7 +254,43 @@ impl<S: FrameSink, R: FrameIn> Receiving<'_, S, R> {
         if header.kind == FrameKind::Abort {
             return Err(MigrationError::PeerAborted(protocol::decode_reason(buf)));
         }
-        Ok((header.kind, None))
+        Ok((lane, header.kind, None))
+    }
+
+    /// A lane ended with `error`. A source that gives up closes every lane
+    /// after saying why on lane 0: prefer its reason when it comes soon.
+    fn lane_failed(
+        &mut self,
+        lane: usize,
+        error: TransportError,
+        during: &'static str,
+    ) -> MigrationError {
+        let cause = MigrationError::from_receive(error, during);
+        if lane == 0 {
+            return cause;
+        }
+        let fallback = MigrationError::LaneFailed {
+            lane,
+            cause: Box::new(cause),
+        };
+        let until = Instant::now() + ABORT_GRACE;
+        while let Some(event) = self.inbound.recv_until(until) {
+            match event.frame {
+                Ok((header, verified, payload))
+                    if event.lane == 0 && header.kind == FrameKind::Abort =>
+                {
+                    let body = if verified {
+                        &payload[..]
+                    } else {
+                        payload.get(PREFIX_LEN..).unwrap_or_default()
+                    };
+                    return MigrationError::PeerAborted(protocol::decode_reason(body));
+                }
+                Err(_) if event.lane == 0 => break,
+                _ => {}
+            }
+        }
+        fallback
     }
 
     fn receive<V: MigratableVm>(
@@ -204,7 +298,7 @@ impl<S: FrameSink, R: FrameIn> Receiving<'_, S, R> {
         make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
     ) -> Result<(V, DestinationSummary), MigrationError> {
         let mut buf = Vec::new();
-        let kind = self.recv(&mut buf, "the handshake")?;
+        let (_, kind) = self.recv(&mut buf, "the handshake")?;
         if kind != FrameKind::Hello {
             return Err(MigrationError::UnexpectedFrame {
                 expected: "Hello",
@@ -252,10 +346,9 @@ impl<S: FrameSink, R: FrameIn> Receiving<'_, S, R> {
         let outcome = std::thread::scope(|scope| {
             let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(4 * workers);
             let (res_tx, res_rx) = crossbeam_channel::unbounded();
-            let (free_tx, free_rx) = crossbeam_channel::bounded::<Vec<u8>>(8 * workers);
             for i in 0..workers {
                 let (ctx, jobs, out, free) =
-                    (&ctx, job_rx.clone(), res_tx.clone(), free_tx.clone());
+                    (&ctx, job_rx.clone(), res_tx.clone(), self.free.clone());
                 std::thread::Builder::new()
                     .name(format!("ferry-decode-{i}"))
                     .spawn_scoped(scope, move || run_worker(ctx, &jobs, &out, &free))
@@ -267,7 +360,7 @@ impl<S: FrameSink, R: FrameIn> Receiving<'_, S, R> {
                 outstanding: 0,
                 counts: EncodingCounts::default(),
             };
-            let r = self.stream(&mut buf, &job_tx, &free_rx, &mut inflight);
+            let r = self.stream(&mut buf, &job_tx, &mut inflight);
             drop(job_tx);
             let counts = inflight.counts;
             drop(res_rx);
@@ -290,7 +383,7 @@ impl<S: FrameSink, R: FrameIn> Receiving<'_, S, R> {
         let restore = t_restore.elapsed();
         self.send(FrameKind::Ready, &protocol::encode_u64(digest))?;
 
-        let kind = self.recv(&mut buf, "waiting for Go")?;
+        let (_, kind) = self.recv(&mut buf, "waiting for Go")?;
         if kind != FrameKind::Go {
             return Err(MigrationError::UnexpectedFrame {
                 expected: "Go",
@@ -317,6 +410,7 @@ impl<S: FrameSink, R: FrameIn> Receiving<'_, S, R> {
                 rounds,
                 pages: counts,
                 wire_bytes: self.wire_bytes,
+                wire_bytes_per_lane: self.lane_bytes.clone(),
                 memory_digest: digest,
                 resumed_at_unix_ns: resumed_at,
                 verify,
@@ -326,46 +420,63 @@ impl<S: FrameSink, R: FrameIn> Receiving<'_, S, R> {
         ))
     }
 
-    /// Receive rounds until the Digest: returns (rounds, state blob, the
-    /// source's digest), with every page written.
+    /// Receive rounds until the Digest and every lane's last RoundEnd:
+    /// returns (rounds, state blob, the source's digest), with every page
+    /// written.
+    ///
+    /// Each lane ends each round with its own RoundEnd, behind that lane's
+    /// pages of the round. A page always travels on the same lane, so
+    /// waiting for all decodes in flight at any lane's RoundEnd (a barrier)
+    /// is enough to keep a page's copy from one round ahead of its copy
+    /// from the round before.
     fn stream(
         &mut self,
         buf: &mut Vec<u8>,
         jobs: &crossbeam_channel::Sender<Job>,
-        free: &Receiver<Vec<u8>>,
         inflight: &mut InFlight<'_>,
     ) -> Result<(u32, Vec<u8>, u64), MigrationError> {
-        let mut rounds = 0u32;
+        let mut lane_rounds = vec![0u32; self.inbound.lanes()];
         let mut state = None;
+        // The source's digest and the round count every lane must reach.
+        let mut digest: Option<(u64, u32)> = None;
         loop {
-            let (kind, unverified) = self.recv_maybe_unchecked(buf, "the page stream")?;
+            if let Some((digest, rounds)) = digest {
+                if lane_rounds.iter().all(|&r| r == rounds) {
+                    inflight.drain()?;
+                    let state = state.take().ok_or(MigrationError::UnexpectedFrame {
+                        expected: "VcpuState",
+                        got: FrameKind::Digest,
+                    })?;
+                    return Ok((rounds, state, digest));
+                }
+            }
+            let (lane, kind, unverified) = self.recv_maybe_unchecked(buf, "the page stream")?;
             match kind {
                 FrameKind::PageBatch => {
                     inflight.poll()?;
-                    let next = free.try_recv().unwrap_or_default();
-                    let batch = std::mem::replace(buf, next);
+                    let batch = std::mem::take(buf);
                     jobs.send(Job { unverified, batch })
                         .map_err(|_| MigrationError::WorkerPanicked)?;
                     inflight.outstanding += 1;
                 }
                 FrameKind::RoundEnd => {
                     let end = RoundEnd::decode(buf).map_err(MigrationError::Message)?;
-                    // Barrier: a page of the next round must not overtake
-                    // its copy from this round.
                     inflight.drain()?;
-                    if end.round != rounds {
+                    let expected = lane_rounds[lane];
+                    let past_digest = digest.is_some_and(|(_, rounds)| expected >= rounds);
+                    if end.round != expected || past_digest {
                         return Err(MigrationError::Message(protocol::MessageError {
                             message: "RoundEnd",
                             problem: format!(
-                                "round {} after round {}",
+                                "round {} on lane {lane} after round {}",
                                 end.round,
-                                rounds.wrapping_sub(1)
+                                expected.wrapping_sub(1)
                             ),
                         }));
                     }
-                    rounds += 1;
+                    lane_rounds[lane] += 1;
                 }
-                FrameKind::VcpuState => {
+                FrameKind::VcpuState if digest.is_none() => {
                     if buf.len() > protocol::MAX_STATE_BYTES {
                         return Err(MigrationError::Message(protocol::MessageError {
                             message: "VcpuState",
@@ -378,15 +489,15 @@ impl<S: FrameSink, R: FrameIn> Receiving<'_, S, R> {
                     }
                     state = Some(std::mem::take(buf));
                 }
-                FrameKind::Digest => {
-                    let digest =
-                        protocol::decode_u64("Digest", buf).map_err(MigrationError::Message)?;
-                    inflight.drain()?;
-                    let state = state.take().ok_or(MigrationError::UnexpectedFrame {
-                        expected: "VcpuState",
-                        got: FrameKind::Digest,
-                    })?;
-                    return Ok((rounds, state, digest));
+                FrameKind::Digest if digest.is_none() => {
+                    let d = protocol::decode_u64("Digest", buf).map_err(MigrationError::Message)?;
+                    if state.is_none() {
+                        return Err(MigrationError::UnexpectedFrame {
+                            expected: "VcpuState",
+                            got: FrameKind::Digest,
+                        });
+                    }
+                    digest = Some((d, lane_rounds[lane]));
                 }
                 other => {
                     return Err(MigrationError::UnexpectedFrame {

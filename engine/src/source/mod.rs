@@ -1,22 +1,20 @@
 //! The source side: rounds, stop-and-copy, handover.
 
 mod inbox;
+mod outbound;
 mod workers;
 
-use std::io::IoSlice;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ferry_dirtylog::{DirtyBitmap, DirtyLog, Reprotect};
-use ferry_transport::lanes::{LaneCloser, TokenBucket};
+use ferry_transport::lanes::TokenBucket;
 use ferry_transport::{
-    FrameConnection, FrameKind, FrameSink, FrameSource, TcpFrameConnection, TransportError,
+    FrameConnection, FrameKind, FrameSink, FrameSource, Lanes, TcpFrameConnection, TransportError,
     HEADER_LEN,
 };
-use ferry_transport::{Lane, Lanes};
 use tracing::{debug, info, warn};
 
 use crate::convergence::{ConvergenceController, Decision, RoundMeasurement};
@@ -29,8 +27,8 @@ use crate::progress::{HandoverStep, ProgressEvent};
 use crate::protocol::{self, Hello, HelloAck, RoundEnd, Running, STREAM_VERSION};
 use crate::summary::{DowntimeBreakdown, MigrationSummary};
 use crate::vm::MigratableVm;
-use crate::wire;
 use inbox::Inbox;
+use outbound::{LaneWriter, OutLane, Outbound};
 use workers::{run_worker, Chunk, WorkerContext, WorkerOutput, CHUNK_WORDS};
 
 /// How long a failed send waits for the destination's Abort reason.
@@ -70,38 +68,66 @@ impl SourceMigration {
         conn: TcpFrameConnection,
         progress: impl FnMut(ProgressEvent),
     ) -> Result<MigrationSummary, MigrationError> {
-        let closer = conn.writer.get_ref().try_clone().ok();
-        let raw = conn.writer.get_ref().try_clone().ok();
         let FrameConnection { reader, writer } = conn;
-        let result = self.run_inner(writer, reader, raw, progress);
-        if let Some(stream) = closer {
+        let stream = writer.into_inner();
+        let shutdown = stream.try_clone().ok();
+        let lane = OutLane {
+            writer: LaneWriter::Sealed(stream),
+            shutdown: shutdown.as_ref().and_then(|s| s.try_clone().ok()),
+        };
+        let result = self.run_inner(vec![lane], reader, progress);
+        if let Some(stream) = shutdown {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
         result
     }
 
     /// Migrate over a session of ferry lanes (plaintext or mutual TLS, see
-    /// `ferry_transport::LaneOptions`). All frames travel on lane 0 (the
-    /// control lane); further lanes are closed unused: striping pages over
-    /// lanes is not implemented yet, so open one lane.
+    /// `ferry_transport::LaneOptions`). Pages are striped over the lanes by
+    /// page index (`ferry_transport::lane_for_page`), each lane written by
+    /// its own thread; control frames travel on lane 0. Plaintext lanes get
+    /// their frames built and checksummed on the encoder threads.
     pub fn run_lanes(
         self,
         lanes: Lanes,
         progress: impl FnMut(ProgressEvent),
     ) -> Result<MigrationSummary, MigrationError> {
-        let (control, closers) = control_lane(lanes)?;
-        let (_, reader, writer) = control.into_parts();
-        let result = self.run_over(writer, reader, progress);
+        let mut closers = Vec::new();
+        let mut out = Vec::new();
+        let mut control = None;
+        let mut lane_bucket = None;
+        for lane in lanes.into_vec() {
+            closers.push(lane.closer().map_err(MigrationError::Send)?);
+            let shutdown = lane.socket_clone();
+            let (reader, writer) = if lane.is_plaintext() {
+                let (reader, raw) = lane.into_raw_parts().map_err(MigrationError::Send)?;
+                // The session's own cap, which the transport's writer would
+                // have charged.
+                lane_bucket = lane_bucket.or(raw.bucket);
+                (reader, LaneWriter::Sealed(raw.socket))
+            } else {
+                let (_, reader, writer) = lane.into_parts();
+                (reader, LaneWriter::Framed(Box::new(writer)))
+            };
+            control.get_or_insert(reader);
+            out.push(OutLane { writer, shutdown });
+        }
+        let Some(control) = control else {
+            return Err(MigrationError::PeerClosed {
+                during: "the lane handshake",
+            });
+        };
+        let result = self.run_inner_with(out, control, lane_bucket, progress);
         for closer in closers {
             closer.close();
         }
         result
     }
 
-    /// Migrate over any frame sink/source pair (the seam for lanes, TLS and
-    /// other transports). The reader is consumed by a thread that ends when
-    /// the source fails or closes; close the underlying connection after
-    /// this returns.
+    /// Migrate over any frame sink/source pair (the seam for other
+    /// transports). The reader is consumed by a thread that ends when the
+    /// source fails or closes; close the underlying connection after this
+    /// returns.
     pub fn run_over<W, R>(
         self,
         sink: W,
@@ -109,33 +135,56 @@ impl SourceMigration {
         progress: impl FnMut(ProgressEvent),
     ) -> Result<MigrationSummary, MigrationError>
     where
-        W: FrameSink,
+        W: FrameSink + Send + 'static,
         R: FrameSource + Send + 'static,
     {
-        self.run_inner(sink, source, None, progress)
+        let lane = OutLane {
+            writer: LaneWriter::Framed(Box::new(sink)),
+            shutdown: None,
+        };
+        self.run_inner(vec![lane], source, progress)
     }
 
-    /// `raw`: the socket under `sink` when it is plain TCP, for page frames
-    /// whose headers the encoder threads build (see `crate::wire`).
-    fn run_inner<W, R>(
+    fn run_inner<R>(
         self,
-        mut sink: W,
+        lanes: Vec<OutLane>,
         source: R,
-        raw: Option<TcpStream>,
+        progress: impl FnMut(ProgressEvent),
+    ) -> Result<MigrationSummary, MigrationError>
+    where
+        R: FrameSource + Send + 'static,
+    {
+        self.run_inner_with(lanes, source, None, progress)
+    }
+
+    /// `lane_bucket`: a bandwidth cap the lanes came with, used when the
+    /// options set none.
+    fn run_inner_with<R>(
+        self,
+        lanes: Vec<OutLane>,
+        source: R,
+        lane_bucket: Option<Arc<TokenBucket>>,
         mut progress: impl FnMut(ProgressEvent),
     ) -> Result<MigrationSummary, MigrationError>
     where
-        W: FrameSink,
         R: FrameSource + Send + 'static,
     {
+        let workers = self.opts.workers.max(1);
+        let (free_tx, free_rx) =
+            crossbeam_channel::bounded::<Vec<u8>>(8 * workers + 8 * lanes.len());
+        let bucket = self
+            .opts
+            .max_bandwidth
+            .map(|r| Arc::new(TokenBucket::with_rate(r)))
+            .or(lane_bucket);
+        let out = Outbound::spawn(lanes, bucket, &free_tx);
         let inbox = Inbox::spawn(source);
         let mut session = Session {
             vm: &*self.vm,
             opts: &self.opts,
-            sink: &mut sink,
-            raw,
+            out: &out,
+            free: &free_rx,
             inbox: &inbox,
-            bucket: self.opts.max_bandwidth.map(TokenBucket::with_rate),
             wire_bytes: 0,
             paused: false,
             go_sent: false,
@@ -146,20 +195,27 @@ impl SourceMigration {
         if let Err(e) = &result {
             session.recover(e, &mut progress);
         }
+        let grace = if result.is_ok() {
+            self.opts.handover_timeout
+        } else {
+            ABORT_GRACE
+        };
+        out.close(grace);
         // The inbox thread ends when the caller closes the connection.
         result
     }
 }
 
 /// State of one running migration.
-struct Session<'a, W: FrameSink> {
+struct Session<'a> {
     vm: &'a dyn MigratableVm,
     opts: &'a MigrationOptions,
-    sink: &'a mut W,
-    /// The plain TCP socket under `sink`, if that is what it is.
-    raw: Option<TcpStream>,
+    /// The lanes' writer threads.
+    out: &'a Outbound,
+    /// Sent batch buffers, back from the lane writers for reuse.
+    free: &'a Receiver<Vec<u8>>,
     inbox: &'a Inbox,
-    bucket: Option<TokenBucket>,
+    /// Bytes queued on the lanes so far.
     wire_bytes: u64,
     paused: bool,
     go_sent: bool,
@@ -180,8 +236,6 @@ struct RoundTotals {
 struct Pipeline<'a> {
     jobs: &'a Sender<Chunk>,
     results: &'a Receiver<WorkerOutput>,
-    /// Sent batch buffers go back to the encoders.
-    free: &'a Sender<Vec<u8>>,
 }
 
 /// How a round is sent.
@@ -201,35 +255,14 @@ fn unix_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-impl<W: FrameSink> Session<'_, W> {
+impl Session<'_> {
+    /// Queue a control frame on lane 0.
     fn send(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), MigrationError> {
-        if let Err(e) = self.sink.send_vectored(kind, 0, &[IoSlice::new(payload)]) {
+        if let Err(e) = self.out.send_frame(kind, payload.to_vec()) {
             return Err(self.send_failed(e));
         }
-        self.sent(HEADER_LEN + payload.len());
+        self.wire_bytes += (HEADER_LEN + payload.len()) as u64;
         Ok(())
-    }
-
-    /// Send a page batch; `sealed`: `bytes` is a complete frame the
-    /// encoder built for the plain TCP socket.
-    fn send_batch(&mut self, sealed: bool, bytes: &[u8]) -> Result<(), MigrationError> {
-        match (&mut self.raw, sealed) {
-            (Some(stream), true) => {
-                if let Err(e) = wire::write_sealed(stream, bytes) {
-                    return Err(self.send_failed(TransportError::Write(e)));
-                }
-                self.sent(bytes.len());
-                Ok(())
-            }
-            _ => self.send(FrameKind::PageBatch, bytes),
-        }
-    }
-
-    fn sent(&mut self, bytes: usize) {
-        self.wire_bytes += bytes as u64;
-        if let Some(bucket) = &self.bucket {
-            bucket.charge(bytes);
-        }
     }
 
     /// A destination that gives up says why before it closes: prefer its
@@ -245,11 +278,12 @@ impl<W: FrameSink> Session<'_, W> {
     /// unless GO was sent, drop the throttle.
     fn recover(&mut self, error: &MigrationError, progress: &mut impl FnMut(ProgressEvent)) {
         warn!(%error, "migration failed");
-        let _ = self.send(
+        // Best effort: a lane stuck on a peer that stopped reading must not
+        // keep the guest paused.
+        self.out.try_send_frame(
             FrameKind::Abort,
-            &protocol::encode_reason(&error.to_string()),
+            protocol::encode_reason(&error_chain(error)),
         );
-        let _ = self.sink.flush();
         if self.go_sent {
             return;
         }
@@ -301,7 +335,6 @@ impl<W: FrameSink> Session<'_, W> {
             FrameKind::Hello,
             &Hello::new(layout.clone(), offered).encode(),
         )?;
-        self.sink.flush().map_err(MigrationError::Send)?;
         let ack = self
             .inbox
             .expect(FrameKind::HelloAck, "HelloAck", self.opts.handover_timeout)?;
@@ -330,7 +363,6 @@ impl<W: FrameSink> Session<'_, W> {
         let cancel = AtomicBool::new(false);
         let memory = self.vm.memory();
         let workers = self.opts.workers.max(1);
-        let (free_tx, free_rx) = crossbeam_channel::bounded::<Vec<u8>>(8 * workers);
         let ctx = WorkerContext {
             memory,
             log,
@@ -338,8 +370,8 @@ impl<W: FrameSink> Session<'_, W> {
             cache: &cache,
             batch_bytes: self.opts.batch_bytes.clamp(PAGE_SIZE, 16 << 20),
             cancel: &cancel,
-            free: &free_rx,
-            frame_headers: self.raw.is_some(),
+            free: self.free,
+            out: self.out,
             lz4: features & protocol::FEATURE_LZ4 != 0,
         };
         progress(ProgressEvent::Started {
@@ -366,7 +398,6 @@ impl<W: FrameSink> Session<'_, W> {
             let pipeline = Pipeline {
                 jobs: &job_tx,
                 results: &out_rx,
-                free: &free_tx,
             };
             let result = self.rounds(layout, log, &hashes, dirty_log, &pipeline, progress);
             cancel.store(true, Ordering::Relaxed);
@@ -490,7 +521,6 @@ impl<W: FrameSink> Session<'_, W> {
         self.send(FrameKind::VcpuState, &state)?;
         let digest = hashes.digest(layout);
         self.send(FrameKind::Digest, &protocol::encode_u64(digest))?;
-        self.sink.flush().map_err(MigrationError::Send)?;
         let state_time = t_state.elapsed();
         progress(ProgressEvent::Handover {
             step: HandoverStep::StateSent,
@@ -512,7 +542,6 @@ impl<W: FrameSink> Session<'_, W> {
             step: HandoverStep::Ready,
         });
         self.send(FrameKind::Go, &[])?;
-        self.sink.flush().map_err(MigrationError::Send)?;
         self.go_sent = true;
         progress(ProgressEvent::Handover {
             step: HandoverStep::Go,
@@ -609,20 +638,27 @@ impl<W: FrameSink> Session<'_, W> {
         let mut last_progress = Instant::now();
         while done < chunks {
             match pipeline.results.recv_timeout(PROGRESS_EVERY) {
-                Ok(WorkerOutput::Batch { sealed, bytes }) => {
-                    self.send_batch(sealed, &bytes)?;
-                    let _ = pipeline.free.try_send(bytes);
-                }
-                Ok(WorkerOutput::ChunkDone { pages, counts }) => {
+                Ok(WorkerOutput::ChunkDone {
+                    pages,
+                    counts,
+                    wire_bytes,
+                }) => {
                     done += 1;
                     totals.pages += pages;
                     totals.counts.add(&counts);
+                    self.wire_bytes += wire_bytes;
+                }
+                Ok(WorkerOutput::Failed(MigrationError::Send(e))) => {
+                    return Err(self.send_failed(e))
                 }
                 Ok(WorkerOutput::Failed(e)) => return Err(e),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Err(MigrationError::WorkerPanicked),
             }
             self.inbox.check("the page stream")?;
+            if let Some(e) = self.out.failed() {
+                return Err(self.send_failed(e));
+            }
             if let Some(deadline) = mode.deadline {
                 if self.started.elapsed() >= deadline {
                     return Err(MigrationError::DeadlineExceeded {
@@ -642,33 +678,19 @@ impl<W: FrameSink> Session<'_, W> {
                 });
             }
         }
+        // Every lane ends the round behind its own pages of the round.
         let end = RoundEnd {
             round: mode.round,
             pages: totals.counts.sent(),
-        };
-        self.send(FrameKind::RoundEnd, &end.encode())?;
+        }
+        .encode();
+        if let Err(e) = self.out.broadcast(FrameKind::RoundEnd, &end) {
+            return Err(self.send_failed(e));
+        }
+        self.wire_bytes += (self.out.lanes() * (HEADER_LEN + end.len())) as u64;
         totals.wire_bytes = self.wire_bytes - wire_before;
         Ok(totals)
     }
-}
-
-/// Lane 0 of a session, and closers for every lane (lane 0 included) to
-/// call when the migration is over.
-pub(crate) fn control_lane(lanes: Lanes) -> Result<(Lane, Vec<LaneCloser>), MigrationError> {
-    let mut lanes = lanes.into_vec();
-    let closers = lanes
-        .iter()
-        .map(Lane::closer)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(MigrationError::Send)?;
-    if lanes.is_empty() {
-        return Err(MigrationError::PeerClosed {
-            during: "the lane handshake",
-        });
-    }
-    let control = lanes.swap_remove(0);
-    closers.iter().skip(1).for_each(LaneCloser::close);
-    Ok((control, closers))
 }
 
 /// An error and its sources on one line.

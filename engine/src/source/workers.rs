@@ -10,7 +10,8 @@ use std::sync::Mutex;
 
 use crossbeam_channel::{Receiver, Sender};
 use ferry_dirtylog::DirtyLog;
-use ferry_transport::{FrameKind, TransportError};
+use ferry_transport::lanes::STRIPE_PAGES;
+use ferry_transport::{lane_for_page, FrameKind, TransportError, HEADER_LEN};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::digest::PageHashes;
@@ -22,9 +23,14 @@ use crate::error::MigrationError;
 use crate::vm::GuestMemoryMmap;
 use crate::wire;
 
-/// Dirty-bitmap words per chunk: 64 words = 4096 pages = 16 MiB of guest
-/// memory, re-protected with one call.
-pub(crate) const CHUNK_WORDS: usize = 64;
+use super::outbound::Outbound;
+
+/// Dirty-bitmap words per chunk: 16 words = 1024 pages = 4 MiB of guest
+/// memory, re-protected with one call. A chunk is exactly one lane stripe,
+/// so all its pages travel on one lane.
+pub(crate) const CHUNK_WORDS: usize = 16;
+
+const _: () = assert!(CHUNK_WORDS as u64 * 64 == STRIPE_PAGES);
 
 /// A piece of a round's work: the dirty pages of `words`, starting at
 /// page `first_page` (a multiple of 64).
@@ -40,18 +46,17 @@ pub(crate) struct Chunk {
     pub use_delta: bool,
 }
 
-/// What workers hand back.
+/// What workers hand back (their batches go straight to the lanes).
 #[derive(Debug)]
 pub(crate) enum WorkerOutput {
-    /// A finished page batch to send: a complete frame when `sealed`
-    /// (see `crate::wire`), else the bare batch.
-    Batch { sealed: bool, bytes: Vec<u8> },
-    /// A chunk is done.
+    /// A chunk is done: its batches are queued on its lane.
     ChunkDone {
         /// Dirty pages the chunk covered.
         pages: u64,
         /// How they went.
         counts: EncodingCounts,
+        /// Frame bytes queued for it.
+        wire_bytes: u64,
     },
     /// A chunk failed; the migration must stop.
     Failed(MigrationError),
@@ -67,24 +72,27 @@ pub(crate) struct WorkerContext<'a> {
     pub cancel: &'a AtomicBool,
     /// Sent batch buffers, back for reuse.
     pub free: &'a Receiver<Vec<u8>>,
-    /// Build each batch's complete frame (checksum included) here, off the
-    /// sending thread.
-    pub frame_headers: bool,
+    /// The lanes. When every lane is a plaintext socket, each batch's
+    /// complete frame (checksum included) is built here, off the lane's
+    /// writer thread.
+    pub out: &'a Outbound,
     /// LZ4 was negotiated.
     pub lz4: bool,
 }
 
-/// A finished batch as the sending thread wants it.
-fn finished(ctx: &WorkerContext<'_>, batch: BatchBuilder) -> Result<WorkerOutput, MigrationError> {
+/// Queue a finished batch on `lane`; returns the frame's size.
+fn queue(ctx: &WorkerContext<'_>, lane: usize, batch: BatchBuilder) -> Result<u64, MigrationError> {
     let mut bytes = batch.finish();
-    if ctx.frame_headers {
+    let sealed = ctx.out.sealed();
+    if sealed {
         wire::seal(&mut bytes, FrameKind::PageBatch)
             .map_err(|e| MigrationError::Send(TransportError::Encode(e)))?;
     }
-    Ok(WorkerOutput::Batch {
-        sealed: ctx.frame_headers,
-        bytes,
-    })
+    let len = bytes.len() + if sealed { 0 } else { HEADER_LEN };
+    ctx.out
+        .send_batch(lane, sealed, bytes, ctx.cancel)
+        .map_err(MigrationError::Send)?;
+    Ok(len as u64)
 }
 
 /// Run one worker until the job channel closes or the output channel is
@@ -123,8 +131,10 @@ fn encode_chunk(
         log.reprotect(first, &chunk.words)
             .map_err(MigrationError::DirtyLog)?;
     }
+    let lane = lane_for_page(chunk.first_page, ctx.out.lanes());
+    let mut wire_bytes = 0u64;
     let capacity = ctx.batch_bytes + PAGE_SIZE + 64;
-    let headroom = if ctx.frame_headers {
+    let headroom = if ctx.out.sealed() {
         wire::FRAME_HEADROOM
     } else {
         0
@@ -156,14 +166,18 @@ fn encode_chunk(
             ctx.hashes.set(index, hash);
             if batch.is_full(MAX_BATCH_PAGES, ctx.batch_bytes) {
                 let full = std::mem::replace(&mut batch, new_batch());
-                if out.send(finished(ctx, full)?).is_err() {
-                    return Ok(false);
-                }
+                wire_bytes += queue(ctx, lane, full)?;
             }
         }
     }
-    if !batch.is_empty() && out.send(finished(ctx, batch)?).is_err() {
-        return Ok(false);
+    if !batch.is_empty() {
+        wire_bytes += queue(ctx, lane, batch)?;
     }
-    Ok(out.send(WorkerOutput::ChunkDone { pages, counts }).is_ok())
+    Ok(out
+        .send(WorkerOutput::ChunkDone {
+            pages,
+            counts,
+            wire_bytes,
+        })
+        .is_ok())
 }

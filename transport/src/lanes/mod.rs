@@ -31,9 +31,10 @@ use crate::frame::FrameKind;
 use crate::security::Security;
 use crate::stream::{FrameReader, FrameSink, FrameSource, FrameWriter};
 
-/// Pages per stripe: 64 pages (one dirty-bitmap word) go to the same lane, so
-/// a worker owns whole bitmap words and batches stay contiguous.
-pub const STRIPE_PAGES: u64 = 64;
+/// Pages per stripe: 1024 pages (4 MiB, sixteen dirty-bitmap words) go to the
+/// same lane, so one encoder's unit of work (whole bitmap words, re-protected
+/// with one call) travels on one lane and batches stay contiguous.
+pub const STRIPE_PAGES: u64 = 1024;
 
 /// The lane that carries guest page `page` in a session of `lanes` lanes.
 pub fn lane_for_page(page: u64, lanes: usize) -> usize {
@@ -164,6 +165,18 @@ impl Lane {
     /// This lane's index in its session.
     pub fn index(&self) -> u16 {
         self.index
+    }
+
+    /// Whether the lane is plaintext TCP (then [`Lane::into_raw_parts`]
+    /// succeeds and frames may be written to the socket directly).
+    pub fn is_plaintext(&self) -> bool {
+        self.plaintext
+    }
+
+    /// A second handle on the lane's TCP socket (e.g. to shut it down from
+    /// another thread), if the system gives one.
+    pub fn socket_clone(&self) -> Option<TcpStream> {
+        self.socket.try_clone().ok()
     }
 
     /// A handle that can shut this lane down from another thread.

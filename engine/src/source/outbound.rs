@@ -1,0 +1,335 @@
+//! The source's lanes: one writer thread per lane, fed by a bounded queue.
+//!
+//! Encoder threads queue their batches straight on the lane that carries
+//! their pages (`ferry_transport::lane_for_page`: a page always travels on
+//! the same lane, so per-lane order keeps a newer copy behind an older one);
+//! control frames (Hello, RoundEnd, state, digest, Go, Abort) go on lane 0.
+//! A full queue blocks the producer (back-pressure), and every writer charges
+//! the session's one [`TokenBucket`], so `--max-bandwidth` caps all lanes
+//! together.
+
+use std::io::{IoSlice, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
+use ferry_transport::frame::encode_header;
+use ferry_transport::lanes::TokenBucket;
+use ferry_transport::{FrameKind, FrameSink, TransportError};
+
+/// Frames a lane's queue holds before its producers wait.
+const QUEUE_DEPTH: usize = 4;
+
+/// How often a producer waiting on a full queue checks for cancellation.
+const CANCEL_POLL: Duration = Duration::from_millis(50);
+
+/// How a lane writes.
+pub(crate) enum LaneWriter {
+    /// A plaintext TCP socket: page batches arrive as complete frames whose
+    /// checksum an encoder thread computed (see `crate::wire`).
+    Sealed(TcpStream),
+    /// Any frame sink (TLS, or a caller's transport): it frames and
+    /// checksums each payload itself.
+    Framed(Box<dyn FrameSink + Send>),
+}
+
+impl LaneWriter {
+    fn write_frame(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), TransportError> {
+        match self {
+            LaneWriter::Sealed(stream) => {
+                let header = encode_header(kind, 0, &[IoSlice::new(payload)])
+                    .map_err(TransportError::Encode)?;
+                write_all_vectored(stream, &header, payload).map_err(TransportError::Write)
+            }
+            LaneWriter::Framed(sink) => sink.send_vectored(kind, 0, &[IoSlice::new(payload)]),
+        }
+    }
+
+    fn write_batch(&mut self, sealed: bool, bytes: &[u8]) -> Result<(), TransportError> {
+        match self {
+            LaneWriter::Sealed(stream) if sealed => {
+                stream.write_all(bytes).map_err(TransportError::Write)
+            }
+            _ => self.write_frame(FrameKind::PageBatch, bytes),
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), TransportError> {
+        match self {
+            LaneWriter::Sealed(_) => Ok(()),
+            LaneWriter::Framed(sink) => sink.flush(),
+        }
+    }
+}
+
+/// Header and payload with as few system calls as the socket allows.
+fn write_all_vectored(
+    stream: &mut TcpStream,
+    header: &[u8],
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let total = header.len() + payload.len();
+    let mut done = 0;
+    while done < total {
+        let n = if done < header.len() {
+            stream.write_vectored(&[IoSlice::new(&header[done..]), IoSlice::new(payload)])
+        } else {
+            stream.write(&payload[done - header.len()..])
+        };
+        match n {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One lane as the source's outbound side takes it.
+pub(crate) struct OutLane {
+    /// How frames are written.
+    pub writer: LaneWriter,
+    /// Shuts the lane's socket down, to unblock a writer stuck on a peer
+    /// that stopped reading.
+    pub shutdown: Option<TcpStream>,
+}
+
+/// Something queued on a lane.
+enum Outgoing {
+    Frame { kind: FrameKind, payload: Vec<u8> },
+    Batch { sealed: bool, bytes: Vec<u8> },
+}
+
+type ErrorSlot = Arc<Mutex<Option<TransportError>>>;
+
+/// The writer threads of a session's lanes.
+pub(crate) struct Outbound {
+    queues: Vec<Sender<Outgoing>>,
+    errors: Vec<ErrorSlot>,
+    threads: Vec<JoinHandle<()>>,
+    shutdowns: Vec<TcpStream>,
+    done: Receiver<()>,
+    sealed: bool,
+}
+
+impl Outbound {
+    /// Start one writer thread per lane. Sent batch buffers go back to
+    /// `free`; every written byte is charged to `bucket`.
+    pub(crate) fn spawn(
+        lanes: Vec<OutLane>,
+        bucket: Option<Arc<TokenBucket>>,
+        free: &Sender<Vec<u8>>,
+    ) -> Self {
+        let sealed = !lanes.is_empty()
+            && lanes
+                .iter()
+                .all(|l| matches!(l.writer, LaneWriter::Sealed(_)));
+        let (done_tx, done) = crossbeam_channel::unbounded();
+        let mut out = Outbound {
+            queues: Vec::with_capacity(lanes.len()),
+            errors: Vec::with_capacity(lanes.len()),
+            threads: Vec::with_capacity(lanes.len()),
+            shutdowns: Vec::new(),
+            done,
+            sealed,
+        };
+        for (i, lane) in lanes.into_iter().enumerate() {
+            let (tx, rx) = crossbeam_channel::bounded::<Outgoing>(QUEUE_DEPTH);
+            let slot = ErrorSlot::default();
+            let (bucket, free, done_tx, thread_slot) = (
+                bucket.clone(),
+                free.clone(),
+                done_tx.clone(),
+                Arc::clone(&slot),
+            );
+            let mut writer = lane.writer;
+            let handle = std::thread::Builder::new()
+                .name(format!("ferry-send-{i}"))
+                .spawn(move || {
+                    if let Err(e) = drain_queue(&mut writer, &rx, bucket.as_deref(), &free) {
+                        *thread_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    }
+                    let _ = done_tx.send(());
+                })
+                .expect("spawn a lane writer thread");
+            out.queues.push(tx);
+            out.errors.push(slot);
+            out.threads.push(handle);
+            out.shutdowns.extend(lane.shutdown);
+        }
+        out
+    }
+
+    /// Number of lanes.
+    pub(crate) fn lanes(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Whether encoders should build complete frames (every lane is a
+    /// plaintext socket).
+    pub(crate) fn sealed(&self) -> bool {
+        self.sealed
+    }
+
+    /// Queue a control frame on lane 0.
+    pub(crate) fn send_frame(
+        &self,
+        kind: FrameKind,
+        payload: Vec<u8>,
+    ) -> Result<(), TransportError> {
+        self.queue(0, Outgoing::Frame { kind, payload })
+    }
+
+    /// Queue a frame on every lane (round markers).
+    pub(crate) fn broadcast(&self, kind: FrameKind, payload: &[u8]) -> Result<(), TransportError> {
+        (0..self.lanes()).try_for_each(|lane| {
+            self.queue(
+                lane,
+                Outgoing::Frame {
+                    kind,
+                    payload: payload.to_vec(),
+                },
+            )
+        })
+    }
+
+    /// Queue a control frame on lane 0 if there is room at once (for an
+    /// Abort after a failure: the lane may be stuck).
+    pub(crate) fn try_send_frame(&self, kind: FrameKind, payload: Vec<u8>) -> bool {
+        self.queues
+            .first()
+            .is_some_and(|q| q.try_send(Outgoing::Frame { kind, payload }).is_ok())
+    }
+
+    /// Queue a page batch on `lane` (a complete frame when `sealed`),
+    /// waiting while the lane's queue is full unless `cancel` is set.
+    pub(crate) fn send_batch(
+        &self,
+        lane: usize,
+        sealed: bool,
+        bytes: Vec<u8>,
+        cancel: &AtomicBool,
+    ) -> Result<(), TransportError> {
+        let q = self
+            .queues
+            .get(lane)
+            .ok_or(TransportError::NoSuchLane { lane })?;
+        let mut item = Outgoing::Batch { sealed, bytes };
+        loop {
+            match q.send_timeout(item, CANCEL_POLL) {
+                Ok(()) => return Ok(()),
+                Err(SendTimeoutError::Disconnected(_)) => return Err(self.error(lane)),
+                Err(SendTimeoutError::Timeout(back)) => {
+                    if cancel.load(Ordering::Relaxed) {
+                        return Err(TransportError::LaneClosed { lane });
+                    }
+                    item = back;
+                }
+            }
+        }
+    }
+
+    fn queue(&self, lane: usize, item: Outgoing) -> Result<(), TransportError> {
+        let q = self
+            .queues
+            .get(lane)
+            .ok_or(TransportError::NoSuchLane { lane })?;
+        q.send(item).map_err(|_| self.error(lane))
+    }
+
+    /// Why `lane`'s writer stopped.
+    fn error(&self, lane: usize) -> TransportError {
+        let e = self.errors[lane]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match e {
+            Some(e) => TransportError::Lane {
+                lane,
+                source: Box::new(e),
+            },
+            None => TransportError::LaneClosed { lane },
+        }
+    }
+
+    /// The first error a writer thread stopped with, if any, without waiting.
+    pub(crate) fn failed(&self) -> Option<TransportError> {
+        (0..self.lanes()).find_map(|lane| {
+            let mut slot = self.errors[lane].lock().unwrap_or_else(|p| p.into_inner());
+            slot.take().map(|e| TransportError::Lane {
+                lane,
+                source: Box::new(e),
+            })
+        })
+    }
+
+    /// Let the writers send what is queued, for up to `grace`; then shut
+    /// the sockets down (a peer that stopped reading must not hold the
+    /// source forever) and wait for the threads.
+    pub(crate) fn close(self, grace: Duration) {
+        let Outbound {
+            queues,
+            threads,
+            shutdowns,
+            done,
+            ..
+        } = self;
+        drop(queues);
+        let until = Instant::now() + grace;
+        let mut finished = 0;
+        while finished < threads.len() {
+            match done.recv_deadline(until) {
+                Ok(()) => finished += 1,
+                Err(_) => break,
+            }
+        }
+        if finished < threads.len() {
+            for s in &shutdowns {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A lane writer's loop: write what comes, flush when the queue runs dry.
+fn drain_queue(
+    writer: &mut LaneWriter,
+    rx: &Receiver<Outgoing>,
+    bucket: Option<&TokenBucket>,
+    free: &Sender<Vec<u8>>,
+) -> Result<(), TransportError> {
+    for item in rx.iter() {
+        let len = match item {
+            Outgoing::Frame { kind, payload } => {
+                writer.write_frame(kind, &payload)?;
+                ferry_transport::HEADER_LEN + payload.len()
+            }
+            Outgoing::Batch { sealed, bytes } => {
+                writer.write_batch(sealed, &bytes)?;
+                let len = bytes.len()
+                    + if sealed {
+                        0
+                    } else {
+                        ferry_transport::HEADER_LEN
+                    };
+                let _ = free.try_send(bytes);
+                len
+            }
+        };
+        if let Some(b) = bucket {
+            b.charge(len);
+        }
+        if rx.is_empty() {
+            writer.flush()?;
+        }
+    }
+    writer.flush()
+}
