@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ferry_engine::{MigrationError, MigrationOptions, SourceMigration};
-use ferry_transport::{default_lane_count, LaneOptions, Lanes};
+use ferry_transport::{default_lane_count, LaneOptions, Lanes, TransportError};
 use ferry_vm::Vm;
 use serde::{Deserialize, Serialize};
 
@@ -294,8 +294,15 @@ fn connect_lanes(req: &MigrateRequest) -> anyhow::Result<Lanes> {
         ..LaneOptions::new(lanes, security)
     };
     Lanes::connect(req.to.as_str(), &opts).map_err(|e| {
+        // TCP worked but the lane handshake did not: most often the two ends
+        // chose differently (plaintext against TLS) or trust different CAs.
+        let hint = if matches!(e, TransportError::Connect { .. }) {
+            ""
+        } else {
+            "; both ends must make the same security choice: TLS with certificates from one CA, or --insecure on both"
+        };
         anyhow::anyhow!(
-            "cannot connect to the destination {} ({lanes} lanes, {}): {}",
+            "cannot connect to the destination {} ({lanes} lanes, {}): {}{hint}",
             req.to,
             spec.describe(),
             error_chain(&e)

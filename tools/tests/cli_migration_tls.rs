@@ -119,6 +119,17 @@ fn a_destination_from_another_ca_is_refused_and_the_guest_stays() {
     assert!(events(&out, "connected").next().is_none());
     assert_runs_on_source(&p);
 
+    // Plaintext against a TLS destination: refused, and the message says
+    // both ends must choose alike.
+    let out = p.migrate(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("same security choice") && err.contains("still running on the source"),
+        "{err}"
+    );
+    assert_runs_on_source(&p);
+
     // A request that chooses no security is refused by the source itself.
     let reply = raw_request(
         &p.api("src"),
