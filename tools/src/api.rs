@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ferry_engine::{MigrationError, MigrationOptions, SourceMigration};
+use ferry_transport::lanes::MAX_LANES;
 use ferry_transport::{default_lane_count, LaneOptions, Lanes, TransportError};
 use ferry_vm::Vm;
 use serde::{Deserialize, Serialize};
@@ -289,6 +290,9 @@ fn connect_lanes(req: &MigrateRequest) -> anyhow::Result<Lanes> {
     };
     let security = spec.load()?;
     let lanes = req.lanes.unwrap_or_else(default_lane_count);
+    if !(1..=MAX_LANES).contains(&lanes) {
+        bail!("{lanes} lanes asked for: want 1 to {MAX_LANES}");
+    }
     let opts = LaneOptions {
         max_bandwidth: None,
         ..LaneOptions::new(lanes, security)

@@ -141,6 +141,14 @@ fn a_destination_from_another_ca_is_refused_and_the_guest_stays() {
         "{reply}"
     );
     assert_eq!(reply["guest"], "here", "{reply}");
+    let reply = raw_request(
+        &p.api("src"),
+        &serde_json::json!({"op": "migrate", "to": p.addr, "lanes": 0, "security": {"mode": "insecure"}}),
+    );
+    assert!(
+        reply["error"].as_str().unwrap().contains("want 1 to 64"),
+        "{reply}"
+    );
     assert_runs_on_source(&p);
 
     // The refused stranger did not end the destination: the right
