@@ -18,6 +18,14 @@ impl MigratableVm for Vm {
         Ok(Vm::resume(self)?)
     }
 
+    fn prepare_resume(&self) {
+        Vm::prepare_resume(self);
+    }
+
+    fn resumed_at_unix_ns(&self) -> Option<u64> {
+        Some(Vm::resumed_at_unix_ns(self)).filter(|&t| t != 0)
+    }
+
     fn save_state(&self) -> Result<Vec<u8>, VmOpError> {
         Ok(Vm::save_state(self)?)
     }

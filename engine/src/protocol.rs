@@ -26,6 +26,16 @@
 //! destination accepts the subset it decodes, the source uses only those;
 //! the destination refuses a page in an encoding it did not accept.
 //!
+//! Over several lanes, pages travel on the lane of their 4 MiB stripe,
+//! every lane carries every `RoundEnd` (behind its own pages of the round),
+//! and everything else travels on lane 0.
+//!
+//! The memory digest (version 2) is the wrapping sum over pages of
+//! `xxh3_64(page hash, seed = page index)`, with a page's hash the xxh3-64
+//! of its last content sent (source) or written (destination) and pages
+//! never sent adding nothing (see `crate::digest`). Version 1 hashed the
+//! table of page hashes in page order at the handover.
+//!
 //! Version rule: a Hello whose stream version differs from
 //! [`STREAM_VERSION`] is refused with an Abort naming both versions (the
 //! frame format itself is versioned by the transport).
@@ -34,7 +44,7 @@ use crate::encode::PAGE_SIZE;
 use crate::layout::{MemoryLayout, MemoryRegion, MAX_REGIONS};
 
 /// Version of the migration stream described here.
-pub const STREAM_VERSION: u32 = 1;
+pub const STREAM_VERSION: u32 = 2;
 
 /// Longest Abort reason kept.
 pub const MAX_REASON_BYTES: usize = 4096;

@@ -23,6 +23,16 @@ pub trait MigratableVm: Send + Sync {
     fn pause(&self) -> Result<(), VmOpError>;
     /// Let the vCPUs run again.
     fn resume(&self) -> Result<(), VmOpError>;
+    /// Hint that `resume` comes within a few hundred milliseconds (the
+    /// destination calls it when the last pages are in): a VMM can wake its
+    /// vCPU threads now so that the resume, which is downtime, is quick.
+    fn prepare_resume(&self) {}
+    /// When the last `resume` took effect (the vCPUs entered the guest), ns
+    /// since the Unix epoch on the realtime clock, if the VMM knows; else
+    /// the engine takes the instant `resume` returned.
+    fn resumed_at_unix_ns(&self) -> Option<u64> {
+        None
+    }
     /// The vCPU and device state as an opaque blob; the VM is paused.
     fn save_state(&self) -> Result<Vec<u8>, VmOpError>;
     /// Load a blob from `save_state` of the source VM; the VM is paused.

@@ -7,7 +7,7 @@
 
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -71,6 +71,36 @@ fn install_kick_handler() {
 /// Called by the vCPU thread on `KVM_EXIT_DIRTY_RING_FULL`.
 pub type RingFullHook = Box<dyn FnMut() + Send>;
 
+/// How long an armed ([`VcpuThread::prepare_resume`]) parked vCPU thread
+/// polls for Run before it goes back to sleep.
+const HOT_POLL: Duration = Duration::from_millis(200);
+
+/// The armed thread's nap between two looks at the request.
+const HOT_NAP: Duration = Duration::from_micros(20);
+
+/// Check `done` until it holds or `limit` passes, napping `nap` between
+/// checks. Naps, not `sched_yield`: a yielding poller can keep the thread it
+/// waits for off a shared core for a whole time slice (milliseconds, seen
+/// here), while a sleeping one never holds a core.
+fn poll_for(limit: Duration, nap: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        if done() {
+            return true;
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(nap);
+    }
+}
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// Shared between the vCPU thread and its controller.
 pub struct VcpuControl {
     request: AtomicU8,
@@ -78,6 +108,12 @@ pub struct VcpuControl {
     throttle: AtomicU8,
     state: Mutex<RunState>,
     changed: Condvar,
+    /// Armed by [`VcpuThread::prepare_resume`]: the parked thread polls for
+    /// the next Run instead of sleeping on the condvar.
+    hot: AtomicBool,
+    /// When the thread last left the parked state to run the guest, ns
+    /// since the Unix epoch.
+    resumed_at: AtomicU64,
     /// The vCPU fd; the thread holds the lock while it runs the guest.
     pub(crate) fd: Mutex<VcpuFd>,
     /// Called on `KVM_EXIT_DIRTY_RING_FULL` to drain the ring.
@@ -102,6 +138,8 @@ impl VcpuControl {
             throttle: AtomicU8::new(0),
             state: Mutex::new(RunState::Paused),
             changed: Condvar::new(),
+            hot: AtomicBool::new(false),
+            resumed_at: AtomicU64::new(0),
             fd: Mutex::new(fd),
             ring_full: Mutex::new(None),
             exited: AtomicBool::new(false),
@@ -222,6 +260,21 @@ impl VcpuThread {
         }
     }
 
+    /// When the vCPU thread last went from parked to running the guest (ns
+    /// since the Unix epoch; 0 before the first run): the instant a resume
+    /// took effect, which the caller of `resume` may see only later.
+    pub fn resumed_at_unix_ns(&self) -> u64 {
+        self.ctl.resumed_at.load(Ordering::Acquire)
+    }
+
+    /// Hint that [`VcpuThread::resume`] comes within a few hundred
+    /// milliseconds: the parked vCPU thread wakes now and polls for it, so
+    /// the resume does not wait for a sleeping thread to be scheduled.
+    pub fn prepare_resume(&self) {
+        self.ctl.hot.store(true, Ordering::Release);
+        self.ctl.changed.notify_all();
+    }
+
     /// The vCPU fd, for state save/restore; only while paused.
     pub fn fd(&self) -> Option<MutexGuard<'_, VcpuFd>> {
         match self.ctl.state() {
@@ -290,11 +343,18 @@ fn run_loop(ctl: &VcpuControl) {
                             *st = RunState::Paused;
                             ctl.changed.notify_all();
                         }
+                        if ctl.hot.swap(false, Ordering::AcqRel) {
+                            drop(st);
+                            poll_for(HOT_POLL, HOT_NAP, || ctl.request() != Request::Pause);
+                            st = ctl.state.lock().expect("vcpu state lock");
+                            continue;
+                        }
                         st = ctl.changed.wait(st).expect("vcpu state lock");
                     }
                 }
             }
             *st = RunState::Running;
+            ctl.resumed_at.store(unix_ns(), Ordering::Release);
             ctl.changed.notify_all();
         }
         let mut fd = ctl.fd.lock().expect("vcpu fd lock");

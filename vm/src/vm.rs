@@ -242,6 +242,19 @@ impl Vm {
         self.vcpu.resume().map_err(VmError::VcpuGone)
     }
 
+    /// Hint that [`Vm::resume`] comes soon (e.g. a migration's handover):
+    /// the paused vCPU thread gets ready so that the resume is quick.
+    pub fn prepare_resume(&self) {
+        self.vcpu.prepare_resume();
+    }
+
+    /// When the guest last started running after a pause (ns since the Unix
+    /// epoch, realtime clock; 0 before it first ran): the instant
+    /// [`Vm::resume`] took effect on the vCPU thread.
+    pub fn resumed_at_unix_ns(&self) -> u64 {
+        self.vcpu.resumed_at_unix_ns()
+    }
+
     /// Where the vCPU is.
     pub fn run_state(&self) -> RunState {
         self.vcpu.ctl.state()

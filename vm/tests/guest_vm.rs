@@ -69,6 +69,56 @@ fn paused_guest_stands_still_and_resumes() {
     wait_heartbeat_above(&vm, a.heartbeat);
 }
 
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+#[test]
+fn a_resume_prepared_in_advance_runs_the_guest_and_says_when() {
+    if !kvm_or_skip(module_path!()) {
+        return;
+    }
+    let vm = boot(32, "rate=2000 tsc_khz=2300000");
+    wait_heartbeat_above(&vm, 5);
+    let first_run = vm.resumed_at_unix_ns();
+    assert!(first_run > 0, "the boot's own run is recorded");
+    for _ in 0..3 {
+        vm.pause().unwrap();
+        let a = vm.status();
+        vm.prepare_resume();
+        // Longer than a nap, shorter than the prepared window: the vCPU
+        // thread is polling, not running the guest.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            vm.run_state(),
+            RunState::Paused,
+            "prepare_resume must not resume"
+        );
+        assert_eq!(vm.status(), a, "a prepared guest must stay paused");
+        let before = unix_ns();
+        vm.resume().unwrap();
+        let after = unix_ns();
+        let at = vm.resumed_at_unix_ns();
+        assert!(
+            (before..=after).contains(&at),
+            "resumed at {at}, outside the resume call {before}..={after}"
+        );
+        wait_heartbeat_above(&vm, a.heartbeat);
+    }
+    // A preparation that no resume follows lapses; the guest stays paused
+    // and a later resume still works.
+    vm.pause().unwrap();
+    vm.prepare_resume();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(vm.run_state(), RunState::Paused);
+    let a = vm.status();
+    vm.resume().unwrap();
+    wait_heartbeat_above(&vm, a.heartbeat);
+}
+
 #[test]
 fn saved_state_resumes_in_a_second_vm() {
     if !kvm_or_skip(module_path!()) {

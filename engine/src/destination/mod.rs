@@ -238,7 +238,9 @@ impl<S: FrameSink> Receiving<'_, S> {
             Err(e) => return Err(self.lane_failed(event.lane, e, during)),
         };
         let spent = std::mem::replace(buf, payload);
-        let _ = self.free.try_send(spent);
+        if spent.capacity() > 0 {
+            let _ = self.free.try_send(spent);
+        }
         let lane = event.lane;
         let prefix = if verified { 0 } else { PREFIX_LEN };
         let frame_bytes = (HEADER_LEN + buf.len() - prefix) as u64;
@@ -367,9 +369,11 @@ impl<S: FrameSink> Receiving<'_, S> {
             r.map(|(rounds, state, digest)| (rounds, state, digest, counts))
         });
         let (rounds, state, source_digest, counts) = outcome?;
+        // Go comes after one round trip: have the vCPU ready for it.
+        vm.prepare_resume();
 
         let t_verify = Instant::now();
-        let digest = hashes.digest(&layout);
+        let digest = hashes.digest();
         let verify = t_verify.elapsed();
         if digest != source_digest {
             return Err(MigrationError::DigestMismatch {
@@ -390,14 +394,21 @@ impl<S: FrameSink> Receiving<'_, S> {
                 got: kind,
             });
         }
-        let t_go = Instant::now();
+        let go_at = unix_ns();
         vm.resume().map_err(MigrationError::Resume)?;
-        let resumed_at = unix_ns();
+        let returned_at = unix_ns();
+        // The guest runs from when its vCPUs entered it, which the VMM may
+        // know more precisely than this thread's return (a busy core can
+        // keep this thread waiting after the guest already runs).
+        let resumed_at = vm
+            .resumed_at_unix_ns()
+            .filter(|&t| t >= go_at && t <= returned_at)
+            .unwrap_or(returned_at);
         let running = Running {
             resumed_at_unix_ns: resumed_at,
             verify_ns: nanos(verify),
             restore_ns: nanos(restore),
-            resume_ns: nanos(t_go.elapsed()),
+            resume_ns: resumed_at.saturating_sub(go_at),
         };
         // The guest runs here now, whatever happens to this message.
         if let Err(e) = self.send(FrameKind::Running, &running.encode()) {

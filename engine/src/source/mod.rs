@@ -519,7 +519,7 @@ impl Session<'_> {
         let t_state = Instant::now();
         let state = self.vm.save_state().map_err(MigrationError::SaveState)?;
         self.send(FrameKind::VcpuState, &state)?;
-        let digest = hashes.digest(layout);
+        let digest = hashes.digest();
         self.send(FrameKind::Digest, &protocol::encode_u64(digest))?;
         let state_time = t_state.elapsed();
         progress(ProgressEvent::Handover {

@@ -144,6 +144,7 @@ fn encode_chunk(
     let mut batch = new_batch();
     let mut counts = EncodingCounts::default();
     let mut pages = 0u64;
+    let mut digest_delta = 0u64;
     let delta = chunk.use_delta.then_some(ctx.cache);
     for (i, &word) in chunk.words.iter().enumerate() {
         let mut bits = word;
@@ -163,7 +164,7 @@ fn encode_chunk(
                 continue;
             }
             counts.count(encoder.encode_slot(index, delta, &mut batch));
-            ctx.hashes.set(index, hash);
+            ctx.hashes.set_deferred(index, hash, &mut digest_delta);
             if batch.is_full(MAX_BATCH_PAGES, ctx.batch_bytes) {
                 let full = std::mem::replace(&mut batch, new_batch());
                 wire_bytes += queue(ctx, lane, full)?;
@@ -173,6 +174,7 @@ fn encode_chunk(
     if !batch.is_empty() {
         wire_bytes += queue(ctx, lane, batch)?;
     }
+    ctx.hashes.add_to_digest(digest_delta);
     Ok(out
         .send(WorkerOutput::ChunkDone {
             pages,
