@@ -140,7 +140,7 @@ pub fn decide(
         state.bandwidth
     };
     let bytes_per_page = if round.pages_sent == 0 {
-        (PAGE_SIZE + crate::encode::batch::ENTRY_HEADER_BYTES) as u64
+        (PAGE_SIZE + crate::encode::batch::ENTRY_BYTES) as u64
     } else {
         round.wire_bytes.div_ceil(round.pages_sent)
     };

@@ -13,12 +13,10 @@
 use std::io::{self, Read};
 use std::net::TcpStream;
 
-use ferry_transport::frame::{FrameError, MAGIC};
-use ferry_transport::{
-    FrameHeader, FrameKind, FrameSource, TransportError, HEADER_LEN, MAX_PAYLOAD_LEN,
-    PROTOCOL_VERSION,
-};
-use xxhash_rust::xxh3::xxh3_64;
+use std::io::IoSlice;
+
+use ferry_transport::frame::{encode_header, FrameError};
+use ferry_transport::{FrameHeader, FrameKind, FrameSource, TransportError, HEADER_LEN};
 
 /// Bytes of the frame header's prefix: everything but the checksum.
 pub(crate) const PREFIX_LEN: usize = 16;
@@ -26,31 +24,12 @@ pub(crate) const PREFIX_LEN: usize = 16;
 /// Free bytes a payload needs in front of it for [`seal`].
 pub(crate) const FRAME_HEADROOM: usize = HEADER_LEN;
 
-fn prefix(kind: FrameKind, len: u32) -> [u8; PREFIX_LEN] {
-    let mut p = [0u8; PREFIX_LEN];
-    p[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-    p[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    p[6..8].copy_from_slice(&kind.to_wire().to_le_bytes());
-    // Flags (8..12) are 0.
-    p[12..16].copy_from_slice(&len.to_le_bytes());
-    p
-}
-
 /// Turn `frame` = [`FRAME_HEADROOM`] free bytes ‖ payload into a complete
-/// frame of `kind` (flags 0), in place.
-pub(crate) fn seal(frame: &mut [u8], kind: FrameKind) -> Result<(), FrameError> {
-    let payload_len = frame.len() - FRAME_HEADROOM;
-    let len = u32::try_from(payload_len)
-        .ok()
-        .filter(|&l| l <= MAX_PAYLOAD_LEN)
-        .ok_or(FrameError::TooLong {
-            len: u32::try_from(payload_len).unwrap_or(u32::MAX),
-        })?;
-    let at = FRAME_HEADROOM - PREFIX_LEN;
-    frame[at..FRAME_HEADROOM].copy_from_slice(&prefix(kind, len));
-    let checksum = xxh3_64(&frame[at..]);
-    frame.copy_within(at..FRAME_HEADROOM, 0);
-    frame[PREFIX_LEN..HEADER_LEN].copy_from_slice(&checksum.to_le_bytes());
+/// frame of `kind` with `flags`, in place. Page batches carry
+/// `FLAG_COVERED_SUFFIX`: the checksum then covers their table only.
+pub(crate) fn seal(frame: &mut [u8], kind: FrameKind, flags: u32) -> Result<(), FrameError> {
+    let header = encode_header(kind, flags, &[IoSlice::new(&frame[FRAME_HEADROOM..])])?;
+    frame[..HEADER_LEN].copy_from_slice(&header);
     Ok(())
 }
 
@@ -64,15 +43,7 @@ pub(crate) fn verify_prefixed(header: &FrameHeader, prefixed: &[u8]) -> Result<(
             got: HEADER_LEN + payload,
         });
     }
-    let computed = xxh3_64(prefixed);
-    if computed != header.checksum {
-        return Err(FrameError::ChecksumMismatch {
-            kind: header.kind,
-            expected: header.checksum,
-            computed,
-        });
-    }
-    Ok(())
+    header.verify(&prefixed[PREFIX_LEN..])
 }
 
 /// Frames in, possibly not yet checksum-verified.
@@ -143,9 +114,8 @@ impl FrameIn for UncheckedTcp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_transport::frame::encode_header;
+    use ferry_transport::frame::FLAG_COVERED_SUFFIX;
     use proptest::prelude::*;
-    use std::io::IoSlice;
 
     proptest! {
         /// A sealed frame is exactly what the transport would have written,
@@ -154,7 +124,7 @@ mod tests {
         fn sealed_frames_match_the_transport(payload in proptest::collection::vec(any::<u8>(), 0..5000)) {
             let mut frame = vec![0u8; FRAME_HEADROOM];
             frame.extend_from_slice(&payload);
-            seal(&mut frame, FrameKind::PageBatch).unwrap();
+            seal(&mut frame, FrameKind::PageBatch, 0).unwrap();
             let theirs = encode_header(FrameKind::PageBatch, 0, &[IoSlice::new(&payload)]).unwrap();
             prop_assert_eq!(&frame[..HEADER_LEN], &theirs[..]);
             let header = FrameHeader::decode(&theirs).unwrap();
@@ -168,12 +138,13 @@ mod tests {
     #[test]
     fn a_flipped_bit_fails_verification() {
         let mut frame = vec![0u8; FRAME_HEADROOM];
-        frame.extend_from_slice(&[5u8; 300]);
-        seal(&mut frame, FrameKind::PageBatch).unwrap();
+        frame.extend_from_slice(&[5u8; 296]);
+        frame.extend_from_slice(&100u32.to_le_bytes());
+        seal(&mut frame, FrameKind::PageBatch, FLAG_COVERED_SUFFIX).unwrap();
         let header = FrameHeader::decode(frame[..HEADER_LEN].try_into().unwrap()).unwrap();
         let mut prefixed = frame[..PREFIX_LEN].to_vec();
         prefixed.extend_from_slice(&frame[HEADER_LEN..]);
-        prefixed[100] ^= 4;
+        prefixed[PREFIX_LEN + 250] ^= 4;
         assert!(matches!(
             verify_prefixed(&header, &prefixed),
             Err(FrameError::ChecksumMismatch { .. })

@@ -141,8 +141,14 @@ fn a_corrupt_frame_is_caught_and_the_guest_keeps_running_on_the_source() -> Resu
         .join()
         .err()
         .context("the destination must refuse the stream")?;
+    // A flipped bit lands in a frame's covered part (checksum) or in a
+    // page (its hash): either way the stream is refused as corrupt.
     ensure!(
-        matches!(dest_err, MigrationError::CorruptFrame(_)),
+        matches!(
+            dest_err,
+            MigrationError::CorruptFrame(_)
+                | MigrationError::Decode(ferry_engine::encode::DecodeError::HashMismatch { .. })
+        ),
         "destination: {dest_err:?}"
     );
     match &err {

@@ -36,6 +36,14 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// Size of the fixed frame header in bytes.
 pub const HEADER_LEN: usize = 24;
 
+/// Flag bit, for any kind: the checksum covers the header prefix and only
+/// the payload's last `n` bytes, where `n` is the payload's last four bytes
+/// (u32 LE, `4 <= n <= len`). The layer that owns the kind checks the rest
+/// itself, from hashes it carries in the covered part. Meant for bulk data
+/// that is hashed anyway: a page batch carries each page's hash in a
+/// trailer, so its pages are hashed once on each side instead of twice.
+pub const FLAG_COVERED_SUFFIX: u32 = 1 << 31;
+
 /// Largest payload one frame may carry: 32 MiB.
 ///
 /// Why this bound: the receiver allocates a buffer of the announced length
@@ -173,6 +181,15 @@ pub enum FrameError {
         /// Checksum computed over what arrived.
         computed: u64,
     },
+    /// A [`FLAG_COVERED_SUFFIX`] frame whose covered length is not within
+    /// its payload (or not even the length field itself).
+    #[error("frame claims its checksum covers {covered} of its {len} payload bytes")]
+    BadCoverage {
+        /// The covered length found.
+        covered: u32,
+        /// The payload length.
+        len: u32,
+    },
     /// The bytes end before the frame does.
     #[error("truncated frame: needed {needed} bytes, got {got}")]
     Truncated {
@@ -229,14 +246,44 @@ fn prefix(kind: FrameKind, flags: u32, len: u32) -> [u8; 16] {
     p
 }
 
-/// Checksum of a frame: xxh3-64 over the header prefix then each payload part.
-fn checksum(prefix: &[u8; 16], parts: &[IoSlice<'_>]) -> u64 {
+/// How many payload bytes, counted from the end, the checksum covers: all
+/// of them, or for a [`FLAG_COVERED_SUFFIX`] frame the count in its last
+/// four bytes.
+pub fn covered_len(flags: u32, parts: &[IoSlice<'_>]) -> Result<usize, FrameError> {
+    let len = payload_len(parts)?;
+    if flags & FLAG_COVERED_SUFFIX == 0 {
+        return Ok(len as usize);
+    }
+    let mut field = [0u8; 4];
+    let mut need = 4usize;
+    for part in parts.iter().rev() {
+        let take = need.min(part.len());
+        field[need - take..need].copy_from_slice(&part[part.len() - take..]);
+        need -= take;
+        if need == 0 {
+            break;
+        }
+    }
+    let covered = u32::from_le_bytes(field);
+    if need > 0 || covered < 4 || covered > len {
+        return Err(FrameError::BadCoverage { covered, len });
+    }
+    Ok(covered as usize)
+}
+
+/// Checksum of a frame: xxh3-64 over the header prefix then the covered
+/// payload bytes (see [`covered_len`]).
+fn checksum(prefix: &[u8; 16], flags: u32, parts: &[IoSlice<'_>]) -> Result<u64, FrameError> {
+    let covered = covered_len(flags, parts)?;
+    let mut skip = parts.iter().map(|p| p.len()).sum::<usize>() - covered;
     let mut h = Xxh3::new();
     h.update(prefix);
     for part in parts {
-        h.update(part);
+        let from = skip.min(part.len());
+        h.update(&part[from..]);
+        skip -= from;
     }
-    h.digest()
+    Ok(h.digest())
 }
 
 /// Total length of vectored payload parts, checked against [`MAX_PAYLOAD_LEN`].
@@ -259,7 +306,7 @@ pub fn encode_header(
 ) -> Result<[u8; HEADER_LEN], FrameError> {
     let len = payload_len(parts)?;
     let p = prefix(kind, flags, len);
-    let sum = checksum(&p, parts);
+    let sum = checksum(&p, flags, parts)?;
     let mut header = [0u8; HEADER_LEN];
     header[..16].copy_from_slice(&p);
     header[16..].copy_from_slice(&sum.to_le_bytes());
@@ -328,7 +375,7 @@ impl FrameHeader {
             });
         }
         let p = prefix(self.kind, self.flags, self.len);
-        let computed = checksum(&p, &[IoSlice::new(payload)]);
+        let computed = checksum(&p, self.flags, &[IoSlice::new(payload)])?;
         if computed != self.checksum {
             return Err(FrameError::ChecksumMismatch {
                 kind: self.kind,
@@ -375,7 +422,7 @@ mod tests {
     fn reseal(bytes: &mut [u8]) {
         let mut p = [0u8; 16];
         p.copy_from_slice(&bytes[..16]);
-        let sum = checksum(&p, &[IoSlice::new(&bytes[HEADER_LEN..])]);
+        let sum = checksum(&p, 0, &[IoSlice::new(&bytes[HEADER_LEN..])]).unwrap();
         bytes[16..24].copy_from_slice(&sum.to_le_bytes());
     }
 
@@ -517,5 +564,60 @@ mod tests {
                 got: HEADER_LEN + 63
             }
         );
+    }
+
+    #[test]
+    fn a_covered_suffix_frame_checks_only_its_covered_bytes() {
+        // 5 bytes left to the owner, then 12 covered bytes (the length
+        // field included).
+        let mut payload = b"tail!covered".to_vec();
+        payload.extend_from_slice(&12u32.to_le_bytes());
+        let bytes = frame_bytes(FrameKind::PageBatch, FLAG_COVERED_SUFFIX, &payload);
+        assert!(decode_frame(&bytes).is_ok());
+        // The same checksum whatever the split into parts.
+        for at in [1, 5, 14, 15] {
+            let parts = [IoSlice::new(&payload[..at]), IoSlice::new(&payload[at..])];
+            let split = encode_header(FrameKind::PageBatch, FLAG_COVERED_SUFFIX, &parts).unwrap();
+            assert_eq!(&split[..], &bytes[..HEADER_LEN], "split at {at}");
+        }
+        let mut tail = bytes.clone();
+        tail[HEADER_LEN + 2] ^= 1;
+        assert!(
+            decode_frame(&tail).is_ok(),
+            "the uncovered part is the owner's to check"
+        );
+        let mut covered = bytes.clone();
+        covered[HEADER_LEN + 8] ^= 1;
+        assert!(matches!(
+            decode_frame(&covered),
+            Err(FrameError::ChecksumMismatch { .. })
+        ));
+        // Clearing the flag changes what the checksum must cover: caught.
+        let mut unflagged = bytes;
+        unflagged[11] &= 0x7f;
+        assert!(decode_frame(&unflagged).is_err());
+    }
+
+    #[test]
+    fn a_covered_length_outside_the_payload_is_refused() {
+        for covered in [0u32, 3, 9] {
+            let mut payload = vec![1, 2, 3, 4];
+            payload.extend_from_slice(&covered.to_le_bytes());
+            let mut out = Vec::new();
+            assert_eq!(
+                encode_frame(
+                    FrameKind::PageBatch,
+                    FLAG_COVERED_SUFFIX,
+                    &payload,
+                    &mut out
+                ),
+                Err(FrameError::BadCoverage { covered, len: 8 })
+            );
+        }
+        let mut out = Vec::new();
+        assert!(matches!(
+            encode_frame(FrameKind::PageBatch, FLAG_COVERED_SUFFIX, &[1, 0], &mut out),
+            Err(FrameError::BadCoverage { .. })
+        ));
     }
 }

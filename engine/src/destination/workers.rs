@@ -84,6 +84,12 @@ fn write_page(memory: &GuestMemoryMmap, page: u64, data: &[u8]) -> Result<(), Mi
     Ok(())
 }
 
+/// A page of zeros, shared.
+fn zero_page() -> &'static [u8] {
+    static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+    &ZERO
+}
+
 fn decode_batch(
     ctx: &DecodeContext<'_>,
     batch: &[u8],
@@ -101,26 +107,34 @@ fn decode_batch(
         }
         let addr = GuestAddress(entry.page * PAGE_SIZE as u64);
         let memory_error = |_| MigrationError::GuestMemory { page: entry.page };
-        let write = |data: &[u8]| write_page(ctx.memory, entry.page, data);
-        let hash = match entry.encoding {
-            PageEncoding::Raw if entry.payload.len() == PAGE_SIZE => {
-                write(entry.payload)?;
-                page_hash(entry.payload)
-            }
-            PageEncoding::Zero if entry.payload.is_empty() => {
-                write(&[0u8; PAGE_SIZE])?;
+        // Each page is checked against the hash the source sent with it
+        // (the frame checksum covers only the batch's table) before it is
+        // written.
+        let checked = |data: &[u8]| {
+            let hash = if data.as_ptr() == zero_page().as_ptr() {
                 zero_hash
+            } else {
+                page_hash(data)
+            };
+            if hash != entry.hash {
+                return Err(MigrationError::Decode(DecodeError::HashMismatch {
+                    page: entry.page,
+                }));
             }
+            write_page(ctx.memory, entry.page, data)?;
+            Ok(hash)
+        };
+        let hash = match entry.encoding {
+            PageEncoding::Raw if entry.payload.len() == PAGE_SIZE => checked(entry.payload)?,
+            PageEncoding::Zero if entry.payload.is_empty() => checked(zero_page())?,
             PageEncoding::XorRle | PageEncoding::XorRleLz4 => {
                 ctx.memory.read_slice(page, addr).map_err(memory_error)?;
                 decode_page(entry.encoding, entry.payload, page).map_err(MigrationError::Decode)?;
-                write(page)?;
-                page_hash(page)
+                checked(page)?
             }
             encoding => {
                 decode_page(encoding, entry.payload, page).map_err(MigrationError::Decode)?;
-                write(page)?;
-                page_hash(page)
+                checked(page)?
             }
         };
         ctx.hashes.set_deferred(entry.page, hash, &mut digest_delta);
@@ -195,5 +209,43 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(hashes.get(3), 0, "nothing written");
+    }
+
+    #[test]
+    fn a_page_that_does_not_match_its_hash_is_refused_and_not_written() {
+        let mem = memory();
+        let hashes = PageHashes::new(16);
+        let ctx = DecodeContext {
+            memory: &mem,
+            hashes: &hashes,
+            page_index_end: 16,
+            features: SUPPORTED_FEATURES,
+        };
+        let mut data = Box::new([0u8; PAGE_SIZE]);
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i * 7 % 251) as u8;
+        }
+        let mut batch = BatchBuilder::new();
+        let mut encoder = PageEncoder::new().with_lz4(false);
+        assert_eq!(
+            encoder.encode(5, &data, None, &mut batch),
+            PageEncoding::Raw
+        );
+        let mut bytes = batch.finish();
+        bytes[100] ^= 1; // in the payload: not covered by the frame checksum
+        let mut page = Box::new([0u8; PAGE_SIZE]);
+        let err = decode_batch(&ctx, &bytes, &mut page, page_hash(&[0u8; PAGE_SIZE])).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MigrationError::Decode(DecodeError::HashMismatch { page: 5 })
+            ),
+            "{err:?}"
+        );
+        let mut back = [1u8; PAGE_SIZE];
+        mem.read_slice(&mut back, GuestAddress(5 * PAGE_SIZE as u64))
+            .unwrap();
+        assert_eq!(back, [0u8; PAGE_SIZE], "the bad page was not written");
+        assert_eq!(hashes.digest(), 0);
     }
 }

@@ -1,36 +1,59 @@
 //! The page-batch payload: many pages in one frame.
 //!
 //! ```text
-//! u32 LE  count                  1..=MAX_BATCH_PAGES
-//! count times:
+//! payloads, concatenated in entry order
+//! count times (the table):
 //!   u64 LE  page index           < pages of the memory layout
 //!   u8      encoding             PageEncoding (0 invalid)
 //!   u16 LE  payload length       allowed range depends on the encoding
-//!   [u8]    payload
+//!   u64 LE  content hash         xxh3-64 of the page's 4096 bytes once decoded
+//! u32 LE  count                  1..=MAX_BATCH_PAGES
+//! u32 LE  trailer length         count * ENTRY_BYTES + 8
 //! ```
-//! Nothing may follow the last entry. A page appears at most once per batch
-//! and per round (the source guarantees it; a destination that is fed a page
-//! twice simply applies both in order).
+//! The payload lengths add up to exactly the bytes before the table. The
+//! table sits at the end so that pages can be read from guest memory
+//! straight into their place, before the batch knows how many it will hold.
+//!
+//! Integrity: the frame carries `FLAG_COVERED_SUFFIX` with the trailer as its
+//! covered part, so the frame checksum protects the table (where each page
+//! goes, how it is encoded, its hash) and the receiver checks every page it
+//! decodes against its hash. A page is hashed once on each side (the source
+//! needs the hash anyway for skip-unchanged and the memory digest, the
+//! destination for the digest), instead of once more for a checksum over
+//! the whole frame.
+//!
+//! A page appears at most once per batch and per round (the source
+//! guarantees it; a destination that is fed a page twice simply applies both
+//! in order).
 
 use super::{DecodeError, Page, PageEncoding, PAGE_SIZE};
+
+// A table entry is exactly its fields; the decoder slices by these offsets.
+const _: () = assert!(ENTRY_BYTES == 19);
 
 /// Most pages one batch may hold: bounds the work one frame can ask for.
 pub const MAX_BATCH_PAGES: u32 = 1024;
 
-/// Bytes of one entry's header (page index, encoding, payload length).
-pub const ENTRY_HEADER_BYTES: usize = 8 + 1 + 2;
+/// Bytes of one table entry (page index, encoding, payload length, hash).
+pub const ENTRY_BYTES: usize = 8 + 1 + 2 + 8;
 
-/// Largest possible batch: the header plus `MAX_BATCH_PAGES` raw pages.
-pub const MAX_BATCH_BYTES: usize = 4 + MAX_BATCH_PAGES as usize * (ENTRY_HEADER_BYTES + PAGE_SIZE);
+/// Bytes after the table: count and trailer length.
+const TRAILER_FIXED: usize = 8;
+
+/// Largest possible batch: `MAX_BATCH_PAGES` raw pages and their table.
+pub const MAX_BATCH_BYTES: usize =
+    MAX_BATCH_PAGES as usize * (ENTRY_BYTES + PAGE_SIZE) + TRAILER_FIXED;
 
 /// Builds one batch. Its buffer can be recycled ([`BatchBuilder::from_buffer`])
 /// and a page can be read straight into it ([`BatchBuilder::page_slot`]),
 /// so building a batch costs no allocation and no extra copy of the page.
 #[derive(Debug)]
 pub struct BatchBuilder {
-    /// Initialized bytes; `used` of them hold the batch so far, after
+    /// Initialized bytes; `used` of them hold the payloads so far, after
     /// `headroom` bytes left free for the caller (e.g. a frame header).
     bytes: Vec<u8>,
+    /// The table so far.
+    table: Vec<u8>,
     headroom: usize,
     used: usize,
     pages: u32,
@@ -63,49 +86,51 @@ impl BatchBuilder {
     /// the batch: [`BatchBuilder::finish`] then returns them, unchanged, in
     /// front of the batch.
     pub fn with_headroom(mut buffer: Vec<u8>, bytes: usize, headroom: usize) -> Self {
-        let len = bytes.max(headroom + 4 + ENTRY_HEADER_BYTES + PAGE_SIZE);
-        buffer.resize(len, 0);
-        buffer[headroom..headroom + 4].fill(0);
+        let len = bytes.max(headroom + PAGE_SIZE);
+        if buffer.len() < len {
+            buffer.resize(len, 0);
+        }
         Self {
             bytes: buffer,
+            table: Vec::with_capacity(64 * ENTRY_BYTES),
             headroom,
-            used: headroom + 4,
+            used: headroom,
             pages: 0,
         }
     }
 
     fn ensure_room(&mut self, payload: usize) {
-        let need = self.used + ENTRY_HEADER_BYTES + payload;
+        let need = self.used + payload;
         if need > self.bytes.len() {
             self.bytes.resize(need.max(self.bytes.len() * 2), 0);
         }
     }
 
-    fn write_header(&mut self, page: u64, encoding: PageEncoding, len: usize) {
+    fn add_entry(&mut self, page: u64, encoding: PageEncoding, len: usize, hash: u64) {
         let len = u16::try_from(len)
             .ok()
             .filter(|&l| usize::from(l) <= PAGE_SIZE)
             .expect("page payload longer than a page");
-        let h = &mut self.bytes[self.used..self.used + ENTRY_HEADER_BYTES];
-        h[..8].copy_from_slice(&page.to_le_bytes());
-        h[8] = encoding as u8;
-        h[9..11].copy_from_slice(&len.to_le_bytes());
-    }
-
-    /// Append one page. Panics when the batch already holds
-    /// [`MAX_BATCH_PAGES`] pages or the payload is longer than a page:
-    /// callers check [`BatchBuilder::is_full`].
-    pub fn push(&mut self, page: u64, encoding: PageEncoding, payload: &[u8]) {
-        assert!(self.pages < MAX_BATCH_PAGES, "batch full");
-        self.ensure_room(payload.len());
-        self.write_header(page, encoding, payload.len());
-        let start = self.used + ENTRY_HEADER_BYTES;
-        self.bytes[start..start + payload.len()].copy_from_slice(payload);
-        self.used = start + payload.len();
+        self.table.extend_from_slice(&page.to_le_bytes());
+        self.table.push(encoding as u8);
+        self.table.extend_from_slice(&len.to_le_bytes());
+        self.table.extend_from_slice(&hash.to_le_bytes());
         self.pages += 1;
     }
 
-    /// Room for the next page's bytes, right where a raw payload goes: fill
+    /// Append one page whose decoded content hashes to `hash`
+    /// ([`super::page_hash`]). Panics when the batch already holds
+    /// [`MAX_BATCH_PAGES`] pages or the payload is longer than a page:
+    /// callers check [`BatchBuilder::is_full`].
+    pub fn push(&mut self, page: u64, encoding: PageEncoding, payload: &[u8], hash: u64) {
+        assert!(self.pages < MAX_BATCH_PAGES, "batch full");
+        self.ensure_room(payload.len());
+        self.bytes[self.used..self.used + payload.len()].copy_from_slice(payload);
+        self.used += payload.len();
+        self.add_entry(page, encoding, payload.len(), hash);
+    }
+
+    /// Room for the next page's bytes, right where its payload goes: fill
     /// it (e.g. straight from guest memory), then either
     /// [`BatchBuilder::commit_slot`] it or let the next call reuse it.
     pub fn page_slot(&mut self) -> &mut Page {
@@ -116,17 +141,17 @@ impl BatchBuilder {
 
     /// The slot [`BatchBuilder::page_slot`] handed out (same bytes).
     pub(crate) fn slot(&mut self) -> &mut Page {
-        let start = self.used + ENTRY_HEADER_BYTES;
+        let start = self.used;
         (&mut self.bytes[start..start + PAGE_SIZE])
             .try_into()
             .expect("a page-sized slot")
     }
 
-    /// Make the slot's first `len` bytes the payload of `page`.
-    pub fn commit_slot(&mut self, page: u64, encoding: PageEncoding, len: usize) {
-        self.write_header(page, encoding, len);
-        self.used += ENTRY_HEADER_BYTES + len;
-        self.pages += 1;
+    /// Make the slot's first `len` bytes the payload of `page`, whose
+    /// decoded content hashes to `hash`.
+    pub fn commit_slot(&mut self, page: u64, encoding: PageEncoding, len: usize, hash: u64) {
+        self.used += len;
+        self.add_entry(page, encoding, len, hash);
     }
 
     /// Pages in the batch.
@@ -136,7 +161,7 @@ impl BatchBuilder {
 
     /// Bytes the batch takes so far.
     pub fn len(&self) -> usize {
-        self.used - self.headroom
+        self.used - self.headroom + self.table.len() + TRAILER_FIXED
     }
 
     /// True when no page was pushed.
@@ -152,9 +177,11 @@ impl BatchBuilder {
 
     /// The finished batch bytes (after the headroom, if any).
     pub fn finish(mut self) -> Vec<u8> {
-        let h = self.headroom;
-        self.bytes[h..h + 4].copy_from_slice(&self.pages.to_le_bytes());
         self.bytes.truncate(self.used);
+        self.bytes.extend_from_slice(&self.table);
+        let trailer = u32::try_from(self.table.len() + TRAILER_FIXED).expect("bounded table");
+        self.bytes.extend_from_slice(&self.pages.to_le_bytes());
+        self.bytes.extend_from_slice(&trailer.to_le_bytes());
         self.bytes
     }
 }
@@ -168,13 +195,21 @@ pub struct BatchEntry<'a> {
     pub encoding: PageEncoding,
     /// The encoded page.
     pub payload: &'a [u8],
+    /// xxh3-64 the decoded page must hash to.
+    pub hash: u64,
 }
 
 /// Reads and validates a batch, one entry at a time.
 #[derive(Debug)]
 pub struct BatchReader<'a> {
-    bytes: &'a [u8],
+    /// The payload area.
+    payloads: &'a [u8],
+    /// The table.
+    table: &'a [u8],
+    /// Next payload byte.
     at: usize,
+    /// Next table entry.
+    entry: usize,
     left: u32,
     pages: u64,
 }
@@ -182,14 +217,33 @@ pub struct BatchReader<'a> {
 impl<'a> BatchReader<'a> {
     /// Start reading `bytes`; page indices must be below `pages`.
     pub fn new(bytes: &'a [u8], pages: u64) -> Result<Self, DecodeError> {
-        let count = bytes.get(..4).ok_or(DecodeError::Truncated { at: 0 })?;
-        let count = u32::from_le_bytes(count.try_into().expect("4 bytes"));
+        let u32_at = |at: usize| {
+            bytes
+                .get(at..at + 4)
+                .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        };
+        let end = bytes.len();
+        let trailer = end
+            .checked_sub(4)
+            .and_then(u32_at)
+            .ok_or(DecodeError::Truncated { at: 0 })?;
+        let count = end
+            .checked_sub(8)
+            .and_then(u32_at)
+            .ok_or(DecodeError::Truncated { at: 0 })?;
         if count == 0 || count > MAX_BATCH_PAGES {
             return Err(DecodeError::TooManyPages(count));
         }
+        let table_len = count as usize * ENTRY_BYTES;
+        if trailer as usize != table_len + TRAILER_FIXED || table_len + TRAILER_FIXED > end {
+            return Err(DecodeError::BadTrailer { trailer, count });
+        }
+        let table_start = end - TRAILER_FIXED - table_len;
         Ok(Self {
-            bytes,
-            at: 4,
+            payloads: &bytes[..table_start],
+            table: &bytes[table_start..end - TRAILER_FIXED],
+            at: 0,
+            entry: 0,
             left: count,
             pages,
         })
@@ -204,18 +258,16 @@ impl<'a> BatchReader<'a> {
     /// consumed, or an error says what is left).
     pub fn next_entry(&mut self) -> Result<Option<BatchEntry<'a>>, DecodeError> {
         if self.left == 0 {
-            return match self.bytes.len() - self.at {
+            return match self.payloads.len() - self.at {
                 0 => Ok(None),
                 extra => Err(DecodeError::TrailingBytes(extra)),
             };
         }
-        let header = self
-            .bytes
-            .get(self.at..self.at + ENTRY_HEADER_BYTES)
-            .ok_or(DecodeError::Truncated { at: self.at })?;
-        let page = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
-        let encoding = PageEncoding::from_wire(header[8])?;
-        let len = usize::from(u16::from_le_bytes([header[9], header[10]]));
+        let e = &self.table[self.entry..self.entry + ENTRY_BYTES];
+        let page = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
+        let encoding = PageEncoding::from_wire(e[8])?;
+        let len = usize::from(u16::from_le_bytes([e[9], e[10]]));
+        let hash = u64::from_le_bytes(e[11..19].try_into().expect("8 bytes"));
         if page >= self.pages {
             return Err(DecodeError::PageOutOfRange {
                 page,
@@ -225,17 +277,18 @@ impl<'a> BatchReader<'a> {
         if len > PAGE_SIZE {
             return Err(DecodeError::BadLength { encoding, len });
         }
-        let start = self.at + ENTRY_HEADER_BYTES;
         let payload = self
-            .bytes
-            .get(start..start + len)
-            .ok_or(DecodeError::Truncated { at: start })?;
-        self.at = start + len;
+            .payloads
+            .get(self.at..self.at + len)
+            .ok_or(DecodeError::Truncated { at: self.at })?;
+        self.at += len;
+        self.entry += ENTRY_BYTES;
         self.left -= 1;
         Ok(Some(BatchEntry {
             page,
             encoding,
             payload,
+            hash,
         }))
     }
 }
@@ -258,26 +311,30 @@ mod tests {
     #[test]
     fn entries_come_back_in_order() {
         let mut b = BatchBuilder::new();
-        b.push(7, PageEncoding::Zero, &[]);
-        b.push(2, PageEncoding::Lz4, &[1, 2, 3]);
+        b.push(7, PageEncoding::Zero, &[], 11);
+        b.push(2, PageEncoding::Lz4, &[1, 2, 3], 22);
         let bytes = b.finish();
         let entries = read_all(&bytes, 10).unwrap();
         assert_eq!(entries.len(), 2);
         assert_eq!(
-            (entries[0].page, entries[0].encoding),
-            (7, PageEncoding::Zero)
+            (entries[0].page, entries[0].encoding, entries[0].hash),
+            (7, PageEncoding::Zero, 11)
         );
-        assert_eq!((entries[1].page, entries[1].payload), (2, &[1u8, 2, 3][..]));
+        assert_eq!(
+            (entries[1].page, entries[1].payload, entries[1].hash),
+            (2, &[1u8, 2, 3][..], 22)
+        );
     }
 
     #[test]
     fn headroom_comes_back_in_front_of_the_batch() {
         let mut b = BatchBuilder::with_headroom(vec![7u8; 100], 0, 24);
-        b.push(3, PageEncoding::Lz4, &[1, 2]);
+        b.push(3, PageEncoding::Lz4, &[1, 2], 5);
         let bytes = b.finish();
+        assert_eq!(&bytes[..24], &[7u8; 24]);
         let entries = read_all(&bytes[24..], 10).unwrap();
         assert_eq!((entries[0].page, entries[0].payload), (3, &[1u8, 2][..]));
-        assert_eq!(bytes.len(), 24 + 4 + ENTRY_HEADER_BYTES + 2);
+        assert_eq!(bytes.len(), 24 + 2 + ENTRY_BYTES + 8);
     }
 
     #[test]
@@ -291,7 +348,8 @@ mod tests {
 
     #[test]
     fn a_huge_count_is_rejected() {
-        let bytes = u32::MAX.to_le_bytes();
+        let mut bytes = u32::MAX.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&8u32.to_le_bytes());
         assert!(matches!(
             read_all(&bytes, 10),
             Err(DecodeError::TooManyPages(_))
@@ -301,7 +359,7 @@ mod tests {
     #[test]
     fn a_page_outside_memory_is_rejected() {
         let mut b = BatchBuilder::new();
-        b.push(10, PageEncoding::Zero, &[]);
+        b.push(10, PageEncoding::Zero, &[], 1);
         let bytes = b.finish();
         assert!(matches!(
             read_all(&bytes, 10),
@@ -312,9 +370,10 @@ mod tests {
     #[test]
     fn an_unknown_encoding_is_rejected() {
         let mut b = BatchBuilder::new();
-        b.push(1, PageEncoding::Zero, &[]);
+        b.push(1, PageEncoding::Zero, &[], 1);
         let mut bytes = b.finish();
-        bytes[4 + 8] = 0;
+        let at = bytes.len() - 8 - ENTRY_BYTES + 8;
+        bytes[at] = 0;
         assert_eq!(
             read_all(&bytes, 10).unwrap_err(),
             DecodeError::UnknownEncoding(0)
@@ -324,14 +383,15 @@ mod tests {
     #[test]
     fn truncation_and_trailing_bytes_are_rejected() {
         let mut b = BatchBuilder::new();
-        b.push(1, PageEncoding::Lz4, &[1, 2, 3, 4]);
+        b.push(1, PageEncoding::Lz4, &[1, 2, 3, 4], 1);
         let bytes = b.finish();
+        assert!(read_all(&bytes[..bytes.len() - 1], 10).is_err());
         assert!(matches!(
-            read_all(&bytes[..bytes.len() - 1], 10),
+            read_all(&bytes[2..], 10),
             Err(DecodeError::Truncated { .. })
         ));
         let mut longer = bytes.clone();
-        longer.push(0);
+        longer.insert(0, 0);
         assert_eq!(
             read_all(&longer, 10).unwrap_err(),
             DecodeError::TrailingBytes(1)
@@ -340,15 +400,33 @@ mod tests {
 
     #[test]
     fn an_over_long_payload_length_is_rejected() {
-        let mut bytes = 1u32.to_le_bytes().to_vec();
+        let mut bytes = vec![0u8; usize::from(u16::MAX)];
         bytes.extend_from_slice(&1u64.to_le_bytes());
         bytes.push(PageEncoding::Raw as u8);
         bytes.extend_from_slice(&u16::MAX.to_le_bytes());
-        bytes.extend(vec![0u8; usize::from(u16::MAX)]);
+        bytes.extend_from_slice(&0u64.to_le_bytes());
+        bytes.extend_from_slice(&1u32.to_le_bytes());
+        bytes.extend_from_slice(&((ENTRY_BYTES + 8) as u32).to_le_bytes());
         assert!(matches!(
             read_all(&bytes, 10),
             Err(DecodeError::BadLength { .. })
         ));
+    }
+
+    #[test]
+    fn a_trailer_that_does_not_match_its_count_is_rejected() {
+        let mut b = BatchBuilder::new();
+        b.push(1, PageEncoding::Zero, &[], 1);
+        let mut bytes = b.finish();
+        let n = bytes.len();
+        bytes[n - 4..].copy_from_slice(&7u32.to_le_bytes());
+        assert_eq!(
+            read_all(&bytes, 10).unwrap_err(),
+            DecodeError::BadTrailer {
+                trailer: 7,
+                count: 1
+            }
+        );
     }
 
     fn page_strategy() -> impl Strategy<Value = Vec<u8>> {
@@ -384,6 +462,7 @@ mod tests {
                 let mut reader = BatchReader::new(&bytes, src.len() as u64).unwrap();
                 while let Some(e) = reader.next_entry().unwrap() {
                     decode_page(e.encoding, e.payload, &mut dst[e.page as usize]).unwrap();
+                    assert_eq!(e.hash, crate::encode::page_hash(&dst[e.page as usize]));
                 }
             };
             send(&src, &mut dst, &mut enc);

@@ -10,9 +10,10 @@
 //! - **LZ4** (lz4_flex block format) when it shrinks the page;
 //! - **raw** otherwise.
 //!
-//! Pages travel in batches ([`batch`]): page index + encoding + length +
-//! payload, bounded and validated on decode so hostile bytes give a
-//! [`DecodeError`], never a panic.
+//! Pages travel in batches ([`batch`]): the payloads, then a table of page
+//! index + encoding + length + hash of the decoded page, bounded and
+//! validated on decode so hostile bytes give a [`DecodeError`], never a
+//! panic.
 
 pub mod batch;
 mod delta_cache;
@@ -111,6 +112,21 @@ pub enum DecodeError {
     /// More pages in one batch than [`batch::MAX_BATCH_PAGES`].
     #[error("page batch claims {0} pages (limit {limit})", limit = batch::MAX_BATCH_PAGES)]
     TooManyPages(u32),
+    /// The trailer's length does not fit its page count or the batch.
+    #[error("page batch trailer of {trailer} bytes for {count} pages")]
+    BadTrailer {
+        /// The trailer length found.
+        trailer: u32,
+        /// The page count found.
+        count: u32,
+    },
+    /// A page decoded to content other than its hash says: corrupted on
+    /// the way, or decoded against the wrong base.
+    #[error("page {page} does not match its hash once decoded (corrupted on the way?)")]
+    HashMismatch {
+        /// The page index.
+        page: u64,
+    },
     /// Bytes left after the last entry the header announced.
     #[error("{0} bytes after the last page of the batch")]
     TrailingBytes(usize),

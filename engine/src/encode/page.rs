@@ -67,14 +67,16 @@ impl PageEncoder {
         out: &mut BatchBuilder,
     ) -> PageEncoding {
         out.page_slot().copy_from_slice(data);
-        self.encode_slot(page, delta, out)
+        self.encode_slot(page, super::page_hash(data), delta, out)
     }
 
     /// Like [`PageEncoder::encode`] for a page already read into
-    /// `out.page_slot()`: saves a copy of every page sent raw.
+    /// `out.page_slot()` and hashed ([`super::page_hash`]) by the caller:
+    /// saves a copy of every page sent raw.
     pub fn encode_slot(
         &mut self,
         page: u64,
+        hash: u64,
         delta: Option<&XorDeltaCache>,
         out: &mut BatchBuilder,
     ) -> PageEncoding {
@@ -83,7 +85,7 @@ impl PageEncoder {
             if let Some(cache) = delta {
                 cache.forget(page);
             }
-            out.commit_slot(page, PageEncoding::Zero, 0);
+            out.commit_slot(page, PageEncoding::Zero, 0, hash);
             return PageEncoding::Zero;
         }
         if let Some(cache) = delta {
@@ -96,7 +98,7 @@ impl PageEncoder {
                 let (encoding, payload) = self.xor_payload();
                 let slot = out.slot();
                 slot[..payload.len()].copy_from_slice(payload);
-                out.commit_slot(page, encoding, payload.len());
+                out.commit_slot(page, encoding, payload.len(), hash);
                 return encoding;
             }
         }
@@ -109,7 +111,7 @@ impl PageEncoder {
                 Ok(n) if n < PAGE_SIZE => {
                     self.lz4_failures = 0;
                     data[..n].copy_from_slice(&self.lz4_out[..n]);
-                    out.commit_slot(page, PageEncoding::Lz4, n);
+                    out.commit_slot(page, PageEncoding::Lz4, n, hash);
                     return PageEncoding::Lz4;
                 }
                 _ => {
@@ -122,7 +124,7 @@ impl PageEncoder {
                 }
             }
         }
-        out.commit_slot(page, PageEncoding::Raw, PAGE_SIZE);
+        out.commit_slot(page, PageEncoding::Raw, PAGE_SIZE, hash);
         PageEncoding::Raw
     }
 

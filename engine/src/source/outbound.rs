@@ -17,12 +17,16 @@ use std::time::{Duration, Instant};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
-use ferry_transport::frame::encode_header;
+use ferry_transport::frame::{encode_header, FLAG_COVERED_SUFFIX};
 use ferry_transport::lanes::TokenBucket;
 use ferry_transport::{FrameKind, FrameSink, TransportError};
 
 /// Frames a lane's queue holds before its producers wait.
 const QUEUE_DEPTH: usize = 4;
+
+/// Frame flags of a page batch: its checksum covers the batch's table,
+/// which carries the hash of every page (see `crate::encode::batch`).
+pub(crate) const PAGE_BATCH_FLAGS: u32 = FLAG_COVERED_SUFFIX;
 
 /// How often a producer waiting on a full queue checks for cancellation.
 const CANCEL_POLL: Duration = Duration::from_millis(50);
@@ -38,14 +42,19 @@ pub(crate) enum LaneWriter {
 }
 
 impl LaneWriter {
-    fn write_frame(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), TransportError> {
+    fn write_frame(
+        &mut self,
+        kind: FrameKind,
+        flags: u32,
+        payload: &[u8],
+    ) -> Result<(), TransportError> {
         match self {
             LaneWriter::Sealed(stream) => {
-                let header = encode_header(kind, 0, &[IoSlice::new(payload)])
+                let header = encode_header(kind, flags, &[IoSlice::new(payload)])
                     .map_err(TransportError::Encode)?;
                 write_all_vectored(stream, &header, payload).map_err(TransportError::Write)
             }
-            LaneWriter::Framed(sink) => sink.send_vectored(kind, 0, &[IoSlice::new(payload)]),
+            LaneWriter::Framed(sink) => sink.send_vectored(kind, flags, &[IoSlice::new(payload)]),
         }
     }
 
@@ -54,7 +63,7 @@ impl LaneWriter {
             LaneWriter::Sealed(stream) if sealed => {
                 stream.write_all(bytes).map_err(TransportError::Write)
             }
-            _ => self.write_frame(FrameKind::PageBatch, bytes),
+            _ => self.write_frame(FrameKind::PageBatch, PAGE_BATCH_FLAGS, bytes),
         }
     }
 
@@ -309,7 +318,7 @@ fn drain_queue(
     for item in rx.iter() {
         let len = match item {
             Outgoing::Frame { kind, payload } => {
-                writer.write_frame(kind, &payload)?;
+                writer.write_frame(kind, 0, &payload)?;
                 ferry_transport::HEADER_LEN + payload.len()
             }
             Outgoing::Batch { sealed, bytes } => {

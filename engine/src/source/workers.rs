@@ -23,7 +23,7 @@ use crate::error::MigrationError;
 use crate::vm::GuestMemoryMmap;
 use crate::wire;
 
-use super::outbound::Outbound;
+use super::outbound::{Outbound, PAGE_BATCH_FLAGS};
 
 /// Dirty-bitmap words per chunk: 16 words = 1024 pages = 4 MiB of guest
 /// memory, re-protected with one call. A chunk is exactly one lane stripe,
@@ -85,7 +85,7 @@ fn queue(ctx: &WorkerContext<'_>, lane: usize, batch: BatchBuilder) -> Result<u6
     let mut bytes = batch.finish();
     let sealed = ctx.out.sealed();
     if sealed {
-        wire::seal(&mut bytes, FrameKind::PageBatch)
+        wire::seal(&mut bytes, FrameKind::PageBatch, PAGE_BATCH_FLAGS)
             .map_err(|e| MigrationError::Send(TransportError::Encode(e)))?;
     }
     let len = bytes.len() + if sealed { 0 } else { HEADER_LEN };
@@ -163,7 +163,7 @@ fn encode_chunk(
                 counts.unchanged += 1;
                 continue;
             }
-            counts.count(encoder.encode_slot(index, delta, &mut batch));
+            counts.count(encoder.encode_slot(index, hash, delta, &mut batch));
             ctx.hashes.set_deferred(index, hash, &mut digest_delta);
             if batch.is_full(MAX_BATCH_PAGES, ctx.batch_bytes) {
                 let full = std::mem::replace(&mut batch, new_batch());
