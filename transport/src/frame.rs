@@ -442,11 +442,11 @@ mod tests {
 
     #[test]
     fn header_layout_is_little_endian_at_documented_offsets() {
-        let bytes = frame_bytes(FrameKind::PageBatch, 0xA1B2_C3D4, b"abc");
+        let bytes = frame_bytes(FrameKind::PageBatch, 0x21B2_C3D4, b"abc");
         assert_eq!(&bytes[0..4], b"FERY");
         assert_eq!(&bytes[4..6], &PROTOCOL_VERSION.to_le_bytes());
         assert_eq!(&bytes[6..8], &[3, 0]);
-        assert_eq!(&bytes[8..12], &[0xD4, 0xC3, 0xB2, 0xA1]);
+        assert_eq!(&bytes[8..12], &[0xD4, 0xC3, 0xB2, 0x21]);
         assert_eq!(&bytes[12..16], &[3, 0, 0, 0]);
         assert_eq!(bytes.len(), HEADER_LEN + 3);
     }
