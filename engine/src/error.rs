@@ -36,6 +36,15 @@ pub enum MigrationError {
         #[source]
         cause: Box<MigrationError>,
     },
+    /// A frame with flags its kind does not use (the frame checksum's
+    /// coverage depends on them).
+    #[error("received a {kind} frame with unexpected flags {flags:#x}")]
+    UnexpectedFlags {
+        /// The frame's kind.
+        kind: FrameKind,
+        /// The flags found.
+        flags: u32,
+    },
     /// A frame failed validation (checksum, magic, length, kind).
     #[error("received a corrupt frame")]
     CorruptFrame(#[source] FrameError),

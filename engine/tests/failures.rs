@@ -365,3 +365,43 @@ fn no_running_after_go_is_in_doubt_and_the_source_stays_paused() -> Result<()> {
     ensure!(vm.status() == frozen, "the source guest must stay frozen");
     Ok(())
 }
+
+#[test]
+fn a_destination_that_stops_reading_is_given_up_and_the_guest_runs_on() -> Result<()> {
+    let Some(_kvm) =
+        kvm_or_skip("a_destination_that_stops_reading_is_given_up_and_the_guest_runs_on")
+    else {
+        return Ok(());
+    };
+    let vm = boot(64, GUEST)?;
+    // Answers the Hello, then holds the connection open without reading a
+    // byte (a stopped process, a stuck host) until the test lets it go.
+    let listener = FrameListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let stalled = std::thread::spawn(move || {
+        let mut conn = listener.accept().expect("accept");
+        let hello = conn.reader.recv().expect("hello");
+        assert_eq!(hello.kind, FrameKind::Hello);
+        hello_ack(STREAM_VERSION)(conn.writer.get_mut());
+        let _ = held.recv();
+        drop(conn);
+    });
+    let opts = MigrationOptions {
+        handover_timeout: Duration::from_secs(2),
+        ..MigrationOptions::default()
+    };
+    let (result, events) = migrate_to(&vm, addr, opts);
+    let _ = release.send(());
+    stalled.join().expect("stalled destination thread");
+    ensure!(
+        matches!(result, Err(MigrationError::Timeout { .. })),
+        "expected a timeout, got {result:?}"
+    );
+    ensure!(matches!(
+        events.last(),
+        Some(ferry_engine::ProgressEvent::Abandoned { .. })
+    ));
+    assert_alive(&vm, "source after a stalled destination")?;
+    Ok(())
+}

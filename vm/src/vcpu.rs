@@ -221,9 +221,16 @@ impl VcpuThread {
         if let RunState::Failed(why) = self.ctl.state() {
             return Err(why);
         }
-        self.ctl
-            .request
-            .store(Request::Run as u8, Ordering::Release);
+        {
+            // Stored under the state lock: the parked thread reads the
+            // request under it and then waits on the condvar, so a store
+            // between its read and its wait would be a lost wake-up.
+            let _st = self.ctl.state.lock().expect("vcpu state lock");
+            self.ctl.hot.store(false, Ordering::Release);
+            self.ctl
+                .request
+                .store(Request::Run as u8, Ordering::Release);
+        }
         self.ctl.changed.notify_all();
         let mut st = self.ctl.state.lock().expect("vcpu state lock");
         while *st == RunState::Paused {
@@ -271,7 +278,15 @@ impl VcpuThread {
     /// milliseconds: the parked vCPU thread wakes now and polls for it, so
     /// the resume does not wait for a sleeping thread to be scheduled.
     pub fn prepare_resume(&self) {
-        self.ctl.hot.store(true, Ordering::Release);
+        {
+            // Under the state lock for the reason given in `resume`; and
+            // only while paused, so a later pause does not poll for nothing.
+            let st = self.ctl.state.lock().expect("vcpu state lock");
+            if *st != RunState::Paused {
+                return;
+            }
+            self.ctl.hot.store(true, Ordering::Release);
+        }
         self.ctl.changed.notify_all();
     }
 
@@ -354,10 +369,11 @@ fn run_loop(ctl: &VcpuControl) {
                 }
             }
             *st = RunState::Running;
-            ctl.resumed_at.store(unix_ns(), Ordering::Release);
             ctl.changed.notify_all();
         }
         let mut fd = ctl.fd.lock().expect("vcpu fd lock");
+        // The guest runs from the KVM_RUN right after this.
+        ctl.resumed_at.store(unix_ns(), Ordering::Release);
         let exit_ptr: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|p| p.set(exit_ptr));
         let outcome = run_until_request(ctl, &mut fd);

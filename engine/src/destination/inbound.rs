@@ -6,7 +6,7 @@
 //! as there are lanes. Page batches of plaintext lanes arrive unverified
 //! (their checksum is checked on a decoder thread, see `crate::wire`).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use ferry_transport::{FrameHeader, TransportError};
@@ -54,9 +54,12 @@ impl Inbound {
         self.lanes
     }
 
-    /// The next frame from any lane; `None` when every reader is gone.
-    pub(crate) fn recv(&self) -> Option<LaneEvent> {
-        self.events.recv().ok()
+    /// The next frame from any lane within `timeout`; `Err(true)` when
+    /// none came in time, `Err(false)` when every reader is gone.
+    pub(crate) fn recv_timeout(&self, timeout: Duration) -> Result<LaneEvent, bool> {
+        self.events
+            .recv_timeout(timeout)
+            .map_err(|e| e.is_timeout())
     }
 
     /// Like [`Inbound::recv`], giving up at `until`.

@@ -20,6 +20,7 @@ use crate::error::MigrationError;
 use crate::layout::MemoryLayout;
 use crate::options::DestinationOptions;
 use crate::protocol::{self, Hello, HelloAck, RoundEnd, Running, STREAM_VERSION};
+use crate::source::PAGE_BATCH_FLAGS;
 use crate::summary::DestinationSummary;
 use crate::vm::{MigratableVm, VmOpError};
 use crate::wire::{verify_prefixed, Checked, FrameIn, UncheckedTcp, PREFIX_LEN};
@@ -46,10 +47,17 @@ impl DestinationMigration {
     ) -> Result<(V, DestinationSummary), MigrationError> {
         let ferry_transport::FrameConnection { reader, mut writer } = conn;
         let stream = reader.into_inner();
-        let _ = stream.set_read_timeout(Some(opts.idle_timeout));
+        let shutdown = stream.try_clone().ok();
         // Page batch checksums are verified on the decoder threads.
         let readers: Vec<Box<dyn FrameIn + Send>> = vec![Box::new(UncheckedTcp(stream))];
-        Self::receive_from(&mut writer, readers, opts, make_vm)
+        let result = Self::receive_from(&mut writer, readers, opts, make_vm);
+        if result.is_err() {
+            // Ends the reader thread, whatever the peer does.
+            if let Some(s) = shutdown {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        result
     }
 
     /// Receive a migration over a session of ferry lanes (see
@@ -66,9 +74,6 @@ impl DestinationMigration {
         let mut control: Option<FrameWriter<LaneWrite>> = None;
         for lane in lanes.into_vec() {
             closers.push(lane.closer().map_err(MigrationError::Send)?);
-            if let Some(socket) = lane.socket_clone() {
-                let _ = socket.set_read_timeout(Some(opts.idle_timeout));
-            }
             if lane.is_plaintext() {
                 let (_, raw) = lane.into_raw_parts().map_err(MigrationError::Send)?;
                 let read = raw
@@ -229,14 +234,33 @@ impl<S: FrameSink> Receiving<'_, S> {
         buf: &mut Vec<u8>,
         during: &'static str,
     ) -> Result<(usize, FrameKind, Option<FrameHeader>), MigrationError> {
+        // Idle means no frame on any lane: a lane may carry nothing for a
+        // while (its stripes were clean this round).
         let event = self
             .inbound
-            .recv()
-            .ok_or(MigrationError::PeerClosed { during })?;
+            .recv_timeout(self.opts.idle_timeout)
+            .map_err(|timed_out| match timed_out {
+                true => MigrationError::Timeout {
+                    waiting_for: "frame on any lane",
+                    timeout: self.opts.idle_timeout,
+                },
+                false => MigrationError::PeerClosed { during },
+            })?;
         let (header, verified, payload) = match event.frame {
             Ok(arrival) => arrival,
             Err(e) => return Err(self.lane_failed(event.lane, e, during)),
         };
+        let expected_flags = if header.kind == FrameKind::PageBatch {
+            PAGE_BATCH_FLAGS
+        } else {
+            0
+        };
+        if header.flags != expected_flags {
+            return Err(MigrationError::UnexpectedFlags {
+                kind: header.kind,
+                flags: header.flags,
+            });
+        }
         let spent = std::mem::replace(buf, payload);
         if spent.capacity() > 0 {
             let _ = self.free.try_send(spent);
@@ -369,8 +393,6 @@ impl<S: FrameSink> Receiving<'_, S> {
             r.map(|(rounds, state, digest)| (rounds, state, digest, counts))
         });
         let (rounds, state, source_digest, counts) = outcome?;
-        // Go comes after one round trip: have the vCPU ready for it.
-        vm.prepare_resume();
 
         let t_verify = Instant::now();
         let digest = hashes.digest();
@@ -385,6 +407,8 @@ impl<S: FrameSink> Receiving<'_, S> {
         vm.restore_state(&state)
             .map_err(MigrationError::RestoreState)?;
         let restore = t_restore.elapsed();
+        // Go comes after one round trip: have the vCPU ready for it.
+        vm.prepare_resume();
         self.send(FrameKind::Ready, &protocol::encode_u64(digest))?;
 
         let (_, kind) = self.recv(&mut buf, "waiting for Go")?;
@@ -466,8 +490,11 @@ impl<S: FrameSink> Receiving<'_, S> {
                 FrameKind::PageBatch => {
                     inflight.poll()?;
                     let batch = std::mem::take(buf);
-                    jobs.send(Job { unverified, batch })
-                        .map_err(|_| MigrationError::WorkerPanicked)?;
+                    if jobs.send(Job { unverified, batch }).is_err() {
+                        // The decoders are gone: report why, if one said.
+                        inflight.poll()?;
+                        return Err(MigrationError::WorkerPanicked);
+                    }
                     inflight.outstanding += 1;
                 }
                 FrameKind::RoundEnd => {

@@ -28,6 +28,7 @@ use crate::protocol::{self, Hello, HelloAck, RoundEnd, Running, STREAM_VERSION};
 use crate::summary::{DowntimeBreakdown, MigrationSummary};
 use crate::vm::MigratableVm;
 use inbox::Inbox;
+pub(crate) use outbound::PAGE_BATCH_FLAGS;
 use outbound::{LaneWriter, OutLane, Outbound};
 use workers::{run_worker, Chunk, WorkerContext, WorkerOutput, CHUNK_WORDS};
 
@@ -177,7 +178,7 @@ impl SourceMigration {
             .max_bandwidth
             .map(|r| Arc::new(TokenBucket::with_rate(r)))
             .or(lane_bucket);
-        let out = Outbound::spawn(lanes, bucket, &free_tx);
+        let out = Outbound::spawn(lanes, bucket, &free_tx, self.opts.handover_timeout);
         let inbox = Inbox::spawn(source);
         let mut session = Session {
             vm: &*self.vm,
@@ -278,25 +279,30 @@ impl Session<'_> {
     /// unless GO was sent, drop the throttle.
     fn recover(&mut self, error: &MigrationError, progress: &mut impl FnMut(ProgressEvent)) {
         warn!(%error, "migration failed");
-        // Best effort: a lane stuck on a peer that stopped reading must not
-        // keep the guest paused.
-        self.out.try_send_frame(
-            FrameKind::Abort,
-            protocol::encode_reason(&error_chain(error)),
-        );
-        if self.go_sent {
-            return;
-        }
-        self.vm.set_throttle(0);
-        if self.paused {
-            match self.vm.resume() {
-                Ok(()) => self.paused = false,
-                Err(e) => warn!(error = %e, "could not resume the guest after a failed migration"),
+        if !self.go_sent {
+            self.vm.set_throttle(0);
+            if self.paused {
+                match self.vm.resume() {
+                    Ok(()) => self.paused = false,
+                    Err(e) => {
+                        warn!(error = %e, "could not resume the guest after a failed migration")
+                    }
+                }
             }
         }
-        progress(ProgressEvent::Abandoned {
-            reason: error.to_string(),
-        });
+        // Page batches still queued are dropped so the reason goes out at
+        // once; a lane stuck on a peer that stopped reading gets a bounded
+        // wait (the guest already runs again here).
+        self.out.abort(
+            FrameKind::Abort,
+            protocol::encode_reason(&error_chain(error)),
+            ABORT_GRACE,
+        );
+        if !self.go_sent {
+            progress(ProgressEvent::Abandoned {
+                reason: error.to_string(),
+            });
+        }
     }
 
     fn migrate(
@@ -636,6 +642,7 @@ impl Session<'_> {
         let mut totals = RoundTotals::default();
         let mut done = 0usize;
         let mut last_progress = Instant::now();
+        let mut last_chunk = Instant::now();
         while done < chunks {
             match pipeline.results.recv_timeout(PROGRESS_EVERY) {
                 Ok(WorkerOutput::ChunkDone {
@@ -647,6 +654,7 @@ impl Session<'_> {
                     totals.pages += pages;
                     totals.counts.add(&counts);
                     self.wire_bytes += wire_bytes;
+                    last_chunk = Instant::now();
                 }
                 Ok(WorkerOutput::Failed(MigrationError::Send(e))) => {
                     return Err(self.send_failed(e))
@@ -658,6 +666,15 @@ impl Session<'_> {
             self.inbox.check("the page stream")?;
             if let Some(e) = self.out.failed() {
                 return Err(self.send_failed(e));
+            }
+            // A destination that stays connected but stops reading would
+            // otherwise hold the round (and, in the final round, the paused
+            // guest) forever.
+            if last_chunk.elapsed() >= self.opts.handover_timeout {
+                return Err(MigrationError::Timeout {
+                    waiting_for: "room on the lanes (the destination stopped reading)",
+                    timeout: self.opts.handover_timeout,
+                });
             }
             if let Some(deadline) = mode.deadline {
                 if self.started.elapsed() >= deadline {

@@ -124,15 +124,22 @@ pub(crate) struct Outbound {
     shutdowns: Vec<TcpStream>,
     done: Receiver<()>,
     sealed: bool,
+    /// Set when the migration failed: writers drop the page batches still
+    /// queued, so the Abort behind them goes out at once.
+    aborting: Arc<AtomicBool>,
+    /// Longest a control frame waits for room in lane 0's queue.
+    stall: Duration,
 }
 
 impl Outbound {
     /// Start one writer thread per lane. Sent batch buffers go back to
     /// `free`; every written byte is charged to `bucket`.
+    /// A lane whose queue takes nothing for `stall` counts as failed.
     pub(crate) fn spawn(
         lanes: Vec<OutLane>,
         bucket: Option<Arc<TokenBucket>>,
         free: &Sender<Vec<u8>>,
+        stall: Duration,
     ) -> Self {
         let sealed = !lanes.is_empty()
             && lanes
@@ -146,21 +153,25 @@ impl Outbound {
             shutdowns: Vec::new(),
             done,
             sealed,
+            aborting: Arc::new(AtomicBool::new(false)),
+            stall,
         };
         for (i, lane) in lanes.into_iter().enumerate() {
             let (tx, rx) = crossbeam_channel::bounded::<Outgoing>(QUEUE_DEPTH);
             let slot = ErrorSlot::default();
-            let (bucket, free, done_tx, thread_slot) = (
+            let (bucket, free, done_tx, thread_slot, aborting) = (
                 bucket.clone(),
                 free.clone(),
                 done_tx.clone(),
                 Arc::clone(&slot),
+                Arc::clone(&out.aborting),
             );
             let mut writer = lane.writer;
             let handle = std::thread::Builder::new()
                 .name(format!("ferry-send-{i}"))
                 .spawn(move || {
-                    if let Err(e) = drain_queue(&mut writer, &rx, bucket.as_deref(), &free) {
+                    let sent = drain_queue(&mut writer, &rx, bucket.as_deref(), &free, &aborting);
+                    if let Err(e) = sent {
                         *thread_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                     }
                     let _ = done_tx.send(());
@@ -207,12 +218,14 @@ impl Outbound {
         })
     }
 
-    /// Queue a control frame on lane 0 if there is room at once (for an
-    /// Abort after a failure: the lane may be stuck).
-    pub(crate) fn try_send_frame(&self, kind: FrameKind, payload: Vec<u8>) -> bool {
-        self.queues
-            .first()
-            .is_some_and(|q| q.try_send(Outgoing::Frame { kind, payload }).is_ok())
+    /// After a failure: drop the page batches still queued and send
+    /// `payload` (an Abort) on lane 0, waiting at most `grace` for room.
+    pub(crate) fn abort(&self, kind: FrameKind, payload: Vec<u8>, grace: Duration) -> bool {
+        self.aborting.store(true, Ordering::Release);
+        self.queues.first().is_some_and(|q| {
+            q.send_timeout(Outgoing::Frame { kind, payload }, grace)
+                .is_ok()
+        })
     }
 
     /// Queue a page batch on `lane` (a complete frame when `sealed`),
@@ -248,7 +261,11 @@ impl Outbound {
             .queues
             .get(lane)
             .ok_or(TransportError::NoSuchLane { lane })?;
-        q.send(item).map_err(|_| self.error(lane))
+        match q.send_timeout(item, self.stall) {
+            Ok(()) => Ok(()),
+            Err(SendTimeoutError::Disconnected(_)) => Err(self.error(lane)),
+            Err(SendTimeoutError::Timeout(_)) => Err(stalled(lane, self.stall)),
+        }
     }
 
     /// Why `lane`'s writer stopped.
@@ -301,10 +318,33 @@ impl Outbound {
             for s in &shutdowns {
                 let _ = s.shutdown(std::net::Shutdown::Both);
             }
+            // A writer on a transport without a socket to shut down may
+            // stay blocked: give it the grace once more, then leave it
+            // (detached) rather than hang the caller.
+            let until = Instant::now() + grace;
+            while finished < threads.len() {
+                match done.recv_deadline(until) {
+                    Ok(()) => finished += 1,
+                    Err(_) => break,
+                }
+            }
         }
-        for t in threads {
-            let _ = t.join();
+        if finished == threads.len() {
+            for t in threads {
+                let _ = t.join();
+            }
         }
+    }
+}
+
+/// A lane that took nothing for `stall`: the peer stopped reading.
+fn stalled(lane: usize, stall: Duration) -> TransportError {
+    TransportError::Lane {
+        lane,
+        source: Box::new(TransportError::Write(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer took nothing on this lane for {stall:?}"),
+        ))),
     }
 }
 
@@ -314,9 +354,14 @@ fn drain_queue(
     rx: &Receiver<Outgoing>,
     bucket: Option<&TokenBucket>,
     free: &Sender<Vec<u8>>,
+    aborting: &AtomicBool,
 ) -> Result<(), TransportError> {
     for item in rx.iter() {
         let len = match item {
+            Outgoing::Batch { bytes, .. } if aborting.load(Ordering::Acquire) => {
+                let _ = free.try_send(bytes);
+                continue;
+            }
             Outgoing::Frame { kind, payload } => {
                 writer.write_frame(kind, 0, &payload)?;
                 ferry_transport::HEADER_LEN + payload.len()
