@@ -34,20 +34,32 @@ fn fake_destination(
     answer: impl FnOnce(&mut TcpStream) + Send + 'static,
     frames: usize,
 ) -> Result<std::net::SocketAddr> {
-    let listener = FrameListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    std::thread::spawn(move || {
-        let mut conn = listener.accept().expect("accept");
-        let hello = conn.reader.recv().expect("hello");
-        assert_eq!(hello.kind, FrameKind::Hello);
-        answer(conn.writer.get_mut());
+    let (addr, _) = fake_destination_then(answer, move |conn| {
         for _ in 0..frames {
             if conn.reader.recv().is_err() {
                 break;
             }
         }
-    });
+    })?;
     Ok(addr)
+}
+
+/// A fake destination that answers the Hello with `answer`, then hands the
+/// connection to `then` (on its thread, joined through the handle).
+fn fake_destination_then(
+    answer: impl FnOnce(&mut TcpStream) + Send + 'static,
+    then: impl FnOnce(&mut ferry_transport::TcpFrameConnection) + Send + 'static,
+) -> Result<(std::net::SocketAddr, std::thread::JoinHandle<()>)> {
+    let listener = FrameListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let thread = std::thread::spawn(move || {
+        let mut conn = listener.accept().expect("accept");
+        let hello = conn.reader.recv().expect("hello");
+        assert_eq!(hello.kind, FrameKind::Hello);
+        answer(conn.writer.get_mut());
+        then(&mut conn);
+    });
+    Ok((addr, thread))
 }
 
 fn hello_ack(version: u32) -> impl FnOnce(&mut TcpStream) + Send + 'static {
@@ -376,17 +388,10 @@ fn a_destination_that_stops_reading_is_given_up_and_the_guest_runs_on() -> Resul
     let vm = boot(64, GUEST)?;
     // Answers the Hello, then holds the connection open without reading a
     // byte (a stopped process, a stuck host) until the test lets it go.
-    let listener = FrameListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
     let (release, held) = std::sync::mpsc::channel::<()>();
-    let stalled = std::thread::spawn(move || {
-        let mut conn = listener.accept().expect("accept");
-        let hello = conn.reader.recv().expect("hello");
-        assert_eq!(hello.kind, FrameKind::Hello);
-        hello_ack(STREAM_VERSION)(conn.writer.get_mut());
+    let (addr, stalled) = fake_destination_then(hello_ack(STREAM_VERSION), move |_conn| {
         let _ = held.recv();
-        drop(conn);
-    });
+    })?;
     let opts = MigrationOptions {
         handover_timeout: Duration::from_secs(2),
         ..MigrationOptions::default()

@@ -154,6 +154,20 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * PAGE_SIZE)]).unwrap()
     }
 
+    /// A decoder's view of 16 pages of `mem` with `features` accepted.
+    fn context<'a>(
+        mem: &'a GuestMemoryMmap,
+        hashes: &'a PageHashes,
+        features: u64,
+    ) -> DecodeContext<'a> {
+        DecodeContext {
+            memory: mem,
+            hashes,
+            page_index_end: 16,
+            features,
+        }
+    }
+
     fn compressible_batch(page: u64) -> (Vec<u8>, Box<Page>) {
         let mut data = Box::new([0u8; PAGE_SIZE]);
         for (i, b) in data.iter_mut().enumerate() {
@@ -171,12 +185,7 @@ mod tests {
     fn pages_land_in_guest_memory_with_their_hash() {
         let mem = memory();
         let hashes = PageHashes::new(16);
-        let ctx = DecodeContext {
-            memory: &mem,
-            hashes: &hashes,
-            page_index_end: 16,
-            features: SUPPORTED_FEATURES,
-        };
+        let ctx = context(&mem, &hashes, SUPPORTED_FEATURES);
         let (batch, data) = compressible_batch(3);
         let mut page = Box::new([0u8; PAGE_SIZE]);
         let counts = decode_batch(&ctx, &batch, &mut page, 0).unwrap();
@@ -192,12 +201,7 @@ mod tests {
     fn an_encoding_that_was_not_negotiated_is_refused() {
         let mem = memory();
         let hashes = PageHashes::new(16);
-        let ctx = DecodeContext {
-            memory: &mem,
-            hashes: &hashes,
-            page_index_end: 16,
-            features: SUPPORTED_FEATURES & !FEATURE_LZ4,
-        };
+        let ctx = context(&mem, &hashes, SUPPORTED_FEATURES & !FEATURE_LZ4);
         let (batch, _) = compressible_batch(3);
         let mut page = Box::new([0u8; PAGE_SIZE]);
         let err = decode_batch(&ctx, &batch, &mut page, 0).unwrap_err();
@@ -215,12 +219,7 @@ mod tests {
     fn a_page_that_does_not_match_its_hash_is_refused_and_not_written() {
         let mem = memory();
         let hashes = PageHashes::new(16);
-        let ctx = DecodeContext {
-            memory: &mem,
-            hashes: &hashes,
-            page_index_end: 16,
-            features: SUPPORTED_FEATURES,
-        };
+        let ctx = context(&mem, &hashes, SUPPORTED_FEATURES);
         let mut data = Box::new([0u8; PAGE_SIZE]);
         for (i, b) in data.iter_mut().enumerate() {
             *b = (i * 7 % 251) as u8;
