@@ -148,6 +148,18 @@ impl MigrationError {
     pub(crate) fn from_receive(err: TransportError, during: &'static str) -> Self {
         match err {
             TransportError::PeerClosed => Self::PeerClosed { during },
+            // A peer that died (a killed process) resets the connection:
+            // the same story for the user as a clean close.
+            TransportError::Read(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                Self::PeerClosed { during }
+            }
             TransportError::Corrupt(FrameError::UnsupportedVersion { found }) => {
                 Self::VersionMismatch {
                     ours: u32::from(ferry_transport::PROTOCOL_VERSION),
