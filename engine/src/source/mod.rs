@@ -76,7 +76,7 @@ impl SourceMigration {
             writer: LaneWriter::Sealed(stream),
             shutdown: shutdown.as_ref().and_then(|s| s.try_clone().ok()),
         };
-        let result = self.run_inner(vec![lane], reader, progress);
+        let result = self.run_inner(vec![lane], reader, None, progress);
         if let Some(stream) = shutdown {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
@@ -118,7 +118,7 @@ impl SourceMigration {
                 during: "the lane handshake",
             });
         };
-        let result = self.run_inner_with(out, control, lane_bucket, progress);
+        let result = self.run_inner(out, control, lane_bucket, progress);
         for closer in closers {
             closer.close();
         }
@@ -143,24 +143,12 @@ impl SourceMigration {
             writer: LaneWriter::Framed(Box::new(sink)),
             shutdown: None,
         };
-        self.run_inner(vec![lane], source, progress)
-    }
-
-    fn run_inner<R>(
-        self,
-        lanes: Vec<OutLane>,
-        source: R,
-        progress: impl FnMut(ProgressEvent),
-    ) -> Result<MigrationSummary, MigrationError>
-    where
-        R: FrameSource + Send + 'static,
-    {
-        self.run_inner_with(lanes, source, None, progress)
+        self.run_inner(vec![lane], source, None, progress)
     }
 
     /// `lane_bucket`: a bandwidth cap the lanes came with, used when the
     /// options set none.
-    fn run_inner_with<R>(
+    fn run_inner<R>(
         self,
         lanes: Vec<OutLane>,
         source: R,

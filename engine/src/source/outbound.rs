@@ -270,28 +270,25 @@ impl Outbound {
 
     /// Why `lane`'s writer stopped.
     fn error(&self, lane: usize) -> TransportError {
+        self.take_error(lane)
+            .unwrap_or(TransportError::LaneClosed { lane })
+    }
+
+    /// The error `lane`'s writer stopped with, if any (taken: said once).
+    fn take_error(&self, lane: usize) -> Option<TransportError> {
         let e = self.errors[lane]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take();
-        match e {
-            Some(e) => TransportError::Lane {
-                lane,
-                source: Box::new(e),
-            },
-            None => TransportError::LaneClosed { lane },
-        }
+            .take()?;
+        Some(TransportError::Lane {
+            lane,
+            source: Box::new(e),
+        })
     }
 
     /// The first error a writer thread stopped with, if any, without waiting.
     pub(crate) fn failed(&self) -> Option<TransportError> {
-        (0..self.lanes()).find_map(|lane| {
-            let mut slot = self.errors[lane].lock().unwrap_or_else(|p| p.into_inner());
-            slot.take().map(|e| TransportError::Lane {
-                lane,
-                source: Box::new(e),
-            })
-        })
+        (0..self.lanes()).find_map(|lane| self.take_error(lane))
     }
 
     /// Let the writers send what is queued, for up to `grace`; then shut
