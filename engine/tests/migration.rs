@@ -177,7 +177,7 @@ fn dirtying_guest_migrates_without_the_xor_cache() -> Result<()> {
         64,
         &format!("rate=5000 wss=16M {TSC}"),
         MigrationOptions {
-            xor_cache_bytes: 0,
+            xor_cache_bytes: Some(0),
             ..MigrationOptions::default()
         },
     )?;
@@ -194,7 +194,7 @@ fn faster_than_the_link(auto_converge: bool, deadline: Duration) -> MigrationOpt
             ..ConvergencePolicy::default()
         },
         max_bandwidth: Some(16_000_000),
-        xor_cache_bytes: 0,
+        xor_cache_bytes: Some(0),
         ..MigrationOptions::default()
     }
 }

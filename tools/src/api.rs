@@ -59,7 +59,8 @@ pub struct MigrateRequest {
     pub auto_converge: Option<bool>,
     /// Encoder threads.
     pub workers: Option<usize>,
-    /// XOR-delta cache bytes (0 disables deltas).
+    /// XOR-delta cache bytes (0 disables deltas; absent: a quarter of
+    /// guest memory).
     pub xor_cache_bytes: Option<usize>,
     /// LZ4-compress pages (default on).
     pub compress: Option<bool>,
@@ -82,8 +83,8 @@ impl MigrateRequest {
         if let Some(w) = self.workers {
             o.workers = w.max(1);
         }
-        if let Some(x) = self.xor_cache_bytes {
-            o.xor_cache_bytes = x;
+        if self.xor_cache_bytes.is_some() {
+            o.xor_cache_bytes = self.xor_cache_bytes;
         }
         if let Some(c) = self.compress {
             o.compress = c;

@@ -44,8 +44,12 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub workers: Option<usize>,
     /// Do not send XOR deltas against earlier copies.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "xor_cache")]
     pub no_delta: bool,
+    /// Size of the cache of earlier page copies that XOR deltas are made
+    /// against (e.g. 256M; default: a quarter of guest memory).
+    #[arg(long, value_parser = parse_cache_size)]
+    pub xor_cache: Option<usize>,
     /// Do not LZ4-compress pages.
     #[arg(long)]
     pub no_compress: bool,
@@ -56,6 +60,12 @@ pub struct MigrateArgs {
 
 fn parse_rate(s: &str) -> Result<u64, String> {
     ferry_vm::parse_size(s, 1).ok_or_else(|| format!("`{s}` is not a rate in bytes/s (e.g. 100M)"))
+}
+
+fn parse_cache_size(s: &str) -> Result<usize, String> {
+    ferry_vm::parse_size(s, 1)
+        .and_then(|b| usize::try_from(b).ok())
+        .ok_or_else(|| format!("`{s}` is not a size in bytes (e.g. 256M)"))
 }
 
 impl MigrateArgs {
@@ -70,7 +80,11 @@ impl MigrateArgs {
             max_bandwidth: self.max_bandwidth,
             auto_converge: Some(!self.no_auto_converge),
             workers: self.workers,
-            xor_cache_bytes: self.no_delta.then_some(0),
+            xor_cache_bytes: if self.no_delta {
+                Some(0)
+            } else {
+                self.xor_cache
+            },
             compress: Some(!self.no_compress),
         })
     }

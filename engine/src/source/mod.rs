@@ -322,7 +322,7 @@ impl Session<'_> {
         if self.opts.compress {
             offered |= protocol::FEATURE_LZ4;
         }
-        if self.opts.xor_cache_bytes >= PAGE_SIZE {
+        if self.opts.xor_cache_bytes_for(layout.bytes()) >= PAGE_SIZE {
             offered |= protocol::FEATURE_XOR_DELTA;
         }
         self.send(
@@ -353,7 +353,7 @@ impl Session<'_> {
         self.xor_delta = features & protocol::FEATURE_XOR_DELTA != 0;
         let index_end = log.lock().unwrap_or_else(|p| p.into_inner()).pages();
         let hashes = PageHashes::new(layout.page_index_end().max(index_end as u64));
-        let cache = XorDeltaCache::new(self.opts.xor_cache_bytes);
+        let cache = XorDeltaCache::new(self.opts.xor_cache_bytes_for(layout.bytes()));
         let cancel = AtomicBool::new(false);
         let memory = self.vm.memory();
         let workers = self.opts.workers.max(1);
