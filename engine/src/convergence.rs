@@ -24,6 +24,12 @@ pub const SHRINK_PERCENT: u64 = 90;
 pub struct ConvergencePolicy {
     /// Stop-and-copy once the expected downtime is at most this.
     pub max_downtime: Duration,
+    /// Once the expected downtime fits `max_downtime`, keep copying while
+    /// it is above this and every round at least halves the dirty set: such
+    /// a round is short (it sends what the pause would have sent) and makes
+    /// the pause shorter. At most log2(dirty pages) extra rounds.
+    /// `max_downtime` or more turns this off.
+    pub settle_downtime: Duration,
     /// Give up (guest keeps running on the source) once the migration has
     /// run this long without converging. `None`: never give up.
     pub deadline: Option<Duration>,
@@ -41,6 +47,7 @@ impl Default for ConvergencePolicy {
     fn default() -> Self {
         Self {
             max_downtime: Duration::from_millis(20),
+            settle_downtime: Duration::from_millis(1),
             deadline: Some(Duration::from_secs(300)),
             auto_converge: true,
             throttle_initial: 20,
@@ -120,7 +127,9 @@ pub struct ControllerState {
 ///    full page plus header when it sent nothing), so compression and XOR
 ///    deltas count. Expected downtime = bytes left / bandwidth.
 /// 3. It fits `max_downtime` → **stop-and-copy** (even past the deadline:
-///    the last round is cheap).
+///    the last round is cheap), unless it is still above `settle_downtime`,
+///    the round at least halved the dirty set and the deadline has not
+///    passed → **continue** (settling).
 /// 4. Past the deadline → **give up**.
 /// 5. The round did not shrink the dirty set below [`SHRINK_PERCENT`] % of
 ///    the previous one and auto-converge is on → **throttle** one step
@@ -156,9 +165,16 @@ pub fn decide(
         None => true,
         Some(prev) => round.dirty_pages * 100 < prev * SHRINK_PERCENT || round.dirty_pages == 0,
     };
-    let decision = if expected_downtime <= policy.max_downtime {
+    let halving = state
+        .previous_dirty_pages
+        .is_some_and(|prev| round.dirty_pages.saturating_mul(2) <= prev);
+    let past_deadline = policy.deadline.is_some_and(|d| round.elapsed >= d);
+    let settling = expected_downtime > policy.settle_downtime && halving && !past_deadline;
+    let decision = if expected_downtime <= policy.max_downtime && !settling {
         Decision::StopAndCopy
-    } else if policy.deadline.is_some_and(|d| round.elapsed >= d) {
+    } else if expected_downtime <= policy.max_downtime {
+        Decision::Continue
+    } else if past_deadline {
         Decision::GiveUp
     } else if !shrinking && policy.auto_converge && state.throttle < policy.throttle_max {
         let next = if state.throttle == 0 {
@@ -275,8 +291,39 @@ mod tests {
                 Decision::StopAndCopy,
             ),
             (
-                "few pages left fit 20 ms",
+                "few pages left fit 20 ms, no longer halving",
                 policy,
+                state(gbps, Some(2_100), 0),
+                round(100, 10_000, 41_070_000, 2_000, 5000),
+                Decision::StopAndCopy,
+            ),
+            (
+                "fits 20 ms but still halving: settle with another round",
+                policy,
+                state(gbps, Some(10_000), 0),
+                round(100, 10_000, 41_070_000, 2_000, 5000),
+                Decision::Continue,
+            ),
+            (
+                "settled below 1 ms: stop",
+                policy,
+                state(gbps, Some(2_000), 0),
+                round(8, 2_000, 8_214_000, 200, 5000),
+                Decision::StopAndCopy,
+            ),
+            (
+                "halving but past the deadline: stop rather than settle",
+                policy,
+                state(gbps, Some(10_000), 0),
+                round(100, 10_000, 41_070_000, 2_000, 300_000),
+                Decision::StopAndCopy,
+            ),
+            (
+                "settling off (settle = max downtime)",
+                ConvergencePolicy {
+                    settle_downtime: Duration::from_millis(20),
+                    ..policy
+                },
                 state(gbps, Some(10_000), 0),
                 round(100, 10_000, 41_070_000, 2_000, 5000),
                 Decision::StopAndCopy,
