@@ -353,30 +353,41 @@ fn drain_queue(
     free: &Sender<Vec<u8>>,
     aborting: &AtomicBool,
 ) -> Result<(), TransportError> {
+    // A batch is charged before it goes out: the lanes share one bucket, so
+    // N writers wait off their debt together instead of each bursting a
+    // batch past the cap.
+    let charge = |len: usize| {
+        if let Some(b) = bucket {
+            b.charge(len);
+        }
+    };
     for item in rx.iter() {
-        let len = match item {
+        match item {
             Outgoing::Batch { bytes, .. } if aborting.load(Ordering::Acquire) => {
                 let _ = free.try_send(bytes);
                 continue;
             }
             Outgoing::Frame { kind, payload } => {
+                // Control frames count against the cap but never wait: a Go
+                // or an Abort must not sit behind the pages' debt.
+                if let Some(b) = bucket {
+                    let _ =
+                        b.charge_at(ferry_transport::HEADER_LEN + payload.len(), Instant::now());
+                }
                 writer.write_frame(kind, 0, &payload)?;
-                ferry_transport::HEADER_LEN + payload.len()
             }
             Outgoing::Batch { sealed, bytes } => {
+                charge(
+                    bytes.len()
+                        + if sealed {
+                            0
+                        } else {
+                            ferry_transport::HEADER_LEN
+                        },
+                );
                 writer.write_batch(sealed, &bytes)?;
-                let len = bytes.len()
-                    + if sealed {
-                        0
-                    } else {
-                        ferry_transport::HEADER_LEN
-                    };
                 let _ = free.try_send(bytes);
-                len
             }
-        };
-        if let Some(b) = bucket {
-            b.charge(len);
         }
         if rx.is_empty() {
             writer.flush()?;
