@@ -9,6 +9,13 @@
 //! | `POST /v1/vms/load` | `{vm, cpu_mips}` | `{ok}`: set a VM's (simulated) CPU demand |
 //! | `GET /v1/vms/{name}` | - | the guest's status block |
 //!
+//! Migrations between agents go over `--lanes` lanes (default: one per
+//! core), with mutual TLS (`--tls-cert/--tls-key/--tls-ca`, the same CA on
+//! every host: `ferry tls gen-certs DIR --nodes h1 h2 ...`) or, asked for by
+//! name, `--insecure` plaintext; every agent of a cluster makes the same
+//! choice. (The HTTP control protocol itself is plaintext: keep it on a
+//! management network.)
+//!
 //! A migration completes (the VM runs on the target, gone from here) or
 //! fails and the VM keeps running here: never nowhere, never twice.
 
@@ -26,9 +33,13 @@ use ferry_engine::{DestinationMigration, DestinationOptions, MigrationOptions, S
 use ferry_scheduler::daemon::agent::{
     request, AgentStatus, AgentVm, MigrateRequest, OpResult, VmRequest,
 };
+use ferry_transport::lanes::MAX_LANES;
+use ferry_transport::{default_lane_count, LaneListener, LaneOptions};
 use ferry_vm::{host_tsc_khz, DirtyBackend, GuestParams, Vm, VmConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+
+use crate::security_args::{SecurityArgs, SecuritySpec};
 
 /// `ferry agent`
 #[derive(Args, Debug)]
@@ -45,6 +56,13 @@ pub struct AgentArgs {
     /// Pages/s each workload guest dirties.
     #[arg(long, default_value_t = 1000)]
     pub guest_rate: u64,
+    /// Lanes (TCP connections) per outgoing migration (default: one per
+    /// core).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_LANES)))]
+    pub lanes: Option<u16>,
+    /// How migration streams between agents are secured.
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 struct HostedVm {
@@ -58,6 +76,8 @@ struct Agent {
     ip: IpAddr,
     guest_rate: u64,
     tsc_khz: u32,
+    lanes: u16,
+    security: SecuritySpec,
     vms: Mutex<BTreeMap<String, HostedVm>>,
     /// Names with a migration in or out in progress.
     busy: Mutex<std::collections::BTreeSet<String>>,
@@ -173,10 +193,11 @@ impl Agent {
             .as_u64()
             .and_then(|p| u16::try_from(p).ok())
             .with_context(|| format!("target answered {reply}"))?;
-        let conn = ferry_transport::tcp::connect((target.ip(), port))
-            .context("connecting the migration stream")?;
+        let to = SocketAddr::new(target.ip(), port).to_string();
+        let lanes = crate::api::connect_lanes(&to, self.lanes, &self.security)
+            .with_context(|| format!("opening the migration stream to {}", req.target_host))?;
         let summary = SourceMigration::new(vm, MigrationOptions::default())
-            .run(conn, |_| {})
+            .run_lanes(lanes, |_| {})
             .with_context(|| format!("migrating {} to {}", req.vm, req.target_host))?;
         tracing::info!(vm = %req.vm, to = %req.target_host, downtime_ms = summary.downtime.as_secs_f64() * 1e3, "migrated");
         self.vms.lock().expect("vms lock").remove(&req.vm);
@@ -188,24 +209,20 @@ impl Agent {
         if self.vms.lock().expect("vms lock").contains_key(&req.vm) {
             anyhow::bail!("VM {} already runs on {}", req.vm, self.host);
         }
-        let listener = ferry_transport::FrameListener::bind((self.ip, 0))
+        let security = self.security.load()?;
+        let mut listener = LaneListener::bind((self.ip, 0), LaneOptions::new(1, security))
             .context("binding a migration listener")?;
         let port = listener.local_addr()?.port();
         let agent = self.clone();
         std::thread::spawn(move || {
-            let result = listener
-                .get_ref()
-                .set_nonblocking(false)
-                .map_err(anyhow::Error::from)
-                .and_then(|()| {
-                    let conn = listener.accept()?;
-                    let (vm, _) = DestinationMigration::accept(
-                        conn,
-                        &DestinationOptions::default(),
-                        |layout| Ok(Vm::incoming(layout.bytes(), DirtyBackend::Bitmap)?),
-                    )?;
-                    Ok(vm)
-                });
+            let result = crate::vm_cmd::accept_source(&mut listener).and_then(|lanes| {
+                let (vm, _) = DestinationMigration::accept_lanes(
+                    lanes,
+                    &DestinationOptions::default(),
+                    |layout| Ok(Vm::incoming(layout.bytes(), DirtyBackend::Bitmap)?),
+                )?;
+                Ok(vm)
+            });
             match result {
                 Ok(vm) => {
                     tracing::info!(vm = %req.vm, "VM arrived");
@@ -243,11 +260,17 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 /// Runs the agent until killed.
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    // Bad security flags or unreadable TLS files fail here, not at the
+    // first migration.
+    let security = args.security.spec()?;
+    security.load()?;
     let agent = Arc::new(Agent {
         host: args.host.clone(),
         ip: args.listen.ip(),
         guest_rate: args.guest_rate,
         tsc_khz: host_tsc_khz().context("asking KVM for the TSC frequency")?,
+        lanes: args.lanes.unwrap_or_else(default_lane_count),
+        security,
         vms: Mutex::new(BTreeMap::new()),
         busy: Mutex::new(Default::default()),
     });
@@ -348,7 +371,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                 },
             ),
         )
-        .with_state(agent);
+        .with_state(agent.clone());
+    let (agent_lanes, agent_security) = (agent.lanes, agent.security.describe());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -358,9 +382,11 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         eprintln!(
-            "ferry agent {}: serving on {}",
+            "ferry agent {}: serving on {} (migrations: {} lanes, {})",
             args.host,
-            listener.local_addr()?
+            listener.local_addr()?,
+            agent_lanes,
+            agent_security
         );
         axum::serve(listener, app)
             .await

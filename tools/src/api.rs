@@ -238,7 +238,7 @@ fn migrate(w: &mut UnixStream, served: &Served, req: &MigrateRequest) -> anyhow:
             }
         }
     };
-    let lanes = match connect_lanes(req) {
+    let lanes = match connect_request_lanes(req) {
         Ok(l) => l,
         Err(e) => {
             served.set_home(GuestHome::Here);
@@ -282,15 +282,19 @@ fn migrate(w: &mut UnixStream, served: &Served, req: &MigrateRequest) -> anyhow:
     Ok(())
 }
 
-/// Opens the request's lanes to its destination, secured as it asks. The
-/// engine applies `max_bandwidth` itself (MigrationOptions), so the lanes
-/// are not capped a second time.
-fn connect_lanes(req: &MigrateRequest) -> anyhow::Result<Lanes> {
+/// Opens the request's lanes to its destination, secured as it asks.
+fn connect_request_lanes(req: &MigrateRequest) -> anyhow::Result<Lanes> {
     let Some(spec) = &req.security else {
         bail!("the migrate request chooses no security: send \"security\" with TLS files (ferry migrate --tls-cert/--tls-key/--tls-ca) or insecure (--insecure)");
     };
+    connect_lanes(&req.to, req.lanes.unwrap_or_else(default_lane_count), spec)
+}
+
+/// Opens `lanes` lanes to the destination at `to`, secured as `spec` says.
+/// The engine applies `max_bandwidth` itself (MigrationOptions), so the
+/// lanes are not capped a second time.
+pub fn connect_lanes(to: &str, lanes: u16, spec: &SecuritySpec) -> anyhow::Result<Lanes> {
     let security = spec.load()?;
-    let lanes = req.lanes.unwrap_or_else(default_lane_count);
     if !(1..=MAX_LANES).contains(&lanes) {
         bail!("{lanes} lanes asked for: want 1 to {MAX_LANES}");
     }
@@ -298,7 +302,7 @@ fn connect_lanes(req: &MigrateRequest) -> anyhow::Result<Lanes> {
         max_bandwidth: None,
         ..LaneOptions::new(lanes, security)
     };
-    Lanes::connect(req.to.as_str(), &opts).map_err(|e| {
+    Lanes::connect(to, &opts).map_err(|e| {
         // TCP worked but the lane handshake did not: most often the two ends
         // chose differently (plaintext against TLS) or trust different CAs.
         let hint = if matches!(e, TransportError::Connect { .. }) {
@@ -307,8 +311,7 @@ fn connect_lanes(req: &MigrateRequest) -> anyhow::Result<Lanes> {
             "; both ends must make the same security choice: TLS with certificates from one CA, or --insecure on both"
         };
         anyhow::anyhow!(
-            "cannot connect to the destination {} ({lanes} lanes, {}): {}{hint}",
-            req.to,
+            "cannot connect to the destination {to} ({lanes} lanes, {}): {}{hint}",
             spec.describe(),
             error_chain(&e)
         )

@@ -299,7 +299,7 @@ fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
 /// scanner) is reported and refused, and the wait goes on: a stranger must
 /// not end a destination before the real source arrives. Only a failing
 /// listening socket ends the wait.
-fn accept_source(listener: &mut LaneListener) -> anyhow::Result<Lanes> {
+pub(crate) fn accept_source(listener: &mut LaneListener) -> anyhow::Result<Lanes> {
     loop {
         match listener.accept_session() {
             Ok(lanes) => return Ok(lanes),

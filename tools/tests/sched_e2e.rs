@@ -4,7 +4,9 @@
 //! maintenance evacuates its guest live (heartbeats keep rising, no verify
 //! errors) and leaving brings it back; a load drop makes power save empty a
 //! host and power it down (its agent process is gone), a load rise powers
-//! it up again (a new agent process answers).
+//! it up again (a new agent process answers). The agents migrate to each
+//! other over 2 lanes with mutual TLS (certificates from
+//! `ferry tls gen-certs --nodes h1 h2 h3`).
 //!
 //! Planning rounds are triggered through `POST /v1/round` (the timer is set
 //! to a day), so every step is explicit.
@@ -235,8 +237,29 @@ impl DaemonGuard {
     }
 }
 
+/// One CA and a certificate per host (`ferry tls gen-certs`), in `dir`:
+/// the agents migrate over mutual TLS.
+fn gen_host_certs(dir: &Path) -> Result<()> {
+    let out = Command::new(FERRY)
+        .args(["tls", "gen-certs"])
+        .arg(dir)
+        .arg("--nodes")
+        .args(HOSTS)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "ferry tls gen-certs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 fn start_daemon(dir: &Path) -> Result<DaemonGuard> {
     let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let certs = dir.join("certs");
+    gen_host_certs(&certs)?;
+    let cert_path = |name: String| certs.join(name).to_string_lossy().into_owned();
     let agents: Vec<SocketAddr> = HOSTS
         .iter()
         .map(|_| format!("127.0.0.1:{}", free_port()).parse())
@@ -249,6 +272,11 @@ fn start_daemon(dir: &Path) -> Result<DaemonGuard> {
     );
     for (i, host) in HOSTS.iter().enumerate() {
         let listen = agents[i].to_string();
+        let (cert, key, ca) = (
+            cert_path(format!("{host}.pem")),
+            cert_path(format!("{host}.key")),
+            cert_path("ca.pem".to_owned()),
+        );
         let argv = [
             FERRY,
             "agent",
@@ -258,6 +286,14 @@ fn start_daemon(dir: &Path) -> Result<DaemonGuard> {
             &listen,
             "--guest-rate",
             "1000",
+            "--lanes",
+            "2",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-ca",
+            &ca,
         ];
         toml += &format!(
             "\n[[host]]\nname = \"{host}\"\ncores = 2\ncore_mips = 1000\nmem_mb = 1024\n\
@@ -519,4 +555,18 @@ fn http_text(addr: SocketAddr, path: &str) -> String {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
+}
+
+#[test]
+fn an_agent_without_a_security_choice_refuses_to_start() {
+    let out = Command::new(FERRY)
+        .args(["agent", "--host", "h1", "--listen", "127.0.0.1:0"])
+        .output()
+        .expect("run ferry agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the agent started: {err}");
+    assert!(
+        err.contains("--insecure") && err.contains("--tls-cert"),
+        "unclear error: {err}"
+    );
 }
