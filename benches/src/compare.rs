@@ -255,13 +255,15 @@ pub fn run_line(r: &RunOutcome) -> String {
         RunStatus::Skipped(w) => format!("skipped: {w}"),
     };
     format!(
-        "[{}] {} #{}: total {} ms, downtime {} ms, hb gap {} ms, rounds {}: {status}",
+        "[{}] {} #{}: total {} ms, downtime {} ms, hb gap {} ms{}, rounds {}: {status}",
         r.row,
         r.profile,
         r.repeat,
         f(r.total_ms),
         f(r.downtime_ms),
         f(r.heartbeat_gap_ms),
+        r.gap_parts_ms
+            .map_or(String::new(), |(a, b)| format!(" ({a:.1} + {b:.1})")),
         r.rounds.map_or("-".into(), |x| x.to_string()),
     )
 }

@@ -33,6 +33,13 @@ pub struct Aggregate {
     pub downtime_ms: Option<Spread>,
     /// Heartbeat gap seen from guest memory, ms.
     pub heartbeat_gap_ms: Option<Spread>,
+    /// The gap's first part: the source's last beat to that value showing
+    /// on the destination (the guest's last pass before the pause, the
+    /// pause, the final state crossing), ms.
+    pub gap_to_switch_ms: Option<Spread>,
+    /// The gap's second part: from there to the destination's first new
+    /// beat (resume and the guest's first pass there), ms.
+    pub gap_after_switch_ms: Option<Spread>,
     /// Rounds.
     pub rounds: Option<Spread>,
     /// Engine's wire bytes, MiB.
@@ -110,6 +117,8 @@ pub fn aggregate(runs: &[RunOutcome], ceiling_bps: Option<f64>) -> Vec<Aggregate
                 total_ms: f(&|r| r.total_ms),
                 downtime_ms: f(&|r| r.downtime_ms),
                 heartbeat_gap_ms: f(&|r| r.heartbeat_gap_ms),
+                gap_to_switch_ms: f(&|r| r.gap_parts_ms.map(|p| p.0)),
+                gap_after_switch_ms: f(&|r| r.gap_parts_ms.map(|p| p.1)),
                 rounds: f(&|r| r.rounds.map(|x| x as f64)),
                 wire_mib: f(&|r| mib(r.wire_bytes)),
                 lo_mib: f(&|r| mib(r.lo_bytes)),
@@ -203,6 +212,7 @@ pub fn table(aggs: &[Aggregate], ceilings: &[Ceiling]) -> String {
         "total ms",
         "downtime ms",
         "hb gap ms",
+        "gap parts",
         "rounds",
         "wire MiB",
         "lo MiB",
@@ -227,6 +237,10 @@ pub fn table(aggs: &[Aggregate], ceilings: &[Ceiling]) -> String {
             cell(a.total_ms, 0),
             cell(a.downtime_ms, 1),
             cell(a.heartbeat_gap_ms, 1),
+            match (a.gap_to_switch_ms, a.gap_after_switch_ms) {
+                (Some(b), Some(c)) => format!("{:.1} + {:.1}", b.median, c.median),
+                _ => "-".into(),
+            },
             cell(a.rounds, 0),
             cell(a.wire_mib, 0),
             cell(a.lo_mib, 0),
@@ -274,6 +288,7 @@ pub fn table(aggs: &[Aggregate], ceilings: &[Ceiling]) -> String {
     let _ = writeln!(
         s,
         "cpu columns: all CPU of the side's processes during the migration (in parentheses: without the guest's vCPU thread). \
+         gap parts: medians of the heartbeat gap's two parts, up to the switch value showing on the destination + from there to the first new beat. \
          x/Qbest: median of this profile / QEMU's best median on the same workload (downtime: heartbeat gap)."
     );
     s
