@@ -23,75 +23,12 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use ferry_benches::cold_region::ColdRegion;
 use xxhash_rust::xxh3::xxh3_64;
 
 const PAGE: usize = 4096;
 const SLICE: usize = 256 << 10;
 const MODES: [&str; 5] = ["tcp", "copy", "direct", "direct-srchash", "direct-nohash"];
-
-/// An anonymous mapping backed like guest memory (transparent huge pages),
-/// every page touched, pseudo-random when `fill`.
-struct Region {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: a Region owns its mapping; it is used by one thread at a time
-// mutably, or shared read-only.
-unsafe impl Send for Region {}
-// SAFETY: as above.
-unsafe impl Sync for Region {}
-
-impl Region {
-    fn new(len: usize, fill: bool) -> Self {
-        // SAFETY: a fresh private anonymous mapping, no fd, no fixed address.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert!(ptr != libc::MAP_FAILED, "mmap {len} bytes");
-        // SAFETY: advice on the mapping just made; never changes its contents.
-        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
-        let mut region = Self {
-            ptr: ptr.cast(),
-            len,
-        };
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for word in region.bytes_mut().chunks_exact_mut(8) {
-            if fill {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-            }
-            word.copy_from_slice(&x.to_le_bytes());
-        }
-        region
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is `len` readable bytes, alive while self is.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as `bytes`; `&mut self` makes this the only borrow.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`; no borrow of it
-        // outlives self.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
 
 fn hash_pages(bytes: &[u8], sum: &mut u64) {
     for page in bytes.chunks(PAGE) {
@@ -100,8 +37,8 @@ fn hash_pages(bytes: &[u8], sum: &mut u64) {
 }
 
 /// One model run; bytes/s.
-fn run(mode: &str, src: &Region, dst: &mut Region) -> f64 {
-    let n = src.len;
+fn run(mode: &str, src: &ColdRegion, dst: &mut ColdRegion) -> f64 {
+    let n = src.len();
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let t0 = Instant::now();
@@ -193,8 +130,8 @@ fn main() {
     };
     let mib = env("FERRY_BENCH_MEM_MIB", 2048);
     let runs = env("FERRY_BENCH_RUNS", 2);
-    let src = Region::new(mib << 20, true);
-    let mut dst = Region::new(mib << 20, false);
+    let src = ColdRegion::new(mib << 20, true);
+    let mut dst = ColdRegion::new(mib << 20, false);
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
         // The guest's vCPU: a thread that never sleeps.

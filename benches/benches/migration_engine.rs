@@ -21,6 +21,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_benches::cold_region::ColdRegion;
 use ferry_engine::{
     DestinationMigration, DestinationOptions, MigrationOptions, MigrationSummary, SourceMigration,
 };
@@ -112,77 +113,11 @@ fn tcp_stream(bytes: u64) -> f64 {
     got as f64 / secs
 }
 
-/// Anonymous memory of `bytes`, backed like guest memory (transparent huge
-/// pages when the kernel gives them), every page touched; filled with
-/// pseudo-random words (incompressible, like the guest's fill) when `fill`.
-struct Region {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: a Region owns its mapping; the threads below use disjoint
-// borrows of it (one sender, one receiver per region).
-unsafe impl Send for Region {}
-// SAFETY: as above: shared access is read-only (the sender's region).
-unsafe impl Sync for Region {}
-
-impl Region {
-    fn new(len: usize, fill: bool) -> Self {
-        // SAFETY: a fresh private anonymous mapping, no fd, no fixed address.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert!(ptr != libc::MAP_FAILED, "mmap {len} bytes");
-        // SAFETY: advice on the mapping just made; it never changes what
-        // the memory holds.
-        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
-        let mut region = Self {
-            ptr: ptr.cast(),
-            len,
-        };
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for word in region.bytes_mut().chunks_exact_mut(8) {
-            if fill {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-            }
-            word.copy_from_slice(&x.to_le_bytes());
-        }
-        region
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is `len` bytes, readable, alive while self is.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as `bytes`, and `&mut self` makes this the only borrow.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`; no borrow of it
-        // outlives self.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 /// The same loopback, but moving memory as a migration must: from a cold
 /// region the size of the guest into another (no engine at all, or only an
 /// xxh3 per 4 KiB page on each side when `hash`). Writes of 256 KiB, the
 /// engine's batch size. Returns bytes/s.
-fn memory_to_memory_stream(src: &Region, dst: &mut Region, hash: bool) -> f64 {
+fn memory_to_memory_stream(src: &ColdRegion, dst: &mut ColdRegion, hash: bool) -> f64 {
     const SLICE: usize = 256 << 10;
     const PAGE: usize = 4096;
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -216,7 +151,7 @@ fn memory_to_memory_stream(src: &Region, dst: &mut Region, hash: bool) -> f64 {
         let got = reader.join().expect("reader");
         assert!(!hash || got == sum, "the pages arrived changed");
     });
-    src.len as f64 / t0.elapsed().as_secs_f64()
+    src.len() as f64 / t0.elapsed().as_secs_f64()
 }
 
 /// Runs of each ceiling per case (the best one counts).
@@ -260,8 +195,8 @@ fn migrate(mem_mib: u64, rate: &str) -> Case {
     let (mut baseline, mut baseline_cpu_per_gib) = (0.0f64, f64::MAX);
     let mut memory_ceiling = (0.0f64, 0.0f64);
     {
-        let src = Region::new((mem_mib << 20) as usize, true);
-        let mut dst = Region::new((mem_mib << 20) as usize, false);
+        let src = ColdRegion::new((mem_mib << 20) as usize, true);
+        let mut dst = ColdRegion::new((mem_mib << 20) as usize, false);
         for _ in 0..CEILING_RUNS {
             let (rate, cpu) = tcp_stream_baseline(mem_mib << 20);
             baseline = baseline.max(rate);

@@ -37,6 +37,7 @@
 
 pub mod alive;
 pub mod ceiling;
+pub mod cold_region;
 pub mod compare;
 pub mod error;
 pub mod ferry;
