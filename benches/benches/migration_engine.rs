@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_benches::cold_region::ColdRegion;
+use ferry_benches::data_path::{stream, DataPath};
 use ferry_engine::{
     DestinationMigration, DestinationOptions, MigrationOptions, MigrationSummary, SourceMigration,
 };
@@ -113,47 +114,6 @@ fn tcp_stream(bytes: u64) -> f64 {
     got as f64 / secs
 }
 
-/// The same loopback, but moving memory as a migration must: from a cold
-/// region the size of the guest into another (no engine at all, or only an
-/// xxh3 per 4 KiB page on each side when `hash`). Writes of 256 KiB, the
-/// engine's batch size. Returns bytes/s.
-fn memory_to_memory_stream(src: &ColdRegion, dst: &mut ColdRegion, hash: bool) -> f64 {
-    const SLICE: usize = 256 << 10;
-    const PAGE: usize = 4096;
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let t0 = Instant::now();
-    std::thread::scope(|scope| {
-        let dst = dst.bytes_mut();
-        let reader = scope.spawn(move || {
-            let (mut s, _) = listener.accept().expect("accept");
-            let mut sum = 0u64;
-            for slice in dst.chunks_mut(SLICE) {
-                s.read_exact(slice).expect("read");
-                if hash {
-                    for page in slice.chunks(PAGE) {
-                        sum ^= xxhash_rust::xxh3::xxh3_64(page);
-                    }
-                }
-            }
-            sum
-        });
-        let mut s = TcpStream::connect(addr).expect("connect");
-        let mut sum = 0u64;
-        for slice in src.bytes().chunks(SLICE) {
-            if hash {
-                for page in slice.chunks(PAGE) {
-                    sum ^= xxhash_rust::xxh3::xxh3_64(page);
-                }
-            }
-            s.write_all(slice).expect("write");
-        }
-        let got = reader.join().expect("reader");
-        assert!(!hash || got == sum, "the pages arrived changed");
-    });
-    src.len() as f64 / t0.elapsed().as_secs_f64()
-}
-
 /// Runs of each ceiling per case (the best one counts).
 const CEILING_RUNS: usize = 3;
 
@@ -203,10 +163,10 @@ fn migrate(mem_mib: u64, rate: &str) -> Case {
             baseline_cpu_per_gib = baseline_cpu_per_gib.min(cpu);
             memory_ceiling.0 = memory_ceiling
                 .0
-                .max(memory_to_memory_stream(&src, &mut dst, false));
+                .max(stream(DataPath::DirectNoHash, &src, &mut dst));
             memory_ceiling.1 = memory_ceiling
                 .1
-                .max(memory_to_memory_stream(&src, &mut dst, true));
+                .max(stream(DataPath::Direct, &src, &mut dst));
         }
     }
     // The destination VM is made (and its memory populated) before the

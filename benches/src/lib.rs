@@ -39,6 +39,7 @@ pub mod alive;
 pub mod ceiling;
 pub mod cold_region;
 pub mod compare;
+pub mod data_path;
 pub mod error;
 pub mod ferry;
 pub mod guest_probe;
