@@ -353,14 +353,6 @@ fn drain_queue(
     free: &Sender<Vec<u8>>,
     aborting: &AtomicBool,
 ) -> Result<(), TransportError> {
-    // A batch is charged before it goes out: the lanes share one bucket, so
-    // N writers wait off their debt together instead of each bursting a
-    // batch past the cap.
-    let charge = |len: usize| {
-        if let Some(b) = bucket {
-            b.charge(len);
-        }
-    };
     for item in rx.iter() {
         match item {
             Outgoing::Batch { bytes, .. } if aborting.load(Ordering::Acquire) => {
@@ -377,14 +369,17 @@ fn drain_queue(
                 writer.write_frame(kind, 0, &payload)?;
             }
             Outgoing::Batch { sealed, bytes } => {
-                charge(
-                    bytes.len()
-                        + if sealed {
-                            0
-                        } else {
-                            ferry_transport::HEADER_LEN
-                        },
-                );
+                // Charged before it goes out: the lanes share one bucket, so
+                // N writers wait off their debt together instead of each
+                // bursting a batch past the cap.
+                if let Some(b) = bucket {
+                    let header = if sealed {
+                        0
+                    } else {
+                        ferry_transport::HEADER_LEN
+                    };
+                    b.charge(bytes.len() + header);
+                }
                 writer.write_batch(sealed, &bytes)?;
                 let _ = free.try_send(bytes);
             }
