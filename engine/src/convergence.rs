@@ -219,6 +219,12 @@ impl ConvergenceController {
         &self.policy
     }
 
+    /// Replaces the policy (a retune while the migration runs); what the
+    /// rounds measured so far is kept.
+    pub fn set_policy(&mut self, policy: ConvergencePolicy) {
+        self.policy = policy;
+    }
+
     /// The current throttle, percent.
     pub fn throttle(&self) -> u8 {
         self.state.throttle

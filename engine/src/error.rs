@@ -15,6 +15,10 @@ use crate::vm::VmOpError;
 /// removed) when this is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
+    /// Cancelled through [`MigrationSteering`](crate::MigrationSteering)
+    /// before GO.
+    #[error("cancelled by the operator")]
+    Cancelled,
     /// A frame could not be sent: the peer is gone or the link broke.
     #[error("could not send to the peer")]
     Send(#[source] TransportError),

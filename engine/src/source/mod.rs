@@ -25,6 +25,7 @@ use crate::layout::MemoryLayout;
 use crate::options::MigrationOptions;
 use crate::progress::{HandoverStep, ProgressEvent};
 use crate::protocol::{self, Hello, HelloAck, RoundEnd, Running, STREAM_VERSION};
+use crate::steer::MigrationSteering;
 use crate::summary::{DowntimeBreakdown, MigrationSummary};
 use crate::vm::MigratableVm;
 use inbox::Inbox;
@@ -42,6 +43,7 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 pub struct SourceMigration {
     vm: Arc<dyn MigratableVm>,
     opts: MigrationOptions,
+    steering: Option<MigrationSteering>,
 }
 
 impl std::fmt::Debug for SourceMigration {
@@ -55,7 +57,18 @@ impl std::fmt::Debug for SourceMigration {
 impl SourceMigration {
     /// A migration of `vm` (running) with `opts`.
     pub fn new(vm: Arc<dyn MigratableVm>, opts: MigrationOptions) -> Self {
-        Self { vm, opts }
+        Self {
+            vm,
+            opts,
+            steering: None,
+        }
+    }
+
+    /// Lets `steering` (a clone kept elsewhere) cancel or retune this
+    /// migration while it runs (see [`crate::steer`]).
+    pub fn steered_by(mut self, steering: MigrationSteering) -> Self {
+        self.steering = Some(steering);
+        self
     }
 
     /// Migrate over one TCP connection to a destination, reporting progress
@@ -165,7 +178,17 @@ impl SourceMigration {
             .opts
             .max_bandwidth
             .map(|r| Arc::new(TokenBucket::with_rate(r)))
-            .or(lane_bucket);
+            .or(lane_bucket)
+            // A steered migration may be capped later: give it a bucket
+            // that does not hold anything back until then.
+            .or_else(|| {
+                self.steering
+                    .as_ref()
+                    .map(|_| Arc::new(TokenBucket::with_rate(u64::MAX)))
+            });
+        if let (Some(s), Some(b)) = (&self.steering, &bucket) {
+            s.attach_bucket(b.clone());
+        }
         let out = Outbound::spawn(lanes, bucket, &free_tx, self.opts.handover_timeout);
         let inbox = Inbox::spawn(source);
         let mut session = Session {
@@ -174,6 +197,7 @@ impl SourceMigration {
             out: &out,
             free: &free_rx,
             inbox: &inbox,
+            steering: self.steering.as_ref(),
             wire_bytes: 0,
             paused: false,
             go_sent: false,
@@ -204,6 +228,8 @@ struct Session<'a> {
     /// Sent batch buffers, back from the lane writers for reuse.
     free: &'a Receiver<Vec<u8>>,
     inbox: &'a Inbox,
+    /// Cancel and retune from outside, when asked for.
+    steering: Option<&'a MigrationSteering>,
     /// Bytes queued on the lanes so far.
     wire_bytes: u64,
     paused: bool,
@@ -430,6 +456,7 @@ impl Session<'_> {
         let mut round = 0u32;
         let mut max_throttle = 0u8;
         loop {
+            self.steer(&mut controller)?;
             let throttle = controller.throttle();
             let t0 = Instant::now();
             let mode = RoundMode {
@@ -485,6 +512,9 @@ impl Session<'_> {
         }
 
         // Stop-and-copy.
+        if let Some(s) = self.steering {
+            s.pausing()?;
+        }
         let paused_at = unix_ns();
         let t_pause = Instant::now();
         self.vm.pause().map_err(MigrationError::Pause)?;
@@ -535,6 +565,9 @@ impl Session<'_> {
         progress(ProgressEvent::Handover {
             step: HandoverStep::Ready,
         });
+        if let Some(s) = self.steering {
+            s.commit()?;
+        }
         self.send(FrameKind::Go, &[])?;
         self.go_sent = true;
         progress(ProgressEvent::Handover {
@@ -585,6 +618,20 @@ impl Session<'_> {
             summary: Box::new(summary.clone()),
         });
         Ok(summary)
+    }
+
+    /// Between rounds: a cancel ends the migration, a retune changes the
+    /// policy the next decision uses.
+    fn steer(&self, controller: &mut ConvergenceController) -> Result<(), MigrationError> {
+        let Some(s) = self.steering else {
+            return Ok(());
+        };
+        s.check()?;
+        if let Some(r) = s.take_retune() {
+            info!(?r, "limits changed while migrating");
+            controller.set_policy(r.apply(controller.policy()));
+        }
+        Ok(())
     }
 
     fn collect(
@@ -652,6 +699,9 @@ impl Session<'_> {
                 Err(RecvTimeoutError::Disconnected) => return Err(MigrationError::WorkerPanicked),
             }
             self.inbox.check("the page stream")?;
+            if let Some(s) = self.steering {
+                s.check()?;
+            }
             if let Some(e) = self.out.failed() {
                 return Err(self.send_failed(e));
             }

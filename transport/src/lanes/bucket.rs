@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 /// Bytes/second rate limiter, shareable across threads (`Arc<TokenBucket>`).
 #[derive(Debug)]
 pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
     state: Mutex<BucketState>,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct BucketState {
+    /// Bytes per second (changed by [`TokenBucket::set_rate`]).
+    rate: f64,
+    /// Most tokens held.
+    burst: f64,
     /// Tokens (bytes) available; negative is debt.
     tokens: f64,
     last: Instant,
@@ -33,9 +35,9 @@ impl TokenBucket {
         #[allow(clippy::cast_precision_loss)]
         let (rate, burst) = (bytes_per_sec.max(1) as f64, burst.max(1) as f64);
         TokenBucket {
-            rate,
-            burst,
             state: Mutex::new(BucketState {
+                rate,
+                burst,
                 tokens: burst,
                 last: Instant::now(),
             }),
@@ -49,7 +51,24 @@ impl TokenBucket {
 
     /// The configured rate in bytes per second.
     pub fn rate(&self) -> f64 {
-        self.rate
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).rate
+    }
+
+    /// Changes the rate (and the burst, 20 ms of it as in
+    /// [`TokenBucket::with_rate`]) from now on; a debt already owed is
+    /// paid at the new rate.
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(s.last).as_secs_f64();
+        s.tokens = (s.tokens + elapsed * s.rate).min(s.burst);
+        s.last = s.last.max(now);
+        #[allow(clippy::cast_precision_loss)]
+        {
+            s.rate = bytes_per_sec.max(1) as f64;
+            s.burst = (bytes_per_sec / 50).max(64 << 10) as f64;
+        }
+        s.tokens = s.tokens.min(s.burst);
     }
 
     /// Charges `bytes` at time `now` and returns how long the caller must
@@ -58,14 +77,14 @@ impl TokenBucket {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let elapsed = now.saturating_duration_since(s.last).as_secs_f64();
         s.last = s.last.max(now);
-        s.tokens = (s.tokens + elapsed * self.rate).min(self.burst);
+        s.tokens = (s.tokens + elapsed * s.rate).min(s.burst);
         #[allow(clippy::cast_precision_loss)]
         let cost = bytes as f64;
         s.tokens -= cost;
         if s.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-s.tokens / self.rate)
+            Duration::from_secs_f64(-s.tokens / s.rate)
         }
     }
 
@@ -93,6 +112,18 @@ mod tests {
         let later = t0 + Duration::from_secs(10);
         assert_eq!(b.charge_at(500, later), Duration::ZERO);
         assert_eq!(b.charge_at(100, later), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_new_rate_applies_to_the_next_charge() {
+        let b = TokenBucket::new(1000, 500);
+        let t0 = Instant::now();
+        assert_eq!(b.charge_at(500, t0), Duration::ZERO);
+        b.set_rate(100 << 20);
+        assert_eq!(b.rate(), f64::from(100u32 << 20));
+        // A burst of 20 ms at 100 MiB/s would let a small write pass, but
+        // the tokens already spent are not handed back.
+        assert!(b.charge_at(1 << 20, t0) > Duration::ZERO);
     }
 
     #[test]
