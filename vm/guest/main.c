@@ -1,7 +1,8 @@
 /*
  * ferry workload guest, 64-bit ring 3 part (see shared GUEST.md).
  *
- * fill:   every 4-byte word in [2 MiB, mem_top) = fill_word(addr, seed)
+ * fill:   every 4-byte word in [2 MiB, mem_top) = fill_word(addr, seed);
+ *         with fill=mix, pages are zero, text-like or that (vm/guest/GUEST.md)
  * dirty:  pass k writes (k << 32) | page at byte (k mod 512) * 8 of every
  *         working-set page, in a strided order, paced on the TSC
  * verify: every ms re-check `verify` pages against what fill and pass
@@ -28,6 +29,7 @@ enum {
 };
 
 enum { PHASE_BOOT = 0, PHASE_FILLING = 1, PHASE_RUNNING = 2, PHASE_FATAL = 0xDEAD };
+enum { FILL_NONE = 0, FILL_RANDOM = 1, FILL_MIX = 2 };
 enum { REASON_BAD_CMDLINE = 1, REASON_NO_TSC_KHZ = 2, REASON_NO_MEMORY = 3 };
 
 struct mb_info { u32 flags, mem_lower, mem_upper, boot_device, cmdline; };
@@ -92,8 +94,10 @@ struct params {
     int rate_max;
     u64 tsc_khz;
     u64 seed;
-    int fill;
+    int fill;        /* FILL_NONE, FILL_RANDOM or FILL_MIX */
     u64 verify;
+    u64 mix_zero;    /* fill=mix: percent of pages that are zero */
+    u64 mix_text;    /* fill=mix: percent of pages that are text-like */
 };
 
 static int streq(const char *a, const char *b, u64 n)
@@ -149,18 +153,119 @@ static void parse_cmdline(const char *c, struct params *p)
             ok = parse_num(val, vlen, 1, &p->seed);
         } else if (streq(key, "fill", klen)) {
             u64 f = 1;
-            ok = parse_num(val, vlen, 1, &f);
-            p->fill = f != 0;
+            if (streq(val, "mix", vlen)) {
+                p->fill = FILL_MIX;
+            } else {
+                ok = parse_num(val, vlen, 1, &f);
+                p->fill = f != 0 ? FILL_RANDOM : FILL_NONE;
+            }
+        } else if (streq(key, "mix_zero", klen)) {
+            ok = parse_num(val, vlen, 1, &p->mix_zero);
+        } else if (streq(key, "mix_text", klen)) {
+            ok = parse_num(val, vlen, 1, &p->mix_text);
         } else if (streq(key, "verify", klen)) {
             ok = parse_num(val, vlen, 1, &p->verify);
         }
         /* unknown keys are ignored: the VMM validates what it passes */
         if (!ok) fatal(REASON_BAD_CMDLINE);
     }
+    if (p->mix_zero + p->mix_text > 100) fatal(REASON_BAD_CMDLINE);
 }
 
 /* ---- the workload ---- */
 static u64 mem_top, wss_pages, stride, stride_inv, seed;
+
+/* ---- fill=mix: memory like a real guest's (vm/guest/GUEST.md) ---- */
+enum { PAGE_RANDOM = 0, PAGE_ZERO = 1, PAGE_TEXT = 2 };
+static int fill_mode;
+static u64 mix_zero, mix_text;
+
+/* Each page's content class, a pure function of its address and the seed
+ * (the top address bit keeps it apart from the words' own values). */
+static inline int page_class(u64 page_addr)
+{
+    if (fill_mode != FILL_MIX) return PAGE_RANDOM;
+    u64 r = fill_word(page_addr | (1UL << 63), seed) % 100;
+    if (r < mix_zero) return PAGE_ZERO;
+    if (r < mix_zero + mix_text) return PAGE_TEXT;
+    return PAGE_RANDOM;
+}
+
+static const char *const text_words[] = {
+    "the", "of", "and", "to", "in", "is", "for", "return", "if", "else",
+    "static", "int", "struct", "const", "void", "unsigned", "char", "page",
+    "memory", "kernel", "file", "data", "error", "value", "size", "buffer",
+    "while", "count", "next", "list", "user", "time", "read", "write",
+    "open", "close", "lock", "state", "node", "with", "from", "that",
+    "this", "not", "are", "on", "be", "by", "at", "as", "or", "it", "NULL",
+    "{", "}", "(", ");", "=", "->", "0", "1", "#include", "/*", "*/",
+};
+#define TEXT_WORDS (sizeof(text_words) / sizeof(text_words[0]))
+
+static inline u64 xorshift(u64 *s)
+{
+    u64 x = *s;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *s = x;
+    return x;
+}
+
+/* A text-like page (words, separators, now and then a number), like the
+ * page cache's text and code: a pure function of its address and the seed,
+ * different page by page. */
+static void text_page(u64 page_addr, u8 *out)
+{
+    u64 s = ((u64)fill_word(page_addr | (1UL << 62), seed) << 32)
+          | fill_word(page_addr | (3UL << 62), seed);
+    u64 n = 0, col = 0;
+    if (!s) s = 1;
+    while (n < PAGE) {
+        u64 r = xorshift(&s);
+        const char *w;
+        char num[8];
+        if ((r & 31) == 0) {
+            /* a number: 5 digits of noise */
+            u64 v = r >> 8;
+            for (int i = 0; i < 5; i++) { num[i] = (char)('0' + v % 10); v /= 10; }
+            num[5] = 0;
+            w = num;
+        } else {
+            /* Zipf-ish: the smaller of two draws, so common words dominate */
+            u64 a = (r >> 8) % TEXT_WORDS, b = (r >> 24) % TEXT_WORDS;
+            w = text_words[a < b ? a : b];
+        }
+        for (; *w && n < PAGE; w++, col++) out[n++] = (u8)*w;
+        if (n < PAGE) {
+            if (col > 60 + (r >> 40) % 20) { out[n++] = '\n'; col = 0; }
+            else { out[n++] = ' '; col++; }
+        }
+    }
+}
+
+/* Writes the page at page_addr as the fill leaves it. */
+static void fill_page(u64 page_addr)
+{
+    switch (page_class(page_addr)) {
+    case PAGE_ZERO:
+        for (u64 i = 0; i < PAGE; i += 8) *(volatile u64 *)(page_addr + i) = 0;
+        break;
+    case PAGE_TEXT: {
+        u8 buf[PAGE];
+        text_page(page_addr, buf);
+        for (u64 i = 0; i < PAGE; i += 8) {
+            u64 v = 0;
+            for (u64 b = 0; b < 8; b++) v |= (u64)buf[i + b] << (b * 8);
+            *(volatile u64 *)(page_addr + i) = v;
+        }
+        break;
+    }
+    default:
+        for (u64 a = page_addr; a < page_addr + PAGE; a += 4)
+            *(volatile u32 *)a = fill_word(a, seed);
+    }
+}
 
 /* where page p (working-set index) comes in a pass */
 static inline u64 position_of(u64 p)
@@ -177,9 +282,16 @@ static int verify_page(u64 addr, u64 pass, u64 pos)
     i64 last = -1;
     if (in_wss)
         last = position_of(page) < pos ? (i64)pass : (i64)pass - 1;
+    int class = page_class(addr);
+    u8 text[PAGE];
+    if (class == PAGE_TEXT) text_page(addr, text);
     for (u64 slot = 0; slot < 512; slot++) {
         u64 a = addr + slot * 8;
-        u64 expect = ((u64)fill_word(a + 4, seed) << 32) | fill_word(a, seed);
+        u64 expect = 0;
+        if (class == PAGE_RANDOM)
+            expect = ((u64)fill_word(a + 4, seed) << 32) | fill_word(a, seed);
+        else if (class == PAGE_TEXT)
+            for (u64 b = 0; b < 8; b++) expect |= (u64)text[slot * 8 + b] << (b * 8);
         if (last >= 0) {
             /* the newest pass k <= last with k mod 512 == slot */
             i64 k = last - (i64)(((u64)last - slot) % 512);
@@ -198,7 +310,7 @@ static int verify_page(u64 addr, u64 pass, u64 pos)
 
 void guest_main(struct mb_info *mbi)
 {
-    struct params p = { 0, 0, 0, 0, 1, 1, 256 };
+    struct params p = { 0, 0, 0, 0, 1, FILL_RANDOM, 256, 40, 30 };
     volatile u64 *st = STATUS;
     st[ST_PHASE] = PHASE_BOOT;
     st[ST_MAGIC] = MAGIC;
@@ -210,6 +322,9 @@ void guest_main(struct mb_info *mbi)
     if (mem_top > 64UL << 30) mem_top = 64UL << 30;
     if (mem_top <= BASE + PAGE) fatal(REASON_NO_MEMORY);
     seed = p.seed;
+    fill_mode = p.fill;
+    mix_zero = p.mix_zero;
+    mix_text = p.mix_text;
 
     if (!p.tsc_khz) {
         /* KVM/VMware timing leaf: TSC kHz in EAX */
@@ -244,10 +359,14 @@ void guest_main(struct mb_info *mbi)
     st[ST_VERIFY_ERRORS] = 0;
     st[ST_FIRST_BAD] = 0;
 
-    if (p.fill) {
+    if (p.fill == FILL_RANDOM) {
         st[ST_PHASE] = PHASE_FILLING;
         for (u64 a = BASE; a < mem_top; a += 4)
             *(volatile u32 *)a = fill_word(a, seed);
+    } else if (p.fill == FILL_MIX) {
+        st[ST_PHASE] = PHASE_FILLING;
+        for (u64 a = BASE; a < mem_top; a += PAGE)
+            fill_page(a);
     }
     st[ST_PHASE] = PHASE_RUNNING;
 

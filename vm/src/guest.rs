@@ -156,6 +156,32 @@ impl fmt::Display for GuestStatus {
     }
 }
 
+/// What the guest's fill writes (`fill=`, vm/guest/GUEST.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestFill {
+    /// `fill=0`: no fill.
+    None,
+    /// `fill=1`: every page incompressible, never zero.
+    Random,
+    /// `fill=mix`: `zero_pct` % zero pages, `text_pct` % text-like
+    /// compressible pages, the rest incompressible (`mix_zero=`,
+    /// `mix_text=`; default 40 and 30).
+    Mix {
+        /// Percent of pages that are zero.
+        zero_pct: u64,
+        /// Percent of pages that are text-like.
+        text_pct: u64,
+    },
+}
+
+impl GuestFill {
+    /// `fill=mix` with the guest's default shares (40 % zero, 30 % text).
+    pub const MIX: Self = Self::Mix {
+        zero_pct: 40,
+        text_pct: 30,
+    };
+}
+
 /// The guest's command-line parameters (GUEST.md), validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestParams {
@@ -167,8 +193,8 @@ pub struct GuestParams {
     pub tsc_khz: Option<u64>,
     /// Fill seed.
     pub seed: u64,
-    /// Whether to fill memory.
-    pub fill: bool,
+    /// What the fill writes.
+    pub fill: GuestFill,
     /// Pages self-checked per millisecond.
     pub verify: u64,
 }
@@ -180,7 +206,7 @@ impl Default for GuestParams {
             rate: Some(0),
             tsc_khz: None,
             seed: 1,
-            fill: true,
+            fill: GuestFill::Random,
             verify: 256,
         }
     }
@@ -190,6 +216,7 @@ impl GuestParams {
     /// Parses a GUEST.md command line; unknown keys and bad values are errors.
     pub fn parse(cmdline: &str) -> Result<Self, String> {
         let mut p = Self::default();
+        let (mut mix, mut zero_pct, mut text_pct) = (false, 40, 30);
         for word in cmdline.split_whitespace() {
             let (key, val) = word
                 .split_once('=')
@@ -209,14 +236,32 @@ impl GuestParams {
                 "rate" => p.rate = Some(num(val)?),
                 "tsc_khz" => p.tsc_khz = Some(num(val)?),
                 "seed" => p.seed = num(val)?,
-                "fill" => p.fill = num(val)? != 0,
+                "fill" if val == "mix" => mix = true,
+                "fill" => {
+                    mix = false;
+                    p.fill = if num(val)? != 0 {
+                        GuestFill::Random
+                    } else {
+                        GuestFill::None
+                    };
+                }
+                "mix_zero" => zero_pct = num(val)?,
+                "mix_text" => text_pct = num(val)?,
                 "verify" => p.verify = num(val)?,
                 _ => {
                     return Err(format!(
-                        "unknown guest parameter `{key}` (known: wss, rate, tsc_khz, seed, fill, verify)"
+                        "unknown guest parameter `{key}` (known: wss, rate, tsc_khz, seed, fill, mix_zero, mix_text, verify)"
                     ))
                 }
             }
+        }
+        if zero_pct.saturating_add(text_pct) > 100 {
+            return Err(format!(
+                "`mix_zero={zero_pct}` and `mix_text={text_pct}` add up to more than 100 %"
+            ));
+        }
+        if mix {
+            p.fill = GuestFill::Mix { zero_pct, text_pct };
         }
         Ok(p)
     }
@@ -235,12 +280,15 @@ impl GuestParams {
         if let Some(t) = self.tsc_khz {
             s.push_str(&format!(" tsc_khz={t}"));
         }
-        s.push_str(&format!(
-            " seed={} fill={} verify={}",
-            self.seed,
-            u8::from(self.fill),
-            self.verify
-        ));
+        s.push_str(&format!(" seed={}", self.seed));
+        match self.fill {
+            GuestFill::None => s.push_str(" fill=0"),
+            GuestFill::Random => s.push_str(" fill=1"),
+            GuestFill::Mix { zero_pct, text_pct } => s.push_str(&format!(
+                " fill=mix mix_zero={zero_pct} mix_text={text_pct}"
+            )),
+        }
+        s.push_str(&format!(" verify={}", self.verify));
         s
     }
 }
@@ -269,6 +317,24 @@ mod tests {
         assert_eq!(p.wss_bytes, Some(64 << 20));
         assert_eq!(p.rate, Some(20000));
         assert_eq!(GuestParams::parse(&p.to_cmdline()).unwrap(), p);
+    }
+
+    #[test]
+    fn mixed_fill_round_trips_and_checks_its_shares() {
+        let p = GuestParams::parse("mix_zero=50 fill=mix mix_text=20").unwrap();
+        assert_eq!(
+            p.fill,
+            GuestFill::Mix {
+                zero_pct: 50,
+                text_pct: 20
+            }
+        );
+        assert_eq!(GuestParams::parse(&p.to_cmdline()).unwrap(), p);
+        assert_eq!(GuestParams::parse("fill=mix").unwrap().fill, GuestFill::MIX);
+        assert_eq!(GuestParams::parse("fill=0").unwrap().fill, GuestFill::None);
+        let e = GuestParams::parse("fill=mix mix_zero=80 mix_text=30").unwrap_err();
+        assert!(e.contains("more than 100"), "{e}");
+        assert!(GuestParams::parse("fill=lots").is_err());
     }
 
     #[test]

@@ -35,8 +35,8 @@ mod vm;
 pub use dirty::VmDirtyLog;
 pub use error::VmError;
 pub use guest::{
-    guest_elf_path, parse_size, GuestParams, GuestPhase, GuestStatus, FILL_BASE, GUEST_ELF,
-    STATUS_ADDR,
+    guest_elf_path, parse_size, GuestFill, GuestParams, GuestPhase, GuestStatus, FILL_BASE,
+    GUEST_ELF, STATUS_ADDR,
 };
 pub use loader::{load_multiboot, LoadedImage};
 pub use vcpu::RunState;
