@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::{Serialize, Serializer};
 
 use crate::convergence::{Assessment, Decision};
-use crate::encode::EncodingCounts;
+use crate::encode::{EncodingCounts, EncodingDecision};
 use crate::summary::MigrationSummary;
 
 /// Serialize a duration as fractional milliseconds (JSON-friendly).
@@ -59,6 +59,9 @@ pub enum ProgressEvent {
         throttle_percent: u8,
         /// The convergence figures and decision.
         assessment: AssessmentEvent,
+        /// The encoding choice in force at the end of the round and the
+        /// figures it was made from (`crate::encode::choice`).
+        encoding: Box<EncodingDecision>,
     },
     /// The guest was paused for the final round.
     StopAndCopy {

@@ -10,19 +10,25 @@
 //! - **LZ4** (lz4_flex block format) when it shrinks the page;
 //! - **raw** otherwise.
 //!
+//! Which of XOR delta and LZ4 are tried is decided per round from what they
+//! cost and what the link takes ([`choice`]): on a link faster than the
+//! encoders, pages go raw.
+//!
 //! Pages travel in batches ([`batch`]): the payloads, then a table of page
 //! index + encoding + length + hash of the decoded page, bounded and
 //! validated on decode so hostile bytes give a [`DecodeError`], never a
 //! panic.
 
 pub mod batch;
+pub mod choice;
 mod delta_cache;
 mod page;
 pub mod xor_rle;
 
 pub use batch::{BatchBuilder, BatchEntry, BatchReader};
+pub use choice::{choose_encoding, EncodingChoice, EncodingDecision, EncodingInputs};
 pub use delta_cache::XorDeltaCache;
-pub use page::{decode_page, PageEncoder};
+pub use page::{decode_page, zero_page_hash, CodecCosts, PageEncoder};
 
 use serde::Serialize;
 

@@ -1,6 +1,9 @@
 //! Encoding and decoding of one page.
 
+use std::time::Instant;
+
 use super::batch::BatchBuilder;
+use super::choice::{EncodingChoice, PROBE_STRIDE};
 use super::{is_zero, xor_rle, DecodeError, Page, PageEncoding, XorDeltaCache, PAGE_SIZE};
 
 /// A XOR delta is used only when its run-length stream is at most this long;
@@ -19,8 +22,52 @@ const LZ4_FAILURES_BEFORE_BACKOFF: u32 = 16;
 /// See [`LZ4_FAILURES_BEFORE_BACKOFF`].
 const LZ4_BACKOFF_PAGES: u32 = 256;
 
-/// Encodes pages into a batch. One per worker thread; holds scratch buffers
-/// and the LZ4 back-off state.
+/// What the codecs cost and gained since the last
+/// [`PageEncoder::take_costs`]: the figures
+/// [`super::choice::choose_encoding`] decides from. The per-codec figures
+/// come from the probe pages only ([`PROBE_STRIDE`]), which try every codec
+/// whatever the choice, so they do not depend on the choice in force.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CodecCosts {
+    /// Time spent in codecs on all pages (to take out of the base cost).
+    pub codec_ns: u64,
+    /// Probe pages LZ4 was tried on.
+    pub lz4_pages: u64,
+    /// Time those attempts took.
+    pub lz4_ns: u64,
+    /// Bytes those pages went out as (LZ4 or, when it did not shrink, raw).
+    pub lz4_bytes: u64,
+    /// Probe pages a XOR delta was tried on (cache look-up, delta, store).
+    pub xor_pages: u64,
+    /// Time those attempts took.
+    pub xor_ns: u64,
+    /// Attempts whose delta was used.
+    pub xor_hits: u64,
+    /// Bytes the used deltas took.
+    pub xor_hit_bytes: u64,
+}
+
+impl CodecCosts {
+    /// Add another set.
+    pub fn add(&mut self, o: &CodecCosts) {
+        self.codec_ns += o.codec_ns;
+        self.lz4_pages += o.lz4_pages;
+        self.lz4_ns += o.lz4_ns;
+        self.lz4_bytes += o.lz4_bytes;
+        self.xor_pages += o.xor_pages;
+        self.xor_ns += o.xor_ns;
+        self.xor_hits += o.xor_hits;
+        self.xor_hit_bytes += o.xor_hit_bytes;
+    }
+}
+
+fn ns_since(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Encodes pages into a batch. One per worker thread; holds scratch buffers,
+/// the LZ4 back-off state, the [`EncodingChoice`] in force and what the
+/// codecs cost so far.
 #[derive(Debug)]
 pub struct PageEncoder {
     lz4_out: Vec<u8>,
@@ -28,6 +75,8 @@ pub struct PageEncoder {
     lz4_failures: u32,
     lz4_skip: u32,
     lz4: bool,
+    choice: EncodingChoice,
+    costs: CodecCosts,
 }
 
 impl Default for PageEncoder {
@@ -45,7 +94,20 @@ impl PageEncoder {
             lz4_failures: 0,
             lz4_skip: 0,
             lz4: true,
+            choice: EncodingChoice::XorDeltaLz4,
+            costs: CodecCosts::default(),
         }
+    }
+
+    /// Encode the next pages with `choice` (every codec by default; the
+    /// probe pages, see [`PROBE_STRIDE`], always try every codec).
+    pub fn set_choice(&mut self, choice: EncodingChoice) {
+        self.choice = choice;
+    }
+
+    /// What the codecs cost since the last call.
+    pub fn take_costs(&mut self) -> CodecCosts {
+        std::mem::take(&mut self.costs)
     }
 
     /// Use LZ4 (for pages and XOR deltas) or not (the peer did not accept
@@ -81,47 +143,92 @@ impl PageEncoder {
         out: &mut BatchBuilder,
     ) -> PageEncoding {
         let data = out.slot();
-        if is_zero(data) {
+        if hash == zero_page_hash() && is_zero(data) {
             if let Some(cache) = delta {
                 cache.forget(page);
             }
             out.commit_slot(page, PageEncoding::Zero, 0, hash);
             return PageEncoding::Zero;
         }
+        let probe = page % PROBE_STRIDE == 0;
         if let Some(cache) = delta {
-            self.xor_stream.clear();
-            let stream = &mut self.xor_stream;
-            let fits = cache.with_previous_then_store(page, data, |old| {
-                xor_rle::encode(old, data, MAX_XOR_STREAM, stream)
-            });
-            if fits == Some(true) {
-                let (encoding, payload) = self.xor_payload();
-                let slot = out.slot();
-                slot[..payload.len()].copy_from_slice(payload);
-                out.commit_slot(page, encoding, payload.len(), hash);
-                return encoding;
+            if self.choice.delta() || probe {
+                let t0 = Instant::now();
+                self.xor_stream.clear();
+                let stream = &mut self.xor_stream;
+                let fits = cache.with_previous_then_store(page, data, |old| {
+                    xor_rle::encode(old, data, MAX_XOR_STREAM, stream)
+                });
+                let hit = if fits == Some(true) {
+                    let lz4 = self.choice.lz4() || probe;
+                    let (encoding, payload) = self.xor_payload(lz4);
+                    let len = payload.len();
+                    out.slot()[..len].copy_from_slice(payload);
+                    out.commit_slot(page, encoding, len, hash);
+                    Some((encoding, len))
+                } else {
+                    None
+                };
+                let ns = ns_since(t0);
+                self.costs.codec_ns += ns;
+                if probe {
+                    self.costs.xor_pages += 1;
+                    self.costs.xor_ns += ns;
+                    if let Some((_, len)) = hit {
+                        self.costs.xor_hits += 1;
+                        self.costs.xor_hit_bytes += len as u64;
+                    }
+                }
+                if let Some((encoding, _)) = hit {
+                    return encoding;
+                }
+            } else {
+                // Sent whole: an older cached copy would be the wrong base
+                // for a later delta.
+                cache.forget(page);
             }
         }
-        if !self.lz4 {
-            // Not negotiated: raw.
+        let data = out.slot();
+        let attempt = if !self.lz4 {
+            false // not negotiated
+        } else if !self.choice.lz4() {
+            probe
         } else if self.lz4_skip > 0 {
             self.lz4_skip -= 1;
+            probe
         } else {
-            match lz4_flex::block::compress_into(data, &mut self.lz4_out) {
+            true
+        };
+        if attempt {
+            let t0 = Instant::now();
+            let len = match lz4_flex::block::compress_into(data, &mut self.lz4_out) {
                 Ok(n) if n < PAGE_SIZE => {
                     self.lz4_failures = 0;
                     data[..n].copy_from_slice(&self.lz4_out[..n]);
-                    out.commit_slot(page, PageEncoding::Lz4, n, hash);
-                    return PageEncoding::Lz4;
+                    n
                 }
                 _ => {
-                    self.lz4_failures += 1;
-                    if self.lz4_failures >= LZ4_FAILURES_BEFORE_BACKOFF {
-                        // Back off; one more failed probe backs off again.
-                        self.lz4_failures = LZ4_FAILURES_BEFORE_BACKOFF - 1;
-                        self.lz4_skip = LZ4_BACKOFF_PAGES;
+                    if !probe {
+                        self.lz4_failures += 1;
+                        if self.lz4_failures >= LZ4_FAILURES_BEFORE_BACKOFF {
+                            // Back off; one more failed probe backs off again.
+                            self.lz4_failures = LZ4_FAILURES_BEFORE_BACKOFF - 1;
+                            self.lz4_skip = LZ4_BACKOFF_PAGES;
+                        }
                     }
+                    PAGE_SIZE
                 }
+            };
+            let ns = ns_since(t0);
+            self.costs.codec_ns += ns;
+            if probe {
+                self.costs.lz4_pages += 1;
+                self.costs.lz4_ns += ns;
+                self.costs.lz4_bytes += len as u64;
+            }
+            if len < PAGE_SIZE {
+                out.commit_slot(page, PageEncoding::Lz4, len, hash);
+                return PageEncoding::Lz4;
             }
         }
         out.commit_slot(page, PageEncoding::Raw, PAGE_SIZE, hash);
@@ -130,9 +237,9 @@ impl PageEncoder {
 
     /// The XOR stream in `self.xor_stream` as a payload: LZ4-compressed
     /// when that pays.
-    fn xor_payload(&mut self) -> (PageEncoding, &[u8]) {
+    fn xor_payload(&mut self, lz4: bool) -> (PageEncoding, &[u8]) {
         let stream = &self.xor_stream;
-        if self.lz4 && stream.len() >= MIN_XOR_STREAM_FOR_LZ4 {
+        if self.lz4 && lz4 && stream.len() >= MIN_XOR_STREAM_FOR_LZ4 {
             let (len_bytes, body) = self.lz4_out.split_at_mut(2);
             if let Ok(n) = lz4_flex::block::compress_into(stream, body) {
                 if n + 2 < stream.len() {
@@ -144,6 +251,14 @@ impl PageEncoder {
         }
         (PageEncoding::XorRle, &self.xor_stream)
     }
+}
+
+/// xxh3-64 of a zero page: a page whose hash differs is not zero, so the
+/// zero check runs on (almost) zero pages only and every other page is
+/// read once, by the hash.
+pub fn zero_page_hash() -> u64 {
+    static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HASH.get_or_init(|| super::page_hash(&[0u8; PAGE_SIZE]))
 }
 
 /// Decode one page's payload into `page`. `page` must hold the destination's
@@ -332,8 +447,9 @@ mod tests {
     #[test]
     fn lz4_backs_off_on_incompressible_pages_and_probes_again() {
         let mut enc = PageEncoder::new();
+        // Odd page indices: never a probe page (PROBE_STRIDE).
         for i in 0..u64::from(LZ4_FAILURES_BEFORE_BACKOFF) {
-            encode_one(&mut enc, i, &noise(i + 10), None);
+            encode_one(&mut enc, 2 * i + 1, &noise(i + 10), None);
         }
         let mut data = [0u8; PAGE_SIZE];
         data[0] = 1;
@@ -342,7 +458,7 @@ mod tests {
         assert_eq!(encoding, PageEncoding::Raw);
         // The rest of the back-off; the next page is a probe.
         for i in 1..u64::from(LZ4_BACKOFF_PAGES) {
-            encode_one(&mut enc, i, &noise(i + 1000), None);
+            encode_one(&mut enc, 2 * i + 1, &noise(i + 1000), None);
         }
         let (encoding, _) = encode_one(&mut enc, 99, &data, None);
         assert_eq!(encoding, PageEncoding::Lz4);
@@ -352,7 +468,7 @@ mod tests {
     fn one_failed_probe_backs_off_again() {
         let mut enc = PageEncoder::new();
         for i in 0..u64::from(LZ4_FAILURES_BEFORE_BACKOFF + LZ4_BACKOFF_PAGES) {
-            encode_one(&mut enc, i, &noise(i + 10), None);
+            encode_one(&mut enc, 2 * i + 1, &noise(i + 10), None);
         }
         // The probe: incompressible, fails, and the encoder backs off again.
         encode_one(&mut enc, 1, &noise(5000), None);
@@ -376,6 +492,77 @@ mod tests {
         }
         let (encoding, _) = encode_one(&mut enc, 5, &new, Some(&cache));
         assert_eq!(encoding, PageEncoding::XorRle);
+    }
+
+    fn compressible() -> Box<Page> {
+        let mut data = Box::new([0u8; PAGE_SIZE]);
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i % 7) as u8;
+        }
+        data
+    }
+
+    #[test]
+    fn the_raw_choice_sends_compressible_pages_raw_but_probes_with_lz4() {
+        let mut enc = PageEncoder::new();
+        enc.set_choice(EncodingChoice::Raw);
+        let data = compressible();
+        let (plain, _) = encode_one(&mut enc, 1, &data, None);
+        assert_eq!(plain, PageEncoding::Raw);
+        let (probe, batch) = encode_one(&mut enc, PROBE_STRIDE, &data, None);
+        assert_eq!(probe, PageEncoding::Lz4);
+        let costs = enc.take_costs();
+        assert_eq!(costs.lz4_pages, 1, "only the probe tried LZ4");
+        assert!(costs.lz4_bytes < PAGE_SIZE as u64);
+        let mut page = [0u8; PAGE_SIZE];
+        decode_into(&batch, &mut page);
+        assert_eq!(&page, &*data);
+        assert_eq!(enc.take_costs(), CodecCosts::default(), "taken");
+    }
+
+    #[test]
+    fn a_page_sent_whole_leaves_no_stale_base_in_the_cache() {
+        let mut enc = PageEncoder::new();
+        let cache = XorDeltaCache::new(1 << 20);
+        let v1 = noise(20);
+        encode_one(&mut enc, 5, &v1, Some(&cache));
+        // Sent raw without the cache: the destination now holds v2.
+        enc.set_choice(EncodingChoice::Lz4);
+        let mut v2 = v1.clone();
+        v2[0] ^= 1;
+        encode_one(&mut enc, 5, &v2, Some(&cache));
+        // Back to deltas: v3 must not go as a delta against v1.
+        enc.set_choice(EncodingChoice::XorDeltaLz4);
+        let mut v3 = v2.clone();
+        v3[9] ^= 1;
+        let (encoding, batch) = encode_one(&mut enc, 5, &v3, Some(&cache));
+        assert_eq!(encoding, PageEncoding::Raw, "no cached copy");
+        let mut page = *v2;
+        decode_into(&batch, &mut page);
+        assert_eq!(&page, &*v3);
+    }
+
+    #[test]
+    fn probe_xor_attempts_are_counted_with_their_hits() {
+        let mut enc = PageEncoder::new();
+        enc.set_choice(EncodingChoice::XorDelta);
+        let cache = XorDeltaCache::new(1 << 20);
+        let old = noise(21);
+        let probe = 3 * PROBE_STRIDE;
+        encode_one(&mut enc, probe, &old, Some(&cache));
+        let mut new = old.clone();
+        new[100] ^= 0xff;
+        let (encoding, _) = encode_one(&mut enc, probe, &new, Some(&cache));
+        assert_eq!(encoding, PageEncoding::XorRle);
+        let costs = enc.take_costs();
+        assert_eq!((costs.xor_pages, costs.xor_hits), (2, 1));
+        assert_eq!(costs.lz4_pages, 1, "the probe's miss tried LZ4 once");
+        assert!(costs.xor_hit_bytes > 0 && costs.xor_hit_bytes < 64);
+        // Not a probe page: nothing counted but the time.
+        encode_one(&mut enc, 7, &old, Some(&cache));
+        encode_one(&mut enc, 7, &new, Some(&cache));
+        let costs = enc.take_costs();
+        assert_eq!((costs.xor_pages, costs.lz4_pages), (0, 0));
     }
 
     #[test]

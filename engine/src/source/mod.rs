@@ -31,7 +31,7 @@ use crate::vm::MigratableVm;
 use inbox::Inbox;
 pub(crate) use outbound::PAGE_BATCH_FLAGS;
 use outbound::{LaneWriter, OutLane, Outbound};
-use workers::{run_worker, Chunk, WorkerContext, WorkerOutput, CHUNK_WORDS};
+use workers::{run_worker, Chunk, EncodingSelector, WorkerContext, WorkerOutput, CHUNK_WORDS};
 
 /// How long a failed send waits for the destination's Abort reason.
 const ABORT_GRACE: Duration = Duration::from_millis(200);
@@ -251,6 +251,8 @@ struct RoundTotals {
 struct Pipeline<'a> {
     jobs: &'a Sender<Chunk>,
     results: &'a Receiver<WorkerOutput>,
+    /// The encoding choice (reported with each round).
+    selector: &'a EncodingSelector,
 }
 
 /// How a round is sent.
@@ -383,6 +385,8 @@ impl Session<'_> {
         let cancel = AtomicBool::new(false);
         let memory = self.vm.memory();
         let workers = self.opts.workers.max(1);
+        let lz4 = features & protocol::FEATURE_LZ4 != 0;
+        let selector = EncodingSelector::new(self.out.cap(), workers, lz4);
         let ctx = WorkerContext {
             memory,
             log,
@@ -392,7 +396,8 @@ impl Session<'_> {
             cancel: &cancel,
             free: self.free,
             out: self.out,
-            lz4: features & protocol::FEATURE_LZ4 != 0,
+            lz4,
+            selector: &selector,
         };
         progress(ProgressEvent::Started {
             pages: layout.pages(),
@@ -418,6 +423,7 @@ impl Session<'_> {
             let pipeline = Pipeline {
                 jobs: &job_tx,
                 results: &out_rx,
+                selector: &selector,
             };
             let result = self.rounds(layout, log, &hashes, dirty_log, &pipeline, progress);
             cancel.store(true, Ordering::Relaxed);
@@ -491,6 +497,7 @@ impl Session<'_> {
                 dirty_pages,
                 throttle_percent: throttle,
                 assessment: assessment.into(),
+                encoding: Box::new(pipeline.selector.decision()),
             });
             round += 1;
             match assessment.decision {

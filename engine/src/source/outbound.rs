@@ -116,6 +116,52 @@ enum Outgoing {
 
 type ErrorSlot = Arc<Mutex<Option<TransportError>>>;
 
+/// How fast the lanes take page batches while they write: bytes written
+/// and the time at least one writer was busy writing (waits on the
+/// bandwidth cap included, waits for work not). Bytes over busy time is the
+/// link's rate as the encoders see it, whether they or the link are the
+/// bottleneck: the figure [`crate::encode::choose_encoding`] needs.
+#[derive(Debug, Default)]
+pub(crate) struct LinkMeter {
+    state: Mutex<MeterState>,
+}
+
+#[derive(Debug, Default)]
+struct MeterState {
+    active: u32,
+    since: Option<Instant>,
+    busy: Duration,
+    bytes: u64,
+}
+
+impl LinkMeter {
+    fn begin(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.active == 0 {
+            s.since = Some(Instant::now());
+        }
+        s.active += 1;
+    }
+
+    fn end(&self, bytes: usize) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.active = s.active.saturating_sub(1);
+        s.bytes += bytes as u64;
+        if s.active == 0 {
+            if let Some(since) = s.since.take() {
+                s.busy += since.elapsed();
+            }
+        }
+    }
+
+    /// Bytes written so far and the busy time so far.
+    pub(crate) fn totals(&self) -> (u64, Duration) {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let running = s.since.map_or(Duration::ZERO, |t| t.elapsed());
+        (s.bytes, s.busy + running)
+    }
+}
+
 /// The writer threads of a session's lanes.
 pub(crate) struct Outbound {
     queues: Vec<Sender<Outgoing>>,
@@ -129,6 +175,10 @@ pub(crate) struct Outbound {
     aborting: Arc<AtomicBool>,
     /// Longest a control frame waits for room in lane 0's queue.
     stall: Duration,
+    /// What the writers measured.
+    meter: Arc<LinkMeter>,
+    /// The bandwidth cap, bytes/s.
+    cap: Option<f64>,
 }
 
 impl Outbound {
@@ -155,22 +205,32 @@ impl Outbound {
             sealed,
             aborting: Arc::new(AtomicBool::new(false)),
             stall,
+            meter: Arc::default(),
+            cap: bucket.as_ref().map(|b| b.rate()),
         };
         for (i, lane) in lanes.into_iter().enumerate() {
             let (tx, rx) = crossbeam_channel::bounded::<Outgoing>(QUEUE_DEPTH);
             let slot = ErrorSlot::default();
-            let (bucket, free, done_tx, thread_slot, aborting) = (
+            let (bucket, free, done_tx, thread_slot, aborting, meter) = (
                 bucket.clone(),
                 free.clone(),
                 done_tx.clone(),
                 Arc::clone(&slot),
                 Arc::clone(&out.aborting),
+                Arc::clone(&out.meter),
             );
             let mut writer = lane.writer;
             let handle = std::thread::Builder::new()
                 .name(format!("ferry-send-{i}"))
                 .spawn(move || {
-                    let sent = drain_queue(&mut writer, &rx, bucket.as_deref(), &free, &aborting);
+                    let sent = drain_queue(
+                        &mut writer,
+                        &rx,
+                        bucket.as_deref(),
+                        &free,
+                        &aborting,
+                        &meter,
+                    );
                     if let Err(e) = sent {
                         *thread_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                     }
@@ -188,6 +248,16 @@ impl Outbound {
     /// Number of lanes.
     pub(crate) fn lanes(&self) -> usize {
         self.queues.len()
+    }
+
+    /// The bandwidth cap all lanes share, bytes/s, if any.
+    pub(crate) fn cap(&self) -> Option<f64> {
+        self.cap
+    }
+
+    /// What the writers measured of the link.
+    pub(crate) fn meter(&self) -> &LinkMeter {
+        &self.meter
     }
 
     /// Whether encoders should build complete frames (every lane is a
@@ -352,6 +422,7 @@ fn drain_queue(
     bucket: Option<&TokenBucket>,
     free: &Sender<Vec<u8>>,
     aborting: &AtomicBool,
+    meter: &LinkMeter,
 ) -> Result<(), TransportError> {
     for item in rx.iter() {
         match item {
@@ -372,15 +443,18 @@ fn drain_queue(
                 // Charged before it goes out: the lanes share one bucket, so
                 // N writers wait off their debt together instead of each
                 // bursting a batch past the cap.
+                let header = if sealed {
+                    0
+                } else {
+                    ferry_transport::HEADER_LEN
+                };
+                meter.begin();
                 if let Some(b) = bucket {
-                    let header = if sealed {
-                        0
-                    } else {
-                        ferry_transport::HEADER_LEN
-                    };
                     b.charge(bytes.len() + header);
                 }
-                writer.write_batch(sealed, &bytes)?;
+                let written = writer.write_batch(sealed, &bytes);
+                meter.end(bytes.len() + header);
+                written?;
                 let _ = free.try_send(bytes);
             }
         }

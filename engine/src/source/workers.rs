@@ -5,8 +5,9 @@
 //! log (re-protected) *before* its pages are read, so a write that lands
 //! after the read shows up in the next round.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use ferry_dirtylog::DirtyLog;
@@ -17,13 +18,150 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::digest::PageHashes;
 use crate::encode::batch::MAX_BATCH_PAGES;
 use crate::encode::{
-    page_hash, BatchBuilder, EncodingCounts, PageEncoder, XorDeltaCache, PAGE_SIZE,
+    choose_encoding, page_hash, BatchBuilder, CodecCosts, EncodingChoice, EncodingCounts,
+    EncodingDecision, EncodingInputs, PageEncoder, XorDeltaCache, PAGE_SIZE,
 };
 use crate::error::MigrationError;
 use crate::vm::GuestMemoryMmap;
 use crate::wire;
 
-use super::outbound::{Outbound, PAGE_BATCH_FLAGS};
+use super::outbound::{LinkMeter, Outbound, PAGE_BATCH_FLAGS};
+
+/// How often the encoding choice is revisited while pages flow: round 0
+/// of a large guest is most of a migration, so one choice per round would
+/// come too late.
+const DECIDE_EVERY: Duration = Duration::from_millis(50);
+
+/// Probe pages a codec's figures need before they replace the earlier ones.
+const MIN_PROBES: u64 = 8;
+
+/// Busy writing time a link figure needs before it replaces the earlier one.
+const MIN_LINK_BUSY: Duration = Duration::from_millis(2);
+
+/// New figures count this much against the earlier ones (the rest): enough
+/// to follow a change within a few windows, not to jump on one noisy one.
+const NEW_WEIGHT: f64 = 0.5;
+
+/// The encoding choice while a migration runs: encoder threads read it
+/// per chunk ([`EncodingSelector::choice`]) and report what each chunk
+/// cost ([`EncodingSelector::record`]); every [`DECIDE_EVERY`] the figures
+/// are folded in and [`choose_encoding`] decides again.
+pub(crate) struct EncodingSelector {
+    choice: AtomicU8,
+    state: Mutex<SelectorState>,
+}
+
+struct SelectorState {
+    decision: EncodingDecision,
+    window: CostWindow,
+    window_start: Instant,
+    /// The link meter's totals when the window started.
+    link_mark: (u64, Duration),
+}
+
+/// What the chunks of one window cost.
+#[derive(Default)]
+struct CostWindow {
+    pages: u64,
+    base_ns: u64,
+    costs: CodecCosts,
+}
+
+fn blend(old: f64, new: f64) -> f64 {
+    old * (1.0 - NEW_WEIGHT) + new * NEW_WEIGHT
+}
+
+impl EncodingSelector {
+    /// Start from the prior figures ([`EncodingInputs::prior`]) for a link
+    /// capped at `cap` bytes/s (if it is), `workers` encoder threads and
+    /// LZ4 negotiated or not.
+    pub(crate) fn new(cap: Option<f64>, workers: usize, lz4: bool) -> Self {
+        let mut inputs = EncodingInputs::prior(cap, u32::try_from(workers).unwrap_or(u32::MAX));
+        inputs.lz4_allowed = lz4;
+        let decision = choose_encoding(&inputs, EncodingChoice::Raw);
+        Self {
+            choice: AtomicU8::new(decision.choice as u8),
+            state: Mutex::new(SelectorState {
+                decision,
+                window: CostWindow::default(),
+                window_start: Instant::now(),
+                link_mark: (0, Duration::ZERO),
+            }),
+        }
+    }
+
+    /// The choice in force.
+    pub(crate) fn choice(&self) -> EncodingChoice {
+        EncodingChoice::from_u8(self.choice.load(Ordering::Relaxed)).unwrap_or(EncodingChoice::Raw)
+    }
+
+    /// The last decision and the figures it was made from.
+    pub(crate) fn decision(&self) -> EncodingDecision {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .decision
+    }
+
+    /// A chunk of `pages` took `base_ns` outside its codecs, which cost
+    /// `costs`; `delta_allowed`: the chunk could use XOR deltas.
+    fn record(
+        &self,
+        pages: u64,
+        base_ns: u64,
+        costs: &CodecCosts,
+        delta_allowed: bool,
+        meter: &LinkMeter,
+    ) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.window.pages += pages;
+        s.window.base_ns += base_ns;
+        s.window.costs.add(costs);
+        let changed_rounds = s.decision.inputs.delta_allowed != delta_allowed;
+        if s.window_start.elapsed() < DECIDE_EVERY && !changed_rounds {
+            return;
+        }
+        let w = std::mem::take(&mut s.window);
+        s.window_start = Instant::now();
+        let mut inputs = s.decision.inputs;
+        inputs.delta_allowed = delta_allowed;
+        if w.pages > 0 {
+            inputs.base_ns_per_page =
+                blend(inputs.base_ns_per_page, w.base_ns as f64 / w.pages as f64);
+        }
+        let c = &w.costs;
+        if c.lz4_pages >= MIN_PROBES {
+            let n = c.lz4_pages as f64;
+            inputs.lz4_ns_per_page = blend(inputs.lz4_ns_per_page, c.lz4_ns as f64 / n);
+            inputs.lz4_bytes_per_page = blend(inputs.lz4_bytes_per_page, c.lz4_bytes as f64 / n);
+        }
+        if c.xor_pages >= MIN_PROBES {
+            let n = c.xor_pages as f64;
+            inputs.xor_ns_per_page = blend(inputs.xor_ns_per_page, c.xor_ns as f64 / n);
+            inputs.xor_hit_share = blend(inputs.xor_hit_share, c.xor_hits as f64 / n);
+            if c.xor_hits > 0 {
+                inputs.xor_bytes_per_hit = blend(
+                    inputs.xor_bytes_per_hit,
+                    c.xor_hit_bytes as f64 / c.xor_hits as f64,
+                );
+            }
+        }
+        let (bytes, busy) = meter.totals();
+        let (bytes0, busy0) = s.link_mark;
+        let busy_delta = busy.saturating_sub(busy0);
+        if busy_delta >= MIN_LINK_BUSY && bytes > bytes0 {
+            let rate = (bytes - bytes0) as f64 / busy_delta.as_secs_f64();
+            inputs.link_bytes_per_sec = blend(inputs.link_bytes_per_sec, rate);
+            s.link_mark = (bytes, busy);
+        }
+        let decision = choose_encoding(&inputs, s.decision.choice);
+        if decision.choice != s.decision.choice {
+            tracing::debug!(?decision, "encoding choice changed");
+        }
+        self.choice.store(decision.choice as u8, Ordering::Relaxed);
+        s.decision = decision;
+    }
+}
 
 /// Dirty-bitmap words per chunk: 16 words = 1024 pages = 4 MiB of guest
 /// memory, re-protected with one call. A chunk is exactly one lane stripe,
@@ -78,10 +216,29 @@ pub(crate) struct WorkerContext<'a> {
     pub out: &'a Outbound,
     /// LZ4 was negotiated.
     pub lz4: bool,
+    /// The encoding choice.
+    pub selector: &'a EncodingSelector,
 }
 
-/// Queue a finished batch on `lane`; returns the frame's size.
-fn queue(ctx: &WorkerContext<'_>, lane: usize, batch: BatchBuilder) -> Result<u64, MigrationError> {
+/// Queue a finished batch on `lane`; returns the frame's size. The time
+/// spent here (waiting for room included) is added to `queue_time`.
+fn queue(
+    ctx: &WorkerContext<'_>,
+    lane: usize,
+    batch: BatchBuilder,
+    queue_time: &mut Duration,
+) -> Result<u64, MigrationError> {
+    let t0 = Instant::now();
+    let r = queue_batch(ctx, lane, batch);
+    *queue_time += t0.elapsed();
+    r
+}
+
+fn queue_batch(
+    ctx: &WorkerContext<'_>,
+    lane: usize,
+    batch: BatchBuilder,
+) -> Result<u64, MigrationError> {
     let mut bytes = batch.finish();
     let sealed = ctx.out.sealed();
     if sealed {
@@ -131,6 +288,9 @@ fn encode_chunk(
         log.reprotect(first, &chunk.words)
             .map_err(MigrationError::DirtyLog)?;
     }
+    let started = Instant::now();
+    let mut queue_time = Duration::ZERO;
+    encoder.set_choice(ctx.selector.choice());
     let lane = lane_for_page(chunk.first_page, ctx.out.lanes());
     let mut wire_bytes = 0u64;
     let capacity = ctx.batch_bytes + PAGE_SIZE + 64;
@@ -167,14 +327,21 @@ fn encode_chunk(
             ctx.hashes.set_deferred(index, hash, &mut digest_delta);
             if batch.is_full(MAX_BATCH_PAGES, ctx.batch_bytes) {
                 let full = std::mem::replace(&mut batch, new_batch());
-                wire_bytes += queue(ctx, lane, full)?;
+                wire_bytes += queue(ctx, lane, full, &mut queue_time)?;
             }
         }
     }
     if !batch.is_empty() {
-        wire_bytes += queue(ctx, lane, batch)?;
+        wire_bytes += queue(ctx, lane, batch, &mut queue_time)?;
     }
     ctx.hashes.add_to_digest(digest_delta);
+    let costs = encoder.take_costs();
+    let busy = started.elapsed().saturating_sub(queue_time);
+    let base_ns = u64::try_from(busy.as_nanos())
+        .unwrap_or(u64::MAX)
+        .saturating_sub(costs.codec_ns);
+    ctx.selector
+        .record(pages, base_ns, &costs, delta.is_some(), ctx.out.meter());
     Ok(out
         .send(WorkerOutput::ChunkDone {
             pages,
