@@ -439,6 +439,65 @@ mod tests {
         ]
     }
 
+    /// One table entry with hostile fields and the payload bytes that go
+    /// with it (whose length may differ from the declared one).
+    #[derive(Debug, Clone)]
+    struct HostileEntry {
+        page: u64,
+        encoding: u8,
+        declared: u16,
+        hash: u64,
+        payload: Vec<u8>,
+    }
+
+    fn hostile_entry() -> impl Strategy<Value = HostileEntry> {
+        let page = prop_oneof![0u64..8, 0u64..8192, any::<u64>()];
+        let encoding = prop_oneof![4 => 1u8..=5, 1 => any::<u8>()];
+        let payload = prop_oneof![
+            Just(Vec::new()),
+            proptest::collection::vec(any::<u8>(), 1..64),
+            proptest::collection::vec(any::<u8>(), PAGE_SIZE / 2..=PAGE_SIZE / 2 + 8),
+            proptest::collection::vec(any::<u8>(), PAGE_SIZE..=PAGE_SIZE),
+            // Valid LZ4 of a page-ish block, then possibly cut.
+            (any::<u8>(), 0usize..2 * PAGE_SIZE)
+                .prop_map(|(b, n)| { lz4_flex::block::compress(&vec![b; n]) }),
+        ];
+        // Mostly the payload's true length; sometimes a lie.
+        (
+            page,
+            encoding,
+            payload,
+            prop_oneof![3 => Just(None), 1 => any::<u16>().prop_map(Some)],
+            any::<u64>(),
+        )
+            .prop_map(|(page, encoding, payload, lie, hash)| HostileEntry {
+                page,
+                encoding,
+                declared: lie.unwrap_or(u16::try_from(payload.len()).unwrap_or(u16::MAX)),
+                hash,
+                payload,
+            })
+    }
+
+    /// The batch bytes of `entries`, with a consistent count and trailer.
+    fn hostile_batch(entries: &[HostileEntry]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for e in entries {
+            bytes.extend_from_slice(&e.payload);
+        }
+        for e in entries {
+            bytes.extend_from_slice(&e.page.to_le_bytes());
+            bytes.push(e.encoding);
+            bytes.extend_from_slice(&e.declared.to_le_bytes());
+            bytes.extend_from_slice(&e.hash.to_le_bytes());
+        }
+        let count = u32::try_from(entries.len()).unwrap();
+        bytes.extend_from_slice(&count.to_le_bytes());
+        let trailer = u32::try_from(entries.len() * ENTRY_BYTES + TRAILER_FIXED).unwrap();
+        bytes.extend_from_slice(&trailer.to_le_bytes());
+        bytes
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -478,9 +537,10 @@ mod tests {
             }
         }
 
-        /// Hostile bytes never panic the decoder.
+        /// Random bytes never panic the decoder (they rarely get past the
+        /// trailer check: see the next test for hostile entries).
         #[test]
-        fn hostile_batches_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
+        fn hostile_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
             let mut page = [0u8; PAGE_SIZE];
             if let Ok(mut reader) = BatchReader::new(&bytes, 1 << 20) {
                 while let Ok(Some(e)) = reader.next_entry() {
@@ -489,6 +549,48 @@ mod tests {
             }
         }
 
+        /// A structurally valid batch (count and trailer consistent) whose
+        /// entries carry hostile fields: any page index, encoding byte,
+        /// declared length (matching its payload or not) and payload. The
+        /// reader and decoder never panic, never hand out a payload past
+        /// the batch, and accept every entry whose fields are all valid.
+        #[test]
+        fn hostile_batches_never_panic(
+            entries in proptest::collection::vec(hostile_entry(), 1..12),
+            pages in prop_oneof![Just(1u64), 1u64..4096, Just(u64::MAX)],
+        ) {
+            let bytes = hostile_batch(&entries);
+            let mut page = [0u8; PAGE_SIZE];
+            let mut reader = BatchReader::new(&bytes, pages).expect("the structure is valid");
+            prop_assert_eq!(reader.remaining() as usize, entries.len());
+            let mut all_valid = true;
+            for entry in &entries {
+                let expected_ok = all_valid
+                    && entry.page < pages
+                    && PageEncoding::from_wire(entry.encoding).is_ok()
+                    && usize::from(entry.declared) <= PAGE_SIZE;
+                match reader.next_entry() {
+                    Ok(Some(e)) => {
+                        prop_assert!(entry.page < pages, "a page outside memory was accepted");
+                        prop_assert!(usize::from(entry.declared) <= PAGE_SIZE);
+                        prop_assert_eq!(e.encoding as u8, entry.encoding);
+                        prop_assert_eq!(e.payload.len(), usize::from(entry.declared));
+                        prop_assert_eq!(e.page, entry.page);
+                        let _ = decode_page(e.encoding, e.payload, &mut page);
+                    }
+                    Ok(None) => prop_assert!(false, "ended before its count"),
+                    Err(_) => {
+                        prop_assert!(!expected_ok || entry.declared as usize != entry.payload.len());
+                        all_valid = false;
+                        break;
+                    }
+                }
+                all_valid &= usize::from(entry.declared) == entry.payload.len();
+            }
+            if all_valid {
+                prop_assert_eq!(reader.next_entry(), Ok(None));
+            }
+        }
         /// Valid batch structure around hostile payloads never panics.
         #[test]
         fn hostile_payloads_never_panic(enc in 1u8..=5, payload in proptest::collection::vec(any::<u8>(), 0..PAGE_SIZE)) {
