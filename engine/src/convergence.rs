@@ -73,7 +73,7 @@ pub struct RoundMeasurement {
 }
 
 /// What to do after a round.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "decision", rename_all = "snake_case")]
 pub enum Decision {
     /// Pause the guest and send what is left.

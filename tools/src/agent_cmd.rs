@@ -194,7 +194,7 @@ impl Agent {
             .and_then(|p| u16::try_from(p).ok())
             .with_context(|| format!("target answered {reply}"))?;
         let to = SocketAddr::new(target.ip(), port).to_string();
-        let lanes = crate::api::connect_lanes(&to, self.lanes, &self.security)
+        let lanes = ferry_control::connect_lanes(&to, self.lanes, &self.security)
             .with_context(|| format!("opening the migration stream to {}", req.target_host))?;
         let summary = SourceMigration::new(vm, MigrationOptions::default())
             .run_lanes(lanes, |_| {})

@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use ferry_control::{client, Limits, MigrateRequest, SecuritySpec};
 use ferry_e2e::process::ProcessGuard;
-use serde_json::Value;
+use ferry_vm::{GuestPhase, GuestStatus};
 
-use crate::api::{self, MigrateRequest};
 use crate::migrate_cmd;
-use crate::security_args::SecuritySpec;
 
 /// `ferry demo`
 #[derive(Args, Debug)]
@@ -49,7 +48,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 fn wait_for_socket(p: &Path, who: &mut ProcessGuard, log: &Path) -> anyhow::Result<()> {
     let start = Instant::now();
-    while !p.exists() || api::status(p).is_err() {
+    while !p.exists() || client::status(p).is_err() {
         if !who.is_running() {
             bail!(
                 "{} exited early; its log {}:\n{}",
@@ -72,12 +71,25 @@ fn tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-fn status_of(p: &Path) -> anyhow::Result<Value> {
-    Ok(api::status(p)?["status"].clone())
+fn status_of(p: &Path) -> anyhow::Result<GuestStatus> {
+    client::status(p)?
+        .status
+        .with_context(|| format!("{} has no guest", p.display()))
 }
 
-fn u(v: &Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or(0)
+/// A command line as a shell reads it: words with shell characters quoted.
+fn shell_line(words: &[&str]) -> String {
+    let quote = |w: &str| {
+        if !w.is_empty()
+            && w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,+".contains(c))
+        {
+            w.to_owned()
+        } else {
+            format!("'{}'", w.replace('\'', r"'\''"))
+        }
+    };
+    words.iter().map(|w| quote(w)).collect::<Vec<_>>().join(" ")
 }
 
 /// Runs the demo.
@@ -95,10 +107,24 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let addr = format!("127.0.0.1:{port}");
 
-    println!("ferry demo: live migration of a running KVM guest over loopback\n");
+    let (src_api_s, dst_api_s) = (src_api.to_string_lossy(), dst_api.to_string_lossy());
+    println!("ferry demo: live migration of a running KVM guest over loopback");
+    println!("(each step prints the command it runs; paste them into shells to do it by hand)\n");
+    println!("1. the destination prepares its memory and waits (plaintext is fine on loopback; across hosts use --tls-cert/--tls-key/--tls-ca):");
     println!(
-        "1. destination: `ferry vm receive --mem {} --listen {addr} --insecure` (prepares its memory; plaintext is fine on loopback, across hosts use --tls-cert/--tls-key/--tls-ca)",
-        args.mem
+        "   {}",
+        shell_line(&[
+            "ferry",
+            "vm",
+            "receive",
+            "--mem",
+            &args.mem,
+            "--listen",
+            &addr,
+            "--insecure",
+            "--api",
+            &dst_api_s
+        ])
     );
     let mut dst = ProcessGuard::spawn(
         "destination",
@@ -119,22 +145,22 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     )?;
     wait_for_socket(&dst_api, &mut dst, &dst_log)?;
 
+    let rate = args.rate.to_string();
     println!(
-        "2. source: `ferry vm run --mem {} --rate {}` (fills its memory, then dirties {} pages/s)",
-        args.mem, args.rate, args.rate
+        "2. the source boots the guest, which fills its memory, then dirties {} pages/s:",
+        args.rate
+    );
+    println!(
+        "   {}",
+        shell_line(&[
+            "ferry", "vm", "run", "--mem", &args.mem, "--rate", &rate, "--api", &src_api_s
+        ])
     );
     let mut src = ProcessGuard::spawn(
         "source",
         Command::new(&exe)
             .args([
-                "vm",
-                "run",
-                "--quiet",
-                "--mem",
-                &args.mem,
-                "--rate",
-                &args.rate.to_string(),
-                "--api",
+                "vm", "run", "--quiet", "--mem", &args.mem, "--rate", &rate, "--api",
             ])
             .arg(&src_api),
         &src_log,
@@ -143,14 +169,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     loop {
         let st = status_of(&src_api)?;
-        if st["phase"] == "Running" {
+        if st.phase == GuestPhase::Running {
             break;
         }
         if !src.is_running() {
             bail!("the source exited; its log:\n{}", tail(&src_log));
         }
-        if st["phase"] == "Fatal" || t0.elapsed() > Duration::from_secs(300) {
-            bail!("the guest did not start: {st}");
+        if st.phase == GuestPhase::Fatal || t0.elapsed() > Duration::from_secs(300) {
+            bail!("the guest did not start: {st:?}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -158,21 +184,19 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let before = status_of(&src_api)?;
     println!(
         "   guest running at the source: heartbeat {}, {} pages dirtied, verify_errors {}\n",
-        u(&before, "heartbeat"),
-        u(&before, "pages_dirtied"),
-        u(&before, "verify_errors")
+        before.heartbeat, before.pages_dirtied, before.verify_errors
     );
 
     // Watch the source's heartbeat while it moves: the last value seen there
     // is where the destination must continue from.
-    let last_src_hb = Arc::new(AtomicU64::new(u(&before, "heartbeat")));
+    let last_src_hb = Arc::new(AtomicU64::new(before.heartbeat));
     let done = Arc::new(AtomicBool::new(false));
     let watcher = {
         let (hb, done, p) = (last_src_hb.clone(), done.clone(), src_api.clone());
         std::thread::spawn(move || {
             while !done.load(Ordering::Acquire) {
                 if let Ok(st) = status_of(&p) {
-                    hb.fetch_max(u(&st, "heartbeat"), Ordering::AcqRel);
+                    hb.fetch_max(st.heartbeat, Ordering::AcqRel);
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -182,36 +206,53 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let lanes = args
         .lanes
         .unwrap_or_else(ferry_transport::default_lane_count);
+    let (lanes_s, downtime_s) = (lanes.to_string(), args.max_downtime_ms.to_string());
+    println!("3. migrate it live (from another shell, `ferry migrate status --api {src_api_s}` follows it, `ferry migrate cancel --api {src_api_s}` stops it):");
     println!(
-        "3. `ferry migrate --to {addr} --lanes {lanes} --insecure` (max downtime {} ms)",
-        args.max_downtime_ms
+        "   {}",
+        shell_line(&[
+            "ferry",
+            "migrate",
+            "--api",
+            &src_api_s,
+            "--to",
+            &addr,
+            "--lanes",
+            &lanes_s,
+            "--insecure",
+            "--max-downtime-ms",
+            &downtime_s
+        ])
     );
     let req = MigrateRequest {
         to: addr.clone(),
         lanes: Some(lanes),
         security: Some(SecuritySpec::Insecure),
-        max_downtime_ms: Some(args.max_downtime_ms),
-        ..Default::default()
+        limits: Limits {
+            max_downtime_ms: Some(args.max_downtime_ms),
+            ..Limits::default()
+        },
+        workers: None,
+        xor_cache_bytes: None,
+        compress: None,
     };
-    let result = migrate_cmd::migrate(&src_api, &req, false);
+    let result = migrate_cmd::migrate(&src_api, req, false);
     done.store(true, Ordering::Release);
     let _ = watcher.join();
-    let summary = result?;
-    migrate_cmd::print_summary(&summary);
+    let report = result?;
+    migrate_cmd::print_summary(migrate_cmd::completed(&report)?);
 
     println!("\n4. the guest at the destination:");
     let last_hb = last_src_hb.load(Ordering::Acquire);
     let first = status_of(&dst_api)?;
     let start = Instant::now();
-    let mut last = first.clone();
+    let mut last = first;
     while start.elapsed().as_secs_f64() < args.watch_s {
         std::thread::sleep(Duration::from_millis(500));
         last = status_of(&dst_api)?;
         println!(
             "   heartbeat {:>8}  pages dirtied {:>10}  verify_errors {}",
-            u(&last, "heartbeat"),
-            u(&last, "pages_dirtied"),
-            u(&last, "verify_errors")
+            last.heartbeat, last.pages_dirtied, last.verify_errors
         );
     }
     let src_exited = wait_exit(&mut src, Duration::from_secs(5));
@@ -221,22 +262,22 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         ok &= good;
     };
     check(
-        u(&first, "heartbeat") >= last_hb,
+        first.heartbeat >= last_hb,
         format!(
             "heartbeat continued from the source's last value ({last_hb} -> {})",
-            u(&first, "heartbeat")
+            first.heartbeat
         ),
     );
     check(
-        u(&last, "heartbeat") > u(&first, "heartbeat"),
+        last.heartbeat > first.heartbeat,
         "heartbeat keeps rising at the destination".into(),
     );
     check(
-        u(&last, "pages_dirtied") > u(&before, "pages_dirtied"),
+        last.pages_dirtied > before.pages_dirtied,
         "the guest keeps dirtying pages".into(),
     );
     check(
-        u(&last, "verify_errors") == 0,
+        last.verify_errors == 0,
         "the guest's own self-check found no bad page".into(),
     );
     check(

@@ -5,7 +5,6 @@
 //! 2 bad usage.
 
 mod agent_cmd;
-mod api;
 mod bench_cmd;
 mod demo;
 mod migrate_cmd;
@@ -37,8 +36,10 @@ enum Cmd {
     Vm(vm_cmd::VmCmd),
     /// The main job: migrate a live guest between two processes over loopback.
     Demo(demo::DemoArgs),
-    /// Migrate the guest of a `ferry vm run --api` process to a `ferry vm receive`.
-    Migrate(migrate_cmd::MigrateArgs),
+    /// Migrate the guest of a `ferry vm run --api` process to a `ferry vm
+    /// receive`; or watch (`status`), stop (`cancel`) or retune (`set`) a
+    /// migration.
+    Migrate(migrate_cmd::MigrateCmd),
     /// Benchmark migration engines (ferry vs QEMU).
     Bench(bench_cmd::BenchArgs),
     /// Carry a stock QEMU/libvirt migration (UNIX socket) over ferry lanes.

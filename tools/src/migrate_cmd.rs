@@ -1,85 +1,182 @@
-//! `ferry migrate`: ask a `ferry vm run --api` process to migrate its guest,
-//! follow the migration with a progress bar (or JSON lines), print a summary.
+//! `ferry migrate`: ask a `ferry vm run --api` process to migrate its guest
+//! and follow it with a progress bar (or JSON lines); `ferry migrate
+//! status|cancel|set` watch, stop and retune a migration from any shell.
+//!
+//! The migration runs in the source process, not in this client: a client
+//! that is interrupted or killed neither ends the migration nor leaves it
+//! without an owner. `ferry migrate status` follows it from anywhere, and
+//! the last result stays readable on both sides until the next migration.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::Value;
 
+use ferry_control::protocol::decision_words;
+use ferry_control::units::{
+    format_bytes, format_rate, parse_bytes, parse_duration, parse_rate, BareUnit, MAX_DEADLINE,
+    MAX_DOWNTIME,
+};
+use ferry_control::{client, Event, Limits, MigrateRequest, MigrationReport, Phase, Summary};
+use ferry_engine::encode::EncodingChoice;
 use ferry_transport::default_lane_count;
 use ferry_transport::lanes::MAX_LANES;
 
-use crate::api::{self, MigrateRequest};
 use crate::security_args::SecurityArgs;
 
-/// `ferry migrate`
+/// `ferry migrate [status|cancel|set]`
+#[derive(Args, Debug, Clone)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct MigrateCmd {
+    #[command(subcommand)]
+    pub action: Option<MigrateAction>,
+    #[command(flatten)]
+    pub start: MigrateArgs,
+}
+
+/// What to do with a migration other than start it.
+#[derive(Subcommand, Debug, Clone)]
+pub enum MigrateAction {
+    /// Show the running migration, or the last one (phase, round, bytes
+    /// left, rates, expected downtime, throttle, the summary or error).
+    Status(StatusArgs),
+    /// Stop the running migration: the guest resumes on the source.
+    /// Refused once GO was sent.
+    Cancel(ApiArg),
+    /// Change the running migration's limits.
+    Set(SetArgs),
+}
+
+/// `--api PATH`
+#[derive(Args, Debug, Clone)]
+pub struct ApiArg {
+    /// Control socket of the source (or destination) process.
+    #[arg(long)]
+    pub api: PathBuf,
+}
+
+/// `ferry migrate status`
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// Control socket of the source (or destination) process.
+    #[arg(long)]
+    pub api: PathBuf,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ferry migrate set`
+#[derive(Args, Debug, Clone)]
+pub struct SetArgs {
+    /// Control socket of the source.
+    #[arg(long)]
+    pub api: PathBuf,
+    /// New downtime limit (a bare number is ms; or 20ms, 1s).
+    #[arg(long = "max-downtime-ms", alias = "max-downtime", value_parser = parse_downtime)]
+    pub max_downtime: Option<Duration>,
+    /// New bandwidth cap (binary units per second: 100M is 100 MiB/s).
+    #[arg(long, value_parser = parse_rate_flag)]
+    pub max_bandwidth: Option<u64>,
+    /// New deadline from the migration's start (a bare number is seconds;
+    /// or 5m).
+    #[arg(long = "deadline-s", alias = "deadline", value_parser = parse_deadline)]
+    pub deadline: Option<Duration>,
+    /// Throttle the guest when rounds stop shrinking: `on` or `off`.
+    #[arg(long, value_parser = parse_on_off)]
+    pub auto_converge: Option<bool>,
+}
+
+/// `ferry migrate --api PATH --to ADDR ...`
 #[derive(Args, Debug, Clone)]
 pub struct MigrateArgs {
     /// Control socket of the source (`ferry vm run --api PATH`).
-    #[arg(long)]
-    pub api: PathBuf,
+    #[arg(long, required = true)]
+    pub api: Option<PathBuf>,
     /// Destination address (`ferry vm receive --listen ADDR`).
-    #[arg(long)]
-    pub to: String,
+    #[arg(long, required = true)]
+    pub to: Option<String>,
     /// TCP lanes to the destination (default from the core count).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_LANES)))]
     pub lanes: Option<u16>,
     #[command(flatten)]
     pub security: SecurityArgs,
-    /// Downtime limit (ms).
-    #[arg(long = "max-downtime-ms", alias = "max-downtime", default_value_t = 20)]
-    pub max_downtime_ms: u64,
-    /// Give up after this many seconds (the guest keeps running on the source).
-    #[arg(long = "deadline-s", alias = "deadline", default_value_t = 300.0)]
-    pub deadline_s: f64,
-    /// Cap on wire bytes per second (e.g. 100M).
-    #[arg(long, value_parser = parse_rate)]
+    /// Downtime limit (a bare number is ms; or 20ms, 1s).
+    #[arg(long = "max-downtime-ms", alias = "max-downtime", default_value = "20", value_parser = parse_downtime)]
+    pub max_downtime: Duration,
+    /// Give up after this long, the guest running on the source (a bare
+    /// number is seconds; or 5m).
+    #[arg(long = "deadline-s", alias = "deadline", default_value = "300", value_parser = parse_deadline)]
+    pub deadline: Duration,
+    /// Cap on wire bytes per second (binary units: 100M is 100 MiB/s).
+    #[arg(long, value_parser = parse_rate_flag)]
     pub max_bandwidth: Option<u64>,
     /// Do not throttle the guest when rounds stop shrinking.
     #[arg(long)]
     pub no_auto_converge: bool,
-    /// Encoder threads.
-    #[arg(long)]
-    pub workers: Option<usize>,
+    /// Encoder threads (1 to 256).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: Option<u16>,
     /// Do not send XOR deltas against earlier copies.
     #[arg(long, conflicts_with = "xor_cache")]
     pub no_delta: bool,
     /// Size of the cache of earlier page copies that XOR deltas are made
     /// against (e.g. 256M; default: a quarter of guest memory).
     #[arg(long, value_parser = parse_cache_size)]
-    pub xor_cache: Option<usize>,
+    pub xor_cache: Option<u64>,
     /// Do not LZ4-compress pages.
     #[arg(long)]
     pub no_compress: bool,
-    /// JSON lines (events, then the summary) instead of a progress bar.
+    /// JSON lines instead of a progress bar: progress events when they
+    /// change, then one summary (or one failure).
     #[arg(long)]
     pub json: bool,
 }
 
-fn parse_rate(s: &str) -> Result<u64, String> {
-    ferry_vm::parse_size(s, 1).ok_or_else(|| format!("`{s}` is not a rate in bytes/s (e.g. 100M)"))
+fn parse_downtime(s: &str) -> Result<Duration, String> {
+    parse_duration(s, BareUnit::Millis, MAX_DOWNTIME).map_err(|e| e.to_string())
 }
 
-fn parse_cache_size(s: &str) -> Result<usize, String> {
-    ferry_vm::parse_size(s, 1)
-        .and_then(|b| usize::try_from(b).ok())
-        .ok_or_else(|| format!("`{s}` is not a size in bytes (e.g. 256M)"))
+fn parse_deadline(s: &str) -> Result<Duration, String> {
+    parse_duration(s, BareUnit::Secs, MAX_DEADLINE).map_err(|e| e.to_string())
+}
+
+fn parse_rate_flag(s: &str) -> Result<u64, String> {
+    parse_rate(s).map_err(|e| e.to_string())
+}
+
+fn parse_cache_size(s: &str) -> Result<u64, String> {
+    parse_bytes(s).map_err(|e| e.to_string())
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("`{s}`: want `on` or `off`")),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl MigrateArgs {
     /// The request sent to the source (fails when no security is chosen).
     pub fn request(&self) -> anyhow::Result<MigrateRequest> {
         Ok(MigrateRequest {
-            to: self.to.clone(),
+            to: self.to.clone().context("--to is required")?,
             lanes: Some(self.lanes.unwrap_or_else(default_lane_count)),
             security: Some(self.security.spec()?),
-            max_downtime_ms: Some(self.max_downtime_ms),
-            deadline_s: Some(self.deadline_s),
-            max_bandwidth: self.max_bandwidth,
-            auto_converge: Some(!self.no_auto_converge),
-            workers: self.workers,
+            limits: Limits {
+                max_downtime_ms: Some(millis(self.max_downtime)),
+                deadline_s: Some(self.deadline.as_secs_f64()),
+                max_bandwidth: self.max_bandwidth,
+                auto_converge: Some(!self.no_auto_converge),
+            },
+            workers: self.workers.map(usize::from),
             xor_cache_bytes: if self.no_delta {
                 Some(0)
             } else {
@@ -90,161 +187,318 @@ impl MigrateArgs {
     }
 }
 
-/// Runs a migration through the source's control socket. Returns the summary.
-pub fn migrate(api_path: &Path, req: &MigrateRequest, json: bool) -> anyhow::Result<Value> {
-    let mut msg = serde_json::to_value(req).expect("request serialises");
-    msg["op"] = "migrate".into();
-    let bar = if json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(100)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} round {prefix:>2} [{bar:30}] {percent:>3}%  {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.enable_steady_tick(std::time::Duration::from_millis(100));
-    let mut assessment = String::new();
-    for line in api::request(api_path, &msg)? {
-        let v = line?;
-        if json {
-            println!("{v}");
-        }
-        if let Some(result) = v.get("result").and_then(Value::as_str) {
-            bar.finish_and_clear();
-            if result == "ok" {
-                return Ok(v["summary"].clone());
-            }
-            bail!(
-                "migration failed: {} (guest: {})",
-                v["error"].as_str().unwrap_or("unknown error"),
-                v["guest"].as_str().map(describe_home).unwrap_or("unknown")
-            );
-        }
-        match v["event"].as_str() {
-            Some("connected") => bar.set_message(format!(
-                "connected to {}: {} lanes, {}",
-                v["to"].as_str().unwrap_or("?"),
-                v["lanes"],
-                v["security"].as_str().unwrap_or("?")
-            )),
-            Some("started") => bar.set_message(format!(
-                "{} MiB, dirty log {}",
-                v["guest_bytes"].as_u64().unwrap_or(0) >> 20,
-                v["dirty_log"].as_str().unwrap_or("?")
-            )),
-            Some("round_progress") => {
-                let total = v["pages_total"].as_u64().unwrap_or(1).max(1);
-                bar.set_prefix(v["round"].to_string());
-                bar.set_length(total);
-                bar.set_position(v["pages_done"].as_u64().unwrap_or(0));
-                bar.set_message(format!(
-                    "{} pages left  {assessment}",
-                    total.saturating_sub(v["pages_done"].as_u64().unwrap_or(0))
-                ));
-            }
-            Some("round_finished") => {
-                let a = &v["assessment"];
-                assessment = format!(
-                    "dirty {:.0} pages/s  bw {:.0} MB/s  expected downtime {:.1} ms  throttle {}%",
-                    a["dirty_rate_pages_per_sec"].as_f64().unwrap_or(0.0),
-                    a["bandwidth_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1e6,
-                    a["expected_downtime_ms"].as_f64().unwrap_or(0.0),
-                    v["throttle_percent"]
-                );
-                if !json {
-                    bar.println(format!(
-                        "round {:>2}: {:>8} pages in {:>8.1} ms, {:>8} dirty after; {} -> {}",
-                        v["round"],
-                        v["pages"],
-                        v["duration_ms"].as_f64().unwrap_or(0.0),
-                        v["dirty_pages"],
-                        assessment,
-                        a["decision"]
-                    ));
-                }
-            }
-            Some("stop_and_copy") => {
-                bar.set_message(format!("stop-and-copy: {} pages", v["dirty_pages"]))
-            }
-            Some("handover") => {
-                bar.set_message(format!("handover: {}", v["step"].as_str().unwrap_or("?")))
-            }
-            Some("abandoned") => bar.println(format!(
-                "abandoned: {}",
-                v["reason"].as_str().unwrap_or("?")
-            )),
-            _ => {}
-        }
-    }
-    bar.finish_and_clear();
-    bail!("the source closed the control socket before the migration ended (did it crash?)")
+/// What the terminal shows while a migration runs.
+struct Terminal {
+    bar: ProgressBar,
+    round: u32,
 }
 
-fn describe_home(h: &str) -> &'static str {
-    match h {
-        "here" => "still running on the source",
-        "migrated_away" => "running on the destination",
-        "in_doubt" => "IN DOUBT: paused on the source; check the destination",
-        _ => "unknown",
+impl Terminal {
+    fn new() -> Self {
+        let bar = ProgressBar::new(100);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} round {prefix:>2} [{bar:30}] {percent:>3}%  {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Self { bar, round: 0 }
+    }
+
+    fn show(&mut self, ev: &Event) {
+        let bar = &self.bar;
+        match ev {
+            Event::Connected {
+                to,
+                lanes,
+                security,
+            } => bar.set_message(format!("connected to {to}: {lanes} lanes, {security}")),
+            Event::Started {
+                guest_bytes,
+                dirty_log,
+                ..
+            } => bar.set_message(format!(
+                "{} guest, dirty log {dirty_log}",
+                format_bytes(*guest_bytes)
+            )),
+            Event::RoundProgress {
+                round,
+                pages_done,
+                pages_total,
+                ..
+            } => {
+                if *round != self.round {
+                    self.round = *round;
+                    bar.reset();
+                }
+                bar.set_prefix(round.to_string());
+                bar.set_length((*pages_total).max(1));
+                bar.set_position(*pages_done);
+                bar.set_message(format!(
+                    "{} left",
+                    format_bytes(pages_total.saturating_sub(*pages_done) * 4096)
+                ));
+            }
+            Event::RoundFinished {
+                round,
+                pages,
+                duration_ms,
+                dirty_pages,
+                throttle_percent,
+                assessment: a,
+                encoding,
+                ..
+            } => {
+                let how = encoding
+                    .as_ref()
+                    .map(|e| format!(", pages as {}", encoding_words(e.choice)))
+                    .unwrap_or_default();
+                // The round is done: its bar ends full.
+                bar.set_prefix(round.to_string());
+                bar.set_length((*pages).max(1));
+                bar.set_position((*pages).max(1));
+                bar.println(format!(
+                    "round {round:>2}: {pages:>8} pages in {duration_ms:>7.1} ms{how}, {dirty_pages:>7} dirty after; dirty {:.0} pages/s, bandwidth {}, expected downtime {:.1} ms, throttle {throttle_percent} % -> {}",
+                    a.dirty_rate_pages_per_sec,
+                    format_rate(a.bandwidth_bytes_per_sec),
+                    a.expected_downtime_ms,
+                    decision_words(&a.decision)
+                ));
+            }
+            Event::StopAndCopy { dirty_pages } => {
+                self.round += 1;
+                bar.reset();
+                bar.set_prefix(self.round.to_string());
+                bar.set_message(format!(
+                    "guest paused, copying the last {dirty_pages} pages"
+                ));
+            }
+            Event::Handover { step } => {
+                bar.set_position(bar.length().unwrap_or(100));
+                bar.set_message(format!("handover: {}", step.replace('_', " ")));
+            }
+            Event::Abandoned { reason } => bar.println(format!("abandoned: {reason}")),
+        }
+    }
+
+    fn finish(&self, done: bool) {
+        if done {
+            self.bar.set_position(self.bar.length().unwrap_or(100));
+        }
+        self.bar.finish_and_clear();
+    }
+}
+
+/// An encoding choice in words.
+fn encoding_words(c: EncodingChoice) -> &'static str {
+    match c {
+        EncodingChoice::Raw => "raw",
+        EncodingChoice::XorDelta => "XOR deltas",
+        EncodingChoice::Lz4 => "LZ4",
+        EncodingChoice::XorDeltaLz4 => "XOR deltas + LZ4",
+    }
+}
+
+/// JSON lines: an event only when it differs from the last one printed.
+#[derive(Default)]
+struct JsonLines {
+    last: String,
+}
+
+impl JsonLines {
+    fn show(&mut self, ev: &Event) {
+        let line = serde_json::to_string(ev).expect("events serialise");
+        if line != self.last {
+            println!("{line}");
+            self.last = line;
+        }
+    }
+}
+
+/// Runs a migration through the source's control socket and returns its
+/// final report (completed, failed or cancelled).
+pub fn migrate(api: &Path, req: MigrateRequest, json: bool) -> anyhow::Result<MigrationReport> {
+    let mut term = (!json).then(Terminal::new);
+    let mut lines = JsonLines::default();
+    let result = client::migrate(api, req, |ev| match term.as_mut() {
+        Some(t) => t.show(ev),
+        None => lines.show(ev),
+    });
+    if let Some(t) = &term {
+        t.finish(matches!(&result, Ok(r) if r.phase == Phase::Completed));
+    }
+    Ok(result?)
+}
+
+/// The summary of a completed migration, or the failure as an error.
+pub fn completed(report: &MigrationReport) -> anyhow::Result<&Summary> {
+    match (&report.phase, &report.summary) {
+        (Phase::Completed, Some(s)) => Ok(s),
+        (phase, _) => bail!(
+            "migration {}: {} (guest: {})",
+            if *phase == Phase::Cancelled {
+                "cancelled"
+            } else {
+                "failed"
+            },
+            report.error.as_deref().unwrap_or("no reason given"),
+            report.guest.describe_at_source()
+        ),
     }
 }
 
 /// Prints a human summary of a migration.
-pub fn print_summary(s: &Value) {
-    let ms = |k: &str| s[k].as_f64().unwrap_or(0.0);
-    let gib = |k: &str| s[k].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64;
+pub fn print_summary(s: &Summary) {
+    let p = &s.downtime_parts;
     println!("migration summary");
-    println!("  rounds            {}", s["rounds"]);
-    println!("  total time        {:.1} ms", ms("total_ms"));
+    println!("  rounds            {}", s.rounds);
+    println!("  total time        {:.1} ms", s.total_ms);
     println!(
         "  downtime          {:.2} ms  (source pause -> destination resume)",
-        ms("downtime_ms")
+        s.downtime_ms
     );
-    if let Some(parts) = s["downtime_parts"].as_object() {
-        let list: Vec<String> = parts
-            .iter()
-            .map(|(k, v)| {
-                format!(
-                    "{} {:.2}",
-                    k.trim_end_matches("_ms"),
-                    v.as_f64().unwrap_or(0.0)
-                )
-            })
-            .collect();
-        println!("    parts (ms)      {}", list.join(", "));
-    }
-    println!("  guest memory      {:.1} MiB", gib("memory_bytes"));
-    println!("  guest bytes sent  {:.1} MiB", gib("guest_bytes"));
-    println!("  wire bytes        {:.1} MiB", gib("wire_bytes"));
     println!(
-        "  throughput        {:.0} MB/s guest data, {:.0} MB/s on the wire",
-        s["throughput_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1e6,
-        s["wire_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1e6
+        "    parts (ms)      pause {:.2}, final collect {:.2}, final pages {:.2}, state {:.2}, ready wait {:.2} (verify {:.2}, restore {:.2}), go to resume {:.2} (resume {:.2})",
+        p.pause_ms,
+        p.final_collect_ms,
+        p.final_pages_ms,
+        p.state_ms,
+        p.ready_wait_ms,
+        p.dest_verify_ms,
+        p.dest_restore_ms,
+        p.go_to_resume_ms,
+        p.dest_resume_ms
     );
-    if let Some(p) = s["pages"].as_object() {
-        let list: Vec<String> = p.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        println!("  pages by encoding {}", list.join(", "));
-    }
-    println!("  max throttle      {}%", s["max_throttle_percent"]);
+    println!("  guest memory      {}", format_bytes(s.memory_bytes));
+    println!("  guest bytes sent  {}", format_bytes(s.guest_bytes));
+    println!("  wire bytes        {}", format_bytes(s.wire_bytes));
     println!(
-        "  dirty log         {}",
-        s["dirty_log"].as_str().unwrap_or("?")
+        "  throughput        {} guest data, {} on the wire",
+        format_rate(s.throughput_bytes_per_sec),
+        format_rate(s.wire_bytes_per_sec)
     );
+    let c = &s.pages;
+    println!(
+        "  pages by encoding zero {}, unchanged {}, xor delta {}, lz4 {}, raw {}",
+        c.zero, c.unchanged, c.xor_delta, c.lz4, c.raw
+    );
+    println!("  max throttle      {} %", s.max_throttle_percent);
+    println!("  memory digest     {:#018x}", s.memory_digest);
+    println!("  dirty log         {}", s.dirty_log);
 }
 
-/// `ferry migrate`
-pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
-    let req = args.request()?;
-    let summary = migrate(&args.api, &req, args.json).context("ferry migrate")?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({"event": "summary", "summary": summary})
-        );
-    } else {
-        print_summary(&summary);
+/// Prints a migration report (`ferry migrate status`).
+fn print_report(r: &MigrationReport) {
+    let to =
+        r.to.as_deref()
+            .map(|t| format!(" to {t}"))
+            .unwrap_or_default();
+    println!(
+        "migration{to} ({}): {}, round {}",
+        r.role,
+        format!("{:?}", r.phase).to_lowercase(),
+        r.round
+    );
+    if !r.phase.is_final() {
+        println!("  bytes left        {}", format_bytes(r.bytes_left));
     }
-    Ok(())
+    println!("  wire bytes        {}", format_bytes(r.wire_bytes));
+    println!(
+        "  dirty rate        {:.0} pages/s",
+        r.dirty_rate_pages_per_sec
+    );
+    println!(
+        "  bandwidth         {}",
+        format_rate(r.bandwidth_bytes_per_sec)
+    );
+    println!("  expected downtime {:.1} ms", r.expected_downtime_ms);
+    println!("  throttle          {} %", r.throttle_percent);
+    if let Some(d) = &r.decision {
+        println!("  last decision     {d}");
+    }
+    println!(
+        "  limits            {}",
+        ferry_control::server::describe_limits(&r.limits)
+    );
+    println!("  elapsed           {:.1} s", r.elapsed_ms / 1e3);
+    println!("  guest             {}", r.guest.describe());
+    if let Some(e) = &r.error {
+        println!("  error             {e}");
+    }
+    if let Some(rx) = &r.received {
+        println!(
+            "  received          {} rounds, {} on the wire, verified in {:.1} ms",
+            rx.rounds,
+            format_bytes(rx.wire_bytes),
+            rx.verify_ms
+        );
+    }
+    if let Some(s) = &r.summary {
+        print_summary(s);
+    }
+}
+
+/// `ferry migrate ...`
+pub fn run(cmd: MigrateCmd) -> anyhow::Result<()> {
+    match cmd.action {
+        Some(MigrateAction::Status(a)) => {
+            let report = client::migration(&a.api).context("ferry migrate status")?;
+            if a.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print_report(&report);
+            }
+            Ok(())
+        }
+        Some(MigrateAction::Cancel(a)) => {
+            let msg = client::cancel(&a.api).context("ferry migrate cancel")?;
+            println!("{msg}");
+            Ok(())
+        }
+        Some(MigrateAction::Set(a)) => {
+            let limits = Limits {
+                max_downtime_ms: a.max_downtime.map(millis),
+                deadline_s: a.deadline.map(|d| d.as_secs_f64()),
+                max_bandwidth: a.max_bandwidth,
+                auto_converge: a.auto_converge,
+            };
+            if limits == Limits::default() {
+                bail!("ferry migrate set: give at least one of --max-downtime-ms, --max-bandwidth, --deadline-s, --auto-converge");
+            }
+            let msg = client::set(&a.api, limits).context("ferry migrate set")?;
+            println!("{msg}");
+            Ok(())
+        }
+        None => start(cmd.start),
+    }
+}
+
+fn start(args: MigrateArgs) -> anyhow::Result<()> {
+    let req = args.request()?;
+    let api = args.api.clone().context("--api is required")?;
+    let report = migrate(&api, req, args.json).context("ferry migrate")?;
+    match completed(&report) {
+        Ok(summary) if args.json => {
+            println!(
+                "{}",
+                serde_json::json!({"event": "summary", "summary": summary})
+            );
+            Ok(())
+        }
+        Ok(summary) => {
+            print_summary(summary);
+            Ok(())
+        }
+        Err(e) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "failed", "phase": report.phase, "error": report.error, "guest": report.guest})
+                );
+            }
+            Err(e)
+        }
+    }
 }

@@ -3,12 +3,12 @@
 //! asked for by name with `--insecure`.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use ferry_transport::{Security, TlsFiles, TlsSettings};
-use serde::{Deserialize, Serialize};
+use ferry_transport::Security;
+
+pub use ferry_control::SecuritySpec;
 
 /// `--insecure` or `--tls-cert/--tls-key/--tls-ca` [+ `--tls-name`].
 #[derive(Args, Debug, Clone)]
@@ -28,26 +28,6 @@ pub struct SecurityArgs {
     /// The name the listener's certificate must carry.
     #[arg(long, default_value = ferry_transport::tls::DEFAULT_SERVER_NAME)]
     pub tls_name: String,
-}
-
-/// What the flags chose, in a form that can travel to another process (the
-/// `migrate` request of the control socket): file paths, not loaded keys.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "mode", rename_all = "snake_case")]
-pub enum SecuritySpec {
-    /// Plaintext, asked for with `--insecure`.
-    Insecure,
-    /// Mutual TLS with these files.
-    Tls {
-        /// This end's certificate (PEM).
-        cert: PathBuf,
-        /// This end's private key (PEM).
-        key: PathBuf,
-        /// The CA that signs the peer's certificate (PEM).
-        ca: PathBuf,
-        /// The name the listener's certificate must carry.
-        server_name: String,
-    },
 }
 
 impl SecurityArgs {
@@ -88,52 +68,12 @@ impl SecurityArgs {
 
     /// The choice, with the TLS files loaded.
     pub fn security(&self) -> anyhow::Result<Security> {
-        self.spec()?.load()
+        Ok(self.spec()?.load()?)
     }
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
-}
-
-impl SecuritySpec {
-    /// Loads the TLS files (plaintext needs nothing).
-    pub fn load(&self) -> anyhow::Result<Security> {
-        match self {
-            SecuritySpec::Insecure => Ok(Security::Insecure),
-            SecuritySpec::Tls {
-                cert,
-                key,
-                ca,
-                server_name,
-            } => {
-                let files = TlsFiles {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                    ca: ca.clone(),
-                };
-                let settings = TlsSettings::from_files(&files, server_name)
-                    .context("loading the TLS files")?;
-                Ok(Security::Tls(Arc::new(settings)))
-            }
-        }
-    }
-
-    /// `insecure` or `tls`, for machines.
-    pub fn mode(&self) -> &'static str {
-        match self {
-            SecuritySpec::Insecure => "insecure",
-            SecuritySpec::Tls { .. } => "tls",
-        }
-    }
-
-    /// Plaintext or mutual TLS, for people.
-    pub fn describe(&self) -> &'static str {
-        match self {
-            SecuritySpec::Insecure => "plaintext (--insecure)",
-            SecuritySpec::Tls { .. } => "mutual TLS",
-        }
-    }
 }
 
 #[cfg(test)]
@@ -181,7 +121,7 @@ mod tests {
     }
 
     #[test]
-    fn tls_spec_has_absolute_paths_and_survives_json() {
+    fn tls_spec_has_absolute_paths() {
         let cli = parse(&[
             "--tls-cert",
             "c.pem",
@@ -206,19 +146,5 @@ mod tests {
         assert!(cert.is_absolute() && cert.ends_with("c.pem"));
         assert_eq!(ca, Path::new("/etc/ca.pem"));
         assert_eq!(server_name, "dst");
-        let json = serde_json::to_string(&spec).unwrap();
-        assert_eq!(serde_json::from_str::<SecuritySpec>(&json).unwrap(), spec);
-    }
-
-    #[test]
-    fn missing_files_are_a_clear_error() {
-        let spec = SecuritySpec::Tls {
-            cert: "/nonexistent/c.pem".into(),
-            key: "/nonexistent/k.pem".into(),
-            ca: "/nonexistent/ca.pem".into(),
-            server_name: "ferry".into(),
-        };
-        let e = format!("{:#}", spec.load().unwrap_err());
-        assert!(e.contains("/nonexistent/"), "{e}");
     }
 }

@@ -7,15 +7,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use ferry_control::units::{format_bytes, parse_bytes_at_least, parse_duration, BareUnit};
+use ferry_control::{client, error_chain, GuestHome, Served};
 use ferry_engine::{DestinationMigration, DestinationOptions};
 use ferry_transport::{LaneListener, LaneOptions, Lanes, TransportError};
-use ferry_vm::{
-    host_tsc_khz, parse_size, DirtyBackend, GuestParams, GuestPhase, RunState, Vm, VmConfig,
-};
+use ferry_vm::{host_tsc_khz, DirtyBackend, GuestParams, GuestPhase, RunState, Vm, VmConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::api::{self, GuestHome, Served};
 use crate::security_args::SecurityArgs;
+
+/// Smallest guest: the workload guest's code, tables and status block
+/// live in its first 2 MiB, its fill region above.
+const MIN_GUEST_BYTES: u64 = 4 << 20;
+
+/// Longest `--duration`: a year.
+const MAX_RUN: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// `ferry vm ...`
 #[derive(Subcommand, Debug)]
@@ -31,13 +37,13 @@ pub enum VmCmd {
 /// How to build a guest.
 #[derive(Args, Debug, Clone)]
 pub struct GuestArgs {
-    /// Guest RAM: bytes or with K/M/G (e.g. 2G).
+    /// Guest RAM (binary units: 512M, 2G; a bare number is bytes).
     #[arg(long, default_value = "1G", value_parser = parse_mem)]
     pub mem: u64,
     /// Pages per second the workload guest dirties (`max` = unpaced).
     #[arg(long, default_value = "0")]
     pub rate: String,
-    /// Working set of the dirty loop (e.g. 256M, `all`).
+    /// Working set of the dirty loop (e.g. 256M, `all`; at most --mem).
     #[arg(long, default_value = "all")]
     pub wss: String,
     /// Fill seed.
@@ -58,7 +64,11 @@ pub struct GuestArgs {
 }
 
 fn parse_mem(s: &str) -> Result<u64, String> {
-    parse_size(s, 1).ok_or_else(|| format!("`{s}` is not a size (e.g. 512M, 2G)"))
+    parse_bytes_at_least(s, MIN_GUEST_BYTES).map_err(|e| e.to_string())
+}
+
+fn parse_run_time(s: &str) -> Result<Duration, String> {
+    parse_duration(s, BareUnit::Secs, MAX_RUN).map_err(|e| e.to_string())
 }
 
 fn parse_backend(s: &str) -> Result<DirtyBackend, String> {
@@ -84,16 +94,23 @@ impl GuestArgs {
         let rate = match self.rate.as_str() {
             "max" => None,
             r => Some(
-                r.parse()
-                    .with_context(|| format!("--rate `{r}`: want pages/s or `max`"))?,
+                r.parse::<u64>()
+                    .with_context(|| format!("--rate `{r}`: want pages per second or `max`"))?,
             ),
         };
         let wss_bytes = match self.wss.as_str() {
             "all" => None,
-            w => Some(
-                parse_size(w, 1 << 20)
-                    .with_context(|| format!("--wss `{w}`: want a size or `all`"))?,
-            ),
+            w => {
+                let b = parse_bytes_at_least(w, 4096)
+                    .map_err(|e| anyhow::anyhow!("--wss: {e}; want a size (e.g. 32M) or `all`"))?;
+                if b > self.mem {
+                    bail!(
+                        "--wss: `{w}` is larger than the guest's memory (--mem {})",
+                        format_bytes(self.mem)
+                    );
+                }
+                Some(b)
+            }
         };
         let tsc_khz = host_tsc_khz().context("asking KVM for the TSC frequency")?;
         let p = GuestParams {
@@ -123,9 +140,10 @@ impl GuestArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub guest: GuestArgs,
-    /// Stop after this many seconds (default: run until Ctrl-C).
-    #[arg(long)]
-    pub duration: Option<f64>,
+    /// Stop after this long (a bare number is seconds; default: run until
+    /// Ctrl-C).
+    #[arg(long, value_parser = parse_run_time)]
+    pub duration: Option<Duration>,
     /// Print a JSON status line every second instead of a live display.
     #[arg(long)]
     pub json: bool,
@@ -162,9 +180,10 @@ pub struct ReceiveArgs {
     /// No live display.
     #[arg(long)]
     pub quiet: bool,
-    /// Stop this many seconds after the guest arrived (default: run until Ctrl-C).
-    #[arg(long)]
-    pub duration: Option<f64>,
+    /// Stop this long after the guest arrived (a bare number is seconds;
+    /// default: run until Ctrl-C).
+    #[arg(long, value_parser = parse_run_time)]
+    pub duration: Option<Duration>,
 }
 
 /// `ferry vm status`
@@ -229,11 +248,11 @@ fn run_vm(args: RunArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let vm = Arc::new(Vm::boot(&cfg).context("starting the VM")?);
     // The control socket answers from the start (its status shows the fill).
-    let served = Served::new(Some(vm.clone()), "source");
+    let served = Served::source(vm.clone());
     let _server = args
         .api
         .as_deref()
-        .map(|p| api::serve(p, served.clone()))
+        .map(|p| ferry_control::serve(p, served.clone()).context("--api"))
         .transpose()?;
     wait_running(&vm, quiet)?;
     if !quiet {
@@ -257,40 +276,57 @@ fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
         .mem
         .map(|m| Vm::incoming(m, dirty).context("preparing the destination VM"))
         .transpose()?;
-    let served = Served::new(None, "destination");
+    let served = Served::destination();
     let mut listener = LaneListener::bind(args.listen.as_str(), LaneOptions::new(1, security))
         .with_context(|| format!("listening on {}", args.listen))?;
     let _server = args
         .api
         .as_deref()
-        .map(|p| api::serve(p, served.clone()))
+        .map(|p| ferry_control::serve(p, served.clone()).context("--api"))
         .transpose()?;
     let quiet = args.quiet || args.json;
-    if !quiet {
-        eprintln!(
-            "ferry: waiting for a guest on {} ({})",
-            listener.local_addr()?,
-            spec.describe()
-        );
-    }
-    let lanes = accept_source(&mut listener)?;
-    let (vm, summary) =
-        DestinationMigration::accept_lanes(lanes, &DestinationOptions::default(), |layout| {
-            match prepared.take() {
-                Some(vm) if vm.mem_bytes() == layout.bytes() => Ok(vm),
-                _ => Ok(Vm::incoming(layout.bytes(), dirty)?),
+    // A migration that fails before the guest runs here (cancelled, the
+    // source gone, a broken stream) frees its memory and the wait goes on:
+    // the source still has the guest and may try again.
+    loop {
+        if !quiet {
+            eprintln!(
+                "ferry: waiting for a guest on {} ({})",
+                listener.local_addr()?,
+                spec.describe()
+            );
+        }
+        let lanes = accept_source(&mut listener)?;
+        served.receiving();
+        let received =
+            DestinationMigration::accept_lanes(lanes, &DestinationOptions::default(), |layout| {
+                match prepared.take() {
+                    Some(vm) if vm.mem_bytes() == layout.bytes() => Ok(vm),
+                    _ => Ok(Vm::incoming(layout.bytes(), dirty)?),
+                }
+            });
+        match received {
+            Ok((vm, summary)) => {
+                if !quiet {
+                    eprintln!(
+                        "ferry: guest arrived: {} rounds, {} on the wire, verified in {:.1} ms; running here",
+                        summary.rounds,
+                        format_bytes(summary.wire_bytes),
+                        summary.verify.as_secs_f64() * 1e3
+                    );
+                }
+                served.arrived(Arc::new(vm), &summary);
+                break;
             }
-        })
-        .context("receiving the guest")?;
-    if !quiet {
-        eprintln!(
-            "ferry: guest arrived: {} rounds, {:.1} MiB on the wire, verified in {:.1} ms; running here",
-            summary.rounds,
-            summary.wire_bytes as f64 / 1048576.0,
-            summary.verify.as_secs_f64() * 1e3
-        );
+            Err(e) => {
+                let why = error_chain(&e);
+                eprintln!(
+                    "ferry: the incoming migration failed: {why}; waiting for the source again"
+                );
+                served.receive_failed(&why);
+            }
+        }
     }
-    *served.vm.lock().expect("vm lock") = Some(Arc::new(vm));
     live(&served, Display::pick(args.json, args.quiet), args.duration)
 }
 
@@ -310,27 +346,29 @@ pub(crate) fn accept_source(listener: &mut LaneListener) -> anyhow::Result<Lanes
             }
             Err(e) => eprintln!(
                 "ferry: refused a connection: {}; still waiting for a source",
-                api::error_chain(&e)
+                error_chain(&e)
             ),
         }
     }
 }
 
 fn show_status(args: StatusArgs) -> anyhow::Result<()> {
-    let reply = api::status(&args.api)?;
+    let reply = client::status(&args.api).context("ferry vm status")?;
     if args.json {
-        println!("{reply}");
-    } else {
-        let st = &reply["status"];
-        println!(
-            "{} ({}): heartbeat {} dirtied {} verify_errors {} phase {}",
-            reply["role"].as_str().unwrap_or("?"),
-            reply["state"].as_str().unwrap_or("?"),
-            st["heartbeat"],
-            st["pages_dirtied"],
-            st["verify_errors"],
-            st["phase"]
-        );
+        println!("{}", serde_json::to_string(&reply)?);
+        return Ok(());
+    }
+    match &reply.status {
+        Some(st) => println!(
+            "{} (guest {}): heartbeat {} dirtied {} verify_errors {} phase {:?}",
+            reply.role,
+            reply.state.describe(),
+            st.heartbeat,
+            st.pages_dirtied,
+            st.verify_errors,
+            st.phase
+        ),
+        None => println!("{} (guest {})", reply.role, reply.state.describe()),
     }
     Ok(())
 }
@@ -355,13 +393,8 @@ impl Display {
 }
 
 /// Shows the guest until it migrates away, `quit` is asked, it fails, or `duration` passes.
-fn live(served: &Served, display: Display, duration: Option<f64>) -> anyhow::Result<()> {
-    let vm = served
-        .vm
-        .lock()
-        .expect("vm lock")
-        .clone()
-        .context("no guest")?;
+fn live(served: &Served, display: Display, duration: Option<Duration>) -> anyhow::Result<()> {
+    let vm = served.vm().context("no guest")?;
     let bar = if display == Display::Live {
         ProgressBar::new_spinner()
     } else {
@@ -388,9 +421,9 @@ fn live(served: &Served, display: Display, duration: Option<f64>) -> anyhow::Res
                 bar.set_message("in doubt: GO was sent but the destination never confirmed; the guest stays paused here");
                 continue;
             }
-            GuestHome::Here | GuestHome::Migrating => {}
+            GuestHome::Here | GuestHome::Migrating | GuestHome::Awaiting => {}
         }
-        if served.quit.load(std::sync::atomic::Ordering::Acquire) {
+        if served.quit_asked() {
             bar.finish_and_clear();
             return Ok(());
         }
@@ -424,7 +457,7 @@ fn live(served: &Served, display: Display, duration: Option<f64>) -> anyhow::Res
             );
             last_json = Instant::now();
         }
-        if duration.is_some_and(|d| start.elapsed().as_secs_f64() >= d) {
+        if duration.is_some_and(|d| start.elapsed() >= d) {
             break;
         }
     }

@@ -118,7 +118,8 @@ fn bad_command_lines_are_one_line_errors() {
         "--insecure",
     ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the ferry process"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("no control socket at /nonexistent/ferry.sock"));
 }
 
 #[test]

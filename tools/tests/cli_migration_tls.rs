@@ -91,6 +91,7 @@ fn raw_request(api: &Path, req: &Value) -> Value {
         .lines()
         .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
         .collect();
+    assert_eq!(replies[0]["ferry_control"], 1, "the greeting comes first");
     replies.last().cloned().expect("a reply")
 }
 
@@ -135,9 +136,9 @@ fn a_destination_from_another_ca_is_refused_and_the_guest_stays() {
         &p.api("src"),
         &serde_json::json!({"op": "migrate", "to": p.addr}),
     );
-    assert_eq!(reply["result"], "error", "{reply}");
+    assert_eq!(reply["reply"], "error", "{reply}");
     assert!(
-        reply["error"].as_str().unwrap().contains("no security"),
+        reply["message"].as_str().unwrap().contains("no security"),
         "{reply}"
     );
     assert_eq!(reply["guest"], "here", "{reply}");
@@ -146,7 +147,7 @@ fn a_destination_from_another_ca_is_refused_and_the_guest_stays() {
         &serde_json::json!({"op": "migrate", "to": p.addr, "lanes": 0, "security": {"mode": "insecure"}}),
     );
     assert!(
-        reply["error"].as_str().unwrap().contains("want 1 to 64"),
+        reply["message"].as_str().unwrap().contains("want 1 to 64"),
         "{reply}"
     );
     assert_runs_on_source(&p);

@@ -23,7 +23,7 @@ pub const STATUS_MAGIC: u64 = 0x4645_5252_5947_5354;
 pub const FILL_BASE: u64 = 0x20_0000;
 
 /// The guest's phase word.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum GuestPhase {
     /// Not started or before the status block is set up.
     Boot,
@@ -63,7 +63,7 @@ impl From<u64> for GuestPhase {
 }
 
 /// A snapshot of the status block (GUEST.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GuestStatus {
     /// Whether the magic is present (the guest has booted).
     pub magic_ok: bool,

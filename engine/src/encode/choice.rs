@@ -44,7 +44,7 @@ pub const CPU_WEIGHT: f64 = 0.01;
 
 /// How the non-zero, changed pages of a round are encoded. `0` is not a
 /// choice (zeroed bytes never mean one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[repr(u8)]
 pub enum EncodingChoice {
@@ -86,7 +86,7 @@ impl EncodingChoice {
 /// What [`choose_encoding`] decides from: the figures measured so far.
 /// Times are encoder wall-clock time per page on one worker (a worker that
 /// shares its core with the guest is slower, and that is what counts).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct EncodingInputs {
     /// Bytes per second the lanes took while they were writing (a cap
     /// shows up here: its waits count as writing time).
@@ -133,7 +133,7 @@ impl EncodingInputs {
 
 /// Estimated nanoseconds per page of each choice, in [`EncodingChoice::ALL`]
 /// order; `None` for a choice that is not allowed.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct EncodingEstimates {
     /// [`EncodingChoice::Raw`].
     pub raw_ns: f64,
@@ -158,7 +158,7 @@ impl EncodingEstimates {
 
 /// A choice, with the figures it was made from (what progress events
 /// report).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct EncodingDecision {
     /// How pages go.
     pub choice: EncodingChoice,

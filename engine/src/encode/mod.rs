@@ -162,7 +162,7 @@ pub fn is_zero(page: &Page) -> bool {
 }
 
 /// Counts of pages per way they were sent.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct EncodingCounts {
     /// Sent as a zero flag.
     pub zero: u64,

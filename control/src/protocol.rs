@@ -1,0 +1,764 @@
+//! The control protocol: JSON lines over a UNIX socket.
+//!
+//! ## A connection
+//!
+//! 1. The server writes a [`Greeting`] line: `{"ferry_control":1,"role":"source","pid":..}`.
+//!    A client that reads anything else is not talking to ferry; a client
+//!    that reads another version refuses to go on ([`PROTOCOL_VERSION`]).
+//! 2. The client writes one [`Request`] line (at most
+//!    [`MAX_REQUEST_BYTES`]), tagged by `"op"`.
+//! 3. The server writes [`Reply`] lines, tagged by `"reply"`, and closes:
+//!
+//! | request | replies |
+//! |---|---|
+//! | `status` | `status` |
+//! | `migrate` | `event`s (`connected`, then the engine's progress), then `done` or `error` |
+//! | `migration` | `migration` (the one running, or the last one, until the next starts) |
+//! | `cancel` | `ok` (the guest resumes on the source), or `error` (`too_late` after GO) |
+//! | `set` | `ok` with the limits now in force, or `error` |
+//! | `resolve` | `ok`, or `error` (`unsupported` until the handover can be resolved) |
+//! | `quit` | `ok`, then the process ends |
+//!
+//! Every failure is one [`ControlError`]: a machine-readable
+//! [`ErrorKind`], a one-line message and where the guest is.
+//!
+//! ## Version rule
+//!
+//! [`PROTOCOL_VERSION`] changes when a request, reply or event changes
+//! meaning or loses a field; new optional fields and new event kinds do
+//! not change it (clients ignore what they do not know).
+//!
+//! ## Numbers
+//!
+//! Counts of bytes and pages are JSON numbers (they stay far below 2^53);
+//! values that use all 64 bits (the memory digest, nanosecond timestamps)
+//! are strings, so JSON tools that read numbers as doubles do not round
+//! them.
+
+use std::time::Duration;
+
+use ferry_engine::convergence::Decision;
+use ferry_engine::encode::{EncodingCounts, EncodingDecision};
+use ferry_vm::GuestStatus;
+use serde::{Deserialize, Serialize};
+
+use crate::security::{SecurityMode, SecuritySpec};
+
+/// The protocol's version (see the module docs for when it changes).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest request line accepted: a migrate request with TLS paths fits
+/// many times over; more is not a request.
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+
+/// The first line the server writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Greeting {
+    /// [`PROTOCOL_VERSION`] of the server.
+    pub ferry_control: u32,
+    /// What the process is.
+    pub role: Role,
+    /// Its process id.
+    pub pid: u32,
+}
+
+/// What a ferry VM process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// `ferry vm run`: booted its guest.
+    Source,
+    /// `ferry vm receive`: waits for a guest, then runs it.
+    Destination,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Source => "source",
+            Role::Destination => "destination",
+        })
+    }
+}
+
+/// Where the guest of a process is, as far as that process knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestHome {
+    /// Runs here.
+    Here,
+    /// A destination still waiting for its guest.
+    Awaiting,
+    /// A migration is in progress (the guest still runs here until GO).
+    Migrating,
+    /// Runs at the destination; this copy is paused for good.
+    MigratedAway,
+    /// GO was sent but RUNNING never came: paused here, the destination decides.
+    InDoubt,
+}
+
+impl GuestHome {
+    /// In words, as the source sees it (what `ferry migrate` reports).
+    pub fn describe_at_source(self) -> &'static str {
+        match self {
+            GuestHome::Here => "still running on the source",
+            GuestHome::Migrating => "migrating (still running on the source until GO)",
+            GuestHome::MigratedAway => "running on the destination",
+            GuestHome::InDoubt => "IN DOUBT: paused on the source after GO; check the destination",
+            GuestHome::Awaiting => "not on this side",
+        }
+    }
+
+    /// In words, as the process that answers sees it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            GuestHome::Here => "running here",
+            GuestHome::Awaiting => "not here yet (this destination waits for one)",
+            GuestHome::Migrating => "migrating (still running here until GO)",
+            GuestHome::MigratedAway => "running on the destination (this copy is discarded)",
+            GuestHome::InDoubt => "IN DOUBT: paused here after GO; the destination's state decides",
+        }
+    }
+}
+
+/// A request: one per connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// The guest's status block and where it is.
+    Status,
+    /// Migrate the guest to a destination.
+    Migrate(Box<MigrateRequest>),
+    /// The running or last migration.
+    Migration,
+    /// Stop the running migration, the guest running here.
+    Cancel,
+    /// Change the running migration's limits.
+    Set(Limits),
+    /// Finish a handover left in doubt.
+    Resolve {
+        /// What to do with the paused copy.
+        action: ResolveAction,
+    },
+    /// End the process (a source whose guest is here stops it).
+    Quit,
+}
+
+/// What `resolve` does with a guest left in doubt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResolveAction {
+    /// Resume the paused copy here (the destination does not run it).
+    Resume,
+    /// Throw the paused copy away (the destination runs it).
+    Discard,
+}
+
+/// A migration request: where to, how, and its limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// Destination address (host:port).
+    pub to: String,
+    /// TCP lanes to open (default: `ferry_transport::default_lane_count()`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lanes: Option<u16>,
+    /// Plaintext or mutual TLS: required, there is no default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<SecuritySpec>,
+    /// Downtime limit, deadline, bandwidth, auto-converge.
+    #[serde(flatten)]
+    pub limits: Limits,
+    /// Encoder threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+    /// XOR-delta cache bytes (0 disables deltas; absent: a quarter of
+    /// guest memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xor_cache_bytes: Option<u64>,
+    /// LZ4-compress pages (default on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress: Option<bool>,
+}
+
+/// The limits of a migration: set when it starts, changed by `set` while
+/// it runs. Absent fields keep their value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Downtime limit in milliseconds (1 to 60 000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_downtime_ms: Option<u64>,
+    /// Give up after this many seconds from the start (finite, more than
+    /// 0, at most a week).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_s: Option<f64>,
+    /// Wire bytes per second cap (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth: Option<u64>,
+    /// Throttle the guest when rounds stop shrinking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_converge: Option<bool>,
+}
+
+/// A line the server writes after the greeting.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// Answer to `status`.
+    Status(Box<StatusReply>),
+    /// A step of the migration this connection asked for.
+    Event(Box<Event>),
+    /// The migration this connection asked for ended.
+    Done(Box<MigrationReport>),
+    /// Answer to `migration`.
+    Migration(Box<MigrationReport>),
+    /// Done as asked; for `set`, the limits now in force.
+    Ok {
+        /// What was done, in words.
+        message: String,
+    },
+    /// The request failed.
+    Error(ControlError),
+}
+
+/// Answer to `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReply {
+    /// What the process is.
+    pub role: Role,
+    /// Where the guest is.
+    pub state: GuestHome,
+    /// The vCPU's state, when there is a guest.
+    pub run_state: Option<String>,
+    /// The guest's status block, when there is a guest.
+    pub status: Option<GuestStatus>,
+}
+
+/// The one shape of every failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ControlError {
+    /// What kind of failure, for programs.
+    pub kind: ErrorKind,
+    /// One line, for people.
+    pub message: String,
+    /// Where the guest is now.
+    pub guest: Option<GuestHome>,
+}
+
+/// Kinds of [`ControlError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request did not parse or a field is out of range.
+    BadRequest,
+    /// The guest is not in a state that allows this.
+    WrongState,
+    /// No migration is running (cancel, set).
+    NoMigration,
+    /// GO was sent: the source no longer owns the outcome.
+    TooLate,
+    /// The migration failed.
+    Failed,
+    /// The migration was cancelled.
+    Cancelled,
+    /// This process cannot do that (yet).
+    Unsupported,
+}
+
+impl ControlError {
+    /// A failure of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>, guest: Option<GuestHome>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            guest,
+        }
+    }
+
+    /// A request that does not parse or is out of range.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::BadRequest, message, None)
+    }
+}
+
+/// A step of a migration, as clients see it. Tagged by `"event"`; the
+/// fields carry the engine's names and units (`_ms` are milliseconds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The lanes are open.
+    Connected {
+        /// The destination.
+        to: String,
+        /// Lanes opened.
+        lanes: u16,
+        /// How they are secured.
+        security: SecurityMode,
+    },
+    /// Handshake done, dirty tracking started.
+    Started {
+        /// Pages of guest memory.
+        pages: u64,
+        /// Bytes of guest memory.
+        guest_bytes: u64,
+        /// The dirty log backend.
+        dirty_log: String,
+        /// Encoder threads.
+        workers: usize,
+    },
+    /// Part of a round went out.
+    RoundProgress {
+        /// Round number.
+        round: u32,
+        /// Pages of the round handled so far.
+        pages_done: u64,
+        /// Pages the round has to handle.
+        pages_total: u64,
+        /// Wire bytes of the whole migration so far.
+        wire_bytes: u64,
+    },
+    /// A round finished; what it measured and what was decided.
+    RoundFinished {
+        /// Round number.
+        round: u32,
+        /// Pages handled.
+        pages: u64,
+        /// Pages per way they were sent.
+        encodings: EncodingCounts,
+        /// Wire bytes of the round.
+        wire_bytes: u64,
+        /// Round duration.
+        duration_ms: f64,
+        /// Pages dirty now: the next round's work.
+        dirty_pages: u64,
+        /// Throttle in force during the round, percent.
+        throttle_percent: u8,
+        /// The convergence figures and decision.
+        assessment: Assessment,
+        /// The encoding choice in force at the end of the round and the
+        /// figures it was made from.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        encoding: Option<Box<EncodingDecision>>,
+    },
+    /// The guest was paused for the final round.
+    StopAndCopy {
+        /// Pages to send with the guest paused.
+        dirty_pages: u64,
+    },
+    /// A handover step.
+    Handover {
+        /// The step: `state_sent`, `ready`, `go`, `running`.
+        step: String,
+    },
+    /// The migration gave up; the guest keeps running on the source.
+    Abandoned {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A round's convergence figures and decision.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Assessment {
+    /// Pages dirtied per second during the round.
+    pub dirty_rate_pages_per_sec: f64,
+    /// Bandwidth estimate, bytes/s.
+    pub bandwidth_bytes_per_sec: f64,
+    /// Wire bytes the dirty pages are expected to take.
+    pub bytes_left: u64,
+    /// Expected downtime if stopped now, ms.
+    pub expected_downtime_ms: f64,
+    /// Whether the dirty set shrank.
+    pub shrinking: bool,
+    /// The decision.
+    pub decision: Decision,
+}
+
+/// A decision in words ("stop and copy", "throttle the guest to 40 %").
+pub fn decision_words(d: &Decision) -> String {
+    match d {
+        Decision::StopAndCopy => "stop and copy".into(),
+        Decision::Continue => "another round".into(),
+        Decision::Throttle { percent } => format!("another round, guest throttled {percent} %"),
+        Decision::GiveUp => "give up (deadline)".into(),
+    }
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Opening the lanes.
+    Connecting,
+    /// Copying memory while the guest runs.
+    Copying,
+    /// The guest is paused, the last pages go out.
+    StopAndCopy,
+    /// State sent; READY, GO, RUNNING.
+    Handover,
+    /// Receiving (a destination).
+    Receiving,
+    /// The guest runs on the destination.
+    Completed,
+    /// Failed; the guest runs on the source (or is in doubt, see `guest`).
+    Failed,
+    /// Cancelled before GO; the guest runs on the source.
+    Cancelled,
+}
+
+impl Phase {
+    /// Whether the migration has ended.
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Completed | Phase::Failed | Phase::Cancelled)
+    }
+}
+
+/// What `migration` answers: the running migration, or the last one until
+/// the next starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// The side that answers.
+    pub role: Role,
+    /// Where it is.
+    pub phase: Phase,
+    /// Where the guest is.
+    pub guest: GuestHome,
+    /// The destination (source side).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// The current round.
+    pub round: u32,
+    /// Guest bytes left in the current round (falls while it runs), or
+    /// dirty after the last round.
+    pub bytes_left: u64,
+    /// Wire bytes so far.
+    pub wire_bytes: u64,
+    /// Pages dirtied per second in the last round.
+    pub dirty_rate_pages_per_sec: f64,
+    /// Bandwidth estimate, bytes/s.
+    pub bandwidth_bytes_per_sec: f64,
+    /// Expected downtime if stopped now, ms.
+    pub expected_downtime_ms: f64,
+    /// Auto-converge throttle in force, percent.
+    pub throttle_percent: u8,
+    /// The last decision, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+    /// The limits in force.
+    pub limits: Limits,
+    /// Since the request, ms.
+    pub elapsed_ms: f64,
+    /// The source's summary once completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<Summary>,
+    /// The destination's summary once the guest arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<ReceivedSummary>,
+    /// Why it failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The source's account of a completed migration (the engine's
+/// `MigrationSummary` on the wire).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Rounds, the final stopped round included.
+    pub rounds: u32,
+    /// From the start to RUNNING, ms.
+    pub total_ms: f64,
+    /// Source pause to destination resume, ms.
+    pub downtime_ms: f64,
+    /// Its parts, ms, in order.
+    pub downtime_parts: DowntimeParts,
+    /// Guest bytes handled over all rounds.
+    pub guest_bytes: u64,
+    /// Bytes put on the wire.
+    pub wire_bytes: u64,
+    /// Size of guest memory.
+    pub memory_bytes: u64,
+    /// Pages by how they were sent.
+    pub pages: EncodingCounts,
+    /// Guest memory / total time, bytes/s.
+    pub throughput_bytes_per_sec: f64,
+    /// Wire bytes / total time, bytes/s.
+    pub wire_bytes_per_sec: f64,
+    /// Highest auto-converge throttle, percent.
+    pub max_throttle_percent: u8,
+    /// The memory digest both sides agreed on (a string: 64 bits).
+    #[serde(with = "u64_string")]
+    pub memory_digest: u64,
+    /// The dirty log backend used.
+    pub dirty_log: String,
+}
+
+/// Where the downtime went, ms (see the engine's `DowntimeBreakdown`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct DowntimeParts {
+    pub pause_ms: f64,
+    pub final_collect_ms: f64,
+    pub final_pages_ms: f64,
+    pub state_ms: f64,
+    pub ready_wait_ms: f64,
+    pub dest_verify_ms: f64,
+    pub dest_restore_ms: f64,
+    pub go_to_resume_ms: f64,
+    pub dest_resume_ms: f64,
+}
+
+/// The destination's account of a guest that arrived.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReceivedSummary {
+    /// Rounds received.
+    pub rounds: u32,
+    /// Page entries received.
+    pub pages: EncodingCounts,
+    /// Bytes received.
+    pub wire_bytes: u64,
+    /// The memory digest verified (a string: 64 bits).
+    #[serde(with = "u64_string")]
+    pub memory_digest: u64,
+    /// When the guest resumed, ns since the Unix epoch (a string: 64 bits).
+    #[serde(with = "u64_string")]
+    pub resumed_at_unix_ns: u64,
+    /// Checking the digest, ms.
+    pub verify_ms: f64,
+    /// Restoring state, ms.
+    pub restore_ms: f64,
+    /// From the Hello to RUNNING, ms.
+    pub total_ms: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl From<&ferry_engine::MigrationSummary> for Summary {
+    fn from(s: &ferry_engine::MigrationSummary) -> Self {
+        let p = &s.downtime_parts;
+        Self {
+            rounds: s.rounds,
+            total_ms: ms(s.total),
+            downtime_ms: ms(s.downtime),
+            downtime_parts: DowntimeParts {
+                pause_ms: ms(p.pause),
+                final_collect_ms: ms(p.final_collect),
+                final_pages_ms: ms(p.final_pages),
+                state_ms: ms(p.state),
+                ready_wait_ms: ms(p.ready_wait),
+                dest_verify_ms: ms(p.dest_verify),
+                dest_restore_ms: ms(p.dest_restore),
+                go_to_resume_ms: ms(p.go_to_resume),
+                dest_resume_ms: ms(p.dest_resume),
+            },
+            guest_bytes: s.guest_bytes,
+            wire_bytes: s.wire_bytes,
+            memory_bytes: s.memory_bytes,
+            pages: s.pages,
+            throughput_bytes_per_sec: s.throughput_bytes_per_sec,
+            wire_bytes_per_sec: s.wire_bytes_per_sec,
+            max_throttle_percent: s.max_throttle_percent,
+            memory_digest: s.memory_digest,
+            dirty_log: s.dirty_log.to_owned(),
+        }
+    }
+}
+
+impl From<&ferry_engine::DestinationSummary> for ReceivedSummary {
+    fn from(s: &ferry_engine::DestinationSummary) -> Self {
+        Self {
+            rounds: s.rounds,
+            pages: s.pages,
+            wire_bytes: s.wire_bytes,
+            memory_digest: s.memory_digest,
+            resumed_at_unix_ns: s.resumed_at_unix_ns,
+            verify_ms: ms(s.verify),
+            restore_ms: ms(s.restore),
+            total_ms: ms(s.total),
+        }
+    }
+}
+
+impl Event {
+    /// The client-facing form of an engine event; `None` for `Completed`
+    /// (its summary arrives in the `done` reply).
+    pub fn from_engine(e: &ferry_engine::ProgressEvent) -> Option<Self> {
+        use ferry_engine::ProgressEvent as P;
+        Some(match e {
+            P::Started {
+                pages,
+                guest_bytes,
+                dirty_log,
+                workers,
+            } => Event::Started {
+                pages: *pages,
+                guest_bytes: *guest_bytes,
+                dirty_log: (*dirty_log).to_owned(),
+                workers: *workers,
+            },
+            P::RoundProgress {
+                round,
+                pages_done,
+                pages_total,
+                wire_bytes,
+            } => Event::RoundProgress {
+                round: *round,
+                pages_done: *pages_done,
+                pages_total: *pages_total,
+                wire_bytes: *wire_bytes,
+            },
+            P::RoundFinished {
+                round,
+                pages,
+                encodings,
+                wire_bytes,
+                duration,
+                dirty_pages,
+                throttle_percent,
+                assessment,
+                encoding,
+            } => Event::RoundFinished {
+                round: *round,
+                pages: *pages,
+                encodings: *encodings,
+                wire_bytes: *wire_bytes,
+                duration_ms: ms(*duration),
+                dirty_pages: *dirty_pages,
+                throttle_percent: *throttle_percent,
+                assessment: Assessment {
+                    dirty_rate_pages_per_sec: assessment.dirty_rate_pages_per_sec,
+                    bandwidth_bytes_per_sec: assessment.bandwidth_bytes_per_sec,
+                    bytes_left: assessment.bytes_left,
+                    expected_downtime_ms: ms(assessment.expected_downtime),
+                    shrinking: assessment.shrinking,
+                    decision: assessment.decision,
+                },
+                encoding: Some(encoding.clone()),
+            },
+            P::StopAndCopy { dirty_pages } => Event::StopAndCopy {
+                dirty_pages: *dirty_pages,
+            },
+            P::Handover { step } => Event::Handover {
+                step: serde_json::to_value(step)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_else(|| format!("{step:?}")),
+            },
+            P::Abandoned { reason } => Event::Abandoned {
+                reason: reason.clone(),
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// Parses one request line (bounded, never panics: fuzzed).
+pub fn parse_request(line: &[u8]) -> Result<Request, ControlError> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(ControlError::bad_request(format!(
+            "request of {} bytes, more than the {MAX_REQUEST_BYTES} allowed",
+            line.len()
+        )));
+    }
+    serde_json::from_slice(line).map_err(|e| ControlError::bad_request(format!("bad request: {e}")))
+}
+
+/// Serde for a `u64` as a decimal string (JSON numbers are doubles to many
+/// tools); a number is accepted too.
+pub mod u64_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes `v` as a string.
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    /// Reads a string (or a number) as a `u64`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            S(String),
+            N(u64),
+        }
+        match Either::deserialize(d)? {
+            Either::S(s) => s.parse().map_err(serde::de::Error::custom),
+            Either::N(n) => Ok(n),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_unknown_ops_are_refused() {
+        let req = Request::Set(Limits {
+            max_bandwidth: Some(10 << 20),
+            ..Limits::default()
+        });
+        let line = serde_json::to_vec(&req).unwrap();
+        assert_eq!(parse_request(&line).unwrap(), req);
+        assert_eq!(
+            parse_request(br#"{"op":"resolve","action":"resume"}"#).unwrap(),
+            Request::Resolve {
+                action: ResolveAction::Resume
+            }
+        );
+        for bad in [
+            &b"{\"op\":\"explode\"}"[..],
+            b"",
+            b"null",
+            b"\xff\xfe",
+            b"{\"op\":\"migrate\"}",
+        ] {
+            let e = parse_request(bad).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadRequest, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_migrate_request_reads_its_limits_flat() {
+        let r = parse_request(
+            br#"{"op":"migrate","to":"h:1","security":{"mode":"insecure"},"max_downtime_ms":5,"deadline_s":2.5}"#,
+        )
+        .unwrap();
+        let Request::Migrate(m) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(m.limits.max_downtime_ms, Some(5));
+        assert_eq!(m.limits.deadline_s, Some(2.5));
+        assert_eq!(m.security, Some(SecuritySpec::Insecure));
+    }
+
+    #[test]
+    fn an_oversized_request_is_refused_unread() {
+        let big = vec![b' '; MAX_REQUEST_BYTES + 1];
+        assert!(parse_request(&big).is_err());
+    }
+
+    #[test]
+    fn the_digest_travels_as_a_string_and_survives() {
+        let s = ReceivedSummary {
+            rounds: 1,
+            pages: EncodingCounts::default(),
+            wire_bytes: 1,
+            memory_digest: u64::MAX - 1,
+            resumed_at_unix_ns: 1,
+            verify_ms: 0.0,
+            restore_ms: 0.0,
+            total_ms: 0.0,
+        };
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["memory_digest"], "18446744073709551614");
+        assert_eq!(serde_json::from_value::<ReceivedSummary>(v).unwrap(), s);
+    }
+
+    #[test]
+    fn decisions_read_as_words() {
+        assert_eq!(decision_words(&Decision::StopAndCopy), "stop and copy");
+        assert!(decision_words(&Decision::Throttle { percent: 40 }).contains("40 %"));
+    }
+}

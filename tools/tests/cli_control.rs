@@ -1,0 +1,417 @@
+//! Watching, cancelling and retuning a migration from other shells
+//! (`ferry migrate status|cancel|set`), and inputs that must each be a
+//! clear error naming the flag: real processes, a real KVM guest.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{assert_runs_on_destination, assert_runs_on_source, ferry, status, Pair, FERRY};
+use ferry_e2e::process::ProcessGuard;
+use ferry_vm::testing::kvm_or_skip;
+use serde_json::Value;
+
+/// Two guests per test on a small machine: one test at a time.
+static KVM: Mutex<()> = Mutex::new(());
+
+fn kvm(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    kvm_or_skip(test).then(|| KVM.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// `ferry migrate --json` started in the background (killed if the test
+/// fails before it ends).
+struct Background(Option<Child>);
+
+impl Background {
+    fn migrate(p: &Pair, extra: &[&str]) -> Background {
+        let api = p.api("src");
+        let child = Command::new(FERRY)
+            .args(["migrate", "--json", "--insecure", "--api"])
+            .arg(&api)
+            .args(["--to", &p.addr])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ferry migrate");
+        Background(Some(child))
+    }
+
+    fn wait(mut self) -> Output {
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn migration_status(api: &Path) -> Option<Value> {
+    let out = ferry(&[
+        "migrate",
+        "status",
+        "--json",
+        "--api",
+        api.to_str().unwrap(),
+    ]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+/// Waits until the source's migration is copying round 0 with bytes left.
+fn wait_copying(api: &Path) -> Value {
+    let start = Instant::now();
+    loop {
+        if let Some(r) = migration_status(api) {
+            if r["phase"] == "copying" && r["bytes_left"].as_u64().unwrap_or(0) > 0 {
+                return r;
+            }
+            assert!(
+                !["completed", "failed", "cancelled"].contains(&r["phase"].as_str().unwrap()),
+                "the migration ended before it could be watched: {r}"
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the migration never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn status_from_a_second_client_shows_falling_bytes_left_and_set_retunes() {
+    let Some(_kvm) = kvm("status_from_a_second_client_shows_falling_bytes_left") else {
+        return;
+    };
+    let mut p = Pair::start("256M", "1000");
+    let api = p.api("src");
+    // 16 MiB/s: round 0 of 256 MiB takes many seconds.
+    let client = Background::migrate(&p, &["--max-bandwidth", "16M"]);
+    let first = wait_copying(&api);
+    assert_eq!(first["limits"]["max_bandwidth"], 16 << 20, "{first}");
+    let mut falling = None;
+    let start = Instant::now();
+    while falling.is_none() {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = migration_status(&api).expect("the source answers");
+        if now["round"] == first["round"]
+            && now["bytes_left"].as_u64() < first["bytes_left"].as_u64()
+        {
+            falling = Some(now);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "bytes left never fell: {first}"
+        );
+    }
+
+    // A lower cap, then a higher one to finish: each shows in the report.
+    let out = ferry(&[
+        "migrate",
+        "set",
+        "--api",
+        api.to_str().unwrap(),
+        "--max-bandwidth",
+        "8M",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("bandwidth cap 8.0 MiB/s"));
+    let now = migration_status(&api).unwrap();
+    assert_eq!(now["limits"]["max_bandwidth"], 8 << 20, "{now}");
+    let out = ferry(&[
+        "migrate",
+        "set",
+        "--api",
+        api.to_str().unwrap(),
+        "--max-bandwidth",
+        "4G",
+        "--max-downtime-ms",
+        "500ms",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let out = client.wait();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // One summary, and no progress line printed twice in a row.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("\"summary\"")).count(),
+        1,
+        "{stdout}"
+    );
+    assert!(lines.windows(2).all(|w| w[0] != w[1]), "{stdout}");
+    let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert!(last["summary"]["memory_digest"].is_string(), "{last}");
+    assert_runs_on_destination(&mut p);
+
+    // The result stays readable at the destination (the source has exited).
+    let dst = migration_status(&p.api("dst")).expect("the destination answers");
+    assert_eq!(dst["phase"], "completed", "{dst}");
+    assert_eq!(dst["role"], "destination", "{dst}");
+    assert_eq!(
+        dst["received"]["memory_digest"], last["summary"]["memory_digest"],
+        "{dst}"
+    );
+}
+
+#[test]
+fn a_cancel_before_go_keeps_the_guest_at_the_source_and_a_retry_succeeds() {
+    let Some(_kvm) = kvm("a_cancel_before_go_keeps_the_guest_at_the_source") else {
+        return;
+    };
+    let mut p = Pair::start("256M", "1000");
+    let api = p.api("src");
+    let client = Background::migrate(&p, &["--max-bandwidth", "16M"]);
+    wait_copying(&api);
+    let out = ferry(&["migrate", "cancel", "--api", api.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cancelled"));
+
+    let out = client.wait();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("migration cancelled") && err.contains("still running on the source"),
+        "{err}"
+    );
+    assert_runs_on_source(&p);
+    let report = migration_status(&api).unwrap();
+    assert_eq!(report["phase"], "cancelled", "{report}");
+
+    // Nothing left to cancel now; the answer says what happened last.
+    let out = ferry(&["migrate", "cancel", "--api", api.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no migration is running"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The destination let go of the half-received guest and waits again.
+    let start = Instant::now();
+    loop {
+        let r = migration_status(&p.api("dst"));
+        if r.as_ref().is_some_and(|r| r["phase"] == "failed") {
+            break;
+        }
+        assert!(p.dst.is_running(), "{}", p.log("dst"));
+        assert!(start.elapsed() < Duration::from_secs(30), "{r:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status(&p.api("dst")).unwrap()["state"], "awaiting");
+    let out = p.migrate(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_runs_on_destination(&mut p);
+}
+
+#[test]
+fn a_cancel_after_the_handover_is_refused() {
+    let Some(_kvm) = kvm("a_cancel_after_the_handover_is_refused") else {
+        return;
+    };
+    let p = Pair::start("64M", "1000");
+    let api = p.api("dst");
+    let out = p.migrate(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The destination owns the guest now: nothing there to cancel, and
+    // the answer says so.
+    let out = ferry(&["migrate", "cancel", "--api", api.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("nothing to cancel") && err.contains("completed"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn migrating_from_a_destination_without_a_guest_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("dst.sock");
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let mut dst = ProcessGuard::spawn(
+        "destination",
+        Command::new(FERRY)
+            .args([
+                "vm",
+                "receive",
+                "--quiet",
+                "--insecure",
+                "--listen",
+                &addr,
+                "--api",
+            ])
+            .arg(&api),
+        &dir.path().join("dst.log"),
+    )
+    .unwrap();
+    common::wait_api(&api, &mut dst);
+    let out = ferry(&[
+        "migrate",
+        "--api",
+        api.to_str().unwrap(),
+        "--to",
+        "127.0.0.1:1",
+        "--insecure",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("destination still waiting for its guest") && err.contains("source"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let st = status(&api).unwrap();
+    assert_eq!(st["state"], "awaiting", "{st}");
+}
+
+/// The first stderr line of a refused command line, which must name `flag`.
+fn refused(args: &[&str], flag: &str) {
+    let out = ferry(args);
+    assert!(
+        matches!(out.status.code(), Some(1 | 2)),
+        "{args:?} was accepted"
+    );
+    let err = stderr(&out);
+    let first = err.lines().next().unwrap_or_default();
+    assert!(first.contains(flag), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+}
+
+#[test]
+fn bad_inputs_are_refused_naming_the_flag() {
+    // `--flag=value`, so that `-1` is a value and not a flag.
+    let mig = |flag: &str, v: &str| {
+        let arg = format!("{flag}={v}");
+        let args = [
+            "migrate",
+            "--api",
+            "/nonexistent.sock",
+            "--to",
+            "127.0.0.1:1",
+            "--insecure",
+            &arg,
+        ];
+        refused(&args, flag);
+    };
+    for v in ["1e30", "nan", "inf", "-1", "0", "soon"] {
+        mig("--deadline-s", v);
+    }
+    for v in ["0", "0M", "fast"] {
+        mig("--max-bandwidth", v);
+    }
+    mig("--max-downtime-ms", "nan");
+    mig("--max-downtime-ms", "2h");
+    mig("--xor-cache", "lots");
+    refused(&["vm", "run", "--mem", "256"], "--mem");
+    refused(&["vm", "run", "--mem", "64M", "--wss", "999G"], "--wss");
+    refused(&["vm", "run", "--mem", "64M", "--wss", "32"], "--wss");
+    refused(
+        &["vm", "run", "--mem", "64M", "--duration", "inf"],
+        "--duration",
+    );
+    refused(
+        &["migrate", "set", "--api", "/x.sock", "--max-bandwidth", "0"],
+        "--max-bandwidth",
+    );
+}
+
+#[test]
+fn a_socket_that_is_not_ferrys_is_named_as_such() {
+    let out = ferry(&["vm", "status", "--api", "/etc/passwd"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("/etc/passwd is not a socket"), "{err}");
+    assert!(!err.contains("Connection refused"), "{err}");
+
+    // A UNIX socket of some other program.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let _ = c.write_all(b"220 smtp.example ESMTP\r\n");
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let out = ferry(&["migrate", "status", "--api", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("is not a ferry control socket"), "{err}");
+    server.join().unwrap();
+
+    // A stale socket file with no process behind it.
+    let out = ferry(&["vm", "status", "--api", path.to_str().unwrap()]);
+    assert!(stderr(&out).contains("stale socket"), "{}", stderr(&out));
+}
+
+#[test]
+fn garbage_on_the_control_socket_is_an_error_reply_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("dst.sock");
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let mut dst = ProcessGuard::spawn(
+        "destination",
+        Command::new(FERRY)
+            .args([
+                "vm",
+                "receive",
+                "--quiet",
+                "--insecure",
+                "--listen",
+                &addr,
+                "--api",
+            ])
+            .arg(&api),
+        &dir.path().join("dst.log"),
+    )
+    .unwrap();
+    common::wait_api(&api, &mut dst);
+    let long = vec![b'x'; 100_000];
+    let inputs: [&[u8]; 7] = [
+        b"garbage\n",
+        b"{\"op\":\"explode\"}\n",
+        b"{\"op\":\"set\",\"max_bandwidth\":-1}\n",
+        b"{\"op\":\"migrate\",\"to\":\"x\",\"deadline_s\":1e300,\"security\":{\"mode\":\"insecure\"}}\n",
+        b"\xff\xfe\n",
+        b"\n",
+        &long,
+    ];
+    for input in inputs {
+        let mut c = UnixStream::connect(&api).unwrap();
+        let _ = c.write_all(input);
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        let lines: Vec<Value> = BufReader::new(c)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect();
+        assert_eq!(
+            lines.len(),
+            2,
+            "{:?}: {lines:?}",
+            String::from_utf8_lossy(input)
+        );
+        assert_eq!(lines[1]["reply"], "error", "{lines:?}");
+        assert!(dst.is_running(), "{}", String::from_utf8_lossy(input));
+    }
+    assert!(status(&api).is_some());
+}
