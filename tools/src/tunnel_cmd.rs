@@ -49,7 +49,7 @@ pub struct LinkArgs {
     /// Compress with LZ4 (chunks that do not shrink go raw).
     #[arg(long)]
     lz4: bool,
-    /// Cap in bytes per second (e.g. 100M).
+    /// Cap in bytes per second (binary units: 100M is 100 MiB/s).
     #[arg(long, value_parser = parse_rate)]
     max_bandwidth: Option<u64>,
     #[command(flatten)]
@@ -57,7 +57,7 @@ pub struct LinkArgs {
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
-    ferry_vm::parse_size(s, 1).ok_or_else(|| format!("`{s}` is not a rate in bytes/s (e.g. 100M)"))
+    ferry_control::units::parse_rate(s).map_err(|e| e.to_string())
 }
 
 impl LinkArgs {

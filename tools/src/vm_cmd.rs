@@ -370,6 +370,19 @@ fn show_status(args: StatusArgs) -> anyhow::Result<()> {
         ),
         None => println!("{} (guest {})", reply.role, reply.state.describe()),
     }
+    if reply.state == GuestHome::Migrating {
+        if let Ok(m) = client::migration(&args.api) {
+            println!(
+                "  migrating to {}: {:?}, round {}, {} left, expected downtime {:.1} ms (details: ferry migrate status --api {})",
+                m.to.as_deref().unwrap_or("?"),
+                m.phase,
+                m.round,
+                format_bytes(m.bytes_left),
+                m.expected_downtime_ms,
+                args.api.display()
+            );
+        }
+    }
     Ok(())
 }
 

@@ -223,6 +223,39 @@ fn a_cancel_before_go_keeps_the_guest_at_the_source_and_a_retry_succeeds() {
 }
 
 #[test]
+fn a_killed_client_neither_ends_nor_orphans_the_migration() {
+    let Some(_kvm) = kvm("a_killed_client_neither_ends_nor_orphans_the_migration") else {
+        return;
+    };
+    let mut p = Pair::start("256M", "1000");
+    let api = p.api("src");
+    let client = Background::migrate(&p, &["--max-bandwidth", "16M"]);
+    wait_copying(&api);
+    drop(client); // kill -9 of `ferry migrate`
+                  // The migration goes on in the source; another shell finishes it
+                  // faster and sees the end.
+    let out = ferry(&[
+        "migrate",
+        "set",
+        "--api",
+        api.to_str().unwrap(),
+        "--max-bandwidth",
+        "4G",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let start = Instant::now();
+    let mut last = None;
+    while p.src.is_running() {
+        last = migration_status(&api).or(last);
+        assert!(start.elapsed() < Duration::from_secs(60), "{last:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dst = migration_status(&p.api("dst")).expect("the destination answers");
+    assert_eq!(dst["phase"], "completed", "{dst}");
+    assert_runs_on_destination(&mut p);
+}
+
+#[test]
 fn a_cancel_after_the_handover_is_refused() {
     let Some(_kvm) = kvm("a_cancel_after_the_handover_is_refused") else {
         return;
