@@ -145,6 +145,7 @@ fn migrate(mem_mib: u64, rate: &str) -> Case {
             kernel: None,
             cmdline,
             dirty: DirtyBackend::Bitmap,
+            cpus: 1,
         })
         .expect("boot the source guest"),
     );

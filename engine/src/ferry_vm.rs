@@ -14,6 +14,10 @@ impl MigratableVm for Vm {
         Ok(Vm::pause(self)?)
     }
 
+    fn pause_spread(&self) -> Option<std::time::Duration> {
+        Some(Vm::pause_spread(self))
+    }
+
     fn resume(&self) -> Result<(), VmOpError> {
         Ok(Vm::resume(self)?)
     }

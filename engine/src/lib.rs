@@ -34,6 +34,7 @@
 //!     kernel: None,
 //!     cmdline: "rate=5000 tsc_khz=2300000".into(),
 //!     dirty: DirtyBackend::Bitmap,
+//!     cpus: 1,
 //! })?);
 //! let summary = SourceMigration::new(vm, MigrationOptions::default())
 //!     .run(tcp::connect("127.0.0.1:7070")?, |event| {

@@ -12,9 +12,13 @@ use crate::progress::as_ms;
 /// are the destination's share of the part named in their doc.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct DowntimeBreakdown {
-    /// Pausing the vCPU.
+    /// Pausing the vCPUs.
     #[serde(serialize_with = "as_ms", rename = "pause_ms")]
     pub pause: Duration,
+    /// Of `pause`: from the first to the last vCPU out of the guest, as
+    /// the VM measured it (zero with one vCPU or a VM that does not say).
+    #[serde(serialize_with = "as_ms", rename = "vcpu_stop_spread_ms")]
+    pub vcpu_stop_spread: Duration,
     /// Collecting the final dirty set (no re-protection).
     #[serde(serialize_with = "as_ms", rename = "final_collect_ms")]
     pub final_collect: Duration,

@@ -21,6 +21,11 @@ pub trait MigratableVm: Send + Sync {
     fn memory(&self) -> &GuestMemoryMmap;
     /// Stop the vCPUs (they stay stopped until `resume`).
     fn pause(&self) -> Result<(), VmOpError>;
+    /// How far apart the first and the last vCPU stopped in the last
+    /// `pause`, if the VMM measures it.
+    fn pause_spread(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// Let the vCPUs run again.
     fn resume(&self) -> Result<(), VmOpError>;
     /// Hint that `resume` comes within a few hundred milliseconds (the

@@ -6,7 +6,9 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use common::{assert_alive, boot, boot_with, kvm_or_skip, migrate_to, wait_status, Destination};
+use common::{
+    assert_alive, boot, boot_cpus, boot_with, kvm_or_skip, migrate_to, wait_status, Destination,
+};
 use ferry_engine::{
     ConvergencePolicy, Decision, DestinationOptions, MigrationError, MigrationOptions,
     ProgressEvent,
@@ -122,6 +124,79 @@ fn migrates_and_lives_on_with(
         Some(ProgressEvent::Completed { .. })
     ));
     Ok(events)
+}
+
+/// Every vCPU's loop goes on at the destination from its switchover values.
+fn every_vcpu_lives_on(dest: &ferry_vm::Vm, at_switchover: &ferry_vm::GuestStatus) -> Result<()> {
+    let later = wait_status(dest, Duration::from_secs(20), |s| {
+        s.vcpus().len() == at_switchover.vcpus().len()
+            && s.vcpus()
+                .iter()
+                .zip(at_switchover.vcpus())
+                .all(|(now, then)| {
+                    now.heartbeat > then.heartbeat + 5
+                        && now.pages_dirtied > then.pages_dirtied + 500
+                })
+    });
+    ensure!(
+        later.vcpus().len() == at_switchover.vcpus().len(),
+        "{} loops at the destination, {} at the switchover",
+        later.vcpus().len(),
+        at_switchover.vcpus().len()
+    );
+    for (i, (now, then)) in later.vcpus().iter().zip(at_switchover.vcpus()).enumerate() {
+        ensure!(
+            now.heartbeat > then.heartbeat + 5 && now.pages_dirtied > then.pages_dirtied + 500,
+            "vCPU {i} does not go on: {then:?} at the switchover, {now:?} later"
+        );
+        ensure!(
+            now.verify_errors == 0,
+            "vCPU {i} found bad pages (first at {:#x})",
+            now.first_bad_addr
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn two_vcpus_both_dirtying_migrate_live() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("two_vcpus_both_dirtying_migrate_live") else {
+        return Ok(());
+    };
+    let vm = boot_cpus(
+        128,
+        &format!("rate=20000 wss=32 cpus=2 {TSC}"),
+        DirtyBackend::Bitmap,
+        2,
+    )?;
+    let st = vm.status();
+    ensure!(st.cpus == 2, "the guest runs {} loops: {st}", st.cpus);
+    wait_status(&vm, Duration::from_secs(10), |s| {
+        s.vcpus()
+            .iter()
+            .zip(st.vcpus())
+            .all(|(now, then)| now.pages_dirtied > then.pages_dirtied + 1000)
+    });
+    let dest = Destination::spawn(DestinationOptions::default())?;
+    let (result, _) = migrate_to(&vm, dest.addr, options(ConvergencePolicy::default()));
+    let summary = result?;
+    let (dest_vm, dest_summary) = dest.join()?;
+    eprintln!("two vCPUs: {}", serde_json::to_string(&summary)?);
+    ensure!(
+        vm.run_state() == RunState::Paused,
+        "source is {:?}",
+        vm.run_state()
+    );
+    ensure!(
+        summary.memory_digest == dest_summary.memory_digest,
+        "digests differ"
+    );
+    ensure!(
+        dest_vm.vcpu_count() == 2,
+        "the destination made {} vCPUs",
+        dest_vm.vcpu_count()
+    );
+    every_vcpu_lives_on(&dest_vm, &vm.status())
 }
 
 #[test]

@@ -128,6 +128,7 @@ impl Agent {
             kernel: None,
             cmdline: params.to_cmdline(),
             dirty: DirtyBackend::Bitmap,
+            cpus: 1,
         })
         .with_context(|| format!("starting VM {name}"))?;
         vm.wait_running(Duration::from_secs(120))

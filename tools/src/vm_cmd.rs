@@ -61,6 +61,9 @@ pub struct GuestArgs {
     /// Dirty tracking: `bitmap` or `ring`.
     #[arg(long, default_value = "bitmap", value_parser = parse_backend)]
     pub dirty_log: DirtyBackend,
+    /// vCPUs; the workload guest runs one dirty loop on each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=ferry_vm::MAX_VCPUS as u64))]
+    pub cpus: u64,
 }
 
 fn parse_mem(s: &str) -> Result<u64, String> {
@@ -119,6 +122,7 @@ impl GuestArgs {
             seed: self.seed,
             verify: self.verify,
             tsc_khz: Some(u64::from(tsc_khz)),
+            cpus: self.cpus,
             ..GuestParams::default()
         };
         Ok(p.to_cmdline())
@@ -131,6 +135,7 @@ impl GuestArgs {
             kernel: self.kernel.clone(),
             cmdline: self.cmdline()?,
             dirty: self.dirty_log,
+            cpus: usize::try_from(self.cpus).context("--cpus")?,
         })
     }
 }

@@ -11,6 +11,10 @@
 #define MB_FLAGS   0x00010003      /* page align, memory info, address fields */
 #define STATUS     0x1000
 #define PD_COUNT   64              /* 64 page directories: up to 64 GiB mapped */
+#define MAX_CPUS   16              /* vCPUs the guest runs a loop on (vm/guest/GUEST.md) */
+#define AP_MAGIC   0x46455241      /* EAX of a vCPU the VMM starts as an AP ("FERA") */
+#define KSTACK     4096            /* per-CPU ring-0 stack (exceptions only) */
+#define USTACK     16384           /* per-CPU ring-3 stack */
 
         .section .multiboot, "a"
         .align 4
@@ -24,30 +28,36 @@ mb_header:
         .long _bss_end             /* bss_end_addr */
         .long _start32             /* entry_addr */
 
-        .text
-        .code32
-        .globl _start32
-_start32:
-        cli
-        movl    %ebx, mbi_ptr
-        movl    $stack0_top, %esp
-
-        /* KVM paravirt clock off (firmware may have left it on). */
+/* KVM paravirt clock off on this CPU (firmware may have left it on); clobbers EAX-EDX. */
+        .macro kvmclock_off
         movl    $0x40000000, %eax
         cpuid
         cmpl    $0x4b4d564b, %ebx      /* "KVMK" */
-        jne     1f
+        jne     91f
         cmpl    $0x564b4d56, %ecx      /* "VMKV" */
-        jne     1f
+        jne     91f
         cmpl    $0x0000004d, %edx      /* "M\0\0\0" */
-        jne     1f
+        jne     91f
         xorl    %eax, %eax
         xorl    %edx, %edx
         movl    $0x4b564d01, %ecx      /* MSR_KVM_SYSTEM_TIME_NEW */
         wrmsr
         movl    $0x12, %ecx            /* MSR_KVM_SYSTEM_TIME */
         wrmsr
-1:
+91:
+        .endm
+
+        .text
+        .code32
+        .globl _start32
+_start32:
+        cli
+        cmpl    $0x2BADB002, %eax
+        jne     ap_start32
+        movl    %ebx, mbi_ptr
+        movl    $kstacks + KSTACK, %esp
+
+        kvmclock_off
         /* How many 2 MiB pages: max(4 GiB, top of RAM), capped by PD_COUNT. */
         movl    $2048, %ecx
         movl    mbi_ptr, %ebx
@@ -90,7 +100,10 @@ _start32:
         addl    $8, %edi
         loop    5b
         movl    $pdpt + 7, pml4
+        movl    $1, pt_ready           /* APs may enable paging now */
+        xorl    %ebx, %ebx             /* CPU index 0 */
 
+enter_long_mode:
         movl    $pml4, %eax
         movl    %eax, %cr3
         movl    %cr4, %eax
@@ -106,6 +119,26 @@ _start32:
         lgdt    gdt_ptr
         ljmp    $0x08, $_start64
 
+/*
+ * An AP (a vCPU the VMM starts itself, EAX = AP_MAGIC, or one woken by
+ * INIT/SIPI that jumped here): take the next CPU index, wait for the BSP's
+ * page tables, then enter long mode like the BSP.
+ */
+ap_start32:
+        kvmclock_off
+        movl    $1, %ebx
+        lock xaddl %ebx, ap_next       /* EBX = this CPU's index */
+        cmpl    $MAX_CPUS, %ebx
+        jae     ap_park
+1:
+        pause
+        cmpl    $0, pt_ready
+        je      1b
+        jmp     enter_long_mode
+ap_park:                               /* more CPUs than the guest supports */
+        hlt
+        jmp     ap_park
+
         .code64
 _start64:
         movw    $0x10, %ax
@@ -114,11 +147,21 @@ _start64:
         movw    %ax, %ss
         movw    %ax, %fs
         movw    %ax, %gs
-        movq    $stack0_top, %rsp
+        /* EBX = CPU index: ring-0 stack kstacks + (index + 1) * KSTACK */
+        movl    %ebx, %ebx
+        movq    %rbx, %rax
+        incq    %rax
+        shlq    $12, %rax
+        leaq    kstacks(%rax), %rsp
+        movq    %rsp, %r12             /* rsp0 for this CPU's TSS */
 
-        /* TSS descriptor at GDT 0x28: base = tss, limit 103, type 0x89. */
-        movq    $tss, %rax
-        movq    $gdt + 0x28, %rdi
+        /* TSS descriptor at GDT 0x28 + 16 * index: base = tss + 104 * index, limit 103, type 0x89. */
+        imulq   $104, %rbx, %rax
+        leaq    tss(%rax), %r13
+        movq    %r13, %rax
+        movq    %rbx, %rdi
+        shlq    $4, %rdi
+        leaq    gdt + 0x28(%rdi), %rdi
         movw    $103, (%rdi)
         movw    %ax, 2(%rdi)
         shrq    $16, %rax
@@ -129,11 +172,15 @@ _start64:
         shrq    $16, %rax
         movl    %eax, 8(%rdi)
         movl    $0, 12(%rdi)
-        movq    $stack0_top, %rax
-        movq    %rax, tss + 4          /* rsp0 */
-        movw    $104, tss + 102        /* no I/O bitmap */
-        movw    $0x28, %ax
+        movq    %r12, 4(%r13)          /* rsp0 */
+        movw    $104, 102(%r13)        /* no I/O bitmap */
+        movq    %rbx, %rax
+        shlq    $4, %rax
+        addq    $0x28, %rax
         ltr     %ax
+
+        testq   %rbx, %rbx
+        jnz     ap_idt
 
         /* IDT: 32 interrupt gates, handler i = vec_stubs + 16 * i. */
         movq    $idt, %rdi
@@ -152,15 +199,34 @@ _start64:
         addq    $16, %rdi
         addq    $16, %rsi
         loop    6b
+        movl    $1, idt_ready
         lidt    idt_ptr
 
         /* Drop to ring 3: iretq to guest_main(mbi). */
         movl    mbi_ptr, %edi
         pushq   $0x1b                  /* user data, RPL 3 */
-        pushq   $stack3_top
+        pushq   $ustacks + USTACK
         pushq   $0x2
         pushq   $0x23                  /* user code64, RPL 3 */
         pushq   $guest_main
+        iretq
+
+ap_idt:
+        pause
+        cmpl    $0, idt_ready
+        je      ap_idt
+        lidt    idt_ptr
+        /* Drop to ring 3: iretq to guest_ap_main(index). */
+        movq    %rbx, %rdi
+        movq    %rbx, %rax
+        incq    %rax
+        shlq    $14, %rax              /* USTACK */
+        leaq    ustacks(%rax), %rax
+        pushq   $0x1b
+        pushq   %rax
+        pushq   $0x2
+        pushq   $0x23
+        pushq   $guest_ap_main
         iretq
 
 /* Any exception is fatal: phase = 0xDEAD, record vector and rip, halt. */
@@ -204,7 +270,7 @@ gdt:
         .quad   0x00CF92000000FFFF     /* 0x10 kernel data */
         .quad   0x00CFF2000000FFFF     /* 0x18 user data */
         .quad   0x00AFFA000000FFFF     /* 0x20 user code64 */
-        .quad   0, 0                   /* 0x28 TSS (filled at boot) */
+        .fill   2 * MAX_CPUS, 8, 0     /* 0x28 + 16 * i: CPU i's TSS (filled at boot) */
 gdt_end:
         .align 4
         .word   0
@@ -218,6 +284,12 @@ idt_ptr:
         .quad   idt
 mbi_ptr:
         .long   0
+pt_ready:
+        .long   0
+idt_ready:
+        .long   0
+ap_next:
+        .long   1
 
         .bss
         .align 4096
@@ -225,11 +297,7 @@ pml4:   .skip   4096
 pdpt:   .skip   4096
 pds:    .skip   4096 * PD_COUNT
 idt:    .skip   32 * 16
-tss:    .skip   104
-        .align 16
-stack0: .skip   8192
-stack0_top:
-        .align 16
-stack3: .skip   65536
-        .globl stack3_top
-stack3_top:
+tss:    .skip   104 * MAX_CPUS
+        .align 4096
+kstacks: .skip  KSTACK * MAX_CPUS
+ustacks: .skip  USTACK * MAX_CPUS

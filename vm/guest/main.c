@@ -7,6 +7,9 @@
  *         working-set page, in a strided order, paced on the TSC
  * verify: every ms re-check `verify` pages against what fill and pass
  *         arithmetic say must be there
+ * cpus:   one dirty loop per vCPU over its own share of the working set
+ *         (vm/guest/GUEST.md); vCPU 0 is the BSP, the others arrive through
+ *         guest_ap_main
  */
 typedef unsigned long u64;
 typedef unsigned int u32;
@@ -26,7 +29,17 @@ enum {
     ST_FATAL_CODE = 0x90 / 8, ST_FATAL_REASON = 0x98 / 8,
     /* not in GUEST.md: where the dirty loop is (pass, position) for debugging */
     ST_PASS_POS = 0xA0 / 8,
+    /* vm/guest/GUEST.md: vCPUs checked in, vCPUs running a loop */
+    ST_CPUS_ONLINE = 0xA8 / 8, ST_CPUS = 0xB0 / 8,
 };
+
+#define MAX_CPUS   16                   /* as boot.S */
+#define CPU_TABLE  0x200UL              /* vCPU i >= 1: 0x200 + 0x40 * (i - 1) */
+#define CPU_ENTRY  0x40UL
+/* one vCPU's counters; vCPU 0 keeps the shared GUEST.md offsets */
+enum { C_HEARTBEAT, C_DIRTIED, C_PASSES, C_VERIFIED, C_VERIFY_ERRORS, C_FIRST_BAD,
+       C_PASS_POS, C_FIELDS };
+static const u64 cpu0_field[C_FIELDS] = { 0x10, 0x18, 0x20, 0x60, 0x70, 0x78, 0xA0 };
 
 enum { PHASE_BOOT = 0, PHASE_FILLING = 1, PHASE_RUNNING = 2, PHASE_FATAL = 0xDEAD };
 enum { FILL_NONE = 0, FILL_RANDOM = 1, FILL_MIX = 2 };
@@ -98,6 +111,7 @@ struct params {
     u64 verify;
     u64 mix_zero;    /* fill=mix: percent of pages that are zero */
     u64 mix_text;    /* fill=mix: percent of pages that are text-like */
+    u64 cpus;        /* vCPUs to wait for (up to 2 s) before the loops start */
 };
 
 static int streq(const char *a, const char *b, u64 n)
@@ -165,6 +179,8 @@ static void parse_cmdline(const char *c, struct params *p)
             ok = parse_num(val, vlen, 1, &p->mix_text);
         } else if (streq(key, "verify", klen)) {
             ok = parse_num(val, vlen, 1, &p->verify);
+        } else if (streq(key, "cpus", klen)) {
+            ok = parse_num(val, vlen, 1, &p->cpus) && p->cpus >= 1;
         }
         /* unknown keys are ignored: the VMM validates what it passes */
         if (!ok) fatal(REASON_BAD_CMDLINE);
@@ -173,7 +189,16 @@ static void parse_cmdline(const char *c, struct params *p)
 }
 
 /* ---- the workload ---- */
-static u64 mem_top, wss_pages, stride, stride_inv, seed;
+static u64 mem_top, wss_pages, seed;
+
+/* One vCPU's loop: its share of the working set and of the rest (verified only). */
+struct share {
+    volatile u64 *f[C_FIELDS]; /* counters in the status block */
+    u64 first, pages;          /* working-set pages [first, first + pages) */
+    u64 stride, stride_inv;    /* walk order within the share */
+    u64 rest_first, rest_pages; /* pages past the working set it verifies */
+    u64 rate;                  /* its part of `rate` */
+};
 
 /* ---- fill=mix: memory like a real guest's (vm/guest/GUEST.md) ---- */
 enum { PAGE_RANDOM = 0, PAGE_ZERO = 1, PAGE_TEXT = 2 };
@@ -267,21 +292,26 @@ static void fill_page(u64 page_addr)
     }
 }
 
-/* where page p (working-set index) comes in a pass */
-static inline u64 position_of(u64 p)
+static struct share shares[MAX_CPUS];
+static struct params prm;
+static volatile u64 cpus_online = 1; /* the BSP, then each AP as it arrives */
+static volatile u64 cpus_go;         /* loops to run; 0 until the BSP says go */
+
+/* where page p (index within the share) comes in a pass */
+static inline u64 position_of(const struct share *s, u64 p)
 {
-    return (p * stride_inv) % wss_pages; /* < 2^48: at most 2^24 pages */
+    return (p * s->stride_inv) % s->pages; /* < 2^48: at most 2^24 pages */
 }
 
-static int verify_page(u64 addr, u64 pass, u64 pos)
+static int verify_page(struct share *s, u64 addr, u64 pass, u64 pos)
 {
     volatile u64 *w = (volatile u64 *)addr;
     u64 page = (addr - BASE) / PAGE;
-    int in_wss = page < wss_pages;
+    int in_wss = page >= s->first && page < s->first + s->pages;
     /* last pass that wrote this page: passes [0, last] have written it */
     i64 last = -1;
     if (in_wss)
-        last = position_of(page) < pos ? (i64)pass : (i64)pass - 1;
+        last = position_of(s, page - s->first) < pos ? (i64)pass : (i64)pass - 1;
     int class = page_class(addr);
     u8 text[PAGE];
     if (class == PAGE_TEXT) text_page(addr, text);
@@ -300,17 +330,22 @@ static int verify_page(u64 addr, u64 pass, u64 pos)
         }
         u64 got = w[slot];
         if (got != expect) {
-            if (STATUS[ST_VERIFY_ERRORS] == 0) STATUS[ST_FIRST_BAD] = a;
-            STATUS[ST_VERIFY_ERRORS] += 1;
+            if (*s->f[C_VERIFY_ERRORS] == 0) *s->f[C_FIRST_BAD] = a;
+            *s->f[C_VERIFY_ERRORS] += 1;
             return 0;
         }
     }
     return 1;
 }
 
+static void start_loops(u64 total_pages);
+static void run(struct share *s);
+void guest_ap_main(u64 cpu);
+void guest_main(struct mb_info *mbi);
+
 void guest_main(struct mb_info *mbi)
 {
-    struct params p = { 0, 0, 0, 0, 1, FILL_RANDOM, 256, 40, 30 };
+    struct params p = { 0, 0, 0, 0, 1, FILL_RANDOM, 256, 40, 30, 1 };
     volatile u64 *st = STATUS;
     st[ST_PHASE] = PHASE_BOOT;
     st[ST_MAGIC] = MAGIC;
@@ -344,11 +379,6 @@ void guest_main(struct mb_info *mbi)
     wss_pages = p.wss_bytes ? p.wss_bytes / PAGE : total_pages;
     if (wss_pages > total_pages) wss_pages = total_pages;
     if (wss_pages == 0) wss_pages = 1;
-    stride = wss_pages * 618 / 1000 + 1;
-    while (gcd(stride, wss_pages) != 1) stride++;
-    stride %= wss_pages;
-    if (wss_pages == 1) stride = 0;
-    stride_inv = wss_pages == 1 ? 0 : inverse_mod(stride, wss_pages);
 
     st[ST_MEM_TOP] = mem_top;
     st[ST_WSS_PAGES] = wss_pages;
@@ -368,35 +398,108 @@ void guest_main(struct mb_info *mbi)
         for (u64 a = BASE; a < mem_top; a += PAGE)
             fill_page(a);
     }
+    prm = p;
+    start_loops(total_pages);
     st[ST_PHASE] = PHASE_RUNNING;
+    run(&shares[0]);
+}
 
-    const u64 tick = p.tsc_khz;            /* TSC ticks per ms */
+/* The share of n among `cpus` loops: [total * i / cpus, total * (i + 1) / cpus). */
+static u64 part(u64 total, u64 i, u64 cpus)
+{
+    return total / cpus * i + total % cpus * i / cpus;
+}
+
+static void set_walk(struct share *s)
+{
+    if (s->pages <= 1) {
+        s->stride = 0;
+        s->stride_inv = 0;
+        return;
+    }
+    u64 stride = s->pages * 618 / 1000 + 1;
+    while (gcd(stride, s->pages) != 1) stride++;
+    s->stride = stride % s->pages;
+    s->stride_inv = inverse_mod(s->stride, s->pages);
+}
+
+/* Waits (up to 2 s) for `cpus` vCPUs to check in, splits the work among
+ * those that did, and lets the APs go. */
+static void start_loops(u64 total_pages)
+{
+    volatile u64 *st = STATUS;
+    u64 want = prm.cpus > MAX_CPUS ? MAX_CPUS : prm.cpus;
+    u64 t0 = rdtsc();
+    while (cpus_online < want && rdtsc() - t0 < 2000 * prm.tsc_khz)
+        __asm__ volatile("pause");
+    u64 n = cpus_online;
+    if (n > want) n = want;
+    u64 rest = total_pages - wss_pages;
+    for (u64 i = 0; i < n; i++) {
+        struct share *s = &shares[i];
+        for (u64 f = 0; f < C_FIELDS; f++) {
+            u64 off = i == 0 ? cpu0_field[f] : CPU_TABLE + CPU_ENTRY * (i - 1) + 8 * f;
+            s->f[f] = (volatile u64 *)(0x1000UL + off);
+            *s->f[f] = 0;
+        }
+        s->first = part(wss_pages, i, n);
+        s->pages = part(wss_pages, i + 1, n) - s->first;
+        s->rest_first = wss_pages + part(rest, i, n);
+        s->rest_pages = wss_pages + part(rest, i + 1, n) - s->rest_first;
+        s->rate = part(prm.rate, i + 1, n) - part(prm.rate, i, n);
+        set_walk(s);
+    }
+    st[ST_CPUS_ONLINE] = cpus_online;
+    st[ST_CPUS] = n;
+    __atomic_store_n(&cpus_go, n, __ATOMIC_RELEASE);
+}
+
+/* An AP in ring 3 (boot.S): check in, wait for the BSP, run its share. */
+void guest_ap_main(u64 cpu)
+{
+    __atomic_fetch_add(&cpus_online, 1, __ATOMIC_ACQ_REL);
+    u64 n;
+    while ((n = __atomic_load_n(&cpus_go, __ATOMIC_ACQUIRE)) == 0)
+        __asm__ volatile("pause");
+    if (cpu < n)
+        run(&shares[cpu]);
+    for (;;) /* not needed: more vCPUs than `cpus` */
+        __asm__ volatile("pause");
+}
+
+/* The dirty loop and self-check of one vCPU, forever. */
+static void run(struct share *s)
+{
+    const struct params *p = &prm;
+    const u64 tick = p->tsc_khz;           /* TSC ticks per ms */
     u64 start = rdtsc(), last_ms = start;
     u64 written = 0;                       /* writes since start (pacing) */
-    u64 pass = 0, pos = 0, cur = 0;        /* cur = page at pos */
+    u64 pass = 0, pos = 0, cur = 0;        /* cur = share page at pos */
     u64 vpage = 0;                         /* next page to verify */
-    u64 verify_total = total_pages;
-    if (!p.fill) verify_total = 0;         /* nothing known to check without a fill */
+    u64 verify_total = s->pages + s->rest_pages;
+    if (!p->fill) verify_total = 0;        /* nothing known to check without a fill */
 
     for (;;) {
         u64 now = rdtsc();
         if (now - last_ms >= tick) {
             last_ms = now;
-            st[ST_HEARTBEAT] += 1;
-            for (u64 i = 0; i < p.verify && verify_total; i++) {
-                verify_page(BASE + vpage * PAGE, pass, pos);
-                st[ST_VERIFIED] += 1;
+            *s->f[C_HEARTBEAT] += 1;
+            for (u64 i = 0; i < p->verify && verify_total; i++) {
+                u64 page = vpage < s->pages ? s->first + vpage
+                                            : s->rest_first + (vpage - s->pages);
+                verify_page(s, BASE + page * PAGE, pass, pos);
+                *s->f[C_VERIFIED] += 1;
                 if (++vpage == verify_total) vpage = 0;
             }
         }
-        if (!p.rate && !p.rate_max) continue;
+        if ((!s->rate && !p->rate_max) || !s->pages) continue;
         /* pages allowed by now: rate * elapsed */
         u64 budget;
-        if (p.rate_max) {
+        if (p->rate_max) {
             budget = 64;
         } else {
             u64 el = now - start;
-            u64 allowed = (el / tick) * p.rate / 1000 + (el % tick) * p.rate / (tick * 1000);
+            u64 allowed = (el / tick) * s->rate / 1000 + (el % tick) * s->rate / (tick * 1000);
             budget = allowed > written ? allowed - written : 0;
             if (budget > 4096) { /* after a pause (migration), do not burst */
                 written = allowed - 4096;
@@ -405,19 +508,20 @@ void guest_main(struct mb_info *mbi)
             if (budget > 64) budget = 64;
         }
         for (u64 i = 0; i < budget; i++) {
-            volatile u64 *w = (volatile u64 *)(BASE + cur * PAGE + (pass % 512) * 8);
-            *w = (pass << 32) | cur;
+            u64 page = s->first + cur;
+            volatile u64 *w = (volatile u64 *)(BASE + page * PAGE + (pass % 512) * 8);
+            *w = (pass << 32) | page;
             written++;
-            st[ST_DIRTIED] += 1;
-            cur += stride;
-            if (cur >= wss_pages) cur -= wss_pages;
-            if (++pos == wss_pages) {
+            *s->f[C_DIRTIED] += 1;
+            cur += s->stride;
+            if (cur >= s->pages) cur -= s->pages;
+            if (++pos == s->pages) {
                 pos = 0;
                 cur = 0;
                 pass++;
-                st[ST_PASSES] = pass;
+                *s->f[C_PASSES] = pass;
             }
-            st[ST_PASS_POS] = (pass << 32) | pos;
+            *s->f[C_PASS_POS] = (pass << 32) | pos;
         }
     }
 }

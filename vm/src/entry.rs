@@ -78,3 +78,12 @@ pub fn multiboot_regs(entry: u32) -> kvm_regs {
         ..Default::default()
     }
 }
+
+/// General registers of a vCPU other than the first at the entry point:
+/// `EAX` says it is an application processor (vm/guest/GUEST.md).
+pub fn ap_regs(entry: u32, ap_magic: u32) -> kvm_regs {
+    kvm_regs {
+        rax: u64::from(ap_magic),
+        ..multiboot_regs(entry)
+    }
+}

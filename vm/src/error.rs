@@ -65,6 +65,14 @@ pub enum VmError {
     /// The guest command line is invalid.
     #[error("invalid guest command line: {0}")]
     BadCmdline(String),
+    /// The VM cannot have this many vCPUs.
+    #[error("{count} vCPUs requested (1..={max} supported)")]
+    VcpuCount {
+        /// Requested.
+        count: usize,
+        /// Most supported.
+        max: usize,
+    },
     /// The vCPU thread could not be started.
     #[error("cannot start the vCPU thread")]
     SpawnVcpu(#[source] io::Error),

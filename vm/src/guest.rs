@@ -21,6 +21,11 @@ pub const STATUS_ADDR: u64 = 0x1000;
 pub const STATUS_MAGIC: u64 = 0x4645_5252_5947_5354;
 /// Start of the region the guest fills and dirties.
 pub const FILL_BASE: u64 = 0x20_0000;
+/// Most vCPUs the workload guest runs a loop on (vm/guest/GUEST.md).
+pub const GUEST_MAX_CPUS: usize = 16;
+/// Counters of vCPU `i >= 1` at `STATUS_ADDR + CPU_TABLE + CPU_ENTRY * (i - 1)`.
+const CPU_TABLE: u64 = 0x200;
+const CPU_ENTRY: u64 = 0x40;
 
 /// The guest's phase word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -62,6 +67,24 @@ impl From<u64> for GuestPhase {
     }
 }
 
+/// One vCPU's counters (vm/guest/GUEST.md); vCPU 0's are the shared GUEST.md
+/// fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct VcpuCounters {
+    /// +1 per loop pass of this vCPU that saw at least 1 ms go by.
+    pub heartbeat: u64,
+    /// Page writes of this vCPU.
+    pub pages_dirtied: u64,
+    /// Passes over its share of the working set.
+    pub passes: u64,
+    /// Pages it verified.
+    pub pages_verified: u64,
+    /// Its self-check failures.
+    pub verify_errors: u64,
+    /// Address of its first bad word.
+    pub first_bad_addr: u64,
+}
+
 /// A snapshot of the status block (GUEST.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GuestStatus {
@@ -91,12 +114,65 @@ pub struct GuestStatus {
     pub fatal_rip: u64,
     /// Reason code for a fatal error raised by the guest itself (0x98).
     pub fatal_reason: u64,
+    /// vCPUs running a dirty loop (0xB0; 0 from a guest built to the base
+    /// GUEST.md, which runs one).
+    #[serde(default)]
+    pub cpus: u64,
+    /// Counters of the vCPUs running a loop, vCPU 0 first (its values are
+    /// the fields above): see [`GuestStatus::vcpus`].
+    #[serde(
+        rename = "vcpus",
+        serialize_with = "serialize_vcpus",
+        deserialize_with = "deserialize_vcpus",
+        default
+    )]
+    vcpu_table: VcpuTable,
+}
+
+/// Per-vCPU counters in a fixed array, so a status stays `Copy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct VcpuTable {
+    len: usize,
+    entries: [VcpuCounters; GUEST_MAX_CPUS],
+}
+
+fn serialize_vcpus<S: serde::Serializer>(t: &VcpuTable, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(&t.entries[..t.len])
+}
+
+fn deserialize_vcpus<'de, D: serde::Deserializer<'de>>(d: D) -> Result<VcpuTable, D::Error> {
+    let list = <Vec<VcpuCounters> as serde::Deserialize>::deserialize(d)?;
+    if list.len() > GUEST_MAX_CPUS {
+        return Err(serde::de::Error::invalid_length(
+            list.len(),
+            &"at most GUEST_MAX_CPUS vCPUs",
+        ));
+    }
+    let mut t = VcpuTable {
+        len: list.len(),
+        ..VcpuTable::default()
+    };
+    t.entries[..list.len()].copy_from_slice(&list);
+    Ok(t)
 }
 
 impl GuestStatus {
-    /// Parses the status block from 20 little-endian words at `0x1000`.
+    /// Parses the status block from 20 little-endian words at `0x1000`
+    /// (vCPU 0 only; [`GuestStatus::read`] adds the others).
     pub fn from_words(w: &[u64; 20]) -> Self {
+        let cpu0 = VcpuCounters {
+            heartbeat: w[2],
+            pages_dirtied: w[3],
+            passes: w[4],
+            pages_verified: w[12],
+            verify_errors: w[14],
+            first_bad_addr: w[15],
+        };
+        let mut entries = [VcpuCounters::default(); GUEST_MAX_CPUS];
+        entries[0] = cpu0;
         Self {
+            cpus: 0,
+            vcpu_table: VcpuTable { len: 1, entries },
             magic_ok: w[0] == STATUS_MAGIC,
             phase: GuestPhase::from(w[1]),
             heartbeat: w[2],
@@ -113,18 +189,45 @@ impl GuestStatus {
         }
     }
 
-    /// Reads the status block from guest memory.
+    /// Reads the status block from guest memory, with every vCPU's counters.
     pub fn read<M: GuestMemoryBackend>(mem: &M) -> Result<Self, vm_memory::GuestMemoryError> {
+        let word = |off: u64| mem.read_obj::<u64>(GuestAddress(STATUS_ADDR + off));
         let mut w = [0u64; 20];
-        for (i, word) in w.iter_mut().enumerate() {
-            *word = mem.read_obj::<u64>(GuestAddress(STATUS_ADDR + 8 * i as u64))?;
+        for (i, v) in w.iter_mut().enumerate() {
+            *v = word(8 * i as u64)?;
         }
-        Ok(Self::from_words(&w))
+        let mut st = Self::from_words(&w);
+        st.cpus = word(0xB0)?;
+        let cpus = usize::try_from(st.cpus).unwrap_or(0).min(GUEST_MAX_CPUS);
+        for i in 1..cpus {
+            let base = CPU_TABLE + CPU_ENTRY * (i as u64 - 1);
+            st.vcpu_table.len = i + 1;
+            st.vcpu_table.entries[i] = VcpuCounters {
+                heartbeat: word(base)?,
+                pages_dirtied: word(base + 0x08)?,
+                passes: word(base + 0x10)?,
+                pages_verified: word(base + 0x18)?,
+                verify_errors: word(base + 0x20)?,
+                first_bad_addr: word(base + 0x28)?,
+            };
+        }
+        Ok(st)
     }
 
-    /// Healthy as GUEST.md defines it (heartbeat growth is checked by the caller).
+    /// Counters of every vCPU running a loop, vCPU 0 first.
+    pub fn vcpus(&self) -> &[VcpuCounters] {
+        &self.vcpu_table.entries[..self.vcpu_table.len]
+    }
+
+    /// Self-check failures over every vCPU.
+    pub fn verify_errors_total(&self) -> u64 {
+        self.vcpus().iter().map(|c| c.verify_errors).sum()
+    }
+
+    /// Healthy as GUEST.md defines it, on every vCPU (heartbeat growth is
+    /// checked by the caller).
     pub fn is_healthy(&self) -> bool {
-        self.magic_ok && self.phase == GuestPhase::Running && self.verify_errors == 0
+        self.magic_ok && self.phase == GuestPhase::Running && self.verify_errors_total() == 0
     }
 
     /// A one-line explanation of a fatal phase.
@@ -152,7 +255,17 @@ impl fmt::Display for GuestStatus {
             self.passes,
             self.pages_verified,
             self.verify_errors
-        )
+        )?;
+        if self.vcpus().len() > 1 {
+            for (i, c) in self.vcpus().iter().enumerate().skip(1) {
+                write!(
+                    f,
+                    " | vcpu{i} heartbeat {} dirtied {} verify_errors {}",
+                    c.heartbeat, c.pages_dirtied, c.verify_errors
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -197,6 +310,8 @@ pub struct GuestParams {
     pub fill: GuestFill,
     /// Pages self-checked per millisecond.
     pub verify: u64,
+    /// vCPUs to wait for before the loops start (vm/guest/GUEST.md).
+    pub cpus: u64,
 }
 
 impl Default for GuestParams {
@@ -208,6 +323,7 @@ impl Default for GuestParams {
             seed: 1,
             fill: GuestFill::Random,
             verify: 256,
+            cpus: 1,
         }
     }
 }
@@ -248,9 +364,15 @@ impl GuestParams {
                 "mix_zero" => zero_pct = num(val)?,
                 "mix_text" => text_pct = num(val)?,
                 "verify" => p.verify = num(val)?,
+                "cpus" => {
+                    p.cpus = num(val)?;
+                    if !(1..=GUEST_MAX_CPUS as u64).contains(&p.cpus) {
+                        return Err(format!("`cpus={val}`: want 1..={GUEST_MAX_CPUS}"));
+                    }
+                }
                 _ => {
                     return Err(format!(
-                        "unknown guest parameter `{key}` (known: wss, rate, tsc_khz, seed, fill, mix_zero, mix_text, verify)"
+                        "unknown guest parameter `{key}` (known: wss, rate, tsc_khz, seed, fill, mix_zero, mix_text, verify, cpus)"
                     ))
                 }
             }
@@ -289,6 +411,9 @@ impl GuestParams {
             )),
         }
         s.push_str(&format!(" verify={}", self.verify));
+        if self.cpus != 1 {
+            s.push_str(&format!(" cpus={}", self.cpus));
+        }
         s
     }
 }
@@ -313,7 +438,9 @@ mod tests {
 
     #[test]
     fn params_round_trip() {
-        let p = GuestParams::parse("wss=64 rate=20000 tsc_khz=2300000 seed=7 verify=0").unwrap();
+        let p =
+            GuestParams::parse("wss=64 rate=20000 tsc_khz=2300000 seed=7 verify=0 cpus=2").unwrap();
+        assert_eq!(p.cpus, 2);
         assert_eq!(p.wss_bytes, Some(64 << 20));
         assert_eq!(p.rate, Some(20000));
         assert_eq!(GuestParams::parse(&p.to_cmdline()).unwrap(), p);
@@ -335,6 +462,17 @@ mod tests {
         let e = GuestParams::parse("fill=mix mix_zero=80 mix_text=30").unwrap_err();
         assert!(e.contains("more than 100"), "{e}");
         assert!(GuestParams::parse("fill=lots").is_err());
+    }
+
+    #[test]
+    fn a_status_with_vcpus_round_trips_through_json() {
+        let mut w = [0u64; 20];
+        w[0] = STATUS_MAGIC;
+        w[2] = 7;
+        let st = GuestStatus::from_words(&w);
+        let back: GuestStatus = serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
+        assert_eq!(back, st);
+        assert_eq!(back.vcpus()[0].heartbeat, 7);
     }
 
     #[test]

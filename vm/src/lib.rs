@@ -1,9 +1,10 @@
 //! # ferry-vm: a minimal KVM VM that ferry can run and migrate
 //!
-//! One vCPU, one memory region at guest-physical 0, no devices: enough to run
-//! the workload guest of GUEST.md (or any multiboot image that follows it),
-//! pause it from another thread, save and restore its vCPU state, and read
-//! its status block. Built on the rust-vmm crates (`kvm-ioctls`,
+//! One or more vCPUs, one memory region at guest-physical 0, no devices:
+//! enough to run the workload guest of GUEST.md (or any multiboot image that
+//! follows it; with several vCPUs, vm/guest/GUEST.md), pause all its vCPUs
+//! from another thread, save and restore their state, and read its status
+//! block. Built on the rust-vmm crates (`kvm-ioctls`,
 //! `kvm-bindings`, `vm-memory`).
 //!
 //! ```no_run
@@ -13,6 +14,7 @@
 //!     kernel: None, // the built-in workload guest
 //!     cmdline: "rate=2000 tsc_khz=2300000".into(),
 //!     dirty: DirtyBackend::Bitmap,
+//!     cpus: 2,
 //! })?;
 //! vm.wait_running(std::time::Duration::from_secs(60))?;
 //! println!("{}", vm.status());
@@ -35,9 +37,9 @@ mod vm;
 pub use dirty::VmDirtyLog;
 pub use error::VmError;
 pub use guest::{
-    guest_elf_path, parse_size, GuestFill, GuestParams, GuestPhase, GuestStatus, FILL_BASE,
-    GUEST_ELF, STATUS_ADDR,
+    guest_elf_path, parse_size, GuestFill, GuestParams, GuestPhase, GuestStatus, VcpuCounters,
+    FILL_BASE, GUEST_ELF, GUEST_MAX_CPUS, STATUS_ADDR,
 };
 pub use loader::{load_multiboot, LoadedImage};
 pub use vcpu::RunState;
-pub use vm::{host_tsc_khz, DirtyBackend, GuestMem, Vm, VmConfig};
+pub use vm::{host_tsc_khz, DirtyBackend, GuestMem, Vm, VmConfig, AP_MAGIC, MAX_VCPUS};

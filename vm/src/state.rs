@@ -34,6 +34,50 @@ const MSRS: &[u32] = &[
     0x12,        // KVM system time (old)
 ];
 
+/// Version of the VM state blob ([`VmState`]).
+pub const VM_STATE_VERSION: u32 = 2;
+
+/// The state of every vCPU of a VM.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct VmState {
+    version: u32,
+    /// One entry per vCPU, vCPU 0 first.
+    pub vcpus: Vec<VcpuState>,
+}
+
+impl VmState {
+    /// The state of a VM with these vCPUs.
+    pub fn new(vcpus: Vec<VcpuState>) -> Self {
+        Self {
+            version: VM_STATE_VERSION,
+            vcpus,
+        }
+    }
+
+    /// Serialises to a self-describing blob.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("VM state serialises")
+    }
+
+    /// Parses a blob made by [`VmState::to_bytes`], checking its versions.
+    pub fn from_bytes(blob: &[u8]) -> Result<Self, VmError> {
+        let s: Self = serde_json::from_slice(blob).map_err(|e| VmError::BadState(e.to_string()))?;
+        if s.version != VM_STATE_VERSION {
+            return Err(VmError::BadState(format!(
+                "VM state version {} (this ferry reads version {VM_STATE_VERSION})",
+                s.version
+            )));
+        }
+        if let Some(v) = s.vcpus.iter().find(|v| v.version != STATE_VERSION) {
+            return Err(VmError::BadState(format!(
+                "vCPU state version {} (this ferry reads version {STATE_VERSION})",
+                v.version
+            )));
+        }
+        Ok(s)
+    }
+}
+
 /// Everything needed to resume the vCPU elsewhere.
 #[derive(Serialize, Deserialize)]
 pub struct VcpuState {
@@ -137,23 +181,6 @@ impl VcpuState {
                 .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
         }
         Ok(())
-    }
-
-    /// Serialises to a self-describing blob.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("vCPU state serialises")
-    }
-
-    /// Parses a blob made by [`VcpuState::to_bytes`], checking its version.
-    pub fn from_bytes(blob: &[u8]) -> Result<Self, VmError> {
-        let s: Self = serde_json::from_slice(blob).map_err(|e| VmError::BadState(e.to_string()))?;
-        if s.version != STATE_VERSION {
-            return Err(VmError::BadState(format!(
-                "version {} (this ferry reads version {STATE_VERSION})",
-                s.version
-            )));
-        }
-        Ok(s)
     }
 }
 

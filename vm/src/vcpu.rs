@@ -114,6 +114,9 @@ pub struct VcpuControl {
     /// When the thread last left the parked state to run the guest, ns
     /// since the Unix epoch.
     resumed_at: AtomicU64,
+    /// When the thread last came out of `KVM_RUN` for a pause, ns since
+    /// the Unix epoch.
+    stopped_at: AtomicU64,
     /// The vCPU fd; the thread holds the lock while it runs the guest.
     pub(crate) fd: Mutex<VcpuFd>,
     /// Called on `KVM_EXIT_DIRTY_RING_FULL` to drain the ring.
@@ -140,6 +143,7 @@ impl VcpuControl {
             changed: Condvar::new(),
             hot: AtomicBool::new(false),
             resumed_at: AtomicU64::new(0),
+            stopped_at: AtomicU64::new(0),
             fd: Mutex::new(fd),
             ring_full: Mutex::new(None),
             exited: AtomicBool::new(false),
@@ -184,19 +188,19 @@ pub struct VcpuThread {
 }
 
 impl VcpuThread {
-    /// Starts the vCPU thread (paused) and the throttle ticker.
-    pub fn spawn(fd: VcpuFd) -> std::io::Result<Self> {
+    /// Starts the thread of vCPU `index` (paused) and its throttle ticker.
+    pub fn spawn(fd: VcpuFd, index: usize) -> std::io::Result<Self> {
         let ctl = VcpuControl::new(fd);
         let c = ctl.clone();
         let thread = std::thread::Builder::new()
-            .name("vcpu0".into())
+            .name(format!("vcpu{index}"))
             .spawn(move || run_loop(&c))?;
         // The ticker kicks the vCPU out of KVM_RUN every 10 ms while a
         // throttle is set, so the vCPU thread gets a chance to sleep.
         let c = ctl.clone();
         let handle_for_ticker = ThreadKicker::of(&thread);
         let ticker = std::thread::Builder::new()
-            .name("vcpu0-throttle".into())
+            .name(format!("vcpu{index}-throttle"))
             .spawn(move || {
                 while !c.exited.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_millis(10));
@@ -216,8 +220,8 @@ impl VcpuThread {
         self.thread.as_ref().map(ThreadKicker::of)
     }
 
-    /// Lets the guest run.
-    pub fn resume(&self) -> Result<(), String> {
+    /// Asks the thread to run the guest, without waiting.
+    pub fn request_run(&self) -> Result<(), String> {
         if let RunState::Failed(why) = self.ctl.state() {
             return Err(why);
         }
@@ -232,6 +236,11 @@ impl VcpuThread {
                 .store(Request::Run as u8, Ordering::Release);
         }
         self.ctl.changed.notify_all();
+        Ok(())
+    }
+
+    /// Waits until the thread runs the guest after [`VcpuThread::request_run`].
+    pub fn wait_running(&self) -> Result<(), String> {
         let mut st = self.ctl.state.lock().expect("vcpu state lock");
         while *st == RunState::Paused {
             st = self.ctl.changed.wait(st).expect("vcpu state lock");
@@ -242,11 +251,18 @@ impl VcpuThread {
         }
     }
 
-    /// Stops the guest and waits until the vCPU is out of `KVM_RUN`.
-    pub fn pause(&self) -> Result<(), String> {
+    /// Asks the thread to leave `KVM_RUN` and park, without waiting.
+    pub fn request_pause(&self) {
         self.ctl
             .request
             .store(Request::Pause as u8, Ordering::Release);
+        if let Some(k) = self.kicker() {
+            k.kick();
+        }
+    }
+
+    /// Waits until the thread is parked after [`VcpuThread::request_pause`].
+    pub fn wait_paused(&self) -> Result<(), String> {
         let kicker = self.kicker();
         let mut st = self.ctl.state.lock().expect("vcpu state lock");
         while *st == RunState::Running {
@@ -274,7 +290,13 @@ impl VcpuThread {
         self.ctl.resumed_at.load(Ordering::Acquire)
     }
 
-    /// Hint that [`VcpuThread::resume`] comes within a few hundred
+    /// When the vCPU thread last came out of `KVM_RUN` for a pause (ns since
+    /// the Unix epoch; 0 before the first pause).
+    pub fn stopped_at_unix_ns(&self) -> u64 {
+        self.ctl.stopped_at.load(Ordering::Acquire)
+    }
+
+    /// Hint that a resume comes within a few hundred
     /// milliseconds: the parked vCPU thread wakes now and polls for it, so
     /// the resume does not wait for a sleeping thread to be scheduled.
     pub fn prepare_resume(&self) {
@@ -377,6 +399,7 @@ fn run_loop(ctl: &VcpuControl) {
         let exit_ptr: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|p| p.set(exit_ptr));
         let outcome = run_until_request(ctl, &mut fd);
+        ctl.stopped_at.store(unix_ns(), Ordering::Release);
         IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
         fd.set_kvm_immediate_exit(0);
         drop(fd);

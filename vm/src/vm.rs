@@ -1,19 +1,20 @@
-//! [`Vm`]: one vCPU, one memory region at guest-physical 0, no devices.
+//! [`Vm`]: one or more vCPUs, one memory region at guest-physical 0, no devices.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
-use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::dirty::{SlotLogging, VmDirtyLog};
-use crate::entry::{multiboot_regs, multiboot_sregs};
+use crate::entry::{ap_regs, multiboot_regs, multiboot_sregs};
 use crate::error::{kvm_err, VmError};
 use crate::guest::{GuestStatus, GUEST_ELF};
 use crate::loader::{load_multiboot, write_multiboot_info};
-use crate::state::{supported_msrs, VcpuState};
+use crate::state::{supported_msrs, VcpuState, VmState};
 use crate::vcpu::{RunState, VcpuThread};
 
 /// Guest memory as ferry holds it: the bitmap records the VMM's own writes
@@ -28,6 +29,8 @@ const CAP_DIRTY_LOG_RING: u32 = 192;
 const MIN_MEM: u64 = 4 << 20;
 /// Largest guest the workload guest maps (64 page directories of 2 MiB pages).
 const MAX_MEM: u64 = 64 << 30;
+/// Most vCPUs a VM may have (the workload guest runs a loop on up to 16).
+pub const MAX_VCPUS: usize = 16;
 
 /// How the VM learns which pages the guest wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -50,14 +53,34 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Dirty-tracking backend.
     pub dirty: DirtyBackend,
+    /// vCPUs (1..=[`MAX_VCPUS`]). vCPU 0 enters the image as multiboot says;
+    /// the others enter it with `EAX` = [`AP_MAGIC`] (vm/guest/GUEST.md).
+    pub cpus: usize,
 }
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            mem_bytes: 256 << 20,
+            kernel: None,
+            cmdline: String::new(),
+            dirty: DirtyBackend::Bitmap,
+            cpus: 1,
+        }
+    }
+}
+
+/// `EAX` of a vCPU other than the first at the multiboot entry point
+/// ("FERA"): the workload guest runs such a vCPU as an application processor.
+pub const AP_MAGIC: u32 = 0x4645_5241;
 
 /// A running (or paused) KVM guest.
 #[derive(Debug)]
 pub struct Vm {
-    // Declared first so it is dropped first: the vCPU thread must be gone
-    // before the guest memory is unmapped.
-    vcpu: VcpuThread,
+    // Declared first so it is dropped first: the vCPU threads must be gone
+    // before the guest memory is unmapped. Set once: at boot, or for an
+    // incoming VM when the state arrives (as many vCPUs as it carries).
+    vcpus: OnceLock<Vec<VcpuThread>>,
     kvm: Kvm,
     vm_fd: Arc<VmFd>,
     memory: GuestMem,
@@ -65,9 +88,13 @@ pub struct Vm {
     mem_bytes: u64,
     dirty: DirtyBackend,
     manual_protect: bool,
-    tsc_khz: Option<u32>,
-    /// The dirty ring, mapped at creation (the vCPU fd is free then).
+    /// kHz, 0 until the vCPUs exist.
+    tsc_khz: AtomicU32,
+    cpuid: CpuId,
+    /// The dirty ring, mapped when the vCPUs are created (their fds are free then).
     ring: std::sync::Mutex<Option<ferry_dirtylog::KvmDirtyRing>>,
+    /// First to last vCPU out of `KVM_RUN` in the last pause, ns.
+    pause_spread_ns: AtomicU64,
 }
 
 fn host_ram() -> u64 {
@@ -150,57 +177,98 @@ impl Vm {
         unsafe { vm_fd.set_user_memory_region(slot) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
 
-        let vcpu_fd = vm_fd.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        vcpu_fd
-            .set_cpuid2(&cpuid)
-            .map_err(kvm_err("KVM_SET_CPUID2"))?;
-        let tsc_khz = vcpu_fd.get_tsc_khz().ok();
         let msr_ids = supported_msrs(&kvm);
         let vm_fd = Arc::new(vm_fd);
-        let ring = match dirty {
-            DirtyBackend::Ring(bytes) => Some(
-                ferry_dirtylog::KvmDirtyRing::new(
-                    vm_fd.clone(),
-                    vec![Self::slot_desc(mem_bytes)],
-                    &[&vcpu_fd],
-                    bytes,
-                )
-                .map_err(|source| VmError::DirtyLog {
-                    backend: "kvm-ring",
-                    source,
-                })?,
-            ),
-            DirtyBackend::Bitmap => None,
-        };
-        let vcpu = VcpuThread::spawn(vcpu_fd).map_err(VmError::SpawnVcpu)?;
-        if let Some(r) = &ring {
-            let handler = r.ring_full_handler();
-            *vcpu.ctl.ring_full.lock().expect("ring-full hook lock") = Some(Box::new(move || {
-                if let Err(e) = handler.handle_ring_full() {
-                    tracing::warn!(error = %e, "draining a full dirty ring failed");
-                }
-            }));
-        }
         Ok(Self {
             kvm,
             vm_fd,
             memory,
-            vcpu,
+            vcpus: OnceLock::new(),
             msr_ids,
             mem_bytes,
             dirty,
             manual_protect,
-            tsc_khz,
-            ring: std::sync::Mutex::new(ring),
+            tsc_khz: AtomicU32::new(0),
+            cpuid,
+            ring: std::sync::Mutex::new(None),
+            pause_spread_ns: AtomicU64::new(0),
         })
+    }
+
+    /// Creates `count` paused vCPUs (once per VM), their dirty rings if the
+    /// VM uses rings, and their threads.
+    fn create_vcpus(&self, count: usize) -> Result<(), VmError> {
+        // Held throughout: vCPUs are created once, by one caller.
+        let mut ring_slot = self.ring.lock().expect("ring lock");
+        if self.vcpus.get().is_some() {
+            return Err(VmError::BadState("the VM already has its vCPUs".into()));
+        }
+        if !(1..=MAX_VCPUS).contains(&count) {
+            return Err(VmError::VcpuCount {
+                count,
+                max: MAX_VCPUS,
+            });
+        }
+        let mut fds = Vec::with_capacity(count);
+        for index in 0..count {
+            let id = u64::try_from(index).expect("at most MAX_VCPUS");
+            let fd = self
+                .vm_fd
+                .create_vcpu(id)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            fd.set_cpuid2(&cpuid_for(&self.cpuid, index))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            fds.push(fd);
+        }
+        if let Ok(khz) = fds[0].get_tsc_khz() {
+            self.tsc_khz.store(khz, Ordering::Release);
+        }
+        if let DirtyBackend::Ring(bytes) = self.dirty {
+            let refs: Vec<&kvm_ioctls::VcpuFd> = fds.iter().collect();
+            let ring = ferry_dirtylog::KvmDirtyRing::new(
+                self.vm_fd.clone(),
+                vec![Self::slot_desc(self.mem_bytes)],
+                &refs,
+                bytes,
+            )
+            .map_err(|source| VmError::DirtyLog {
+                backend: "kvm-ring",
+                source,
+            })?;
+            *ring_slot = Some(ring);
+        }
+        let handler = ring_slot
+            .as_ref()
+            .map(ferry_dirtylog::KvmDirtyRing::ring_full_handler);
+        let mut threads = Vec::with_capacity(count);
+        for (index, fd) in fds.into_iter().enumerate() {
+            let vcpu = VcpuThread::spawn(fd, index).map_err(VmError::SpawnVcpu)?;
+            if let Some(h) = handler.clone() {
+                *vcpu.ctl.ring_full.lock().expect("ring-full hook lock") =
+                    Some(Box::new(move || {
+                        if let Err(e) = h.handle_ring_full() {
+                            tracing::warn!(error = %e, "draining a full dirty ring failed");
+                        }
+                    }));
+            }
+            threads.push(vcpu);
+        }
+        self.vcpus
+            .set(threads)
+            .map_err(|_| VmError::BadState("the VM already has its vCPUs".into()))
+    }
+
+    fn vcpus(&self) -> &[VcpuThread] {
+        self.vcpus.get().map_or(&[], Vec::as_slice)
     }
 
     /// Boots a guest: loads the image, writes the multiboot info, starts the vCPU.
     pub fn boot(cfg: &VmConfig) -> Result<Self, VmError> {
         let vm = Self::create(cfg.mem_bytes, cfg.dirty, false)?;
+        vm.create_vcpus(cfg.cpus)?;
         let (image, path) = match &cfg.kernel {
             Some(p) => (
                 std::fs::read(p).map_err(|source| VmError::ReadKernel {
@@ -215,62 +283,140 @@ impl Vm {
             load_multiboot(&vm.memory, &image).map_err(|why| VmError::BadKernel { path, why })?;
         write_multiboot_info(&vm.memory, cfg.mem_bytes, &cfg.cmdline)
             .map_err(VmError::BadCmdline)?;
-        {
-            let fd = vm.vcpu.fd().expect("a new vCPU is paused");
+        // The VMM sets up every vCPU's entry state: no INIT/SIPI needed.
+        for (index, vcpu) in vm.vcpus().iter().enumerate() {
+            let fd = vcpu.fd().expect("a new vCPU is paused");
             let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
             multiboot_sregs(&mut sregs);
             fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-            fd.set_regs(&multiboot_regs(loaded.entry))
-                .map_err(kvm_err("KVM_SET_REGS"))?;
+            let regs = if index == 0 {
+                multiboot_regs(loaded.entry)
+            } else {
+                ap_regs(loaded.entry, AP_MAGIC)
+            };
+            fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
         }
         vm.resume()?;
         Ok(vm)
     }
 
-    /// A VM to receive an incoming guest: memory populated, vCPU paused.
+    /// A VM to receive an incoming guest: memory populated, no vCPU yet:
+    /// [`Vm::restore_state`] creates as many as the state carries.
     pub fn incoming(mem_bytes: u64, dirty: DirtyBackend) -> Result<Self, VmError> {
         Self::create(mem_bytes, dirty, true)
     }
 
-    /// Pauses the guest (returns once the vCPU is out of `KVM_RUN`).
+    /// Pauses the guest: asks every vCPU to stop at once, then returns once
+    /// all are out of `KVM_RUN`. [`Vm::pause_spread`] says how far apart
+    /// the first and the last stopped.
     pub fn pause(&self) -> Result<(), VmError> {
-        self.vcpu.pause().map_err(VmError::VcpuGone)
+        let vcpus = self.vcpus();
+        for v in vcpus {
+            v.request_pause();
+        }
+        let mut first_error = None;
+        for v in vcpus {
+            if let Err(e) = v.wait_paused() {
+                first_error.get_or_insert(e);
+            }
+        }
+        let stops = vcpus.iter().map(VcpuThread::stopped_at_unix_ns);
+        let spread = stops
+            .clone()
+            .max()
+            .unwrap_or(0)
+            .saturating_sub(stops.min().unwrap_or(0));
+        self.pause_spread_ns.store(spread, Ordering::Release);
+        first_error.map_or(Ok(()), |e| Err(VmError::VcpuGone(e)))
     }
 
-    /// Resumes the guest.
+    /// Between the first and the last vCPU leaving `KVM_RUN` in the last
+    /// [`Vm::pause`] (zero with one vCPU).
+    pub fn pause_spread(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.pause_spread_ns.load(Ordering::Acquire))
+    }
+
+    /// Resumes the guest: every vCPU is asked to run, then this waits until
+    /// all do.
     pub fn resume(&self) -> Result<(), VmError> {
-        self.vcpu.resume().map_err(VmError::VcpuGone)
+        let vcpus = self.vcpus();
+        if vcpus.is_empty() {
+            return Err(VmError::VcpuGone("the VM has no vCPU yet".into()));
+        }
+        for v in vcpus {
+            v.request_run().map_err(VmError::VcpuGone)?;
+        }
+        for v in vcpus {
+            v.wait_running().map_err(VmError::VcpuGone)?;
+        }
+        Ok(())
     }
 
     /// Hint that [`Vm::resume`] comes soon (e.g. a migration's handover):
-    /// the paused vCPU thread gets ready so that the resume is quick.
+    /// the paused vCPU threads get ready so that the resume is quick.
     pub fn prepare_resume(&self) {
-        self.vcpu.prepare_resume();
+        for v in self.vcpus() {
+            v.prepare_resume();
+        }
     }
 
     /// When the guest last started running after a pause (ns since the Unix
     /// epoch, realtime clock; 0 before it first ran): the instant
-    /// [`Vm::resume`] took effect on the vCPU thread.
+    /// [`Vm::resume`] took effect on the last vCPU thread.
     pub fn resumed_at_unix_ns(&self) -> u64 {
-        self.vcpu.resumed_at_unix_ns()
+        self.vcpus()
+            .iter()
+            .map(VcpuThread::resumed_at_unix_ns)
+            .max()
+            .unwrap_or(0)
     }
 
-    /// Where the vCPU is.
+    /// The number of vCPUs (0 for an incoming VM before its state arrived).
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus().len()
+    }
+
+    /// Where the vCPUs are: failed if any failed, running if any runs.
     pub fn run_state(&self) -> RunState {
-        self.vcpu.ctl.state()
+        let states: Vec<RunState> = self.vcpus().iter().map(|v| v.ctl.state()).collect();
+        if let Some(f) = states.iter().find(|s| matches!(s, RunState::Failed(_))) {
+            return f.clone();
+        }
+        if states.contains(&RunState::Running) {
+            return RunState::Running;
+        }
+        states.into_iter().next().unwrap_or(RunState::Paused)
     }
 
-    /// Saves the vCPU state of a paused VM as a versioned blob.
+    /// Saves the state of every vCPU of a paused VM as a versioned blob.
     pub fn save_state(&self) -> Result<Vec<u8>, VmError> {
-        let fd = self.vcpu.fd().ok_or(VmError::NotPaused("save_state"))?;
-        Ok(VcpuState::save(&fd, &self.msr_ids)?.to_bytes())
+        let mut vcpus = Vec::with_capacity(self.vcpus().len());
+        for v in self.vcpus() {
+            let fd = v.fd().ok_or(VmError::NotPaused("save_state"))?;
+            vcpus.push(VcpuState::save(&fd, &self.msr_ids)?);
+        }
+        Ok(VmState::new(vcpus).to_bytes())
     }
 
-    /// Restores a blob made by [`Vm::save_state`] into a paused VM.
+    /// Restores a blob made by [`Vm::save_state`] into a paused VM; an
+    /// incoming VM gets as many vCPUs as the blob carries.
     pub fn restore_state(&self, blob: &[u8]) -> Result<(), VmError> {
-        let state = VcpuState::from_bytes(blob)?;
-        let fd = self.vcpu.fd().ok_or(VmError::NotPaused("restore_state"))?;
-        state.restore(&fd)
+        let state = VmState::from_bytes(blob)?;
+        if self.vcpus.get().is_none() {
+            self.create_vcpus(state.vcpus.len())?;
+        }
+        if state.vcpus.len() != self.vcpus().len() {
+            return Err(VmError::BadState(format!(
+                "the state has {} vCPUs, this VM {}",
+                state.vcpus.len(),
+                self.vcpus().len()
+            )));
+        }
+        for (s, v) in state.vcpus.iter().zip(self.vcpus()) {
+            let fd = v.fd().ok_or(VmError::NotPaused("restore_state"))?;
+            s.restore(&fd)?;
+        }
+        Ok(())
     }
 
     /// Guest memory.
@@ -305,7 +451,7 @@ impl Vm {
 
     /// The TSC frequency KVM reports (kHz).
     pub fn tsc_khz(&self) -> Option<u32> {
-        self.tsc_khz
+        Some(self.tsc_khz.load(Ordering::Acquire)).filter(|&k| k != 0)
     }
 
     fn slot_desc(mem_bytes: u64) -> ferry_dirtylog::MemorySlot {
@@ -365,20 +511,12 @@ impl Vm {
         )))
     }
 
-    /// Auto-converge: the vCPU sleeps `percent` % of the time (0 = off).
+    /// Auto-converge: every vCPU sleeps `percent` % of its time (0 = off);
+    /// each vCPU thread throttles itself.
     pub fn set_throttle(&self, percent: u8) {
-        self.vcpu.ctl.set_throttle(percent);
-    }
-
-    /// Runs `f` with the vCPU fd of a paused VM (e.g. to map a dirty ring).
-    pub fn with_vcpu_fd<T>(&self, f: impl FnOnce(&kvm_ioctls::VcpuFd) -> T) -> Result<T, VmError> {
-        let fd = self.vcpu.fd().ok_or(VmError::NotPaused("with_vcpu_fd"))?;
-        Ok(f(&fd))
-    }
-
-    /// Installs what the vCPU thread calls on `KVM_EXIT_DIRTY_RING_FULL`.
-    pub fn on_dirty_ring_full(&self, drain: Option<Box<dyn FnMut() + Send>>) {
-        *self.vcpu.ctl.ring_full.lock().expect("ring-full hook lock") = drain;
+        for v in self.vcpus() {
+            v.ctl.set_throttle(percent);
+        }
     }
 
     /// Reads the guest's status block.
@@ -435,4 +573,19 @@ pub fn host_tsc_khz() -> Result<u32, VmError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
     vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))
+}
+
+/// The supported CPUID with vCPU `index`'s APIC ID in it (leaf 1 `EBX[31:24]`,
+/// leaves 0xB and 0x1F `EDX`).
+fn cpuid_for(supported: &CpuId, index: usize) -> CpuId {
+    let mut cpuid = supported.clone();
+    let id = u32::try_from(index).expect("at most MAX_VCPUS");
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => e.ebx = (e.ebx & 0x00FF_FFFF) | (id << 24),
+            0xB | 0x1F => e.edx = id,
+            _ => {}
+        }
+    }
+    cpuid
 }

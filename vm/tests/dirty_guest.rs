@@ -23,6 +23,7 @@ fn boot(dirty: DirtyBackend, cmdline: &str) -> Vm {
         kernel: None,
         cmdline: cmdline.into(),
         dirty,
+        cpus: 1,
     })
     .unwrap();
     vm.wait_running(Duration::from_secs(60)).unwrap();

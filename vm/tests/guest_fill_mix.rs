@@ -16,6 +16,7 @@ fn boot(mem_mib: u64, cmdline: &str) -> Vm {
         kernel: None,
         cmdline: cmdline.into(),
         dirty: DirtyBackend::Bitmap,
+        cpus: 1,
     })
     .expect("boot the workload guest");
     vm.wait_running(Duration::from_secs(120))

@@ -4,15 +4,20 @@
 use std::time::{Duration, Instant};
 
 use ferry_vm::testing::kvm_or_skip;
-use ferry_vm::{DirtyBackend, GuestPhase, RunState, Vm, VmConfig};
+use ferry_vm::{DirtyBackend, GuestPhase, GuestStatus, RunState, Vm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
 fn boot(mem_mib: u64, cmdline: &str) -> Vm {
+    boot_with_cpus(mem_mib, cmdline, 1)
+}
+
+fn boot_with_cpus(mem_mib: u64, cmdline: &str, cpus: usize) -> Vm {
     let vm = Vm::boot(&VmConfig {
         mem_bytes: mem_mib << 20,
         kernel: None,
         cmdline: cmdline.into(),
         dirty: DirtyBackend::Bitmap,
+        cpus,
     })
     .expect("boot the workload guest");
     vm.wait_running(Duration::from_secs(120))
@@ -160,6 +165,77 @@ fn saved_state_resumes_in_a_second_vm() {
     );
 }
 
+/// Waits until every vCPU's heartbeat is above its value in `floor`.
+fn wait_all_heartbeats_above(vm: &Vm, floor: &GuestStatus) -> GuestStatus {
+    let start = Instant::now();
+    loop {
+        let st = vm.status();
+        let above = st.vcpus().len() == floor.vcpus().len()
+            && st
+                .vcpus()
+                .iter()
+                .zip(floor.vcpus())
+                .all(|(now, then)| now.heartbeat > then.heartbeat);
+        if above {
+            return st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "a heartbeat is stuck: {floor} -> {st}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn two_vcpus_run_a_loop_each_and_move_together() {
+    if !kvm_or_skip(module_path!()) {
+        return;
+    }
+    let src = boot_with_cpus(32, "rate=20000 tsc_khz=2300000 wss=4 verify=64 cpus=2", 2);
+    let a = src.status();
+    assert_eq!(a.cpus, 2, "{a}");
+    assert_eq!(a.vcpus().len(), 2);
+    let b = wait_all_heartbeats_above(&src, &a);
+    for (i, (then, now)) in a.vcpus().iter().zip(b.vcpus()).enumerate() {
+        assert!(
+            now.pages_dirtied > then.pages_dirtied,
+            "vCPU {i}: {a} -> {b}"
+        );
+    }
+    src.pause().unwrap();
+    assert_eq!(src.run_state(), RunState::Paused);
+    eprintln!("pause spread of 2 vCPUs: {:?}", src.pause_spread());
+    let before = src.status();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(src.status(), before, "every vCPU must stand still");
+    let blob = src.save_state().unwrap();
+
+    let dst = Vm::incoming(32 << 20, DirtyBackend::Bitmap).unwrap();
+    assert_eq!(dst.vcpu_count(), 0, "an incoming VM waits for its vCPUs");
+    let mut buf = vec![0u8; 32 << 20];
+    src.memory().read_slice(&mut buf, GuestAddress(0)).unwrap();
+    dst.memory().write_slice(&buf, GuestAddress(0)).unwrap();
+    dst.restore_state(&blob).unwrap();
+    assert_eq!(dst.vcpu_count(), 2, "the destination takes what arrives");
+    drop(src);
+    dst.resume().unwrap();
+
+    let after = wait_all_heartbeats_above(&dst, &before);
+    let later = wait_all_heartbeats_above(&dst, &after);
+    for (i, (then, now)) in before.vcpus().iter().zip(later.vcpus()).enumerate() {
+        assert!(
+            now.pages_dirtied > then.pages_dirtied,
+            "vCPU {i}: {before} -> {later}"
+        );
+        assert_eq!(
+            now.verify_errors, 0,
+            "vCPU {i}: first bad word at {:#x}",
+            now.first_bad_addr
+        );
+    }
+}
+
 #[test]
 fn a_wrong_blob_is_refused() {
     if !kvm_or_skip(module_path!()) {
@@ -180,6 +256,7 @@ fn bad_inputs_are_clear_errors() {
         kernel: kernel.map(Into::into),
         cmdline: String::new(),
         dirty: DirtyBackend::Bitmap,
+        cpus: 1,
     };
     let e = Vm::boot(&cfg(1 << 40, None)).unwrap_err().to_string();
     assert!(
@@ -211,6 +288,7 @@ fn a_guest_that_cannot_parse_its_cmdline_is_reported() {
         kernel: None,
         cmdline: "rate=fast".into(),
         dirty: DirtyBackend::Bitmap,
+        cpus: 1,
     })
     .unwrap();
     let e = vm

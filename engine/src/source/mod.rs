@@ -601,6 +601,7 @@ impl Session<'_> {
             downtime,
             downtime_parts: DowntimeBreakdown {
                 pause,
+                vcpu_stop_spread: self.vm.pause_spread().unwrap_or_default(),
                 final_collect,
                 final_pages,
                 state: state_time,

@@ -43,11 +43,17 @@ pub fn boot(mem_mib: u64, cmdline: &str) -> Result<Arc<Vm>> {
 
 /// [`boot`] with a chosen dirty-log backend.
 pub fn boot_with(mem_mib: u64, cmdline: &str, dirty: DirtyBackend) -> Result<Arc<Vm>> {
+    boot_cpus(mem_mib, cmdline, dirty, 1)
+}
+
+/// [`boot_with`] with `cpus` vCPUs.
+pub fn boot_cpus(mem_mib: u64, cmdline: &str, dirty: DirtyBackend, cpus: usize) -> Result<Arc<Vm>> {
     let vm = Vm::boot(&VmConfig {
         mem_bytes: mem_mib << 20,
         kernel: None,
         cmdline: cmdline.into(),
         dirty,
+        cpus,
     })
     .context("boot the workload guest")?;
     vm.wait_running(Duration::from_secs(120))
