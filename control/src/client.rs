@@ -204,11 +204,31 @@ pub struct Replies {
     reader: BufReader<UnixStream>,
 }
 
+/// Just the tag of a reply line.
+#[derive(serde::Deserialize)]
+struct ReplyTag {
+    reply: String,
+}
+
 impl Replies {
     /// The next reply; `Err(Closed)` when the server closed the socket.
+    /// Events this client does not understand (a newer server's new kinds
+    /// or fields it cannot read) are skipped, as the version rule says.
     pub fn next_reply(&mut self) -> Result<Reply, ClientError> {
-        let line = read_line(&mut self.reader)?;
-        serde_json::from_str(&line).map_err(|e| ClientError::BadReply(format!("{e}: {line}")))
+        loop {
+            let line = read_line(&mut self.reader)?;
+            match serde_json::from_str(&line) {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    let is_event =
+                        serde_json::from_str::<ReplyTag>(&line).is_ok_and(|t| t.reply == "event");
+                    if !is_event {
+                        return Err(ClientError::BadReply(format!("{e}: {line}")));
+                    }
+                    tracing::debug!(error = %e, line, "skipping an event this client cannot read");
+                }
+            }
+        }
     }
 }
 
@@ -282,5 +302,107 @@ pub fn migrate(
             Reply::Error(e) => return Err(ClientError::Remote(e)),
             r => return Err(unexpected("migrate", &r)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+    use crate::protocol::{GuestHome, Phase, Role};
+
+    /// A server on a real socket that greets, reads the request and sends `lines`.
+    fn serve_lines(
+        lines: Vec<String>,
+    ) -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let greeting = Greeting {
+                ferry_control: PROTOCOL_VERSION,
+                role: Role::Source,
+                pid: 1,
+            };
+            writeln!(c, "{}", serde_json::to_string(&greeting).unwrap()).unwrap();
+            let mut req = String::new();
+            BufReader::new(c.try_clone().unwrap())
+                .read_line(&mut req)
+                .unwrap();
+            for l in lines {
+                writeln!(c, "{l}").unwrap();
+            }
+        });
+        (dir, path, t)
+    }
+
+    fn report() -> MigrationReport {
+        MigrationReport {
+            role: Role::Source,
+            phase: Phase::Completed,
+            guest: GuestHome::MigratedAway,
+            to: Some("h:1".into()),
+            round: 2,
+            bytes_left: 0,
+            wire_bytes: 1,
+            dirty_rate_pages_per_sec: 0.0,
+            bandwidth_bytes_per_sec: 0.0,
+            expected_downtime_ms: 0.0,
+            throttle_percent: 0,
+            decision: None,
+            limits: Limits::default(),
+            elapsed_ms: 1.0,
+            summary: None,
+            received: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn events_a_client_cannot_read_are_skipped_and_the_end_still_arrives() {
+        let done = serde_json::to_string(&Reply::Done(Box::new(report()))).unwrap();
+        let (_dir, path, t) = serve_lines(vec![
+            r#"{"reply":"event","event":"teleported","to":"mars"}"#.into(),
+            r#"{"reply":"event","event":"stop_and_copy","dirty_pages":5}"#.into(),
+            done,
+        ]);
+        let mut seen = Vec::new();
+        let req = MigrateRequest {
+            to: "h:1".into(),
+            lanes: None,
+            security: None,
+            limits: Limits::default(),
+            workers: None,
+            xor_cache_bytes: None,
+            compress: None,
+        };
+        let got = migrate(&path, req, |e| seen.push(e.clone())).unwrap();
+        t.join().unwrap();
+        assert_eq!(got, report());
+        assert_eq!(seen, vec![Event::StopAndCopy { dirty_pages: 5 }]);
+    }
+
+    #[test]
+    fn a_reply_that_is_not_an_event_and_does_not_parse_is_an_error() {
+        let (_dir, path, t) = serve_lines(vec![r#"{"reply":"nonsense"}"#.into()]);
+        let e = status(&path).unwrap_err();
+        t.join().unwrap();
+        assert!(matches!(e, ClientError::BadReply(_)), "{e}");
+    }
+
+    #[test]
+    fn another_protocol_version_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            writeln!(c, r#"{{"ferry_control":99,"role":"source","pid":1}}"#).unwrap();
+        });
+        let e = status(&path).unwrap_err();
+        t.join().unwrap();
+        assert!(e.to_string().contains("version 99"), "{e}");
     }
 }

@@ -757,6 +757,14 @@ mod tests {
     }
 
     #[test]
+    fn an_event_from_a_newer_server_is_not_a_reply_this_client_reads() {
+        // The client skips these (client::Replies); they must not parse as
+        // something else.
+        let line = r#"{"reply":"event","event":"teleported","to":"mars"}"#;
+        assert!(serde_json::from_str::<Reply>(line).is_err());
+    }
+
+    #[test]
     fn decisions_read_as_words() {
         assert_eq!(decision_words(&Decision::StopAndCopy), "stop and copy");
         assert!(decision_words(&Decision::Throttle { percent: 40 }).contains("40 %"));
