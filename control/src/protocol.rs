@@ -497,6 +497,8 @@ pub struct Summary {
 #[allow(missing_docs)]
 pub struct DowntimeParts {
     pub pause_ms: f64,
+    #[serde(default)]
+    pub vcpu_stop_spread_ms: f64,
     pub final_collect_ms: f64,
     pub final_pages_ms: f64,
     pub state_ms: f64,
@@ -543,6 +545,7 @@ impl From<&ferry_engine::MigrationSummary> for Summary {
             downtime_ms: ms(s.downtime),
             downtime_parts: DowntimeParts {
                 pause_ms: ms(p.pause),
+                vcpu_stop_spread_ms: ms(p.vcpu_stop_spread),
                 final_collect_ms: ms(p.final_collect),
                 final_pages_ms: ms(p.final_pages),
                 state_ms: ms(p.state),
