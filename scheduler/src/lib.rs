@@ -15,6 +15,10 @@
 //!   ([`sim::run::run_simulate`] is what `ferry sched simulate` calls).
 //! - [`daemon`]: `ferry sched daemon`: config, HTTP API, metrics, power
 //!   drivers, the agent protocol and the [`daemon::agent::Executor`] seam.
+//! - [`store`]: the cluster store (VM ownership records, host leases,
+//!   leader election with a fencing token) in memory or on etcd.
+//! - [`ha`]: the host lease keeper that fences its host, restart planning
+//!   and admission control after host failures.
 //! - [`trace`], [`power`], [`mod@reference`]: the input files.
 //!
 //! ```no_run
@@ -25,9 +29,11 @@
 //! ```
 
 pub mod daemon;
+pub mod ha;
 pub mod model;
 pub mod plan;
 pub mod power;
 pub mod reference;
 pub mod sim;
+pub mod store;
 pub mod trace;

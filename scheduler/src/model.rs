@@ -39,6 +39,25 @@ pub enum OnEvacuate {
     Shutdown,
 }
 
+/// Which VMs are restarted first after their host failed (vSphere HA's
+/// and oVirt's restart priorities); `disabled` VMs are not restarted and
+/// hold no capacity back.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartPriority {
+    /// Restarted first.
+    High,
+    /// The default.
+    #[default]
+    Medium,
+    /// Restarted last.
+    Low,
+    /// Never restarted by HA.
+    Disabled,
+}
+
 /// A physical host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Host {
@@ -97,6 +116,9 @@ pub struct Vm {
     pub last_moved: Option<f64>,
     /// Evacuation behaviour.
     pub on_evacuate: OnEvacuate,
+    /// Restart priority after its host fails.
+    #[serde(default)]
+    pub restart: RestartPriority,
 }
 
 impl Vm {
@@ -111,6 +133,7 @@ impl Vm {
             demand: VecDeque::new(),
             last_moved: None,
             on_evacuate: OnEvacuate::Migrate,
+            restart: RestartPriority::Medium,
         }
     }
 

@@ -1,5 +1,7 @@
 //! Shared helpers for end-to-end tests (process guards, skips).
 
+pub mod etcd;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod tcp_proxy;

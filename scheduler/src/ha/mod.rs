@@ -1,0 +1,7 @@
+//! High availability on top of the [`crate::store`]: a host's lease kept
+//! alive and the host fenced when it cannot be ([`lease_keeper`]), and
+//! what to restart where after hosts fail, with capacity held back for it
+//! ([`restart`]).
+
+pub mod lease_keeper;
+pub mod restart;

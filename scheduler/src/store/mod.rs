@@ -1,0 +1,693 @@
+//! The cluster store: who owns each VM, which hosts are alive, who leads
+//! the schedulers, and which decisions are in flight, kept where every
+//! daemon and agent agrees on it.
+//!
+//! - **Ownership records.** One per VM: the host that may run it and an
+//!   epoch that grows with every transition. Starting, migrating and
+//!   restarting are compare-and-swap transitions on the record's revision,
+//!   so of two concurrent transitions of one VM exactly one wins; a
+//!   migration also needs its destination alive, a restart needs the old
+//!   owner's lease gone (so a VM is never restarted while its host may
+//!   still run it).
+//! - **Host leases.** An agent [`ClusterStore::join`]s with a lease it keeps
+//!   alive ([`crate::ha::lease_keeper`] does that and fences the host when
+//!   it cannot); when the lease expires the host is reported dead.
+//! - **Leader election with a fencing token.** [`ClusterStore::campaign`]
+//!   creates the leader key under the candidate's lease; its create
+//!   revision is the token. Every write a leader makes compares the leader
+//!   key's create revision with its token, so once a leader's lease
+//!   expired (and another may lead) its writes fail with
+//!   [`StoreError::NotLeader`].
+//! - **Decisions in flight**, recorded by the leader before it acts and
+//!   removed when done, so that a new leader neither repeats nor forgets
+//!   them.
+//!
+//! The logic is written once over the [`kv::KvBackend`] seam (etcd's v3
+//! data model); [`memory::MemoryKv`] is the embedded default, `EtcdKv`
+//! (cargo feature `etcd`) runs it on etcd. The conformance suite in
+//! `scheduler/tests/cluster_store.rs` runs against both.
+//!
+//! ```
+//! use std::time::Duration;
+//! use ferry_scheduler::store::ClusterStore;
+//! let store = ClusterStore::in_memory();
+//! let me = store.campaign("sched-a", Duration::from_secs(5))?.expect("nobody else leads");
+//! let _a = store.join("host-a", Duration::from_secs(5))?;
+//! let _b = store.join("host-b", Duration::from_secs(5))?;
+//! let rec = store.start(&me, "web", "host-a")?;
+//! let moved = store.migrate(&me, &rec, "host-b")?;
+//! assert_eq!((moved.host.as_str(), moved.epoch), ("host-b", rec.epoch + 1));
+//! assert!(store.migrate(&me, &rec, "host-b").is_err(), "a stale record never swaps");
+//! # Ok::<(), ferry_scheduler::store::StoreError>(())
+//! ```
+
+#[cfg(feature = "etcd")]
+pub mod etcd;
+pub mod kv;
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use kv::{Compare, KvBackend, KvEntry, KvError, KvOp, LeaseId, Revision};
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "/ferry/";
+
+/// How a VM came to its current owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transition {
+    /// First started.
+    Start,
+    /// Live-migrated from another host.
+    Migrate,
+    /// Restarted after its previous host died.
+    Restart,
+}
+
+/// Who owns a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRecord {
+    /// VM name.
+    pub vm: String,
+    /// The only host that may run it.
+    pub host: String,
+    /// Grows by one with every transition (1 after start).
+    pub epoch: u64,
+    /// The transition that made `host` the owner.
+    pub last: Transition,
+    /// The host it came from (migrate, restart).
+    pub previous: Option<String>,
+    /// The record's revision in the store (what a swap compares).
+    #[serde(skip)]
+    pub revision: Revision,
+}
+
+/// A host's lease, held by the host's agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLease {
+    /// Host name.
+    pub host: String,
+    /// The lease.
+    pub lease: LeaseId,
+    /// Its TTL as granted (may exceed what was asked).
+    pub ttl: Duration,
+}
+
+/// A host as the store sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostStatus {
+    /// Host name.
+    pub host: String,
+    /// Its lease is alive.
+    pub alive: bool,
+}
+
+/// Proof of leadership: the fencing token every leader write carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leadership {
+    /// The candidate's name.
+    pub candidate: String,
+    /// The fencing token (the leader key's create revision; grows with
+    /// every new leader).
+    pub token: Revision,
+    /// The lease the leader key is attached to.
+    pub lease: LeaseId,
+    /// Its TTL as granted.
+    pub ttl: Duration,
+}
+
+/// Who leads now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LeaderInfo {
+    /// The candidate's name.
+    pub candidate: String,
+    /// Its fencing token.
+    pub token: Revision,
+}
+
+/// A decision the leader is carrying out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DecisionKind {
+    /// Start a VM.
+    Start {
+        /// Target host.
+        host: String,
+    },
+    /// Live-migrate a VM.
+    Migrate {
+        /// Source.
+        from: String,
+        /// Destination.
+        to: String,
+    },
+    /// Restart a VM whose host died.
+    Restart {
+        /// The dead host.
+        from: String,
+        /// Where it restarts.
+        to: String,
+    },
+}
+
+/// A recorded decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Unique id (the caller's; a second record under one id fails).
+    pub id: String,
+    /// The VM.
+    pub vm: String,
+    /// What to do.
+    pub kind: DecisionKind,
+    /// Token of the leader that decided.
+    pub token: Revision,
+    /// Why.
+    pub reason: String,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend is unreachable or failed.
+    #[error("cluster store unavailable")]
+    Unavailable(#[from] KvError),
+    /// The caller no longer leads (its lease expired or another leads).
+    #[error("{candidate} no longer leads (token {token})")]
+    NotLeader {
+        /// The deposed candidate.
+        candidate: String,
+        /// Its stale token.
+        token: Revision,
+    },
+    /// The record changed since it was read (or exists / is gone).
+    #[error("VM {vm}'s ownership record changed (now {current:?})")]
+    Conflict {
+        /// VM.
+        vm: String,
+        /// The record as it is now.
+        current: Option<Box<OwnerRecord>>,
+    },
+    /// A transition needs a host alive that is not.
+    #[error("host {host} is not alive")]
+    HostDead {
+        /// Host.
+        host: String,
+    },
+    /// A restart while the owner's lease is still alive.
+    #[error("VM {vm}'s owner {host} is still alive: restarting it elsewhere could run it twice")]
+    OwnerAlive {
+        /// VM.
+        vm: String,
+        /// Its owner.
+        host: String,
+    },
+    /// A host lease expired before it was renewed.
+    #[error("host {host}'s lease expired")]
+    LeaseExpired {
+        /// Host.
+        host: String,
+    },
+    /// A decision with this id is already recorded.
+    #[error("decision {id} is already recorded")]
+    DuplicateDecision {
+        /// Decision id.
+        id: String,
+    },
+    /// A name that cannot be a key.
+    #[error("bad name {name:?}: must be non-empty, without '/' or control characters")]
+    BadName {
+        /// The name.
+        name: String,
+    },
+    /// A value in the store does not parse.
+    #[error("corrupt value at {key}")]
+    Corrupt {
+        /// Key.
+        key: String,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The store: ownership records, host leases, leader election, decisions.
+#[derive(Debug, Clone)]
+pub struct ClusterStore {
+    kv: Arc<dyn KvBackend>,
+    prefix: String,
+}
+
+fn check_name(name: &str) -> Result<(), StoreError> {
+    if name.is_empty() || name.len() > 253 || name.chars().any(|c| c == '/' || c.is_control()) {
+        return Err(StoreError::BadName {
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Our own plain structs: serialising cannot fail.
+    serde_json::to_vec(v).expect("store values serialise")
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(e: &KvEntry) -> Result<T, StoreError> {
+    serde_json::from_slice(&e.value).map_err(|source| StoreError::Corrupt {
+        key: e.key.clone(),
+        source,
+    })
+}
+
+#[derive(Serialize, Deserialize)]
+struct LeaderValue {
+    candidate: String,
+}
+
+impl ClusterStore {
+    /// The store over `kv`, its keys under `prefix` (e.g. `/ferry/`).
+    pub fn new(kv: Arc<dyn KvBackend>, prefix: &str) -> Self {
+        Self {
+            kv,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// A fresh in-memory store (one daemon, `ferry demo`, tests).
+    pub fn in_memory() -> Self {
+        Self::new(Arc::new(memory::MemoryKv::new()), DEFAULT_PREFIX)
+    }
+
+    /// The store on the etcd cluster at `endpoints`, keys under `prefix`.
+    #[cfg(feature = "etcd")]
+    pub fn on_etcd(
+        endpoints: &[String],
+        opts: etcd::EtcdOptions,
+        prefix: &str,
+    ) -> Result<Self, StoreError> {
+        Ok(Self::new(
+            Arc::new(etcd::EtcdKv::connect(endpoints, opts)?),
+            prefix,
+        ))
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn KvBackend> {
+        &self.kv
+    }
+
+    fn vm_key(&self, vm: &str) -> String {
+        format!("{}vms/{vm}", self.prefix)
+    }
+    fn alive_key(&self, host: &str) -> String {
+        format!("{}alive/{host}", self.prefix)
+    }
+    fn known_key(&self, host: &str) -> String {
+        format!("{}hosts/{host}", self.prefix)
+    }
+    fn leader_key(&self) -> String {
+        format!("{}leader", self.prefix)
+    }
+    fn decision_key(&self, id: &str) -> String {
+        format!("{}decisions/{id}", self.prefix)
+    }
+    fn fence(&self, l: &Leadership) -> Compare {
+        Compare::CreateRevision(self.leader_key(), l.token)
+    }
+
+    // ---- ownership records ----
+
+    /// The VM's record, if it has one.
+    pub fn record(&self, vm: &str) -> Result<Option<OwnerRecord>, StoreError> {
+        check_name(vm)?;
+        self.kv
+            .get(&self.vm_key(vm))?
+            .map(|e| self.owner(&e))
+            .transpose()
+    }
+
+    /// Every record, by VM name.
+    pub fn records(&self) -> Result<Vec<OwnerRecord>, StoreError> {
+        self.kv
+            .range(&self.vm_key(""))?
+            .iter()
+            .map(|e| self.owner(e))
+            .collect()
+    }
+
+    fn owner(&self, e: &KvEntry) -> Result<OwnerRecord, StoreError> {
+        let mut r: OwnerRecord = parse(e)?;
+        r.revision = e.mod_revision;
+        Ok(r)
+    }
+
+    /// Records that `vm` starts on `host` (epoch 1). Fails with
+    /// [`StoreError::Conflict`] if the VM already has a record and
+    /// [`StoreError::HostDead`] if `host` is not alive.
+    pub fn start(
+        &self,
+        leader: &Leadership,
+        vm: &str,
+        host: &str,
+    ) -> Result<OwnerRecord, StoreError> {
+        check_name(vm)?;
+        check_name(host)?;
+        let rec = OwnerRecord {
+            vm: vm.to_owned(),
+            host: host.to_owned(),
+            epoch: 1,
+            last: Transition::Start,
+            previous: None,
+            revision: 0,
+        };
+        let when = [
+            self.fence(leader),
+            Compare::ModRevision(self.vm_key(vm), 0),
+            Compare::Exists(self.alive_key(host)),
+        ];
+        self.swap(leader, &when, rec, None)
+    }
+
+    /// Moves `current` to `to` (a live migration: call before GO). Fails
+    /// with [`StoreError::Conflict`] when the record changed since
+    /// `current` was read, [`StoreError::HostDead`] when `to` is not alive.
+    pub fn migrate(
+        &self,
+        leader: &Leadership,
+        current: &OwnerRecord,
+        to: &str,
+    ) -> Result<OwnerRecord, StoreError> {
+        self.transfer(leader, current, to, Transition::Migrate)
+    }
+
+    /// Restarts `current` on `to` after its owner died. Fails like
+    /// [`ClusterStore::migrate`], and with [`StoreError::OwnerAlive`] while
+    /// the owner's lease is alive.
+    pub fn restart(
+        &self,
+        leader: &Leadership,
+        current: &OwnerRecord,
+        to: &str,
+    ) -> Result<OwnerRecord, StoreError> {
+        self.transfer(leader, current, to, Transition::Restart)
+    }
+
+    fn transfer(
+        &self,
+        leader: &Leadership,
+        current: &OwnerRecord,
+        to: &str,
+        how: Transition,
+    ) -> Result<OwnerRecord, StoreError> {
+        check_name(&current.vm)?;
+        check_name(to)?;
+        let next = OwnerRecord {
+            vm: current.vm.clone(),
+            host: to.to_owned(),
+            epoch: current.epoch + 1,
+            last: how,
+            previous: Some(current.host.clone()),
+            revision: 0,
+        };
+        let mut when = vec![
+            self.fence(leader),
+            Compare::ModRevision(self.vm_key(&current.vm), current.revision),
+            Compare::Exists(self.alive_key(to)),
+        ];
+        if how == Transition::Restart {
+            // The owner's lease must be gone: its alive key absent.
+            when.push(Compare::CreateRevision(self.alive_key(&current.host), 0));
+        }
+        self.swap(leader, &when, next, Some(current))
+    }
+
+    /// Removes the VM's record (it was deleted), if unchanged.
+    pub fn remove(&self, leader: &Leadership, current: &OwnerRecord) -> Result<(), StoreError> {
+        check_name(&current.vm)?;
+        let when = [
+            self.fence(leader),
+            Compare::ModRevision(self.vm_key(&current.vm), current.revision),
+        ];
+        let ops = [KvOp::Delete {
+            key: self.vm_key(&current.vm),
+        }];
+        if self.kv.txn(&when, &ops)?.succeeded {
+            return Ok(());
+        }
+        Err(self.why_failed(leader, &current.vm, None, None)?)
+    }
+
+    fn swap(
+        &self,
+        leader: &Leadership,
+        when: &[Compare],
+        mut next: OwnerRecord,
+        current: Option<&OwnerRecord>,
+    ) -> Result<OwnerRecord, StoreError> {
+        let ops = [KvOp::Put {
+            key: self.vm_key(&next.vm),
+            value: json(&next),
+            lease: 0,
+        }];
+        let out = self.kv.txn(when, &ops)?;
+        if out.succeeded {
+            next.revision = out.revision;
+            return Ok(next);
+        }
+        let restart_from = current
+            .filter(|_| next.last == Transition::Restart)
+            .map(|c| c.host.as_str());
+        Err(self.why_failed(leader, &next.vm, Some(&next.host), restart_from)?)
+    }
+
+    /// Names the comparison that failed (read after the fact: a race may
+    /// name a later cause, never a wrong kind of failure).
+    fn why_failed(
+        &self,
+        leader: &Leadership,
+        vm: &str,
+        to: Option<&str>,
+        restart_from: Option<&str>,
+    ) -> Result<StoreError, StoreError> {
+        if self.leader()?.is_none_or(|l| l.token != leader.token) {
+            return Ok(StoreError::NotLeader {
+                candidate: leader.candidate.clone(),
+                token: leader.token,
+            });
+        }
+        if let Some(host) = restart_from {
+            if self.kv.get(&self.alive_key(host))?.is_some() {
+                return Ok(StoreError::OwnerAlive {
+                    vm: vm.to_owned(),
+                    host: host.to_owned(),
+                });
+            }
+        }
+        if let Some(to) = to {
+            if self.kv.get(&self.alive_key(to))?.is_none() {
+                return Ok(StoreError::HostDead {
+                    host: to.to_owned(),
+                });
+            }
+        }
+        Ok(StoreError::Conflict {
+            vm: vm.to_owned(),
+            current: self.record(vm)?.map(Box::new),
+        })
+    }
+
+    // ---- host leases ----
+
+    /// Registers `host` and makes it alive under a new lease of `ttl` that
+    /// the caller keeps alive with [`ClusterStore::keep_alive`].
+    pub fn join(&self, host: &str, ttl: Duration) -> Result<HostLease, StoreError> {
+        check_name(host)?;
+        let (lease, ttl) = self.kv.grant(ttl)?;
+        let ops = [
+            KvOp::Put {
+                key: self.known_key(host),
+                value: Vec::new(),
+                lease: 0,
+            },
+            KvOp::Put {
+                key: self.alive_key(host),
+                value: lease.to_string().into_bytes(),
+                lease,
+            },
+        ];
+        self.kv.txn(&[], &ops)?;
+        Ok(HostLease {
+            host: host.to_owned(),
+            lease,
+            ttl,
+        })
+    }
+
+    /// Renews the host's lease to its full TTL, answering within `within`.
+    /// [`StoreError::LeaseExpired`] when it already expired (the host is
+    /// dead to everyone else: it must stop its VMs and join again).
+    pub fn keep_alive(&self, l: &HostLease, within: Duration) -> Result<Duration, StoreError> {
+        self.kv
+            .keep_alive(l.lease, within)?
+            .ok_or_else(|| StoreError::LeaseExpired {
+                host: l.host.clone(),
+            })
+    }
+
+    /// Ends the host's lease now (an orderly leave: reported dead at once).
+    pub fn leave(&self, l: &HostLease) -> Result<(), StoreError> {
+        Ok(self.kv.revoke(l.lease)?)
+    }
+
+    /// Every host that ever joined, alive or not, by name.
+    pub fn hosts(&self) -> Result<Vec<HostStatus>, StoreError> {
+        let known = self.kv.range(&self.known_key(""))?;
+        let alive = self.kv.range(&self.alive_key(""))?;
+        let alive: std::collections::HashSet<&str> = alive
+            .iter()
+            .filter_map(|e| e.key.strip_prefix(&self.alive_key("")))
+            .collect();
+        Ok(known
+            .iter()
+            .filter_map(|e| e.key.strip_prefix(&self.known_key("")))
+            .map(|h| HostStatus {
+                host: h.to_owned(),
+                alive: alive.contains(h),
+            })
+            .collect())
+    }
+
+    /// Whether `host`'s lease is alive now.
+    pub fn host_alive(&self, host: &str) -> Result<bool, StoreError> {
+        check_name(host)?;
+        Ok(self.kv.get(&self.alive_key(host))?.is_some())
+    }
+
+    // ---- leader election ----
+
+    /// Tries once to become the leader under a lease of `ttl`; `None` when
+    /// another candidate leads.
+    pub fn campaign(
+        &self,
+        candidate: &str,
+        ttl: Duration,
+    ) -> Result<Option<Leadership>, StoreError> {
+        check_name(candidate)?;
+        let (lease, ttl) = self.kv.grant(ttl)?;
+        let when = [Compare::CreateRevision(self.leader_key(), 0)];
+        let ops = [KvOp::Put {
+            key: self.leader_key(),
+            value: json(&LeaderValue {
+                candidate: candidate.to_owned(),
+            }),
+            lease,
+        }];
+        let out = self.kv.txn(&when, &ops)?;
+        if !out.succeeded {
+            self.kv.revoke(lease)?;
+            return Ok(None);
+        }
+        Ok(Some(Leadership {
+            candidate: candidate.to_owned(),
+            token: out.revision,
+            lease,
+            ttl,
+        }))
+    }
+
+    /// Renews the leader's lease; [`StoreError::NotLeader`] when it expired
+    /// or another leads.
+    pub fn keep_leading(&self, l: &Leadership, within: Duration) -> Result<(), StoreError> {
+        let alive = self.kv.keep_alive(l.lease, within)?.is_some();
+        if alive && self.leader()?.is_some_and(|now| now.token == l.token) {
+            return Ok(());
+        }
+        Err(StoreError::NotLeader {
+            candidate: l.candidate.clone(),
+            token: l.token,
+        })
+    }
+
+    /// Steps down now (the next campaign can win at once).
+    pub fn resign(&self, l: &Leadership) -> Result<(), StoreError> {
+        Ok(self.kv.revoke(l.lease)?)
+    }
+
+    /// The current leader, if any.
+    pub fn leader(&self) -> Result<Option<LeaderInfo>, StoreError> {
+        let Some(e) = self.kv.get(&self.leader_key())? else {
+            return Ok(None);
+        };
+        let v: LeaderValue = parse(&e)?;
+        Ok(Some(LeaderInfo {
+            candidate: v.candidate,
+            token: e.create_revision,
+        }))
+    }
+
+    // ---- decisions in flight ----
+
+    /// Records a decision before acting on it (fenced; a second record
+    /// under the same id fails with [`StoreError::DuplicateDecision`]).
+    pub fn record_decision(&self, leader: &Leadership, d: &Decision) -> Result<(), StoreError> {
+        check_name(&d.id)?;
+        let key = self.decision_key(&d.id);
+        let when = [self.fence(leader), Compare::CreateRevision(key.clone(), 0)];
+        let ops = [KvOp::Put {
+            key,
+            value: json(d),
+            lease: 0,
+        }];
+        if self.kv.txn(&when, &ops)?.succeeded {
+            return Ok(());
+        }
+        if self.leader()?.is_none_or(|l| l.token != leader.token) {
+            return Err(StoreError::NotLeader {
+                candidate: leader.candidate.clone(),
+                token: leader.token,
+            });
+        }
+        Err(StoreError::DuplicateDecision { id: d.id.clone() })
+    }
+
+    /// Removes a decision once carried out (or abandoned), fenced.
+    pub fn finish_decision(&self, leader: &Leadership, id: &str) -> Result<(), StoreError> {
+        check_name(id)?;
+        let ops = [KvOp::Delete {
+            key: self.decision_key(id),
+        }];
+        if self.kv.txn(&[self.fence(leader)], &ops)?.succeeded {
+            return Ok(());
+        }
+        Err(StoreError::NotLeader {
+            candidate: leader.candidate.clone(),
+            token: leader.token,
+        })
+    }
+
+    /// The decisions in flight, by id.
+    pub fn decisions(&self) -> Result<Vec<Decision>, StoreError> {
+        self.kv
+            .range(&self.decision_key(""))?
+            .iter()
+            .map(parse)
+            .collect()
+    }
+
+    // ---- changes ----
+
+    /// The store's revision now (pass it to [`ClusterStore::wait_change`]).
+    pub fn revision(&self) -> Result<Revision, StoreError> {
+        Ok(self.kv.revision()?)
+    }
+
+    /// Waits until anything under the store's prefix changes after
+    /// `after` (records, hosts dying, leadership, decisions) or `timeout`
+    /// passes; returns the revision then.
+    pub fn wait_change(&self, after: Revision, timeout: Duration) -> Result<Revision, StoreError> {
+        Ok(self.kv.wait_change(&self.prefix, after, timeout)?)
+    }
+}
