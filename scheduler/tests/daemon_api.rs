@@ -10,12 +10,14 @@ use std::sync::{Arc, Mutex};
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferry_scheduler::daemon::agent::{
-    request, AgentStatus, AgentVm, MigrateRequest, OpResult, VmRequest,
-};
-use ferry_scheduler::daemon::api::{HostView, VmView};
+use ferry_scheduler::daemon::api::{HostView, PolicyView, ProblemsView, RoundView, VmView};
+use ferry_scheduler::daemon::client::{JsonClient, Method};
 use ferry_scheduler::daemon::config::Config;
+use ferry_scheduler::daemon::protocol::{
+    AgentStatus, AgentVm, Done, MigrateRequest, Refusal, VmRequest,
+};
 use ferry_scheduler::daemon::{serve, Daemon};
+use ferry_scheduler::plan::planner::PolicyMode;
 
 type World = Arc<Mutex<HashMap<String, Vec<AgentVm>>>>;
 
@@ -24,53 +26,58 @@ struct Agent {
     host: String,
     world: World,
     refuse: Option<String>,
+    /// The name it gives in its status (a misconfigured agent).
+    claims: Option<String>,
 }
 
 async fn status(State(a): State<Agent>) -> Json<AgentStatus> {
     let w = a.world.lock().unwrap();
     Json(AgentStatus {
-        host: a.host.clone(),
+        host: a.claims.clone().unwrap_or_else(|| a.host.clone()),
         vms: w.get(&a.host).cloned().unwrap_or_default(),
     })
 }
 
-async fn migrate(State(a): State<Agent>, Json(r): Json<MigrateRequest>) -> Json<OpResult> {
+async fn migrate(
+    State(a): State<Agent>,
+    Json(r): Json<MigrateRequest>,
+) -> Result<Json<Done>, Refusal> {
     if a.refuse.as_deref() == Some(r.vm.as_str()) {
-        return Json(OpResult {
-            ok: false,
-            error: Some(format!("{} did not converge; rolled back", r.vm)),
-        });
+        return Err(Refusal::failed(format!(
+            "{} did not converge; rolled back",
+            r.vm
+        )));
     }
     let mut w = a.world.lock().unwrap();
     let src = w.get_mut(&a.host).unwrap();
     let Some(i) = src.iter().position(|v| v.name == r.vm) else {
-        return Json(OpResult {
-            ok: false,
-            error: Some(format!("no VM {}", r.vm)),
-        });
+        return Err(Refusal::not_found(format!("no VM {}", r.vm)));
     };
     let vm = src.remove(i);
     w.entry(r.target_host).or_default().push(vm);
-    Json(OpResult {
-        ok: true,
-        error: None,
-    })
+    Ok(Json(Done {}))
 }
 
-async fn shutdown(State(a): State<Agent>, Json(r): Json<VmRequest>) -> Json<OpResult> {
+async fn shutdown(State(a): State<Agent>, Json(r): Json<VmRequest>) -> Json<Done> {
     let mut w = a.world.lock().unwrap();
     for v in w.get_mut(&a.host).unwrap().iter_mut() {
         if v.name == r.vm {
             v.running = false;
         }
     }
-    Json(OpResult {
-        ok: true,
-        error: None,
-    })
+    Json(Done {})
 }
 
 async fn spawn_agent(host: &str, world: World, refuse: Option<&str>) -> SocketAddr {
+    spawn_agent_claiming(host, None, world, refuse).await
+}
+
+async fn spawn_agent_claiming(
+    host: &str,
+    claims: Option<&str>,
+    world: World,
+    refuse: Option<&str>,
+) -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let app = Router::new()
@@ -81,6 +88,7 @@ async fn spawn_agent(host: &str, world: World, refuse: Option<&str>) -> SocketAd
             host: host.into(),
             world,
             refuse: refuse.map(String::from),
+            claims: claims.map(String::from),
         });
     tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
     addr
@@ -170,12 +178,13 @@ mem_mb = 512
 
 async fn call<T: serde::de::DeserializeOwned + Send + 'static>(
     api: SocketAddr,
-    method: &'static str,
+    method: Method,
     path: &'static str,
     body: Option<serde_json::Value>,
 ) -> Result<T, String> {
     tokio::task::spawn_blocking(move || {
-        request::<serde_json::Value, T>(api, method, path, body.as_ref(), None)
+        JsonClient::new(&api.to_string(), None)
+            .call::<serde_json::Value, T>(method, path, body.as_ref())
             .map_err(|e| e.to_string())
     })
     .await
@@ -192,32 +201,38 @@ fn where_is(world: &World, vm: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintenance_evacuates_and_returns_through_the_api() {
     let s = setup(None, "manual").await;
-    let hosts: Vec<HostView> = call(s.api, "GET", "/v1/hosts", None).await.unwrap();
+    let hosts: Vec<HostView> = call(s.api, Method::Get, "/v1/hosts", None).await.unwrap();
     assert_eq!(hosts.len(), 3);
     assert_eq!(hosts[0].vms, vec!["a", "b"]);
 
-    let _: serde_json::Value = call(s.api, "POST", "/v1/hosts/h1/maintenance", None)
+    let _: RoundView = call(s.api, Method::Post, "/v1/hosts/h1/maintenance", None)
         .await
         .unwrap();
     assert_ne!(where_is(&s.world, "a").as_deref(), Some("h1"));
     assert_ne!(where_is(&s.world, "b").as_deref(), Some("h1"));
-    let vms: Vec<VmView> = call(s.api, "GET", "/v1/vms", None).await.unwrap();
+    let vms: Vec<VmView> = call(s.api, Method::Get, "/v1/vms", None).await.unwrap();
     assert!(vms
         .iter()
         .filter(|v| v.name != "ghost")
         .all(|v| v.home.as_deref() == Some("h1")));
 
-    let _: serde_json::Value = call(s.api, "DELETE", "/v1/hosts/h1/maintenance", None)
+    let _: RoundView = call(s.api, Method::Delete, "/v1/hosts/h1/maintenance", None)
         .await
         .unwrap();
     assert_eq!(where_is(&s.world, "a").as_deref(), Some("h1"));
     assert_eq!(where_is(&s.world, "b").as_deref(), Some("h1"));
 
-    let plan: Vec<serde_json::Value> = call(s.api, "GET", "/v1/plan", None).await.unwrap();
+    let plan: RoundView = call(s.api, Method::Get, "/v1/plan", None).await.unwrap();
     assert!(plan
+        .actions
         .iter()
-        .all(|a| a["reason"].as_str().unwrap().contains("maintenance")));
-    let e = call::<serde_json::Value>(s.api, "POST", "/v1/hosts/nope/maintenance", None)
+        .all(|a| a.reason.contains("maintenance")));
+    let hosts: Vec<HostView> = call(s.api, Method::Get, "/v1/hosts", None).await.unwrap();
+    assert!(
+        hosts.iter().all(|h| h.health.reachable == Some(true)),
+        "{hosts:?}"
+    );
+    let e = call::<serde_json::Value>(s.api, Method::Post, "/v1/hosts/nope/maintenance", None)
         .await
         .unwrap_err();
     assert!(e.contains("404") && e.contains("no host named"), "{e}");
@@ -226,16 +241,20 @@ async fn maintenance_evacuates_and_returns_through_the_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_migration_leaves_the_vm_on_its_source() {
     let s = setup(Some("a"), "manual").await;
-    let _: serde_json::Value = call(s.api, "POST", "/v1/hosts/h1/maintenance", None)
+    let e = call::<RoundView>(s.api, Method::Post, "/v1/hosts/h1/maintenance", None)
         .await
-        .unwrap();
+        .unwrap_err();
+    assert!(
+        e.contains("HTTP 502") && e.contains("a did not converge; rolled back"),
+        "the failed evacuation answers an error with the agent's reason: {e}"
+    );
     assert_eq!(
         where_is(&s.world, "a").as_deref(),
         Some("h1"),
         "rolled back"
     );
     assert_ne!(where_is(&s.world, "b").as_deref(), Some("h1"));
-    let vms: Vec<VmView> = call(s.api, "GET", "/v1/vms", None).await.unwrap();
+    let vms: Vec<VmView> = call(s.api, Method::Get, "/v1/vms", None).await.unwrap();
     let a = vms.iter().find(|v| v.name == "a").unwrap();
     assert_eq!(
         a.host.as_deref(),
@@ -257,35 +276,39 @@ async fn a_failed_migration_leaves_the_vm_on_its_source() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_problems_are_served_and_policy_switches() {
     let s = setup(None, "manual").await;
-    let p: Vec<serde_json::Value> = call(s.api, "GET", "/v1/problems", None).await.unwrap();
-    assert_eq!(p.len(), 1);
-    assert_eq!(p[0]["line"], 41);
-    assert!(p[0]["message"]
-        .as_str()
-        .unwrap()
-        .contains("unknown host \"h9\""));
-    let r: serde_json::Value = call(
+    let p: ProblemsView = call(s.api, Method::Get, "/v1/problems", None)
+        .await
+        .unwrap();
+    assert_eq!(p.config.len(), 1);
+    assert_eq!(p.config[0].line, 41);
+    assert!(p.config[0].message.contains("unknown host \"h9\""));
+    let r: PolicyView = call(
         s.api,
-        "PUT",
+        Method::Put,
         "/v1/policy",
         Some(serde_json::json!({"mode": "power_save"})),
     )
     .await
     .unwrap();
-    assert_eq!(r["mode"], "power_save");
+    assert_eq!(r.mode, PolicyMode::PowerSave);
+    let r: PolicyView = call(s.api, Method::Get, "/v1/policy", None).await.unwrap();
+    assert_eq!(r.mode, PolicyMode::PowerSave, "GET reads back what PUT set");
     let e = call::<serde_json::Value>(
         s.api,
-        "PUT",
+        Method::Put,
         "/v1/policy",
         Some(serde_json::json!({"mode": "chaos"})),
     )
     .await
     .unwrap_err();
-    assert!(e.contains("400"), "{e}");
+    assert!(
+        e.contains("HTTP 400") && e.contains("unknown policy \"chaos\""),
+        "{e}"
+    );
     // Power save: h2 and h3 are empty and not needed: the command hook runs.
-    let _: serde_json::Value = call(s.api, "POST", "/v1/round", None).await.unwrap();
+    let _: RoundView = call(s.api, Method::Post, "/v1/round", None).await.unwrap();
     assert!(s.flag.path().join("h3-off").exists(), "power-off hook ran");
-    let hosts: Vec<HostView> = call(s.api, "GET", "/v1/hosts", None).await.unwrap();
+    let hosts: Vec<HostView> = call(s.api, Method::Get, "/v1/hosts", None).await.unwrap();
     assert_eq!(hosts[2].power, ferry_scheduler::model::PowerState::Off);
     assert_eq!(
         hosts[1].power,
@@ -370,8 +393,8 @@ power = {{ driver = "process", command = ["sh", "-c", "echo $$ > '{}'; exec slee
     tokio::spawn(serve(daemon, l, std::time::Duration::from_secs(3600)));
 
     // Load: 4 x 1700 MIPS on 8000 MIPS running: over 80 %, h3 powers up.
-    let _: serde_json::Value = call(api, "POST", "/v1/round", None).await.unwrap();
-    let hosts: Vec<HostView> = call(api, "GET", "/v1/hosts", None).await.unwrap();
+    let _: RoundView = call(api, Method::Post, "/v1/round", None).await.unwrap();
+    let hosts: Vec<HostView> = call(api, Method::Get, "/v1/hosts", None).await.unwrap();
     assert_eq!(hosts[2].power, ferry_scheduler::model::PowerState::On);
     let mut pid = None;
     for _ in 0..500 {
@@ -394,8 +417,8 @@ power = {{ driver = "process", command = ["sh", "-c", "echo $$ > '{}'; exec slee
     }
     let mut off = false;
     for _ in 0..20 {
-        let _: serde_json::Value = call(api, "POST", "/v1/round", None).await.unwrap();
-        let hosts: Vec<HostView> = call(api, "GET", "/v1/hosts", None).await.unwrap();
+        let _: RoundView = call(api, Method::Post, "/v1/round", None).await.unwrap();
+        let hosts: Vec<HostView> = call(api, Method::Get, "/v1/hosts", None).await.unwrap();
         if hosts[2].power == ferry_scheduler::model::PowerState::Off {
             off = true;
             break;
@@ -455,9 +478,14 @@ power = {{ driver = "command", on = ["true"], off = ["touch", "{}"] }}
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = l.local_addr().unwrap();
     tokio::spawn(serve(daemon, l, std::time::Duration::from_secs(3600)));
+    let mut refused = 0;
     for _ in 0..15 {
-        let _: serde_json::Value = call(api, "POST", "/v1/round", None).await.unwrap();
+        if let Err(e) = call::<RoundView>(api, Method::Post, "/v1/round", None).await {
+            assert!(e.contains("HTTP 502") && e.contains("rolled back"), "{e}");
+            refused += 1;
+        }
     }
+    assert!(refused >= 1, "a round whose migration failed answered 2xx");
     let m = tokio::task::spawn_blocking(move || raw_get(api, "/metrics"))
         .await
         .unwrap();
@@ -473,4 +501,57 @@ power = {{ driver = "command", on = ["true"], off = ["touch", "{}"] }}
     );
     assert_eq!(where_is(&world, "a").as_deref(), Some("h1"));
     assert_eq!(where_is(&world, "b").as_deref(), Some("h2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_running_twice_and_an_agent_with_another_name_are_reported() {
+    let world: World = Arc::new(Mutex::new(HashMap::new()));
+    let vm = |n: &str| AgentVm {
+        name: n.into(),
+        mem_mb: 256,
+        cpu_mips: 100.0,
+        running: true,
+    };
+    world.lock().unwrap().insert("h1".into(), vec![vm("a")]);
+    world.lock().unwrap().insert("h2".into(), vec![vm("a")]);
+    let a1 = spawn_agent("h1", world.clone(), None).await;
+    let a2 = spawn_agent("h2", world.clone(), None).await;
+    let a3 = spawn_agent_claiming("h3", Some("h1"), world.clone(), None).await;
+    let text = format!(
+        r#"[daemon]
+listen = "127.0.0.1:0"
+policy = "manual"
+{}"#,
+        [("h1", a1), ("h2", a2), ("h3", a3)]
+            .iter()
+            .map(|(h, a)| format!(
+                "\n[[host]]\nname = \"{h}\"\ncores = 2\ncore_mips = 2000\nmem_mb = 4096\nagent = \"{a}\"\n"
+            ))
+            .collect::<String>()
+    );
+    let cfg = Config::parse(Path::new("cluster.toml"), &text).unwrap();
+    assert!(cfg.problems.is_empty(), "{:?}", cfg.problems);
+    let daemon = Daemon::from_config(&cfg);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = l.local_addr().unwrap();
+    tokio::spawn(serve(daemon, l, std::time::Duration::from_secs(3600)));
+    let _: RoundView = call(api, Method::Post, "/v1/round", None).await.unwrap();
+
+    let p: ProblemsView = call(api, Method::Get, "/v1/problems", None).await.unwrap();
+    assert_eq!(
+        p.cluster,
+        vec!["VM \"a\" is reported running on 2 hosts: h1, h2".to_string()]
+    );
+    assert_eq!(p.hosts.len(), 1, "{:?}", p.hosts);
+    assert!(
+        p.hosts[0].starts_with(&format!(
+            "host h3: the agent at {a3} says it is host \"h1\", but the configuration has it as host \"h3\""
+        )),
+        "{:?}",
+        p.hosts
+    );
+    let hosts: Vec<HostView> = call(api, Method::Get, "/v1/hosts", None).await.unwrap();
+    assert_eq!(hosts[2].health.reachable, Some(false));
+    assert!(hosts[2].health.since_unix_s.is_some());
+    assert_eq!(hosts[0].health.reachable, Some(true));
 }

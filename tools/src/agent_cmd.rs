@@ -1,13 +1,8 @@
 //! `ferry agent`: one per host. Runs VMs (the workload guest, through the
 //! `vm` crate) and performs live migrations with the engine when the
 //! scheduler daemon asks. Speaks the agent protocol of
-//! `ferry_scheduler::daemon::agent` (HTTP/JSON under `/v1`), plus:
-//!
-//! | request | body | answer |
-//! |---|---|---|
-//! | `POST /v1/incoming` | `{vm, mem_mb, cpu_mips}` | `{ok, port}`: a listener for one engine stream |
-//! | `POST /v1/vms/load` | `{vm, cpu_mips}` | `{ok}`: set a VM's (simulated) CPU demand |
-//! | `GET /v1/vms/{name}` | - | the guest's status block |
+//! `ferry_scheduler::daemon::protocol` (HTTP/JSON under `/v1`; every failure
+//! is a non-2xx answer with the reason).
 //!
 //! Migrations between agents go over `--lanes` lanes (default: one per
 //! core), with mutual TLS (`--tls-cert/--tls-key/--tls-ca`, the same CA on
@@ -30,14 +25,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Args;
 use ferry_engine::{DestinationMigration, DestinationOptions, MigrationOptions, SourceMigration};
-use ferry_scheduler::daemon::agent::{
-    request, AgentStatus, AgentVm, MigrateRequest, OpResult, VmRequest,
+use ferry_scheduler::daemon::client::JsonClient;
+use ferry_scheduler::daemon::protocol::{
+    AgentStatus, AgentVm, Done, IncomingReply, IncomingRequest, LoadRequest, MigrateRequest,
+    Refusal, VmRequest, INCOMING_TIMEOUT,
 };
 use ferry_transport::lanes::MAX_LANES;
 use ferry_transport::{default_lane_count, LaneListener, LaneOptions};
 use ferry_vm::{host_tsc_khz, DirtyBackend, GuestParams, Vm, VmConfig};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 use crate::security_args::{SecurityArgs, SecuritySpec};
 
@@ -83,32 +78,10 @@ struct Agent {
     busy: Mutex<std::collections::BTreeSet<String>>,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
-struct IncomingRequest {
-    vm: String,
-    mem_mb: u64,
-    #[serde(default)]
-    cpu_mips: f64,
-}
+type Answer<T> = Result<Json<T>, Refusal>;
 
-#[derive(Debug, Deserialize)]
-struct LoadRequest {
-    vm: String,
-    cpu_mips: f64,
-}
-
-fn fail(e: impl std::fmt::Display) -> Json<OpResult> {
-    Json(OpResult {
-        ok: false,
-        error: Some(e.to_string()),
-    })
-}
-
-fn ok() -> Json<OpResult> {
-    Json(OpResult {
-        ok: true,
-        error: None,
-    })
+fn done() -> Answer<Done> {
+    Ok(Json(Done {}))
 }
 
 impl Agent {
@@ -178,23 +151,17 @@ impl Agent {
             .target
             .parse()
             .with_context(|| format!("bad target address {}", req.target))?;
-        let reply: Value = request(
-            target,
-            "POST",
-            "/v1/incoming",
-            Some(&IncomingRequest {
-                vm: req.vm.clone(),
-                mem_mb,
-                cpu_mips,
-            }),
-            Some(Duration::from_secs(30)),
-        )
-        .with_context(|| format!("asking {} to receive {}", req.target_host, req.vm))?;
-        let port = reply["port"]
-            .as_u64()
-            .and_then(|p| u16::try_from(p).ok())
-            .with_context(|| format!("target answered {reply}"))?;
-        let to = SocketAddr::new(target.ip(), port).to_string();
+        let reply: IncomingReply = JsonClient::new(&req.target, Some(Duration::from_secs(30)))
+            .post(
+                "/v1/incoming",
+                &IncomingRequest {
+                    vm: req.vm.clone(),
+                    mem_mb,
+                    cpu_mips,
+                },
+            )
+            .with_context(|| format!("asking {} to receive {}", req.target_host, req.vm))?;
+        let to = SocketAddr::new(target.ip(), reply.port).to_string();
         let lanes = ferry_control::connect_lanes(&to, self.lanes, &self.security)
             .with_context(|| format!("opening the migration stream to {}", req.target_host))?;
         let summary = SourceMigration::new(vm, MigrationOptions::default())
@@ -215,8 +182,36 @@ impl Agent {
             .context("binding a migration listener")?;
         let port = listener.local_addr()?.port();
         let agent = self.clone();
+        // If no source comes (it failed before connecting), wake the accept
+        // with a connection of our own once INCOMING_TIMEOUT has passed,
+        // so the listener is dropped and its port freed.
+        let (arrived, arrived_rx) = std::sync::mpsc::channel::<()>();
+        let wake = SocketAddr::new(self.ip, port);
+        let vm_name = req.vm.clone();
         std::thread::spawn(move || {
-            let result = crate::vm_cmd::accept_source(&mut listener).and_then(|lanes| {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                arrived_rx.recv_timeout(INCOMING_TIMEOUT)
+            {
+                tracing::warn!(vm = %vm_name, "no migration arrived in {INCOMING_TIMEOUT:?}; closing its listener");
+                let _ = std::net::TcpStream::connect_timeout(&wake, Duration::from_secs(5));
+            }
+        });
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let accepted = loop {
+                match listener.accept_session() {
+                    Ok(lanes) => break Ok(lanes),
+                    Err(e) if started.elapsed() >= INCOMING_TIMEOUT => {
+                        break Err(anyhow::Error::new(e)
+                            .context(format!("no source in {INCOMING_TIMEOUT:?}")))
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %req.vm, error = %e, "refused a connection; still waiting for the source")
+                    }
+                }
+            };
+            let _ = arrived.send(());
+            let result = accepted.and_then(|lanes| {
                 let (vm, _) = DestinationMigration::accept_lanes(
                     lanes,
                     &DestinationOptions::default(),
@@ -240,6 +235,8 @@ impl Agent {
                     tracing::warn!(vm = %req.vm, error = %format!("{e:#}"), "incoming migration failed")
                 }
             }
+            // The listener (and its port) is dropped here, on every path.
+            drop(listener);
         });
         Ok(port)
     }
@@ -257,6 +254,81 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f)
         .await
         .expect("agent task panicked")
+}
+
+async fn start_vm(State(a): State<Arc<Agent>>, Json(r): Json<VmRequest>) -> Answer<Done> {
+    if a.vms.lock().expect("vms lock").contains_key(&r.vm) {
+        return Err(Refusal::conflict(format!(
+            "VM {} already runs on {}",
+            r.vm, a.host
+        )));
+    }
+    blocking(move || a.boot(&r.vm, r.mem_mb, 0.0))
+        .await
+        .map_err(|e| Refusal::failed(format!("{e:#}")))?;
+    done()
+}
+
+async fn shutdown_vm(State(a): State<Arc<Agent>>, Json(r): Json<VmRequest>) -> Answer<Done> {
+    if a.busy.lock().expect("busy lock").contains(&r.vm) {
+        return Err(Refusal::conflict(format!("VM {} is migrating", r.vm)));
+    }
+    let gone = a.vms.lock().expect("vms lock").remove(&r.vm);
+    let h = gone.ok_or_else(|| Refusal::not_found(format!("no VM {} on {}", r.vm, a.host)))?;
+    blocking(move || drop(h)).await;
+    done()
+}
+
+async fn migrate(State(a): State<Arc<Agent>>, Json(r): Json<MigrateRequest>) -> Answer<Done> {
+    if !a.vms.lock().expect("vms lock").contains_key(&r.vm) {
+        return Err(Refusal::not_found(format!("no VM {} on {}", r.vm, a.host)));
+    }
+    if a.busy.lock().expect("busy lock").contains(&r.vm) {
+        return Err(Refusal::conflict(format!(
+            "VM {} is already migrating",
+            r.vm
+        )));
+    }
+    blocking(move || a.migrate(&r))
+        .await
+        .map_err(|e| Refusal::failed(format!("{e:#}")))?;
+    done()
+}
+
+async fn incoming(
+    State(a): State<Arc<Agent>>,
+    Json(r): Json<IncomingRequest>,
+) -> Answer<IncomingReply> {
+    if a.vms.lock().expect("vms lock").contains_key(&r.vm) {
+        return Err(Refusal::conflict(format!(
+            "VM {} already runs on {}",
+            r.vm, a.host
+        )));
+    }
+    let port = blocking(move || a.incoming(r))
+        .await
+        .map_err(|e| Refusal::failed(format!("{e:#}")))?;
+    Ok(Json(IncomingReply { port }))
+}
+
+async fn set_load(State(a): State<Arc<Agent>>, Json(r): Json<LoadRequest>) -> Answer<Done> {
+    let mut vms = a.vms.lock().expect("vms lock");
+    let h = vms
+        .get_mut(&r.vm)
+        .ok_or_else(|| Refusal::not_found(format!("no VM {} on {}", r.vm, a.host)))?;
+    h.cpu_mips = r.cpu_mips;
+    done()
+}
+
+async fn guest_status(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> Answer<ferry_vm::GuestStatus> {
+    let vms = a.vms.lock().expect("vms lock");
+    let h = vms
+        .get(&name)
+        .ok_or_else(|| Refusal::not_found(format!("no VM {name} on {}", a.host)))?;
+    Ok(Json(h.vm.status()))
 }
 
 /// Runs the agent until killed.
@@ -296,82 +368,12 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             "/v1/status",
             get(|State(a): State<Arc<Agent>>| async move { Json(a.status()) }),
         )
-        .route(
-            "/v1/vms/start",
-            post(
-                |State(a): State<Arc<Agent>>, Json(r): Json<VmRequest>| async move {
-                    blocking(move || {
-                        a.boot(&r.vm, r.mem_mb, 0.0)
-                            .map_or_else(|e| fail(format!("{e:#}")), |()| ok())
-                    })
-                    .await
-                },
-            ),
-        )
-        .route(
-            "/v1/vms/shutdown",
-            post(
-                |State(a): State<Arc<Agent>>, Json(r): Json<VmRequest>| async move {
-                    let gone = a.vms.lock().expect("vms lock").remove(&r.vm);
-                    match gone {
-                        Some(h) => {
-                            blocking(move || drop(h)).await;
-                            ok()
-                        }
-                        None => fail(format!("no VM {} here", r.vm)),
-                    }
-                },
-            ),
-        )
-        .route(
-            "/v1/migrate",
-            post(
-                |State(a): State<Arc<Agent>>, Json(r): Json<MigrateRequest>| async move {
-                    blocking(move || {
-                        a.migrate(&r)
-                            .map_or_else(|e| fail(format!("{e:#}")), |()| ok())
-                    })
-                    .await
-                },
-            ),
-        )
-        .route(
-            "/v1/incoming",
-            post(
-                |State(a): State<Arc<Agent>>, Json(r): Json<IncomingRequest>| async move {
-                    match blocking(move || a.incoming(r)).await {
-                        Ok(port) => Json(json!({"ok": true, "port": port})),
-                        Err(e) => Json(json!({"ok": false, "error": format!("{e:#}")})),
-                    }
-                },
-            ),
-        )
-        .route(
-            "/v1/vms/load",
-            post(
-                |State(a): State<Arc<Agent>>, Json(r): Json<LoadRequest>| async move {
-                    match a.vms.lock().expect("vms lock").get_mut(&r.vm) {
-                        Some(h) => {
-                            h.cpu_mips = r.cpu_mips;
-                            ok()
-                        }
-                        None => fail(format!("no VM {} here", r.vm)),
-                    }
-                },
-            ),
-        )
-        .route(
-            "/v1/vms/{name}",
-            get(
-                |State(a): State<Arc<Agent>>, Path(name): Path<String>| async move {
-                    let vms = a.vms.lock().expect("vms lock");
-                    match vms.get(&name) {
-                        Some(h) => Json(json!({"ok": true, "status": h.vm.status()})),
-                        None => Json(json!({"ok": false, "error": format!("no VM {name} here")})),
-                    }
-                },
-            ),
-        )
+        .route("/v1/vms/start", post(start_vm))
+        .route("/v1/vms/shutdown", post(shutdown_vm))
+        .route("/v1/migrate", post(migrate))
+        .route("/v1/incoming", post(incoming))
+        .route("/v1/vms/load", post(set_load))
+        .route("/v1/vms/{name}", get(guest_status))
         .with_state(agent.clone());
     let (agent_lanes, agent_security) = (agent.lanes, agent.security.describe());
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -1,8 +1,15 @@
-//! `ferry sched ...`: the scheduler's simulator (and, later, its daemon).
+//! `ferry sched ...`: the scheduler's simulator, its daemon, and a client
+//! for the daemon's API (`hosts`, `vms`, `plan`, `problems`, `maintenance`,
+//! `policy`, `round`; `--json` for the raw answer).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use ferry_scheduler::daemon::api::{
+    HostView, PolicyRequest, PolicyView, ProblemsView, RoundView, VmView,
+};
+use ferry_scheduler::daemon::client::{JsonClient, Method};
+use ferry_scheduler::daemon::Outcome;
 use ferry_scheduler::sim::run::{run_simulate, SimulateOptions};
 use ferry_scheduler::sim::{MemoryModel, Policy, SimConfig};
 
@@ -21,6 +28,68 @@ enum SchedCommand {
     /// Run the scheduler daemon: HTTP API, metrics, planning rounds that
     /// drive the host agents and power drivers.
     Daemon(DaemonArgs),
+    /// Hosts: power, maintenance, health, load.
+    Hosts(ClientArgs),
+    /// VMs: where they run, their home while evacuated, their demand.
+    Vms(ClientArgs),
+    /// The last round: each action, its reason and its outcome.
+    Plan(ClientArgs),
+    /// Configuration entries left out, cluster inconsistencies, unreachable hosts.
+    Problems(ClientArgs),
+    /// Plan and execute a round now.
+    Round(ClientArgs),
+    /// Put a host into maintenance (evacuate it) or take it out.
+    Maintenance {
+        #[command(subcommand)]
+        op: MaintenanceOp,
+    },
+    /// Show or switch the policy.
+    Policy {
+        #[command(subcommand)]
+        op: PolicyOp,
+    },
+}
+
+/// Where the daemon is, and how to print its answers.
+#[derive(Debug, clap::Args)]
+struct ClientArgs {
+    /// The daemon's API address (its `listen`).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    api: String,
+    /// Print the daemon's JSON answer instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum MaintenanceOp {
+    /// Enter maintenance: returns once every VM has left the host.
+    Enter {
+        /// The host.
+        host: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Leave maintenance: returns once its VMs are back.
+    Leave {
+        /// The host.
+        host: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum PolicyOp {
+    /// The active policy.
+    Get(ClientArgs),
+    /// Switch to balance, power_save, both or manual.
+    Set {
+        /// The policy.
+        mode: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -68,7 +137,157 @@ pub fn run(args: SchedArgs) -> anyhow::Result<()> {
     match args.command {
         SchedCommand::Simulate(a) => simulate(a),
         SchedCommand::Daemon(a) => daemon(a),
+        SchedCommand::Hosts(c) => show(&c, "/v1/hosts", print_hosts),
+        SchedCommand::Vms(c) => show(&c, "/v1/vms", print_vms),
+        SchedCommand::Plan(c) => show(&c, "/v1/plan", print_round),
+        SchedCommand::Problems(c) => show(&c, "/v1/problems", print_problems),
+        SchedCommand::Round(c) => act(&c, Method::Post, "/v1/round", None::<&()>, print_round),
+        SchedCommand::Maintenance { op } => match op {
+            MaintenanceOp::Enter { host, client } => act(
+                &client,
+                Method::Post,
+                &format!("/v1/hosts/{host}/maintenance"),
+                None::<&()>,
+                print_round,
+            ),
+            MaintenanceOp::Leave { host, client } => act(
+                &client,
+                Method::Delete,
+                &format!("/v1/hosts/{host}/maintenance"),
+                None::<&()>,
+                print_round,
+            ),
+        },
+        SchedCommand::Policy { op } => match op {
+            PolicyOp::Get(c) => show(&c, "/v1/policy", print_policy),
+            PolicyOp::Set { mode, client } => act(
+                &client,
+                Method::Put,
+                "/v1/policy",
+                Some(&PolicyRequest { mode }),
+                print_policy,
+            ),
+        },
     }
+}
+
+fn client(c: &ClientArgs) -> JsonClient {
+    // Maintenance waits for live migrations: no overall bound.
+    JsonClient::new(&c.api, None)
+}
+
+/// GET `path`, print it as JSON or with `table`.
+fn show<T: serde::de::DeserializeOwned + serde::Serialize>(
+    c: &ClientArgs,
+    path: &str,
+    table: fn(&T),
+) -> anyhow::Result<()> {
+    let v: T = client(c).get(path)?;
+    output(c, &v, table)
+}
+
+/// A call that changes something; a refusal is an error with the daemon's reason.
+fn act<B: serde::Serialize, T: serde::de::DeserializeOwned + serde::Serialize>(
+    c: &ClientArgs,
+    method: Method,
+    path: &str,
+    body: Option<&B>,
+    table: fn(&T),
+) -> anyhow::Result<()> {
+    let v: T = client(c).call(method, path, body)?;
+    output(c, &v, table)
+}
+
+fn output<T: serde::Serialize>(c: &ClientArgs, v: &T, table: fn(&T)) -> anyhow::Result<()> {
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        table(v);
+    }
+    Ok(())
+}
+
+fn print_hosts(hosts: &Vec<HostView>) {
+    println!("HOST         POWER   MAINT HEALTH          CPU%        MEM MB VMS");
+    for h in hosts {
+        let health = match h.health.reachable {
+            Some(true) => "ok".to_string(),
+            Some(false) => "unreachable".to_string(),
+            None => "-".to_string(),
+        };
+        println!(
+            "{:<12} {:<7} {:<5} {:<12} {:>6.0}% {:>6}/{:<6} {}",
+            h.name,
+            format!("{:?}", h.power).to_lowercase(),
+            if h.maintenance { "yes" } else { "no" },
+            health,
+            100.0 * h.cpu_demand / h.cpu_mips.max(1.0),
+            h.mem_used_mb,
+            h.mem_mb,
+            h.vms.join(",")
+        );
+        if let Some(e) = &h.health.error {
+            println!("  {}: {e}", h.name);
+        }
+    }
+}
+
+fn print_vms(vms: &Vec<VmView>) {
+    println!(
+        "{:<16} {:<12} {:<12} {:>8} {:>10}",
+        "VM", "HOST", "HOME", "MEM MB", "CPU MIPS"
+    );
+    for v in vms {
+        println!(
+            "{:<16} {:<12} {:<12} {:>8} {:>10.0}",
+            v.name,
+            v.host.as_deref().unwrap_or("-"),
+            v.home.as_deref().unwrap_or("-"),
+            v.mem_mb,
+            v.cpu_demand
+        );
+    }
+}
+
+fn print_round(r: &RoundView) {
+    if r.actions.is_empty() {
+        println!("no actions");
+    }
+    for a in &r.actions {
+        let outcome = match &a.outcome {
+            Outcome::Done => "done".to_string(),
+            Outcome::Failed { error } => format!("FAILED: {error}"),
+            Outcome::Skipped { why } => format!("skipped: {why}"),
+        };
+        println!("{}  [{outcome}]\n  because {}", a.action, a.reason);
+    }
+    if let Some(e) = &r.plan_error {
+        println!("planning failed: {e}");
+    }
+}
+
+fn print_problems(p: &ProblemsView) {
+    let all: Vec<String> = p
+        .config
+        .iter()
+        .map(ToString::to_string)
+        .chain(p.cluster.iter().cloned())
+        .chain(p.hosts.iter().cloned())
+        .collect();
+    if all.is_empty() {
+        println!("no problems");
+    }
+    for l in all {
+        println!("{l}");
+    }
+}
+
+fn print_policy(p: &PolicyView) {
+    println!(
+        "{}",
+        serde_json::to_value(p.mode)
+            .map_or_else(|_| "?".into(), |v| v.as_str().unwrap_or("?").to_owned())
+    );
 }
 
 fn daemon(a: DaemonArgs) -> anyhow::Result<()> {

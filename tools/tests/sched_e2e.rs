@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ferry_e2e::process::ProcessGuard;
-use ferry_scheduler::daemon::agent::request;
+use ferry_scheduler::daemon::client::{JsonClient, Method};
 use ferry_vm::testing::kvm_or_skip;
 use serde_json::{json, Value};
 
@@ -37,8 +37,17 @@ fn free_port() -> u16 {
 }
 
 fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
-    request::<Value, Value>(addr, method, path, body, Some(Duration::from_secs(300)))
-        .with_context(|| format!("{method} http://{addr}{path}"))
+    let method = match method {
+        "GET" => Method::Get,
+        "POST" => Method::Post,
+        "PUT" => Method::Put,
+        "DELETE" => Method::Delete,
+        other => bail!("no method {other}"),
+    };
+    Ok(
+        JsonClient::new(&addr.to_string(), Some(Duration::from_secs(300)))
+            .call::<Value, Value>(method, path, body)?,
+    )
 }
 
 /// Polls `f` every 200 ms until it gives a value, at most `limit`.
@@ -155,23 +164,18 @@ impl DaemonGuard {
 
     /// The guest's status block from the agent running it.
     fn guest(&self, host: &str, vm: &str) -> Result<Value> {
-        let r = http(self.agent(host), "GET", &format!("/v1/vms/{vm}"), None)?;
-        if r["ok"] != true {
-            bail!("agent {host} about {vm}: {r}");
-        }
-        Ok(r["status"].clone())
+        http(self.agent(host), "GET", &format!("/v1/vms/{vm}"), None)
+            .with_context(|| format!("agent {host} about {vm}"))
     }
 
     fn set_load(&self, host: &str, vm: &str, mips: f64) -> Result<()> {
-        let r = http(
+        http(
             self.agent(host),
             "POST",
             "/v1/vms/load",
             Some(&json!({"vm": vm, "cpu_mips": mips})),
-        )?;
-        if r["ok"] != true {
-            bail!("setting the load of {vm} on {host}: {r}");
-        }
+        )
+        .with_context(|| format!("setting the load of {vm} on {host}"))?;
         Ok(())
     }
 
@@ -364,14 +368,14 @@ fn maintenance_evacuates_live_and_power_save_cycles_an_agent() {
 
     // One real guest per host; demand 800 MIPS each (40 %: not light).
     for (vm, host) in VMS.iter().zip(HOSTS) {
-        let r = http(
+        http(
             d.agent(host),
             "POST",
             "/v1/vms/start",
             Some(&json!({"vm": vm, "mem_mb": VM_MEM_MB})),
         )
-        .expect("start VM");
-        assert_eq!(r["ok"], true, "starting {vm} on {host}: {r}");
+        .unwrap_or_else(|e| panic!("starting {vm} on {host}: {e:#}"));
+
         d.set_load(host, vm, 800.0).expect("set load");
     }
     d.round().expect("round");
@@ -538,6 +542,25 @@ fn maintenance_evacuates_live_and_power_save_cycles_an_agent() {
         diag(&d)
     );
     assert!(d.proc.is_running(), "daemon exited{}", diag(&d));
+
+    // The daemon dies hard (no destructors): the agents it powered die
+    // with it, guests and ports included.
+    let agents: Vec<u32> = HOSTS.iter().filter_map(|h| d.agent_pid(h)).collect();
+    assert_eq!(agents.len(), 3, "{agents:?}{}", diag(&d));
+    d.proc.kill();
+    for pid in agents {
+        wait_for(
+            &format!("agent {pid} to die with the daemon"),
+            Duration::from_secs(30),
+            || {
+                // Gone, or a zombie waiting for whoever adopted it.
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let state = stat.rfind(')').and_then(|i| stat.get(i + 2..i + 3));
+                matches!(state, None | Some("Z")).then_some(())
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    }
 }
 
 /// A plain-text GET (the metrics are not JSON).

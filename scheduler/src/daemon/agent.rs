@@ -1,120 +1,83 @@
-//! The agent protocol: how the daemon talks to `ferry agent` (one per
-//! host, runs VMs and performs engine migrations). HTTP/1.1 with JSON
-//! bodies, versioned by path prefix `/v1`:
-//!
-//! | request | body | answer |
-//! |---|---|---|
-//! | `GET /v1/status` | - | [`AgentStatus`] |
-//! | `POST /v1/migrate` | [`MigrateRequest`] | [`OpResult`] when the migration finished |
-//! | `POST /v1/vms/start` | [`VmRequest`] | [`OpResult`] |
-//! | `POST /v1/vms/shutdown` | [`VmRequest`] | [`OpResult`] |
-//!
-//! A migration either completes (the VM runs on the target) or fails and
-//! the VM keeps running on the source: the agent rolls back, never leaves
-//! a VM nowhere. The daemon re-plans after a failure (retry).
-//!
-//! [`Executor`] is the seam: [`HttpAgents`] drives real agents over this
-//! protocol; other executors (libvirt, the simulator) plug in the same way.
+//! The [`Executor`] seam: how the daemon carries out a plan on real hosts.
+//! [`HttpAgents`] drives `ferry agent` processes over the agent protocol
+//! ([`super::protocol`]); the libvirt executor (feature `libvirt`) drives
+//! libvirt connections; a daemon can mix both, one executor per host kind.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
-
-/// Protocol version (path prefix).
-pub const PROTOCOL_VERSION: &str = "v1";
-/// Largest answer accepted from an agent: a status of thousands of VMs.
-pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
-
-/// One VM as an agent reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AgentVm {
-    /// VM name.
-    pub name: String,
-    /// Memory in MB.
-    pub mem_mb: u64,
-    /// CPU demand now (MIPS).
-    pub cpu_mips: f64,
-    /// Running (false: defined but stopped).
-    pub running: bool,
-}
-
-/// `GET /v1/status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AgentStatus {
-    /// The host's name.
-    pub host: String,
-    /// Its VMs.
-    pub vms: Vec<AgentVm>,
-}
-
-/// `POST /v1/migrate`: send `vm` to the agent at `target`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MigrateRequest {
-    /// VM name.
-    pub vm: String,
-    /// Target host name.
-    pub target_host: String,
-    /// Target agent address (`ip:port`).
-    pub target: String,
-}
-
-/// `POST /v1/vms/start|shutdown`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VmRequest {
-    /// VM name.
-    pub vm: String,
-    /// Memory (MB), for start.
-    #[serde(default)]
-    pub mem_mb: u64,
-}
-
-/// Result of an operation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OpResult {
-    /// Done.
-    pub ok: bool,
-    /// Why not.
-    #[serde(default)]
-    pub error: Option<String>,
-}
+use super::client::{CallError, JsonClient};
+use super::protocol::{AgentStatus, Done, MigrateRequest, VmRequest};
 
 /// Why an executor operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
-    /// No agent is configured for the host.
+    /// No agent or connection is configured for the host.
     #[error("host {0} has no agent")]
     NoAgent(String),
-    /// The agent could not be reached.
-    #[error("agent {addr} unreachable")]
-    Io {
-        /// Agent address.
-        addr: SocketAddr,
-        /// The I/O error.
+    /// The agent was asked and the call failed (unreachable, or refused
+    /// with its reason).
+    #[error("agent of host {host}")]
+    Agent {
+        /// The host.
+        host: String,
+        /// The failed call.
         #[source]
-        source: std::io::Error,
+        source: CallError,
     },
-    /// The agent answered something that is not the protocol.
-    #[error("agent {addr}: bad answer: {what}")]
-    Protocol {
-        /// Agent address.
-        addr: SocketAddr,
-        /// What was wrong.
-        what: String,
+    /// The agent at the host's address says it is another host.
+    #[error("the agent at {addr} says it is host {claims:?}, but the configuration has it as host {host:?}")]
+    WrongHost {
+        /// The configured host.
+        host: String,
+        /// The agent's address.
+        addr: String,
+        /// The name the agent gave.
+        claims: String,
     },
-    /// The agent refused or failed the operation.
-    #[error("agent {addr}: {what}")]
-    Refused {
-        /// Agent address.
-        addr: SocketAddr,
-        /// The agent's message.
-        what: String,
+    /// The two hosts are of different kinds (a ferry agent and a libvirt
+    /// host): no migration path between them.
+    #[error("cannot migrate between {from} and {to}: one is a ferry agent host, the other a libvirt host")]
+    Incompatible {
+        /// Source host.
+        from: String,
+        /// Target host.
+        to: String,
+    },
+    /// A libvirt operation failed (feature `libvirt`).
+    #[cfg(feature = "libvirt")]
+    #[error("libvirt host {host}")]
+    Libvirt {
+        /// The host.
+        host: String,
+        /// libvirt's own error.
+        #[source]
+        source: Box<super::libvirt::LibvirtError>,
     },
 }
 
-/// Carries out plans on real machines.
+impl ExecError {
+    /// The whole chain on one line: this error and every cause.
+    pub fn chain(&self) -> String {
+        error_chain(self)
+    }
+}
+
+/// `e` and its sources, joined with `": "`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Carries out plans on real machines. Blocking: the daemon calls it from
+/// blocking threads.
 pub trait Executor: Send + Sync {
     /// Inventory of one host.
     fn status(&self, host: &str) -> Result<AgentStatus, ExecError>;
@@ -136,34 +99,44 @@ pub struct HttpAgents {
 }
 
 impl HttpAgents {
-    fn addr(&self, host: &str) -> Result<SocketAddr, ExecError> {
-        self.agents
+    fn client(&self, host: &str) -> Result<(SocketAddr, JsonClient), ExecError> {
+        let addr = self
+            .agents
             .get(host)
             .copied()
-            .ok_or_else(|| ExecError::NoAgent(host.to_string()))
+            .ok_or_else(|| ExecError::NoAgent(host.to_string()))?;
+        Ok((addr, JsonClient::new(&addr.to_string(), self.timeout)))
     }
 
-    fn op(&self, host: &str, path: &str, body: &impl Serialize) -> Result<(), ExecError> {
-        let addr = self.addr(host)?;
-        let r: OpResult = request(addr, "POST", path, Some(body), self.timeout)?;
-        if r.ok {
-            Ok(())
-        } else {
-            Err(ExecError::Refused {
-                addr,
-                what: r.error.unwrap_or_else(|| "failed without a reason".into()),
+    fn op(&self, host: &str, path: &str, body: &impl serde::Serialize) -> Result<(), ExecError> {
+        let (_, c) = self.client(host)?;
+        c.post::<_, Done>(path, body)
+            .map(drop)
+            .map_err(|source| ExecError::Agent {
+                host: host.to_string(),
+                source,
             })
-        }
     }
 }
 
 impl Executor for HttpAgents {
     fn status(&self, host: &str) -> Result<AgentStatus, ExecError> {
-        let addr = self.addr(host)?;
-        request::<(), _>(addr, "GET", "/v1/status", None, self.timeout)
+        let (addr, c) = self.client(host)?;
+        let s: AgentStatus = c.get("/v1/status").map_err(|source| ExecError::Agent {
+            host: host.to_string(),
+            source,
+        })?;
+        if s.host != host {
+            return Err(ExecError::WrongHost {
+                host: host.to_string(),
+                addr: addr.to_string(),
+                claims: s.host,
+            });
+        }
+        Ok(s)
     }
     fn migrate(&self, vm: &str, from: &str, to: &str) -> Result<(), ExecError> {
-        let target = self.addr(to)?;
+        let (target, _) = self.client(to)?;
         self.op(
             from,
             "/v1/migrate",
@@ -196,73 +169,53 @@ impl Executor for HttpAgents {
     }
 }
 
-/// One blocking HTTP/1.1 request with a JSON body and answer.
-pub fn request<B: Serialize, T: DeserializeOwned>(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&B>,
-    timeout: Option<Duration>,
-) -> Result<T, ExecError> {
-    let io = |source| ExecError::Io { addr, source };
-    let proto = |what: String| ExecError::Protocol { addr, what };
-    let body = match body {
-        Some(b) => serde_json::to_vec(b).map_err(|e| proto(e.to_string()))?,
-        None => Vec::new(),
-    };
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(io)?;
-    s.set_read_timeout(timeout).map_err(io)?;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).map_err(io)?;
-    s.write_all(&body).map_err(io)?;
-    let mut buf = Vec::new();
-    s.take(MAX_RESPONSE_BYTES as u64 + 1)
-        .read_to_end(&mut buf)
-        .map_err(io)?;
-    if buf.len() > MAX_RESPONSE_BYTES {
-        return Err(proto(format!(
-            "answer longer than {MAX_RESPONSE_BYTES} bytes"
-        )));
-    }
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| proto("no end of headers".into()))?;
-    let head = String::from_utf8_lossy(&buf[..split]);
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| proto(format!("bad status line {:?}", head.lines().next())))?;
-    let mut payload = buf[split + 4..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        payload = dechunk(&payload).ok_or_else(|| proto("bad chunked body".into()))?;
-    }
-    if !(200..300).contains(&status) {
-        return Err(ExecError::Refused {
-            addr,
-            what: format!("HTTP {status}: {}", String::from_utf8_lossy(&payload)),
-        });
-    }
-    serde_json::from_slice(&payload).map_err(|e| proto(e.to_string()))
+/// The executor of a whole cluster: each host's own (agents over HTTP,
+/// libvirt connections), the same policies over all of them. A migration
+/// between hosts of different kinds is refused.
+#[derive(Default)]
+pub struct ClusterExecutor {
+    by_host: HashMap<String, std::sync::Arc<dyn Executor>>,
 }
 
-fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b.windows(2).position(|w| w == b"\r\n")?;
-        let size = usize::from_str_radix(std::str::from_utf8(&b[..eol]).ok()?.trim(), 16).ok()?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Some(out);
+impl std::fmt::Debug for ClusterExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterExecutor")
+            .field("hosts", &self.by_host.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl ClusterExecutor {
+    /// `host` is driven by `e`.
+    pub fn insert(&mut self, host: &str, e: std::sync::Arc<dyn Executor>) {
+        self.by_host.insert(host.to_string(), e);
+    }
+
+    fn of(&self, host: &str) -> Result<&std::sync::Arc<dyn Executor>, ExecError> {
+        self.by_host
+            .get(host)
+            .ok_or_else(|| ExecError::NoAgent(host.to_string()))
+    }
+}
+
+impl Executor for ClusterExecutor {
+    fn status(&self, host: &str) -> Result<AgentStatus, ExecError> {
+        self.of(host)?.status(host)
+    }
+    fn migrate(&self, vm: &str, from: &str, to: &str) -> Result<(), ExecError> {
+        let (a, b) = (self.of(from)?, self.of(to)?);
+        if !std::sync::Arc::ptr_eq(a, b) {
+            return Err(ExecError::Incompatible {
+                from: from.to_string(),
+                to: to.to_string(),
+            });
         }
-        out.extend_from_slice(b.get(..size)?);
-        b = b.get(size + 2..)?;
+        a.migrate(vm, from, to)
+    }
+    fn shutdown_vm(&self, vm: &str, host: &str) -> Result<(), ExecError> {
+        self.of(host)?.shutdown_vm(vm, host)
+    }
+    fn start_vm(&self, vm: &str, mem_mb: u64, host: &str) -> Result<(), ExecError> {
+        self.of(host)?.start_vm(vm, mem_mb, host)
     }
 }

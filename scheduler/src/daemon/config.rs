@@ -61,7 +61,7 @@ pub enum ConfigError {
 }
 
 /// A problem with one entry; the entry is left out, the rest is served.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct ConfigProblem {
     /// The file.
     pub path: String,
@@ -89,9 +89,6 @@ pub struct DaemonSection {
     /// Seconds between planning rounds.
     #[serde(default = "default_interval")]
     pub interval_s: f64,
-    /// Libvirt URI for inventory (feature `libvirt`), e.g. `test:///default`.
-    #[serde(default)]
-    pub libvirt: Option<String>,
     /// Seconds a host must stay lightly loaded before power save empties
     /// it (default: the planner's, 900).
     #[serde(default)]
@@ -153,8 +150,16 @@ pub struct HostEntry {
     pub core_mips: f64,
     /// Memory in MB.
     pub mem_mb: u64,
-    /// The host agent's HTTP address.
+    /// The host agent's HTTP address (a ferry agent host).
     pub agent: Option<Spanned<String>>,
+    /// Or: the host's libvirt connection URI (a libvirt host, feature
+    /// `libvirt`), e.g. `qemu+ssh://root@h1/system`, or
+    /// `qemu+unix:///system?socket=/srv/h1/libvirt-sock`.
+    pub libvirt: Option<Spanned<String>>,
+    /// A libvirt host: where the daemon reaches this host's
+    /// `[libvirt] socket_dir` (its own view of the folder QEMU's migration
+    /// sockets are in). Default: `socket_dir` itself.
+    pub tunnel_dir: Option<PathBuf>,
     /// Power driver.
     pub power: Option<PowerConfig>,
 }
@@ -176,10 +181,78 @@ pub struct VmEntry {
     pub on_evacuate: OnEvacuate,
 }
 
+/// `[libvirt]`: how migrations between libvirt hosts are carried. Both
+/// ends of ferry's tunnel run in the daemon: the source end listens on the
+/// source host's view of `socket_dir` (its `tunnel_dir`), the destination
+/// end connects to the destination's; libvirt is told `--migrateuri
+/// unix://SOCKET_DIR/NAME.sock` (and `disks_uri` for VMs with local disks),
+/// the same path on both hosts, each seeing its own folder there.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtSection {
+    /// The folder QEMU's migration sockets are created in, as QEMU sees it
+    /// on every libvirt host. Unset: libvirt migrates over its own
+    /// connection (no tunnel).
+    pub socket_dir: Option<PathBuf>,
+    /// Address the tunnel's destination end listens on (port chosen per
+    /// migration).
+    #[serde(default = "default_tunnel_ip")]
+    pub tunnel_ip: String,
+    /// Tunnel lanes (TCP connections).
+    #[serde(default = "default_lanes")]
+    pub lanes: u16,
+    /// LZ4 on the tunnel (chunks that do not shrink go raw).
+    #[serde(default = "default_true")]
+    pub lz4: bool,
+    /// Tunnel bandwidth cap in bytes/s.
+    pub max_bandwidth: Option<u64>,
+    /// libvirt's own bandwidth limit for a migration, MiB/s.
+    pub bandwidth_mib_s: Option<u64>,
+    /// Largest pause libvirt may take to switch over, ms.
+    pub max_downtime_ms: Option<u64>,
+    /// QEMU multifd connections (`--parallel --parallel-connections N`).
+    pub parallel_connections: Option<u32>,
+    /// Disks are on storage every host sees: never copy them. Default
+    /// false: a VM with a file or block disk migrates with
+    /// `VIR_MIGRATE_NON_SHARED_DISK`.
+    #[serde(default)]
+    pub shared_storage: bool,
+    /// Mutual TLS on the tunnel's lanes (the daemon runs both ends).
+    pub tls: Option<TlsEntry>,
+    /// Plaintext lanes: must be asked for by name when `tls` is not given.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+fn default_tunnel_ip() -> String {
+    "127.0.0.1".into()
+}
+fn default_lanes() -> u16 {
+    2
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Certificate files (`ferry tls gen-certs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsEntry {
+    /// PEM certificate.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// The CA.
+    pub ca: PathBuf,
+    /// The name `cert` is valid for.
+    pub server_name: String,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     daemon: DaemonSection,
+    libvirt: Option<Spanned<LibvirtSection>>,
     #[serde(default)]
     host: Vec<HostEntry>,
     #[serde(default)]
@@ -193,6 +266,8 @@ pub struct Config {
     pub path: PathBuf,
     /// `[daemon]`.
     pub daemon: DaemonSection,
+    /// `[libvirt]`, if given.
+    pub libvirt: Option<LibvirtSection>,
     /// Valid hosts.
     pub hosts: Vec<HostEntry>,
     /// Valid VMs.
@@ -243,6 +318,14 @@ impl Config {
                 ),
             ),
         }
+        if let Err(e) = raw
+            .daemon
+            .policy
+            .parse::<crate::plan::planner::PolicyMode>()
+        {
+            // The span of `policy` is not kept; the [daemon] table's line is.
+            problem(&mut problems, raw.daemon.listen.span().start, e);
+        }
         let mut hosts: Vec<HostEntry> = Vec::new();
         let all_names: Vec<String> = raw.host.iter().map(|h| h.name.get_ref().clone()).collect();
         for h in raw.host {
@@ -262,6 +345,56 @@ impl Config {
                     format!("host {:?} has no CPU or memory", h.name.get_ref()),
                 );
                 continue;
+            }
+            if let Some(p) = &h.power {
+                if let Err(e) = super::power::from_config(p) {
+                    problem(
+                        &mut problems,
+                        at,
+                        format!("host {:?}: power driver: {e}", h.name.get_ref()),
+                    );
+                    continue;
+                }
+            }
+            if let (Some(_), Some(l)) = (&h.agent, &h.libvirt) {
+                problem(
+                    &mut problems,
+                    l.span().start,
+                    format!(
+                        "host {:?} has both an agent and a libvirt URI: choose one",
+                        h.name.get_ref()
+                    ),
+                );
+                continue;
+            }
+            if let Some(l) = &h.libvirt {
+                if !cfg!(feature = "libvirt") {
+                    problem(
+                        &mut problems,
+                        l.span().start,
+                        format!(
+                            "host {:?} is a libvirt host, but this ferry was built without libvirt support (feature `libvirt`)",
+                            h.name.get_ref()
+                        ),
+                    );
+                    continue;
+                }
+                if let Some(other) = hosts
+                    .iter()
+                    .find(|x| x.libvirt.as_ref().map(Spanned::get_ref) == Some(l.get_ref()))
+                {
+                    problem(
+                        &mut problems,
+                        l.span().start,
+                        format!(
+                            "host {:?} claims libvirt URI {:?}, which host {:?} already has",
+                            h.name.get_ref(),
+                            l.get_ref(),
+                            other.name.get_ref()
+                        ),
+                    );
+                    continue;
+                }
             }
             if let Some(agent) = &h.agent {
                 let Ok(addr) = agent.get_ref().parse::<SocketAddr>() else {
@@ -344,9 +477,25 @@ impl Config {
             }
             vms.push(v);
         }
+        let libvirt = raw.libvirt.map(|l| {
+            let at = l.span().start;
+            let l = l.into_inner();
+            if l.socket_dir.is_some() && l.tls.is_none() && !l.insecure {
+                problem(
+                    &mut problems,
+                    at,
+                    "[libvirt]: the tunnel needs `tls = { cert, key, ca, server_name }` or, asked for by name, `insecure = true`".into(),
+                );
+            }
+            if l.lanes == 0 {
+                problem(&mut problems, at, "[libvirt]: lanes must be at least 1".into());
+            }
+            l
+        });
         Ok(Config {
             path: path.to_path_buf(),
             daemon: raw.daemon,
+            libvirt,
             hosts,
             vms,
             problems,
@@ -425,6 +574,23 @@ mem_mb = 512
         assert!(c.vms.is_empty());
         assert_eq!(c.problems[0].line, 23);
         assert!(c.problems[0].message.contains("bigger than any host"));
+    }
+
+    #[test]
+    fn a_bad_policy_and_a_bad_power_driver_are_reported() {
+        let text = GOOD
+            .replace(
+                "listen = \"127.0.0.1:7070\"",
+                "listen = \"127.0.0.1:7070\"\npolicy = \"chaos\"",
+            )
+            .replace("52:54:00:12:34:56", "52:54:00:12:34");
+        let c = Config::parse(Path::new("c.toml"), &text).unwrap();
+        assert_eq!(c.problems.len(), 2, "{:?}", c.problems);
+        assert!(c.problems[0].message.contains("unknown policy \"chaos\""));
+        assert!(c.problems[1]
+            .message
+            .contains("host \"h2\": power driver: bad MAC address"));
+        assert_eq!(c.hosts.len(), 1, "the host with a bad driver is left out");
     }
 
     #[test]

@@ -6,10 +6,12 @@
 
 pub mod agent;
 pub mod api;
+pub mod client;
 pub mod config;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod power;
+pub mod protocol;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -22,7 +24,7 @@ use tracing::{info, warn};
 use crate::model::{Cluster, Host, PowerState, Vm};
 use crate::plan::planner::{Planner, PolicyMode};
 use crate::plan::{apply, Action, Plan};
-use agent::{Executor, HttpAgents};
+use agent::{ClusterExecutor, Executor, HttpAgents};
 use config::{Config, ConfigError, ConfigProblem};
 use power::PowerDriver;
 
@@ -75,12 +77,95 @@ pub struct State {
     pub cluster: Cluster,
     /// The planner (policy, timers).
     pub planner: Planner,
-    /// The last plan made.
-    pub last_plan: Plan,
     /// Configuration problems (entries left out).
     pub problems: Vec<ConfigProblem>,
     /// Counters.
     pub counters: Counters,
+    /// Each host's health (by index), as the last inventory found it.
+    pub health: Vec<HostHealth>,
+    /// What the last inventory found wrong with the cluster as a whole
+    /// (a VM running on two hosts, ...); recomputed every round.
+    pub alerts: Vec<String>,
+    /// What the last round did.
+    pub last_round: RoundReport,
+}
+
+/// Whether a host's agent (or libvirt connection) answers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct HostHealth {
+    /// `None` until asked (or when the host has no agent or is off).
+    pub reachable: Option<bool>,
+    /// Since when (seconds since the Unix epoch) `reachable` has had its value.
+    pub since_unix_s: Option<u64>,
+    /// Why it is not reachable (or not trusted), if so.
+    pub error: Option<String>,
+}
+
+impl HostHealth {
+    fn set(&mut self, reachable: Option<bool>, error: Option<String>) {
+        if self.reachable != reachable {
+            self.since_unix_s = reachable.map(|_| unix_now());
+            if reachable.is_some() {
+                info!(
+                    reachable,
+                    error = error.as_deref().unwrap_or(""),
+                    "host health changed"
+                );
+            }
+        }
+        self.reachable = reachable;
+        self.error = error;
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What happened to one planned action.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Carried out.
+    Done,
+    /// Tried and failed; nothing changed (a VM stays on its source).
+    Failed {
+        /// Why, with the executor's own words.
+        error: String,
+    },
+    /// Not tried.
+    Skipped {
+        /// Why.
+        why: String,
+    },
+}
+
+/// One round: what was planned, what became of each action.
+#[derive(Debug, Clone, Default)]
+pub struct RoundReport {
+    /// The plan.
+    pub plan: Plan,
+    /// One outcome per action of `plan`.
+    pub outcomes: Vec<Outcome>,
+    /// Why planning failed, if it did (then the plan is empty).
+    pub plan_error: Option<String>,
+}
+
+impl RoundReport {
+    /// The failed actions, described with names, with their errors.
+    pub fn failures(&self, c: &Cluster) -> Vec<String> {
+        self.plan
+            .actions
+            .iter()
+            .zip(&self.outcomes)
+            .filter_map(|(a, o)| match o {
+                Outcome::Failed { error } => Some(format!("{}: {error}", describe(c, a))),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// A running daemon's handles.
@@ -115,6 +200,8 @@ impl Daemon {
             timeout: Some(Duration::from_secs(600)),
             ..HttpAgents::default()
         };
+        #[cfg(feature = "libvirt")]
+        let mut libvirt_hosts = std::collections::HashMap::new();
         let mut drivers: Vec<Option<Box<dyn PowerDriver>>> = Vec::new();
         for h in &cfg.hosts {
             let name = h.name.get_ref().clone();
@@ -123,6 +210,17 @@ impl Daemon {
                 if let Ok(addr) = a.get_ref().parse::<SocketAddr>() {
                     agents.agents.insert(name.clone(), addr);
                 }
+            }
+            #[cfg(feature = "libvirt")]
+            if let Some(uri) = &h.libvirt {
+                libvirt_hosts.insert(
+                    name.clone(),
+                    libvirt::LibvirtHost {
+                        uri: uri.get_ref().clone(),
+                        core_mips: h.core_mips,
+                        tunnel_dir: h.tunnel_dir.clone(),
+                    },
+                );
             }
             let driver = h.power.as_ref().and_then(|p| match power::from_config(p) {
                 Ok(d) => Some(d),
@@ -141,6 +239,29 @@ impl Daemon {
             }
             cluster.hosts.push(host);
             drivers.push(driver);
+        }
+        let mut executor = ClusterExecutor::default();
+        let agent_names: Vec<String> = agents.agents.keys().cloned().collect();
+        let agents: Arc<dyn Executor> = Arc::new(agents);
+        for n in agent_names {
+            executor.insert(&n, agents.clone());
+        }
+        #[cfg(feature = "libvirt")]
+        if !libvirt_hosts.is_empty() {
+            let names: Vec<String> = libvirt_hosts.keys().cloned().collect();
+            match libvirt::LibvirtHosts::new(libvirt_hosts, cfg.libvirt.clone()) {
+                Ok(l) => {
+                    let l: Arc<dyn Executor> = Arc::new(l);
+                    for n in names {
+                        executor.insert(&n, l.clone());
+                    }
+                }
+                Err(e) => problems.push(ConfigProblem {
+                    path: cfg.path.display().to_string(),
+                    line: 0,
+                    message: format!("libvirt hosts left out: {}", agent::error_chain(&e)),
+                }),
+            }
         }
         for v in &cfg.vms {
             let mut vm = Vm::new(v.name.get_ref(), v.cpu_mips, *v.mem_mb.get_ref());
@@ -174,11 +295,13 @@ impl Daemon {
             state: Arc::new(Mutex::new(State {
                 cluster,
                 planner,
-                last_plan: Plan::default(),
                 problems,
                 counters: Counters::default(),
+                health: vec![HostHealth::default(); cfg.hosts.len()],
+                alerts: Vec::new(),
+                last_round: RoundReport::default(),
             })),
-            executor: Arc::new(agents),
+            executor: Arc::new(executor),
             drivers: Arc::new(drivers),
             round_lock: Arc::new(tokio::sync::Mutex::new(())),
         }
@@ -190,8 +313,8 @@ impl Daemon {
         self
     }
 
-    /// One round: inventory, plan, execute. Returns the plan.
-    pub async fn round(&self, now: f64) -> Plan {
+    /// One round: inventory, plan, execute. Returns what it did.
+    pub async fn round(&self, now: f64) -> RoundReport {
         let _g = self.round_lock.lock().await;
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.round_blocking(now))
@@ -199,23 +322,23 @@ impl Daemon {
             .unwrap_or_default()
     }
 
-    fn round_blocking(&self, now: f64) -> Plan {
+    fn round_blocking(&self, now: f64) -> RoundReport {
         self.refresh_inventory();
-        let (snapshot, plan) = {
+        let (snapshot, plan, plan_error) = {
             let mut st = lock(&self.state);
             st.cluster.now = now;
             st.counters.rounds += 1;
             let snapshot = st.cluster.clone();
-            let plan = match st.planner.plan(&snapshot) {
-                Ok(p) => p,
+            let (plan, plan_error) = match st.planner.plan(&snapshot) {
+                Ok(p) => (p, None),
                 Err(e) => {
                     warn!(error = %e, "planning failed; nothing moves this round");
-                    Plan::default()
+                    (Plan::default(), Some(e.to_string()))
                 }
             };
-            st.last_plan = plan.clone();
-            (snapshot, plan)
+            (snapshot, plan, plan_error)
         };
+        let mut outcomes = Vec::with_capacity(plan.actions.len());
         // Hosts that must stay on this round: a move or shutdown off them
         // failed, so a VM may still run there.
         let mut keep_on = std::collections::BTreeSet::new();
@@ -225,10 +348,16 @@ impl Daemon {
                 if let Some(why) = self.unsafe_to_power_off(&snapshot, host, &keep_on) {
                     lock(&self.state).counters.power_failed += 1;
                     warn!(host = %snapshot.hosts[host].name, %why, "not powering off: it may still run a VM");
+                    outcomes.push(Outcome::Skipped {
+                        why: format!("not powering off: {why}"),
+                    });
                     continue;
                 }
             }
-            if self.execute(&snapshot, a) {
+            let outcome = self.execute(&snapshot, a);
+            let done = outcome == Outcome::Done;
+            outcomes.push(outcome);
+            if done {
                 apply(&mut lock(&self.state).cluster, a);
             } else {
                 match *a {
@@ -242,7 +371,13 @@ impl Daemon {
                 }
             }
         }
-        plan
+        let report = RoundReport {
+            plan,
+            outcomes,
+            plan_error,
+        };
+        lock(&self.state).last_round = report.clone();
+        report
     }
 
     /// Why `host` must not be powered off now, if it must not: a VM failed
@@ -264,7 +399,7 @@ impl Daemon {
                 .find(|v| v.running)
                 .map(|v| format!("its agent still runs {}", v.name)),
             Err(agent::ExecError::NoAgent(_)) => None,
-            Err(e) => Some(format!("its agent cannot be asked: {e}")),
+            Err(e) => Some(format!("its agent cannot be asked: {}", e.chain())),
         }
     }
 
@@ -278,14 +413,24 @@ impl Daemon {
                 .map(|(i, h)| (i, h.name.clone(), h.power))
                 .collect()
         };
+        // Which hosts report each VM running this round.
+        let mut running_on: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for (h, name, power) in hosts {
             if power != PowerState::On {
+                lock(&self.state).health[h].set(None, None);
                 continue;
             }
             match self.executor.status(&name) {
                 Ok(s) => {
                     let mut st = lock(&self.state);
+                    st.health[h].set(Some(true), None);
                     for av in s.vms {
+                        if av.running {
+                            running_on
+                                .entry(av.name.clone())
+                                .or_default()
+                                .push(name.clone());
+                        }
                         match st.cluster.vm_by_name(&av.name) {
                             Some(v) => {
                                 let vm = &mut st.cluster.vms[v];
@@ -305,17 +450,35 @@ impl Daemon {
                         }
                     }
                 }
-                Err(agent::ExecError::NoAgent(_)) => {}
+                Err(agent::ExecError::NoAgent(_)) => lock(&self.state).health[h].set(None, None),
                 Err(e) => {
-                    lock(&self.state).counters.inventory_failed += 1;
-                    warn!(host = %name, error = %e, "inventory failed; keeping the last known state");
+                    let mut st = lock(&self.state);
+                    st.counters.inventory_failed += 1;
+                    st.health[h].set(Some(false), Some(e.chain()));
+                    warn!(host = %name, error = %e.chain(), "inventory failed; keeping the last known state");
                 }
             }
         }
+        let alerts: Vec<String> = running_on
+            .into_iter()
+            .filter(|(_, hosts)| hosts.len() > 1)
+            .map(|(vm, hosts)| {
+                format!(
+                    "VM {vm:?} is reported running on {} hosts: {}",
+                    hosts.len(),
+                    hosts.join(", ")
+                )
+            })
+            .collect();
+        for a in &alerts {
+            warn!(alert = %a, "cluster inconsistent");
+        }
+        lock(&self.state).alerts = alerts;
     }
 
-    fn execute(&self, c: &Cluster, a: &Action) -> bool {
+    fn execute(&self, c: &Cluster, a: &Action) -> Outcome {
         let count = |f: fn(&mut Counters)| f(&mut lock(&self.state).counters);
+        let failed = |error: String| Outcome::Failed { error };
         match *a {
             Action::Migrate { vm, from, to, .. } => {
                 match self
@@ -324,12 +487,12 @@ impl Daemon {
                 {
                     Ok(()) => {
                         count(|c| c.migrations_ok += 1);
-                        true
+                        Outcome::Done
                     }
                     Err(e) => {
                         count(|c| c.migrations_failed += 1);
-                        warn!(vm = %c.vms[vm].name, error = %e, "migration failed; the VM stays on its source, the next round retries");
-                        false
+                        warn!(vm = %c.vms[vm].name, error = %e.chain(), "migration failed; the VM stays on its source, the next round retries");
+                        failed(e.chain())
                     }
                 }
             }
@@ -337,7 +500,9 @@ impl Daemon {
                 let on = matches!(a, Action::PowerOn { .. });
                 let Some(Some(d)) = self.drivers.get(host) else {
                     warn!(host = %c.hosts[host].name, "no power driver; not switched");
-                    return false;
+                    return Outcome::Skipped {
+                        why: format!("host {} has no power driver", c.hosts[host].name),
+                    };
                 };
                 let r = if on { d.power_on() } else { d.power_off() };
                 match r {
@@ -347,12 +512,13 @@ impl Daemon {
                         } else {
                             count(|c| c.power_off += 1);
                         }
-                        true
+                        Outcome::Done
                     }
                     Err(e) => {
                         count(|c| c.power_failed += 1);
+                        let e = agent::error_chain(&e);
                         warn!(host = %c.hosts[host].name, driver = d.name(), error = %e, "power operation failed");
-                        false
+                        failed(e)
                     }
                 }
             }
@@ -362,10 +528,10 @@ impl Daemon {
                     .map(|h| c.hosts[h].name.clone())
                     .unwrap_or_default();
                 match self.executor.shutdown_vm(&c.vms[vm].name, &host) {
-                    Ok(()) => true,
+                    Ok(()) => Outcome::Done,
                     Err(e) => {
-                        warn!(vm = %c.vms[vm].name, error = %e, "shutdown failed");
-                        false
+                        warn!(vm = %c.vms[vm].name, error = %e.chain(), "shutdown failed");
+                        failed(e.chain())
                     }
                 }
             }
@@ -374,10 +540,10 @@ impl Daemon {
                     .executor
                     .start_vm(&c.vms[vm].name, c.vms[vm].mem_mb, &c.hosts[host].name)
                 {
-                    Ok(()) => true,
+                    Ok(()) => Outcome::Done,
                     Err(e) => {
-                        warn!(vm = %c.vms[vm].name, error = %e, "start failed");
-                        false
+                        warn!(vm = %c.vms[vm].name, error = %e.chain(), "start failed");
+                        failed(e.chain())
                     }
                 }
             }

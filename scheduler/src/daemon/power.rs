@@ -3,6 +3,7 @@
 //! starts and stops a local process (an agent) as the host's power.
 
 use std::net::{ToSocketAddrs, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::sync::Mutex;
 
@@ -184,12 +185,83 @@ impl PowerDriver for WakeOnLan {
     }
 }
 
-/// Starts a process on power-on, kills and reaps it on power-off (and on drop).
+/// Starts a process on power-on, kills and reaps it on power-off (and on
+/// drop). The process dies with the daemon: it is started with
+/// `PR_SET_PDEATHSIG` from a thread that lives as long as the driver (the
+/// signal follows the thread that forked, and the runtime's blocking
+/// threads come and go).
 #[derive(Debug)]
 pub struct ProcessDriver {
     /// Argv of the process.
     pub command: Vec<String>,
     child: Mutex<Option<Child>>,
+    launcher: Mutex<Option<Launcher>>,
+}
+
+type LaunchReply = std::sync::mpsc::Sender<std::io::Result<Child>>;
+
+/// The long-lived thread that forks the driver's processes.
+#[derive(Debug)]
+struct Launcher {
+    requests: std::sync::mpsc::Sender<(Vec<String>, LaunchReply)>,
+}
+
+impl Launcher {
+    fn start() -> std::io::Result<Launcher> {
+        let (tx, rx) = std::sync::mpsc::channel::<(Vec<String>, LaunchReply)>();
+        std::thread::Builder::new()
+            .name("power-process".into())
+            .spawn(move || {
+                for (argv, reply) in rx {
+                    let _ = reply.send(spawn_tied(&argv));
+                }
+            })?;
+        Ok(Launcher { requests: tx })
+    }
+
+    fn spawn(&self, argv: &[String]) -> std::io::Result<Child> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let gone = || std::io::Error::other("the launcher thread is gone");
+        self.requests
+            .send((argv.to_vec(), tx))
+            .map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())?
+    }
+}
+
+/// Spawns `argv` so that it is SIGKILLed when this thread (hence the
+/// daemon) dies.
+fn spawn_tied(argv: &[String]) -> std::io::Result<Child> {
+    let (prog, args) = argv
+        .split_first()
+        .ok_or_else(|| std::io::Error::other("empty command"))?;
+    let parent = std::process::id();
+    let mut cmd = Command::new(prog);
+    cmd.args(args);
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls prctl(2) and getppid(2), which are async-signal-safe; it
+    // allocates nothing and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || tie_to_parent(parent));
+    }
+    cmd.spawn()
+}
+
+/// In a freshly forked child: be SIGKILLed when the parent's forking
+/// thread dies; fail if `parent` is already gone.
+fn tie_to_parent(parent: u32) -> std::io::Result<()> {
+    // SAFETY: prctl with PR_SET_PDEATHSIG and a signal number reads no
+    // pointers.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The parent may have died before the prctl: then nobody would send
+    // the signal.
+    // SAFETY: getppid has no arguments and cannot fail.
+    if u32::try_from(unsafe { libc::getppid() }).ok() != Some(parent) {
+        return Err(std::io::Error::other("the daemon died while starting it"));
+    }
+    Ok(())
 }
 
 impl ProcessDriver {
@@ -198,6 +270,7 @@ impl ProcessDriver {
         Self {
             command,
             child: Mutex::new(None),
+            launcher: Mutex::new(None),
         }
     }
 
@@ -220,17 +293,27 @@ impl PowerDriver for ProcessDriver {
                 return Ok(()); // already on
             }
         }
-        let (prog, args) = self.command.split_first().ok_or(PowerError::Unsupported {
-            driver: "process",
-            op: "start an empty command",
-        })?;
-        let child = Command::new(prog)
-            .args(args)
-            .spawn()
-            .map_err(|source| PowerError::Spawn {
-                command: self.command.clone(),
-                source,
-            })?;
+        if self.command.is_empty() {
+            return Err(PowerError::Unsupported {
+                driver: "process",
+                op: "start an empty command",
+            });
+        }
+        let spawn_err = |source| PowerError::Spawn {
+            command: self.command.clone(),
+            source,
+        };
+        let mut launcher = self.launcher.lock().unwrap_or_else(|e| e.into_inner());
+        if launcher.is_none() {
+            *launcher = Some(Launcher::start().map_err(spawn_err)?);
+        }
+        let child = launcher
+            .as_ref()
+            .map_or_else(
+                || Err(std::io::Error::other("no launcher")),
+                |l| l.spawn(&self.command),
+            )
+            .map_err(spawn_err)?;
         *g = Some(child);
         Ok(())
     }
@@ -255,8 +338,26 @@ impl Drop for ProcessDriver {
     }
 }
 
-/// The driver a config entry describes.
+/// The driver a config entry describes (checked: no empty command, a
+/// well-formed MAC address).
 pub fn from_config(cfg: &PowerConfig) -> Result<Box<dyn PowerDriver>, PowerError> {
+    let empty = |driver, argv: &[String], op| {
+        if argv.is_empty() {
+            Err(PowerError::Unsupported { driver, op })
+        } else {
+            Ok(())
+        }
+    };
+    match cfg {
+        PowerConfig::Command { on, off } => {
+            empty("command", on, "power on with an empty `on` command")?;
+            empty("command", off, "power off with an empty `off` command")?;
+        }
+        PowerConfig::Process { command } => {
+            empty("process", command, "start an empty command")?;
+        }
+        PowerConfig::Wol { .. } => {}
+    }
     Ok(match cfg {
         PowerConfig::Command { on, off } => Box::new(CommandHook {
             on: on.clone(),
@@ -335,6 +436,19 @@ mod tests {
             off: vec![],
         };
         assert!(matches!(missing.power_on(), Err(PowerError::Spawn { .. })));
+    }
+
+    #[test]
+    fn a_started_process_dies_with_the_thread_that_started_it() {
+        use std::os::unix::process::ExitStatusExt;
+        let argv = vec!["sleep".to_string(), "300".to_string()];
+        let mut child = std::thread::spawn(move || spawn_tied(&argv).unwrap())
+            .join()
+            .unwrap();
+        // The thread is gone: the kernel kills the process (no timing
+        // assumed: wait blocks until it happens).
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
     }
 
     #[test]
