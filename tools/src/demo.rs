@@ -20,8 +20,8 @@ use crate::migrate_cmd;
 /// `ferry demo`
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Guest RAM.
-    #[arg(long, default_value = "1G")]
+    /// Guest RAM (binary units: 256M, 1G), as `ferry vm run --mem` takes it.
+    #[arg(long, default_value = "1G", value_parser = crate::vm_cmd::check_mem)]
     pub mem: String,
     /// Pages per second the guest dirties while it moves.
     #[arg(long, default_value_t = 20_000)]

@@ -207,6 +207,16 @@ impl Terminal {
         Self { bar, round: 0 }
     }
 
+    /// A line above the bar; printed plainly when there is no terminal to
+    /// draw the bar on (indicatif would drop it).
+    fn say(&self, line: String) {
+        if self.bar.is_hidden() {
+            println!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
     fn show(&mut self, ev: &Event) {
         let bar = &self.bar;
         match ev {
@@ -259,7 +269,7 @@ impl Terminal {
                 bar.set_prefix(round.to_string());
                 bar.set_length((*pages).max(1));
                 bar.set_position((*pages).max(1));
-                bar.println(format!(
+                self.say(format!(
                     "round {round:>2}: {pages:>8} pages in {duration_ms:>7.1} ms{how}, {dirty_pages:>7} dirty after; dirty {:.0} pages/s, bandwidth {}, expected downtime {:.1} ms, throttle {throttle_percent} % -> {}",
                     a.dirty_rate_pages_per_sec,
                     format_rate(a.bandwidth_bytes_per_sec),
@@ -279,7 +289,7 @@ impl Terminal {
                 bar.set_position(bar.length().unwrap_or(100));
                 bar.set_message(format!("handover: {}", step.replace('_', " ")));
             }
-            Event::Abandoned { reason } => bar.println(format!("abandoned: {reason}")),
+            Event::Abandoned { reason } => self.say(format!("abandoned: {reason}")),
         }
     }
 

@@ -70,6 +70,12 @@ fn parse_mem(s: &str) -> Result<u64, String> {
     parse_bytes_at_least(s, MIN_GUEST_BYTES).map_err(|e| e.to_string())
 }
 
+/// Checks a `--mem` value and keeps it as typed (for commands that pass
+/// it on to `ferry vm`).
+pub(crate) fn check_mem(s: &str) -> Result<String, String> {
+    parse_mem(s).map(|_| s.to_owned())
+}
+
 fn parse_run_time(s: &str) -> Result<Duration, String> {
     parse_duration(s, BareUnit::Secs, MAX_RUN).map_err(|e| e.to_string())
 }

@@ -356,6 +356,7 @@ fn bad_inputs_are_refused_naming_the_flag() {
     mig("--max-downtime-ms", "2h");
     mig("--xor-cache", "lots");
     refused(&["vm", "run", "--mem", "256"], "--mem");
+    refused(&["demo", "--mem", "256"], "--mem");
     refused(&["vm", "run", "--mem", "64M", "--wss", "999G"], "--wss");
     refused(&["vm", "run", "--mem", "64M", "--wss", "32"], "--wss");
     refused(
