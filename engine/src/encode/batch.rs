@@ -85,8 +85,13 @@ impl BatchBuilder {
     /// Like [`BatchBuilder::from_buffer`], with `headroom` free bytes before
     /// the batch: [`BatchBuilder::finish`] then returns them, unchanged, in
     /// front of the batch.
+    ///
+    /// Room for `bytes` is reserved, but only what the batch uses gets
+    /// initialized (zeroed) as it grows: a small batch in a new buffer does
+    /// not pay for zeroing a large one.
     pub fn with_headroom(mut buffer: Vec<u8>, bytes: usize, headroom: usize) -> Self {
-        let len = bytes.max(headroom + PAGE_SIZE);
+        buffer.reserve(bytes.saturating_sub(buffer.len()));
+        let len = headroom + PAGE_SIZE;
         if buffer.len() < len {
             buffer.resize(len, 0);
         }
@@ -102,8 +107,16 @@ impl BatchBuilder {
     fn ensure_room(&mut self, payload: usize) {
         let need = self.used + payload;
         if need > self.bytes.len() {
-            self.bytes.resize(need.max(self.bytes.len() * 2), 0);
+            // Within the reserved capacity: no reallocation, and each byte
+            // is zeroed once, when first needed.
+            let grown = need.max(self.bytes.len() * 2).min(self.bytes.capacity());
+            self.bytes.resize(grown.max(need), 0);
         }
+    }
+
+    /// The buffer back, for another batch ([`BatchBuilder::with_headroom`]).
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.bytes
     }
 
     fn add_entry(&mut self, page: u64, encoding: PageEncoding, len: usize, hash: u64) {

@@ -260,11 +260,12 @@ pub(crate) fn run_worker(
     out: &Sender<WorkerOutput>,
 ) {
     let mut encoder = PageEncoder::new().with_lz4(ctx.lz4);
+    let mut spare = None;
     while let Ok(chunk) = jobs.recv() {
         if ctx.cancel.load(Ordering::Relaxed) {
             return;
         }
-        match encode_chunk(ctx, &chunk, &mut encoder, out) {
+        match encode_chunk(ctx, &chunk, &mut encoder, &mut spare, out) {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
@@ -275,11 +276,29 @@ pub(crate) fn run_worker(
     }
 }
 
+/// A batch in a recycled buffer: the worker's `spare` (a batch that stayed
+/// empty), else one the lane writers sent back, else a new one. A chunk of
+/// a late round often sends nothing (its pages unchanged): keeping its
+/// buffer saves allocating and zeroing a fresh one for the next chunk.
+fn recycled_batch(
+    ctx: &WorkerContext<'_>,
+    spare: &mut Option<Vec<u8>>,
+    capacity: usize,
+    headroom: usize,
+) -> BatchBuilder {
+    let buffer = spare
+        .take()
+        .or_else(|| ctx.free.try_recv().ok())
+        .unwrap_or_default();
+    BatchBuilder::with_headroom(buffer, capacity, headroom)
+}
+
 /// Encode one chunk. `Ok(false)` when the output channel is gone.
 fn encode_chunk(
     ctx: &WorkerContext<'_>,
     chunk: &Chunk,
     encoder: &mut PageEncoder,
+    spare: &mut Option<Vec<u8>>,
     out: &Sender<WorkerOutput>,
 ) -> Result<bool, MigrationError> {
     if chunk.reprotect {
@@ -299,9 +318,7 @@ fn encode_chunk(
     } else {
         0
     };
-    let new_batch =
-        || BatchBuilder::with_headroom(ctx.free.try_recv().unwrap_or_default(), capacity, headroom);
-    let mut batch = new_batch();
+    let mut batch = recycled_batch(ctx, spare, capacity, headroom);
     let mut counts = EncodingCounts::default();
     let mut pages = 0u64;
     let mut digest_delta = 0u64;
@@ -326,12 +343,15 @@ fn encode_chunk(
             counts.count(encoder.encode_slot(index, hash, delta, &mut batch));
             ctx.hashes.set_deferred(index, hash, &mut digest_delta);
             if batch.is_full(MAX_BATCH_PAGES, ctx.batch_bytes) {
-                let full = std::mem::replace(&mut batch, new_batch());
+                let next = recycled_batch(ctx, spare, capacity, headroom);
+                let full = std::mem::replace(&mut batch, next);
                 wire_bytes += queue(ctx, lane, full, &mut queue_time)?;
             }
         }
     }
-    if !batch.is_empty() {
+    if batch.is_empty() {
+        *spare = Some(batch.into_buffer());
+    } else {
         wire_bytes += queue(ctx, lane, batch, &mut queue_time)?;
     }
     ctx.hashes.add_to_digest(digest_delta);
