@@ -279,6 +279,20 @@ pub fn set(path: &Path, limits: Limits) -> Result<String, ClientError> {
     }
 }
 
+/// `resolve`: finishes a handover left in doubt; the answer says what
+/// happened to the guest.
+pub fn resolve(path: &Path, action: crate::ResolveAction) -> Result<String, ClientError> {
+    // `resume` may ask the destination first (a few seconds at most).
+    match one(
+        path,
+        &Request::Resolve { action },
+        Some(Duration::from_secs(30)),
+    )? {
+        Reply::Ok { message } => Ok(message),
+        r => Err(unexpected("resolve", &r)),
+    }
+}
+
 /// `quit`: asks the process to end.
 pub fn quit(path: &Path) -> Result<(), ClientError> {
     match one(path, &Request::Quit, Some(ANSWER_TIMEOUT))? {
@@ -377,6 +391,7 @@ mod tests {
             workers: None,
             xor_cache_bytes: None,
             compress: None,
+            on_deadline: None,
         };
         let got = migrate(&path, req, |e| seen.push(e.clone())).unwrap();
         t.join().unwrap();

@@ -178,6 +178,11 @@ pub struct MigrateRequest {
     /// LZ4-compress pages (default on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compress: Option<bool>,
+    /// When the downtime limit cannot be met by the deadline: `abort`
+    /// (default: the guest stays on the source) or `force` (complete
+    /// anyway; the summary says by how much the limit was exceeded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_deadline: Option<ferry_engine::OnDeadline>,
 }
 
 /// The limits of a migration: set when it starts, changed by `set` while
@@ -490,6 +495,12 @@ pub struct Summary {
     pub memory_digest: u64,
     /// The dirty log backend used.
     pub dirty_log: String,
+    /// The downtime limit in force, ms.
+    #[serde(default)]
+    pub downtime_limit_ms: f64,
+    /// How far the downtime went past the limit, ms (0: met).
+    #[serde(default)]
+    pub over_limit_ms: f64,
 }
 
 /// Where the downtime went, ms (see the engine's `DowntimeBreakdown`).
@@ -564,6 +575,8 @@ impl From<&ferry_engine::MigrationSummary> for Summary {
             max_throttle_percent: s.max_throttle_percent,
             memory_digest: s.memory_digest,
             dirty_log: s.dirty_log.to_owned(),
+            downtime_limit_ms: ms(s.downtime_limit),
+            over_limit_ms: ms(s.over_limit),
         }
     }
 }

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferry_engine::{
-    DestinationSummary, MigrationError, MigrationOptions, MigrationSteering, Retune,
-    SourceMigration, SteerError,
+    resolve_in_doubt, DestinationSummary, InDoubtDecision, InDoubtResolution, MigrationError,
+    MigrationOptions, MigrationSteering, Reconnect, Retune, SourceMigration, SteerError,
 };
 use ferry_transport::lanes::MAX_LANES;
 use ferry_transport::{default_lane_count, LaneOptions, Lanes, TransportError};
@@ -85,6 +85,18 @@ pub enum ConnectError {
     /// The TLS files did not load.
     #[error(transparent)]
     Security(#[from] crate::security::SecurityError),
+    /// The lane handshake got no answer in time.
+    #[error("cannot connect to the destination {to} ({lanes} lanes, {security}): the lane handshake got no answer within {timeout:?} (a stalled link, or something else listening there)")]
+    HandshakeTimeout {
+        /// The destination.
+        to: String,
+        /// Lanes asked for.
+        lanes: u16,
+        /// The security chosen, in words.
+        security: &'static str,
+        /// The handshake timeout.
+        timeout: Duration,
+    },
     /// TCP or the lane handshake failed.
     #[error("cannot connect to the destination {to} ({lanes} lanes, {security}){hint}")]
     Connect {
@@ -114,13 +126,32 @@ pub fn connect_lanes(to: &str, lanes: u16, spec: &SecuritySpec) -> Result<Lanes,
         max_bandwidth: None,
         ..LaneOptions::new(lanes, security)
     };
+    let timeout = opts.handshake_timeout;
     Lanes::connect(to, &opts).map_err(|source| {
-        // TCP worked but the lane handshake did not: the two ends may have
-        // chosen differently (plaintext against TLS, other CAs).
-        let hint = if matches!(source, TransportError::Connect { .. }) {
-            ""
-        } else {
-            " after TCP connected; check that both ends make the same security choice (TLS with certificates from one CA, or --insecure on both)"
+        use std::io::ErrorKind as Io;
+        let io = match &source {
+            TransportError::Read(e) | TransportError::Write(e) => Some(e.kind()),
+            _ => None,
+        };
+        // Name the cause the error shows: the security hint only where a
+        // security mismatch is what it looks like.
+        let hint = match (&source, io) {
+            (_, Some(Io::WouldBlock | Io::TimedOut)) => {
+                return ConnectError::HandshakeTimeout {
+                    to: to.to_owned(),
+                    lanes,
+                    security: spec.describe(),
+                    timeout,
+                }
+            }
+            (TransportError::PeerClosed, _)
+            | (_, Some(Io::ConnectionReset | Io::BrokenPipe | Io::UnexpectedEof)) => {
+                ": the destination closed the connection during the lane handshake (it died, refused the session, or the link was cut)"
+            }
+            (TransportError::Tls(_) | TransportError::Corrupt(_), _) => {
+                " after TCP connected; check that both ends make the same security choice (TLS with certificates from one CA, or --insecure on both)"
+            }
+            _ => "",
         };
         ConnectError::Connect {
             to: to.to_owned(),
@@ -193,6 +224,9 @@ impl MigrateRequest {
         }
         if let Some(c) = self.compress {
             o.compress = c;
+        }
+        if let Some(d) = self.on_deadline {
+            o.convergence.on_deadline = d;
         }
         if let Some(l) = self.lanes {
             if !(1..=MAX_LANES).contains(&l) {
@@ -287,6 +321,16 @@ pub struct Served {
     home: Mutex<GuestHome>,
     quit: AtomicBool,
     migration: Mutex<Option<Tracked>>,
+    /// The handover left in doubt, while the guest is [`GuestHome::InDoubt`].
+    in_doubt: Mutex<Option<InDoubtCase>>,
+}
+
+/// What `resolve` needs to ask the destination about a handover in doubt.
+#[derive(Debug, Clone)]
+struct InDoubtCase {
+    to: String,
+    security: SecuritySpec,
+    migration_id: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -311,6 +355,7 @@ impl Served {
             home: Mutex::new(home),
             quit: AtomicBool::new(false),
             migration: Mutex::new(None),
+            in_doubt: Mutex::new(None),
         })
     }
 
@@ -493,6 +538,11 @@ fn handle(conn: UnixStream, served: &Served) -> std::io::Result<()> {
         Ok(Request::Cancel) => cancel(served),
         Ok(Request::Set(limits)) => set(served, &limits),
         Ok(Request::Resolve { action }) => resolve(served, action),
+        Ok(Request::Quit) if served.home() == GuestHome::InDoubt => Reply::Error(ControlError::new(
+            ErrorKind::WrongState,
+            "the guest is in doubt (paused here, GO sent, the destination unreachable): finish it with `ferry vm resolve --api PATH resume|discard` first",
+            Some(GuestHome::InDoubt),
+        )),
         Ok(Request::Quit) => {
             served.quit.store(true, Ordering::Release);
             Reply::Ok {
@@ -641,11 +691,70 @@ fn resolve(served: &Served, action: ResolveAction) -> Reply {
             Some(home),
         ));
     }
-    Reply::Error(ControlError::new(
-        ErrorKind::Unsupported,
-        "this ferry cannot resolve an in-doubt handover yet; the guest stays paused here",
-        Some(home),
-    ))
+    let (Some(case), Some(vm)) = (lock(&served.in_doubt).clone(), served.vm()) else {
+        return Reply::Error(ControlError::new(
+            ErrorKind::WrongState,
+            "nothing to resolve: no handover in doubt is recorded",
+            Some(home),
+        ));
+    };
+    let decision = match action {
+        ResolveAction::Resume => InDoubtDecision::Resume,
+        ResolveAction::Discard => InDoubtDecision::Discard,
+    };
+    let reconnect = reconnect_to(&case.to, &case.security);
+    match resolve_in_doubt(
+        &*vm,
+        case.migration_id,
+        decision,
+        Some(reconnect),
+        RESOLVE_ASK,
+    ) {
+        Ok(resolution) => {
+            *lock(&served.in_doubt) = None;
+            let (now, message) = match resolution {
+                InDoubtResolution::ResumedHere { destination } => (
+                    GuestHome::Here,
+                    format!("the guest runs here again (the destination: {destination})"),
+                ),
+                InDoubtResolution::Discarded => (
+                    GuestHome::MigratedAway,
+                    "this copy is discarded; the guest lives at the destination".to_owned(),
+                ),
+            };
+            *lock(&served.home) = now;
+            if let Some(t) = lock(&served.migration).as_mut() {
+                t.report.guest = now;
+            }
+            Reply::Ok { message }
+        }
+        Err(e) => Reply::Error(ControlError::new(
+            ErrorKind::WrongState,
+            error_chain(&e),
+            Some(home),
+        )),
+    }
+}
+
+/// How long `resolve resume` tries to reach the destination before it
+/// takes the operator's word that the destination is gone.
+const RESOLVE_ASK: Duration = Duration::from_secs(3);
+
+/// Opens one fresh lane to `to`, secured as `spec` says, to ask the
+/// destination about a handover (its handshake bounded to 2 s).
+pub fn reconnect_to(to: &str, spec: &SecuritySpec) -> Reconnect {
+    let (to, spec) = (to.to_owned(), spec.clone());
+    Box::new(move || {
+        let security = spec
+            .load()
+            .map_err(|e| TransportError::Refused(error_chain(&e)))?;
+        let opts = LaneOptions {
+            max_bandwidth: None,
+            handshake_timeout: Duration::from_secs(2),
+            ..LaneOptions::new(1, security)
+        };
+        Lanes::connect(to.as_str(), &opts)
+    })
 }
 
 /// Why a migrate request is refused in the state the guest is in.
@@ -720,6 +829,7 @@ fn migrate(
             } else {
                 SourceMigration::new(vm, opts)
                     .steered_by(steering)
+                    .resolve_with(reconnect_to(&req.to, &spec))
                     .run_lanes(l, |ev| {
                         if let Some(e) = Event::from_engine(&ev) {
                             emit(e);
@@ -731,7 +841,12 @@ fn migrate(
                 Err(e @ MigrationError::Cancelled) => {
                     Err((Phase::Cancelled, GuestHome::Here, error_chain(&e)))
                 }
-                Err(e @ MigrationError::InDoubt { .. }) => {
+                Err(e @ MigrationError::InDoubt { migration_id, .. }) => {
+                    *lock(&served.in_doubt) = Some(InDoubtCase {
+                        to: req.to.clone(),
+                        security: spec.clone(),
+                        migration_id,
+                    });
                     Err((Phase::Failed, GuestHome::InDoubt, error_chain(&e)))
                 }
                 Err(e) => Err((Phase::Failed, GuestHome::Here, error_chain(&e))),

@@ -41,6 +41,25 @@ pub struct ConvergencePolicy {
     pub throttle_step: u8,
     /// Never throttle beyond this.
     pub throttle_max: u8,
+    /// What to do when the deadline passes and the expected downtime still
+    /// does not fit `max_downtime`, and whether a pause may run past it.
+    pub on_deadline: OnDeadline,
+}
+
+/// What happens when `max_downtime` cannot be met (like Nova's
+/// `live_migration_timeout_action`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDeadline {
+    /// Give up at the deadline with the guest running on the source. The
+    /// pause's budget is `max_downtime` (plus the pause margin, after which
+    /// it is aborted before GO).
+    #[default]
+    Abort,
+    /// Stop and copy at the deadline anyway; the pause's budget is then the
+    /// expected downtime, and the summary says by how much the limit was
+    /// exceeded.
+    Force,
 }
 
 impl Default for ConvergencePolicy {
@@ -53,6 +72,7 @@ impl Default for ConvergencePolicy {
             throttle_initial: 20,
             throttle_step: 10,
             throttle_max: 99,
+            on_deadline: OnDeadline::Abort,
         }
     }
 }
@@ -130,7 +150,8 @@ pub struct ControllerState {
 ///    the last round is cheap), unless it is still above `settle_downtime`,
 ///    the round at least halved the dirty set and the deadline has not
 ///    passed → **continue** (settling).
-/// 4. Past the deadline → **give up**.
+/// 4. Past the deadline → **give up** ([`OnDeadline::Abort`]) or
+///    **stop-and-copy** anyway ([`OnDeadline::Force`]).
 /// 5. The round did not shrink the dirty set below [`SHRINK_PERCENT`] % of
 ///    the previous one and auto-converge is on → **throttle** one step
 ///    (`throttle_initial`, then `+throttle_step`, capped at `throttle_max`;
@@ -175,7 +196,10 @@ pub fn decide(
     } else if expected_downtime <= policy.max_downtime {
         Decision::Continue
     } else if past_deadline {
-        Decision::GiveUp
+        match policy.on_deadline {
+            OnDeadline::Abort => Decision::GiveUp,
+            OnDeadline::Force => Decision::StopAndCopy,
+        }
     } else if !shrinking && policy.auto_converge && state.throttle < policy.throttle_max {
         let next = if state.throttle == 0 {
             policy.throttle_initial
@@ -382,6 +406,16 @@ mod tests {
                 state(gbps, Some(20_000), 0),
                 round(100, 20_000, 82_140_000, 19_500, 300_000),
                 Decision::GiveUp,
+            ),
+            (
+                "past the deadline, forced: stop and copy anyway",
+                ConvergencePolicy {
+                    on_deadline: OnDeadline::Force,
+                    ..no_auto
+                },
+                state(gbps, Some(20_000), 0),
+                round(100, 20_000, 82_140_000, 19_500, 300_000),
+                Decision::StopAndCopy,
             ),
             (
                 "past the deadline but fits: stop",

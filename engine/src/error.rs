@@ -115,6 +115,21 @@ pub enum MigrationError {
         /// The destination's digest.
         destination_digest: u64,
     },
+    /// The deadline passed while a round was still being sent: the link
+    /// (or the destination) moved too little, whatever the guest dirtied.
+    #[error("the {deadline:?} deadline passed during round {round} with {pages_done} of {pages_total} pages sent (no page went out for the last {stalled_for:?}): the link or the destination is too slow or stalled")]
+    DeadlineDuringRound {
+        /// The deadline.
+        deadline: Duration,
+        /// The round being sent.
+        round: u32,
+        /// Pages of the round handled.
+        pages_done: u64,
+        /// Pages the round had to handle.
+        pages_total: u64,
+        /// Time since the last chunk of pages went out.
+        stalled_for: Duration,
+    },
     /// The migration did not converge before the deadline.
     #[error("did not converge within the {deadline:?} deadline ({rounds} rounds, {dirty_pages} pages still dirty)")]
     DeadlineExceeded {
@@ -133,13 +148,42 @@ pub enum MigrationError {
         /// How long we waited.
         timeout: Duration,
     },
-    /// GO was sent but RUNNING never came: the guest may be running on the
-    /// destination. The source guest stays **paused**; the destination's
-    /// state decides.
-    #[error("handover in doubt after GO: {reason}; the source guest stays paused")]
+    /// With the guest paused, the stop-and-copy did not reach GO within
+    /// the downtime budget plus the pause margin (see
+    /// `MigrationOptions::pause_margin`).
+    #[error("the stop-and-copy did not finish within the {budget:?} downtime budget plus the {margin:?} margin (waiting for {waiting_for}); the guest runs here again")]
+    PauseBudgetExceeded {
+        /// The downtime budget.
+        budget: Duration,
+        /// The margin on top.
+        margin: Duration,
+        /// What was still awaited.
+        waiting_for: &'static str,
+    },
+    /// After GO the destination answered that it did not resume the guest
+    /// (it refused GO, failed to resume, or had given up): it never will,
+    /// and the guest runs here again.
+    #[error(
+        "the destination did not resume the guest after GO: {reason}; the guest runs here again"
+    )]
+    HandoverRefused {
+        /// The destination's reason.
+        reason: String,
+    },
+    /// GO came after this destination had given up on the migration (a
+    /// question about the outcome, or its own failure, came first).
+    #[error("GO arrived after this destination had refused the handover: {0}")]
+    GoAfterRefusal(String),
+    /// GO was sent, no answer came, and the destination could not be asked
+    /// again over a fresh connection: the guest may be running there. The
+    /// source guest stays **paused** until someone resolves it
+    /// (`handover::resolve_in_doubt`).
+    #[error("handover in doubt after GO: {reason}; the source guest stays paused until resolved (migration {migration_id:#x})")]
     InDoubt {
         /// What happened after GO.
         reason: String,
+        /// The migration, as the destination knows it.
+        migration_id: u64,
     },
     /// An engine thread panicked.
     #[error("an engine worker thread panicked")]

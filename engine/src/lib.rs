@@ -73,6 +73,9 @@
 //!   the page-batch format.
 //! - [`convergence`]: when to stop copying, throttle, or give up.
 //! - [`protocol`]: the frames of a migration and their order.
+//! - [`handover`]: how a handover always ends (the destination's record of
+//!   its GOs, the source's question after a lost answer, the operator's
+//!   resolution of a handover in doubt).
 
 pub mod convergence;
 mod destination;
@@ -81,6 +84,7 @@ pub mod encode;
 mod error;
 #[cfg(feature = "ferry-vm")]
 mod ferry_vm;
+pub mod handover;
 pub mod layout;
 mod options;
 pub mod progress;
@@ -91,12 +95,16 @@ mod summary;
 mod vm;
 mod wire;
 
-pub use convergence::{ConvergencePolicy, Decision};
-pub use destination::DestinationMigration;
+pub use convergence::{ConvergencePolicy, Decision, OnDeadline};
+pub use destination::{DestinationMigration, Incoming};
 pub use digest::PageHashes;
 pub use error::MigrationError;
+pub use handover::{
+    resolve_in_doubt, HandoverOutcome, HandoverRecord, InDoubtDecision, InDoubtResolution,
+    Reconnect, ResolveError,
+};
 pub use layout::{MemoryLayout, MemoryRegion};
-pub use options::{DestinationOptions, MigrationOptions};
+pub use options::{DestinationOptions, MigrationOptions, DEFAULT_PAUSE_MARGIN};
 pub use progress::{HandoverStep, ProgressEvent};
 pub use source::SourceMigration;
 pub use steer::{MigrationSteering, Retune, SteerError};

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::convergence::ConvergencePolicy;
+use crate::handover::HandoverRecord;
 
 /// The default XOR-delta cache is guest memory divided by this: large
 /// enough to hold the working set of a guest that rewrites a quarter of its
@@ -10,6 +11,11 @@ use crate::convergence::ConvergencePolicy;
 /// default of 64 MiB caught about 1 % of the re-sent pages of a 256 MiB
 /// working set).
 pub const XOR_CACHE_GUEST_SHARE: u64 = 4;
+
+/// The default [`MigrationOptions::pause_margin`]: long enough for a
+/// loaded host to finish a stop-and-copy that fit the budget, short enough
+/// that a stalled link never holds a paused guest for long.
+pub const DEFAULT_PAUSE_MARGIN: Duration = Duration::from_secs(1);
 
 /// Source-side options.
 #[derive(Debug, Clone)]
@@ -30,8 +36,16 @@ pub struct MigrationOptions {
     pub compress: bool,
     /// Target size of one page batch frame.
     pub batch_bytes: usize,
-    /// How long to wait for READY and for RUNNING.
+    /// How long to wait for the HelloAck, and for a lane to take a control
+    /// frame before the guest is paused. (From the pause on, waits are
+    /// bounded by the downtime budget plus [`Self::pause_margin`].)
     pub handover_timeout: Duration,
+    /// From the pause on, every wait (the last pages, the state, READY,
+    /// RUNNING) ends by the downtime budget plus this margin: a
+    /// stop-and-copy that cannot finish by then is aborted before GO and the
+    /// guest resumes here. After GO without an answer, the destination is
+    /// asked again over a fresh connection for at most this long too.
+    pub pause_margin: Duration,
 }
 
 impl MigrationOptions {
@@ -53,6 +67,7 @@ impl Default for MigrationOptions {
             compress: true,
             batch_bytes: 256 << 10,
             handover_timeout: Duration::from_secs(30),
+            pause_margin: DEFAULT_PAUSE_MARGIN,
         }
     }
 }
@@ -64,6 +79,14 @@ pub struct DestinationOptions {
     pub workers: usize,
     /// Give up when the source sends nothing for this long.
     pub idle_timeout: Duration,
+    /// After READY, give up (for good: the handover is refused) when no GO
+    /// came in this long. The source's own wait is shorter (its downtime
+    /// budget plus margin); it then asks what happened.
+    pub go_timeout: Duration,
+    /// What this destination did with each migration's GO, to answer a
+    /// source that asks afterwards (`Resolve`). Share one record between
+    /// every session a destination process accepts.
+    pub record: HandoverRecord,
 }
 
 impl Default for DestinationOptions {
@@ -71,6 +94,8 @@ impl Default for DestinationOptions {
         Self {
             workers: 2,
             idle_timeout: Duration::from_secs(60),
+            go_timeout: Duration::from_secs(10),
+            record: HandoverRecord::default(),
         }
     }
 }

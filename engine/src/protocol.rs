@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! source                                   destination
-//!   Hello {stream version, page size, features, layout}  ->
+//!   Hello {stream version, page size, features, migration id, layout}  ->
 //!                                          <-  HelloAck {stream version, features}  (or Abort)
 //!   round 0..n: PageBatch*, RoundEnd {round, pages}  ->
 //!   (guest paused) final round: PageBatch*, RoundEnd  ->
@@ -17,10 +17,21 @@
 //!   Go  ->
 //!                   (destination: resume)
 //!                                          <-  Running {resume instant, times}
+//!                                              (or Abort: it did not resume and never will)
+//!
+//! after Go without Running or Abort, over a fresh connection (a new lane session):
+//!   Resolve {migration id}  ->
+//!                                          <-  Running {..}  (it resumed)
+//!                                              or Abort {reason}  (it did not, and now never will)
 //! ```
 //! Either side may send `Abort {reason}` instead of its next frame; the other
-//! side then stops. Before `Go` the source resumes its guest; after `Go`
-//! without `Running` the outcome is in doubt and the source stays paused.
+//! side then stops. Before `Go` the source resumes its guest. After `Go`, an
+//! Abort from the destination means it did not resume: the source resumes.
+//! When neither comes, the source asks again with `Resolve` (see
+//! `crate::handover`); only a destination that cannot be reached at all
+//! leaves the handover in doubt, the source guest paused, for an operator
+//! to resolve. The states and transitions are tabled in
+//! `transport/PROTOCOL.md`.
 //!
 //! Features: the source offers the optional encodings it would use, the
 //! destination accepts the subset it decodes, the source uses only those;
@@ -43,8 +54,9 @@
 use crate::encode::PAGE_SIZE;
 use crate::layout::{MemoryLayout, MemoryRegion, MAX_REGIONS};
 
-/// Version of the migration stream described here.
-pub const STREAM_VERSION: u32 = 2;
+/// Version of the migration stream described here (3: Hello carries the
+/// migration id that `Resolve` names).
+pub const STREAM_VERSION: u32 = 3;
 
 /// Longest Abort reason kept.
 pub const MAX_REASON_BYTES: usize = 4096;
@@ -122,6 +134,11 @@ pub struct Hello {
     pub page_size: u32,
     /// Optional features the source would use ([`FEATURE_LZ4`], ...).
     pub features: u64,
+    /// Names this migration in a later [`FrameKind::Resolve`] question
+    /// (random, never 0).
+    ///
+    /// [`FrameKind::Resolve`]: ferry_transport::FrameKind::Resolve
+    pub migration_id: u64,
     /// Guest memory layout.
     pub layout: MemoryLayout,
 }
@@ -129,10 +146,11 @@ pub struct Hello {
 impl Hello {
     /// Payload bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(12 + 16 * self.layout.regions.len());
+        let mut out = Vec::with_capacity(28 + 16 * self.layout.regions.len());
         out.extend_from_slice(&self.stream_version.to_le_bytes());
         out.extend_from_slice(&self.page_size.to_le_bytes());
         out.extend_from_slice(&self.features.to_le_bytes());
+        out.extend_from_slice(&self.migration_id.to_le_bytes());
         let n = u32::try_from(self.layout.regions.len()).unwrap_or(u32::MAX);
         out.extend_from_slice(&n.to_le_bytes());
         for r in &self.layout.regions {
@@ -153,6 +171,7 @@ impl Hello {
                 stream_version,
                 page_size: 0,
                 features: 0,
+                migration_id: 0,
                 layout: MemoryLayout {
                     regions: Vec::new(),
                 },
@@ -160,6 +179,7 @@ impl Hello {
         }
         let page_size = c.u32()?;
         let features = c.u64()?;
+        let migration_id = c.u64()?;
         let n = c.u32()?;
         if n as usize > MAX_REGIONS {
             return Err(c.error(format!("{n} regions (limit {MAX_REGIONS})")));
@@ -176,19 +196,30 @@ impl Hello {
             stream_version,
             page_size,
             features,
+            migration_id,
             layout: MemoryLayout { regions },
         })
     }
 
-    /// Hello for `layout` at this side's version, offering `features`.
+    /// Hello for `layout` at this side's version, offering `features`,
+    /// under a fresh random migration id.
     pub fn new(layout: MemoryLayout, features: u64) -> Self {
         Self {
             stream_version: STREAM_VERSION,
             page_size: PAGE_SIZE as u32,
             features,
+            migration_id: new_migration_id(),
             layout,
         }
     }
+}
+
+/// A random migration id (never 0: zeroed bytes never name a migration).
+pub fn new_migration_id() -> u64 {
+    let id = ferry_transport::lanes::handshake::new_session_id();
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&id[..8]);
+    u64::from_le_bytes(bytes).max(1)
 }
 
 /// Feature: LZ4-compressed pages ([`crate::encode::PageEncoding::Lz4`]).
@@ -386,6 +417,7 @@ mod tests {
         let mut bytes = encode_u32(STREAM_VERSION);
         bytes.extend_from_slice(&4096u32.to_le_bytes());
         bytes.extend_from_slice(&0u64.to_le_bytes());
+        bytes.extend_from_slice(&7u64.to_le_bytes());
         bytes.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(Hello::decode(&bytes).is_err());
     }

@@ -83,6 +83,16 @@ pub struct MigrationSummary {
     pub memory_digest: u64,
     /// The dirty log backend used.
     pub dirty_log: &'static str,
+    /// The downtime limit in force (`--max-downtime-ms`).
+    #[serde(serialize_with = "as_ms", rename = "downtime_limit_ms")]
+    pub downtime_limit: Duration,
+    /// How far the downtime went past the limit (0 when it was met): never
+    /// more than the pause margin (`MigrationOptions::pause_margin`) past
+    /// the budget, which a stop-and-copy cannot pass without being aborted
+    /// before GO. `ferry migrate` fails loudly when this is not 0, unless
+    /// it was asked to complete anyway (`--on-deadline force`).
+    #[serde(serialize_with = "as_ms", rename = "over_limit_ms")]
+    pub over_limit: Duration,
 }
 
 /// The destination's account of a completed migration.

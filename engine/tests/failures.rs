@@ -4,7 +4,8 @@
 mod common;
 
 use std::io::Write;
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -13,11 +14,15 @@ use common::{
 };
 use ferry_engine::protocol::{self, Hello, HelloAck, STREAM_VERSION};
 use ferry_engine::{
-    DestinationMigration, DestinationOptions, MemoryLayout, MemoryRegion, MigrationError,
-    MigrationOptions,
+    resolve_in_doubt, DestinationMigration, DestinationOptions, DestinationSummary,
+    InDoubtDecision, InDoubtResolution, Incoming, MemoryLayout, MemoryRegion, MigrationError,
+    MigrationOptions, MigrationSummary, Reconnect, ResolveError, SourceMigration,
 };
-use ferry_transport::{tcp, FrameKind, FrameListener, FrameSink, FrameSource};
-use ferry_vm::RunState;
+use ferry_transport::lanes::LaneListener;
+use ferry_transport::{
+    tcp, FrameKind, FrameListener, FrameSink, FrameSource, LaneOptions, Lanes, Security,
+};
+use ferry_vm::{RunState, Vm};
 
 const GUEST: &str = "rate=5000 wss=16M tsc_khz=2300000";
 
@@ -408,5 +413,218 @@ fn a_destination_that_stops_reading_is_given_up_and_the_guest_runs_on() -> Resul
         Some(ferry_engine::ProgressEvent::Abandoned { .. })
     ));
     assert_alive(&vm, "source after a stalled destination")?;
+    Ok(())
+}
+
+/// A destination that keeps listening after its migration, as `ferry vm
+/// receive` does, and serves every lane session (migrations and questions
+/// about a handover) from one record.
+struct ListeningDestination {
+    addr: std::net::SocketAddr,
+    migrations: std::sync::mpsc::Receiver<Result<(Vm, DestinationSummary), MigrationError>>,
+}
+
+impl ListeningDestination {
+    fn spawn() -> Result<Self> {
+        let mut listener =
+            LaneListener::bind("127.0.0.1:0", LaneOptions::new(1, Security::Insecure))?;
+        let addr = listener.local_addr()?;
+        let opts = DestinationOptions::default();
+        let (tx, migrations) = std::sync::mpsc::channel();
+        // Detached: it ends with the test process (it holds no guest).
+        std::thread::spawn(move || {
+            while let Ok(lanes) = listener.accept_session() {
+                let (opts, tx) = (opts.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    match DestinationMigration::serve_lanes(lanes, &opts, common::incoming) {
+                        Ok(Incoming::Guest(vm, summary)) => {
+                            let _ = tx.send(Ok((vm, summary)));
+                        }
+                        Ok(Incoming::Answered { .. }) => {}
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, migrations })
+    }
+
+    fn reconnect(&self) -> Reconnect {
+        let addr = self.addr;
+        Box::new(move || Lanes::connect(addr, &LaneOptions::new(1, Security::Insecure)))
+    }
+
+    fn outcome(&self) -> Result<Result<(Vm, DestinationSummary), MigrationError>> {
+        self.migrations
+            .recv_timeout(Duration::from_secs(30))
+            .context("the destination's migration did not end")
+    }
+}
+
+/// Migrate `vm` over one lane through `relay`, asking `dest` again after
+/// GO when `ask_again`.
+fn migrate_via(
+    vm: &Arc<Vm>,
+    relay: std::net::SocketAddr,
+    dest: &ListeningDestination,
+    ask_again: bool,
+) -> Result<Result<MigrationSummary, MigrationError>> {
+    let lanes = Lanes::connect(relay, &LaneOptions::new(1, Security::Insecure))?;
+    let mut migration = SourceMigration::new(vm.clone(), quick());
+    if ask_again {
+        migration = migration.resolve_with(dest.reconnect());
+    }
+    Ok(migration.run_lanes(lanes, |_| {}))
+}
+
+#[test]
+fn a_go_the_destination_rejects_resumes_the_guest_on_the_source() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("a_go_the_destination_rejects_resumes_the_guest_on_the_source")
+    else {
+        return Ok(());
+    };
+    let vm = boot(64, GUEST)?;
+    let dest = ListeningDestination::spawn()?;
+    let relay = FrameRelay::spawn(dest.addr, FrameFault::Corrupt(FrameKind::Go))?;
+    // No second connection: the destination's Abort alone must settle it.
+    let result = migrate_via(&vm, relay.addr, &dest, false)?;
+    let err = result.err().context("a corrupt GO cannot complete")?;
+    ensure!(
+        matches!(err, MigrationError::HandoverRefused { .. }),
+        "expected a refused handover, got {err:?}"
+    );
+    let dest_err = dest
+        .outcome()?
+        .err()
+        .context("the destination must not resume")?;
+    ensure!(
+        matches!(dest_err, MigrationError::CorruptFrame(_)),
+        "{dest_err:?}"
+    );
+    relay.join();
+    assert_alive(&vm, "source after a rejected GO")?;
+    Ok(())
+}
+
+#[test]
+fn a_lost_running_is_asked_for_again_and_the_migration_completes() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("a_lost_running_is_asked_for_again_and_the_migration_completes")
+    else {
+        return Ok(());
+    };
+    let vm = boot(64, GUEST)?;
+    let dest = ListeningDestination::spawn()?;
+    let relay = FrameRelay::spawn(dest.addr, FrameFault::SilenceAfter(FrameKind::Go))?;
+    let summary = migrate_via(&vm, relay.addr, &dest, true)?
+        .context("the destination's answer on a fresh connection completes it")?;
+    let (dest_vm, dest_summary) = dest.outcome()?.context("the destination resumed")?;
+    ensure!(summary.memory_digest == dest_summary.memory_digest);
+    ensure!(vm.run_state() == RunState::Paused, "the source must let go");
+    relay.join();
+    assert_alive(&dest_vm, "destination")?;
+    Ok(())
+}
+
+#[test]
+fn a_go_that_never_arrives_is_asked_about_and_the_source_resumes() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("a_go_that_never_arrives_is_asked_about_and_the_source_resumes")
+    else {
+        return Ok(());
+    };
+    let vm = boot(64, GUEST)?;
+    let dest = ListeningDestination::spawn()?;
+    let relay = FrameRelay::spawn(dest.addr, FrameFault::CutBefore(FrameKind::Go))?;
+    let err = migrate_via(&vm, relay.addr, &dest, true)?
+        .err()
+        .context("GO never arrived: no completion")?;
+    ensure!(
+        matches!(err, MigrationError::HandoverRefused { .. }),
+        "the destination can answer, so no doubt: {err:?}"
+    );
+    ensure!(dest.outcome()?.is_err(), "the destination must not resume");
+    relay.join();
+    assert_alive(&vm, "source")?;
+    Ok(())
+}
+
+#[test]
+fn an_unreachable_destination_leaves_doubt_that_resolve_finishes() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("an_unreachable_destination_leaves_doubt_that_resolve_finishes")
+    else {
+        return Ok(());
+    };
+    let vm = boot(64, GUEST)?;
+    let dest = ListeningDestination::spawn()?;
+    // Running is lost and the source has no way back: in doubt, paused.
+    let relay = FrameRelay::spawn(dest.addr, FrameFault::SilenceAfter(FrameKind::Go))?;
+    let err = migrate_via(&vm, relay.addr, &dest, false)?
+        .err()
+        .context("no answer, no way to ask")?;
+    let MigrationError::InDoubt { migration_id, .. } = err else {
+        anyhow::bail!("expected in doubt, got {err:?}");
+    };
+    ensure!(vm.run_state() == RunState::Paused);
+    let (dest_vm, _) = dest.outcome()?.context("the destination resumed")?;
+    relay.join();
+    // The destination is reachable and runs the guest: resume is refused.
+    let refused = resolve_in_doubt(
+        &*vm,
+        migration_id,
+        InDoubtDecision::Resume,
+        Some(dest.reconnect()),
+        Duration::from_secs(5),
+    );
+    ensure!(
+        matches!(refused, Err(ResolveError::RunsAtDestination)),
+        "{refused:?}"
+    );
+    ensure!(vm.run_state() == RunState::Paused, "resume was refused");
+    let discarded = resolve_in_doubt(
+        &*vm,
+        migration_id,
+        InDoubtDecision::Discard,
+        None,
+        Duration::ZERO,
+    )?;
+    ensure!(discarded == InDoubtResolution::Discarded);
+    assert_alive(&dest_vm, "destination")?;
+    Ok(())
+}
+
+#[test]
+fn resolve_resume_runs_the_guest_here_when_the_destination_is_gone() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("resolve_resume_runs_the_guest_here_when_the_destination_is_gone")
+    else {
+        return Ok(());
+    };
+    let vm = boot(64, GUEST)?;
+    let dest = ListeningDestination::spawn()?;
+    let relay = FrameRelay::spawn(dest.addr, FrameFault::CutBefore(FrameKind::Go))?;
+    let err = migrate_via(&vm, relay.addr, &dest, false)?
+        .err()
+        .context("GO lost, no way to ask")?;
+    let MigrationError::InDoubt { migration_id, .. } = err else {
+        anyhow::bail!("expected in doubt, got {err:?}");
+    };
+    ensure!(dest.outcome()?.is_err(), "the destination never got GO");
+    relay.join();
+    // Nobody listens there any more: the operator's word decides.
+    let gone = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let resolution = resolve_in_doubt(
+        &*vm,
+        migration_id,
+        InDoubtDecision::Resume,
+        Some(Box::new(move || {
+            Lanes::connect(gone, &LaneOptions::new(1, Security::Insecure))
+        })),
+        Duration::from_millis(500),
+    )?;
+    ensure!(
+        matches!(resolution, InDoubtResolution::ResumedHere { .. }),
+        "{resolution:?}"
+    );
+    assert_alive(&vm, "source after resolve resume")?;
     Ok(())
 }

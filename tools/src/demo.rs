@@ -235,6 +235,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         workers: None,
         xor_cache_bytes: None,
         compress: None,
+        on_deadline: None,
     };
     let result = migrate_cmd::migrate(&src_api, req, false);
     done.store(true, Ordering::Release);

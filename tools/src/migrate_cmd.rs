@@ -129,10 +129,33 @@ pub struct MigrateArgs {
     /// Do not LZ4-compress pages.
     #[arg(long)]
     pub no_compress: bool,
+    /// When the downtime limit cannot be met by the deadline: `abort`
+    /// keeps the guest on the source; `force` completes anyway, and the
+    /// summary says by how much the limit was exceeded.
+    #[arg(long, value_enum, default_value = "abort")]
+    pub on_deadline: OnDeadlineArg,
     /// JSON lines instead of a progress bar: progress events when they
     /// change, then one summary (or one failure).
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--on-deadline` values (Nova's `live_migration_timeout_action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnDeadlineArg {
+    /// Give up; the guest keeps running on the source.
+    Abort,
+    /// Complete anyway, over the limit.
+    Force,
+}
+
+impl From<OnDeadlineArg> for ferry_engine::OnDeadline {
+    fn from(a: OnDeadlineArg) -> Self {
+        match a {
+            OnDeadlineArg::Abort => ferry_engine::OnDeadline::Abort,
+            OnDeadlineArg::Force => ferry_engine::OnDeadline::Force,
+        }
+    }
 }
 
 fn parse_downtime(s: &str) -> Result<Duration, String> {
@@ -183,6 +206,7 @@ impl MigrateArgs {
                 self.xor_cache
             },
             compress: Some(!self.no_compress),
+            on_deadline: Some(self.on_deadline.into()),
         })
     }
 }
@@ -398,6 +422,26 @@ pub fn print_summary(s: &Summary) {
     println!("  max throttle      {} %", s.max_throttle_percent);
     println!("  memory digest     {:#018x}", s.memory_digest);
     println!("  dirty log         {}", s.dirty_log);
+    if s.over_limit_ms > 0.0 {
+        println!(
+            "  OVER THE LIMIT    the pause was {:.2} ms over the {:.0} ms downtime limit",
+            s.over_limit_ms, s.downtime_limit_ms
+        );
+    }
+}
+
+/// A completed migration whose pause went past the limit fails the
+/// command unless `--on-deadline force` accepted that.
+fn check_limit(s: &Summary, on_deadline: OnDeadlineArg) -> anyhow::Result<()> {
+    if s.over_limit_ms > 0.0 && on_deadline == OnDeadlineArg::Abort {
+        bail!(
+            "the guest runs at the destination, but its pause ({:.2} ms) was {:.2} ms over the {:.0} ms --max-downtime-ms limit (--on-deadline force accepts this)",
+            s.downtime_ms,
+            s.over_limit_ms,
+            s.downtime_limit_ms
+        );
+    }
+    Ok(())
 }
 
 /// Prints a migration report (`ferry migrate status`).
@@ -496,11 +540,11 @@ fn start(args: MigrateArgs) -> anyhow::Result<()> {
                 "{}",
                 serde_json::json!({"event": "summary", "summary": summary})
             );
-            Ok(())
+            check_limit(summary, args.on_deadline)
         }
         Ok(summary) => {
             print_summary(summary);
-            Ok(())
+            check_limit(summary, args.on_deadline)
         }
         Err(e) => {
             if args.json {

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use ferry_control::units::{format_bytes, parse_bytes_at_least, parse_duration, BareUnit};
 use ferry_control::{client, error_chain, GuestHome, Served};
-use ferry_engine::{DestinationMigration, DestinationOptions};
+use ferry_engine::{DestinationMigration, DestinationOptions, HandoverOutcome, Incoming};
 use ferry_transport::{LaneListener, LaneOptions, Lanes, TransportError};
 use ferry_vm::{host_tsc_khz, DirtyBackend, GuestParams, GuestPhase, RunState, Vm, VmConfig};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -32,6 +32,30 @@ pub enum VmCmd {
     Receive(ReceiveArgs),
     /// Show the guest status of a `ferry vm run/receive --api` process.
     Status(StatusArgs),
+    /// Finish a handover left in doubt (GO sent, the destination
+    /// unreachable): `resume` the guest on this source (refused while the
+    /// destination is reachable and runs it) or `discard` this copy.
+    Resolve(ResolveArgs),
+}
+
+/// `ferry vm resolve`
+#[derive(Args, Debug)]
+pub struct ResolveArgs {
+    /// The control socket of the source process.
+    #[arg(long)]
+    pub api: PathBuf,
+    /// `resume` (run it here again) or `discard` (it lives at the destination).
+    #[arg(value_enum)]
+    pub decision: ResolveDecision,
+}
+
+/// What `ferry vm resolve` decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ResolveDecision {
+    /// Resume the guest on the source.
+    Resume,
+    /// Throw the source's copy away.
+    Discard,
 }
 
 /// How to build a guest.
@@ -276,6 +300,19 @@ fn run_vm(args: RunArgs) -> anyhow::Result<()> {
     live(&served, Display::pick(args.json, args.quiet), args.duration)
 }
 
+/// `ferry vm receive`: listens until a guest arrives, then runs it.
+///
+/// The listener keeps listening the whole time, before and after the guest
+/// arrived, and serves each session on a thread of its own: a source whose
+/// answer to GO got lost asks again on a fresh connection ("did you
+/// resume?") and is answered from this process's handover record for as
+/// long as it runs. A migration that fails before the guest runs here (the
+/// source gave up, aborted, went silent past the idle or GO timeout, sent
+/// garbage) frees its guest memory and the wait goes on (with `--mem`,
+/// that much is prepared again first): the source still has the guest and
+/// may try again. A second migration while one is under way, or once the
+/// guest runs here, is refused. `quit` on the control socket ends a
+/// receiver that is still waiting.
 fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
     // Memory first: once the control socket and the listener exist, this
     // destination is ready and a source's stream never waits on page faults.
@@ -283,11 +320,21 @@ fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
     let spec = args.security.spec()?;
     let security = spec.load()?;
     let dirty = args.dirty_log;
-    let mut prepared = args
-        .mem
-        .map(|m| Vm::incoming(m, dirty).context("preparing the destination VM"))
-        .transpose()?;
-    let served = Served::destination();
+    let mem = args.mem;
+    let prepare = move || {
+        mem.map(|m| Vm::incoming(m, dirty).context("preparing the destination VM"))
+            .transpose()
+    };
+    let session = Arc::new(Receiver {
+        prepared: std::sync::Mutex::new(prepare()?),
+        taken: std::sync::atomic::AtomicBool::new(false),
+        served: Served::destination(),
+        opts: DestinationOptions::default(),
+        dirty,
+        mem,
+        quiet: args.quiet || args.json,
+    });
+    let served = session.served.clone();
     let mut listener = LaneListener::bind(args.listen.as_str(), LaneOptions::new(1, security))
         .with_context(|| format!("listening on {}", args.listen))?;
     let _server = args
@@ -295,30 +342,92 @@ fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(|p| ferry_control::serve(p, served.clone()).context("--api"))
         .transpose()?;
-    let quiet = args.quiet || args.json;
-    // A migration that fails before the guest runs here (cancelled, the
-    // source gone, a broken stream) frees its memory and the wait goes on:
-    // the source still has the guest and may try again.
-    loop {
-        if !quiet {
-            eprintln!(
-                "ferry: waiting for a guest on {} ({})",
-                listener.local_addr()?,
-                spec.describe()
-            );
-        }
-        let lanes = accept_source(&mut listener)?;
-        served.receiving();
-        let received =
-            DestinationMigration::accept_lanes(lanes, &DestinationOptions::default(), |layout| {
-                match prepared.take() {
-                    Some(vm) if vm.mem_bytes() == layout.bytes() => Ok(vm),
-                    _ => Ok(Vm::incoming(layout.bytes(), dirty)?),
+    if !session.quiet {
+        eprintln!(
+            "ferry: waiting for a guest on {} ({})",
+            listener.local_addr()?,
+            spec.describe()
+        );
+    }
+    let (arrived_tx, arrived) = std::sync::mpsc::channel::<()>();
+    let (failed_tx, listen_failed) = std::sync::mpsc::channel();
+    let listening = session.clone();
+    std::thread::Builder::new()
+        .name("ferry-listen".into())
+        .spawn(move || loop {
+            let lanes = match accept_source(&mut listener) {
+                Ok(lanes) => lanes,
+                Err(e) => {
+                    let _ = failed_tx.send(e);
+                    return;
                 }
-            });
-        match received {
-            Ok((vm, summary)) => {
-                if !quiet {
+            };
+            let (session, arrived_tx) = (listening.clone(), arrived_tx.clone());
+            let _ = std::thread::Builder::new()
+                .name("ferry-session".into())
+                .spawn(move || {
+                    if session.serve(lanes) {
+                        let _ = arrived_tx.send(());
+                    }
+                });
+        })?;
+    loop {
+        match arrived.recv_timeout(Duration::from_millis(100)) {
+            Ok(()) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("the listener thread ended")
+            }
+        }
+        if let Ok(e) = listen_failed.try_recv() {
+            return Err(e);
+        }
+        if served.quit_asked() {
+            if !session.quiet {
+                eprintln!("ferry: quit asked while waiting; no guest arrived");
+            }
+            return Ok(());
+        }
+    }
+    live(&served, Display::pick(args.json, args.quiet), args.duration)
+}
+
+/// What the sessions of one `ferry vm receive` share.
+struct Receiver {
+    /// Memory prepared for the next guest (`--mem`).
+    prepared: std::sync::Mutex<Option<Vm>>,
+    /// Set while a migration is under way or its guest runs here.
+    taken: std::sync::atomic::AtomicBool,
+    served: Arc<Served>,
+    /// One handover record for every session.
+    opts: DestinationOptions,
+    dirty: DirtyBackend,
+    mem: Option<u64>,
+    quiet: bool,
+}
+
+impl Receiver {
+    /// Serves one session: a migration (refused while another is under
+    /// way or its guest runs here) or a question about an earlier
+    /// handover. True when a guest arrived and runs here.
+    fn serve(&self, lanes: Lanes) -> bool {
+        use std::sync::atomic::Ordering;
+        let mut claimed = false;
+        let result = DestinationMigration::serve_lanes(lanes, &self.opts, |layout| {
+            if self.taken.swap(true, Ordering::AcqRel) {
+                return Err("this destination already has a guest (arrived or arriving)".into());
+            }
+            claimed = true;
+            self.served.receiving();
+            let ready = self.prepared.lock().expect("prepared lock").take();
+            match ready {
+                Some(vm) if vm.mem_bytes() == layout.bytes() => Ok(vm),
+                _ => Ok(Vm::incoming(layout.bytes(), self.dirty)?),
+            }
+        });
+        match result {
+            Ok(Incoming::Guest(vm, summary)) => {
+                if !self.quiet {
                     eprintln!(
                         "ferry: guest arrived: {} rounds, {} on the wire, verified in {:.1} ms; running here",
                         summary.rounds,
@@ -326,19 +435,44 @@ fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
                         summary.verify.as_secs_f64() * 1e3
                     );
                 }
-                served.arrived(Arc::new(vm), &summary);
-                break;
+                self.served.arrived(Arc::new(vm), &summary);
+                true
+            }
+            Ok(Incoming::Answered {
+                migration_id,
+                outcome,
+            }) => {
+                let answer = match outcome {
+                    HandoverOutcome::Resumed(_) => "resumed here".to_owned(),
+                    HandoverOutcome::NotResumed(why) => format!("not resumed ({why})"),
+                };
+                eprintln!("ferry: a source asked about migration {migration_id:#x}: {answer}");
+                false
             }
             Err(e) => {
                 let why = error_chain(&e);
-                eprintln!(
-                    "ferry: the incoming migration failed: {why}; waiting for the source again"
-                );
-                served.receive_failed(&why);
+                eprintln!("ferry: the incoming session failed: {why}");
+                if claimed {
+                    // Its guest memory is freed (the VM was dropped): get
+                    // ready for the next source as at the start.
+                    self.served.receive_failed(&why);
+                    let again = self
+                        .mem
+                        .map(|m| {
+                            Vm::incoming(m, self.dirty).context("preparing the destination VM")
+                        })
+                        .transpose();
+                    match again {
+                        Ok(vm) => *self.prepared.lock().expect("prepared lock") = vm,
+                        Err(e) => eprintln!("ferry: {e:#}"),
+                    }
+                    self.taken.store(false, Ordering::Release);
+                    eprintln!("ferry: guest memory freed; waiting for the source again");
+                }
+                false
             }
         }
     }
-    live(&served, Display::pick(args.json, args.quiet), args.duration)
 }
 
 /// Waits for a source whose lanes all pass the handshake. A connection that
@@ -370,10 +504,13 @@ fn show_status(args: StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     match &reply.status {
+        // The guest's own phase (its status block) says Running even while
+        // its vCPU is paused: the vCPU's state comes first.
         Some(st) => println!(
-            "{} (guest {}): heartbeat {} dirtied {} verify_errors {} phase {:?}",
+            "{} (guest {}, vCPU {}): heartbeat {} dirtied {} verify_errors {} guest phase {:?}",
             reply.role,
             reply.state.describe(),
+            reply.run_state.as_deref().unwrap_or("none"),
             st.heartbeat,
             st.pages_dirtied,
             st.verify_errors,
@@ -502,5 +639,14 @@ pub fn run(cmd: VmCmd) -> anyhow::Result<()> {
         VmCmd::Run(a) => run_vm(a),
         VmCmd::Receive(a) => receive(a),
         VmCmd::Status(a) => show_status(a),
+        VmCmd::Resolve(a) => {
+            let action = match a.decision {
+                ResolveDecision::Resume => ferry_control::ResolveAction::Resume,
+                ResolveDecision::Discard => ferry_control::ResolveAction::Discard,
+            };
+            let msg = client::resolve(&a.api, action).context("ferry vm resolve")?;
+            println!("{msg}");
+            Ok(())
+        }
     }
 }

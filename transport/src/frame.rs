@@ -84,6 +84,9 @@ pub enum FrameKind {
     Abort = 10,
     /// Progress report (engine-defined).
     Progress = 11,
+    /// Source -> destination on a fresh connection after GO: "did you
+    /// resume migration N?" (engine-defined; answered with Running or Abort).
+    Resolve = 12,
     /// Lane layer: first frame on every lane (session id, lane index, lane count).
     LaneHello = 32,
     /// Lane layer: the listener accepted the whole session.
@@ -102,7 +105,7 @@ pub enum FrameKind {
 
 impl FrameKind {
     /// Every defined kind, in wire order.
-    pub const ALL: [FrameKind; 18] = [
+    pub const ALL: [FrameKind; 19] = [
         FrameKind::Hello,
         FrameKind::HelloAck,
         FrameKind::PageBatch,
@@ -114,6 +117,7 @@ impl FrameKind {
         FrameKind::Running,
         FrameKind::Abort,
         FrameKind::Progress,
+        FrameKind::Resolve,
         FrameKind::LaneHello,
         FrameKind::LaneWelcome,
         FrameKind::StreamOpen,

@@ -10,7 +10,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -412,6 +412,9 @@ fn run_loop(ctl: &VcpuControl) {
     }
 }
 
+/// Longest throttle sleep between two looks at a pause request.
+const THROTTLE_NAP: Duration = Duration::from_micros(500);
+
 /// Runs the guest until a pause/stop request (Ok) or a guest/KVM failure (Err).
 fn run_until_request(ctl: &VcpuControl, fd: &mut VcpuFd) -> Result<(), String> {
     loop {
@@ -420,11 +423,20 @@ fn run_until_request(ctl: &VcpuControl, fd: &mut VcpuFd) -> Result<(), String> {
         }
         let throttle = ctl.throttle();
         if throttle > 0 {
-            // Sleep `throttle` % of each 10 ms tick.
+            // Sleep `throttle` % of each 10 ms tick, in naps short enough
+            // that a pause never waits behind the throttle (at 99 % one
+            // sleep would be ~1 s of pause).
             let us = 10_000 * u64::from(throttle) / u64::from(100 - throttle);
-            std::thread::sleep(Duration::from_micros(us.min(1_000_000)));
-            if ctl.request() != Request::Run {
-                return Ok(());
+            let until = Instant::now() + Duration::from_micros(us.min(1_000_000));
+            loop {
+                if ctl.request() != Request::Run {
+                    return Ok(());
+                }
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                std::thread::sleep(left.min(THROTTLE_NAP));
             }
         }
         match fd.run() {

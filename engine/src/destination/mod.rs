@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use crate::digest::PageHashes;
 use crate::encode::{EncodingCounts, PAGE_SIZE};
 use crate::error::MigrationError;
+use crate::handover::HandoverOutcome;
 use crate::layout::MemoryLayout;
 use crate::options::DestinationOptions;
 use crate::protocol::{self, Hello, HelloAck, RoundEnd, Running, STREAM_VERSION};
@@ -34,6 +35,35 @@ const ABORT_GRACE: Duration = Duration::from_millis(200);
 #[derive(Debug)]
 pub struct DestinationMigration;
 
+/// What one incoming session was.
+#[derive(Debug)]
+pub enum Incoming<V> {
+    /// A migration: the guest runs in `V` now.
+    Guest(V, DestinationSummary),
+    /// A source's question about an earlier migration's outcome
+    /// (`Resolve`), answered from `DestinationOptions::record`.
+    Answered {
+        /// The migration asked about.
+        migration_id: u64,
+        /// The answer given.
+        outcome: HandoverOutcome,
+    },
+}
+
+/// A session that was a question, not a migration, where a migration was
+/// expected.
+fn not_a_migration<V>(
+    incoming: Result<Incoming<V>, MigrationError>,
+) -> Result<(V, DestinationSummary), MigrationError> {
+    match incoming? {
+        Incoming::Guest(vm, summary) => Ok((vm, summary)),
+        Incoming::Answered { .. } => Err(MigrationError::UnexpectedFrame {
+            expected: "Hello",
+            got: FrameKind::Resolve,
+        }),
+    }
+}
+
 impl DestinationMigration {
     /// Receive a migration over one TCP connection. `make_vm` creates the
     /// VM for the layout the source announces: paused, memory zeroed and
@@ -50,7 +80,7 @@ impl DestinationMigration {
         let shutdown = stream.try_clone().ok();
         // Page batch checksums are verified on the decoder threads.
         let readers: Vec<Box<dyn FrameIn + Send>> = vec![Box::new(UncheckedTcp(stream))];
-        let result = Self::receive_from(&mut writer, readers, opts, make_vm);
+        let result = not_a_migration(Self::receive_from(&mut writer, readers, opts, make_vm));
         if result.is_err() {
             // Ends the reader thread, whatever the peer does.
             if let Some(s) = shutdown {
@@ -63,12 +93,27 @@ impl DestinationMigration {
     /// Receive a migration over a session of ferry lanes (see
     /// [`crate::SourceMigration::run_lanes`]): every lane is read by its own
     /// thread; lane 0 also carries the control frames, and the answers go
-    /// back on it.
+    /// back on it. A session that asks about an earlier migration
+    /// (`Resolve`) is answered and reported as an unexpected frame: a
+    /// destination that keeps listening uses [`Self::serve_lanes`].
     pub fn accept_lanes<V: MigratableVm>(
         lanes: Lanes,
         opts: &DestinationOptions,
         make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
     ) -> Result<(V, DestinationSummary), MigrationError> {
+        not_a_migration(Self::serve_lanes(lanes, opts, make_vm))
+    }
+
+    /// Serve one incoming lane session: a migration (as
+    /// [`Self::accept_lanes`]) or a source's question about an earlier
+    /// one's outcome, answered from `opts.record`. A destination keeps
+    /// serving sessions after a migration (whatever its end) until the
+    /// sources that may ask have had their answer.
+    pub fn serve_lanes<V: MigratableVm>(
+        lanes: Lanes,
+        opts: &DestinationOptions,
+        make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
+    ) -> Result<Incoming<V>, MigrationError> {
         let mut closers = Vec::new();
         let mut readers: Vec<Box<dyn FrameIn + Send>> = Vec::new();
         let mut control: Option<FrameWriter<LaneWrite>> = None;
@@ -111,7 +156,7 @@ impl DestinationMigration {
         make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
     ) -> Result<(V, DestinationSummary), MigrationError> {
         let readers: Vec<Box<dyn FrameIn + Send>> = vec![Box::new(Checked(source))];
-        Self::receive_from(sink, readers, opts, make_vm)
+        not_a_migration(Self::receive_from(sink, readers, opts, make_vm))
     }
 
     fn receive_from<V: MigratableVm>(
@@ -119,7 +164,7 @@ impl DestinationMigration {
         readers: Vec<Box<dyn FrameIn + Send>>,
         opts: &DestinationOptions,
         make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
-    ) -> Result<(V, DestinationSummary), MigrationError> {
+    ) -> Result<Incoming<V>, MigrationError> {
         let workers = opts.workers.max(1);
         let (free_tx, free_rx) =
             crossbeam_channel::bounded::<Vec<u8>>(8 * workers + 8 * readers.len());
@@ -133,10 +178,14 @@ impl DestinationMigration {
             wire_bytes: 0,
             lane_bytes: vec![0; lanes],
             started: Instant::now(),
+            migration_id: None,
         };
         let result = receiver.receive(make_vm);
         if let Err(e) = &result {
             warn!(error = %e, "incoming migration failed");
+            if let Some(id) = receiver.migration_id {
+                opts.record.refuse(id, &crate::source::error_chain(e));
+            }
             if !matches!(e, MigrationError::PeerAborted(_)) {
                 let reason = protocol::encode_reason(&crate::source::error_chain(e));
                 let _ = receiver
@@ -158,6 +207,8 @@ struct Receiving<'a, S: FrameSink> {
     wire_bytes: u64,
     lane_bytes: Vec<u64>,
     started: Instant,
+    /// The migration's id, once its Hello was accepted.
+    migration_id: Option<u64>,
 }
 
 /// Decoded-batch results the receiving thread still waits for.
@@ -215,7 +266,22 @@ impl<S: FrameSink> Receiving<'_, S> {
         buf: &mut Vec<u8>,
         during: &'static str,
     ) -> Result<(usize, FrameKind), MigrationError> {
-        match self.recv_maybe_unchecked(buf, during)? {
+        let timeout = self.opts.idle_timeout;
+        self.recv_within(buf, during, timeout, false)
+    }
+
+    /// [`Self::recv`] within `timeout`; with `control_only`, events of
+    /// lanes other than 0 are dropped unseen (after the last RoundEnd they
+    /// carry nothing the handover needs, and a lane that closes must not
+    /// overtake a GO already on lane 0).
+    fn recv_within(
+        &mut self,
+        buf: &mut Vec<u8>,
+        during: &'static str,
+        timeout: Duration,
+        control_only: bool,
+    ) -> Result<(usize, FrameKind), MigrationError> {
+        match self.recv_maybe_unchecked(buf, during, timeout, control_only)? {
             (lane, kind, None) => Ok((lane, kind)),
             (lane, _, Some(header)) => {
                 verify_prefixed(&header, buf).map_err(MigrationError::CorruptFrame)?;
@@ -233,19 +299,32 @@ impl<S: FrameSink> Receiving<'_, S> {
         &mut self,
         buf: &mut Vec<u8>,
         during: &'static str,
+        timeout: Duration,
+        control_only: bool,
     ) -> Result<(usize, FrameKind, Option<FrameHeader>), MigrationError> {
         // Idle means no frame on any lane: a lane may carry nothing for a
         // while (its stripes were clean this round).
-        let event = self
-            .inbound
-            .recv_timeout(self.opts.idle_timeout)
-            .map_err(|timed_out| match timed_out {
-                true => MigrationError::Timeout {
-                    waiting_for: "frame on any lane",
-                    timeout: self.opts.idle_timeout,
-                },
-                false => MigrationError::PeerClosed { during },
-            })?;
+        let until = Instant::now() + timeout;
+        let event = loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let event = self
+                .inbound
+                .recv_timeout(left)
+                .map_err(|timed_out| match timed_out {
+                    true => MigrationError::Timeout {
+                        waiting_for: if control_only {
+                            "frame on lane 0"
+                        } else {
+                            "frame on any lane"
+                        },
+                        timeout,
+                    },
+                    false => MigrationError::PeerClosed { during },
+                })?;
+            if !control_only || event.lane == 0 {
+                break event;
+            }
+        };
         let (header, verified, payload) = match event.frame {
             Ok(arrival) => arrival,
             Err(e) => return Err(self.lane_failed(event.lane, e, during)),
@@ -322,9 +401,30 @@ impl<S: FrameSink> Receiving<'_, S> {
     fn receive<V: MigratableVm>(
         &mut self,
         make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
-    ) -> Result<(V, DestinationSummary), MigrationError> {
+    ) -> Result<Incoming<V>, MigrationError> {
         let mut buf = Vec::new();
         let (_, kind) = self.recv(&mut buf, "the handshake")?;
+        if kind == FrameKind::Resolve {
+            let id = protocol::decode_u64("Resolve", &buf).map_err(MigrationError::Message)?;
+            let outcome = self.opts.record.answer(id);
+            match &outcome {
+                HandoverOutcome::Resumed(running) => {
+                    self.send(FrameKind::Running, &running.encode())?
+                }
+                HandoverOutcome::NotResumed(reason) => {
+                    self.send(FrameKind::Abort, &protocol::encode_reason(reason))?
+                }
+            }
+            info!(
+                migration_id = id,
+                ?outcome,
+                "answered a source's question about a handover"
+            );
+            return Ok(Incoming::Answered {
+                migration_id: id,
+                outcome,
+            });
+        }
         if kind != FrameKind::Hello {
             return Err(MigrationError::UnexpectedFrame {
                 expected: "Hello",
@@ -349,6 +449,7 @@ impl<S: FrameSink> Receiving<'_, S> {
         }
         let layout = hello.layout;
         layout.validate().map_err(MigrationError::Layout)?;
+        let migration_id = hello.migration_id;
         let vm = make_vm(&layout).map_err(MigrationError::MakeVm)?;
         layout
             .check_covered_by(vm.memory())
@@ -358,6 +459,8 @@ impl<S: FrameSink> Receiving<'_, S> {
             stream_version: STREAM_VERSION,
             features,
         };
+        self.opts.record.open(migration_id);
+        self.migration_id = Some(migration_id);
         self.send(FrameKind::HelloAck, &ack.encode())?;
         info!(pages = layout.pages(), "incoming migration accepted");
 
@@ -411,35 +514,50 @@ impl<S: FrameSink> Receiving<'_, S> {
         vm.prepare_resume();
         self.send(FrameKind::Ready, &protocol::encode_u64(digest))?;
 
-        let (_, kind) = self.recv(&mut buf, "waiting for Go")?;
+        // Only lane 0 matters now: the other lanes' ends are not read
+        // ahead of a GO already on lane 0.
+        let go_timeout = self.opts.go_timeout;
+        let (_, kind) = self.recv_within(&mut buf, "waiting for Go", go_timeout, true)?;
         if kind != FrameKind::Go {
             return Err(MigrationError::UnexpectedFrame {
                 expected: "Go",
                 got: kind,
             });
         }
+        // Resume unless this migration was refused meanwhile (a question
+        // about its outcome came first): decided once, under the record's
+        // lock, so an answer given never changes.
         let go_at = unix_ns();
-        vm.resume().map_err(MigrationError::Resume)?;
-        let returned_at = unix_ns();
-        // The guest runs from when its vCPUs entered it, which the VMM may
-        // know more precisely than this thread's return (a busy core can
-        // keep this thread waiting after the guest already runs).
-        let resumed_at = vm
-            .resumed_at_unix_ns()
-            .filter(|&t| t >= go_at && t <= returned_at)
-            .unwrap_or(returned_at);
-        let running = Running {
-            resumed_at_unix_ns: resumed_at,
-            verify_ns: nanos(verify),
-            restore_ns: nanos(restore),
-            resume_ns: resumed_at.saturating_sub(go_at),
+        let resumed = self.opts.record.resume_with(migration_id, || {
+            vm.resume()?;
+            let returned_at = unix_ns();
+            // The guest runs from when its vCPUs entered it, which the VMM
+            // may know more precisely than this thread's return (a busy
+            // core can keep this thread waiting after the guest already
+            // runs).
+            let resumed_at = vm
+                .resumed_at_unix_ns()
+                .filter(|&t| t >= go_at && t <= returned_at)
+                .unwrap_or(returned_at);
+            Ok::<_, VmOpError>(Running {
+                resumed_at_unix_ns: resumed_at,
+                verify_ns: nanos(verify),
+                restore_ns: nanos(restore),
+                resume_ns: resumed_at.saturating_sub(go_at),
+            })
+        });
+        let running = match resumed {
+            Ok(Ok(running)) => running,
+            Ok(Err(e)) => return Err(MigrationError::Resume(e)),
+            Err(refused) => return Err(MigrationError::GoAfterRefusal(refused)),
         };
+        let resumed_at = running.resumed_at_unix_ns;
         // The guest runs here now, whatever happens to this message.
         if let Err(e) = self.send(FrameKind::Running, &running.encode()) {
             warn!(error = %e, "could not tell the source the guest runs here");
         }
         info!("incoming migration completed; guest running");
-        Ok((
+        Ok(Incoming::Guest(
             vm,
             DestinationSummary {
                 rounds,
@@ -485,7 +603,9 @@ impl<S: FrameSink> Receiving<'_, S> {
                     return Ok((rounds, state, digest));
                 }
             }
-            let (lane, kind, unverified) = self.recv_maybe_unchecked(buf, "the page stream")?;
+            let idle = self.opts.idle_timeout;
+            let (lane, kind, unverified) =
+                self.recv_maybe_unchecked(buf, "the page stream", idle, false)?;
             match kind {
                 FrameKind::PageBatch => {
                     inflight.poll()?;

@@ -17,10 +17,11 @@ use ferry_transport::{
 };
 use tracing::{debug, info, warn};
 
-use crate::convergence::{ConvergenceController, Decision, RoundMeasurement};
+use crate::convergence::{ConvergenceController, Decision, OnDeadline, RoundMeasurement};
 use crate::digest::PageHashes;
 use crate::encode::{EncodingCounts, XorDeltaCache, PAGE_SIZE};
 use crate::error::MigrationError;
+use crate::handover::{self, HandoverOutcome, Reconnect, Unreachable};
 use crate::layout::MemoryLayout;
 use crate::options::MigrationOptions;
 use crate::progress::{HandoverStep, ProgressEvent};
@@ -36,6 +37,9 @@ use workers::{run_worker, Chunk, EncodingSelector, WorkerContext, WorkerOutput, 
 /// How long a failed send waits for the destination's Abort reason.
 const ABORT_GRACE: Duration = Duration::from_millis(200);
 
+/// A round that sent nothing for this long is stalled, not slow.
+const STALLED: Duration = Duration::from_secs(1);
+
 /// How often a round reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
@@ -44,6 +48,7 @@ pub struct SourceMigration {
     vm: Arc<dyn MigratableVm>,
     opts: MigrationOptions,
     steering: Option<MigrationSteering>,
+    reconnect: Option<Reconnect>,
 }
 
 impl std::fmt::Debug for SourceMigration {
@@ -61,6 +66,7 @@ impl SourceMigration {
             vm,
             opts,
             steering: None,
+            reconnect: None,
         }
     }
 
@@ -68,6 +74,15 @@ impl SourceMigration {
     /// migration while it runs (see [`crate::steer`]).
     pub fn steered_by(mut self, steering: MigrationSteering) -> Self {
         self.steering = Some(steering);
+        self
+    }
+
+    /// How to reach the destination again after GO when its answer does not
+    /// come: a fresh lane session to the same destination, on which the
+    /// source asks whether the guest resumed there (`Resolve`). Without it,
+    /// a GO without an answer leaves the handover in doubt at once.
+    pub fn resolve_with(mut self, reconnect: Reconnect) -> Self {
+        self.reconnect = Some(reconnect);
         self
     }
 
@@ -203,6 +218,9 @@ impl SourceMigration {
             go_sent: false,
             xor_delta: false,
             started: Instant::now(),
+            migration_id: 0,
+            reconnect: self.reconnect.map(|r| Arc::new(Mutex::new(r))),
+            pause_bound: None,
         };
         let result = session.migrate(&mut progress);
         if let Err(e) = &result {
@@ -237,7 +255,39 @@ struct Session<'a> {
     /// XOR deltas were negotiated.
     xor_delta: bool,
     started: Instant,
+    /// This migration's id (from the Hello).
+    migration_id: u64,
+    /// Reaches the destination again after GO.
+    reconnect: Option<Arc<Mutex<Reconnect>>>,
+    /// Set at the pause: when every wait ends.
+    pause_bound: Option<PauseBound>,
 }
+
+/// The end of every wait once the guest is paused.
+#[derive(Debug, Clone, Copy)]
+struct PauseBound {
+    until: Instant,
+    budget: Duration,
+    margin: Duration,
+}
+
+impl PauseBound {
+    fn left(&self) -> Duration {
+        self.until.saturating_duration_since(Instant::now())
+    }
+
+    fn exceeded(&self, waiting_for: &'static str) -> MigrationError {
+        MigrationError::PauseBudgetExceeded {
+            budget: self.budget,
+            margin: self.margin,
+            waiting_for,
+        }
+    }
+}
+
+/// Longest downtime budget a pause bound is computed with (an expected
+/// downtime can be unbounded on a link that moved nothing).
+const MAX_BUDGET: Duration = Duration::from_secs(3600);
 
 /// Totals of one round.
 #[derive(Debug, Default)]
@@ -275,7 +325,11 @@ fn unix_ns() -> u64 {
 impl Session<'_> {
     /// Queue a control frame on lane 0.
     fn send(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), MigrationError> {
-        if let Err(e) = self.out.send_frame(kind, payload.to_vec()) {
+        let until = self.pause_bound.map(|b| b.until);
+        if let Err(e) = self.out.send_frame(kind, payload.to_vec(), until) {
+            if let Some(b) = self.pause_bound.filter(|b| b.left().is_zero()) {
+                return Err(b.exceeded("room for a control frame on lane 0"));
+            }
             return Err(self.send_failed(e));
         }
         self.wire_bytes += (HEADER_LEN + payload.len()) as u64;
@@ -353,10 +407,9 @@ impl Session<'_> {
         if self.opts.xor_cache_bytes_for(layout.bytes()) >= PAGE_SIZE {
             offered |= protocol::FEATURE_XOR_DELTA;
         }
-        self.send(
-            FrameKind::Hello,
-            &Hello::new(layout.clone(), offered).encode(),
-        )?;
+        let hello = Hello::new(layout.clone(), offered);
+        self.migration_id = hello.migration_id;
+        self.send(FrameKind::Hello, &hello.encode())?;
         let ack = self
             .inbox
             .expect(FrameKind::HelloAck, "HelloAck", self.opts.handover_timeout)?;
@@ -461,6 +514,7 @@ impl Session<'_> {
         let mut counts = EncodingCounts::default();
         let mut round = 0u32;
         let mut max_throttle = 0u8;
+        let mut expected_downtime;
         loop {
             self.steer(&mut controller)?;
             let throttle = controller.throttle();
@@ -487,6 +541,7 @@ impl Session<'_> {
                 elapsed: self.started.elapsed(),
             };
             let assessment = controller.assess(&measurement);
+            expected_downtime = assessment.expected_downtime;
             debug!(round, ?measurement, ?assessment, "round finished");
             progress(ProgressEvent::RoundFinished {
                 round,
@@ -518,12 +573,24 @@ impl Session<'_> {
             }
         }
 
-        // Stop-and-copy.
         if let Some(s) = self.steering {
             s.pausing()?;
         }
+        // Stop-and-copy. From here every wait ends by the downtime budget
+        // plus the margin: what cannot finish by then is aborted before GO.
+        let policy = *controller.policy();
+        let budget = match policy.on_deadline {
+            OnDeadline::Abort => policy.max_downtime,
+            OnDeadline::Force => policy.max_downtime.max(expected_downtime),
+        }
+        .min(MAX_BUDGET);
         let paused_at = unix_ns();
         let t_pause = Instant::now();
+        self.pause_bound = Some(PauseBound {
+            until: t_pause + budget + self.opts.pause_margin.min(MAX_BUDGET),
+            budget,
+            margin: self.opts.pause_margin,
+        });
         self.vm.pause().map_err(MigrationError::Pause)?;
         self.paused = true;
         let pause = t_pause.elapsed();
@@ -558,9 +625,11 @@ impl Session<'_> {
         });
 
         let t_ready = Instant::now();
-        let ready = self
-            .inbox
-            .expect(FrameKind::Ready, "Ready", self.opts.handover_timeout)?;
+        let bound = self.pause_bound.expect("set at the pause");
+        let ready = match self.inbox.expect(FrameKind::Ready, "Ready", bound.left()) {
+            Err(MigrationError::Timeout { .. }) => return Err(bound.exceeded("Ready")),
+            other => other?,
+        };
         let ready_wait = t_ready.elapsed();
         let theirs = protocol::decode_u64("Ready", &ready).map_err(MigrationError::Message)?;
         if theirs != digest {
@@ -575,18 +644,17 @@ impl Session<'_> {
         if let Some(s) = self.steering {
             s.commit()?;
         }
+        // Last point where the guest can stay here: a pause past the budget
+        // and its margin is not completed.
+        if bound.left().is_zero() {
+            return Err(bound.exceeded("GO to be sent"));
+        }
         self.send(FrameKind::Go, &[])?;
         self.go_sent = true;
         progress(ProgressEvent::Handover {
             step: HandoverStep::Go,
         });
-        let running = self
-            .inbox
-            .expect(FrameKind::Running, "Running", self.opts.handover_timeout)
-            .and_then(|p| Running::decode(&p).map_err(MigrationError::Message))
-            .map_err(|e| MigrationError::InDoubt {
-                reason: error_chain(&e),
-            })?;
+        let running = self.outcome_after_go(bound)?;
         progress(ProgressEvent::Handover {
             step: HandoverStep::Running,
         });
@@ -594,6 +662,15 @@ impl Session<'_> {
 
         let total = self.started.elapsed();
         let downtime = Duration::from_nanos(running.resumed_at_unix_ns.saturating_sub(paused_at));
+        let over_limit = downtime.saturating_sub(policy.max_downtime);
+        if !over_limit.is_zero() {
+            warn!(
+                ?downtime,
+                limit = ?policy.max_downtime,
+                ?over_limit,
+                "the pause exceeded the downtime limit"
+            );
+        }
         let before_ready = pause + final_collect + final_pages + state_time + ready_wait;
         let summary = MigrationSummary {
             rounds: round,
@@ -620,6 +697,8 @@ impl Session<'_> {
             max_throttle_percent: max_throttle,
             memory_digest: digest,
             dirty_log,
+            downtime_limit: policy.max_downtime,
+            over_limit,
         };
         info!(rounds = round, ?total, ?downtime, "migration completed");
         progress(ProgressEvent::Completed {
@@ -640,6 +719,51 @@ impl Session<'_> {
             controller.set_policy(r.apply(controller.policy()));
         }
         Ok(())
+    }
+
+    /// After GO: the destination's Running, or its refusal (then the guest
+    /// resumes here), or, when neither comes by the pause bound, its answer
+    /// to the same question over a fresh connection. Only when it cannot be
+    /// reached at all is the handover in doubt.
+    fn outcome_after_go(&mut self, bound: PauseBound) -> Result<Running, MigrationError> {
+        let silence = match self
+            .inbox
+            .expect(FrameKind::Running, "Running", bound.left())
+        {
+            Ok(payload) => match Running::decode(&payload) {
+                Ok(running) => return Ok(running),
+                Err(e) => MigrationError::Message(e),
+            },
+            Err(MigrationError::PeerAborted(reason)) => {
+                // The destination answers GO with Abort only when it did not
+                // resume and never will.
+                self.go_sent = false;
+                return Err(MigrationError::HandoverRefused { reason });
+            }
+            Err(e) => e,
+        };
+        let Some(reconnect) = self.reconnect.clone() else {
+            return Err(MigrationError::InDoubt {
+                reason: error_chain(&silence),
+                migration_id: self.migration_id,
+            });
+        };
+        info!(error = %silence, "no answer to GO: asking the destination over a fresh connection");
+        let until = Instant::now() + self.opts.pause_margin.min(MAX_BUDGET);
+        match handover::ask(&reconnect, self.migration_id, until) {
+            Ok(HandoverOutcome::Resumed(running)) => Ok(running),
+            Ok(HandoverOutcome::NotResumed(reason)) => {
+                self.go_sent = false;
+                Err(MigrationError::HandoverRefused { reason })
+            }
+            Err(Unreachable(why)) => Err(MigrationError::InDoubt {
+                reason: format!(
+                    "{}; asking again over a fresh connection failed: {why}",
+                    error_chain(&silence)
+                ),
+                migration_id: self.migration_id,
+            }),
+        }
     }
 
     fn collect(
@@ -716,6 +840,9 @@ impl Session<'_> {
             // A destination that stays connected but stops reading would
             // otherwise hold the round (and, in the final round, the paused
             // guest) forever.
+            if let Some(b) = self.pause_bound.filter(|b| b.left().is_zero()) {
+                return Err(b.exceeded("the last pages to go out"));
+            }
             if last_chunk.elapsed() >= self.opts.handover_timeout {
                 return Err(MigrationError::Timeout {
                     waiting_for: "room on the lanes (the destination stopped reading)",
@@ -724,6 +851,19 @@ impl Session<'_> {
             }
             if let Some(deadline) = mode.deadline {
                 if self.started.elapsed() >= deadline {
+                    // Not converging means rounds that run but do not
+                    // shrink; a first copy that never finished, or a link
+                    // that stopped moving, is another story.
+                    let stalled_for = last_chunk.elapsed();
+                    if mode.round == 0 || stalled_for >= STALLED {
+                        return Err(MigrationError::DeadlineDuringRound {
+                            deadline,
+                            round: mode.round,
+                            pages_done: totals.pages,
+                            pages_total,
+                            stalled_for,
+                        });
+                    }
                     return Err(MigrationError::DeadlineExceeded {
                         deadline,
                         rounds: mode.round,
@@ -747,7 +887,13 @@ impl Session<'_> {
             pages: totals.counts.sent(),
         }
         .encode();
-        if let Err(e) = self.out.broadcast(FrameKind::RoundEnd, &end) {
+        if let Err(e) =
+            self.out
+                .broadcast(FrameKind::RoundEnd, &end, self.pause_bound.map(|b| b.until))
+        {
+            if let Some(b) = self.pause_bound.filter(|b| b.left().is_zero()) {
+                return Err(b.exceeded("room for the last round's end"));
+            }
             return Err(self.send_failed(e));
         }
         self.wire_bytes += (self.out.lanes() * (HEADER_LEN + end.len())) as u64;

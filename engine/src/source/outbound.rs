@@ -266,17 +266,25 @@ impl Outbound {
         self.sealed
     }
 
-    /// Queue a control frame on lane 0.
+    /// Queue a control frame on lane 0, waiting for room until `until` at
+    /// the latest (the guest is paused) or for the stall time.
     pub(crate) fn send_frame(
         &self,
         kind: FrameKind,
         payload: Vec<u8>,
+        until: Option<Instant>,
     ) -> Result<(), TransportError> {
-        self.queue(0, Outgoing::Frame { kind, payload })
+        self.queue(0, Outgoing::Frame { kind, payload }, until)
     }
 
-    /// Queue a frame on every lane (round markers).
-    pub(crate) fn broadcast(&self, kind: FrameKind, payload: &[u8]) -> Result<(), TransportError> {
+    /// Queue a frame on every lane (round markers); waits as
+    /// [`Outbound::send_frame`].
+    pub(crate) fn broadcast(
+        &self,
+        kind: FrameKind,
+        payload: &[u8],
+        until: Option<Instant>,
+    ) -> Result<(), TransportError> {
         (0..self.lanes()).try_for_each(|lane| {
             self.queue(
                 lane,
@@ -284,6 +292,7 @@ impl Outbound {
                     kind,
                     payload: payload.to_vec(),
                 },
+                until,
             )
         })
     }
@@ -326,15 +335,23 @@ impl Outbound {
         }
     }
 
-    fn queue(&self, lane: usize, item: Outgoing) -> Result<(), TransportError> {
+    fn queue(
+        &self,
+        lane: usize,
+        item: Outgoing,
+        until: Option<Instant>,
+    ) -> Result<(), TransportError> {
         let q = self
             .queues
             .get(lane)
             .ok_or(TransportError::NoSuchLane { lane })?;
-        match q.send_timeout(item, self.stall) {
+        let wait = until.map_or(self.stall, |u| {
+            u.saturating_duration_since(Instant::now()).min(self.stall)
+        });
+        match q.send_timeout(item, wait) {
             Ok(()) => Ok(()),
             Err(SendTimeoutError::Disconnected(_)) => Err(self.error(lane)),
-            Err(SendTimeoutError::Timeout(_)) => Err(stalled(lane, self.stall)),
+            Err(SendTimeoutError::Timeout(_)) => Err(stalled(lane, wait)),
         }
     }
 

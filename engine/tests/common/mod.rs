@@ -158,6 +158,9 @@ pub enum FrameFault {
     /// Forward the first frame of this kind, then stop relaying anything
     /// back to the source (and close the source's connection).
     SilenceAfter(FrameKind),
+    /// Flip a bit of the checksum of the first frame of this kind, then go
+    /// on relaying.
+    Corrupt(FrameKind),
 }
 
 /// A frame-aware relay.
@@ -194,6 +197,7 @@ impl FrameRelay {
             });
             let (mut from, mut to) = (src, dst);
             let mut header = [0u8; ferry_transport::HEADER_LEN];
+            let mut corrupted = false;
             loop {
                 if from.read_exact(&mut header).is_err() {
                     break;
@@ -209,6 +213,10 @@ impl FrameRelay {
                         let _ = from.shutdown(Shutdown::Both);
                         let _ = to.shutdown(Shutdown::Both);
                         break;
+                    }
+                    FrameFault::Corrupt(k) if k.to_wire() == kind && !corrupted => {
+                        header[16] ^= 0x01;
+                        corrupted = true;
                     }
                     FrameFault::SilenceAfter(k) if k.to_wire() == kind => {
                         silenced.store(true, std::sync::atomic::Ordering::SeqCst);
