@@ -459,24 +459,35 @@ fn print_report(r: &MigrationReport) {
     if !r.phase.is_final() {
         println!("  bytes left        {}", format_bytes(r.bytes_left));
     }
-    println!("  wire bytes        {}", format_bytes(r.wire_bytes));
+    let so_far = r.wire_bytes as f64 / (r.elapsed_ms / 1e3).max(1e-3);
     println!(
-        "  dirty rate        {:.0} pages/s",
-        r.dirty_rate_pages_per_sec
+        "  wire bytes        {} ({} on average)",
+        format_bytes(r.wire_bytes),
+        format_rate(so_far)
     );
-    println!(
-        "  bandwidth         {}",
-        format_rate(r.bandwidth_bytes_per_sec)
-    );
-    println!("  expected downtime {:.1} ms", r.expected_downtime_ms);
-    println!("  throttle          {} %", r.throttle_percent);
-    if let Some(d) = &r.decision {
-        println!("  last decision     {d}");
+    if r.role == ferry_control::Role::Source {
+        if r.decision.is_some() {
+            println!(
+                "  dirty rate        {:.0} pages/s",
+                r.dirty_rate_pages_per_sec
+            );
+            println!(
+                "  bandwidth         {}",
+                format_rate(r.bandwidth_bytes_per_sec)
+            );
+            println!("  expected downtime {:.1} ms", r.expected_downtime_ms);
+            println!("  throttle          {} %", r.throttle_percent);
+        } else {
+            println!("  rates             not measured yet (the first round runs)");
+        }
+        if let Some(d) = &r.decision {
+            println!("  last decision     {d}");
+        }
+        println!(
+            "  limits            {}",
+            ferry_control::server::describe_limits(&r.limits)
+        );
     }
-    println!(
-        "  limits            {}",
-        ferry_control::server::describe_limits(&r.limits)
-    );
     println!("  elapsed           {:.1} s", r.elapsed_ms / 1e3);
     println!("  guest             {}", r.guest.describe());
     if let Some(e) = &r.error {

@@ -521,9 +521,9 @@ fn show_status(args: StatusArgs) -> anyhow::Result<()> {
     if reply.state == GuestHome::Migrating {
         if let Ok(m) = client::migration(&args.api) {
             println!(
-                "  migrating to {}: {:?}, round {}, {} left, expected downtime {:.1} ms (details: ferry migrate status --api {})",
+                "  migrating to {}: {}, round {}, {} left, expected downtime {:.1} ms (details: ferry migrate status --api {})",
                 m.to.as_deref().unwrap_or("?"),
-                m.phase,
+                format!("{:?}", m.phase).to_lowercase(),
                 m.round,
                 format_bytes(m.bytes_left),
                 m.expected_downtime_ms,
