@@ -1,0 +1,315 @@
+//! A seeded, frame-aware fault proxy for ferry lane sessions (plaintext):
+//! it forwards every connection to one target and, on the connection and
+//! in the direction a [`Fault`] names, damages the stream once: at a byte
+//! offset or at the first frame of a kind, it cuts, flips a bit,
+//! truncates, or stalls (holds the connection open, forwarding nothing, for
+//! a while). Faults are drawn from a seed ([`Fault::draw`]) so a failing
+//! trial can be replayed.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_transport::{FrameKind, HEADER_LEN};
+
+/// A small seeded generator (SplitMix64): enough for drawing faults.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number below `n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// One of `items`.
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// Which way the damaged bytes flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Source to destination.
+    ToDestination,
+    /// Destination to source.
+    ToSource,
+}
+
+/// Where on the stream the fault strikes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// After this many bytes of the direction.
+    Byte(u64),
+    /// At the first frame of this kind.
+    Frame(FrameKind),
+}
+
+/// What the fault does there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Close both sides of the connection.
+    Cut,
+    /// Flip one bit, then go on.
+    Flip,
+    /// Forward half of what comes next, then close.
+    Truncate,
+    /// Forward nothing more in this direction for this long (the connection
+    /// stays open), then close.
+    Stall(Duration),
+}
+
+/// One fault of a trial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// Accepted connection it applies to (0 = the first lane of the first
+    /// session).
+    pub connection: usize,
+    /// Which way.
+    pub direction: Direction,
+    /// Where.
+    pub place: Place,
+    /// What.
+    pub action: Action,
+}
+
+impl Fault {
+    /// A fault drawn from `rng` for a session of `lanes` lanes moving about
+    /// `stream_bytes` towards the destination: frame faults on lane 0's
+    /// control frames (the handover's included) or byte faults at a random
+    /// offset of a random lane, either way.
+    pub fn draw(rng: &mut Rng, lanes: usize, stream_bytes: u64) -> Fault {
+        let action = *rng.pick(&[
+            Action::Cut,
+            Action::Flip,
+            Action::Truncate,
+            Action::Stall(Duration::from_secs(3)),
+        ]);
+        if rng.below(2) == 0 {
+            let (direction, kind) = *rng.pick(&[
+                (Direction::ToDestination, FrameKind::Hello),
+                (Direction::ToDestination, FrameKind::VcpuState),
+                (Direction::ToDestination, FrameKind::Digest),
+                (Direction::ToDestination, FrameKind::Go),
+                (Direction::ToSource, FrameKind::HelloAck),
+                (Direction::ToSource, FrameKind::Ready),
+                (Direction::ToSource, FrameKind::Running),
+            ]);
+            Fault {
+                connection: 0,
+                direction,
+                place: Place::Frame(kind),
+                action,
+            }
+        } else {
+            let direction = if rng.below(4) == 0 {
+                Direction::ToSource
+            } else {
+                Direction::ToDestination
+            };
+            let limit = match direction {
+                Direction::ToDestination => stream_bytes,
+                // The destination sends only a few small frames.
+                Direction::ToSource => 120,
+            };
+            Fault {
+                connection: rng.below(lanes as u64) as usize,
+                direction,
+                place: Place::Byte(rng.below(limit.max(1))),
+                action,
+            }
+        }
+    }
+}
+
+/// Whether the fault struck, and when.
+#[derive(Debug, Default)]
+struct Struck {
+    at: Mutex<Option<Instant>>,
+}
+
+/// The proxy: a loopback listener; stops accepting when dropped (the
+/// relays end when their peers close).
+pub struct FaultProxy {
+    /// Where sources connect.
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    struck: Arc<Struck>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl FaultProxy {
+    /// Forwards connections to `target`, damaging as `fault` says.
+    pub fn spawn(target: SocketAddr, fault: Fault) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let struck = Arc::new(Struck::default());
+        let open = Arc::new(Mutex::new(Vec::new()));
+        let count = Arc::new(AtomicUsize::new(0));
+        let (stop2, struck2, open2) = (stop.clone(), struck.clone(), open.clone());
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::Acquire) {
+                let (client, _) = match listener.accept() {
+                    Ok(c) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = TcpStream::connect(target) else {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                };
+                let index = count.fetch_add(1, Ordering::AcqRel);
+                {
+                    let mut o = open2.lock().unwrap_or_else(|p| p.into_inner());
+                    o.extend(client.try_clone());
+                    o.extend(server.try_clone());
+                }
+                for (direction, from, to) in [
+                    (
+                        Direction::ToDestination,
+                        client.try_clone(),
+                        server.try_clone(),
+                    ),
+                    (Direction::ToSource, server.try_clone(), client.try_clone()),
+                ] {
+                    let (Ok(from), Ok(to)) = (from, to) else {
+                        continue;
+                    };
+                    let mine = (fault.connection == index && fault.direction == direction)
+                        .then_some(fault);
+                    let struck = struck2.clone();
+                    std::thread::spawn(move || relay(from, to, mine, &struck));
+                }
+            }
+        });
+        Ok(Self {
+            addr,
+            stop,
+            struck,
+            open,
+        })
+    }
+
+    /// When the fault struck, if it did.
+    pub fn struck_at(&self) -> Option<Instant> {
+        *self.struck.at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for s in self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Copies `from` to `to` frame by frame, applying `fault` once.
+fn relay(mut from: TcpStream, mut to: TcpStream, fault: Option<Fault>, struck: &Struck) {
+    let mut passed = 0u64;
+    let mut done = fault.is_none();
+    let mut header = [0u8; HEADER_LEN];
+    loop {
+        if from.read_exact(&mut header).is_err() {
+            break;
+        }
+        let len = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes")) as usize;
+        let mut frame = header.to_vec();
+        frame.resize(HEADER_LEN + len.min(64 << 20), 0);
+        if from.read_exact(&mut frame[HEADER_LEN..]).is_err() {
+            break;
+        }
+        let kind = u16::from_le_bytes([header[6], header[7]]);
+        if !done {
+            let f = fault.expect("not done means a fault");
+            let at = match f.place {
+                Place::Frame(k) if k.to_wire() == kind => Some(0usize),
+                Place::Byte(n) if passed + frame.len() as u64 > n => {
+                    Some(usize::try_from(n - passed).unwrap_or(0))
+                }
+                _ => None,
+            };
+            if let Some(at) = at {
+                done = true;
+                *struck.at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                match f.action {
+                    Action::Cut => {
+                        let _ = to.write_all(&frame[..at]);
+                        break;
+                    }
+                    Action::Flip => {
+                        // A frame fault damages the checksum; a byte fault
+                        // the byte at its offset.
+                        let i = if matches!(f.place, Place::Frame(_)) {
+                            16
+                        } else {
+                            at
+                        };
+                        frame[i] ^= 0x20;
+                    }
+                    Action::Truncate => {
+                        let keep = at + (frame.len() - at) / 2;
+                        let _ = to.write_all(&frame[..keep]);
+                        break;
+                    }
+                    Action::Stall(d) => {
+                        let _ = to.write_all(&frame[..at]);
+                        std::thread::sleep(d);
+                        break;
+                    }
+                }
+            }
+        }
+        passed += frame.len() as u64;
+        if to.write_all(&frame).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_draws_the_same_faults() {
+        let draw = |seed| {
+            let mut r = Rng::new(seed);
+            (0..8)
+                .map(|_| Fault::draw(&mut r, 2, 1 << 20))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+}
