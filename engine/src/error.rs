@@ -101,6 +101,10 @@ pub enum MigrationError {
     /// Restoring the vCPU/device state failed.
     #[error("could not restore the guest state")]
     RestoreState(#[source] VmOpError),
+    /// The device state sections are refused (unknown, newer, too large,
+    /// corrupt): before Ready, so the guest stays on the source.
+    #[error("refused the guest's device state")]
+    Sections(#[source] crate::sections::SectionError),
     /// Guest memory could not be read or written at a page.
     #[error("guest memory access failed at page {page}")]
     GuestMemory {

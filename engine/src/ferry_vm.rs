@@ -1,8 +1,9 @@
 //! [`MigratableVm`] for `ferry_vm::Vm`, the project's own KVM VM.
 
 use ferry_dirtylog::DirtyLog;
-use ferry_vm::Vm;
+use ferry_vm::{StateSection, Vm};
 
+use crate::sections::{DeviceSection, SectionSpec};
 use crate::vm::{GuestMemoryMmap, MigratableVm, VmOpError};
 
 impl MigratableVm for Vm {
@@ -30,12 +31,42 @@ impl MigratableVm for Vm {
         Some(Vm::resumed_at_unix_ns(self)).filter(|&t| t != 0)
     }
 
-    fn save_state(&self) -> Result<Vec<u8>, VmOpError> {
-        Ok(Vm::save_state(self)?)
+    fn section_specs(&self) -> Vec<SectionSpec> {
+        ferry_vm::VM_SECTIONS
+            .iter()
+            .map(|s| SectionSpec {
+                name: s.name,
+                version: s.version,
+                max_bytes: s.max_bytes,
+                max_instances: s.max_instances,
+            })
+            .collect()
     }
 
-    fn restore_state(&self, blob: &[u8]) -> Result<(), VmOpError> {
-        Ok(Vm::restore_state(self, blob)?)
+    /// One section per device: a `vcpu` section per vCPU.
+    fn save_sections(&self) -> Result<Vec<DeviceSection>, VmOpError> {
+        Ok(Vm::save_state(self)?
+            .into_iter()
+            .map(|s| DeviceSection {
+                name: s.name,
+                instance: s.instance,
+                version: s.version,
+                data: s.data,
+            })
+            .collect())
+    }
+
+    fn restore_sections(&self, sections: &[DeviceSection]) -> Result<(), VmOpError> {
+        let sections: Vec<StateSection> = sections
+            .iter()
+            .map(|s| StateSection {
+                name: s.name.clone(),
+                instance: s.instance,
+                version: s.version,
+                data: s.data.clone(),
+            })
+            .collect();
+        Ok(Vm::restore_state(self, &sections)?)
     }
 
     /// The VM's own log: KVM's (bitmap, manual-protect where offered, or

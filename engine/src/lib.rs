@@ -89,6 +89,7 @@ pub mod layout;
 mod options;
 pub mod progress;
 pub mod protocol;
+pub mod sections;
 mod source;
 pub mod steer;
 mod summary;
@@ -106,6 +107,7 @@ pub use handover::{
 pub use layout::{MemoryLayout, MemoryRegion};
 pub use options::{DestinationOptions, MigrationOptions, DEFAULT_PAUSE_MARGIN};
 pub use progress::{HandoverStep, ProgressEvent};
+pub use sections::{DeviceSection, SectionError, SectionSpec};
 pub use source::SourceMigration;
 pub use steer::{MigrationSteering, Retune, SteerError};
 pub use summary::{DestinationSummary, DowntimeBreakdown, MigrationSummary};

@@ -10,7 +10,7 @@
 //!                                          <-  HelloAck {stream version, features}  (or Abort)
 //!   round 0..n: PageBatch*, RoundEnd {round, pages}  ->
 //!   (guest paused) final round: PageBatch*, RoundEnd  ->
-//!   VcpuState {blob}  ->
+//!   VcpuState {device sections}  ->
 //!   Digest {memory digest}  ->
 //!                   (destination: all pages written, digest equal, state restored)
 //!                                          <-  Ready {digest}               (or Abort)
@@ -47,6 +47,9 @@
 //! never sent adding nothing (see `crate::digest`). Version 1 hashed the
 //! table of page hashes in page order at the handover.
 //!
+//! The VcpuState payload (version 4) is a stream of device state sections
+//! (`crate::sections`); versions up to 3 carried one opaque blob.
+//!
 //! Version rule: a Hello whose stream version differs from
 //! [`STREAM_VERSION`] is refused with an Abort naming both versions (the
 //! frame format itself is versioned by the transport).
@@ -55,8 +58,9 @@ use crate::encode::PAGE_SIZE;
 use crate::layout::{MemoryLayout, MemoryRegion, MAX_REGIONS};
 
 /// Version of the migration stream described here (3: Hello carries the
-/// migration id that `Resolve` names).
-pub const STREAM_VERSION: u32 = 3;
+/// migration id that `Resolve` names; 4: the VcpuState payload is device
+/// state sections).
+pub const STREAM_VERSION: u32 = 4;
 
 /// Longest Abort reason kept.
 pub const MAX_REASON_BYTES: usize = 4096;

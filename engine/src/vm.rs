@@ -2,6 +2,8 @@
 
 use ferry_dirtylog::DirtyLog;
 
+use crate::sections::{DeviceSection, SectionSpec};
+
 /// Guest memory as rust-vmm VMMs hold it, with vm-memory's dirty bitmap for
 /// the VMM's own writes.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
@@ -10,8 +12,15 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicB
 pub type VmOpError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// A VM the engine can migrate. The source side uses everything; the
-/// destination side `memory`, `restore_state` and `resume` (its VM is created
-/// paused, memory prepared, by the caller's `make_vm`).
+/// destination side `memory`, `section_specs`, `restore_sections` and
+/// `resume` (its VM is created paused, memory prepared, by the caller's
+/// `make_vm`).
+///
+/// vCPU and device state travel as [`DeviceSection`]s: each device of the
+/// VMM saves its own named, versioned sections, and says in
+/// `section_specs` which ones it reads back (newest version, size limit).
+/// The engine carries them opaquely and refuses, before GO, a stream with a
+/// section the destination does not read (see [`crate::sections`]).
 ///
 /// Implementations must be usable from several threads: encoder threads
 /// read `memory()` while the source thread pauses, resumes and throttles.
@@ -38,10 +47,14 @@ pub trait MigratableVm: Send + Sync {
     fn resumed_at_unix_ns(&self) -> Option<u64> {
         None
     }
-    /// The vCPU and device state as an opaque blob; the VM is paused.
-    fn save_state(&self) -> Result<Vec<u8>, VmOpError>;
-    /// Load a blob from `save_state` of the source VM; the VM is paused.
-    fn restore_state(&self, blob: &[u8]) -> Result<(), VmOpError>;
+    /// The sections this VM reads: name, newest version, size limit,
+    /// instances.
+    fn section_specs(&self) -> Vec<SectionSpec>;
+    /// The vCPU and device state as sections; the VM is paused.
+    fn save_sections(&self) -> Result<Vec<DeviceSection>, VmOpError>;
+    /// Load the source VM's sections (each already checked against
+    /// `section_specs`); the VM is paused.
+    fn restore_sections(&self, sections: &[DeviceSection]) -> Result<(), VmOpError>;
     /// A dirty log over the guest memory, not yet started. It must include
     /// the VMM's own writes to guest memory.
     fn dirty_log(&self) -> Result<Box<dyn DirtyLog>, VmOpError>;

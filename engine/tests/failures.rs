@@ -14,9 +14,10 @@ use common::{
 };
 use ferry_engine::protocol::{self, Hello, HelloAck, STREAM_VERSION};
 use ferry_engine::{
-    resolve_in_doubt, DestinationMigration, DestinationOptions, DestinationSummary,
-    InDoubtDecision, InDoubtResolution, Incoming, MemoryLayout, MemoryRegion, MigrationError,
-    MigrationOptions, MigrationSummary, Reconnect, ResolveError, SourceMigration,
+    resolve_in_doubt, DestinationMigration, DestinationOptions, DestinationSummary, DeviceSection,
+    GuestMemoryMmap, InDoubtDecision, InDoubtResolution, Incoming, MemoryLayout, MemoryRegion,
+    MigratableVm, MigrationError, MigrationOptions, MigrationSummary, Reconnect, ResolveError,
+    SectionSpec, SourceMigration, VmOpError,
 };
 use ferry_transport::lanes::LaneListener;
 use ferry_transport::{
@@ -627,4 +628,104 @@ fn resolve_resume_runs_the_guest_here_when_the_destination_is_gone() -> Result<(
     );
     assert_alive(&vm, "source after resolve resume")?;
     Ok(())
+}
+
+/// ferry's VM with one more device section than ferry's VM reads: what a
+/// source VMM with a device the destination lacks sends.
+struct WithExtraSection {
+    vm: Arc<ferry_vm::Vm>,
+    extra: DeviceSection,
+}
+
+impl MigratableVm for WithExtraSection {
+    fn memory(&self) -> &GuestMemoryMmap {
+        MigratableVm::memory(&*self.vm)
+    }
+    fn pause(&self) -> Result<(), VmOpError> {
+        MigratableVm::pause(&*self.vm)
+    }
+    fn resume(&self) -> Result<(), VmOpError> {
+        MigratableVm::resume(&*self.vm)
+    }
+    fn section_specs(&self) -> Vec<SectionSpec> {
+        self.vm.section_specs()
+    }
+    fn save_sections(&self) -> Result<Vec<DeviceSection>, VmOpError> {
+        let mut s = self.vm.save_sections()?;
+        s.push(self.extra.clone());
+        Ok(s)
+    }
+    fn restore_sections(&self, sections: &[DeviceSection]) -> Result<(), VmOpError> {
+        self.vm.restore_sections(sections)
+    }
+    fn dirty_log(&self) -> Result<Box<dyn ferry_dirtylog::DirtyLog>, VmOpError> {
+        MigratableVm::dirty_log(&*self.vm)
+    }
+    fn set_throttle(&self, percent: u8) {
+        MigratableVm::set_throttle(&*self.vm, percent);
+    }
+}
+
+fn a_refused_section_leaves_the_guest_on_the_source(
+    extra: DeviceSection,
+    says: &str,
+) -> Result<()> {
+    let vm = boot(64, GUEST)?;
+    let dest = Destination::spawn(DestinationOptions::default())?;
+    let wrapped: Arc<dyn MigratableVm> = Arc::new(WithExtraSection {
+        vm: vm.clone(),
+        extra,
+    });
+    let conn = tcp::connect(dest.addr)?;
+    let result = SourceMigration::new(wrapped, quick()).run(conn, |_| {});
+    let err = result.err().context("the migration must fail")?;
+    ensure!(
+        !err.source_left_paused(),
+        "before GO the source must resume: {err:?}"
+    );
+    let dest_err = dest.join().err().context("the destination must refuse")?;
+    ensure!(
+        matches!(dest_err, MigrationError::Sections(_)),
+        "{dest_err:?}"
+    );
+    let chain = format!("{:#}", anyhow::Error::from(dest_err));
+    ensure!(chain.contains(says), "the destination says: {chain}");
+    ensure!(
+        format!("{err:#}").contains(says) || matches!(err, MigrationError::PeerAborted(_)),
+        "the source hears why: {err:?}"
+    );
+    assert_alive(&vm, "source")?;
+    Ok(())
+}
+
+#[test]
+fn an_unknown_device_section_is_refused_before_go_and_the_guest_stays() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("an_unknown_device_section_is_refused_before_go") else {
+        return Ok(());
+    };
+    a_refused_section_leaves_the_guest_on_the_source(
+        DeviceSection {
+            name: "hpet".into(),
+            instance: 0,
+            version: 1,
+            data: vec![1, 2, 3],
+        },
+        "unknown device section `hpet`",
+    )
+}
+
+#[test]
+fn a_newer_device_section_is_refused_before_go_and_the_guest_stays() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("a_newer_device_section_is_refused_before_go") else {
+        return Ok(());
+    };
+    a_refused_section_leaves_the_guest_on_the_source(
+        DeviceSection {
+            name: "vcpu".into(),
+            instance: 1,
+            version: ferry_vm::VCPU_SECTION.version + 1,
+            data: b"{}".to_vec(),
+        },
+        "reads up to version",
+    )
 }

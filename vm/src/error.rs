@@ -82,8 +82,8 @@ pub enum VmError {
     /// An operation needs a paused VM.
     #[error("{0} needs the VM paused")]
     NotPaused(&'static str),
-    /// A saved vCPU state blob is unusable.
-    #[error("invalid vCPU state blob: {0}")]
+    /// Saved state is unusable.
+    #[error("invalid saved state: {0}")]
     BadState(String),
     /// The guest did not reach a state in time.
     #[error("the guest did not {what} within {secs} s (phase {phase:#x}); {hint}")]

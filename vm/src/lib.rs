@@ -19,7 +19,7 @@
 //! vm.wait_running(std::time::Duration::from_secs(60))?;
 //! println!("{}", vm.status());
 //! vm.pause()?;
-//! let blob = vm.save_state()?;
+//! let sections = vm.save_state()?; // one `vcpu` section per vCPU
 //! # Ok::<(), ferry_vm::VmError>(())
 //! ```
 #![deny(missing_docs)]
@@ -41,5 +41,6 @@ pub use guest::{
     FILL_BASE, GUEST_ELF, GUEST_MAX_CPUS, STATUS_ADDR,
 };
 pub use loader::{load_multiboot, LoadedImage};
+pub use state::{SectionInfo, StateSection, VCPU_SECTION, VM_SECTIONS};
 pub use vcpu::RunState;
 pub use vm::{host_tsc_khz, DirtyBackend, GuestMem, Vm, VmConfig, AP_MAGIC, MAX_VCPUS};

@@ -34,47 +34,75 @@ const MSRS: &[u32] = &[
     0x12,        // KVM system time (old)
 ];
 
-/// Version of the VM state blob ([`VmState`]).
-pub const VM_STATE_VERSION: u32 = 2;
-
-/// The state of every vCPU of a VM.
-#[derive(Serialize, Deserialize, Debug)]
-pub struct VmState {
-    version: u32,
-    /// One entry per vCPU, vCPU 0 first.
-    pub vcpus: Vec<VcpuState>,
+/// One named, versioned piece of a VM's saved state (a device section in
+/// the migration stream): the VMM's devices each save their own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateSection {
+    /// What it is: `vcpu` (more to come: irqchip, pit, clock).
+    pub name: String,
+    /// Which one (the vCPU index).
+    pub instance: u32,
+    /// Format version of `data`.
+    pub version: u32,
+    /// The state.
+    pub data: Vec<u8>,
 }
 
-impl VmState {
-    /// The state of a VM with these vCPUs.
-    pub fn new(vcpus: Vec<VcpuState>) -> Self {
-        Self {
-            version: VM_STATE_VERSION,
-            vcpus,
+/// What a VM reads back: a section name, its newest version, a size limit
+/// and how many instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SectionInfo {
+    /// The section's name.
+    pub name: &'static str,
+    /// The newest version read.
+    pub version: u32,
+    /// Largest data accepted, bytes.
+    pub max_bytes: u32,
+    /// Most instances.
+    pub max_instances: u32,
+}
+
+/// The `vcpu` section: one per vCPU, instance = vCPU index, a
+/// [`VcpuState`] as JSON.
+pub const VCPU_SECTION: SectionInfo = SectionInfo {
+    name: "vcpu",
+    version: STATE_VERSION,
+    // Registers, FPU, 4 KiB of XSAVE and MSRs as JSON: ~25 KiB; room to grow.
+    max_bytes: 1 << 20,
+    max_instances: crate::vm::MAX_VCPUS as u32,
+};
+
+/// Every section ferry's VM reads.
+pub const VM_SECTIONS: &[SectionInfo] = &[VCPU_SECTION];
+
+impl VcpuState {
+    /// The state as a `vcpu` section of vCPU `index`.
+    pub fn to_section(&self, index: u32) -> StateSection {
+        StateSection {
+            name: VCPU_SECTION.name.into(),
+            instance: index,
+            version: STATE_VERSION,
+            data: serde_json::to_vec(self).expect("vCPU state serialises"),
         }
     }
 
-    /// Serialises to a self-describing blob.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("VM state serialises")
-    }
-
-    /// Parses a blob made by [`VmState::to_bytes`], checking its versions.
-    pub fn from_bytes(blob: &[u8]) -> Result<Self, VmError> {
-        let s: Self = serde_json::from_slice(blob).map_err(|e| VmError::BadState(e.to_string()))?;
-        if s.version != VM_STATE_VERSION {
+    /// Parses a `vcpu` section.
+    pub fn from_section(s: &StateSection) -> Result<Self, VmError> {
+        if s.name != VCPU_SECTION.name || s.version != STATE_VERSION {
             return Err(VmError::BadState(format!(
-                "VM state version {} (this ferry reads version {VM_STATE_VERSION})",
-                s.version
+                "section `{}` version {} is not a vCPU state (this ferry reads `vcpu` version {STATE_VERSION})",
+                s.name, s.version
             )));
         }
-        if let Some(v) = s.vcpus.iter().find(|v| v.version != STATE_VERSION) {
+        let v: Self =
+            serde_json::from_slice(&s.data).map_err(|e| VmError::BadState(e.to_string()))?;
+        if v.version != STATE_VERSION {
             return Err(VmError::BadState(format!(
                 "vCPU state version {} (this ferry reads version {STATE_VERSION})",
                 v.version
             )));
         }
-        Ok(s)
+        Ok(v)
     }
 }
 

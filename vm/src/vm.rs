@@ -14,7 +14,7 @@ use crate::entry::{ap_regs, multiboot_regs, multiboot_sregs};
 use crate::error::{kvm_err, VmError};
 use crate::guest::{GuestStatus, GUEST_ELF};
 use crate::loader::{load_multiboot, write_multiboot_info};
-use crate::state::{supported_msrs, VcpuState, VmState};
+use crate::state::{supported_msrs, StateSection, VcpuState, VCPU_SECTION};
 use crate::vcpu::{RunState, VcpuThread};
 
 /// Guest memory as ferry holds it: the bitmap records the VMM's own writes
@@ -388,31 +388,60 @@ impl Vm {
         states.into_iter().next().unwrap_or(RunState::Paused)
     }
 
-    /// Saves the state of every vCPU of a paused VM as a versioned blob.
-    pub fn save_state(&self) -> Result<Vec<u8>, VmError> {
-        let mut vcpus = Vec::with_capacity(self.vcpus().len());
-        for v in self.vcpus() {
+    /// Saves the state of a paused VM as sections: one `vcpu` section per
+    /// vCPU ([`crate::VM_SECTIONS`] lists what [`Vm::restore_state`] reads).
+    pub fn save_state(&self) -> Result<Vec<StateSection>, VmError> {
+        let mut sections = Vec::with_capacity(self.vcpus().len());
+        for (index, v) in self.vcpus().iter().enumerate() {
             let fd = v.fd().ok_or(VmError::NotPaused("save_state"))?;
-            vcpus.push(VcpuState::save(&fd, &self.msr_ids)?);
+            let index = u32::try_from(index).expect("at most MAX_VCPUS");
+            sections.push(VcpuState::save(&fd, &self.msr_ids)?.to_section(index));
         }
-        Ok(VmState::new(vcpus).to_bytes())
+        Ok(sections)
     }
 
-    /// Restores a blob made by [`Vm::save_state`] into a paused VM; an
-    /// incoming VM gets as many vCPUs as the blob carries.
-    pub fn restore_state(&self, blob: &[u8]) -> Result<(), VmError> {
-        let state = VmState::from_bytes(blob)?;
-        if self.vcpus.get().is_none() {
-            self.create_vcpus(state.vcpus.len())?;
+    /// Restores sections made by [`Vm::save_state`] into a paused VM; an
+    /// incoming VM gets as many vCPUs as there are `vcpu` sections, which
+    /// must be instances `0..n`. A section this VM does not read is an error.
+    pub fn restore_state(&self, sections: &[StateSection]) -> Result<(), VmError> {
+        let mut vcpus: Vec<Option<VcpuState>> = Vec::new();
+        for s in sections {
+            if s.name != VCPU_SECTION.name {
+                return Err(VmError::BadState(format!("unknown section `{}`", s.name)));
+            }
+            let index = usize::try_from(s.instance).unwrap_or(usize::MAX);
+            if index >= MAX_VCPUS {
+                return Err(VmError::VcpuCount {
+                    count: index.saturating_add(1),
+                    max: MAX_VCPUS,
+                });
+            }
+            if vcpus.len() <= index {
+                vcpus.resize_with(index + 1, || None);
+            }
+            if vcpus[index].replace(VcpuState::from_section(s)?).is_some() {
+                return Err(VmError::BadState(format!("vCPU {index} appears twice")));
+            }
         }
-        if state.vcpus.len() != self.vcpus().len() {
+        let vcpus: Vec<VcpuState> = vcpus
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v.ok_or_else(|| VmError::BadState(format!("no state for vCPU {i}"))))
+            .collect::<Result<_, _>>()?;
+        if vcpus.is_empty() {
+            return Err(VmError::BadState("no vCPU state".into()));
+        }
+        if self.vcpus.get().is_none() {
+            self.create_vcpus(vcpus.len())?;
+        }
+        if vcpus.len() != self.vcpus().len() {
             return Err(VmError::BadState(format!(
                 "the state has {} vCPUs, this VM {}",
-                state.vcpus.len(),
+                vcpus.len(),
                 self.vcpus().len()
             )));
         }
-        for (s, v) in state.vcpus.iter().zip(self.vcpus()) {
+        for (s, v) in vcpus.iter().zip(self.vcpus()) {
             let fd = v.fd().ok_or(VmError::NotPaused("restore_state"))?;
             s.restore(&fd)?;
         }

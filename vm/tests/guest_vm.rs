@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use ferry_vm::testing::kvm_or_skip;
-use ferry_vm::{DirtyBackend, GuestPhase, GuestStatus, RunState, Vm, VmConfig};
+use ferry_vm::{DirtyBackend, GuestPhase, GuestStatus, RunState, StateSection, Vm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
 fn boot(mem_mib: u64, cmdline: &str) -> Vm {
@@ -242,8 +242,23 @@ fn a_wrong_blob_is_refused() {
         return;
     }
     let vm = Vm::incoming(8 << 20, DirtyBackend::Bitmap).unwrap();
-    let e = vm.restore_state(b"{\"version\": 99}").unwrap_err();
-    assert!(e.to_string().contains("invalid vCPU state blob"), "{e}");
+    let section = |name: &str, version: u32, data: &[u8]| StateSection {
+        name: name.into(),
+        instance: 0,
+        version,
+        data: data.to_vec(),
+    };
+    let e = vm
+        .restore_state(&[section("vcpu", 1, b"{\"version\": 99}")])
+        .unwrap_err();
+    assert!(e.to_string().contains("invalid saved state"), "{e}");
+    let e = vm.restore_state(&[section("vcpu", 7, b"{}")]).unwrap_err();
+    assert!(e.to_string().contains("version 7"), "{e}");
+    let e = vm.restore_state(&[section("hpet", 1, b"")]).unwrap_err();
+    assert!(e.to_string().contains("unknown section `hpet`"), "{e}");
+    let e = vm.restore_state(&[]).unwrap_err();
+    assert!(e.to_string().contains("no vCPU state"), "{e}");
+    assert_eq!(vm.vcpu_count(), 0, "nothing refused made a vCPU");
 }
 
 #[test]

@@ -507,7 +507,9 @@ impl<S: FrameSink> Receiving<'_, S> {
             });
         }
         let t_restore = Instant::now();
-        vm.restore_state(&state)
+        let sections = crate::sections::decode(&state, &vm.section_specs())
+            .map_err(MigrationError::Sections)?;
+        vm.restore_sections(&sections)
             .map_err(MigrationError::RestoreState)?;
         let restore = t_restore.elapsed();
         // Go comes after one round trip: have the vCPU ready for it.

@@ -615,7 +615,8 @@ impl Session<'_> {
         let final_pages = t_final.elapsed();
 
         let t_state = Instant::now();
-        let state = self.vm.save_state().map_err(MigrationError::SaveState)?;
+        let sections = self.vm.save_sections().map_err(MigrationError::SaveState)?;
+        let state = crate::sections::encode(&sections);
         self.send(FrameKind::VcpuState, &state)?;
         let digest = hashes.digest();
         self.send(FrameKind::Digest, &protocol::encode_u64(digest))?;
