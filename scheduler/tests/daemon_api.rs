@@ -14,7 +14,7 @@ use ferry_scheduler::daemon::api::{HostView, PolicyView, ProblemsView, RoundView
 use ferry_scheduler::daemon::client::{JsonClient, Method};
 use ferry_scheduler::daemon::config::Config;
 use ferry_scheduler::daemon::protocol::{
-    AgentStatus, AgentVm, Done, MigrateRequest, Refusal, VmRequest,
+    AgentStatus, AgentVm, Done, MigrateReply, MigrateRequest, Refusal, VmRequest,
 };
 use ferry_scheduler::daemon::{serve, Daemon};
 use ferry_scheduler::plan::planner::PolicyMode;
@@ -41,7 +41,7 @@ async fn status(State(a): State<Agent>) -> Json<AgentStatus> {
 async fn migrate(
     State(a): State<Agent>,
     Json(r): Json<MigrateRequest>,
-) -> Result<Json<Done>, Refusal> {
+) -> Result<Json<MigrateReply>, Refusal> {
     if a.refuse.as_deref() == Some(r.vm.as_str()) {
         return Err(Refusal::failed(format!(
             "{} did not converge; rolled back",
@@ -55,7 +55,11 @@ async fn migrate(
     };
     let vm = src.remove(i);
     w.entry(r.target_host).or_default().push(vm);
-    Ok(Json(Done {}))
+    Ok(Json(MigrateReply {
+        seconds: 0.5,
+        downtime_ms: 20.0,
+        bytes: 512 << 20,
+    }))
 }
 
 async fn shutdown(State(a): State<Agent>, Json(r): Json<VmRequest>) -> Json<Done> {

@@ -149,6 +149,20 @@ impl Cluster {
     }
 }
 
+/// `GET /metrics` (text, not JSON).
+fn metrics(c: &Cluster) -> Result<String> {
+    use std::io::{Read, Write};
+    let addr = c.api.base().trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
 fn qemu_img(args: &[&str]) -> Result<String> {
     let out = Command::new("qemu-img").args(args).output()?;
     if !out.status.success() {
@@ -202,6 +216,14 @@ fn maintenance_evacuates_every_guest_through_the_tunnel_and_brings_them_back() {
             .with_context(|| c.diag())?;
         for (i, g) in ["g1", "g2"].iter().enumerate() {
             c.alive_on("a", g, hb[i]).with_context(|| c.diag())?;
+        }
+        let m = metrics(&c)?;
+        for want in [
+            "ferry_sched_migrations_total 4\n",
+            "ferry_sched_migrations_failed_total 0\n",
+            "ferry_sched_migration_bytes_count 4\n",
+        ] {
+            ensure!(m.contains(want), "{want:?} not in the metrics:\n{m}");
         }
         Ok(())
     });

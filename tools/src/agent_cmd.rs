@@ -26,9 +26,10 @@ use axum::{Json, Router};
 use clap::Args;
 use ferry_engine::{DestinationMigration, DestinationOptions, MigrationOptions, SourceMigration};
 use ferry_scheduler::daemon::client::JsonClient;
+use ferry_scheduler::daemon::metrics::{self, MigrationMeasure, MigrationMetrics};
 use ferry_scheduler::daemon::protocol::{
-    AgentStatus, AgentVm, Done, IncomingReply, IncomingRequest, LoadRequest, MigrateRequest,
-    Refusal, VmRequest, INCOMING_TIMEOUT,
+    AgentStatus, AgentVm, Done, IncomingReply, IncomingRequest, LoadRequest, MigrateReply,
+    MigrateRequest, Refusal, VmRequest, INCOMING_TIMEOUT,
 };
 use ferry_transport::lanes::MAX_LANES;
 use ferry_transport::{default_lane_count, LaneListener, LaneOptions};
@@ -67,6 +68,8 @@ struct HostedVm {
 }
 
 struct Agent {
+    /// Outgoing migrations, for `GET /metrics`.
+    metrics: MigrationMetrics,
     host: String,
     ip: IpAddr,
     guest_rate: u64,
@@ -135,7 +138,7 @@ impl Agent {
     }
 
     /// Source side: ask the target for a listener, then run the engine.
-    fn migrate(&self, req: &MigrateRequest) -> anyhow::Result<()> {
+    fn migrate(&self, req: &MigrateRequest) -> anyhow::Result<MigrateReply> {
         let (vm, mem_mb, cpu_mips) = {
             let vms = self.vms.lock().expect("vms lock");
             let h = vms
@@ -169,7 +172,11 @@ impl Agent {
             .with_context(|| format!("migrating {} to {}", req.vm, req.target_host))?;
         tracing::info!(vm = %req.vm, to = %req.target_host, downtime_ms = summary.downtime.as_secs_f64() * 1e3, "migrated");
         self.vms.lock().expect("vms lock").remove(&req.vm);
-        Ok(())
+        Ok(MigrateReply {
+            seconds: summary.total.as_secs_f64(),
+            downtime_ms: summary.downtime.as_secs_f64() * 1e3,
+            bytes: summary.wire_bytes,
+        })
     }
 
     /// Destination side: a listener for one migration of `req.vm`.
@@ -279,7 +286,10 @@ async fn shutdown_vm(State(a): State<Arc<Agent>>, Json(r): Json<VmRequest>) -> A
     done()
 }
 
-async fn migrate(State(a): State<Arc<Agent>>, Json(r): Json<MigrateRequest>) -> Answer<Done> {
+async fn migrate(
+    State(a): State<Arc<Agent>>,
+    Json(r): Json<MigrateRequest>,
+) -> Answer<MigrateReply> {
     if !a.vms.lock().expect("vms lock").contains_key(&r.vm) {
         return Err(Refusal::not_found(format!("no VM {} on {}", r.vm, a.host)));
     }
@@ -289,10 +299,22 @@ async fn migrate(State(a): State<Arc<Agent>>, Json(r): Json<MigrateRequest>) -> 
             r.vm
         )));
     }
-    blocking(move || a.migrate(&r))
-        .await
-        .map_err(|e| Refusal::failed(format!("{e:#}")))?;
-    done()
+    let started = std::time::Instant::now();
+    let metrics = a.metrics.clone();
+    match blocking(move || a.migrate(&r)).await {
+        Ok(reply) => {
+            metrics.done(&MigrationMeasure {
+                seconds: started.elapsed().as_secs_f64(),
+                downtime_ms: Some(reply.downtime_ms),
+                bytes: Some(reply.bytes),
+            });
+            Ok(Json(reply))
+        }
+        Err(e) => {
+            metrics.failed();
+            Err(Refusal::failed(format!("{e:#}")))
+        }
+    }
 }
 
 async fn incoming(
@@ -337,6 +359,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     // first migration.
     let security = args.security.spec()?;
     security.load()?;
+    let mut registry = prometheus_client::registry::Registry::default();
     let agent = Arc::new(Agent {
         host: args.host.clone(),
         ip: args.listen.ip(),
@@ -346,6 +369,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         security,
         vms: Mutex::new(BTreeMap::new()),
         busy: Mutex::new(Default::default()),
+        metrics: MigrationMetrics::register(&mut registry, "ferry_agent"),
     });
     for spec in &args.vms {
         let mut it = spec.split(':');
@@ -363,6 +387,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             .unwrap_or(0.0);
         agent.boot(name, mem, cpu)?;
     }
+    let registry = Arc::new(registry);
     let app = Router::new()
         .route(
             "/v1/status",
@@ -374,6 +399,18 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         .route("/v1/incoming", post(incoming))
         .route("/v1/vms/load", post(set_load))
         .route("/v1/vms/{name}", get(guest_status))
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+                        metrics::encode(&registry),
+                    )
+                }
+            }),
+        )
         .with_state(agent.clone());
     let (agent_lanes, agent_security) = (agent.lanes, agent.security.describe());
     let rt = tokio::runtime::Builder::new_multi_thread()

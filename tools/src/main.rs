@@ -25,6 +25,10 @@ struct Cli {
     /// Log filter (also RUST_LOG), e.g. `info` or `ferry_engine=debug`.
     #[arg(long, global = true, default_value = "warn")]
     log: String,
+    /// Log lines as `text` (coloured only on a terminal) or `json` (one
+    /// object per line, for log collectors).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -54,13 +58,24 @@ enum Cmd {
     Sched(sched_cmd::SchedArgs),
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 fn main() {
     let cli = Cli::parse();
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log.clone());
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let result = match cli.cmd {
         Cmd::Vm(c) => vm_cmd::run(c),
         Cmd::Migrate(a) => migrate_cmd::run(a),

@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::client::{CallError, JsonClient};
-use super::protocol::{AgentStatus, Done, MigrateRequest, VmRequest};
+use super::metrics::MigrationMeasure;
+use super::protocol::{AgentStatus, Done, MigrateReply, MigrateRequest, VmRequest};
 
 /// Why an executor operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +83,7 @@ pub trait Executor: Send + Sync {
     /// Inventory of one host.
     fn status(&self, host: &str) -> Result<AgentStatus, ExecError>;
     /// Live-migrate `vm` from `from` to `to`; on error the VM is still on `from`.
-    fn migrate(&self, vm: &str, from: &str, to: &str) -> Result<(), ExecError>;
+    fn migrate(&self, vm: &str, from: &str, to: &str) -> Result<MigrationMeasure, ExecError>;
     /// Shut `vm` down on `host`.
     fn shutdown_vm(&self, vm: &str, host: &str) -> Result<(), ExecError>;
     /// Start `vm` (of `mem_mb`) on `host`.
@@ -135,17 +136,27 @@ impl Executor for HttpAgents {
         }
         Ok(s)
     }
-    fn migrate(&self, vm: &str, from: &str, to: &str) -> Result<(), ExecError> {
+    fn migrate(&self, vm: &str, from: &str, to: &str) -> Result<MigrationMeasure, ExecError> {
         let (target, _) = self.client(to)?;
-        self.op(
-            from,
-            "/v1/migrate",
-            &MigrateRequest {
-                vm: vm.to_string(),
-                target_host: to.to_string(),
-                target: target.to_string(),
-            },
-        )
+        let (_, c) = self.client(from)?;
+        let r: MigrateReply = c
+            .post(
+                "/v1/migrate",
+                &MigrateRequest {
+                    vm: vm.to_string(),
+                    target_host: to.to_string(),
+                    target: target.to_string(),
+                },
+            )
+            .map_err(|source| ExecError::Agent {
+                host: from.to_string(),
+                source,
+            })?;
+        Ok(MigrationMeasure {
+            seconds: r.seconds,
+            downtime_ms: Some(r.downtime_ms),
+            bytes: Some(r.bytes),
+        })
     }
     fn shutdown_vm(&self, vm: &str, host: &str) -> Result<(), ExecError> {
         self.op(
@@ -202,7 +213,7 @@ impl Executor for ClusterExecutor {
     fn status(&self, host: &str) -> Result<AgentStatus, ExecError> {
         self.of(host)?.status(host)
     }
-    fn migrate(&self, vm: &str, from: &str, to: &str) -> Result<(), ExecError> {
+    fn migrate(&self, vm: &str, from: &str, to: &str) -> Result<MigrationMeasure, ExecError> {
         let (a, b) = (self.of(from)?, self.of(to)?);
         if !std::sync::Arc::ptr_eq(a, b) {
             return Err(ExecError::Incompatible {

@@ -20,7 +20,6 @@
 //!
 //! [`ErrorReply`]: super::protocol::ErrorReply
 
-use std::fmt::Write as _;
 use std::time::Instant;
 
 use axum::extract::{Path, State};
@@ -31,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use super::config::ConfigProblem;
+use super::metrics::HostLabel;
 use super::protocol::Refusal;
 use super::{describe, lock, Daemon, HostHealth, Outcome, RoundReport};
 use crate::model::Cluster;
@@ -347,84 +347,39 @@ async fn round(State(s): State<AppState>) -> Result<Json<RoundView>, Refusal> {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    let st = lock(&s.daemon.state);
-    let c = &st.cluster;
-    let k = &st.counters;
-    let mut out = String::new();
-    let mut counter = |name: &str, help: &str, v: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-        );
-    };
-    counter("ferry_sched_rounds_total", "Planning rounds.", k.rounds);
-    counter(
-        "ferry_sched_migrations_total",
-        "Migrations completed.",
-        k.migrations_ok,
-    );
-    counter(
-        "ferry_sched_migrations_failed_total",
-        "Migrations failed (VM kept on source).",
-        k.migrations_failed,
-    );
-    counter(
-        "ferry_sched_power_on_total",
-        "Hosts powered on.",
-        k.power_on,
-    );
-    counter(
-        "ferry_sched_power_off_total",
-        "Hosts powered off.",
-        k.power_off,
-    );
-    counter(
-        "ferry_sched_power_failed_total",
-        "Power operations failed.",
-        k.power_failed,
-    );
-    counter(
-        "ferry_sched_inventory_failed_total",
-        "Agent status requests failed.",
-        k.inventory_failed,
-    );
-    let _ = writeln!(
-        out,
-        "# HELP ferry_sched_hosts_on Hosts powered on.\n# TYPE ferry_sched_hosts_on gauge"
-    );
-    let _ = writeln!(
-        out,
-        "ferry_sched_hosts_on {}",
-        c.hosts
+    let m = &s.daemon.metrics;
+    {
+        let st = lock(&s.daemon.state);
+        let c = &st.cluster;
+        let on = c
+            .hosts
             .iter()
             .filter(|h| h.power == crate::model::PowerState::On)
-            .count()
-    );
-    let _ = writeln!(out, "# HELP ferry_sched_host_cpu_demand_ratio CPU demand over capacity.\n# TYPE ferry_sched_host_cpu_demand_ratio gauge");
-    for h in 0..c.hosts.len() {
-        let _ = writeln!(
-            out,
-            "ferry_sched_host_cpu_demand_ratio{{host=\"{}\"}} {}",
-            c.hosts[h].name,
-            c.demand(h) / c.hosts[h].cpu_mips
-        );
+            .count();
+        m.hosts_on.set(i64::try_from(on).unwrap_or(i64::MAX));
+        m.config_problems
+            .set(i64::try_from(st.problems.len()).unwrap_or(i64::MAX));
+        for (h, host) in c.hosts.iter().enumerate() {
+            let label = HostLabel {
+                host: host.name.clone(),
+            };
+            m.cpu_demand_ratio
+                .get_or_create(&label)
+                .set(c.demand(h) / host.cpu_mips);
+            m.maintenance
+                .get_or_create(&label)
+                .set(i64::from(host.maintenance));
+            if let Some(r) = st.health.get(h).and_then(|x| x.reachable) {
+                m.reachable.get_or_create(&label).set(i64::from(r));
+            }
+        }
     }
-    let _ = writeln!(out, "# HELP ferry_sched_host_maintenance Host in maintenance.\n# TYPE ferry_sched_host_maintenance gauge");
-    for h in &c.hosts {
-        let _ = writeln!(
-            out,
-            "ferry_sched_host_maintenance{{host=\"{}\"}} {}",
-            h.name,
-            u8::from(h.maintenance)
-        );
-    }
-    let _ = writeln!(out, "# HELP ferry_sched_config_problems Configuration entries left out.\n# TYPE ferry_sched_config_problems gauge\nferry_sched_config_problems {}", st.problems.len());
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
+            super::metrics::CONTENT_TYPE,
         )],
-        out,
+        m.encode(),
     )
         .into_response()
 }

@@ -35,6 +35,7 @@ use virt::sys;
 
 use super::agent::{ExecError, Executor};
 use super::config::LibvirtSection;
+use super::metrics::MigrationMeasure;
 use super::protocol::{AgentStatus, AgentVm};
 
 /// Why a libvirt operation failed.
@@ -381,7 +382,7 @@ impl LibvirtHosts {
         Ok((src, dst))
     }
 
-    fn migrate_inner(&self, vm: &str, from: &str, to: &str) -> Result<(), ExecError> {
+    fn migrate_inner(&self, vm: &str, from: &str, to: &str) -> Result<MigrationMeasure, ExecError> {
         let (src_host, src) = self.open(from)?;
         let (dst_host, dst) = self.open(to)?;
         let lv = |host: &str| {
@@ -448,24 +449,23 @@ impl LibvirtHosts {
         );
         let started = Instant::now();
         let result = dom.migrate3(&dst, params, flags);
+        let mut bytes = None;
         for (s, d) in tunnels {
-            self.tunnel_bytes.fetch_add(
-                s.stats().bytes_from_local.load(Ordering::Relaxed),
-                Ordering::Relaxed,
-            );
+            let b = s.stats().bytes_from_local.load(Ordering::Relaxed);
+            *bytes.get_or_insert(0) += b;
+            self.tunnel_bytes.fetch_add(b, Ordering::Relaxed);
             let _ = s.stop();
             let _ = d.stop();
         }
         match result {
             Ok(_) => {
-                tracing::info!(
-                    vm,
-                    from,
-                    to,
-                    seconds = started.elapsed().as_secs_f64(),
-                    "libvirt migration done"
-                );
-                Ok(())
+                let seconds = started.elapsed().as_secs_f64();
+                tracing::info!(vm, from, to, seconds, bytes, "libvirt migration done");
+                Ok(MigrationMeasure {
+                    seconds,
+                    downtime_ms: None,
+                    bytes,
+                })
             }
             Err(source) => Err(ExecError::Libvirt {
                 host: from.to_string(),
@@ -537,7 +537,7 @@ impl Executor for LibvirtHosts {
         })
     }
 
-    fn migrate(&self, vm: &str, from: &str, to: &str) -> Result<(), ExecError> {
+    fn migrate(&self, vm: &str, from: &str, to: &str) -> Result<MigrationMeasure, ExecError> {
         self.migrate_inner(vm, from, to)
     }
 

@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
+pub mod metrics;
 pub mod power;
 pub mod protocol;
 
@@ -51,25 +52,6 @@ pub enum DaemonError {
     Serve(#[source] std::io::Error),
 }
 
-/// Counters exported as Prometheus metrics.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Counters {
-    /// Planning rounds.
-    pub rounds: u64,
-    /// Migrations that completed.
-    pub migrations_ok: u64,
-    /// Migrations that failed (VM stayed on its source).
-    pub migrations_failed: u64,
-    /// Hosts powered on.
-    pub power_on: u64,
-    /// Hosts powered off.
-    pub power_off: u64,
-    /// Power operations that failed.
-    pub power_failed: u64,
-    /// Agent status requests that failed.
-    pub inventory_failed: u64,
-}
-
 /// Shared daemon state.
 #[derive(Debug)]
 pub struct State {
@@ -79,8 +61,6 @@ pub struct State {
     pub planner: Planner,
     /// Configuration problems (entries left out).
     pub problems: Vec<ConfigProblem>,
-    /// Counters.
-    pub counters: Counters,
     /// Each host's health (by index), as the last inventory found it.
     pub health: Vec<HostHealth>,
     /// What the last inventory found wrong with the cluster as a whole
@@ -177,6 +157,8 @@ pub struct Daemon {
     pub executor: Arc<dyn Executor>,
     /// Power driver per host (by index).
     pub drivers: Arc<Vec<Option<Box<dyn PowerDriver>>>>,
+    /// Prometheus metrics.
+    pub metrics: Arc<metrics::DaemonMetrics>,
     /// Serialises planning rounds.
     round_lock: Arc<tokio::sync::Mutex<()>>,
 }
@@ -296,13 +278,13 @@ impl Daemon {
                 cluster,
                 planner,
                 problems,
-                counters: Counters::default(),
                 health: vec![HostHealth::default(); cfg.hosts.len()],
                 alerts: Vec::new(),
                 last_round: RoundReport::default(),
             })),
             executor: Arc::new(executor),
             drivers: Arc::new(drivers),
+            metrics: Arc::new(metrics::DaemonMetrics::default()),
             round_lock: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
@@ -327,7 +309,7 @@ impl Daemon {
         let (snapshot, plan, plan_error) = {
             let mut st = lock(&self.state);
             st.cluster.now = now;
-            st.counters.rounds += 1;
+            self.metrics.rounds.inc();
             let snapshot = st.cluster.clone();
             let (plan, plan_error) = match st.planner.plan(&snapshot) {
                 Ok(p) => (p, None),
@@ -346,7 +328,7 @@ impl Daemon {
             info!(action = %describe(&snapshot, a), reason = a.reason(), "decision");
             if let Action::PowerOff { host, .. } = *a {
                 if let Some(why) = self.unsafe_to_power_off(&snapshot, host, &keep_on) {
-                    lock(&self.state).counters.power_failed += 1;
+                    self.metrics.power_failed.inc();
                     warn!(host = %snapshot.hosts[host].name, %why, "not powering off: it may still run a VM");
                     outcomes.push(Outcome::Skipped {
                         why: format!("not powering off: {why}"),
@@ -453,7 +435,7 @@ impl Daemon {
                 Err(agent::ExecError::NoAgent(_)) => lock(&self.state).health[h].set(None, None),
                 Err(e) => {
                     let mut st = lock(&self.state);
-                    st.counters.inventory_failed += 1;
+                    self.metrics.inventory_failed.inc();
                     st.health[h].set(Some(false), Some(e.chain()));
                     warn!(host = %name, error = %e.chain(), "inventory failed; keeping the last known state");
                 }
@@ -477,7 +459,6 @@ impl Daemon {
     }
 
     fn execute(&self, c: &Cluster, a: &Action) -> Outcome {
-        let count = |f: fn(&mut Counters)| f(&mut lock(&self.state).counters);
         let failed = |error: String| Outcome::Failed { error };
         match *a {
             Action::Migrate { vm, from, to, .. } => {
@@ -485,12 +466,12 @@ impl Daemon {
                     .executor
                     .migrate(&c.vms[vm].name, &c.hosts[from].name, &c.hosts[to].name)
                 {
-                    Ok(()) => {
-                        count(|c| c.migrations_ok += 1);
+                    Ok(m) => {
+                        self.metrics.migrations.done(&m);
                         Outcome::Done
                     }
                     Err(e) => {
-                        count(|c| c.migrations_failed += 1);
+                        self.metrics.migrations.failed();
                         warn!(vm = %c.vms[vm].name, error = %e.chain(), "migration failed; the VM stays on its source, the next round retries");
                         failed(e.chain())
                     }
@@ -508,14 +489,14 @@ impl Daemon {
                 match r {
                     Ok(()) => {
                         if on {
-                            count(|c| c.power_on += 1);
+                            self.metrics.power_on.inc();
                         } else {
-                            count(|c| c.power_off += 1);
+                            self.metrics.power_off.inc();
                         }
                         Outcome::Done
                     }
                     Err(e) => {
-                        count(|c| c.power_failed += 1);
+                        self.metrics.power_failed.inc();
                         let e = agent::error_chain(&e);
                         warn!(host = %c.hosts[host].name, driver = d.name(), error = %e, "power operation failed");
                         failed(e)

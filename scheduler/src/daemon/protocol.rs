@@ -5,12 +5,13 @@
 //! | request | body | answer (2xx) |
 //! |---|---|---|
 //! | `GET /v1/status` | - | [`AgentStatus`] |
-//! | `POST /v1/migrate` | [`MigrateRequest`] | [`Done`] once the VM runs on the target |
+//! | `POST /v1/migrate` | [`MigrateRequest`] | [`MigrateReply`] once the VM runs on the target |
 //! | `POST /v1/incoming` | [`IncomingRequest`] | [`IncomingReply`]: a listener for one migration |
 //! | `POST /v1/vms/start` | [`VmRequest`] | [`Done`] |
 //! | `POST /v1/vms/shutdown` | [`VmRequest`] | [`Done`] |
 //! | `POST /v1/vms/load` | [`LoadRequest`] | [`Done`]: set a VM's (simulated) CPU demand |
 //! | `GET /v1/vms/{name}` | - | the guest's status block |
+//! | `GET /metrics` | - | Prometheus text: the agent's migrations (counts, duration, downtime, bytes) |
 //!
 //! **Every failure answers a non-2xx status** with an [`ErrorReply`] body
 //! saying why: 404 for an unknown VM, 409 for a VM that is busy or already
@@ -74,6 +75,17 @@ pub struct MigrateRequest {
     pub target_host: String,
     /// Target agent address (`ip:port`).
     pub target: String,
+}
+
+/// The answer to [`MigrateRequest`]: what the migration measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrateReply {
+    /// Wall time, s.
+    pub seconds: f64,
+    /// Guest pause, ms.
+    pub downtime_ms: f64,
+    /// Bytes sent on the wire.
+    pub bytes: u64,
 }
 
 /// `POST /v1/vms/start|shutdown`.
