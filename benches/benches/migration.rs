@@ -6,7 +6,7 @@
 //! and the plot (default `target/bench-compare`).
 
 use ferry_benches::compare::{self, CompareConfig};
-use ferry_benches::matrix::{DirtyLevel, Profile};
+use ferry_benches::matrix::{DirtyLevel, DstMemory, Fill, Link, Profile};
 use ferry_benches::settings::RunSettings;
 
 fn parse_mem(s: &str) -> Option<u64> {
@@ -38,14 +38,20 @@ fn main() {
         qemu_bin: "qemu-system-x86_64".into(),
         workdir: workdir.clone(),
         verbose: true,
+        busy_cpus: RunSettings::BUSY_CPUS,
+        quiet_wait: std::time::Duration::from_secs(60),
     };
     let mut cfg = if std::env::var_os("FERRY_BENCH_QUICK").is_some() {
         CompareConfig::quick(settings)
     } else {
         CompareConfig {
             mems: vec![1 << 30, 2 << 30],
-            levels: vec![DirtyLevel::Idle, DirtyLevel::Moderate, DirtyLevel::Heavy],
+            levels: DirtyLevel::ALL.to_vec(),
+            fills: vec![Fill::Random, Fill::MIX],
+            links: vec![Link::Loopback],
+            dst_memories: vec![DstMemory::Prepared, DstMemory::OnDemand],
             qemu_profiles: Profile::QEMU.to_vec(),
+            qemu_downtime_limits_ms: vec![20],
             ferry_profiles: Profile::FERRY.to_vec(),
             repeat: 3,
             ceiling_bytes: 2 << 30,

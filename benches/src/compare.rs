@@ -1,5 +1,8 @@
 //! One `bench compare` session: the TCP ceiling, then every workload with
-//! QEMU and ferry profiles alternating, then the report files.
+//! QEMU and ferry profiles alternating, then the report files. Before each
+//! run the session waits (a while) for the machine to be quiet, and it
+//! records the machine's state and other work's CPU with every run; the
+//! shaped link of a workload is set up before its runs and removed after.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,10 +11,16 @@ use serde_json::json;
 
 use crate::ceiling::{self, Ceiling};
 use crate::error::BenchError;
-use crate::matrix::{interleave, DirtyLevel, FerryProfile, Profile, QemuProfile, Workload};
+use crate::machine::{self, MachineState};
+use crate::matrix::{
+    interleave, DirtyLevel, DstMemory, FerryProfile, Fill, Link, Profile, QemuProfile, Rate,
+    Workload,
+};
 use crate::outcome::{RunOutcome, RunStatus};
 use crate::report::{self, Aggregate, FloorCheck};
+use crate::run_common::RunContext;
 use crate::settings::RunSettings;
+use crate::shaped_link::ShapedLink;
 use crate::{ferry, qemu};
 
 /// What to run.
@@ -21,8 +30,18 @@ pub struct CompareConfig {
     pub mems: Vec<u64>,
     /// Dirty levels.
     pub levels: Vec<DirtyLevel>,
+    /// Guest memory contents.
+    pub fills: Vec<Fill>,
+    /// Links.
+    pub links: Vec<Link>,
+    /// How destinations are prepared (the same for both engines).
+    pub dst_memories: Vec<DstMemory>,
     /// QEMU profiles.
     pub qemu_profiles: Vec<QemuProfile>,
+    /// Downtime limits QEMU's profiles run with, ms (ferry's is
+    /// `settings.max_downtime_ms`; ratios and floors use QEMU's runs at
+    /// that one).
+    pub qemu_downtime_limits_ms: Vec<u64>,
     /// ferry profiles.
     pub ferry_profiles: Vec<FerryProfile>,
     /// Repetitions of each (workload, profile).
@@ -47,17 +66,25 @@ impl CompareConfig {
         settings.deadline = settings
             .deadline
             .or(Some(std::time::Duration::from_secs(90)));
+        let limit = settings.max_downtime_ms;
         Self {
             mems: vec![256 << 20],
             levels: vec![DirtyLevel::Moderate],
+            fills: vec![Fill::Random],
+            links: vec![Link::Loopback],
+            dst_memories: vec![DstMemory::Prepared],
             custom: Some(Workload {
                 mem_bytes: 256 << 20,
                 level: DirtyLevel::Moderate,
                 wss_bytes: Some(64 << 20),
-                rate: 1_000,
+                rate: Rate::Paced(1_000),
                 cap_bytes_per_sec: None,
+                fill: Fill::Random,
+                link: Link::Loopback,
+                dst_memory: DstMemory::Prepared,
             }),
             qemu_profiles: vec![QemuProfile::Default],
+            qemu_downtime_limits_ms: vec![limit],
             ferry_profiles: vec![FerryProfile::Default],
             repeat: 1,
             ceiling_bytes: 256 << 20,
@@ -67,18 +94,36 @@ impl CompareConfig {
         }
     }
 
-    /// The workloads, smallest first.
+    /// The workloads: per link (so each shaped link is set up once),
+    /// smallest memory first.
     pub fn workloads(&self) -> Vec<Workload> {
         if let Some(w) = self.custom {
             return vec![w];
         }
         let mut v = Vec::new();
-        for &m in &self.mems {
-            for &l in &self.levels {
-                v.push(Workload::new(m, l));
+        for &link in &self.links {
+            for &m in &self.mems {
+                for &l in &self.levels {
+                    for &fill in &self.fills {
+                        for &d in &self.dst_memories {
+                            v.push(
+                                Workload::new(m, l)
+                                    .with_fill(fill)
+                                    .with_link(link)
+                                    .with_dst_memory(d),
+                            );
+                        }
+                    }
+                }
             }
         }
         v
+    }
+
+    /// Runs per workload.
+    pub fn runs_per_workload(&self) -> usize {
+        (self.qemu_profiles.len() * self.qemu_downtime_limits_ms.len() + self.ferry_profiles.len())
+            * self.repeat as usize
     }
 }
 
@@ -150,20 +195,23 @@ pub fn run(
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|v| v.lines().next().map(str::to_string));
+    let state = MachineState::now();
     let session = json!({
         "kind": "session",
         "machine": crate::procfs::machine(),
-        "load_1m_start": crate::procfs::load_1m(),
+        "machine_state_start": state,
         "qemu": qemu_version,
         "ferry_bin": s.ferry_bin,
         "kernel_image": s.kernel,
         "max_downtime_ms": s.max_downtime_ms,
+        "qemu_downtime_limits_ms": cfg.qemu_downtime_limits_ms,
+        "busy_cpus": s.busy_cpus,
         "repeat": cfg.repeat,
     });
     notes.push(format!(
-        "machine: {}; load average at start {:.2}",
+        "machine: {}; at start: {}",
         crate::procfs::machine(),
-        crate::procfs::load_1m().unwrap_or(f64::NAN)
+        state.summary()
     ));
     emit(session)?;
     let mut ceilings = Vec::new();
@@ -194,34 +242,81 @@ pub fn run(
         ));
     }
     let mut runs = Vec::new();
+    // The shaped link of the workloads being run: (which, the link or why not).
+    let mut link: Option<(Link, Result<ShapedLink, String>)> = None;
     for w in cfg.workloads() {
-        for (rep, profile) in interleave(&cfg.qemu_profiles, &cfg.ferry_profiles, cfg.repeat) {
-            let outcome = match profile {
-                Profile::Qemu(p) => match &qemu_skip {
-                    Some(why) => RunOutcome::new(profile, w, rep, RunStatus::Skipped(why.clone())),
-                    None => qemu::run(s, &w, p, rep),
-                },
-                Profile::Ferry(p) => match ferry_skip.iter().find(|(q, _)| *q == p) {
-                    Some((_, why)) => {
-                        RunOutcome::new(profile, w, rep, RunStatus::Skipped(why.clone()))
+        if let Link::Shaped { bits_per_sec } = w.link {
+            if link.as_ref().map(|(l, _)| *l) != Some(w.link) {
+                drop(link.take()); // the previous one goes first (same names)
+                let made = ShapedLink::create(bits_per_sec).map_err(|e| e.to_string());
+                match &made {
+                    Ok(l) => {
+                        notes.push(l.describe());
+                        emit(json!({"kind": "link", "link": l.info()}))?;
                     }
-                    None => ferry::run(s, &w, p, rep),
-                },
+                    Err(e) => notes.push(format!("{} rows skipped: {e}", w.link)),
+                }
+                link = Some((w.link, made));
+            }
+        } else {
+            link = None;
+        }
+        let shaped = match &link {
+            Some((_, Ok(l))) => Ok(Some(l)),
+            Some((_, Err(e))) => Err(e.clone()),
+            None => Ok(None),
+        };
+        for (rep, profile) in interleave(&cfg.qemu_profiles, &cfg.ferry_profiles, cfg.repeat) {
+            let limits = match profile {
+                Profile::Qemu(_) => cfg.qemu_downtime_limits_ms.clone(),
+                Profile::Ferry(_) => vec![s.max_downtime_ms],
             };
-            emit(json!({"kind": "run", "run": outcome}))?;
-            progress(&outcome);
-            runs.push(outcome);
+            for limit in limits {
+                let skip = match (&shaped, profile) {
+                    (Err(e), _) => Some(e.clone()),
+                    (_, Profile::Qemu(_)) => qemu_skip.clone(),
+                    (_, Profile::Ferry(p)) => ferry_skip
+                        .iter()
+                        .find(|(q, _)| *q == p)
+                        .map(|(_, why)| why.clone()),
+                };
+                let outcome = match (skip, &shaped) {
+                    (Some(why), _) => {
+                        RunOutcome::new(profile, w, rep, limit, RunStatus::Skipped(why))
+                    }
+                    (None, Ok(l)) => {
+                        let ctx = RunContext {
+                            settings: s,
+                            link: *l,
+                        };
+                        measured_run(&ctx, &w, profile, limit, rep)
+                    }
+                    (None, Err(_)) => unreachable!("a failed link is a skip"),
+                };
+                emit(json!({"kind": "run", "run": outcome}))?;
+                progress(&outcome);
+                runs.push(outcome);
+            }
         }
     }
+    drop(link);
     notes.push(format!(
-        "load average at the end {:.2} (other work on the machine slows both engines)",
-        crate::procfs::load_1m().unwrap_or(f64::NAN)
+        "at the end: {} (other work on the machine slows both engines)",
+        MachineState::now().summary()
     ));
+    let busy = runs.iter().filter(|r| r.busy).count();
+    if busy > 0 {
+        notes.push(format!(
+            "{busy} of {} runs were measured while other work used more than {:.2} CPUs: their rows' floors get no verdict; measure on a quiet machine",
+            runs.len(),
+            s.busy_cpus
+        ));
+    }
     let ceiling_bps = ceilings
         .iter()
         .map(|c| c.bytes_per_sec)
         .max_by(f64::total_cmp);
-    let aggregates = report::aggregate(&runs, ceiling_bps);
+    let aggregates = report::aggregate(&runs, ceiling_bps, s.max_downtime_ms);
     for a in &aggregates {
         emit(json!({"kind": "aggregate", "aggregate": a}))?;
     }
@@ -241,29 +336,68 @@ pub fn run(
     })
 }
 
-/// One line about a finished run, for progress output.
+/// One run, after waiting for a quiet machine, with the machine's state
+/// and other work's CPU recorded and the busy flag set.
+fn measured_run(
+    ctx: &RunContext<'_>,
+    w: &Workload,
+    profile: Profile,
+    limit: u64,
+    rep: u32,
+) -> RunOutcome {
+    let s = ctx.settings;
+    let (before, _) = machine::wait_quiet(s.busy_cpus, s.quiet_wait);
+    let state = MachineState::now();
+    let mut out = match profile {
+        Profile::Qemu(p) => qemu::run(ctx, w, p, limit, rep),
+        Profile::Ferry(p) => ferry::run(ctx, w, p, rep),
+    };
+    out.machine = state;
+    out.others_cpus_before = before;
+    out.busy = [before, out.others_cpus]
+        .iter()
+        .any(|o| o.is_some_and(|o| o > s.busy_cpus));
+    out
+}
+
+/// One line about a finished run, for progress output: the figures, how it
+/// ended, and the machine it ran on.
 pub fn run_line(r: &RunOutcome) -> String {
     let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.1}"));
-    let status = match &r.status {
-        RunStatus::Completed if r.succeeded() => "ok".to_string(),
-        RunStatus::Completed if r.static_memory_match == Some(false) => {
-            format!("MEMORY DIFFERS ({})", r.alive_detail)
+    let status = if r.succeeded() {
+        "ok".to_string()
+    } else {
+        match &r.status {
+            RunStatus::Skipped(w) => format!("skipped: {w}"),
+            _ => shout_head(&r.failure().unwrap_or_default()),
         }
-        RunStatus::Completed => format!("guest NOT alive ({})", r.alive_detail),
-        RunStatus::NotConverged(w) => format!("not converged: {w}"),
-        RunStatus::Failed(w) => format!("FAILED: {w}"),
-        RunStatus::Skipped(w) => format!("skipped: {w}"),
     };
+    let others = |o: Option<f64>| o.map_or("?".into(), |o| format!("{o:.2}"));
     format!(
-        "[{}] {} #{}: total {} ms, downtime {} ms, hb gap {} ms{}, rounds {}: {status}",
+        "[{}] {} limit {} ms #{}: total {} ms (engine {} ms), downtime {} ms, hb gap {} ms{}, rounds {}: {status} | {}, others' CPUs {} before / {} during{}",
         r.row,
         r.profile,
+        r.downtime_limit_ms,
         r.repeat,
         f(r.total_ms),
+        f(r.engine_total_ms),
         f(r.downtime_ms),
         f(r.heartbeat_gap_ms),
         r.gap_parts_ms
             .map_or(String::new(), |(a, b)| format!(" ({a:.1} + {b:.1})")),
         r.rounds.map_or("-".into(), |x| x.to_string()),
+        r.machine.summary(),
+        others(r.others_cpus_before),
+        others(r.others_cpus),
+        if r.busy { " BUSY" } else { "" },
     )
+}
+
+/// `failed: x` -> `FAILED: x` (the words before the first colon), so
+/// failures stand out in the progress lines.
+fn shout_head(s: &str) -> String {
+    match s.split_once(':') {
+        Some((head, tail)) => format!("{}:{tail}", head.to_uppercase()),
+        None => s.to_uppercase(),
+    }
 }

@@ -29,6 +29,9 @@ pub enum BenchError {
     /// Writing an output file.
     #[error("writing {0}")]
     Output(String, #[source] io::Error),
+    /// Setting up a shaped link (network namespace, veth pair, tc).
+    #[error("shaped link: {0}")]
+    Link(String),
     /// Drawing the plot.
     #[error("plotting: {0}")]
     Plot(String),

@@ -1,8 +1,10 @@
 //! ferry's side: three CLI processes, so each side's CPU time is measured
-//! per process like QEMU's: `ferry vm run --api` (source, runs the guest),
-//! `ferry vm receive` (destination) and `ferry migrate --json` (the client
-//! that starts the migration and streams its events; its CPU is counted
-//! with the source's).
+//! per process like QEMU's: `ferry vm run --api` (source, runs the guest
+//! with the same command line QEMU's gets), `ferry vm receive`
+//! (destination; `--mem` when the row prepares destinations; behind the
+//! shaped link on such rows) and `ferry migrate --json` (the client that
+//! starts the migration and streams its events; its CPU is counted with
+//! the source's).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -14,11 +16,11 @@ use serde_json::Value;
 
 use crate::error::BenchError;
 use crate::guest_probe::StaticDigest;
-use crate::matrix::{FerryProfile, Profile, Workload};
+use crate::matrix::{DstMemory, FerryProfile, Profile, Workload};
 use crate::outcome::{BytesLeft, RunOutcome, RunStatus};
 use crate::procfs;
 use crate::qemu::error_chain;
-use crate::run_common::{self, Baseline, EngineProcess};
+use crate::run_common::{self, Baseline, EngineProcess, RunContext};
 use crate::settings::RunSettings;
 use crate::watch::Watch;
 
@@ -79,9 +81,15 @@ fn receive_prepares_memory(s: &RunSettings) -> bool {
 }
 
 /// Runs one ferry migration of `w` with profile `p`.
-pub fn run(s: &RunSettings, w: &Workload, p: FerryProfile, repeat: u32) -> RunOutcome {
-    let mut out = RunOutcome::new(Profile::Ferry(p), *w, repeat, RunStatus::Completed);
-    if let Err(e) = run_inner(s, w, p, &mut out) {
+pub fn run(ctx: &RunContext<'_>, w: &Workload, p: FerryProfile, repeat: u32) -> RunOutcome {
+    let mut out = RunOutcome::new(
+        Profile::Ferry(p),
+        *w,
+        repeat,
+        ctx.settings.max_downtime_ms,
+        RunStatus::Completed,
+    );
+    if let Err(e) = run_inner(ctx, w, p, &mut out) {
         out.status = match e {
             BenchError::Deadline(..) => RunStatus::NotConverged(e.to_string()),
             e => RunStatus::Failed(error_chain(&e)),
@@ -98,22 +106,22 @@ struct Line {
 }
 
 fn run_inner(
-    s: &RunSettings,
+    ctx: &RunContext<'_>,
     w: &Workload,
     p: FerryProfile,
     out: &mut RunOutcome,
 ) -> Result<(), BenchError> {
+    let s = ctx.settings;
     let src_sock = s.workdir.join("ferry-src.sock");
     let dst_sock = s.workdir.join("ferry-dst.sock");
     let _ = std::fs::remove_file(&src_sock);
     let _ = std::fs::remove_file(&dst_sock);
     let mut cmd = Command::new(&s.ferry_bin);
+    // The very command line QEMU's guest gets.
     cmd.args(["vm", "run", "--quiet", "--mem"])
         .arg(format!("{}M", w.mem_bytes >> 20))
-        .arg("--rate")
-        .arg(w.rate.to_string())
-        .arg("--wss")
-        .arg(w.wss_arg())
+        .arg("--append")
+        .arg(format!("{} tsc_khz={}", w.guest_args(), s.tsc_khz))
         .arg("--api")
         .arg(&src_sock);
     if s.custom_kernel {
@@ -128,10 +136,10 @@ fn run_inner(
         Duration::from_secs(1),
         || src.check_running(),
     )?;
-    wait_socket(&src_sock, &mut src)?;
-    let before = StaticDigest::of_source(src_pid, w.mem_bytes, w.rate);
+    wait_socket(&src_sock, &mut src, Duration::from_secs(30))?;
+    let before = StaticDigest::of_source(src_pid, w.mem_bytes, w.rate.dirties());
     let port = run_common::free_port()?;
-    let to = format!("127.0.0.1:{port}");
+    let to = format!("{}:{port}", ctx.dst_host());
     let mut cmd = Command::new(&s.ferry_bin);
     // Loopback benchmark: plaintext, asked for by name (TLS is measured by
     // the transport benchmarks).
@@ -145,11 +153,18 @@ fn run_inner(
         "--api",
     ])
     .arg(&dst_sock);
-    if receive_prepares_memory(s) {
+    if w.dst_memory == DstMemory::Prepared {
         // Allocate and populate the destination's memory up front, as
-        // QEMU's destination gets `-m` at start.
+        // QEMU's destination gets `-mem-prealloc`.
+        if !receive_prepares_memory(s) {
+            return Err(BenchError::Engine(
+                "`ferry vm receive` has no --mem: its destination cannot be prepared like QEMU's"
+                    .into(),
+            ));
+        }
         cmd.arg("--mem").arg(format!("{}M", w.mem_bytes >> 20));
     }
+    ctx.enter_dst(&mut cmd);
     let mut dst = EngineProcess::spawn(
         "ferry vm receive (destination)",
         "ferry-dst",
@@ -157,7 +172,7 @@ fn run_inner(
         &s.workdir,
     )?;
     let dst_pid = dst.pid();
-    wait_socket(&dst_sock, &mut dst)?;
+    wait_socket(&dst_sock, &mut dst, RunSettings::boot_timeout(w.mem_bytes))?;
 
     let deadline = s.deadline_for(w);
     let mut cmd = Command::new(&s.ferry_bin);
@@ -181,7 +196,7 @@ fn run_inner(
         .stderr(errfile);
     run_common::die_with_parent(&mut cmd);
 
-    let base = Baseline::take(src_pid, dst_pid);
+    let base = Baseline::take(ctx, src_pid, dst_pid);
     let t0 = Instant::now();
     let watch = Watch::start(t0, src_pid, dst_pid, w.mem_bytes);
     let mut child = cmd
@@ -210,7 +225,7 @@ fn run_inner(
     let hard_deadline = deadline + Duration::from_secs(15);
     let mut summary: Option<Value> = None;
     let mut failure: Option<BenchError> = None;
-    let mut lo_end = None;
+    let mut link_end = None;
     let mut last_text = String::new();
     loop {
         let left = hard_deadline.saturating_sub(t0.elapsed());
@@ -223,8 +238,8 @@ fn run_inner(
                 record_event(out, &v, line.t_ms, w.mem_bytes);
                 if let Some(sum) = summary_of(&v) {
                     if summary.is_none() {
-                        out.wall_ms = Some(line.t_ms);
-                        lo_end = procfs::loopback_bytes().ok();
+                        out.engine_done_ms = Some(line.t_ms);
+                        link_end = ctx.link_tx_bytes();
                         summary = Some(sum);
                     }
                 }
@@ -252,10 +267,12 @@ fn run_inner(
     let client_cpu = procfs::process_cpu_secs(client_pid).unwrap_or(0.0);
     drop(client);
     if summary.is_some() {
-        std::thread::sleep(Duration::from_millis(50));
+        // The total time ends when the watch sees the guest run on the
+        // destination.
+        watch.wait_dst_running(Duration::from_secs(10));
     }
     let log = watch.finish();
-    run_common::fill_from_watch(out, &log, &base, lo_end, client_cpu);
+    run_common::fill_from_watch(out, &log, &base, link_end, client_cpu);
     let Some(sum) = summary else {
         if let Some(f) = failure {
             return Err(f);
@@ -266,12 +283,12 @@ fn run_inner(
         )));
     };
     out.engine_report = sum.clone();
-    out.total_ms = sum["total_ms"].as_f64();
+    out.engine_total_ms = sum["total_ms"].as_f64();
     out.downtime_ms = sum["downtime_ms"].as_f64();
     out.rounds = sum["rounds"].as_u64();
     out.wire_bytes = sum["wire_bytes"].as_u64();
     dst.check_running()?;
-    run_common::check_alive(out, dst_pid, before.as_ref());
+    run_common::check_alive(out, dst_pid, &before);
     // The source exits 0 once its guest migrated away.
     let end = Instant::now() + Duration::from_secs(5);
     while src.guard.is_running() && Instant::now() < end {
@@ -311,14 +328,19 @@ fn record_event(out: &mut RunOutcome, v: &Value, t_ms: f64, mem_bytes: u64) {
     }
 }
 
-fn wait_socket(path: &std::path::Path, p: &mut EngineProcess) -> Result<(), BenchError> {
-    let end = Instant::now() + Duration::from_secs(30);
+fn wait_socket(
+    path: &std::path::Path,
+    p: &mut EngineProcess,
+    timeout: Duration,
+) -> Result<(), BenchError> {
+    let end = Instant::now() + timeout;
     while !path.exists() {
         p.check_running()?;
         if Instant::now() > end {
             return Err(BenchError::Engine(format!(
-                "no control socket at {} after 30 s",
-                path.display()
+                "no control socket at {} after {} s",
+                path.display(),
+                timeout.as_secs()
             )));
         }
         std::thread::sleep(Duration::from_millis(20));

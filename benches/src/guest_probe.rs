@@ -87,8 +87,8 @@ impl GuestProbe {
 /// again: the fill region above its working set (all of it when it does
 /// not dirty). Equal on source and destination after any correct
 /// migration, whatever the engine; `None` when there is no such range.
-pub fn static_range(status: &GuestStatus, rate: u64) -> Option<(u64, u64)> {
-    let start = if rate == 0 {
+pub fn static_range(status: &GuestStatus, dirties: bool) -> Option<(u64, u64)> {
+    let start = if !dirties {
         ferry_vm::FILL_BASE
     } else {
         ferry_vm::FILL_BASE + status.wss_pages * 4096
@@ -107,14 +107,23 @@ pub struct StaticDigest {
 
 impl StaticDigest {
     /// Hashes the static range of the source's guest (after the fill).
-    pub fn of_source(pid: u32, mem_bytes: u64, rate: u64) -> Option<Self> {
-        let p = GuestProbe::find(pid, mem_bytes).ok()??;
-        let st = p.read().ok()?;
-        let range = static_range(&st, rate)?;
-        Some(Self {
-            range,
-            digest: p.digest(range.0, range.1).ok()?,
-        })
+    /// `Ok(None)`: the guest has no static range (it writes all of its
+    /// memory); `Err`: the digest could not be taken (why), which must not
+    /// pass for a match later.
+    pub fn of_source(pid: u32, mem_bytes: u64, dirties: bool) -> Result<Option<Self>, String> {
+        let p = GuestProbe::find(pid, mem_bytes)
+            .map_err(|e| e.to_string())?
+            .ok_or("no guest status block in the source's memory")?;
+        let st = p
+            .read()
+            .map_err(|e| format!("reading the source's status block: {e}"))?;
+        let Some(range) = static_range(&st, dirties) else {
+            return Ok(None);
+        };
+        let digest = p
+            .digest(range.0, range.1)
+            .map_err(|e| format!("hashing the source's memory: {e}"))?;
+        Ok(Some(Self { range, digest }))
     }
 
     /// Whether the destination holds the same bytes there.

@@ -5,7 +5,9 @@
 //! migrated by stock QEMU and by ferry on this machine, in one session,
 //! measured the same way for both from outside the engines:
 //!
-//! - total time, downtime and rounds as each engine reports them;
+//! - total time on the harness's own clock, the same two points for both
+//!   engines (migrate command issued, guest seen running on the
+//!   destination), beside each engine's own total, downtime and rounds;
 //! - the downtime the guest saw: the gap in its heartbeat, read from both
 //!   processes' memory through `/proc/PID/mem` ([`watch`]);
 //! - CPU seconds of source and destination processes (`/proc/PID/stat`,
@@ -13,7 +15,16 @@
 //!   destination read (`/proc/PID/io`);
 //! - whether the guest lives on at the destination ([`alive`]);
 //! - bytes left to send over time, for the plot ([`plot`]);
-//! - a plain TCP stream on the same loopback as the ceiling ([`ceiling`]).
+//! - a plain TCP stream on the same loopback as the ceiling ([`ceiling`]);
+//! - the machine's state with every run, and whether other work was busy
+//!   while it ran ([`machine`]).
+//!
+//! Both destinations are prepared alike (memory populated before the
+//! migration, or neither; [`matrix::DstMemory`]); rows can run over a
+//! shaped link with the destinations in a network namespace of their own
+//! ([`shaped_link`]) and with guest memory like a real guest's
+//! ([`matrix::Fill::Mix`]). Failed runs are reported as failures
+//! ([`report`]).
 //!
 //! ```no_run
 //! use ferry_benches::compare::{self, CompareConfig};
@@ -28,6 +39,8 @@
 //!     qemu_bin: "qemu-system-x86_64".into(),
 //!     workdir: std::env::temp_dir(),
 //!     verbose: true,
+//!     busy_cpus: RunSettings::BUSY_CPUS,
+//!     quiet_wait: std::time::Duration::from_secs(60),
 //! };
 //! let report = compare::run(&CompareConfig::quick(settings), |r| eprintln!("{}", compare::run_line(r)))?;
 //! print!("{}", report.text());
@@ -43,6 +56,7 @@ pub mod data_path;
 pub mod error;
 pub mod ferry;
 pub mod guest_probe;
+pub mod machine;
 pub mod matrix;
 pub mod outcome;
 pub mod plot;
@@ -51,6 +65,7 @@ pub mod qemu;
 pub mod report;
 pub mod run_common;
 pub mod settings;
+pub mod shaped_link;
 pub mod stats;
 pub mod watch;
 

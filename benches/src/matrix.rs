@@ -13,8 +13,21 @@ pub enum DirtyLevel {
     Idle,
     /// A working set rewritten at a pace the link drains easily.
     Moderate,
-    /// Faster than the (capped) link drains without help.
+    /// All of memory rewritten as fast as the guest can, uncapped.
     Heavy,
+    /// A hot working set rewritten as fast as the guest can, over a cap
+    /// the link cannot drain it through without help.
+    Capped,
+}
+
+impl DirtyLevel {
+    /// All levels.
+    pub const ALL: [Self; 4] = [Self::Idle, Self::Moderate, Self::Heavy, Self::Capped];
+
+    /// Parses the [`fmt::Display`] name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|l| l.to_string() == s)
+    }
 }
 
 impl fmt::Display for DirtyLevel {
@@ -23,7 +36,143 @@ impl fmt::Display for DirtyLevel {
             Self::Idle => "idle",
             Self::Moderate => "moderate",
             Self::Heavy => "heavy",
+            Self::Capped => "capped",
         })
+    }
+}
+
+/// What the guest's memory holds (its `fill=`, vm/guest/GUEST.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fill {
+    /// `fill=1`: every page incompressible, never zero.
+    Random,
+    /// `fill=mix`: this percent of zero pages and of text-like pages, the
+    /// rest incompressible.
+    Mix {
+        /// Percent of zero pages.
+        zero_pct: u8,
+        /// Percent of text-like pages.
+        text_pct: u8,
+    },
+}
+
+impl Fill {
+    /// The issue's real-like mix: 40 % zero, 30 % text-like, 30 % incompressible.
+    pub const MIX: Self = Self::Mix {
+        zero_pct: 40,
+        text_pct: 30,
+    };
+}
+
+/// The link between source and destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Link {
+    /// 127.0.0.1, both sides in this network namespace.
+    Loopback,
+    /// The destination in a network namespace of its own behind a veth
+    /// pair shaped to this many bits/s ([`crate::shaped_link`]).
+    Shaped {
+        /// Rate, bits per second.
+        bits_per_sec: u64,
+    },
+}
+
+impl Link {
+    /// `10gbit`, `1gbit`, `500mbit`, `loopback`.
+    pub fn parse(s: &str) -> Option<Self> {
+        if s == "loopback" || s == "lo" {
+            return Some(Self::Loopback);
+        }
+        let (num, mult) = if let Some(n) = s.strip_suffix("gbit") {
+            (n, 1_000_000_000)
+        } else if let Some(n) = s.strip_suffix("mbit") {
+            (n, 1_000_000)
+        } else {
+            return None;
+        };
+        let n: u64 = num.parse().ok().filter(|&n| n > 0)?;
+        Some(Self::Shaped {
+            bits_per_sec: n.checked_mul(mult)?,
+        })
+    }
+
+    /// The link's rate in bytes/s, when shaped.
+    pub fn bytes_per_sec(&self) -> Option<f64> {
+        match self {
+            Self::Loopback => None,
+            Self::Shaped { bits_per_sec } => Some(*bits_per_sec as f64 / 8.0),
+        }
+    }
+}
+
+impl fmt::Display for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Loopback => f.write_str("loopback"),
+            Self::Shaped { bits_per_sec: b } if b % 1_000_000_000 == 0 => {
+                write!(f, "{}gbit", b / 1_000_000_000)
+            }
+            Self::Shaped { bits_per_sec: b } => write!(f, "{}mbit", b / 1_000_000),
+        }
+    }
+}
+
+/// How the destinations' guest memory is prepared, the same way for both
+/// engines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DstMemory {
+    /// Allocated and populated before the migration starts: ferry's
+    /// `vm receive --mem`, QEMU's `-mem-prealloc`. Neither pays for first
+    /// touches (or THP compaction) during the stream.
+    Prepared,
+    /// Nothing prepared: ferry's destination allocates and populates when
+    /// the source says how big the guest is, QEMU's faults its memory in
+    /// as pages arrive; both inside the timed migration.
+    OnDemand,
+}
+
+impl DstMemory {
+    /// `prepared` / `on-demand`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Prepared => "prepared",
+            Self::OnDemand => "on-demand",
+        }
+    }
+
+    /// Parses [`DstMemory::name`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Prepared, Self::OnDemand]
+            .into_iter()
+            .find(|d| d.name() == s)
+    }
+}
+
+/// How fast the guest dirties its working set (`rate=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rate {
+    /// This many pages/s (`0`: no writes).
+    Paced(u64),
+    /// As fast as it can (`rate=max`).
+    Unpaced,
+}
+
+impl Rate {
+    /// The guest's `rate=` value and `ferry vm run --rate`.
+    pub fn arg(&self) -> String {
+        match self {
+            Self::Paced(r) => r.to_string(),
+            Self::Unpaced => "max".into(),
+        }
+    }
+
+    /// Whether the guest writes at all.
+    pub fn dirties(&self) -> bool {
+        *self != Self::Paced(0)
     }
 }
 
@@ -37,20 +186,24 @@ pub struct Workload {
     /// Working set from 2 MiB, bytes (`None`: all memory).
     pub wss_bytes: Option<u64>,
     /// Pages per second the guest dirties.
-    pub rate: u64,
+    pub rate: Rate,
     /// Bandwidth cap both engines get, bytes/s (`None`: uncapped).
     pub cap_bytes_per_sec: Option<u64>,
+    /// What guest memory holds.
+    pub fill: Fill,
+    /// The link.
+    pub link: Link,
+    /// How both destinations' memory is prepared.
+    pub dst_memory: DstMemory,
 }
 
 /// Moderate: 5,000 pages/s (20 MB/s) over 256 MiB.
 pub const MODERATE_RATE: u64 = 5_000;
-/// Heavy: asks for 30,000 pages/s (123 MB/s), near what one vCPU manages
-/// while logging is on (PLATFORM.md: ~41k pages/s; on a loaded machine the
-/// guest gets 14-25k, 57-100 MB/s: the table shows what it really did)...
-pub const HEAVY_RATE: u64 = 30_000;
-/// ...against a 48 MiB/s (50 MB/s) cap: the link cannot drain it.
-pub const HEAVY_CAP: u64 = 48 << 20;
-/// Working set of the dirtying rows.
+/// Capped: unpaced writes (what one vCPU manages while logging is on,
+/// PLATFORM.md: ~25-41k pages/s, 100-170 MB/s; the table shows what it
+/// really did) against a 48 MiB/s (50 MB/s) cap: the link cannot drain it.
+pub const CAPPED_CAP: u64 = 48 << 20;
+/// Working set of the moderate and capped rows.
 pub const DIRTY_WSS: u64 = 256 << 20;
 
 impl Workload {
@@ -62,33 +215,71 @@ impl Workload {
                 mem_bytes,
                 level,
                 wss_bytes: None,
-                rate: 0,
+                rate: Rate::Paced(0),
                 cap_bytes_per_sec: None,
+                fill: Fill::Random,
+                link: Link::Loopback,
+                dst_memory: DstMemory::Prepared,
             },
             DirtyLevel::Moderate => Self {
                 mem_bytes,
                 level,
                 wss_bytes: wss,
-                rate: MODERATE_RATE,
+                rate: Rate::Paced(MODERATE_RATE),
                 cap_bytes_per_sec: None,
+                fill: Fill::Random,
+                link: Link::Loopback,
+                dst_memory: DstMemory::Prepared,
             },
             DirtyLevel::Heavy => Self {
                 mem_bytes,
                 level,
+                wss_bytes: None,
+                rate: Rate::Unpaced,
+                cap_bytes_per_sec: None,
+                fill: Fill::Random,
+                link: Link::Loopback,
+                dst_memory: DstMemory::Prepared,
+            },
+            DirtyLevel::Capped => Self {
+                mem_bytes,
+                level,
                 wss_bytes: wss,
-                rate: HEAVY_RATE,
-                cap_bytes_per_sec: Some(HEAVY_CAP),
+                rate: Rate::Unpaced,
+                cap_bytes_per_sec: Some(CAPPED_CAP),
+                fill: Fill::Random,
+                link: Link::Loopback,
+                dst_memory: DstMemory::Prepared,
             },
         }
     }
 
-    /// The guest command line (without `tsc_khz`).
+    /// This workload with `fill`.
+    pub fn with_fill(self, fill: Fill) -> Self {
+        Self { fill, ..self }
+    }
+
+    /// This workload over `link`.
+    pub fn with_link(self, link: Link) -> Self {
+        Self { link, ..self }
+    }
+
+    /// This workload with destinations prepared as `dst_memory` says.
+    pub fn with_dst_memory(self, dst_memory: DstMemory) -> Self {
+        Self { dst_memory, ..self }
+    }
+
+    /// The guest command line (without `tsc_khz`), the same for both engines.
     pub fn guest_args(&self) -> String {
         let wss = match self.wss_bytes {
             Some(b) => format!("{}M", b >> 20),
             None => "all".into(),
         };
-        format!("rate={} wss={}", self.rate, wss)
+        let mut s = format!("rate={} wss={}", self.rate.arg(), wss);
+        if let Fill::Mix { zero_pct, text_pct } = self.fill {
+            s += &format!(" fill=mix mix_zero={zero_pct} mix_text={text_pct}");
+        }
+        s
     }
 
     /// The `--wss` value for `ferry vm run`.
@@ -107,20 +298,38 @@ impl Workload {
             format!("{}M", self.mem_bytes >> 20)
         };
         let mut s = format!("{mem} {}", self.level);
-        if self.rate > 0 {
-            s += &format!(" {}@{}", self.wss_arg(), self.rate);
+        if self.rate.dirties() {
+            s += &format!(" {}@{}", self.wss_arg(), self.rate.arg());
         }
         if let Some(c) = self.cap_bytes_per_sec {
             s += &format!(" cap {}M/s", c >> 20);
         }
+        if let Fill::Mix { zero_pct, text_pct } = self.fill {
+            s += &format!(" mix {zero_pct}/{text_pct}");
+        }
+        if let Link::Shaped { .. } = self.link {
+            s += &format!(" {}", self.link);
+        }
+        if self.dst_memory == DstMemory::OnDemand {
+            s += " dst on-demand";
+        }
         s
+    }
+
+    /// Whether the link is the bottleneck by design (a cap or a shaped link).
+    pub fn limited(&self) -> bool {
+        self.cap_bytes_per_sec.is_some() || matches!(self.link, Link::Shaped { .. })
     }
 
     /// How long a migration of this workload may take before the row is
     /// called not converged: 20 s plus two and a half passes over memory
     /// at the cap (or at a pessimistic 200 MB/s when uncapped).
     pub fn default_deadline_secs(&self) -> u64 {
-        let bw = self.cap_bytes_per_sec.unwrap_or(200_000_000);
+        let link = self.link.bytes_per_sec().map(|b| b as u64);
+        let bw = match (self.cap_bytes_per_sec, link) {
+            (Some(c), Some(l)) => c.min(l),
+            (c, l) => c.or(l).unwrap_or(200_000_000).min(200_000_000),
+        };
         20 + 5 * self.mem_bytes / bw / 2
     }
 }
@@ -297,13 +506,46 @@ mod tests {
     }
 
     #[test]
-    fn heavy_is_capped_below_its_dirty_rate() {
-        let w = Workload::new(1 << 30, DirtyLevel::Heavy);
-        assert!(w.rate * 4096 > w.cap_bytes_per_sec.unwrap());
-        assert_eq!(w.guest_args(), "rate=30000 wss=256M");
+    fn levels_are_the_issues_rows() {
+        let w = Workload::new(1 << 30, DirtyLevel::Capped);
+        assert_eq!(w.cap_bytes_per_sec, Some(48 << 20));
+        assert_eq!(w.guest_args(), "rate=max wss=256M");
+        let h = Workload::new(1 << 30, DirtyLevel::Heavy);
+        assert_eq!(
+            (h.guest_args().as_str(), h.limited()),
+            ("rate=max wss=all", false)
+        );
+        assert_eq!(DirtyLevel::parse("capped"), Some(DirtyLevel::Capped));
         assert_eq!(
             Workload::new(1 << 30, DirtyLevel::Idle).guest_args(),
             "rate=0 wss=all"
+        );
+    }
+
+    #[test]
+    fn fill_link_and_destination_preparation_are_part_of_the_row() {
+        let w = Workload::new(1 << 30, DirtyLevel::Idle)
+            .with_fill(Fill::MIX)
+            .with_link(Link::parse("1gbit").unwrap())
+            .with_dst_memory(DstMemory::OnDemand);
+        assert_eq!(
+            w.guest_args(),
+            "rate=0 wss=all fill=mix mix_zero=40 mix_text=30"
+        );
+        assert_eq!(w.label(), "1G idle mix 40/30 1gbit dst on-demand");
+        assert!(w.limited());
+        assert_eq!(Link::parse("10gbit").unwrap().to_string(), "10gbit");
+        assert_eq!(
+            Link::parse("500mbit").unwrap().bytes_per_sec(),
+            Some(62.5e6)
+        );
+        assert_eq!(Link::parse("0gbit"), None);
+        assert_eq!(Link::parse("fast"), None);
+        assert_eq!(DstMemory::parse("on-demand"), Some(DstMemory::OnDemand));
+        // The deadline follows the slowest of cap and link.
+        assert_eq!(
+            w.default_deadline_secs(),
+            20 + 5 * (1 << 30) / 125_000_000 / 2
         );
     }
 }

@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use crate::machine::MachineState;
 use crate::matrix::{Profile, Workload};
 
 /// How a run ended.
@@ -17,6 +18,33 @@ pub enum RunStatus {
     Failed(String),
     /// Not run (e.g. QEMU not installed).
     Skipped(String),
+}
+
+/// The comparison of guest memory the workload never writes after its fill
+/// (hashed on the source before and on the destination after). Only
+/// `Matched` and `NoStaticRange` count as a success: a digest that could
+/// not be taken is not a match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", content = "detail", rename_all = "snake_case")]
+pub enum StaticCheck {
+    /// Not compared yet (the run ended before the comparison).
+    Pending,
+    /// This many bytes are identical on both sides.
+    Matched(u64),
+    /// This many bytes were compared and differ.
+    Differs(u64),
+    /// The workload writes all of its memory, so there is nothing static
+    /// to compare (the guest's own self-check still runs).
+    NoStaticRange,
+    /// A digest could not be taken (why).
+    NotCompared(String),
+}
+
+impl StaticCheck {
+    /// Whether this lets the run count as a success.
+    pub fn ok(&self) -> bool {
+        matches!(self, Self::Matched(_) | Self::NoStaticRange)
+    }
 }
 
 /// One sample of the bytes still to send, for the plot.
@@ -43,13 +71,24 @@ pub struct RunOutcome {
     pub row: String,
     /// Repetition index.
     pub repeat: u32,
+    /// The downtime limit this engine was given, ms.
+    pub downtime_limit_ms: u64,
     /// How it ended.
     #[serde(flatten)]
     pub status: RunStatus,
-    /// Total migration time, engine's own figure, ms.
+    /// Total time on the harness's clock, the same two points for both
+    /// engines: from the migrate command being issued (QEMU's `migrate`
+    /// QMP command; spawning `ferry migrate`) to the guest seen running on
+    /// the destination (its heartbeat past the value it had when the
+    /// source stopped), ms.
     pub total_ms: Option<f64>,
-    /// Total time as the harness saw it: migrate command to completion, ms.
-    pub wall_ms: Option<f64>,
+    /// Total time as the engine reports it (QEMU's `total-time` ends when
+    /// the source has sent everything; ferry's starts once its lanes are
+    /// connected), ms.
+    pub engine_total_ms: Option<f64>,
+    /// When the engine said it was done (QEMU: `completed` seen on the
+    /// source; ferry: its summary line), on the harness's clock, ms.
+    pub engine_done_ms: Option<f64>,
     /// Downtime, engine's own figure, ms.
     pub downtime_ms: Option<f64>,
     /// Downtime seen from guest memory (heartbeat gap), ms.
@@ -61,11 +100,11 @@ pub struct RunOutcome {
     pub rounds: Option<u64>,
     /// Bytes on the wire, engine's own figure.
     pub wire_bytes: Option<u64>,
-    /// Bytes the loopback interface carried during the migration
-    /// (`/sys/class/net/lo/statistics/tx_bytes`): the same measure for both
-    /// engines, TCP/IP headers included, machine-wide (other loopback
-    /// traffic on the machine adds to it).
-    pub lo_bytes: Option<u64>,
+    /// Bytes the link carried during the migration (loopback: `lo`'s
+    /// `tx_bytes`, machine-wide, so other loopback traffic adds to it; a
+    /// shaped link: the host end's `tx_bytes`, the sources' side): the same
+    /// measure for both engines, TCP/IP headers included.
+    pub link_bytes: Option<u64>,
     /// CPU seconds of the source side (all its processes) during the
     /// migration.
     pub src_cpu_s: Option<f64>,
@@ -83,17 +122,23 @@ pub struct RunOutcome {
     pub guest_alive: Option<bool>,
     /// Self-check errors the destination guest counted.
     pub verify_errors: Option<u64>,
-    /// Bytes of guest memory the guest filled and never writes again,
-    /// hashed on the source before and on the destination after.
-    pub static_bytes: Option<u64>,
-    /// Whether those bytes are identical on the destination.
-    pub static_memory_match: Option<bool>,
+    /// Guest memory the guest filled and never writes again, hashed on
+    /// the source before and on the destination after.
+    pub static_memory: StaticCheck,
     /// Pages/s the guest really dirtied on the source during the migration.
     pub guest_dirty_rate: Option<f64>,
     /// Detail of the liveness check.
     pub alive_detail: String,
-    /// 1-minute load average when the run started (the machine is shared).
-    pub load_1m: Option<f64>,
+    /// The machine when the run started.
+    pub machine: MachineState,
+    /// CPUs other work used during the second before the run started.
+    pub others_cpus_before: Option<f64>,
+    /// CPUs other work used while the migration ran (all busy CPU time
+    /// minus the harness's and the engine processes').
+    pub others_cpus: Option<f64>,
+    /// Measured while the machine was busy: other work used more than the
+    /// session's threshold before or during the migration.
+    pub busy: bool,
     /// When the source's heartbeat last changed (ms since migrate, value),
     /// then the destination's first values from the switch value on: how
     /// the heartbeat gap was read.
@@ -107,22 +152,30 @@ pub struct RunOutcome {
 
 impl RunOutcome {
     /// An outcome with only the identity and status filled in.
-    pub fn new(profile: Profile, workload: Workload, repeat: u32, status: RunStatus) -> Self {
+    pub fn new(
+        profile: Profile,
+        workload: Workload,
+        repeat: u32,
+        downtime_limit_ms: u64,
+        status: RunStatus,
+    ) -> Self {
         Self {
             profile,
             engine: profile.engine(),
             workload,
             row: workload.label(),
             repeat,
+            downtime_limit_ms,
             status,
             total_ms: None,
-            wall_ms: None,
+            engine_total_ms: None,
+            engine_done_ms: None,
             downtime_ms: None,
             heartbeat_gap_ms: None,
             gap_parts_ms: None,
             rounds: None,
             wire_bytes: None,
-            lo_bytes: None,
+            link_bytes: None,
             src_cpu_s: None,
             src_engine_cpu_s: None,
             dst_cpu_s: None,
@@ -130,21 +183,62 @@ impl RunOutcome {
             switch_heartbeat: None,
             guest_alive: None,
             verify_errors: None,
-            static_bytes: None,
-            static_memory_match: None,
+            static_memory: StaticCheck::Pending,
             guest_dirty_rate: None,
             alive_detail: String::new(),
-            load_1m: crate::procfs::load_1m(),
+            machine: MachineState::now(),
+            others_cpus_before: None,
+            others_cpus: None,
+            busy: false,
             heartbeat_trace: Vec::new(),
             engine_report: serde_json::Value::Null,
             bytes_left: Vec::new(),
         }
     }
 
-    /// Completed with the guest alive at the destination.
+    /// Completed, the guest alive at the destination, its static memory
+    /// identical there, and the total time measured.
     pub fn succeeded(&self) -> bool {
-        self.status == RunStatus::Completed
-            && self.guest_alive == Some(true)
-            && self.static_memory_match != Some(false)
+        self.failure().is_none()
+    }
+
+    /// Why the run does not count as a success, `None` when it does.
+    pub fn failure(&self) -> Option<String> {
+        match &self.status {
+            RunStatus::Completed => {}
+            RunStatus::NotConverged(why) => return Some(format!("not converged: {why}")),
+            RunStatus::Failed(why) => return Some(format!("failed: {why}")),
+            RunStatus::Skipped(why) => return Some(format!("skipped: {why}")),
+        }
+        if self.guest_alive != Some(true) {
+            return Some(format!(
+                "guest not healthy at the destination: {}",
+                self.alive_detail
+            ));
+        }
+        match &self.static_memory {
+            StaticCheck::Differs(b) => {
+                return Some(format!(
+                    "static memory ({} MiB) differs from the source's",
+                    b >> 20
+                ))
+            }
+            StaticCheck::NotCompared(why) => {
+                return Some(format!("static memory not compared: {why}"))
+            }
+            StaticCheck::Pending => return Some("static memory not compared".into()),
+            StaticCheck::Matched(_) | StaticCheck::NoStaticRange => {}
+        }
+        if self.total_ms.is_none() {
+            return Some(
+                "the guest was not seen running on the destination (no total time)".into(),
+            );
+        }
+        None
+    }
+
+    /// Whether the run was skipped (nothing measured, nothing failed).
+    pub fn skipped(&self) -> bool {
+        matches!(self.status, RunStatus::Skipped(_))
     }
 }

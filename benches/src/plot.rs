@@ -44,8 +44,9 @@ pub fn bytes_left_svg(runs: &[RunOutcome], path: &Path) -> Result<(), BenchError
             .iter()
             .filter(|r| r.row == *row && !r.bytes_left.is_empty())
             .filter(|r| {
-                let first = !seen.contains(&r.profile);
-                seen.push(r.profile);
+                let key = (r.profile, r.downtime_limit_ms);
+                let first = !seen.contains(&key);
+                seen.push(key);
                 first
             })
             .collect();
@@ -98,7 +99,10 @@ pub fn bytes_left_svg(runs: &[RunOutcome], path: &Path) -> Result<(), BenchError
             chart
                 .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
                 .map_err(|e| perr(&e))?
-                .label(format!("{} ({rounds} rounds)", r.profile))
+                .label(format!(
+                    "{} limit {} ms ({rounds} rounds)",
+                    r.profile, r.downtime_limit_ms
+                ))
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
                 });

@@ -8,7 +8,7 @@ use std::fs;
 use std::io;
 
 /// Clock ticks per second of `/proc/PID/stat` times.
-fn ticks_per_sec() -> f64 {
+pub(crate) fn ticks_per_sec() -> f64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 {
@@ -102,10 +102,16 @@ pub fn machine() -> String {
 
 /// Bytes sent over the loopback interface since boot.
 pub fn loopback_bytes() -> io::Result<u64> {
-    fs::read_to_string("/sys/class/net/lo/statistics/tx_bytes")?
+    interface_tx_bytes("lo")
+}
+
+/// Bytes sent over network interface `name` (of this network namespace)
+/// since it was created.
+pub fn interface_tx_bytes(name: &str) -> io::Result<u64> {
+    fs::read_to_string(format!("/sys/class/net/{name}/statistics/tx_bytes"))?
         .trim()
         .parse()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad lo tx_bytes"))
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad {name} tx_bytes")))
 }
 
 /// Writable private or shared mappings of at least `min_len` bytes, as

@@ -1,6 +1,8 @@
 //! QEMU's side: two `qemu-system-x86_64 -accel kvm` processes (source
-//! running the workload guest, destination `-incoming defer`) driven over
-//! QMP, migration over `tcp:127.0.0.1:PORT`.
+//! running the workload guest, destination `-incoming defer`, with
+//! `-mem-prealloc` when the row prepares destinations) driven over QMP,
+//! migration over `tcp:HOST:PORT` (loopback, or the shaped link's
+//! destination address with the destination process behind it).
 
 use std::path::Path;
 use std::process::Command;
@@ -11,9 +13,9 @@ use serde_json::{json, Value};
 
 use crate::error::BenchError;
 use crate::guest_probe::StaticDigest;
-use crate::matrix::{Profile, QemuProfile, Workload};
+use crate::matrix::{DstMemory, Profile, QemuProfile, Workload};
 use crate::outcome::{BytesLeft, RunOutcome, RunStatus};
-use crate::run_common::{self, Baseline, EngineProcess};
+use crate::run_common::{self, Baseline, EngineProcess, RunContext};
 use crate::settings::RunSettings;
 use crate::watch::Watch;
 
@@ -43,7 +45,8 @@ pub fn available(qemu: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn qemu_cmd(s: &RunSettings, w: &Workload, name: &str, qmp: &Path, incoming: bool) -> Command {
+fn qemu_cmd(ctx: &RunContext<'_>, w: &Workload, name: &str, qmp: &Path, incoming: bool) -> Command {
+    let s = ctx.settings;
     let mut c = Command::new(&s.qemu_bin);
     c.arg("-name")
         .arg(format!("{name},debug-threads=on"))
@@ -59,6 +62,11 @@ fn qemu_cmd(s: &RunSettings, w: &Workload, name: &str, qmp: &Path, incoming: boo
         .arg(format!("unix:{},server=on,wait=off", qmp.display()));
     if incoming {
         c.args(["-incoming", "defer"]);
+        if w.dst_memory == DstMemory::Prepared {
+            // Populated before the migration, as ferry's `vm receive --mem`.
+            c.arg("-mem-prealloc");
+        }
+        ctx.enter_dst(&mut c);
     }
     c.stdin(std::process::Stdio::null());
     c
@@ -77,10 +85,10 @@ fn capabilities(p: QemuProfile) -> Vec<&'static str> {
     }
 }
 
-fn parameters(p: QemuProfile, w: &Workload, s: &RunSettings, source: bool) -> Value {
+fn parameters(p: QemuProfile, w: &Workload, downtime_limit_ms: u64, source: bool) -> Value {
     let mut v = json!({});
     if source {
-        v["downtime-limit"] = json!(s.max_downtime_ms);
+        v["downtime-limit"] = json!(downtime_limit_ms);
         v["max-bandwidth"] = json!(w.cap_bytes_per_sec.unwrap_or(UNCAPPED_BANDWIDTH));
     }
     match p {
@@ -99,7 +107,7 @@ fn configure(
     q: &mut Qmp,
     p: QemuProfile,
     w: &Workload,
-    s: &RunSettings,
+    downtime_limit_ms: u64,
     source: bool,
 ) -> Result<(), BenchError> {
     let caps: Vec<Value> = capabilities(p)
@@ -110,7 +118,7 @@ fn configure(
         q.execute("migrate-set-capabilities", json!({ "capabilities": caps }))
             .map_err(qmp_err("migrate-set-capabilities"))?;
     }
-    let params = parameters(p, w, s, source);
+    let params = parameters(p, w, downtime_limit_ms, source);
     if params.as_object().is_some_and(|o| !o.is_empty()) {
         q.execute("migrate-set-parameters", params)
             .map_err(qmp_err("migrate-set-parameters"))?;
@@ -119,21 +127,24 @@ fn configure(
 }
 
 fn start(
-    s: &RunSettings,
+    ctx: &RunContext<'_>,
     w: &Workload,
     name: &str,
     incoming: bool,
 ) -> Result<(EngineProcess, Qmp), BenchError> {
+    let s = ctx.settings;
     let sock = s.workdir.join(format!("{name}.qmp"));
     let _ = std::fs::remove_file(&sock);
     let what = format!("QEMU ({name})");
     let guard = EngineProcess::spawn(
         &what,
         name,
-        &mut qemu_cmd(s, w, name, &sock, incoming),
+        &mut qemu_cmd(ctx, w, name, &sock, incoming),
         &s.workdir,
     )?;
-    let qmp = Qmp::connect(&sock, Duration::from_secs(20)).map_err(|e| {
+    // A preallocating destination answers once its memory is populated.
+    let connect = Duration::from_secs(20) + RunSettings::boot_timeout(w.mem_bytes) / 2;
+    let qmp = Qmp::connect(&sock, connect).map_err(|e| {
         BenchError::Qmp(
             format!("connect ({})", run_common::log_tail(&guard.log)),
             format!("{e:#}"),
@@ -150,11 +161,24 @@ fn u64_at(v: &Value, path: &[&str]) -> Option<u64> {
     cur.as_u64()
 }
 
-/// Runs one QEMU migration of `w` with profile `p`. Failures are in the
-/// returned outcome's status; nothing is left running.
-pub fn run(s: &RunSettings, w: &Workload, p: QemuProfile, repeat: u32) -> RunOutcome {
-    let mut out = RunOutcome::new(Profile::Qemu(p), *w, repeat, RunStatus::Completed);
-    if let Err(e) = run_inner(s, w, p, &mut out) {
+/// Runs one QEMU migration of `w` with profile `p` and downtime limit
+/// `downtime_limit_ms`. Failures are in the returned outcome's status;
+/// nothing is left running.
+pub fn run(
+    ctx: &RunContext<'_>,
+    w: &Workload,
+    p: QemuProfile,
+    downtime_limit_ms: u64,
+    repeat: u32,
+) -> RunOutcome {
+    let mut out = RunOutcome::new(
+        Profile::Qemu(p),
+        *w,
+        repeat,
+        downtime_limit_ms,
+        RunStatus::Completed,
+    );
+    if let Err(e) = run_inner(ctx, w, p, &mut out) {
         out.status = match e {
             BenchError::Deadline(..) => RunStatus::NotConverged(e.to_string()),
             e => RunStatus::Failed(error_chain(&e)),
@@ -175,12 +199,14 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn run_inner(
-    s: &RunSettings,
+    ctx: &RunContext<'_>,
     w: &Workload,
     p: QemuProfile,
     out: &mut RunOutcome,
 ) -> Result<(), BenchError> {
-    let (mut src, mut src_qmp) = start(s, w, "bench-src", false)?;
+    let s = ctx.settings;
+    let limit = out.downtime_limit_ms;
+    let (mut src, mut src_qmp) = start(ctx, w, "bench-src", false)?;
     let src_pid = src.pid();
     run_common::wait_guest_running(
         src_pid,
@@ -189,18 +215,18 @@ fn run_inner(
         Duration::from_secs(1),
         || src.check_running(),
     )?;
-    let before = StaticDigest::of_source(src_pid, w.mem_bytes, w.rate);
-    let (mut dst, mut dst_qmp) = start(s, w, "bench-dst", true)?;
+    let before = StaticDigest::of_source(src_pid, w.mem_bytes, w.rate.dirties());
+    let (mut dst, mut dst_qmp) = start(ctx, w, "bench-dst", true)?;
     let dst_pid = dst.pid();
-    configure(&mut src_qmp, p, w, s, true)?;
-    configure(&mut dst_qmp, p, w, s, false)?;
+    configure(&mut src_qmp, p, w, limit, true)?;
+    configure(&mut dst_qmp, p, w, limit, false)?;
     let port = run_common::free_port()?;
-    let uri = format!("tcp:127.0.0.1:{port}");
+    let uri = format!("tcp:{}:{port}", ctx.dst_host());
     dst_qmp
         .execute("migrate-incoming", json!({ "uri": uri }))
         .map_err(qmp_err("migrate-incoming"))?;
 
-    let base = Baseline::take(src_pid, dst_pid);
+    let base = Baseline::take(ctx, src_pid, dst_pid);
     let t0 = Instant::now();
     let watch = Watch::start(t0, src_pid, dst_pid, w.mem_bytes);
     src_qmp
@@ -208,7 +234,7 @@ fn run_inner(
         .map_err(qmp_err("migrate"))?;
     let deadline = s.deadline_for(w);
     let mut last = Value::Null;
-    let mut lo_end = None;
+    let mut link_end = None;
     let result = loop {
         let info = src_qmp
             .execute("query-migrate", json!({}))
@@ -230,8 +256,8 @@ fn run_inner(
         }
         match status.as_str() {
             "completed" => {
-                out.wall_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
-                lo_end = crate::procfs::loopback_bytes().ok();
+                out.engine_done_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+                link_end = ctx.link_tx_bytes();
                 last = info;
                 break Ok(());
             }
@@ -264,31 +290,20 @@ fn run_inner(
         std::thread::sleep(Duration::from_millis(50));
     };
     if result.is_ok() {
-        // Let the destination run long enough for the watch to see the
-        // heartbeat move.
-        wait_dst_running(&mut dst_qmp);
-        std::thread::sleep(Duration::from_millis(50));
+        // The total time ends when the watch sees the guest run on the
+        // destination.
+        watch.wait_dst_running(Duration::from_secs(10));
     }
     let log = watch.finish();
-    run_common::fill_from_watch(out, &log, &base, lo_end, 0.0);
+    run_common::fill_from_watch(out, &log, &base, link_end, 0.0);
     out.rounds = u64_at(&last, &["ram", "dirty-sync-count"]);
     out.wire_bytes = u64_at(&last, &["ram", "transferred"]);
     out.engine_report = last.clone();
     result?;
-    out.total_ms = u64_at(&last, &["total-time"]).map(|v| v as f64);
+    out.engine_total_ms = u64_at(&last, &["total-time"]).map(|v| v as f64);
     out.downtime_ms = u64_at(&last, &["downtime"]).map(|v| v as f64);
-    run_common::check_alive(out, dst_pid, before.as_ref());
+    dst.check_running()?;
+    drop(dst_qmp);
+    run_common::check_alive(out, dst_pid, &before);
     Ok(())
-}
-
-fn wait_dst_running(q: &mut Qmp) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < end {
-        if let Ok(v) = q.execute("query-status", json!({})) {
-            if v.get("status").and_then(Value::as_str) == Some("running") {
-                return;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }

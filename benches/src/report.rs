@@ -1,16 +1,28 @@
 //! Turning runs into medians, ratios against QEMU's best profile, a
 //! terminal table, JSON lines, and the floor checks of the issue.
+//!
+//! ## Failures are never hidden
+//! - A (workload, profile, limit) whose runs did not all succeed is
+//!   *failed*: its medians (of the runs that did) are still shown, but its
+//!   `ok` cell says `FAILED` and it gets no ratio.
+//! - QEMU's best profile on a workload is the fastest among the QEMU
+//!   profiles that succeeded in *every* run, at the same downtime limit as
+//!   ferry's: a profile that worked once in three is no one's best.
+//! - A floor whose ferry runs failed is missed, not n/a; one with a run
+//!   measured while the machine was busy says so instead of a verdict.
 
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
 use crate::ceiling::Ceiling;
-use crate::matrix::{DirtyLevel, Engine, FerryProfile, Profile, Workload};
-use crate::outcome::{RunOutcome, RunStatus};
+use crate::matrix::{Engine, FerryProfile, Fill, Link, Profile, Workload};
+use crate::outcome::RunOutcome;
 use crate::stats::Spread;
 
-/// All runs of one profile on one workload, summarised.
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// All runs of one profile at one downtime limit on one workload, summarised.
 #[derive(Debug, Clone, Serialize)]
 pub struct Aggregate {
     /// Workload label.
@@ -21,14 +33,23 @@ pub struct Aggregate {
     pub profile: Profile,
     /// Engine.
     pub engine: Engine,
-    /// Runs made.
+    /// The downtime limit the engine was given, ms.
+    pub downtime_limit_ms: u64,
+    /// Runs made (skipped ones included).
     pub runs: usize,
-    /// Runs that completed with the guest alive at the destination.
+    /// Runs that succeeded ([`RunOutcome::succeeded`]).
     pub ok: usize,
-    /// Why the others did not (one entry per distinct reason).
+    /// Runs that were skipped.
+    pub skipped: usize,
+    /// Runs measured while the machine was busy.
+    pub busy: usize,
+    /// Why the others did not succeed (one entry per distinct reason).
     pub problems: Vec<String>,
-    /// Engine's total time, ms.
+    /// Total time on the harness's clock (migrate issued to the guest
+    /// running on the destination), ms.
     pub total_ms: Option<Spread>,
+    /// The engine's own total time, ms.
+    pub engine_total_ms: Option<Spread>,
     /// Engine's downtime, ms.
     pub downtime_ms: Option<Spread>,
     /// Heartbeat gap seen from guest memory, ms.
@@ -44,8 +65,8 @@ pub struct Aggregate {
     pub rounds: Option<Spread>,
     /// Engine's wire bytes, MiB.
     pub wire_mib: Option<Spread>,
-    /// Loopback bytes during the migration, MiB.
-    pub lo_mib: Option<Spread>,
+    /// Bytes the link carried during the migration, MiB.
+    pub link_mib: Option<Spread>,
     /// Source CPU s (guest vCPU included).
     pub src_cpu_s: Option<Spread>,
     /// Source CPU s without the vCPU thread.
@@ -54,110 +75,93 @@ pub struct Aggregate {
     pub dst_cpu_s: Option<Spread>,
     /// Destination CPU s without the vCPU thread.
     pub dst_engine_cpu_s: Option<Spread>,
+    /// Source engine CPU s (no vCPU) per GiB of guest memory moved.
+    pub src_cpu_per_gib: Option<Spread>,
+    /// Destination engine CPU s (no vCPU) per GiB of guest memory moved.
+    pub dst_cpu_per_gib: Option<Spread>,
     /// Pages/s the guest really dirtied on the source during the migration.
     pub guest_dirty_rate: Option<Spread>,
-    /// Guest bytes per second of total time as a fraction of the TCP
-    /// ceiling.
+    /// Guest bytes per second of total time as a fraction of the ceiling
+    /// (the TCP ceiling on loopback, the shaped rate on a shaped link).
     pub ceiling_fraction: Option<Spread>,
     /// Median total time / QEMU's best median total time on this workload.
     pub total_vs_qemu_best: Option<f64>,
-    /// Median downtime / QEMU's lowest median downtime on this workload
-    /// (heartbeat gap when both have one, else the engines' own figures).
+    /// Median heartbeat gap / QEMU's lowest median gap on this workload
+    /// (engines' own downtime figures when a gap is missing).
     pub downtime_vs_qemu_best: Option<f64>,
-    /// Median engine CPU (source + destination, vCPU excluded) / that of
-    /// QEMU's best-total profile.
+    /// Median engine CPU per GiB (source + destination, vCPU excluded) /
+    /// that of QEMU's best-total profile.
     pub cpu_vs_qemu_best: Option<f64>,
 }
 
-/// Median totals per profile for the runs of one workload.
-pub fn aggregate(runs: &[RunOutcome], ceiling_bps: Option<f64>) -> Vec<Aggregate> {
-    let mut keys: Vec<(String, Profile)> = Vec::new();
+impl Aggregate {
+    /// Every run succeeded and at least one ran.
+    pub fn complete(&self) -> bool {
+        self.runs > 0 && self.ok == self.runs
+    }
+
+    /// Some run was made and failed (skipped runs are not failures).
+    pub fn failed(&self) -> bool {
+        self.ok + self.skipped < self.runs
+    }
+
+    /// Engine CPU per GiB, source + destination (medians).
+    pub fn cpu_per_gib(&self) -> Option<f64> {
+        Some(self.src_cpu_per_gib?.median + self.dst_cpu_per_gib?.median)
+    }
+
+    /// `qemu:multifd` at 20 ms, for notes.
+    pub fn name(&self) -> String {
+        format!("{} (limit {} ms)", self.profile, self.downtime_limit_ms)
+    }
+}
+
+/// The limit ferry's runs on a row used (QEMU rows at it are "equal-limit").
+fn ferry_limit(runs: &[RunOutcome], row: &str) -> Option<u64> {
+    runs.iter()
+        .find(|r| r.row == row && r.engine == Engine::Ferry)
+        .map(|r| r.downtime_limit_ms)
+}
+
+/// Medians per (workload, profile, downtime limit), ratios against QEMU's
+/// best complete profile at ferry's limit (or, on a row without ferry, at
+/// `default_limit_ms`). `ceiling_bps` is the loopback TCP ceiling.
+pub fn aggregate(
+    runs: &[RunOutcome],
+    ceiling_bps: Option<f64>,
+    default_limit_ms: u64,
+) -> Vec<Aggregate> {
+    let mut keys: Vec<(String, Profile, u64)> = Vec::new();
     for r in runs {
-        let k = (r.row.clone(), r.profile);
+        let k = (r.row.clone(), r.profile, r.downtime_limit_ms);
         if !keys.contains(&k) {
             keys.push(k);
         }
     }
     let mut out: Vec<Aggregate> = keys
         .into_iter()
-        .map(|(row, profile)| {
+        .map(|(row, profile, limit)| {
             let all: Vec<&RunOutcome> = runs
                 .iter()
-                .filter(|r| r.row == row && r.profile == profile)
+                .filter(|r| r.row == row && r.profile == profile && r.downtime_limit_ms == limit)
                 .collect();
-            let ok: Vec<&RunOutcome> = all.iter().copied().filter(|r| r.succeeded()).collect();
-            let mut problems: Vec<String> = Vec::new();
-            for r in &all {
-                let p = match &r.status {
-                    RunStatus::Completed if !r.succeeded() => {
-                        format!("guest not healthy at the destination: {}", r.alive_detail)
-                    }
-                    RunStatus::Completed => continue,
-                    RunStatus::NotConverged(why) => format!("not converged: {why}"),
-                    RunStatus::Failed(why) => format!("failed: {why}"),
-                    RunStatus::Skipped(why) => format!("skipped: {why}"),
-                };
-                if !problems.contains(&p) {
-                    problems.push(p);
-                }
-            }
-            let f = |get: &dyn Fn(&RunOutcome) -> Option<f64>| {
-                Spread::of(ok.iter().filter_map(|r| get(r)))
-            };
-            let mib = |b: Option<u64>| b.map(|b| b as f64 / (1u64 << 20) as f64);
-            let mem = all[0].workload.mem_bytes as f64;
-            Aggregate {
-                row,
-                workload: all[0].workload,
-                profile,
-                engine: profile.engine(),
-                runs: all.len(),
-                ok: ok.len(),
-                problems,
-                total_ms: f(&|r| r.total_ms),
-                downtime_ms: f(&|r| r.downtime_ms),
-                heartbeat_gap_ms: f(&|r| r.heartbeat_gap_ms),
-                gap_to_switch_ms: f(&|r| r.gap_parts_ms.map(|p| p.0)),
-                gap_after_switch_ms: f(&|r| r.gap_parts_ms.map(|p| p.1)),
-                rounds: f(&|r| r.rounds.map(|x| x as f64)),
-                wire_mib: f(&|r| mib(r.wire_bytes)),
-                lo_mib: f(&|r| mib(r.lo_bytes)),
-                src_cpu_s: f(&|r| r.src_cpu_s),
-                src_engine_cpu_s: f(&|r| r.src_engine_cpu_s),
-                dst_cpu_s: f(&|r| r.dst_cpu_s),
-                dst_engine_cpu_s: f(&|r| r.dst_engine_cpu_s),
-                guest_dirty_rate: f(&|r| r.guest_dirty_rate),
-                ceiling_fraction: ceiling_bps.and_then(|c| {
-                    f(&|r| r.total_ms.filter(|&t| t > 0.0).map(|t| mem / (t / 1e3) / c))
-                }),
-                total_vs_qemu_best: None,
-                downtime_vs_qemu_best: None,
-                cpu_vs_qemu_best: None,
-            }
+            summarise(&all, ceiling_bps)
         })
         .collect();
     let rows: Vec<String> = out.iter().map(|a| a.row.clone()).collect();
     for row in rows {
-        let qemu: Vec<&Aggregate> = out
-            .iter()
-            .filter(|a| a.row == row && a.engine == Engine::Qemu && a.ok > 0)
-            .collect();
-        let best_total = qemu
-            .iter()
-            .filter_map(|a| a.total_ms.map(|s| (s.median, engine_cpu(a))))
-            .min_by(|a, b| a.0.total_cmp(&b.0));
-        let gap_best = qemu
-            .iter()
+        let limit = ferry_limit(runs, &row).unwrap_or(default_limit_ms);
+        let best = qemu_best(&out, &row, limit).map(|b| (b.total_ms, b.cpu_per_gib()));
+        let gap_best = qemu_equal_limit(&out, &row, limit)
             .filter_map(|a| a.heartbeat_gap_ms.map(|s| s.median))
             .min_by(f64::total_cmp);
-        let dt_best = qemu
-            .iter()
+        let dt_best = qemu_equal_limit(&out, &row, limit)
             .filter_map(|a| a.downtime_ms.map(|s| s.median))
             .min_by(f64::total_cmp);
-        for a in out.iter_mut().filter(|a| a.row == row && a.ok > 0) {
-            if let (Some((bt, bcpu)), Some(t)) = (best_total, a.total_ms) {
-                a.total_vs_qemu_best = Some(t.median / bt);
-                a.cpu_vs_qemu_best = match (engine_cpu(a), bcpu) {
+        for a in out.iter_mut().filter(|a| a.row == row && a.complete()) {
+            if let Some((Some(bt), bcpu)) = best {
+                a.total_vs_qemu_best = a.total_ms.map(|t| t.median / bt.median);
+                a.cpu_vs_qemu_best = match (a.cpu_per_gib(), bcpu) {
                     (Some(c), Some(b)) if b > 0.0 => Some(c / b),
                     _ => None,
                 };
@@ -172,8 +176,77 @@ pub fn aggregate(runs: &[RunOutcome], ceiling_bps: Option<f64>) -> Vec<Aggregate
     out
 }
 
-fn engine_cpu(a: &Aggregate) -> Option<f64> {
-    Some(a.src_engine_cpu_s?.median + a.dst_engine_cpu_s?.median)
+fn summarise(all: &[&RunOutcome], ceiling_bps: Option<f64>) -> Aggregate {
+    let first = all[0];
+    let ok: Vec<&RunOutcome> = all.iter().copied().filter(|r| r.succeeded()).collect();
+    let mut problems: Vec<String> = Vec::new();
+    for p in all.iter().filter_map(|r| r.failure()) {
+        if !problems.contains(&p) {
+            problems.push(p);
+        }
+    }
+    let f = |get: &dyn Fn(&RunOutcome) -> Option<f64>| Spread::of(ok.iter().filter_map(|r| get(r)));
+    let mib = |b: Option<u64>| b.map(|b| b as f64 / (1u64 << 20) as f64);
+    let mem = first.workload.mem_bytes as f64;
+    let ceiling = match first.workload.link {
+        Link::Loopback => ceiling_bps,
+        Link::Shaped { .. } => first.workload.link.bytes_per_sec(),
+    };
+    Aggregate {
+        row: first.row.clone(),
+        workload: first.workload,
+        profile: first.profile,
+        engine: first.engine,
+        downtime_limit_ms: first.downtime_limit_ms,
+        runs: all.len(),
+        ok: ok.len(),
+        skipped: all.iter().filter(|r| r.skipped()).count(),
+        busy: all.iter().filter(|r| r.busy).count(),
+        problems,
+        total_ms: f(&|r| r.total_ms),
+        engine_total_ms: f(&|r| r.engine_total_ms),
+        downtime_ms: f(&|r| r.downtime_ms),
+        heartbeat_gap_ms: f(&|r| r.heartbeat_gap_ms),
+        gap_to_switch_ms: f(&|r| r.gap_parts_ms.map(|p| p.0)),
+        gap_after_switch_ms: f(&|r| r.gap_parts_ms.map(|p| p.1)),
+        rounds: f(&|r| r.rounds.map(|x| x as f64)),
+        wire_mib: f(&|r| mib(r.wire_bytes)),
+        link_mib: f(&|r| mib(r.link_bytes)),
+        src_cpu_s: f(&|r| r.src_cpu_s),
+        src_engine_cpu_s: f(&|r| r.src_engine_cpu_s),
+        dst_cpu_s: f(&|r| r.dst_cpu_s),
+        dst_engine_cpu_s: f(&|r| r.dst_engine_cpu_s),
+        src_cpu_per_gib: f(&|r| r.src_engine_cpu_s.map(|c| c / (mem / GIB))),
+        dst_cpu_per_gib: f(&|r| r.dst_engine_cpu_s.map(|c| c / (mem / GIB))),
+        guest_dirty_rate: f(&|r| r.guest_dirty_rate),
+        ceiling_fraction: ceiling
+            .and_then(|c| f(&|r| r.total_ms.filter(|&t| t > 0.0).map(|t| mem / (t / 1e3) / c))),
+        total_vs_qemu_best: None,
+        downtime_vs_qemu_best: None,
+        cpu_vs_qemu_best: None,
+    }
+}
+
+/// QEMU's complete aggregates on `row` at `limit`.
+fn qemu_equal_limit<'a>(
+    aggs: &'a [Aggregate],
+    row: &'a str,
+    limit: u64,
+) -> impl Iterator<Item = &'a Aggregate> + 'a {
+    aggs.iter().filter(move |a| {
+        a.row == row && a.engine == Engine::Qemu && a.downtime_limit_ms == limit && a.complete()
+    })
+}
+
+/// QEMU's best profile on `row` at `limit`: the lowest median total among
+/// those that succeeded in every run.
+pub fn qemu_best<'a>(aggs: &'a [Aggregate], row: &'a str, limit: u64) -> Option<&'a Aggregate> {
+    qemu_equal_limit(aggs, row, limit)
+        .filter(|a| a.total_ms.is_some())
+        .min_by(|a, b| {
+            let t = |x: &Aggregate| x.total_ms.map_or(f64::INFINITY, |s| s.median);
+            t(a).total_cmp(&t(b))
+        })
 }
 
 fn cell(s: Option<Spread>, prec: usize) -> String {
@@ -187,12 +260,15 @@ fn cell(s: Option<Spread>, prec: usize) -> String {
     }
 }
 
-fn ratio(r: Option<f64>) -> String {
+fn ratio(a: &Aggregate, r: Option<f64>) -> String {
+    if a.failed() {
+        return "FAILED".into();
+    }
     r.map_or("-".into(), |r| format!("{r:.2}x"))
 }
 
-/// The terminal table: one line per workload and profile, medians with
-/// [min-max], ratios against QEMU's best profile of the same workload.
+/// The terminal table: one line per workload, profile and limit, medians
+/// with [min-max], ratios against QEMU's best profile of the same workload.
 pub fn table(aggs: &[Aggregate], ceilings: &[Ceiling]) -> String {
     let mut s = String::new();
     for c in ceilings {
@@ -208,17 +284,20 @@ pub fn table(aggs: &[Aggregate], ceilings: &[Ceiling]) -> String {
     let header = [
         "workload",
         "engine:profile",
+        "limit",
         "ok",
         "total ms",
+        "engine ms",
         "downtime ms",
         "hb gap ms",
         "gap parts",
         "rounds",
         "wire MiB",
-        "lo MiB",
+        "link MiB",
         "guest p/s",
         "src cpu s",
         "dst cpu s",
+        "cpu s/GiB",
         "of ceil",
         "total/Qbest",
         "down/Qbest",
@@ -230,11 +309,20 @@ pub fn table(aggs: &[Aggregate], ceilings: &[Ceiling]) -> String {
             (Some(x), Some(e)) => format!("{:.2} ({:.2})", x.median, e.median),
             _ => "-".into(),
         };
+        let mut ok = format!("{}/{}", a.ok, a.runs);
+        if a.failed() {
+            ok += " FAILED";
+        }
+        if a.busy > 0 {
+            ok += &format!(" busy:{}", a.busy);
+        }
         rows.push(vec![
             a.row.clone(),
             a.profile.to_string(),
-            format!("{}/{}", a.ok, a.runs),
+            a.downtime_limit_ms.to_string(),
+            ok,
             cell(a.total_ms, 0),
+            cell(a.engine_total_ms, 0),
             cell(a.downtime_ms, 1),
             cell(a.heartbeat_gap_ms, 1),
             match (a.gap_to_switch_ms, a.gap_after_switch_ms) {
@@ -243,16 +331,20 @@ pub fn table(aggs: &[Aggregate], ceilings: &[Ceiling]) -> String {
             },
             cell(a.rounds, 0),
             cell(a.wire_mib, 0),
-            cell(a.lo_mib, 0),
+            cell(a.link_mib, 0),
             a.guest_dirty_rate
                 .map_or("-".into(), |d| format!("{:.0}", d.median)),
             cpu(a.src_cpu_s, a.src_engine_cpu_s),
             cpu(a.dst_cpu_s, a.dst_engine_cpu_s),
+            match (a.src_cpu_per_gib, a.dst_cpu_per_gib) {
+                (Some(x), Some(y)) => format!("{:.2}+{:.2}", x.median, y.median),
+                _ => "-".into(),
+            },
             a.ceiling_fraction
                 .map_or("-".into(), |c| format!("{:.0}%", c.median * 100.0)),
-            ratio(a.total_vs_qemu_best),
-            ratio(a.downtime_vs_qemu_best),
-            ratio(a.cpu_vs_qemu_best),
+            ratio(a, a.total_vs_qemu_best),
+            ratio(a, a.downtime_vs_qemu_best),
+            ratio(a, a.cpu_vs_qemu_best),
         ]);
     }
     let widths: Vec<usize> = (0..header.len())
@@ -282,16 +374,34 @@ pub fn table(aggs: &[Aggregate], ceilings: &[Ceiling]) -> String {
     }
     for a in aggs.iter().filter(|a| !a.problems.is_empty()) {
         for p in &a.problems {
-            let _ = writeln!(s, "note: {} {}: {p}", a.row, a.profile);
+            let _ = writeln!(s, "note: {} {}: {p}", a.row, a.name());
         }
     }
     let _ = writeln!(
         s,
-        "cpu columns: all CPU of the side's processes during the migration (in parentheses: without the guest's vCPU thread). \
+        "total ms: the harness's clock, from the migrate command to the guest seen running on the destination (both engines); \
+         engine ms: the engine's own figure. limit: the downtime limit the engine was given. \
+         cpu columns: all CPU of the side's processes during the migration (in parentheses: without the guest's vCPU thread); \
+         cpu s/GiB: engine CPU without the vCPU per GiB of guest memory, source+destination. \
          gap parts: medians of the heartbeat gap's two parts, up to the switch value showing on the destination + from there to the first new beat. \
-         x/Qbest: median of this profile / QEMU's best median on the same workload (downtime: heartbeat gap)."
+         x/Qbest: median of this profile / QEMU's best median on the same workload at ferry's downtime limit, among QEMU profiles that succeeded in every run (downtime: heartbeat gap). \
+         FAILED: not every run succeeded (medians are of those that did; no ratios). busy:N: N runs measured while other work used the machine."
     );
     s
+}
+
+/// A floor's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Held.
+    Met,
+    /// Did not hold (or ferry failed).
+    Missed,
+    /// Nothing to compare against (the detail says why).
+    NotApplicable,
+    /// Some run behind it was measured while the machine was busy: no verdict.
+    Busy,
 }
 
 /// One floor of the issue, checked (reported, never asserted).
@@ -301,82 +411,185 @@ pub struct FloorCheck {
     pub floor: String,
     /// Workload.
     pub row: String,
-    /// Met, missed, or `None` when there was nothing to compare.
-    pub met: Option<bool>,
+    /// The verdict.
+    pub verdict: Verdict,
     /// The figures behind it.
     pub detail: String,
 }
 
-/// The issue's floors, against ferry's default profile.
+/// The issue's floors, for ferry's default profile on each row:
+/// - total time <= 1.0x QEMU's best on every uncapped row of incompressible
+///   memory over loopback, <= 0.5x on `fill=mix` rows and shaped-link rows;
+/// - heartbeat gap <= 1/3 of QEMU's lowest at the same downtime limit;
+/// - engine CPU per GiB (source + destination) <= 0.7x QEMU's best profile's;
+/// - on a capped row, ferry converges in every run (QEMU's profiles listed).
 pub fn floors(aggs: &[Aggregate]) -> Vec<FloorCheck> {
     let mut out = Vec::new();
-    let mut rows: Vec<&str> = aggs.iter().map(|a| a.row.as_str()).collect();
-    rows.dedup();
+    let mut rows: Vec<&str> = Vec::new();
+    for a in aggs {
+        if !rows.contains(&a.row.as_str()) {
+            rows.push(&a.row);
+        }
+    }
     for row in rows {
         let of_row: Vec<&Aggregate> = aggs.iter().filter(|a| a.row == row).collect();
-        let ferry = of_row
+        let Some(ferry) = of_row
             .iter()
-            .find(|a| a.profile == Profile::Ferry(FerryProfile::Default));
-        let qemu_ok: Vec<&&Aggregate> = of_row
-            .iter()
-            .filter(|a| a.engine == Engine::Qemu && a.ok > 0)
-            .collect();
-        let Some(ferry) = ferry else { continue };
+            .find(|a| a.profile == Profile::Ferry(FerryProfile::Default))
+        else {
+            continue;
+        };
         let w = ferry.workload;
-        if w.level == DirtyLevel::Idle && w.mem_bytes == 1 << 30 {
-            let best = qemu_ok
+        let limit = ferry.downtime_limit_ms;
+        let busy = of_row.iter().any(|a| a.busy > 0);
+        let best = qemu_best(aggs, row, limit);
+        let ferry_failed = (!ferry.complete()).then(|| {
+            format!(
+                "ferry succeeded in {}/{} runs: {}",
+                ferry.ok,
+                ferry.runs,
+                ferry.problems.join("; ")
+            )
+        });
+        let no_qemu = || {
+            let tried: Vec<String> = of_row
                 .iter()
-                .filter_map(|a| a.total_ms.map(|t| (t.median, a.profile)))
-                .min_by(|a, b| a.0.total_cmp(&b.0));
+                .filter(|a| a.engine == Engine::Qemu && a.downtime_limit_ms == limit)
+                .map(|a| format!("{} {}/{}", a.profile, a.ok, a.runs))
+                .collect();
+            format!(
+                "no QEMU profile at {limit} ms succeeded in every run ({})",
+                if tried.is_empty() {
+                    "none ran".into()
+                } else {
+                    tried.join(", ")
+                }
+            )
+        };
+        let mut push = |floor: String, ratio: Option<f64>, max: f64, detail: String| {
+            let verdict = if ferry_failed.is_some() {
+                Verdict::Missed
+            } else if busy {
+                Verdict::Busy
+            } else {
+                match ratio {
+                    Some(r) if r <= max => Verdict::Met,
+                    Some(_) => Verdict::Missed,
+                    None => Verdict::NotApplicable,
+                }
+            };
+            let detail = match &ferry_failed {
+                Some(f) => format!("{f}; {detail}"),
+                None => detail,
+            };
             out.push(FloorCheck {
-                floor: "idle 1 GiB: ferry total <= 1/3 of QEMU's best".into(),
+                floor,
                 row: row.into(),
-                met: match (ferry.total_ms, best) {
-                    (Some(f), Some((q, _))) => Some(f.median * 3.0 <= q),
-                    _ => None,
-                },
-                detail: format!(
-                    "ferry {} ms, QEMU best {}",
-                    ferry
-                        .total_ms
-                        .map_or("-".into(), |t| format!("{:.0}", t.median)),
-                    best.map_or("-".into(), |(t, p)| format!("{t:.0} ms ({p})"))
-                ),
+                verdict,
+                detail,
             });
-        }
-        if ferry.ok > 0 && !qemu_ok.is_empty() {
-            let pick = |a: &Aggregate| a.heartbeat_gap_ms.or(a.downtime_ms).map(|s| s.median);
-            let best = qemu_ok
+        };
+        let ms = |s: Option<Spread>| s.map_or("-".into(), |s| format!("{:.0} ms", s.median));
+        if w.cap_bytes_per_sec.is_none() {
+            let max = if w.fill != Fill::Random || matches!(w.link, Link::Shaped { .. }) {
+                0.5
+            } else {
+                1.0
+            };
+            let ratio = best.and_then(|b| Some(ferry.total_ms?.median / b.total_ms?.median));
+            let others: Vec<String> = of_row
                 .iter()
-                .filter_map(|a| pick(a).map(|d| (d, a.profile)))
-                .min_by(|a, b| a.0.total_cmp(&b.0));
-            out.push(FloorCheck {
-                floor: "downtime <= 1/10 of QEMU's (heartbeat gap)".into(),
-                row: row.into(),
-                met: match (pick(ferry), best) {
-                    (Some(f), Some((q, _))) => Some(f * 10.0 <= q),
-                    _ => None,
-                },
-                detail: format!(
-                    "ferry {} ms, QEMU lowest {}",
-                    pick(ferry).map_or("-".into(), |d| format!("{d:.1}")),
-                    best.map_or("-".into(), |(d, p)| format!("{d:.1} ms ({p})"))
-                ),
-            });
+                .filter(|a| {
+                    a.engine == Engine::Qemu && a.downtime_limit_ms != limit && a.complete()
+                })
+                .map(|a| format!("{} {}", a.name(), ms(a.total_ms)))
+                .collect();
+            let mut detail = format!(
+                "ferry {}, QEMU best {}",
+                ms(ferry.total_ms),
+                best.map_or_else(no_qemu, |b| format!("{} {}", b.name(), ms(b.total_ms)))
+            );
+            if let Some(r) = ratio {
+                detail += &format!(" = {r:.2}x");
+            }
+            if !others.is_empty() {
+                detail += &format!("; QEMU at other limits: {}", others.join(", "));
+            }
+            push(
+                format!("total time <= {max}x QEMU's best"),
+                ratio,
+                max,
+                detail,
+            );
         }
-        if !qemu_ok.is_empty() {
-            let names: Vec<String> = qemu_ok.iter().map(|a| a.profile.to_string()).collect();
-            out.push(FloorCheck {
-                floor: "ferry converges where any QEMU profile does".into(),
-                row: row.into(),
-                met: Some(ferry.ok > 0),
-                detail: format!(
-                    "ferry {}/{}; QEMU converged with {}",
-                    ferry.ok,
-                    ferry.runs,
-                    names.join(", ")
-                ),
-            });
+        {
+            let lowest = of_row
+                .iter()
+                .filter(|a| {
+                    a.engine == Engine::Qemu && a.downtime_limit_ms == limit && a.complete()
+                })
+                .filter_map(|a| a.heartbeat_gap_ms.map(|g| (g.median, a.name())))
+                .min_by(|a, b| a.0.total_cmp(&b.0));
+            let ratio = lowest
+                .as_ref()
+                .and_then(|(q, _)| Some(ferry.heartbeat_gap_ms?.median / q));
+            let detail = format!(
+                "ferry {}, QEMU lowest {}",
+                ferry
+                    .heartbeat_gap_ms
+                    .map_or("-".into(), |g| format!("{:.1} ms", g.median)),
+                lowest.map_or_else(no_qemu, |(g, n)| format!("{g:.1} ms ({n})"))
+            );
+            push(
+                "guest-seen downtime (heartbeat gap) <= 1/3 of QEMU's lowest at the same limit"
+                    .into(),
+                ratio,
+                1.0 / 3.0,
+                detail,
+            );
+        }
+        {
+            let q = best.and_then(|b| b.cpu_per_gib().map(|c| (c, b.name())));
+            let ratio = q
+                .as_ref()
+                .and_then(|(c, _)| Some(ferry.cpu_per_gib()? / c).filter(|_| *c > 0.0));
+            let detail = format!(
+                "ferry {}, QEMU best profile {}",
+                ferry
+                    .cpu_per_gib()
+                    .map_or("-".into(), |c| format!("{c:.2} s/GiB")),
+                q.map_or_else(no_qemu, |(c, n)| format!("{c:.2} s/GiB ({n})"))
+            );
+            push(
+                "engine CPU per GiB (source + destination, no vCPU) <= 0.7x QEMU's best profile's"
+                    .into(),
+                ratio,
+                0.7,
+                detail,
+            );
+        }
+        if w.cap_bytes_per_sec.is_some() {
+            let converged: Vec<String> = of_row
+                .iter()
+                .filter(|a| a.engine == Engine::Qemu && a.complete())
+                .map(|a| a.name())
+                .collect();
+            let detail = format!(
+                "ferry {}/{}; QEMU converged in every run with: {}",
+                ferry.ok,
+                ferry.runs,
+                if converged.is_empty() {
+                    "none".into()
+                } else {
+                    converged.join(", ")
+                }
+            );
+            push(
+                "capped: ferry converges (in every run)".into(),
+                Some(if ferry.complete() { 0.0 } else { 1.0 }),
+                0.5,
+                detail,
+            );
         }
     }
     out
@@ -386,10 +599,11 @@ pub fn floors(aggs: &[Aggregate]) -> Vec<FloorCheck> {
 pub fn floors_text(f: &[FloorCheck]) -> String {
     let mut s = String::new();
     for c in f {
-        let verdict = match c.met {
-            Some(true) => "met",
-            Some(false) => "MISSED",
-            None => "n/a",
+        let verdict = match c.verdict {
+            Verdict::Met => "met",
+            Verdict::Missed => "MISSED",
+            Verdict::NotApplicable => "n/a",
+            Verdict::Busy => "BUSY: no verdict",
         };
         let _ = writeln!(s, "floor [{verdict}] {} — {}: {}", c.floor, c.row, c.detail);
     }
@@ -399,75 +613,138 @@ pub fn floors_text(f: &[FloorCheck]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::matrix::QemuProfile;
+    use crate::matrix::{DirtyLevel, QemuProfile};
+    use crate::outcome::{RunStatus, StaticCheck};
+
+    const F: Profile = Profile::Ferry(FerryProfile::Default);
+    const Q: Profile = Profile::Qemu(QemuProfile::Default);
+    const QM: Profile = Profile::Qemu(QemuProfile::Multifd);
 
     fn run(profile: Profile, w: Workload, total: f64, gap: f64, status: RunStatus) -> RunOutcome {
-        let mut r = RunOutcome::new(profile, w, 0, status);
+        let mut r = RunOutcome::new(profile, w, 0, 20, status);
         r.total_ms = Some(total);
         r.heartbeat_gap_ms = Some(gap);
         r.guest_alive = Some(true);
+        r.static_memory = StaticCheck::Matched(1 << 20);
+        r.src_engine_cpu_s = Some(0.5);
+        r.dst_engine_cpu_s = Some(0.5);
         r
     }
 
-    #[test]
-    fn ratios_are_against_qemus_best_converged_profile() {
-        let w = Workload::new(1 << 30, DirtyLevel::Idle);
-        let q = Profile::Qemu(QemuProfile::Default);
-        let qm = Profile::Qemu(QemuProfile::Multifd);
-        let f = Profile::Ferry(FerryProfile::Default);
-        let runs = vec![
-            run(q, w, 9000.0, 100.0, RunStatus::Completed),
-            run(qm, w, 6000.0, 200.0, RunStatus::Completed),
-            // A failed run of the default counts in neither medians nor best.
-            run(q, w, 1.0, 1.0, RunStatus::Failed("x".into())),
-            run(f, w, 2000.0, 5.0, RunStatus::Completed),
-            run(f, w, 3000.0, 7.0, RunStatus::Completed),
-        ];
-        let aggs = aggregate(&runs, Some(1e9));
-        let ferry = aggs.iter().find(|a| a.profile == f).unwrap();
-        assert_eq!(ferry.total_ms.unwrap().median, 2500.0);
-        assert_eq!(ferry.total_vs_qemu_best, Some(2500.0 / 6000.0));
-        assert_eq!(ferry.downtime_vs_qemu_best, Some(6.0 / 100.0));
-        let qemu_default = aggs.iter().find(|a| a.profile == q).unwrap();
-        assert_eq!((qemu_default.ok, qemu_default.runs), (1, 2));
-        assert_eq!(qemu_default.problems, vec!["failed: x".to_string()]);
+    fn ok(profile: Profile, w: Workload, total: f64, gap: f64) -> RunOutcome {
+        run(profile, w, total, gap, RunStatus::Completed)
+    }
 
-        let f = floors(&aggs);
-        let total = f
-            .iter()
-            .find(|c| c.floor.starts_with("idle 1 GiB"))
-            .unwrap();
-        assert_eq!(
-            total.met,
-            Some(false),
-            "2500 ms is more than a third of 6000 ms"
-        );
-        let down = f.iter().find(|c| c.floor.starts_with("downtime")).unwrap();
-        assert_eq!(down.met, Some(true), "6 ms is under a tenth of 100 ms");
-        let conv = f
-            .iter()
-            .find(|c| c.floor.starts_with("ferry converges"))
-            .unwrap();
-        assert_eq!(conv.met, Some(true));
+    fn floor<'a>(f: &'a [FloorCheck], prefix: &str) -> &'a FloorCheck {
+        f.iter()
+            .find(|c| c.floor.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no floor {prefix}: {f:?}"))
     }
 
     #[test]
-    fn a_guest_that_died_at_the_destination_is_not_a_success() {
+    fn a_profile_that_failed_once_is_not_qemus_best() {
+        let w = Workload::new(1 << 30, DirtyLevel::Idle);
+        let runs = vec![
+            // The default profile is fastest when it works, but it failed once.
+            ok(Q, w, 500.0, 100.0),
+            run(Q, w, 1.0, 1.0, RunStatus::Failed("x".into())),
+            ok(QM, w, 6000.0, 200.0),
+            ok(QM, w, 6000.0, 200.0),
+            ok(F, w, 2000.0, 5.0),
+            ok(F, w, 3000.0, 7.0),
+        ];
+        let aggs = aggregate(&runs, Some(1e9), 20);
+        let ferry = aggs.iter().find(|a| a.profile == F).unwrap();
+        assert_eq!(ferry.total_ms.unwrap().median, 2500.0);
+        assert_eq!(ferry.total_vs_qemu_best, Some(2500.0 / 6000.0));
+        assert_eq!(ferry.downtime_vs_qemu_best, Some(6.0 / 200.0));
+        let qemu_default = aggs.iter().find(|a| a.profile == Q).unwrap();
+        assert_eq!((qemu_default.ok, qemu_default.runs), (1, 2));
+        assert!(qemu_default.failed());
+        assert_eq!(qemu_default.total_vs_qemu_best, None);
+        assert!(table(&aggs, &[]).contains("1/2 FAILED"));
+
+        let f = floors(&aggs);
+        assert_eq!(floor(&f, "total time <= 1x").verdict, Verdict::Met);
+        assert_eq!(floor(&f, "guest-seen downtime").verdict, Verdict::Met);
+    }
+
+    #[test]
+    fn a_ferry_row_without_one_success_misses_its_floors() {
+        let w = Workload::new(1 << 30, DirtyLevel::Idle);
+        let runs = vec![
+            ok(Q, w, 900.0, 100.0),
+            run(F, w, 1.0, 1.0, RunStatus::NotConverged("deadline".into())),
+        ];
+        let f = floors(&aggregate(&runs, None, 20));
+        for c in &f {
+            assert_eq!(c.verdict, Verdict::Missed, "{c:?}");
+            assert!(c.detail.contains("ferry succeeded in 0/1"), "{c:?}");
+        }
+        assert!(!f.is_empty());
+    }
+
+    #[test]
+    fn a_missing_digest_or_total_is_not_a_success() {
         let w = Workload::new(256 << 20, DirtyLevel::Moderate);
-        let mut r = run(
-            Profile::Ferry(FerryProfile::Default),
-            w,
-            100.0,
-            1.0,
-            RunStatus::Completed,
-        );
-        r.guest_alive = Some(false);
-        r.alive_detail = "heartbeat stuck at 7".into();
-        let aggs = aggregate(&[r], None);
+        let mut r = ok(F, w, 100.0, 1.0);
+        r.static_memory = StaticCheck::NotCompared("no guest status block".into());
+        assert!(r.failure().unwrap().contains("not compared"));
+        let mut r2 = ok(F, w, 100.0, 1.0);
+        r2.total_ms = None;
+        assert!(!r2.succeeded());
+        let mut r3 = ok(F, w, 100.0, 1.0);
+        r3.guest_alive = Some(false);
+        r3.alive_detail = "heartbeat stuck at 7".into();
+        let aggs = aggregate(&[r, r2, r3], None, 20);
         assert_eq!(aggs[0].ok, 0);
-        assert!(aggs[0].problems[0].contains("heartbeat stuck"));
+        assert!(aggs[0]
+            .problems
+            .iter()
+            .any(|p| p.contains("heartbeat stuck")));
         assert!(aggs[0].total_ms.is_none());
         let t = table(&aggs, &[]);
         assert!(t.contains("note: 256M moderate"), "{t}");
+        assert!(t.contains("0/3 FAILED"), "{t}");
+    }
+
+    #[test]
+    fn busy_runs_get_no_verdict_and_other_limits_are_shown_beside() {
+        let w = Workload::new(1 << 30, DirtyLevel::Idle).with_fill(Fill::MIX);
+        let mut q300 = ok(Q, w, 400.0, 150.0);
+        q300.downtime_limit_ms = 300;
+        let mut slow = ok(F, w, 450.0, 3.0);
+        slow.busy = true;
+        let runs = vec![ok(Q, w, 1000.0, 30.0), q300, slow];
+        let aggs = aggregate(&runs, None, 20);
+        // ferry is compared with QEMU at its own 20 ms limit only.
+        let ferry = aggs.iter().find(|a| a.profile == F).unwrap();
+        assert_eq!(ferry.total_vs_qemu_best, Some(0.45));
+        let f = floors(&aggs);
+        let total = floor(&f, "total time <= 0.5x");
+        assert_eq!(total.verdict, Verdict::Busy);
+        assert!(
+            total
+                .detail
+                .contains("QEMU at other limits: qemu:default (limit 300 ms) 400 ms"),
+            "{}",
+            total.detail
+        );
+        assert!(floors_text(&f).contains("BUSY"));
+    }
+
+    #[test]
+    fn capped_rows_check_convergence() {
+        let w = Workload::new(1 << 30, DirtyLevel::Capped);
+        let runs = vec![
+            run(Q, w, 1.0, 1.0, RunStatus::NotConverged("60 s".into())),
+            ok(F, w, 20000.0, 4.0),
+        ];
+        let f = floors(&aggregate(&runs, None, 20));
+        let c = floor(&f, "capped");
+        assert_eq!(c.verdict, Verdict::Met);
+        assert!(c.detail.contains("with: none"), "{}", c.detail);
+        assert!(f.iter().all(|c| !c.floor.starts_with("total time")));
+        assert_eq!(floor(&f, "guest-seen").verdict, Verdict::NotApplicable);
     }
 }

@@ -9,9 +9,46 @@ use ferry_vm::GuestPhase;
 use crate::alive;
 use crate::error::BenchError;
 use crate::guest_probe::{GuestProbe, StaticDigest};
-use crate::outcome::RunOutcome;
+use crate::machine::CpuMark;
+use crate::outcome::{RunOutcome, StaticCheck};
 use crate::procfs;
+use crate::settings::RunSettings;
+use crate::shaped_link::ShapedLink;
 use crate::watch::{CpuMeter, CpuSample, WatchLog};
+
+/// Where a run happens: the session's settings and, for a shaped-link
+/// row, the link the destinations sit behind.
+#[derive(Debug, Clone, Copy)]
+pub struct RunContext<'a> {
+    /// The session's settings.
+    pub settings: &'a RunSettings,
+    /// The shaped link, `None` on loopback.
+    pub link: Option<&'a ShapedLink>,
+}
+
+impl RunContext<'_> {
+    /// The address destinations listen on and sources connect to.
+    pub fn dst_host(&self) -> String {
+        self.link
+            .map_or_else(|| "127.0.0.1".into(), |l| l.dst_ip().to_string())
+    }
+
+    /// Makes a destination process run behind the link (no-op on loopback).
+    pub fn enter_dst(&self, cmd: &mut std::process::Command) {
+        if let Some(l) = self.link {
+            l.enter(cmd);
+        }
+    }
+
+    /// Bytes sent over the link so far (loopback: `lo`; shaped: the host
+    /// end of the veth pair).
+    pub fn link_tx_bytes(&self) -> Option<u64> {
+        match self.link {
+            None => procfs::loopback_bytes().ok(),
+            Some(l) => procfs::interface_tx_bytes(l.host_if()).ok(),
+        }
+    }
+}
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> Result<u16, BenchError> {
@@ -72,31 +109,39 @@ pub struct Baseline {
     pub src: CpuSample,
     /// Destination CPU.
     pub dst: CpuSample,
-    /// Loopback tx bytes.
-    pub lo: u64,
+    /// Link tx bytes.
+    pub link: Option<u64>,
+    /// The machine's busy time and ours, for others' share.
+    pub mark: Option<CpuMark>,
 }
 
 impl Baseline {
-    /// Takes the counters of `src` and `dst`.
-    pub fn take(src: u32, dst: u32) -> Self {
+    /// Takes the counters of `src` and `dst` and of the link.
+    pub fn take(ctx: &RunContext<'_>, src: u32, dst: u32) -> Self {
+        let src = CpuMeter::new(src).sample().unwrap_or_default();
+        let dst = CpuMeter::new(dst).sample().unwrap_or_default();
         Self {
-            src: CpuMeter::new(src).sample().unwrap_or_default(),
-            dst: CpuMeter::new(dst).sample().unwrap_or_default(),
-            lo: procfs::loopback_bytes().unwrap_or(0),
+            src,
+            dst,
+            link: ctx.link_tx_bytes(),
+            mark: CpuMark::take(src.process + dst.process),
         }
     }
 }
 
-/// Fills the measured-from-outside fields of `out` (heartbeat gap, CPU,
-/// loopback bytes). `extra_src_cpu` adds the CPU of
-/// helper processes on the source side (ferry's `migrate` client).
+/// Fills the measured-from-outside fields of `out`: total time (migrate
+/// issued to the guest running on the destination, from the watch),
+/// heartbeat gap, CPU, link bytes, others' CPU. `link_end` is the link's
+/// tx bytes when the engine said it was done; `extra_src_cpu` adds the CPU
+/// of helper processes on the source side (ferry's `migrate` client).
 pub fn fill_from_watch(
     out: &mut RunOutcome,
     log: &WatchLog,
     base: &Baseline,
-    lo_end: Option<u64>,
+    link_end: Option<u64>,
     extra_src_cpu: f64,
 ) {
+    out.total_ms = log.dst_running_ms();
     out.heartbeat_gap_ms = log.heartbeat_gap_ms();
     out.guest_dirty_rate = log.src_dirty_rate();
     out.gap_parts_ms = log.gap_parts_ms();
@@ -116,37 +161,52 @@ pub fn fill_from_watch(
         out.dst_cpu_s = Some(total);
         out.dst_engine_cpu_s = Some(total - (d.vcpu - base.dst.vcpu));
     }
-    out.lo_bytes = lo_end.map(|e| e.saturating_sub(base.lo));
+    out.link_bytes = link_end.zip(base.link).map(|(e, b)| e.saturating_sub(b));
+    let ours = log.src_cpu.map_or(base.src.process, |s| s.process)
+        + log.dst_cpu.map_or(base.dst.process, |d| d.process)
+        + extra_src_cpu;
+    out.others_cpus = base
+        .mark
+        .zip(CpuMark::take(ours))
+        .and_then(|(a, b)| a.others_until(&b));
 }
 
 /// Runs the liveness check on the destination and records it, with the
-/// static-memory comparison against `before` (taken on the source).
-pub fn check_alive(out: &mut RunOutcome, dst_pid: u32, before: Option<&StaticDigest>) {
+/// static-memory comparison against `before` (taken on the source; an
+/// `Err` there is recorded as not compared, which fails the run).
+pub fn check_alive(
+    out: &mut RunOutcome,
+    dst_pid: u32,
+    before: &Result<Option<StaticDigest>, String>,
+) {
     let l = alive::check(
         dst_pid,
         out.workload.mem_bytes,
         out.switch_heartbeat,
-        out.workload.rate > 0,
+        out.workload.rate.dirties(),
         Duration::from_millis(500),
     );
     out.guest_alive = Some(l.alive);
     out.verify_errors = l.verify_errors;
     out.alive_detail = l.detail;
-    if let Some(b) = before {
-        out.static_bytes = Some(b.range.1 - b.range.0);
-        match b.matches_destination(dst_pid, out.workload.mem_bytes) {
-            Ok(m) => {
-                out.static_memory_match = Some(m);
-                if !m {
+    out.static_memory = match before {
+        Err(e) => StaticCheck::NotCompared(format!("on the source: {e}")),
+        Ok(None) => StaticCheck::NoStaticRange,
+        Ok(Some(b)) => {
+            let bytes = b.range.1 - b.range.0;
+            match b.matches_destination(dst_pid, out.workload.mem_bytes) {
+                Ok(true) => StaticCheck::Matched(bytes),
+                Ok(false) => {
                     out.alive_detail += &format!(
                         "; static memory {:#x}..{:#x} differs from the source's",
                         b.range.0, b.range.1
                     );
+                    StaticCheck::Differs(bytes)
                 }
+                Err(e) => StaticCheck::NotCompared(format!("on the destination: {e}")),
             }
-            Err(e) => out.alive_detail += &format!("; static memory not compared: {e}"),
         }
-    }
+    };
 }
 
 /// An engine process under a kill-on-drop guard, with its log file.

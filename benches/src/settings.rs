@@ -12,7 +12,8 @@ pub struct RunSettings {
     pub custom_kernel: bool,
     /// Host TSC kHz, for the guest's pacing.
     pub tsc_khz: u32,
-    /// Downtime limit both engines get, ms.
+    /// ferry's downtime limit, ms (QEMU's are the session's
+    /// `qemu_downtime_limits_ms`, by default the same).
     pub max_downtime_ms: u64,
     /// Per-row deadline override (default: [`crate::matrix::Workload::default_deadline_secs`]).
     pub deadline: Option<Duration>,
@@ -24,6 +25,16 @@ pub struct RunSettings {
     pub workdir: PathBuf,
     /// Print progress to stderr.
     pub verbose: bool,
+    /// A run counts as busy when other work used more CPUs than this
+    /// before or during it ([`crate::machine`]).
+    pub busy_cpus: f64,
+    /// How long to wait before each run for the machine to be quiet.
+    pub quiet_wait: Duration,
+}
+
+impl RunSettings {
+    /// Default [`RunSettings::busy_cpus`]: a quarter of a CPU.
+    pub const BUSY_CPUS: f64 = 0.25;
 }
 
 impl RunSettings {

@@ -93,6 +93,17 @@ pub struct WatchLog {
 }
 
 impl WatchLog {
+    /// When the guest was first seen running on the destination (its
+    /// heartbeat past the value it had when the source stopped), ms since
+    /// t0: the end of the total time, the same for both engines.
+    pub fn dst_running_ms(&self) -> Option<f64> {
+        let (_, h) = self.src_last_change?;
+        self.dst_changes
+            .iter()
+            .find(|&&(_, v)| v > h)
+            .map(|&(t, _)| t)
+    }
+
     /// The heartbeat gap in ms (see the module docs), when both ends were
     /// seen.
     pub fn heartbeat_gap_ms(&self) -> Option<f64> {
@@ -143,6 +154,7 @@ impl WatchLog {
 #[derive(Debug)]
 pub struct Watch {
     stop: Arc<AtomicBool>,
+    dst_running: Arc<AtomicBool>,
     handle: Option<JoinHandle<WatchLog>>,
 }
 
@@ -152,12 +164,30 @@ impl Watch {
     /// `t0`.
     pub fn start(t0: Instant, src: u32, dst: u32, mem_bytes: u64) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let dst_running = Arc::new(AtomicBool::new(false));
+        let (flag, running) = (stop.clone(), dst_running.clone());
         let handle = thread::Builder::new()
             .name("bench-watch".into())
-            .spawn(move || watch_loop(t0, src, dst, mem_bytes, &flag))
+            .spawn(move || watch_loop(t0, src, dst, mem_bytes, &flag, &running))
             .ok();
-        Self { stop, handle }
+        Self {
+            stop,
+            dst_running,
+            handle,
+        }
+    }
+
+    /// Waits (at most `timeout`) until the guest has been seen running on
+    /// the destination; `false` when it was not.
+    pub fn wait_dst_running(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while !self.dst_running.load(Ordering::Relaxed) {
+            if Instant::now() > end || self.handle.is_none() {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        true
     }
 
     /// Stops the watch and returns what it saw.
@@ -183,7 +213,14 @@ fn ms_since(t0: Instant) -> f64 {
     t0.elapsed().as_secs_f64() * 1e3
 }
 
-fn watch_loop(t0: Instant, src: u32, dst: u32, mem_bytes: u64, stop: &AtomicBool) -> WatchLog {
+fn watch_loop(
+    t0: Instant,
+    src: u32,
+    dst: u32,
+    mem_bytes: u64,
+    stop: &AtomicBool,
+    dst_running: &AtomicBool,
+) -> WatchLog {
     let mut log = WatchLog::default();
     let mut src_probe = GuestProbe::find(src, mem_bytes).ok().flatten();
     let mut dst_probe: Option<GuestProbe> = None;
@@ -217,6 +254,14 @@ fn watch_loop(t0: Instant, src: u32, dst: u32, mem_bytes: u64, stop: &AtomicBool
                     if st.magic_ok && log.dst_changes.last().map(|&(_, h)| h) != Some(st.heartbeat)
                     {
                         log.dst_changes.push((ms_since(t0), st.heartbeat));
+                        // A hint to stop waiting; the figures are computed
+                        // from the whole log afterwards.
+                        if log
+                            .src_last_change
+                            .is_some_and(|(_, h)| st.heartbeat > h + 1)
+                        {
+                            dst_running.store(true, Ordering::Relaxed);
+                        }
                     }
                     log.dst_last = Some(st);
                 }
@@ -266,6 +311,7 @@ mod tests {
             ..WatchLog::default()
         };
         assert_eq!(log.heartbeat_gap_ms(), Some(35.0));
+        assert_eq!(log.dst_running_ms(), Some(135.0));
         assert_eq!(log.gap_parts_ms(), Some((10.0, 25.0)));
         assert_eq!(log.switch_heartbeat(), Some(50));
     }
@@ -278,5 +324,6 @@ mod tests {
             ..WatchLog::default()
         };
         assert_eq!(log.heartbeat_gap_ms(), None);
+        assert_eq!(log.dst_running_ms(), None);
     }
 }

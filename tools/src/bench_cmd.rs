@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use ferry_benches::compare::{self, CompareConfig};
-use ferry_benches::matrix::{DirtyLevel, FerryProfile, Profile, QemuProfile};
+use ferry_benches::matrix::{
+    DirtyLevel, DstMemory, FerryProfile, Fill, Link, Profile, QemuProfile,
+};
 use ferry_benches::settings::RunSettings;
 
 /// `ferry bench ...`
@@ -31,9 +33,35 @@ pub struct CompareArgs {
     #[arg(long, default_value = "1G,2G", value_delimiter = ',')]
     pub mem: Vec<String>,
     /// Dirty levels: idle (filled, no writes), moderate (256M at 5000
-    /// pages/s), heavy (256M at 30000 pages/s over a 48 MiB/s cap).
-    #[arg(long, default_value = "idle,moderate,heavy", value_delimiter = ',')]
+    /// pages/s), heavy (all memory, unpaced writes, uncapped), capped (256M,
+    /// unpaced writes, over a 48 MiB/s cap).
+    #[arg(
+        long,
+        default_value = "idle,moderate,heavy,capped",
+        value_delimiter = ','
+    )]
     pub levels: Vec<String>,
+    /// Guest memory contents: `random` (incompressible, never zero) and/or
+    /// `mix` (zero, text-like and incompressible pages, vm/guest/GUEST.md).
+    #[arg(long, default_value = "random", value_delimiter = ',')]
+    pub fill: Vec<String>,
+    /// With `--fill mix`: percent of zero pages.
+    #[arg(long, default_value_t = 40)]
+    pub mix_zero: u8,
+    /// With `--fill mix`: percent of text-like pages (the rest incompressible).
+    #[arg(long, default_value_t = 30)]
+    pub mix_text: u8,
+    /// Links: `loopback`, and shaped links such as `10gbit`, `1gbit`,
+    /// `500mbit` (the destinations in a network namespace of their own
+    /// behind a veth pair shaped with tc; needs root).
+    #[arg(long, default_value = "loopback", value_delimiter = ',')]
+    pub links: Vec<String>,
+    /// How both engines' destinations get their memory: `prepared`
+    /// (populated before the migration: ferry `vm receive --mem`, QEMU
+    /// `-mem-prealloc`) and/or `on-demand` (during the migration, in the
+    /// timed part, for both).
+    #[arg(long, default_value = "prepared,on-demand", value_delimiter = ',')]
+    pub dst_memory: Vec<String>,
     /// QEMU profiles (default, multifd, multifd-zstd, xbzrle, auto-converge); `none` for none.
     #[arg(
         long,
@@ -59,9 +87,23 @@ pub struct CompareArgs {
     /// built-in workload guest.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
-    /// Downtime limit for both engines, ms.
+    /// ferry's downtime limit, ms (and QEMU's unless
+    /// --qemu-max-downtime-ms says otherwise).
     #[arg(long, default_value_t = 20)]
     pub max_downtime_ms: u64,
+    /// QEMU's downtime limits, ms, comma-separated: each QEMU profile runs
+    /// at each (e.g. `20,300` to show QEMU's own 300 ms default beside the
+    /// equal-limit rows). Ratios and floors use QEMU at ferry's limit.
+    #[arg(long, value_delimiter = ',')]
+    pub qemu_max_downtime_ms: Vec<u64>,
+    /// A run counts as busy when other work used more than this many CPUs
+    /// before or during it; busy rows' floors get no verdict.
+    #[arg(long, default_value_t = RunSettings::BUSY_CPUS)]
+    pub busy_cpus: f64,
+    /// Before each run, wait up to this long for the machine to be quiet
+    /// (default 60 s; 0 with --quick, the CI row, which only reports).
+    #[arg(long)]
+    pub quiet_wait_s: Option<u64>,
     /// Per-row migration deadline, s (default: 20 s + 2.5 passes at the cap
     /// or at 200 MB/s).
     #[arg(long)]
@@ -135,6 +177,8 @@ fn settings(a: &CompareArgs) -> anyhow::Result<RunSettings> {
         qemu_bin: a.qemu.clone(),
         workdir,
         verbose: true,
+        busy_cpus: a.busy_cpus,
+        quiet_wait: Duration::from_secs(a.quiet_wait_s.unwrap_or(if a.quick { 0 } else { 60 })),
     })
 }
 
@@ -146,12 +190,17 @@ fn config(a: &CompareArgs) -> anyhow::Result<CompareConfig> {
         } else {
             CompareConfig {
                 mems: parse_list(&a.mem, "mem", |m| ferry_vm::parse_size(m, 1 << 20))?,
-                levels: parse_list(&a.levels, "levels", |l| match l {
-                    "idle" => Some(DirtyLevel::Idle),
-                    "moderate" => Some(DirtyLevel::Moderate),
-                    "heavy" => Some(DirtyLevel::Heavy),
+                levels: parse_list(&a.levels, "levels", DirtyLevel::parse)?,
+                fills: parse_list(&a.fill, "fill", |f| match f {
+                    "random" => Some(Fill::Random),
+                    "mix" => Some(Fill::Mix {
+                        zero_pct: a.mix_zero,
+                        text_pct: a.mix_text,
+                    }),
                     _ => None,
                 })?,
+                links: parse_list(&a.links, "links", Link::parse)?,
+                dst_memories: parse_list(&a.dst_memory, "dst-memory", DstMemory::parse)?,
                 qemu_profiles: parse_list(&a.qemu_profiles, "qemu-profiles", |p| {
                     match Profile::parse(&format!("qemu:{p}")) {
                         Some(Profile::Qemu(q)) => Some(q),
@@ -164,6 +213,11 @@ fn config(a: &CompareArgs) -> anyhow::Result<CompareConfig> {
                         _ => None::<FerryProfile>,
                     }
                 })?,
+                qemu_downtime_limits_ms: if a.qemu_max_downtime_ms.is_empty() {
+                    vec![a.max_downtime_ms]
+                } else {
+                    a.qemu_max_downtime_ms.clone()
+                },
                 repeat: a.repeat.max(1),
                 ceiling_bytes: 2 << 30,
                 json_out: None,
@@ -179,6 +233,26 @@ fn config(a: &CompareArgs) -> anyhow::Result<CompareConfig> {
     if cfg.mems.iter().any(|&m| m < 64 << 20) {
         bail!("--mem: guests need at least 64 MiB");
     }
+    if u16::from(a.mix_zero) + u16::from(a.mix_text) > 100 {
+        bail!(
+            "--mix-zero {} and --mix-text {} add up to more than 100 %",
+            a.mix_zero,
+            a.mix_text
+        );
+    }
+    if a.busy_cpus.is_nan() || a.busy_cpus < 0.0 {
+        bail!("--busy-cpus: want a number of CPUs >= 0");
+    }
+    for (what, empty) in [
+        ("--levels", cfg.levels.is_empty()),
+        ("--fill", cfg.fills.is_empty()),
+        ("--links", cfg.links.is_empty()),
+        ("--dst-memory", cfg.dst_memories.is_empty()),
+    ] {
+        if empty && !a.quick {
+            bail!("{what}: give at least one");
+        }
+    }
     cfg.json_out = a.json_out.clone();
     cfg.plot_out = Some(a.plot.clone());
     Ok(cfg)
@@ -191,11 +265,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let cfg = config(&a)?;
             let workdir = cfg.settings.workdir.clone();
             eprintln!(
-                "ferry bench compare: {} workload(s) x {} QEMU + {} ferry profile(s) x {} run(s)",
+                "ferry bench compare: {} workload(s) x ({} QEMU profile(s) x {} limit(s) + {} ferry profile(s)) x {} repeat(s) = {} runs",
                 cfg.workloads().len(),
                 cfg.qemu_profiles.len(),
+                cfg.qemu_downtime_limits_ms.len(),
                 cfg.ferry_profiles.len(),
-                cfg.repeat
+                cfg.repeat,
+                cfg.workloads().len() * cfg.runs_per_workload()
             );
             let result = compare::run(&cfg, |r| eprintln!("{}", compare::run_line(r)));
             let _ = std::fs::remove_dir_all(&workdir);

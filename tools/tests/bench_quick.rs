@@ -99,6 +99,14 @@ fn quick_compare_measures_both_engines() {
     assert!(stdout.contains("qemu:default"), "no QEMU row:\n{stdout}");
     assert!(stdout.contains("ferry:default"), "no ferry row:\n{stdout}");
     assert!(stdout.contains("TCP ceiling"), "no TCP ceiling:\n{stdout}");
+    assert!(
+        stdout.contains("at start: THP "),
+        "no machine state:\n{stdout}"
+    );
+    assert!(
+        stderr.contains("others' CPUs"),
+        "no machine state per run:\n{stderr}"
+    );
 
     // One JSON run per engine, each migrated with the guest alive after.
     let runs = runs_of(&jsonl);
@@ -111,6 +119,14 @@ fn quick_compare_measures_both_engines() {
         assert_eq!(r["guest_alive"], true, "{engine}: {}", r["alive_detail"]);
         assert_eq!(r["verify_errors"], 0, "{engine}: {r}");
         assert!(r["total_ms"].as_f64().unwrap() > 0.0, "{engine}: {r}");
+        // The harness's clock runs from the migrate command to the guest
+        // running on the destination; the engine's own figure is kept beside.
+        assert!(
+            r["engine_total_ms"].as_f64().unwrap() > 0.0,
+            "{engine}: {r}"
+        );
+        assert_eq!(r["static_memory"]["result"], "matched", "{engine}: {r}");
+        assert!(r["machine"]["thp_enabled"].is_string(), "{engine}: {r}");
         assert!(r["rounds"].as_u64().unwrap() >= 1, "{engine}: {r}");
         assert!(
             r["heartbeat_gap_ms"].as_f64().is_some(),
@@ -190,5 +206,8 @@ fn missing_qemu_and_a_bad_image_are_reported_per_row() {
         .expect("a ferry row");
     assert_eq!(ferry["status"], "failed", "{ferry}");
     assert!(!ferry["reason"].as_str().unwrap().is_empty());
-    assert!(stdout.contains("ferry:default: failed:"), "{stdout}");
+    assert!(
+        stdout.contains("ferry:default (limit 20 ms): failed:"),
+        "{stdout}"
+    );
 }
