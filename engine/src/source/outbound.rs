@@ -177,9 +177,13 @@ pub(crate) struct Outbound {
     stall: Duration,
     /// What the writers measured.
     meter: Arc<LinkMeter>,
-    /// The bandwidth cap, bytes/s.
-    cap: Option<f64>,
+    /// The session's bandwidth cap (its rate may change while it runs).
+    bucket: Option<Arc<TokenBucket>>,
 }
+
+/// A bucket rate at or above this (1 TB/s) is no cap: it is what a session
+/// that may be capped later starts with.
+const UNCAPPED_FROM: f64 = 1e12;
 
 impl Outbound {
     /// Start one writer thread per lane. Sent batch buffers go back to
@@ -206,7 +210,7 @@ impl Outbound {
             aborting: Arc::new(AtomicBool::new(false)),
             stall,
             meter: Arc::default(),
-            cap: bucket.as_ref().map(|b| b.rate()),
+            bucket: bucket.clone(),
         };
         for (i, lane) in lanes.into_iter().enumerate() {
             let (tx, rx) = crossbeam_channel::bounded::<Outgoing>(QUEUE_DEPTH);
@@ -250,9 +254,12 @@ impl Outbound {
         self.queues.len()
     }
 
-    /// The bandwidth cap all lanes share, bytes/s, if any.
+    /// The bandwidth cap all lanes share now, bytes/s, if any.
     pub(crate) fn cap(&self) -> Option<f64> {
-        self.cap
+        self.bucket
+            .as_ref()
+            .map(|b| b.rate())
+            .filter(|&r| r < UNCAPPED_FROM)
     }
 
     /// What the writers measured of the link.

@@ -25,7 +25,7 @@ use crate::error::MigrationError;
 use crate::vm::GuestMemoryMmap;
 use crate::wire;
 
-use super::outbound::{LinkMeter, Outbound, PAGE_BATCH_FLAGS};
+use super::outbound::{Outbound, PAGE_BATCH_FLAGS};
 
 /// How often the encoding choice is revisited while pages flow: round 0
 /// of a large guest is most of a migration, so one choice per round would
@@ -111,7 +111,7 @@ impl EncodingSelector {
         base_ns: u64,
         costs: &CodecCosts,
         delta_allowed: bool,
-        meter: &LinkMeter,
+        out: &Outbound,
     ) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.window.pages += pages;
@@ -146,13 +146,17 @@ impl EncodingSelector {
                 );
             }
         }
-        let (bytes, busy) = meter.totals();
+        let (bytes, busy) = out.meter().totals();
         let (bytes0, busy0) = s.link_mark;
         let busy_delta = busy.saturating_sub(busy0);
         if busy_delta >= MIN_LINK_BUSY && bytes > bytes0 {
             let rate = (bytes - bytes0) as f64 / busy_delta.as_secs_f64();
             inputs.link_bytes_per_sec = blend(inputs.link_bytes_per_sec, rate);
             s.link_mark = (bytes, busy);
+        }
+        // A cap set (or lowered) while pages flow counts at once.
+        if let Some(cap) = out.cap() {
+            inputs.link_bytes_per_sec = inputs.link_bytes_per_sec.min(cap);
         }
         let decision = choose_encoding(&inputs, s.decision.choice);
         if decision.choice != s.decision.choice {
@@ -361,7 +365,7 @@ fn encode_chunk(
         .unwrap_or(u64::MAX)
         .saturating_sub(costs.codec_ns);
     ctx.selector
-        .record(pages, base_ns, &costs, delta.is_some(), ctx.out.meter());
+        .record(pages, base_ns, &costs, delta.is_some(), ctx.out);
     Ok(out
         .send(WorkerOutput::ChunkDone {
             pages,
