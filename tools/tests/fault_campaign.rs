@@ -269,3 +269,56 @@ fn run_trial(trial: &Trial) -> (Home, Duration) {
     drop(proxy);
     (home, settle)
 }
+
+/// `--max-downtime-ms 1` on a dirtying guest: the command succeeds only
+/// with the pause within the limit; otherwise it fails (the deadline gave
+/// up with the guest on the source, or the pause went over and it says by
+/// how much), and with `--on-deadline force` it completes and reports the
+/// excess.
+#[test]
+fn a_one_ms_limit_is_met_or_the_migration_ends_as_on_deadline_says() {
+    if !kvm_or_skip("a_one_ms_limit_is_met_or_the_migration_ends_as_on_deadline_says") {
+        return;
+    }
+    let p = Pair::start("64M", "20000");
+    let out = p.migrate(&["--max-downtime-ms", "1", "--deadline-s", "4"]);
+    let last = common::last_json_line(&out);
+    if out.status.success() {
+        let s = &last["summary"];
+        assert!(
+            s["downtime_ms"].as_f64().unwrap() <= 1.0 && s["over_limit_ms"] == 0.0,
+            "exit 0 with a pause over the limit: {s}"
+        );
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("deadline") || stderr.contains("over the"),
+            "the failure names the limit or the deadline: {stderr}"
+        );
+        if last["event"] == "failed" {
+            common::assert_runs_on_source(&p);
+        }
+    }
+    // Forced: it completes, and an excess is reported, not hidden.
+    let p = Pair::start("64M", "20000");
+    let out = p.migrate(&[
+        "--max-downtime-ms",
+        "1",
+        "--deadline-s",
+        "2",
+        "--on-deadline",
+        "force",
+    ]);
+    assert!(
+        out.status.success(),
+        "forced: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = &common::last_json_line(&out)["summary"];
+    let over = s["over_limit_ms"].as_f64().unwrap();
+    let downtime = s["downtime_ms"].as_f64().unwrap();
+    assert!(
+        (over - (downtime - 1.0).max(0.0)).abs() < 1e-6,
+        "the excess is the downtime past the limit: {s}"
+    );
+}
