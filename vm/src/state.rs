@@ -258,3 +258,91 @@ impl From<&Fpu> for kvm_fpu {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+    use kvm_ioctls::{Kvm, VmFd};
+    use proptest::prelude::*;
+
+    /// A fresh VM with one vCPU ready for long mode state (CPUID set).
+    fn fresh_vcpu(kvm: &Kvm) -> (VmFd, VcpuFd) {
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .expect("KVM_GET_SUPPORTED_CPUID");
+        vcpu.set_cpuid2(&cpuid).expect("KVM_SET_CPUID2");
+        (vm, vcpu)
+    }
+
+    /// Canonical 48-bit addresses, as LSTAR and friends must hold.
+    fn canonical() -> impl Strategy<Value = u64> {
+        (0u64..(1 << 47), any::<bool>())
+            .prop_map(|(a, high)| if high { a | !((1 << 47) - 1) } else { a })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Random registers and MSRs saved from one vCPU, carried as a
+        /// `vcpu` section and restored into a vCPU of another VM read back
+        /// the same.
+        #[test]
+        fn vcpu_state_round_trips_through_a_section_into_another_vm(
+            gprs in prop::array::uniform16(any::<u64>()),
+            flags in any::<u64>(),
+            sysenter in (any::<u16>(), canonical(), canonical()),
+            syscall in (any::<u64>(), canonical(), canonical(), any::<u32>()),
+            kernel_gs in canonical(),
+            tsc_aux in any::<u32>(),
+        ) {
+            if !crate::testing::kvm_or_skip("vcpu_state_round_trips") {
+                return Ok(());
+            }
+            let kvm = Kvm::new().expect("open /dev/kvm");
+            let msr_ids = supported_msrs(&kvm);
+            let (_vm_a, a) = fresh_vcpu(&kvm);
+            let mut state = VcpuState::save(&a, &msr_ids).expect("save a fresh vCPU");
+            let r = &mut state.regs;
+            [r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp,
+             r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15] = gprs;
+            r.rip = gprs[0] & 0xFFFF_FFFF;
+            // Arithmetic flags, DF; bit 1 is always set.
+            r.rflags = 0x2 | (flags & 0xCD5);
+            let set = |msrs: &mut Vec<(u32, u64)>, index: u32, value: u64| {
+                if let Some(m) = msrs.iter_mut().find(|m| m.0 == index) {
+                    m.1 = value;
+                }
+            };
+            set(&mut state.msrs, 0x174, u64::from(sysenter.0));
+            set(&mut state.msrs, 0x175, sysenter.1);
+            set(&mut state.msrs, 0x176, sysenter.2);
+            set(&mut state.msrs, 0xC000_0081, syscall.0 & 0xFFFF_FFFF_0000_0000);
+            set(&mut state.msrs, 0xC000_0082, syscall.1);
+            set(&mut state.msrs, 0xC000_0083, syscall.2);
+            set(&mut state.msrs, 0xC000_0084, u64::from(syscall.3));
+            set(&mut state.msrs, 0xC000_0102, kernel_gs);
+            set(&mut state.msrs, 0xC000_0103, u64::from(tsc_aux));
+
+            let section = state.to_section(0);
+            let carried = VcpuState::from_section(&section).expect("parse the section");
+            let (_vm_b, b) = fresh_vcpu(&kvm);
+            carried.restore(&b).expect("restore into another VM");
+            let back = VcpuState::save(&b, &msr_ids).expect("save it again");
+
+            prop_assert_eq!(back.regs, state.regs);
+            prop_assert_eq!(back.sregs, state.sregs);
+            // The TSC runs on between restore and save: every other MSR is exact.
+            let without_tsc = |m: &[(u32, u64)]| -> Vec<(u32, u64)> {
+                m.iter().copied().filter(|&(i, _)| i != 0x10).collect()
+            };
+            prop_assert_eq!(without_tsc(&back.msrs), without_tsc(&state.msrs));
+            prop_assert_eq!(
+                serde_json::to_value(&back.fpu).unwrap(),
+                serde_json::to_value(&state.fpu).unwrap()
+            );
+        }
+    }
+}
