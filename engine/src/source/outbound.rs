@@ -488,3 +488,28 @@ fn drain_queue(
     }
     writer.flush()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_link_meter_counts_overlapping_writes_once_and_idle_time_never() {
+        let meter = LinkMeter::default();
+        let t0 = Instant::now();
+        meter.begin();
+        meter.begin();
+        std::thread::sleep(Duration::from_millis(20));
+        meter.end(1000);
+        meter.end(3000);
+        let wall = t0.elapsed();
+        let (bytes, busy) = meter.totals();
+        assert_eq!(bytes, 4000);
+        assert!(busy >= Duration::from_millis(20), "{busy:?}");
+        // Two overlapping writers: the wall time once, not twice.
+        assert!(busy <= wall, "{busy:?} busy in {wall:?}");
+        // Waiting for work is not writing.
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(meter.totals(), (4000, busy));
+    }
+}
