@@ -421,6 +421,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
+        ferry_scheduler::daemon::notify_systemd(ferry_scheduler::daemon::SystemdState::Ready);
         eprintln!(
             "ferry agent {}: serving on {} (migrations: {} lanes, {})",
             args.host,

@@ -593,3 +593,49 @@ fn an_agent_without_a_security_choice_refuses_to_start() {
         "unclear error: {err}"
     );
 }
+
+/// Under systemd (`Type=notify`) the daemon says READY=1 once its API
+/// listens and STOPPING=1 when it is terminated.
+#[test]
+fn the_daemon_notifies_systemd_ready_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&sock).expect("bind the notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(
+        &config,
+        format!("[daemon]\nlisten = \"{api}\"\npolicy = \"manual\"\n"),
+    )
+    .expect("config");
+    let mut proc = ProcessGuard::spawn(
+        "ferry sched daemon",
+        Command::new(FERRY)
+            .args(["sched", "daemon", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &sock),
+        &dir.path().join("daemon.log"),
+    )
+    .expect("daemon starts");
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("a notification");
+    assert_eq!(&buf[..n], b"READY=1\n");
+    assert!(
+        JsonClient::new(&api.to_string(), Some(Duration::from_secs(10)))
+            .get::<Value>("/v1/hosts")
+            .is_ok(),
+        "READY before the API answers"
+    );
+    let pid = libc::pid_t::try_from(proc.pid()).expect("a pid");
+    // SAFETY: kill(2) with the PID of the daemon this test started.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let n = notify.recv(&mut buf).expect("a notification");
+    assert_eq!(&buf[..n], b"STOPPING=1\n");
+    proc.kill();
+}

@@ -594,6 +594,23 @@ mem_mb = 512
     }
 
     #[test]
+    fn the_packaged_example_is_valid() {
+        let text = include_str!("../../../packaging/cluster.toml");
+        let c = Config::parse(Path::new("packaging/cluster.toml"), text).unwrap();
+        if cfg!(feature = "libvirt") {
+            assert!(c.problems.is_empty(), "{:?}", c.problems);
+            assert_eq!(c.hosts.len(), 3);
+        } else {
+            // Without the feature the libvirt hosts are refused, by name.
+            assert_eq!(c.problems.len(), 2, "{:?}", c.problems);
+            assert!(c.problems[0]
+                .message
+                .contains("built without libvirt support"));
+        }
+        assert_eq!(c.vms.len(), 1);
+    }
+
+    #[test]
     fn syntax_errors_name_the_line() {
         let text = GOOD.replace(
             "cores = 2\ncore_mips = 2000\nmem_mb = 4096\nagent = \"127.0.0.1:7102\"",

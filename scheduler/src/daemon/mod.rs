@@ -568,6 +568,28 @@ pub async fn serve(
         .map_err(DaemonError::Serve)
 }
 
+/// What a `Type=notify` service tells systemd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SystemdState {
+    /// Started: serving.
+    Ready,
+    /// Shutting down.
+    Stopping,
+}
+
+/// Tells systemd the service's state when it started us with
+/// `Type=notify` (`NOTIFY_SOCKET` set); does nothing otherwise. A failure
+/// is logged, never fatal.
+pub fn notify_systemd(state: SystemdState) {
+    let s = match state {
+        SystemdState::Ready => sd_notify::NotifyState::Ready,
+        SystemdState::Stopping => sd_notify::NotifyState::Stopping,
+    };
+    if let Err(e) = sd_notify::notify(&[s]) {
+        warn!(error = %e, ?state, "cannot notify systemd");
+    }
+}
+
 /// `ferry sched daemon --config FILE`: blocks until killed.
 pub fn run(config: &Path) -> Result<(), DaemonError> {
     let cfg = Config::load(config)?;
@@ -582,15 +604,18 @@ pub fn run(config: &Path) -> Result<(), DaemonError> {
             })?;
         info!(%addr, "ferry sched daemon listening");
         let daemon = Daemon::from_config(&cfg);
+        notify_systemd(SystemdState::Ready);
         let interval = Duration::from_secs_f64(cfg.daemon.interval_s.max(1.0));
         // On SIGTERM or Ctrl-C, stop serving; dropping the runtime then drops
         // the power drivers, which stop the processes they started.
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(DaemonError::Runtime)?;
-        tokio::select! {
+        let r = tokio::select! {
             r = serve(daemon, listener, interval) => r,
             _ = tokio::signal::ctrl_c() => { info!("interrupted; shutting down"); Ok(()) }
             _ = term.recv() => { info!("terminated; shutting down"); Ok(()) }
-        }
+        };
+        notify_systemd(SystemdState::Stopping);
+        r
     })
 }
