@@ -595,7 +595,8 @@ fn an_agent_without_a_security_choice_refuses_to_start() {
 }
 
 /// Under systemd (`Type=notify`) the daemon says READY=1 once its API
-/// listens and STOPPING=1 when it is terminated.
+/// listens and STOPPING=1 when it is terminated; in between, the `ferry
+/// sched` client prints its answers and exits 1 with its refusals.
 #[test]
 fn the_daemon_notifies_systemd_ready_and_stopping() {
     use std::os::unix::net::UnixDatagram;
@@ -630,6 +631,38 @@ fn the_daemon_notifies_systemd_ready_and_stopping() {
             .is_ok(),
         "READY before the API answers"
     );
+
+    // The `ferry sched` client against it: answers, and refusals with the
+    // daemon's reason and exit code 1.
+    let sched = |args: &[&str]| {
+        let out = Command::new(FERRY)
+            .arg("sched")
+            .args(args)
+            .args(["--api", &api.to_string()])
+            .output()
+            .expect("ferry sched runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        )
+    };
+    assert_eq!(sched(&["policy", "get"]).1, "manual");
+    assert_eq!(sched(&["policy", "set", "balance"]).1, "balance");
+    assert_eq!(
+        sched(&["policy", "get", "--json"])
+            .1
+            .replace([' ', '\n'], ""),
+        r#"{"mode":"balance"}"#
+    );
+    let (code, _, err) = sched(&["policy", "set", "chaos"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("HTTP 400: unknown policy \"chaos\""), "{err}");
+    let (code, _, err) = sched(&["maintenance", "enter", "nope"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("HTTP 404: no host named \"nope\""), "{err}");
+    assert_eq!(sched(&["hosts", "--json"]).1, "[]");
+    assert_eq!(sched(&["problems"]).1, "no problems");
     let pid = libc::pid_t::try_from(proc.pid()).expect("a pid");
     // SAFETY: kill(2) with the PID of the daemon this test started.
     unsafe {
