@@ -13,6 +13,12 @@
 //!
 //! A migration completes (the VM runs on the target, gone from here) or
 //! fails and the VM keeps running here: never nowhere, never twice.
+//!
+//! With `--etcd ENDPOINTS` (a build with the `etcd` feature) the agent
+//! joins the cluster store with a host lease of `--lease-ttl` and keeps
+//! it alive; when it cannot renew it in time it fences itself (`--fence
+//! pause|kill` its VMs) before the lease can expire, so that the VMs the
+//! cluster restarts elsewhere no longer run here.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -34,6 +40,9 @@ use ferry_scheduler::daemon::protocol::{
 use ferry_transport::lanes::MAX_LANES;
 use ferry_transport::{default_lane_count, LaneListener, LaneOptions};
 use ferry_vm::{host_tsc_khz, DirtyBackend, GuestParams, Vm, VmConfig};
+
+use ferry_control::units::{parse_duration, BareUnit};
+use ferry_scheduler::ha::lease_keeper::FenceMode;
 
 use crate::security_args::{SecurityArgs, SecuritySpec};
 
@@ -59,6 +68,23 @@ pub struct AgentArgs {
     /// How migration streams between agents are secured.
     #[command(flatten)]
     pub security: SecurityArgs,
+    /// etcd endpoints (comma-separated): keep this host's lease there and
+    /// fence this host when it cannot (needs the `etcd` feature).
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// The host lease's TTL (`5`, `5s`, `2500ms`).
+    #[arg(long, default_value = "5", value_parser = parse_lease_ttl)]
+    pub lease_ttl: Duration,
+    /// What fencing does to this host's VMs: `pause` or `kill`.
+    #[arg(long, default_value = "pause")]
+    pub fence: FenceMode,
+}
+
+/// Longest host lease TTL accepted.
+const MAX_LEASE_TTL: Duration = Duration::from_secs(300);
+
+fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
+    parse_duration(s, BareUnit::Secs, MAX_LEASE_TTL).map_err(|e| e.to_string())
 }
 
 struct HostedVm {
@@ -119,6 +145,31 @@ impl Agent {
             },
         );
         Ok(())
+    }
+
+    /// Fences this host: pauses or kills every VM it runs (the lease
+    /// keeper could not renew the host's lease).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    fn fence(&self, mode: FenceMode) {
+        let mut vms = self.vms.lock().expect("vms lock");
+        match mode {
+            FenceMode::Pause => {
+                for (name, h) in vms.iter() {
+                    match h.vm.pause() {
+                        Ok(()) => tracing::warn!(vm = %name, "fenced: VM paused"),
+                        Err(e) => {
+                            tracing::error!(vm = %name, error = %e, "fencing: cannot pause VM")
+                        }
+                    }
+                }
+            }
+            FenceMode::Kill => {
+                for (name, h) in std::mem::take(&mut *vms) {
+                    drop(h);
+                    tracing::warn!(vm = %name, "fenced: VM killed");
+                }
+            }
+        }
     }
 
     fn status(&self) -> AgentStatus {
@@ -388,6 +439,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         agent.boot(name, mem, cpu)?;
     }
     let registry = Arc::new(registry);
+    let _keeper = keep_lease(&agent, &args)?;
     let app = Router::new()
         .route(
             "/v1/status",
@@ -433,4 +485,45 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             .await
             .context("agent HTTP server")
     })
+}
+
+/// With `--etcd`: joins the cluster store and keeps this host's lease,
+/// fencing the agent's VMs when it cannot.
+#[cfg(feature = "etcd")]
+fn keep_lease(
+    agent: &Arc<Agent>,
+    args: &AgentArgs,
+) -> anyhow::Result<Option<ferry_scheduler::ha::lease_keeper::LeaseKeeper>> {
+    use ferry_scheduler::ha::lease_keeper::{FenceEvent, KeeperConfig, LeaseKeeper};
+    use ferry_scheduler::store::{etcd::EtcdOptions, ClusterStore, DEFAULT_PREFIX};
+
+    if args.etcd.is_empty() {
+        return Ok(None);
+    }
+    let store = ClusterStore::on_etcd(&args.etcd, EtcdOptions::default(), DEFAULT_PREFIX)
+        .context("connecting to etcd")?;
+    let fenced = agent.clone();
+    let keeper = LeaseKeeper::start(
+        store,
+        &args.host,
+        KeeperConfig::for_ttl(args.lease_ttl, args.fence),
+        Box::new(move |e: &FenceEvent| fenced.fence(e.mode)),
+    )
+    .context("keeping this host's lease")?;
+    eprintln!(
+        "ferry agent {}: host lease {:x} on etcd (TTL {:?}, fence: {:?})",
+        args.host,
+        keeper.lease().lease,
+        keeper.lease().ttl,
+        args.fence
+    );
+    Ok(Some(keeper))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn keep_lease(_agent: &Arc<Agent>, args: &AgentArgs) -> anyhow::Result<Option<()>> {
+    if args.etcd.is_empty() {
+        return Ok(None);
+    }
+    anyhow::bail!("--etcd needs ferry built with the etcd feature (cargo build --features etcd)")
 }

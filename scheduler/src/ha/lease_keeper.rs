@@ -62,16 +62,25 @@ pub struct KeeperConfig {
     pub mode: FenceMode,
 }
 
-impl Default for KeeperConfig {
-    /// TTL 5 s, fence 2 s before expiry, renew every second.
-    fn default() -> Self {
+impl KeeperConfig {
+    /// Timings scaled to `ttl`: fence 2/5 of it before expiry, renew every
+    /// fifth of it (so two renewals may fail before fencing), retry every
+    /// 1/25 of it.
+    pub fn for_ttl(ttl: Duration, mode: FenceMode) -> Self {
         Self {
-            ttl: Duration::from_secs(5),
-            margin: Duration::from_secs(2),
-            renew_every: Duration::from_secs(1),
-            retry_every: Duration::from_millis(200),
-            mode: FenceMode::Pause,
+            ttl,
+            margin: ttl * 2 / 5,
+            renew_every: ttl / 5,
+            retry_every: (ttl / 25).max(Duration::from_millis(20)),
+            mode,
         }
+    }
+}
+
+impl Default for KeeperConfig {
+    /// TTL 5 s, fence 2 s before expiry, renew every second, pause.
+    fn default() -> Self {
+        Self::for_ttl(Duration::from_secs(5), FenceMode::Pause)
     }
 }
 
