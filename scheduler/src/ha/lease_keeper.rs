@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
+use crate::daemon::agent::error_chain;
 use crate::store::{ClusterStore, HostLease, StoreError};
 
 /// What fencing does to the host's VMs.
@@ -340,16 +341,4 @@ impl Renewal {
         lock(&self.shared).0 = KeeperState::Fenced(event);
         self.shared.cond.notify_all();
     }
-}
-
-/// An error and its sources on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
