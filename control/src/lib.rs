@@ -43,14 +43,5 @@ pub use protocol::{
 pub use security::{SecurityMode, SecuritySpec};
 pub use server::{connect_lanes, serve, ControlSocket, Served};
 
-/// An error and its sources on one line, outermost first.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+/// An error and its sources on one line, outermost first (the transport's).
+pub use ferry_transport::error_chain;

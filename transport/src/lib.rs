@@ -46,3 +46,4 @@ pub use security::Security;
 pub use stream::{FrameReader, FrameSink, FrameSource, FrameWriter};
 pub use tcp::{FrameConnection, FrameListener, TcpFrameConnection};
 pub use tls::{TlsFiles, TlsSettings};
+pub use tunnel::error_chain;
