@@ -35,6 +35,7 @@ impl Background {
             .arg(&api)
             .args(["--to", &p.addr])
             .args(extra)
+            .args(common::pause_limit_flags(extra))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
