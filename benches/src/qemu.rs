@@ -187,16 +187,7 @@ pub fn run(
     out
 }
 
-/// `e` and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s += &format!(": {x}");
-        src = x.source();
-    }
-    s
-}
+pub use ferry_transport::error_chain;
 
 fn run_inner(
     ctx: &RunContext<'_>,
