@@ -286,7 +286,7 @@ fn run_inner(
     out.engine_total_ms = sum["total_ms"].as_f64();
     out.downtime_ms = sum["downtime_ms"].as_f64();
     out.rounds = sum["rounds"].as_u64();
-    out.wire_bytes = sum["wire_bytes"].as_u64();
+    out.wire_bytes = figure(&sum["wire_bytes"]);
     dst.check_running()?;
     run_common::check_alive(out, dst_pid, &before);
     // The source exits 0 once its guest migrated away.
@@ -303,24 +303,30 @@ fn summary_of(v: &Value) -> Option<Value> {
     (ok && v["summary"].is_object()).then(|| v["summary"].clone())
 }
 
+/// A 64-bit count or byte figure of `ferry migrate --json`: a decimal
+/// string (ferry writes every 64-bit integer as one).
+fn figure(v: &Value) -> Option<u64> {
+    v.as_str()?.parse().ok()
+}
+
 /// Adds a bytes-left sample from a progress event.
 fn record_event(out: &mut RunOutcome, v: &Value, t_ms: f64, mem_bytes: u64) {
     let sample = match v["event"].as_str() {
-        Some("started") => Some((0, v["guest_bytes"].as_u64().unwrap_or(mem_bytes))),
+        Some("started") => Some((0, figure(&v["guest_bytes"]).unwrap_or(mem_bytes))),
         Some("round_progress") => {
-            let total = v["pages_total"].as_u64().unwrap_or(0);
-            let done = v["pages_done"].as_u64().unwrap_or(0);
+            let total = figure(&v["pages_total"]).unwrap_or(0);
+            let done = figure(&v["pages_done"]).unwrap_or(0);
             v["round"]
                 .as_u64()
                 .map(|r| (r, total.saturating_sub(done) * 4096))
         }
         Some("round_finished") => v["round"]
             .as_u64()
-            .map(|r| (r, v["dirty_pages"].as_u64().unwrap_or(0) * 4096)),
+            .map(|r| (r, figure(&v["dirty_pages"]).unwrap_or(0) * 4096)),
         Some("stop_and_copy") => out
             .bytes_left
             .last()
-            .map(|b| (b.round + 1, v["dirty_pages"].as_u64().unwrap_or(0) * 4096)),
+            .map(|b| (b.round + 1, figure(&v["dirty_pages"]).unwrap_or(0) * 4096)),
         _ => None,
     };
     if let Some((round, bytes)) = sample {

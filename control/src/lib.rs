@@ -7,7 +7,9 @@
 //! guest's state machine ([`GuestHome`]); the client side ([`client`])
 //! is what `ferry migrate`, `ferry vm status` and any other program use.
 //! Inputs typed by people (sizes, rates, durations) are parsed once, with
-//! one meaning, in [`units`].
+//! one meaning, in [`units`]. What the command line prints for scripts
+//! (`--json`) goes through [`json`], which writes every 64-bit integer as
+//! a string.
 //!
 //! Dependencies point one way: `tools -> control -> {engine, vm,
 //! transport}`. The command line only parses arguments into these types
@@ -30,6 +32,7 @@
 #![deny(missing_docs)]
 
 pub mod client;
+pub mod json;
 pub mod protocol;
 pub mod security;
 pub mod server;

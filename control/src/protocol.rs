@@ -30,10 +30,14 @@
 //!
 //! ## Numbers
 //!
-//! Counts of bytes and pages are JSON numbers (they stay far below 2^53);
-//! values that use all 64 bits (the memory digest, nanosecond timestamps)
+//! On the socket, counts of bytes and pages are JSON numbers: both ends
+//! are typed Rust and read them exactly, and they stay far below 2^53.
+//! Values that use all 64 bits (the memory digest, nanosecond timestamps)
 //! are strings, so JSON tools that read numbers as doubles do not round
-//! them.
+//! them; a number is accepted there too. What the command line prints with
+//! `--json` is these same types written through [`crate::json`], which makes
+//! every 64-bit integer a string (`"wire_bytes":"123456"`), so a script in
+//! a language with 53-bit numbers can trust every figure it reads.
 
 use std::time::Duration;
 

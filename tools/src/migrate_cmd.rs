@@ -335,6 +335,21 @@ fn encoding_words(c: EncodingChoice) -> &'static str {
     }
 }
 
+/// The last line of `ferry migrate --json`: the summary or the failure
+/// (typed, so [`ferry_control::json`] knows which integers are 64-bit).
+#[derive(serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum Outcome<'a> {
+    /// Completed.
+    Summary { summary: &'a Summary },
+    /// Failed or cancelled.
+    Failed {
+        phase: Phase,
+        error: Option<&'a str>,
+        guest: ferry_control::GuestHome,
+    },
+}
+
 /// JSON lines: an event only when it differs from the last one printed.
 #[derive(Default)]
 struct JsonLines {
@@ -343,7 +358,7 @@ struct JsonLines {
 
 impl JsonLines {
     fn show(&mut self, ev: &Event) {
-        let line = serde_json::to_string(ev).expect("events serialise");
+        let line = ferry_control::json::to_string(ev).expect("events serialise");
         if line != self.last {
             println!("{line}");
             self.last = line;
@@ -512,7 +527,7 @@ pub fn run(cmd: MigrateCmd) -> anyhow::Result<()> {
         Some(MigrateAction::Status(a)) => {
             let report = client::migration(&a.api).context("ferry migrate status")?;
             if a.json {
-                println!("{}", serde_json::to_string(&report)?);
+                println!("{}", ferry_control::json::to_string(&report)?);
             } else {
                 print_report(&report);
             }
@@ -549,7 +564,7 @@ fn start(args: MigrateArgs) -> anyhow::Result<()> {
         Ok(summary) if args.json => {
             println!(
                 "{}",
-                serde_json::json!({"event": "summary", "summary": summary})
+                ferry_control::json::to_string(&Outcome::Summary { summary })?
             );
             check_limit(summary, args.on_deadline)
         }
@@ -561,7 +576,11 @@ fn start(args: MigrateArgs) -> anyhow::Result<()> {
             if args.json {
                 println!(
                     "{}",
-                    serde_json::json!({"event": "failed", "phase": report.phase, "error": report.error, "guest": report.guest})
+                    ferry_control::json::to_string(&Outcome::Failed {
+                        phase: report.phase,
+                        error: report.error.as_deref(),
+                        guest: report.guest,
+                    })?
                 );
             }
             Err(e)

@@ -200,7 +200,7 @@ fn act<B: serde::Serialize, T: serde::de::DeserializeOwned + serde::Serialize>(
 
 fn output<T: serde::Serialize>(c: &ClientArgs, v: &T, table: fn(&T)) -> anyhow::Result<()> {
     if c.json {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        println!("{}", ferry_control::json::to_string_pretty(v)?);
     } else {
         table(v);
     }
@@ -357,7 +357,7 @@ fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     })
     .context("ferry sched simulate")?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&out.summary)?);
+        println!("{}", ferry_control::json::to_string_pretty(&out.summary)?);
     } else {
         print!("{}", out.table);
     }

@@ -500,7 +500,7 @@ pub(crate) fn accept_source(listener: &mut LaneListener) -> anyhow::Result<Lanes
 fn show_status(args: StatusArgs) -> anyhow::Result<()> {
     let reply = client::status(&args.api).context("ferry vm status")?;
     if args.json {
-        println!("{}", serde_json::to_string(&reply)?);
+        println!("{}", ferry_control::json::to_string(&reply)?);
         return Ok(());
     }
     match &reply.status {
@@ -554,6 +554,16 @@ impl Display {
 }
 
 /// Shows the guest until it migrates away, `quit` is asked, it fails, or `duration` passes.
+/// A line of `ferry vm run|receive --json`: seconds since the start, where
+/// the guest is, its status block (typed, so [`ferry_control::json`] knows
+/// which integers are 64-bit).
+#[derive(serde::Serialize)]
+struct StatusLine<'a> {
+    t: f64,
+    state: GuestHome,
+    status: &'a ferry_vm::GuestStatus,
+}
+
 fn live(served: &Served, display: Display, duration: Option<Duration>) -> anyhow::Result<()> {
     let vm = served.vm().context("no guest")?;
     let bar = if display == Display::Live {
@@ -614,7 +624,11 @@ fn live(served: &Served, display: Display, duration: Option<Duration>) -> anyhow
         if display == Display::Json && last_json.elapsed() >= Duration::from_secs(1) {
             println!(
                 "{}",
-                serde_json::json!({"t": start.elapsed().as_secs_f64(), "state": served.home(), "status": st})
+                ferry_control::json::to_string(&StatusLine {
+                    t: start.elapsed().as_secs_f64(),
+                    state: served.home(),
+                    status: &st,
+                })?
             );
             last_json = Instant::now();
         }

@@ -22,7 +22,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::fault_proxy::{Action, Direction, Fault, FaultProxy, Place, Rng};
-use common::{ferry, status, Pair, FERRY};
+use common::{ferry, figure, status, Pair, FERRY};
 use ferry_e2e::process::ProcessGuard;
 use ferry_transport::FrameKind;
 use ferry_vm::testing::kvm_or_skip;
@@ -218,7 +218,7 @@ fn run_trial(trial: &Trial) -> (Home, Duration) {
     };
     let settle = after.elapsed();
     assert_eq!(
-        settled["status"]["verify_errors"], 0,
+        settled["status"]["verify_errors"], "0",
         "{trial:?}: the guest's self-check failed on {home:?}: {settled}"
     );
     // The guest keeps running where it ended.
@@ -227,7 +227,7 @@ fn run_trial(trial: &Trial) -> (Home, Duration) {
     } else {
         &src_api
     };
-    let beat = |s: &Value| s["status"]["heartbeat"].as_u64().unwrap_or(0);
+    let beat = |s: &Value| figure(&s["status"]["heartbeat"]);
     std::thread::sleep(Duration::from_millis(300));
     let later = status(api).expect("the guest's side answers");
     assert!(

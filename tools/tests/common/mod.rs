@@ -69,7 +69,16 @@ pub fn wait_api(api: &Path, p: &mut ProcessGuard) {
 }
 
 pub fn heartbeat(v: &Value) -> u64 {
-    v["status"]["heartbeat"].as_u64().unwrap()
+    figure(&v["status"]["heartbeat"])
+}
+
+/// A 64-bit count or byte figure of ferry's `--json` output, which is
+/// always a decimal string (so scripts with 53-bit numbers can trust it):
+/// anything else fails the test.
+pub fn figure(v: &Value) -> u64 {
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("a 64-bit figure must be a decimal string, got {v}"))
 }
 
 /// The last non-empty stdout line of `ferry migrate --json`, parsed.
@@ -210,7 +219,7 @@ pub fn assert_runs_on_source(p: &Pair) {
         heartbeat(&b) > heartbeat(&a),
         "source heartbeat stuck: {a} -> {b}"
     );
-    assert_eq!(b["status"]["verify_errors"], 0);
+    assert_eq!(b["status"]["verify_errors"], "0");
 }
 
 /// The guest arrived at the destination and runs there: heartbeat and dirty
@@ -230,9 +239,9 @@ pub fn assert_runs_on_destination(p: &mut Pair) {
     let b = status(&p.api("dst")).unwrap();
     assert!(heartbeat(&b) > heartbeat(&a), "{a} -> {b}");
     assert!(
-        b["status"]["pages_dirtied"].as_u64() > a["status"]["pages_dirtied"].as_u64(),
+        figure(&b["status"]["pages_dirtied"]) > figure(&a["status"]["pages_dirtied"]),
         "{a} -> {b}"
     );
-    assert_eq!(b["status"]["verify_errors"], 0, "{b}");
+    assert_eq!(b["status"]["verify_errors"], "0", "{b}");
     assert_eq!(b["status"]["phase"], "Running", "{b}");
 }
