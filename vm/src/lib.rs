@@ -1,10 +1,11 @@
 //! # ferry-vm: a minimal KVM VM that ferry can run and migrate
 //!
-//! One or more vCPUs, one memory region at guest-physical 0, no devices:
-//! enough to run the workload guest of GUEST.md (or any multiboot image that
-//! follows it; with several vCPUs, vm/guest/GUEST.md), pause all its vCPUs
-//! from another thread, save and restore their state, and read its status
-//! block. Built on the rust-vmm crates (`kvm-ioctls`,
+//! One or more vCPUs, one memory region at guest-physical 0, an in-kernel
+//! interrupt controller (PICs, IOAPIC, a LAPIC per vCPU) and PIT, no other
+//! devices: enough to run the workload guest of GUEST.md (or any multiboot
+//! image that follows it; with several vCPUs or a timer, vm/guest/GUEST.md),
+//! pause all its vCPUs from another thread, save and restore their state and
+//! the devices' as sections, and read its status block. Built on the rust-vmm crates (`kvm-ioctls`,
 //! `kvm-bindings`, `vm-memory`).
 //!
 //! ```no_run
@@ -19,11 +20,12 @@
 //! vm.wait_running(std::time::Duration::from_secs(60))?;
 //! println!("{}", vm.status());
 //! vm.pause()?;
-//! let sections = vm.save_state()?; // one `vcpu` section per vCPU
+//! let sections = vm.save_state()?; // a `vcpu` section per vCPU, irqchip, pit, clock
 //! # Ok::<(), ferry_vm::VmError>(())
 //! ```
 #![deny(missing_docs)]
 
+mod devices;
 mod dirty;
 mod entry;
 mod error;
@@ -34,6 +36,7 @@ pub mod testing;
 mod vcpu;
 mod vm;
 
+pub use devices::{CLOCK_SECTION, IRQCHIP_SECTION, MAX_CLOCK_ADVANCE, PIT_SECTION};
 pub use dirty::VmDirtyLog;
 pub use error::VmError;
 pub use guest::{

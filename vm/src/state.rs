@@ -1,17 +1,20 @@
 //! The vCPU state that must move with the guest: registers, segments and
 //! control registers, FPU/SSE/AVX state, extended control registers, MSRs
-//! (the TSC among them, so the guest's clock continues), and pending events.
+//! (the TSC among them, so the guest's clock continues), pending events,
+//! and with the in-kernel irqchip the vCPU's LAPIC and MP state.
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, Msrs,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{kvm_err, VmError};
 
-/// Version of the blob layout; a receiver refuses other versions.
-pub const STATE_VERSION: u32 = 1;
+/// Version of the `vcpu` section this ferry writes: 2 adds the LAPIC and
+/// the MP state to version 1 (which it still reads: those stay at reset).
+pub const STATE_VERSION: u32 = 2;
 
 /// MSRs saved and restored when the host supports them.
 const MSRS: &[u32] = &[
@@ -38,7 +41,7 @@ const MSRS: &[u32] = &[
 /// the migration stream): the VMM's devices each save their own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateSection {
-    /// What it is: `vcpu` (more to come: irqchip, pit, clock).
+    /// What it is: `vcpu`, `irqchip`, `pit` or `clock`.
     pub name: String,
     /// Which one (the vCPU index).
     pub instance: u32,
@@ -67,13 +70,19 @@ pub struct SectionInfo {
 pub const VCPU_SECTION: SectionInfo = SectionInfo {
     name: "vcpu",
     version: STATE_VERSION,
-    // Registers, FPU, 4 KiB of XSAVE and MSRs as JSON: ~25 KiB; room to grow.
+    // Registers, FPU, 4 KiB of XSAVE, the 1 KiB LAPIC and MSRs as JSON:
+    // ~30 KiB; room to grow.
     max_bytes: 1 << 20,
     max_instances: crate::vm::MAX_VCPUS as u32,
 };
 
 /// Every section ferry's VM reads.
-pub const VM_SECTIONS: &[SectionInfo] = &[VCPU_SECTION];
+pub const VM_SECTIONS: &[SectionInfo] = &[
+    VCPU_SECTION,
+    crate::devices::IRQCHIP_SECTION,
+    crate::devices::PIT_SECTION,
+    crate::devices::CLOCK_SECTION,
+];
 
 impl VcpuState {
     /// The state as a `vcpu` section of vCPU `index`.
@@ -81,25 +90,25 @@ impl VcpuState {
         StateSection {
             name: VCPU_SECTION.name.into(),
             instance: index,
-            version: STATE_VERSION,
+            version: self.version,
             data: serde_json::to_vec(self).expect("vCPU state serialises"),
         }
     }
 
     /// Parses a `vcpu` section.
     pub fn from_section(s: &StateSection) -> Result<Self, VmError> {
-        if s.name != VCPU_SECTION.name || s.version != STATE_VERSION {
+        if s.name != VCPU_SECTION.name || !(1..=STATE_VERSION).contains(&s.version) {
             return Err(VmError::BadState(format!(
-                "section `{}` version {} is not a vCPU state (this ferry reads `vcpu` version {STATE_VERSION})",
+                "section `{}` version {} is not a vCPU state (this ferry reads `vcpu` versions 1 to {STATE_VERSION})",
                 s.name, s.version
             )));
         }
         let v: Self =
             serde_json::from_slice(&s.data).map_err(|e| VmError::BadState(e.to_string()))?;
-        if v.version != STATE_VERSION {
+        if v.version != s.version {
             return Err(VmError::BadState(format!(
-                "vCPU state version {} (this ferry reads version {STATE_VERSION})",
-                v.version
+                "vCPU state version {} in a version {} section",
+                v.version, s.version
             )));
         }
         Ok(v)
@@ -117,6 +126,13 @@ pub struct VcpuState {
     xcrs: Option<kvm_xcrs>,
     msrs: Vec<(u32, u64)>,
     events: Option<kvm_vcpu_events>,
+    /// The local APIC's registers (`KVM_GET_LAPIC`), with the in-kernel
+    /// irqchip; version 2.
+    #[serde(default)]
+    lapic: Option<kvm_lapic_state>,
+    /// Runnable, halted, waiting for INIT/SIPI (`KVM_GET_MP_STATE`); version 2.
+    #[serde(default)]
+    mp_state: Option<kvm_mp_state>,
 }
 
 impl std::fmt::Debug for VcpuState {
@@ -146,6 +162,9 @@ impl VcpuState {
         let xsave = vcpu.get_xsave().ok();
         let xcrs = vcpu.get_xcrs().ok();
         let events = vcpu.get_vcpu_events().ok();
+        // Both fail (ENXIO) without an in-kernel irqchip: nothing to carry.
+        let lapic = vcpu.get_lapic().ok();
+        let mp_state = vcpu.get_mp_state().ok();
         let mut msrs = Vec::with_capacity(msr_ids.len());
         for &index in msr_ids {
             let mut one = Msrs::from_entries(&[kvm_msr_entry {
@@ -166,6 +185,8 @@ impl VcpuState {
             xcrs,
             msrs,
             events,
+            lapic,
+            mp_state,
         })
     }
 
@@ -203,6 +224,14 @@ impl VcpuState {
                     entries[n].index
                 )));
             }
+        }
+        // The LAPIC after the MSRs (its base is in sregs), the MP state and
+        // pending events last, as QEMU orders them.
+        if let Some(lapic) = &self.lapic {
+            vcpu.set_lapic(lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+        }
+        if let Some(mp) = self.mp_state {
+            vcpu.set_mp_state(mp).map_err(kvm_err("KVM_SET_MP_STATE"))?;
         }
         if let Some(ev) = &self.events {
             vcpu.set_vcpu_events(ev)
@@ -266,9 +295,11 @@ mod tests {
     use kvm_ioctls::{Kvm, VmFd};
     use proptest::prelude::*;
 
-    /// A fresh VM with one vCPU ready for long mode state (CPUID set).
+    /// A fresh VM (in-kernel irqchip and PIT) with one vCPU ready for long
+    /// mode state (CPUID set).
     fn fresh_vcpu(kvm: &Kvm) -> (VmFd, VcpuFd) {
         let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        crate::devices::create(&vm).expect("create the irqchip and PIT");
         let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -297,6 +328,8 @@ mod tests {
             syscall in (any::<u64>(), canonical(), canonical(), any::<u32>()),
             kernel_gs in canonical(),
             tsc_aux in any::<u32>(),
+            lapic_regs in (any::<u8>(), any::<u8>(), prop::array::uniform4((any::<u8>(), 0u32..8, any::<bool>())), 0u32..16),
+            halted in any::<bool>(),
         ) {
             if !crate::testing::kvm_or_skip("vcpu_state_round_trips") {
                 return Ok(());
@@ -326,6 +359,34 @@ mod tests {
             set(&mut state.msrs, 0xC000_0102, kernel_gs);
             set(&mut state.msrs, 0xC000_0103, u64::from(tsc_aux));
 
+            // LAPIC: task priority, spurious vector (enabled), the timer,
+            // LINT0, LINT1 and error LVTs (vector, delivery mode, mask) and
+            // the timer divider; 32-bit registers at their xAPIC offsets.
+            let (tpr, spurious, lvts, divide) = lapic_regs;
+            let lapic = state.lapic.as_mut().expect("the VM has an in-kernel LAPIC");
+            let mut put = |offset: usize, value: u32| {
+                for (i, b) in value.to_le_bytes().into_iter().enumerate() {
+                    lapic.regs[offset + i] = std::os::raw::c_char::from_ne_bytes([b]);
+                }
+            };
+            put(0x80, u32::from(tpr));
+            // The processor priority follows the TPR while nothing is in service.
+            put(0xA0, u32::from(tpr));
+            put(0xF0, 0x100 | u32::from(spurious));
+            for ((vector, mode, masked), offset) in lvts.into_iter().zip([0x320, 0x350, 0x360, 0x370]) {
+                put(offset, u32::from(vector) | (mode << 8) | (u32::from(masked) << 16));
+            }
+            put(0x3E0, divide & 0xB);
+            // CR8 is the TPR's priority class: KVM keeps the two in step.
+            state.sregs.cr8 = u64::from(tpr >> 4);
+            state.mp_state = Some(kvm_mp_state {
+                mp_state: if halted {
+                    kvm_bindings::KVM_MP_STATE_HALTED
+                } else {
+                    kvm_bindings::KVM_MP_STATE_RUNNABLE
+                },
+            });
+
             let section = state.to_section(0);
             let carried = VcpuState::from_section(&section).expect("parse the section");
             let (_vm_b, b) = fresh_vcpu(&kvm);
@@ -334,6 +395,11 @@ mod tests {
 
             prop_assert_eq!(back.regs, state.regs);
             prop_assert_eq!(back.sregs, state.sregs);
+            prop_assert_eq!(back.mp_state, state.mp_state);
+            let regs = |l: &Option<kvm_lapic_state>| {
+                l.as_ref().map(|l| l.regs.to_vec()).unwrap_or_default()
+            };
+            prop_assert_eq!(regs(&back.lapic), regs(&state.lapic));
             // The TSC runs on between restore and save: every other MSR is exact.
             let without_tsc = |m: &[(u32, u64)]| -> Vec<(u32, u64)> {
                 m.iter().copied().filter(|&(i, _)| i != 0x10).collect()

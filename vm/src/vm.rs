@@ -1,10 +1,14 @@
-//! [`Vm`]: one or more vCPUs, one memory region at guest-physical 0, no devices.
+//! [`Vm`]: one or more vCPUs, one memory region at guest-physical 0, the
+//! in-kernel irqchip and PIT (`crate::devices`), no other devices.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_mp_state, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_RUNNABLE,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -177,6 +181,10 @@ impl Vm {
         unsafe { vm_fd.set_user_memory_region(slot) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
 
+        // The interrupt controllers and the timer before any vCPU (each
+        // vCPU then gets its in-kernel LAPIC).
+        crate::devices::create(&vm_fd)?;
+
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -295,6 +303,12 @@ impl Vm {
                 ap_regs(loaded.entry, AP_MAGIC)
             };
             fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+            // With an in-kernel LAPIC, KVM parks every vCPU but the first
+            // until INIT/SIPI; ferry starts them itself.
+            fd.set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
         }
         vm.resume()?;
         Ok(vm)
@@ -389,14 +403,17 @@ impl Vm {
     }
 
     /// Saves the state of a paused VM as sections: one `vcpu` section per
-    /// vCPU ([`crate::VM_SECTIONS`] lists what [`Vm::restore_state`] reads).
+    /// vCPU (with its LAPIC, events and MP state), then the `irqchip`,
+    /// `pit` and `clock` sections ([`crate::VM_SECTIONS`] lists what
+    /// [`Vm::restore_state`] reads).
     pub fn save_state(&self) -> Result<Vec<StateSection>, VmError> {
-        let mut sections = Vec::with_capacity(self.vcpus().len());
+        let mut sections = Vec::with_capacity(self.vcpus().len() + 5);
         for (index, v) in self.vcpus().iter().enumerate() {
             let fd = v.fd().ok_or(VmError::NotPaused("save_state"))?;
             let index = u32::try_from(index).expect("at most MAX_VCPUS");
             sections.push(VcpuState::save(&fd, &self.msr_ids)?.to_section(index));
         }
+        sections.extend(crate::devices::save(&self.vm_fd)?);
         Ok(sections)
     }
 
@@ -404,8 +421,13 @@ impl Vm {
     /// incoming VM gets as many vCPUs as there are `vcpu` sections, which
     /// must be instances `0..n`. A section this VM does not read is an error.
     pub fn restore_state(&self, sections: &[StateSection]) -> Result<(), VmError> {
+        // Checked before anything is written into the VM.
+        let devices = crate::devices::DeviceState::parse(sections)?;
         let mut vcpus: Vec<Option<VcpuState>> = Vec::new();
         for s in sections {
+            if crate::devices::is_device_section(&s.name) {
+                continue;
+            }
             if s.name != VCPU_SECTION.name {
                 return Err(VmError::BadState(format!("unknown section `{}`", s.name)));
             }
@@ -445,7 +467,7 @@ impl Vm {
             let fd = v.fd().ok_or(VmError::NotPaused("restore_state"))?;
             s.restore(&fd)?;
         }
-        Ok(())
+        devices.restore(&self.vm_fd)
     }
 
     /// Guest memory.
