@@ -23,6 +23,7 @@ pub mod batch;
 pub mod choice;
 mod delta_cache;
 mod page;
+pub mod page_hash;
 pub mod xor_rle;
 
 pub use batch::{BatchBuilder, BatchEntry, BatchReader};
@@ -150,10 +151,8 @@ pub enum DecodeError {
 }
 
 /// xxh3-64 of a page: what "unchanged since last sent" and the memory digest
-/// compare.
-pub fn page_hash(page: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(page)
-}
+/// compare (the widest vectors the CPU has, see [`mod@page_hash`]).
+pub use page_hash::page_hash;
 
 /// True when every byte of the page is zero.
 pub fn is_zero(page: &Page) -> bool {
