@@ -11,10 +11,13 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::fault_proxy::{Action, Direction, Fault, FaultProxy, Place};
 use common::{
-    assert_runs_on_destination, assert_runs_on_source, ferry, figure, status, Pair, FERRY,
+    assert_runs_on_destination, assert_runs_on_source, ferry, figure, last_json_line, status, Pair,
+    FERRY,
 };
 use ferry_e2e::process::ProcessGuard;
+use ferry_transport::FrameKind;
 use ferry_vm::testing::kvm_or_skip;
 use serde_json::Value;
 
@@ -31,11 +34,16 @@ struct Background(Option<Child>);
 
 impl Background {
     fn migrate(p: &Pair, extra: &[&str]) -> Background {
+        Background::migrate_to(p, &p.addr, extra)
+    }
+
+    /// To `to` (a proxy in front of the pair's destination).
+    fn migrate_to(p: &Pair, to: &str, extra: &[&str]) -> Background {
         let api = p.api("src");
         let child = Command::new(FERRY)
             .args(["migrate", "--json", "--insecure", "--api"])
             .arg(&api)
-            .args(["--to", &p.addr])
+            .args(["--to", to])
             .args(extra)
             .args(common::pause_limit_flags(extra))
             .stdout(Stdio::piped())
@@ -263,8 +271,9 @@ fn a_killed_client_neither_ends_nor_orphans_the_migration() {
 }
 
 #[test]
-fn a_cancel_after_the_handover_is_refused() {
-    let Some(_kvm) = kvm("a_cancel_after_the_handover_is_refused") else {
+fn a_cancel_at_the_destination_after_the_handover_finds_nothing_to_cancel() {
+    let Some(_kvm) = kvm("a_cancel_at_the_destination_after_the_handover_finds_nothing_to_cancel")
+    else {
         return;
     };
     let p = Pair::start("64M", "1000");
@@ -281,6 +290,58 @@ fn a_cancel_after_the_handover_is_refused() {
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn a_cancel_after_go_is_refused_and_the_migration_completes() {
+    let Some(_kvm) = kvm("a_cancel_after_go_is_refused_and_the_migration_completes") else {
+        return;
+    };
+    let mut p = Pair::start("64M", "1000");
+    // The proxy holds the destination's Running on the way back: GO went
+    // out and the destination resumed, the source waits for the answer.
+    let proxy = FaultProxy::spawn(
+        p.addr.parse().expect("loopback address"),
+        Fault {
+            connection: 0,
+            direction: Direction::ToSource,
+            place: Place::Frame(FrameKind::Running),
+            action: Action::Stall(Duration::from_secs(4)),
+        },
+    )
+    .expect("start the fault proxy");
+    let api = p.api("src");
+    // A downtime budget longer than the stall: the source waits for
+    // Running (budget plus margin) through all of it, so the cancel below
+    // lands after GO however loaded the machine is.
+    let client =
+        Background::migrate_to(&p, &proxy.addr.to_string(), &["--max-downtime-ms", "8000"]);
+    let start = Instant::now();
+    while proxy.struck_at().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the handover never reached Running:\n{}",
+            p.log("src")
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = ferry(&["migrate", "cancel", "--api", api.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "a cancel after GO was honoured");
+    let err = stderr(&out);
+    assert!(
+        err.contains("too late") && err.contains("GO was sent"),
+        "the refusal must say why: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // The handover resolves anyway (the source asks the destination again
+    // when Running does not come): the guest runs on the destination only.
+    let out = client.wait();
+    assert!(out.status.success(), "{}\n{}", stderr(&out), p.log("src"));
+    assert_eq!(last_json_line(&out)["event"], "summary");
+    assert_runs_on_destination(&mut p);
+    let report = migration_status(&p.api("dst")).expect("the destination answers");
+    assert_eq!(report["phase"], "completed", "{report}");
 }
 
 #[test]
