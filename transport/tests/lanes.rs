@@ -4,9 +4,10 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::TcpStream;
 use std::thread;
+use std::time::Duration;
 
 use ferry_transport::lanes::queue::{LaneInbox, LaneQueues, OutFrame};
-use ferry_transport::lanes::STRIPE_PAGES;
+use ferry_transport::lanes::{LaneHello, MAX_PENDING_SESSIONS, STRIPE_PAGES};
 use ferry_transport::{
     frame, lane_for_page, FrameKind, FrameReader, LaneListener, LaneOptions, Lanes, Security,
     TransportError,
@@ -229,4 +230,61 @@ fn pages_stripe_by_stripe_of_pages() {
     assert_eq!(lane_for_page(STRIPE_PAGES, 4), 1);
     assert_eq!(lane_for_page(STRIPE_PAGES * 4, 4), 0);
     assert_eq!(lane_for_page(12345, 1), 0);
+}
+
+/// Opens lane 0 of a 2-lane session and never the other: the listener
+/// welcomes it and holds the session half-open.
+fn half_open_lane(addr: std::net::SocketAddr) -> FrameReader<TcpStream> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    // Generous: a listener that never drops the session fails the test
+    // here instead of hanging it.
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let hello = LaneHello {
+        session: ferry_transport::lanes::handshake::new_session_id(),
+        lane: 0,
+        lanes: 2,
+    };
+    let mut bytes = Vec::new();
+    frame::encode_frame(FrameKind::LaneHello, 0, &hello.encode(), &mut bytes).unwrap();
+    s.write_all(&bytes).unwrap();
+    let mut r = FrameReader::new(s);
+    assert_eq!(r.read_frame().unwrap().kind, FrameKind::LaneWelcome);
+    r
+}
+
+#[test]
+fn half_open_sessions_are_dropped_and_free_their_slots() {
+    let mut opts = LaneOptions::new(1, Security::Insecure);
+    opts.handshake_timeout = Duration::from_millis(300);
+    let mut l = LaneListener::bind("127.0.0.1:0", opts).unwrap();
+    let addr = l.local_addr().unwrap();
+    let listening = thread::spawn(move || {
+        let session = l.accept_session();
+        (session, l.half_open_sessions())
+    });
+    // Every slot taken by a half-open session; each peer then waits for
+    // what the listener says, and only after that does a real session
+    // connect: the listener must drop the stale ones while it waits for a
+    // connection, and their slots must be free again.
+    let peers = thread::spawn(move || {
+        let held: Vec<_> = (0..MAX_PENDING_SESSIONS)
+            .map(|_| half_open_lane(addr))
+            .collect();
+        let answers: Vec<_> = held
+            .into_iter()
+            .map(|mut r| (r.read_frame().unwrap(), r.read_frame().unwrap_err()))
+            .collect();
+        let lanes = Lanes::connect(addr, &LaneOptions::new(2, Security::Insecure));
+        (answers, lanes)
+    });
+    let (answers, client) = peers.join().unwrap();
+    let (server, half_open) = listening.join().unwrap();
+    for (f, then) in &answers {
+        assert_eq!(f.kind, FrameKind::Abort);
+        let why = String::from_utf8_lossy(&f.payload);
+        assert!(why.contains("1 of its 2 lanes arrived"), "{why}");
+        assert!(matches!(then, TransportError::PeerClosed), "{then:?}");
+    }
+    assert_eq!(server.unwrap().session(), client.unwrap().session());
+    assert_eq!(half_open, 0);
 }

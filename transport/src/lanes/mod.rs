@@ -6,6 +6,13 @@
 //! lanes of a session have arrived, welcomes each and hands the set out as
 //! [`Lanes`]. Lane 0 is the control lane (both directions).
 //!
+//! A session that stops half-way (some lanes arrived, the next one does not
+//! come within [`LaneOptions::handshake_timeout`]) is dropped: its lanes get
+//! an `Abort` saying why and are closed, and its slot among the
+//! [`MAX_PENDING_SESSIONS`] is free again. The listener does this while it
+//! waits for connections, so nothing holds a socket for a peer that went
+//! away.
+//!
 //! Pages are striped over lanes by page index ([`lane_for_page`]): a page is
 //! always sent on the same lane, so per-lane FIFO order keeps a newer copy of a
 //! page behind an older one. A shared [`TokenBucket`] caps the bandwidth of all
@@ -19,8 +26,9 @@ pub mod queue;
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use bucket::TokenBucket;
 pub use handshake::{LaneHello, SessionId, MAX_LANES};
@@ -401,13 +409,29 @@ pub struct LaneListener {
     listener: TcpListener,
     opts: LaneOptions,
     bucket: Option<Arc<TokenBucket>>,
-    pending: HashMap<SessionId, Vec<Option<Lane>>>,
+    pending: HashMap<SessionId, PendingSession>,
+}
+
+/// A session some of whose lanes arrived.
+#[derive(Debug)]
+struct PendingSession {
+    /// By lane index; `None` until that lane arrives.
+    lanes: Vec<Option<Lane>>,
+    /// The next lane must arrive by then (`handshake_timeout` after the
+    /// last one), or the session is dropped.
+    deadline: Instant,
 }
 
 /// Most sessions a listener holds half-open (some lanes arrived, not all).
 /// Why: a peer that opens lanes and never completes its session must not make
-/// the listener hold sockets without bound.
+/// the listener hold sockets without bound (and such a session is dropped
+/// after [`LaneOptions::handshake_timeout`] anyway, so the slots free up).
 pub const MAX_PENDING_SESSIONS: usize = 16;
+
+/// How long the listener tries to tell a dropped half-open lane why.
+/// Why: an `Abort` frame fits any socket buffer, but a peer that stopped
+/// reading must not hold the listener.
+const ABORT_WRITE_TIMEOUT: Duration = Duration::from_millis(200);
 
 impl LaneListener {
     /// Listens on `addr`. `opts.lanes` is ignored (the peer says how many);
@@ -441,10 +465,15 @@ impl LaneListener {
     /// Accepts connections until every lane of some session has arrived, then
     /// welcomes them and returns the session. A connection that fails its
     /// handshake (TLS, bad hello, timeout) ends this call with its error;
-    /// lanes of other sessions already accepted stay pending for the next call.
+    /// lanes of other sessions already accepted stay pending for the next call,
+    /// each session until its next lane is `handshake_timeout` late (then it
+    /// is dropped, see the module docs).
     pub fn accept_session(&mut self) -> Result<Lanes, TransportError> {
         loop {
-            let (stream, _) = self.listener.accept().map_err(TransportError::Accept)?;
+            self.drop_stale_sessions();
+            let Some(stream) = self.accept_until(self.next_deadline())? else {
+                continue;
+            };
             stream
                 .set_read_timeout(Some(self.opts.handshake_timeout))
                 .map_err(TransportError::Configure)?;
@@ -477,10 +506,15 @@ impl LaneListener {
                 let _ = lane.writer.write_frame(FrameKind::Abort, 0, msg.as_bytes());
                 return Err(TransportError::Refused(msg));
             }
-            let group = self
+            let deadline = Instant::now() + self.opts.handshake_timeout;
+            let pending = self
                 .pending
                 .entry(hello.session)
-                .or_insert_with(|| (0..hello.lanes).map(|_| None).collect());
+                .or_insert_with(|| PendingSession {
+                    lanes: (0..hello.lanes).map(|_| None).collect(),
+                    deadline,
+                });
+            let group = &mut pending.lanes;
             let fits = group.len() == usize::from(hello.lanes)
                 && matches!(group.get(usize::from(hello.lane)), Some(None));
             if !fits {
@@ -498,14 +532,84 @@ impl LaneListener {
                 .set_read_timeout(None)
                 .map_err(TransportError::Configure)?;
             group[usize::from(hello.lane)] = Some(lane);
-            if self.pending[&hello.session].iter().all(Option::is_some) {
-                let group = self.pending.remove(&hello.session).unwrap_or_default();
-                let lanes: Vec<Lane> = group.into_iter().flatten().collect();
+            pending.deadline = deadline;
+            if pending.lanes.iter().all(Option::is_some) {
+                let lanes: Vec<Lane> = self
+                    .pending
+                    .remove(&hello.session)
+                    .map(|p| p.lanes.into_iter().flatten().collect())
+                    .unwrap_or_default();
                 return Ok(Lanes {
                     session: hello.session,
                     lanes,
                 });
             }
         }
+    }
+
+    /// Sessions now held half-open.
+    pub fn half_open_sessions(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// When the first half-open session goes stale, if any is held.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.deadline).min()
+    }
+
+    /// Drops every half-open session whose next lane is late, telling its
+    /// lanes why.
+    fn drop_stale_sessions(&mut self) {
+        let now = Instant::now();
+        let timeout = self.opts.handshake_timeout;
+        self.pending.retain(|_, p| {
+            if p.deadline > now {
+                return true;
+            }
+            let arrived = p.lanes.iter().filter(|l| l.is_some()).count();
+            let msg = format!(
+                "session dropped: {arrived} of its {} lanes arrived, the next not within {timeout:?}",
+                p.lanes.len()
+            );
+            tracing::warn!("{msg}");
+            for mut lane in p.lanes.drain(..).flatten() {
+                let _ = lane.socket.set_write_timeout(Some(ABORT_WRITE_TIMEOUT));
+                let _ = lane.writer.write_frame(FrameKind::Abort, 0, msg.as_bytes());
+                let _ = lane.writer.flush();
+                let _ = lane.socket.shutdown(std::net::Shutdown::Both);
+            }
+            false
+        });
+    }
+
+    /// The next connection, or `None` when `deadline` passes first (then a
+    /// half-open session is due to be dropped).
+    fn accept_until(&self, deadline: Option<Instant>) -> Result<Option<TcpStream>, TransportError> {
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Round up so the wait never ends just before the deadline.
+            let ms = i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX);
+            let mut fd = libc::pollfd {
+                fd: self.listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `fd` is one valid, initialised pollfd that outlives
+            // the call, and the count passed is 1; the listener's descriptor
+            // stays open (borrowed from `self`) for the whole call.
+            let ready = unsafe { libc::poll(&mut fd, 1, ms) };
+            if ready < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    return Ok(None);
+                }
+                return Err(TransportError::Accept(e));
+            }
+            if ready == 0 {
+                return Ok(None);
+            }
+        }
+        let (stream, _) = self.listener.accept().map_err(TransportError::Accept)?;
+        Ok(Some(stream))
     }
 }
