@@ -199,6 +199,90 @@ fn two_vcpus_both_dirtying_migrate_live() -> Result<()> {
     every_vcpu_lives_on(&dest_vm, &vm.status())
 }
 
+/// Timer mode (`hz=100`, vm/guest/GUEST.md): the guest takes PIT interrupts
+/// and counts them as its clock. After the move the destination's PIT
+/// keeps interrupting it (the count rises from its switchover value), and
+/// its clock is continuous: never below its switchover value, and moved on
+/// across the switchover by no more than the downtime plus two ticks
+/// (20 ms: one tick in flight at each end), since the PIT runs on host time
+/// and the restored one restarts at the restore, within the downtime.
+fn unix_ns() -> u64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is past 1970");
+    u64::try_from(d.as_nanos()).expect("ns fit u64")
+}
+
+#[test]
+fn a_timer_guest_migrates_and_keeps_ticking_with_a_continuous_clock() -> Result<()> {
+    const HZ: u64 = 100;
+    let Some(_kvm) = kvm_or_skip("a_timer_guest_migrates_and_keeps_ticking") else {
+        return Ok(());
+    };
+    let vm = boot_cpus(
+        64,
+        &format!("rate=2000 wss=8 hz={HZ} {TSC}"),
+        DirtyBackend::Bitmap,
+        1,
+    )?;
+    let st = vm.status();
+    ensure!(st.hz == HZ, "the guest did not start its timer: {st}");
+    let ticking = wait_status(&vm, Duration::from_secs(30), |s| s.ticks >= st.ticks + 20);
+    ensure!(
+        ticking.ticks >= st.ticks + 20,
+        "no ticks on the source: {ticking}"
+    );
+    let dest = Destination::spawn(DestinationOptions::default())?;
+    let opts = options(ConvergencePolicy {
+        // A loaded machine's pause may run a few ms long: not what this tests.
+        on_deadline: ferry_engine::OnDeadline::Force,
+        ..ConvergencePolicy::default()
+    });
+    let (result, _) = migrate_to(&vm, dest.addr, opts);
+    let summary = result?;
+    let (dest_vm, _) = dest.join()?;
+    let first = dest_vm.status();
+    // How long the destination had run when `first` was read.
+    let ran_ns = unix_ns().saturating_sub(dest_vm.resumed_at_unix_ns());
+    let at_switchover = vm.status();
+    ensure!(
+        vm.run_state() == RunState::Paused,
+        "source is {:?}",
+        vm.run_state()
+    );
+    ensure!(
+        first.ticks >= at_switchover.ticks,
+        "the clock went back: {} ticks at the switchover, {} at the destination",
+        at_switchover.ticks,
+        first.ticks
+    );
+    let later = wait_status(&dest_vm, Duration::from_secs(30), |s| {
+        s.ticks >= at_switchover.ticks + 50 && s.halts > at_switchover.halts
+    });
+    ensure!(
+        later.ticks >= at_switchover.ticks + 50 && later.halts > at_switchover.halts,
+        "the destination does not tick: {at_switchover} at the switchover, {later} later"
+    );
+    ensure!(later.is_healthy(), "{later}");
+    ensure!(later.pages_dirtied > at_switchover.pages_dirtied, "{later}");
+    // The jump across the switchover, in ms of guest clock, against the
+    // host time it can cover: the downtime and how long the destination
+    // had run when it was read.
+    let jump_ms = (first.ticks - at_switchover.ticks) * 1000 / HZ;
+    let allowed_ms = u64::try_from((summary.downtime + Duration::from_nanos(ran_ns)).as_millis())?
+        + 2 * 1000 / HZ;
+    eprintln!(
+        "timer guest: downtime {:?}, clock jump {jump_ms} ms (allowed {allowed_ms} ms), {} -> {} ticks",
+        summary.downtime, at_switchover.ticks, later.ticks
+    );
+    ensure!(
+        jump_ms <= allowed_ms,
+        "the clock jumped {jump_ms} ms forward across a {:?} downtime",
+        summary.downtime
+    );
+    Ok(())
+}
+
 #[test]
 fn idle_guest_migrates() -> Result<()> {
     let events = migrates_and_lives_on(

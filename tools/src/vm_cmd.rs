@@ -88,6 +88,26 @@ pub struct GuestArgs {
     /// vCPUs; the workload guest runs one dirty loop on each.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=ferry_vm::MAX_VCPUS as u64))]
     pub cpus: u64,
+    /// Timer mode: the guest programs the PIT to interrupt it this many
+    /// times a second, halts between ticks and uses them as its clock
+    /// (vm/guest/GUEST.md); 0 = off.
+    #[arg(long, default_value_t = 0, value_parser = parse_hz)]
+    pub hz: u64,
+}
+
+/// `--hz`: 0 (off) or what the guest can program the PIT to.
+pub(crate) fn parse_hz(s: &str) -> Result<u64, String> {
+    let hz: u64 = s
+        .parse()
+        .map_err(|_| format!("`{s}`: want a number of ticks per second"))?;
+    if hz != 0 && !(ferry_vm::GUEST_MIN_HZ..=ferry_vm::GUEST_MAX_HZ).contains(&hz) {
+        return Err(format!(
+            "`{hz}`: want 0 (off) or {}..={}",
+            ferry_vm::GUEST_MIN_HZ,
+            ferry_vm::GUEST_MAX_HZ
+        ));
+    }
+    Ok(hz)
 }
 
 fn parse_mem(s: &str) -> Result<u64, String> {
@@ -153,6 +173,7 @@ impl GuestArgs {
             verify: self.verify,
             tsc_khz: Some(u64::from(tsc_khz)),
             cpus: self.cpus,
+            hz: self.hz,
             ..GuestParams::default()
         };
         Ok(p.to_cmdline())

@@ -15,6 +15,13 @@
 #define AP_MAGIC   0x46455241      /* EAX of a vCPU the VMM starts as an AP ("FERA") */
 #define KSTACK     4096            /* per-CPU ring-0 stack (exceptions only) */
 #define USTACK     16384           /* per-CPU ring-3 stack */
+#define IDT_VECS   48              /* 32 exceptions, then the 16 PIC IRQs at 0x20 */
+#define ST_TICKS   0xB8            /* status block: timer ticks (vm/guest/GUEST.md) */
+#define ST_HZ      0xC0            /* status block: the rate the PIT runs at */
+#define PIT_HZ     1193182         /* the 8254's input clock */
+#define LAPIC      0xFEE00000      /* local APIC registers (identity-mapped) */
+#define SYS_TIMER_START 1          /* ring-3 service (ud2, RAX): program PIC + PIT, RDI = hz */
+#define SYS_HALT        2          /* ring-3 service: hlt unless ticks != RDI */
 
         .section .multiboot, "a"
         .align 4
@@ -182,23 +189,22 @@ _start64:
         testq   %rbx, %rbx
         jnz     ap_idt
 
-        /* IDT: 32 interrupt gates, handler i = vec_stubs + 16 * i. */
+        /* IDT: 48 interrupt gates, handler i = vec_stubs + 16 * i; then
+         * #UD (6) is the ring-3 service call and IRQ 0 (0x20) the timer. */
         movq    $idt, %rdi
         movq    $vec_stubs, %rsi
-        movl    $32, %ecx
+        movl    $IDT_VECS, %ecx
 6:
-        movq    %rsi, %rax
-        movw    %ax, (%rdi)
-        movw    $0x08, 2(%rdi)
-        movw    $0x8E00, 4(%rdi)
-        shrq    $16, %rax
-        movw    %ax, 6(%rdi)
-        shrq    $16, %rax
-        movl    %eax, 8(%rdi)
-        movl    $0, 12(%rdi)
+        call    set_gate
         addq    $16, %rdi
         addq    $16, %rsi
         loop    6b
+        movq    $idt + 6 * 16, %rdi
+        movq    $service, %rsi
+        call    set_gate
+        movq    $idt + 0x20 * 16, %rdi
+        movq    $timer_irq, %rsi
+        call    set_gate
         movl    $1, idt_ready
         lidt    idt_ptr
 
@@ -229,6 +235,103 @@ ap_idt:
         pushq   $guest_ap_main
         iretq
 
+/* Interrupt gate at RDI for the handler at RSI (clobbers RAX). */
+set_gate:
+        movq    %rsi, %rax
+        movw    %ax, (%rdi)
+        movw    $0x08, 2(%rdi)
+        movw    $0x8E00, 4(%rdi)
+        shrq    $16, %rax
+        movw    %ax, 6(%rdi)
+        shrq    $16, %rax
+        movl    %eax, 8(%rdi)
+        movl    $0, 12(%rdi)
+        ret
+
+/*
+ * Ring-3 services (vm/guest/GUEST.md, timer mode): ring 3 cannot program
+ * the PIC and PIT or halt, so it executes `ud2` with a function in RAX and
+ * lands here (#UD, no error code: the frame is RIP, CS, RFLAGS, RSP, SS).
+ */
+service:
+        cmpq    $SYS_HALT, %rax
+        je      sys_halt
+        cmpq    $SYS_TIMER_START, %rax
+        je      sys_timer_start
+        pushq   $6                     /* a real #UD: fatal */
+        jmp     fatal
+sys_halt:
+        addq    $2, (%rsp)             /* past the ud2 */
+        cmpq    %rdi, STATUS + ST_TICKS
+        jne     1f                     /* a tick came already: no wait */
+        sti                            /* sti; hlt: no tick slips in between */
+        hlt
+        cli
+1:
+        iretq
+sys_timer_start:
+        addq    $2, (%rsp)
+        pushq   %rdx
+        pushq   %rcx
+        movq    %rdi, STATUS + ST_HZ
+        /* Local APIC: software-enabled, LINT0 = ExtINT (the PIC's virtual
+         * wire, as firmware leaves it), so the PIC's interrupts reach this CPU. */
+        movl    $LAPIC, %ecx
+        movl    $0x1FF, 0xF0(%rcx)
+        movl    $0x700, 0x350(%rcx)
+        /* PICs: ICW1 edge + ICW4, vectors 0x20 / 0x28, cascade on IRQ 2,
+         * 8086 mode; mask everything but IRQ 0. */
+        movb    $0x11, %al
+        outb    %al, $0x20
+        outb    %al, $0xA0
+        movb    $0x20, %al
+        outb    %al, $0x21
+        movb    $0x28, %al
+        outb    %al, $0xA1
+        movb    $0x04, %al
+        outb    %al, $0x21
+        movb    $0x02, %al
+        outb    %al, $0xA1
+        movb    $0x01, %al
+        outb    %al, $0x21
+        outb    %al, $0xA1
+        movb    $0xFE, %al
+        outb    %al, $0x21
+        movb    $0xFF, %al
+        outb    %al, $0xA1
+        /* PIT channel 0, lobyte/hibyte, mode 2 (rate generator): divisor = PIT_HZ / hz */
+        movb    $0x34, %al
+        outb    %al, $0x43
+        movl    $PIT_HZ, %eax
+        xorl    %edx, %edx
+        movq    %rdi, %rcx
+        divl    %ecx
+        outb    %al, $0x40
+        movb    %ah, %al
+        outb    %al, $0x40
+        popq    %rcx
+        popq    %rdx
+        orq     $0x200, 16(%rsp)       /* ring 3 goes on with interrupts on */
+        iretq
+
+/* IRQ 0: one more tick; end of interrupt to the master PIC. */
+timer_irq:
+        pushq   %rax
+        lock incq STATUS + ST_TICKS
+        movb    $0x20, %al
+        outb    %al, $0x20
+        popq    %rax
+        iretq
+
+/* Any other IRQ (all masked: spurious): end of interrupt, ignore it. */
+other_irq:
+        pushq   %rax
+        movb    $0x20, %al
+        outb    %al, $0xA0
+        outb    %al, $0x20
+        popq    %rax
+        iretq
+
 /* Any exception is fatal: phase = 0xDEAD, record vector and rip, halt. */
         .align 16
 vec_stubs:
@@ -238,6 +341,10 @@ vec_stubs:
         pushq   $vec
         jmp     fatal
         .set vec, vec + 1
+        .endr
+        .rept IDT_VECS - 32
+        .align 16
+        jmp     other_irq
         .endr
 fatal:
         popq    %rax                   /* vector */
@@ -280,7 +387,7 @@ gdt_ptr:
         .align 4
         .word   0
 idt_ptr:
-        .word   32 * 16 - 1
+        .word   IDT_VECS * 16 - 1
         .quad   idt
 mbi_ptr:
         .long   0
@@ -296,7 +403,7 @@ ap_next:
 pml4:   .skip   4096
 pdpt:   .skip   4096
 pds:    .skip   4096 * PD_COUNT
-idt:    .skip   32 * 16
+idt:    .skip   IDT_VECS * 16
 tss:    .skip   104 * MAX_CPUS
         .align 4096
 kstacks: .skip  KSTACK * MAX_CPUS

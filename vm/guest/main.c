@@ -10,6 +10,8 @@
  * cpus:   one dirty loop per vCPU over its own share of the working set
  *         (vm/guest/GUEST.md); vCPU 0 is the BSP, the others arrive through
  *         guest_ap_main
+ * hz:     timer mode: the PIT interrupts the BSP hz times a second, the
+ *         ticks are the guest's clock, and the BSP halts between them
  */
 typedef unsigned long u64;
 typedef unsigned int u32;
@@ -31,7 +33,15 @@ enum {
     ST_PASS_POS = 0xA0 / 8,
     /* vm/guest/GUEST.md: vCPUs checked in, vCPUs running a loop */
     ST_CPUS_ONLINE = 0xA8 / 8, ST_CPUS = 0xB0 / 8,
+    /* vm/guest/GUEST.md, timer mode: ticks taken, the rate asked of the PIT,
+     * halts (BSP) */
+    ST_TICKS = 0xB8 / 8, ST_HZ = 0xC0 / 8, ST_HALTS = 0xC8 / 8,
 };
+
+/* ring-3 services (boot.S): `ud2` with the function in RAX */
+enum { SYS_TIMER_START = 1, SYS_HALT = 2 };
+#define MIN_HZ 19       /* the PIT's 16-bit divisor: 1193182 / 19 < 65536 */
+#define MAX_HZ 10000
 
 #define MAX_CPUS   16                   /* as boot.S */
 #define CPU_TABLE  0x200UL              /* vCPU i >= 1: 0x200 + 0x40 * (i - 1) */
@@ -112,6 +122,7 @@ struct params {
     u64 mix_zero;    /* fill=mix: percent of pages that are zero */
     u64 mix_text;    /* fill=mix: percent of pages that are text-like */
     u64 cpus;        /* vCPUs to wait for (up to 2 s) before the loops start */
+    u64 hz;          /* timer mode: PIT interrupts per second; 0 off */
 };
 
 static int streq(const char *a, const char *b, u64 n)
@@ -181,6 +192,9 @@ static void parse_cmdline(const char *c, struct params *p)
             ok = parse_num(val, vlen, 1, &p->verify);
         } else if (streq(key, "cpus", klen)) {
             ok = parse_num(val, vlen, 1, &p->cpus) && p->cpus >= 1;
+        } else if (streq(key, "hz", klen)) {
+            ok = parse_num(val, vlen, 1, &p->hz)
+                 && (p->hz == 0 || (p->hz >= MIN_HZ && p->hz <= MAX_HZ));
         }
         /* unknown keys are ignored: the VMM validates what it passes */
         if (!ok) fatal(REASON_BAD_CMDLINE);
@@ -345,7 +359,7 @@ void guest_main(struct mb_info *mbi);
 
 void guest_main(struct mb_info *mbi)
 {
-    struct params p = { 0, 0, 0, 0, 1, FILL_RANDOM, 256, 40, 30, 1 };
+    struct params p = { 0, 0, 0, 0, 1, FILL_RANDOM, 256, 40, 30, 1, 0 };
     volatile u64 *st = STATUS;
     st[ST_PHASE] = PHASE_BOOT;
     st[ST_MAGIC] = MAGIC;
@@ -371,7 +385,7 @@ void guest_main(struct mb_info *mbi)
         }
     }
     if (!p.tsc_khz) {
-        if (p.rate && !p.rate_max) fatal(REASON_NO_TSC_KHZ);
+        if (p.rate && !p.rate_max && !p.hz) fatal(REASON_NO_TSC_KHZ);
         p.tsc_khz = 1000000; /* only the heartbeat's millisecond depends on it */
     }
 
@@ -388,6 +402,9 @@ void guest_main(struct mb_info *mbi)
     st[ST_VERIFIED] = 0;
     st[ST_VERIFY_ERRORS] = 0;
     st[ST_FIRST_BAD] = 0;
+    st[ST_TICKS] = 0;
+    st[ST_HZ] = 0;
+    st[ST_HALTS] = 0;
 
     if (p.fill == FILL_RANDOM) {
         st[ST_PHASE] = PHASE_FILLING;
@@ -399,6 +416,8 @@ void guest_main(struct mb_info *mbi)
             fill_page(a);
     }
     prm = p;
+    if (p.hz) /* ring 0 programs the PIC and PIT and enables interrupts */
+        __asm__ volatile("ud2" : : "a"((u64)SYS_TIMER_START), "D"(p.hz) : "memory");
     start_loops(total_pages);
     st[ST_PHASE] = PHASE_RUNNING;
     run(&shares[0]);
@@ -467,12 +486,34 @@ void guest_ap_main(u64 cpu)
         __asm__ volatile("pause");
 }
 
+/* The guest's clock: the TSC, or in timer mode the ticks (1000 units a
+ * tick, so `hz` units a millisecond). */
+static inline u64 clock_now(void)
+{
+    if (prm.hz) return STATUS[ST_TICKS] * 1000;
+    return rdtsc();
+}
+
+/* Nothing to do until the clock moves on from `now`: the BSP halts until
+ * the next tick (ring 0 checks the ticks again with interrupts off, so a
+ * tick that came meanwhile is not waited for); an AP, which the PIC does
+ * not interrupt, spins. */
+static void idle(const struct share *s, u64 now)
+{
+    if (s == &shares[0]) {
+        __asm__ volatile("ud2" : : "a"((u64)SYS_HALT), "D"(now / 1000) : "memory");
+        STATUS[ST_HALTS] += 1;
+    } else {
+        __asm__ volatile("pause");
+    }
+}
+
 /* The dirty loop and self-check of one vCPU, forever. */
 static void run(struct share *s)
 {
     const struct params *p = &prm;
-    const u64 tick = p->tsc_khz;           /* TSC ticks per ms */
-    u64 start = rdtsc(), last_ms = start;
+    const u64 tick = p->hz ? p->hz : p->tsc_khz; /* clock units per ms */
+    u64 start = clock_now(), last_ms = start;
     u64 written = 0;                       /* writes since start (pacing) */
     u64 pass = 0, pos = 0, cur = 0;        /* cur = share page at pos */
     u64 vpage = 0;                         /* next page to verify */
@@ -480,7 +521,7 @@ static void run(struct share *s)
     if (!p->fill) verify_total = 0;        /* nothing known to check without a fill */
 
     for (;;) {
-        u64 now = rdtsc();
+        u64 now = clock_now();
         if (now - last_ms >= tick) {
             last_ms = now;
             *s->f[C_HEARTBEAT] += 1;
@@ -492,7 +533,10 @@ static void run(struct share *s)
                 if (++vpage == verify_total) vpage = 0;
             }
         }
-        if ((!s->rate && !p->rate_max) || !s->pages) continue;
+        if ((!s->rate && !p->rate_max) || !s->pages) {
+            if (p->hz) idle(s, now);
+            continue;
+        }
         /* pages allowed by now: rate * elapsed */
         u64 budget;
         if (p->rate_max) {
@@ -523,5 +567,6 @@ static void run(struct share *s)
             }
             *s->f[C_PASS_POS] = (pass << 32) | pos;
         }
+        if (p->hz && budget == 0) idle(s, now);
     }
 }

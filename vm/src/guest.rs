@@ -118,6 +118,15 @@ pub struct GuestStatus {
     /// GUEST.md, which runs one).
     #[serde(default)]
     pub cpus: u64,
+    /// Timer mode: timer interrupts taken (0xB8; 0 without `hz`).
+    #[serde(default)]
+    pub ticks: u64,
+    /// Timer mode: the rate the guest programmed the PIT to (0xC0).
+    #[serde(default)]
+    pub hz: u64,
+    /// Timer mode: times the BSP halted waiting for a tick (0xC8).
+    #[serde(default)]
+    pub halts: u64,
     /// Counters of the vCPUs running a loop, vCPU 0 first (its values are
     /// the fields above): see [`GuestStatus::vcpus`].
     #[serde(
@@ -172,6 +181,9 @@ impl GuestStatus {
         entries[0] = cpu0;
         Self {
             cpus: 0,
+            ticks: 0,
+            hz: 0,
+            halts: 0,
             vcpu_table: VcpuTable { len: 1, entries },
             magic_ok: w[0] == STATUS_MAGIC,
             phase: GuestPhase::from(w[1]),
@@ -198,6 +210,9 @@ impl GuestStatus {
         }
         let mut st = Self::from_words(&w);
         st.cpus = word(0xB0)?;
+        st.ticks = word(0xB8)?;
+        st.hz = word(0xC0)?;
+        st.halts = word(0xC8)?;
         let cpus = usize::try_from(st.cpus).unwrap_or(0).min(GUEST_MAX_CPUS);
         for i in 1..cpus {
             let base = CPU_TABLE + CPU_ENTRY * (i as u64 - 1);
@@ -256,6 +271,13 @@ impl fmt::Display for GuestStatus {
             self.pages_verified,
             self.verify_errors
         )?;
+        if self.hz != 0 {
+            write!(
+                f,
+                " ticks {} at {} Hz, halts {}",
+                self.ticks, self.hz, self.halts
+            )?;
+        }
         if self.vcpus().len() > 1 {
             for (i, c) in self.vcpus().iter().enumerate().skip(1) {
                 write!(
@@ -312,7 +334,15 @@ pub struct GuestParams {
     pub verify: u64,
     /// vCPUs to wait for before the loops start (vm/guest/GUEST.md).
     pub cpus: u64,
+    /// Timer mode: PIT interrupts per second (0 off; else
+    /// [`GUEST_MIN_HZ`]..=[`GUEST_MAX_HZ`], vm/guest/GUEST.md).
+    pub hz: u64,
 }
+
+/// Slowest timer the guest programs (the PIT's divisor is 16 bits).
+pub const GUEST_MIN_HZ: u64 = 19;
+/// Fastest timer the guest programs.
+pub const GUEST_MAX_HZ: u64 = 10_000;
 
 impl Default for GuestParams {
     fn default() -> Self {
@@ -324,6 +354,7 @@ impl Default for GuestParams {
             fill: GuestFill::Random,
             verify: 256,
             cpus: 1,
+            hz: 0,
         }
     }
 }
@@ -370,9 +401,17 @@ impl GuestParams {
                         return Err(format!("`cpus={val}`: want 1..={GUEST_MAX_CPUS}"));
                     }
                 }
+                "hz" => {
+                    p.hz = num(val)?;
+                    if p.hz != 0 && !(GUEST_MIN_HZ..=GUEST_MAX_HZ).contains(&p.hz) {
+                        return Err(format!(
+                            "`hz={val}`: want 0 (off) or {GUEST_MIN_HZ}..={GUEST_MAX_HZ}"
+                        ));
+                    }
+                }
                 _ => {
                     return Err(format!(
-                        "unknown guest parameter `{key}` (known: wss, rate, tsc_khz, seed, fill, mix_zero, mix_text, verify, cpus)"
+                        "unknown guest parameter `{key}` (known: wss, rate, tsc_khz, seed, fill, mix_zero, mix_text, verify, cpus, hz)"
                     ))
                 }
             }
@@ -414,6 +453,9 @@ impl GuestParams {
         if self.cpus != 1 {
             s.push_str(&format!(" cpus={}", self.cpus));
         }
+        if self.hz != 0 {
+            s.push_str(&format!(" hz={}", self.hz));
+        }
         s
     }
 }
@@ -439,8 +481,10 @@ mod tests {
     #[test]
     fn params_round_trip() {
         let p =
-            GuestParams::parse("wss=64 rate=20000 tsc_khz=2300000 seed=7 verify=0 cpus=2").unwrap();
+            GuestParams::parse("wss=64 rate=20000 tsc_khz=2300000 seed=7 verify=0 cpus=2 hz=100")
+                .unwrap();
         assert_eq!(p.cpus, 2);
+        assert_eq!(p.hz, 100);
         assert_eq!(p.wss_bytes, Some(64 << 20));
         assert_eq!(p.rate, Some(20000));
         assert_eq!(GuestParams::parse(&p.to_cmdline()).unwrap(), p);
@@ -486,6 +530,9 @@ mod tests {
         assert!(GuestParams::parse("rate=fast").is_err());
         assert!(GuestParams::parse("wss=12X").is_err());
         assert!(GuestParams::parse("wss").is_err());
+        assert!(GuestParams::parse("hz=18").is_err());
+        assert!(GuestParams::parse("hz=10001").is_err());
+        assert_eq!(GuestParams::parse("hz=0").unwrap().hz, 0);
     }
 
     #[test]

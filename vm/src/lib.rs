@@ -41,7 +41,7 @@ pub use dirty::VmDirtyLog;
 pub use error::VmError;
 pub use guest::{
     guest_elf_path, parse_size, GuestFill, GuestParams, GuestPhase, GuestStatus, VcpuCounters,
-    FILL_BASE, GUEST_ELF, GUEST_MAX_CPUS, STATUS_ADDR,
+    FILL_BASE, GUEST_ELF, GUEST_MAX_CPUS, GUEST_MAX_HZ, GUEST_MIN_HZ, STATUS_ADDR,
 };
 pub use loader::{load_multiboot, LoadedImage};
 pub use state::{SectionInfo, StateSection, VCPU_SECTION, VM_SECTIONS};
