@@ -189,6 +189,16 @@ pub enum MigrationError {
         /// The migration, as the destination knows it.
         migration_id: u64,
     },
+    /// The pre-GO hook ([`crate::PreGoHook`]) refused GO: the migration is
+    /// abandoned before GO; the guest is resumed here unless
+    /// `keep_paused`.
+    #[error("GO withheld: {reason}{}", if *keep_paused { "; the source guest stays paused" } else { "" })]
+    PreGoRefused {
+        /// Why.
+        reason: String,
+        /// The guest stays paused here.
+        keep_paused: bool,
+    },
     /// An engine thread panicked.
     #[error("an engine worker thread panicked")]
     WorkerPanicked,
@@ -225,6 +235,13 @@ impl MigrationError {
 
     /// True when the source guest was left paused (handover in doubt).
     pub fn source_left_paused(&self) -> bool {
-        matches!(self, Self::InDoubt { .. })
+        matches!(
+            self,
+            Self::InDoubt { .. }
+                | Self::PreGoRefused {
+                    keep_paused: true,
+                    ..
+                }
+        )
     }
 }

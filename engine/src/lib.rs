@@ -105,7 +105,9 @@ pub use handover::{
     Reconnect, ResolveError,
 };
 pub use layout::{MemoryLayout, MemoryRegion};
-pub use options::{DestinationOptions, MigrationOptions, DEFAULT_PAUSE_MARGIN};
+pub use options::{
+    DestinationOptions, MigrationOptions, PreGoHook, PreGoRefusal, DEFAULT_PAUSE_MARGIN,
+};
 pub use progress::{HandoverStep, ProgressEvent};
 pub use sections::{DeviceSection, SectionError, SectionSpec};
 pub use source::SourceMigration;

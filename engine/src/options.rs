@@ -46,6 +46,42 @@ pub struct MigrationOptions {
     /// guest resumes here. After GO without an answer, the destination is
     /// asked again over a fresh connection for at most this long too.
     pub pause_margin: Duration,
+    /// Called after READY, right before GO, with the guest paused: GO is
+    /// sent only when it agrees (e.g. the VM's ownership record moved to
+    /// the destination). Its time is part of the pause
+    /// ([`DowntimeBreakdown::pre_go`](crate::DowntimeBreakdown::pre_go)).
+    pub pre_go: Option<PreGoHook>,
+}
+
+/// Why a [`PreGoHook`] refused GO.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct PreGoRefusal {
+    /// Why.
+    pub reason: String,
+    /// The source may not resume its guest either (it no longer owns it,
+    /// or cannot tell): it stays paused, as after a GO in doubt.
+    pub keep_paused: bool,
+}
+
+/// The source's last word before GO: `Ok` sends GO; a refusal abandons
+/// the migration ([`crate::MigrationError::PreGoRefused`]) and resumes the
+/// guest here unless the refusal says to keep it paused. Called once, on
+/// the migration's thread; keep it short: the guest is paused.
+#[derive(Clone)]
+pub struct PreGoHook(pub std::sync::Arc<dyn Fn() -> Result<(), PreGoRefusal> + Send + Sync>);
+
+impl PreGoHook {
+    /// A hook running `f`.
+    pub fn new(f: impl Fn() -> Result<(), PreGoRefusal> + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for PreGoHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PreGoHook")
+    }
 }
 
 impl MigrationOptions {
@@ -68,6 +104,7 @@ impl Default for MigrationOptions {
             batch_bytes: 256 << 10,
             handover_timeout: Duration::from_secs(30),
             pause_margin: DEFAULT_PAUSE_MARGIN,
+            pre_go: None,
         }
     }
 }

@@ -46,6 +46,10 @@ pub struct DowntimeBreakdown {
     /// vCPU running).
     #[serde(serialize_with = "as_ms", rename = "dest_resume_ms")]
     pub dest_resume: Duration,
+    /// Of `go_to_resume`: the pre-GO hook on the source (zero without
+    /// one), e.g. a cluster store's ownership swap.
+    #[serde(serialize_with = "as_ms", rename = "pre_go_ms")]
+    pub pre_go: Duration,
 }
 
 /// The source's account of a completed migration.

@@ -104,3 +104,76 @@ fn a_lower_bandwidth_cap_shows_in_the_next_round() -> Result<()> {
     assert!(summary.rounds >= 2);
     Ok(())
 }
+
+/// The pre-GO hook runs once, with the guest paused, before GO: when it
+/// agrees the migration completes and its time is in the pause's
+/// breakdown; when it refuses with `keep_paused` the destination never
+/// runs the guest and the source's copy stays paused (it no longer owns
+/// it); a plain refusal resumes the guest here.
+#[test]
+fn the_pre_go_hook_decides_whether_go_is_sent() -> Result<()> {
+    use ferry_engine::{PreGoHook, PreGoRefusal};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let Some(_kvm) = kvm_or_skip("the_pre_go_hook_decides_whether_go_is_sent") else {
+        return Ok(());
+    };
+    // Agrees: completes, the hook ran once while the guest was paused.
+    let vm = boot(64, GUEST)?;
+    let dst = Destination::spawn(DestinationOptions::default())?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (seen, paused_vm) = (calls.clone(), vm.clone());
+    let opts = MigrationOptions {
+        pre_go: Some(PreGoHook::new(move || {
+            assert!(
+                !matches!(paused_vm.run_state(), ferry_vm::RunState::Running),
+                "the guest is paused when the hook runs"
+            );
+            seen.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })),
+        ..MigrationOptions::default()
+    };
+    let summary = SourceMigration::new(vm.clone(), opts).run(tcp::connect(dst.addr)?, |_| {})?;
+    let (moved, _) = dst.join()?;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(summary.downtime_parts.pre_go <= summary.downtime_parts.go_to_resume);
+    assert_alive(&moved, "after a migration the hook agreed to")?;
+
+    for keep_paused in [true, false] {
+        let vm = boot(64, GUEST)?;
+        let dst = Destination::spawn(DestinationOptions::default())?;
+        let opts = MigrationOptions {
+            pre_go: Some(PreGoHook::new(move || {
+                Err(PreGoRefusal {
+                    reason: "the record moved elsewhere".into(),
+                    keep_paused,
+                })
+            })),
+            ..MigrationOptions::default()
+        };
+        let result = SourceMigration::new(vm.clone(), opts).run(tcp::connect(dst.addr)?, |_| {});
+        let err = result.expect_err("a refused GO fails the migration");
+        assert!(
+            matches!(err, MigrationError::PreGoRefused { keep_paused: k, .. } if k == keep_paused),
+            "{err:?}"
+        );
+        assert_eq!(err.source_left_paused(), keep_paused);
+        assert!(
+            dst.join().is_err(),
+            "the destination must not run the guest"
+        );
+        if keep_paused {
+            assert!(
+                !matches!(vm.run_state(), ferry_vm::RunState::Running),
+                "a guest the source no longer owns stays paused"
+            );
+            let before = vm.status().heartbeat;
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(vm.status().heartbeat, before, "a paused guest does not run");
+        } else {
+            assert_alive(&vm, "after a refused GO")?;
+        }
+    }
+    Ok(())
+}

@@ -59,6 +59,7 @@ async fn migrate(
         seconds: 0.5,
         downtime_ms: 20.0,
         bytes: 512 << 20,
+        ownership: None,
     }))
 }
 

@@ -19,6 +19,19 @@
 //! it alive; when it cannot renew it in time it fences itself (`--fence
 //! pause|kill` its VMs) before the lease can expire, so that the VMs the
 //! cluster restarts elsewhere no longer run here.
+//!
+//! On the store an agent runs only what the VMs' ownership records let it:
+//! at start it does not boot a `--vm` whose record names another host, and
+//! when it joins again after fencing it stops every VM whose record moved
+//! elsewhere meanwhile (and resumes the ones still its own); it says so on
+//! stderr and in its log. A migration the daemon asks for with an
+//! ownership claim moves the VM's record to the destination right before
+//! GO (a compare-and-swap under the leader's token, inside the pause); if
+//! the swap fails the migration is abandoned, and the VM resumes here only
+//! if this host still owns it. A source left with a paused copy (the swap's
+//! outcome unknown, or the destination gone after GO) follows the record:
+//! it resumes the copy when the record comes back here (the leader's
+//! restart) and drops it when the record names a live host.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -30,12 +43,15 @@ use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Args;
-use ferry_engine::{DestinationMigration, DestinationOptions, MigrationOptions, SourceMigration};
+use ferry_engine::{
+    DestinationMigration, DestinationOptions, MigrationOptions, PreGoHook, PreGoRefusal,
+    SourceMigration,
+};
 use ferry_scheduler::daemon::client::JsonClient;
 use ferry_scheduler::daemon::metrics::{self, MigrationMeasure, MigrationMetrics};
 use ferry_scheduler::daemon::protocol::{
     AgentStatus, AgentVm, Done, IncomingReply, IncomingRequest, LoadRequest, MigrateReply,
-    MigrateRequest, Refusal, VmRequest, INCOMING_TIMEOUT,
+    MigrateRequest, Refusal, SwapReport, VmRequest, INCOMING_TIMEOUT,
 };
 use ferry_transport::lanes::MAX_LANES;
 use ferry_transport::{default_lane_count, LaneListener, LaneOptions};
@@ -43,6 +59,7 @@ use ferry_vm::{host_tsc_khz, DirtyBackend, GuestParams, Vm, VmConfig};
 
 use ferry_control::units::{parse_duration, BareUnit};
 use ferry_scheduler::ha::lease_keeper::FenceMode;
+use ferry_scheduler::store::{ClusterStore, Leadership, OwnerRecord, StoreError};
 
 use crate::security_args::{SecurityArgs, SecuritySpec};
 
@@ -105,6 +122,8 @@ struct Agent {
     vms: Mutex<BTreeMap<String, HostedVm>>,
     /// Names with a migration in or out in progress.
     busy: Mutex<std::collections::BTreeSet<String>>,
+    /// The cluster store (`--etcd`): ownership records.
+    store: Option<ClusterStore>,
 }
 
 type Answer<T> = Result<Json<T>, Refusal>;
@@ -172,6 +191,98 @@ impl Agent {
         }
     }
 
+    /// The VM's record when it names another host (the store's error
+    /// when it cannot be read).
+    fn owned_elsewhere(&self, vm: &str) -> Result<Option<OwnerRecord>, StoreError> {
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        Ok(store.record(vm)?.filter(|r| r.host != self.host))
+    }
+
+    /// After joining again: stop what this host no longer owns, resume
+    /// what it still does. Returns whether every VM could be decided.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    fn reconcile(&self) -> bool {
+        let names: Vec<String> = self.vms.lock().expect("vms lock").keys().cloned().collect();
+        let mut decided = true;
+        for name in names {
+            decided &= self.follow_record(&name) != Follow::Undecided;
+        }
+        decided
+    }
+
+    /// Makes `vm` (held here) follow its record: resumed when this host
+    /// owns it (or nobody does), stopped when a live host does; left
+    /// paused while the owner is dead (the leader restarts it here or
+    /// elsewhere) or the store cannot be read.
+    fn follow_record(&self, vm: &str) -> Follow {
+        let Some(store) = &self.store else {
+            return Follow::Undecided;
+        };
+        let rec = match store.record(vm) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(vm, error = %ferry_scheduler::daemon::agent::error_chain(&e), "cannot read the VM's record; it stays as it is");
+                return Follow::Undecided;
+            }
+        };
+        match rec {
+            Some(r) if r.host != self.host => {
+                if !store.host_alive(&r.host).unwrap_or(false) {
+                    return Follow::Undecided;
+                }
+                let gone = self.vms.lock().expect("vms lock").remove(vm);
+                if gone.is_some() {
+                    let msg = format!(
+                        "ferry agent {}: stopping VM {vm}: it is not ours (its record names host {}, epoch {})",
+                        self.host, r.host, r.epoch
+                    );
+                    tracing::warn!(vm, owner = %r.host, epoch = r.epoch, "stopping a VM this host does not own");
+                    eprintln!("{msg}");
+                }
+                drop(gone);
+                Follow::Stopped
+            }
+            _ => {
+                let vms = self.vms.lock().expect("vms lock");
+                if let Some(h) = vms.get(vm) {
+                    if !matches!(h.vm.run_state(), ferry_vm::RunState::Running) {
+                        match h.vm.resume() {
+                            Ok(()) => {
+                                tracing::info!(vm, "resumed: this host owns it");
+                                eprintln!(
+                                    "ferry agent {}: resumed VM {vm}: this host owns it",
+                                    self.host
+                                );
+                            }
+                            Err(e) => {
+                                tracing::error!(vm, error = %e, "cannot resume a VM this host owns");
+                                return Follow::Undecided;
+                            }
+                        }
+                    }
+                }
+                Follow::Runs
+            }
+        }
+    }
+
+    /// A paused copy left by a migration: follows its record until it
+    /// runs here or is dropped.
+    fn follow_paused_copy(self: &Arc<Self>, vm: String) {
+        let agent = self.clone();
+        std::thread::spawn(move || loop {
+            if !agent.vms.lock().expect("vms lock").contains_key(&vm) {
+                return;
+            }
+            match agent.follow_record(&vm) {
+                Follow::Undecided => std::thread::sleep(Duration::from_millis(200)),
+                Follow::Runs | Follow::Stopped => return,
+            }
+        });
+    }
+
     fn status(&self) -> AgentStatus {
         let vms = self.vms.lock().expect("vms lock");
         AgentStatus {
@@ -188,8 +299,76 @@ impl Agent {
         }
     }
 
+    /// The pre-GO hook moving `rec` to `to` under the leader's token; the
+    /// swap's report lands in `report`.
+    fn ownership_swap(
+        &self,
+        req: &MigrateRequest,
+        report: Arc<Mutex<Option<SwapReport>>>,
+    ) -> Result<Option<PreGoHook>, Refusal> {
+        let (Some(store), Some(claim)) = (&self.store, &req.ownership) else {
+            return Ok(None);
+        };
+        let rec = store
+            .record(&req.vm)
+            .map_err(|e| {
+                Refusal::unavailable(format!(
+                    "reading {}'s record: {}",
+                    req.vm,
+                    ferry_scheduler::daemon::agent::error_chain(&e)
+                ))
+            })?
+            .ok_or_else(|| Refusal::conflict(format!("VM {} has no ownership record", req.vm)))?;
+        if rec.host != self.host || rec.epoch != claim.epoch {
+            return Err(Refusal::conflict(format!(
+                "VM {}'s record names {} at epoch {}, not {} at epoch {}",
+                req.vm, rec.host, rec.epoch, self.host, claim.epoch
+            )));
+        }
+        let leader = Leadership {
+            candidate: claim.candidate.clone(),
+            token: claim.token,
+            lease: 0,
+            ttl: Duration::ZERO,
+        };
+        let (store, to, me) = (store.clone(), req.target_host.clone(), self.host.clone());
+        Ok(Some(PreGoHook::new(move || {
+            let t = std::time::Instant::now();
+            let swapped = store.migrate(&leader, &rec, &to);
+            let swap_ms = t.elapsed().as_secs_f64() * 1e3;
+            match swapped {
+                Ok(new) => {
+                    *report.lock().expect("swap report lock") = Some(SwapReport {
+                        epoch: new.epoch,
+                        swap_ms,
+                    });
+                    Ok(())
+                }
+                Err(e) => {
+                    // Unchanged record (deposed leader, dead destination):
+                    // still ours. Moved elsewhere: not ours. Unknown (the
+                    // store did not answer): keep the guest paused.
+                    let keep_paused = match &e {
+                        StoreError::NotLeader { .. } | StoreError::HostDead { .. } => false,
+                        StoreError::Conflict { current, .. } => {
+                            current.as_ref().is_none_or(|c| c.host != me)
+                        }
+                        _ => true,
+                    };
+                    Err(PreGoRefusal {
+                        reason: format!(
+                            "the ownership swap to {to} failed: {}",
+                            ferry_scheduler::daemon::agent::error_chain(&e)
+                        ),
+                        keep_paused,
+                    })
+                }
+            }
+        })))
+    }
+
     /// Source side: ask the target for a listener, then run the engine.
-    fn migrate(&self, req: &MigrateRequest) -> anyhow::Result<MigrateReply> {
+    fn migrate(self: &Arc<Self>, req: &MigrateRequest) -> anyhow::Result<MigrateReply> {
         let (vm, mem_mb, cpu_mips) = {
             let vms = self.vms.lock().expect("vms lock");
             let h = vms
@@ -218,15 +397,32 @@ impl Agent {
         let to = SocketAddr::new(target.ip(), reply.port).to_string();
         let lanes = ferry_control::connect_lanes(&to, self.lanes, &self.security)
             .with_context(|| format!("opening the migration stream to {}", req.target_host))?;
-        let summary = SourceMigration::new(vm, MigrationOptions::default())
-            .run_lanes(lanes, |_| {})
-            .with_context(|| format!("migrating {} to {}", req.vm, req.target_host))?;
+        let swap = Arc::new(Mutex::new(None));
+        let opts = MigrationOptions {
+            pre_go: self
+                .ownership_swap(req, swap.clone())
+                .map_err(|r| anyhow::anyhow!(r.error))?,
+            ..MigrationOptions::default()
+        };
+        let summary = match SourceMigration::new(vm, opts).run_lanes(lanes, |_| {}) {
+            Ok(s) => s,
+            Err(e) => {
+                if e.source_left_paused() && self.store.is_some() {
+                    // The record decides what becomes of the paused copy.
+                    self.follow_paused_copy(req.vm.clone());
+                }
+                return Err(anyhow::Error::new(e)
+                    .context(format!("migrating {} to {}", req.vm, req.target_host)));
+            }
+        };
         tracing::info!(vm = %req.vm, to = %req.target_host, downtime_ms = summary.downtime.as_secs_f64() * 1e3, "migrated");
         self.vms.lock().expect("vms lock").remove(&req.vm);
+        let ownership = swap.lock().expect("swap report lock").take();
         Ok(MigrateReply {
             seconds: summary.total.as_secs_f64(),
             downtime_ms: summary.downtime.as_secs_f64() * 1e3,
             bytes: summary.wire_bytes,
+            ownership,
         })
     }
 
@@ -300,6 +496,17 @@ impl Agent {
     }
 }
 
+/// What [`Agent::follow_record`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Follow {
+    /// It runs here (this host owns it).
+    Runs,
+    /// Stopped: another live host owns it.
+    Stopped,
+    /// Left as it was (owner dead, store unreadable).
+    Undecided,
+}
+
 struct Unbusy<'a>(&'a Agent, String);
 
 impl Drop for Unbusy<'_> {
@@ -315,10 +522,50 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 async fn start_vm(State(a): State<Arc<Agent>>, Json(r): Json<VmRequest>) -> Answer<Done> {
-    if a.vms.lock().expect("vms lock").contains_key(&r.vm) {
+    let held = a
+        .vms
+        .lock()
+        .expect("vms lock")
+        .get(&r.vm)
+        .map(|h| h.vm.clone());
+    if let Some(vm) = held {
+        if matches!(vm.run_state(), ferry_vm::RunState::Running) {
+            return Err(Refusal::conflict(format!(
+                "VM {} already runs on {}",
+                r.vm, a.host
+            )));
+        }
+        // A paused copy (fenced, or a migration's source): starting it is
+        // resuming it, memory intact, when this host owns it.
+        let a2 = a.clone();
+        let name = r.vm.clone();
+        let owner = blocking(move || a2.owned_elsewhere(&name))
+            .await
+            .map_err(|e| Refusal::unavailable(ferry_scheduler::daemon::agent::error_chain(&e)))?;
+        if let Some(rec) = owner {
+            return Err(Refusal::conflict(format!(
+                "VM {} belongs to host {} (epoch {})",
+                r.vm, rec.host, rec.epoch
+            )));
+        }
+        vm.resume()
+            .map_err(|e| Refusal::failed(format!("resuming {}: {e}", r.vm)))?;
+        tracing::info!(vm = %r.vm, "paused copy resumed");
+        eprintln!(
+            "ferry agent {}: resumed the paused copy of {}",
+            a.host, r.vm
+        );
+        return done();
+    }
+    let a2 = a.clone();
+    let name = r.vm.clone();
+    let owner = blocking(move || a2.owned_elsewhere(&name))
+        .await
+        .map_err(|e| Refusal::unavailable(ferry_scheduler::daemon::agent::error_chain(&e)))?;
+    if let Some(rec) = owner {
         return Err(Refusal::conflict(format!(
-            "VM {} already runs on {}",
-            r.vm, a.host
+            "VM {} belongs to host {} (epoch {})",
+            r.vm, rec.host, rec.epoch
         )));
     }
     blocking(move || a.boot(&r.vm, r.mem_mb, 0.0))
@@ -421,7 +668,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         vms: Mutex::new(BTreeMap::new()),
         busy: Mutex::new(Default::default()),
         metrics: MigrationMetrics::register(&mut registry, "ferry_agent"),
+        store: store_of(&args)?,
     });
+    // Joined before booting: a VM owned elsewhere is not booted here.
+    keep_lease(&agent, &args)?;
     for spec in &args.vms {
         let mut it = spec.split(':');
         let (Some(name), Some(mem)) = (it.next(), it.next()) else {
@@ -436,10 +686,19 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             .transpose()
             .with_context(|| format!("--vm {spec}: CPU_MIPS"))?
             .unwrap_or(0.0);
+        if let Some(rec) = agent
+            .owned_elsewhere(name)
+            .context("reading the VM's record")?
+        {
+            eprintln!(
+                "ferry agent {}: not starting VM {name}: it is not ours (its record names host {}, epoch {})",
+                args.host, rec.host, rec.epoch
+            );
+            continue;
+        }
         agent.boot(name, mem, cpu)?;
     }
     let registry = Arc::new(registry);
-    let _keeper = keep_lease(&agent, &args)?;
     let app = Router::new()
         .route(
             "/v1/status",
@@ -487,29 +746,50 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     })
 }
 
-/// With `--etcd`: joins the cluster store and keeps this host's lease,
-/// fencing the agent's VMs when it cannot.
+/// The cluster store, with `--etcd`.
 #[cfg(feature = "etcd")]
-fn keep_lease(
-    agent: &Arc<Agent>,
-    args: &AgentArgs,
-) -> anyhow::Result<Option<ferry_scheduler::ha::lease_keeper::LeaseKeeper>> {
-    use ferry_scheduler::ha::lease_keeper::{FenceEvent, KeeperConfig, LeaseKeeper};
-    use ferry_scheduler::store::{etcd::EtcdOptions, ClusterStore, DEFAULT_PREFIX};
-
+fn store_of(args: &AgentArgs) -> anyhow::Result<Option<ClusterStore>> {
+    use ferry_scheduler::store::{etcd::EtcdOptions, DEFAULT_PREFIX};
     if args.etcd.is_empty() {
         return Ok(None);
     }
-    let store = ClusterStore::on_etcd(&args.etcd, EtcdOptions::default(), DEFAULT_PREFIX)
-        .context("connecting to etcd")?;
-    let fenced = agent.clone();
-    let keeper = LeaseKeeper::start(
-        store,
-        &args.host,
-        KeeperConfig::for_ttl(args.lease_ttl, args.fence),
-        Box::new(move |e: &FenceEvent| fenced.fence(e.mode)),
-    )
-    .context("keeping this host's lease")?;
+    Ok(Some(
+        ClusterStore::on_etcd(&args.etcd, EtcdOptions::default(), DEFAULT_PREFIX)
+            .context("connecting to etcd")?,
+    ))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn store_of(args: &AgentArgs) -> anyhow::Result<Option<ClusterStore>> {
+    if args.etcd.is_empty() {
+        return Ok(None);
+    }
+    anyhow::bail!("--etcd needs ferry built with the etcd feature (cargo build --features etcd)")
+}
+
+/// With `--etcd`: joins the cluster store and keeps this host's lease,
+/// fencing the agent's VMs when it cannot; after fencing, joins again as
+/// soon as it can and makes its VMs follow their records.
+fn keep_lease(agent: &Arc<Agent>, args: &AgentArgs) -> anyhow::Result<()> {
+    use ferry_scheduler::ha::lease_keeper::{FenceEvent, KeeperConfig, LeaseKeeper};
+
+    let Some(store) = agent.store.clone() else {
+        return Ok(());
+    };
+    let cfg = KeeperConfig::for_ttl(args.lease_ttl, args.fence);
+    let start = {
+        let (agent, store, host) = (agent.clone(), store.clone(), args.host.clone());
+        move || {
+            let fenced = agent.clone();
+            LeaseKeeper::start(
+                store.clone(),
+                &host,
+                cfg,
+                Box::new(move |e: &FenceEvent| fenced.fence(e.mode)),
+            )
+        }
+    };
+    let mut keeper = start().context("keeping this host's lease")?;
     eprintln!(
         "ferry agent {}: host lease {:x} on etcd (TTL {:?}, fence: {:?})",
         args.host,
@@ -517,13 +797,31 @@ fn keep_lease(
         keeper.lease().ttl,
         args.fence
     );
-    Ok(Some(keeper))
-}
-
-#[cfg(not(feature = "etcd"))]
-fn keep_lease(_agent: &Arc<Agent>, args: &AgentArgs) -> anyhow::Result<Option<()>> {
-    if args.etcd.is_empty() {
-        return Ok(None);
-    }
-    anyhow::bail!("--etcd needs ferry built with the etcd feature (cargo build --features etcd)")
+    let (agent, host) = (agent.clone(), args.host.clone());
+    std::thread::Builder::new()
+        .name("lease-rejoin".into())
+        .spawn(move || loop {
+            let Some(ev) = keeper.wait_fenced(Duration::from_secs(3600)) else {
+                continue;
+            };
+            eprintln!("ferry agent {host}: fenced ({:?}: {:?}); joining again", ev.mode, ev.reason);
+            keeper = loop {
+                match start() {
+                    Ok(k) => break k,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{:#}", anyhow::Error::new(e)), "cannot join the cluster again yet");
+                        std::thread::sleep(cfg.renew_every);
+                    }
+                }
+            };
+            eprintln!(
+                "ferry agent {host}: joined again (lease {:x}); VMs follow their records",
+                keeper.lease().lease
+            );
+            while !agent.reconcile() {
+                std::thread::sleep(cfg.renew_every);
+            }
+        })
+        .context("starting the lease thread")?;
+    Ok(())
 }

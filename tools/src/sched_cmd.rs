@@ -101,6 +101,62 @@ struct DaemonArgs {
     /// 1 if there is any.
     #[arg(long)]
     check: bool,
+    /// etcd endpoints (comma-separated): keep the cluster records (hosts'
+    /// leases, VM ownership, decisions in flight) there and run with the
+    /// other daemons on it: one leads, the others forward to it and take
+    /// over when it dies (needs the `etcd` feature). Without it, one daemon
+    /// alone.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// This daemon's name in the leader election (default: its listen
+    /// address).
+    #[arg(long)]
+    name: Option<String>,
+    /// The leader lease's TTL (`5`, `5s`, `2500ms`): how long a dead
+    /// leader holds the next one back.
+    #[arg(long, default_value = "5", value_parser = parse_ttl)]
+    leader_ttl: std::time::Duration,
+    /// The hosts' lease TTL (their agents' `--lease-ttl`): restarts wait
+    /// its self-fence margin (2/5 of it) after a host's lease expired.
+    #[arg(long, default_value = "5", value_parser = parse_ttl)]
+    host_lease_ttl: std::time::Duration,
+    /// Admission control: host failures whose VMs must always fit.
+    #[arg(long, default_value_t = 1)]
+    ha_failures: usize,
+}
+
+fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    ferry_control::units::parse_duration(
+        s,
+        ferry_control::units::BareUnit::Secs,
+        std::time::Duration::from_secs(300),
+    )
+    .map_err(|e| e.to_string())
+}
+
+#[cfg(feature = "etcd")]
+fn ha_options(a: &DaemonArgs) -> anyhow::Result<Option<ferry_scheduler::daemon::HaOptions>> {
+    use ferry_scheduler::store::{etcd::EtcdOptions, ClusterStore, DEFAULT_PREFIX};
+    if a.etcd.is_empty() {
+        return Ok(None);
+    }
+    let store = ClusterStore::on_etcd(&a.etcd, EtcdOptions::default(), DEFAULT_PREFIX)
+        .context("connecting to etcd")?;
+    Ok(Some(ferry_scheduler::daemon::HaOptions {
+        store,
+        name: a.name.clone(),
+        leader_ttl: a.leader_ttl,
+        host_lease_ttl: a.host_lease_ttl,
+        failures: a.ha_failures,
+    }))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn ha_options(a: &DaemonArgs) -> anyhow::Result<Option<ferry_scheduler::daemon::HaOptions>> {
+    if a.etcd.is_empty() {
+        return Ok(None);
+    }
+    bail!("--etcd needs ferry built with the etcd feature (cargo build --features etcd)")
 }
 
 #[derive(Debug, clap::Args)]
@@ -312,7 +368,8 @@ fn daemon(a: DaemonArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    daemon::run(&a.config)
+    let ha = ha_options(&a)?;
+    daemon::run(&a.config, ha)
         .with_context(|| format!("ferry sched daemon --config {}", a.config.display()))
 }
 

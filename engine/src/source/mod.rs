@@ -349,7 +349,7 @@ impl Session<'_> {
     /// unless GO was sent, drop the throttle.
     fn recover(&mut self, error: &MigrationError, progress: &mut impl FnMut(ProgressEvent)) {
         warn!(%error, "migration failed");
-        if !self.go_sent {
+        if !self.go_sent && !error.source_left_paused() {
             self.vm.set_throttle(0);
             if self.paused {
                 match self.vm.resume() {
@@ -650,6 +650,17 @@ impl Session<'_> {
         if bound.left().is_zero() {
             return Err(bound.exceeded("GO to be sent"));
         }
+        // After the last check that may still resume the guest here: once
+        // the hook agreed (the VM may belong to the destination now), GO
+        // goes out.
+        let t_pre_go = Instant::now();
+        if let Some(hook) = &self.opts.pre_go {
+            (hook.0)().map_err(|r| MigrationError::PreGoRefused {
+                reason: r.reason,
+                keep_paused: r.keep_paused,
+            })?;
+        }
+        let pre_go = t_pre_go.elapsed();
         self.send(FrameKind::Go, &[])?;
         self.go_sent = true;
         progress(ProgressEvent::Handover {
@@ -688,6 +699,7 @@ impl Session<'_> {
                 dest_restore: Duration::from_nanos(running.restore_ns),
                 go_to_resume: downtime.saturating_sub(before_ready),
                 dest_resume: Duration::from_nanos(running.resume_ns),
+                pre_go,
             },
             guest_bytes: guest_pages * PAGE_SIZE as u64,
             wire_bytes: self.wire_bytes,

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use super::client::{CallError, JsonClient};
 use super::metrics::MigrationMeasure;
-use super::protocol::{AgentStatus, Done, MigrateReply, MigrateRequest, VmRequest};
+use super::protocol::{
+    AgentStatus, Done, MigrateReply, MigrateRequest, OwnershipClaim, SwapReport, VmRequest,
+};
 
 /// Why an executor operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,15 @@ pub enum ExecError {
         from: String,
         /// Target host.
         to: String,
+    },
+    /// The VM's ownership record forbids the migration, or could not
+    /// follow it.
+    #[error("VM {vm}'s ownership: {why}")]
+    Ownership {
+        /// The VM.
+        vm: String,
+        /// Why.
+        why: String,
     },
     /// A libvirt operation failed (feature `libvirt`).
     #[cfg(feature = "libvirt")]
@@ -84,6 +95,20 @@ pub trait Executor: Send + Sync {
     fn status(&self, host: &str) -> Result<AgentStatus, ExecError>;
     /// Live-migrate `vm` from `from` to `to`; on error the VM is still on `from`.
     fn migrate(&self, vm: &str, from: &str, to: &str) -> Result<MigrationMeasure, ExecError>;
+    /// [`Executor::migrate`] that also moves the VM's ownership record
+    /// before GO under `claim`, where the host can (a ferry agent on the
+    /// cluster store); the swap's report when it did. By default the
+    /// record is left to the caller.
+    fn migrate_owned(
+        &self,
+        vm: &str,
+        from: &str,
+        to: &str,
+        claim: Option<&OwnershipClaim>,
+    ) -> Result<(MigrationMeasure, Option<SwapReport>), ExecError> {
+        let _ = claim;
+        Ok((self.migrate(vm, from, to)?, None))
+    }
     /// Shut `vm` down on `host`.
     fn shutdown_vm(&self, vm: &str, host: &str) -> Result<(), ExecError>;
     /// Start `vm` (of `mem_mb`) on `host`.
@@ -137,6 +162,15 @@ impl Executor for HttpAgents {
         Ok(s)
     }
     fn migrate(&self, vm: &str, from: &str, to: &str) -> Result<MigrationMeasure, ExecError> {
+        Ok(self.migrate_owned(vm, from, to, None)?.0)
+    }
+    fn migrate_owned(
+        &self,
+        vm: &str,
+        from: &str,
+        to: &str,
+        claim: Option<&OwnershipClaim>,
+    ) -> Result<(MigrationMeasure, Option<SwapReport>), ExecError> {
         let (target, _) = self.client(to)?;
         let (_, c) = self.client(from)?;
         let r: MigrateReply = c
@@ -146,17 +180,21 @@ impl Executor for HttpAgents {
                     vm: vm.to_string(),
                     target_host: to.to_string(),
                     target: target.to_string(),
+                    ownership: claim.cloned(),
                 },
             )
             .map_err(|source| ExecError::Agent {
                 host: from.to_string(),
                 source,
             })?;
-        Ok(MigrationMeasure {
-            seconds: r.seconds,
-            downtime_ms: Some(r.downtime_ms),
-            bytes: Some(r.bytes),
-        })
+        Ok((
+            MigrationMeasure {
+                seconds: r.seconds,
+                downtime_ms: Some(r.downtime_ms),
+                bytes: Some(r.bytes),
+            },
+            r.ownership,
+        ))
     }
     fn shutdown_vm(&self, vm: &str, host: &str) -> Result<(), ExecError> {
         self.op(
@@ -222,6 +260,22 @@ impl Executor for ClusterExecutor {
             });
         }
         a.migrate(vm, from, to)
+    }
+    fn migrate_owned(
+        &self,
+        vm: &str,
+        from: &str,
+        to: &str,
+        claim: Option<&OwnershipClaim>,
+    ) -> Result<(MigrationMeasure, Option<SwapReport>), ExecError> {
+        let (a, b) = (self.of(from)?, self.of(to)?);
+        if !std::sync::Arc::ptr_eq(a, b) {
+            return Err(ExecError::Incompatible {
+                from: from.to_string(),
+                to: to.to_string(),
+            });
+        }
+        a.migrate_owned(vm, from, to, claim)
     }
     fn shutdown_vm(&self, vm: &str, host: &str) -> Result<(), ExecError> {
         self.of(host)?.shutdown_vm(vm, host)

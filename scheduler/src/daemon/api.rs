@@ -17,6 +17,22 @@
 //! | `PUT /v1/policy` [`PolicyRequest`] | switch policy; [`PolicyView`] |
 //! | `POST /v1/round` | plan and execute now; [`RoundView`] |
 //! | `GET /metrics` | Prometheus text format |
+//! | `GET /v1/ha/leader` | [`LeaderView`]: who leads the daemons on the cluster store |
+//! | `GET /v1/ha/hosts` | [`HaHostView`]s: each host's lease (alive or not) and maintenance |
+//! | `GET /v1/ha/vms` | [`OwnerRecord`]s: each VM's owner and epoch |
+//! | `GET /v1/ha/decisions` | [`Decision`]s in flight |
+//! | `GET /v1/ha/events` | [`HaEvent`]s of this daemon: leadership, host deaths, restarts |
+//!
+//! **Several daemons on one cluster store** (`--etcd`): one leads and acts;
+//! the others **forward** every `/v1/...` request except `/v1/ha/...` to
+//! the leader's API address (recorded with its leadership) and answer with
+//! the leader's answer (header `x-ferry-leader` names it), so a client may
+//! talk to any daemon. 503 when no leader is elected yet. `/v1/ha/...`
+//! and `/metrics` are answered by the daemon asked, from the store.
+//!
+//! [`OwnerRecord`]: crate::store::OwnerRecord
+//! [`Decision`]: crate::store::Decision
+//! [`HaEvent`]: crate::ha::failover::HaEvent
 //!
 //! [`ErrorReply`]: super::protocol::ErrorReply
 
@@ -29,12 +45,16 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
+use super::agent::error_chain;
+use super::client::{CallError, JsonClient, Method};
 use super::config::ConfigProblem;
 use super::metrics::HostLabel;
 use super::protocol::Refusal;
 use super::{describe, lock, Daemon, HostHealth, Outcome, RoundReport};
+use crate::ha::failover::{ClusterHa, HaEvent};
 use crate::model::Cluster;
 use crate::plan::planner::PolicyMode;
+use crate::store::{Decision, LeaderInfo, OwnerRecord, StoreError};
 
 #[derive(Clone)]
 struct AppState {
@@ -57,7 +77,191 @@ pub fn router(daemon: Daemon, started: Instant) -> Router {
         .route("/v1/policy", get(get_policy).put(set_policy))
         .route("/v1/round", axum::routing::post(round))
         .route("/metrics", get(metrics))
+        .route("/v1/ha/leader", get(ha_leader))
+        .route("/v1/ha/hosts", get(ha_hosts))
+        .route("/v1/ha/vms", get(ha_vms))
+        .route("/v1/ha/decisions", get(ha_decisions))
+        .route("/v1/ha/events", get(ha_events))
+        .layer(axum::middleware::from_fn_with_state(
+            AppState {
+                daemon: daemon.clone(),
+                started,
+            },
+            forward_to_leader,
+        ))
         .with_state(AppState { daemon, started })
+}
+
+/// Header naming the leader that answered a forwarded request.
+pub const LEADER_HEADER: &str = "x-ferry-leader";
+
+/// Followers hand `/v1/...` (but `/v1/ha/...`) to the leader.
+async fn forward_to_leader(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(ha) = s.daemon.ha.clone() else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path().to_owned();
+    if !path.starts_with("/v1/") || path.starts_with("/v1/ha/") || ha.leadership().is_some() {
+        return next.run(req).await;
+    }
+    let method = match *req.method() {
+        axum::http::Method::GET => Method::Get,
+        axum::http::Method::POST => Method::Post,
+        axum::http::Method::PUT => Method::Put,
+        axum::http::Method::DELETE => Method::Delete,
+        _ => return Refusal::bad_request("unsupported method").into_response(),
+    };
+    let path_q = req
+        .uri()
+        .path_and_query()
+        .map_or(path.clone(), |p| p.as_str().to_owned());
+    let body = match axum::body::to_bytes(req.into_body(), MAX_FORWARDED_BODY).await {
+        Ok(b) => b,
+        Err(e) => return Refusal::bad_request(format!("reading the request: {e}")).into_response(),
+    };
+    let body: Option<serde_json::Value> = if body.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                return Refusal::bad_request(format!("the body is not JSON: {e}")).into_response()
+            }
+        }
+    };
+    let answer = tokio::task::spawn_blocking(move || {
+        let leader = ha
+            .election
+            .leader()
+            .map_err(|e| {
+                Refusal::unavailable(format!(
+                    "cannot ask the cluster store who leads: {}",
+                    error_chain(&e)
+                ))
+            })?
+            .ok_or_else(|| Refusal::unavailable("no daemon leads yet; retry shortly"))?;
+        let api = leader.api.clone().ok_or_else(|| {
+            Refusal::unavailable(format!(
+                "the leader {} gave no API address",
+                leader.candidate
+            ))
+        })?;
+        let r = JsonClient::new(&api, None).call::<serde_json::Value, serde_json::Value>(
+            method,
+            &path_q,
+            body.as_ref(),
+        );
+        match r {
+            Ok(v) => Ok((leader.candidate, v)),
+            Err(CallError::Status { status, error, .. }) => Err(Refusal {
+                status: axum::http::StatusCode::from_u16(status)
+                    .unwrap_or(axum::http::StatusCode::BAD_GATEWAY),
+                error,
+            }),
+            Err(e) => Err(Refusal {
+                status: axum::http::StatusCode::BAD_GATEWAY,
+                error: format!(
+                    "forwarding to the leader {}: {}",
+                    leader.candidate,
+                    error_chain(&e)
+                ),
+            }),
+        }
+    })
+    .await;
+    match answer {
+        Ok(Ok((leader, v))) => ([(LEADER_HEADER, leader)], Json(v)).into_response(),
+        Ok(Err(r)) => r.into_response(),
+        Err(e) => Refusal::failed(format!("forwarding failed: {e}")).into_response(),
+    }
+}
+
+/// Largest request body a follower forwards.
+const MAX_FORWARDED_BODY: usize = 1 << 20;
+
+/// `GET /v1/ha/leader`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaderView {
+    /// Who leads, if anyone.
+    pub leader: Option<LeaderInfo>,
+    /// This daemon's name in the election.
+    pub this: String,
+    /// Whether this daemon leads.
+    pub leading: bool,
+}
+
+/// A host in `GET /v1/ha/hosts`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HaHostView {
+    /// Name.
+    pub host: String,
+    /// Its lease is alive.
+    pub alive: bool,
+    /// In maintenance (as the store records it).
+    pub maintenance: bool,
+}
+
+fn ha_of(s: &AppState) -> Result<std::sync::Arc<ClusterHa>, Refusal> {
+    s.daemon.ha.clone().ok_or_else(|| {
+        Refusal::not_found("this daemon runs without a cluster store (start it with --etcd)")
+    })
+}
+
+async fn from_store<T: Send + 'static>(
+    s: &AppState,
+    f: impl FnOnce(&ClusterHa) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Refusal> {
+    let ha = ha_of(s)?;
+    tokio::task::spawn_blocking(move || f(&ha))
+        .await
+        .map_err(|e| Refusal::failed(e.to_string()))?
+        .map_err(|e| Refusal::unavailable(error_chain(&e)))
+}
+
+async fn ha_leader(State(s): State<AppState>) -> Result<Json<LeaderView>, Refusal> {
+    from_store(&s, |ha| {
+        Ok(LeaderView {
+            leader: ha.election.leader()?,
+            this: ha.election.candidate().to_owned(),
+            leading: ha.leadership().is_some(),
+        })
+    })
+    .await
+    .map(Json)
+}
+
+async fn ha_hosts(State(s): State<AppState>) -> Result<Json<Vec<HaHostView>>, Refusal> {
+    from_store(&s, |ha| {
+        let maintenance = ha.store.maintenance()?;
+        Ok(ha
+            .store
+            .hosts()?
+            .into_iter()
+            .map(|h| HaHostView {
+                maintenance: maintenance.contains(&h.host),
+                host: h.host,
+                alive: h.alive,
+            })
+            .collect())
+    })
+    .await
+    .map(Json)
+}
+
+async fn ha_vms(State(s): State<AppState>) -> Result<Json<Vec<OwnerRecord>>, Refusal> {
+    from_store(&s, |ha| ha.store.records()).await.map(Json)
+}
+
+async fn ha_decisions(State(s): State<AppState>) -> Result<Json<Vec<Decision>>, Refusal> {
+    from_store(&s, |ha| ha.store.decisions()).await.map(Json)
+}
+
+async fn ha_events(State(s): State<AppState>) -> Result<Json<Vec<HaEvent>>, Refusal> {
+    Ok(Json(ha_of(&s)?.events()))
 }
 
 /// A host in `GET /v1/hosts`.
@@ -243,6 +447,24 @@ const MAX_MAINTENANCE_ROUNDS: usize = 32;
 /// empty (entering) or its VMs are back (leaving). Answers 502 when an
 /// action failed, 409 when rounds stop making progress.
 async fn set_maintenance(s: AppState, name: String, on: bool) -> Result<Json<RoundView>, Refusal> {
+    if lock(&s.daemon.state).cluster.host_by_name(&name).is_none() {
+        return Err(Refusal::not_found(format!("no host named {name:?}")));
+    }
+    if let Some(ha) = s.daemon.ha.clone() {
+        // Recorded first: a leader that dies mid-evacuation leaves it to
+        // the next one.
+        let host = name.clone();
+        tokio::task::spawn_blocking(move || {
+            let me = ha
+                .leadership()
+                .ok_or_else(|| Refusal::unavailable("this daemon no longer leads; retry"))?;
+            ha.store
+                .set_maintenance(&me, &host, on)
+                .map_err(|e| Refusal::unavailable(error_chain(&e)))
+        })
+        .await
+        .map_err(|e| Refusal::failed(e.to_string()))??;
+    }
     let h = {
         let mut st = lock(&s.daemon.state);
         let h = st

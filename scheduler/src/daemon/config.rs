@@ -26,6 +26,7 @@
 //! cpu_mips = 1000
 //! mem_mb = 512
 //! on_evacuate = "migrate"  # or "shutdown"
+//! restart = "high"         # after a host failure: high | medium | low | disabled
 //! ```
 
 use std::net::SocketAddr;
@@ -34,7 +35,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::model::OnEvacuate;
+use crate::model::{OnEvacuate, RestartPriority};
 
 /// Why the configuration could not be read at all.
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +180,10 @@ pub struct VmEntry {
     /// Evacuation behaviour.
     #[serde(default)]
     pub on_evacuate: OnEvacuate,
+    /// Restart priority after its host died: `high`, `medium` (default),
+    /// `low`, `disabled`.
+    #[serde(default)]
+    pub restart: RestartPriority,
 }
 
 /// `[libvirt]`: how migrations between libvirt hosts are carried. Both

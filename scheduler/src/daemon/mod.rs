@@ -50,6 +50,9 @@ pub enum DaemonError {
     /// Serving HTTP failed.
     #[error("HTTP server failed")]
     Serve(#[source] std::io::Error),
+    /// The election could not start.
+    #[error("cannot join the leader election")]
+    Election(#[source] crate::ha::election::ElectionError),
 }
 
 /// Shared daemon state.
@@ -161,6 +164,9 @@ pub struct Daemon {
     pub metrics: Arc<metrics::DaemonMetrics>,
     /// Serialises planning rounds.
     round_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The cluster store, the election and the failover loop (`--etcd`);
+    /// `None`: one daemon, nothing shared.
+    pub ha: Option<Arc<crate::ha::failover::ClusterHa>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -169,7 +175,7 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
-fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+pub(crate) fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -249,6 +255,7 @@ impl Daemon {
             let mut vm = Vm::new(v.name.get_ref(), v.cpu_mips, *v.mem_mb.get_ref());
             vm.host = cluster.host_by_name(v.host.get_ref());
             vm.on_evacuate = v.on_evacuate;
+            vm.restart = v.restart;
             cluster.vms.push(vm);
         }
         let mode = cfg.daemon.policy.parse().unwrap_or_else(|e: String| {
@@ -286,7 +293,19 @@ impl Daemon {
             drivers: Arc::new(drivers),
             metrics: Arc::new(metrics::DaemonMetrics::default()),
             round_lock: Arc::new(tokio::sync::Mutex::new(())),
+            ha: None,
         }
+    }
+
+    /// Keep the cluster records in `ha`'s store and act only while leading.
+    pub fn with_ha(mut self, ha: Arc<crate::ha::failover::ClusterHa>) -> Self {
+        self.ha = Some(ha);
+        self
+    }
+
+    /// Whether this daemon acts: it leads, or it is the only one.
+    pub fn leads(&self) -> bool {
+        self.ha.as_ref().is_none_or(|ha| ha.leadership().is_some())
     }
 
     /// Replace the executor (e.g. libvirt, or tests).
@@ -305,7 +324,21 @@ impl Daemon {
     }
 
     fn round_blocking(&self, now: f64) -> RoundReport {
-        self.refresh_inventory();
+        let running_on = self.refresh_inventory();
+        if let Some(ha) = &self.ha {
+            let Some(me) = ha.leadership() else {
+                // A follower keeps its model current, and plans nothing.
+                let leader = ha.election.leader().ok().flatten();
+                return RoundReport {
+                    plan_error: Some(format!(
+                        "following: {} leads",
+                        leader.map_or("nobody".to_string(), |l| l.candidate)
+                    )),
+                    ..RoundReport::default()
+                };
+            };
+            self.adopt(ha, &me, &running_on);
+        }
         let (snapshot, plan, plan_error) = {
             let mut st = lock(&self.state);
             st.cluster.now = now;
@@ -385,7 +418,43 @@ impl Daemon {
         }
     }
 
-    fn refresh_inventory(&self) {
+    /// VMs running on live hosts with no ownership record are recorded
+    /// where they run.
+    fn adopt(
+        &self,
+        ha: &crate::ha::failover::ClusterHa,
+        me: &crate::store::Leadership,
+        running_on: &std::collections::BTreeMap<String, Vec<String>>,
+    ) {
+        let records = match ha.store.records() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %agent::error_chain(&e), "cannot read the ownership records");
+                return;
+            }
+        };
+        for (vm, hosts) in running_on {
+            if hosts.len() != 1 || records.iter().any(|r| &r.vm == vm) {
+                continue;
+            }
+            match ha.store.start(me, vm, &hosts[0]) {
+                Ok(r) => ha.event(
+                    crate::ha::failover::HaEventKind::Adopted,
+                    Some(vm),
+                    Some(&hosts[0]),
+                    format!(
+                        "{vm} runs on {} with no record: recorded there (epoch {})",
+                        hosts[0], r.epoch
+                    ),
+                ),
+                Err(e) => {
+                    warn!(vm, host = %hosts[0], error = %agent::error_chain(&e), "cannot record a running VM")
+                }
+            }
+        }
+    }
+
+    fn refresh_inventory(&self) -> std::collections::BTreeMap<String, Vec<String>> {
         let hosts: Vec<(usize, String, PowerState)> = {
             let st = lock(&self.state);
             st.cluster
@@ -442,7 +511,7 @@ impl Daemon {
             }
         }
         let alerts: Vec<String> = running_on
-            .into_iter()
+            .iter()
             .filter(|(_, hosts)| hosts.len() > 1)
             .map(|(vm, hosts)| {
                 format!(
@@ -456,23 +525,26 @@ impl Daemon {
             warn!(alert = %a, "cluster inconsistent");
         }
         lock(&self.state).alerts = alerts;
+        running_on
     }
 
     fn execute(&self, c: &Cluster, a: &Action) -> Outcome {
         let failed = |error: String| Outcome::Failed { error };
         match *a {
             Action::Migrate { vm, from, to, .. } => {
-                match self
-                    .executor
-                    .migrate(&c.vms[vm].name, &c.hosts[from].name, &c.hosts[to].name)
-                {
+                let (name, from, to) = (&c.vms[vm].name, &c.hosts[from].name, &c.hosts[to].name);
+                let result = match &self.ha {
+                    Some(ha) => self.migrate_owned(ha, name, from, to),
+                    None => self.executor.migrate(name, from, to),
+                };
+                match result {
                     Ok(m) => {
                         self.metrics.migrations.done(&m);
                         Outcome::Done
                     }
                     Err(e) => {
                         self.metrics.migrations.failed();
-                        warn!(vm = %c.vms[vm].name, error = %e.chain(), "migration failed; the VM stays on its source, the next round retries");
+                        warn!(vm = %name, error = %e.chain(), "migration failed; the VM stays on its source, the next round retries");
                         failed(e.chain())
                     }
                 }
@@ -532,6 +604,94 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// A migration under the cluster store: recorded as a decision in
+    /// flight; the source agent moves the VM's record to `to` before GO
+    /// (a compare-and-swap fenced by this leader's token), or, for an
+    /// agent without the store, this daemon moves it once the migration
+    /// completed.
+    fn migrate_owned(
+        &self,
+        ha: &crate::ha::failover::ClusterHa,
+        vm: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<metrics::MigrationMeasure, agent::ExecError> {
+        use crate::store::{Decision, DecisionKind};
+        let refused = |why: String| agent::ExecError::Ownership {
+            vm: vm.to_owned(),
+            why,
+        };
+        let me = ha
+            .leadership()
+            .ok_or_else(|| refused("this daemon no longer leads".into()))?;
+        let record = match ha.store.record(vm) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(refused("it has no ownership record yet".into())),
+            Err(e) => return Err(refused(agent::error_chain(&e))),
+        };
+        if record.host != from {
+            return Err(refused(format!(
+                "its record names {} (epoch {}), not {from}",
+                record.host, record.epoch
+            )));
+        }
+        let decision = Decision {
+            id: format!("migrate-{vm}-{}", record.epoch),
+            vm: vm.to_owned(),
+            kind: DecisionKind::Migrate {
+                from: from.to_owned(),
+                to: to.to_owned(),
+            },
+            token: me.token,
+            reason: "planned".into(),
+        };
+        ha.store
+            .record_decision(&me, &decision)
+            .map_err(|e| refused(agent::error_chain(&e)))?;
+        let claim = protocol::OwnershipClaim {
+            candidate: me.candidate.clone(),
+            token: me.token,
+            epoch: record.epoch,
+        };
+        let result = self.executor.migrate_owned(vm, from, to, Some(&claim));
+        let outcome = match result {
+            Ok((m, Some(swap))) => {
+                ha.event(
+                    crate::ha::failover::HaEventKind::OwnershipMoved,
+                    Some(vm),
+                    Some(to),
+                    format!(
+                        "{vm}: {from} -> {to}, epoch {} (swapped before GO in {:.2} ms, inside the {:.1} ms pause)",
+                        swap.epoch, swap.swap_ms, m.downtime_ms.unwrap_or(0.0)
+                    ),
+                );
+                Ok(m)
+            }
+            Ok((m, None)) => match ha.store.migrate(&me, &record, to) {
+                Ok(r) => {
+                    ha.event(
+                        crate::ha::failover::HaEventKind::OwnershipMoved,
+                        Some(vm),
+                        Some(to),
+                        format!("{vm}: {from} -> {to}, epoch {} (moved after the migration: the source agent has no store)", r.epoch),
+                    );
+                    Ok(m)
+                }
+                Err(e) => Err(refused(format!(
+                    "migrated, but its record could not follow: {}",
+                    agent::error_chain(&e)
+                ))),
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(e) = ha.store.finish_decision(&me, &decision.id) {
+            warn!(vm, error = %agent::error_chain(&e), "cannot finish the migration decision");
+        }
+        outcome
+    }
+}
+
 /// One line for an action, with names.
 pub fn describe(c: &Cluster, a: &Action) -> String {
     let h = |i: usize| c.hosts.get(i).map(|h| h.name.as_str()).unwrap_or("?");
@@ -556,6 +716,21 @@ pub async fn serve(
 ) -> Result<(), DaemonError> {
     let ticker = daemon.clone();
     let started = std::time::Instant::now();
+    if let Some(ha) = daemon.ha.clone() {
+        // The failover loop: often, so a host's death is acted on within
+        // a fraction of its lease TTL.
+        let d = daemon.clone();
+        let every = ha.config.every;
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                t.tick().await;
+                let (d, ha) = (d.clone(), ha.clone());
+                let _ = tokio::task::spawn_blocking(move || ha.tick(&d)).await;
+            }
+        });
+    }
     tokio::spawn(async move {
         let mut t = tokio::time::interval(interval);
         loop {
@@ -590,8 +765,24 @@ pub fn notify_systemd(state: SystemdState) {
     }
 }
 
-/// `ferry sched daemon --config FILE`: blocks until killed.
-pub fn run(config: &Path) -> Result<(), DaemonError> {
+/// How a daemon joins the others on a cluster store (`--etcd`).
+#[derive(Debug, Clone)]
+pub struct HaOptions {
+    /// The store.
+    pub store: crate::store::ClusterStore,
+    /// This daemon's name in the election (default: its API address).
+    pub name: Option<String>,
+    /// The leader lease's TTL: how long a dead leader holds the next back.
+    pub leader_ttl: Duration,
+    /// The hosts' lease TTL (their agents' `--lease-ttl`): restarts wait
+    /// its self-fence margin (2/5 of it) after a lease expired.
+    pub host_lease_ttl: Duration,
+    /// Host failures whose VMs must always fit (admission control's N).
+    pub failures: usize,
+}
+
+/// `ferry sched daemon --config FILE [--etcd ...]`: blocks until killed.
+pub fn run(config: &Path, ha: Option<HaOptions>) -> Result<(), DaemonError> {
     let cfg = Config::load(config)?;
     let rt = tokio::runtime::Runtime::new().map_err(DaemonError::Runtime)?;
     rt.block_on(async {
@@ -603,7 +794,29 @@ pub fn run(config: &Path) -> Result<(), DaemonError> {
                 source,
             })?;
         info!(%addr, "ferry sched daemon listening");
-        let daemon = Daemon::from_config(&cfg);
+        let mut daemon = Daemon::from_config(&cfg);
+        if let Some(o) = ha {
+            let name = o.name.unwrap_or_else(|| addr.clone());
+            let election = crate::ha::election::Election::start(
+                o.store.clone(),
+                &name,
+                Some(addr.clone()),
+                crate::ha::election::ElectionConfig::for_ttl(o.leader_ttl),
+            )
+            .map_err(DaemonError::Election)?;
+            info!(candidate = %name, leader_ttl = ?o.leader_ttl, "campaigning for the cluster's leadership");
+            let failover = crate::ha::failover::FailoverConfig {
+                fence_margin: o.host_lease_ttl * 2 / 5,
+                policy: crate::ha::restart::HaPolicy {
+                    failures: o.failures,
+                    ..Default::default()
+                },
+                every: (o.leader_ttl / 10).max(Duration::from_millis(100)),
+            };
+            daemon = daemon.with_ha(Arc::new(crate::ha::failover::ClusterHa::new(
+                o.store, election, failover,
+            )));
+        }
         notify_systemd(SystemdState::Ready);
         let interval = Duration::from_secs_f64(cfg.daemon.interval_s.max(1.0));
         // On SIGTERM or Ctrl-C, stop serving; dropping the runtime then drops

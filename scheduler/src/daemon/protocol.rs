@@ -75,6 +75,33 @@ pub struct MigrateRequest {
     pub target_host: String,
     /// Target agent address (`ip:port`).
     pub target: String,
+    /// With a cluster store: move the VM's ownership record to the target
+    /// before GO, under this leader's token. An agent on the store refuses
+    /// the migration when the record is not at this epoch on this host,
+    /// and abandons it (without resuming the VM unless it still owns it)
+    /// when the swap fails.
+    #[serde(default)]
+    pub ownership: Option<OwnershipClaim>,
+}
+
+/// The leader's word that a migration may move a VM's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnershipClaim {
+    /// The leader.
+    pub candidate: String,
+    /// Its fencing token.
+    pub token: i64,
+    /// The record's epoch the leader saw (on the source).
+    pub epoch: u64,
+}
+
+/// How the ownership swap went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwapReport {
+    /// The record's epoch after the swap.
+    pub epoch: u64,
+    /// Time the swap took, inside the guest's pause (ms).
+    pub swap_ms: f64,
 }
 
 /// The answer to [`MigrateRequest`]: what the migration measured.
@@ -86,6 +113,9 @@ pub struct MigrateReply {
     pub downtime_ms: f64,
     /// Bytes sent on the wire.
     pub bytes: u64,
+    /// The ownership swap before GO, when one was asked for and done.
+    #[serde(default)]
+    pub ownership: Option<SwapReport>,
 }
 
 /// `POST /v1/vms/start|shutdown`.
@@ -165,6 +195,13 @@ impl Refusal {
     pub fn bad_request(error: impl Into<String>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
+            error: error.into(),
+        }
+    }
+    /// 503: it cannot be done now (no leader, the store unreachable).
+    pub fn unavailable(error: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
             error: error.into(),
         }
     }

@@ -3,5 +3,7 @@
 //! what to restart where after hosts fail, with capacity held back for it
 //! ([`restart`]).
 
+pub mod election;
+pub mod failover;
 pub mod lease_keeper;
 pub mod restart;

@@ -121,12 +121,15 @@ pub struct Leadership {
 }
 
 /// Who leads now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaderInfo {
     /// The candidate's name.
     pub candidate: String,
     /// Its fencing token.
     pub token: Revision,
+    /// Where it serves its API (`ip:port`), when it said.
+    #[serde(default)]
+    pub api: Option<String>,
 }
 
 /// A decision the leader is carrying out.
@@ -265,6 +268,8 @@ fn parse<T: for<'de> Deserialize<'de>>(e: &KvEntry) -> Result<T, StoreError> {
 #[derive(Serialize, Deserialize)]
 struct LeaderValue {
     candidate: String,
+    #[serde(default)]
+    api: Option<String>,
 }
 
 impl ClusterStore {
@@ -310,6 +315,9 @@ impl ClusterStore {
     }
     fn leader_key(&self) -> String {
         format!("{}leader", self.prefix)
+    }
+    fn maintenance_key(&self, host: &str) -> String {
+        format!("{}maintenance/{host}", self.prefix)
     }
     fn decision_key(&self, id: &str) -> String {
         format!("{}decisions/{id}", self.prefix)
@@ -575,6 +583,17 @@ impl ClusterStore {
         candidate: &str,
         ttl: Duration,
     ) -> Result<Option<Leadership>, StoreError> {
+        self.campaign_at(candidate, None, ttl)
+    }
+
+    /// [`ClusterStore::campaign`], saying where the candidate serves its
+    /// API (followers forward requests there; see [`LeaderInfo::api`]).
+    pub fn campaign_at(
+        &self,
+        candidate: &str,
+        api: Option<&str>,
+        ttl: Duration,
+    ) -> Result<Option<Leadership>, StoreError> {
         check_name(candidate)?;
         let (lease, ttl) = self.kv.grant(ttl)?;
         let when = [Compare::CreateRevision(self.leader_key(), 0)];
@@ -582,6 +601,7 @@ impl ClusterStore {
             key: self.leader_key(),
             value: json(&LeaderValue {
                 candidate: candidate.to_owned(),
+                api: api.map(str::to_owned),
             }),
             lease,
         }];
@@ -625,7 +645,50 @@ impl ClusterStore {
         Ok(Some(LeaderInfo {
             candidate: v.candidate,
             token: e.create_revision,
+            api: v.api,
         }))
+    }
+
+    // ---- maintenance ----
+
+    /// Puts `host` into maintenance (`on`) or takes it out, fenced: the
+    /// flag outlives the leader that set it, so a new leader carries an
+    /// evacuation on.
+    pub fn set_maintenance(
+        &self,
+        leader: &Leadership,
+        host: &str,
+        on: bool,
+    ) -> Result<(), StoreError> {
+        check_name(host)?;
+        let key = self.maintenance_key(host);
+        let op = if on {
+            KvOp::Put {
+                key,
+                value: Vec::new(),
+                lease: 0,
+            }
+        } else {
+            KvOp::Delete { key }
+        };
+        if self.kv.txn(&[self.fence(leader)], &[op])?.succeeded {
+            return Ok(());
+        }
+        Err(StoreError::NotLeader {
+            candidate: leader.candidate.clone(),
+            token: leader.token,
+        })
+    }
+
+    /// The hosts in maintenance, by name.
+    pub fn maintenance(&self) -> Result<Vec<String>, StoreError> {
+        let prefix = self.maintenance_key("");
+        Ok(self
+            .kv
+            .range(&prefix)?
+            .iter()
+            .filter_map(|e| e.key.strip_prefix(&prefix).map(str::to_owned))
+            .collect())
     }
 
     // ---- decisions in flight ----

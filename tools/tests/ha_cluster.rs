@@ -1,0 +1,465 @@
+//! The cluster on etcd with real pieces: a real etcd member, `ferry agent
+//! --etcd` processes running small real KVM guests, `ferry sched daemon
+//! --etcd` processes electing a leader.
+//!
+//! - kill -9 an agent: its VMs run again on the other hosts, each on
+//!   exactly one (every guest asked of every agent), by priority (the
+//!   high and medium ones get the room there is, the low one is refused
+//!   with the reason), each record moved by one restart.
+//! - kill -9 the leading daemon during a maintenance evacuation: the
+//!   follower leads and the evacuation completes exactly once (the VM on
+//!   one host, its record moved once).
+//!
+//! Short leases (2 s) and 64 MB guests keep each test within seconds.
+
+#![cfg(feature = "etcd")]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry_e2e::etcd::{etcd_or_skip, free_port, EtcdCluster};
+use ferry_e2e::process::ProcessGuard;
+use ferry_scheduler::daemon::api::LeaderView;
+use ferry_scheduler::daemon::client::{JsonClient, Method};
+use ferry_scheduler::daemon::protocol::AgentStatus;
+use ferry_scheduler::ha::failover::{HaEvent, HaEventKind};
+use ferry_scheduler::store::{Decision, DecisionKind, OwnerRecord, Transition};
+use ferry_vm::testing::kvm_or_skip;
+use ferry_vm::GuestStatus;
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+/// Host lease TTL of every agent (and the daemons' view of it).
+const LEASE_TTL: &str = "2s";
+
+fn client(addr: SocketAddr) -> JsonClient {
+    JsonClient::new(&addr.to_string(), Some(Duration::from_secs(5)))
+}
+
+/// Polls `f` every 100 ms until it gives a value, at most `limit`.
+fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Agent {
+    host: String,
+    addr: SocketAddr,
+    proc: ProcessGuard,
+}
+
+struct Daemon {
+    name: String,
+    proc: ProcessGuard,
+    log: PathBuf,
+}
+
+/// etcd, agents and daemons of one test; everything is killed on drop.
+struct Rig {
+    etcd: EtcdCluster,
+    dir: tempfile::TempDir,
+    agents: Vec<Agent>,
+    daemons: Vec<Daemon>,
+}
+
+impl Rig {
+    fn new(test: &str, tag: &str) -> Result<Option<Self>> {
+        if !kvm_or_skip(test) {
+            return Ok(None);
+        }
+        let Some(bin) = etcd_or_skip(test) else {
+            return Ok(None);
+        };
+        let etcd = EtcdCluster::start(&bin, tag, 1)?;
+        Ok(Some(Self {
+            etcd,
+            dir: tempfile::Builder::new().prefix("ferry-ha-").tempdir()?,
+            agents: Vec::new(),
+            daemons: Vec::new(),
+        }))
+    }
+
+    fn endpoints(&self) -> String {
+        self.etcd.endpoints().join(",")
+    }
+
+    /// Starts `host`'s agent running `vms` (`NAME:MEM_MB`).
+    fn agent(&mut self, host: &str, vms: &[&str]) -> Result<()> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let mut cmd = Command::new(FERRY);
+        cmd.args(["agent", "--host", host, "--listen", &addr.to_string()])
+            .args(["--insecure", "--guest-rate", "500", "--lanes", "1"])
+            .args(["--etcd", &self.endpoints(), "--lease-ttl", LEASE_TTL])
+            .args(["--fence", "kill"])
+            .env("RUST_LOG", "info");
+        for v in vms {
+            cmd.args(["--vm", v]);
+        }
+        let log = self.dir.path().join(format!("agent-{host}.log"));
+        let proc = ProcessGuard::spawn(&format!("agent-{host}"), &mut cmd, &log)?;
+        self.agents.push(Agent {
+            host: host.to_owned(),
+            addr,
+            proc,
+        });
+        let names: Vec<&str> = vms
+            .iter()
+            .map(|v| v.split(':').next().unwrap_or(v))
+            .collect();
+        wait_for(
+            &format!("agent {host} to run {names:?}"),
+            Duration::from_secs(120),
+            || {
+                let s = client(addr).get::<AgentStatus>("/v1/status").ok()?;
+                names
+                    .iter()
+                    .all(|n| s.vms.iter().any(|v| &v.name == n && v.running))
+                    .then_some(())
+            },
+        )
+    }
+
+    /// Writes a cluster.toml for a daemon listening on `api`.
+    fn config(
+        &self,
+        api: SocketAddr,
+        hosts: &[(&str, u64)],
+        vms: &[(&str, &str, &str)],
+    ) -> Result<PathBuf> {
+        let mut t =
+            format!("[daemon]\nlisten = \"{api}\"\npolicy = \"manual\"\ninterval_s = 1\n\n");
+        for (h, mem) in hosts {
+            let a = self
+                .agents
+                .iter()
+                .find(|a| a.host == *h)
+                .context("agent started before the config")?;
+            t.push_str(&format!(
+                "[[host]]\nname = \"{h}\"\ncores = 2\ncore_mips = 1000\nmem_mb = {mem}\nagent = \"{}\"\n\n",
+                a.addr
+            ));
+        }
+        for (vm, host, restart) in vms {
+            t.push_str(&format!(
+                "[[vm]]\nname = \"{vm}\"\nhost = \"{host}\"\ncpu_mips = 100\nmem_mb = 64\nrestart = \"{restart}\"\n\n"
+            ));
+        }
+        let path = self.dir.path().join(format!("cluster-{}.toml", api.port()));
+        std::fs::write(&path, t)?;
+        Ok(path)
+    }
+
+    fn daemon(
+        &mut self,
+        name: &str,
+        hosts: &[(&str, u64)],
+        vms: &[(&str, &str, &str)],
+    ) -> Result<SocketAddr> {
+        let api = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let config = self.config(api, hosts, vms)?;
+        let log = self.dir.path().join(format!("daemon-{name}.log"));
+        let proc = ProcessGuard::spawn(
+            &format!("daemon-{name}"),
+            Command::new(FERRY)
+                .args(["sched", "daemon", "--config"])
+                .arg(&config)
+                .args(["--etcd", &self.endpoints(), "--name", name])
+                .args(["--leader-ttl", "2s", "--host-lease-ttl", LEASE_TTL])
+                .env("RUST_LOG", "info"),
+            &log,
+        )?;
+        self.daemons.push(Daemon {
+            name: name.to_owned(),
+            proc,
+            log,
+        });
+        wait_for(
+            &format!("daemon {name} to answer"),
+            Duration::from_secs(30),
+            || client(api).get::<LeaderView>("/v1/ha/leader").ok(),
+        )?;
+        Ok(api)
+    }
+
+    fn agent_addr(&self, host: &str) -> SocketAddr {
+        self.agents
+            .iter()
+            .find(|a| a.host == host)
+            .map(|a| a.addr)
+            .expect("known host")
+    }
+
+    /// Every host whose agent reports `vm` running, asking every agent.
+    fn running_on(&self, vm: &str) -> Vec<String> {
+        self.agents
+            .iter()
+            .filter(|a| {
+                client(a.addr)
+                    .get::<AgentStatus>("/v1/status")
+                    .is_ok_and(|s| s.vms.iter().any(|v| v.name == vm && v.running))
+            })
+            .map(|a| a.host.clone())
+            .collect()
+    }
+
+    fn guest(&self, host: &str, vm: &str) -> Result<GuestStatus> {
+        Ok(client(self.agent_addr(host)).get(&format!("/v1/vms/{vm}"))?)
+    }
+
+    /// `vm` on `host` runs: its heartbeat rises past `from`, no verify
+    /// errors. Returns the last heartbeat.
+    fn check_alive(&self, host: &str, vm: &str, from: u64) -> Result<u64> {
+        let s = wait_for(
+            &format!("{vm}'s heartbeat to rise past {from} on {host}"),
+            Duration::from_secs(30),
+            || self.guest(host, vm).ok().filter(|s| s.heartbeat > from),
+        )?;
+        if s.verify_errors != 0 || !s.magic_ok {
+            bail!("{vm} on {host} is not healthy: {s:?}");
+        }
+        Ok(s.heartbeat)
+    }
+
+    fn records(&self, api: SocketAddr) -> Result<Vec<OwnerRecord>> {
+        Ok(client(api).get("/v1/ha/vms")?)
+    }
+
+    fn record(&self, api: SocketAddr, vm: &str) -> Option<OwnerRecord> {
+        self.records(api).ok()?.into_iter().find(|r| r.vm == vm)
+    }
+
+    fn diag(&self) -> String {
+        let mut out = String::new();
+        for d in &self.daemons {
+            let log = std::fs::read_to_string(&d.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            out.push_str(&format!(
+                "\n--- daemon {} (last 60 lines)\n{}\n",
+                d.name,
+                lines[lines.len().saturating_sub(60)..].join("\n")
+            ));
+        }
+        for a in &self.agents {
+            let log =
+                std::fs::read_to_string(self.dir.path().join(format!("agent-{}.log", a.host)))
+                    .unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            out.push_str(&format!(
+                "\n--- agent {} (last 20 lines)\n{}\n",
+                a.host,
+                lines[lines.len().saturating_sub(20)..].join("\n")
+            ));
+        }
+        out
+    }
+}
+
+fn kill_agent(rig: &mut Rig, host: &str) {
+    let a = rig
+        .agents
+        .iter_mut()
+        .find(|a| a.host == host)
+        .expect("known host");
+    a.proc.kill();
+}
+
+#[test]
+fn a_killed_agents_vms_run_again_elsewhere_once_by_priority() {
+    let Some(mut rig) = Rig::new("a_killed_agents_vms_run_again_elsewhere", "ha-agent").unwrap()
+    else {
+        return;
+    };
+    if let Err(e) = killed_agent(&mut rig) {
+        panic!("{e:#}{}", rig.diag());
+    }
+}
+
+fn killed_agent(rig: &mut Rig) -> Result<()> {
+    rig.agent("h1", &["web:64", "db:64", "batch:64"])?;
+    rig.agent("h2", &["other:64"])?;
+    rig.agent("h3", &[])?;
+    // Room left for two 64 MB guests: one on h2 (160 - 64), one on h3.
+    let hosts = [("h1", 512), ("h2", 160), ("h3", 96)];
+    let vms = [
+        ("web", "h1", "high"),
+        ("db", "h1", "medium"),
+        ("batch", "h1", "low"),
+        ("other", "h2", "medium"),
+    ];
+    let api = rig.daemon("d1", &hosts, &vms)?;
+    wait_for(
+        "the records of every running VM",
+        Duration::from_secs(30),
+        || {
+            let r = rig.records(api).ok()?;
+            (r.len() == 4).then_some(())
+        },
+    )?;
+    let before: Vec<u64> = ["web", "db"]
+        .iter()
+        .map(|vm| rig.check_alive("h1", vm, 0))
+        .collect::<Result<_>>()?;
+    let epochs: Vec<u64> = ["web", "db", "batch"]
+        .iter()
+        .map(|vm| rig.record(api, vm).map_or(0, |r| r.epoch))
+        .collect();
+
+    kill_agent(rig, "h1");
+
+    for vm in ["web", "db"] {
+        let host = wait_for(
+            &format!("{vm} to run again"),
+            Duration::from_secs(60),
+            || {
+                let on = rig.running_on(vm);
+                (!on.is_empty()).then_some(on)
+            },
+        )?;
+        let rec = rig.record(api, vm).context("a record")?;
+        if host.len() != 1 || host[0] == "h1" || rec.host != host[0] {
+            bail!("{vm} runs on {host:?}, its record names {}", rec.host);
+        }
+        let hb = rig.check_alive(&host[0], vm, 0)?;
+        // Restarted from boot (its host died with its memory).
+        let _ = (hb, &before);
+    }
+    // Each on exactly one host, every agent asked again, after a while.
+    std::thread::sleep(Duration::from_secs(1));
+    for (i, vm) in ["web", "db"].iter().enumerate() {
+        let on = rig.running_on(vm);
+        let rec = rig.record(api, vm).context("a record")?;
+        if on.len() != 1 || on[0] != rec.host {
+            bail!("{vm} runs on {on:?}, its record names {}", rec.host);
+        }
+        if rec.epoch != epochs[i] + 1
+            || rec.last != Transition::Restart
+            || rec.previous.as_deref() != Some("h1")
+        {
+            bail!("{vm}'s record moved other than by one restart from h1: {rec:?}");
+        }
+    }
+    // The low-priority VM found no room: refused, with the reason.
+    if !rig.running_on("batch").is_empty() {
+        bail!("batch (low) runs although the high and medium VMs took the room");
+    }
+    let events: Vec<HaEvent> = client(api).get("/v1/ha/events")?;
+    let refused = events
+        .iter()
+        .find(|e| e.kind == HaEventKind::RestartRefused && e.vm.as_deref() == Some("batch"))
+        .with_context(|| format!("no refusal for batch in {events:?}"))?;
+    if !refused.message.contains("no surviving host has room") {
+        bail!("refusal without the reason: {refused:?}");
+    }
+    let batch = rig.record(api, "batch").context("batch's record")?;
+    if batch.host != "h1" {
+        bail!("batch's record moved without a restart: {batch:?}");
+    }
+    // The untouched VM stayed where it was.
+    if rig.running_on("other") != ["h2"] {
+        bail!("other moved: {:?}", rig.running_on("other"));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_killed_leader_is_followed_and_its_evacuation_completes_once() {
+    let Some(mut rig) = Rig::new("a_killed_leader_is_followed", "ha-leader").unwrap() else {
+        return;
+    };
+    if let Err(e) = killed_leader(&mut rig) {
+        panic!("{e:#}{}", rig.diag());
+    }
+}
+
+fn leader_of(api: SocketAddr) -> Option<String> {
+    client(api)
+        .get::<LeaderView>("/v1/ha/leader")
+        .ok()?
+        .leader
+        .map(|l| l.candidate)
+}
+
+fn killed_leader(rig: &mut Rig) -> Result<()> {
+    rig.agent("h1", &["mover:64"])?;
+    rig.agent("h2", &[])?;
+    let hosts = [("h1", 512), ("h2", 512)];
+    let vms = [("mover", "h1", "medium")];
+    let a = rig.daemon("d1", &hosts, &vms)?;
+    wait_for("d1 to lead", Duration::from_secs(20), || {
+        (leader_of(a).as_deref() == Some("d1")).then_some(())
+    })?;
+    let b = rig.daemon("d2", &hosts, &vms)?;
+    wait_for("mover's record", Duration::from_secs(30), || {
+        rig.record(a, "mover")
+    })?;
+    // A follower forwards: the same answer asked of either daemon.
+    let via_b: Vec<serde_json::Value> = client(b).get("/v1/hosts")?;
+    if via_b.len() != 2 {
+        bail!("d2 (follower) forwarded a wrong answer: {via_b:?}");
+    }
+    let hb = rig.check_alive("h1", "mover", 0)?;
+    let epoch = rig.record(a, "mover").context("record")?.epoch;
+
+    // The evacuation, asked of the leader, from another thread.
+    let evacuate = std::thread::spawn(move || {
+        JsonClient::new(&a.to_string(), Some(Duration::from_secs(60)))
+            .call::<(), serde_json::Value>(Method::Post, "/v1/hosts/h1/maintenance", None)
+    });
+    // Kill the leader once the migration is a decision in flight (or,
+    // if it was quicker than the poll, done).
+    wait_for("the migration decision", Duration::from_secs(30), || {
+        let d: Vec<Decision> = client(b).get("/v1/ha/decisions").ok()?;
+        let moved = rig.record(b, "mover").is_some_and(|r| r.epoch > epoch);
+        (moved
+            || d.iter()
+                .any(|d| matches!(d.kind, DecisionKind::Migrate { .. })))
+        .then_some(())
+    })?;
+    rig.daemons[0].proc.kill();
+    let _ = evacuate.join();
+
+    wait_for("d2 to lead", Duration::from_secs(20), || {
+        (leader_of(b).as_deref() == Some("d2")).then_some(())
+    })?;
+    let on = wait_for("mover to run on h2 only", Duration::from_secs(60), || {
+        let on = rig.running_on("mover");
+        (on == ["h2"]).then_some(on)
+    })?;
+    let rec = rig.record(b, "mover").context("record")?;
+    if rec.host != on[0] || rec.epoch != epoch + 1 || rec.last != Transition::Migrate {
+        bail!("the evacuation did not move the record exactly once: {rec:?} (was epoch {epoch})");
+    }
+    // Moved live: the heartbeat went on from where it was.
+    rig.check_alive("h2", "mover", hb)?;
+    let hosts: Vec<serde_json::Value> = client(b).get("/v1/ha/hosts")?;
+    if !hosts
+        .iter()
+        .any(|h| h["host"] == "h1" && h["maintenance"] == true)
+    {
+        bail!("h1 not in maintenance after the takeover: {hosts:?}");
+    }
+    // Nothing left in flight, and it stays done.
+    std::thread::sleep(Duration::from_secs(2));
+    let left: Vec<Decision> = client(b).get("/v1/ha/decisions")?;
+    if !left.is_empty() || rig.running_on("mover") != ["h2"] {
+        bail!(
+            "after the takeover: decisions {left:?}, mover on {:?}",
+            rig.running_on("mover")
+        );
+    }
+    let rec2 = rig.record(b, "mover").context("record")?;
+    if rec2.epoch != rec.epoch {
+        bail!("mover moved again: {rec2:?}");
+    }
+    Ok(())
+}
