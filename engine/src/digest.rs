@@ -59,10 +59,15 @@ impl PageHashes {
     /// (for [`PageHashes::add_to_digest`] once per batch: one shared atomic
     /// update per batch instead of one per page). Each page is handled by
     /// one thread at a time (a round's pages are distinct; rounds are
-    /// separated by a barrier), so relaxed ordering suffices.
+    /// separated by a barrier), so relaxed ordering suffices, and so does a
+    /// load and a store instead of a swap: a swap is a locked instruction,
+    /// which waits for every store before it to drain, the destination's
+    /// streaming stores of the page just written included (profiled, that
+    /// wait was most of a decoder's time outside the copy and the hash).
     pub fn set_deferred(&self, page: u64, hash: u64, delta: &mut u64) {
         if let Some(h) = usize::try_from(page).ok().and_then(|i| self.hashes.get(i)) {
-            let old = h.swap(hash, Ordering::Relaxed);
+            let old = h.load(Ordering::Relaxed);
+            h.store(hash, Ordering::Relaxed);
             if old != hash {
                 *delta = delta
                     .wrapping_add(term(page, hash))

@@ -13,13 +13,14 @@ use crossbeam_channel::{Receiver, Sender};
 use ferry_dirtylog::DirtyLog;
 use ferry_transport::lanes::STRIPE_PAGES;
 use ferry_transport::{lane_for_page, FrameKind, TransportError, HEADER_LEN};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::digest::PageHashes;
 use crate::encode::batch::MAX_BATCH_PAGES;
+use crate::encode::page_hash::copy_hashed;
 use crate::encode::{
     choose_encoding, page_hash, BatchBuilder, CodecCosts, EncodingChoice, EncodingCounts,
-    EncodingDecision, EncodingInputs, PageEncoder, XorDeltaCache, PAGE_SIZE,
+    EncodingDecision, EncodingInputs, Page, PageEncoder, XorDeltaCache, PAGE_SIZE,
 };
 use crate::error::MigrationError;
 use crate::vm::GuestMemoryMmap;
@@ -297,6 +298,33 @@ fn recycled_batch(
     BatchBuilder::with_headroom(buffer, capacity, headroom)
 }
 
+/// Read guest page `index` into `slot` and return the hash of what was
+/// read: in one pass over the page when the CPU allows
+/// ([`copy_hashed`]), else a copy and a hash of the copy.
+fn read_page_hashed(
+    memory: &GuestMemoryMmap,
+    index: u64,
+    slot: &mut Page,
+) -> Result<u64, MigrationError> {
+    let bad = || MigrationError::GuestMemory { page: index };
+    let addr = GuestAddress(index * PAGE_SIZE as u64);
+    let slice = memory.get_slice(addr, PAGE_SIZE).map_err(|_| bad())?;
+    let guard = slice.ptr_guard();
+    if guard.len() >= PAGE_SIZE {
+        // SAFETY: `guard` points at PAGE_SIZE readable bytes of a live
+        // mapping of guest memory (`get_slice` checked the range lies inside
+        // one region; the mapping lives as long as `memory`, borrowed here);
+        // `slot` is a separate buffer of PAGE_SIZE bytes. The guest may
+        // write the page meanwhile, as with vm-memory's own copy: the hash
+        // is of the bytes copied, and the dirty log sends the page again.
+        if let Some(hash) = unsafe { copy_hashed(guard.as_ptr(), slot.as_mut_ptr(), false) } {
+            return Ok(hash);
+        }
+    }
+    memory.read_slice(slot, addr).map_err(|_| bad())?;
+    Ok(page_hash(slot))
+}
+
 /// Encode one chunk. `Ok(false)` when the output channel is gone.
 fn encode_chunk(
     ctx: &WorkerContext<'_>,
@@ -333,13 +361,10 @@ fn encode_chunk(
             let bit = u64::from(bits.trailing_zeros());
             bits &= bits - 1;
             let index = chunk.first_page + 64 * i as u64 + bit;
-            // Straight from guest memory into the batch.
+            // Straight from guest memory into the batch, hashed on the way.
             let slot = batch.page_slot();
-            ctx.memory
-                .read_slice(slot, GuestAddress(index * PAGE_SIZE as u64))
-                .map_err(|_| MigrationError::GuestMemory { page: index })?;
+            let hash = read_page_hashed(ctx.memory, index, slot)?;
             pages += 1;
-            let hash = page_hash(slot);
             if !chunk.force && ctx.hashes.get(index) == hash {
                 counts.unchanged += 1;
                 continue;
