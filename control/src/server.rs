@@ -136,7 +136,8 @@ pub fn connect_lanes(to: &str, lanes: u16, spec: &SecuritySpec) -> Result<Lanes,
         // Name the cause the error shows: the security hint only where a
         // security mismatch is what it looks like.
         let hint = match (&source, io) {
-            (_, Some(Io::WouldBlock | Io::TimedOut)) => {
+            (TransportError::HandshakeTimeout { .. }, _)
+            | (_, Some(Io::WouldBlock | Io::TimedOut)) => {
                 return ConnectError::HandshakeTimeout {
                     to: to.to_owned(),
                     lanes,

@@ -317,11 +317,16 @@ impl Terminal {
         }
     }
 
+    /// A completed migration leaves its bar on the screen at 100 %; a
+    /// failed one clears it (the error follows).
     fn finish(&self, done: bool) {
         if done {
             self.bar.set_position(self.bar.length().unwrap_or(100));
+            self.bar
+                .finish_with_message("done: the guest runs at the destination");
+        } else {
+            self.bar.finish_and_clear();
         }
-        self.bar.finish_and_clear();
     }
 }
 

@@ -181,3 +181,51 @@ fn compression_and_deltas_can_be_switched_off() {
     let dst = status(&p.api("dst")).expect("destination answers");
     assert_eq!(dst["status"]["verify_errors"], "0");
 }
+
+/// `ferry migrate` on a terminal (a pseudo-terminal from util-linux's
+/// `script`): the bar of the last round ends at 100 % and stays, decisions
+/// read as words, and no raw JSON reaches the screen.
+#[test]
+fn the_terminal_shows_words_and_a_bar_that_ends_at_100_percent() {
+    if !kvm_or_skip("the_terminal_shows_words_and_a_bar_that_ends_at_100_percent") {
+        return;
+    }
+    if Command::new("script").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("FERRY_NO_SKIP").is_none(),
+            "FERRY_NO_SKIP is set, so this test may not skip"
+        );
+        eprintln!("SKIPPED: the_terminal_shows_words_and_a_bar_that_ends_at_100_percent: no `script` (util-linux) to give ferry a terminal");
+        return;
+    }
+    let mut p = Pair::start("64M", "2000");
+    let api = p.api("src");
+    let mut words = vec![
+        FERRY.to_owned(),
+        "migrate".into(),
+        "--api".into(),
+        api.to_str().unwrap().into(),
+        "--to".into(),
+        p.addr.clone(),
+        "--insecure".into(),
+    ];
+    words.extend(common::pause_limit_flags(&[]).iter().map(|s| s.to_string()));
+    // The words are paths and flags without quotes or spaces.
+    let out = Command::new("script")
+        .args(["-qec", &words.join(" "), "/dev/null"])
+        .output()
+        .expect("run script");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(
+        screen.contains("100%  done: the guest runs at the destination"),
+        "the bar must end at 100 %: {screen}"
+    );
+    assert!(screen.contains("-> stop and copy"), "{screen}");
+    assert!(screen.contains("migration summary"), "{screen}");
+    assert!(
+        !screen.contains("{\""),
+        "raw JSON on the terminal: {screen}"
+    );
+    assert_runs_on_destination(&mut p);
+}

@@ -76,6 +76,13 @@ pub enum TransportError {
     /// Zero-copy sending was asked for on a TLS lane.
     #[error("zero-copy sending needs a plaintext lane (TLS encrypts into its own buffers)")]
     ZeroCopyNeedsPlaintext,
+    /// A lane's handshake frame (`LaneHello`, `LaneWelcome`) did not come
+    /// within the handshake timeout.
+    #[error("the peer sent no lane handshake within {timeout:?}")]
+    HandshakeTimeout {
+        /// The handshake timeout in force.
+        timeout: std::time::Duration,
+    },
     /// The peer closed the connection cleanly at a frame boundary.
     #[error("the peer closed the connection")]
     PeerClosed,

@@ -288,3 +288,20 @@ fn half_open_sessions_are_dropped_and_free_their_slots() {
     assert_eq!(server.unwrap().session(), client.unwrap().session());
     assert_eq!(half_open, 0);
 }
+
+#[test]
+fn a_connection_that_says_nothing_is_a_named_handshake_timeout() {
+    let mut opts = LaneOptions::new(1, Security::Insecure);
+    opts.handshake_timeout = Duration::from_millis(200);
+    let mut l = LaneListener::bind("127.0.0.1:0", opts).unwrap();
+    let silent = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let err = l.accept_session().unwrap_err();
+    assert!(
+        matches!(err, TransportError::HandshakeTimeout { .. }),
+        "{err:?}"
+    );
+    let text = ferry_transport::error_chain(&err);
+    assert!(text.contains("no lane handshake within 200ms"), "{text}");
+    assert!(!text.contains("os error"), "{text}");
+    drop(silent);
+}

@@ -295,6 +295,22 @@ fn explain_refusal(e: TransportError) -> TransportError {
     e
 }
 
+/// A read that timed out during the lane handshake says so, instead of
+/// the socket's raw "Resource temporarily unavailable".
+fn name_timeout(e: TransportError, timeout: Duration) -> TransportError {
+    match &e {
+        TransportError::Read(io)
+            if matches!(
+                io.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            TransportError::HandshakeTimeout { timeout }
+        }
+        _ => e,
+    }
+}
+
 fn handshake_err(e: handshake::LaneHandshakeError) -> TransportError {
     TransportError::LaneHandshake(e)
 }
@@ -343,7 +359,10 @@ impl Lanes {
             lane.writer.flush()?;
             // Wait for this lane's welcome before opening the next, so a
             // refusal (TLS alert, Abort) is reported from the lane it concerns.
-            let f = lane.reader.read_frame().map_err(explain_refusal)?;
+            let f = lane
+                .reader
+                .read_frame()
+                .map_err(|e| explain_refusal(name_timeout(e, opts.handshake_timeout)))?;
             match f.kind {
                 FrameKind::LaneWelcome => hello.check_welcome(&f.payload).map_err(handshake_err)?,
                 FrameKind::Abort => {
@@ -478,7 +497,10 @@ impl LaneListener {
                 .set_read_timeout(Some(self.opts.handshake_timeout))
                 .map_err(TransportError::Configure)?;
             let mut lane = open_lane(stream, &self.opts.security, true, self.bucket.as_ref(), 0)?;
-            let f = lane.reader.read_frame()?;
+            let f = lane
+                .reader
+                .read_frame()
+                .map_err(|e| name_timeout(e, self.opts.handshake_timeout))?;
             if f.kind != FrameKind::LaneHello {
                 let e = handshake::LaneHandshakeError::UnexpectedKind {
                     expected: "LaneHello",
