@@ -5,7 +5,9 @@
 //! The migration runs in the source process, not in this client: a client
 //! that is interrupted or killed neither ends the migration nor leaves it
 //! without an owner. `ferry migrate status` follows it from anywhere, and
-//! the last result stays readable on both sides until the next migration.
+//! the last result stays readable until the next migration: at the
+//! destination always, at the source while it runs (it ends once its guest
+//! runs at the destination).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
