@@ -151,6 +151,64 @@ fn demo_runs_and_its_checks_pass() {
     assert!(stdout.contains("migration summary"));
     assert_eq!(stdout.matches("[ ok ]").count(), 5, "{stdout}");
     assert!(!stdout.contains("FAIL"));
+
+    // The commands it prints can be pasted as they are: every flag and
+    // value parses (clap checks them before it acts on `--help`).
+    let printed: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("   ferry "))
+        .chain(
+            stdout
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .filter_map(|c| c.strip_prefix("ferry ")),
+        )
+        .collect();
+    assert_eq!(
+        printed.len(),
+        5,
+        "the demo's commands: {printed:?}\n{stdout}"
+    );
+    for line in printed {
+        let mut args = shell_words(line);
+        args.push("--help".into());
+        let out = Command::new(FERRY).args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "`ferry {line}` does not parse: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Splits a line as a POSIX shell would for words made of plain characters
+/// and single-quoted parts (what the demo prints).
+fn shell_words(line: &str) -> Vec<String> {
+    let (mut words, mut word, mut quoted, mut in_word) = (Vec::new(), String::new(), false, false);
+    for c in line.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    assert!(!quoted, "unbalanced quote in {line:?}");
+    if in_word {
+        words.push(word);
+    }
+    words
 }
 
 #[test]
