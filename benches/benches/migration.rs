@@ -53,6 +53,8 @@ fn main() {
             qemu_profiles: Profile::QEMU.to_vec(),
             qemu_downtime_limits_ms: vec![20],
             ferry_profiles: Profile::FERRY.to_vec(),
+            cpus: 1,
+            hz: 0,
             repeat: 3,
             ceiling_bytes: 2 << 30,
             json_out: None,

@@ -39,6 +39,7 @@ fn config(mem_mib: u32, incoming: Option<&str>) -> QemuConfig {
         mem_mib,
         append: "rate=2000 tsc_khz=2300000".into(),
         incoming: incoming.map(str::to_owned),
+        cpus: 1,
     }
 }
 

@@ -44,6 +44,10 @@ pub struct CompareConfig {
     pub qemu_downtime_limits_ms: Vec<u64>,
     /// ferry profiles.
     pub ferry_profiles: Vec<FerryProfile>,
+    /// vCPUs of every workload's guest (ferry `--cpus`, QEMU `-smp`).
+    pub cpus: u32,
+    /// The guest's timer mode in every workload (`hz=`; 0 off).
+    pub hz: u64,
     /// Repetitions of each (workload, profile).
     pub repeat: u32,
     /// Bytes the TCP ceiling moves per connection count.
@@ -82,10 +86,14 @@ impl CompareConfig {
                 fill: Fill::Random,
                 link: Link::Loopback,
                 dst_memory: DstMemory::Prepared,
+                cpus: 1,
+                hz: 0,
             }),
             qemu_profiles: vec![QemuProfile::Default],
             qemu_downtime_limits_ms: vec![limit],
             ferry_profiles: vec![FerryProfile::Default],
+            cpus: 1,
+            hz: 0,
             repeat: 1,
             ceiling_bytes: 256 << 20,
             json_out: None,
@@ -98,7 +106,7 @@ impl CompareConfig {
     /// smallest memory first.
     pub fn workloads(&self) -> Vec<Workload> {
         if let Some(w) = self.custom {
-            return vec![w];
+            return vec![w.with_vcpus(self.cpus, self.hz)];
         }
         let mut v = Vec::new();
         for &link in &self.links {
@@ -110,7 +118,8 @@ impl CompareConfig {
                                 Workload::new(m, l)
                                     .with_fill(fill)
                                     .with_link(link)
-                                    .with_dst_memory(d),
+                                    .with_dst_memory(d)
+                                    .with_vcpus(self.cpus, self.hz),
                             );
                         }
                     }

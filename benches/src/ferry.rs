@@ -120,6 +120,8 @@ fn run_inner(
     // The very command line QEMU's guest gets.
     cmd.args(["vm", "run", "--quiet", "--mem"])
         .arg(format!("{}M", w.mem_bytes >> 20))
+        .arg("--cpus")
+        .arg(w.cpus.max(1).to_string())
         .arg("--append")
         .arg(format!("{} tsc_khz={}", w.guest_args(), s.tsc_khz))
         .arg("--api")

@@ -195,6 +195,10 @@ pub struct Workload {
     pub link: Link,
     /// How both destinations' memory is prepared.
     pub dst_memory: DstMemory,
+    /// vCPUs (ferry `--cpus`, QEMU `-smp`); the guest runs a loop on each.
+    pub cpus: u32,
+    /// The guest's timer mode (`hz=`, vm/guest/GUEST.md); 0 off.
+    pub hz: u64,
 }
 
 /// Moderate: 5,000 pages/s (20 MB/s) over 256 MiB.
@@ -220,6 +224,8 @@ impl Workload {
                 fill: Fill::Random,
                 link: Link::Loopback,
                 dst_memory: DstMemory::Prepared,
+                cpus: 1,
+                hz: 0,
             },
             DirtyLevel::Moderate => Self {
                 mem_bytes,
@@ -230,6 +236,8 @@ impl Workload {
                 fill: Fill::Random,
                 link: Link::Loopback,
                 dst_memory: DstMemory::Prepared,
+                cpus: 1,
+                hz: 0,
             },
             DirtyLevel::Heavy => Self {
                 mem_bytes,
@@ -240,6 +248,8 @@ impl Workload {
                 fill: Fill::Random,
                 link: Link::Loopback,
                 dst_memory: DstMemory::Prepared,
+                cpus: 1,
+                hz: 0,
             },
             DirtyLevel::Capped => Self {
                 mem_bytes,
@@ -250,6 +260,8 @@ impl Workload {
                 fill: Fill::Random,
                 link: Link::Loopback,
                 dst_memory: DstMemory::Prepared,
+                cpus: 1,
+                hz: 0,
             },
         }
     }
@@ -269,6 +281,15 @@ impl Workload {
         Self { dst_memory, ..self }
     }
 
+    /// This workload on `cpus` vCPUs, with the guest's timer at `hz` (0 off).
+    pub fn with_vcpus(self, cpus: u32, hz: u64) -> Self {
+        Self {
+            cpus: cpus.max(1),
+            hz,
+            ..self
+        }
+    }
+
     /// The guest command line (without `tsc_khz`), the same for both engines.
     pub fn guest_args(&self) -> String {
         let wss = match self.wss_bytes {
@@ -278,6 +299,12 @@ impl Workload {
         let mut s = format!("rate={} wss={}", self.rate.arg(), wss);
         if let Fill::Mix { zero_pct, text_pct } = self.fill {
             s += &format!(" fill=mix mix_zero={zero_pct} mix_text={text_pct}");
+        }
+        if self.cpus > 1 {
+            s += &format!(" cpus={}", self.cpus);
+        }
+        if self.hz != 0 {
+            s += &format!(" hz={}", self.hz);
         }
         s
     }
@@ -312,6 +339,12 @@ impl Workload {
         }
         if self.dst_memory == DstMemory::OnDemand {
             s += " dst on-demand";
+        }
+        if self.cpus > 1 {
+            s += &format!(" {} vCPUs", self.cpus);
+        }
+        if self.hz != 0 {
+            s += &format!(" {} Hz", self.hz);
         }
         s
     }

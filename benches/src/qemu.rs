@@ -50,7 +50,8 @@ fn qemu_cmd(ctx: &RunContext<'_>, w: &Workload, name: &str, qmp: &Path, incoming
     let mut c = Command::new(&s.qemu_bin);
     c.arg("-name")
         .arg(format!("{name},debug-threads=on"))
-        .args(["-accel", "kvm", "-smp", "1"])
+        .args(["-accel", "kvm", "-smp"])
+        .arg(w.cpus.max(1).to_string())
         .arg("-m")
         .arg(format!("{}M", w.mem_bytes >> 20))
         .arg("-kernel")

@@ -47,6 +47,8 @@ pub struct QemuConfig {
     pub append: String,
     /// `Some(uri)`: start with `-incoming URI` (e.g. `defer`).
     pub incoming: Option<String>,
+    /// vCPUs (`-smp`).
+    pub cpus: u32,
 }
 
 impl QemuGuest {
@@ -55,7 +57,9 @@ impl QemuGuest {
         let qmp_path = dir.join(format!("{name}-qmp.sock"));
         let log = dir.join(format!("{name}.log"));
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "kvm", "-m"])
+        cmd.args(["-accel", "kvm", "-smp"])
+            .arg(cfg.cpus.max(1).to_string())
+            .arg("-m")
             .arg(cfg.mem_mib.to_string())
             .arg("-kernel")
             .arg(&cfg.kernel)

@@ -57,6 +57,7 @@ fn qemu_config(incoming: Option<&str>) -> QemuConfig {
         mem_mib: 256,
         append: APPEND.into(),
         incoming: incoming.map(str::to_owned),
+        cpus: 1,
     }
 }
 

@@ -76,6 +76,14 @@ pub struct CompareArgs {
         value_delimiter = ','
     )]
     pub ferry_profiles: Vec<String>,
+    /// vCPUs of the guest, for both engines (ferry `--cpus`, QEMU `-smp`;
+    /// the guest runs a dirty loop on each, `rate` is their total).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=ferry_vm::MAX_VCPUS as i64))]
+    pub cpus: u32,
+    /// The guest's timer mode for both engines: PIT ticks per second, the
+    /// guest halting between them (vm/guest/GUEST.md); 0 = off.
+    #[arg(long, default_value_t = 0, value_parser = crate::vm_cmd::parse_hz)]
+    pub hz: u64,
     /// Runs per workload and profile (medians, min, max).
     #[arg(long, default_value_t = 3)]
     pub repeat: u32,
@@ -207,6 +215,8 @@ fn config(a: &CompareArgs) -> anyhow::Result<CompareConfig> {
                         _ => None::<QemuProfile>,
                     }
                 })?,
+                cpus: 1,
+                hz: 0,
                 ferry_profiles: parse_list(&a.ferry_profiles, "ferry-profiles", |p| {
                     match Profile::parse(&format!("ferry:{p}")) {
                         Some(Profile::Ferry(f)) => Some(f),
@@ -253,6 +263,8 @@ fn config(a: &CompareArgs) -> anyhow::Result<CompareConfig> {
             bail!("{what}: give at least one");
         }
     }
+    cfg.cpus = a.cpus;
+    cfg.hz = a.hz;
     cfg.json_out = a.json_out.clone();
     cfg.plot_out = Some(a.plot.clone());
     Ok(cfg)

@@ -19,6 +19,7 @@ fn qemu(dir: &Path, name: &str, incoming: Option<&str>) -> QemuGuest {
         mem_mib: 256,
         append: format!("rate=5000 tsc_khz={tsc} wss=64 verify=64"),
         incoming: incoming.map(Into::into),
+        cpus: 1,
     };
     QemuGuest::start(name, &cfg, dir).unwrap()
 }

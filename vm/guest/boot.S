@@ -22,6 +22,8 @@
 #define LAPIC      0xFEE00000      /* local APIC registers (identity-mapped) */
 #define SYS_TIMER_START 1          /* ring-3 service (ud2, RAX): program PIC + PIT, RDI = hz */
 #define SYS_HALT        2          /* ring-3 service: hlt unless ticks != RDI */
+#define SYS_IPI         3          /* ring-3 service: write the LAPIC's ICR (low) with RDI */
+#define TRAMPOLINE 0x7000          /* where the BSP copies the AP real-mode entry (SIPI vector 7) */
 
         .section .multiboot, "a"
         .align 4
@@ -61,6 +63,12 @@ _start32:
         cli
         cmpl    $0x2BADB002, %eax
         jne     ap_start32
+        /* EDX = AP_MAGIC on the BSP: the VMM starts the APs itself (ferry);
+         * otherwise (QEMU) the BSP wakes them with INIT/SIPI. */
+        xorl    %ecx, %ecx
+        cmpl    $AP_MAGIC, %edx
+        sete    %cl
+        movl    %ecx, vmm_starts_aps
         movl    %ebx, mbi_ptr
         movl    $kstacks + KSTACK, %esp
 
@@ -145,6 +153,42 @@ ap_start32:
 ap_park:                               /* more CPUs than the guest supports */
         hlt
         jmp     ap_park
+
+/*
+ * The real-mode entry of an AP woken by INIT/SIPI (stock QEMU, -smp N):
+ * guest_main copies these bytes to TRAMPOLINE and sends SIPI vector
+ * TRAMPOLINE >> 12, so the AP starts here at CS:IP = 0x0700:0000. It loads
+ * a flat 32-bit GDT, enters protected mode and joins ap_start32.
+ */
+        .code16
+        .globl  ap_trampoline, ap_trampoline_end
+ap_trampoline:
+        cli
+        xorw    %ax, %ax
+        movw    %ax, %ds
+        lgdtl   TRAMPOLINE + (tramp_gdt_ptr - ap_trampoline)
+        movl    %cr0, %eax
+        orl     $1, %eax
+        movl    %eax, %cr0
+        ljmpl   $0x08, $ap_sipi32
+        .align  8
+tramp_gdt:
+        .quad   0
+        .quad   0x00CF9A000000FFFF     /* 0x08 code32, flat */
+        .quad   0x00CF92000000FFFF     /* 0x10 data, flat */
+tramp_gdt_ptr:
+        .word   3 * 8 - 1
+        .long   TRAMPOLINE + (tramp_gdt - ap_trampoline)
+ap_trampoline_end:
+        .code32
+ap_sipi32:
+        movw    $0x10, %ax
+        movw    %ax, %ds
+        movw    %ax, %es
+        movw    %ax, %ss
+        movw    %ax, %fs
+        movw    %ax, %gs
+        jmp     ap_start32
 
         .code64
 _start64:
@@ -256,6 +300,8 @@ set_gate:
 service:
         cmpq    $SYS_HALT, %rax
         je      sys_halt
+        cmpq    $SYS_IPI, %rax
+        je      sys_ipi
         cmpq    $SYS_TIMER_START, %rax
         je      sys_timer_start
         pushq   $6                     /* a real #UD: fatal */
@@ -268,6 +314,13 @@ sys_halt:
         hlt
         cli
 1:
+        iretq
+sys_ipi:
+        addq    $2, (%rsp)
+        pushq   %rcx
+        movl    $LAPIC, %ecx
+        movl    %edi, 0x300(%rcx)      /* ICR low: sends the IPI */
+        popq    %rcx
         iretq
 sys_timer_start:
         addq    $2, (%rsp)
@@ -397,6 +450,9 @@ idt_ready:
         .long   0
 ap_next:
         .long   1
+        .globl  vmm_starts_aps
+vmm_starts_aps:
+        .long   0
 
         .bss
         .align 4096

@@ -39,7 +39,12 @@ enum {
 };
 
 /* ring-3 services (boot.S): `ud2` with the function in RAX */
-enum { SYS_TIMER_START = 1, SYS_HALT = 2 };
+enum { SYS_TIMER_START = 1, SYS_HALT = 2, SYS_IPI = 3 };
+/* boot.S: whether the VMM started the APs itself (ferry); the AP real-mode
+ * entry the BSP copies below 1 MiB otherwise (QEMU) */
+extern volatile u32 vmm_starts_aps;
+extern const u8 ap_trampoline[], ap_trampoline_end[];
+#define TRAMPOLINE 0x7000UL
 #define MIN_HZ 19       /* the PIT's 16-bit divisor: 1193182 / 19 < 65536 */
 #define MAX_HZ 10000
 
@@ -442,12 +447,41 @@ static void set_walk(struct share *s)
     s->stride_inv = inverse_mod(s->stride, s->pages);
 }
 
+static void wait_us(u64 us)
+{
+    u64 t0 = rdtsc();
+    while (rdtsc() - t0 < us * prm.tsc_khz / 1000)
+        __asm__ volatile("pause");
+}
+
+static void send_ipi(u64 icr)
+{
+    __asm__ volatile("ud2" : : "a"((u64)SYS_IPI), "D"(icr) : "memory");
+}
+
+/* Firmware (QEMU's) left the APs parked: wake them as an OS does, INIT
+ * then SIPI twice to every CPU but this one, into the real-mode entry
+ * copied to TRAMPOLINE (vm/guest/GUEST.md). */
+static void wake_aps(void)
+{
+    volatile u8 *to = (volatile u8 *)TRAMPOLINE;
+    for (const u8 *b = ap_trampoline; b < ap_trampoline_end; b++)
+        *to++ = *b;
+    send_ipi(0x000C4500);                       /* INIT, assert, all but self */
+    wait_us(10000);
+    send_ipi(0x000C4600 | (TRAMPOLINE >> 12));  /* SIPI */
+    wait_us(200);
+    send_ipi(0x000C4600 | (TRAMPOLINE >> 12));  /* SIPI again, as the MP spec says */
+}
+
 /* Waits (up to 2 s) for `cpus` vCPUs to check in, splits the work among
  * those that did, and lets the APs go. */
 static void start_loops(u64 total_pages)
 {
     volatile u64 *st = STATUS;
     u64 want = prm.cpus > MAX_CPUS ? MAX_CPUS : prm.cpus;
+    if (want > 1 && !vmm_starts_aps)
+        wake_aps();
     u64 t0 = rdtsc();
     while (cpus_online < want && rdtsc() - t0 < 2000 * prm.tsc_khz)
         __asm__ volatile("pause");

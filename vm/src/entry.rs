@@ -68,12 +68,15 @@ pub fn multiboot_sregs(sregs: &mut kvm_sregs) {
     sregs.efer = 0;
 }
 
-/// General registers at the multiboot entry point.
-pub fn multiboot_regs(entry: u32) -> kvm_regs {
+/// General registers at the multiboot entry point. `EDX` = `ap_magic`
+/// tells the workload guest that the VMM starts the other vCPUs itself
+/// (vm/guest/GUEST.md; multiboot leaves `EDX` undefined).
+pub fn multiboot_regs(entry: u32, ap_magic: u32) -> kvm_regs {
     kvm_regs {
         rip: u64::from(entry),
         rax: 0x2BAD_B002,
         rbx: MBI_ADDR,
+        rdx: u64::from(ap_magic),
         rflags: 0x2,
         ..Default::default()
     }
@@ -84,6 +87,6 @@ pub fn multiboot_regs(entry: u32) -> kvm_regs {
 pub fn ap_regs(entry: u32, ap_magic: u32) -> kvm_regs {
     kvm_regs {
         rax: u64::from(ap_magic),
-        ..multiboot_regs(entry)
+        ..multiboot_regs(entry, ap_magic)
     }
 }

@@ -57,8 +57,9 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Dirty-tracking backend.
     pub dirty: DirtyBackend,
-    /// vCPUs (1..=[`MAX_VCPUS`]). vCPU 0 enters the image as multiboot says;
-    /// the others enter it with `EAX` = [`AP_MAGIC`] (vm/guest/GUEST.md).
+    /// vCPUs (1..=[`MAX_VCPUS`]). vCPU 0 enters the image as multiboot says
+    /// (with `EDX` = [`AP_MAGIC`]: the VMM starts the others); the others
+    /// enter it with `EAX` = [`AP_MAGIC`] (vm/guest/GUEST.md).
     pub cpus: usize,
 }
 
@@ -298,7 +299,7 @@ impl Vm {
             multiboot_sregs(&mut sregs);
             fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
             let regs = if index == 0 {
-                multiboot_regs(loaded.entry)
+                multiboot_regs(loaded.entry, AP_MAGIC)
             } else {
                 ap_regs(loaded.entry, AP_MAGIC)
             };
