@@ -29,6 +29,7 @@ fn cluster(hosts: usize, vms: usize) -> Cluster {
             .collect(),
         vms: Vec::with_capacity(vms),
         now: 1e6,
+        rules: Vec::new(),
     };
     for i in 0..vms {
         let (mips, mem) = sizes[i % 4];

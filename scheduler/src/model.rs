@@ -173,6 +173,9 @@ pub struct Cluster {
     pub vms: Vec<Vm>,
     /// Seconds since an arbitrary origin.
     pub now: f64,
+    /// Rules users set ([`crate::plan::rules`]), checked when set.
+    #[serde(default)]
+    pub rules: Vec<crate::plan::rules::Rule>,
 }
 
 impl Cluster {

@@ -322,6 +322,71 @@ async fn config_problems_are_served_and_policy_switches() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_are_set_read_checked_and_honoured_by_maintenance() {
+    use ferry_scheduler::plan::rules::Rule;
+    let s = setup(None, "manual").await;
+    // The timer's first round is over once ours is (rounds take turns):
+    // the evacuation below is then done, and reported, by our request.
+    let _: RoundView = call(s.api, Method::Post, "/v1/round", None).await.unwrap();
+    let rules: Vec<Rule> = call(s.api, Method::Get, "/v1/rules", None).await.unwrap();
+    assert!(rules.is_empty());
+    let apart = serde_json::json!({"name": "apart", "kind": "anti_affinity", "vms": ["a", "b"]});
+    let rules: Vec<Rule> = call(s.api, Method::Post, "/v1/rules", Some(apart))
+        .await
+        .unwrap();
+    assert_eq!(rules.len(), 1);
+    // A contradicting rule is refused, naming both; nothing changes.
+    let together = serde_json::json!({"name": "together", "kind": "affinity", "vms": ["b", "a"]});
+    let e = call::<Vec<Rule>>(s.api, Method::Post, "/v1/rules", Some(together))
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("HTTP 400")
+            && e.contains("rules affinity \"together\" and anti_affinity \"apart\" contradict: a and b must run both together and apart"),
+        "{e}"
+    );
+    let bad_host =
+        serde_json::json!([{"name": "pin", "kind": "must_run_on", "vms": ["a"], "hosts": ["h9"]}]);
+    let e = call::<Vec<Rule>>(s.api, Method::Put, "/v1/rules", Some(bad_host))
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("HTTP 400") && e.contains("rule must_run_on \"pin\": names unknown host \"h9\""),
+        "{e}"
+    );
+    let e = call::<Vec<Rule>>(s.api, Method::Delete, "/v1/rules/nope", None)
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("HTTP 404") && e.contains("no rule named \"nope\""),
+        "{e}"
+    );
+    let rules: Vec<Rule> = call(s.api, Method::Get, "/v1/rules", None).await.unwrap();
+    assert_eq!(rules.len(), 1, "refused changes changed nothing");
+
+    // Evacuating h1: a and b may not share the target.
+    let r: RoundView = call(s.api, Method::Post, "/v1/hosts/h1/maintenance", None)
+        .await
+        .unwrap();
+    let (a, b) = (where_is(&s.world, "a"), where_is(&s.world, "b"));
+    assert!(
+        a.is_some() && b.is_some() && a != b,
+        "a on {a:?}, b on {b:?}"
+    );
+    assert_ne!(a.as_deref(), Some("h1"));
+    assert!(
+        r.actions
+            .iter()
+            .any(|x| x.reason.contains("rules: anti_affinity \"apart\" keeps")),
+        "{r:?}"
+    );
+    let rules: Vec<Rule> = call(s.api, Method::Delete, "/v1/rules/apart", None)
+        .await
+        .unwrap();
+    assert!(rules.is_empty());
+}
+
 fn raw_get(addr: SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();

@@ -29,9 +29,18 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// `names` libvirt hosts, and a daemon with `policy` and `extra` TOML
-    /// (rules, timers) over them.
+    /// `names` libvirt hosts (4 cores of 1000 MIPS, 2 GiB each), and a
+    /// daemon with `policy` and `extra` TOML over them (`[daemon]` keys
+    /// first, then tables such as `[[rule]]`).
     fn start(names: &[&str], policy: &str, extra: &str) -> Result<Cluster> {
+        let sized: Vec<(&str, u32, u64)> = names.iter().map(|&n| (n, 4, 2048)).collect();
+        Self::start_sized(&sized, policy, extra)
+    }
+
+    /// As [`Cluster::start`], each host declared with its (name, cores,
+    /// MB) in `cluster.toml`.
+    fn start_sized(sized: &[(&str, u32, u64)], policy: &str, extra: &str) -> Result<Cluster> {
+        let names: Vec<&str> = sized.iter().map(|s| s.0).collect();
         let root = tempfile::tempdir()?;
         let mig = root.path().join("mig");
         let disks = root.path().join("disks");
@@ -50,17 +59,17 @@ impl Cluster {
         let files = &g.nodes[0].1;
         let mut toml = format!(
             "[daemon]\nlisten = \"127.0.0.1:0\"\npolicy = \"{policy}\"\ninterval_s = 86400\n\
-             min_move_interval_s = 0\nbalance_duration_s = 0\n\n\
+             min_move_interval_s = 0\nbalance_duration_s = 0\n{extra}\n\n\
              [libvirt]\nsocket_dir = \"{}\"\nlanes = 2\nlz4 = true\nmax_downtime_ms = 300\n\
-             tls = {{ cert = \"{}\", key = \"{}\", ca = \"{}\", server_name = \"daemon\" }}\n{extra}\n",
+             tls = {{ cert = \"{}\", key = \"{}\", ca = \"{}\", server_name = \"daemon\" }}\n",
             mig.display(),
             files.cert.display(),
             files.key.display(),
             files.ca.display(),
         );
-        for (n, h) in names.iter().zip(&hosts) {
+        for (&(n, cores, mem_mb), h) in sized.iter().zip(&hosts) {
             toml += &format!(
-                "\n[[host]]\nname = \"{n}\"\ncores = 4\ncore_mips = 1000\nmem_mb = 2048\n\
+                "\n[[host]]\nname = \"{n}\"\ncores = {cores}\ncore_mips = 1000\nmem_mb = {mem_mb}\n\
                  libvirt = \"{}\"\ntunnel_dir = \"{}\"\n",
                 h.uri,
                 h.view(&mig).display()
@@ -309,6 +318,84 @@ fn a_migration_libvirt_refuses_leaves_the_guest_running_and_the_api_says_why() {
             "the answer carries libvirt's own words: {why}"
         );
         c.alive_on("a", "r1", hb)?;
+        Ok(())
+    });
+}
+
+/// Even distribution on real CPU use: the workload guest spins its vCPU,
+/// which libvirt's stats show. `a` is a small host (1 core declared) that
+/// the spinning guest `spin` pushes past the 5 % threshold; `b` (the best
+/// fit: least memory left after the move) runs `peer`, and the rule
+/// `apart` keeps `spin` and `peer` on different hosts; `c` is big and
+/// empty. Returns the round that moved `spin`, if one did within a few
+/// rounds, and the cluster.
+fn spin_against_an_anti_affinity_rule(names: &[&str]) -> Result<(Cluster, Option<RoundView>)> {
+    let sizes = [("a", 1, 2048), ("b", 64, 1024), ("c", 128, 4096)];
+    let sized: Vec<(&str, u32, u64)> = sizes
+        .iter()
+        .copied()
+        .filter(|s| names.contains(&s.0))
+        .collect();
+    let c = Cluster::start_sized(
+        &sized,
+        "balance",
+        "balance_threshold = 0.05\n\n\
+         [[rule]]\nname = \"apart\"\nkind = \"anti_affinity\"\nvms = [\"spin\", \"peer\"]\n",
+    )?;
+    c.start_guest("a", "spin", 2000, None)?;
+    c.start_guest("b", "peer", 2000, None)?;
+    // CPU use is a difference of two samples: a few rounds apart.
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_secs(3));
+        let r = c.round().with_context(|| c.diag())?;
+        if !r.actions.is_empty() {
+            return Ok((c, Some(r)));
+        }
+        if !r.notes.is_empty() {
+            return Ok((c, None));
+        }
+    }
+    Ok((c, None))
+}
+
+#[test]
+fn even_distribution_moves_a_spinning_guest_around_an_anti_affinity_rule() {
+    run("even_distribution_around_anti_affinity", || {
+        let (c, r) = spin_against_an_anti_affinity_rule(&["a", "b", "c"])?;
+        let r = r.with_context(|| format!("spin never moved{}", c.diag()))?;
+        ensure!(r.actions.len() == 1, "{r:?}");
+        let a = &r.actions[0];
+        ensure!(a.action == "migrate spin a -> c", "{r:?}");
+        ensure!(
+            a.reason.starts_with("even distribution: a at ")
+                && a.reason
+                    .contains("rules: anti_affinity \"apart\" keeps spin apart from peer (on b)"),
+            "the reason names the threshold and the rule that ruled b out: {}",
+            a.reason
+        );
+        c.alive_on("c", "spin", 0).with_context(|| c.diag())?;
+        c.alive_on("b", "peer", 0).with_context(|| c.diag())?;
+        Ok(())
+    });
+}
+
+#[test]
+fn with_its_only_target_forbidden_a_spinning_guest_stays_and_the_plan_says_why() {
+    run("only_target_forbidden", || {
+        let (c, r) = spin_against_an_anti_affinity_rule(&["a", "b"])?;
+        ensure!(r.is_none(), "nothing may move: {r:?}{}", c.diag());
+        let plan: RoundView = c.api.get("/v1/plan")?;
+        ensure!(plan.actions.is_empty(), "{plan:?}");
+        ensure!(
+            plan.notes.iter().any(|n| {
+                n.starts_with("even distribution: a at ")
+                && n.ends_with(
+                    "spin does not move: anti_affinity \"apart\" keeps spin apart from peer (on b)"
+                )
+            }),
+            "the plan says why spin stays: {plan:?}"
+        );
+        c.alive_on("a", "spin", 0)?;
         Ok(())
     });
 }

@@ -1,6 +1,6 @@
 //! `ferry sched ...`: the scheduler's simulator, its daemon, and a client
 //! for the daemon's API (`hosts`, `vms`, `plan`, `problems`, `maintenance`,
-//! `policy`, `round`; `--json` for the raw answer).
+//! `policy`, `rules`, `round`; `--json` for the raw answer).
 
 use std::path::PathBuf;
 
@@ -10,6 +10,7 @@ use ferry_scheduler::daemon::api::{
 };
 use ferry_scheduler::daemon::client::{JsonClient, Method};
 use ferry_scheduler::daemon::Outcome;
+use ferry_scheduler::plan::rules::{Rule, RuleKind};
 use ferry_scheduler::sim::run::{run_simulate, SimulateOptions};
 use ferry_scheduler::sim::{MemoryModel, Policy, SimConfig};
 
@@ -47,6 +48,47 @@ enum SchedCommand {
     Policy {
         #[command(subcommand)]
         op: PolicyOp,
+    },
+    /// Show or change the rules (affinity, anti-affinity, VM-host).
+    Rules {
+        #[command(subcommand)]
+        op: RulesOp,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum RulesOp {
+    /// The rules.
+    List(ClientArgs),
+    /// Add a rule; refused (with the rules named) if it contradicts others.
+    Add {
+        /// Its name.
+        name: String,
+        /// affinity, anti_affinity, must_run_on, must_not_run_on,
+        /// should_run_on, should_not_run_on.
+        kind: String,
+        /// The VMs (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        vms: Vec<String>,
+        /// The hosts (comma-separated), for VM-host rules.
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a rule by name.
+    Remove {
+        /// Its name.
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Replace every rule with those in a JSON file (as `list --json` prints).
+    Set {
+        /// The JSON file.
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
@@ -224,6 +266,61 @@ pub fn run(args: SchedArgs) -> anyhow::Result<()> {
                 print_policy,
             ),
         },
+        SchedCommand::Rules { op } => rules(op),
+    }
+}
+
+fn rules(op: RulesOp) -> anyhow::Result<()> {
+    match op {
+        RulesOp::List(c) => show(&c, "/v1/rules", print_rules),
+        RulesOp::Add {
+            name,
+            kind,
+            vms,
+            hosts,
+            client,
+        } => {
+            let rule = Rule {
+                name,
+                kind: kind.parse::<RuleKind>()?,
+                vms,
+                hosts,
+            };
+            act(&client, Method::Post, "/v1/rules", Some(&rule), print_rules)
+        }
+        RulesOp::Remove { name, client } => act(
+            &client,
+            Method::Delete,
+            &format!("/v1/rules/{name}"),
+            None::<&()>,
+            print_rules,
+        ),
+        RulesOp::Set { file, client } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let rules: Vec<Rule> = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a JSON list of rules", file.display()))?;
+            act(&client, Method::Put, "/v1/rules", Some(&rules), print_rules)
+        }
+    }
+}
+
+fn print_rules(rules: &Vec<Rule>) {
+    if rules.is_empty() {
+        println!("no rules");
+    }
+    for r in rules {
+        let hosts = if r.hosts.is_empty() {
+            String::new()
+        } else {
+            format!(" hosts {}", r.hosts.join(","))
+        };
+        println!(
+            "{:<16} {:<18} vms {}{hosts}",
+            r.name,
+            r.kind,
+            r.vms.join(",")
+        );
     }
 }
 
@@ -317,6 +414,9 @@ fn print_round(r: &RoundView) {
         };
         println!("{}  [{outcome}]\n  because {}", a.action, a.reason);
     }
+    for n in &r.notes {
+        println!("not done: {n}");
+    }
     if let Some(e) = &r.plan_error {
         println!("planning failed: {e}");
     }
@@ -361,10 +461,11 @@ fn daemon(a: DaemonArgs) -> anyhow::Result<()> {
             );
         }
         println!(
-            "{}: {} hosts, {} VMs, no problems",
+            "{}: {} hosts, {} VMs, {} rules, no problems",
             a.config.display(),
             cfg.hosts.len(),
-            cfg.vms.len()
+            cfg.vms.len(),
+            cfg.rules.len()
         );
         return Ok(());
     }

@@ -15,6 +15,10 @@
 //! | `DELETE /v1/hosts/{name}/maintenance` | leave maintenance: its VMs return; [`RoundView`] |
 //! | `GET /v1/policy` | [`PolicyView`] |
 //! | `PUT /v1/policy` [`PolicyRequest`] | switch policy; [`PolicyView`] |
+//! | `GET /v1/rules` | the [`Rule`]s |
+//! | `PUT /v1/rules` `[Rule]` | replace them all (400 naming the rules that contradict); the [`Rule`]s |
+//! | `POST /v1/rules` [`Rule`] | add one (400 if it contradicts the others); the [`Rule`]s |
+//! | `DELETE /v1/rules/{name}` | remove one; the [`Rule`]s |
 //! | `POST /v1/round` | plan and execute now; [`RoundView`] |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /v1/ha/leader` | [`LeaderView`]: who leads the daemons on the cluster store |
@@ -55,6 +59,7 @@ use crate::ha::failover::{ClusterHa, HaEvent};
 use crate::model::Cluster;
 use crate::plan::planner::PolicyMode;
 use crate::store::{Decision, LeaderInfo, OwnerRecord, StoreError};
+use crate::plan::rules::{self, Rule};
 
 #[derive(Clone)]
 struct AppState {
@@ -75,6 +80,8 @@ pub fn router(daemon: Daemon, started: Instant) -> Router {
             axum::routing::post(enter_maintenance).delete(leave_maintenance),
         )
         .route("/v1/policy", get(get_policy).put(set_policy))
+        .route("/v1/rules", get(get_rules).put(set_rules).post(add_rule))
+        .route("/v1/rules/{name}", axum::routing::delete(remove_rule))
         .route("/v1/round", axum::routing::post(round))
         .route("/metrics", get(metrics))
         .route("/v1/ha/leader", get(ha_leader))
@@ -320,6 +327,9 @@ pub struct RoundView {
     pub actions: Vec<ActionView>,
     /// Why nothing could be planned, if so.
     pub plan_error: Option<String>,
+    /// What the policies wanted but did not do, and why (rules, room).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// `GET /v1/problems`.
@@ -378,6 +388,7 @@ fn round_view(c: &Cluster, r: &RoundReport) -> RoundView {
             })
             .collect(),
         plan_error: r.plan_error.clone(),
+        notes: r.plan.notes.clone(),
     }
 }
 
@@ -484,6 +495,7 @@ async fn set_maintenance(s: AppState, name: String, on: bool) -> Result<Json<Rou
         let progressed = view.actions.iter().any(|a| a.outcome == Outcome::Done);
         all.actions.extend(view.actions);
         all.plan_error = view.plan_error;
+        all.notes = view.notes;
         let failures = report.failures(c);
         let what = if on { "evacuating" } else { "returning VMs to" };
         if !failures.is_empty() {
@@ -505,10 +517,13 @@ async fn set_maintenance(s: AppState, name: String, on: bool) -> Result<Json<Rou
             return Ok(Json(all));
         }
         if !progressed {
-            let why = all
-                .plan_error
-                .clone()
-                .unwrap_or_else(|| "the planner finds no move for them now".into());
+            let why = all.plan_error.clone().unwrap_or_else(|| {
+                if all.notes.is_empty() {
+                    "the planner finds no move for them now".into()
+                } else {
+                    all.notes.join("; ")
+                }
+            });
             return Err(Refusal::conflict(format!(
                 "{what} {name}: {} {} still {}: {why}",
                 left.join(", "),
@@ -553,6 +568,60 @@ async fn set_policy(
     lock(&s.daemon.state).planner.mode = mode;
     info!(?mode, "policy switched");
     Ok(Json(PolicyView { mode }))
+}
+
+async fn get_rules(State(s): State<AppState>) -> Json<Vec<Rule>> {
+    Json(lock(&s.daemon.state).cluster.rules.clone())
+}
+
+/// Edits the rules with `edit`, under one lock; keeps the result only if
+/// the rules are consistent with each other and the cluster's hosts.
+fn edit_rules(
+    s: &AppState,
+    edit: impl FnOnce(&mut Vec<Rule>) -> Result<(), Refusal>,
+) -> Result<Json<Vec<Rule>>, Refusal> {
+    let mut st = lock(&s.daemon.state);
+    let mut new = st.cluster.rules.clone();
+    edit(&mut new)?;
+    let hosts: Vec<String> = st.cluster.hosts.iter().map(|h| h.name.clone()).collect();
+    rules::check(&new, &hosts).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    info!(rules = new.len(), "rules set");
+    st.cluster.rules = new.clone();
+    Ok(Json(new))
+}
+
+async fn set_rules(
+    State(s): State<AppState>,
+    Json(new): Json<Vec<Rule>>,
+) -> Result<Json<Vec<Rule>>, Refusal> {
+    edit_rules(&s, |r| {
+        *r = new;
+        Ok(())
+    })
+}
+
+async fn add_rule(
+    State(s): State<AppState>,
+    Json(rule): Json<Rule>,
+) -> Result<Json<Vec<Rule>>, Refusal> {
+    edit_rules(&s, |r| {
+        r.push(rule);
+        Ok(())
+    })
+}
+
+async fn remove_rule(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<Rule>>, Refusal> {
+    edit_rules(&s, |r| {
+        let before = r.len();
+        r.retain(|x| x.name != name);
+        if r.len() == before {
+            return Err(Refusal::not_found(format!("no rule named {name:?}")));
+        }
+        Ok(())
+    })
 }
 
 async fn round(State(s): State<AppState>) -> Result<Json<RoundView>, Refusal> {

@@ -11,6 +11,7 @@
 //! # power_save_duration_s = 900
 //! # balance_duration_s = 600
 //! # min_move_interval_s = 1800
+//! # balance_threshold = 0.8
 //!
 //! [[host]]
 //! name = "h1"
@@ -27,6 +28,13 @@
 //! mem_mb = 512
 //! on_evacuate = "migrate"  # or "shutdown"
 //! restart = "high"         # after a host failure: high | medium | low | disabled
+//!
+//! # Rules (crate::plan::rules): affinity, anti_affinity (VMs), must_run_on,
+//! # must_not_run_on, should_run_on, should_not_run_on (VMs and hosts).
+//! [[rule]]
+//! name = "web-apart"
+//! kind = "anti_affinity"
+//! vms = ["web", "web2"]
 //! ```
 
 use std::net::SocketAddr;
@@ -102,6 +110,10 @@ pub struct DaemonSection {
     /// (default: the planner's, 1800).
     #[serde(default)]
     pub min_move_interval_s: Option<f64>,
+    /// CPU share above which even distribution finds a host overloaded
+    /// (default: the planner's, 0.8).
+    #[serde(default)]
+    pub balance_threshold: Option<f64>,
 }
 
 fn default_policy() -> String {
@@ -262,6 +274,8 @@ struct RawConfig {
     host: Vec<HostEntry>,
     #[serde(default)]
     vm: Vec<VmEntry>,
+    #[serde(default)]
+    rule: Vec<Spanned<crate::plan::rules::Rule>>,
 }
 
 /// The validated configuration.
@@ -277,6 +291,8 @@ pub struct Config {
     pub hosts: Vec<HostEntry>,
     /// Valid VMs.
     pub vms: Vec<VmEntry>,
+    /// Rules, each consistent with those before it.
+    pub rules: Vec<crate::plan::rules::Rule>,
     /// What was left out, and why.
     pub problems: Vec<ConfigProblem>,
 }
@@ -330,6 +346,15 @@ impl Config {
         {
             // The span of `policy` is not kept; the [daemon] table's line is.
             problem(&mut problems, raw.daemon.listen.span().start, e);
+        }
+        if let Some(t) = raw.daemon.balance_threshold {
+            if !(t > 0.0 && t <= 1.0) {
+                problem(
+                    &mut problems,
+                    raw.daemon.listen.span().start,
+                    format!("balance_threshold {t} is not a CPU share in (0, 1]"),
+                );
+            }
         }
         let mut hosts: Vec<HostEntry> = Vec::new();
         let all_names: Vec<String> = raw.host.iter().map(|h| h.name.get_ref().clone()).collect();
@@ -482,6 +507,19 @@ impl Config {
             }
             vms.push(v);
         }
+        // Rules in file order: one that is malformed or contradicts those
+        // before it is left out, naming the rules.
+        let host_names: Vec<String> = hosts.iter().map(|h| h.name.get_ref().clone()).collect();
+        let mut rules: Vec<crate::plan::rules::Rule> = Vec::new();
+        for r in raw.rule {
+            let at = r.span().start;
+            let r = r.into_inner();
+            rules.push(r);
+            if let Err(e) = crate::plan::rules::check(&rules, &host_names) {
+                rules.pop();
+                problem(&mut problems, at, format!("{e}; the rule is left out"));
+            }
+        }
         let libvirt = raw.libvirt.map(|l| {
             let at = l.span().start;
             let l = l.into_inner();
@@ -503,6 +541,7 @@ impl Config {
             libvirt,
             hosts,
             vms,
+            rules,
             problems,
         })
     }
@@ -613,6 +652,50 @@ mem_mb = 512
                 .contains("built without libvirt support"));
         }
         assert_eq!(c.vms.len(), 1);
+    }
+
+    #[test]
+    fn a_contradicting_rule_is_left_out_with_its_line_and_the_rules_named() {
+        let text = format!(
+            "{GOOD}
+[[rule]]
+name = \"pin\"
+kind = \"must_run_on\"
+vms = [\"a\"]
+hosts = [\"h1\"]
+
+[[rule]]
+name = \"never\"
+kind = \"must_not_run_on\"
+vms = [\"a\"]
+hosts = [\"h1\"]
+
+[[rule]]
+name = \"where\"
+kind = \"must_run_on\"
+vms = [\"a\"]
+hosts = [\"h9\"]
+"
+        );
+        let c = Config::parse(Path::new("c.toml"), &text).unwrap();
+        assert_eq!(c.rules.len(), 1, "the first rule is kept");
+        let p: Vec<String> = c.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            p,
+            vec![
+                "c.toml:31: rules must_run_on \"pin\" and must_not_run_on \"never\" contradict: no host may run a; the rule is left out",
+                "c.toml:37: rule must_run_on \"where\": names unknown host \"h9\"; the rule is left out",
+            ]
+        );
+        let bad =
+            format!("{GOOD}\n[[rule]]\nname = \"x\"\nkind = \"together\"\nvms = [\"a\", \"b\"]\n");
+        let e = Config::parse(Path::new("c.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("c.toml:27: unknown variant `together`"),
+            "{e}"
+        );
     }
 
     #[test]

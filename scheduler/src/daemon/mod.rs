@@ -258,6 +258,7 @@ impl Daemon {
             vm.restart = v.restart;
             cluster.vms.push(vm);
         }
+        cluster.rules = cfg.rules.clone();
         let mode = cfg.daemon.policy.parse().unwrap_or_else(|e: String| {
             problems.push(ConfigProblem {
                 path: cfg.path.display().to_string(),
@@ -279,6 +280,9 @@ impl Daemon {
         }
         if let Some(s) = d.min_move_interval_s {
             planner.limits.min_move_interval_s = s;
+        }
+        if let Some(t) = d.balance_threshold.filter(|t| *t > 0.0 && *t <= 1.0) {
+            planner.balance.threshold = t;
         }
         Self {
             state: Arc::new(Mutex::new(State {

@@ -20,7 +20,7 @@ use std::cmp::Reverse;
 use serde::Serialize;
 
 use crate::model::{Cluster, HostId, RestartPriority, VmId};
-use crate::plan::{best_fit, Ledger, Limits};
+use crate::plan::{best_fit, find_target, Ledger, Limits};
 
 /// Failure sets [`check_reserve`] examines at most (the number of ways to
 /// choose `failures` of the usable hosts); beyond it the check refuses to
@@ -56,6 +56,14 @@ pub enum RestartRefusal {
         /// VM name.
         vm: String,
     },
+    /// Surviving hosts have room, but the rules forbid each of them.
+    #[error("VM {vm}: no surviving host may take it: {rules}")]
+    Rules {
+        /// VM name.
+        vm: String,
+        /// The rules that ruled each host out.
+        rules: String,
+    },
     /// No surviving host has room.
     #[error("VM {vm}: no surviving host has room ({mips:.0} MIPS, {mem_mb} MB)")]
     NoRoom {
@@ -89,6 +97,13 @@ pub fn plan_restarts(c: &Cluster, failed: &[HostId], policy: &HaPolicy) -> Resta
         .collect();
     victims.sort_by_key(|&v| (c.vms[v].restart, Reverse(c.vms[v].mem_mb), v));
     let mut ledger = Ledger::new(c, |v| mips(c, v));
+    // Affinity partners on failed hosts do not hold a group there: the
+    // first restarted leads, the others follow it.
+    for &h in failed {
+        if let Some(l) = ledger.leaving.get_mut(h) {
+            *l = true;
+        }
+    }
     // A restart is not a migration: no per-host limit, no interval.
     let limits = Limits {
         max_migrations_per_host: usize::MAX,
@@ -107,13 +122,21 @@ pub fn plan_restarts(c: &Cluster, failed: &[HostId], policy: &HaPolicy) -> Resta
             continue;
         }
         let m = mips(c, v);
-        match best_fit(c, &ledger, &limits, v, m, policy.cpu_cap, &|h| {
+        let fit = find_target(c, &ledger, &limits, v, m, policy.cpu_cap, &|h| {
             failed.contains(&h)
-        }) {
+        });
+        match fit.host {
             Some(to) => {
                 ledger.commit(c, v, m, to);
                 plan.restarts.push((v, to));
             }
+            None if !fit.notes.is_empty() => plan.refused.push((
+                v,
+                RestartRefusal::Rules {
+                    vm: vm.name.clone(),
+                    rules: fit.notes.join("; "),
+                },
+            )),
             None => plan.refused.push((
                 v,
                 RestartRefusal::NoRoom {
@@ -186,7 +209,12 @@ pub fn check_reserve(c: &Cluster, policy: &HaPolicy) -> Result<(), ReserveError>
         let unplaced: Vec<String> = plan
             .refused
             .iter()
-            .filter(|(_, r)| matches!(r, RestartRefusal::NoRoom { .. }))
+            .filter(|(_, r)| {
+                matches!(
+                    r,
+                    RestartRefusal::NoRoom { .. } | RestartRefusal::Rules { .. }
+                )
+            })
             .map(|&(v, _)| c.vms[v].name.clone())
             .collect();
         if !unplaced.is_empty() {
@@ -282,6 +310,7 @@ mod tests {
                 .collect(),
             vms: Vec::new(),
             now: 0.0,
+            rules: Vec::new(),
         }
     }
 

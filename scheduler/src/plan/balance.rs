@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{best_fit, Action, Ledger, Limits, Plan};
+use super::{find_target, Action, Ledger, Limits, Plan};
 use crate::model::{Cluster, HostId, VmId};
 
 /// Parameters of even distribution.
@@ -77,15 +77,37 @@ pub fn plan(
             let Some(v) = pick else { break };
             cands.retain(|&x| x != v);
             // A VM at least as big as one that fitted nowhere fits nowhere
-            // either (the plan only fills hosts): skip the scan.
-            if failed
-                .iter()
-                .any(|&(m, r): &(f64, u64)| est(v) >= m && c.vms[v].mem_mb >= r)
+            // either (the plan only fills hosts): skip the scan. Not for
+            // VMs with rules: a rule, not room, may have stopped the other.
+            let ruled = ledger.rules.mentions(v);
+            if !ruled
+                && failed
+                    .iter()
+                    .any(|&(m, r): &(f64, u64)| est(v) >= m && c.vms[v].mem_mb >= r)
             {
                 continue;
             }
-            let Some(to) = best_fit(c, ledger, limits, v, est(v), p.threshold, &|x| x == h) else {
-                failed.push((est(v), c.vms[v].mem_mb));
+            let fit = find_target(c, ledger, limits, v, est(v), p.threshold, &|x| x == h);
+            let why = || {
+                format!(
+                    "even distribution: {} at {:.0}% CPU > {:.0}% for {:.0} s",
+                    c.hosts[h].name,
+                    100.0 * before.demand[h] / c.hosts[h].cpu_mips,
+                    100.0 * p.threshold,
+                    p.duration_s,
+                )
+            };
+            let Some(to) = fit.host else {
+                if fit.notes.is_empty() {
+                    failed.push((est(v), c.vms[v].mem_mb));
+                } else {
+                    out.notes.push(format!(
+                        "{}; {} does not move: {}",
+                        why(),
+                        c.vms[v].name,
+                        fit.notes.join("; ")
+                    ));
+                }
                 continue;
             };
             ledger.commit(c, v, est(v), to);
@@ -93,16 +115,13 @@ pub fn plan(
                 vm: v,
                 from: h,
                 to,
-                reason: format!(
-                    "even distribution: {} at {:.0}% CPU > {:.0}% for {:.0} s; {} ({:.0} MIPS, {} MB) is the cheapest move that helps",
-                    c.hosts[h].name,
-                    100.0 * before.demand[h] / c.hosts[h].cpu_mips,
-                    100.0 * p.threshold,
-                    p.duration_s,
+                reason: fit.reason(format!(
+                    "{}; {} ({:.0} MIPS, {} MB) is the cheapest move that helps",
+                    why(),
                     c.vms[v].name,
                     est(v),
                     c.vms[v].mem_mb
-                ),
+                )),
             });
         }
     }

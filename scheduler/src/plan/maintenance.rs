@@ -2,7 +2,7 @@
 //! marked so), keep it out of every decision while in maintenance, and move
 //! its VMs back when it leaves.
 
-use super::{best_fit, Action, Ledger, Limits, Plan, PlanError};
+use super::{find_target, Action, Ledger, Limits, Plan, PlanError};
 use crate::model::{Cluster, HostId, OnEvacuate, VmId};
 
 /// Evacuation of host `h` (in maintenance): as many moves as the per-host
@@ -43,10 +43,21 @@ pub fn evacuate(
                     continue; // the per-host limit: next round
                 }
                 let mips = c.vms[v].peak(3);
-                let Some(to) = best_fit(c, ledger, limits, v, mips, cpu_cap, &|x| x == h)
-                    .or_else(|| best_fit(c, ledger, limits, v, mips, 1.0, &|x| x == h))
-                else {
+                let exclude = |x: HostId| x == h;
+                let fit = find_target(c, ledger, limits, v, mips, cpu_cap, &exclude);
+                let fit = if fit.host.is_some() {
+                    fit
+                } else {
+                    find_target(c, ledger, limits, v, mips, 1.0, &exclude)
+                };
+                let Some(to) = fit.host else {
                     if ledger.migrations.iter().all(|&m| m == 0) {
+                        if !fit.notes.is_empty() {
+                            return Err(PlanError::Rules {
+                                vm: c.vms[v].name.clone(),
+                                rules: fit.notes.join("; "),
+                            });
+                        }
                         return Err(PlanError::NoHost {
                             vm: c.vms[v].name.clone(),
                             mips,
@@ -60,10 +71,10 @@ pub fn evacuate(
                     vm: v,
                     from: h,
                     to,
-                    reason: format!(
+                    reason: fit.reason(format!(
                         "maintenance: evacuating {} ({} -> {})",
                         c.hosts[h].name, c.vms[v].name, c.hosts[to].name
-                    ),
+                    )),
                 });
             }
         }
@@ -83,10 +94,18 @@ pub fn return_home(c: &Cluster, h: HostId, limits: &Limits, ledger: &mut Ledger)
             continue;
         }
         let mips = c.vms[v].peak(3);
+        if let Some(why) = ledger.blocker(c, v, h) {
+            out.notes.push(format!(
+                "maintenance over: {} stays away from {}: {why}",
+                c.vms[v].name, c.hosts[h].name
+            ));
+            continue;
+        }
         match c.vms[v].host {
             None if ledger.mem[h] + c.vms[v].mem_mb <= c.hosts[h].mem_mb => {
                 ledger.mem[h] += c.vms[v].mem_mb;
                 ledger.cpu[h] += mips;
+                ledger.at[v] = Some(h);
                 out.actions.push(Action::StartVm {
                     vm: v,
                     host: h,

@@ -13,6 +13,7 @@ pub mod maintenance;
 pub mod placement;
 pub mod planner;
 pub mod power_save;
+pub mod rules;
 
 use serde::{Deserialize, Serialize};
 
@@ -78,11 +79,15 @@ impl Action {
     }
 }
 
-/// An ordered list of actions.
+/// An ordered list of actions, and why some wanted moves were not made.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     /// Actions in execution order.
     pub actions: Vec<Action>,
+    /// Why something a policy wanted did not happen (a rule forbade every
+    /// target, ...), one line each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 impl Plan {
@@ -97,6 +102,7 @@ impl Plan {
     /// Append another plan.
     pub fn extend(&mut self, other: Plan) {
         self.actions.extend(other.actions);
+        self.notes.extend(other.notes);
     }
 }
 
@@ -134,6 +140,14 @@ pub enum PlanError {
     /// The host is unknown.
     #[error("no host with index {0}")]
     UnknownHost(HostId),
+    /// Hosts have room, but the rules forbid each of them.
+    #[error("no host may take VM {vm}: {rules}")]
+    Rules {
+        /// VM name.
+        vm: String,
+        /// The rules that ruled each host out.
+        rules: String,
+    },
 }
 
 /// What a plan has committed so far, per host.
@@ -150,6 +164,13 @@ pub struct Ledger {
     pub moved: Vec<bool>,
     /// Placement before the plan (shared, cheap to clone).
     pub before: std::sync::Arc<Placement>,
+    /// Where each VM is once the planned moves are done.
+    pub at: Vec<Option<HostId>>,
+    /// Hosts being emptied by this plan (a power-save donor, a failed
+    /// host): affinity partners on them do not hold a group there.
+    pub leaving: Vec<bool>,
+    /// The cluster's rules, resolved.
+    pub rules: std::sync::Arc<rules::RuleIndex>,
 }
 
 /// Where VMs are and what they demand now, per host (an index built once
@@ -194,6 +215,9 @@ impl Ledger {
             migrations: vec![0; c.hosts.len()],
             moved: vec![false; c.vms.len()],
             before: std::sync::Arc::new(Placement::new(c)),
+            at: c.vms.iter().map(|v| v.host).collect(),
+            leaving: vec![false; c.hosts.len()],
+            rules: std::sync::Arc::new(rules::RuleIndex::new(c)),
         }
     }
 
@@ -216,7 +240,9 @@ impl Ledger {
     }
 
     /// Whether `to` can take `vm` (demand `mips`) staying at or under
-    /// `cpu_cap` share, memory never overcommitted, migration limit kept.
+    /// `cpu_cap` share, memory never overcommitted, migration limit kept,
+    /// and no hard rule broken ([`Ledger::blocker`]). A VM leading its
+    /// affinity group needs room for the followers too.
     pub fn fits(
         &self,
         c: &Cluster,
@@ -226,13 +252,55 @@ impl Ledger {
         to: HostId,
         cpu_cap: f64,
     ) -> bool {
+        self.room(c, limits, vm, mips, to, cpu_cap) && self.blocker(c, vm, to).is_none()
+    }
+
+    /// [`Ledger::fits`] without the rules: capacity and limits only.
+    pub fn room(
+        &self,
+        c: &Cluster,
+        limits: &Limits,
+        vm: VmId,
+        mips: f64,
+        to: HostId,
+        cpu_cap: f64,
+    ) -> bool {
         let host = &c.hosts[to];
+        let (mut cpu, mut mem) = (mips, c.vms[vm].mem_mb);
+        for u in self.followers(c, vm) {
+            cpu += c.vms[u].peak(3);
+            mem += c.vms[u].mem_mb;
+        }
         host.usable()
-            && c.vms[vm].host != Some(to)
+            && self.at[vm] != Some(to)
             && mips <= host.core_mips * (c.vms[vm].cpu_mips / host.core_mips).ceil().max(1.0)
-            && self.cpu[to] + mips <= cpu_cap * host.cpu_mips
-            && self.mem[to] + c.vms[vm].mem_mb <= host.mem_mb
+            && self.cpu[to] + cpu <= cpu_cap * host.cpu_mips
+            && self.mem[to] + mem <= host.mem_mb
             && self.migrations[to] < limits.max_migrations_per_host
+    }
+
+    /// Affinity partners that go where `vm` goes: on its host, not moved,
+    /// when that host is being emptied (else they hold `vm` there).
+    fn followers(&self, c: &Cluster, vm: VmId) -> Vec<VmId> {
+        match self.at[vm] {
+            Some(from)
+                if !self.rules.is_empty() && (self.leaving[from] || !c.hosts[from].usable()) =>
+            {
+                self.rules.followers(vm, from, &self.at)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The hard rule that keeps `vm` (or an affinity partner following
+    /// it) off `to`, described; `None` when the rules allow the move.
+    pub fn blocker(&self, c: &Cluster, vm: VmId, to: HostId) -> Option<String> {
+        if self.rules.is_empty() {
+            return None;
+        }
+        std::iter::once(vm)
+            .chain(self.followers(c, vm))
+            .find_map(|v| self.rules.blocker(c, v, to, &self.at, &self.leaving))
     }
 
     /// Undo [`Ledger::commit`] (a trial that did not work out).
@@ -244,6 +312,7 @@ impl Ledger {
         self.migrations[from] -= 1;
         self.migrations[to] -= 1;
         self.moved[vm] = false;
+        self.at[vm] = Some(from);
     }
 
     /// Commit a move in the ledger.
@@ -256,12 +325,83 @@ impl Ledger {
         self.migrations[from] += 1;
         self.migrations[to] += 1;
         self.moved[vm] = true;
+        self.at[vm] = Some(to);
     }
 }
 
-/// The usable host with the least headroom left after taking `vm` (best
-/// fit by CPU and memory), among those [`Ledger::fits`] accepts and
-/// `exclude` does not reject.
+/// A target chosen by [`find_target`], with what the rules did to the choice.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fit {
+    /// The host, if any fits.
+    pub host: Option<HostId>,
+    /// How rules shaped the choice: hosts with room that a hard rule ruled
+    /// out, soft rules met or missed by the choice. Empty when no rule
+    /// mentions the VM.
+    pub notes: Vec<String>,
+}
+
+impl Fit {
+    /// `reason`, followed by the rules' part in it, if any.
+    pub fn reason(&self, reason: String) -> String {
+        if self.notes.is_empty() {
+            reason
+        } else {
+            format!("{reason}; rules: {}", self.notes.join("; "))
+        }
+    }
+}
+
+/// The usable host that breaks the fewest soft rules and, among those, has
+/// the least headroom left after taking `vm` (best fit by CPU and memory),
+/// among those [`Ledger::fits`] accepts and `exclude` does not reject.
+pub fn find_target(
+    c: &Cluster,
+    ledger: &Ledger,
+    limits: &Limits,
+    vm: VmId,
+    mips: f64,
+    cpu_cap: f64,
+    exclude: &dyn Fn(HostId) -> bool,
+) -> Fit {
+    let ruled = !ledger.rules.is_empty() && ledger.rules.mentions(vm);
+    let mut notes = Vec::new();
+    let host = (0..c.hosts.len())
+        .filter(|&h| !exclude(h))
+        .filter(|&h| ledger.room(c, limits, vm, mips, h, cpu_cap))
+        .filter(|&h| match ledger.blocker(c, vm, h) {
+            None => true,
+            Some(why) => {
+                notes.push(why);
+                false
+            }
+        })
+        .map(|h| {
+            let host = &c.hosts[h];
+            let cpu_left = (cpu_cap * host.cpu_mips - ledger.cpu[h] - mips) / host.cpu_mips;
+            let mem_left =
+                (host.mem_mb - ledger.mem[h] - c.vms[vm].mem_mb) as f64 / host.mem_mb as f64;
+            let soft = if ruled {
+                ledger.rules.soft_misses(vm, h).len()
+            } else {
+                0
+            };
+            (h, soft, cpu_left + mem_left)
+        })
+        .min_by(|a, b| a.1.cmp(&b.1).then(a.2.total_cmp(&b.2)))
+        .map(|(h, _, _)| h);
+    if let (Some(h), true) = (host, ruled) {
+        for (label, met) in ledger.rules.soft(vm, h) {
+            notes.push(if met {
+                format!("{label} met")
+            } else {
+                format!("{label} not met: no preferred host has room")
+            });
+        }
+    }
+    Fit { host, notes }
+}
+
+/// [`find_target`]'s host.
 pub fn best_fit(
     c: &Cluster,
     ledger: &Ledger,
@@ -271,18 +411,7 @@ pub fn best_fit(
     cpu_cap: f64,
     exclude: &dyn Fn(HostId) -> bool,
 ) -> Option<HostId> {
-    (0..c.hosts.len())
-        .filter(|&h| !exclude(h))
-        .filter(|&h| ledger.fits(c, limits, vm, mips, h, cpu_cap))
-        .map(|h| {
-            let host = &c.hosts[h];
-            let cpu_left = (cpu_cap * host.cpu_mips - ledger.cpu[h] - mips) / host.cpu_mips;
-            let mem_left =
-                (host.mem_mb - ledger.mem[h] - c.vms[vm].mem_mb) as f64 / host.mem_mb as f64;
-            (h, cpu_left + mem_left)
-        })
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|(h, _)| h)
+    find_target(c, ledger, limits, vm, mips, cpu_cap, exclude).host
 }
 
 /// Apply an action to the model (what an executor does once the action
@@ -325,6 +454,7 @@ pub(crate) mod testkit {
                 .collect(),
             vms: Vec::new(),
             now: 100_000.0,
+            rules: Vec::new(),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Initial placement: where a new VM goes. Best fit by CPU and memory
 //! headroom; memory is never overcommitted.
 
-use super::{best_fit, Ledger, Limits, PlanError};
+use super::{find_target, Ledger, Limits, PlanError};
 use crate::model::{Cluster, HostId, VmId};
 
 /// The host for the unplaced VM `vm`, packing by its full CPU size (no
@@ -14,11 +14,19 @@ pub fn place(c: &Cluster, vm: VmId, cpu_cap: f64) -> Result<HostId, PlanError> {
         min_move_interval_s: 0.0,
     };
     let mips = c.vms[vm].peak(12);
-    best_fit(c, &ledger, &limits, vm, mips, cpu_cap, &|_| false).ok_or_else(|| PlanError::NoHost {
-        vm: c.vms[vm].name.clone(),
-        mips,
-        mem_mb: c.vms[vm].mem_mb,
-    })
+    let fit = find_target(c, &ledger, &limits, vm, mips, cpu_cap, &|_| false);
+    match fit.host {
+        Some(h) => Ok(h),
+        None if !fit.notes.is_empty() => Err(PlanError::Rules {
+            vm: c.vms[vm].name.clone(),
+            rules: fit.notes.join("; "),
+        }),
+        None => Err(PlanError::NoHost {
+            vm: c.vms[vm].name.clone(),
+            mips,
+            mem_mb: c.vms[vm].mem_mb,
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -115,6 +115,14 @@ impl Planner {
                 plan.extend(maintenance::return_home(c, h, &self.limits, &mut ledger));
             }
         }
+        if self.mode != PolicyMode::Manual {
+            plan.extend(super::rules::enforce(
+                c,
+                self.balance.threshold,
+                &self.limits,
+                &mut ledger,
+            ));
+        }
         let due = |timers: &[Option<f64>], d: f64| -> Vec<usize> {
             (0..n)
                 .filter(|&h| timers[h].is_some_and(|s| c.now - s >= d))

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{best_fit, Action, Ledger, Limits, Plan};
+use super::{find_target, Action, Ledger, Limits, Plan};
 use crate::model::{Cluster, HostId, PowerState, VmId};
 
 /// Parameters of power save.
@@ -147,45 +147,61 @@ pub fn plan(
         if demand > (1.0 - p.spare) * (kept - c.hosts[h].cpu_mips) {
             continue;
         }
-        let mut moves: Vec<(VmId, HostId)> = Vec::new();
+        let mut moves: Vec<(VmId, HostId, Vec<String>)> = Vec::new();
         let mut sorted = vms.clone();
         sorted.sort_by(|&a, &b| est(b).total_cmp(&est(a)));
         let mut ok = true;
+        // Affinity partners on a donor follow each other off it.
+        ledger.leaving[h] = true;
         for v in sorted {
             let exclude = |x: HostId| x == h || donor[x];
-            match best_fit(c, ledger, limits, v, est(v), p.target, &exclude) {
+            let fit = find_target(c, ledger, limits, v, est(v), p.target, &exclude);
+            match fit.host {
                 Some(to) if !ledger.before.on[to].is_empty() || ledger.cpu[to] > 0.0 => {
                     ledger.commit(c, v, est(v), to);
-                    moves.push((v, to));
+                    moves.push((v, to, fit.notes));
                 }
                 _ => {
+                    if !fit.notes.is_empty() {
+                        out.notes.push(format!(
+                            "power save: {} stays on: {} cannot leave it: {}",
+                            c.hosts[h].name,
+                            c.vms[v].name,
+                            fit.notes.join("; ")
+                        ));
+                    }
                     ok = false;
                     break;
                 }
             }
         }
         if !ok {
-            for &(v, to) in moves.iter().rev() {
+            for &(v, to, _) in moves.iter().rev() {
                 ledger.uncommit(c, v, est(v), to);
             }
+            ledger.leaving[h] = false;
             continue;
         }
         donor[h] = true;
         emptied += 1;
         kept -= c.hosts[h].cpu_mips;
-        for (v, to) in moves {
+        for (v, to, notes) in moves {
             receiver[to] = true;
+            let fit = super::Fit {
+                host: Some(to),
+                notes,
+            };
             out.actions.push(Action::Migrate {
                 vm: v,
                 from: h,
                 to,
-                reason: format!(
+                reason: fit.reason(format!(
                     "power save: {} under {:.0}% CPU for {:.0} s; emptying it onto {}",
                     c.hosts[h].name,
                     100.0 * p.low,
                     p.duration_s,
                     c.hosts[to].name
-                ),
+                )),
             });
         }
         out.actions.push(Action::PowerOff {
