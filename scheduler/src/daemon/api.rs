@@ -58,8 +58,8 @@ use super::{describe, lock, Daemon, HostHealth, Outcome, RoundReport};
 use crate::ha::failover::{ClusterHa, HaEvent};
 use crate::model::Cluster;
 use crate::plan::planner::PolicyMode;
-use crate::store::{Decision, LeaderInfo, OwnerRecord, StoreError};
 use crate::plan::rules::{self, Rule};
+use crate::store::{Decision, LeaderInfo, OwnerRecord, StoreError};
 
 #[derive(Clone)]
 struct AppState {

@@ -135,13 +135,20 @@ pub enum RuleError {
     #[error("two rules are named {0:?}")]
     DuplicateName(String),
     /// The rules cannot all hold.
-    #[error("rules {} contradict: {why}", rules.join(" and "))]
+    #[error("{}", contradiction(rules, why))]
     Contradiction {
         /// The rules involved (`kind "name"`).
         rules: Vec<String>,
         /// Why.
         why: String,
     },
+}
+
+fn contradiction(rules: &[String], why: &str) -> String {
+    match rules {
+        [one] => format!("rule {one} cannot hold: {why}"),
+        _ => format!("rules {} contradict: {why}", rules.join(" and ")),
+    }
 }
 
 /// Checks one rule on its own: names, members, hosts it names (`hosts`:
