@@ -41,7 +41,8 @@ pub mod units;
 pub use client::ClientError;
 pub use protocol::{
     ControlError, ErrorKind, Event, Greeting, GuestHome, Limits, MigrateRequest, MigrationReport,
-    Phase, Reply, Request, ResolveAction, Role, StatusReply, Summary, PROTOCOL_VERSION,
+    Phase, RegionDigest, Reply, Request, ResolveAction, Role, StatusReply, Summary,
+    PROTOCOL_VERSION,
 };
 pub use security::{SecurityMode, SecuritySpec};
 pub use server::{connect_lanes, serve, ControlSocket, Served};

@@ -497,6 +497,9 @@ pub struct Summary {
     /// The memory digest both sides agreed on (a string: 64 bits).
     #[serde(with = "u64_string")]
     pub memory_digest: u64,
+    /// The digest of each memory region (they add up to `memory_digest`).
+    #[serde(default)]
+    pub region_digests: Vec<RegionDigest>,
     /// The dirty log backend used.
     pub dirty_log: String,
     /// The downtime limit in force, ms.
@@ -505,6 +508,28 @@ pub struct Summary {
     /// How far the downtime went past the limit, ms (0: met).
     #[serde(default)]
     pub over_limit_ms: f64,
+}
+
+/// One memory region's digest (the engine's `RegionDigest`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionDigest {
+    /// The region's guest-physical start.
+    pub guest_phys_addr: u64,
+    /// Its length in bytes.
+    pub bytes: u64,
+    /// The digest of its pages (a string: 64 bits).
+    #[serde(with = "u64_string")]
+    pub digest: u64,
+}
+
+impl From<&ferry_engine::RegionDigest> for RegionDigest {
+    fn from(r: &ferry_engine::RegionDigest) -> Self {
+        Self {
+            guest_phys_addr: r.guest_phys_addr,
+            bytes: r.bytes,
+            digest: r.digest,
+        }
+    }
 }
 
 /// Where the downtime went, ms (see the engine's `DowntimeBreakdown`).
@@ -536,6 +561,9 @@ pub struct ReceivedSummary {
     /// The memory digest verified (a string: 64 bits).
     #[serde(with = "u64_string")]
     pub memory_digest: u64,
+    /// The digest of each memory region, each checked against the source's.
+    #[serde(default)]
+    pub region_digests: Vec<RegionDigest>,
     /// When the guest resumed, ns since the Unix epoch (a string: 64 bits).
     #[serde(with = "u64_string")]
     pub resumed_at_unix_ns: u64,
@@ -578,6 +606,7 @@ impl From<&ferry_engine::MigrationSummary> for Summary {
             wire_bytes_per_sec: s.wire_bytes_per_sec,
             max_throttle_percent: s.max_throttle_percent,
             memory_digest: s.memory_digest,
+            region_digests: s.region_digests.iter().map(Into::into).collect(),
             dirty_log: s.dirty_log.to_owned(),
             downtime_limit_ms: ms(s.downtime_limit),
             over_limit_ms: ms(s.over_limit),
@@ -592,6 +621,7 @@ impl From<&ferry_engine::DestinationSummary> for ReceivedSummary {
             pages: s.pages,
             wire_bytes: s.wire_bytes,
             memory_digest: s.memory_digest,
+            region_digests: s.region_digests.iter().map(Into::into).collect(),
             resumed_at_unix_ns: s.resumed_at_unix_ns,
             verify_ms: ms(s.verify),
             restore_ms: ms(s.restore),
@@ -766,6 +796,11 @@ mod tests {
             pages: EncodingCounts::default(),
             wire_bytes: 1,
             memory_digest: u64::MAX - 1,
+            region_digests: vec![RegionDigest {
+                guest_phys_addr: 4 << 30,
+                bytes: 1 << 30,
+                digest: u64::MAX - 2,
+            }],
             resumed_at_unix_ns: 1,
             verify_ms: 0.0,
             restore_ms: 0.0,
@@ -773,6 +808,7 @@ mod tests {
         };
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["memory_digest"], "18446744073709551614");
+        assert_eq!(v["region_digests"][0]["digest"], "18446744073709551613");
         assert_eq!(serde_json::from_value::<ReceivedSummary>(v).unwrap(), s);
     }
 

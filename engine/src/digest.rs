@@ -6,6 +6,10 @@
 //! spends downtime hashing the hash table at the handover; a page missing,
 //! misplaced or stale on one side changes it except with probability about
 //! 2^-64 (the terms are independent 64-bit hashes).
+//!
+//! The sum is also kept per memory region (the layout's regions, e.g. RAM
+//! below and above the 3-4 GiB hole): the region digests add up to the
+//! digest, and comparing them says which region differs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -18,7 +22,19 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 #[derive(Debug)]
 pub struct PageHashes {
     hashes: Vec<AtomicU64>,
-    sum: AtomicU64,
+    /// Regions as page ranges `[first, end)`, ascending.
+    regions: Vec<(u64, u64)>,
+    /// One sum per region, then one for pages outside every region.
+    sums: Vec<AtomicU64>,
+}
+
+/// Digest changes gathered over a batch of pages, one per region (see
+/// [`PageHashes::set_deferred`]).
+#[derive(Debug, Default)]
+pub struct DigestDelta {
+    sums: Vec<u64>,
+    /// The region the last page fell in (pages of a batch are mostly in one).
+    last: usize,
 }
 
 /// A page's term in the digest.
@@ -31,13 +47,43 @@ fn term(page: u64, hash: u64) -> u64 {
 }
 
 impl PageHashes {
-    /// Hashes for a page index space of `pages`, all "never".
+    /// Hashes for a page index space of `pages`, all "never", one region.
     pub fn new(pages: u64) -> Self {
+        Self::with_regions(pages, &[(0, pages)])
+    }
+
+    /// Hashes for a page index space of `pages`, with a digest per region
+    /// (page ranges `[first, end)`, ascending, not overlapping).
+    pub fn with_regions(pages: u64, regions: &[(u64, u64)]) -> Self {
         let n = usize::try_from(pages).expect("page count fits in memory");
         Self {
             hashes: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            sum: AtomicU64::new(0),
+            regions: regions.to_vec(),
+            sums: (0..=regions.len()).map(|_| AtomicU64::new(0)).collect(),
         }
+    }
+
+    /// An empty delta for [`PageHashes::set_deferred`].
+    pub fn delta(&self) -> DigestDelta {
+        DigestDelta {
+            sums: vec![0; self.sums.len()],
+            last: 0,
+        }
+    }
+
+    /// Index of the sum `page` counts in.
+    fn region_of(&self, page: u64, hint: usize) -> usize {
+        let inside = |i: usize| {
+            self.regions
+                .get(i)
+                .is_some_and(|&(first, end)| (first..end).contains(&page))
+        };
+        if inside(hint) {
+            return hint;
+        }
+        (0..self.regions.len())
+            .find(|&i| inside(i))
+            .unwrap_or(self.regions.len())
     }
 
     /// The hash recorded for `page`.
@@ -50,9 +96,9 @@ impl PageHashes {
 
     /// Record `hash` for `page` and update the digest.
     pub fn set(&self, page: u64, hash: u64) {
-        let mut delta = 0;
+        let mut delta = self.delta();
         self.set_deferred(page, hash, &mut delta);
-        self.add_to_digest(delta);
+        self.add_to_digest(&delta);
     }
 
     /// Record `hash` for `page`, adding the digest's change to `delta`
@@ -64,22 +110,28 @@ impl PageHashes {
     /// which waits for every store before it to drain, the destination's
     /// streaming stores of the page just written included (profiled, that
     /// wait was most of a decoder's time outside the copy and the hash).
-    pub fn set_deferred(&self, page: u64, hash: u64, delta: &mut u64) {
+    pub fn set_deferred(&self, page: u64, hash: u64, delta: &mut DigestDelta) {
         if let Some(h) = usize::try_from(page).ok().and_then(|i| self.hashes.get(i)) {
             let old = h.load(Ordering::Relaxed);
             h.store(hash, Ordering::Relaxed);
             if old != hash {
-                *delta = delta
-                    .wrapping_add(term(page, hash))
-                    .wrapping_sub(term(page, old));
+                let r = self.region_of(page, delta.last);
+                delta.last = r;
+                if let Some(sum) = delta.sums.get_mut(r) {
+                    *sum = sum
+                        .wrapping_add(term(page, hash))
+                        .wrapping_sub(term(page, old));
+                }
             }
         }
     }
 
     /// Apply changes gathered by [`PageHashes::set_deferred`].
-    pub fn add_to_digest(&self, delta: u64) {
-        if delta != 0 {
-            self.sum.fetch_add(delta, Ordering::Relaxed);
+    pub fn add_to_digest(&self, delta: &DigestDelta) {
+        for (sum, &d) in self.sums.iter().zip(&delta.sums) {
+            if d != 0 {
+                sum.fetch_add(d, Ordering::Relaxed);
+            }
         }
     }
 
@@ -87,7 +139,18 @@ impl PageHashes {
     /// mean the destination wrote every page with the content the source
     /// sent last. Call it when no thread is recording (between rounds).
     pub fn digest(&self) -> u64 {
-        self.sum.load(Ordering::Relaxed)
+        self.sums
+            .iter()
+            .fold(0u64, |acc, s| acc.wrapping_add(s.load(Ordering::Relaxed)))
+    }
+
+    /// The digest of each region, in the order given at creation (pages
+    /// outside every region count in [`PageHashes::digest`] only).
+    pub fn region_digests(&self) -> Vec<u64> {
+        self.sums[..self.regions.len()]
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .collect()
     }
 }
 
@@ -132,6 +195,39 @@ mod tests {
         assert_ne!(a.digest(), b.digest());
         b.set(3, 103);
         assert_eq!(a.digest(), b.digest());
+    }
+
+    #[test]
+    fn region_digests_add_up_and_say_which_region_differs() {
+        let regions = [(0, 4), (8, 12)];
+        let (a, b) = (
+            PageHashes::with_regions(12, &regions),
+            PageHashes::with_regions(12, &regions),
+        );
+        let mut da = a.delta();
+        let mut db = b.delta();
+        for p in (0..4).chain(8..12) {
+            a.set_deferred(p, p + 1, &mut da);
+            b.set_deferred(p, p + 1, &mut db);
+        }
+        a.add_to_digest(&da);
+        b.add_to_digest(&db);
+        assert_eq!(a.region_digests(), b.region_digests());
+        let total = a
+            .region_digests()
+            .iter()
+            .fold(0u64, |x, &y| x.wrapping_add(y));
+        assert_eq!(total, a.digest());
+        // A whole-space PageHashes gives the same digest.
+        let whole = PageHashes::new(12);
+        for p in (0..4).chain(8..12) {
+            whole.set(p, p + 1);
+        }
+        assert_eq!(whole.digest(), a.digest());
+        b.set(9, 99);
+        let (ra, rb) = (a.region_digests(), b.region_digests());
+        assert_eq!(ra[0], rb[0], "the low region still agrees");
+        assert_ne!(ra[1], rb[1], "the high region differs");
     }
 
     #[test]

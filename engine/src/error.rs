@@ -112,12 +112,15 @@ pub enum MigrationError {
         page: u64,
     },
     /// The destination's memory digest differs from the source's.
-    #[error("memory digest mismatch: source {source_digest:#018x}, destination {destination_digest:#018x}")]
+    #[error("memory digest mismatch: source {source_digest:#018x}, destination {destination_digest:#018x}{}", differing_text(differing_regions))]
     DigestMismatch {
         /// The source's digest.
         source_digest: u64,
         /// The destination's digest.
         destination_digest: u64,
+        /// Guest-physical starts of the memory regions whose digests differ
+        /// (empty when not known, e.g. on the source).
+        differing_regions: Vec<u64>,
     },
     /// The deadline passed while a round was still being sent: the link
     /// (or the destination) moved too little, whatever the guest dirtied.
@@ -244,4 +247,12 @@ impl MigrationError {
                 }
         )
     }
+}
+
+fn differing_text(regions: &[u64]) -> String {
+    if regions.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = regions.iter().map(|a| format!("{a:#x}")).collect();
+    format!(" (in the region(s) at {})", list.join(", "))
 }

@@ -136,6 +136,14 @@ impl MemoryLayout {
         self.regions.last().map_or(0, MemoryRegion::end_page)
     }
 
+    /// Each region as a page range `[first, end)`.
+    pub fn page_ranges(&self) -> Vec<(u64, u64)> {
+        self.regions
+            .iter()
+            .map(|r| (r.first_page(), r.end_page()))
+            .collect()
+    }
+
     /// Pages of guest memory (holes not counted).
     pub fn pages(&self) -> u64 {
         self.regions

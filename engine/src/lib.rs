@@ -112,5 +112,5 @@ pub use progress::{HandoverStep, ProgressEvent};
 pub use sections::{DeviceSection, SectionError, SectionSpec};
 pub use source::SourceMigration;
 pub use steer::{MigrationSteering, Retune, SteerError};
-pub use summary::{DestinationSummary, DowntimeBreakdown, MigrationSummary};
+pub use summary::{DestinationSummary, DowntimeBreakdown, MigrationSummary, RegionDigest};
 pub use vm::{GuestMemoryMmap, MigratableVm, VmOpError};

@@ -11,7 +11,7 @@
 //!   round 0..n: PageBatch*, RoundEnd {round, pages}  ->
 //!   (guest paused) final round: PageBatch*, RoundEnd  ->
 //!   VcpuState {device sections}  ->
-//!   Digest {memory digest}  ->
+//!   Digest {memory digest, region count, a digest per layout region}  ->
 //!                   (destination: all pages written, digest equal, state restored)
 //!                                          <-  Ready {digest}               (or Abort)
 //!   Go  ->
@@ -50,6 +50,11 @@
 //! The VcpuState payload (version 4) is a stream of device state sections
 //! (`crate::sections`); versions up to 3 carried one opaque blob.
 //!
+//! The Digest payload (version 5) is the memory digest, then a u32 count
+//! (the Hello layout's region count) and one u64 digest per region, in
+//! layout order, adding up to the memory digest: the destination says
+//! which region differs. Versions up to 4 carried the memory digest only.
+//!
 //! Version rule: a Hello whose stream version differs from
 //! [`STREAM_VERSION`] is refused with an Abort naming both versions (the
 //! frame format itself is versioned by the transport).
@@ -59,8 +64,8 @@ use crate::layout::{MemoryLayout, MemoryRegion, MAX_REGIONS};
 
 /// Version of the migration stream described here (3: Hello carries the
 /// migration id that `Resolve` names; 4: the VcpuState payload is device
-/// state sections).
-pub const STREAM_VERSION: u32 = 4;
+/// state sections; 5: the Digest carries a digest per memory region).
+pub const STREAM_VERSION: u32 = 5;
 
 /// Longest Abort reason kept.
 pub const MAX_REASON_BYTES: usize = 4096;
@@ -286,6 +291,42 @@ pub fn decode_u32(message: &'static str, bytes: &[u8]) -> Result<u32, MessageErr
     Ok(v)
 }
 
+/// The Digest message: the memory digest and one digest per layout region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestMessage {
+    /// The memory digest (the region digests' wrapping sum).
+    pub total: u64,
+    /// One per layout region, in layout order.
+    pub regions: Vec<u64>,
+}
+
+impl DigestMessage {
+    /// Encode as the Digest payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(12 + 8 * self.regions.len());
+        b.extend_from_slice(&self.total.to_le_bytes());
+        let count = u32::try_from(self.regions.len()).expect("at most MAX_REGIONS regions");
+        b.extend_from_slice(&count.to_le_bytes());
+        for r in &self.regions {
+            b.extend_from_slice(&r.to_le_bytes());
+        }
+        b
+    }
+
+    /// Decode a Digest payload; at most [`MAX_REGIONS`] regions.
+    pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
+        let mut c = Cursor::new("Digest", bytes);
+        let total = c.u64()?;
+        let count = c.u32()? as usize;
+        if count == 0 || count > MAX_REGIONS {
+            return Err(c.error(format!("{count} region digests (1..={MAX_REGIONS})")));
+        }
+        let regions = (0..count).map(|_| c.u64()).collect::<Result<_, _>>()?;
+        c.end()?;
+        Ok(Self { total, regions })
+    }
+}
+
 /// Encode a message that is one u64.
 pub fn encode_u64(value: u64) -> Vec<u8> {
     value.to_le_bytes().to_vec()
@@ -448,6 +489,20 @@ mod tests {
         bytes.push(0);
         assert!(RoundEnd::decode(&bytes).is_err());
         assert!(decode_u64("Digest", &[0; 9]).is_err());
+        let d = DigestMessage {
+            total: 7,
+            regions: vec![3, 4],
+        };
+        assert_eq!(DigestMessage::decode(&d.encode()).unwrap(), d);
+        let bytes = d.encode();
+        assert!(DigestMessage::decode(&bytes[..bytes.len() - 1]).is_err());
+        assert!(DigestMessage::decode(&[bytes.as_slice(), &[0]].concat()).is_err());
+        let mut none = 7u64.to_le_bytes().to_vec();
+        none.extend_from_slice(&0u32.to_le_bytes());
+        assert!(DigestMessage::decode(&none).is_err());
+        let mut huge = 7u64.to_le_bytes().to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(DigestMessage::decode(&huge).is_err());
     }
 
     #[test]

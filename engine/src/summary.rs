@@ -85,6 +85,8 @@ pub struct MigrationSummary {
     pub max_throttle_percent: u8,
     /// The memory digest both sides agreed on.
     pub memory_digest: u64,
+    /// The digest of each memory region (they add up to `memory_digest`).
+    pub region_digests: Vec<RegionDigest>,
     /// The dirty log backend used.
     pub dirty_log: &'static str,
     /// The downtime limit in force (`--max-downtime-ms`).
@@ -97,6 +99,33 @@ pub struct MigrationSummary {
     /// it was asked to complete anyway (`--on-deadline force`).
     #[serde(serialize_with = "as_ms", rename = "over_limit_ms")]
     pub over_limit: Duration,
+}
+
+/// One memory region's digest (see `crate::digest`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RegionDigest {
+    /// The region's guest-physical start.
+    pub guest_phys_addr: u64,
+    /// Its length in bytes.
+    pub bytes: u64,
+    /// The digest of its pages.
+    pub digest: u64,
+}
+
+impl RegionDigest {
+    /// Pairs a layout's regions with their digests.
+    pub fn list(layout: &crate::MemoryLayout, digests: &[u64]) -> Vec<Self> {
+        layout
+            .regions
+            .iter()
+            .zip(digests)
+            .map(|(r, &digest)| Self {
+                guest_phys_addr: r.guest_phys_addr,
+                bytes: r.bytes,
+                digest,
+            })
+            .collect()
+    }
 }
 
 /// The destination's account of a completed migration.
@@ -112,6 +141,8 @@ pub struct DestinationSummary {
     pub wire_bytes_per_lane: Vec<u64>,
     /// The memory digest verified.
     pub memory_digest: u64,
+    /// The digest of each memory region, each checked against the source's.
+    pub region_digests: Vec<RegionDigest>,
     /// When the guest resumed, ns since the Unix epoch (realtime clock).
     pub resumed_at_unix_ns: u64,
     /// Checking the digest.

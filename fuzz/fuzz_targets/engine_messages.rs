@@ -5,7 +5,7 @@
 #![no_main]
 
 use ferry_engine::encode::{decode_page, BatchReader, PAGE_SIZE};
-use ferry_engine::protocol::{Hello, HelloAck, RoundEnd, Running};
+use ferry_engine::protocol::{DigestMessage, Hello, HelloAck, RoundEnd, Running};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         Some((s, b)) => (*s, b),
         None => return,
     };
-    match selector % 5 {
+    match selector % 6 {
         0 => {
             // A batch for a guest of up to 64 Ki pages.
             let Ok(mut reader) = BatchReader::new(body, 1 << 16) else {
@@ -37,6 +37,11 @@ fuzz_target!(|data: &[u8]| {
         }
         2 => drop(HelloAck::decode(body)),
         3 => drop(RoundEnd::decode(body)),
+        4 => {
+            if let Ok(d) = DigestMessage::decode(body) {
+                assert_eq!(DigestMessage::decode(&d.encode()).as_ref(), Ok(&d));
+            }
+        }
         _ => drop(Running::decode(body)),
     }
 });

@@ -443,11 +443,28 @@ pub fn print_summary(s: &Summary) {
     );
     println!("  max throttle      {} %", s.max_throttle_percent);
     println!("  memory digest     {:#018x}", s.memory_digest);
+    print_region_digests(&s.region_digests);
     println!("  dirty log         {}", s.dirty_log);
     if s.over_limit_ms > 0.0 {
         println!(
             "  OVER THE LIMIT    the pause was {:.2} ms over the {:.0} ms downtime limit",
             s.over_limit_ms, s.downtime_limit_ms
+        );
+    }
+}
+
+/// One line per memory region when there are several (RAM below and above
+/// the 3-4 GiB hole): each region's digest, checked by the destination.
+pub fn print_region_digests(regions: &[ferry_control::RegionDigest]) {
+    if regions.len() < 2 {
+        return;
+    }
+    for r in regions {
+        println!(
+            "    region {:#x} +{:<8} digest {:#018x} (matches)",
+            r.guest_phys_addr,
+            format_bytes(r.bytes),
+            r.digest
         );
     }
 }
@@ -522,6 +539,7 @@ fn print_report(r: &MigrationReport) {
             format_bytes(rx.wire_bytes),
             rx.verify_ms
         );
+        print_region_digests(&rx.region_digests);
     }
     if let Some(s) = &r.summary {
         print_summary(s);

@@ -539,6 +539,28 @@ fn show_status(args: StatusArgs) -> anyhow::Result<()> {
         ),
         None => println!("{} (guest {})", reply.role, reply.state.describe()),
     }
+    if let Some(st) = reply.status.as_ref().filter(|st| st.ram_ranges > 1) {
+        let ranges: Vec<String> = st.ram[..2]
+            .iter()
+            .map(|(a, b)| format!("{a:#x}-{b:#x}"))
+            .collect();
+        println!(
+            "  guest RAM in use  {} (around the 3-4 GiB hole)",
+            ranges.join(", ")
+        );
+    }
+    // The last migration's digest, per memory region, as this side saw it.
+    if let Ok(m) = client::migration(&args.api) {
+        let (digest, regions) = match (&m.summary, &m.received) {
+            (Some(s), _) => (Some(s.memory_digest), s.region_digests.as_slice()),
+            (None, Some(r)) => (Some(r.memory_digest), r.region_digests.as_slice()),
+            _ => (None, &[][..]),
+        };
+        if let Some(d) = digest.filter(|_| m.phase.is_final()) {
+            println!("  last migration    memory digest {d:#018x}");
+            crate::migrate_cmd::print_region_digests(regions);
+        }
+    }
     if reply.state == GuestHome::Migrating {
         if let Ok(m) = client::migration(&args.api) {
             println!(

@@ -73,17 +73,48 @@ _start32:
         movl    $kstacks + KSTACK, %esp
 
         kvmclock_off
-        /* How many 2 MiB pages: max(4 GiB, top of RAM), capped by PD_COUNT. */
+        /* How many 2 MiB pages: max(4 GiB, top of RAM), capped by PD_COUNT.
+         * Top of RAM: mem_upper, and the end of every RAM range of the
+         * multiboot memory map (RAM above the 3-4 GiB hole, vm/guest/GUEST.md). */
         movl    $2048, %ecx
         movl    mbi_ptr, %ebx
         testl   $1, (%ebx)
-        jz      2f
+        jz      12f
         movl    8(%ebx), %eax          /* mem_upper, KiB above 1 MiB */
         addl    $1024 + 2047, %eax
         shrl    $11, %eax              /* 2 MiB pages covering the top */
         cmpl    %ecx, %eax
-        jbe     2f
+        jbe     12f
         movl    %eax, %ecx
+12:
+        testl   $0x40, (%ebx)          /* mmap_length/mmap_addr valid */
+        jz      2f
+        movl    48(%ebx), %esi         /* mmap_addr */
+        movl    44(%ebx), %edi
+        addl    %esi, %edi             /* end of the map */
+10:
+        cmpl    %edi, %esi
+        jae     2f
+        cmpl    $1, 20(%esi)           /* type 1: RAM */
+        jne     11f
+        movl    4(%esi), %eax          /* end = base + length, 64-bit in EDX:EAX */
+        movl    8(%esi), %edx
+        addl    12(%esi), %eax
+        adcl    16(%esi), %edx
+        addl    $0x1FFFFF, %eax        /* round up to 2 MiB */
+        adcl    $0, %edx
+        shrdl   $21, %edx, %eax        /* 2 MiB pages covering the end */
+        shrl    $21, %edx
+        jz      13f
+        movl    $0xFFFFFFFF, %eax      /* beyond 2^53: capped below */
+13:
+        cmpl    %ecx, %eax
+        jbe     11f
+        movl    %eax, %ecx
+11:
+        addl    (%esi), %esi           /* next entry: size field + 4 */
+        addl    $4, %esi
+        jmp     10b
 2:
         cmpl    $PD_COUNT * 512, %ecx
         jbe     3f

@@ -12,6 +12,9 @@
  *         guest_ap_main
  * hz:     timer mode: the PIT interrupts the BSP hz times a second, the
  *         ticks are the guest's clock, and the BSP halts between them
+ * memory: RAM below 4 GiB (mem_upper) and, from the multiboot memory map,
+ *         RAM above the 3-4 GiB hole; pages are numbered across both
+ *         (vm/guest/GUEST.md)
  */
 typedef unsigned long u64;
 typedef unsigned int u32;
@@ -36,6 +39,8 @@ enum {
     /* vm/guest/GUEST.md, timer mode: ticks taken, the rate asked of the PIT,
      * halts (BSP) */
     ST_TICKS = 0xB8 / 8, ST_HZ = 0xC0 / 8, ST_HALTS = 0xC8 / 8,
+    /* vm/guest/GUEST.md: the RAM ranges in use, [start, end) each */
+    ST_RAM_RANGES = 0x180 / 8, ST_RAM = 0x188 / 8,
 };
 
 /* ring-3 services (boot.S): `ud2` with the function in RAX */
@@ -60,7 +65,12 @@ enum { PHASE_BOOT = 0, PHASE_FILLING = 1, PHASE_RUNNING = 2, PHASE_FATAL = 0xDEA
 enum { FILL_NONE = 0, FILL_RANDOM = 1, FILL_MIX = 2 };
 enum { REASON_BAD_CMDLINE = 1, REASON_NO_TSC_KHZ = 2, REASON_NO_MEMORY = 3 };
 
-struct mb_info { u32 flags, mem_lower, mem_upper, boot_device, cmdline; };
+struct mb_info {
+    u32 flags, mem_lower, mem_upper, boot_device, cmdline;
+    u32 mods_count, mods_addr, syms[4], mmap_length, mmap_addr;
+};
+/* one multiboot memory map entry; `size` does not count itself */
+struct __attribute__((packed)) mb_mmap { u32 size; u64 base, length; u32 type; };
 
 static inline u64 rdtsc(void)
 {
@@ -209,6 +219,14 @@ static void parse_cmdline(const char *c, struct params *p)
 
 /* ---- the workload ---- */
 static u64 mem_top, wss_pages, seed;
+/* RAM in use: [BASE, low_top) then [high_base, high_base + high_pages pages) */
+static u64 low_pages, high_base, high_pages;
+
+/* Address of page p, counting from BASE across the hole. */
+static inline u64 page_addr(u64 p)
+{
+    return p < low_pages ? BASE + p * PAGE : high_base + (p - low_pages) * PAGE;
+}
 
 /* One vCPU's loop: its share of the working set and of the rest (verified only). */
 struct share {
@@ -322,10 +340,10 @@ static inline u64 position_of(const struct share *s, u64 p)
     return (p * s->stride_inv) % s->pages; /* < 2^48: at most 2^24 pages */
 }
 
-static int verify_page(struct share *s, u64 addr, u64 pass, u64 pos)
+static int verify_page(struct share *s, u64 page, u64 pass, u64 pos)
 {
+    u64 addr = page_addr(page);
     volatile u64 *w = (volatile u64 *)addr;
-    u64 page = (addr - BASE) / PAGE;
     int in_wss = page >= s->first && page < s->first + s->pages;
     /* last pass that wrote this page: passes [0, last] have written it */
     i64 last = -1;
@@ -375,6 +393,34 @@ void guest_main(struct mb_info *mbi)
     mem_top &= ~(PAGE - 1);
     if (mem_top > 64UL << 30) mem_top = 64UL << 30;
     if (mem_top <= BASE + PAGE) fatal(REASON_NO_MEMORY);
+    low_pages = (mem_top - BASE) / PAGE;
+    /* RAM above the hole: the lowest RAM range of the memory map that
+     * starts at or above 4 GiB (and above mem_upper's top) */
+    if (mbi->flags & 0x40) {
+        u64 at = mbi->mmap_addr, end = at + mbi->mmap_length, best = 0, best_end = 0;
+        while (at + sizeof(struct mb_mmap) <= end) {
+            const struct mb_mmap *e = (const struct mb_mmap *)at;
+            u64 lo = (e->base + PAGE - 1) & ~(PAGE - 1);
+            u64 hi = (e->base + e->length) & ~(PAGE - 1);
+            if (hi > 64UL << 30) hi = 64UL << 30;
+            if (e->type == 1 && lo >= (4UL << 30) && lo >= mem_top && hi > lo
+                && (!best || lo < best)) {
+                best = lo;
+                best_end = hi;
+            }
+            at += (u64)e->size + 4;
+        }
+        if (best) {
+            high_base = best;
+            high_pages = (best_end - best) / PAGE;
+            mem_top = best_end;
+        }
+    }
+    st[ST_RAM_RANGES] = high_pages ? 2 : 1;
+    st[ST_RAM + 0] = BASE;
+    st[ST_RAM + 1] = BASE + low_pages * PAGE;
+    st[ST_RAM + 2] = high_base;
+    st[ST_RAM + 3] = high_base + high_pages * PAGE;
     seed = p.seed;
     fill_mode = p.fill;
     mix_zero = p.mix_zero;
@@ -394,7 +440,7 @@ void guest_main(struct mb_info *mbi)
         p.tsc_khz = 1000000; /* only the heartbeat's millisecond depends on it */
     }
 
-    u64 total_pages = (mem_top - BASE) / PAGE;
+    u64 total_pages = low_pages + high_pages;
     wss_pages = p.wss_bytes ? p.wss_bytes / PAGE : total_pages;
     if (wss_pages > total_pages) wss_pages = total_pages;
     if (wss_pages == 0) wss_pages = 1;
@@ -411,14 +457,19 @@ void guest_main(struct mb_info *mbi)
     st[ST_HZ] = 0;
     st[ST_HALTS] = 0;
 
-    if (p.fill == FILL_RANDOM) {
-        st[ST_PHASE] = PHASE_FILLING;
-        for (u64 a = BASE; a < mem_top; a += 4)
-            *(volatile u32 *)a = fill_word(a, seed);
-    } else if (p.fill == FILL_MIX) {
-        st[ST_PHASE] = PHASE_FILLING;
-        for (u64 a = BASE; a < mem_top; a += PAGE)
-            fill_page(a);
+    /* each RAM range: [BASE, low top), then above the hole if any */
+    u64 range[2][2] = { { BASE, BASE + low_pages * PAGE },
+                        { high_base, high_base + high_pages * PAGE } };
+    for (int r = 0; r < 2; r++) {
+        if (p.fill == FILL_RANDOM) {
+            st[ST_PHASE] = PHASE_FILLING;
+            for (u64 a = range[r][0]; a < range[r][1]; a += 4)
+                *(volatile u32 *)a = fill_word(a, seed);
+        } else if (p.fill == FILL_MIX) {
+            st[ST_PHASE] = PHASE_FILLING;
+            for (u64 a = range[r][0]; a < range[r][1]; a += PAGE)
+                fill_page(a);
+        }
     }
     prm = p;
     if (p.hz) /* ring 0 programs the PIC and PIT and enables interrupts */
@@ -562,7 +613,7 @@ static void run(struct share *s)
             for (u64 i = 0; i < p->verify && verify_total; i++) {
                 u64 page = vpage < s->pages ? s->first + vpage
                                             : s->rest_first + (vpage - s->pages);
-                verify_page(s, BASE + page * PAGE, pass, pos);
+                verify_page(s, page, pass, pos);
                 *s->f[C_VERIFIED] += 1;
                 if (++vpage == verify_total) vpage = 0;
             }
@@ -587,7 +638,7 @@ static void run(struct share *s)
         }
         for (u64 i = 0; i < budget; i++) {
             u64 page = s->first + cur;
-            volatile u64 *w = (volatile u64 *)(BASE + page * PAGE + (pass % 512) * 8);
+            volatile u64 *w = (volatile u64 *)(page_addr(page) + (pass % 512) * 8);
             *w = (pass << 32) | page;
             written++;
             *s->f[C_DIRTIED] += 1;

@@ -12,26 +12,26 @@ use kvm_ioctls::VmFd;
 
 use crate::vm::GuestMem;
 
-/// Turns dirty logging on and off for the VM's one memory slot.
+/// Turns dirty logging on and off for every memory slot of the VM.
 #[derive(Debug, Clone)]
 pub(crate) struct SlotLogging {
     pub(crate) vm_fd: Arc<VmFd>,
-    pub(crate) host_addr: u64,
-    pub(crate) size: u64,
+    /// The slots as created (flags 0).
+    pub(crate) slots: Vec<kvm_userspace_memory_region>,
 }
 
 impl SlotLogging {
     pub(crate) fn set(&self, on: bool) -> Result<(), kvm_ioctls::Error> {
-        let slot = kvm_userspace_memory_region {
-            slot: 0,
-            flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-            guest_phys_addr: 0,
-            memory_size: self.size,
-            userspace_addr: self.host_addr,
-        };
-        // SAFETY: the same mapping the slot was created with; the Vm that owns
-        // it outlives this call (the log holds the Vm's memory handle too).
-        unsafe { self.vm_fd.set_user_memory_region(slot) }
+        for slot in &self.slots {
+            let slot = kvm_userspace_memory_region {
+                flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                ..*slot
+            };
+            // SAFETY: the same mapping the slot was created with; the Vm that
+            // owns it outlives this call (the log holds the Vm's memory handle too).
+            unsafe { self.vm_fd.set_user_memory_region(slot) }?;
+        }
+        Ok(())
     }
 }
 

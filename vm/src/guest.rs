@@ -127,6 +127,15 @@ pub struct GuestStatus {
     /// Timer mode: times the BSP halted waiting for a tick (0xC8).
     #[serde(default)]
     pub halts: u64,
+    /// RAM ranges the guest fills and dirties, `[start, end)` each (0x180:
+    /// count, then pairs from 0x188; vm/guest/GUEST.md): from 2 MiB up to
+    /// the top below 4 GiB, then RAM above the 3-4 GiB hole. 0 from a guest
+    /// built to the base GUEST.md.
+    #[serde(default)]
+    pub ram_ranges: u64,
+    /// The ranges themselves (the first `ram_ranges` are valid).
+    #[serde(default)]
+    pub ram: [(u64, u64); 2],
     /// Counters of the vCPUs running a loop, vCPU 0 first (its values are
     /// the fields above): see [`GuestStatus::vcpus`].
     #[serde(
@@ -184,6 +193,8 @@ impl GuestStatus {
             ticks: 0,
             hz: 0,
             halts: 0,
+            ram_ranges: 0,
+            ram: [(0, 0); 2],
             vcpu_table: VcpuTable { len: 1, entries },
             magic_ok: w[0] == STATUS_MAGIC,
             phase: GuestPhase::from(w[1]),
@@ -213,6 +224,10 @@ impl GuestStatus {
         st.ticks = word(0xB8)?;
         st.hz = word(0xC0)?;
         st.halts = word(0xC8)?;
+        st.ram_ranges = word(0x180)?.min(2);
+        for (i, r) in st.ram.iter_mut().enumerate() {
+            *r = (word(0x188 + 16 * i as u64)?, word(0x190 + 16 * i as u64)?);
+        }
         let cpus = usize::try_from(st.cpus).unwrap_or(0).min(GUEST_MAX_CPUS);
         for i in 1..cpus {
             let base = CPU_TABLE + CPU_ENTRY * (i as u64 - 1);

@@ -1,9 +1,11 @@
 //! # ferry-vm: a minimal KVM VM that ferry can run and migrate
 //!
-//! One or more vCPUs, one memory region at guest-physical 0, an in-kernel
-//! interrupt controller (PICs, IOAPIC, a LAPIC per vCPU) and PIT, no other
-//! devices: enough to run the workload guest of GUEST.md (or any multiboot
-//! image that follows it; with several vCPUs or a timer, vm/guest/GUEST.md),
+//! One or more vCPUs, memory like a PC's (one region at guest-physical 0; a
+//! guest over 3 GiB has RAM below a hole at 3-4 GiB and the rest above
+//! 4 GiB, one KVM slot per region), an in-kernel interrupt controller
+//! (PICs, IOAPIC, a LAPIC per vCPU) and PIT, no other devices: enough to
+//! run the workload guest of GUEST.md (or any multiboot image that follows
+//! it; with several vCPUs, a timer or memory above 4 GiB, vm/guest/GUEST.md),
 //! pause all its vCPUs from another thread, save and restore their state and
 //! the devices' as sections, and read its status block. Built on the rust-vmm crates (`kvm-ioctls`,
 //! `kvm-bindings`, `vm-memory`).
@@ -46,4 +48,7 @@ pub use guest::{
 pub use loader::{load_multiboot, LoadedImage};
 pub use state::{SectionInfo, StateSection, VCPU_SECTION, VM_SECTIONS};
 pub use vcpu::RunState;
-pub use vm::{host_tsc_khz, DirtyBackend, GuestMem, Vm, VmConfig, AP_MAGIC, MAX_VCPUS};
+pub use vm::{
+    host_tsc_khz, memory_layout, DirtyBackend, GuestMem, Vm, VmConfig, AP_MAGIC, HIGH_MEM_BASE,
+    LOW_MEM_END, MAX_VCPUS,
+};

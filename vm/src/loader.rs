@@ -9,6 +9,12 @@ pub const MBI_ADDR: u64 = 0x9000;
 pub const CMDLINE_ADDR: u64 = 0x9100;
 /// Longest command line that fits before the next page.
 pub const CMDLINE_MAX: usize = 0xF00 - 1;
+/// Where ferry puts the multiboot memory map (one entry per RAM region).
+pub const MMAP_ADDR: u64 = 0x8000;
+/// Bytes of one multiboot memory map entry (`size` field included).
+const MMAP_ENTRY: usize = 24;
+/// Multiboot info flags: `mem_*`, `cmdline`, `mmap_*`.
+const MBI_FLAGS: u32 = 0x1 | 0x4 | 0x40;
 
 const MB_MAGIC: u32 = 0x1BAD_B002;
 const MB_FLAG_ADDRESS_FIELDS: u32 = 1 << 16;
@@ -132,10 +138,14 @@ pub fn load_multiboot<M: GuestMemoryBackend>(mem: &M, image: &[u8]) -> Result<Lo
     Ok(LoadedImage { entry, end })
 }
 
-/// Writes the multiboot information (`flags = mem | cmdline`) and the command line.
+/// Writes the multiboot information (`flags = mem | cmdline | mmap`), the
+/// memory map and the command line. `regions` are the guest's RAM ranges
+/// (guest-physical start, bytes), ascending, the first at 0: `mem_upper`
+/// covers the first one (RAM below the hole), the map lists them all as
+/// type 1 (RAM), which is how a guest finds RAM above 4 GiB.
 pub fn write_multiboot_info<M: GuestMemoryBackend>(
     mem: &M,
-    ram_bytes: u64,
+    regions: &[(u64, u64)],
     cmdline: &str,
 ) -> Result<(), String> {
     if cmdline.len() > CMDLINE_MAX {
@@ -144,12 +154,34 @@ pub fn write_multiboot_info<M: GuestMemoryBackend>(
             cmdline.len()
         ));
     }
-    let mem_upper_kib = u32::try_from(ram_bytes / 1024 - 1024).unwrap_or(u32::MAX);
-    let mut mbi = [0u8; 20];
-    mbi[0..4].copy_from_slice(&0x5u32.to_le_bytes());
+    let low = match regions.first() {
+        Some(&(0, bytes)) if bytes >= 2 << 20 => bytes,
+        _ => return Err("guest RAM must start at 0 with at least 2 MiB".into()),
+    };
+    let mmap_len = regions.len() * MMAP_ENTRY;
+    if mmap_len > usize::try_from(MBI_ADDR - MMAP_ADDR).unwrap_or(0) {
+        return Err(format!(
+            "{} RAM regions do not fit the memory map",
+            regions.len()
+        ));
+    }
+    let mut map = Vec::with_capacity(mmap_len);
+    for &(gpa, bytes) in regions {
+        map.extend_from_slice(&20u32.to_le_bytes()); // entry size after this field
+        map.extend_from_slice(&gpa.to_le_bytes());
+        map.extend_from_slice(&bytes.to_le_bytes());
+        map.extend_from_slice(&1u32.to_le_bytes()); // type 1: RAM
+    }
+    mem.write_slice(&map, GuestAddress(MMAP_ADDR))
+        .map_err(|e| e.to_string())?;
+    let mem_upper_kib = u32::try_from(low / 1024 - 1024).unwrap_or(u32::MAX);
+    let mut mbi = [0u8; 52];
+    mbi[0..4].copy_from_slice(&MBI_FLAGS.to_le_bytes());
     mbi[4..8].copy_from_slice(&640u32.to_le_bytes());
     mbi[8..12].copy_from_slice(&mem_upper_kib.to_le_bytes());
     mbi[16..20].copy_from_slice(&(CMDLINE_ADDR as u32).to_le_bytes());
+    mbi[44..48].copy_from_slice(&(mmap_len as u32).to_le_bytes());
+    mbi[48..52].copy_from_slice(&(MMAP_ADDR as u32).to_le_bytes());
     mem.write_slice(&mbi, GuestAddress(MBI_ADDR))
         .map_err(|e| e.to_string())?;
     let mut s = cmdline.as_bytes().to_vec();
@@ -201,12 +233,39 @@ mod tests {
     #[test]
     fn multiboot_info_layout() {
         let m = mem();
-        write_multiboot_info(&m, 4 << 20, "rate=1").unwrap();
+        write_multiboot_info(&m, &[(0, 4 << 20)], "rate=1").unwrap();
         let upper: u32 = m.read_obj(GuestAddress(MBI_ADDR + 8)).unwrap();
         assert_eq!(upper, 3 * 1024);
+        let flags: u32 = m.read_obj(GuestAddress(MBI_ADDR)).unwrap();
+        assert_eq!(flags & 0x40, 0x40, "the memory map is announced");
         let mut s = [0u8; 7];
         m.read_slice(&mut s, GuestAddress(CMDLINE_ADDR)).unwrap();
         assert_eq!(&s, b"rate=1\0");
-        assert!(write_multiboot_info(&m, 4 << 20, &"x".repeat(5000)).is_err());
+        assert!(write_multiboot_info(&m, &[(0, 4 << 20)], &"x".repeat(5000)).is_err());
+    }
+
+    #[test]
+    fn the_memory_map_lists_ram_on_both_sides_of_the_hole() {
+        let m = mem();
+        let regions = [(0, 3 << 30), (4 << 30, 3 << 30)];
+        write_multiboot_info(&m, &regions, "").unwrap();
+        let upper: u32 = m.read_obj(GuestAddress(MBI_ADDR + 8)).unwrap();
+        assert_eq!(
+            u64::from(upper),
+            (3 << 20) - 1024,
+            "mem_upper: RAM below the hole"
+        );
+        let len: u32 = m.read_obj(GuestAddress(MBI_ADDR + 44)).unwrap();
+        let addr: u32 = m.read_obj(GuestAddress(MBI_ADDR + 48)).unwrap();
+        assert_eq!((len, u64::from(addr)), (48, MMAP_ADDR));
+        for (i, &(gpa, bytes)) in regions.iter().enumerate() {
+            let e = MMAP_ADDR + 24 * i as u64;
+            let size: u32 = m.read_obj(GuestAddress(e)).unwrap();
+            let base: u64 = m.read_obj(GuestAddress(e + 4)).unwrap();
+            let length: u64 = m.read_obj(GuestAddress(e + 12)).unwrap();
+            let kind: u32 = m.read_obj(GuestAddress(e + 20)).unwrap();
+            assert_eq!((size, base, length, kind), (20, gpa, bytes, 1));
+        }
+        assert!(write_multiboot_info(&m, &[(1 << 20, 4 << 20)], "").is_err());
     }
 }

@@ -1,5 +1,6 @@
-//! [`Vm`]: one or more vCPUs, one memory region at guest-physical 0, the
-//! in-kernel irqchip and PIT (`crate::devices`), no other devices.
+//! [`Vm`]: one or more vCPUs, guest memory laid out like a PC's (one region
+//! at guest-physical 0, or below and above a hole at 3-4 GiB), the in-kernel
+//! irqchip and PIT (`crate::devices`), no other devices.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -10,8 +11,11 @@ use kvm_bindings::{
     KVM_MP_STATE_RUNNABLE,
 };
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 use crate::dirty::{SlotLogging, VmDirtyLog};
 use crate::entry::{ap_regs, multiboot_regs, multiboot_sregs};
@@ -31,8 +35,15 @@ const CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
 const CAP_DIRTY_LOG_RING: u32 = 192;
 /// Smallest guest ferry runs: the fill region starts at 2 MiB.
 const MIN_MEM: u64 = 4 << 20;
-/// Largest guest the workload guest maps (64 page directories of 2 MiB pages).
-const MAX_MEM: u64 = 64 << 30;
+/// Highest guest-physical address the workload guest maps (64 page
+/// directories of 2 MiB pages): RAM above the hole ends there.
+const MAX_MEM_END: u64 = 64 << 30;
+/// RAM below 4 GiB ends here in a guest larger than this; the rest starts
+/// at [`HIGH_MEM_BASE`] (the 3-4 GiB hole, where a PC has its PCI and
+/// firmware ranges, as QEMU's `pc` machine lays out guests over 3.5 GiB).
+pub const LOW_MEM_END: u64 = 3 << 30;
+/// Where RAM above the hole starts.
+pub const HIGH_MEM_BASE: u64 = 4 << 30;
 /// Most vCPUs a VM may have (the workload guest runs a loop on up to 16).
 pub const MAX_VCPUS: usize = 16;
 
@@ -79,6 +90,17 @@ impl Default for VmConfig {
 /// ("FERA"): the workload guest runs such a vCPU as an application processor.
 pub const AP_MAGIC: u32 = 0x4645_5241;
 
+/// Where `mem_bytes` of guest RAM go, as (guest-physical start, bytes): one
+/// region at 0 up to [`LOW_MEM_END`], the rest from [`HIGH_MEM_BASE`]. Each
+/// region is one KVM memory slot (slot number = index).
+pub fn memory_layout(mem_bytes: u64) -> Vec<(u64, u64)> {
+    if mem_bytes <= LOW_MEM_END {
+        vec![(0, mem_bytes)]
+    } else {
+        vec![(0, LOW_MEM_END), (HIGH_MEM_BASE, mem_bytes - LOW_MEM_END)]
+    }
+}
+
 /// A running (or paused) KVM guest.
 #[derive(Debug)]
 pub struct Vm {
@@ -113,12 +135,17 @@ fn host_ram() -> u64 {
 impl Vm {
     /// Creates a VM with `mem_bytes` of RAM and a paused vCPU, guest not loaded.
     fn create(mem_bytes: u64, dirty: DirtyBackend, populate: bool) -> Result<Self, VmError> {
-        if !(MIN_MEM..=MAX_MEM).contains(&mem_bytes) || mem_bytes % (2 << 20) != 0 {
+        let layout = memory_layout(mem_bytes);
+        let end = layout.last().map_or(0, |&(gpa, len)| gpa + len);
+        if mem_bytes < MIN_MEM || end > MAX_MEM_END || mem_bytes % (2 << 20) != 0 {
             return Err(VmError::MemorySize {
                 bytes: mem_bytes,
-                why: "must be a multiple of 2 MiB between 4 MiB and 64 GiB",
+                why: "must be a multiple of 2 MiB between 4 MiB and 63 GiB (RAM above the 3-4 GiB hole ends by 64 GiB)",
             });
         }
+        // Guest RAM is mapped MAP_NORESERVE (no swap or commit reserved up
+        // front, pages come as the guest touches them), so a guest up to the
+        // host's RAM can be created; more than that can never be backed.
         let host = host_ram();
         if mem_bytes > host {
             return Err(VmError::Memory {
@@ -153,34 +180,27 @@ impl Vm {
                     .map_err(kvm_err("KVM_ENABLE_CAP(DIRTY_LOG_RING)"))?;
             }
         }
-        let size = usize::try_from(mem_bytes).map_err(|_| VmError::MemorySize {
-            bytes: mem_bytes,
-            why: "does not fit the address space",
-        })?;
-        let memory = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), size)])
-            .map_err(|e| VmError::Memory {
+        let memory = map_guest_memory(&layout, host)?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host_addr = region.as_ptr();
+            let len = usize::try_from(region.len()).expect("a mapped region fits usize");
+            advise(host_addr, len, populate).map_err(|source| VmError::Memory {
                 bytes: mem_bytes,
                 host_bytes: host,
-                source: std::io::Error::other(e.to_string()),
+                source,
             })?;
-        let region = memory
-            .find_region(GuestAddress(0))
-            .expect("region at 0 exists");
-        let host_addr = memory
-            .get_host_address(GuestAddress(0))
-            .expect("address 0 is mapped");
-        advise(host_addr, size, populate);
-        let slot = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: region.len(),
-            userspace_addr: host_addr as u64,
-        };
-        // SAFETY: the region is a live mapping of `memory_size` bytes owned by
-        // `memory`, which this Vm keeps until after the VM fd is closed.
-        unsafe { vm_fd.set_user_memory_region(slot) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            let slot = kvm_userspace_memory_region {
+                slot: u32::try_from(slot).expect("two regions at most"),
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host_addr as u64,
+            };
+            // SAFETY: the region is a live mapping of `memory_size` bytes owned
+            // by `memory`, which this Vm keeps until after the VM fd is closed.
+            unsafe { vm_fd.set_user_memory_region(slot) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
 
         // The interrupt controllers and the timer before any vCPU (each
         // vCPU then gets its in-kernel LAPIC).
@@ -239,7 +259,7 @@ impl Vm {
             let refs: Vec<&kvm_ioctls::VcpuFd> = fds.iter().collect();
             let ring = ferry_dirtylog::KvmDirtyRing::new(
                 self.vm_fd.clone(),
-                vec![Self::slot_desc(self.mem_bytes)],
+                self.slot_descs(),
                 &refs,
                 bytes,
             )
@@ -290,8 +310,12 @@ impl Vm {
         };
         let loaded =
             load_multiboot(&vm.memory, &image).map_err(|why| VmError::BadKernel { path, why })?;
-        write_multiboot_info(&vm.memory, cfg.mem_bytes, &cfg.cmdline)
-            .map_err(VmError::BadCmdline)?;
+        let regions: Vec<(u64, u64)> = vm
+            .memory
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect();
+        write_multiboot_info(&vm.memory, &regions, &cfg.cmdline).map_err(VmError::BadCmdline)?;
         // The VMM sets up every vCPU's entry state: no INIT/SIPI needed.
         for (index, vcpu) in vm.vcpus().iter().enumerate() {
             let fd = vcpu.fd().expect("a new vCPU is paused");
@@ -506,23 +530,34 @@ impl Vm {
         Some(self.tsc_khz.load(Ordering::Acquire)).filter(|&k| k != 0)
     }
 
-    fn slot_desc(mem_bytes: u64) -> ferry_dirtylog::MemorySlot {
-        ferry_dirtylog::MemorySlot {
-            slot: 0,
-            guest_phys_addr: 0,
-            pages: (mem_bytes / 4096) as usize,
-        }
+    /// One dirty-log slot per memory region (slot number = region index).
+    fn slot_descs(&self) -> Vec<ferry_dirtylog::MemorySlot> {
+        self.memory
+            .iter()
+            .enumerate()
+            .map(|(slot, r)| ferry_dirtylog::MemorySlot {
+                slot: u32::try_from(slot).expect("two regions at most"),
+                guest_phys_addr: r.start_addr().0,
+                pages: usize::try_from(r.len() / 4096).expect("a mapped region fits usize"),
+            })
+            .collect()
     }
 
     fn slot_logging(&self) -> SlotLogging {
-        let host_addr = self
-            .memory
-            .get_host_address(GuestAddress(0))
-            .expect("address 0 is mapped");
         SlotLogging {
             vm_fd: self.vm_fd.clone(),
-            host_addr: host_addr as u64,
-            size: self.mem_bytes,
+            slots: self
+                .memory
+                .iter()
+                .enumerate()
+                .map(|(slot, r)| kvm_userspace_memory_region {
+                    slot: u32::try_from(slot).expect("two regions at most"),
+                    flags: 0,
+                    guest_phys_addr: r.start_addr().0,
+                    memory_size: r.len(),
+                    userspace_addr: r.as_ptr() as u64,
+                })
+                .collect(),
         }
     }
 
@@ -534,7 +569,7 @@ impl Vm {
             DirtyBackend::Bitmap => Box::new(
                 ferry_dirtylog::KvmBitmapLog::new(
                     self.vm_fd.clone(),
-                    vec![Self::slot_desc(self.mem_bytes)],
+                    self.slot_descs(),
                     self.manual_protect,
                 )
                 .map_err(|source| VmError::DirtyLog {
@@ -605,17 +640,56 @@ impl Vm {
     }
 }
 
+/// Maps guest RAM, one anonymous private mapping per region of `layout`,
+/// `MAP_NORESERVE`: nothing is committed up front, so the size is bounded by
+/// what the host can back as the guest touches it, not by overcommit rules.
+fn map_guest_memory(layout: &[(u64, u64)], host: u64) -> Result<GuestMem, VmError> {
+    let total: u64 = layout.iter().map(|&(_, len)| len).sum();
+    let map_err = |source: std::io::Error| VmError::Memory {
+        bytes: total,
+        host_bytes: host,
+        source,
+    };
+    let mut regions = Vec::with_capacity(layout.len());
+    for &(gpa, len) in layout {
+        let size = usize::try_from(len).map_err(|_| VmError::MemorySize {
+            bytes: total,
+            why: "does not fit the address space",
+        })?;
+        let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+            .build()
+            .map_err(|e| map_err(std::io::Error::other(e.to_string())))?;
+        regions.push(
+            GuestRegionMmap::new(mapping, GuestAddress(gpa))
+                .ok_or_else(|| map_err(std::io::Error::other("region wraps the address space")))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| map_err(std::io::Error::other(e.to_string())))
+}
+
 /// THP for guest RAM (fewer faults, faster fill); on the receive side also
-/// populate now, so the stream does not wait on first-touch faults (PLATFORM.md).
-fn advise(addr: *mut u8, len: usize, populate: bool) {
+/// populate now, so the stream does not wait on first-touch faults
+/// (PLATFORM.md). Populating fails (ENOMEM) when the host cannot back the
+/// whole guest: that destination could never hold it.
+fn advise(addr: *mut u8, len: usize, populate: bool) -> Result<(), std::io::Error> {
     // SAFETY: the range is a private anonymous mapping owned by the caller;
     // madvise only changes how the kernel backs it, never its contents' validity.
     let _ = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
     if populate {
-        // MADV_POPULATE_WRITE (Linux 5.14); older kernels: pages fault in on use.
+        // MADV_POPULATE_WRITE (Linux 5.14); older kernels (EINVAL): pages
+        // fault in on use.
         // SAFETY: as above; populating writes zeros into fresh anonymous pages.
-        let _ = unsafe { libc::madvise(addr.cast(), len, 23) };
+        if unsafe { libc::madvise(addr.cast(), len, 23) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+        }
     }
+    Ok(())
 }
 
 /// The TSC frequency (kHz) KVM gives guests on this host, which the workload

@@ -232,3 +232,68 @@ fn a_second_ring_log_after_the_first_stopped() {
     let missed: Vec<_> = changed.difference(&reported).collect();
     assert!(missed.is_empty(), "second ring log missed {missed:?}");
 }
+
+/// A guest over 3 GiB has RAM below the 3-4 GiB hole and above 4 GiB, one
+/// KVM slot each: the guest finds both ranges (multiboot memory map), its
+/// dirty loop writes on both sides of the hole, and every backend reports
+/// those writes in both slots, nothing in the hole.
+fn dirties_across_the_hole(dirty: DirtyBackend) {
+    const GIB: u64 = 1 << 30;
+    // No fill: only the pages the loop writes are ever backed.
+    let vm = Vm::boot(&VmConfig {
+        mem_bytes: 4 * GIB,
+        kernel: None,
+        cmdline: "fill=0 rate=20000 tsc_khz=2300000 wss=all verify=0".into(),
+        dirty,
+        cpus: 1,
+    })
+    .unwrap();
+    let st = vm.wait_running(Duration::from_secs(60)).unwrap();
+    assert_eq!(st.ram_ranges, 2, "{st:?}");
+    assert_eq!(st.ram[0], (FILL_BASE, 3 * GIB), "RAM below the hole");
+    assert_eq!(st.ram[1], (4 * GIB, 5 * GIB), "RAM above the hole");
+    assert_eq!(st.mem_top, 5 * GIB);
+    assert_eq!(st.wss_pages, (4 * GIB - FILL_BASE) / PAGE as u64);
+    let mut log = vm.dirty_log().unwrap();
+    log.start().unwrap();
+    assert_eq!(
+        log.pages() as u64,
+        5 * GIB / PAGE as u64,
+        "page index space"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    vm.pause().unwrap();
+    let reported = collect(&mut *log);
+    let page = |addr: u64| (addr / PAGE as u64) as usize;
+    let low = reported
+        .iter()
+        .filter(|&&p| (page(FILL_BASE)..page(3 * GIB)).contains(&p))
+        .count();
+    let high = reported.iter().filter(|&&p| p >= page(4 * GIB)).count();
+    let hole = reported
+        .iter()
+        .filter(|&&p| (page(3 * GIB)..page(4 * GIB)).contains(&p))
+        .count();
+    assert!(
+        low > 100 && high > 100,
+        "{dirty:?}: writes below ({low}) and above ({high}) the hole"
+    );
+    assert_eq!(hole, 0, "{dirty:?}: pages reported in the hole");
+    // What the log reported above the hole is what the guest wrote there.
+    let p = *reported.iter().next_back().unwrap() as u64 * PAGE as u64;
+    let mut buf = [0u8; PAGE];
+    vm.memory().read_slice(&mut buf, GuestAddress(p)).unwrap();
+    assert!(
+        buf.iter().any(|&b| b != 0),
+        "{dirty:?}: page {p:#x} is blank"
+    );
+}
+
+#[test]
+fn both_backends_log_writes_on_both_sides_of_the_hole() {
+    if kvm_or_skip(module_path!()) {
+        for dirty in backends() {
+            dirties_across_the_hole(dirty);
+        }
+    }
+}

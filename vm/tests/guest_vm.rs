@@ -275,7 +275,7 @@ fn bad_inputs_are_clear_errors() {
     };
     let e = Vm::boot(&cfg(1 << 40, None)).unwrap_err().to_string();
     assert!(
-        e.contains("between 4 MiB and 64 GiB") || e.contains("cannot reserve"),
+        e.contains("between 4 MiB and 63 GiB") || e.contains("cannot reserve"),
         "{e}"
     );
     let e = Vm::boot(&cfg(3 << 20, None)).unwrap_err().to_string();

@@ -464,7 +464,7 @@ impl<S: FrameSink> Receiving<'_, S> {
         self.send(FrameKind::HelloAck, &ack.encode())?;
         info!(pages = layout.pages(), "incoming migration accepted");
 
-        let hashes = PageHashes::new(layout.page_index_end());
+        let hashes = PageHashes::with_regions(layout.page_index_end(), &layout.page_ranges());
         let ctx = DecodeContext {
             memory: vm.memory(),
             hashes: &hashes,
@@ -499,11 +499,30 @@ impl<S: FrameSink> Receiving<'_, S> {
 
         let t_verify = Instant::now();
         let digest = hashes.digest();
+        let region_digests = hashes.region_digests();
         let verify = t_verify.elapsed();
-        if digest != source_digest {
+        let differing_regions: Vec<u64> = layout
+            .regions
+            .iter()
+            .zip(region_digests.iter().zip(&source_digest.regions))
+            .filter(|(_, (ours, theirs))| ours != theirs)
+            .map(|(r, _)| r.guest_phys_addr)
+            .collect();
+        if source_digest.regions.len() != layout.regions.len() {
+            return Err(MigrationError::Message(protocol::MessageError {
+                message: "Digest",
+                problem: format!(
+                    "{} region digests for a layout of {} regions",
+                    source_digest.regions.len(),
+                    layout.regions.len()
+                ),
+            }));
+        }
+        if digest != source_digest.total || !differing_regions.is_empty() {
             return Err(MigrationError::DigestMismatch {
-                source_digest,
+                source_digest: source_digest.total,
                 destination_digest: digest,
+                differing_regions,
             });
         }
         let t_restore = Instant::now();
@@ -567,6 +586,7 @@ impl<S: FrameSink> Receiving<'_, S> {
                 wire_bytes: self.wire_bytes,
                 wire_bytes_per_lane: self.lane_bytes.clone(),
                 memory_digest: digest,
+                region_digests: crate::summary::RegionDigest::list(&layout, &region_digests),
                 resumed_at_unix_ns: resumed_at,
                 verify,
                 restore,
@@ -589,20 +609,21 @@ impl<S: FrameSink> Receiving<'_, S> {
         buf: &mut Vec<u8>,
         jobs: &crossbeam_channel::Sender<Job>,
         inflight: &mut InFlight<'_>,
-    ) -> Result<(u32, Vec<u8>, u64), MigrationError> {
+    ) -> Result<(u32, Vec<u8>, protocol::DigestMessage), MigrationError> {
         let mut lane_rounds = vec![0u32; self.inbound.lanes()];
         let mut state = None;
         // The source's digest and the round count every lane must reach.
-        let mut digest: Option<(u64, u32)> = None;
+        let mut digest: Option<(protocol::DigestMessage, u32)> = None;
         loop {
-            if let Some((digest, rounds)) = digest {
+            if let Some((digest, rounds)) = &digest {
+                let rounds = *rounds;
                 if lane_rounds.iter().all(|&r| r == rounds) {
                     inflight.drain()?;
                     let state = state.take().ok_or(MigrationError::UnexpectedFrame {
                         expected: "VcpuState",
                         got: FrameKind::Digest,
                     })?;
-                    return Ok((rounds, state, digest));
+                    return Ok((rounds, state, digest.clone()));
                 }
             }
             let idle = self.opts.idle_timeout;
@@ -623,7 +644,9 @@ impl<S: FrameSink> Receiving<'_, S> {
                     let end = RoundEnd::decode(buf).map_err(MigrationError::Message)?;
                     inflight.drain()?;
                     let expected = lane_rounds[lane];
-                    let past_digest = digest.is_some_and(|(_, rounds)| expected >= rounds);
+                    let past_digest = digest
+                        .as_ref()
+                        .is_some_and(|(_, rounds)| expected >= *rounds);
                     if end.round != expected || past_digest {
                         return Err(MigrationError::Message(protocol::MessageError {
                             message: "RoundEnd",
@@ -650,7 +673,8 @@ impl<S: FrameSink> Receiving<'_, S> {
                     state = Some(std::mem::take(buf));
                 }
                 FrameKind::Digest if digest.is_none() => {
-                    let d = protocol::decode_u64("Digest", buf).map_err(MigrationError::Message)?;
+                    let d =
+                        protocol::DigestMessage::decode(buf).map_err(MigrationError::Message)?;
                     if state.is_none() {
                         return Err(MigrationError::UnexpectedFrame {
                             expected: "VcpuState",

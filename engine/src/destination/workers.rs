@@ -161,7 +161,7 @@ fn decode_batch(
 ) -> Result<EncodingCounts, MigrationError> {
     let mut reader = BatchReader::new(batch, ctx.page_index_end).map_err(MigrationError::Decode)?;
     let mut counts = EncodingCounts::default();
-    let mut digest_delta = 0u64;
+    let mut digest_delta = ctx.hashes.delta();
     while let Some(entry) = reader.next_entry().map_err(MigrationError::Decode)? {
         if entry.encoding.required_features() & !ctx.features != 0 {
             return Err(MigrationError::Decode(DecodeError::NotNegotiated(
@@ -198,7 +198,7 @@ fn decode_batch(
         ctx.hashes.set_deferred(entry.page, hash, &mut digest_delta);
         counts.count(entry.encoding);
     }
-    ctx.hashes.add_to_digest(digest_delta);
+    ctx.hashes.add_to_digest(&digest_delta);
     Ok(counts)
 }
 

@@ -433,7 +433,10 @@ impl Session<'_> {
     ) -> Result<MigrationSummary, MigrationError> {
         self.xor_delta = features & protocol::FEATURE_XOR_DELTA != 0;
         let index_end = log.lock().unwrap_or_else(|p| p.into_inner()).pages();
-        let hashes = PageHashes::new(layout.page_index_end().max(index_end as u64));
+        let hashes = PageHashes::with_regions(
+            layout.page_index_end().max(index_end as u64),
+            &layout.page_ranges(),
+        );
         let cache = XorDeltaCache::new(self.opts.xor_cache_bytes_for(layout.bytes()));
         let cancel = AtomicBool::new(false);
         let memory = self.vm.memory();
@@ -619,7 +622,12 @@ impl Session<'_> {
         let state = crate::sections::encode(&sections);
         self.send(FrameKind::VcpuState, &state)?;
         let digest = hashes.digest();
-        self.send(FrameKind::Digest, &protocol::encode_u64(digest))?;
+        let region_digests = hashes.region_digests();
+        let message = protocol::DigestMessage {
+            total: digest,
+            regions: region_digests.clone(),
+        };
+        self.send(FrameKind::Digest, &message.encode())?;
         let state_time = t_state.elapsed();
         progress(ProgressEvent::Handover {
             step: HandoverStep::StateSent,
@@ -637,6 +645,7 @@ impl Session<'_> {
             return Err(MigrationError::DigestMismatch {
                 source_digest: digest,
                 destination_digest: theirs,
+                differing_regions: Vec::new(),
             });
         }
         progress(ProgressEvent::Handover {
@@ -709,6 +718,7 @@ impl Session<'_> {
             wire_bytes_per_sec: self.wire_bytes as f64 / total.as_secs_f64().max(1e-9),
             max_throttle_percent: max_throttle,
             memory_digest: digest,
+            region_digests: crate::summary::RegionDigest::list(layout, &region_digests),
             dirty_log,
             downtime_limit: policy.max_downtime,
             over_limit,

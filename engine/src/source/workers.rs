@@ -353,7 +353,7 @@ fn encode_chunk(
     let mut batch = recycled_batch(ctx, spare, capacity, headroom);
     let mut counts = EncodingCounts::default();
     let mut pages = 0u64;
-    let mut digest_delta = 0u64;
+    let mut digest_delta = ctx.hashes.delta();
     let delta = chunk.use_delta.then_some(ctx.cache);
     for (i, &word) in chunk.words.iter().enumerate() {
         let mut bits = word;
@@ -383,7 +383,7 @@ fn encode_chunk(
     } else {
         wire_bytes += queue(ctx, lane, batch, &mut queue_time)?;
     }
-    ctx.hashes.add_to_digest(digest_delta);
+    ctx.hashes.add_to_digest(&digest_delta);
     let costs = encoder.take_costs();
     let busy = started.elapsed().saturating_sub(queue_time);
     let base_ns = u64::try_from(busy.as_nanos())
