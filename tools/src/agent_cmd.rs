@@ -113,6 +113,8 @@ struct HostedVm {
 struct Agent {
     /// Outgoing migrations, for `GET /metrics`.
     metrics: MigrationMetrics,
+    /// Times this host fenced itself (`ferry_agent_fences`).
+    fences: prometheus_client::metrics::counter::Counter,
     host: String,
     ip: IpAddr,
     guest_rate: u64,
@@ -170,6 +172,7 @@ impl Agent {
     /// keeper could not renew the host's lease).
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     fn fence(&self, mode: FenceMode) {
+        self.fences.inc();
         let mut vms = self.vms.lock().expect("vms lock");
         match mode {
             FenceMode::Pause => {
@@ -367,6 +370,38 @@ impl Agent {
         })))
     }
 
+    /// The record moved to the destination before GO, but the destination
+    /// refused it and the guest resumed here: the record comes back, under
+    /// the same leader's token.
+    fn swap_back(&self, req: &MigrateRequest, epoch: u64) {
+        let (Some(store), Some(claim)) = (&self.store, &req.ownership) else {
+            return;
+        };
+        let leader = Leadership {
+            candidate: claim.candidate.clone(),
+            token: claim.token,
+            lease: 0,
+            ttl: Duration::ZERO,
+        };
+        let back = store.record(&req.vm).and_then(|r| match r {
+            Some(r) if r.host == req.target_host && r.epoch == epoch => {
+                store.migrate(&leader, &r, &self.host).map(Some)
+            }
+            _ => Ok(None),
+        });
+        match back {
+            Ok(Some(r)) => {
+                tracing::warn!(vm = %req.vm, epoch = r.epoch, "the destination refused GO: the record is back here")
+            }
+            Ok(None) => {
+                tracing::error!(vm = %req.vm, "the destination refused GO and the record moved on since: the leader must reconcile")
+            }
+            Err(e) => {
+                tracing::error!(vm = %req.vm, error = %ferry_scheduler::daemon::agent::error_chain(&e), "the destination refused GO and the record could not come back: the leader must reconcile")
+            }
+        }
+    }
+
     /// Source side: ask the target for a listener, then run the engine.
     fn migrate(self: &Arc<Self>, req: &MigrateRequest) -> anyhow::Result<MigrateReply> {
         let (vm, mem_mb, cpu_mips) = {
@@ -410,6 +445,10 @@ impl Agent {
                 if e.source_left_paused() && self.store.is_some() {
                     // The record decides what becomes of the paused copy.
                     self.follow_paused_copy(req.vm.clone());
+                } else if let Some(moved) = swap.lock().expect("swap report lock").take() {
+                    // The destination refused GO after the record moved:
+                    // the guest runs here again, so must its record.
+                    self.swap_back(req, moved.epoch);
                 }
                 return Err(anyhow::Error::new(e)
                     .context(format!("migrating {} to {}", req.vm, req.target_host)));
@@ -668,6 +707,15 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         vms: Mutex::new(BTreeMap::new()),
         busy: Mutex::new(Default::default()),
         metrics: MigrationMetrics::register(&mut registry, "ferry_agent"),
+        fences: {
+            let c = prometheus_client::metrics::counter::Counter::default();
+            registry.register(
+                "ferry_agent_fences",
+                "Times this host fenced itself (its lease could not be renewed)",
+                c.clone(),
+            );
+            c
+        },
         store: store_of(&args)?,
     });
     // Joined before booting: a VM owned elsewhere is not booted here.

@@ -6,13 +6,15 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use ferry_scheduler::daemon::api::{
-    HostView, PolicyRequest, PolicyView, ProblemsView, RoundView, VmView,
+    HaHostView, HostView, LeaderView, PolicyRequest, PolicyView, ProblemsView, RoundView, VmView,
 };
 use ferry_scheduler::daemon::client::{JsonClient, Method};
 use ferry_scheduler::daemon::Outcome;
+use ferry_scheduler::ha::failover::HaEvent;
 use ferry_scheduler::plan::rules::{Rule, RuleKind};
 use ferry_scheduler::sim::run::{run_simulate, SimulateOptions};
 use ferry_scheduler::sim::{MemoryModel, Policy, SimConfig};
+use ferry_scheduler::store::OwnerRecord;
 
 /// `ferry sched` arguments.
 #[derive(Debug, clap::Args)]
@@ -54,6 +56,16 @@ enum SchedCommand {
         #[command(subcommand)]
         op: RulesOp,
     },
+    /// Which daemon leads (on the cluster store, `--etcd`).
+    Leader(ClientArgs),
+    /// Hosts with their lease (alive or expired) and maintenance flag, as
+    /// the cluster store has them.
+    Leases(ClientArgs),
+    /// Each VM's ownership record: owner, epoch, how it got there.
+    Owners(ClientArgs),
+    /// What the daemon asked has done for high availability: leadership, host
+    /// deaths, restarts, refusals, ownership moves.
+    Events(ClientArgs),
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -256,6 +268,10 @@ pub fn run(args: SchedArgs) -> anyhow::Result<()> {
                 print_round,
             ),
         },
+        SchedCommand::Leader(c) => show(&c, "/v1/ha/leader", print_leader),
+        SchedCommand::Leases(c) => show(&c, "/v1/ha/hosts", print_leases),
+        SchedCommand::Owners(c) => show(&c, "/v1/ha/vms", print_owners),
+        SchedCommand::Events(c) => show(&c, "/v1/ha/events", print_events),
         SchedCommand::Policy { op } => match op {
             PolicyOp::Get(c) => show(&c, "/v1/policy", print_policy),
             PolicyOp::Set { mode, client } => act(
@@ -435,6 +451,69 @@ fn print_problems(p: &ProblemsView) {
     }
     for l in all {
         println!("{l}");
+    }
+}
+
+fn print_leader(l: &LeaderView) {
+    match &l.leader {
+        Some(info) => println!(
+            "{} leads (token {}, API {}); this daemon: {}{}",
+            info.candidate,
+            info.token,
+            info.api.as_deref().unwrap_or("-"),
+            l.this,
+            if l.leading {
+                " (leading)"
+            } else {
+                " (following)"
+            }
+        ),
+        None => println!("nobody leads; this daemon: {}", l.this),
+    }
+}
+
+fn print_leases(hosts: &Vec<HaHostView>) {
+    println!("{:<16} {:<8} MAINT", "HOST", "LEASE");
+    for h in hosts {
+        println!(
+            "{:<16} {:<8} {}",
+            h.host,
+            if h.alive { "alive" } else { "expired" },
+            if h.maintenance { "yes" } else { "no" }
+        );
+    }
+}
+
+fn print_owners(records: &Vec<OwnerRecord>) {
+    println!(
+        "{:<16} {:<16} {:>6} {:<8} FROM",
+        "VM", "OWNER", "EPOCH", "BY"
+    );
+    for r in records {
+        println!(
+            "{:<16} {:<16} {:>6} {:<8} {}",
+            r.vm,
+            r.host,
+            r.epoch,
+            format!("{:?}", r.last).to_lowercase(),
+            r.previous.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+fn print_events(events: &Vec<HaEvent>) {
+    if events.is_empty() {
+        println!("no events");
+    }
+    for e in events {
+        let secs = e.unix_ms / 1000;
+        println!(
+            "{}.{:03} {:<17} {}",
+            secs,
+            e.unix_ms % 1000,
+            format!("{:?}", e.kind),
+            e.message
+        );
     }
 }
 

@@ -368,7 +368,63 @@ fn killed_agent(rig: &mut Rig) -> Result<()> {
     if rig.running_on("other") != ["h2"] {
         bail!("other moved: {:?}", rig.running_on("other"));
     }
+    // The operator's view: the CLI and the metrics say the same.
+    let owners = sched_cli(&["owners", "--api", &api.to_string()])?;
+    let web = owners
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .with_context(|| format!("no web in:\n{owners}"))?;
+    if !web.contains("restart") || !web.contains(" h1") {
+        bail!("ferry sched owners shows web as {web:?}");
+    }
+    let leases = sched_cli(&["leases", "--api", &api.to_string()])?;
+    if !leases
+        .lines()
+        .any(|l| l.starts_with("h1 ") && l.contains("expired"))
+    {
+        bail!("ferry sched leases does not show h1 expired:\n{leases}");
+    }
+    let events = sched_cli(&["events", "--api", &api.to_string()])?;
+    if !events.contains("Restarted") || !events.contains("HostDead") {
+        bail!("ferry sched events:\n{events}");
+    }
+    let leader = sched_cli(&["leader", "--api", &api.to_string()])?;
+    if !leader.starts_with("d1 leads") {
+        bail!("ferry sched leader: {leader}");
+    }
+    let metrics = ureq_text(api, "/metrics")?;
+    for line in [
+        "ferry_sched_ha_restarts_total 2",
+        "ferry_sched_ha_hosts_dead_total 1",
+    ] {
+        if !metrics.lines().any(|l| l == line) {
+            bail!("no {line:?} in the metrics:\n{metrics}");
+        }
+    }
     Ok(())
+}
+
+/// `ferry sched ARGS...`'s standard output (it must succeed).
+fn sched_cli(args: &[&str]) -> Result<String> {
+    let out = Command::new(FERRY).arg("sched").args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "ferry sched {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// A plain-text GET (the metrics).
+fn ureq_text(addr: SocketAddr, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
 }
 
 #[test]

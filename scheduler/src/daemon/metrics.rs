@@ -131,6 +131,87 @@ pub struct DaemonMetrics {
     pub maintenance: Family<HostLabel, Gauge>,
     /// 1 reachable, 0 not, per host (absent: not asked).
     pub reachable: Family<HostLabel, Gauge>,
+    /// High availability on the cluster store (zero without `--etcd`).
+    pub ha: HaMetrics,
+}
+
+/// The HA metrics of a daemon on the cluster store.
+#[derive(Debug, Clone)]
+pub struct HaMetrics {
+    /// Times this daemon became the leader (failovers to it).
+    pub leaderships: Counter,
+    /// 1 while this daemon leads.
+    pub leading: Gauge,
+    /// Host leases seen expire.
+    pub hosts_dead: Counter,
+    /// VMs restarted after their host died.
+    pub restarts: Counter,
+    /// Restarts refused (disabled, no room, the store said no).
+    pub restarts_refused: Counter,
+    /// Restarts whose start failed (retried).
+    pub restarts_failed: Counter,
+    /// From a host's lease seen expired to its VM running elsewhere.
+    pub restart_seconds: Histogram,
+    /// Ownership swaps before GO, inside the migration's pause.
+    pub ownership_swap_ms: Histogram,
+}
+
+impl HaMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            leaderships: Counter::default(),
+            leading: Gauge::default(),
+            hosts_dead: Counter::default(),
+            restarts: Counter::default(),
+            restarts_refused: Counter::default(),
+            restarts_failed: Counter::default(),
+            // 50 ms .. ~14 min.
+            restart_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 15)),
+            // 0.1 ms .. ~1.6 s.
+            ownership_swap_ms: Histogram::new(exponential_buckets(0.1, 2.0, 15)),
+        };
+        registry.register(
+            "ferry_sched_ha_leaderships",
+            "Times this daemon became the leader",
+            m.leaderships.clone(),
+        );
+        registry.register(
+            "ferry_sched_ha_leading",
+            "1 while this daemon leads",
+            m.leading.clone(),
+        );
+        registry.register(
+            "ferry_sched_ha_hosts_dead",
+            "Host leases seen expire",
+            m.hosts_dead.clone(),
+        );
+        registry.register(
+            "ferry_sched_ha_restarts",
+            "VMs restarted after their host died",
+            m.restarts.clone(),
+        );
+        registry.register(
+            "ferry_sched_ha_restarts_refused",
+            "Restarts refused (disabled, no room, refused by the store)",
+            m.restarts_refused.clone(),
+        );
+        registry.register(
+            "ferry_sched_ha_restarts_failed",
+            "Restarts whose start failed (retried)",
+            m.restarts_failed.clone(),
+        );
+        registry.register(
+            "ferry_sched_ha_restart_seconds",
+            "From a host's lease seen expired to its VM running elsewhere",
+            m.restart_seconds.clone(),
+        );
+        registry.register(
+            "ferry_sched_ha_ownership_swap_milliseconds",
+            "Ownership swaps before GO (inside the migration's pause)",
+            m.ownership_swap_ms.clone(),
+        );
+        m
+    }
 }
 
 impl Default for DaemonMetrics {
@@ -149,6 +230,7 @@ impl Default for DaemonMetrics {
             cpu_demand_ratio: Family::default(),
             maintenance: Family::default(),
             reachable: Family::default(),
+            ha: HaMetrics::register(&mut registry),
             registry: Registry::default(),
         };
         registry.register("ferry_sched_rounds", "Planning rounds", m.rounds.clone());

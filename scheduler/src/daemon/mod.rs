@@ -661,6 +661,7 @@ impl Daemon {
         let result = self.executor.migrate_owned(vm, from, to, Some(&claim));
         let outcome = match result {
             Ok((m, Some(swap))) => {
+                self.metrics.ha.ownership_swap_ms.observe(swap.swap_ms);
                 ha.event(
                     crate::ha::failover::HaEventKind::OwnershipMoved,
                     Some(vm),

@@ -182,8 +182,10 @@ impl ClusterHa {
     /// of dead hosts. Blocking.
     pub fn tick(&self, d: &Daemon) {
         let Some(me) = self.leadership() else {
+            d.metrics.ha.leading.set(0);
             return;
         };
+        d.metrics.ha.leading.set(1);
         if let Err(e) = self.tick_leading(d, &me) {
             warn!(error = %error_chain(&e), "HA pass failed; retried next pass");
         }
@@ -221,6 +223,7 @@ impl ClusterHa {
                 None => {
                     p.dead_since.insert(h.host.clone(), now);
                     drop(p);
+                    d.metrics.ha.hosts_dead.inc();
                     self.event(
                         HaEventKind::HostDead,
                         None,
@@ -247,9 +250,11 @@ impl ClusterHa {
             return Ok(());
         }
         let jobs = self.plan(d, &records, &victims, &alive);
+        let dead_since = self.progress().dead_since.clone();
         std::thread::scope(|s| {
             for job in jobs {
-                s.spawn(move || self.restart(d, me, job));
+                let since = dead_since.get(&job.record.host).copied().unwrap_or(now);
+                s.spawn(move || self.restart(d, me, job, since));
             }
         });
         Ok(())
@@ -264,6 +269,7 @@ impl ClusterHa {
                 h.maintenance = maintenance.contains(&h.name);
             }
         }
+        d.metrics.ha.leaderships.inc();
         let mut p = self.progress();
         p.acted_token = Some(me.token);
         // Hosts seen dead before count from now: this leader's clock.
@@ -398,6 +404,7 @@ impl ClusterHa {
             let vm = &c.vms[*v].name;
             let epoch = by_vm.get(vm.as_str()).map_or(0, |r| r.epoch);
             if self.progress().refused.insert((vm.clone(), epoch)) {
+                d.metrics.ha.restarts_refused.inc();
                 self.event(
                     HaEventKind::RestartRefused,
                     Some(vm),
@@ -436,7 +443,7 @@ impl ClusterHa {
         jobs
     }
 
-    fn restart(&self, d: &Daemon, me: &Leadership, job: RestartJob) {
+    fn restart(&self, d: &Daemon, me: &Leadership, job: RestartJob, dead_since: Instant) {
         let RestartJob {
             record,
             to,
@@ -468,6 +475,7 @@ impl ClusterHa {
         let moved = match self.store.restart(me, &record, &to) {
             Ok(m) => m,
             Err(e) => {
+                d.metrics.ha.restarts_refused.inc();
                 self.event(
                     HaEventKind::RestartRefused,
                     Some(vm),
@@ -484,10 +492,17 @@ impl ClusterHa {
         let swap = t.elapsed();
         match ensure_running(d, vm, mem_mb, &to) {
             Ok(()) => {
-                if let Some(v) = crate::daemon::lock(&d.state).cluster.vm_by_name(vm) {
+                d.metrics.ha.restarts.inc();
+                d.metrics
+                    .ha
+                    .restart_seconds
+                    .observe(dead_since.elapsed().as_secs_f64());
+                {
                     let mut st = crate::daemon::lock(&d.state);
                     let h = st.cluster.host_by_name(&to);
-                    st.cluster.vms[v].host = h;
+                    if let Some(v) = st.cluster.vm_by_name(vm) {
+                        st.cluster.vms[v].host = h;
+                    }
                 }
                 self.event(
                     HaEventKind::Restarted,
@@ -505,12 +520,15 @@ impl ClusterHa {
                     warn!(vm, error = %error_chain(&e), "cannot finish the restart decision");
                 }
             }
-            Err(e) => self.event(
-                HaEventKind::RestartFailed,
-                Some(vm),
-                Some(&to),
-                format!("{vm} owned by {to} now, but its start failed (retried): {e}"),
-            ),
+            Err(e) => {
+                d.metrics.ha.restarts_failed.inc();
+                self.event(
+                    HaEventKind::RestartFailed,
+                    Some(vm),
+                    Some(&to),
+                    format!("{vm} owned by {to} now, but its start failed (retried): {e}"),
+                )
+            }
         }
     }
 }
