@@ -12,11 +12,12 @@
 //! never stops the reader from draining its side.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{
@@ -38,6 +39,15 @@ pub enum TlsError {
         /// Why.
         #[source]
         source: io::Error,
+    },
+    /// A PEM file is malformed.
+    #[error("{path} is not valid PEM")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What the PEM parser said.
+        #[source]
+        source: rustls::pki_types::pem::Error,
     },
     /// A PEM file holds no certificate.
     #[error("{path} holds no PEM certificate")]
@@ -115,9 +125,9 @@ fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 fn parse_certs(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(pem))
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::ReadFile {
+        .map_err(|source| TlsError::Pem {
             path: path.to_owned(),
             source,
         })?;
@@ -130,14 +140,15 @@ fn parse_certs(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, 
 }
 
 fn parse_key(pem: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    rustls_pemfile::private_key(&mut BufReader::new(pem))
-        .map_err(|source| TlsError::ReadFile {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|source| match source {
+        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoPrivateKey {
+            path: path.to_owned(),
+        },
+        source => TlsError::Pem {
             path: path.to_owned(),
             source,
-        })?
-        .ok_or_else(|| TlsError::NoPrivateKey {
-            path: path.to_owned(),
-        })
+        },
+    })
 }
 
 impl TlsSettings {
@@ -533,4 +544,31 @@ fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .mode(0o600)
         .open(path)?;
     f.write_all(bytes)
+}
+
+#[cfg(test)]
+mod pem_tests {
+    use super::*;
+
+    #[test]
+    fn bad_pem_is_refused_with_the_file_named() {
+        let p = Path::new("x.pem");
+        assert!(matches!(
+            parse_certs(b"nothing here", p),
+            Err(TlsError::NoCertificate { .. })
+        ));
+        assert!(matches!(
+            parse_key(b"", p),
+            Err(TlsError::NoPrivateKey { .. })
+        ));
+        let broken = b"-----BEGIN PRIVATE KEY-----\n!!!not base64!!!\n-----END PRIVATE KEY-----\n";
+        let e = parse_key(broken, p).unwrap_err();
+        assert!(matches!(e, TlsError::Pem { .. }), "{e:?}");
+        assert_eq!(e.to_string(), "x.pem is not valid PEM");
+        let unterminated = b"-----BEGIN CERTIFICATE-----\nMIIB\n";
+        assert!(matches!(
+            parse_certs(unterminated, p),
+            Err(TlsError::Pem { .. })
+        ));
+    }
 }

@@ -139,7 +139,8 @@ fn a_client_without_a_certificate_is_refused() {
     let client = thread::spawn(move || {
         use std::io::{Read, Write};
         let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pemfile::certs(&mut ca.as_bytes()) {
+        use rustls::pki_types::pem::PemObject;
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
             roots.add(c.unwrap()).unwrap();
         }
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
