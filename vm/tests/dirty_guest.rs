@@ -261,7 +261,19 @@ fn dirties_across_the_hole(dirty: DirtyBackend) {
         5 * GIB / PAGE as u64,
         "page index space"
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // Enough writes that both sides of the hole are hit many times over
+    // (the loop's stride spreads them across the working set), however
+    // slowly a loaded machine runs the guest: counted, not timed.
+    let first = vm.status().pages_dirtied;
+    let start = std::time::Instant::now();
+    while vm.status().pages_dirtied < first + 8_000 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{dirty:?}: the guest wrote {} pages in 120 s",
+            vm.status().pages_dirtied - first
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     vm.pause().unwrap();
     let reported = collect(&mut *log);
     let page = |addr: u64| (addr / PAGE as u64) as usize;
