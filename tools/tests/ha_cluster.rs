@@ -34,6 +34,12 @@ const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 /// Host lease TTL of every agent (and the daemons' view of it).
 const LEASE_TTL: &str = "2s";
 
+/// The lease TTL of this run: 2 s, or `FERRY_HA_BENCH_TTL` for the
+/// benchmark.
+fn lease_ttl() -> String {
+    std::env::var("FERRY_HA_BENCH_TTL").unwrap_or_else(|_| LEASE_TTL.to_owned())
+}
+
 fn client(addr: SocketAddr) -> JsonClient {
     JsonClient::new(&addr.to_string(), Some(Duration::from_secs(5)))
 }
@@ -99,7 +105,7 @@ impl Rig {
         let mut cmd = Command::new(FERRY);
         cmd.args(["agent", "--host", host, "--listen", &addr.to_string()])
             .args(["--insecure", "--guest-rate", "500", "--lanes", "1"])
-            .args(["--etcd", &self.endpoints(), "--lease-ttl", LEASE_TTL])
+            .args(["--etcd", &self.endpoints(), "--lease-ttl", &lease_ttl()])
             .args(["--fence", "kill"])
             .env("RUST_LOG", "info");
         for v in vms {
@@ -174,7 +180,12 @@ impl Rig {
                 .args(["sched", "daemon", "--config"])
                 .arg(&config)
                 .args(["--etcd", &self.endpoints(), "--name", name])
-                .args(["--leader-ttl", "2s", "--host-lease-ttl", LEASE_TTL])
+                .args([
+                    "--leader-ttl",
+                    &lease_ttl(),
+                    "--host-lease-ttl",
+                    &lease_ttl(),
+                ])
                 .env("RUST_LOG", "info"),
             &log,
         )?;
@@ -518,4 +529,94 @@ fn killed_leader(rig: &mut Rig) -> Result<()> {
         bail!("mover moved again: {rec2:?}");
     }
     Ok(())
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The benchmark (not a test: run it by name with `--ignored`): kill -9 a
+/// host running `FERRY_HA_BENCH_VMS` guests (default 1) with leases of
+/// `FERRY_HA_BENCH_TTL` (default 2s), and print the time from the kill to
+/// the lease seen expired (detection), to the end of the fence margin
+/// (fencing) and to the last VM running elsewhere (restart); then kill -9
+/// the leading daemon and print the time until the follower leads.
+#[test]
+#[ignore = "benchmark: prints timings"]
+fn ha_bench() {
+    let Some(mut rig) = Rig::new("ha_bench", "ha-bench").unwrap() else {
+        return;
+    };
+    if let Err(e) = bench(&mut rig) {
+        panic!("{e:#}{}", rig.diag());
+    }
+}
+
+fn bench(rig: &mut Rig) -> Result<()> {
+    let n: usize = std::env::var("FERRY_HA_BENCH_VMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let names: Vec<String> = (0..n).map(|i| format!("v{i}")).collect();
+    let specs: Vec<String> = names.iter().map(|v| format!("{v}:64")).collect();
+    let specs: Vec<&str> = specs.iter().map(String::as_str).collect();
+    rig.agent("h1", &specs)?;
+    rig.agent("h2", &[])?;
+    let mem = 64 * n as u64 + 512;
+    let hosts = [("h1", mem), ("h2", mem)];
+    let vms: Vec<(&str, &str, &str)> = names.iter().map(|v| (v.as_str(), "h1", "medium")).collect();
+    let a = rig.daemon("d1", &hosts, &vms)?;
+    wait_for("d1 to lead", Duration::from_secs(30), || {
+        (leader_of(a).as_deref() == Some("d1")).then_some(())
+    })?;
+    let b = rig.daemon("d2", &hosts, &vms)?;
+    wait_for("every record", Duration::from_secs(60), || {
+        (rig.records(a).ok()?.len() == n).then_some(())
+    })?;
+    let killed = unix_ms();
+    kill_agent(rig, "h1");
+    wait_for("every VM on h2", Duration::from_secs(300), || {
+        let s = client(rig.agent_addr("h2"))
+            .get::<AgentStatus>("/v1/status")
+            .ok()?;
+        (s.vms.iter().filter(|v| v.running).count() == n).then_some(())
+    })?;
+    let running = unix_ms();
+    let events: Vec<HaEvent> = client(a).get("/v1/ha/events")?;
+    let dead = events
+        .iter()
+        .find(|e| e.kind == HaEventKind::HostDead)
+        .context("no HostDead event")?
+        .unix_ms;
+    let margin_ms = humantime_ms(&lease_ttl()) * 2 / 5;
+    println!(
+        "HA bench: TTL {} VMs {n}: detection {} ms, fencing {} ms, restart {} ms, total {} ms",
+        lease_ttl(),
+        dead.saturating_sub(killed),
+        margin_ms,
+        running.saturating_sub(dead + margin_ms),
+        running.saturating_sub(killed)
+    );
+    let killed = unix_ms();
+    rig.daemons[0].proc.kill();
+    wait_for("d2 to lead", Duration::from_secs(120), || {
+        (leader_of(b).as_deref() == Some("d2")).then_some(())
+    })?;
+    println!(
+        "HA bench: leader TTL {}: leader failover {} ms",
+        lease_ttl(),
+        unix_ms().saturating_sub(killed)
+    );
+    Ok(())
+}
+
+/// `2s`, `2500ms`, `5` (seconds) in ms.
+fn humantime_ms(s: &str) -> u64 {
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.parse().unwrap_or(0);
+    }
+    let secs: f64 = s.trim_end_matches('s').parse().unwrap_or(0.0);
+    (secs * 1000.0) as u64
 }
