@@ -73,6 +73,10 @@ pub struct Host {
     pub power: PowerState,
     /// In maintenance: excluded from every decision.
     pub maintenance: bool,
+    /// Quarantined on a hardware warning ([`crate::ha::health`]): no VM is
+    /// placed on it; its VMs stay.
+    #[serde(default)]
+    pub quarantined: bool,
     /// Power curve, if known.
     pub power_model: Option<PowerModel>,
 }
@@ -87,6 +91,7 @@ impl Host {
             mem_mb,
             power: PowerState::On,
             maintenance: false,
+            quarantined: false,
             power_model: None,
         }
     }

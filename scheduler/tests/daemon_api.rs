@@ -625,3 +625,97 @@ policy = "manual"
     assert!(hosts[2].health.since_unix_s.is_some());
     assert_eq!(hosts[0].health.reachable, Some(true));
 }
+
+/// A host whose health command says `degraded` is evacuated on the
+/// daemon's rounds (the maintenance evacuation), shown degraded with the
+/// command's output as evidence, and released, its VMs back, once the
+/// command says `ok` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_health_command_evacuates_the_host_and_recovery_brings_its_vms_back() {
+    let world: World = Arc::new(Mutex::new(HashMap::new()));
+    let vm = |n: &str| AgentVm {
+        name: n.into(),
+        mem_mb: 512,
+        cpu_mips: 100.0,
+        running: true,
+    };
+    world
+        .lock()
+        .unwrap()
+        .insert("h1".into(), vec![vm("a"), vm("b")]);
+    let a1 = spawn_agent("h1", world.clone(), None).await;
+    let a2 = spawn_agent("h2", world.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sensor = dir.path().join("h1-health");
+    std::fs::write(&sensor, "ok\n").unwrap();
+    let host = |name: &str, agent: SocketAddr, health: &str| {
+        format!(
+            "[[host]]\nname = \"{name}\"\ncores = 2\ncore_mips = 2000\nmem_mb = 4096\nagent = \"{agent}\"\n{health}\n"
+        )
+    };
+    let text = format!(
+        "[daemon]\nlisten = \"127.0.0.1:0\"\npolicy = \"manual\"\n\n[health]\naction = \"evacuate\"\nrelease_after_s = 0\n\n{}\n{}\n[[vm]]\nname = \"a\"\nhost = \"h1\"\ncpu_mips = 1000\nmem_mb = 512\n\n[[vm]]\nname = \"b\"\nhost = \"h1\"\ncpu_mips = 1000\nmem_mb = 512\n",
+        host(
+            "h1",
+            a1,
+            &format!(
+                "health = [ {{ provider = \"command\", command = [\"cat\", \"{}\"] }} ]",
+                sensor.display()
+            )
+        ),
+        host("h2", a2, ""),
+    );
+    let cfg = Config::parse(Path::new("cluster.toml"), &text).unwrap();
+    assert!(cfg.problems.is_empty(), "{:?}", cfg.problems);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = l.local_addr().unwrap();
+    tokio::spawn(serve(
+        Daemon::from_config(&cfg),
+        l,
+        std::time::Duration::from_secs(3600),
+    ));
+    // Healthy: nothing moves.
+    let _: RoundView = call(api, Method::Post, "/v1/round", None).await.unwrap();
+    assert_eq!(where_is(&world, "a").as_deref(), Some("h1"));
+    let hosts: Vec<HostView> = call(api, Method::Get, "/v1/hosts", None).await.unwrap();
+    assert!(!hosts[0].hardware.state.held(), "{:?}", hosts[0]);
+    assert_eq!(hosts[0].hardware.readings.len(), 1);
+
+    std::fs::write(&sensor, "degraded FAN2 1200 RPM below 1500\n").unwrap();
+    for _ in 0..8 {
+        let _: RoundView = call(api, Method::Post, "/v1/round", None).await.unwrap();
+        if where_is(&world, "a").as_deref() == Some("h2")
+            && where_is(&world, "b").as_deref() == Some("h2")
+        {
+            break;
+        }
+    }
+    assert_eq!(where_is(&world, "a").as_deref(), Some("h2"));
+    assert_eq!(where_is(&world, "b").as_deref(), Some("h2"));
+    let hosts: Vec<HostView> = call(api, Method::Get, "/v1/hosts", None).await.unwrap();
+    let h1 = &hosts[0];
+    assert!(h1.maintenance && h1.hardware.evacuated, "{h1:?}");
+    assert!(h1.hardware.state.held(), "{h1:?}");
+    assert!(
+        h1.hardware.readings[0].evidence.contains("FAN2 1200 RPM"),
+        "{h1:?}"
+    );
+
+    std::fs::write(&sensor, "ok\n").unwrap();
+    for _ in 0..8 {
+        let _: RoundView = call(api, Method::Post, "/v1/round", None).await.unwrap();
+        if where_is(&world, "a").as_deref() == Some("h1")
+            && where_is(&world, "b").as_deref() == Some("h1")
+        {
+            break;
+        }
+    }
+    assert_eq!(where_is(&world, "a").as_deref(), Some("h1"));
+    assert_eq!(where_is(&world, "b").as_deref(), Some("h1"));
+    let hosts: Vec<HostView> = call(api, Method::Get, "/v1/hosts", None).await.unwrap();
+    assert!(
+        !hosts[0].maintenance && !hosts[0].hardware.state.held() && !hosts[0].quarantined,
+        "{:?}",
+        hosts[0]
+    );
+}

@@ -377,19 +377,28 @@ fn output<T: serde::Serialize>(c: &ClientArgs, v: &T, table: fn(&T)) -> anyhow::
 }
 
 fn print_hosts(hosts: &Vec<HostView>) {
-    println!("HOST         POWER   MAINT HEALTH          CPU%        MEM MB VMS");
+    println!("HOST         POWER   MAINT HEALTH       HARDWARE       CPU%        MEM MB VMS");
     for h in hosts {
         let health = match h.health.reachable {
             Some(true) => "ok".to_string(),
             Some(false) => "unreachable".to_string(),
             None => "-".to_string(),
         };
+        use ferry_scheduler::ha::health::HealthState;
+        let hardware = match (&h.hardware.state, h.hardware.readings.is_empty()) {
+            (HealthState::Healthy, true) => "-",
+            (HealthState::Healthy, false) => "ok",
+            (HealthState::Degraded { .. }, _) if h.quarantined => "quarantined",
+            (HealthState::Degraded { .. }, _) => "evacuated",
+            (HealthState::Recovering { .. }, _) => "recovering",
+        };
         println!(
-            "{:<12} {:<7} {:<5} {:<12} {:>6.0}% {:>6}/{:<6} {}",
+            "{:<12} {:<7} {:<5} {:<12} {:<12} {:>6.0}% {:>6}/{:<6} {}",
             h.name,
             format!("{:?}", h.power).to_lowercase(),
             if h.maintenance { "yes" } else { "no" },
             health,
+            hardware,
             100.0 * h.cpu_demand / h.cpu_mips.max(1.0),
             h.mem_used_mb,
             h.mem_mb,
@@ -397,6 +406,17 @@ fn print_hosts(hosts: &Vec<HostView>) {
         );
         if let Some(e) = &h.health.error {
             println!("  {}: {e}", h.name);
+        }
+        for r in h
+            .hardware
+            .readings
+            .iter()
+            .filter(|r| r.verdict.is_unhealthy())
+        {
+            println!(
+                "  {}: {}: {} [{}]",
+                h.name, r.provider, r.verdict, r.evidence
+            );
         }
     }
 }

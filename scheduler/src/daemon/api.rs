@@ -282,6 +282,12 @@ pub struct HostView {
     pub maintenance: bool,
     /// Whether its agent answers, since when, and why not.
     pub health: HostHealth,
+    /// Quarantined on a hardware warning (no new VMs).
+    #[serde(default)]
+    pub quarantined: bool,
+    /// Its health providers' state and last readings.
+    #[serde(default)]
+    pub hardware: crate::ha::health::HardwareHealth,
     /// Capacity (MIPS).
     pub cpu_mips: f64,
     /// Demand now (MIPS).
@@ -358,12 +364,15 @@ pub struct PolicyView {
     pub mode: PolicyMode,
 }
 
-fn host_view(c: &Cluster, health: &[HostHealth], h: usize) -> HostView {
+fn host_view(st: &super::State, h: usize) -> HostView {
+    let c = &st.cluster;
     HostView {
         name: c.hosts[h].name.clone(),
         power: c.hosts[h].power,
         maintenance: c.hosts[h].maintenance,
-        health: health.get(h).cloned().unwrap_or_default(),
+        health: st.health.get(h).cloned().unwrap_or_default(),
+        quarantined: c.hosts[h].quarantined,
+        hardware: st.hardware.get(h).cloned().unwrap_or_default(),
         cpu_mips: c.hosts[h].cpu_mips,
         cpu_demand: c.demand(h),
         mem_mb: c.hosts[h].mem_mb,
@@ -396,7 +405,7 @@ async fn hosts(State(s): State<AppState>) -> Json<Vec<HostView>> {
     let st = lock(&s.daemon.state);
     Json(
         (0..st.cluster.hosts.len())
-            .map(|h| host_view(&st.cluster, &st.health, h))
+            .map(|h| host_view(&st, h))
             .collect(),
     )
 }
@@ -410,7 +419,7 @@ async fn host(
         .cluster
         .host_by_name(&name)
         .ok_or_else(|| Refusal::not_found(format!("no host named {name:?}")))?;
-    Ok(Json(host_view(&st.cluster, &st.health, h)))
+    Ok(Json(host_view(&st, h)))
 }
 
 async fn vms(State(s): State<AppState>) -> Json<Vec<VmView>> {

@@ -21,6 +21,15 @@
 //! agent = "127.0.0.1:7101"
 //! power = { driver = "wol", mac = "52:54:00:12:34:56", broadcast = "192.168.1.255:9" }
 //!
+//! # hardware warnings (optional): what a degraded host gets, and how long
+//! # it must stay healthy before it is released
+//! [health]
+//! action = "quarantine"    # or "evacuate" (its VMs leave live, come back on release)
+//! release_after_s = 300
+//! # and per host, e.g. in [[host]] h1:
+//! # health = [ { provider = "command", command = ["/usr/local/bin/ipmi-health"] },
+//! #            { provider = "hwmon", max_temp_c = 85, min_fan_rpm = 600 } ]
+//!
 //! [[vm]]
 //! name = "web"
 //! host = "h1"
@@ -175,6 +184,103 @@ pub struct HostEntry {
     pub tunnel_dir: Option<PathBuf>,
     /// Power driver.
     pub power: Option<PowerConfig>,
+    /// Health providers ([`crate::ha::health`]): hardware warnings.
+    #[serde(default)]
+    pub health: Vec<HealthProviderConfig>,
+}
+
+/// One health provider of a host.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "provider", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HealthProviderConfig {
+    /// A command (argv, no shell) printing `ok`, `degraded REASON` or
+    /// `failed REASON` (IPMI: a script around `ipmitool sdr`).
+    Command {
+        /// Argv.
+        command: Vec<String>,
+        /// Seconds it may run (default 10).
+        #[serde(default = "default_health_timeout")]
+        timeout_s: f64,
+    },
+    /// sysfs hwmon sensors against limits.
+    Hwmon {
+        /// The hwmon root (default `/sys/class/hwmon`).
+        #[serde(default = "default_hwmon_root")]
+        root: PathBuf,
+        /// Degraded at or above this temperature (°C).
+        max_temp_c: Option<f64>,
+        /// Degraded below this fan speed (RPM).
+        min_fan_rpm: Option<f64>,
+    },
+}
+
+fn default_health_timeout() -> f64 {
+    10.0
+}
+fn default_hwmon_root() -> PathBuf {
+    PathBuf::from("/sys/class/hwmon")
+}
+
+impl HealthProviderConfig {
+    /// The provider, or why it cannot be built.
+    pub fn build(&self) -> Result<Box<dyn crate::ha::health::HealthProvider>, String> {
+        use crate::ha::health::{CommandProvider, HwmonLimits, HwmonProvider};
+        match self {
+            Self::Command { command, timeout_s } => {
+                if command.is_empty() {
+                    return Err("health command is empty".into());
+                }
+                if !(timeout_s.is_finite() && *timeout_s > 0.0) {
+                    return Err(format!("health timeout_s {timeout_s} is not positive"));
+                }
+                Ok(Box::new(CommandProvider {
+                    argv: command.clone(),
+                    timeout: std::time::Duration::from_secs_f64(*timeout_s),
+                }))
+            }
+            Self::Hwmon {
+                root,
+                max_temp_c,
+                min_fan_rpm,
+            } => {
+                if max_temp_c.is_none() && min_fan_rpm.is_none() {
+                    return Err("hwmon health needs max_temp_c or min_fan_rpm".into());
+                }
+                Ok(Box::new(HwmonProvider {
+                    root: root.clone(),
+                    limits: HwmonLimits {
+                        max_temp_c: *max_temp_c,
+                        min_fan_rpm: *min_fan_rpm,
+                    },
+                }))
+            }
+        }
+    }
+}
+
+/// `[health]`: what hardware warnings do, for the whole cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSection {
+    /// `quarantine` (no new VMs; default) or `evacuate` (VMs leave live).
+    #[serde(default)]
+    pub action: crate::ha::health::HealthAction,
+    /// Seconds a host must stay healthy before it is released (default 300).
+    #[serde(default = "default_release_after")]
+    pub release_after_s: f64,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        Self {
+            action: Default::default(),
+            release_after_s: default_release_after(),
+        }
+    }
+}
+
+fn default_release_after() -> f64 {
+    300.0
 }
 
 /// `[[vm]]`.
@@ -270,6 +376,7 @@ pub struct TlsEntry {
 struct RawConfig {
     daemon: DaemonSection,
     libvirt: Option<Spanned<LibvirtSection>>,
+    health: Option<Spanned<HealthSection>>,
     #[serde(default)]
     host: Vec<HostEntry>,
     #[serde(default)]
@@ -287,6 +394,8 @@ pub struct Config {
     pub daemon: DaemonSection,
     /// `[libvirt]`, if given.
     pub libvirt: Option<LibvirtSection>,
+    /// `[health]` (defaults when not given).
+    pub health: HealthSection,
     /// Valid hosts.
     pub hosts: Vec<HostEntry>,
     /// Valid VMs.
@@ -385,6 +494,14 @@ impl Config {
                     );
                     continue;
                 }
+            }
+            if let Some(e) = h.health.iter().find_map(|p| p.build().err()) {
+                problem(
+                    &mut problems,
+                    at,
+                    format!("host {:?}: {e}", h.name.get_ref()),
+                );
+                continue;
             }
             if let (Some(_), Some(l)) = (&h.agent, &h.libvirt) {
                 problem(
@@ -535,10 +652,28 @@ impl Config {
             }
             l
         });
+        let health = raw.health.map_or_else(HealthSection::default, |h| {
+            let at = h.span().start;
+            let mut h = h.into_inner();
+            if !(h.release_after_s.is_finite() && h.release_after_s >= 0.0) {
+                problem(
+                    &mut problems,
+                    at,
+                    format!(
+                        "[health]: release_after_s {} is not a number of seconds; using {}",
+                        h.release_after_s,
+                        default_release_after()
+                    ),
+                );
+                h.release_after_s = default_release_after();
+            }
+            h
+        });
         Ok(Config {
             path: path.to_path_buf(),
             daemon: raw.daemon,
             libvirt,
+            health,
             hosts,
             vms,
             rules,
@@ -597,6 +732,36 @@ mem_mb = 512
             p.to_string()
                 .starts_with("c.toml:27: VM \"b\" names unknown host \"nope\""),
             "{p}"
+        );
+    }
+
+    #[test]
+    fn health_providers_and_section_are_read_and_checked() {
+        let text = format!(
+            "{GOOD}\n[health]\naction = \"evacuate\"\nrelease_after_s = 60\n\n[[host]]\nname = \"h3\"\ncores = 1\ncore_mips = 1\nmem_mb = 1\nhealth = [ {{ provider = \"command\", command = [\"/bin/true\"] }}, {{ provider = \"hwmon\", root = \"/tmp/x\", max_temp_c = 80 }} ]\n\n[[host]]\nname = \"h4\"\ncores = 1\ncore_mips = 1\nmem_mb = 1\nhealth = [ {{ provider = \"hwmon\" }} ]\n"
+        );
+        let c = Config::parse(Path::new("c.toml"), &text).unwrap();
+        assert_eq!(c.health.action, crate::ha::health::HealthAction::Evacuate);
+        assert_eq!(c.health.release_after_s, 60.0);
+        assert_eq!(c.hosts.len(), 3, "h4 is left out: {:?}", c.problems);
+        assert_eq!(c.hosts[2].health.len(), 2);
+        assert_eq!(c.problems.len(), 1);
+        assert!(
+            c.problems[0].message.contains("h4")
+                && c.problems[0].message.contains("max_temp_c or min_fan_rpm"),
+            "{}",
+            c.problems[0]
+        );
+        let d = Config::parse(Path::new("c.toml"), GOOD).unwrap();
+        assert_eq!(d.health.action, crate::ha::health::HealthAction::Quarantine);
+        let bad = format!("{GOOD}\n[health]\naction = \"reboot\"\n");
+        assert!(Config::parse(Path::new("c.toml"), &bad).is_err());
+        let neg = format!("{GOOD}\n[health]\nrelease_after_s = -1\n");
+        let c = Config::parse(Path::new("c.toml"), &neg).unwrap();
+        assert!(
+            c.problems[0].message.contains("release_after_s"),
+            "{:?}",
+            c.problems
         );
     }
 

@@ -71,6 +71,8 @@ pub struct State {
     pub alerts: Vec<String>,
     /// What the last round did.
     pub last_round: RoundReport,
+    /// Each host's hardware health (by index), from its health providers.
+    pub hardware: Vec<crate::ha::health::HardwareHealth>,
 }
 
 /// Whether a host's agent (or libvirt connection) answers.
@@ -167,6 +169,14 @@ pub struct Daemon {
     /// The cluster store, the election and the failover loop (`--etcd`);
     /// `None`: one daemon, nothing shared.
     pub ha: Option<Arc<crate::ha::failover::ClusterHa>>,
+    /// Health providers per host (by index), and what a warning does.
+    health: Arc<HealthChecks>,
+}
+
+/// Each host's health providers (by index) and what a warning does.
+struct HealthChecks {
+    providers: Vec<Vec<Box<dyn crate::ha::health::HealthProvider>>>,
+    config: config::HealthSection,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -191,6 +201,7 @@ impl Daemon {
         #[cfg(feature = "libvirt")]
         let mut libvirt_hosts = std::collections::HashMap::new();
         let mut drivers: Vec<Option<Box<dyn PowerDriver>>> = Vec::new();
+        let mut providers = Vec::new();
         for h in &cfg.hosts {
             let name = h.name.get_ref().clone();
             let mut host = Host::new(&name, h.cores, h.core_mips, h.mem_mb);
@@ -227,6 +238,9 @@ impl Daemon {
             }
             cluster.hosts.push(host);
             drivers.push(driver);
+            // Validated by Config::parse: a provider that fails to build
+            // left its host out already.
+            providers.push(h.health.iter().filter_map(|p| p.build().ok()).collect());
         }
         let mut executor = ClusterExecutor::default();
         let agent_names: Vec<String> = agents.agents.keys().cloned().collect();
@@ -292,12 +306,17 @@ impl Daemon {
                 health: vec![HostHealth::default(); cfg.hosts.len()],
                 alerts: Vec::new(),
                 last_round: RoundReport::default(),
+                hardware: vec![Default::default(); cfg.hosts.len()],
             })),
             executor: Arc::new(executor),
             drivers: Arc::new(drivers),
             metrics: Arc::new(metrics::DaemonMetrics::default()),
             round_lock: Arc::new(tokio::sync::Mutex::new(())),
             ha: None,
+            health: Arc::new(HealthChecks {
+                providers,
+                config: cfg.health.clone(),
+            }),
         }
     }
 
@@ -343,6 +362,7 @@ impl Daemon {
             };
             self.adopt(ha, &me, &running_on);
         }
+        self.check_health(now);
         let (snapshot, plan, plan_error) = {
             let mut st = lock(&self.state);
             st.cluster.now = now;
@@ -397,6 +417,93 @@ impl Daemon {
         };
         lock(&self.state).last_round = report.clone();
         report
+    }
+
+    /// Run every host's health providers and act on what [`step`] decides:
+    /// quarantine or evacuate a degraded host, release one healthy long
+    /// enough. Every decision is logged with the providers' evidence.
+    ///
+    /// [`step`]: crate::ha::health::step
+    fn check_health(&self, now: f64) {
+        use crate::ha::health::{check_all, step, worst, HealthAction, Transition};
+        let (providers, cfg) = (&self.health.providers, &self.health.config);
+        for (h, ps) in providers.iter().enumerate() {
+            if ps.is_empty() {
+                continue;
+            }
+            let readings = check_all(ps);
+            let mut st = lock(&self.state);
+            let name = st.cluster.hosts[h].name.clone();
+            let evidence = readings
+                .iter()
+                .map(|r| format!("{}: {} [{}]", r.provider, r.verdict, r.evidence))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let (next, t) = step(
+                &st.hardware[h].state,
+                worst(&readings),
+                now,
+                cfg.release_after_s,
+            );
+            if next != st.hardware[h].state && t.is_none() {
+                info!(host = %name, state = ?next, %evidence, "host health: still held");
+            }
+            let mut event = None;
+            match t {
+                Some(Transition::Degrade(r)) => {
+                    let host = &mut st.cluster.hosts[h];
+                    let what = match cfg.action {
+                        HealthAction::Quarantine => {
+                            host.quarantined = true;
+                            "quarantined: no new VMs"
+                        }
+                        HealthAction::Evacuate if host.maintenance => {
+                            // An operator's maintenance already empties it.
+                            host.quarantined = true;
+                            "already in maintenance; quarantined too"
+                        }
+                        HealthAction::Evacuate => {
+                            host.maintenance = true;
+                            st.hardware[h].evacuated = true;
+                            "evacuating: its VMs leave live"
+                        }
+                    };
+                    warn!(host = %name, provider = %r.provider, verdict = %r.verdict, %evidence, "host degraded; {what}");
+                    event = Some((
+                        crate::ha::failover::HaEventKind::HostDegraded,
+                        format!(
+                            "{name} {what}: {} says {} [{}]",
+                            r.provider, r.verdict, r.evidence
+                        ),
+                    ));
+                }
+                Some(Transition::Release { healthy_for }) => {
+                    let evacuated = std::mem::take(&mut st.hardware[h].evacuated);
+                    let host = &mut st.cluster.hosts[h];
+                    host.quarantined = false;
+                    if evacuated {
+                        host.maintenance = false;
+                    }
+                    let what = if evacuated {
+                        "released: its VMs may come back"
+                    } else {
+                        "released: VMs may be placed on it"
+                    };
+                    info!(host = %name, healthy_for_s = healthy_for, %evidence, "host healthy; {what}");
+                    event = Some((
+                        crate::ha::failover::HaEventKind::HostReleased,
+                        format!("{name} {what} (healthy for {healthy_for:.0} s) [{evidence}]"),
+                    ));
+                }
+                None => {}
+            }
+            st.hardware[h].state = next;
+            st.hardware[h].readings = readings;
+            drop(st);
+            if let (Some(ha), Some((kind, message))) = (&self.ha, event) {
+                ha.event(kind, None, Some(&name), message);
+            }
+        }
     }
 
     /// Why `host` must not be powered off now, if it must not: a VM failed

@@ -81,6 +81,10 @@ pub enum HaEventKind {
     DecisionResolved,
     /// A migration moved the VM's ownership.
     OwnershipMoved,
+    /// A host's health provider warned: quarantined or evacuated.
+    HostDegraded,
+    /// A degraded host stayed healthy long enough: released.
+    HostReleased,
 }
 
 /// One event.

@@ -1,9 +1,11 @@
 //! High availability on top of the [`crate::store`]: a host's lease kept
 //! alive and the host fenced when it cannot be ([`lease_keeper`]), and
 //! what to restart where after hosts fail, with capacity held back for it
-//! ([`restart`]).
+//! ([`restart`]), and hosts quarantined or evacuated on hardware
+//! warnings ([`health`]).
 
 pub mod election;
 pub mod failover;
+pub mod health;
 pub mod lease_keeper;
 pub mod restart;

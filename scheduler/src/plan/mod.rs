@@ -272,6 +272,7 @@ impl Ledger {
             mem += c.vms[u].mem_mb;
         }
         host.usable()
+            && !host.quarantined
             && self.at[vm] != Some(to)
             && mips <= host.core_mips * (c.vms[vm].cpu_mips / host.core_mips).ceil().max(1.0)
             && self.cpu[to] + cpu <= cpu_cap * host.cpu_mips

@@ -66,4 +66,14 @@ mod tests {
         c.vms.push(Vm::new("new", 100.0, 100));
         assert_eq!(place(&c, 0, 0.9).unwrap(), 2);
     }
+
+    #[test]
+    fn skips_quarantined_hosts() {
+        let mut c = cluster(2);
+        c.vms.push(Vm::new("new", 100.0, 100));
+        c.hosts[0].quarantined = true;
+        assert_eq!(place(&c, 0, 0.9).unwrap(), 1);
+        c.hosts[1].quarantined = true;
+        assert!(matches!(place(&c, 0, 0.9), Err(PlanError::NoHost { .. })));
+    }
 }
