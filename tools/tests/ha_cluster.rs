@@ -86,7 +86,19 @@ impl Rig {
         let Some(bin) = etcd_or_skip(test) else {
             return Ok(None);
         };
-        let etcd = EtcdCluster::start(&bin, tag, 1)?;
+        // Its ports are picked free then bound by etcd: another process may
+        // take one in between; try again with new ones.
+        let mut tries = 0;
+        let etcd = loop {
+            match EtcdCluster::start(&bin, tag, 1) {
+                Ok(e) => break e,
+                Err(e) if tries < 2 => {
+                    eprintln!("etcd did not start ({e:#}); again on other ports");
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         Ok(Some(Self {
             etcd,
             dir: tempfile::Builder::new().prefix("ferry-ha-").tempdir()?,
