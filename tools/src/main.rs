@@ -56,6 +56,27 @@ enum Cmd {
     Agent(agent_cmd::AgentArgs),
     /// The scheduler: simulate policies on traces, or run the daemon.
     Sched(sched_cmd::SchedArgs),
+    /// Print a shell completion script (e.g. `ferry completions bash >
+    /// /usr/share/bash-completion/completions/ferry`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for ferry and every subcommand into a folder.
+    Man {
+        /// The folder (created if missing).
+        dir: std::path::PathBuf,
+    },
+}
+
+/// `ferry man DIR`: one page per command (`ferry.1`, `ferry-sched-daemon.1`, ...).
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    clap_mangen::generate_to(cmd, dir)
+        .with_context(|| format!("cannot write man pages into {}", dir.display()))?;
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -85,6 +106,12 @@ fn main() {
         Cmd::Tls(c) => tunnel_cmd::tls(c),
         Cmd::Sched(a) => sched_cmd::run(a),
         Cmd::Agent(a) => agent_cmd::run(a),
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "ferry", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man { dir } => write_man_pages(&dir),
     };
     if let Err(e) = result {
         // One readable line: the whole chain, outermost first.
