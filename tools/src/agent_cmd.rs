@@ -567,35 +567,16 @@ async fn start_vm(State(a): State<Arc<Agent>>, Json(r): Json<VmRequest>) -> Answ
         .expect("vms lock")
         .get(&r.vm)
         .map(|h| h.vm.clone());
-    if let Some(vm) = held {
+    if let Some(vm) = &held {
         if matches!(vm.run_state(), ferry_vm::RunState::Running) {
             return Err(Refusal::conflict(format!(
                 "VM {} already runs on {}",
                 r.vm, a.host
             )));
         }
-        // A paused copy (fenced, or a migration's source): starting it is
-        // resuming it, memory intact, when this host owns it.
-        let a2 = a.clone();
-        let name = r.vm.clone();
-        let owner = blocking(move || a2.owned_elsewhere(&name))
-            .await
-            .map_err(|e| Refusal::unavailable(ferry_scheduler::daemon::agent::error_chain(&e)))?;
-        if let Some(rec) = owner {
-            return Err(Refusal::conflict(format!(
-                "VM {} belongs to host {} (epoch {})",
-                r.vm, rec.host, rec.epoch
-            )));
-        }
-        vm.resume()
-            .map_err(|e| Refusal::failed(format!("resuming {}: {e}", r.vm)))?;
-        tracing::info!(vm = %r.vm, "paused copy resumed");
-        eprintln!(
-            "ferry agent {}: resumed the paused copy of {}",
-            a.host, r.vm
-        );
-        return done();
     }
+    // Whether booted or, for a paused copy (fenced, or a migration's
+    // source), resumed with its memory intact: only when this host owns it.
     let a2 = a.clone();
     let name = r.vm.clone();
     let owner = blocking(move || a2.owned_elsewhere(&name))
@@ -606,6 +587,16 @@ async fn start_vm(State(a): State<Arc<Agent>>, Json(r): Json<VmRequest>) -> Answ
             "VM {} belongs to host {} (epoch {})",
             r.vm, rec.host, rec.epoch
         )));
+    }
+    if let Some(vm) = held {
+        vm.resume()
+            .map_err(|e| Refusal::failed(format!("resuming {}: {e}", r.vm)))?;
+        tracing::info!(vm = %r.vm, "paused copy resumed");
+        eprintln!(
+            "ferry agent {}: resumed the paused copy of {}",
+            a.host, r.vm
+        );
+        return done();
     }
     blocking(move || a.boot(&r.vm, r.mem_mb, 0.0))
         .await
