@@ -77,3 +77,23 @@ fn dvfs_matches_cloudsim() {
 fn thr_mmt_lands_within_a_few_percent_of_cloudsim() {
     check("20110306", Policy::Mmt(Detector::Thr(0.8)), 0.03, 0.05);
 }
+
+#[test]
+fn ram_bound_reproduces_the_issue_figures() {
+    // Issue 16: 329 hosts on 2011-03-03 and 474 on 2011-03-22, 743 and
+    // 1,060 kWh at the day's mean load over 24 h (the bound itself covers
+    // the simulated span, first to last 300 s tick: 85,800 s).
+    let Some(root) = traces() else { return };
+    let models = PowerModels::load(&root.join("power_models.csv")).unwrap();
+    let hosts = ccpe2012_host_types(&models).unwrap();
+    for (day, want_hosts, want_kwh_24h) in [("20110303", 329, 743.0), ("20110322", 474, 1060.0)] {
+        let vms = load_day(&root.join("planetlab").join(day)).unwrap();
+        let r = simulate_day(day, &vms, &hosts, 800, &Policy::Npa, MemoryModel::Strict).unwrap();
+        assert_eq!(r.bound.hosts, want_hosts, "{day}");
+        let per_day = r.bound.energy_kwh * 86_400.0 / 85_800.0;
+        assert!(
+            (per_day / want_kwh_24h - 1.0).abs() < 0.002,
+            "{day}: {per_day:.1} kWh a day vs {want_kwh_24h}"
+        );
+    }
+}

@@ -231,6 +231,12 @@ struct SimulateArgs {
     /// Hosts in the data centre.
     #[arg(long, default_value_t = 800)]
     hosts: usize,
+    /// Assign the VM types in a shuffled file order (a permutation fixed
+    /// by this seed) instead of the published sorted one, as if the trace
+    /// files were renamed; no reference columns then (the reference ran
+    /// the sorted order).
+    #[arg(long)]
+    shuffle_seed: Option<u64>,
     /// Where to write sched_results.{csv,json,svg}.
     #[arg(long, default_value = "sched-results")]
     out: PathBuf,
@@ -577,6 +583,7 @@ fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     let mut cfg = SimConfig::published(&a.traces);
     cfg.days = a.days;
     cfg.hosts = a.hosts;
+    cfg.shuffle_seed = a.shuffle_seed;
     if !a.policies.is_empty() {
         cfg.policies = a
             .policies
@@ -603,12 +610,14 @@ fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     };
     let out = run_simulate(&opts, |r| {
         eprintln!(
-            "{} {:<12} {:<8} {:8.2} kWh {:6} migrations ({:.1} s)",
+            "{} {:<12} {:<8} {:8.2} kWh {:6} migrations, RAM bound {} hosts {:.2} kWh ({:.1} s)",
             r.day,
             r.policy,
             r.memory.name(),
             r.energy_kwh,
             r.migrations,
+            r.bound.hosts,
+            r.bound.energy_kwh,
             r.wall_seconds
         )
     })

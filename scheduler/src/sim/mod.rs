@@ -3,6 +3,7 @@
 //! time for each policy, under both memory models.
 
 pub mod baseline;
+pub mod bound;
 pub mod datacenter;
 pub mod ferry;
 pub mod report;
@@ -20,9 +21,10 @@ use serde::{Deserialize, Serialize};
 use crate::power::{PowerModelError, PowerModels};
 use crate::trace::{self, Trace, TraceError};
 use baseline::Detector;
+use bound::RamBound;
 use datacenter::Datacenter;
 use ferry::FerryParams;
-use setup::{vm_type_index, HostType, VM_TYPES};
+use setup::{shuffled_order, vm_type_index, HostType, VM_TYPES};
 
 /// Seconds per simulated day.
 pub const DAY_SECONDS: f64 = 86_400.0;
@@ -185,6 +187,9 @@ pub struct SimConfig {
     pub memory: Vec<MemoryModel>,
     /// Hosts (800 in the published setup).
     pub hosts: usize,
+    /// Assign VM types in a shuffled file order ([`shuffled_order`] with
+    /// this seed) instead of the sorted one; `None` = the published order.
+    pub shuffle_seed: Option<u64>,
 }
 
 impl SimConfig {
@@ -196,6 +201,7 @@ impl SimConfig {
             policies: Policy::all(),
             memory: vec![MemoryModel::CloudSim, MemoryModel::Strict],
             hosts: 800,
+            shuffle_seed: None,
         }
     }
 }
@@ -235,6 +241,11 @@ pub struct DayResult {
     pub energy_series_kwh: Vec<f64>,
     /// Wall-clock seconds the run took.
     pub wall_seconds: f64,
+    /// The day's RAM bound (hosts the VMs' memory alone needs, and their
+    /// energy at the day's mean load): the yardstick under `strict`.
+    pub bound: RamBound,
+    /// The seed of the shuffled file order, if the run used one.
+    pub shuffle_seed: Option<u64>,
 }
 
 /// Host types of the published setup from the power model file.
@@ -266,6 +277,14 @@ pub fn simulate_day(
     let started = Instant::now();
     let n = traces.len();
     let vm_types: Vec<_> = (0..n).map(|i| VM_TYPES[vm_type_index(i, n)]).collect();
+    let bound = bound::ram_bound(
+        traces,
+        &vm_types,
+        host_types,
+        FIRST_EVENT,
+        STEP_SECONDS,
+        DAY_SECONDS,
+    );
     let mut dc = Datacenter::new(
         traces,
         host_types.to_vec(),
@@ -301,6 +320,8 @@ pub fn simulate_day(
                 .map(|k| watts * k as f64 * STEP_SECONDS / 3.6e6)
                 .collect(),
             wall_seconds: started.elapsed().as_secs_f64(),
+            bound,
+            shuffle_seed: None,
         });
     }
     match policy {
@@ -356,6 +377,8 @@ pub fn simulate_day(
         active_hosts: active,
         energy_series_kwh: energy,
         wall_seconds: started.elapsed().as_secs_f64(),
+        bound,
+        shuffle_seed: None,
     })
 }
 
@@ -384,10 +407,15 @@ pub fn simulate(
     };
     let mut out = Vec::new();
     for day in &days {
-        let traces = trace::load_day(&root.join(day))?;
+        let mut traces = trace::load_day(&root.join(day))?;
+        if let Some(seed) = cfg.shuffle_seed {
+            let order = shuffled_order(traces.len(), seed);
+            traces = order.into_iter().map(|i| traces[i].clone()).collect();
+        }
         for memory in &cfg.memory {
             for policy in &cfg.policies {
-                let r = simulate_day(day, &traces, &host_types, cfg.hosts, policy, *memory)?;
+                let mut r = simulate_day(day, &traces, &host_types, cfg.hosts, policy, *memory)?;
+                r.shuffle_seed = cfg.shuffle_seed;
                 progress(&r);
                 out.push(r);
             }

@@ -57,6 +57,14 @@ pub struct Summary {
     pub esv: f64,
     /// Median of mean active hosts.
     pub mean_active_hosts: f64,
+    /// Median RAM bound energy (kWh) of the days.
+    pub bound_kwh: f64,
+    /// Median RAM bound hosts of the days.
+    pub bound_hosts: f64,
+    /// Median over days of energy / RAM bound energy - 1.
+    pub over_bound: f64,
+    /// The worst day's energy / RAM bound energy - 1.
+    pub max_over_bound: f64,
     /// Reference medians over the same days (sorted-file CloudSim runs), if any.
     pub reference: Option<RefSummary>,
 }
@@ -140,10 +148,23 @@ pub fn summarize(results: &[DayResult], refs: &[ReferenceRow]) -> Vec<Summary> {
                 slav: m(|r| r.slav),
                 esv: m(|r| r.esv),
                 mean_active_hosts: m(|r| r.mean_active_hosts),
+                bound_kwh: m(|r| r.bound.energy_kwh),
+                bound_hosts: m(|r| r.bound.hosts as f64),
+                over_bound: m(over_bound),
+                max_over_bound: g.iter().map(|r| over_bound(r)).fold(f64::NAN, f64::max),
                 reference,
             }
         })
         .collect()
+}
+
+/// Energy over the RAM bound's energy, minus 1 (NaN without a bound).
+fn over_bound(r: &DayResult) -> f64 {
+    if r.bound.energy_kwh > 0.0 {
+        r.energy_kwh / r.bound.energy_kwh - 1.0
+    } else {
+        f64::NAN
+    }
 }
 
 fn pct(ours: f64, theirs: f64) -> String {
@@ -153,19 +174,22 @@ fn pct(ours: f64, theirs: f64) -> String {
     format!("{:+.1}%", (ours / theirs - 1.0) * 100.0)
 }
 
-/// The terminal table (medians over days; reference and deviation where known).
+/// The terminal table (medians over days; the RAM bound, its hosts and how
+/// far above it the median and the worst day are; reference and deviation
+/// where known).
 pub fn table(summaries: &[Summary]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<8} {:<12} {:>4} {:>9} {:>8} {:>7} {:>7} {:>9} {:>9} {:>7} | {:>9} {:>8} {:>9} {:>7} {:>7} {:>7}",
+        "{:<8} {:<12} {:>4} {:>9} {:>8} {:>7} {:>7} {:>9} {:>9} {:>7} {:>9} {:>6} {:>7} {:>7} | {:>9} {:>8} {:>9} {:>7} {:>7} {:>7}",
         "memory", "policy", "days", "kWh", "migr", "SLATAH", "PDM", "SLAV", "ESV", "hosts",
+        "bound kWh", "bnd h", "d bnd", "max bnd",
         "ref kWh", "ref migr", "ref SLAV", "d kWh", "d migr", "d SLAV"
     );
     for r in summaries {
         let _ = write!(
             s,
-            "{:<8} {:<12} {:>4} {:>9.2} {:>8.0} {:>6.2}% {:>6.3}% {:>9.3e} {:>9.3e} {:>7.1}",
+            "{:<8} {:<12} {:>4} {:>9.2} {:>8.0} {:>6.2}% {:>6.3}% {:>9.3e} {:>9.3e} {:>7.1} {:>9.2} {:>6.0} {:>6.1}% {:>6.1}%",
             r.memory.name(),
             r.policy,
             r.days,
@@ -175,7 +199,11 @@ pub fn table(summaries: &[Summary]) -> String {
             r.pdm * 100.0,
             r.slav,
             r.esv,
-            r.mean_active_hosts
+            r.mean_active_hosts,
+            r.bound_kwh,
+            r.bound_hosts,
+            r.over_bound * 100.0,
+            r.max_over_bound * 100.0
         );
         if let Some(x) = &r.reference {
             let _ = write!(
@@ -197,7 +225,7 @@ pub fn table(summaries: &[Summary]) -> String {
 /// Per-run CSV (one row per day x policy x memory model).
 pub fn csv(results: &[DayResult], refs: &[ReferenceRow]) -> String {
     let mut s = String::from(
-        "day,policy,memory,vms,hosts,energy_kwh,migrations,slatah,pdm,slav,esv,host_shutdowns,mean_active_hosts,wall_seconds,ref_energy_kwh,ref_migrations,ref_slav\n",
+        "day,policy,memory,vms,hosts,energy_kwh,migrations,slatah,pdm,slav,esv,host_shutdowns,mean_active_hosts,wall_seconds,ref_energy_kwh,ref_migrations,ref_slav,bound_hosts,bound_kwh,over_bound,shuffle_seed\n",
     );
     for r in results {
         let rf = (r.memory == MemoryModel::CloudSim)
@@ -205,7 +233,7 @@ pub fn csv(results: &[DayResult], refs: &[ReferenceRow]) -> String {
             .flatten();
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{:.2},{},{:.4},{:.5},{:.3e},{:.3e},{},{:.1},{:.2},{},{},{}",
+            "{},{},{},{},{},{:.2},{},{:.4},{:.5},{:.3e},{:.3e},{},{:.1},{:.2},{},{},{},{},{:.2},{:.4},{}",
             r.day,
             r.policy,
             r.memory.name(),
@@ -224,6 +252,10 @@ pub fn csv(results: &[DayResult], refs: &[ReferenceRow]) -> String {
                 .unwrap_or_default(),
             rf.map(|x| x.migrations.to_string()).unwrap_or_default(),
             rf.map(|x| format!("{:.3e}", x.slav)).unwrap_or_default(),
+            r.bound.hosts,
+            r.bound.energy_kwh,
+            over_bound(r),
+            r.shuffle_seed.map(|x| x.to_string()).unwrap_or_default(),
         );
     }
     s

@@ -60,7 +60,9 @@ pub fn run_simulate(
     progress: impl FnMut(&DayResult),
 ) -> Result<SimulateOutput, SimulateError> {
     let ref_path = opts.config.traces.join("planetlab_cloudsim303_results.csv");
-    let refs = if ref_path.exists() {
+    // The reference ran the sorted order: a shuffled run has nothing to
+    // compare with there.
+    let refs = if ref_path.exists() && opts.config.shuffle_seed.is_none() {
         reference::load(&ref_path)?
     } else {
         Vec::new()

@@ -157,3 +157,40 @@ fn policy_names_round_trip() {
     };
     assert_eq!((p.target, p.max_migrations_per_host), (0.7, 1));
 }
+
+#[test]
+fn shuffle_seed_changes_which_file_gets_which_type() {
+    // Four files, one busy (100 %) and three idle-ish (1 %), sorted as
+    // a, b, c, d: sorted order gives the busy file `a` type 0 (2500 MIPS);
+    // a shuffle that moves `a` elsewhere gives it a smaller type, so the
+    // day's demand and the RAM bound's mean load change with it.
+    let dir = tempfile::tempdir().unwrap();
+    let day = dir.path().join("planetlab/20990101");
+    std::fs::create_dir_all(&day).unwrap();
+    for (name, pct) in [("a", 100u8), ("b", 1), ("c", 1), ("d", 1)] {
+        let text: String = (0..SAMPLES_PER_DAY).map(|_| format!("{pct}\n")).collect();
+        std::fs::write(day.join(name), text).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("power_models.csv"),
+        "host_model,cpu,sockets,cores_total,mhz,ram_gb_spec,used_in_beloglazov_ccpe2012,spec_power_ssj2008_result,w_0,w_10,w_20,w_30,w_40,w_50,w_60,w_70,w_80,w_90,w_100\n\
+         HP ProLiant ML110 G4,Xeon 3040,1,2,1860,4,yes,x,86,89.4,92.6,96,99.5,102,106,108,112,114,117\n\
+         HP ProLiant ML110 G5,Xeon 3075,1,2,2660,4,yes,x,93.7,97,101,105,110,116,121,125,129,133,135\n",
+    )
+    .unwrap();
+    let mut cfg = SimConfig::published(dir.path());
+    cfg.policies = vec![Policy::Dvfs];
+    cfg.memory = vec![MemoryModel::Strict];
+    cfg.hosts = 4;
+    let sorted = simulate(&cfg, |_| {}).unwrap();
+    // Seed 7 on 4 files: the busy file becomes VM 2 (1000 MIPS).
+    assert_eq!(setup::shuffled_order(4, 7), [2, 3, 0, 1]);
+    cfg.shuffle_seed = Some(7);
+    let shuffled = simulate(&cfg, |_| {}).unwrap();
+    assert_eq!(sorted[0].shuffle_seed, None);
+    assert_eq!(shuffled[0].shuffle_seed, Some(7));
+    // Sorted: 2500 + 3 x ~1 % of the others' MIPS.
+    assert!(sorted[0].bound.mean_load_mips > 2500.0);
+    assert!(shuffled[0].bound.mean_load_mips < 1100.0);
+    assert!(shuffled[0].energy_kwh < sorted[0].energy_kwh);
+}
