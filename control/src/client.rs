@@ -392,6 +392,7 @@ mod tests {
             xor_cache_bytes: None,
             compress: None,
             on_deadline: None,
+            converge: None,
         };
         let got = migrate(&path, req, |e| seen.push(e.clone())).unwrap();
         t.join().unwrap();

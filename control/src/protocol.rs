@@ -187,6 +187,13 @@ pub struct MigrateRequest {
     /// anyway; the summary says by how much the limit was exceeded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_deadline: Option<ferry_engine::OnDeadline>,
+    /// How to slow down a guest whose rounds stop shrinking:
+    /// `auto-converge` (every vCPU alike), `dirty-limit` (only the vCPUs
+    /// dirtying fastest; needs the KVM dirty ring) or `auto` (default: the
+    /// engine picks dirty-limit when it can and the guest has several
+    /// vCPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converge: Option<ferry_engine::ConvergeMode>,
 }
 
 /// The limits of a migration: set when it starts, changed by `set` while
@@ -340,8 +347,15 @@ pub enum Event {
         duration_ms: f64,
         /// Pages dirty now: the next round's work.
         dirty_pages: u64,
-        /// Throttle in force during the round, percent.
+        /// Throttle in force during the round, percent (dirty-limit: the
+        /// highest vCPU's).
         throttle_percent: u8,
+        /// Dirty-limit: each vCPU's throttle during the round, percent.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        vcpu_throttles: Vec<u8>,
+        /// Pages each vCPU dirtied during the round (dirty ring only).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        vcpu_dirty_pages: Vec<u64>,
         /// The convergence figures and decision.
         assessment: Assessment,
         /// The encoding choice in force at the end of the round and the
@@ -389,6 +403,10 @@ pub fn decision_words(d: &Decision) -> String {
         Decision::StopAndCopy => "stop and copy".into(),
         Decision::Continue => "another round".into(),
         Decision::Throttle { percent } => format!("another round, guest throttled {percent} %"),
+        Decision::LimitVcpus { vcpus, max_percent } => format!(
+            "another round, dirty-limit slowed {vcpus} vCPU{} (up to {max_percent} %)",
+            if *vcpus == 1 { "" } else { "s" }
+        ),
         Decision::GiveUp => "give up (deadline)".into(),
     }
 }
@@ -492,8 +510,18 @@ pub struct Summary {
     pub throughput_bytes_per_sec: f64,
     /// Wire bytes / total time, bytes/s.
     pub wire_bytes_per_sec: f64,
-    /// Highest auto-converge throttle, percent.
+    /// Highest throttle (auto-converge, or dirty-limit's highest vCPU),
+    /// percent.
     pub max_throttle_percent: u8,
+    /// How the guest was slowed down: `auto-converge` or `dirty-limit`.
+    #[serde(default)]
+    pub converge: String,
+    /// Highest throttle each vCPU had, percent (index = vCPU).
+    #[serde(default)]
+    pub vcpu_max_throttle_percent: Vec<u8>,
+    /// Pages each vCPU dirtied over the live rounds (dirty ring only).
+    #[serde(default)]
+    pub vcpu_dirty_pages: Vec<u64>,
     /// The memory digest both sides agreed on (a string: 64 bits).
     #[serde(with = "u64_string")]
     pub memory_digest: u64,
@@ -605,6 +633,9 @@ impl From<&ferry_engine::MigrationSummary> for Summary {
             throughput_bytes_per_sec: s.throughput_bytes_per_sec,
             wire_bytes_per_sec: s.wire_bytes_per_sec,
             max_throttle_percent: s.max_throttle_percent,
+            converge: s.converge.as_str().to_owned(),
+            vcpu_max_throttle_percent: s.vcpu_max_throttle_percent.clone(),
+            vcpu_dirty_pages: s.vcpu_dirty_pages.clone(),
             memory_digest: s.memory_digest,
             region_digests: s.region_digests.iter().map(Into::into).collect(),
             dirty_log: s.dirty_log.to_owned(),
@@ -666,6 +697,8 @@ impl Event {
                 duration,
                 dirty_pages,
                 throttle_percent,
+                vcpu_throttles,
+                vcpu_dirty_pages,
                 assessment,
                 encoding,
             } => Event::RoundFinished {
@@ -676,6 +709,8 @@ impl Event {
                 duration_ms: ms(*duration),
                 dirty_pages: *dirty_pages,
                 throttle_percent: *throttle_percent,
+                vcpu_throttles: vcpu_throttles.clone(),
+                vcpu_dirty_pages: vcpu_dirty_pages.clone(),
                 assessment: Assessment {
                     dirty_rate_pages_per_sec: assessment.dirty_rate_pages_per_sec,
                     bandwidth_bytes_per_sec: assessment.bandwidth_bytes_per_sec,

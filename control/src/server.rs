@@ -229,6 +229,9 @@ impl MigrateRequest {
         if let Some(d) = self.on_deadline {
             o.convergence.on_deadline = d;
         }
+        if let Some(c) = self.converge {
+            o.convergence.converge = c;
+        }
         if let Some(l) = self.lanes {
             if !(1..=MAX_LANES).contains(&l) {
                 return Err(ControlError::bad_request(format!(
@@ -298,8 +301,12 @@ impl Tracked {
                 r.bandwidth_bytes_per_sec = assessment.bandwidth_bytes_per_sec;
                 r.expected_downtime_ms = assessment.expected_downtime_ms;
                 r.decision = Some(decision_words(&assessment.decision));
-                if let ferry_engine::Decision::Throttle { percent } = assessment.decision {
-                    r.throttle_percent = percent;
+                match assessment.decision {
+                    ferry_engine::Decision::Throttle { percent } => r.throttle_percent = percent,
+                    ferry_engine::Decision::LimitVcpus { max_percent, .. } => {
+                        r.throttle_percent = max_percent
+                    }
+                    _ => {}
                 }
             }
             Event::StopAndCopy { dirty_pages } => {

@@ -159,6 +159,10 @@ struct RingState {
     /// Pages harvested by [`RingFullHandler`] not yet handed to `collect`.
     pending: DirtyBitmap,
     pending_reported: usize,
+    /// Entries harvested from each vCPU's ring (index = vCPU) since the
+    /// last [`DirtyLog::take_vcpu_dirty_counts`]: which vCPU dirties how
+    /// fast, for dirty-limit.
+    vcpu_entries: Vec<u64>,
 }
 
 impl RingState {
@@ -167,7 +171,8 @@ impl RingState {
         let slots = &self.slots;
         let mut unknown = None;
         let mut n = 0;
-        for ring in &mut self.rings {
+        for (ring, count) in self.rings.iter_mut().zip(&mut self.vcpu_entries) {
+            let before = n;
             n += ring.harvest(|slot, offset| {
                 let page = slots
                     .iter()
@@ -179,6 +184,7 @@ impl RingState {
                     None => unknown = unknown.or(Some((slot, offset))),
                 }
             });
+            *count += (n - before) as u64;
         }
         (n, unknown)
     }
@@ -257,6 +263,7 @@ impl KvmDirtyRing {
             .enumerate()
             .map(|(i, v)| MappedRing::map(v, ring_bytes as usize, i))
             .collect::<Result<Vec<_>, _>>()?;
+        let vcpu_entries = vec![0; rings.len()];
         Ok(Self {
             vm,
             state: Arc::new(Mutex::new(RingState {
@@ -264,6 +271,7 @@ impl KvmDirtyRing {
                 slots,
                 pending: DirtyBitmap::new(pages),
                 pending_reported: 0,
+                vcpu_entries,
             })),
             pages,
             started: false,
@@ -297,6 +305,7 @@ impl DirtyLog for KvmDirtyRing {
         reset_rings(&self.vm)?;
         state.pending.clear();
         state.pending_reported = 0;
+        state.vcpu_entries.fill(0);
         self.started = true;
         unknown.map_or(Ok(()), |u| Err(unknown_entry(u)))
     }
@@ -333,6 +342,17 @@ impl DirtyLog for KvmDirtyRing {
 
     fn reprotect(&mut self, _first_page: usize, _words: &[u64]) -> Result<(), DirtyLogError> {
         Ok(())
+    }
+
+    /// Entries each vCPU's ring gave up since the last call (collects and
+    /// ring-full harvests alike), in the order of the `vcpus` given to
+    /// [`KvmDirtyRing::new`]. A page written by two vCPUs counts for the
+    /// one whose write KVM logged; one rewritten after a reset counts again.
+    fn take_vcpu_dirty_counts(&mut self) -> Option<Vec<u64>> {
+        let mut guard = lock(&self.state);
+        let counts = guard.vcpu_entries.clone();
+        guard.vcpu_entries.fill(0);
+        Some(counts)
     }
 
     fn stop(&mut self) -> Result<(), DirtyLogError> {

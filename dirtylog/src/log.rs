@@ -122,6 +122,15 @@ pub trait DirtyLog: Send {
     /// (`first_page` a multiple of 64). A no-op for backends that re-protect
     /// in `collect`.
     fn reprotect(&mut self, first_page: usize, words: &[u64]) -> Result<(), DirtyLogError>;
+    /// Pages each vCPU dirtied since the last call (or `start`), index =
+    /// vCPU, for backends that know which vCPU wrote a page (the KVM dirty
+    /// ring: one ring per vCPU); `None` for those that do not. Counts may
+    /// include a page twice, like [`CollectStats::reported`]. Dirty-limit
+    /// convergence reads them after each round's `collect` to slow down
+    /// only the vCPUs that dirty fastest.
+    fn take_vcpu_dirty_counts(&mut self) -> Option<Vec<u64>> {
+        None
+    }
     /// Stops tracking and releases what `start` set up.
     fn stop(&mut self) -> Result<(), DirtyLogError>;
 }
@@ -145,6 +154,9 @@ impl<T: DirtyLog + ?Sized> DirtyLog for Box<T> {
     }
     fn reprotect(&mut self, first_page: usize, words: &[u64]) -> Result<(), DirtyLogError> {
         (**self).reprotect(first_page, words)
+    }
+    fn take_vcpu_dirty_counts(&mut self) -> Option<Vec<u64>> {
+        (**self).take_vcpu_dirty_counts()
     }
     fn stop(&mut self) -> Result<(), DirtyLogError> {
         (**self).stop()

@@ -191,6 +191,11 @@ impl<B: DirtyLog, S: VmmWriteSource> DirtyLog for WithVmmWrites<B, S> {
         self.inner.reprotect(first_page, words)
     }
 
+    /// The inner log's counts: the VMM's own writes belong to no vCPU.
+    fn take_vcpu_dirty_counts(&mut self) -> Option<Vec<u64>> {
+        self.inner.take_vcpu_dirty_counts()
+    }
+
     fn stop(&mut self) -> Result<(), DirtyLogError> {
         self.inner.stop()
     }

@@ -149,6 +149,31 @@ fn racing_writes_are_never_lost(mut s: Subject) {
     }
 }
 
+/// A backend that counts pages per vCPU (the dirty ring: the test guest
+/// has one vCPU, which does every write) accounts for every page it
+/// reported, and a second take finds nothing new; the others say `None`.
+fn vcpu_counts_account_for_the_reported_pages(mut s: Subject) {
+    let pages = known_pages();
+    s.log.start().expect("start");
+    s.work.write(&pages, 0x2222).expect("write");
+    let mut out = DirtyBitmap::new(s.log.pages());
+    let stats = s.log.collect(&mut out, Reprotect::Now).expect("collect");
+    let counts = s.log.take_vcpu_dirty_counts();
+    if s.log.name() != "kvm-ring" {
+        assert_eq!(counts, None, "{}", s.log.name());
+        return;
+    }
+    let counts = counts.expect("the dirty ring counts per vCPU");
+    assert_eq!(counts.len(), 1, "one vCPU, one count: {counts:?}");
+    assert!(
+        counts[0] >= pages.len() as u64,
+        "{counts:?} for {} pages",
+        pages.len()
+    );
+    assert_eq!(counts[0], stats.reported as u64, "{stats:?}");
+    assert_eq!(s.log.take_vcpu_dirty_counts(), Some(vec![0]));
+}
+
 /// Misuse is refused with a clear error, nothing changed.
 fn misuse_is_refused(mut s: Subject) {
     let mut out = DirtyBitmap::new(s.log.pages());
@@ -209,6 +234,7 @@ macro_rules! suite {
 
 suite!(
     reports_the_written_pages,
+    vcpu_counts_account_for_the_reported_pages,
     write_after_collect_is_caught_next_round,
     deferred_reprotect_rearms_the_chunks,
     never_still_reports,

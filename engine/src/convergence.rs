@@ -4,6 +4,14 @@
 //! to do next, given what the round measured. The whole policy is the one
 //! function [`decide`]; the controller only keeps the state it needs across
 //! rounds (best bandwidth seen, the previous dirty set, the throttle).
+//!
+//! When rounds stop shrinking the guest is slowed down one of two ways
+//! ([`ConvergeMode`]): **auto-converge** takes the same share of time from
+//! every vCPU; **dirty-limit** (like QEMU's `dirty-limit` capability) uses
+//! the dirty log's per-vCPU counts (the KVM dirty ring) and slows down only
+//! the vCPUs dirtying faster than a per-vCPU limit, each towards that limit
+//! ([`plan_dirty_limit`]), so a vCPU that dirties little keeps running at
+//! full speed.
 
 use std::time::Duration;
 
@@ -19,6 +27,64 @@ pub const MIN_BYTES_FOR_BANDWIDTH: u64 = 1 << 20;
 /// previous round's dirty pages.
 pub const SHRINK_PERCENT: u64 = 90;
 
+/// How a guest whose rounds stop shrinking is slowed down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConvergeMode {
+    /// The controller picks: dirty-limit when the VM has more than one
+    /// vCPU and its dirty log counts pages per vCPU, else auto-converge.
+    #[default]
+    Auto,
+    /// Every vCPU loses the same share of its time.
+    AutoConverge,
+    /// Only the vCPUs dirtying faster than the per-vCPU limit are slowed
+    /// down, each towards the limit. Needs per-vCPU dirty counts (the KVM
+    /// dirty ring).
+    DirtyLimit,
+}
+
+impl ConvergeMode {
+    /// The mode in force for a VM of `vcpus` whose dirty log does
+    /// (`per_vcpu_counts`) or does not count pages per vCPU; `None` when
+    /// dirty-limit was asked for and cannot work.
+    pub fn resolve(self, vcpus: usize, per_vcpu_counts: bool) -> Option<Self> {
+        match self {
+            Self::Auto if vcpus > 1 && per_vcpu_counts => Some(Self::DirtyLimit),
+            Self::Auto | Self::AutoConverge => Some(Self::AutoConverge),
+            Self::DirtyLimit => per_vcpu_counts.then_some(Self::DirtyLimit),
+        }
+    }
+
+    /// The name on the command line and in summaries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::AutoConverge => "auto-converge",
+            Self::DirtyLimit => "dirty-limit",
+        }
+    }
+}
+
+impl std::fmt::Display for ConvergeMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ConvergeMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "auto-converge" => Ok(Self::AutoConverge),
+            "dirty-limit" => Ok(Self::DirtyLimit),
+            _ => Err(format!(
+                "`{s}`: want `auto-converge`, `dirty-limit` or `auto`"
+            )),
+        }
+    }
+}
+
 /// The knobs of convergence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ConvergencePolicy {
@@ -33,8 +99,15 @@ pub struct ConvergencePolicy {
     /// Give up (guest keeps running on the source) once the migration has
     /// run this long without converging. `None`: never give up.
     pub deadline: Option<Duration>,
-    /// Throttle the vCPUs when rounds stop shrinking.
+    /// Throttle the vCPUs when rounds stop shrinking (the way `converge`
+    /// says); off: never throttle.
     pub auto_converge: bool,
+    /// How to throttle: the whole guest or only the fastest-dirtying vCPUs.
+    pub converge: ConvergeMode,
+    /// Dirty-limit: the dirty rate each vCPU is slowed down towards, pages
+    /// per second. `None`: half the link's bandwidth estimate (in full
+    /// pages) shared evenly among the vCPUs.
+    pub vcpu_dirty_limit: Option<u64>,
     /// First throttle step, percent of vCPU time taken away.
     pub throttle_initial: u8,
     /// Added per further step.
@@ -69,6 +142,8 @@ impl Default for ConvergencePolicy {
             settle_downtime: Duration::from_millis(1),
             deadline: Some(Duration::from_secs(300)),
             auto_converge: true,
+            converge: ConvergeMode::Auto,
+            vcpu_dirty_limit: None,
             throttle_initial: 20,
             throttle_step: 10,
             throttle_max: 99,
@@ -104,6 +179,15 @@ pub enum Decision {
     Throttle {
         /// Share of vCPU time taken away.
         percent: u8,
+    },
+    /// Dirty-limit: run another round with the vCPUs that dirty fastest
+    /// throttled more (each vCPU's throttle:
+    /// [`ConvergenceController::vcpu_throttles`]).
+    LimitVcpus {
+        /// vCPUs whose throttle went up.
+        vcpus: u32,
+        /// The highest per-vCPU throttle now, percent.
+        max_percent: u8,
     },
     /// Stop migrating; the guest keeps running on the source.
     GiveUp,
@@ -222,11 +306,68 @@ pub fn decide(
     }
 }
 
+/// Dirty-limit's per-vCPU step, when [`decide`] asked for more throttle:
+/// each vCPU whose dirty rate in the round (`dirty_pages[i]` over
+/// `duration`) is above `limit` pages/s gets the throttle that brings it
+/// to the limit, assuming its rate scales with the share of time it runs
+/// (rate / (1 − throttle) unthrottled), and at least one policy step more
+/// than it had (a working set smaller than the rate understates it),
+/// capped at `throttle_max`. vCPUs at or below the limit keep theirs. When
+/// none is above the limit yet the rounds do not shrink, the fastest one
+/// (ties: the lowest index) takes the step. Returns the new throttles.
+pub fn plan_dirty_limit(
+    policy: &ConvergencePolicy,
+    current: &[u8],
+    dirty_pages: &[u64],
+    duration: Duration,
+    limit: f64,
+) -> Vec<u8> {
+    let secs = duration.as_secs_f64().max(1e-6);
+    let step = |cur: u8| {
+        if cur == 0 {
+            policy.throttle_initial
+        } else {
+            cur.saturating_add(policy.throttle_step)
+        }
+    };
+    let towards = |cur: u8, rate: f64| -> u8 {
+        let running = f64::from(100 - cur.min(99)) / 100.0;
+        let unthrottled = rate / running;
+        let wanted = (100.0 * (1.0 - limit / unthrottled))
+            .ceil()
+            .clamp(0.0, 99.0) as u8;
+        wanted.max(step(cur)).min(policy.throttle_max)
+    };
+    let mut next: Vec<u8> = current.to_vec();
+    next.resize(dirty_pages.len().max(current.len()), 0);
+    let mut any = false;
+    for (i, &pages) in dirty_pages.iter().enumerate() {
+        let rate = pages as f64 / secs;
+        if rate > limit && next[i] < policy.throttle_max {
+            next[i] = towards(next[i], rate);
+            any = true;
+        }
+    }
+    if !any {
+        let fastest = dirty_pages
+            .iter()
+            .enumerate()
+            .filter(|&(i, &p)| p > 0 && next[i] < policy.throttle_max)
+            .max_by_key(|&(i, &p)| (p, std::cmp::Reverse(i)));
+        if let Some((i, _)) = fastest {
+            next[i] = step(next[i]).min(policy.throttle_max);
+        }
+    }
+    next
+}
+
 /// Keeps [`ControllerState`] across rounds and applies [`decide`].
 #[derive(Debug, Clone)]
 pub struct ConvergenceController {
     policy: ConvergencePolicy,
     state: ControllerState,
+    /// Dirty-limit in force: each vCPU's throttle (empty: auto-converge).
+    vcpu_throttles: Vec<u8>,
 }
 
 impl ConvergenceController {
@@ -235,7 +376,30 @@ impl ConvergenceController {
         Self {
             policy,
             state: ControllerState::default(),
+            vcpu_throttles: Vec::new(),
         }
+    }
+
+    /// Throttle with dirty-limit from now on, over `vcpus` vCPUs (all
+    /// unthrottled).
+    pub fn use_dirty_limit(&mut self, vcpus: usize) {
+        self.vcpu_throttles = vec![0; vcpus.max(1)];
+    }
+
+    /// The mode in force: dirty-limit once [`Self::use_dirty_limit`] was
+    /// called, else auto-converge.
+    pub fn mode(&self) -> ConvergeMode {
+        if self.vcpu_throttles.is_empty() {
+            ConvergeMode::AutoConverge
+        } else {
+            ConvergeMode::DirtyLimit
+        }
+    }
+
+    /// Dirty-limit: each vCPU's throttle in force, percent (empty with
+    /// auto-converge).
+    pub fn vcpu_throttles(&self) -> &[u8] {
+        &self.vcpu_throttles
     }
 
     /// The policy in force.
@@ -249,18 +413,61 @@ impl ConvergenceController {
         self.policy = policy;
     }
 
-    /// The current throttle, percent.
+    /// The current throttle, percent (dirty-limit: the highest vCPU's).
     pub fn throttle(&self) -> u8 {
         self.state.throttle
     }
 
+    /// The per-vCPU dirty rate dirty-limit aims at, pages/s, given the
+    /// bandwidth estimate.
+    pub fn vcpu_dirty_limit(&self, bandwidth_bytes_per_sec: f64) -> f64 {
+        match self.policy.vcpu_dirty_limit {
+            Some(l) => l as f64,
+            None => {
+                let page = (PAGE_SIZE + crate::encode::batch::ENTRY_BYTES) as f64;
+                bandwidth_bytes_per_sec / page / 2.0 / self.vcpu_throttles.len().max(1) as f64
+            }
+        }
+    }
+
     /// Decide after a round, and remember what the next decision needs.
-    pub fn assess(&mut self, round: &RoundMeasurement) -> Assessment {
-        let assessment = decide(&self.policy, &self.state, round);
+    /// `vcpu_dirty_pages`: pages each vCPU dirtied during the round, when
+    /// the dirty log counts them (dirty-limit needs them; with none, a
+    /// dirty-limit step becomes a whole-guest throttle step).
+    pub fn assess(&mut self, round: &RoundMeasurement, vcpu_dirty_pages: &[u64]) -> Assessment {
+        let mut assessment = decide(&self.policy, &self.state, round);
         self.state.bandwidth = assessment.bandwidth_bytes_per_sec;
         self.state.previous_dirty_pages = Some(round.dirty_pages);
         if let Decision::Throttle { percent } = assessment.decision {
-            self.state.throttle = percent;
+            if self.vcpu_throttles.is_empty() || vcpu_dirty_pages.is_empty() {
+                self.state.throttle = percent;
+                self.vcpu_throttles.iter_mut().for_each(|t| *t = percent);
+            } else {
+                let limit = self.vcpu_dirty_limit(assessment.bandwidth_bytes_per_sec);
+                let next = plan_dirty_limit(
+                    &self.policy,
+                    &self.vcpu_throttles,
+                    vcpu_dirty_pages,
+                    round.duration,
+                    limit,
+                );
+                let raised = next
+                    .iter()
+                    .zip(self.vcpu_throttles.iter().chain(std::iter::repeat(&0)))
+                    .filter(|(n, c)| n > c)
+                    .count();
+                self.vcpu_throttles = next;
+                let max_percent = self.vcpu_throttles.iter().copied().max().unwrap_or(0);
+                self.state.throttle = max_percent;
+                assessment.decision = if raised == 0 {
+                    Decision::Continue
+                } else {
+                    Decision::LimitVcpus {
+                        vcpus: u32::try_from(raised).unwrap_or(u32::MAX),
+                        max_percent,
+                    }
+                };
+            }
         }
         assessment
     }
@@ -479,23 +686,99 @@ mod tests {
         let mut c = ConvergenceController::new(ConvergencePolicy::default());
         let stuck = round(100, 20_000, 82_140_000, 20_000, 1000);
         assert_eq!(
-            c.assess(&stuck).decision,
+            c.assess(&stuck, &[]).decision,
             Decision::Continue,
             "round 0 has nothing to compare with"
         );
         assert_eq!(
-            c.assess(&stuck).decision,
+            c.assess(&stuck, &[]).decision,
             Decision::Throttle { percent: 20 }
         );
         assert_eq!(
-            c.assess(&stuck).decision,
+            c.assess(&stuck, &[]).decision,
             Decision::Throttle { percent: 30 }
         );
         assert_eq!(c.throttle(), 30);
     }
 
     #[test]
+    fn dirty_limit_slows_only_the_vcpus_above_the_limit() {
+        let policy = ConvergencePolicy::default();
+        // 1 s round, limit 1000 pages/s: vCPU 0 dirties 10 000/s
+        // (unthrottled), vCPU 1 500/s, vCPU 2 nothing.
+        let next = plan_dirty_limit(&policy, &[0, 0, 0], &[10_000, 500, 0], MS(1000), 1000.0);
+        assert_eq!(next, vec![90, 0, 0]);
+        // Already at 50 % and still 2000/s: unthrottled ~4000/s, so 75 %.
+        let next = plan_dirty_limit(&policy, &[50, 0], &[2000, 10], MS(1000), 1000.0);
+        assert_eq!(next, vec![75, 0]);
+        // Just above the limit: at least one policy step.
+        let next = plan_dirty_limit(&policy, &[0, 0], &[1100, 0], MS(1000), 1000.0);
+        assert_eq!(next, vec![policy.throttle_initial, 0]);
+        // Capped at the maximum.
+        let capped = ConvergencePolicy {
+            throttle_max: 80,
+            ..policy
+        };
+        let next = plan_dirty_limit(&capped, &[0], &[1_000_000], MS(1000), 1000.0);
+        assert_eq!(next, vec![80]);
+    }
+
+    #[test]
+    fn with_every_vcpu_under_the_limit_the_fastest_takes_a_step() {
+        let policy = ConvergencePolicy::default();
+        let next = plan_dirty_limit(&policy, &[0, 0, 0], &[300, 900, 900], MS(1000), 1000.0);
+        assert_eq!(next, vec![0, 20, 0]);
+        // Nobody dirtying: nobody to slow down.
+        let next = plan_dirty_limit(&policy, &[0, 0], &[0, 0], MS(1000), 1000.0);
+        assert_eq!(next, vec![0, 0]);
+    }
+
+    #[test]
+    fn the_controller_in_dirty_limit_throttles_the_dirtying_vcpu_only() {
+        let mut c = ConvergenceController::new(ConvergencePolicy::default());
+        c.use_dirty_limit(2);
+        assert_eq!(c.mode(), ConvergeMode::DirtyLimit);
+        // 100 ms rounds of 20 000 pages at 821 MB/s: the limit is 50 000
+        // pages/s per vCPU; vCPU 0 dirties 200 000/s (so 75 %), vCPU 1
+        // nothing.
+        let stuck = round(100, 20_000, 82_140_000, 20_000, 1000);
+        assert_eq!(c.assess(&stuck, &[20_000, 0]).decision, Decision::Continue);
+        let got = c.assess(&stuck, &[20_000, 0]).decision;
+        assert!(
+            matches!(got, Decision::LimitVcpus { vcpus: 1, max_percent } if max_percent >= 75),
+            "{got:?}"
+        );
+        assert_eq!(c.vcpu_throttles()[1], 0);
+        assert!(c.vcpu_throttles()[0] >= 75);
+        assert_eq!(c.throttle(), c.vcpu_throttles()[0]);
+    }
+
+    #[test]
+    fn the_mode_resolves_from_the_vm_and_its_dirty_log() {
+        use ConvergeMode::*;
+        assert_eq!(Auto.resolve(2, true), Some(DirtyLimit));
+        assert_eq!(Auto.resolve(1, true), Some(AutoConverge));
+        assert_eq!(Auto.resolve(4, false), Some(AutoConverge));
+        assert_eq!(AutoConverge.resolve(4, true), Some(AutoConverge));
+        assert_eq!(DirtyLimit.resolve(1, true), Some(DirtyLimit));
+        assert_eq!(DirtyLimit.resolve(2, false), None);
+        for m in [Auto, AutoConverge, DirtyLimit] {
+            assert_eq!(m.as_str().parse::<ConvergeMode>(), Ok(m));
+        }
+        assert!("dirtylimit".parse::<ConvergeMode>().is_err());
+    }
+
+    #[test]
     fn decisions_serialize_for_json_progress() {
+        let json = serde_json::to_string(&Decision::LimitVcpus {
+            vcpus: 1,
+            max_percent: 90,
+        })
+        .unwrap();
+        assert_eq!(
+            json,
+            r#"{"decision":"limit_vcpus","vcpus":1,"max_percent":90}"#
+        );
         let json = serde_json::to_string(&Decision::Throttle { percent: 40 }).unwrap();
         assert_eq!(json, r#"{"decision":"throttle","percent":40}"#);
     }

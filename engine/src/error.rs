@@ -92,6 +92,22 @@ pub enum MigrationError {
     /// Pausing the guest failed.
     #[error("could not pause the guest")]
     Pause(#[source] VmOpError),
+    /// Dirty-limit could not throttle a vCPU.
+    #[error("could not throttle vCPU {vcpu}")]
+    ThrottleVcpu {
+        /// The vCPU.
+        vcpu: usize,
+        /// Why.
+        #[source]
+        source: VmOpError,
+    },
+    /// Dirty-limit was asked for, but the dirty log does not count pages
+    /// per vCPU.
+    #[error("dirty-limit needs a dirty log that counts pages per vCPU (the KVM dirty ring); the {dirty_log} log does not: use auto-converge or the dirty ring")]
+    DirtyLimitUnsupported {
+        /// The dirty log backend in use.
+        dirty_log: &'static str,
+    },
     /// Resuming the guest failed.
     #[error("could not resume the guest")]
     Resume(#[source] VmOpError),

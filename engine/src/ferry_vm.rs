@@ -78,4 +78,12 @@ impl MigratableVm for Vm {
     fn set_throttle(&self, percent: u8) {
         Vm::set_throttle(self, percent);
     }
+
+    fn vcpu_count(&self) -> usize {
+        Vm::vcpu_count(self)
+    }
+
+    fn set_vcpu_throttle(&self, index: usize, percent: u8) -> Result<(), VmOpError> {
+        Ok(Vm::set_vcpu_throttle(self, index, percent)?)
+    }
 }

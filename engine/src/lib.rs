@@ -96,7 +96,7 @@ mod summary;
 mod vm;
 mod wire;
 
-pub use convergence::{ConvergencePolicy, Decision, OnDeadline};
+pub use convergence::{ConvergeMode, ConvergencePolicy, Decision, OnDeadline};
 pub use destination::{DestinationMigration, Incoming};
 pub use digest::PageHashes;
 pub use error::MigrationError;

@@ -55,8 +55,15 @@ pub enum ProgressEvent {
         duration: Duration,
         /// Pages dirty now: the next round's work.
         dirty_pages: u64,
-        /// Throttle in force during the round, percent.
+        /// Throttle in force during the round, percent (dirty-limit: the
+        /// highest vCPU's).
         throttle_percent: u8,
+        /// Dirty-limit: each vCPU's throttle in force during the round,
+        /// percent (empty with auto-converge).
+        vcpu_throttles: Vec<u8>,
+        /// Pages each vCPU dirtied during the round, when the dirty log
+        /// counts them (the KVM dirty ring), else empty.
+        vcpu_dirty_pages: Vec<u64>,
         /// The convergence figures and decision.
         assessment: AssessmentEvent,
         /// The encoding choice in force at the end of the round and the

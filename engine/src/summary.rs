@@ -81,8 +81,17 @@ pub struct MigrationSummary {
     pub throughput_bytes_per_sec: f64,
     /// Wire bytes / total time, bytes/s.
     pub wire_bytes_per_sec: f64,
-    /// Highest auto-converge throttle used, percent.
+    /// Highest throttle used (auto-converge, or dirty-limit's highest
+    /// vCPU), percent.
     pub max_throttle_percent: u8,
+    /// How the guest was slowed down when rounds stopped shrinking (the
+    /// mode `auto` resolved to).
+    pub converge: crate::ConvergeMode,
+    /// Highest throttle each vCPU had, percent (index = vCPU).
+    pub vcpu_max_throttle_percent: Vec<u8>,
+    /// Pages each vCPU dirtied over the live rounds, when the dirty log
+    /// counts them (the KVM dirty ring), else empty.
+    pub vcpu_dirty_pages: Vec<u64>,
     /// The memory digest both sides agreed on.
     pub memory_digest: u64,
     /// The digest of each memory region (they add up to `memory_digest`).

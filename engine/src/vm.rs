@@ -58,6 +58,15 @@ pub trait MigratableVm: Send + Sync {
     /// A dirty log over the guest memory, not yet started. It must include
     /// the VMM's own writes to guest memory.
     fn dirty_log(&self) -> Result<Box<dyn DirtyLog>, VmOpError>;
-    /// Auto-converge: take `percent` (0..=99) of the vCPUs' time away.
+    /// Auto-converge: take `percent` (0..=99) of every vCPU's time away.
+    /// It replaces every per-vCPU throttle (0 lifts them all: the engine
+    /// calls it when a migration ends or fails).
     fn set_throttle(&self, percent: u8);
+    /// vCPUs of the VM: the index range of `set_vcpu_throttle` and of the
+    /// dirty log's per-vCPU counts
+    /// ([`DirtyLog::take_vcpu_dirty_counts`], same order).
+    fn vcpu_count(&self) -> usize;
+    /// Dirty-limit: take `percent` (0..=99) of vCPU `index`'s time away,
+    /// the others unchanged. An index past `vcpu_count` is an error.
+    fn set_vcpu_throttle(&self, index: usize, percent: u8) -> Result<(), VmOpError>;
 }

@@ -664,6 +664,12 @@ impl MigratableVm for WithExtraSection {
     fn set_throttle(&self, percent: u8) {
         MigratableVm::set_throttle(&*self.vm, percent);
     }
+    fn vcpu_count(&self) -> usize {
+        MigratableVm::vcpu_count(&*self.vm)
+    }
+    fn set_vcpu_throttle(&self, index: usize, percent: u8) -> Result<(), VmOpError> {
+        MigratableVm::set_vcpu_throttle(&*self.vm, index, percent)
+    }
 }
 
 fn a_refused_section_leaves_the_guest_on_the_source(

@@ -10,8 +10,8 @@ use common::{
     assert_alive, boot, boot_cpus, boot_with, kvm_or_skip, migrate_to, wait_status, Destination,
 };
 use ferry_engine::{
-    ConvergencePolicy, Decision, DestinationOptions, MigrationError, MigrationOptions,
-    ProgressEvent,
+    ConvergeMode, ConvergencePolicy, Decision, DestinationOptions, MigrationError,
+    MigrationOptions, ProgressEvent,
 };
 use ferry_vm::{DirtyBackend, RunState};
 
@@ -378,6 +378,97 @@ fn a_guest_dirtying_faster_than_the_link_converges_with_auto_converge() -> Resul
         throttled,
         "converged without throttling: the test does not test auto-converge"
     );
+    Ok(())
+}
+
+/// Two vCPUs, only vCPU 0 dirtying (the guest runs `cpus=1` loop: the
+/// other vCPU spins idle, vm/guest/GUEST.md), faster than the link: with
+/// the dirty ring's per-vCPU counts, dirty-limit slows down vCPU 0 only,
+/// the migration converges and both vCPUs run on at the destination.
+#[test]
+fn dirty_limit_throttles_only_the_dirtying_vcpu_and_converges() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("dirty_limit_throttles_only_the_dirtying_vcpu_and_converges")
+    else {
+        return Ok(());
+    };
+    let vm = boot_cpus(
+        64,
+        &format!("{FAST_DIRTIER} cpus=1"),
+        DirtyBackend::Ring(64 << 10),
+        2,
+    )?;
+    let st = vm.status();
+    ensure!(st.cpus == 1, "the guest runs {} loops: {st}", st.cpus);
+    let mut opts = faster_than_the_link(true, Duration::from_secs(120));
+    opts.convergence.converge = ConvergeMode::DirtyLimit;
+    opts.convergence.on_deadline = ferry_engine::OnDeadline::Force;
+    let dest = Destination::spawn(DestinationOptions::default())?;
+    let (result, events) = migrate_to(&vm, dest.addr, opts);
+    let summary = result?;
+    let (dest_vm, _) = dest.join()?;
+    eprintln!("dirty-limit: {}", serde_json::to_string(&summary)?);
+    ensure!(summary.converge == ConvergeMode::DirtyLimit, "{summary:?}");
+    let limited = events.iter().any(|e| {
+        matches!(e, ProgressEvent::RoundFinished { assessment, .. } if matches!(assessment.decision, Decision::LimitVcpus { .. }))
+    });
+    ensure!(limited, "converged without dirty-limit stepping in");
+    let throttles = &summary.vcpu_max_throttle_percent;
+    ensure!(throttles.len() == 2, "{throttles:?}");
+    ensure!(
+        throttles[0] > 0,
+        "the dirtying vCPU 0 was not throttled: {throttles:?}"
+    );
+    ensure!(
+        throttles[1] == 0,
+        "the quiet vCPU 1 was throttled: {throttles:?}"
+    );
+    let dirtied = &summary.vcpu_dirty_pages;
+    ensure!(
+        dirtied.len() == 2 && dirtied[0] > dirtied[1],
+        "per-vCPU dirty counts: {dirtied:?}"
+    );
+    ensure!(
+        vm.run_state() == RunState::Paused,
+        "source is {:?}",
+        vm.run_state()
+    );
+    assert_alive(&dest_vm, "destination")?;
+    ensure!(
+        dest_vm.vcpu_throttles().iter().all(|&t| t == 0),
+        "the destination starts unthrottled"
+    );
+    Ok(())
+}
+
+/// Dirty-limit needs per-vCPU counts: with the bitmap log it is refused
+/// before anything is sent, and the guest keeps running.
+#[test]
+fn dirty_limit_without_the_dirty_ring_is_refused_and_the_guest_stays() -> Result<()> {
+    let Some(_kvm) =
+        kvm_or_skip("dirty_limit_without_the_dirty_ring_is_refused_and_the_guest_stays")
+    else {
+        return Ok(());
+    };
+    let vm = boot_cpus(
+        64,
+        &format!("rate=1000 wss=4M {TSC}"),
+        DirtyBackend::Bitmap,
+        1,
+    )?;
+    let dest = Destination::spawn(DestinationOptions::default())?;
+    let mut opts = options(ConvergencePolicy::default());
+    opts.convergence.converge = ConvergeMode::DirtyLimit;
+    let (result, _) = migrate_to(&vm, dest.addr, opts);
+    ensure!(
+        matches!(result, Err(MigrationError::DirtyLimitUnsupported { .. })),
+        "{result:?}"
+    );
+    ensure!(
+        result.unwrap_err().to_string().contains("dirty ring"),
+        "the error names the fix"
+    );
+    let _ = dest.join();
+    assert_alive(&vm, "source after the refusal")?;
     Ok(())
 }
 

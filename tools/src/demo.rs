@@ -236,6 +236,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         xor_cache_bytes: None,
         compress: None,
         on_deadline: None,
+        converge: None,
     };
     let result = migrate_cmd::migrate(&src_api, req, false);
     done.store(true, Ordering::Release);

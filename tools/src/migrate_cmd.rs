@@ -118,6 +118,14 @@ pub struct MigrateArgs {
     /// Do not throttle the guest when rounds stop shrinking.
     #[arg(long)]
     pub no_auto_converge: bool,
+    /// How to slow down a guest whose rounds stop shrinking:
+    /// `auto-converge` takes the same share of time from every vCPU;
+    /// `dirty-limit` slows down only the vCPUs that dirty fastest, each
+    /// towards a per-vCPU dirty rate (needs `ferry vm run --dirty-log ring`);
+    /// `auto` picks dirty-limit when the guest has several vCPUs and the
+    /// dirty ring, else auto-converge.
+    #[arg(long, default_value = "auto", value_parser = parse_converge, conflicts_with = "no_auto_converge")]
+    pub converge: ferry_engine::ConvergeMode,
     /// Encoder threads (1 to 256).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: Option<u16>,
@@ -176,6 +184,10 @@ fn parse_cache_size(s: &str) -> Result<u64, String> {
     parse_bytes(s).map_err(|e| e.to_string())
 }
 
+fn parse_converge(s: &str) -> Result<ferry_engine::ConvergeMode, String> {
+    s.parse()
+}
+
 fn parse_on_off(s: &str) -> Result<bool, String> {
     match s {
         "on" | "true" | "yes" => Ok(true),
@@ -209,6 +221,7 @@ impl MigrateArgs {
             },
             compress: Some(!self.no_compress),
             on_deadline: Some(self.on_deadline.into()),
+            converge: Some(self.converge),
         })
     }
 }
@@ -283,10 +296,17 @@ impl Terminal {
                 duration_ms,
                 dirty_pages,
                 throttle_percent,
+                vcpu_throttles,
                 assessment: a,
                 encoding,
                 ..
             } => {
+                let throttle = if vcpu_throttles.is_empty() {
+                    format!("{throttle_percent} %")
+                } else {
+                    let each: Vec<String> = vcpu_throttles.iter().map(|t| format!("{t}")).collect();
+                    format!("{} % per vCPU", each.join("/"))
+                };
                 let how = encoding
                     .as_ref()
                     .map(|e| format!(", pages as {}", encoding_words(e.choice)))
@@ -296,7 +316,7 @@ impl Terminal {
                 bar.set_length((*pages).max(1));
                 bar.set_position((*pages).max(1));
                 self.say(format!(
-                    "round {round:>2}: {pages:>8} pages in {duration_ms:>7.1} ms{how}, {dirty_pages:>7} dirty after; dirty {:.0} pages/s, bandwidth {}, expected downtime {:.1} ms, throttle {throttle_percent} % -> {}",
+                    "round {round:>2}: {pages:>8} pages in {duration_ms:>7.1} ms{how}, {dirty_pages:>7} dirty after; dirty {:.0} pages/s, bandwidth {}, expected downtime {:.1} ms, throttle {throttle} -> {}",
                     a.dirty_rate_pages_per_sec,
                     format_rate(a.bandwidth_bytes_per_sec),
                     a.expected_downtime_ms,
@@ -442,6 +462,19 @@ pub fn print_summary(s: &Summary) {
         c.zero, c.unchanged, c.xor_delta, c.lz4, c.raw
     );
     println!("  max throttle      {} %", s.max_throttle_percent);
+    if !s.converge.is_empty() {
+        println!("  convergence       {}", s.converge);
+    }
+    if s.vcpu_max_throttle_percent.len() > 1 || !s.vcpu_dirty_pages.is_empty() {
+        for (i, t) in s.vcpu_max_throttle_percent.iter().enumerate() {
+            let dirtied = s
+                .vcpu_dirty_pages
+                .get(i)
+                .map(|p| format!(", dirtied {p} pages"))
+                .unwrap_or_default();
+            println!("    vCPU {i:<3}        max throttle {t} %{dirtied}");
+        }
+    }
     println!("  memory digest     {:#018x}", s.memory_digest);
     print_region_digests(&s.region_digests);
     println!("  dirty log         {}", s.dirty_log);

@@ -88,6 +88,11 @@ pub struct GuestArgs {
     /// vCPUs; the workload guest runs one dirty loop on each.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=ferry_vm::MAX_VCPUS as u64))]
     pub cpus: u64,
+    /// vCPUs that run a dirty loop (default: all of --cpus); the others
+    /// spin idle without writing memory (e.g. `--cpus 2 --dirty-cpus 1`:
+    /// one vCPU dirtying, one quiet, the case dirty-limit is for).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=ferry_vm::MAX_VCPUS as u64))]
+    pub dirty_cpus: Option<u64>,
     /// Timer mode: the guest programs the PIT to interrupt it this many
     /// times a second, halts between ticks and uses them as its clock
     /// (vm/guest/GUEST.md); 0 = off.
@@ -165,6 +170,13 @@ impl GuestArgs {
                 Some(b)
             }
         };
+        let loops = self.dirty_cpus.unwrap_or(self.cpus);
+        if loops > self.cpus {
+            bail!(
+                "--dirty-cpus {loops} is more than the guest's {} vCPUs (--cpus)",
+                self.cpus
+            );
+        }
         let tsc_khz = host_tsc_khz().context("asking KVM for the TSC frequency")?;
         let p = GuestParams {
             rate,
@@ -172,7 +184,7 @@ impl GuestArgs {
             seed: self.seed,
             verify: self.verify,
             tsc_khz: Some(u64::from(tsc_khz)),
-            cpus: self.cpus,
+            cpus: loops,
             hz: self.hz,
             ..GuestParams::default()
         };

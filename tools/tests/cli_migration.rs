@@ -110,6 +110,34 @@ fn bad_command_lines_are_one_line_errors() {
     assert_eq!(out.status.code(), Some(2));
 
     let out = ferry(&[
+        "vm",
+        "run",
+        "--mem",
+        "64M",
+        "--cpus",
+        "2",
+        "--dirty-cpus",
+        "3",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--dirty-cpus 3 is more than"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let out = ferry(&[
+        "migrate",
+        "--api",
+        "/x",
+        "--to",
+        "h:1",
+        "--converge",
+        "fast",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("want `auto-converge`, `dirty-limit`"), "{err}");
+
+    let out = ferry(&[
         "migrate",
         "--api",
         "/nonexistent/ferry.sock",
@@ -120,6 +148,57 @@ fn bad_command_lines_are_one_line_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("no control socket at /nonexistent/ferry.sock"));
+}
+
+/// `--converge dirty-limit` end to end: a 2-vCPU guest of which only vCPU
+/// 0 dirties (`--dirty-cpus 1`), faster than a capped link; the summary
+/// says dirty-limit throttled vCPU 0 and left vCPU 1 alone, and the guest
+/// runs on at the destination.
+#[test]
+fn dirty_limit_throttles_the_dirtying_vcpu_only() {
+    if !kvm_or_skip("dirty_limit_throttles_the_dirtying_vcpu_only") {
+        return;
+    }
+    let mut p = Pair::start_with(
+        "64M",
+        "10000",
+        &[
+            "--cpus",
+            "2",
+            "--dirty-cpus",
+            "1",
+            "--dirty-log",
+            "ring",
+            "--wss",
+            "16M",
+        ],
+    );
+    let out = p.migrate(&[
+        "--converge",
+        "dirty-limit",
+        "--max-bandwidth",
+        "15M",
+        "--no-delta",
+        "--deadline-s",
+        "120",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        p.log("src")
+    );
+    let limited = events(&out, "round_finished")
+        .any(|e| e["assessment"]["decision"]["decision"] == "limit_vcpus");
+    assert!(limited, "dirty-limit never stepped in");
+    let s = &last_json_line(&out)["summary"];
+    assert_eq!(s["converge"], "dirty-limit", "{s}");
+    let t = &s["vcpu_max_throttle_percent"];
+    assert!(t[0].as_u64().unwrap() > 0, "vCPU 0 not throttled: {s}");
+    assert_eq!(t[1].as_u64(), Some(0), "quiet vCPU 1 throttled: {s}");
+    let d = &s["vcpu_dirty_pages"];
+    assert!(figure(&d[0]) > figure(&d[1]), "{s}");
+    assert_runs_on_destination(&mut p);
 }
 
 #[test]

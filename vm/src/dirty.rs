@@ -91,6 +91,9 @@ impl DirtyLog for VmDirtyLog {
     fn reprotect(&mut self, first_page: usize, words: &[u64]) -> Result<(), DirtyLogError> {
         self.inner.reprotect(first_page, words)
     }
+    fn take_vcpu_dirty_counts(&mut self) -> Option<Vec<u64>> {
+        self.inner.take_vcpu_dirty_counts()
+    }
     fn stop(&mut self) -> Result<(), DirtyLogError> {
         let r = self.inner.stop();
         self.logging_off();

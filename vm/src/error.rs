@@ -73,6 +73,14 @@ pub enum VmError {
         /// Most supported.
         max: usize,
     },
+    /// A vCPU index past the VM's vCPUs.
+    #[error("no vCPU {index}: the VM has {count}")]
+    NoSuchVcpu {
+        /// The index asked for.
+        index: usize,
+        /// vCPUs of the VM.
+        count: usize,
+    },
     /// The vCPU thread could not be started.
     #[error("cannot start the vCPU thread")]
     SpawnVcpu(#[source] io::Error),

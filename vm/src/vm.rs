@@ -598,12 +598,30 @@ impl Vm {
         )))
     }
 
-    /// Auto-converge: every vCPU sleeps `percent` % of its time (0 = off);
-    /// each vCPU thread throttles itself.
+    /// Auto-converge: every vCPU sleeps `percent` % of its time (0 = off,
+    /// which also lifts every per-vCPU throttle); each vCPU thread
+    /// throttles itself.
     pub fn set_throttle(&self, percent: u8) {
         for v in self.vcpus() {
             v.ctl.set_throttle(percent);
         }
+    }
+
+    /// Dirty-limit: vCPU `index` alone sleeps `percent` % of its time (0 =
+    /// off); the others keep theirs.
+    pub fn set_vcpu_throttle(&self, index: usize, percent: u8) -> Result<(), VmError> {
+        let vcpus = self.vcpus();
+        let v = vcpus.get(index).ok_or(VmError::NoSuchVcpu {
+            index,
+            count: vcpus.len(),
+        })?;
+        v.ctl.set_throttle(percent);
+        Ok(())
+    }
+
+    /// Each vCPU's throttle in force, percent (index = vCPU).
+    pub fn vcpu_throttles(&self) -> Vec<u8> {
+        self.vcpus().iter().map(|v| v.ctl.throttle()).collect()
     }
 
     /// Reads the guest's status block.

@@ -17,7 +17,9 @@ use ferry_transport::{
 };
 use tracing::{debug, info, warn};
 
-use crate::convergence::{ConvergenceController, Decision, OnDeadline, RoundMeasurement};
+use crate::convergence::{
+    ConvergeMode, ConvergenceController, Decision, OnDeadline, RoundMeasurement,
+};
 use crate::digest::PageHashes;
 use crate::encode::{EncodingCounts, XorDeltaCache, PAGE_SIZE};
 use crate::error::MigrationError;
@@ -513,14 +515,29 @@ impl Session<'_> {
             dirty.set_range(start, end);
         }
         let mut controller = ConvergenceController::new(self.opts.convergence);
+        let vcpus = self.vm.vcpu_count().max(1);
+        let per_vcpu = self.take_vcpu_dirty_counts(log).is_some();
+        let converge = self
+            .opts
+            .convergence
+            .converge
+            .resolve(vcpus, per_vcpu)
+            .ok_or(MigrationError::DirtyLimitUnsupported { dirty_log })?;
+        if converge == ConvergeMode::DirtyLimit {
+            controller.use_dirty_limit(vcpus);
+        }
+        info!(%converge, vcpus, "convergence mode");
         let mut guest_pages = 0u64;
         let mut counts = EncodingCounts::default();
         let mut round = 0u32;
         let mut max_throttle = 0u8;
+        let mut vcpu_max_throttle = vec![0u8; vcpus];
+        let mut vcpu_dirty_total = vec![0u64; if per_vcpu { vcpus } else { 0 }];
         let mut expected_downtime;
         loop {
             self.steer(&mut controller)?;
             let throttle = controller.throttle();
+            let vcpu_throttles = controller.vcpu_throttles().to_vec();
             let t0 = Instant::now();
             let mode = RoundMode {
                 round,
@@ -536,6 +553,10 @@ impl Session<'_> {
             dirty.clear();
             self.collect(log, &mut dirty, Reprotect::Deferred)?;
             let dirty_pages = dirty.count_ones() as u64;
+            let vcpu_dirty_pages = self.take_vcpu_dirty_counts(log).unwrap_or_default();
+            for (total, n) in vcpu_dirty_total.iter_mut().zip(&vcpu_dirty_pages) {
+                *total += n;
+            }
             let measurement = RoundMeasurement {
                 duration,
                 pages_sent: totals.counts.sent(),
@@ -543,7 +564,7 @@ impl Session<'_> {
                 dirty_pages,
                 elapsed: self.started.elapsed(),
             };
-            let assessment = controller.assess(&measurement);
+            let assessment = controller.assess(&measurement, &vcpu_dirty_pages);
             expected_downtime = assessment.expected_downtime;
             debug!(round, ?measurement, ?assessment, "round finished");
             progress(ProgressEvent::RoundFinished {
@@ -554,6 +575,8 @@ impl Session<'_> {
                 duration,
                 dirty_pages,
                 throttle_percent: throttle,
+                vcpu_throttles,
+                vcpu_dirty_pages,
                 assessment: assessment.into(),
                 encoding: Box::new(pipeline.selector.decision()),
             });
@@ -565,6 +588,23 @@ impl Session<'_> {
                     info!(percent, "auto-converge: throttling the guest");
                     self.vm.set_throttle(percent);
                     max_throttle = max_throttle.max(percent);
+                    vcpu_max_throttle
+                        .iter_mut()
+                        .for_each(|m| *m = (*m).max(percent));
+                }
+                Decision::LimitVcpus { max_percent, .. } => {
+                    let wanted = controller.vcpu_throttles();
+                    info!(
+                        ?wanted,
+                        "dirty-limit: throttling the fastest-dirtying vCPUs"
+                    );
+                    for (vcpu, (&t, max)) in wanted.iter().zip(&mut vcpu_max_throttle).enumerate() {
+                        self.vm
+                            .set_vcpu_throttle(vcpu, t)
+                            .map_err(|source| MigrationError::ThrottleVcpu { vcpu, source })?;
+                        *max = (*max).max(t);
+                    }
+                    max_throttle = max_throttle.max(max_percent);
                 }
                 Decision::GiveUp => {
                     return Err(MigrationError::DeadlineExceeded {
@@ -717,6 +757,9 @@ impl Session<'_> {
             throughput_bytes_per_sec: layout.bytes() as f64 / total.as_secs_f64().max(1e-9),
             wire_bytes_per_sec: self.wire_bytes as f64 / total.as_secs_f64().max(1e-9),
             max_throttle_percent: max_throttle,
+            converge,
+            vcpu_max_throttle_percent: vcpu_max_throttle,
+            vcpu_dirty_pages: vcpu_dirty_total,
             memory_digest: digest,
             region_digests: crate::summary::RegionDigest::list(layout, &region_digests),
             dirty_log,
@@ -787,6 +830,13 @@ impl Session<'_> {
                 migration_id: self.migration_id,
             }),
         }
+    }
+
+    /// Pages each vCPU dirtied since the last call, if the log counts them.
+    fn take_vcpu_dirty_counts(&self, log: &Mutex<Box<dyn DirtyLog>>) -> Option<Vec<u64>> {
+        log.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_vcpu_dirty_counts()
     }
 
     fn collect(

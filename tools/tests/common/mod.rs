@@ -127,6 +127,24 @@ impl Pair {
         dir: tempfile::TempDir,
         dst_security: impl FnOnce(&Path) -> Vec<String>,
     ) -> Pair {
+        Pair::start_full(mem, rate, &[], dir, dst_security)
+    }
+
+    /// A plaintext destination and a running source guest whose `ferry vm
+    /// run` gets `src_extra` too (e.g. `--cpus 2 --dirty-log ring`).
+    pub fn start_with(mem: &str, rate: &str, src_extra: &[&str]) -> Pair {
+        Pair::start_full(mem, rate, src_extra, tempfile::tempdir().unwrap(), |_| {
+            vec!["--insecure".into()]
+        })
+    }
+
+    fn start_full(
+        mem: &str,
+        rate: &str,
+        src_extra: &[&str],
+        dir: tempfile::TempDir,
+        dst_security: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Pair {
         let addr = format!("127.0.0.1:{}", free_port());
         let dst_api = dir.path().join("dst.sock");
         let src_api = dir.path().join("src.sock");
@@ -144,8 +162,10 @@ impl Pair {
             "source",
             Command::new(FERRY)
                 .args([
-                    "vm", "run", "--quiet", "--mem", mem, "--rate", rate, "--verify", "64", "--api",
+                    "vm", "run", "--quiet", "--mem", mem, "--rate", rate, "--verify", "64",
                 ])
+                .args(src_extra)
+                .arg("--api")
                 .arg(&src_api),
             &dir.path().join("src.log"),
         )
