@@ -6,7 +6,7 @@
 //! and the plot (default `target/bench-compare`).
 
 use ferry_benches::compare::{self, CompareConfig};
-use ferry_benches::matrix::{DirtyLevel, DstMemory, Fill, Link, Profile};
+use ferry_benches::matrix::{DirtyLevel, DstMemory, Fill, Link, Profile, QemuProfile};
 use ferry_benches::settings::RunSettings;
 
 fn parse_mem(s: &str) -> Option<u64> {
@@ -50,10 +50,19 @@ fn main() {
             fills: vec![Fill::Random, Fill::MIX],
             links: vec![Link::Loopback],
             dst_memories: vec![DstMemory::Prepared, DstMemory::OnDemand],
-            qemu_profiles: Profile::QEMU.to_vec(),
+            // The convergence-mode profiles are a row of their own (2
+            // vCPUs, one dirtying: `ferry bench compare --dirty-cpus 1`).
+            qemu_profiles: Profile::QEMU
+                .into_iter()
+                .filter(|&q| q != QemuProfile::DirtyLimit)
+                .collect(),
             qemu_downtime_limits_ms: vec![20],
-            ferry_profiles: Profile::FERRY.to_vec(),
+            ferry_profiles: Profile::FERRY
+                .into_iter()
+                .filter(|f| !f.dirty_ring())
+                .collect(),
             cpus: 1,
+            dirty_cpus: 0,
             hz: 0,
             repeat: 3,
             ceiling_bytes: 2 << 30,

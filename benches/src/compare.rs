@@ -46,6 +46,8 @@ pub struct CompareConfig {
     pub ferry_profiles: Vec<FerryProfile>,
     /// vCPUs of every workload's guest (ferry `--cpus`, QEMU `-smp`).
     pub cpus: u32,
+    /// vCPUs running a dirty loop in every workload (0: all of `cpus`).
+    pub dirty_cpus: u32,
     /// The guest's timer mode in every workload (`hz=`; 0 off).
     pub hz: u64,
     /// Repetitions of each (workload, profile).
@@ -87,12 +89,14 @@ impl CompareConfig {
                 link: Link::Loopback,
                 dst_memory: DstMemory::Prepared,
                 cpus: 1,
+                dirty_cpus: 0,
                 hz: 0,
             }),
             qemu_profiles: vec![QemuProfile::Default],
             qemu_downtime_limits_ms: vec![limit],
             ferry_profiles: vec![FerryProfile::Default],
             cpus: 1,
+            dirty_cpus: 0,
             hz: 0,
             repeat: 1,
             ceiling_bytes: 256 << 20,
@@ -106,7 +110,9 @@ impl CompareConfig {
     /// smallest memory first.
     pub fn workloads(&self) -> Vec<Workload> {
         if let Some(w) = self.custom {
-            return vec![w.with_vcpus(self.cpus, self.hz)];
+            return vec![w
+                .with_vcpus(self.cpus, self.hz)
+                .with_dirty_cpus(self.dirty_cpus)];
         }
         let mut v = Vec::new();
         for &link in &self.links {
@@ -119,7 +125,8 @@ impl CompareConfig {
                                     .with_fill(fill)
                                     .with_link(link)
                                     .with_dst_memory(d)
-                                    .with_vcpus(self.cpus, self.hz),
+                                    .with_vcpus(self.cpus, self.hz)
+                                    .with_dirty_cpus(self.dirty_cpus),
                             );
                         }
                     }

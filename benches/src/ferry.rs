@@ -32,6 +32,8 @@ pub fn profile_flag(p: FerryProfile) -> Option<&'static [&'static str]> {
         FerryProfile::OneLane => Some(&["--lanes", "1"]),
         FerryProfile::NoCompress => Some(&["--no-compress"]),
         FerryProfile::NoDelta => Some(&["--no-delta"]),
+        FerryProfile::AutoConverge => Some(&["--converge", "auto-converge"]),
+        FerryProfile::DirtyLimit => Some(&["--converge", "dirty-limit"]),
     }
 }
 
@@ -128,6 +130,9 @@ fn run_inner(
         .arg(&src_sock);
     if s.custom_kernel {
         cmd.arg("--kernel").arg(&s.kernel);
+    }
+    if p.dirty_ring() {
+        cmd.args(["--dirty-log", "ring"]);
     }
     let mut src = EngineProcess::spawn("ferry vm run (source)", "ferry-src", &mut cmd, &s.workdir)?;
     let src_pid = src.pid();

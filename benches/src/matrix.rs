@@ -197,6 +197,9 @@ pub struct Workload {
     pub dst_memory: DstMemory,
     /// vCPUs (ferry `--cpus`, QEMU `-smp`); the guest runs a loop on each.
     pub cpus: u32,
+    /// vCPUs that run a dirty loop (the guest's `cpus=`); the others spin
+    /// idle without writing. 0: all of `cpus`.
+    pub dirty_cpus: u32,
     /// The guest's timer mode (`hz=`, vm/guest/GUEST.md); 0 off.
     pub hz: u64,
 }
@@ -225,6 +228,7 @@ impl Workload {
                 link: Link::Loopback,
                 dst_memory: DstMemory::Prepared,
                 cpus: 1,
+                dirty_cpus: 0,
                 hz: 0,
             },
             DirtyLevel::Moderate => Self {
@@ -237,6 +241,7 @@ impl Workload {
                 link: Link::Loopback,
                 dst_memory: DstMemory::Prepared,
                 cpus: 1,
+                dirty_cpus: 0,
                 hz: 0,
             },
             DirtyLevel::Heavy => Self {
@@ -249,6 +254,7 @@ impl Workload {
                 link: Link::Loopback,
                 dst_memory: DstMemory::Prepared,
                 cpus: 1,
+                dirty_cpus: 0,
                 hz: 0,
             },
             DirtyLevel::Capped => Self {
@@ -261,6 +267,7 @@ impl Workload {
                 link: Link::Loopback,
                 dst_memory: DstMemory::Prepared,
                 cpus: 1,
+                dirty_cpus: 0,
                 hz: 0,
             },
         }
@@ -290,6 +297,20 @@ impl Workload {
         }
     }
 
+    /// This workload with only `dirty_cpus` of its vCPUs running a dirty
+    /// loop (0: all).
+    pub fn with_dirty_cpus(self, dirty_cpus: u32) -> Self {
+        Self { dirty_cpus, ..self }
+    }
+
+    /// vCPUs running a dirty loop.
+    pub fn loops(&self) -> u32 {
+        match self.dirty_cpus {
+            0 => self.cpus.max(1),
+            n => n.min(self.cpus.max(1)),
+        }
+    }
+
     /// The guest command line (without `tsc_khz`), the same for both engines.
     pub fn guest_args(&self) -> String {
         let wss = match self.wss_bytes {
@@ -300,8 +321,8 @@ impl Workload {
         if let Fill::Mix { zero_pct, text_pct } = self.fill {
             s += &format!(" fill=mix mix_zero={zero_pct} mix_text={text_pct}");
         }
-        if self.cpus > 1 {
-            s += &format!(" cpus={}", self.cpus);
+        if self.loops() > 1 {
+            s += &format!(" cpus={}", self.loops());
         }
         if self.hz != 0 {
             s += &format!(" hz={}", self.hz);
@@ -342,6 +363,9 @@ impl Workload {
         }
         if self.cpus > 1 {
             s += &format!(" {} vCPUs", self.cpus);
+            if self.loops() < self.cpus {
+                s += &format!(" ({} dirtying)", self.loops());
+            }
         }
         if self.hz != 0 {
             s += &format!(" {} Hz", self.hz);
@@ -400,6 +424,12 @@ pub enum QemuProfile {
     Xbzrle,
     /// `auto-converge`.
     AutoConverge,
+    /// The KVM dirty ring (`-accel kvm,dirty-ring-size=`) and a per-vCPU
+    /// dirty-rate limit (`set-vcpu-dirty-limit`) set on the source before
+    /// the migration: QEMU 7.2's dirtylimit. (QEMU 8.1 adds a `dirty-limit`
+    /// migration capability that sets it when the migration stops
+    /// converging; 7.2 does not have it.)
+    DirtyLimit,
 }
 
 /// A ferry migration profile: its defaults and each feature switched off.
@@ -414,6 +444,19 @@ pub enum FerryProfile {
     NoCompress,
     /// `--no-delta`.
     NoDelta,
+    /// The KVM dirty ring (`vm run --dirty-log ring`) and `--converge
+    /// auto-converge`: every vCPU throttled alike.
+    AutoConverge,
+    /// The KVM dirty ring and `--converge dirty-limit`: only the vCPUs
+    /// dirtying fastest throttled.
+    DirtyLimit,
+}
+
+impl FerryProfile {
+    /// Whether the source runs with the KVM dirty ring.
+    pub fn dirty_ring(&self) -> bool {
+        matches!(self, Self::AutoConverge | Self::DirtyLimit)
+    }
 }
 
 /// An engine and its profile.
@@ -428,19 +471,22 @@ pub enum Profile {
 
 impl Profile {
     /// All QEMU profiles.
-    pub const QEMU: [QemuProfile; 5] = [
+    pub const QEMU: [QemuProfile; 6] = [
         QemuProfile::Default,
         QemuProfile::Multifd,
         QemuProfile::MultifdZstd,
         QemuProfile::Xbzrle,
         QemuProfile::AutoConverge,
+        QemuProfile::DirtyLimit,
     ];
     /// All ferry profiles.
-    pub const FERRY: [FerryProfile; 4] = [
+    pub const FERRY: [FerryProfile; 6] = [
         FerryProfile::Default,
         FerryProfile::OneLane,
         FerryProfile::NoCompress,
         FerryProfile::NoDelta,
+        FerryProfile::AutoConverge,
+        FerryProfile::DirtyLimit,
     ];
 
     /// The engine.
@@ -458,7 +504,12 @@ impl Profile {
             Self::Qemu(QemuProfile::Multifd) => "multifd",
             Self::Qemu(QemuProfile::MultifdZstd) => "multifd-zstd",
             Self::Qemu(QemuProfile::Xbzrle) => "xbzrle",
-            Self::Qemu(QemuProfile::AutoConverge) => "auto-converge",
+            Self::Qemu(QemuProfile::AutoConverge) | Self::Ferry(FerryProfile::AutoConverge) => {
+                "auto-converge"
+            }
+            Self::Qemu(QemuProfile::DirtyLimit) | Self::Ferry(FerryProfile::DirtyLimit) => {
+                "dirty-limit"
+            }
             Self::Ferry(FerryProfile::OneLane) => "one-lane",
             Self::Ferry(FerryProfile::NoCompress) => "no-compress",
             Self::Ferry(FerryProfile::NoDelta) => "no-delta",
@@ -552,6 +603,19 @@ mod tests {
         assert_eq!(
             Workload::new(1 << 30, DirtyLevel::Idle).guest_args(),
             "rate=0 wss=all"
+        );
+        // Two vCPUs, one dirtying: the guest runs one loop (no `cpus=`).
+        let one = Workload::new(1 << 30, DirtyLevel::Capped)
+            .with_vcpus(2, 0)
+            .with_dirty_cpus(1);
+        assert_eq!(one.guest_args(), "rate=max wss=256M");
+        assert_eq!(
+            one.label(),
+            "1G capped 256M@max cap 48M/s 2 vCPUs (1 dirtying)"
+        );
+        assert_eq!(
+            one.with_dirty_cpus(0).guest_args(),
+            "rate=max wss=256M cpus=2"
         );
     }
 

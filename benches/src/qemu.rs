@@ -45,12 +45,21 @@ pub fn available(qemu: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn qemu_cmd(ctx: &RunContext<'_>, w: &Workload, name: &str, qmp: &Path, incoming: bool) -> Command {
+fn qemu_cmd(
+    ctx: &RunContext<'_>,
+    w: &Workload,
+    p: QemuProfile,
+    name: &str,
+    qmp: &Path,
+    incoming: bool,
+) -> Command {
     let s = ctx.settings;
     let mut c = Command::new(&s.qemu_bin);
     c.arg("-name")
         .arg(format!("{name},debug-threads=on"))
-        .args(["-accel", "kvm", "-smp"])
+        .arg("-accel")
+        .arg(accel(p))
+        .arg("-smp")
         .arg(w.cpus.max(1).to_string())
         .arg("-m")
         .arg(format!("{}M", w.mem_bytes >> 20))
@@ -83,7 +92,27 @@ fn capabilities(p: QemuProfile) -> Vec<&'static str> {
         QemuProfile::Multifd | QemuProfile::MultifdZstd => vec!["multifd"],
         QemuProfile::Xbzrle => vec!["xbzrle"],
         QemuProfile::AutoConverge => vec!["auto-converge"],
+        QemuProfile::DirtyLimit => vec![],
     }
+}
+
+/// Entries of the dirty ring QEMU's dirty-limit needs, per vCPU: 65,536
+/// of 16 bytes, 1 MiB, as ferry's `--dirty-log ring`.
+const DIRTY_RING_ENTRIES: u32 = 65_536;
+
+fn accel(p: QemuProfile) -> String {
+    match p {
+        QemuProfile::DirtyLimit => format!("kvm,dirty-ring-size={DIRTY_RING_ENTRIES}"),
+        _ => "kvm".into(),
+    }
+}
+
+/// dirty-limit's per-vCPU limit, MB/s: half the cap (or 200 MB/s when
+/// uncapped) shared among the vCPUs, the limit ferry's dirty-limit
+/// derives from its bandwidth estimate.
+fn vcpu_dirty_limit_mb(w: &Workload) -> u64 {
+    let bw = w.cap_bytes_per_sec.unwrap_or(200_000_000);
+    (bw / 2 / u64::from(w.cpus.max(1)) / 1_000_000).max(1)
 }
 
 fn parameters(p: QemuProfile, w: &Workload, downtime_limit_ms: u64, source: bool) -> Value {
@@ -124,12 +153,21 @@ fn configure(
         q.execute("migrate-set-parameters", params)
             .map_err(qmp_err("migrate-set-parameters"))?;
     }
+    if p == QemuProfile::DirtyLimit && source {
+        // Every vCPU limited; one dirtying less than the limit is not slowed.
+        q.execute(
+            "set-vcpu-dirty-limit",
+            json!({ "dirty-rate": vcpu_dirty_limit_mb(w) }),
+        )
+        .map_err(qmp_err("set-vcpu-dirty-limit"))?;
+    }
     Ok(())
 }
 
 fn start(
     ctx: &RunContext<'_>,
     w: &Workload,
+    p: QemuProfile,
     name: &str,
     incoming: bool,
 ) -> Result<(EngineProcess, Qmp), BenchError> {
@@ -140,7 +178,7 @@ fn start(
     let guard = EngineProcess::spawn(
         &what,
         name,
-        &mut qemu_cmd(ctx, w, name, &sock, incoming),
+        &mut qemu_cmd(ctx, w, p, name, &sock, incoming),
         &s.workdir,
     )?;
     // A preallocating destination answers once its memory is populated.
@@ -198,7 +236,7 @@ fn run_inner(
 ) -> Result<(), BenchError> {
     let s = ctx.settings;
     let limit = out.downtime_limit_ms;
-    let (mut src, mut src_qmp) = start(ctx, w, "bench-src", false)?;
+    let (mut src, mut src_qmp) = start(ctx, w, p, "bench-src", false)?;
     let src_pid = src.pid();
     run_common::wait_guest_running(
         src_pid,
@@ -208,7 +246,7 @@ fn run_inner(
         || src.check_running(),
     )?;
     let before = StaticDigest::of_source(src_pid, w.mem_bytes, w.rate.dirties());
-    let (mut dst, mut dst_qmp) = start(ctx, w, "bench-dst", true)?;
+    let (mut dst, mut dst_qmp) = start(ctx, w, p, "bench-dst", true)?;
     let dst_pid = dst.pid();
     configure(&mut src_qmp, p, w, limit, true)?;
     configure(&mut dst_qmp, p, w, limit, false)?;

@@ -80,6 +80,13 @@ pub struct CompareArgs {
     /// the guest runs a dirty loop on each, `rate` is their total).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=ferry_vm::MAX_VCPUS as i64))]
     pub cpus: u32,
+    /// vCPUs that run a dirty loop (default: all of --cpus); the others
+    /// spin idle without writing, for both engines (the guest's `cpus=`).
+    /// `--cpus 2 --dirty-cpus 1 --levels capped --ferry-profiles
+    /// auto-converge,dirty-limit --qemu-profiles auto-converge,dirty-limit`
+    /// compares the convergence modes.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=ferry_vm::MAX_VCPUS as i64))]
+    pub dirty_cpus: Option<u32>,
     /// The guest's timer mode for both engines: PIT ticks per second, the
     /// guest halting between them (vm/guest/GUEST.md); 0 = off.
     #[arg(long, default_value_t = 0, value_parser = crate::vm_cmd::parse_hz)]
@@ -216,6 +223,7 @@ fn config(a: &CompareArgs) -> anyhow::Result<CompareConfig> {
                     }
                 })?,
                 cpus: 1,
+                dirty_cpus: 0,
                 hz: 0,
                 ferry_profiles: parse_list(&a.ferry_profiles, "ferry-profiles", |p| {
                     match Profile::parse(&format!("ferry:{p}")) {
@@ -264,6 +272,15 @@ fn config(a: &CompareArgs) -> anyhow::Result<CompareConfig> {
         }
     }
     cfg.cpus = a.cpus;
+    if let Some(d) = a.dirty_cpus {
+        if d > a.cpus {
+            bail!(
+                "--dirty-cpus {d} is more than the guest's {} vCPUs (--cpus)",
+                a.cpus
+            );
+        }
+        cfg.dirty_cpus = d;
+    }
     cfg.hz = a.hz;
     cfg.json_out = a.json_out.clone();
     cfg.plot_out = Some(a.plot.clone());
