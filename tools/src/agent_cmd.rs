@@ -11,6 +11,12 @@
 //! choice. (The HTTP control protocol itself is plaintext: keep it on a
 //! management network.)
 //!
+//! Incoming migrations are accepted on `--migration-listen` (default: the
+//! `--listen` IP and a free port per migration); a fixed port there suits a
+//! firewall rule or a relay, and `--migration-advertise` names the address
+//! sources must connect to when it is not the listener's own (a NAT, a port
+//! forward, a relay in front of the listener).
+//!
 //! A migration completes (the VM runs on the target, gone from here) or
 //! fails and the VM keeps running here: never nowhere, never twice.
 //!
@@ -31,7 +37,9 @@
 //! if this host still owns it. A source left with a paused copy (the swap's
 //! outcome unknown, or the destination gone after GO) follows the record:
 //! it resumes the copy when the record comes back here (the leader's
-//! restart) and drops it when the record names a live host.
+//! restart, once a destination killed after GO lost its lease) and drops
+//! it once the destination's agent reports the VM running (or a live host
+//! the leader restarted it on owns it).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -95,6 +103,17 @@ pub struct AgentArgs {
     /// What fencing does to this host's VMs: `pause` or `kill`.
     #[arg(long, default_value = "pause")]
     pub fence: FenceMode,
+    /// Where incoming migration streams are accepted: `IP:PORT`. A fixed
+    /// port (for a firewall rule or a relay) takes one incoming migration
+    /// at a time; port 0 picks a free one per migration. Default: the
+    /// `--listen` IP, port 0.
+    #[arg(long, value_name = "ADDR")]
+    pub migration_listen: Option<SocketAddr>,
+    /// The address sources are told to connect to for an incoming
+    /// migration, when it is not the listener's own: a NAT or port
+    /// forward, or a relay in front of `--migration-listen`.
+    #[arg(long, value_name = "ADDR", requires = "migration_listen")]
+    pub migration_advertise: Option<SocketAddr>,
 }
 
 /// Longest host lease TTL accepted.
@@ -121,6 +140,11 @@ struct Agent {
     tsc_khz: u32,
     lanes: u16,
     security: SecuritySpec,
+    /// Where incoming migration listeners bind.
+    migration_listen: SocketAddr,
+    /// What sources are told to connect to, when not the listener's own
+    /// address.
+    migration_advertise: Option<SocketAddr>,
     vms: Mutex<BTreeMap<String, HostedVm>>,
     /// Names with a migration in or out in progress.
     busy: Mutex<std::collections::BTreeSet<String>>,
@@ -271,15 +295,25 @@ impl Agent {
         }
     }
 
-    /// A paused copy left by a migration: follows its record until it
-    /// runs here or is dropped.
-    fn follow_paused_copy(self: &Arc<Self>, vm: String) {
+    /// A paused copy left by a migration to `dest` (its agent at
+    /// `dest_addr`): follows its record until it runs here or is dropped.
+    /// While the record names the destination, the copy is dropped only
+    /// once the destination's agent reports the VM running: a destination
+    /// killed after GO still has a live lease until it expires, and then
+    /// the leader brings the record back here, to this copy.
+    fn follow_paused_copy(self: &Arc<Self>, vm: String, dest: String, dest_addr: String) {
         let agent = self.clone();
         std::thread::spawn(move || loop {
             if !agent.vms.lock().expect("vms lock").contains_key(&vm) {
                 return;
             }
-            match agent.follow_record(&vm) {
+            let follow = match agent.store.as_ref().map(|s| s.record(&vm)) {
+                Some(Ok(Some(r))) if r.host == dest && !runs_at(&dest_addr, &vm) => {
+                    Follow::Undecided
+                }
+                _ => agent.follow_record(&vm),
+            };
+            match follow {
                 Follow::Undecided => std::thread::sleep(Duration::from_millis(200)),
                 Follow::Runs | Follow::Stopped => return,
             }
@@ -429,7 +463,9 @@ impl Agent {
                 },
             )
             .with_context(|| format!("asking {} to receive {}", req.target_host, req.vm))?;
-        let to = SocketAddr::new(target.ip(), reply.port).to_string();
+        let to = reply
+            .addr
+            .unwrap_or_else(|| SocketAddr::new(target.ip(), reply.port).to_string());
         let lanes = ferry_control::connect_lanes(&to, self.lanes, &self.security)
             .with_context(|| format!("opening the migration stream to {}", req.target_host))?;
         let swap = Arc::new(Mutex::new(None));
@@ -444,7 +480,11 @@ impl Agent {
             Err(e) => {
                 if e.source_left_paused() && self.store.is_some() {
                     // The record decides what becomes of the paused copy.
-                    self.follow_paused_copy(req.vm.clone());
+                    self.follow_paused_copy(
+                        req.vm.clone(),
+                        req.target_host.clone(),
+                        req.target.clone(),
+                    );
                 } else if let Some(moved) = swap.lock().expect("swap report lock").take() {
                     // The destination refused GO after the record moved:
                     // the guest runs here again, so must its record.
@@ -466,20 +506,55 @@ impl Agent {
     }
 
     /// Destination side: a listener for one migration of `req.vm`.
-    fn incoming(self: &Arc<Self>, req: IncomingRequest) -> anyhow::Result<u16> {
+    fn incoming(self: &Arc<Self>, req: IncomingRequest) -> Result<IncomingReply, Refusal> {
         if self.vms.lock().expect("vms lock").contains_key(&req.vm) {
-            anyhow::bail!("VM {} already runs on {}", req.vm, self.host);
+            return Err(Refusal::conflict(format!(
+                "VM {} already runs on {}",
+                req.vm, self.host
+            )));
         }
-        let security = self.security.load()?;
-        let mut listener = LaneListener::bind((self.ip, 0), LaneOptions::new(1, security))
-            .context("binding a migration listener")?;
-        let port = listener.local_addr()?.port();
+        let security = self
+            .security
+            .load()
+            .map_err(|e| Refusal::failed(format!("{:#}", anyhow::Error::new(e))))?;
+        let mut listener = match LaneListener::bind(
+            self.migration_listen,
+            LaneOptions::new(1, security),
+        ) {
+            Ok(l) => l,
+            Err(ferry_transport::TransportError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse
+                    && self.migration_listen.port() != 0 =>
+            {
+                return Err(Refusal::conflict(format!(
+                        "the migration port {} is taken (another incoming migration?): a fixed --migration-listen port takes one at a time",
+                        self.migration_listen
+                    )));
+            }
+            Err(e) => {
+                return Err(Refusal::failed(format!(
+                    "{:#}",
+                    anyhow::Error::new(e).context("binding a migration listener")
+                )))
+            }
+        };
+        let bound = listener
+            .local_addr()
+            .map_err(|e| Refusal::failed(e.to_string()))?;
+        let reply = IncomingReply {
+            port: bound.port(),
+            addr: incoming_addr(bound, self.migration_advertise),
+        };
         let agent = self.clone();
         // If no source comes (it failed before connecting), wake the accept
         // with a connection of our own once INCOMING_TIMEOUT has passed,
         // so the listener is dropped and its port freed.
         let (arrived, arrived_rx) = std::sync::mpsc::channel::<()>();
-        let wake = SocketAddr::new(self.ip, port);
+        let wake = if bound.ip().is_unspecified() {
+            SocketAddr::new(self.ip, bound.port())
+        } else {
+            bound
+        };
         let vm_name = req.vm.clone();
         std::thread::spawn(move || {
             if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
@@ -531,8 +606,25 @@ impl Agent {
             // The listener (and its port) is dropped here, on every path.
             drop(listener);
         });
-        Ok(port)
+        Ok(reply)
     }
+}
+
+/// Whether the agent at `addr` reports `vm` running (not when it cannot
+/// be asked).
+fn runs_at(addr: &str, vm: &str) -> bool {
+    JsonClient::new(addr, Some(Duration::from_secs(2)))
+        .get::<AgentStatus>("/v1/status")
+        .is_ok_and(|s| s.vms.iter().any(|v| v.name == vm && v.running))
+}
+
+/// Where a source connects for an incoming migration, when the agent must
+/// say: the advertised address, or a listener bound to an IP of its own
+/// (`None`: the port on the agent's HTTP address, as sources assume).
+fn incoming_addr(bound: SocketAddr, advertise: Option<SocketAddr>) -> Option<String> {
+    advertise
+        .or((!bound.ip().is_unspecified()).then_some(bound))
+        .map(|a| a.to_string())
 }
 
 /// What [`Agent::follow_record`] did.
@@ -655,10 +747,7 @@ async fn incoming(
             r.vm, a.host
         )));
     }
-    let port = blocking(move || a.incoming(r))
-        .await
-        .map_err(|e| Refusal::failed(format!("{e:#}")))?;
-    Ok(Json(IncomingReply { port }))
+    Ok(Json(blocking(move || a.incoming(r)).await?))
 }
 
 async fn set_load(State(a): State<Arc<Agent>>, Json(r): Json<LoadRequest>) -> Answer<Done> {
@@ -695,6 +784,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         tsc_khz: host_tsc_khz().context("asking KVM for the TSC frequency")?,
         lanes: args.lanes.unwrap_or_else(default_lane_count),
         security,
+        migration_listen: args
+            .migration_listen
+            .unwrap_or(SocketAddr::new(args.listen.ip(), 0)),
+        migration_advertise: args.migration_advertise,
         vms: Mutex::new(BTreeMap::new()),
         busy: Mutex::new(Default::default()),
         metrics: MigrationMetrics::register(&mut registry, "ferry_agent"),
@@ -863,4 +956,30 @@ fn keep_lease(agent: &Arc<Agent>, args: &AgentArgs) -> anyhow::Result<()> {
         })
         .context("starting the lease thread")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_is_told_the_advertised_or_own_listener_address_only_when_needed() {
+        let any: SocketAddr = "0.0.0.0:7410".parse().unwrap();
+        let own: SocketAddr = "10.0.2.1:7410".parse().unwrap();
+        let relay: SocketAddr = "10.0.3.9:9000".parse().unwrap();
+        assert_eq!(
+            incoming_addr(any, None),
+            None,
+            "the port on the agent's address"
+        );
+        assert_eq!(incoming_addr(own, None).as_deref(), Some("10.0.2.1:7410"));
+        assert_eq!(
+            incoming_addr(own, Some(relay)).as_deref(),
+            Some("10.0.3.9:9000")
+        );
+        assert_eq!(
+            incoming_addr(any, Some(relay)).as_deref(),
+            Some("10.0.3.9:9000")
+        );
+    }
 }

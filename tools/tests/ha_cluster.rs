@@ -10,9 +10,23 @@
 //!   follower leads and the evacuation completes exactly once (the VM on
 //!   one host, its record moved once).
 //!
+//! - kill -9 the destination agent of a scheduler-driven migration right
+//!   after GO (a fault proxy in front of its fixed migration port holds
+//!   GO): the VM resumes from the source's paused copy (its heartbeat goes
+//!   on from where it was), never on two hosts, its record back on the
+//!   source by one restart.
+//!
+//! - cut an agent off from etcd (a TCP proxy the test closes) but not from
+//!   its VM or the daemon: it pauses its VM, which then runs again on the
+//!   other host, never on two; when the link comes back the agent stops
+//!   its fenced copy (the record names the other host) and resumes
+//!   nothing.
+//!
 //! Short leases (2 s) and 64 MB guests keep each test within seconds.
 
 #![cfg(feature = "etcd")]
+
+mod common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,13 +34,16 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use common::fault_proxy::{Action, Direction, Fault, FaultProxy, Place};
 use ferry_e2e::etcd::{etcd_or_skip, free_port, EtcdCluster};
 use ferry_e2e::process::ProcessGuard;
+use ferry_e2e::tcp_proxy::TcpProxy;
 use ferry_scheduler::daemon::api::LeaderView;
 use ferry_scheduler::daemon::client::{JsonClient, Method};
 use ferry_scheduler::daemon::protocol::AgentStatus;
 use ferry_scheduler::ha::failover::{HaEvent, HaEventKind};
 use ferry_scheduler::store::{Decision, DecisionKind, OwnerRecord, Transition};
+use ferry_transport::FrameKind;
 use ferry_vm::testing::kvm_or_skip;
 use ferry_vm::GuestStatus;
 
@@ -113,12 +130,22 @@ impl Rig {
 
     /// Starts `host`'s agent running `vms` (`NAME:MEM_MB`).
     fn agent(&mut self, host: &str, vms: &[&str]) -> Result<()> {
+        self.agent_with(host, vms, &self.endpoints(), &[])
+    }
+
+    /// [`Rig::agent`] reaching etcd at `etcd`, with `extra` flags.
+    fn agent_with(&mut self, host: &str, vms: &[&str], etcd: &str, extra: &[&str]) -> Result<()> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let mut cmd = Command::new(FERRY);
         cmd.args(["agent", "--host", host, "--listen", &addr.to_string()])
             .args(["--insecure", "--guest-rate", "500", "--lanes", "1"])
-            .args(["--etcd", &self.endpoints(), "--lease-ttl", &lease_ttl()])
-            .args(["--fence", "kill"])
+            .args(["--etcd", etcd, "--lease-ttl", &lease_ttl()])
+            .args(if extra.contains(&"--fence") {
+                &[][..]
+            } else {
+                &["--fence", "kill"][..]
+            })
+            .args(extra)
             .env("RUST_LOG", "info");
         for v in vms {
             cmd.args(["--vm", v]);
@@ -539,6 +566,194 @@ fn killed_leader(rig: &mut Rig) -> Result<()> {
     let rec2 = rig.record(b, "mover").context("record")?;
     if rec2.epoch != rec.epoch {
         bail!("mover moved again: {rec2:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_destination_killed_after_go_leaves_the_vm_on_its_source_copy_once() {
+    let Some(mut rig) = Rig::new("a_destination_killed_after_go", "ha-dest").unwrap() else {
+        return;
+    };
+    if let Err(e) = destination_killed_after_go(&mut rig) {
+        panic!("{e:#}{}", rig.diag());
+    }
+}
+
+fn destination_killed_after_go(rig: &mut Rig) -> Result<()> {
+    // h2 takes migrations on a fixed port, advertised through a proxy that
+    // holds the first GO toward it (and forwards nothing more on that lane).
+    let port = free_port()?;
+    let proxy = FaultProxy::spawn(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        Fault {
+            connection: 0,
+            direction: Direction::ToDestination,
+            place: Place::Frame(FrameKind::Go),
+            action: Action::Stall(Duration::from_secs(120)),
+        },
+    )?;
+    rig.agent("h1", &["mover:64"])?;
+    let (endpoints, listen, advertise) = (
+        rig.endpoints(),
+        format!("127.0.0.1:{port}"),
+        proxy.addr.to_string(),
+    );
+    rig.agent_with(
+        "h2",
+        &[],
+        &endpoints,
+        &[
+            "--migration-listen",
+            &listen,
+            "--migration-advertise",
+            &advertise,
+        ],
+    )?;
+    let hosts = [("h1", 512), ("h2", 512)];
+    let api = rig.daemon("d1", &hosts, &[("mover", "h1", "medium")])?;
+    wait_for("d1 to lead", Duration::from_secs(20), || {
+        (leader_of(api).as_deref() == Some("d1")).then_some(())
+    })?;
+    wait_for("mover's record", Duration::from_secs(30), || {
+        rig.record(api, "mover")
+    })?;
+    let epoch = rig.record(api, "mover").context("record")?.epoch;
+    let before = rig.check_alive("h1", "mover", 0)?;
+
+    // Maintenance on h1 moves mover to h2, the only other host.
+    std::thread::spawn(move || {
+        JsonClient::new(&api.to_string(), Some(Duration::from_secs(60)))
+            .call::<(), serde_json::Value>(Method::Post, "/v1/hosts/h1/maintenance", None)
+    });
+    wait_for("GO to reach the proxy", Duration::from_secs(60), || {
+        proxy.struck_at()
+    })?;
+    // The record moved before GO: h2 owns mover, h1 keeps a paused copy.
+    let moved = rig.record(api, "mover").context("record")?;
+    if moved.host != "h2" || moved.epoch != epoch + 1 || moved.last != Transition::Migrate {
+        bail!("the record did not move to h2 before GO: {moved:?} (was epoch {epoch})");
+    }
+    kill_agent(rig, "h2");
+
+    // From the kill on: never on two hosts; back on h1 after the failover.
+    let on = wait_for("mover to run again", Duration::from_secs(60), || {
+        let on = rig.running_on("mover");
+        (!on.is_empty()).then_some(on)
+    })?;
+    if on != ["h1"] {
+        bail!("mover runs on {on:?}, not on its migration source h1");
+    }
+    // Resumed with its memory: the heartbeat goes on from before the
+    // migration (a boot would start it again from 0), the self-check clean.
+    let first = rig.guest("h1", "mover")?.heartbeat;
+    if first < before {
+        bail!("mover's heartbeat {first} is below {before} from before the migration: booted again, not resumed");
+    }
+    rig.check_alive("h1", "mover", first)?;
+    let rec = rig.record(api, "mover").context("record")?;
+    if rec.host != "h1"
+        || rec.epoch != epoch + 2
+        || rec.last != Transition::Restart
+        || rec.previous.as_deref() != Some("h2")
+    {
+        bail!("mover's record did not come back to h1 by one restart: {rec:?}");
+    }
+    let events: Vec<HaEvent> = client(api).get("/v1/ha/events")?;
+    if !events.iter().any(|e| {
+        e.kind == HaEventKind::Restarted
+            && e.vm.as_deref() == Some("mover")
+            && e.message.contains("paused copy")
+    }) {
+        bail!("no restart from the paused copy in {events:?}");
+    }
+    // It stays so.
+    std::thread::sleep(Duration::from_secs(2));
+    if rig.running_on("mover") != ["h1"] {
+        bail!("mover afterwards on {:?}", rig.running_on("mover"));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_cut_off_agent_fences_itself_and_runs_nothing_it_lost_when_back() {
+    let Some(mut rig) = Rig::new("a_cut_off_agent_fences_itself", "ha-cut").unwrap() else {
+        return;
+    };
+    if let Err(e) = cut_off_agent(&mut rig) {
+        panic!("{e:#}{}", rig.diag());
+    }
+}
+
+/// `vm` as `host`'s agent lists it: `Some(running)`, `None` when not held.
+fn held(rig: &Rig, host: &str, vm: &str) -> Result<Option<bool>> {
+    let s: AgentStatus = client(rig.agent_addr(host)).get("/v1/status")?;
+    Ok(s.vms.iter().find(|v| v.name == vm).map(|v| v.running))
+}
+
+fn cut_off_agent(rig: &mut Rig) -> Result<()> {
+    let link = TcpProxy::start(rig.etcd.members[0].client)?;
+    rig.agent_with("h1", &["web:64"], &link.url(), &["--fence", "pause"])?;
+    rig.agent("h2", &[])?;
+    let hosts = [("h1", 512), ("h2", 512)];
+    let api = rig.daemon("d1", &hosts, &[("web", "h1", "medium")])?;
+    wait_for("web's record", Duration::from_secs(30), || {
+        rig.record(api, "web")
+    })?;
+    let epoch = rig.record(api, "web").context("record")?.epoch;
+    rig.check_alive("h1", "web", 0)?;
+
+    link.cut();
+    // h1 still answers (only its etcd link is down): web is paused there
+    // (fenced) and then runs on h2, never on both.
+    let mut fenced_seen = false;
+    wait_for("web to run on h2", Duration::from_secs(60), || {
+        let on = rig.running_on("web");
+        fenced_seen |= held(rig, "h1", "web").ok()? == Some(false);
+        match on.as_slice() {
+            [h] if h == "h2" => Some(Ok(())),
+            [] | [_] => None,
+            _ => Some(Err(on)),
+        }
+    })?
+    .map_err(|on| anyhow::anyhow!("web runs on {on:?} at once"))?;
+    if !fenced_seen || held(rig, "h1", "web")? != Some(false) {
+        bail!("h1 did not keep web paused (fenced) while cut off");
+    }
+    let rec = rig.record(api, "web").context("record")?;
+    if rec.host != "h2" || rec.epoch != epoch + 1 || rec.last != Transition::Restart {
+        bail!("web's record did not move to h2 by one restart: {rec:?}");
+    }
+    let fences = ureq_text(rig.agent_addr("h1"), "/metrics")?;
+    if !fences.lines().any(|l| l == "ferry_agent_fences_total 1") {
+        bail!("h1's metrics do not count one fence:\n{fences}");
+    }
+
+    link.restore();
+    // Back on etcd, h1 drops the copy it no longer owns, resuming nothing.
+    wait_for(
+        "h1 to drop its fenced copy",
+        Duration::from_secs(60),
+        || {
+            let on = rig.running_on("web");
+            if on != ["h2"] {
+                return Some(Err(on));
+            }
+            held(rig, "h1", "web").ok()?.is_none().then_some(Ok(()))
+        },
+    )?
+    .map_err(|on| anyhow::anyhow!("with h1 back, web runs on {on:?}"))?;
+    let log = std::fs::read_to_string(rig.dir.path().join("agent-h1.log"))?;
+    if !log.contains("stopping VM web: it is not ours") {
+        bail!("h1 did not say why it stopped web");
+    }
+    rig.check_alive("h2", "web", 0)?;
+    let rec2 = rig.record(api, "web").context("record")?;
+    if rec2 != rec || rig.running_on("web") != ["h2"] {
+        bail!(
+            "after h1 came back: {rec2:?}, web on {:?}",
+            rig.running_on("web")
+        );
     }
     Ok(())
 }

@@ -143,8 +143,14 @@ pub struct IncomingRequest {
 /// The answer to [`IncomingRequest`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IncomingReply {
-    /// The port the migration listener is bound to (on the agent's address).
+    /// The port the migration listener is bound to.
     pub port: u16,
+    /// Where the source connects (`ip:port`), when the agent says: its
+    /// listener is bound to an address of its own (`--migration-listen`)
+    /// or reached through another one (`--migration-advertise`: a NAT, a
+    /// relay). Absent: `port` on the agent's own address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
 }
 
 /// `POST /v1/vms/load`.
@@ -234,6 +240,8 @@ mod tests {
     fn requests_parse_from_their_documented_json() {
         let r: IncomingRequest = serde_json::from_str(r#"{"vm":"a","mem_mb":64}"#).unwrap();
         assert_eq!(r.cpu_mips, 0.0, "cpu_mips defaults");
+        let old: IncomingReply = serde_json::from_str(r#"{"port":7410}"#).unwrap();
+        assert_eq!(old.addr, None, "an agent that names no address");
         let e = serde_json::from_str::<MigrateRequest>(r#"{"vm":"a"}"#).unwrap_err();
         assert!(e.to_string().contains("target_host"), "{e}");
     }
