@@ -107,13 +107,13 @@ fn accel(p: QemuProfile) -> String {
     }
 }
 
-/// dirty-limit's per-vCPU limit, MB/s: half the cap (or 200 MB/s when
-/// uncapped) shared among the vCPUs, the limit ferry's dirty-limit
-/// derives from its bandwidth estimate.
-fn vcpu_dirty_limit_mb(w: &Workload) -> u64 {
-    let bw = w.cap_bytes_per_sec.unwrap_or(200_000_000);
-    (bw / 2 / u64::from(w.cpus.max(1)) / 1_000_000).max(1)
-}
+/// dirty-limit's per-vCPU limit, MB/s: QEMU 8.1's default
+/// `vcpu-dirty-limit` (its dirty-limit capability applies it once the
+/// migration stops converging; 7.2 has only the limit, set from the start).
+/// A static limit must be this low for a 20 ms pause over a capped link;
+/// ferry's dirty-limit starts from a share of the bandwidth and tightens
+/// while rounds do not shrink.
+const VCPU_DIRTY_LIMIT_MB: u64 = 1;
 
 fn parameters(p: QemuProfile, w: &Workload, downtime_limit_ms: u64, source: bool) -> Value {
     let mut v = json!({});
@@ -157,7 +157,7 @@ fn configure(
         // Every vCPU limited; one dirtying less than the limit is not slowed.
         q.execute(
             "set-vcpu-dirty-limit",
-            json!({ "dirty-rate": vcpu_dirty_limit_mb(w) }),
+            json!({ "dirty-rate": VCPU_DIRTY_LIMIT_MB }),
         )
         .map_err(qmp_err("set-vcpu-dirty-limit"))?;
     }
