@@ -571,6 +571,10 @@ pub struct DowntimeParts {
     pub final_pages_ms: f64,
     pub state_ms: f64,
     pub ready_wait_ms: f64,
+    #[serde(default)]
+    pub dest_pages_ms: f64,
+    #[serde(default)]
+    pub ready_return_ms: f64,
     pub dest_verify_ms: f64,
     pub dest_restore_ms: f64,
     pub go_to_resume_ms: f64,
@@ -621,6 +625,8 @@ impl From<&ferry_engine::MigrationSummary> for Summary {
                 final_pages_ms: ms(p.final_pages),
                 state_ms: ms(p.state),
                 ready_wait_ms: ms(p.ready_wait),
+                dest_pages_ms: ms(p.dest_pages),
+                ready_return_ms: ms(p.ready_return),
                 dest_verify_ms: ms(p.dest_verify),
                 dest_restore_ms: ms(p.dest_restore),
                 go_to_resume_ms: ms(p.go_to_resume),

@@ -232,8 +232,9 @@ pub struct ControllerState {
 ///    deltas count. Expected downtime = bytes left / bandwidth.
 /// 3. It fits `max_downtime` → **stop-and-copy** (even past the deadline:
 ///    the last round is cheap), unless it is still above `settle_downtime`,
-///    the round at least halved the dirty set and the deadline has not
-///    passed → **continue** (settling).
+///    the round at least halved the dirty set (round 0: left at most half
+///    of the pages it sent) and the deadline has not passed → **continue**
+///    (settling).
 /// 4. Past the deadline → **give up** ([`OnDeadline::Abort`]) or
 ///    **stop-and-copy** anyway ([`OnDeadline::Force`]).
 /// 5. The round did not shrink the dirty set below [`SHRINK_PERCENT`] % of
@@ -270,9 +271,11 @@ pub fn decide(
         None => true,
         Some(prev) => round.dirty_pages * 100 < prev * SHRINK_PERCENT || round.dirty_pages == 0,
     };
-    let halving = state
-        .previous_dirty_pages
-        .is_some_and(|prev| round.dirty_pages.saturating_mul(2) <= prev);
+    // Round 0 is compared with what it sent (all of memory): the first
+    // dirty set is small next to it, and a pause that carries it (it may
+    // be most of `max_downtime`) is what settling avoids.
+    let halving = round.dirty_pages.saturating_mul(2)
+        <= state.previous_dirty_pages.unwrap_or(round.pages_sent);
     let past_deadline = policy.deadline.is_some_and(|d| round.elapsed >= d);
     let settling = expected_downtime > policy.settle_downtime && halving && !past_deadline;
     let decision = if expected_downtime <= policy.max_downtime && !settling {
@@ -430,6 +433,13 @@ impl ConvergenceController {
         }
     }
 
+    /// Whether [`Self::assess`] would stop and copy after `round`, without
+    /// remembering anything (the source then makes sure the destination
+    /// has caught up and measures again before it decides for good).
+    pub fn would_stop(&self, round: &RoundMeasurement) -> bool {
+        decide(&self.policy, &self.state, round).decision == Decision::StopAndCopy
+    }
+
     /// Decide after a round, and remember what the next decision needs.
     /// `vcpu_dirty_pages`: pages each vCPU dirtied during the round, when
     /// the dirty log counts them (dirty-limit needs them; with none, a
@@ -525,6 +535,20 @@ mod tests {
                 policy,
                 state(0.0, None, 0),
                 round(1000, 262_144, 1 << 30, 0, 1000),
+                Decision::StopAndCopy,
+            ),
+            (
+                "round 0 left 17 ms of pages: settle instead of pausing on them",
+                policy,
+                state(0.0, None, 0),
+                round(1000, 262_144, 1 << 30, 4_371, 1000),
+                Decision::Continue,
+            ),
+            (
+                "round 0 left under 1 ms of pages: stop",
+                policy,
+                state(0.0, None, 0),
+                round(1000, 262_144, 1 << 30, 100, 1000),
                 Decision::StopAndCopy,
             ),
             (

@@ -325,6 +325,8 @@ mod tests {
             verify_ns: 2,
             restore_ns: 3,
             resume_ns: 4,
+            pages_written_at_unix_ns: 5,
+            ready_sent_at_unix_ns: 6,
         }
     }
 

@@ -66,7 +66,10 @@
 //! pages into guest memory. A page always travels on the same lane, and
 //! every lane ends every round with a RoundEnd at which the destination
 //! waits for its decoders (a barrier), so a page's newer copy never
-//! overtakes an older one.
+//! overtakes an older one. Once every lane has ended a round, the
+//! destination says so (`RoundWritten`); before it pauses the guest, the
+//! source waits for that, so the pause carries the last dirty set only,
+//! never pages still queued in lanes and socket buffers.
 //!
 //! Modules:
 //! - [`encode`]: page encodings (zero, unchanged, XOR delta, LZ4, raw) and

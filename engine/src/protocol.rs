@@ -9,6 +9,8 @@
 //!   Hello {stream version, page size, features, migration id, layout}  ->
 //!                                          <-  HelloAck {stream version, features}  (or Abort)
 //!   round 0..n: PageBatch*, RoundEnd {round, pages}  ->
+//!                                          <-  Progress: RoundWritten {round}
+//!                   (the source waits for it before it pauses the guest)
 //!   (guest paused) final round: PageBatch*, RoundEnd  ->
 //!   VcpuState {device sections}  ->
 //!   Digest {memory digest, region count, a digest per layout region}  ->
@@ -55,6 +57,13 @@
 //! layout order, adding up to the memory digest: the destination says
 //! which region differs. Versions up to 4 carried the memory digest only.
 //!
+//! `Progress` from the destination (version 6) is [`RoundWritten`]: every
+//! page of that round is written, so what the source still has to send is
+//! only what the guest dirtied since, not also what sat in queues and
+//! socket buffers. The source waits for it before it pauses the guest
+//! (the pause then carries only the last dirty set) and skips it anywhere
+//! else. Versions up to 5 sent nothing while pages streamed.
+//!
 //! Version rule: a Hello whose stream version differs from
 //! [`STREAM_VERSION`] is refused with an Abort naming both versions (the
 //! frame format itself is versioned by the transport).
@@ -64,8 +73,10 @@ use crate::layout::{MemoryLayout, MemoryRegion, MAX_REGIONS};
 
 /// Version of the migration stream described here (3: Hello carries the
 /// migration id that `Resolve` names; 4: the VcpuState payload is device
-/// state sections; 5: the Digest carries a digest per memory region).
-pub const STREAM_VERSION: u32 = 5;
+/// state sections; 5: the Digest carries a digest per memory region;
+/// 6: the destination reports each round written with [`RoundWritten`],
+/// and `Running` says when the last pages were written and Ready sent).
+pub const STREAM_VERSION: u32 = 6;
 
 /// Longest Abort reason kept.
 pub const MAX_REASON_BYTES: usize = 4096;
@@ -369,6 +380,29 @@ impl RoundEnd {
     }
 }
 
+/// Destination -> source (a `Progress` frame on lane 0): every lane's
+/// `RoundEnd` of `round` arrived and every page before them is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundWritten {
+    /// Round number, 0 first.
+    pub round: u32,
+}
+
+impl RoundWritten {
+    /// Payload bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        self.round.to_le_bytes().to_vec()
+    }
+
+    /// Parse a payload.
+    pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
+        let mut c = Cursor::new("RoundWritten", bytes);
+        let v = Self { round: c.u32()? };
+        c.end()?;
+        Ok(v)
+    }
+}
+
 /// Destination -> source after Go: when and how it resumed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Running {
@@ -381,6 +415,12 @@ pub struct Running {
     pub restore_ns: u64,
     /// Time from receiving Go to the guest running, ns.
     pub resume_ns: u64,
+    /// When every page of the final round was written (realtime clock, ns
+    /// since the Unix epoch; version 6).
+    pub pages_written_at_unix_ns: u64,
+    /// When Ready was sent (realtime clock, ns since the Unix epoch;
+    /// version 6).
+    pub ready_sent_at_unix_ns: u64,
 }
 
 impl Running {
@@ -391,6 +431,8 @@ impl Running {
             self.verify_ns,
             self.restore_ns,
             self.resume_ns,
+            self.pages_written_at_unix_ns,
+            self.ready_sent_at_unix_ns,
         ]
         .iter()
         .flat_map(|v| v.to_le_bytes())
@@ -405,6 +447,8 @@ impl Running {
             verify_ns: c.u64()?,
             restore_ns: c.u64()?,
             resume_ns: c.u64()?,
+            pages_written_at_unix_ns: c.u64()?,
+            ready_sent_at_unix_ns: c.u64()?,
         };
         c.end()?;
         Ok(v)
@@ -474,11 +518,17 @@ mod tests {
             pages: 77,
         };
         assert_eq!(RoundEnd::decode(&r.encode()).unwrap(), r);
+        let w = RoundWritten { round: 9 };
+        assert_eq!(RoundWritten::decode(&w.encode()).unwrap(), w);
+        assert!(RoundWritten::decode(&[1, 0, 0]).is_err());
+        assert!(RoundWritten::decode(&[1, 0, 0, 0, 0]).is_err());
         let run = Running {
             resumed_at_unix_ns: 1,
             verify_ns: 2,
             restore_ns: 3,
             resume_ns: 4,
+            pages_written_at_unix_ns: 5,
+            ready_sent_at_unix_ns: 6,
         };
         assert_eq!(Running::decode(&run.encode()).unwrap(), run);
     }
@@ -519,6 +569,7 @@ mod tests {
             let _ = Hello::decode(&bytes);
             let _ = HelloAck::decode(&bytes);
             let _ = RoundEnd::decode(&bytes);
+            let _ = RoundWritten::decode(&bytes);
             let _ = Running::decode(&bytes);
             let _ = decode_u32("x", &bytes);
             let _ = decode_reason(&bytes);

@@ -32,6 +32,16 @@ pub struct DowntimeBreakdown {
     /// pages still in flight, verifies, restores, answers.
     #[serde(serialize_with = "as_ms", rename = "ready_wait_ms")]
     pub ready_wait: Duration,
+    /// Of `ready_wait`: from the digest sent to the destination's last
+    /// page written (the final round, state and digest still in flight in
+    /// queues and socket buffers, then decoded). Same-host clocks: exact
+    /// on loopback, as good as clock sync between hosts.
+    #[serde(serialize_with = "as_ms", rename = "dest_pages_ms")]
+    pub dest_pages: Duration,
+    /// Of `ready_wait`: from the destination sending READY to the source
+    /// receiving it (the wire and the source's reader waking).
+    #[serde(serialize_with = "as_ms", rename = "ready_return_ms")]
+    pub ready_return: Duration,
     /// Of `ready_wait`: the destination checking the memory digest.
     #[serde(serialize_with = "as_ms", rename = "dest_verify_ms")]
     pub dest_verify: Duration,

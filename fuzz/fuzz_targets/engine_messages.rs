@@ -1,11 +1,12 @@
 //! Hostile bytes into what the engine's destination parses from the
 //! network: page batches (every entry decoded into a page, XOR deltas
-//! applied to whatever the page held) and the handshake/handover messages.
+//! applied to whatever the page held) and the handshake/handover messages
+//! (the source's too: RoundWritten, Running).
 //! Each must return a value or an error, never panic.
 #![no_main]
 
 use ferry_engine::encode::{decode_page, BatchReader, PAGE_SIZE};
-use ferry_engine::protocol::{DigestMessage, Hello, HelloAck, RoundEnd, Running};
+use ferry_engine::protocol::{DigestMessage, Hello, HelloAck, RoundEnd, RoundWritten, Running};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -13,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
         Some((s, b)) => (*s, b),
         None => return,
     };
-    match selector % 6 {
+    match selector % 7 {
         0 => {
             // A batch for a guest of up to 64 Ki pages.
             let Ok(mut reader) = BatchReader::new(body, 1 << 16) else {
@@ -42,6 +43,7 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(DigestMessage::decode(&d.encode()).as_ref(), Ok(&d));
             }
         }
+        5 => drop(RoundWritten::decode(body)),
         _ => drop(Running::decode(body)),
     }
 });

@@ -20,7 +20,7 @@ use crate::error::MigrationError;
 use crate::handover::HandoverOutcome;
 use crate::layout::MemoryLayout;
 use crate::options::DestinationOptions;
-use crate::protocol::{self, Hello, HelloAck, RoundEnd, Running, STREAM_VERSION};
+use crate::protocol::{self, Hello, HelloAck, RoundEnd, RoundWritten, Running, STREAM_VERSION};
 use crate::source::PAGE_BATCH_FLAGS;
 use crate::summary::DestinationSummary;
 use crate::vm::{MigratableVm, VmOpError};
@@ -496,6 +496,7 @@ impl<S: FrameSink> Receiving<'_, S> {
             r.map(|(rounds, state, digest)| (rounds, state, digest, counts))
         });
         let (rounds, state, source_digest, counts) = outcome?;
+        let pages_written_at = unix_ns();
 
         let t_verify = Instant::now();
         let digest = hashes.digest();
@@ -533,6 +534,7 @@ impl<S: FrameSink> Receiving<'_, S> {
         let restore = t_restore.elapsed();
         // Go comes after one round trip: have the vCPU ready for it.
         vm.prepare_resume();
+        let ready_sent_at = unix_ns();
         self.send(FrameKind::Ready, &protocol::encode_u64(digest))?;
 
         // Only lane 0 matters now: the other lanes' ends are not read
@@ -565,6 +567,8 @@ impl<S: FrameSink> Receiving<'_, S> {
                 verify_ns: nanos(verify),
                 restore_ns: nanos(restore),
                 resume_ns: resumed_at.saturating_sub(go_at),
+                pages_written_at_unix_ns: pages_written_at,
+                ready_sent_at_unix_ns: ready_sent_at,
             })
         });
         let running = match resumed {
@@ -658,6 +662,15 @@ impl<S: FrameSink> Receiving<'_, S> {
                         }));
                     }
                     lane_rounds[lane] += 1;
+                    // The last lane to end this round: every page of it is
+                    // written (each lane's RoundEnd drained the decodes
+                    // before it). The source waits for this before it
+                    // pauses; once the Digest is here it waits for Ready.
+                    let reached = lane_rounds[lane];
+                    if digest.is_none() && lane_rounds.iter().all(|&r| r >= reached) {
+                        let written = RoundWritten { round: end.round };
+                        self.send(FrameKind::Progress, &written.encode())?;
+                    }
                 }
                 FrameKind::VcpuState if digest.is_none() => {
                     if buf.len() > protocol::MAX_STATE_BYTES {

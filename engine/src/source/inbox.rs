@@ -1,13 +1,14 @@
 //! Frames from the destination, read on their own thread so the source can
-//! notice an Abort or a dropped connection while it streams pages.
+//! notice an Abort or a dropped connection while it streams pages, and
+//! learn which rounds the destination has written.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use ferry_transport::{Frame, FrameKind, FrameSource, TransportError};
 
 use crate::error::MigrationError;
-use crate::protocol::decode_reason;
+use crate::protocol::{decode_reason, RoundWritten};
 
 /// The reading half of the source's connection, on a detached thread that
 /// ends when the connection fails or is closed.
@@ -34,12 +35,47 @@ impl Inbox {
     }
 
     /// Fail if the destination aborted or the connection broke; otherwise
-    /// return at once. The destination sends nothing while pages stream.
+    /// return at once. While pages stream the destination sends only
+    /// `Progress` (rounds written), which is skipped here.
     pub(crate) fn check(&self, during: &'static str) -> Result<(), MigrationError> {
-        match self.frames.try_recv() {
-            Err(TryRecvError::Empty) => Ok(()),
-            Err(TryRecvError::Disconnected) => Err(MigrationError::PeerClosed { during }),
-            Ok(got) => Err(unexpected(got, "nothing", during)),
+        loop {
+            match self.frames.try_recv() {
+                Err(TryRecvError::Empty) => return Ok(()),
+                Err(TryRecvError::Disconnected) => {
+                    return Err(MigrationError::PeerClosed { during })
+                }
+                Ok(Ok(frame)) if frame.kind == FrameKind::Progress => continue,
+                Ok(got) => return Err(unexpected(got, "nothing", during)),
+            }
+        }
+    }
+
+    /// Wait up to `timeout` for the destination to report round `round`
+    /// (or a later one) written: `Ok(true)` when it did, `Ok(false)` when
+    /// the time ran out first.
+    pub(crate) fn round_written(
+        &self,
+        round: u32,
+        timeout: Duration,
+    ) -> Result<bool, MigrationError> {
+        const WHAT: &str = "the destination to write the round";
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.frames.recv_timeout(left) {
+                Ok(Ok(frame)) if frame.kind == FrameKind::Progress => {
+                    let written =
+                        RoundWritten::decode(&frame.payload).map_err(MigrationError::Message)?;
+                    if written.round >= round {
+                        return Ok(true);
+                    }
+                }
+                Ok(got) => return Err(unexpected(got, "Progress", WHAT)),
+                Err(RecvTimeoutError::Timeout) => return Ok(false),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(MigrationError::PeerClosed { during: WHAT })
+                }
+            }
         }
     }
 
@@ -59,21 +95,31 @@ impl Inbox {
         }
     }
 
-    /// Wait up to `timeout` for a frame of `kind`.
+    /// Wait up to `timeout` for a frame of `kind` (`Progress` frames
+    /// before it are skipped).
     pub(crate) fn expect(
         &self,
         kind: FrameKind,
         what: &'static str,
         timeout: Duration,
     ) -> Result<Vec<u8>, MigrationError> {
-        match self.frames.recv_timeout(timeout) {
-            Ok(Ok(frame)) if frame.kind == kind => Ok(frame.payload),
-            Ok(got) => Err(unexpected(got, what, what)),
-            Err(RecvTimeoutError::Timeout) => Err(MigrationError::Timeout {
-                waiting_for: what,
-                timeout,
-            }),
-            Err(RecvTimeoutError::Disconnected) => Err(MigrationError::PeerClosed { during: what }),
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.frames.recv_timeout(left) {
+                Ok(Ok(frame)) if frame.kind == kind => return Ok(frame.payload),
+                Ok(Ok(frame)) if frame.kind == FrameKind::Progress => continue,
+                Ok(got) => return Err(unexpected(got, what, what)),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(MigrationError::Timeout {
+                        waiting_for: what,
+                        timeout,
+                    })
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(MigrationError::PeerClosed { during: what })
+                }
+            }
         }
     }
 }
@@ -92,5 +138,64 @@ fn unexpected(
             got: frame.kind,
         },
         Err(e) => MigrationError::from_receive(e, during),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use ferry_transport::{FrameReader, FrameSink, FrameWriter};
+
+    use super::*;
+    use crate::protocol::encode_reason;
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    fn written(w: &mut FrameWriter<UnixStream>, round: u32) {
+        w.send(FrameKind::Progress, 0, &RoundWritten { round }.encode())
+            .unwrap();
+        w.flush().unwrap();
+    }
+
+    #[test]
+    fn rounds_written_are_waited_for_and_skipped_everywhere_else() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let inbox = Inbox::spawn(FrameReader::new(ours));
+        let mut dst = FrameWriter::new(theirs);
+        // An older round does not answer for a later one; a later one does.
+        written(&mut dst, 0);
+        written(&mut dst, 2);
+        assert!(inbox.round_written(1, LONG).unwrap());
+        // Nothing more came: the wait runs out without failing.
+        assert!(!inbox.round_written(3, Duration::from_millis(10)).unwrap());
+        // Ready behind a round written (the final round's) is what `expect`
+        // returns.
+        written(&mut dst, 3);
+        dst.send(FrameKind::Ready, 0, &[7]).unwrap();
+        dst.flush().unwrap();
+        assert_eq!(inbox.expect(FrameKind::Ready, "Ready", LONG).unwrap(), [7]);
+        // An Abort while waiting for a round is the destination's reason.
+        written(&mut dst, 4);
+        dst.send(FrameKind::Abort, 0, &encode_reason("disk full"))
+            .unwrap();
+        dst.flush().unwrap();
+        match inbox.round_written(9, LONG) {
+            Err(MigrationError::PeerAborted(reason)) => assert_eq!(reason, "disk full"),
+            other => panic!("expected the abort, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_malformed_round_written_fails_the_wait() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let inbox = Inbox::spawn(FrameReader::new(ours));
+        let mut dst = FrameWriter::new(theirs);
+        dst.send(FrameKind::Progress, 0, &[1, 2]).unwrap();
+        dst.flush().unwrap();
+        assert!(matches!(
+            inbox.round_written(0, LONG),
+            Err(MigrationError::Message(_))
+        ));
     }
 }

@@ -534,6 +534,9 @@ impl Session<'_> {
         let mut vcpu_max_throttle = vec![0u8; vcpus];
         let mut vcpu_dirty_total = vec![0u64; if per_vcpu { vcpus } else { 0 }];
         let mut expected_downtime;
+        // Whether the last round ended waiting for the destination to write
+        // it (the pipe then held that round only).
+        let mut drained_before = false;
         loop {
             self.steer(&mut controller)?;
             let throttle = controller.throttle();
@@ -547,24 +550,61 @@ impl Session<'_> {
                 deadline: controller.policy().deadline,
             };
             let totals = self.send_round(&dirty, mode, pipeline, progress)?;
-            let duration = t0.elapsed();
             guest_pages += totals.pages;
             counts.add(&totals.counts);
             dirty.clear();
             self.collect(log, &mut dirty, Reprotect::Deferred)?;
-            let dirty_pages = dirty.count_ones() as u64;
-            let vcpu_dirty_pages = self.take_vcpu_dirty_counts(log).unwrap_or_default();
+            let mut vcpu_dirty_pages = self.take_vcpu_dirty_counts(log).unwrap_or_default();
+            let mut measurement = RoundMeasurement {
+                duration: t0.elapsed(),
+                pages_sent: totals.counts.sent(),
+                wire_bytes: totals.wire_bytes,
+                dirty_pages: dirty.count_ones() as u64,
+                elapsed: self.started.elapsed(),
+            };
+            let mut one_more = false;
+            let drained = controller.would_stop(&measurement);
+            if drained {
+                // A round ends when its pages are queued, not delivered:
+                // lane queues and socket buffers may still hold megabytes
+                // that the pause would wait for (on a slow link, tens of
+                // milliseconds). Let the destination write them while the
+                // guest runs, then count what the guest dirtied meanwhile.
+                self.await_round_written(round)?;
+                self.collect(log, &mut dirty, Reprotect::Deferred)?;
+                let more = self.take_vcpu_dirty_counts(log).unwrap_or_default();
+                if vcpu_dirty_pages.len() < more.len() {
+                    vcpu_dirty_pages.resize(more.len(), 0);
+                }
+                for (n, m) in vcpu_dirty_pages.iter_mut().zip(&more) {
+                    *n += m;
+                }
+                measurement.duration = t0.elapsed();
+                measurement.dirty_pages = dirty.count_ones() as u64;
+                measurement.elapsed = self.started.elapsed();
+                // When the pipe held more than this round (the round
+                // before did not wait), what the guest dirtied while it
+                // emptied is not what a round leaves: one more round, whose
+                // end waits only for its own pages, is measured instead.
+                one_more = !drained_before;
+            }
+            drained_before = drained;
             for (total, n) in vcpu_dirty_total.iter_mut().zip(&vcpu_dirty_pages) {
                 *total += n;
             }
-            let measurement = RoundMeasurement {
-                duration,
-                pages_sent: totals.counts.sent(),
-                wire_bytes: totals.wire_bytes,
-                dirty_pages,
-                elapsed: self.started.elapsed(),
-            };
-            let assessment = controller.assess(&measurement, &vcpu_dirty_pages);
+            let duration = measurement.duration;
+            let dirty_pages = measurement.dirty_pages;
+            let mut assessment = controller.assess(&measurement, &vcpu_dirty_pages);
+            if one_more
+                && assessment.decision == Decision::StopAndCopy
+                && assessment.expected_downtime > controller.policy().settle_downtime
+                && controller
+                    .policy()
+                    .deadline
+                    .is_none_or(|d| measurement.elapsed < d)
+            {
+                assessment.decision = Decision::Continue;
+            }
             expected_downtime = assessment.expected_downtime;
             debug!(round, ?measurement, ?assessment, "round finished");
             progress(ProgressEvent::RoundFinished {
@@ -674,12 +714,14 @@ impl Session<'_> {
         });
 
         let t_ready = Instant::now();
+        let digest_sent_at = unix_ns();
         let bound = self.pause_bound.expect("set at the pause");
         let ready = match self.inbox.expect(FrameKind::Ready, "Ready", bound.left()) {
             Err(MigrationError::Timeout { .. }) => return Err(bound.exceeded("Ready")),
             other => other?,
         };
         let ready_wait = t_ready.elapsed();
+        let ready_received_at = unix_ns();
         let theirs = protocol::decode_u64("Ready", &ready).map_err(MigrationError::Message)?;
         if theirs != digest {
             return Err(MigrationError::DigestMismatch {
@@ -744,6 +786,14 @@ impl Session<'_> {
                 final_pages,
                 state: state_time,
                 ready_wait,
+                dest_pages: Duration::from_nanos(
+                    running
+                        .pages_written_at_unix_ns
+                        .saturating_sub(digest_sent_at),
+                ),
+                ready_return: Duration::from_nanos(
+                    ready_received_at.saturating_sub(running.ready_sent_at_unix_ns),
+                ),
                 dest_verify: Duration::from_nanos(running.verify_ns),
                 dest_restore: Duration::from_nanos(running.restore_ns),
                 go_to_resume: downtime.saturating_sub(before_ready),
@@ -785,6 +835,31 @@ impl Session<'_> {
             controller.set_policy(r.apply(controller.policy()));
         }
         Ok(())
+    }
+
+    /// Before the pause: wait (the guest running) until the destination
+    /// reports every page of `round` written. Cancels are honoured while
+    /// waiting; a destination that reports nothing for the handover
+    /// timeout fails the migration (the guest keeps running here).
+    fn await_round_written(&self, round: u32) -> Result<(), MigrationError> {
+        let since = Instant::now();
+        loop {
+            if self.inbox.round_written(round, PROGRESS_EVERY)? {
+                return Ok(());
+            }
+            if let Some(s) = self.steering {
+                s.check()?;
+            }
+            if let Some(e) = self.out.failed() {
+                return Err(self.send_failed(e));
+            }
+            if since.elapsed() >= self.opts.handover_timeout {
+                return Err(MigrationError::Timeout {
+                    waiting_for: "the destination to write the last round",
+                    timeout: self.opts.handover_timeout,
+                });
+            }
+        }
     }
 
     /// After GO: the destination's Running, or its refusal (then the guest
