@@ -22,6 +22,10 @@
 //!   its fenced copy (the record names the other host) and resumes
 //!   nothing.
 //!
+//! - admission control on a start: a VM shut down by an evacuation does not
+//!   start again on its host when that would break the failover reserve;
+//!   the API says why.
+//!
 //! Short leases (2 s) and 64 MB guests keep each test within seconds.
 
 #![cfg(feature = "etcd")]
@@ -93,6 +97,9 @@ struct Rig {
     dir: tempfile::TempDir,
     agents: Vec<Agent>,
     daemons: Vec<Daemon>,
+    /// VMs configured to shut down (not migrate) when their host is
+    /// evacuated.
+    shutdown_on_evacuate: Vec<&'static str>,
 }
 
 impl Rig {
@@ -121,6 +128,7 @@ impl Rig {
             dir: tempfile::Builder::new().prefix("ferry-ha-").tempdir()?,
             agents: Vec::new(),
             daemons: Vec::new(),
+            shutdown_on_evacuate: Vec::new(),
         }))
     }
 
@@ -198,6 +206,9 @@ impl Rig {
             t.push_str(&format!(
                 "[[vm]]\nname = \"{vm}\"\nhost = \"{host}\"\ncpu_mips = 100\nmem_mb = 64\nrestart = \"{restart}\"\n\n"
             ));
+            if self.shutdown_on_evacuate.contains(vm) {
+                t.push_str("on_evacuate = \"shutdown\"\n\n");
+            }
         }
         let path = self.dir.path().join(format!("cluster-{}.toml", api.port()));
         std::fs::write(&path, t)?;
@@ -754,6 +765,66 @@ fn cut_off_agent(rig: &mut Rig) -> Result<()> {
             "after h1 came back: {rec2:?}, web on {:?}",
             rig.running_on("web")
         );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_start_that_would_break_the_failover_reserve_is_refused() {
+    let Some(mut rig) = Rig::new("a_start_that_would_break_the_reserve", "ha-admit").unwrap()
+    else {
+        return;
+    };
+    if let Err(e) = start_refused(&mut rig) {
+        panic!("{e:#}{}", rig.diag());
+    }
+}
+
+fn start_refused(rig: &mut Rig) -> Result<()> {
+    rig.agent("h1", &["b:64"])?;
+    rig.agent("h2", &["a:64"])?;
+    // Room for one 64 MB guest per host: with both running, neither host's
+    // guest could restart on the other (the reserve for one failure).
+    rig.shutdown_on_evacuate.push("b");
+    let hosts = [("h1", 100), ("h2", 100)];
+    let api = rig.daemon(
+        "d1",
+        &hosts,
+        &[("a", "h2", "medium"), ("b", "h1", "medium")],
+    )?;
+    wait_for(
+        "d1 to lead with both records",
+        Duration::from_secs(30),
+        || {
+            (leader_of(api).as_deref() == Some("d1") && rig.records(api).ok()?.len() == 2)
+                .then_some(())
+        },
+    )?;
+    let maintenance = |method| {
+        JsonClient::new(&api.to_string(), Some(Duration::from_secs(60)))
+            .call::<(), serde_json::Value>(method, "/v1/hosts/h1/maintenance", None)
+    };
+    maintenance(Method::Post).context("entering maintenance (b shuts down)")?;
+    if !rig.running_on("b").is_empty() {
+        bail!("b still runs on {:?}", rig.running_on("b"));
+    }
+    // Leaving it would start b on h1 again: refused, with the reason.
+    let refused = match maintenance(Method::Delete) {
+        Ok(v) => bail!("leaving maintenance started b against the reserve: {v}"),
+        Err(e) => e.to_string(),
+    };
+    if !refused.contains("start b on h1") || !refused.contains("failover reserve") {
+        bail!("the refusal does not say why: {refused}");
+    }
+    if !rig.running_on("b").is_empty() {
+        bail!("b runs on {:?} although refused", rig.running_on("b"));
+    }
+    let events: Vec<HaEvent> = client(api).get("/v1/ha/events")?;
+    if !events
+        .iter()
+        .any(|e| e.kind == HaEventKind::StartRefused && e.vm.as_deref() == Some("b"))
+    {
+        bail!("no StartRefused event for b in {events:?}");
     }
     Ok(())
 }

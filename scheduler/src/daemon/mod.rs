@@ -700,6 +700,9 @@ impl Daemon {
                 }
             }
             Action::StartVm { vm, host, .. } => {
+                if let Some(refusal) = self.refuse_start(c, vm, host) {
+                    return failed(refusal);
+                }
                 match self
                     .executor
                     .start_vm(&c.vms[vm].name, c.vms[vm].mem_mb, &c.hosts[host].name)
@@ -716,6 +719,26 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// Admission control on a start (with the cluster store, whose
+    /// failover reserve it keeps): why `vm` must not start on `host`, if
+    /// it must not. Refusals are logged and kept as HA events.
+    fn refuse_start(&self, c: &Cluster, vm: usize, host: usize) -> Option<String> {
+        let ha = self.ha.as_ref()?;
+        let policy = &ha.config.policy;
+        let refusal = crate::ha::restart::admit_start_on(c, vm, host, policy.cpu_cap, policy)
+            .err()?
+            .to_string();
+        let (name, host) = (&c.vms[vm].name, &c.hosts[host].name);
+        warn!(vm = %name, host = %host, %refusal, "start refused by admission control");
+        ha.event(
+            crate::ha::failover::HaEventKind::StartRefused,
+            Some(name),
+            Some(host),
+            refusal.clone(),
+        );
+        Some(refusal)
+    }
+
     /// A migration under the cluster store: recorded as a decision in
     /// flight; the source agent moves the VM's record to `to` before GO
     /// (a compare-and-swap fenced by this leader's token), or, for an

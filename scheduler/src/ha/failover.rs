@@ -77,6 +77,9 @@ pub enum HaEventKind {
     RestartRefused,
     /// A restart's start failed; retried.
     RestartFailed,
+    /// A VM start (not a restart) was refused by admission control: no
+    /// room, or it would break the failover reserve.
+    StartRefused,
     /// A decision left in flight by a former leader was resolved.
     DecisionResolved,
     /// A migration moved the VM's ownership.

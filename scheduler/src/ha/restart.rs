@@ -13,7 +13,9 @@
 //! admits is exactly what the restart planner will then manage to place
 //! (the greedy packing may refuse a state a cleverer packing would accept:
 //! it errs on the side of holding capacity back). [`admit_start`] places a
-//! new VM only where the reserve still holds afterwards.
+//! new VM only where the reserve still holds afterwards, and
+//! [`admit_start_on`] admits a start a policy chose (the daemon checks
+//! every start it carries out with it).
 
 use std::cmp::Reverse;
 
@@ -249,6 +251,19 @@ pub enum AdmissionRefusal {
         /// Memory.
         mem_mb: u64,
     },
+    /// The host it was to start on has no room for it (or the rules
+    /// forbid it there).
+    #[error("VM {vm}: host {host} has no room for it ({mips:.0} MIPS, {mem_mb} MB) or the rules forbid it there")]
+    NoRoomOn {
+        /// VM name.
+        vm: String,
+        /// The host.
+        host: String,
+        /// CPU demand used.
+        mips: f64,
+        /// Memory.
+        mem_mb: u64,
+    },
     /// Every host with room would break the failover reserve.
     #[error("VM {vm}: starting it would break the failover reserve: {reserve}")]
     Reserve {
@@ -276,9 +291,7 @@ pub fn admit_start(
     let mut tried: Vec<HostId> = Vec::new();
     let mut first_shortfall = None;
     while let Some(h) = best_fit(c, &ledger, &limits, vm, m, cpu_cap, &|h| tried.contains(&h)) {
-        let mut trial = c.clone();
-        trial.vms[vm].host = Some(h);
-        match check_reserve(&trial, policy) {
+        match reserve_with(c, vm, h, policy) {
             Ok(()) => return Ok(h),
             Err(e) => {
                 first_shortfall.get_or_insert(e);
@@ -295,6 +308,51 @@ pub fn admit_start(
             mem_mb: c.vms[vm].mem_mb,
         },
     })
+}
+
+/// Whether the unplaced VM `vm` may start on `host` (a start a policy
+/// chose, e.g. a VM returning home after maintenance): it fits there (up
+/// to `cpu_cap`, memory never overcommitted, the rules allowing it) and
+/// the failover reserve still holds afterwards.
+pub fn admit_start_on(
+    c: &Cluster,
+    vm: VmId,
+    host: HostId,
+    cpu_cap: f64,
+    policy: &HaPolicy,
+) -> Result<(), AdmissionRefusal> {
+    let limits = Limits {
+        max_migrations_per_host: usize::MAX,
+        min_move_interval_s: 0.0,
+    };
+    let mut c = c.clone();
+    c.vms[vm].host = None;
+    let m = mips(&c, vm);
+    let ledger = Ledger::new(&c, |v| mips(&c, v));
+    if best_fit(&c, &ledger, &limits, vm, m, cpu_cap, &|h| h != host).is_none() {
+        return Err(AdmissionRefusal::NoRoomOn {
+            vm: c.vms[vm].name.clone(),
+            host: c.hosts[host].name.clone(),
+            mips: m,
+            mem_mb: c.vms[vm].mem_mb,
+        });
+    }
+    reserve_with(&c, vm, host, policy).map_err(|reserve| AdmissionRefusal::Reserve {
+        vm: c.vms[vm].name.clone(),
+        reserve,
+    })
+}
+
+/// The failover reserve with `vm` started on `host`.
+fn reserve_with(
+    c: &Cluster,
+    vm: VmId,
+    host: HostId,
+    policy: &HaPolicy,
+) -> Result<(), ReserveError> {
+    let mut trial = c.clone();
+    trial.vms[vm].host = Some(host);
+    check_reserve(&trial, policy)
 }
 
 #[cfg(test)]
@@ -320,6 +378,40 @@ mod tests {
         vm.restart = p;
         c.vms.push(vm);
         c.vms.len() - 1
+    }
+
+    #[test]
+    fn a_start_on_a_chosen_host_is_admitted_only_while_the_reserve_holds() {
+        // Two hosts of 4096 MB: v0 (2048) on h1; v1 (2048) to start.
+        let mut c = cluster(2);
+        add(&mut c, Some(1), 2048, RestartPriority::Medium);
+        let new = add(&mut c, None, 2048, RestartPriority::Medium);
+        let p = HaPolicy::default();
+        // Either host failing leaves 2048 MB on the other: both fit.
+        assert_eq!(admit_start_on(&c, new, 0, 1.0, &p), Ok(()));
+        assert_eq!(admit_start_on(&c, new, 1, 1.0, &p), Ok(()));
+        // 3072 MB: on h0, h1's failure leaves 1024 MB there for v0's 2048.
+        c.vms[new].mem_mb = 3072;
+        let refused = admit_start_on(&c, new, 0, 1.0, &p).unwrap_err();
+        assert!(
+            matches!(&refused, AdmissionRefusal::Reserve { .. }),
+            "{refused:?}"
+        );
+        assert!(
+            refused.to_string().contains("failover reserve"),
+            "{refused}"
+        );
+        // On h1 it does not fit at all (2048 MB free).
+        assert!(matches!(
+            admit_start_on(&c, new, 1, 1.0, &p),
+            Err(AdmissionRefusal::NoRoomOn { .. })
+        ));
+        // Tolerating no failure, h0 takes it.
+        let none = HaPolicy {
+            failures: 0,
+            ..HaPolicy::default()
+        };
+        assert_eq!(admit_start_on(&c, new, 0, 1.0, &none), Ok(()));
     }
 
     #[test]
