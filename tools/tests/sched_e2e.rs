@@ -672,3 +672,69 @@ fn the_daemon_notifies_systemd_ready_and_stopping() {
     assert_eq!(&buf[..n], b"STOPPING=1\n");
     proc.kill();
 }
+
+/// `--migration-listen IP:PORT` fixes the port incoming migrations are
+/// accepted on, `--migration-advertise` is the address sources are told;
+/// a second incoming migration while the port is taken is refused (409)
+/// with the reason, not bound elsewhere.
+#[test]
+fn a_fixed_migration_port_takes_one_incoming_migration_at_a_time() {
+    let test = "a_fixed_migration_port_takes_one_incoming_migration_at_a_time";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let api = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (port, relay) = (free_port(), free_port());
+    let mut agent = ProcessGuard::spawn(
+        "agent",
+        Command::new(FERRY).args([
+            "agent",
+            "--host",
+            "h1",
+            "--listen",
+            &api.to_string(),
+            "--insecure",
+            "--migration-listen",
+            &format!("127.0.0.1:{port}"),
+            "--migration-advertise",
+            &format!("127.0.0.1:{relay}"),
+        ]),
+        &dir.path().join("agent.log"),
+    )
+    .expect("start the agent");
+    wait_for("the agent to answer", Duration::from_secs(60), || {
+        assert!(agent.is_running(), "the agent exited: see {:?}", dir.path());
+        http(api, "GET", "/v1/status", None).ok()
+    })
+    .expect("agent");
+    let first = http(
+        api,
+        "POST",
+        "/v1/incoming",
+        Some(&json!({"vm": "x", "mem_mb": 64})),
+    )
+    .expect("the first incoming migration");
+    assert_eq!(first["port"], json!(port), "{first}");
+    assert_eq!(
+        first["addr"],
+        json!(format!("127.0.0.1:{relay}")),
+        "{first}"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "nothing listens on the fixed port"
+    );
+    let second = http(
+        api,
+        "POST",
+        "/v1/incoming",
+        Some(&json!({"vm": "y", "mem_mb": 64})),
+    )
+    .expect_err("a second incoming migration on the taken port");
+    let msg = second.to_string();
+    assert!(
+        msg.contains("409") && msg.contains(&format!("127.0.0.1:{port}")) && msg.contains("taken"),
+        "{msg}"
+    );
+}
