@@ -54,7 +54,7 @@ fn cluster(hosts: usize, vms: usize) -> Cluster {
 fn planner() -> Planner {
     let mut p = Planner::new(PolicyMode::Both);
     p.balance.duration_s = 0.0;
-    p.power_save.duration_s = 0.0;
+    p.ferry.low_for_s = 0.0;
     p
 }
 

@@ -9,10 +9,22 @@
 //! - [`model`]: hosts, VMs, the cluster.
 //! - [`plan`]: policies as plans, a ledger that enforces memory, thresholds,
 //!   the minimum time between moves of a VM and per-host migration limits;
-//!   [`plan::planner::Planner`] runs them.
+//!   [`plan::planner::Planner`] runs them each round of the daemon.
+//! - [`plan::ferry`]: ferry's policy, **one function for both drivers**: the
+//!   daemon's planner (power save mode, through [`plan::power_save`]) and
+//!   the simulator ([`sim::ferry`]) call [`plan::ferry::plan`] over a
+//!   [`plan::ferry::ClusterView`] of their cluster, with one set of
+//!   defaults ([`plan::ferry::FerryParams::default`]: fill hosts to 95 % of
+//!   the peak of the last 10 minutes, shed above 105 %, empty a host whose
+//!   15-minute peak stayed under 80 % for 5 minutes, at most 4 concurrent
+//!   migrations per host, 20 minutes between two moves of a VM). Placement
+//!   rules are an input of it. `tests/policy_replay.rs` replays a PlanetLab
+//!   day through the daemon's planner and gets the simulator's moves, step
+//!   by step.
 //! - [`sim`]: the simulator (CloudSim 3.0.3 semantics), the published
-//!   baselines (NPA, DVFS, THR/IQR/MAD/LR/LRR-MMT), ferry's policy, reports
-//!   ([`sim::run::run_simulate`] is what `ferry sched simulate` calls).
+//!   baselines (NPA, DVFS, THR/IQR/MAD/LR/LRR-MMT), the driver of ferry's
+//!   policy, reports ([`sim::run::run_simulate`] is what `ferry sched
+//!   simulate` calls).
 //! - [`daemon`]: `ferry sched daemon`: config, HTTP API, metrics, power
 //!   drivers, the agent protocol and the [`daemon::agent::Executor`] seam.
 //! - [`store`]: the cluster store (VM ownership records, host leases,

@@ -124,6 +124,10 @@ pub struct Vm {
     /// Restart priority after its host fails.
     #[serde(default)]
     pub restart: RestartPriority,
+    /// vCPUs, when known (0: as many as its size needs on the host's
+    /// cores). A VM's demand on a host is at most this many cores.
+    #[serde(default)]
+    pub vcpus: u32,
 }
 
 impl Vm {
@@ -139,6 +143,17 @@ impl Vm {
             last_moved: None,
             on_evacuate: OnEvacuate::Migrate,
             restart: RestartPriority::Medium,
+            vcpus: 0,
+        }
+    }
+
+    /// Cores it can use on a host with `core_mips` per core: its vCPUs,
+    /// else as many as its size needs (at least one).
+    pub fn cores_on(&self, core_mips: f64) -> f64 {
+        if self.vcpus > 0 {
+            f64::from(self.vcpus)
+        } else {
+            (self.cpu_mips / core_mips).ceil().max(1.0)
         }
     }
 

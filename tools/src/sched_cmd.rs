@@ -237,6 +237,12 @@ struct SimulateArgs {
     /// the sorted order).
     #[arg(long)]
     shuffle_seed: Option<u64>,
+    /// VMs per day, for scale runs: the day's traces repeated (VM i replays
+    /// trace i mod n); default: one VM per trace. Scale --hosts with it:
+    /// every VM reserves its full MIPS at creation, so e.g. 100k VMs need
+    /// about 50k hosts to start.
+    #[arg(long)]
+    vms: Option<usize>,
     /// Where to write sched_results.{csv,json,svg}.
     #[arg(long, default_value = "sched-results")]
     out: PathBuf,
@@ -584,6 +590,7 @@ fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     cfg.days = a.days;
     cfg.hosts = a.hosts;
     cfg.shuffle_seed = a.shuffle_seed;
+    cfg.vms = a.vms;
     if !a.policies.is_empty() {
         cfg.policies = a
             .policies

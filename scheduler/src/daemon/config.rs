@@ -7,10 +7,11 @@
 //! listen = "127.0.0.1:7070"
 //! policy = "both"          # balance | power_save | both | manual
 //! interval_s = 30
-//! # optional planner timers (seconds; defaults 900, 600, 1800):
-//! # power_save_duration_s = 900
+//! # optional planner timers (seconds; defaults 300, 600, 1200, the
+//! # defaults of ferry's policy, `plan::ferry::FerryParams`):
+//! # power_save_duration_s = 300
 //! # balance_duration_s = 600
-//! # min_move_interval_s = 1800
+//! # min_move_interval_s = 1200
 //! # balance_threshold = 0.8
 //!
 //! [[host]]
@@ -108,7 +109,7 @@ pub struct DaemonSection {
     #[serde(default = "default_interval")]
     pub interval_s: f64,
     /// Seconds a host must stay lightly loaded before power save empties
-    /// it (default: the planner's, 900).
+    /// it (default: ferry's policy's `low_for_s`, 300).
     #[serde(default)]
     pub power_save_duration_s: Option<f64>,
     /// Seconds a host must stay overloaded before even distribution acts
@@ -116,7 +117,7 @@ pub struct DaemonSection {
     #[serde(default)]
     pub balance_duration_s: Option<f64>,
     /// Minimum seconds between two non-urgent moves of the same VM
-    /// (default: the planner's, 1800).
+    /// (default: the planner's, 1200).
     #[serde(default)]
     pub min_move_interval_s: Option<f64>,
     /// CPU share above which even distribution finds a host overloaded

@@ -286,14 +286,18 @@ impl Daemon {
         }
         let mut planner = Planner::new(mode);
         let d = &cfg.daemon;
+        if d.interval_s > 0.0 {
+            // One demand sample a round: the policy's windows are in seconds.
+            planner.power_save.sample_s = d.interval_s;
+        }
         if let Some(s) = d.power_save_duration_s {
-            planner.power_save.duration_s = s;
+            planner.ferry.low_for_s = s;
         }
         if let Some(s) = d.balance_duration_s {
             planner.balance.duration_s = s;
         }
         if let Some(s) = d.min_move_interval_s {
-            planner.limits.min_move_interval_s = s;
+            planner.ferry.limits.min_move_interval_s = s;
         }
         if let Some(t) = d.balance_threshold.filter(|t| *t > 0.0 && *t <= 1.0) {
             planner.balance.threshold = t;

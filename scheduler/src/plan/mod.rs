@@ -9,6 +9,7 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod balance;
+pub mod ferry;
 pub mod maintenance;
 pub mod placement;
 pub mod planner;
@@ -115,11 +116,14 @@ pub struct Limits {
     pub min_move_interval_s: f64,
 }
 
+/// The defaults every plan uses, daemon and simulator alike (the figures
+/// in BENCHMARKS.md are measured with them): 4 concurrent migrations per
+/// host, 20 minutes between two moves of a VM.
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_migrations_per_host: 2,
-            min_move_interval_s: 1800.0,
+            max_migrations_per_host: 4,
+            min_move_interval_s: 1200.0,
         }
     }
 }
@@ -274,7 +278,7 @@ impl Ledger {
         host.usable()
             && !host.quarantined
             && self.at[vm] != Some(to)
-            && mips <= host.core_mips * (c.vms[vm].cpu_mips / host.core_mips).ceil().max(1.0)
+            && mips <= host.core_mips * c.vms[vm].cores_on(host.core_mips)
             && self.cpu[to] + cpu <= cpu_cap * host.cpu_mips
             && self.mem[to] + mem <= host.mem_mb
             && self.migrations[to] < limits.max_migrations_per_host
@@ -457,6 +461,24 @@ pub(crate) mod testkit {
             now: 100_000.0,
             rules: Vec::new(),
         }
+    }
+
+    /// One round of power save (ferry's policy) with light hosts due at
+    /// once and a fresh state.
+    pub fn power_save_plan(c: &Cluster) -> super::Plan {
+        let params = super::ferry::FerryParams {
+            low_for_s: 0.0,
+            ..Default::default()
+        };
+        let w = 3;
+        let mut ledger = super::Ledger::new(c, |v| c.vms[v].peak(w));
+        super::power_save::plan(
+            c,
+            &params,
+            &super::power_save::PowerSave::default(),
+            &mut super::ferry::FerryState::default(),
+            &mut ledger,
+        )
     }
 
     /// Add a placed VM with a steady `demand`.

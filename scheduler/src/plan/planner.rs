@@ -1,11 +1,13 @@
-//! The planner: keeps the per-host timers (how long a host has been over or
-//! under a threshold) and runs the policies in order: maintenance first,
-//! then even distribution and/or power save. One shared ledger, so the
-//! limits hold across the whole plan.
+//! The planner, what the daemon runs each round: maintenance first, then
+//! the rules pass, then the balancing policy: even distribution, or
+//! ferry's policy ([`super::ferry`], the function the simulator measures,
+//! through [`power_save`]). One shared ledger, so the limits hold across
+//! the whole plan; one set of defaults ([`FerryParams::default`]).
 
 use serde::{Deserialize, Serialize};
 
 use super::balance::{self, Balance};
+use super::ferry::{FerryParams, FerryState};
 use super::maintenance;
 use super::power_save::{self, PowerSave};
 use super::{Ledger, Limits, Plan, PlanError};
@@ -15,11 +17,13 @@ use crate::model::Cluster;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PolicyMode {
-    /// Even distribution only.
+    /// Even distribution only: spread load over the running hosts.
     Balance,
-    /// Power save only.
+    /// ferry's policy: relieve hot hosts, consolidate light ones, power
+    /// hosts down and up.
     PowerSave,
-    /// Both (even distribution first).
+    /// The same as `power_save` (ferry's policy relieves hot hosts
+    /// itself); kept as the default name.
     Both,
     /// Maintenance only (no balancing).
     Manual,
@@ -47,12 +51,12 @@ pub struct Planner {
     pub mode: PolicyMode,
     /// Even distribution parameters.
     pub balance: Balance,
-    /// Power save parameters.
+    /// ferry's policy, and the limits every plan keeps.
+    pub ferry: FerryParams,
+    /// Power management around ferry's policy.
     pub power_save: PowerSave,
-    /// Limits for every plan.
-    pub limits: Limits,
     over_since: Vec<Option<f64>>,
-    light_since: Vec<Option<f64>>,
+    ferry_state: FerryState,
 }
 
 impl Planner {
@@ -61,11 +65,16 @@ impl Planner {
         Self {
             mode,
             balance: Balance::default(),
+            ferry: FerryParams::default(),
             power_save: PowerSave::default(),
-            limits: Limits::default(),
             over_since: Vec::new(),
-            light_since: Vec::new(),
+            ferry_state: FerryState::default(),
         }
+    }
+
+    /// The limits every plan keeps (`ferry.limits`).
+    pub fn limits(&self) -> &Limits {
+        &self.ferry.limits
     }
 
     fn tick(timers: &mut Vec<Option<f64>>, n: usize, now: f64, hot: &[usize]) {
@@ -86,12 +95,14 @@ impl Planner {
     /// Plan for the cluster as it is now.
     pub fn plan(&mut self, c: &Cluster) -> Result<Plan, PlanError> {
         let n = c.hosts.len();
-        let window = self.balance.window.max(self.power_save.window);
+        let limits = self.ferry.limits;
+        let window = self.balance.window.max(FerryParams::samples(
+            self.ferry.long_window_s(),
+            self.power_save.sample_s,
+        ));
         let mut ledger = Ledger::new(c, |v| c.vms[v].peak(window));
         let over = balance::overloaded_now(c, &self.balance, &ledger);
-        let light = power_save::light_now(c, &self.power_save, &ledger);
         Self::tick(&mut self.over_since, n, c.now, &over);
-        Self::tick(&mut self.light_since, n, c.now, &light);
         let mut plan = Plan::default();
         let mut homes: Vec<bool> = vec![false; n];
         for v in &c.vms {
@@ -108,45 +119,40 @@ impl Planner {
                     c,
                     h,
                     self.balance.threshold,
-                    &self.limits,
+                    &limits,
                     &mut ledger,
                 )?);
             } else {
-                plan.extend(maintenance::return_home(c, h, &self.limits, &mut ledger));
+                plan.extend(maintenance::return_home(c, h, &limits, &mut ledger));
             }
         }
         if self.mode != PolicyMode::Manual {
             plan.extend(super::rules::enforce(
                 c,
                 self.balance.threshold,
-                &self.limits,
+                &limits,
                 &mut ledger,
             ));
         }
-        let due = |timers: &[Option<f64>], d: f64| -> Vec<usize> {
-            (0..n)
-                .filter(|&h| timers[h].is_some_and(|s| c.now - s >= d))
-                .collect()
-        };
-        if matches!(self.mode, PolicyMode::Balance | PolicyMode::Both) {
-            let d = due(&self.over_since, self.balance.duration_s);
-            plan.extend(balance::plan(
-                c,
-                &self.balance,
-                &self.limits,
-                &mut ledger,
-                &d,
-            ));
-        }
-        if matches!(self.mode, PolicyMode::PowerSave | PolicyMode::Both) {
-            let d = due(&self.light_since, self.power_save.duration_s);
-            plan.extend(power_save::plan(
-                c,
-                &self.power_save,
-                &self.limits,
-                &mut ledger,
-                &d,
-            ));
+        match self.mode {
+            PolicyMode::Balance => {
+                let d: Vec<usize> = (0..n)
+                    .filter(|&h| {
+                        self.over_since[h].is_some_and(|s| c.now - s >= self.balance.duration_s)
+                    })
+                    .collect();
+                plan.extend(balance::plan(c, &self.balance, &limits, &mut ledger, &d));
+            }
+            PolicyMode::PowerSave | PolicyMode::Both => {
+                plan.extend(power_save::plan(
+                    c,
+                    &self.ferry,
+                    &self.power_save,
+                    &mut self.ferry_state,
+                    &mut ledger,
+                ));
+            }
+            PolicyMode::Manual => {}
         }
         Ok(plan)
     }

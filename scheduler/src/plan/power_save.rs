@@ -1,47 +1,37 @@
-//! Power save: when hosts stay lightly loaded (below a threshold for a
-//! duration, optionally only inside a daily window), move their VMs onto
-//! fewer hosts and power the emptied ones down; power hosts up again before
-//! load makes them needed.
+//! Power save, the daemon's driver of ferry's policy ([`super::ferry`],
+//! the function the simulator measures): the cluster as the policy's view,
+//! its moves as migrations with their reasons, and the power states the
+//! simulator does not need (there an empty host draws nothing and wakes at
+//! once): power hosts up ahead of need, power emptied and unneeded hosts
+//! down, keeping `spare` of the running capacity free; consolidate only
+//! inside the configured hours.
 
 use serde::{Deserialize, Serialize};
 
-use super::{find_target, Action, Ledger, Limits, Plan};
+use super::ferry::{self, ClusterView, FerryParams, FerryState, MoveKind};
+use super::rules::RuleSubject;
+use super::{Action, Fit, Ledger, Plan};
 use crate::model::{Cluster, HostId, PowerState, VmId};
 
-/// Parameters of power save.
+/// Power management around ferry's policy.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PowerSave {
-    /// CPU share under which a host counts as lightly loaded.
-    pub low: f64,
-    /// Seconds it must stay under before it is emptied.
-    pub duration_s: f64,
-    /// Receivers are filled up to this CPU share (estimate).
-    pub target: f64,
+    /// Seconds between two demand samples of a VM (the daemon's round
+    /// interval; the simulator's traces: 300).
+    pub sample_s: f64,
     /// Keep this share of usable capacity free: power a host up when
     /// estimated demand exceeds `1 - spare` of what is on.
     pub spare: f64,
     /// Only consolidate between these hours of the day (UTC, [start, end)).
     pub window_hours: Option<(u8, u8)>,
-    /// Samples of history in a VM's demand estimate (its peak).
-    pub window: usize,
-    /// Hosts emptied per round at most (consolidation is rate-limited).
-    pub max_hosts_per_round: usize,
-    /// Light hosts tried per round at most (bounds planning time on big
-    /// clusters; the rest are tried in later rounds).
-    pub max_tries_per_round: usize,
 }
 
 impl Default for PowerSave {
     fn default() -> Self {
         Self {
-            low: 0.3,
-            duration_s: 900.0,
-            target: 0.75,
+            sample_s: 300.0,
             spare: 0.2,
             window_hours: None,
-            window: 12,
-            max_hosts_per_round: 32,
-            max_tries_per_round: 128,
         }
     }
 }
@@ -61,27 +51,121 @@ impl PowerSave {
     }
 }
 
-/// Hosts under the low threshold right now (with VMs on them).
-pub fn light_now(c: &Cluster, p: &PowerSave, ledger: &Ledger) -> Vec<HostId> {
-    let b = &ledger.before;
-    (0..c.hosts.len())
-        .filter(|&h| {
-            c.hosts[h].usable() && !b.on[h].is_empty() && b.demand[h] < p.low * c.hosts[h].cpu_mips
-        })
-        .collect()
+/// The daemon's cluster as ferry's policy sees it: VMs where the plan so
+/// far puts them (`ledger.at`), those the plan already moves are not the
+/// policy's to move, and the plan's migrations count against the limit.
+#[derive(Debug)]
+pub struct ClusterAdapter<'c> {
+    c: &'c Cluster,
+    ledger: &'c Ledger,
+    on: Vec<Vec<VmId>>,
+    sample_s: f64,
 }
 
-/// The plan: power up ahead of need, empty the `due` light hosts (all VMs
-/// or none), power down empty hosts not needed for the spare capacity.
+impl<'c> ClusterAdapter<'c> {
+    /// The view of `c` after the moves `ledger` holds; demand samples are
+    /// `sample_s` apart (the daemon records one a round).
+    pub fn new(c: &'c Cluster, ledger: &'c Ledger, sample_s: f64) -> Self {
+        let mut on = vec![Vec::new(); c.hosts.len()];
+        for (v, at) in ledger.at.iter().enumerate() {
+            if let Some(h) = *at {
+                on[h].push(v);
+            }
+        }
+        Self {
+            c,
+            ledger,
+            on,
+            sample_s,
+        }
+    }
+}
+
+impl RuleSubject for ClusterAdapter<'_> {
+    fn vm_name(&self, v: VmId) -> &str {
+        self.c.vm_name(v)
+    }
+    fn host_name(&self, h: HostId) -> &str {
+        self.c.host_name(h)
+    }
+    fn host_usable(&self, h: HostId) -> bool {
+        self.c.host_usable(h)
+    }
+}
+
+impl ClusterView for ClusterAdapter<'_> {
+    fn host_count(&self) -> usize {
+        self.c.hosts.len()
+    }
+    fn vm_count(&self) -> usize {
+        self.c.vms.len()
+    }
+    fn host_cpu(&self, h: HostId) -> f64 {
+        self.c.hosts[h].cpu_mips
+    }
+    fn host_mem(&self, h: HostId) -> f64 {
+        self.c.hosts[h].mem_mb as f64
+    }
+    fn host_managed(&self, h: HostId) -> bool {
+        self.c.hosts[h].usable()
+    }
+    fn host_eligible(&self, h: HostId) -> bool {
+        let host = &self.c.hosts[h];
+        !host.maintenance && !host.quarantined
+    }
+    fn vms_on(&self, h: HostId) -> &[VmId] {
+        &self.on[h]
+    }
+    fn vm_cpu(&self, v: VmId) -> f64 {
+        self.c.vms[v].cpu_mips
+    }
+    fn vm_mem(&self, v: VmId) -> f64 {
+        self.c.vms[v].mem_mb as f64
+    }
+    fn vm_peak(&self, v: VmId, seconds: f64) -> f64 {
+        self.c.vms[v].peak(FerryParams::samples(seconds, self.sample_s))
+    }
+    fn vm_now(&self, v: VmId) -> f64 {
+        self.c.vms[v].current()
+    }
+    fn vm_fits_cores(&self, v: VmId, h: HostId, mips: f64) -> bool {
+        let core = self.c.hosts[h].core_mips;
+        mips <= core * self.c.vms[v].cores_on(core)
+    }
+    fn vm_busy(&self, v: VmId) -> bool {
+        self.ledger.moved[v] || self.c.vms[v].host.is_none()
+    }
+    fn vm_last_moved(&self, v: VmId) -> Option<f64> {
+        self.c.vms[v].last_moved
+    }
+    fn host_migrations(&self, h: HostId) -> usize {
+        self.ledger.migrations[h]
+    }
+    fn now(&self) -> f64 {
+        self.c.now
+    }
+    fn strict_memory(&self) -> bool {
+        true
+    }
+}
+
+/// The plan: power up ahead of need, ferry's moves (relieve hot hosts;
+/// consolidate light ones inside the hours), a host powered up before a VM
+/// moves onto it, and hosts emptied or already empty powered down when the
+/// rest keeps the spare capacity. Power states never change ferry's moves
+/// (it sees a host that is off as an empty host), so the daemon moves
+/// what the simulator moves.
 pub fn plan(
     c: &Cluster,
+    params: &FerryParams,
     p: &PowerSave,
-    limits: &Limits,
+    state: &mut FerryState,
     ledger: &mut Ledger,
-    due: &[HostId],
 ) -> Plan {
     let mut out = Plan::default();
-    let est = |v: VmId| c.vms[v].peak(p.window);
+    let long = FerryParams::samples(params.long_window_s(), p.sample_s);
+    let short = FerryParams::samples(params.window_s, p.sample_s);
+    let est = |v: VmId| c.vms[v].peak(long);
     let demand: f64 = (0..c.vms.len())
         .filter(|&v| c.vms[v].host.is_some())
         .map(est)
@@ -97,11 +181,13 @@ pub fn plan(
         .filter(|&h| c.hosts[h].power == PowerState::Off && !c.hosts[h].maintenance)
         .collect();
     off.sort_by(|&a, &b| c.hosts[b].cpu_mips.total_cmp(&c.hosts[a].cpu_mips));
+    let mut powered = vec![false; c.hosts.len()];
     for h in off {
         if demand <= (1.0 - p.spare) * cap {
             break;
         }
         cap += c.hosts[h].cpu_mips;
+        powered[h] = true;
         out.actions.push(Action::PowerOn {
             host: h,
             reason: format!(
@@ -112,109 +198,75 @@ pub fn plan(
             ),
         });
     }
-    if !out.actions.is_empty() || !p.in_window(c.now) {
-        return out;
-    }
-    // 2. Empty light hosts, lightest first, all VMs or none.
-    let mut due: Vec<HostId> = due.to_vec();
-    due.sort_by(|&a, &b| ledger.cpu[a].total_cmp(&ledger.cpu[b]));
-    let n = c.hosts.len();
-    let mut donor = vec![false; n];
-    let mut receiver = vec![false; n];
-    // Capacity left running if the donors so far power down.
-    let mut kept = on_capacity;
-    let (mut emptied, mut tries) = (0, 0);
-    for h in due {
-        if receiver[h] {
-            continue;
-        }
-        if emptied >= p.max_hosts_per_round || tries >= p.max_tries_per_round {
-            break;
-        }
-        tries += 1;
-        let vms: Vec<VmId> = ledger.before.on[h].clone();
-        if vms.is_empty() || !vms.iter().all(|&v| ledger.may_move(c, limits, v, false)) {
-            continue;
-        }
-        if vms.len()
-            > limits
-                .max_migrations_per_host
-                .saturating_sub(ledger.migrations[h])
-        {
-            continue;
-        }
-        // Would the remaining hosts still keep the spare capacity?
-        if demand > (1.0 - p.spare) * (kept - c.hosts[h].cpu_mips) {
-            continue;
-        }
-        let mut moves: Vec<(VmId, HostId, Vec<String>)> = Vec::new();
-        let mut sorted = vms.clone();
-        sorted.sort_by(|&a, &b| est(b).total_cmp(&est(a)));
-        let mut ok = true;
-        // Affinity partners on a donor follow each other off it.
-        ledger.leaving[h] = true;
-        for v in sorted {
-            let exclude = |x: HostId| x == h || donor[x];
-            let fit = find_target(c, ledger, limits, v, est(v), p.target, &exclude);
-            match fit.host {
-                Some(to) if !ledger.before.on[to].is_empty() || ledger.cpu[to] > 0.0 => {
-                    ledger.commit(c, v, est(v), to);
-                    moves.push((v, to, fit.notes));
-                }
-                _ => {
-                    if !fit.notes.is_empty() {
-                        out.notes.push(format!(
-                            "power save: {} stays on: {} cannot leave it: {}",
-                            c.hosts[h].name,
-                            c.vms[v].name,
-                            fit.notes.join("; ")
-                        ));
-                    }
-                    ok = false;
-                    break;
-                }
-            }
-        }
-        if !ok {
-            for &(v, to, _) in moves.iter().rev() {
-                ledger.uncommit(c, v, est(v), to);
-            }
-            ledger.leaving[h] = false;
-            continue;
-        }
-        donor[h] = true;
-        emptied += 1;
-        kept -= c.hosts[h].cpu_mips;
-        for (v, to, notes) in moves {
-            receiver[to] = true;
-            let fit = super::Fit {
-                host: Some(to),
-                notes,
-            };
-            out.actions.push(Action::Migrate {
-                vm: v,
-                from: h,
-                to,
-                reason: fit.reason(format!(
-                    "power save: {} under {:.0}% CPU for {:.0} s; emptying it onto {}",
-                    c.hosts[h].name,
-                    100.0 * p.low,
-                    p.duration_s,
-                    c.hosts[to].name
-                )),
+    // 2. ferry's policy.
+    let consolidate = p.in_window(c.now);
+    let fp = {
+        let view = ClusterAdapter::new(c, ledger, p.sample_s);
+        let rules = ledger.rules.clone();
+        ferry::plan(&view, params, state, &rules, consolidate)
+    };
+    for m in &fp.moves {
+        if c.hosts[m.to].power == PowerState::Off && !powered[m.to] {
+            powered[m.to] = true;
+            cap += c.hosts[m.to].cpu_mips;
+            out.actions.push(Action::PowerOn {
+                host: m.to,
+                reason: format!(
+                    "ferry: {} powers up to take {}",
+                    c.hosts[m.to].name, c.vms[m.vm].name
+                ),
             });
         }
-        out.actions.push(Action::PowerOff {
-            host: h,
-            reason: format!("power save: {} emptied", c.hosts[h].name),
+        let mips = c.vms[m.vm].peak(short).max(c.vms[m.vm].current());
+        ledger.commit(c, m.vm, mips, m.to);
+        let (from, to) = (&c.hosts[m.from].name, &c.hosts[m.to].name);
+        let why = match m.kind {
+            MoveKind::Relieve { load, urgent } => format!(
+                "ferry: {from} estimated at {:.0}% CPU > {:.0}%{}; {} moves to {to}, the fullest host it fits under {:.0}%",
+                100.0 * load,
+                100.0 * params.upper,
+                if urgent { " and over capacity now" } else { "" },
+                c.vms[m.vm].name,
+                100.0 * params.target,
+            ),
+            MoveKind::Consolidate { load } => format!(
+                "ferry: {from} under {:.0}% CPU ({:.0}%) for {:.0} s; emptying it onto {to}",
+                100.0 * params.low,
+                100.0 * load,
+                params.low_for_s,
+            ),
+        };
+        let fit = Fit {
+            host: Some(m.to),
+            notes: m.rules.clone(),
+        };
+        out.actions.push(Action::Migrate {
+            vm: m.vm,
+            from: m.from,
+            to: m.to,
+            reason: fit.reason(why),
         });
     }
-    // 3. Hosts already empty and not needed.
+    out.notes
+        .extend(fp.notes.iter().map(|n| format!("ferry: {n}")));
+    // 3. Power down emptied hosts and empty ones not needed.
+    let mut kept = cap;
+    let mut emptied = vec![false; c.hosts.len()];
+    for &h in &fp.emptied {
+        emptied[h] = true;
+    }
+    let n = c.hosts.len();
+    let mut planned = vec![0usize; n];
+    for h in ledger.at.iter().flatten() {
+        planned[*h] += 1;
+    }
     for h in 0..n {
-        if !c.hosts[h].usable() || donor[h] || ledger.mem[h] > 0 {
+        if !c.hosts[h].usable() || powered[h] {
             continue;
         }
-        if !ledger.before.on[h].is_empty() {
+        let empty_now = ledger.before.on[h].is_empty() && ledger.mem[h] == 0;
+        let empties = emptied[h] && planned[h] == 0;
+        if !empty_now && !empties {
             continue;
         }
         let left = kept - c.hosts[h].cpu_mips;
@@ -222,7 +274,11 @@ pub fn plan(
             kept = left;
             out.actions.push(Action::PowerOff {
                 host: h,
-                reason: format!("power save: {} is empty and not needed", c.hosts[h].name),
+                reason: if empties {
+                    format!("power save: {} emptied", c.hosts[h].name)
+                } else {
+                    format!("power save: {} is empty and not needed", c.hosts[h].name)
+                },
             });
         }
     }
@@ -232,13 +288,7 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::testkit::{add_vm, cluster};
-
-    fn run(c: &Cluster, p: &PowerSave) -> Plan {
-        let mut ledger = Ledger::new(c, |v| c.vms[v].peak(p.window));
-        let due = light_now(c, p, &ledger);
-        plan(c, p, &Limits::default(), &mut ledger, &due)
-    }
+    use crate::plan::testkit::{add_vm, cluster, power_save_plan};
 
     #[test]
     fn empties_the_lightest_host_and_powers_it_down() {
@@ -246,20 +296,24 @@ mod tests {
         add_vm(&mut c, 0, 900.0, 1024);
         add_vm(&mut c, 1, 200.0, 1024);
         add_vm(&mut c, 2, 600.0, 1024);
-        let plan = run(&c, &PowerSave::default());
-        // Lightest first: h1 (200) empties onto the fuller h0; h2 (600 =
-        // 30 %) is not light.
-        assert!(plan.actions.contains(&Action::Migrate {
-            vm: 1,
-            from: 1,
-            to: 0,
-            reason: plan.actions[0].reason().to_string()
-        }));
+        let plan = power_save_plan(&c);
+        // Lightest first: h1 (200) empties onto the fullest host it fits,
+        // h0; h2 could only go to h0 or h1, both taken this round.
+        assert_eq!(plan.migrations(), 1, "{plan:?}");
+        assert!(matches!(
+            plan.actions[0],
+            Action::Migrate {
+                vm: 1,
+                from: 1,
+                to: 0,
+                ..
+            }
+        ));
+        assert!(plan.actions[0].reason().contains("emptying it onto h0"));
         assert!(plan
             .actions
             .iter()
             .any(|a| matches!(a, Action::PowerOff { host: 1, .. })));
-        assert_eq!(plan.migrations(), 1);
     }
 
     #[test]
@@ -268,9 +322,32 @@ mod tests {
         c.hosts[2].power = PowerState::Off;
         add_vm(&mut c, 0, 1700.0, 1024);
         add_vm(&mut c, 1, 1700.0, 1024);
-        let plan = run(&c, &PowerSave::default());
+        let plan = power_save_plan(&c);
         assert_eq!(plan.migrations(), 0);
         assert!(matches!(plan.actions[0], Action::PowerOn { host: 2, .. }));
+    }
+
+    #[test]
+    fn a_hot_host_sheds_onto_a_host_powered_up_for_it() {
+        let mut c = cluster(2);
+        c.hosts[1].power = PowerState::Off;
+        add_vm(&mut c, 0, 1000.0, 1024);
+        add_vm(&mut c, 0, 900.0, 1024);
+        add_vm(&mut c, 0, 400.0, 512);
+        let plan = power_save_plan(&c);
+        // 2300 of 2000 MIPS: the cheapest VM that alone is enough (400,
+        // 512 MB) moves to h1, which powers up first.
+        assert_eq!(plan.migrations(), 1, "{plan:?}");
+        assert!(matches!(plan.actions[0], Action::PowerOn { host: 1, .. }));
+        assert!(matches!(
+            plan.actions[1],
+            Action::Migrate {
+                vm: 2,
+                from: 0,
+                to: 1,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -279,12 +356,20 @@ mod tests {
         add_vm(&mut c, 0, 100.0, 512);
         add_vm(&mut c, 1, 100.0, 512);
         c.now = 12.0 * 3600.0; // noon
+        let params = FerryParams {
+            low_for_s: 0.0,
+            ..Default::default()
+        };
         let p = PowerSave {
             window_hours: Some((22, 6)),
             ..PowerSave::default()
         };
-        assert_eq!(run(&c, &p).migrations(), 0);
+        let run = |c: &Cluster| {
+            let mut ledger = Ledger::new(c, |v| c.vms[v].peak(3));
+            plan(c, &params, &p, &mut FerryState::default(), &mut ledger)
+        };
+        assert_eq!(run(&c).migrations(), 0);
         c.now = 23.0 * 3600.0;
-        assert_eq!(run(&c, &p).migrations(), 1);
+        assert_eq!(run(&c).migrations(), 1);
     }
 }

@@ -310,6 +310,29 @@ pub fn check(rules: &[Rule], hosts: &[String]) -> Result<(), RuleError> {
     Ok(())
 }
 
+/// Names and state rules need from a cluster: the daemon's [`Cluster`]
+/// and the simulator's data centre both provide them.
+pub trait RuleSubject {
+    /// VM `v`'s name.
+    fn vm_name(&self, v: VmId) -> &str;
+    /// Host `h`'s name.
+    fn host_name(&self, h: HostId) -> &str;
+    /// Whether `h` runs VMs now (an affinity partner there holds a group).
+    fn host_usable(&self, h: HostId) -> bool;
+}
+
+impl RuleSubject for Cluster {
+    fn vm_name(&self, v: VmId) -> &str {
+        &self.vms[v].name
+    }
+    fn host_name(&self, h: HostId) -> &str {
+        &self.hosts[h].name
+    }
+    fn host_usable(&self, h: HostId) -> bool {
+        self.hosts[h].usable()
+    }
+}
+
 /// A rule resolved against the cluster (indices).
 #[derive(Debug, Clone)]
 struct Resolved {
@@ -329,14 +352,30 @@ pub struct RuleIndex {
 impl RuleIndex {
     /// Resolves `c.rules` against the cluster's VMs and hosts.
     pub fn new(c: &Cluster) -> Self {
-        let mut by_vm = vec![Vec::new(); c.vms.len()];
+        let hosts: Vec<&str> = c.hosts.iter().map(|h| h.name.as_str()).collect();
+        Self::resolve(&c.rules, c.vms.len(), |n| c.vm_by_name(n), &hosts)
+    }
+
+    /// Resolves `rules` against `vms` VMs (`vm_by_name` finds one) and the
+    /// hosts named `hosts` (by index): what the simulator, whose VMs and
+    /// hosts are not a [`Cluster`], uses.
+    pub fn resolve(
+        set: &[Rule],
+        vms: usize,
+        vm_by_name: impl Fn(&str) -> Option<VmId>,
+        host_names: &[&str],
+    ) -> Self {
+        let mut by_vm = vec![Vec::new(); vms];
         let mut rules = Vec::new();
-        for r in &c.rules {
-            let vms: Vec<VmId> = r.vms.iter().filter_map(|n| c.vm_by_name(n)).collect();
+        for r in set {
+            let vms: Vec<VmId> = r.vms.iter().filter_map(|n| vm_by_name(n)).collect();
             if vms.is_empty() {
                 continue;
             }
-            let hosts = c.hosts.iter().map(|h| r.hosts.contains(&h.name)).collect();
+            let hosts = host_names
+                .iter()
+                .map(|h| r.hosts.iter().any(|x| x == h))
+                .collect();
             for &v in &vms {
                 by_vm[v].push(rules.len());
             }
@@ -367,26 +406,28 @@ impl RuleIndex {
     /// planned placement `at` and the hosts being emptied (`leaving`).
     pub fn blocker(
         &self,
-        c: &Cluster,
+        c: &(impl RuleSubject + ?Sized),
         v: VmId,
         to: HostId,
         at: &[Option<HostId>],
         leaving: &[bool],
     ) -> Option<String> {
-        let host = &c.hosts[to].name;
+        let host = c.host_name(to);
         for r in self.of(v) {
             match r.kind {
                 RuleKind::MustRunOn if !r.hosts[to] => {
-                    return Some(format!("{} keeps {} off {host}", r.label, c.vms[v].name))
+                    return Some(format!("{} keeps {} off {host}", r.label, c.vm_name(v)))
                 }
                 RuleKind::MustNotRunOn if r.hosts[to] => {
-                    return Some(format!("{} keeps {} off {host}", r.label, c.vms[v].name))
+                    return Some(format!("{} keeps {} off {host}", r.label, c.vm_name(v)))
                 }
                 RuleKind::AntiAffinity => {
                     if let Some(&u) = r.vms.iter().find(|&&u| u != v && at[u] == Some(to)) {
                         return Some(format!(
                             "{} keeps {} apart from {} (on {host})",
-                            r.label, c.vms[v].name, c.vms[u].name
+                            r.label,
+                            c.vm_name(v),
+                            c.vm_name(u)
                         ));
                     }
                 }
@@ -394,14 +435,15 @@ impl RuleIndex {
                     // Partners that stay where they are (their host is not
                     // being emptied) hold the group there.
                     let staying = r.vms.iter().find(|&&u| {
-                        u != v
-                            && at[u].is_some_and(|h| h != to && c.hosts[h].usable() && !leaving[h])
+                        u != v && at[u].is_some_and(|h| h != to && c.host_usable(h) && !leaving[h])
                     });
                     if let Some(&u) = staying {
-                        let h = at[u].map_or("?", |h| c.hosts[h].name.as_str());
+                        let h = at[u].map_or("?", |h| c.host_name(h));
                         return Some(format!(
                             "{} keeps {} with {} (on {h})",
-                            r.label, c.vms[v].name, c.vms[u].name
+                            r.label,
+                            c.vm_name(v),
+                            c.vm_name(u)
                         ));
                     }
                 }
@@ -685,8 +727,7 @@ mod tests {
         use crate::model::{OnEvacuate, Vm};
         use crate::plan::balance::{self, Balance};
         use crate::plan::planner::{Planner, PolicyMode};
-        use crate::plan::power_save::{self, PowerSave};
-        use crate::plan::testkit::{add_vm, cluster};
+        use crate::plan::testkit::{add_vm, cluster, power_save_plan};
         use crate::plan::{apply, maintenance, placement, PlanError};
 
         fn balance_plan(c: &Cluster) -> Plan {
@@ -830,12 +871,7 @@ mod tests {
             let mut c = cluster(2);
             add_vm(&mut c, 0, 100.0, 512);
             add_vm(&mut c, 1, 200.0, 512);
-            let p = PowerSave::default();
-            let run = |c: &Cluster| {
-                let mut ledger = Ledger::new(c, |v| c.vms[v].peak(p.window));
-                let due = power_save::light_now(c, &p, &ledger);
-                power_save::plan(c, &p, &Limits::default(), &mut ledger, &due)
-            };
+            let run = |c: &Cluster| power_save_plan(c);
             assert_eq!(run(&c).migrations(), 1, "without the rule h0 empties");
             c.rules = vec![rule("apart", RuleKind::AntiAffinity, &["v0", "v1"], &[])];
             let plan = run(&c);
@@ -858,9 +894,7 @@ mod tests {
             add_vm(&mut c, 1, 450.0, 512);
             add_vm(&mut c, 2, 500.0, 512);
             c.rules = vec![rule("pair", RuleKind::Affinity, &["v0", "v1"], &[])];
-            let mut ledger = Ledger::new(&c, |v| c.vms[v].peak(12));
-            let p = PowerSave::default();
-            let plan = power_save::plan(&c, &p, &Limits::default(), &mut ledger, &[0]);
+            let plan = power_save_plan(&c);
             let m = migrations(&plan);
             assert_eq!(m.len(), 2, "{plan:?}");
             assert_eq!(m[0].2, m[1].2, "the pair stays together: {m:?}");
@@ -1072,7 +1106,7 @@ mod tests {
                     }
                 }
                 let mut p = Planner::new(PolicyMode::Both);
-                p.limits.min_move_interval_s = 0.0;
+                p.ferry.limits.min_move_interval_s = 0.0;
                 for round in 0..12 {
                     if round == 3 {
                         c.hosts[maint].maintenance = true;

@@ -42,8 +42,6 @@ pub struct SimHost {
     pub migrating_in: Vec<usize>,
     /// MIPS in use after the last update.
     pub util_mips: f64,
-    /// Time the host last became active (for `ferry`'s bookkeeping).
-    pub low_since: Option<f64>,
     last: Option<Entry>,
     active_time: f64,
     violation_time: f64,
@@ -134,7 +132,6 @@ impl<'a> Datacenter<'a> {
                     vms: Vec::new(),
                     migrating_in: Vec::new(),
                     util_mips: 0.0,
-                    low_since: None,
                     last: None,
                     active_time: 0.0,
                     violation_time: 0.0,

@@ -18,12 +18,13 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::plan::ferry::FerryParams;
+use crate::plan::rules::Rule;
 use crate::power::{PowerModelError, PowerModels};
 use crate::trace::{self, Trace, TraceError};
 use baseline::Detector;
 use bound::RamBound;
 use datacenter::Datacenter;
-use ferry::FerryParams;
 use setup::{shuffled_order, vm_type_index, HostType, VM_TYPES};
 
 /// Seconds per simulated day.
@@ -107,11 +108,12 @@ impl Policy {
                     "target" => p.target = x,
                     "upper" => p.upper = x,
                     "low" => p.low = x,
-                    "low_steps" => p.low_steps = x as u32,
-                    "window" => p.window = x as usize,
-                    "cwindow" => p.consolidation_window = x as usize,
-                    "interval" => p.min_move_interval_s = x,
-                    "limit" => p.max_migrations_per_host = x as usize,
+                    "low_steps" => p.low_for_s = x * STEP_SECONDS,
+                    "low_for" => p.low_for_s = x,
+                    "window" => p.window_s = x * STEP_SECONDS,
+                    "cwindow" => p.consolidation_window_s = x * STEP_SECONDS,
+                    "interval" => p.limits.min_move_interval_s = x,
+                    "limit" => p.limits.max_migrations_per_host = x as usize,
                     _ => return None,
                 }
             }
@@ -190,6 +192,12 @@ pub struct SimConfig {
     /// Assign VM types in a shuffled file order ([`shuffled_order`] with
     /// this seed) instead of the sorted one; `None` = the published order.
     pub shuffle_seed: Option<u64>,
+    /// VMs per day (scale runs): VM `i` replays trace `i mod n` of the
+    /// day's `n`, types assigned by index over all of them as usual;
+    /// `None`: one VM per trace (the published setup). Scale hosts with
+    /// VMs: each VM reserves its full MIPS at creation and only G5 cores
+    /// hold types 0 and 1, so 100k VMs cannot even start on 10k hosts.
+    pub vms: Option<usize>,
 }
 
 impl SimConfig {
@@ -202,6 +210,7 @@ impl SimConfig {
             memory: vec![MemoryModel::CloudSim, MemoryModel::Strict],
             hosts: 800,
             shuffle_seed: None,
+            vms: None,
         }
     }
 }
@@ -274,6 +283,44 @@ pub fn simulate_day(
     policy: &Policy,
     memory: MemoryModel,
 ) -> Result<DayResult, SimError> {
+    simulate_day_with(
+        day,
+        traces,
+        host_types,
+        hosts,
+        policy,
+        memory,
+        &[],
+        &mut |_| {},
+    )
+}
+
+/// One scheduling step of a simulated day, as [`simulate_day_with`]'s
+/// observer sees it (after the step's moves started).
+#[derive(Debug)]
+pub struct Step<'s, 'a> {
+    /// Step index (trace sample) `k`.
+    pub k: usize,
+    /// The data centre.
+    pub dc: &'s Datacenter<'a>,
+    /// The moves started at this step: (VM, source, target).
+    pub moves: &'s [(usize, usize, usize)],
+}
+
+/// [`simulate_day`] with placement rules (ferry's policy takes them; VMs
+/// are named `v{i}`, hosts `h{i}`; the initial placement keeps the hard
+/// ones) and an observer called at every step.
+#[allow(clippy::too_many_arguments)]
+pub fn simulate_day_with(
+    day: &str,
+    traces: &[Trace],
+    host_types: &[HostType],
+    hosts: usize,
+    policy: &Policy,
+    memory: MemoryModel,
+    rules: &[Rule],
+    observe: &mut dyn FnMut(&Step<'_, '_>),
+) -> Result<DayResult, SimError> {
     let started = Instant::now();
     let n = traces.len();
     let vm_types: Vec<_> = (0..n).map(|i| VM_TYPES[vm_type_index(i, n)]).collect();
@@ -327,11 +374,18 @@ pub fn simulate_day(
     match policy {
         Policy::Dvfs => baseline::place_all_first_fit(&mut dc).map_err(placement_err)?,
         Policy::Mmt(d) => baseline::place_all_power_aware(&mut dc, d).map_err(placement_err)?,
-        Policy::Ferry(_) => {
-            baseline::place_all_power_aware(&mut dc, &Detector::Thr(0.8)).map_err(placement_err)?
-        }
+        Policy::Ferry(_) => baseline::place_all_power_aware_with(
+            &mut dc,
+            &Detector::Thr(0.8),
+            &ferry::InitialRules::new(rules, traces.len(), hosts),
+        )
+        .map_err(placement_err)?,
         Policy::Npa => unreachable!("handled above"),
     }
+    let mut driver = match policy {
+        Policy::Ferry(p) => Some(ferry::FerryDriver::new(&dc, *p, rules)),
+        _ => None,
+    };
     let mut active = Vec::new();
     let mut energy = Vec::new();
     let mut t = FIRST_EVENT;
@@ -344,14 +398,27 @@ pub fn simulate_day(
         let tick = (t - FIRST_EVENT) % STEP_SECONDS == 0.0;
         let k = ((t - FIRST_EVENT) / STEP_SECONDS).round() as usize;
         dc.process(t, tick);
-        let moves = match policy {
-            Policy::Mmt(d) => baseline::optimize(&mut dc, d),
-            Policy::Ferry(p) => ferry::optimize(&mut dc, p, k),
+        let moves: Vec<(usize, usize, usize)> = match (policy, driver.as_mut()) {
+            (Policy::Mmt(d), _) => baseline::optimize(&mut dc, d)
+                .into_iter()
+                .map(|(v, to)| (v, dc.vms[v].host.expect("placed"), to))
+                .collect(),
+            (Policy::Ferry(_), Some(f)) => f
+                .plan(&dc, k)
+                .moves
+                .iter()
+                .map(|m| (m.vm, m.from, m.to))
+                .collect(),
             _ => Vec::new(),
         };
-        for (v, h) in moves {
+        for &(v, _, h) in &moves {
             dc.start_migration(v, h);
         }
+        observe(&Step {
+            k,
+            dc: &dc,
+            moves: &moves,
+        });
         active.push(dc.active_hosts() as u32);
         energy.push(dc.energy_ws / 3.6e6);
         dc.complete_migrations_before(t + STEP_SECONDS);
@@ -411,6 +478,9 @@ pub fn simulate(
         if let Some(seed) = cfg.shuffle_seed {
             let order = shuffled_order(traces.len(), seed);
             traces = order.into_iter().map(|i| traces[i].clone()).collect();
+        }
+        if let Some(n) = cfg.vms.filter(|_| !traces.is_empty()) {
+            traces = (0..n).map(|i| traces[i % traces.len()].clone()).collect();
         }
         for memory in &cfg.memory {
             for policy in &cfg.policies {

@@ -155,7 +155,59 @@ fn policy_names_round_trip() {
     let Some(Policy::Ferry(p)) = Policy::parse("ferry:target=0.7:limit=1") else {
         panic!("ferry with parameters")
     };
-    assert_eq!((p.target, p.max_migrations_per_host), (0.7, 1));
+    assert_eq!((p.target, p.limits.max_migrations_per_host), (0.7, 1));
+}
+
+#[test]
+fn ferry_in_the_simulator_honours_an_anti_affinity_rule() {
+    use crate::plan::rules::{Rule, RuleKind};
+    // Eight light VMs (5 %): ferry packs them onto few hosts; v0 and v1
+    // (both 2500 MIPS, type 0) would share one.
+    let traces: Vec<Trace> = (0..8).map(|i| constant(&format!("t{i}"), 5)).collect();
+    let ht = host_types();
+    let policy = Policy::Ferry(FerryParams::default());
+    // Where every VM is once the step's moves complete.
+    let after = |s: &Step<'_, '_>| -> Vec<Option<usize>> {
+        let mut at: Vec<Option<usize>> = s.dc.vms.iter().map(|v| v.host).collect();
+        for &(v, _, to) in s.moves {
+            at[v] = Some(to);
+        }
+        at
+    };
+    let run = |rules: &[Rule]| {
+        let mut together = 0;
+        let mut moves = 0;
+        simulate_day_with(
+            "d",
+            &traces,
+            &ht,
+            8,
+            &policy,
+            MemoryModel::Strict,
+            rules,
+            &mut |s| {
+                let at = after(s);
+                moves += s.moves.len();
+                if at[0].is_some() && at[0] == at[1] {
+                    together += 1;
+                }
+            },
+        )
+        .unwrap();
+        (together, moves)
+    };
+    let (together, moves) = run(&[]);
+    assert!(together > 0, "without the rule v0 and v1 share a host");
+    assert!(moves > 0);
+    let apart = Rule {
+        name: "apart".into(),
+        kind: RuleKind::AntiAffinity,
+        vms: vec!["v0".into(), "v1".into()],
+        hosts: Vec::new(),
+    };
+    let (together, moves) = run(&[apart]);
+    assert_eq!(together, 0, "the rule held at every step");
+    assert!(moves > 0, "ferry still consolidates the others");
 }
 
 #[test]

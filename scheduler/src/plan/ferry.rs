@@ -1,0 +1,756 @@
+//! ferry's policy: one function that both the daemon's [`Planner`] and the
+//! simulator ([`crate::sim`]) run, over an abstract view of the cluster
+//! ([`ClusterView`]), with one set of defaults ([`FerryParams::default`]).
+//!
+//! Each round:
+//! 1. **Relieve** ([`Round::relieve`]): a host whose estimated demand (each
+//!    VM's peak over the last `window_s` of demand samples) passes `upper` of its
+//!    capacity sheds the fewest, cheapest VMs that bring it back to
+//!    `target`: one VM that alone is enough, the one with the least memory
+//!    (the fastest to move), else the biggest, again.
+//! 2. **Consolidate** ([`Round::consolidate`]): a host whose estimate over
+//!    the longer `consolidation_window_s` stayed below `low` for `low_for_s`
+//!    is emptied, all its VMs or none, onto hosts that already run VMs
+//!    (never waking a host to empty another), lightest host first; the
+//!    moves start as the per-host limit allows, the rest follow in later
+//!    rounds while the host stays light.
+//! 3. **Place** ([`Round::place`], used by both): the target of a VM is the
+//!    running host left fullest by the estimate that still fits (best fit:
+//!    estimate under `target` of capacity on both windows, memory never
+//!    overcommitted under strict memory, a core big enough, the per-host
+//!    limit of concurrent migrations, no hard rule broken), else the
+//!    biggest empty host (powered up if off). Among hosts that fit, a VM
+//!    that rules mention prefers the hosts breaking fewer soft rules.
+//!
+//! A VM never moves twice within `min_move_interval_s` unless its host's
+//! current demand exceeds its capacity. Placement constraints
+//! ([`super::rules`]: affinity, anti-affinity, must/should (not) run on)
+//! are an input: a hard rule is never broken, an affinity group leaves a
+//! donor together or not at all.
+//!
+//! Targets are found through an index of running hosts by estimated load
+//! ([`HostIndex`], one B-tree per host capacity), not a scan of every host
+//! per VM moved: a round at 10k hosts / 100k VMs takes milliseconds.
+//!
+//! [`Planner`]: super::planner::Planner
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::rules::{RuleIndex, RuleSubject};
+use super::Limits;
+use crate::model::{HostId, VmId};
+
+/// Tunables of ferry's policy; the defaults are what the simulator's
+/// figures (BENCHMARKS.md) and the daemon use.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FerryParams {
+    /// Placement fills a host's estimated demand up to this share.
+    pub target: f64,
+    /// A host whose estimated demand passes this share sheds VMs.
+    pub upper: f64,
+    /// A host whose long-window estimate stays below this share ...
+    pub low: f64,
+    /// ... for this many seconds (two rounds 300 s apart) is emptied.
+    pub low_for_s: f64,
+    /// Seconds of demand samples in a VM's estimate (its peak) for
+    /// placement and overload (the simulator samples every 300 s, the
+    /// daemon once a round).
+    pub window_s: f64,
+    /// Seconds of demand samples consolidation looks at: a host is emptied
+    /// only if its VMs would have fitted their new hosts over this whole
+    /// window.
+    pub consolidation_window_s: f64,
+    /// Per-host concurrent migrations and the minimum interval between two
+    /// moves of a VM.
+    pub limits: Limits,
+}
+
+impl FerryParams {
+    /// Samples in a window of `seconds` when samples are `sample_s` apart
+    /// (at least one).
+    pub fn samples(seconds: f64, sample_s: f64) -> usize {
+        ((seconds / sample_s).round() as usize).max(1)
+    }
+
+    /// The longer of the two windows, in seconds.
+    pub fn long_window_s(&self) -> f64 {
+        self.consolidation_window_s.max(self.window_s)
+    }
+}
+
+impl Default for FerryParams {
+    fn default() -> Self {
+        Self {
+            target: 0.95,
+            upper: 1.05,
+            low: 0.8,
+            low_for_s: 300.0,
+            window_s: 600.0,
+            consolidation_window_s: 900.0,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// What the policy reads: hosts (capacity, memory, whether they may take
+/// VMs), VMs (size, memory, demand history, placement, last move) and the
+/// clock. The daemon's [`crate::model::Cluster`] and the simulator's
+/// `Datacenter` both provide one.
+pub trait ClusterView: RuleSubject {
+    /// Number of hosts.
+    fn host_count(&self) -> usize;
+    /// Number of VMs.
+    fn vm_count(&self) -> usize;
+    /// CPU capacity of `h` (MIPS, all cores).
+    fn host_cpu(&self, h: HostId) -> f64;
+    /// Memory of `h` (MB).
+    fn host_mem(&self, h: HostId) -> f64;
+    /// Whether `h`'s load is this policy's to manage (running, not in
+    /// maintenance).
+    fn host_managed(&self, h: HostId) -> bool;
+    /// Whether `h` may receive VMs (running or able to power up; not in
+    /// maintenance or quarantine).
+    fn host_eligible(&self, h: HostId) -> bool;
+    /// VMs on `h` now.
+    fn vms_on(&self, h: HostId) -> &[VmId];
+    /// CPU size of `v` (MIPS at 100 %).
+    fn vm_cpu(&self, v: VmId) -> f64;
+    /// Memory of `v` (MB).
+    fn vm_mem(&self, v: VmId) -> f64;
+    /// Peak of `v`'s demand samples over the last `seconds` (at least
+    /// the latest sample; MIPS).
+    fn vm_peak(&self, v: VmId, seconds: f64) -> f64;
+    /// `v`'s latest demand sample (MIPS).
+    fn vm_now(&self, v: VmId) -> f64;
+    /// Whether demand `mips` of `v` fits `h`'s cores.
+    fn vm_fits_cores(&self, v: VmId, h: HostId, mips: f64) -> bool;
+    /// `v` is moving or otherwise not this policy's to move now.
+    fn vm_busy(&self, v: VmId) -> bool;
+    /// When `v` last started a move (s), if ever.
+    fn vm_last_moved(&self, v: VmId) -> Option<f64>;
+    /// Concurrent migrations touching `h` already (before this round).
+    fn host_migrations(&self, _h: HostId) -> usize {
+        0
+    }
+    /// The clock (s).
+    fn now(&self) -> f64;
+    /// Memory is never overcommitted (else only CPU is packed: the
+    /// CloudSim-compatible model of the simulator).
+    fn strict_memory(&self) -> bool;
+}
+
+/// What the policy remembers between rounds: since when each host has
+/// been light.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FerryState {
+    low_since: Vec<Option<f64>>,
+}
+
+/// Why a VM moves.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MoveKind {
+    /// Its host's estimate was over `upper`: the share of capacity.
+    Relieve {
+        /// Estimated demand / capacity of the source before the round.
+        load: f64,
+        /// The source's current demand exceeds its capacity (the minimum
+        /// interval between moves was waived).
+        urgent: bool,
+    },
+    /// Its host stayed light and is being emptied.
+    Consolidate {
+        /// Long-window estimate / capacity of the source.
+        load: f64,
+    },
+}
+
+/// One move the policy wants.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Move {
+    /// The VM.
+    pub vm: VmId,
+    /// Its host.
+    pub from: HostId,
+    /// Where it goes.
+    pub to: HostId,
+    /// Why.
+    pub kind: MoveKind,
+    /// How the rules shaped the choice (empty when no rule mentions it).
+    pub rules: Vec<String>,
+}
+
+/// The policy's answer for one round.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FerryPlan {
+    /// Moves in the order they were decided.
+    pub moves: Vec<Move>,
+    /// Hosts whose last VMs all leave in this round's moves.
+    pub emptied: Vec<HostId>,
+    /// What a rule stopped, one line each.
+    pub notes: Vec<String>,
+}
+
+/// One round of ferry's policy over `view`. `consolidate`: whether light
+/// hosts may be emptied now (the daemon's consolidation hours).
+pub fn plan<V: ClusterView>(
+    view: &V,
+    p: &FerryParams,
+    state: &mut FerryState,
+    rules: &RuleIndex,
+    consolidate: bool,
+) -> FerryPlan {
+    let mut r = Round::new(view, p, rules);
+    r.relieve();
+    r.update_light(state);
+    if consolidate {
+        r.consolidate(state);
+    }
+    FerryPlan {
+        moves: r.moves,
+        emptied: r.emptied,
+        notes: r.notes,
+    }
+}
+
+/// An `f64` ordered by `total_cmp` (index keys).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Key(f64);
+impl Eq for Key {}
+impl PartialOrd for Key {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Key {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&o.0)
+    }
+}
+
+/// Running hosts that may take VMs, by capacity and estimated load: for
+/// each capacity, a B-tree of (-load, host), so the fullest hosts that can
+/// still take a VM are found in O(log n) and visited in best-fit order.
+/// Empty hosts, by capacity, in a second set. A host leaves the index when
+/// it can no longer be a target this round.
+#[derive(Debug, Default)]
+pub struct HostIndex {
+    /// capacity -> (-estimate, host).
+    running: BTreeMap<Key, BTreeSet<(Key, HostId)>>,
+    /// capacity -> empty hosts.
+    empty: BTreeMap<Key, BTreeSet<HostId>>,
+    /// Each running host's key, when indexed.
+    key: Vec<Option<Key>>,
+}
+
+impl HostIndex {
+    fn insert(&mut self, cap: f64, h: HostId, est: f64) {
+        let k = Key(-est);
+        self.running.entry(Key(cap)).or_default().insert((k, h));
+        self.key[h] = Some(k);
+    }
+
+    fn update(&mut self, cap: f64, h: HostId, est: f64) {
+        if let Some(old) = self.key[h] {
+            let set = self.running.get_mut(&Key(cap)).expect("indexed");
+            set.remove(&(old, h));
+            let k = Key(-est);
+            set.insert((k, h));
+            self.key[h] = Some(k);
+        }
+    }
+
+    fn remove(&mut self, cap: f64, h: HostId) {
+        if let Some(old) = self.key[h].take() {
+            if let Some(set) = self.running.get_mut(&Key(cap)) {
+                set.remove(&(old, h));
+            }
+        }
+        if let Some(set) = self.empty.get_mut(&Key(cap)) {
+            set.remove(&h);
+        }
+    }
+}
+
+/// One planning round: the estimates, what the round has committed, and
+/// the index.
+struct Round<'a, V: ClusterView> {
+    view: &'a V,
+    p: &'a FerryParams,
+    rules: &'a RuleIndex,
+    /// Per-VM estimate (short window), capped at the VM's size.
+    est: Vec<f64>,
+    /// Per-VM estimate over the consolidation window, capped.
+    est_long: Vec<f64>,
+    host_est: Vec<f64>,
+    host_est_long: Vec<f64>,
+    /// Check the long window too (consolidation).
+    long: bool,
+    ram: Vec<f64>,
+    busy: Vec<usize>,
+    /// Hosts with VMs when the round started.
+    running: Vec<bool>,
+    /// VMs on each host when the round started, by id.
+    on: Vec<Vec<VmId>>,
+    /// Out of every choice this round (relieved, emptied, receivers).
+    skip: Vec<bool>,
+    /// The host being emptied now.
+    donor: Option<HostId>,
+    /// Where each VM is once the round's moves are done (rules).
+    at: Vec<Option<HostId>>,
+    /// Hosts being emptied (rules: affinity partners leave together).
+    leaving: Vec<bool>,
+    index: HostIndex,
+    moves: Vec<Move>,
+    emptied: Vec<HostId>,
+    notes: Vec<String>,
+}
+
+impl<'a, V: ClusterView> Round<'a, V> {
+    fn new(view: &'a V, p: &'a FerryParams, rules: &'a RuleIndex) -> Self {
+        let (n, m) = (view.host_count(), view.vm_count());
+        let long_window = p.consolidation_window_s.max(p.window_s);
+        let mut est = vec![0.0; m];
+        let mut est_long = vec![0.0; m];
+        let mut at = vec![None; m];
+        let mut host_est = vec![0.0; n];
+        let mut host_est_long = vec![0.0; n];
+        let mut ram = vec![0.0; n];
+        let mut running = vec![false; n];
+        // Each host's VMs by id: the plan does not depend on the order a
+        // driver lists them in.
+        let on: Vec<Vec<VmId>> = (0..n)
+            .map(|h| {
+                let mut l = view.vms_on(h).to_vec();
+                l.sort_unstable();
+                l
+            })
+            .collect();
+        for h in 0..n {
+            for &v in &on[h] {
+                let now = view.vm_now(v);
+                let size = view.vm_cpu(v);
+                est[v] = view.vm_peak(v, p.window_s).max(now);
+                est_long[v] = view.vm_peak(v, long_window).max(now);
+                host_est[h] += est[v].min(size);
+                host_est_long[h] += est_long[v].min(size);
+                ram[h] += view.vm_mem(v);
+                at[v] = Some(h);
+            }
+            running[h] = !on[h].is_empty();
+        }
+        let busy = (0..n).map(|h| view.host_migrations(h)).collect();
+        Self {
+            view,
+            p,
+            rules,
+            est,
+            est_long,
+            host_est,
+            host_est_long,
+            long: false,
+            ram,
+            busy,
+            running,
+            on,
+            skip: vec![false; n],
+            donor: None,
+            at,
+            leaving: vec![false; n],
+            index: HostIndex {
+                key: vec![None; n],
+                ..HostIndex::default()
+            },
+            moves: Vec::new(),
+            emptied: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn cap(&self, h: HostId) -> f64 {
+        self.view.host_cpu(h)
+    }
+
+    /// Index every host that may take VMs now (after `skip` is set).
+    fn build_index(&mut self) {
+        for h in 0..self.view.host_count() {
+            if self.skip[h] || !self.view.host_eligible(h) {
+                continue;
+            }
+            let cap = self.cap(h);
+            if self.running[h] {
+                self.index.insert(cap, h, self.host_est[h]);
+            } else {
+                self.index.empty.entry(Key(cap)).or_default().insert(h);
+            }
+        }
+    }
+
+    fn set_skip(&mut self, h: HostId) {
+        self.skip[h] = true;
+        let cap = self.cap(h);
+        self.index.remove(cap, h);
+    }
+
+    fn movable(&self, v: VmId, urgent: bool) -> bool {
+        !self.view.vm_busy(v)
+            && (urgent
+                || self
+                    .view
+                    .vm_last_moved(v)
+                    .is_none_or(|t| self.view.now() - t >= self.p.limits.min_move_interval_s))
+    }
+
+    /// Capacity, memory and limits only (no rules, no skip).
+    fn room(&self, h: HostId, v: VmId) -> bool {
+        let cap = self.cap(h);
+        let size = self.view.vm_cpu(v);
+        let e = self.est[v].min(size);
+        if !self.view.vm_fits_cores(v, h, e) {
+            return false;
+        }
+        if self.host_est[h] + e > self.p.target * cap {
+            return false;
+        }
+        if self.long && self.host_est_long[h] + self.est_long[v].min(size) > self.p.target * cap {
+            return false;
+        }
+        if self.view.strict_memory() && self.ram[h] + self.view.vm_mem(v) > self.view.host_mem(h) {
+            return false;
+        }
+        self.busy[h] < self.p.limits.max_migrations_per_host
+    }
+
+    fn excluded(&self, h: HostId) -> bool {
+        self.skip[h] || self.donor == Some(h) || !self.view.host_eligible(h)
+    }
+
+    /// Where `v` goes: the running host left fullest that fits, else the
+    /// biggest empty host (`running_only`: none). Rules: hard ones never
+    /// broken, soft ones rank.
+    fn place(&mut self, v: VmId, running_only: bool) -> Option<(HostId, Vec<String>)> {
+        if !self.rules.is_empty() && self.rules.mentions(v) {
+            return self.place_ruled(v, running_only);
+        }
+        let e = self.est[v].min(self.view.vm_cpu(v));
+        let fill = |r: &Self, h: HostId| (r.host_est[h] + r.est[v]) / r.cap(h);
+        // Best (fill, host) over capacities: highest fill, then lowest index.
+        let mut best: Option<(f64, HostId)> = None;
+        for (cap, set) in &self.index.running {
+            let bound = self.p.target * cap.0 - e;
+            // Hosts whose estimate leaves room for `e`, fullest first (a
+            // small margin: the exact test is `room`).
+            let start = (Key(-(bound + bound.abs() * 1e-9 + 1e-9)), 0);
+            let mut found: Option<(f64, HostId)> = None;
+            for &(_, h) in set.range(start..) {
+                if let Some((f, _)) = found {
+                    if fill(self, h) < f {
+                        break;
+                    }
+                }
+                if self.excluded(h) || !self.room(h, v) {
+                    continue;
+                }
+                let f = fill(self, h);
+                match found {
+                    None => found = Some((f, h)),
+                    Some((bf, bh)) if f == bf && h < bh => found = Some((f, h)),
+                    _ => {}
+                }
+            }
+            if let Some((f, h)) = found {
+                if best.is_none_or(|(bf, bh)| f > bf || (f == bf && h < bh)) {
+                    best = Some((f, h));
+                }
+            }
+        }
+        if let Some((_, h)) = best {
+            return Some((h, Vec::new()));
+        }
+        if running_only {
+            return None;
+        }
+        // Power one up: the biggest empty host (most MIPS per idle watt),
+        // the last of equals.
+        for set in self.index.empty.values().rev() {
+            for &h in set.iter().rev() {
+                if !self.excluded(h) && self.room(h, v) {
+                    return Some((h, Vec::new()));
+                }
+            }
+        }
+        None
+    }
+
+    /// [`Round::place`] for a VM that rules mention: a scan of every host,
+    /// hard rules filter, soft rules rank before best fit.
+    fn place_ruled(&mut self, v: VmId, running_only: bool) -> Option<(HostId, Vec<String>)> {
+        let n = self.view.host_count();
+        let mut blocked = Vec::new();
+        let mut best: Option<(usize, f64, HostId)> = None;
+        for h in 0..n {
+            if !self.running[h] || self.excluded(h) || !self.room(h, v) {
+                continue;
+            }
+            if let Some(why) = self.rules.blocker(self.view, v, h, &self.at, &self.leaving) {
+                blocked.push(why);
+                continue;
+            }
+            let soft = self.rules.soft_misses(v, h).len();
+            let f = (self.host_est[h] + self.est[v]) / self.cap(h);
+            if best.is_none_or(|(bs, bf, _)| soft < bs || (soft == bs && f > bf)) {
+                best = Some((soft, f, h));
+            }
+        }
+        if best.is_none() && !running_only {
+            for h in 0..n {
+                if self.running[h] || self.excluded(h) || !self.room(h, v) {
+                    continue;
+                }
+                if let Some(why) = self.rules.blocker(self.view, v, h, &self.at, &self.leaving) {
+                    blocked.push(why);
+                    continue;
+                }
+                let soft = self.rules.soft_misses(v, h).len();
+                let better = match best {
+                    None => true,
+                    Some((bs, _, bh)) => soft < bs || (soft == bs && self.cap(h) >= self.cap(bh)),
+                };
+                if better {
+                    best = Some((soft, 0.0, h));
+                }
+            }
+        }
+        match best {
+            Some((_, _, h)) => {
+                let notes = self
+                    .rules
+                    .soft(v, h)
+                    .into_iter()
+                    .map(|(label, met)| {
+                        if met {
+                            format!("{label} met")
+                        } else {
+                            format!("{label} not met: no preferred host has room")
+                        }
+                    })
+                    .collect();
+                Some((h, notes))
+            }
+            None => {
+                if !blocked.is_empty() {
+                    blocked.dedup();
+                    self.notes.push(format!(
+                        "{} stays: {}",
+                        self.view.vm_name(v),
+                        blocked.join("; ")
+                    ));
+                }
+                None
+            }
+        }
+    }
+
+    fn shift(&mut self, v: VmId, from: HostId, to: HostId, sign: f64) {
+        let size = self.view.vm_cpu(v);
+        let e = self.est[v].min(size) * sign;
+        let l = self.est_long[v].min(size) * sign;
+        let mem = self.view.vm_mem(v) * sign;
+        self.host_est[from] -= e;
+        self.host_est[to] += e;
+        self.host_est_long[from] -= l;
+        self.host_est_long[to] += l;
+        self.ram[from] -= mem;
+        self.ram[to] += mem;
+        if sign > 0.0 {
+            self.busy[from] += 1;
+            self.busy[to] += 1;
+            self.at[v] = Some(to);
+        } else {
+            self.busy[from] -= 1;
+            self.busy[to] -= 1;
+            self.at[v] = Some(from);
+        }
+        let (cf, ct) = (self.cap(from), self.cap(to));
+        let (ef, et) = (self.host_est[from], self.host_est[to]);
+        self.index.update(cf, from, ef);
+        self.index.update(ct, to, et);
+    }
+
+    fn apply(&mut self, v: VmId, from: HostId, to: HostId) {
+        self.shift(v, from, to, 1.0);
+    }
+
+    fn unapply(&mut self, v: VmId, from: HostId, to: HostId) {
+        self.shift(v, from, to, -1.0);
+    }
+
+    /// 1. Hosts at risk shed the fewest, cheapest VMs to get back to
+    ///    `target`.
+    fn relieve(&mut self) {
+        let p = self.p;
+        let n = self.view.host_count();
+        let mut over: Vec<HostId> = (0..n)
+            .filter(|&h| self.view.host_managed(h) && self.host_est[h] > p.upper * self.cap(h))
+            .collect();
+        over.sort_by(|&a, &b| {
+            let ea = self.host_est[a] / self.cap(a);
+            let eb = self.host_est[b] / self.cap(b);
+            eb.total_cmp(&ea)
+        });
+        for &h in &over {
+            self.skip[h] = true;
+        }
+        self.build_index();
+        for &h in &over {
+            let cap = self.cap(h);
+            let load = self.host_est[h] / cap;
+            let requested: f64 = self.on[h].iter().map(|&v| self.view.vm_now(v)).sum();
+            let urgent = requested > cap;
+            let mut cands: Vec<VmId> = self.on[h]
+                .iter()
+                .copied()
+                .filter(|&v| self.movable(v, urgent))
+                .collect();
+            while self.host_est[h] > p.target * cap
+                && self.busy[h] < p.limits.max_migrations_per_host
+                && !cands.is_empty()
+            {
+                let need = self.host_est[h] - p.target * cap;
+                // Cheapest VM that alone is enough, else the biggest.
+                let enough = cands
+                    .iter()
+                    .copied()
+                    .filter(|&v| self.est[v] >= need)
+                    .min_by(|&a, &b| self.view.vm_mem(a).total_cmp(&self.view.vm_mem(b)));
+                let v = enough.unwrap_or_else(|| {
+                    cands
+                        .iter()
+                        .copied()
+                        .max_by(|&a, &b| self.est[a].total_cmp(&self.est[b]))
+                        .expect("non-empty")
+                });
+                cands.retain(|&x| x != v);
+                if let Some((t, rules)) = self.place(v, false) {
+                    self.apply(v, h, t);
+                    self.moves.push(Move {
+                        vm: v,
+                        from: h,
+                        to: t,
+                        kind: MoveKind::Relieve { load, urgent },
+                        rules,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Light-host timers: a host with VMs whose long-window estimate is
+    /// under `low` (after step 1's moves).
+    fn update_light(&mut self, state: &mut FerryState) {
+        let n = self.view.host_count();
+        state.low_since.resize(n, None);
+        let now = self.view.now();
+        for h in 0..n {
+            let low = self.running[h]
+                && self.view.host_managed(h)
+                && self.host_est_long[h] < self.p.low * self.cap(h);
+            state.low_since[h] = match (low, state.low_since[h]) {
+                (true, Some(s)) => Some(s),
+                (true, None) => Some(now),
+                (false, _) => None,
+            };
+        }
+    }
+
+    /// 2. Hosts that stayed light are emptied (all or nothing), judged on
+    ///    the long window so that a periodic burst does not make us
+    ///    consolidate and spread again every period.
+    fn consolidate(&mut self, state: &FerryState) {
+        let p = self.p;
+        let now = self.view.now();
+        self.long = true;
+        let n = self.view.host_count();
+        let mut under: Vec<HostId> = (0..n)
+            .filter(|&h| {
+                !self.skip[h] && state.low_since[h].is_some_and(|s| now - s >= p.low_for_s - 1.0)
+            })
+            .collect();
+        under.sort_by(|&a, &b| {
+            let ea = self.host_est[a] / self.cap(a);
+            let eb = self.host_est[b] / self.cap(b);
+            ea.total_cmp(&eb)
+        });
+        for h in under {
+            if self.skip[h] {
+                continue;
+            }
+            let vms: Vec<VmId> = self.on[h].clone();
+            let allowed = p
+                .limits
+                .max_migrations_per_host
+                .saturating_sub(self.busy[h]);
+            if allowed == 0 || !vms.iter().all(|&v| self.movable(v, false)) {
+                continue;
+            }
+            // An affinity group leaves in one round or not at all.
+            let ruled = !self.rules.is_empty() && vms.iter().any(|&v| self.rules.mentions(v));
+            if ruled && vms.len() > allowed {
+                continue;
+            }
+            let load = self.host_est_long[h] / self.cap(h);
+            self.donor = Some(h);
+            self.leaving[h] = true;
+            let mut sorted = vms.clone();
+            sorted.sort_by(|&a, &b| self.est[b].total_cmp(&self.est[a]));
+            // Plan the whole evacuation, then start what the limit allows
+            // now; the rest follows in the next rounds.
+            let mut trial: Vec<(VmId, HostId, Vec<String>)> = Vec::new();
+            let mut ok = true;
+            for v in sorted {
+                // Never wake a host to empty another.
+                match self.place(v, true) {
+                    Some((t, rules)) => {
+                        self.apply(v, h, t);
+                        trial.push((v, t, rules));
+                    }
+                    None => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            self.donor = None;
+            if !ok {
+                for &(v, t, _) in trial.iter().rev() {
+                    self.unapply(v, h, t);
+                }
+                self.leaving[h] = false;
+                continue;
+            }
+            // Cheapest moves first.
+            trial.sort_by(|a, b| self.view.vm_mem(a.0).total_cmp(&self.view.vm_mem(b.0)));
+            let later = trial.split_off(allowed.min(trial.len()));
+            for &(v, t, _) in later.iter().rev() {
+                self.unapply(v, h, t);
+            }
+            if later.is_empty() {
+                self.emptied.push(h);
+            }
+            for &(_, t, _) in &trial {
+                self.set_skip(t); // receivers are not emptied this round
+            }
+            self.set_skip(h);
+            for (v, t, rules) in trial {
+                self.moves.push(Move {
+                    vm: v,
+                    from: h,
+                    to: t,
+                    kind: MoveKind::Consolidate { load },
+                    rules,
+                });
+            }
+        }
+    }
+}
