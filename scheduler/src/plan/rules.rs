@@ -454,15 +454,24 @@ impl RuleIndex {
     }
 
     /// Affinity partners of `v` that follow it when it leads its group
-    /// off `from` (placed there, not yet moved).
+    /// off `from` (placed there, not yet moved): the whole group, through
+    /// chained rules too (a partner's partners), so that a group never
+    /// leaves in parts.
     pub fn followers(&self, v: VmId, from: HostId, at: &[Option<HostId>]) -> Vec<VmId> {
         let mut out: Vec<VmId> = Vec::new();
-        for r in self.of(v).filter(|r| r.kind == RuleKind::Affinity) {
-            for &u in &r.vms {
-                if u != v && at[u] == Some(from) && !out.contains(&u) {
-                    out.push(u);
+        let mut next = 0;
+        let mut member = v;
+        loop {
+            for r in self.of(member).filter(|r| r.kind == RuleKind::Affinity) {
+                for &u in &r.vms {
+                    if u != v && at[u] == Some(from) && !out.contains(&u) {
+                        out.push(u);
+                    }
                 }
             }
+            let Some(&m) = out.get(next) else { break };
+            member = m;
+            next += 1;
         }
         out
     }
