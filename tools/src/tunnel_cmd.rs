@@ -108,25 +108,35 @@ pub fn run(cmd: TunnelCmd) -> anyhow::Result<()> {
 /// `ferry tls ...`
 #[derive(Subcommand, Debug)]
 pub enum TlsCmd {
-    /// Make a CA and a certificate + key for each node in DIR.
+    /// A certificate + key for each node in DIR, signed by the CA there
+    /// (ca.pem and its key ca.key, kept so nodes can be added later) or by
+    /// a new one. Existing files are never replaced without --force.
     GenCerts {
         /// Output folder.
         dir: PathBuf,
         /// Node names (one certificate each).
         #[arg(long, num_args = 1.., default_values = ["source", "destination"])]
         nodes: Vec<String>,
+        /// Make a new CA and replace every file named (every node's
+        /// certificate must then be made again).
+        #[arg(long)]
+        force: bool,
     },
 }
 
 /// Runs `ferry tls ...`.
 pub fn tls(cmd: TlsCmd) -> anyhow::Result<()> {
     match cmd {
-        TlsCmd::GenCerts { dir, nodes } => {
+        TlsCmd::GenCerts { dir, nodes, force } => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
-            let g = ferry_transport::tls::generate_certs(&dir, &names)
+            let g = ferry_transport::tls::add_certs(&dir, &names, force)
                 .context("generating certificates")?;
-            println!("CA: {}", g.ca.display());
+            println!(
+                "CA: {} (its key {} signs nodes added later: keep it secret)",
+                g.ca.display(),
+                dir.join("ca.key").display()
+            );
             for (name, f) in g.nodes {
                 println!(
                     "{name}: --tls-cert {} --tls-key {} --tls-ca {}",

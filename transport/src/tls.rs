@@ -79,6 +79,26 @@ pub enum TlsError {
     /// Generating certificates failed.
     #[error("could not generate certificates")]
     Generate(#[source] rcgen::Error),
+    /// A node name was given twice.
+    #[error("node name {0:?} given twice")]
+    DuplicateNode(String),
+    /// A node name would take the CA's files.
+    #[error("node name {0:?} is reserved for the CA's files")]
+    ReservedNode(String),
+    /// A file to write exists already (overwriting needs `force`).
+    #[error("{path} exists already (give --force to replace it; replacing the CA means making every node's certificate again)")]
+    Exists {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A CA certificate is there without the key that signs with it.
+    #[error("{ca} exists without its key {key}: new nodes cannot be signed by it (give --force for a new CA and make every node's certificate again)")]
+    CaKeyMissing {
+        /// The CA certificate.
+        ca: PathBuf,
+        /// Its missing key.
+        key: PathBuf,
+    },
     /// Writing a generated file failed.
     #[error("could not write {path}")]
     WriteFile {
@@ -461,24 +481,35 @@ pub struct GeneratedCerts {
 pub struct CertSet {
     /// CA certificate, PEM.
     pub ca_pem: String,
+    /// The CA's private key, PEM, when the CA was made here.
+    pub ca_key_pem: Option<String>,
     /// (node name, certificate PEM, key PEM).
     pub nodes: Vec<(String, String, String)>,
 }
 
 /// Generates a fresh CA and one certificate + key per node name.
 pub fn generate_cert_set(node_names: &[&str]) -> Result<CertSet, TlsError> {
+    let ca_key = rcgen::KeyPair::generate().map_err(TlsError::Generate)?;
+    let mut set = sign_cert_set(&ca_key, node_names)?;
+    set.ca_key_pem = Some(ca_key.serialize_pem());
+    Ok(set)
+}
+
+/// The CA certificate of `ca_key` (the same subject and key every time, so
+/// certificates it signs chain to the `ca.pem` written when it was made)
+/// and one certificate + key per node name signed by it.
+fn sign_cert_set(ca_key: &rcgen::KeyPair, node_names: &[&str]) -> Result<CertSet, TlsError> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
         KeyUsagePurpose,
     };
-    let ca_key = KeyPair::generate().map_err(TlsError::Generate)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(TlsError::Generate)?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
         .distinguished_name
         .push(DnType::CommonName, "ferry CA");
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = ca_params.self_signed(&ca_key).map_err(TlsError::Generate)?;
+    let ca = ca_params.self_signed(ca_key).map_err(TlsError::Generate)?;
     let mut nodes = Vec::new();
     for name in node_names {
         let key = KeyPair::generate().map_err(TlsError::Generate)?;
@@ -498,20 +529,73 @@ pub fn generate_cert_set(node_names: &[&str]) -> Result<CertSet, TlsError> {
         ];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let cert = params
-            .signed_by(&key, &ca, &ca_key)
+            .signed_by(&key, &ca, ca_key)
             .map_err(TlsError::Generate)?;
         nodes.push(((*name).to_owned(), cert.pem(), key.serialize_pem()));
     }
     Ok(CertSet {
         ca_pem: ca.pem(),
+        ca_key_pem: None,
         nodes,
     })
 }
 
-/// Writes a fresh CA (`ca.pem`) and `NAME.pem` / `NAME.key` per node into
-/// `dir` (created if missing). The CA's key is not kept.
+/// Writes a fresh CA (`ca.pem`, its key `ca.key`) and `NAME.pem` /
+/// `NAME.key` per node into `dir` (created if missing), replacing what is
+/// there: for tests. `ferry tls gen-certs` uses [`add_certs`].
 pub fn generate_certs(dir: &Path, node_names: &[&str]) -> Result<GeneratedCerts, TlsError> {
-    let set = generate_cert_set(node_names)?;
+    add_certs(dir, node_names, true)
+}
+
+/// `ferry tls gen-certs`: certificates for `node_names` in `dir` (created
+/// if missing), signed by the CA there (`ca.pem` with its key `ca.key`, so
+/// nodes can be added later) or by a new one written there when there is
+/// none. Without `force` no existing file is replaced: a node's files, or a
+/// CA certificate whose key is gone, are refused with the file named; with
+/// `force` a new CA is made and every file replaced. A node name given twice,
+/// or named `ca`, is refused.
+pub fn add_certs(dir: &Path, node_names: &[&str], force: bool) -> Result<GeneratedCerts, TlsError> {
+    for (i, name) in node_names.iter().enumerate() {
+        if node_names[..i].contains(name) {
+            return Err(TlsError::DuplicateNode((*name).to_owned()));
+        }
+        if *name == "ca" {
+            return Err(TlsError::ReservedNode((*name).to_owned()));
+        }
+    }
+    let (ca_path, ca_key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let kept_ca = if force || !ca_path.exists() {
+        None
+    } else if !ca_key_path.exists() {
+        return Err(TlsError::CaKeyMissing {
+            ca: ca_path,
+            key: ca_key_path,
+        });
+    } else {
+        let pem = std::fs::read_to_string(&ca_key_path).map_err(|source| TlsError::ReadFile {
+            path: ca_key_path.clone(),
+            source,
+        })?;
+        Some(
+            rcgen::KeyPair::from_pem(&pem).map_err(|_| TlsError::NoPrivateKey {
+                path: ca_key_path.clone(),
+            })?,
+        )
+    };
+    if !force {
+        for name in node_names {
+            for ext in ["pem", "key"] {
+                let path = dir.join(format!("{name}.{ext}"));
+                if path.exists() {
+                    return Err(TlsError::Exists { path });
+                }
+            }
+        }
+    }
+    let set = match &kept_ca {
+        Some(key) => sign_cert_set(key, node_names)?,
+        None => generate_cert_set(node_names)?,
+    };
     let write = |path: PathBuf, text: &str| -> Result<PathBuf, TlsError> {
         std::fs::create_dir_all(dir)
             .and_then(|()| write_private(&path, text.as_bytes()))
@@ -521,7 +605,13 @@ pub fn generate_certs(dir: &Path, node_names: &[&str]) -> Result<GeneratedCerts,
             })?;
         Ok(path)
     };
-    let ca = write(dir.join("ca.pem"), &set.ca_pem)?;
+    let ca = match &set.ca_key_pem {
+        Some(key) => {
+            write(ca_key_path, key)?;
+            write(ca_path, &set.ca_pem)?
+        }
+        None => ca_path,
+    };
     let mut nodes = Vec::new();
     for (name, cert, key) in &set.nodes {
         let files = TlsFiles {

@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::thread;
 
-use ferry_transport::tls::{generate_cert_set, generate_certs, CertSet};
+use ferry_transport::tls::{
+    add_certs, generate_cert_set, generate_certs, CertSet, GeneratedCerts, TlsError,
+};
 use ferry_transport::{
     FrameKind, LaneListener, LaneOptions, Lanes, Security, TlsFiles, TlsSettings, TransportError,
 };
@@ -205,4 +207,59 @@ fn generated_files_load() {
     };
     let err = TlsSettings::from_files(&swapped, "ferry").unwrap_err();
     assert!(err.to_string().contains("no PEM certificate"), "{err}");
+}
+
+#[test]
+fn gen_certs_keeps_its_ca_adds_nodes_and_replaces_nothing_unasked() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = add_certs(dir.path(), &["h1"], false).unwrap();
+    let ca_pem = std::fs::read(&first.ca).unwrap();
+    // A node added later is signed by the same CA: it and h1 talk.
+    let later = add_certs(dir.path(), &["h2"], false).unwrap();
+    assert_eq!(
+        std::fs::read(&later.ca).unwrap(),
+        ca_pem,
+        "the CA was replaced"
+    );
+    let load = |g: &GeneratedCerts| {
+        Security::Tls(Arc::new(
+            TlsSettings::from_files(&g.nodes[0].1, "ferry").unwrap(),
+        ))
+    };
+    let (s, c) = session(load(&first), load(&later));
+    assert!(s.is_ok() && c.is_ok(), "{s:?} {c:?}");
+    // Nothing existing is replaced without force, and nothing is written.
+    let err = add_certs(dir.path(), &["h3", "h1"], false).unwrap_err();
+    assert!(matches!(err, TlsError::Exists { .. }), "{err}");
+    assert!(err.to_string().contains("h1.pem"), "{err}");
+    assert!(
+        !dir.path().join("h3.pem").exists(),
+        "h3 written though refused"
+    );
+    // Duplicate or reserved names.
+    let err = add_certs(dir.path(), &["h4", "h4"], false).unwrap_err();
+    assert!(
+        matches!(err, TlsError::DuplicateNode(ref n) if n == "h4"),
+        "{err}"
+    );
+    assert!(matches!(
+        add_certs(dir.path(), &["ca"], false),
+        Err(TlsError::ReservedNode(_))
+    ));
+    // A CA without its key cannot sign new nodes.
+    std::fs::remove_file(dir.path().join("ca.key")).unwrap();
+    let err = add_certs(dir.path(), &["h5"], false).unwrap_err();
+    assert!(matches!(err, TlsError::CaKeyMissing { .. }), "{err}");
+    // --force: a new CA, every file replaced; h1 and h2 no longer talk.
+    let new = add_certs(dir.path(), &["h1"], true).unwrap();
+    assert_ne!(std::fs::read(&new.ca).unwrap(), ca_pem);
+    assert!(
+        dir.path().join("ca.key").exists(),
+        "the new CA's key is kept"
+    );
+    let (s, c) = session(load(&new), load(&later));
+    assert!(
+        s.is_err() || c.is_err(),
+        "a node of the old CA still talks to the new one"
+    );
 }
