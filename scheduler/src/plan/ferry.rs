@@ -65,6 +65,23 @@ pub struct FerryParams {
     /// Per-host concurrent migrations and the minimum interval between two
     /// moves of a VM.
     pub limits: Limits,
+    /// Strict memory: a target is the host left with the least memory
+    /// free (best fit), its CPU left weighted by this much beside it; 0 =
+    /// the fullest host by CPU estimate.
+    pub memory_fit: f64,
+    /// Strict memory: empty the hosts with the least memory in use first,
+    /// each one's VMs largest memory first.
+    pub donors_by_memory: bool,
+    /// Strict memory: a VM that fits no host as it is goes to a host once
+    /// one of that host's smaller VMs moves to a third host (the room is
+    /// made this round, the VM follows in the next).
+    pub swap: bool,
+    /// Strict memory: a VM goes only to hosts whose cores hold its full
+    /// size (a burst past a core is an SLA violation).
+    pub core_safe: bool,
+    /// A host that received VMs this round may receive more from the next
+    /// donor (it is still never emptied in the same round).
+    pub reuse_receivers: bool,
 }
 
 impl FerryParams {
@@ -84,12 +101,17 @@ impl Default for FerryParams {
     fn default() -> Self {
         Self {
             target: 0.95,
-            upper: 1.05,
+            upper: 1.2,
             low: 0.8,
             low_for_s: 300.0,
-            window_s: 600.0,
+            window_s: 300.0,
             consolidation_window_s: 900.0,
             limits: Limits::default(),
+            memory_fit: 0.1,
+            donors_by_memory: true,
+            swap: true,
+            core_safe: true,
+            reuse_receivers: true,
         }
     }
 }
@@ -163,6 +185,14 @@ pub enum MoveKind {
     Consolidate {
         /// Long-window estimate / capacity of the source.
         load: f64,
+    },
+    /// Makes room (memory) on its host for a VM of a host being emptied
+    /// that fits nowhere else.
+    MakeRoom {
+        /// The VM that takes its place.
+        for_vm: VmId,
+        /// The host being emptied.
+        donor: HostId,
     },
 }
 
@@ -271,6 +301,18 @@ impl HostIndex {
             set.remove(&h);
         }
     }
+}
+
+/// A move planned while emptying a host.
+struct Trial {
+    vm: VmId,
+    from: HostId,
+    to: HostId,
+    rules: Vec<String>,
+    /// Makes room for this VM of the donor.
+    room_for: Option<VmId>,
+    /// Waits for room being made (not started this round).
+    waits: bool,
 }
 
 /// One planning round: the estimates, what the round has committed, and
@@ -416,8 +458,13 @@ impl<'a, V: ClusterView> Round<'a, V> {
         if self.long && self.host_est_long[h] + self.est_long[v].min(size) > self.p.target * cap {
             return false;
         }
-        if self.view.strict_memory() && self.ram[h] + self.view.vm_mem(v) > self.view.host_mem(h) {
-            return false;
+        if self.view.strict_memory() {
+            if self.ram[h] + self.view.vm_mem(v) > self.view.host_mem(h) {
+                return false;
+            }
+            if self.p.core_safe && !self.view.vm_fits_cores(v, h, size) {
+                return false;
+            }
         }
         self.busy[h] < self.p.limits.max_migrations_per_host
     }
@@ -432,6 +479,14 @@ impl<'a, V: ClusterView> Round<'a, V> {
     fn place(&mut self, v: VmId, running_only: bool) -> Option<(HostId, Vec<String>)> {
         if !self.rules.is_empty() && self.rules.mentions(v) {
             return self.place_ruled(v, running_only);
+        }
+        if self.view.strict_memory() && self.p.memory_fit > 0.0 {
+            if let Some(h) = self.place_by_memory(v) {
+                return Some((h, Vec::new()));
+            }
+            if running_only {
+                return None;
+            }
         }
         let e = self.est[v].min(self.view.vm_cpu(v));
         let fill = |r: &Self, h: HostId| (r.host_est[h] + r.est[v]) / r.cap(h);
@@ -478,6 +533,81 @@ impl<'a, V: ClusterView> Round<'a, V> {
                 if !self.excluded(h) && self.room(h, v) {
                     return Some((h, Vec::new()));
                 }
+            }
+        }
+        None
+    }
+
+    /// Strict memory: the running host that fits `v` and is left with the
+    /// least memory free (CPU left weighted by `memory_fit`), lowest index
+    /// of equals. A scan: the index orders hosts by CPU, not memory.
+    fn place_by_memory(&self, v: VmId) -> Option<HostId> {
+        let mut best: Option<(f64, HostId)> = None;
+        for h in 0..self.view.host_count() {
+            if !self.running[h] || self.excluded(h) || !self.room(h, v) {
+                continue;
+            }
+            let mem = self.view.host_mem(h);
+            let mem_left = (mem - self.ram[h] - self.view.vm_mem(v)) / mem;
+            let cpu_left = 1.0 - (self.host_est[h] + self.est[v]) / self.cap(h);
+            let score = mem_left + self.p.memory_fit * cpu_left;
+            if best.is_none_or(|(b, _)| score < b) {
+                best = Some((score, h));
+            }
+        }
+        best.map(|(_, h)| h)
+    }
+
+    /// A swap for `v` (leaving `donor`), which fits no host as it is: a
+    /// running host `t` where `v` fits once one of its smaller VMs `w`
+    /// moves to a third host. The `t` left with the least memory free
+    /// first, a bounded number tried; `(w, t, u)`.
+    fn find_swap(&mut self, v: VmId, donor: HostId) -> Option<(VmId, HostId, HostId)> {
+        /// Candidates (t, w) tried, best fit first: bounds the work.
+        const TRIES: usize = 16;
+        let need = self.view.vm_mem(v);
+        let size = self.view.vm_cpu(v);
+        let e = self.est[v].min(size);
+        let mut cands: Vec<(f64, HostId, VmId)> = Vec::new();
+        for t in 0..self.view.host_count() {
+            if !self.running[t]
+                || self.excluded(t)
+                || self.busy[t] + 2 > self.p.limits.max_migrations_per_host
+                || !self
+                    .view
+                    .vm_fits_cores(v, t, if self.p.core_safe { size } else { e })
+            {
+                continue;
+            }
+            let free = self.view.host_mem(t) - self.ram[t];
+            for &w in &self.on[t] {
+                if self.at[w] != Some(t)
+                    || !self.movable(w, false)
+                    || (!self.rules.is_empty() && self.rules.mentions(w))
+                {
+                    continue;
+                }
+                let wm = self.view.vm_mem(w);
+                let left = free + wm - need;
+                if left < 0.0 || wm >= need {
+                    continue;
+                }
+                let ew = self.est[w].min(self.view.vm_cpu(w));
+                if self.host_est[t] - ew + e > self.p.target * self.cap(t) {
+                    continue;
+                }
+                cands.push((left, t, w));
+            }
+        }
+        cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        for &(_, t, w) in cands.iter().take(TRIES) {
+            // `w` may go anywhere but `t` and the donor.
+            let was = self.skip[t];
+            self.skip[t] = true;
+            let u = self.place_by_memory(w);
+            self.skip[t] = was;
+            if let Some(u) = u.filter(|&u| u != donor) {
+                return Some((w, t, u));
             }
         }
         None
@@ -677,13 +807,22 @@ impl<'a, V: ClusterView> Round<'a, V> {
                 !self.skip[h] && state.low_since[h].is_some_and(|s| now - s >= p.low_for_s - 1.0)
             })
             .collect();
+        let by_memory = self.view.strict_memory() && p.donors_by_memory;
         under.sort_by(|&a, &b| {
             let ea = self.host_est[a] / self.cap(a);
             let eb = self.host_est[b] / self.cap(b);
-            ea.total_cmp(&eb)
+            if by_memory {
+                let ma = self.ram[a] / self.view.host_mem(a);
+                let mb = self.ram[b] / self.view.host_mem(b);
+                ma.total_cmp(&mb).then(ea.total_cmp(&eb))
+            } else {
+                ea.total_cmp(&eb)
+            }
         });
+        // Hosts that received (or made room) this round: never donors.
+        let mut received = vec![false; n];
         for h in under {
-            if self.skip[h] {
+            if self.skip[h] || received[h] {
                 continue;
             }
             let vms: Vec<VmId> = self.on[h].clone();
@@ -703,52 +842,112 @@ impl<'a, V: ClusterView> Round<'a, V> {
             self.donor = Some(h);
             self.leaving[h] = true;
             let mut sorted = vms.clone();
-            sorted.sort_by(|&a, &b| self.est[b].total_cmp(&self.est[a]));
+            if self.view.strict_memory() && p.memory_fit > 0.0 {
+                // Best fit decreasing by memory.
+                sorted.sort_by(|&a, &b| {
+                    self.view
+                        .vm_mem(b)
+                        .total_cmp(&self.view.vm_mem(a))
+                        .then(self.est[b].total_cmp(&self.est[a]))
+                });
+            } else {
+                sorted.sort_by(|&a, &b| self.est[b].total_cmp(&self.est[a]));
+            }
             // Plan the whole evacuation, then start what the limit allows
-            // now; the rest follows in the next rounds.
-            let mut trial: Vec<(VmId, HostId, Vec<String>)> = Vec::new();
+            // now; the rest follows in the next rounds. A swap makes room
+            // first (a VM of the target moves on); the donor's VM waits for
+            // the room until a later round.
+            let mut trial: Vec<Trial> = Vec::new();
             let mut ok = true;
             for v in sorted {
                 // Never wake a host to empty another.
                 match self.place(v, true) {
                     Some((t, rules)) => {
                         self.apply(v, h, t);
-                        trial.push((v, t, rules));
+                        trial.push(Trial {
+                            vm: v,
+                            from: h,
+                            to: t,
+                            rules,
+                            room_for: None,
+                            waits: false,
+                        });
                     }
                     None => {
-                        ok = false;
-                        break;
+                        let swap = if p.swap
+                            && self.view.strict_memory()
+                            && (self.rules.is_empty() || !self.rules.mentions(v))
+                        {
+                            self.find_swap(v, h)
+                        } else {
+                            None
+                        };
+                        let Some((w, t, u)) = swap else {
+                            ok = false;
+                            break;
+                        };
+                        self.apply(w, t, u);
+                        self.apply(v, h, t);
+                        trial.push(Trial {
+                            vm: w,
+                            from: t,
+                            to: u,
+                            rules: Vec::new(),
+                            room_for: Some(v),
+                            waits: false,
+                        });
+                        trial.push(Trial {
+                            vm: v,
+                            from: h,
+                            to: t,
+                            rules: Vec::new(),
+                            room_for: None,
+                            waits: true,
+                        });
                     }
                 }
             }
             self.donor = None;
             if !ok {
-                for &(v, t, _) in trial.iter().rev() {
-                    self.unapply(v, h, t);
+                for m in trial.iter().rev() {
+                    self.unapply(m.vm, m.from, m.to);
                 }
                 self.leaving[h] = false;
                 continue;
             }
-            // Cheapest moves first.
-            trial.sort_by(|a, b| self.view.vm_mem(a.0).total_cmp(&self.view.vm_mem(b.0)));
-            let later = trial.split_off(allowed.min(trial.len()));
-            for &(v, t, _) in later.iter().rev() {
-                self.unapply(v, h, t);
+            // Cheapest moves first; room-making moves all start now.
+            let (mut direct, rest): (Vec<Trial>, Vec<Trial>) =
+                trial.into_iter().partition(|m| m.from == h && !m.waits);
+            direct.sort_by(|a, b| self.view.vm_mem(a.vm).total_cmp(&self.view.vm_mem(b.vm)));
+            let later = direct.split_off(allowed.min(direct.len()));
+            for m in later.iter().rev() {
+                self.unapply(m.vm, m.from, m.to);
             }
-            if later.is_empty() {
+            if later.is_empty() && rest.is_empty() {
                 self.emptied.push(h);
             }
-            for &(_, t, _) in &trial {
-                self.set_skip(t); // receivers are not emptied this round
+            for m in direct.iter().chain(&rest) {
+                if p.reuse_receivers {
+                    received[m.to] = true;
+                } else {
+                    self.set_skip(m.to); // receivers are not emptied this round
+                }
+                received[m.from] = true;
             }
             self.set_skip(h);
-            for (v, t, rules) in trial {
+            // A waiting move keeps its room in the round's view (no other
+            // donor takes it) but starts only once the room is there.
+            for m in direct.into_iter().chain(rest).filter(|m| !m.waits) {
+                let kind = match m.room_for {
+                    Some(for_vm) => MoveKind::MakeRoom { for_vm, donor: h },
+                    None => MoveKind::Consolidate { load },
+                };
                 self.moves.push(Move {
-                    vm: v,
-                    from: h,
-                    to: t,
-                    kind: MoveKind::Consolidate { load },
-                    rules,
+                    vm: m.vm,
+                    from: m.from,
+                    to: m.to,
+                    kind,
+                    rules: m.rules,
                 });
             }
         }

@@ -235,6 +235,12 @@ pub fn plan(
                 100.0 * load,
                 params.low_for_s,
             ),
+            MoveKind::MakeRoom { for_vm, donor } => format!(
+                "ferry: makes room on {from} for {} (emptying {}, no host has room for it as it is); {} moves to {to}",
+                c.vms[for_vm].name,
+                c.hosts[donor].name,
+                c.vms[m.vm].name,
+            ),
         };
         let fit = Fit {
             host: Some(m.to),
@@ -298,13 +304,22 @@ mod tests {
         add_vm(&mut c, 2, 600.0, 1024);
         let plan = power_save_plan(&c);
         // Lightest first: h1 (200) empties onto the fullest host it fits,
-        // h0; h2 could only go to h0 or h1, both taken this round.
-        assert_eq!(plan.migrations(), 1, "{plan:?}");
+        // h0, which still takes h2 (600) from the next donor.
+        assert_eq!(plan.migrations(), 2, "{plan:?}");
         assert!(matches!(
             plan.actions[0],
             Action::Migrate {
                 vm: 1,
                 from: 1,
+                to: 0,
+                ..
+            }
+        ));
+        assert!(matches!(
+            plan.actions[1],
+            Action::Migrate {
+                vm: 2,
+                from: 2,
                 to: 0,
                 ..
             }
@@ -333,10 +348,11 @@ mod tests {
         c.hosts[1].power = PowerState::Off;
         add_vm(&mut c, 0, 1000.0, 1024);
         add_vm(&mut c, 0, 900.0, 1024);
-        add_vm(&mut c, 0, 400.0, 512);
+        add_vm(&mut c, 0, 800.0, 512);
         let plan = power_save_plan(&c);
-        // 2300 of 2000 MIPS: the cheapest VM that alone is enough (400,
-        // 512 MB) moves to h1, which powers up first.
+        // 2700 of 2000 MIPS (over `upper`, 120 %): the cheapest VM that
+        // alone brings it under `target` (800, 512 MB) moves to h1, which
+        // powers up first.
         assert_eq!(plan.migrations(), 1, "{plan:?}");
         assert!(matches!(plan.actions[0], Action::PowerOn { host: 1, .. }));
         assert!(matches!(

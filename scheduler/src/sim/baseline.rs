@@ -144,7 +144,7 @@ fn fallback_thr(det: &Detector) -> f64 {
 }
 
 /// MIPS held by VMs created on `h` at t = 0 (each holds its full MIPS).
-fn initial_allocated(dc: &Datacenter<'_>, h: usize) -> f64 {
+pub(crate) fn initial_allocated(dc: &Datacenter<'_>, h: usize) -> f64 {
     dc.hosts[h].vms.iter().map(|&v| dc.vms[v].mips).sum()
 }
 

@@ -8,6 +8,7 @@
 //! toward the next sample). Hosts and VMs are named `h{i}` and `v{i}`
 //! (rules name them so).
 
+use super::baseline::initial_allocated;
 use super::datacenter::Datacenter;
 use super::MemoryModel;
 use crate::model::{HostId, VmId};
@@ -183,4 +184,89 @@ impl InitialRules {
         };
         self.rules.blocker(&view, v, h, &at, &leaving).is_none()
     }
+}
+
+/// ferry's initial placement at t = 0 (without rules) (every VM reserves its full MIPS and RAM):
+/// VMs by decreasing RAM, then MIPS, each on the used host it leaves with
+/// the least RAM (then MIPS) free, else on the first empty host that holds
+/// it. Hosts are indexed by type and free RAM, then free MIPS (no scan per
+/// VM). `Err(vm)` if a VM fits nowhere.
+pub fn place_all_packed(dc: &mut Datacenter<'_>) -> Result<(), usize> {
+    use std::collections::{BTreeMap, BTreeSet};
+    /// CloudSim's creation limit: 10 VMs of 100 Mbit/s on a 1 Gbit/s host.
+    const MAX_VMS: usize = 10;
+    // Non-negative floats order like their bits.
+    let key = |x: f64| x.max(0.0).to_bits();
+    let kinds = dc.host_types.len();
+    let mut used: Vec<BTreeMap<u64, BTreeSet<(u64, usize)>>> = vec![BTreeMap::new(); kinds];
+    let mut empty: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); kinds];
+    let mut free_ram: Vec<f64> = Vec::with_capacity(dc.hosts.len());
+    let mut free_mips: Vec<f64> = Vec::with_capacity(dc.hosts.len());
+    for (h, host) in dc.hosts.iter().enumerate() {
+        free_ram.push(host.ram_mb - dc.ram_used(h));
+        free_mips.push(host.total_mips - initial_allocated(dc, h));
+        if host.vms.is_empty() {
+            empty[host.kind].insert(h);
+        } else if host.vms.len() < MAX_VMS {
+            used[host.kind]
+                .entry(key(free_ram[h]))
+                .or_default()
+                .insert((key(free_mips[h]), h));
+        }
+    }
+    let mut order: Vec<usize> = (0..dc.vms.len()).collect();
+    order.sort_by(|&a, &b| {
+        dc.vms[b]
+            .ram_mb
+            .total_cmp(&dc.vms[a].ram_mb)
+            .then(dc.vms[b].mips.total_cmp(&dc.vms[a].mips))
+    });
+    for v in order {
+        let (need_ram, need_mips) = (dc.vms[v].ram_mb, dc.vms[v].mips);
+        // Best used host of each type, then the best of those.
+        let mut best: Option<(f64, f64, usize)> = None;
+        let mut first_empty: Option<usize> = None;
+        for kind in 0..kinds {
+            let ht = &dc.host_types[kind];
+            if ht.pe_mips < need_mips {
+                continue;
+            }
+            let (ram, total) = (ht.ram_mb, ht.pe_mips * f64::from(ht.pes));
+            let found = used[kind]
+                .range(key(need_ram)..)
+                .find_map(|(_, set)| set.range((key(need_mips), 0)..).next().map(|&(_, h)| h));
+            if let Some(h) = found {
+                let r = (free_ram[h] - need_ram) / ram;
+                let m = (free_mips[h] - need_mips) / total;
+                if best.is_none_or(|(br, bm, bh)| (r, m, h) < (br, bm, bh)) {
+                    best = Some((r, m, h));
+                }
+            }
+            if ram >= need_ram && total >= need_mips {
+                if let Some(&h) = empty[kind].first() {
+                    first_empty = Some(first_empty.map_or(h, |e: usize| e.min(h)));
+                }
+            }
+        }
+        let h = best.map(|b| b.2).or(first_empty).ok_or(v)?;
+        let kind = dc.hosts[h].kind;
+        if !empty[kind].remove(&h) {
+            let k = key(free_ram[h]);
+            let set = used[kind].get_mut(&k).expect("indexed");
+            set.remove(&(key(free_mips[h]), h));
+            if set.is_empty() {
+                used[kind].remove(&k);
+            }
+        }
+        dc.place_initial(v, h);
+        free_ram[h] -= need_ram;
+        free_mips[h] -= need_mips;
+        if dc.hosts[h].vms.len() < MAX_VMS {
+            used[kind]
+                .entry(key(free_ram[h]))
+                .or_default()
+                .insert((key(free_mips[h]), h));
+        }
+    }
+    Ok(())
 }

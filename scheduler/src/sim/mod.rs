@@ -114,6 +114,11 @@ impl Policy {
                     "cwindow" => p.consolidation_window_s = x * STEP_SECONDS,
                     "interval" => p.limits.min_move_interval_s = x,
                     "limit" => p.limits.max_migrations_per_host = x as usize,
+                    "mfit" => p.memory_fit = x,
+                    "dmem" => p.donors_by_memory = x != 0.0,
+                    "swap" => p.swap = x != 0.0,
+                    "core" => p.core_safe = x != 0.0,
+                    "reuse" => p.reuse_receivers = x != 0.0,
                     _ => return None,
                 }
             }
@@ -374,6 +379,9 @@ pub fn simulate_day_with(
     match policy {
         Policy::Dvfs => baseline::place_all_first_fit(&mut dc).map_err(placement_err)?,
         Policy::Mmt(d) => baseline::place_all_power_aware(&mut dc, d).map_err(placement_err)?,
+        Policy::Ferry(_) if rules.is_empty() => {
+            ferry::place_all_packed(&mut dc).map_err(placement_err)?
+        }
         Policy::Ferry(_) => baseline::place_all_power_aware_with(
             &mut dc,
             &Detector::Thr(0.8),

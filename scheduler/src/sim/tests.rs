@@ -196,9 +196,10 @@ fn ferry_in_the_simulator_honours_an_anti_affinity_rule() {
         .unwrap();
         (together, moves)
     };
-    let (together, moves) = run(&[]);
+    // Without rules ferry packs at creation (no moves needed); with one it
+    // starts from the rules-aware placement and consolidates.
+    let (together, _) = run(&[]);
     assert!(together > 0, "without the rule v0 and v1 share a host");
-    assert!(moves > 0);
     let apart = Rule {
         name: "apart".into(),
         kind: RuleKind::AntiAffinity,
