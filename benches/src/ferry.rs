@@ -12,6 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ferry_e2e::process::ProcessGuard;
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::BenchError;
@@ -103,7 +104,7 @@ pub fn run(ctx: &RunContext<'_>, w: &Workload, p: FerryProfile, repeat: u32) -> 
 /// One stdout line of `ferry migrate`, with when it arrived.
 struct Line {
     t_ms: f64,
-    json: Option<Value>,
+    json: Option<MigrateLine>,
     text: String,
 }
 
@@ -238,23 +239,24 @@ fn run_inner(
         let left = hard_deadline.saturating_sub(t0.elapsed());
         match rx.recv_timeout(left.min(Duration::from_millis(500))) {
             Ok(line) => {
-                let Some(v) = line.json else {
+                let Some(parsed) = line.json else {
                     last_text = line.text;
                     continue;
                 };
-                record_event(out, &v, line.t_ms, w.mem_bytes);
-                if let Some(sum) = summary_of(&v) {
-                    if summary.is_none() {
+                record_event(&mut out.bytes_left, &parsed, line.t_ms, w.mem_bytes);
+                match parsed {
+                    MigrateLine::Summary { summary: sum } if summary.is_none() => {
                         out.engine_done_ms = Some(line.t_ms);
                         link_end = ctx.link_tx_bytes();
                         summary = Some(sum);
                     }
-                }
-                if v["event"] == "abandoned" {
-                    failure = Some(BenchError::Deadline(
-                        deadline.as_secs(),
-                        format!("ferry abandoned: {}", v["reason"].as_str().unwrap_or("?")),
-                    ));
+                    MigrateLine::Abandoned { reason } => {
+                        failure = Some(BenchError::Deadline(
+                            deadline.as_secs(),
+                            format!("ferry abandoned: {reason}"),
+                        ));
+                    }
+                    _ => {}
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break, // client exited
@@ -289,11 +291,13 @@ fn run_inner(
             "ferry migrate ended without a summary: {err} {last_text}"
         )));
     };
-    out.engine_report = sum.clone();
-    out.engine_total_ms = sum["total_ms"].as_f64();
-    out.downtime_ms = sum["downtime_ms"].as_f64();
-    out.rounds = sum["rounds"].as_u64();
-    out.wire_bytes = figure(&sum["wire_bytes"]);
+    let figures = SummaryFigures::deserialize(&sum)
+        .map_err(|e| BenchError::Engine(format!("ferry migrate's summary: {e}")))?;
+    out.engine_report = sum;
+    out.engine_total_ms = Some(figures.total_ms);
+    out.downtime_ms = Some(figures.downtime_ms);
+    out.rounds = Some(figures.rounds);
+    out.wire_bytes = Some(figures.wire_bytes);
     dst.check_running()?;
     run_common::check_alive(out, dst_pid, &before);
     // The source exits 0 once its guest migrated away.
@@ -304,40 +308,87 @@ fn run_inner(
     Ok(())
 }
 
-/// The summary object, from whichever line carries it.
-fn summary_of(v: &Value) -> Option<Value> {
-    let ok = v["event"] == "summary" || v["event"] == "completed" || v["result"] == "ok";
-    (ok && v["summary"].is_object()).then(|| v["summary"].clone())
+/// What the bench reads from a line of `ferry migrate --json` (the
+/// control protocol's events and the closing summary line). 64-bit
+/// figures arrive as decimal strings (`ferry_control::json`).
+#[derive(Debug, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum MigrateLine {
+    Started {
+        #[serde(deserialize_with = "figure")]
+        guest_bytes: u64,
+    },
+    RoundProgress {
+        round: u64,
+        #[serde(deserialize_with = "figure")]
+        pages_done: u64,
+        #[serde(deserialize_with = "figure")]
+        pages_total: u64,
+    },
+    RoundFinished {
+        round: u64,
+        #[serde(deserialize_with = "figure")]
+        dirty_pages: u64,
+    },
+    StopAndCopy {
+        #[serde(deserialize_with = "figure")]
+        dirty_pages: u64,
+    },
+    /// The last line of a completed migration (kept whole as the run's
+    /// engine report).
+    Summary {
+        summary: Value,
+    },
+    Abandoned {
+        reason: String,
+    },
+    /// Events the bench does not read.
+    #[serde(other)]
+    Other,
+}
+
+/// The summary figures the bench reports beside the whole summary.
+#[derive(Debug, Deserialize)]
+struct SummaryFigures {
+    total_ms: f64,
+    downtime_ms: f64,
+    rounds: u64,
+    #[serde(deserialize_with = "figure")]
+    wire_bytes: u64,
 }
 
 /// A 64-bit count or byte figure of `ferry migrate --json`: a decimal
 /// string (ferry writes every 64-bit integer as one).
-fn figure(v: &Value) -> Option<u64> {
-    v.as_str()?.parse().ok()
+fn figure<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse()
+        .map_err(|e| serde::de::Error::custom(format!("figure {text:?}: {e}")))
 }
 
 /// Adds a bytes-left sample from a progress event.
-fn record_event(out: &mut RunOutcome, v: &Value, t_ms: f64, mem_bytes: u64) {
-    let sample = match v["event"].as_str() {
-        Some("started") => Some((0, figure(&v["guest_bytes"]).unwrap_or(mem_bytes))),
-        Some("round_progress") => {
-            let total = figure(&v["pages_total"]).unwrap_or(0);
-            let done = figure(&v["pages_done"]).unwrap_or(0);
-            v["round"]
-                .as_u64()
-                .map(|r| (r, total.saturating_sub(done) * 4096))
+fn record_event(left: &mut Vec<BytesLeft>, line: &MigrateLine, t_ms: f64, mem_bytes: u64) {
+    let sample = match *line {
+        MigrateLine::Started { guest_bytes } => Some((
+            0,
+            if guest_bytes == 0 {
+                mem_bytes
+            } else {
+                guest_bytes
+            },
+        )),
+        MigrateLine::RoundProgress {
+            round,
+            pages_done,
+            pages_total,
+        } => Some((round, pages_total.saturating_sub(pages_done) * 4096)),
+        MigrateLine::RoundFinished { round, dirty_pages } => Some((round, dirty_pages * 4096)),
+        MigrateLine::StopAndCopy { dirty_pages } => {
+            left.last().map(|b| (b.round + 1, dirty_pages * 4096))
         }
-        Some("round_finished") => v["round"]
-            .as_u64()
-            .map(|r| (r, figure(&v["dirty_pages"]).unwrap_or(0) * 4096)),
-        Some("stop_and_copy") => out
-            .bytes_left
-            .last()
-            .map(|b| (b.round + 1, figure(&v["dirty_pages"]).unwrap_or(0) * 4096)),
         _ => None,
     };
     if let Some((round, bytes)) = sample {
-        out.bytes_left.push(BytesLeft { t_ms, round, bytes });
+        left.push(BytesLeft { t_ms, round, bytes });
     }
 }
 
@@ -359,4 +410,52 @@ fn wait_socket(
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> MigrateLine {
+        serde_json::from_str(line).unwrap()
+    }
+
+    #[test]
+    fn migrate_lines_give_the_figures_the_bench_reads() {
+        let mut left = Vec::new();
+        for line in [
+            r#"{"event":"connected","to":"127.0.0.1:1","lanes":4,"security":"plaintext"}"#,
+            r#"{"event":"started","pages":"262144","guest_bytes":"1073741824","dirty_log":"kvm","workers":"2"}"#,
+            r#"{"event":"round_progress","round":0,"pages_done":"262000","pages_total":"262144","wire_bytes":"9"}"#,
+            r#"{"event":"round_finished","round":0,"dirty_pages":"3","pages":"1"}"#,
+            r#"{"event":"stop_and_copy","dirty_pages":"2"}"#,
+        ] {
+            record_event(&mut left, &parse(line), 1.0, 0);
+        }
+        let left: Vec<(u64, u64)> = left
+            .iter()
+            .map(|b: &BytesLeft| (b.round, b.bytes))
+            .collect();
+        assert_eq!(
+            left,
+            [(0, 1 << 30), (0, 144 * 4096), (0, 3 * 4096), (1, 2 * 4096)]
+        );
+        let MigrateLine::Summary { summary } = parse(
+            r#"{"event":"summary","summary":{"rounds":3,"total_ms":700.5,"downtime_ms":1.5,"wire_bytes":"1075000000","downtime_parts":{}}}"#,
+        ) else {
+            panic!("the summary line is a summary");
+        };
+        let f = SummaryFigures::deserialize(&summary).unwrap();
+        assert_eq!((f.rounds, f.wire_bytes), (3, 1_075_000_000));
+        assert_eq!((f.total_ms, f.downtime_ms), (700.5, 1.5));
+        assert!(matches!(
+            parse(r#"{"event":"abandoned","reason":"deadline"}"#),
+            MigrateLine::Abandoned { reason } if reason == "deadline"
+        ));
+        // A 64-bit figure written as a number is not what ferry prints.
+        assert!(serde_json::from_str::<MigrateLine>(
+            r#"{"event":"stop_and_copy","dirty_pages":2}"#
+        )
+        .is_err());
+    }
 }
