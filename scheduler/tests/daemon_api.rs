@@ -480,13 +480,15 @@ power = {{ driver = "process", command = ["sh", "-c", "echo $$ > '{}'; exec slee
     assert!(alive(pid));
 
     // Load drops; once the demand peaks have aged out, h3 is not needed.
+    // The estimate is a VM's peak over ferry's long window (900 s), one
+    // sample per round at the default 30 s interval: 30 rounds.
     for vms in world.lock().unwrap().values_mut() {
         for v in vms.iter_mut() {
             v.cpu_mips = 100.0;
         }
     }
     let mut off = false;
-    for _ in 0..20 {
+    for _ in 0..60 {
         let _: RoundView = call(api, Method::Post, "/v1/round", None).await.unwrap();
         let hosts: Vec<HostView> = call(api, Method::Get, "/v1/hosts", None).await.unwrap();
         if hosts[2].power == ferry_scheduler::model::PowerState::Off {

@@ -6,7 +6,7 @@
 //! in a real cluster). Traces: `$FERRY_TRACES`, else `../shared/traces`
 //! beside the repository.
 
-use std::path::PathBuf;
+mod common;
 
 use ferry_scheduler::model::{Cluster, Host, Vm};
 use ferry_scheduler::plan::planner::{Planner, PolicyMode};
@@ -18,25 +18,6 @@ use ferry_scheduler::sim::{
 };
 use ferry_scheduler::trace::load_day;
 
-fn traces() -> Option<PathBuf> {
-    let p = std::env::var_os("FERRY_TRACES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces"));
-    if p.join("planetlab").is_dir() {
-        Some(p)
-    } else {
-        assert!(
-            std::env::var_os("FERRY_NO_SKIP").is_none(),
-            "FERRY_NO_SKIP is set, so this test may not skip"
-        );
-        eprintln!(
-            "SKIP: no PlanetLab traces at {} (set FERRY_TRACES)",
-            p.display()
-        );
-        None
-    }
-}
-
 /// What the simulator did at one step.
 struct SimStep {
     k: usize,
@@ -45,7 +26,7 @@ struct SimStep {
 }
 
 fn replay(day: &str, hosts: usize) {
-    let Some(root) = traces() else { return };
+    let Some(root) = common::traces() else { return };
     let vms = load_day(&root.join("planetlab").join(day)).unwrap();
     let models = PowerModels::load(&root.join("power_models.csv")).unwrap();
     let types = ccpe2012_host_types(&models).unwrap();

@@ -2,7 +2,7 @@
 //! results (sorted-file-order rows). Traces: `$FERRY_TRACES`, else
 //! `../shared/traces` beside the repository.
 
-use std::path::PathBuf;
+mod common;
 
 use ferry_scheduler::power::PowerModels;
 use ferry_scheduler::reference;
@@ -10,27 +10,8 @@ use ferry_scheduler::sim::baseline::Detector;
 use ferry_scheduler::sim::{ccpe2012_host_types, simulate_day, MemoryModel, Policy};
 use ferry_scheduler::trace::load_day;
 
-fn traces() -> Option<PathBuf> {
-    let p = std::env::var_os("FERRY_TRACES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces"));
-    if p.join("planetlab").is_dir() {
-        Some(p)
-    } else {
-        assert!(
-            std::env::var_os("FERRY_NO_SKIP").is_none(),
-            "FERRY_NO_SKIP is set, so this test may not skip"
-        );
-        eprintln!(
-            "SKIP: no PlanetLab traces at {} (set FERRY_TRACES)",
-            p.display()
-        );
-        None
-    }
-}
-
 fn check(day: &str, policy: Policy, energy_tol: f64, migr_tol: f64) {
-    let Some(root) = traces() else { return };
+    let Some(root) = common::traces() else { return };
     let vms = load_day(&root.join("planetlab").join(day)).unwrap();
     let models = PowerModels::load(&root.join("power_models.csv")).unwrap();
     let hosts = ccpe2012_host_types(&models).unwrap();
@@ -60,7 +41,7 @@ fn check(day: &str, policy: Policy, energy_tol: f64, migr_tol: f64) {
 
 #[test]
 fn loads_a_real_day_sorted_with_spaces_in_names() {
-    let Some(root) = traces() else { return };
+    let Some(root) = common::traces() else { return };
     let day = load_day(&root.join("planetlab/20110303")).unwrap();
     assert_eq!(day.len(), 1052);
     assert!(day.windows(2).all(|w| w[0].name < w[1].name));
@@ -83,7 +64,7 @@ fn ram_bound_reproduces_the_issue_figures() {
     // Issue 16: 329 hosts on 2011-03-03 and 474 on 2011-03-22, 743 and
     // 1,060 kWh at the day's mean load over 24 h (the bound itself covers
     // the simulated span, first to last 300 s tick: 85,800 s).
-    let Some(root) = traces() else { return };
+    let Some(root) = common::traces() else { return };
     let models = PowerModels::load(&root.join("power_models.csv")).unwrap();
     let hosts = ccpe2012_host_types(&models).unwrap();
     for (day, want_hosts, want_kwh_24h) in [("20110303", 329, 743.0), ("20110322", 474, 1060.0)] {

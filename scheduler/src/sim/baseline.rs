@@ -229,18 +229,9 @@ impl InitialGroups {
         let mut best: Option<(f64, usize)> = None;
         for set in self.groups.values() {
             let Some(&h) = set.first() else { continue };
-            if !suitable_initial(dc, h, v) {
+            let Some(diff) = initial_power_increase(dc, det, h, v) else {
                 continue;
-            }
-            let held = initial_allocated(dc, h);
-            let after = (held + dc.vms[v].mips) / dc.hosts[h].total_mips;
-            if after > 1.0 {
-                continue;
-            }
-            if held != 0.0 && dc.vms[v].mips / dc.hosts[h].total_mips > fallback_thr(det) {
-                continue;
-            }
-            let diff = dc.power(h, after) - dc.power(h, 0.0);
+            };
             if best.is_none_or(|(d, bh)| diff < d || (diff == d && h < bh)) {
                 best = Some((diff, h));
             }
@@ -260,24 +251,36 @@ fn find_host_initial(
     let mut min_power = f64::MAX;
     let mut best = None;
     for h in 0..dc.hosts.len() {
-        if ex[h] || !suitable_initial(dc, h, v) || !rules.allows(dc, v, h) {
+        if ex[h] || !rules.allows(dc, v, h) {
             continue;
         }
-        let held = initial_allocated(dc, h);
-        let after = (held + dc.vms[v].mips) / dc.hosts[h].total_mips;
-        if after > 1.0 {
+        let Some(diff) = initial_power_increase(dc, det, h, v) else {
             continue;
-        }
-        if held != 0.0 && dc.vms[v].mips / dc.hosts[h].total_mips > fallback_thr(det) {
-            continue;
-        }
-        let diff = dc.power(h, after) - dc.power(h, 0.0);
+        };
         if diff < min_power {
             min_power = diff;
             best = Some(h);
         }
     }
     best
+}
+
+/// The power host `h` would add by taking VM `v` at t = 0 (PABFD's
+/// criterion), or `None` when `v` may not go there (no room, or a big VM
+/// onto a non-empty host past the detector's fallback threshold).
+fn initial_power_increase(dc: &Datacenter<'_>, det: &Detector, h: usize, v: usize) -> Option<f64> {
+    if !suitable_initial(dc, h, v) {
+        return None;
+    }
+    let held = initial_allocated(dc, h);
+    let after = (held + dc.vms[v].mips) / dc.hosts[h].total_mips;
+    if after > 1.0 {
+        return None;
+    }
+    if held != 0.0 && dc.vms[v].mips / dc.hosts[h].total_mips > fallback_thr(det) {
+        return None;
+    }
+    Some(dc.power(h, after) - dc.power(h, 0.0))
 }
 
 fn suitable_initial(dc: &Datacenter<'_>, h: usize, v: usize) -> bool {
