@@ -470,6 +470,9 @@ async fn set_maintenance(s: AppState, name: String, on: bool) -> Result<Json<Rou
     if lock(&s.daemon.state).cluster.host_by_name(&name).is_none() {
         return Err(Refusal::not_found(format!("no host named {name:?}")));
     }
+    // No timer round may act on the flag between setting it and our
+    // rounds: their actions are what this request reports.
+    let turn = s.daemon.take_turn().await;
     if let Some(ha) = s.daemon.ha.clone() {
         // Recorded first: a leader that dies mid-evacuation leaves it to
         // the next one.
@@ -497,7 +500,10 @@ async fn set_maintenance(s: AppState, name: String, on: bool) -> Result<Json<Rou
     };
     let mut all = RoundView::default();
     for _ in 0..MAX_MAINTENANCE_ROUNDS {
-        let report = s.daemon.round(s.started.elapsed().as_secs_f64()).await;
+        let report = s
+            .daemon
+            .round_in_turn(&turn, s.started.elapsed().as_secs_f64())
+            .await;
         let st = lock(&s.daemon.state);
         let c = &st.cluster;
         let view = round_view(c, &report);

@@ -173,6 +173,13 @@ pub struct Daemon {
     health: Arc<HealthChecks>,
 }
 
+/// The right to run planning rounds, held by one caller at a time
+/// ([`Daemon::take_turn`]).
+#[derive(Debug)]
+pub struct RoundTurn {
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
 /// Each host's health providers (by index) and what a warning does.
 struct HealthChecks {
     providers: Vec<Vec<Box<dyn crate::ha::health::HealthProvider>>>,
@@ -343,7 +350,21 @@ impl Daemon {
 
     /// One round: inventory, plan, execute. Returns what it did.
     pub async fn round(&self, now: f64) -> RoundReport {
-        let _g = self.round_lock.lock().await;
+        let turn = self.take_turn().await;
+        self.round_in_turn(&turn, now).await
+    }
+
+    /// Wait until no round runs, and keep the others out while the
+    /// returned turn lives: a change and the rounds that act on it (a
+    /// maintenance request) then see no timer round in between.
+    pub async fn take_turn(&self) -> RoundTurn {
+        RoundTurn {
+            _held: self.round_lock.clone().lock_owned().await,
+        }
+    }
+
+    /// One round, run inside a turn already taken.
+    pub async fn round_in_turn(&self, _turn: &RoundTurn, now: f64) -> RoundReport {
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.round_blocking(now))
             .await
