@@ -127,6 +127,28 @@ pub enum MigrationError {
         /// The page index.
         page: u64,
     },
+    /// Source: a raw page arrived torn (its bytes did not match its hash)
+    /// but the guest did not write it after it was read: no tearing write
+    /// explains it, so its bytes were corrupted on the way or in memory.
+    #[error("page {page} arrived torn in round {round} but the guest did not write it again: corrupted on the way (not a torn send)")]
+    TornPageNotRewritten {
+        /// The page index.
+        page: u64,
+        /// The round whose copy arrived torn.
+        round: u32,
+    },
+    /// Destination: when the Digest arrived, pages were still torn (their
+    /// last copy did not match its hash and no later copy came). In the
+    /// final round the guest is paused, so that is corruption.
+    #[error("{count} page(s) still torn at the handover (page {page}, torn in round {round}, first): their last copy did not match its hash and was not sent again")]
+    TornAtHandover {
+        /// How many pages.
+        count: usize,
+        /// The lowest such page.
+        page: u64,
+        /// The round whose copy of `page` arrived torn.
+        round: u32,
+    },
     /// The destination's memory digest differs from the source's.
     #[error("memory digest mismatch: source {source_digest:#018x}, destination {destination_digest:#018x}{}", differing_text(differing_regions))]
     DigestMismatch {

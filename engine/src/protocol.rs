@@ -64,6 +64,20 @@
 //! (the pause then carries only the last dirty set) and skips it anywhere
 //! else. Versions up to 5 sent nothing while pages streamed.
 //!
+//! Torn pages (version 7): the source sends raw pages straight from guest
+//! memory, hashed in a read-only pass just before the kernel copies them
+//! into the socket, so a guest write in between makes the bytes differ
+//! from the hash. The destination writes what it got, records the hash of
+//! what it wrote, and lists the page in its next `RoundWritten`
+//! ([`TornPage`]); such a write came after the page's dirty bit was
+//! cleared, so the source finds the page in a dirty set it collects later
+//! and sends it again, whatever its hash then (a torn page that no dirty
+//! set holds is corruption: the source aborts). In the final round the
+//! guest is paused: a page still torn when the Digest arrives (torn then,
+//! or earlier and never sent again) makes the destination abort before
+//! Ready. LZ4 and XOR pages are encoded from a copy and never torn: a
+//! mismatch there is corruption, as before.
+//!
 //! Version rule: a Hello whose stream version differs from
 //! [`STREAM_VERSION`] is refused with an Abort naming both versions (the
 //! frame format itself is versioned by the transport).
@@ -75,8 +89,9 @@ use crate::layout::{MemoryLayout, MemoryRegion, MAX_REGIONS};
 /// migration id that `Resolve` names; 4: the VcpuState payload is device
 /// state sections; 5: the Digest carries a digest per memory region;
 /// 6: the destination reports each round written with [`RoundWritten`],
-/// and `Running` says when the last pages were written and Ready sent).
-pub const STREAM_VERSION: u32 = 6;
+/// and `Running` says when the last pages were written and Ready sent;
+/// 7: raw pages may arrive torn and [`RoundWritten`] lists them).
+pub const STREAM_VERSION: u32 = 7;
 
 /// Longest Abort reason kept.
 pub const MAX_REASON_BYTES: usize = 4096;
@@ -380,26 +395,80 @@ impl RoundEnd {
     }
 }
 
+/// Most torn pages one [`RoundWritten`] lists; more wait for the next one.
+pub const MAX_TORN_PER_REPORT: usize = 1 << 16;
+
+/// A raw page whose bytes did not match the hash the source sent with it
+/// (version 7). The source sends raw pages straight from guest memory
+/// (no copy), hashed just before: a guest write in between tears the
+/// page. Such a write came after the page's dirty bit was cleared for
+/// `round`, so it is in a dirty set the source collects later; the source
+/// checks that it is and sends the page again (a torn page that was not
+/// written again is corruption).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TornPage {
+    /// Page index.
+    pub page: u64,
+    /// The round whose copy of the page arrived torn.
+    pub round: u32,
+}
+
 /// Destination -> source (a `Progress` frame on lane 0): every lane's
-/// `RoundEnd` of `round` arrived and every page before them is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `RoundEnd` of `round` arrived and every page before them is written;
+/// `torn` lists the pages that arrived torn since the last report
+/// (version 7; at most [`MAX_TORN_PER_REPORT`]).
+///
+/// ```text
+/// u32 round, u32 count, count times { u64 page, u32 round }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoundWritten {
     /// Round number, 0 first.
     pub round: u32,
+    /// Pages that arrived torn.
+    pub torn: Vec<TornPage>,
 }
 
 impl RoundWritten {
     /// Payload bytes.
     pub fn encode(&self) -> Vec<u8> {
-        self.round.to_le_bytes().to_vec()
+        let count = u32::try_from(self.torn.len()).expect("bounded by MAX_TORN_PER_REPORT");
+        let mut out = Vec::with_capacity(8 + 12 * self.torn.len());
+        out.extend_from_slice(&self.round.to_le_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
+        for t in &self.torn {
+            out.extend_from_slice(&t.page.to_le_bytes());
+            out.extend_from_slice(&t.round.to_le_bytes());
+        }
+        out
     }
 
     /// Parse a payload.
     pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
         let mut c = Cursor::new("RoundWritten", bytes);
-        let v = Self { round: c.u32()? };
+        let round = c.u32()?;
+        let count = c.u32()? as usize;
+        if count > MAX_TORN_PER_REPORT {
+            return Err(c.error(format!(
+                "{count} torn pages (at most {MAX_TORN_PER_REPORT})"
+            )));
+        }
+        let mut torn = Vec::with_capacity(count.min(bytes.len() / 12));
+        for _ in 0..count {
+            let page = c.u64()?;
+            let torn_round = c.u32()?;
+            if torn_round > round {
+                return Err(c.error(format!(
+                    "page {page} torn in round {torn_round}, reported written in round {round}"
+                )));
+            }
+            torn.push(TornPage {
+                page,
+                round: torn_round,
+            });
+        }
         c.end()?;
-        Ok(v)
+        Ok(Self { round, torn })
     }
 }
 
@@ -518,10 +587,30 @@ mod tests {
             pages: 77,
         };
         assert_eq!(RoundEnd::decode(&r.encode()).unwrap(), r);
-        let w = RoundWritten { round: 9 };
+        let w = RoundWritten {
+            round: 9,
+            torn: vec![
+                TornPage { page: 7, round: 8 },
+                TornPage { page: 1, round: 9 },
+            ],
+        };
         assert_eq!(RoundWritten::decode(&w.encode()).unwrap(), w);
         assert!(RoundWritten::decode(&[1, 0, 0]).is_err());
         assert!(RoundWritten::decode(&[1, 0, 0, 0, 0]).is_err());
+        let mut cut = w.encode();
+        cut.pop();
+        assert!(RoundWritten::decode(&cut).is_err());
+        let later = RoundWritten {
+            round: 2,
+            torn: vec![TornPage { page: 1, round: 3 }],
+        };
+        assert!(
+            RoundWritten::decode(&later.encode()).is_err(),
+            "torn after the round"
+        );
+        let mut huge = 1u32.to_le_bytes().to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(RoundWritten::decode(&huge).is_err());
         let run = Running {
             resumed_at_unix_ns: 1,
             verify_ns: 2,

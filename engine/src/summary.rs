@@ -118,6 +118,9 @@ pub struct MigrationSummary {
     /// it was asked to complete anyway (`--on-deadline force`).
     #[serde(serialize_with = "as_ms", rename = "over_limit_ms")]
     pub over_limit: Duration,
+    /// Raw pages that arrived torn (the guest wrote them while they were
+    /// sent from its memory) and were sent again.
+    pub torn_pages_resent: u64,
 }
 
 /// One memory region's digest (see `crate::digest`).

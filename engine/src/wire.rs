@@ -15,8 +15,10 @@ use std::net::TcpStream;
 
 use std::io::IoSlice;
 
-use ferry_transport::frame::{encode_header, FrameError};
+use ferry_transport::frame::{encode_header, FrameError, FLAG_COVERED_SUFFIX};
 use ferry_transport::{FrameHeader, FrameKind, FrameSource, TransportError, HEADER_LEN};
+
+use crate::encode::PAGE_SIZE;
 
 /// Bytes of the frame header's prefix: everything but the checksum.
 pub(crate) const PREFIX_LEN: usize = 16;
@@ -29,6 +31,31 @@ pub(crate) const FRAME_HEADROOM: usize = HEADER_LEN;
 /// `FLAG_COVERED_SUFFIX`: the checksum then covers their table only.
 pub(crate) fn seal(frame: &mut [u8], kind: FrameKind, flags: u32) -> Result<(), FrameError> {
     let header = encode_header(kind, flags, &[IoSlice::new(&frame[FRAME_HEADROOM..])])?;
+    frame[..HEADER_LEN].copy_from_slice(&header);
+    Ok(())
+}
+
+/// [`seal`] for a page batch of `in_place` pages left in guest memory
+/// besides the payload in `frame` (see
+/// [`crate::encode::batch::BatchBuilder::finish_in_place`]). The checksum
+/// of a page batch covers only its table (`FLAG_COVERED_SUFFIX`, which
+/// `flags` must carry), at the end of `frame`: the pages count for the
+/// frame's length only, so they are not read here (a zero page stands in
+/// for each).
+pub(crate) fn seal_in_place(
+    frame: &mut [u8],
+    in_place: usize,
+    kind: FrameKind,
+    flags: u32,
+) -> Result<(), FrameError> {
+    assert!(
+        flags & FLAG_COVERED_SUFFIX != 0,
+        "pages in place are never covered by the checksum"
+    );
+    static STAND_IN: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+    let mut parts = vec![IoSlice::new(&STAND_IN); in_place];
+    parts.push(IoSlice::new(&frame[FRAME_HEADROOM..]));
+    let header = encode_header(kind, flags, &parts)?;
     frame[..HEADER_LEN].copy_from_slice(&header);
     Ok(())
 }
@@ -114,7 +141,6 @@ impl FrameIn for UncheckedTcp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_transport::frame::FLAG_COVERED_SUFFIX;
     use proptest::prelude::*;
 
     proptest! {
@@ -133,6 +159,26 @@ mod tests {
             prefixed.extend_from_slice(&payload);
             prop_assert!(verify_prefixed(&header, &prefixed).is_ok());
         }
+    }
+
+    #[test]
+    fn a_frame_sealed_with_pages_in_place_is_the_one_the_transport_would_send() {
+        let pages: Vec<Vec<u8>> = (1..=3u8).map(|b| vec![b; PAGE_SIZE]).collect();
+        let mut own = vec![7u8; 50];
+        own.extend_from_slice(&(40u32).to_le_bytes()); // a 40-byte "table"
+        let mut frame = vec![0u8; FRAME_HEADROOM];
+        frame.extend_from_slice(&own);
+        seal_in_place(
+            &mut frame,
+            pages.len(),
+            FrameKind::PageBatch,
+            FLAG_COVERED_SUFFIX,
+        )
+        .unwrap();
+        let mut whole: Vec<IoSlice<'_>> = pages.iter().map(|p| IoSlice::new(p)).collect();
+        whole.push(IoSlice::new(&own));
+        let theirs = encode_header(FrameKind::PageBatch, FLAG_COVERED_SUFFIX, &whole).unwrap();
+        assert_eq!(&frame[..HEADER_LEN], &theirs[..]);
     }
 
     #[test]

@@ -154,13 +154,39 @@ fn a_corrupt_frame_is_caught_and_the_guest_keeps_running_on_the_source() -> Resu
     let dest = Destination::spawn(DestinationOptions::default())?;
     let relay = Relay::spawn(dest.addr, 4 << 20, Fault::FlipBit)?;
     let (result, _) = migrate_to(&vm, relay.addr, quick());
-    let err = result.err().context("the migration must fail")?;
+    let err = match result {
+        Err(e) => e,
+        Ok(summary) => {
+            // The bit landed in a raw page, which the destination takes for
+            // torn (sent from guest memory while the guest wrote it), and
+            // the guest wrote that page again: its next copy replaced the
+            // bad one. Never silently: the page was resent and the digests
+            // (checked on both sides) agree.
+            let (_, dest_summary) = dest.join()?;
+            ensure!(summary.torn_pages_resent > 0, "{summary:?}");
+            ensure!(summary.memory_digest == dest_summary.memory_digest);
+            relay.join();
+            return Ok(());
+        }
+    };
+    if let MigrationError::TornPageNotRewritten { .. } = err {
+        // The bit landed in a raw page the guest did not write again: the
+        // source found no write that explains it and gave up.
+        ensure!(
+            dest.join().is_err(),
+            "the destination must not run the guest"
+        );
+        relay.join();
+        assert_alive(&vm, "source")?;
+        return Ok(());
+    }
     let dest_err = dest
         .join()
         .err()
         .context("the destination must refuse the stream")?;
-    // A flipped bit lands in a frame's covered part (checksum) or in a
-    // page (its hash): either way the stream is refused as corrupt.
+    // A flipped bit lands in a frame's covered part (checksum) or in an
+    // encoded page (its hash): either way the stream is refused as corrupt
+    // (a raw page the guest did not write again: see tests/torn_pages.rs).
     ensure!(
         matches!(
             dest_err,

@@ -43,7 +43,12 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(DigestMessage::decode(&d.encode()).as_ref(), Ok(&d));
             }
         }
-        5 => drop(RoundWritten::decode(body)),
+        5 => {
+            if let Ok(w) = RoundWritten::decode(body) {
+                assert!(w.torn.iter().all(|t| t.round <= w.round));
+                assert_eq!(RoundWritten::decode(&w.encode()).as_ref(), Ok(&w));
+            }
+        }
         _ => drop(Running::decode(body)),
     }
 });

@@ -26,7 +26,7 @@ use crate::summary::DestinationSummary;
 use crate::vm::{MigratableVm, VmOpError};
 use crate::wire::{verify_prefixed, Checked, FrameIn, UncheckedTcp, PREFIX_LEN};
 use inbound::Inbound;
-use workers::{run_worker, DecodeContext, Job};
+use workers::{run_worker, DecodeContext, Job, TornSet};
 
 /// How long a lane failure waits for the source's Abort reason on lane 0.
 const ABORT_GRACE: Duration = Duration::from_millis(200);
@@ -465,11 +465,13 @@ impl<S: FrameSink> Receiving<'_, S> {
         info!(pages = layout.pages(), "incoming migration accepted");
 
         let hashes = PageHashes::with_regions(layout.page_index_end(), &layout.page_ranges());
+        let torn = TornSet::default();
         let ctx = DecodeContext {
             memory: vm.memory(),
             hashes: &hashes,
             page_index_end: layout.page_index_end(),
             features,
+            torn: &torn,
         };
         let workers = self.opts.workers.max(1);
         let outcome = std::thread::scope(|scope| {
@@ -489,7 +491,7 @@ impl<S: FrameSink> Receiving<'_, S> {
                 outstanding: 0,
                 counts: EncodingCounts::default(),
             };
-            let r = self.stream(&mut buf, &job_tx, &mut inflight);
+            let r = self.stream(&mut buf, &job_tx, &mut inflight, &torn);
             drop(job_tx);
             let counts = inflight.counts;
             drop(res_rx);
@@ -497,6 +499,10 @@ impl<S: FrameSink> Receiving<'_, S> {
         });
         let (rounds, state, source_digest, counts) = outcome?;
         let pages_written_at = unix_ns();
+        // Every page is written: one whose last copy arrived torn was not
+        // sent again (the source resends every torn page it hears of
+        // before the pause; in the final round nothing can tear).
+        torn.check_none_open()?;
 
         let t_verify = Instant::now();
         let digest = hashes.digest();
@@ -613,6 +619,7 @@ impl<S: FrameSink> Receiving<'_, S> {
         buf: &mut Vec<u8>,
         jobs: &crossbeam_channel::Sender<Job>,
         inflight: &mut InFlight<'_>,
+        torn: &TornSet,
     ) -> Result<(u32, Vec<u8>, protocol::DigestMessage), MigrationError> {
         let mut lane_rounds = vec![0u32; self.inbound.lanes()];
         let mut state = None;
@@ -637,7 +644,15 @@ impl<S: FrameSink> Receiving<'_, S> {
                 FrameKind::PageBatch => {
                     inflight.poll()?;
                     let batch = std::mem::take(buf);
-                    if jobs.send(Job { unverified, batch }).is_err() {
+                    let round = lane_rounds[lane];
+                    if jobs
+                        .send(Job {
+                            unverified,
+                            batch,
+                            round,
+                        })
+                        .is_err()
+                    {
                         // The decoders are gone: report why, if one said.
                         inflight.poll()?;
                         return Err(MigrationError::WorkerPanicked);
@@ -668,7 +683,10 @@ impl<S: FrameSink> Receiving<'_, S> {
                     // pauses; once the Digest is here it waits for Ready.
                     let reached = lane_rounds[lane];
                     if digest.is_none() && lane_rounds.iter().all(|&r| r >= reached) {
-                        let written = RoundWritten { round: end.round };
+                        let written = RoundWritten {
+                            round: end.round,
+                            torn: torn.take_report(),
+                        };
                         self.send(FrameKind::Progress, &written.encode())?;
                     }
                 }

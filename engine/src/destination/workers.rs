@@ -1,6 +1,10 @@
 //! Decoder threads: decode page batches and write the pages into guest
 //! memory, recording each written page's hash for the digest.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
 use crossbeam_channel::{Receiver, Sender};
 use ferry_transport::FrameHeader;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -12,6 +16,7 @@ use crate::encode::{
     PageEncoding, PAGE_SIZE,
 };
 use crate::error::MigrationError;
+use crate::protocol::{TornPage, MAX_TORN_PER_REPORT};
 use crate::vm::GuestMemoryMmap;
 use crate::wire::{verify_prefixed, PREFIX_LEN};
 
@@ -23,6 +28,74 @@ pub(crate) struct Job {
     pub unverified: Option<FrameHeader>,
     /// The batch.
     pub batch: Vec<u8>,
+    /// The round its lane is in.
+    pub round: u32,
+}
+
+/// Raw pages that arrived torn (see [`crate::protocol::TornPage`]): the
+/// ones still torn (no later copy came yet) and the ones not yet reported
+/// to the source.
+#[derive(Debug, Default)]
+pub(crate) struct TornSet {
+    /// Pages still torn, kept apart so that a decoder writing a page
+    /// checks a counter, not a lock, while nothing is torn.
+    open_count: AtomicUsize,
+    state: Mutex<TornState>,
+}
+
+#[derive(Debug, Default)]
+struct TornState {
+    /// Page -> the round whose copy arrived torn.
+    open: BTreeMap<u64, u32>,
+    unreported: Vec<TornPage>,
+}
+
+impl TornSet {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TornState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `page`'s copy of `round` arrived torn.
+    fn torn(&self, page: u64, round: u32) {
+        let mut s = self.lock();
+        s.open.insert(page, round);
+        s.unreported.push(TornPage { page, round });
+        self.open_count.store(s.open.len(), Ordering::Relaxed);
+    }
+
+    /// A copy of `page` that matches its hash was written. A page's copies
+    /// are decoded in order (one lane per page, a barrier per round), so
+    /// a torn copy's record is seen here.
+    fn written(&self, page: u64) {
+        if self.open_count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut s = self.lock();
+        if s.open.remove(&page).is_some() {
+            self.open_count.store(s.open.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// Torn pages not reported yet (at most [`MAX_TORN_PER_REPORT`]; the
+    /// rest wait for the next report).
+    pub(crate) fn take_report(&self) -> Vec<TornPage> {
+        let mut s = self.lock();
+        let n = s.unreported.len().min(MAX_TORN_PER_REPORT);
+        s.unreported.drain(..n).collect()
+    }
+
+    /// With the stream over: fails when a page is still torn.
+    pub(crate) fn check_none_open(&self) -> Result<(), MigrationError> {
+        let s = self.lock();
+        match s.open.iter().next() {
+            None => Ok(()),
+            Some((&page, &round)) => Err(MigrationError::TornAtHandover {
+                count: s.open.len(),
+                page,
+                round,
+            }),
+        }
+    }
 }
 
 /// What decoder threads share.
@@ -32,6 +105,8 @@ pub(crate) struct DecodeContext<'a> {
     pub page_index_end: u64,
     /// Features accepted in the handshake.
     pub features: u64,
+    /// Raw pages that arrived torn.
+    pub torn: &'a TornSet,
 }
 
 /// Decode batches until the job channel closes or the result channel is
@@ -43,13 +118,18 @@ pub(crate) fn run_worker(
     free: &Sender<Vec<u8>>,
 ) {
     let mut page: Box<Page> = Box::new([0; PAGE_SIZE]);
-    while let Ok(Job { unverified, batch }) = jobs.recv() {
+    while let Ok(Job {
+        unverified,
+        batch,
+        round,
+    }) = jobs.recv()
+    {
         let r = match &unverified {
             Some(header) => match verify_prefixed(header, &batch) {
-                Ok(()) => decode_batch(ctx, &batch[PREFIX_LEN..], &mut page),
+                Ok(()) => decode_batch(ctx, &batch[PREFIX_LEN..], round, &mut page),
                 Err(e) => Err(MigrationError::CorruptFrame(e)),
             },
-            None => decode_batch(ctx, &batch, &mut page),
+            None => decode_batch(ctx, &batch, round, &mut page),
         };
         // The batch's pages, written with streaming stores, are ordered
         // before its result is reported.
@@ -77,11 +157,19 @@ pub(crate) fn run_worker(
 /// included) pays on every cache line. Profiled on the heavy row, that
 /// store drain was the largest share of a decoder's time after the hash.
 ///
+/// Reading into place would need the table in front (a wire change) and
+/// would make the kernel's copy the cold write into guest memory, with the
+/// read-for-ownership that the streaming stores here avoid, followed by a
+/// hash pass over it: the same two passes per page as now. So the
+/// destination keeps the buffer.
+///
 /// The hash is computed in the same pass as the copy ([`copy_hashed`],
 /// when the CPU has AVX2), so the page is written before the caller
-/// compares the hash: a page that does not match fails the migration, and
-/// a destination whose migration failed never runs its guest (a later
-/// attempt rewrites every page in its round 0).
+/// compares the hash: a raw page that does not match is torn (it stays
+/// as written until its next copy, see [`decode_batch`]), any other
+/// page that does not match fails the migration, and a destination whose
+/// migration failed never runs its guest (a later attempt rewrites every
+/// page in its round 0).
 fn write_page_hashed(
     memory: &GuestMemoryMmap,
     page: u64,
@@ -170,9 +258,19 @@ fn holds_zeros(recorded: u64) -> bool {
     recorded == 0 || recorded == zero_page_hash()
 }
 
+/// Decode `batch`, of round `round`, into guest memory.
+///
+/// A raw page that does not match its hash is torn, not corrupt: the
+/// source sends raw pages from guest memory that the guest may write
+/// while they are sent (see [`crate::protocol::TornPage`]). It is written
+/// as it came, its hash recorded as that of what was written (so the
+/// digest differs until a good copy comes), and it is reported. Every
+/// other encoding is decoded from a copy the source made: a mismatch
+/// there fails the migration.
 fn decode_batch(
     ctx: &DecodeContext<'_>,
     batch: &[u8],
+    round: u32,
     page: &mut Page,
 ) -> Result<EncodingCounts, MigrationError> {
     let mut reader = BatchReader::new(batch, ctx.page_index_end).map_err(MigrationError::Decode)?;
@@ -199,7 +297,16 @@ fn decode_batch(
             Ok(hash)
         };
         let hash = match entry.encoding {
-            PageEncoding::Raw if entry.payload.len() == PAGE_SIZE => checked(entry.payload)?,
+            PageEncoding::Raw if entry.payload.len() == PAGE_SIZE => {
+                let hash = write_page_hashed(ctx.memory, entry.page, entry.payload)?;
+                if hash != entry.hash {
+                    ctx.torn.torn(entry.page, round);
+                    ctx.hashes.set_deferred(entry.page, hash, &mut digest_delta);
+                    counts.count(entry.encoding);
+                    continue;
+                }
+                hash
+            }
             PageEncoding::Zero if entry.payload.is_empty() => {
                 if holds_zeros(ctx.hashes.get(entry.page)) && entry.hash == zero_page_hash() {
                     entry.hash
@@ -217,6 +324,7 @@ fn decode_batch(
                 checked(page)?
             }
         };
+        ctx.torn.written(entry.page);
         ctx.hashes.set_deferred(entry.page, hash, &mut digest_delta);
         counts.count(entry.encoding);
     }
@@ -238,6 +346,7 @@ mod tests {
     fn context<'a>(
         mem: &'a GuestMemoryMmap,
         hashes: &'a PageHashes,
+        torn: &'a TornSet,
         features: u64,
     ) -> DecodeContext<'a> {
         DecodeContext {
@@ -245,6 +354,7 @@ mod tests {
             hashes,
             page_index_end: 16,
             features,
+            torn,
         }
     }
 
@@ -289,10 +399,11 @@ mod tests {
     fn pages_land_in_guest_memory_with_their_hash() {
         let mem = memory();
         let hashes = PageHashes::new(16);
-        let ctx = context(&mem, &hashes, SUPPORTED_FEATURES);
+        let torn = TornSet::default();
+        let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
         let (batch, data) = compressible_batch(3);
         let mut page = Box::new([0u8; PAGE_SIZE]);
-        let counts = decode_batch(&ctx, &batch, &mut page).unwrap();
+        let counts = decode_batch(&ctx, &batch, 0, &mut page).unwrap();
         assert_eq!(counts.lz4, 1);
         let mut back = [0u8; PAGE_SIZE];
         mem.read_slice(&mut back, GuestAddress(3 * PAGE_SIZE as u64))
@@ -315,12 +426,13 @@ mod tests {
     fn a_zero_page_over_a_written_page_zeroes_it() {
         let mem = memory();
         let hashes = PageHashes::new(16);
-        let ctx = context(&mem, &hashes, SUPPORTED_FEATURES);
+        let torn = TornSet::default();
+        let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
         let mut page = Box::new([0u8; PAGE_SIZE]);
         let (batch, _) = compressible_batch(3);
-        decode_batch(&ctx, &batch, &mut page).unwrap();
+        decode_batch(&ctx, &batch, 0, &mut page).unwrap();
 
-        let counts = decode_batch(&ctx, &zero_batch(3), &mut page).unwrap();
+        let counts = decode_batch(&ctx, &zero_batch(3), 0, &mut page).unwrap();
 
         assert_eq!(counts.zero, 1);
         let mut back = [1u8; PAGE_SIZE];
@@ -337,12 +449,13 @@ mod tests {
         // put there behind the engine's back show that it was not.
         let mem = memory();
         let hashes = PageHashes::new(16);
-        let ctx = context(&mem, &hashes, SUPPORTED_FEATURES);
+        let torn = TornSet::default();
+        let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
         let addr = GuestAddress(4 * PAGE_SIZE as u64);
         mem.write_slice(&[7u8; 8], addr).unwrap();
         let mut page = Box::new([0u8; PAGE_SIZE]);
 
-        let counts = decode_batch(&ctx, &zero_batch(4), &mut page).unwrap();
+        let counts = decode_batch(&ctx, &zero_batch(4), 0, &mut page).unwrap();
 
         assert_eq!(counts.zero, 1);
         assert_eq!(hashes.get(4), zero_page_hash(), "counted in the digest");
@@ -355,12 +468,13 @@ mod tests {
     fn a_zero_page_whose_hash_is_not_the_zero_hash_is_refused() {
         let mem = memory();
         let hashes = PageHashes::new(16);
-        let ctx = context(&mem, &hashes, SUPPORTED_FEATURES);
+        let torn = TornSet::default();
+        let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
         let mut batch = BatchBuilder::new();
         batch.push(5, PageEncoding::Zero, &[], zero_page_hash() ^ 1);
         let mut page = Box::new([0u8; PAGE_SIZE]);
 
-        let err = decode_batch(&ctx, &batch.finish(), &mut page).unwrap_err();
+        let err = decode_batch(&ctx, &batch.finish(), 0, &mut page).unwrap_err();
 
         assert!(
             matches!(
@@ -376,10 +490,11 @@ mod tests {
     fn an_encoding_that_was_not_negotiated_is_refused() {
         let mem = memory();
         let hashes = PageHashes::new(16);
-        let ctx = context(&mem, &hashes, SUPPORTED_FEATURES & !FEATURE_LZ4);
+        let torn = TornSet::default();
+        let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES & !FEATURE_LZ4);
         let (batch, _) = compressible_batch(3);
         let mut page = Box::new([0u8; PAGE_SIZE]);
-        let err = decode_batch(&ctx, &batch, &mut page).unwrap_err();
+        let err = decode_batch(&ctx, &batch, 0, &mut page).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -390,11 +505,7 @@ mod tests {
         assert_eq!(hashes.get(3), 0, "nothing written");
     }
 
-    #[test]
-    fn a_page_that_does_not_match_its_hash_is_refused_and_not_counted() {
-        let mem = memory();
-        let hashes = PageHashes::new(16);
-        let ctx = context(&mem, &hashes, SUPPORTED_FEATURES);
+    fn patterned_raw_batch(page: u64) -> (Vec<u8>, Box<Page>) {
         let mut data = Box::new([0u8; PAGE_SIZE]);
         for (i, b) in data.iter_mut().enumerate() {
             *b = (i * 7 % 251) as u8;
@@ -402,13 +513,66 @@ mod tests {
         let mut batch = BatchBuilder::new();
         let mut encoder = PageEncoder::new().with_lz4(false);
         assert_eq!(
-            encoder.encode(5, &data, None, &mut batch),
+            encoder.encode(page, &data, None, &mut batch),
             PageEncoding::Raw
         );
-        let mut bytes = batch.finish();
+        (batch.finish(), data)
+    }
+
+    #[test]
+    fn a_raw_page_that_does_not_match_its_hash_is_torn_until_a_good_copy_comes() {
+        let mem = memory();
+        let hashes = PageHashes::new(16);
+        let torn = TornSet::default();
+        let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
+        let (mut bytes, data) = patterned_raw_batch(5);
         bytes[100] ^= 1; // in the payload: not covered by the frame checksum
         let mut page = Box::new([0u8; PAGE_SIZE]);
-        let err = decode_batch(&ctx, &bytes, &mut page).unwrap_err();
+
+        let counts = decode_batch(&ctx, &bytes, 3, &mut page).unwrap();
+
+        assert_eq!(counts.raw, 1);
+        // Written as it came, recorded as what was written: the digest
+        // differs from the source's until a good copy comes.
+        let mut back = [0u8; PAGE_SIZE];
+        mem.read_slice(&mut back, GuestAddress(5 * PAGE_SIZE as u64))
+            .unwrap();
+        assert_eq!(back[100], data[100] ^ 1);
+        assert_eq!(hashes.get(5), page_hash(&back));
+        assert_ne!(hashes.get(5), page_hash(&data[..]));
+        assert_eq!(torn.take_report(), vec![TornPage { page: 5, round: 3 }]);
+        assert!(torn.take_report().is_empty(), "reported once");
+        assert!(matches!(
+            torn.check_none_open(),
+            Err(MigrationError::TornAtHandover {
+                count: 1,
+                page: 5,
+                round: 3
+            })
+        ));
+
+        let (good, _) = patterned_raw_batch(5);
+        decode_batch(&ctx, &good, 4, &mut page).unwrap();
+
+        torn.check_none_open().unwrap();
+        assert_eq!(hashes.get(5), page_hash(&data[..]));
+    }
+
+    #[test]
+    fn an_lz4_page_that_does_not_match_its_hash_is_refused_and_not_counted() {
+        let mem = memory();
+        let hashes = PageHashes::new(16);
+        let torn = TornSet::default();
+        let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
+        let (batch, data) = compressible_batch(5);
+        let mut reader = BatchReader::new(&batch, 16).unwrap();
+        let entry = reader.next_entry().unwrap().unwrap();
+        let mut lie = BatchBuilder::new();
+        lie.push(5, entry.encoding, entry.payload, page_hash(&data[..]) ^ 1);
+        let mut page = Box::new([0u8; PAGE_SIZE]);
+
+        let err = decode_batch(&ctx, &lie.finish(), 0, &mut page).unwrap_err();
+
         assert!(
             matches!(
                 err,
@@ -416,9 +580,8 @@ mod tests {
             ),
             "{err:?}"
         );
-        // The page may have landed (hashed as it was written): what counts
-        // is that the migration fails and the page's hash is not recorded.
         assert_eq!(hashes.get(5), 0, "the bad page's hash was not recorded");
         assert_eq!(hashes.digest(), 0);
+        assert!(torn.take_report().is_empty(), "corrupt, not torn");
     }
 }

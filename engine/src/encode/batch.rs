@@ -12,7 +12,9 @@
 //! ```
 //! The payload lengths add up to exactly the bytes before the table. The
 //! table sits at the end so that pages can be read from guest memory
-//! straight into their place, before the batch knows how many it will hold.
+//! straight into their place, before the batch knows how many it will hold,
+//! or left there: a raw page's payload can be gathered from guest memory
+//! when the frame is written ([`BatchBuilder::push_in_place`]).
 //!
 //! Integrity: the frame carries `FLAG_COVERED_SUFFIX` with the trailer as its
 //! covered part, so the frame checksum protects the table (where each page
@@ -44,6 +46,18 @@ const TRAILER_FIXED: usize = 8;
 pub const MAX_BATCH_BYTES: usize =
     MAX_BATCH_PAGES as usize * (ENTRY_BYTES + PAGE_SIZE) + TRAILER_FIXED;
 
+/// A raw page of a batch that stays in guest memory: its bytes go into the
+/// socket from there ([`BatchBuilder::push_in_place`]), after the batch's
+/// own payload bytes up to `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InPlacePage {
+    /// Offset in the batch buffer (headroom included) of the own payload
+    /// byte this page goes before.
+    pub at: usize,
+    /// Address of the page's first byte in the source's guest memory.
+    pub addr: usize,
+}
+
 /// Builds one batch. Its buffer can be recycled ([`BatchBuilder::from_buffer`])
 /// and a page can be read straight into it ([`BatchBuilder::page_slot`]),
 /// so building a batch costs no allocation and no extra copy of the page.
@@ -57,6 +71,8 @@ pub struct BatchBuilder {
     headroom: usize,
     used: usize,
     pages: u32,
+    /// Raw pages left in guest memory, in payload order.
+    in_place: Vec<InPlacePage>,
 }
 
 impl Default for BatchBuilder {
@@ -101,6 +117,7 @@ impl BatchBuilder {
             headroom,
             used: headroom,
             pages: 0,
+            in_place: Vec::new(),
         }
     }
 
@@ -167,6 +184,19 @@ impl BatchBuilder {
         self.add_entry(page, encoding, len, hash);
     }
 
+    /// Append raw page `page`, whose bytes stay in guest memory at `addr`
+    /// and hashed to `hash` when read there: the payload goes out from
+    /// there ([`BatchBuilder::finish_in_place`]). Panics as
+    /// [`BatchBuilder::push`].
+    pub fn push_in_place(&mut self, page: u64, addr: usize, hash: u64) {
+        assert!(self.pages < MAX_BATCH_PAGES, "batch full");
+        self.in_place.push(InPlacePage {
+            at: self.used,
+            addr,
+        });
+        self.add_entry(page, PageEncoding::Raw, PAGE_SIZE, hash);
+    }
+
     /// Pages in the batch.
     pub fn pages(&self) -> u32 {
         self.pages
@@ -174,7 +204,10 @@ impl BatchBuilder {
 
     /// Bytes the batch takes so far.
     pub fn len(&self) -> usize {
-        self.used - self.headroom + self.table.len() + TRAILER_FIXED
+        self.used - self.headroom
+            + self.in_place.len() * PAGE_SIZE
+            + self.table.len()
+            + TRAILER_FIXED
     }
 
     /// True when no page was pushed.
@@ -188,14 +221,25 @@ impl BatchBuilder {
         self.pages >= max_pages.min(MAX_BATCH_PAGES) || self.len() >= target_bytes
     }
 
-    /// The finished batch bytes (after the headroom, if any).
-    pub fn finish(mut self) -> Vec<u8> {
+    /// The finished batch bytes (after the headroom, if any). Panics when
+    /// pages were pushed in place: see [`BatchBuilder::finish_in_place`].
+    pub fn finish(self) -> Vec<u8> {
+        let (bytes, in_place) = self.finish_in_place();
+        assert!(in_place.is_empty(), "a batch with pages in place");
+        bytes
+    }
+
+    /// The finished batch: its own bytes (headroom, own payloads, table and
+    /// trailer) and the pages left in place. The batch is the own bytes
+    /// after the headroom with each page's [`PAGE_SIZE`] bytes inserted
+    /// before offset `at`.
+    pub fn finish_in_place(mut self) -> (Vec<u8>, Vec<InPlacePage>) {
         self.bytes.truncate(self.used);
         self.bytes.extend_from_slice(&self.table);
         let trailer = u32::try_from(self.table.len() + TRAILER_FIXED).expect("bounded table");
         self.bytes.extend_from_slice(&self.pages.to_le_bytes());
         self.bytes.extend_from_slice(&trailer.to_le_bytes());
-        self.bytes
+        (self.bytes, self.in_place)
     }
 }
 
@@ -348,6 +392,49 @@ mod tests {
         let entries = read_all(&bytes[24..], 10).unwrap();
         assert_eq!((entries[0].page, entries[0].payload), (3, &[1u8, 2][..]));
         assert_eq!(bytes.len(), 24 + 2 + ENTRY_BYTES + 8);
+    }
+
+    #[test]
+    fn pages_in_place_go_between_own_payloads_in_push_order() {
+        let guest: Vec<Vec<u8>> = (1..=2u8).map(|b| vec![b; PAGE_SIZE]).collect();
+        let mut b = BatchBuilder::with_headroom(Vec::new(), 0, 24);
+        b.push(3, PageEncoding::Lz4, &[9, 9], 5);
+        b.push_in_place(4, guest[0].as_ptr() as usize, 6);
+        b.push(5, PageEncoding::Zero, &[], 7);
+        b.push_in_place(6, guest[1].as_ptr() as usize, 8);
+        b.push(7, PageEncoding::Lz4, &[8], 9);
+        let len = b.len();
+        let (bytes, in_place) = b.finish_in_place();
+        assert_eq!(in_place.len(), 2);
+        // Assemble the batch as the writer sends it.
+        let mut batch = Vec::new();
+        let mut at = 24;
+        for p in &in_place {
+            batch.extend_from_slice(&bytes[at..p.at]);
+            let page = guest
+                .iter()
+                .find(|g| g.as_ptr() as usize == p.addr)
+                .unwrap();
+            batch.extend_from_slice(page);
+            at = p.at;
+        }
+        batch.extend_from_slice(&bytes[at..]);
+        assert_eq!(batch.len(), len);
+        let entries = read_all(&batch, 10).unwrap();
+        let got: Vec<_> = entries
+            .iter()
+            .map(|e| (e.page, e.payload.to_vec()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (3, vec![9, 9]),
+                (4, guest[0].clone()),
+                (5, vec![]),
+                (6, guest[1].clone()),
+                (7, vec![8]),
+            ]
+        );
     }
 
     #[test]

@@ -132,6 +132,16 @@ impl PageEncoder {
         self.encode_slot(page, super::page_hash(data), delta, out)
     }
 
+    /// Whether [`PageEncoder::encode_slot`] tries no codec on `page` (with
+    /// a XOR-delta cache or not): it is not a probe page and the choice in
+    /// force is raw. Such a page goes out raw unless it is zero, so it
+    /// needs no copy: see `source::workers`.
+    pub fn sends_raw(&self, page: u64, delta: bool) -> bool {
+        page % PROBE_STRIDE != 0
+            && !(delta && self.choice.delta())
+            && !(self.lz4 && self.choice.lz4())
+    }
+
     /// Like [`PageEncoder::encode`] for a page already read into
     /// `out.page_slot()` and hashed ([`super::page_hash`]) by the caller:
     /// saves a copy of every page sent raw.

@@ -140,14 +140,36 @@ pub unsafe fn copy_hashed(src: *const u8, dst: *mut u8, streaming: bool) -> Opti
         let hash = if streaming && (dst as usize) % 32 == 0 {
             // SAFETY: the CPU has AVX2; the caller vouches for `src` and
             // `dst`; `dst` is 32-byte aligned (checked).
-            unsafe { x86::pass::<{ x86::STREAMING }>(src, dst) }
+            unsafe { x86::pass::<{ x86::STREAMING }>(src, dst).0 }
         } else {
             // SAFETY: the CPU has AVX2; the caller vouches for `src` and `dst`.
-            unsafe { x86::pass::<{ x86::CACHED }>(src, dst) }
+            unsafe { x86::pass::<{ x86::CACHED }>(src, dst).0 }
         };
         return Some(hash);
     }
     let _ = (src, dst, streaming);
+    None
+}
+
+/// Hash the page at `src` in one read-only pass and say whether every
+/// byte read was zero, when the CPU has AVX2 (`None` when not: the caller
+/// then copies). For a raw page that goes into the socket straight from
+/// guest memory: the hash and the zero test come from the same loads, so
+/// a page seen as zero hashes as the zero page even if the guest writes it
+/// meanwhile (what the kernel then copies may differ: a torn page, see
+/// [`crate::protocol::TornPage`]). The next page is prefetched as in
+/// [`copy_hashed`].
+///
+/// # Safety
+/// `src` must be valid for reads of [`PAGE_SIZE`] bytes.
+pub unsafe fn hash_in_place(src: *const u8) -> Option<(u64, bool)> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2; the caller vouches for `src`; nothing
+        // is written.
+        return Some(unsafe { x86::pass_zero(src) });
+    }
+    let _ = src;
     None
 }
 
@@ -169,9 +191,10 @@ mod x86 {
     #![allow(clippy::cast_ptr_alignment)]
 
     use std::arch::x86_64::{
-        __m256i, _mm256_add_epi64, _mm256_loadu_si256, _mm256_mul_epu32, _mm256_set1_epi32,
-        _mm256_shuffle_epi32, _mm256_slli_epi64, _mm256_srli_epi64, _mm256_storeu_si256,
-        _mm256_stream_si256, _mm256_xor_si256, _mm_prefetch, _MM_HINT_T0,
+        __m256i, _mm256_add_epi64, _mm256_loadu_si256, _mm256_mul_epu32, _mm256_or_si256,
+        _mm256_set1_epi32, _mm256_setzero_si256, _mm256_shuffle_epi32, _mm256_slli_epi64,
+        _mm256_srli_epi64, _mm256_storeu_si256, _mm256_stream_si256, _mm256_testz_si256,
+        _mm256_xor_si256, _mm_prefetch, _MM_HINT_T0,
     };
 
     use super::{
@@ -185,6 +208,21 @@ mod x86 {
     pub(super) const CACHED: u8 = 1;
     /// [`pass`] also copies, with non-temporal stores.
     pub(super) const STREAMING: u8 = 2;
+    /// [`pass`] only reads (prefetching the next page) and tests for zeros.
+    pub(super) const ZERO_TEST: u8 = 3;
+
+    /// The page's hash and whether every byte read was zero, in one
+    /// read-only pass.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `src` must be valid for reads of PAGE_SIZE
+    /// bytes.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pass_zero(src: *const u8) -> (u64, bool) {
+        // SAFETY: the CPU has AVX2 and `src` holds PAGE_SIZE readable bytes
+        // (the caller vouches); nothing is written.
+        unsafe { pass::<ZERO_TEST>(src, std::ptr::null_mut()) }
+    }
 
     /// The page's hash with 256-bit vectors.
     ///
@@ -194,12 +232,13 @@ mod x86 {
     pub(super) unsafe fn hash_avx2(page: &Page) -> u64 {
         // SAFETY: the CPU has AVX2 (the caller vouches); `page` holds
         // PAGE_SIZE readable bytes; nothing is written.
-        unsafe { pass::<HASH_ONLY>(page.as_ptr(), std::ptr::null_mut()) }
+        unsafe { pass::<HASH_ONLY>(page.as_ptr(), std::ptr::null_mut()).0 }
     }
 
     /// One pass over the page at `src`: its xxh3-64, two registers of four
     /// accumulators each, and (per `SINK`) the bytes stored to `dst` as
-    /// they are read. Every 64-byte stripe of a 4 KiB page is taken exactly
+    /// they are read, or (for [`ZERO_TEST`]) whether they were all zero
+    /// (`false` for the other sinks). Every 64-byte stripe of a 4 KiB page is taken exactly
     /// once and in order (3 blocks of 16 stripes, each followed by a
     /// scramble, 15 stripes, then the last one with its own key), which is
     /// what lets the copy ride along.
@@ -210,7 +249,8 @@ mod x86 {
     /// of PAGE_SIZE bytes, not overlap `src`, and for [`STREAMING`] be
     /// 32-byte aligned.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn pass<const SINK: u8>(src: *const u8, dst: *mut u8) -> u64 {
+    pub(super) unsafe fn pass<const SINK: u8>(src: *const u8, dst: *mut u8) -> (u64, bool) {
+        let mut seen = _mm256_setzero_si256();
         let mut acc = [
             load(&INITIAL_ACC_BYTES[..32]),
             load(&INITIAL_ACC_BYTES[32..]),
@@ -223,7 +263,7 @@ mod x86 {
             } else {
                 (s % BLOCK_STRIPES) * 8
             };
-            if SINK == CACHED {
+            if SINK == CACHED || SINK == ZERO_TEST {
                 // The next page's line at the same offset, into the cache
                 // ahead of its own pass (the hardware prefetcher stops at
                 // 4 KiB boundaries; a prefetch never faults, so an address
@@ -244,6 +284,8 @@ mod x86 {
                     // SAFETY: as above, and `dst` (so `dst + at`, a multiple
                     // of 32 further) is 32-byte aligned (the caller vouches).
                     unsafe { _mm256_stream_si256(dst.wrapping_add(at).cast(), data) };
+                } else if SINK == ZERO_TEST {
+                    seen = _mm256_or_si256(seen, data);
                 }
                 let key = load(&SECRET[key_at + 32 * half..key_at + 32 * (half + 1)]);
                 let data_key = _mm256_xor_si256(data, key);
@@ -271,7 +313,8 @@ mod x86 {
         for (w, b) in words.iter_mut().zip(out.chunks_exact(8)) {
             *w = u64::from_le_bytes(b.try_into().expect("8-byte chunk"));
         }
-        merge(&words)
+        let zero = SINK == ZERO_TEST && _mm256_testz_si256(seen, seen) == 1;
+        (merge(&words), zero)
     }
 
     /// The accumulators' starting values as bytes (little-endian lanes).
@@ -365,6 +408,25 @@ mod tests {
                     assert!(dst[offset + PAGE_SIZE..].iter().all(|&b| b == 0));
                 }
                 None => eprintln!("SKIP one-pass copy and hash (this CPU has no AVX2)"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_hash_in_place_tells_zero_pages_apart() {
+        let mut page = vec![0u8; PAGE_SIZE];
+        for spot in [None, Some(0), Some(PAGE_SIZE / 2 + 3), Some(PAGE_SIZE - 1)] {
+            page.fill(0);
+            if let Some(at) = spot {
+                page[at] = 0x40;
+            }
+            // SAFETY: `page` holds PAGE_SIZE readable bytes.
+            match unsafe { hash_in_place(page.as_ptr()) } {
+                Some((hash, zero)) => {
+                    assert_eq!(hash, reference(&page), "{spot:?}");
+                    assert_eq!(zero, spot.is_none(), "{spot:?}");
+                }
+                None => eprintln!("SKIP hash in place (this CPU has no AVX2)"),
             }
         }
     }

@@ -2,19 +2,22 @@
 //! notice an Abort or a dropped connection while it streams pages, and
 //! learn which rounds the destination has written.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use ferry_transport::{Frame, FrameKind, FrameSource, TransportError};
 
 use crate::error::MigrationError;
-use crate::protocol::{decode_reason, RoundWritten};
+use crate::protocol::{decode_reason, RoundWritten, TornPage};
 
 /// The reading half of the source's connection, on a detached thread that
 /// ends when the connection fails or is closed.
 #[derive(Debug)]
 pub(crate) struct Inbox {
     frames: Receiver<Result<Frame, TransportError>>,
+    /// Torn pages the destination reported, not yet taken.
+    torn: Mutex<Vec<TornPage>>,
 }
 
 impl Inbox {
@@ -31,12 +34,36 @@ impl Inbox {
                 }
             })
             .expect("spawn the inbox thread");
-        Self { frames }
+        Self {
+            frames,
+            torn: Mutex::default(),
+        }
+    }
+
+    /// A `Progress` frame: keep its torn pages, return its round.
+    fn note_progress(&self, payload: &[u8]) -> Result<u32, MigrationError> {
+        let written = RoundWritten::decode(payload).map_err(MigrationError::Message)?;
+        if !written.torn.is_empty() {
+            self.torn
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(&written.torn);
+        }
+        Ok(written.round)
+    }
+
+    /// The torn pages reported since the last call, reading what already
+    /// arrived first (an Abort or a broken connection fails it).
+    pub(crate) fn take_torn(&self, during: &'static str) -> Result<Vec<TornPage>, MigrationError> {
+        self.check(during)?;
+        Ok(std::mem::take(
+            &mut *self.torn.lock().unwrap_or_else(|p| p.into_inner()),
+        ))
     }
 
     /// Fail if the destination aborted or the connection broke; otherwise
     /// return at once. While pages stream the destination sends only
-    /// `Progress` (rounds written), which is skipped here.
+    /// `Progress` (rounds written), whose torn pages are kept here.
     pub(crate) fn check(&self, during: &'static str) -> Result<(), MigrationError> {
         loop {
             match self.frames.try_recv() {
@@ -44,7 +71,9 @@ impl Inbox {
                 Err(TryRecvError::Disconnected) => {
                     return Err(MigrationError::PeerClosed { during })
                 }
-                Ok(Ok(frame)) if frame.kind == FrameKind::Progress => continue,
+                Ok(Ok(frame)) if frame.kind == FrameKind::Progress => {
+                    self.note_progress(&frame.payload)?;
+                }
                 Ok(got) => return Err(unexpected(got, "nothing", during)),
             }
         }
@@ -64,9 +93,7 @@ impl Inbox {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.frames.recv_timeout(left) {
                 Ok(Ok(frame)) if frame.kind == FrameKind::Progress => {
-                    let written =
-                        RoundWritten::decode(&frame.payload).map_err(MigrationError::Message)?;
-                    if written.round >= round {
+                    if self.note_progress(&frame.payload)? >= round {
                         return Ok(true);
                     }
                 }
@@ -96,7 +123,7 @@ impl Inbox {
     }
 
     /// Wait up to `timeout` for a frame of `kind` (`Progress` frames
-    /// before it are skipped).
+    /// before it are noted as in [`Inbox::check`]).
     pub(crate) fn expect(
         &self,
         kind: FrameKind,
@@ -108,7 +135,9 @@ impl Inbox {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.frames.recv_timeout(left) {
                 Ok(Ok(frame)) if frame.kind == kind => return Ok(frame.payload),
-                Ok(Ok(frame)) if frame.kind == FrameKind::Progress => continue,
+                Ok(Ok(frame)) if frame.kind == FrameKind::Progress => {
+                    self.note_progress(&frame.payload)?;
+                }
                 Ok(got) => return Err(unexpected(got, what, what)),
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(MigrationError::Timeout {
@@ -153,8 +182,13 @@ mod tests {
     const LONG: Duration = Duration::from_secs(10);
 
     fn written(w: &mut FrameWriter<UnixStream>, round: u32) {
-        w.send(FrameKind::Progress, 0, &RoundWritten { round }.encode())
-            .unwrap();
+        let torn = vec![TornPage { page: 40, round }];
+        w.send(
+            FrameKind::Progress,
+            0,
+            &RoundWritten { round, torn }.encode(),
+        )
+        .unwrap();
         w.flush().unwrap();
     }
 
@@ -175,6 +209,15 @@ mod tests {
         dst.send(FrameKind::Ready, 0, &[7]).unwrap();
         dst.flush().unwrap();
         assert_eq!(inbox.expect(FrameKind::Ready, "Ready", LONG).unwrap(), [7]);
+        // Every report's torn pages were kept, whichever call read it.
+        let rounds: Vec<u32> = inbox
+            .take_torn("test")
+            .unwrap()
+            .iter()
+            .map(|t| t.round)
+            .collect();
+        assert_eq!(rounds, [0, 2, 3]);
+        assert!(inbox.take_torn("test").unwrap().is_empty());
         // An Abort while waiting for a round is the destination's reason.
         written(&mut dst, 4);
         dst.send(FrameKind::Abort, 0, &encode_reason("disk full"))

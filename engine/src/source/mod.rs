@@ -2,6 +2,7 @@
 
 mod inbox;
 mod outbound;
+mod torn;
 mod workers;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +35,7 @@ use crate::vm::MigratableVm;
 use inbox::Inbox;
 pub(crate) use outbound::PAGE_BATCH_FLAGS;
 use outbound::{LaneWriter, OutLane, Outbound};
+use torn::TornCheck;
 use workers::{run_worker, Chunk, EncodingSelector, WorkerContext, WorkerOutput, CHUNK_WORDS};
 
 /// How long a failed send waits for the destination's Abort reason.
@@ -445,8 +447,13 @@ impl Session<'_> {
         let workers = self.opts.workers.max(1);
         let lz4 = features & protocol::FEATURE_LZ4 != 0;
         let selector = EncodingSelector::new(self.out.cap(), workers, lz4);
+        // Plaintext lanes send raw pages from guest memory (a clone of the
+        // memory's region handles keeps it mapped while they are queued);
+        // lanes that frame and encrypt copy anyway.
+        let in_place = self.out.sealed().then(|| Arc::new(memory.clone()));
         let ctx = WorkerContext {
             memory,
+            in_place: in_place.as_ref(),
             log,
             hashes: &hashes,
             cache: &cache,
@@ -502,6 +509,7 @@ impl Session<'_> {
     ) -> Result<MigrationSummary, MigrationError> {
         let index_end = log.lock().unwrap_or_else(|p| p.into_inner()).pages();
         let mut dirty = DirtyBitmap::new(index_end);
+        let mut torn = TornCheck::new(index_end);
         // Round 0: every page. A backend may report (and expect to
         // re-protect) pages already; merge them so they are re-protected.
         self.collect(log, &mut dirty, Reprotect::Deferred)?;
@@ -553,7 +561,14 @@ impl Session<'_> {
             guest_pages += totals.pages;
             counts.add(&totals.counts);
             dirty.clear();
-            self.collect(log, &mut dirty, Reprotect::Deferred)?;
+            self.collect_settling(
+                log,
+                &mut dirty,
+                Reprotect::Deferred,
+                round + 1,
+                &mut torn,
+                hashes,
+            )?;
             let mut vcpu_dirty_pages = self.take_vcpu_dirty_counts(log).unwrap_or_default();
             let mut measurement = RoundMeasurement {
                 duration: t0.elapsed(),
@@ -571,7 +586,14 @@ impl Session<'_> {
                 // milliseconds). Let the destination write them while the
                 // guest runs, then count what the guest dirtied meanwhile.
                 self.await_round_written(round)?;
-                self.collect(log, &mut dirty, Reprotect::Deferred)?;
+                self.collect_settling(
+                    log,
+                    &mut dirty,
+                    Reprotect::Deferred,
+                    round + 1,
+                    &mut torn,
+                    hashes,
+                )?;
                 let more = self.take_vcpu_dirty_counts(log).unwrap_or_default();
                 if vcpu_dirty_pages.len() < more.len() {
                     vcpu_dirty_pages.resize(more.len(), 0);
@@ -622,7 +644,15 @@ impl Session<'_> {
             });
             round += 1;
             match assessment.decision {
-                Decision::StopAndCopy => break,
+                Decision::StopAndCopy => {
+                    // Every torn page of the live rounds must be known
+                    // before the final set is: it goes out in the final
+                    // round, or the destination refuses the handover.
+                    if !drained {
+                        self.await_round_written(round - 1)?;
+                    }
+                    break;
+                }
                 Decision::Continue => {}
                 Decision::Throttle { percent } => {
                     info!(percent, "auto-converge: throttling the guest");
@@ -678,7 +708,7 @@ impl Session<'_> {
         self.paused = true;
         let pause = t_pause.elapsed();
         let t_collect = Instant::now();
-        self.collect(log, &mut dirty, Reprotect::Never)?;
+        self.collect_settling(log, &mut dirty, Reprotect::Never, round, &mut torn, hashes)?;
         let final_collect = t_collect.elapsed();
         progress(ProgressEvent::StopAndCopy {
             dirty_pages: dirty.count_ones() as u64,
@@ -815,6 +845,7 @@ impl Session<'_> {
             dirty_log,
             downtime_limit: policy.max_downtime,
             over_limit,
+            torn_pages_resent: torn.resent(),
         };
         info!(rounds = round, ?total, ?downtime, "migration completed");
         progress(ProgressEvent::Completed {
@@ -912,6 +943,26 @@ impl Session<'_> {
         log.lock()
             .unwrap_or_else(|p| p.into_inner())
             .take_vcpu_dirty_counts()
+    }
+
+    /// Collect the set round `round` sends into `into`, settling the torn
+    /// pages the destination reported before it (see [`torn`]).
+    fn collect_settling(
+        &self,
+        log: &Mutex<Box<dyn DirtyLog>>,
+        into: &mut DirtyBitmap,
+        mode: Reprotect,
+        round: u32,
+        torn: &mut TornCheck,
+        hashes: &PageHashes,
+    ) -> Result<(), MigrationError> {
+        let reports = self.inbox.take_torn("the page stream")?;
+        self.collect(log, into, mode)?;
+        torn.note_dirty(into, round);
+        if !reports.is_empty() {
+            debug!(pages = reports.len(), round, "torn pages to send again");
+        }
+        torn.settle(&reports, into, hashes)
     }
 
     fn collect(

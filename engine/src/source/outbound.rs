@@ -10,6 +10,7 @@
 
 use std::io::{IoSlice, Write};
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,6 +21,10 @@ use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
 use ferry_transport::frame::{encode_header, FLAG_COVERED_SUFFIX};
 use ferry_transport::lanes::TokenBucket;
 use ferry_transport::{FrameKind, FrameSink, TransportError};
+
+use crate::encode::batch::InPlacePage;
+use crate::encode::PAGE_SIZE;
+use crate::vm::GuestMemoryMmap;
 
 /// Frames a lane's queue holds before its producers wait.
 const QUEUE_DEPTH: usize = 4;
@@ -58,12 +63,23 @@ impl LaneWriter {
         }
     }
 
-    fn write_batch(&mut self, sealed: bool, bytes: &[u8]) -> Result<(), TransportError> {
-        match self {
-            LaneWriter::Sealed(stream) if sealed => {
+    fn write_batch(
+        &mut self,
+        sealed: bool,
+        bytes: &[u8],
+        in_place: Option<&InPlace>,
+    ) -> Result<(), TransportError> {
+        match (self, in_place) {
+            (LaneWriter::Sealed(stream), None) if sealed => {
                 stream.write_all(bytes).map_err(TransportError::Write)
             }
-            _ => self.write_frame(FrameKind::PageBatch, PAGE_BATCH_FLAGS, bytes),
+            (LaneWriter::Sealed(stream), Some(in_place)) if sealed => {
+                write_all_in_place(stream, bytes, in_place).map_err(TransportError::Write)
+            }
+            (writer, None) => writer.write_frame(FrameKind::PageBatch, PAGE_BATCH_FLAGS, bytes),
+            (_, Some(_)) => Err(TransportError::Write(std::io::Error::other(
+                "a page batch with pages in guest memory on a lane that frames itself",
+            ))),
         }
     }
 
@@ -99,6 +115,95 @@ fn write_all_vectored(
     Ok(())
 }
 
+/// The pages of a batch left in guest memory, and the guest memory they
+/// are in, kept mapped until they are written (a writer outlives a
+/// failed migration by up to its close grace).
+pub(crate) struct InPlace {
+    pub pages: Vec<InPlacePage>,
+    /// Held, never read: the pages' mappings.
+    pub _memory: Arc<GuestMemoryMmap>,
+}
+
+/// Most iovecs one `sendmsg` takes (`IOV_MAX` on Linux).
+const MAX_IOVECS: usize = 1024;
+
+/// Write the sealed frame `bytes` with the pages of `in_place` inserted
+/// (see `BatchBuilder::finish_in_place`): one `sendmsg` gathers the
+/// frame's own bytes and the pages straight from guest memory, so the
+/// kernel's copy into the socket is the only copy of a raw page.
+fn write_all_in_place(
+    stream: &mut TcpStream,
+    bytes: &[u8],
+    in_place: &InPlace,
+) -> std::io::Result<()> {
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(2 * in_place.pages.len() + 1);
+    let own = |iov: &mut Vec<libc::iovec>, part: &[u8]| {
+        if !part.is_empty() {
+            iov.push(libc::iovec {
+                iov_base: part.as_ptr().cast_mut().cast(),
+                iov_len: part.len(),
+            });
+        }
+    };
+    let mut at = 0;
+    for page in &in_place.pages {
+        let part = bytes
+            .get(at..page.at)
+            .ok_or_else(|| std::io::Error::other("a page in place outside its batch's bytes"))?;
+        own(&mut iov, part);
+        // Guest memory is never turned into a reference here: the kernel
+        // reads it, as a vCPU may write it (a torn page, see
+        // `crate::protocol::TornPage`).
+        iov.push(libc::iovec {
+            iov_base: page.addr as *mut libc::c_void,
+            iov_len: PAGE_SIZE,
+        });
+        at = page.at;
+    }
+    own(&mut iov, bytes.get(at..).unwrap_or_default());
+    let fd = stream.as_raw_fd();
+    let mut first = 0;
+    while first < iov.len() {
+        let end = iov.len().min(first + MAX_IOVECS);
+        let slice = &mut iov[first..end];
+        // SAFETY: an all-zero `msghdr` is a valid value (no name, no
+        // control data); the iovec fields are set just below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = slice.as_mut_ptr();
+        msg.msg_iovlen = slice.len();
+        // SAFETY: `msg` points at `slice`, iovecs over `bytes` (borrowed
+        // for this call) and over guest pages of `in_place.memory`, whose
+        // mappings `in_place._memory` keeps alive (`BatchBuilder::push_in_place`
+        // took each address from a checked PAGE_SIZE range of it); the
+        // kernel only reads them. MSG_NOSIGNAL: a closed peer is an error,
+        // not a signal.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+        let mut n = match n {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n if n > 0 => n.unsigned_abs(),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+        };
+        while n > 0 {
+            let v = &mut iov[first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                first += 1;
+            } else {
+                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One lane as the source's outbound side takes it.
 pub(crate) struct OutLane {
     /// How frames are written.
@@ -110,8 +215,15 @@ pub(crate) struct OutLane {
 
 /// Something queued on a lane.
 enum Outgoing {
-    Frame { kind: FrameKind, payload: Vec<u8> },
-    Batch { sealed: bool, bytes: Vec<u8> },
+    Frame {
+        kind: FrameKind,
+        payload: Vec<u8>,
+    },
+    Batch {
+        sealed: bool,
+        bytes: Vec<u8>,
+        in_place: Option<InPlace>,
+    },
 }
 
 type ErrorSlot = Arc<Mutex<Option<TransportError>>>;
@@ -314,20 +426,26 @@ impl Outbound {
         })
     }
 
-    /// Queue a page batch on `lane` (a complete frame when `sealed`),
-    /// waiting while the lane's queue is full unless `cancel` is set.
+    /// Queue a page batch on `lane` (a complete frame when `sealed`, with
+    /// the pages of `in_place` inserted), waiting while the lane's queue is
+    /// full unless `cancel` is set.
     pub(crate) fn send_batch(
         &self,
         lane: usize,
         sealed: bool,
         bytes: Vec<u8>,
+        in_place: Option<InPlace>,
         cancel: &AtomicBool,
     ) -> Result<(), TransportError> {
         let q = self
             .queues
             .get(lane)
             .ok_or(TransportError::NoSuchLane { lane })?;
-        let mut item = Outgoing::Batch { sealed, bytes };
+        let mut item = Outgoing::Batch {
+            sealed,
+            bytes,
+            in_place,
+        };
         loop {
             match q.send_timeout(item, CANCEL_POLL) {
                 Ok(()) => return Ok(()),
@@ -463,7 +581,11 @@ fn drain_queue(
                 }
                 writer.write_frame(kind, 0, &payload)?;
             }
-            Outgoing::Batch { sealed, bytes } => {
+            Outgoing::Batch {
+                sealed,
+                bytes,
+                in_place,
+            } => {
                 // Charged before it goes out: the lanes share one bucket, so
                 // N writers wait off their debt together instead of each
                 // bursting a batch past the cap.
@@ -472,12 +594,15 @@ fn drain_queue(
                 } else {
                     ferry_transport::HEADER_LEN
                 };
+                let len = bytes.len()
+                    + header
+                    + in_place.as_ref().map_or(0, |p| p.pages.len() * PAGE_SIZE);
                 meter.begin();
                 if let Some(b) = bucket {
-                    b.charge(bytes.len() + header);
+                    b.charge(len);
                 }
-                let written = writer.write_batch(sealed, &bytes);
-                meter.end(bytes.len() + header);
+                let written = writer.write_batch(sealed, &bytes, in_place.as_ref());
+                meter.end(len);
                 written?;
                 let _ = free.try_send(bytes);
             }

@@ -6,7 +6,7 @@
 //! after the read shows up in the next round.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -17,16 +17,17 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::digest::PageHashes;
 use crate::encode::batch::MAX_BATCH_PAGES;
-use crate::encode::page_hash::copy_hashed;
+use crate::encode::page_hash::{copy_hashed, hash_in_place};
 use crate::encode::{
-    choose_encoding, page_hash, BatchBuilder, CodecCosts, EncodingChoice, EncodingCounts,
-    EncodingDecision, EncodingInputs, Page, PageEncoder, XorDeltaCache, PAGE_SIZE,
+    choose_encoding, page_hash, zero_page_hash, BatchBuilder, CodecCosts, EncodingChoice,
+    EncodingCounts, EncodingDecision, EncodingInputs, Page, PageEncoder, PageEncoding,
+    XorDeltaCache, PAGE_SIZE,
 };
 use crate::error::MigrationError;
 use crate::vm::GuestMemoryMmap;
 use crate::wire;
 
-use super::outbound::{Outbound, PAGE_BATCH_FLAGS};
+use super::outbound::{InPlace, Outbound, PAGE_BATCH_FLAGS};
 
 /// How often the encoding choice is revisited while pages flow: round 0
 /// of a large guest is most of a migration, so one choice per round would
@@ -208,6 +209,10 @@ pub(crate) enum WorkerOutput {
 /// What all workers share.
 pub(crate) struct WorkerContext<'a> {
     pub memory: &'a GuestMemoryMmap,
+    /// The same guest memory, for batches whose raw pages the lane
+    /// writers send straight from it (kept mapped until they are written).
+    /// `None`: every page is copied into its batch.
+    pub in_place: Option<&'a Arc<GuestMemoryMmap>>,
     pub log: &'a Mutex<Box<dyn DirtyLog>>,
     pub hashes: &'a PageHashes,
     pub cache: &'a XorDeltaCache,
@@ -244,15 +249,37 @@ fn queue_batch(
     lane: usize,
     batch: BatchBuilder,
 ) -> Result<u64, MigrationError> {
-    let mut bytes = batch.finish();
+    let (mut bytes, pages) = batch.finish_in_place();
     let sealed = ctx.out.sealed();
-    if sealed {
-        wire::seal(&mut bytes, FrameKind::PageBatch, PAGE_BATCH_FLAGS)
-            .map_err(|e| MigrationError::Send(TransportError::Encode(e)))?;
-    }
-    let len = bytes.len() + if sealed { 0 } else { HEADER_LEN };
+    let encode_error = |e| MigrationError::Send(TransportError::Encode(e));
+    let in_place = match ctx.in_place {
+        Some(memory) if !pages.is_empty() => {
+            // Only a sealed lane (a plaintext socket) writes pages in place.
+            debug_assert!(sealed, "pages in place on a framed lane");
+            wire::seal_in_place(
+                &mut bytes,
+                pages.len(),
+                FrameKind::PageBatch,
+                PAGE_BATCH_FLAGS,
+            )
+            .map_err(encode_error)?;
+            Some(InPlace {
+                pages,
+                _memory: Arc::clone(memory),
+            })
+        }
+        _ => {
+            if sealed {
+                wire::seal(&mut bytes, FrameKind::PageBatch, PAGE_BATCH_FLAGS)
+                    .map_err(encode_error)?;
+            }
+            None
+        }
+    };
+    let in_place_bytes = in_place.as_ref().map_or(0, |p| p.pages.len() * PAGE_SIZE);
+    let len = bytes.len() + in_place_bytes + if sealed { 0 } else { HEADER_LEN };
     ctx.out
-        .send_batch(lane, sealed, bytes, ctx.cancel)
+        .send_batch(lane, sealed, bytes, in_place, ctx.cancel)
         .map_err(MigrationError::Send)?;
     Ok(len as u64)
 }
@@ -325,7 +352,41 @@ fn read_page_hashed(
     Ok(page_hash(slot))
 }
 
+/// Hash guest page `index` where it is, in one read-only pass that also
+/// tells a zero page: its address, hash and whether it read as zeros.
+/// `None` when the CPU cannot (no AVX2) or the page is not one mapped
+/// range: the caller copies it instead.
+fn hash_page_in_place(
+    memory: &GuestMemoryMmap,
+    index: u64,
+) -> Result<Option<(usize, u64, bool)>, MigrationError> {
+    let bad = || MigrationError::GuestMemory { page: index };
+    let addr = GuestAddress(index * PAGE_SIZE as u64);
+    let slice = memory.get_slice(addr, PAGE_SIZE).map_err(|_| bad())?;
+    let guard = slice.ptr_guard();
+    if guard.len() < PAGE_SIZE {
+        return Ok(None);
+    }
+    // SAFETY: `guard` points at PAGE_SIZE readable bytes of a live mapping
+    // of guest memory (`get_slice` checked the range lies inside one
+    // region; the mapping lives as long as `memory`, borrowed here). The
+    // guest may write the page meanwhile, as with vm-memory's own reads:
+    // the hash is of the bytes read, and a later write lands in the next
+    // dirty set.
+    let hashed = unsafe { hash_in_place(guard.as_ptr()) };
+    Ok(hashed.map(|(hash, zero)| (guard.as_ptr() as usize, hash, zero)))
+}
+
 /// Encode one chunk. `Ok(false)` when the output channel is gone.
+///
+/// Pages that will go out raw (the choice is raw and the page is no probe,
+/// see [`PageEncoder::sends_raw`]) are not copied on plaintext lanes: they
+/// are hashed where they are, zero pages found in the same pass, and the
+/// lane writer hands them to the kernel from guest memory
+/// ([`BatchBuilder::push_in_place`]). A guest write between the hash and
+/// the kernel's copy tears such a page; the destination reports it and it
+/// is sent again (see `super::torn`). The others are copied into the batch
+/// (hashed on the way) and encoded from the copy.
 fn encode_chunk(
     ctx: &WorkerContext<'_>,
     chunk: &Chunk,
@@ -361,6 +422,38 @@ fn encode_chunk(
             let bit = u64::from(bits.trailing_zeros());
             bits &= bits - 1;
             let index = chunk.first_page + 64 * i as u64 + bit;
+            let in_place = match ctx.in_place {
+                Some(_) if encoder.sends_raw(index, delta.is_some()) => {
+                    hash_page_in_place(ctx.memory, index)?
+                }
+                _ => None,
+            };
+            if let Some((addr, hash, zero)) = in_place {
+                pages += 1;
+                if !chunk.force && ctx.hashes.get(index) == hash {
+                    counts.unchanged += 1;
+                    continue;
+                }
+                if let Some(cache) = delta {
+                    // Sent whole: a cached copy would be the wrong base.
+                    cache.forget(index);
+                }
+                if zero {
+                    debug_assert_eq!(hash, zero_page_hash());
+                    batch.push(index, PageEncoding::Zero, &[], hash);
+                    counts.count(PageEncoding::Zero);
+                } else {
+                    batch.push_in_place(index, addr, hash);
+                    counts.count(PageEncoding::Raw);
+                }
+                ctx.hashes.set_deferred(index, hash, &mut digest_delta);
+                if batch.is_full(MAX_BATCH_PAGES, ctx.batch_bytes) {
+                    let next = recycled_batch(ctx, spare, capacity, headroom);
+                    let full = std::mem::replace(&mut batch, next);
+                    wire_bytes += queue(ctx, lane, full, &mut queue_time)?;
+                }
+                continue;
+            }
             // Straight from guest memory into the batch, hashed on the way.
             let slot = batch.page_slot();
             let hash = read_page_hashed(ctx.memory, index, slot)?;

@@ -161,6 +161,22 @@ pub enum FrameFault {
     /// Flip a bit of the checksum of the first frame of this kind, then go
     /// on relaying.
     Corrupt(FrameKind),
+    /// Flip a byte in the first raw copy of this page in a page batch (its
+    /// payload, which the frame checksum does not cover), then go on
+    /// relaying.
+    CorruptRawPage(u64),
+}
+
+/// In page batch `payload`, the offset of a byte of raw page `page`'s bytes.
+fn raw_page_byte(payload: &[u8], page: u64) -> Option<usize> {
+    use ferry_engine::encode::{BatchReader, PageEncoding};
+    let mut reader = BatchReader::new(payload, u64::MAX).ok()?;
+    while let Ok(Some(e)) = reader.next_entry() {
+        if e.page == page && e.encoding == PageEncoding::Raw {
+            return Some(e.payload.as_ptr() as usize - payload.as_ptr() as usize + 100);
+        }
+    }
+    None
 }
 
 /// A frame-aware relay.
@@ -217,6 +233,14 @@ impl FrameRelay {
                     FrameFault::Corrupt(k) if k.to_wire() == kind && !corrupted => {
                         header[16] ^= 0x01;
                         corrupted = true;
+                    }
+                    FrameFault::CorruptRawPage(page)
+                        if kind == FrameKind::PageBatch.to_wire() && !corrupted =>
+                    {
+                        if let Some(at) = raw_page_byte(&payload, page) {
+                            payload[at] ^= 0x10;
+                            corrupted = true;
+                        }
                     }
                     FrameFault::SilenceAfter(k) if k.to_wire() == kind => {
                         silenced.store(true, std::sync::atomic::Ordering::SeqCst);

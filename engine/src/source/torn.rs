@@ -1,0 +1,157 @@
+//! The source's side of torn pages (see [`crate::protocol::TornPage`]).
+//!
+//! A raw page goes from guest memory into the socket without a copy,
+//! hashed just before: a guest write between the hash and the kernel's
+//! copy tears it. That write came after the page's dirty bit was cleared
+//! (chunks are re-protected before their pages are read), so it shows up
+//! in a dirty set collected after the round that sent the page. Reports
+//! are taken *before* each collect: the write that tore a reported page
+//! happened before the destination read it, so before the report came,
+//! so before that collect. When the collect is done, every reported page
+//! must be in a set collected after its round; one that is not was not
+//! written by the guest, and its bytes were corrupted on the way.
+//!
+//! Every reported page is sent again in the next round, whatever its hash
+//! then (its recorded hash is cleared): the guest may have written it back
+//! to the content that was hashed, which skip-unchanged would not resend.
+
+use ferry_dirtylog::DirtyBitmap;
+
+use crate::digest::PageHashes;
+use crate::error::MigrationError;
+use crate::protocol::{MessageError, TornPage};
+
+/// Which rounds' dirty sets held each page, and the torn pages resent.
+pub(crate) struct TornCheck {
+    /// Per page: the latest round whose dirty set (collected before it)
+    /// held it; 0 when none after round 0 did.
+    dirtied_for: Vec<u32>,
+    /// Torn pages sent again so far.
+    resent: u64,
+}
+
+impl TornCheck {
+    /// For a page index space of `pages`.
+    pub(crate) fn new(pages: usize) -> Self {
+        Self {
+            dirtied_for: vec![0; pages],
+            resent: 0,
+        }
+    }
+
+    /// Torn pages sent again so far.
+    pub(crate) fn resent(&self) -> u64 {
+        self.resent
+    }
+
+    /// `set` was just collected, for round `round` (> 0) to send.
+    pub(crate) fn note_dirty(&mut self, set: &DirtyBitmap, round: u32) {
+        for page in set.iter_ones() {
+            if let Some(r) = self.dirtied_for.get_mut(page) {
+                *r = round;
+            }
+        }
+    }
+
+    /// Check `reports` (taken before the collect [`TornCheck::note_dirty`]
+    /// saw last) and put each page into `next` (the set about to be sent)
+    /// with its recorded hash cleared, so it goes out whatever its hash.
+    /// Between rounds only: no encoder may be recording hashes.
+    pub(crate) fn settle(
+        &mut self,
+        reports: &[TornPage],
+        next: &mut DirtyBitmap,
+        hashes: &PageHashes,
+    ) -> Result<(), MigrationError> {
+        for t in reports {
+            let dirtied = usize::try_from(t.page)
+                .ok()
+                .filter(|&p| p < next.len())
+                .and_then(|p| self.dirtied_for.get(p).map(|&r| (p, r)));
+            let Some((page, dirtied_for)) = dirtied else {
+                return Err(MigrationError::Message(MessageError {
+                    message: "RoundWritten",
+                    problem: format!("torn page {} is outside guest memory", t.page),
+                }));
+            };
+            if dirtied_for <= t.round {
+                return Err(MigrationError::TornPageNotRewritten {
+                    page: t.page,
+                    round: t.round,
+                });
+            }
+            next.set(page);
+            hashes.set(t.page, 0);
+            self.resent += 1;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set_of(pages: usize, ones: &[usize]) -> DirtyBitmap {
+        let mut set = DirtyBitmap::new(pages);
+        for &p in ones {
+            set.set(p);
+        }
+        set
+    }
+
+    #[test]
+    fn a_torn_page_written_again_later_is_resent_whatever_its_hash() {
+        let hashes = PageHashes::new(128);
+        hashes.set(5, 77);
+        let mut check = TornCheck::new(128);
+        // Round 1's set (collected after round 0 sent page 5) holds it.
+        check.note_dirty(&set_of(128, &[5, 9]), 1);
+        // Round 1 already went (page 5 skipped as unchanged, say); the
+        // report comes before round 2's collect, which does not hold it.
+        let mut next = set_of(128, &[9]);
+        check.note_dirty(&next, 2);
+        check
+            .settle(&[TornPage { page: 5, round: 0 }], &mut next, &hashes)
+            .unwrap();
+        assert!(next.get(5), "sent again");
+        assert_eq!(hashes.get(5), 0, "whatever its hash");
+        assert_eq!(hashes.digest(), 0);
+        assert_eq!(check.resent(), 1);
+    }
+
+    #[test]
+    fn a_torn_page_no_later_set_holds_is_corruption() {
+        let hashes = PageHashes::new(128);
+        let mut check = TornCheck::new(128);
+        // Page 5 was dirty for round 1 (and sent then); torn in round 1,
+        // but the sets collected after round 1 do not hold it.
+        check.note_dirty(&set_of(128, &[5]), 1);
+        let mut next = set_of(128, &[6]);
+        check.note_dirty(&next, 2);
+        let err = check
+            .settle(&[TornPage { page: 5, round: 1 }], &mut next, &hashes)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MigrationError::TornPageNotRewritten { page: 5, round: 1 }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("did not write it again"), "{err}");
+    }
+
+    #[test]
+    fn a_torn_page_outside_memory_is_refused() {
+        let hashes = PageHashes::new(128);
+        let mut check = TornCheck::new(128);
+        let mut next = DirtyBitmap::new(128);
+        for page in [128, u64::MAX] {
+            let err = check
+                .settle(&[TornPage { page, round: 0 }], &mut next, &hashes)
+                .unwrap_err();
+            assert!(matches!(err, MigrationError::Message(_)), "{err:?}");
+        }
+    }
+}
