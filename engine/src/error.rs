@@ -239,6 +239,8 @@ pub enum MigrationError {
         reason: String,
         /// The guest stays paused here.
         keep_paused: bool,
+        /// The migration, as the destination knows it.
+        migration_id: u64,
     },
     /// An engine thread panicked.
     #[error("an engine worker thread panicked")]
@@ -276,14 +278,22 @@ impl MigrationError {
 
     /// True when the source guest was left paused (handover in doubt).
     pub fn source_left_paused(&self) -> bool {
-        matches!(
-            self,
-            Self::InDoubt { .. }
-                | Self::PreGoRefused {
-                    keep_paused: true,
-                    ..
-                }
-        )
+        self.paused_migration().is_some()
+    }
+
+    /// The migration's id (as the destination knows it) when the source
+    /// guest was left paused: what to ask the destination about, e.g.
+    /// through [`crate::HandoverRecord::answer`] on its side.
+    pub fn paused_migration(&self) -> Option<u64> {
+        match self {
+            Self::InDoubt { migration_id, .. }
+            | Self::PreGoRefused {
+                keep_paused: true,
+                migration_id,
+                ..
+            } => Some(*migration_id),
+            _ => None,
+        }
     }
 }
 

@@ -302,6 +302,62 @@ fn bad_names_are_refused(store: &ClusterStore) {
     }
 }
 
+fn a_migrated_record_is_handed_back_to_its_source_only_unchanged(store: &ClusterStore) {
+    let me = lead(store, "sched-a");
+    for h in ["h1", "h2"] {
+        store.join(h, Duration::from_secs(30)).unwrap();
+    }
+    let started = store.start(&me, "web", "h1").unwrap();
+    let moved = store.migrate(&me, &started, "h2").unwrap();
+
+    let not_migrated = store.hand_back(&started);
+    let back = store.hand_back(&moved).unwrap();
+    let stale = store.hand_back(&moved);
+
+    assert!(
+        matches!(
+            not_migrated,
+            Err(StoreError::NotMigrated {
+                last: Transition::Start,
+                ..
+            })
+        ),
+        "{not_migrated:?}"
+    );
+    assert_eq!(
+        (
+            back.host.as_str(),
+            back.epoch,
+            back.last,
+            back.previous.as_deref()
+        ),
+        ("h1", 3, Transition::HandedBack, Some("h2"))
+    );
+    assert_eq!(store.record("web").unwrap(), Some(back.clone()));
+    match stale {
+        Err(StoreError::Conflict { current, .. }) => assert_eq!(current.as_deref(), Some(&back)),
+        other => panic!("stale hand-back: {other:?}"),
+    }
+}
+
+fn a_hand_back_needs_the_source_alive(store: &ClusterStore) {
+    let me = lead(store, "sched-a");
+    let h1 = store.join("h1", Duration::from_secs(30)).unwrap();
+    store.join("h2", Duration::from_secs(30)).unwrap();
+    let moved = store
+        .migrate(&me, &store.start(&me, "web", "h1").unwrap(), "h2")
+        .unwrap();
+    store.leave(&h1).unwrap();
+
+    let got = store.hand_back(&moved);
+
+    assert!(
+        matches!(&got, Err(StoreError::HostDead { host }) if host == "h1"),
+        "{got:?}"
+    );
+    assert_eq!(store.record("web").unwrap(), Some(moved));
+}
+
 macro_rules! backends {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -336,6 +392,8 @@ backends!(
     decisions_in_flight_are_recorded_once_and_outlive_their_leader,
     wait_change_wakes_on_writes_and_on_lease_expiry,
     bad_names_are_refused,
+    a_migrated_record_is_handed_back_to_its_source_only_unchanged,
+    a_hand_back_needs_the_source_alive,
 );
 
 /// Runs `check` on a store over a fresh one-member etcd (SKIP without

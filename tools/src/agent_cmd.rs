@@ -35,11 +35,13 @@
 //! GO (a compare-and-swap under the leader's token, inside the pause); if
 //! the swap fails the migration is abandoned, and the VM resumes here only
 //! if this host still owns it. A source left with a paused copy (the swap's
-//! outcome unknown, or the destination gone after GO) follows the record:
-//! it resumes the copy when the record comes back here (the leader's
-//! restart, once a destination killed after GO lost its lease) and drops
-//! it once the destination's agent reports the VM running (or a live host
-//! the leader restarted it on owns it).
+//! outcome unknown, or GO sent and unanswered) follows the record: while
+//! it names the destination, the source asks the destination's agent
+//! (`POST /v1/handback`), which either runs the VM (the copy is dropped)
+//! or refuses that migration's handover for good and gives the record
+//! back (the copy resumes here, memory intact); while the destination
+//! cannot be asked, the copy waits, and resumes when the leader's restart
+//! brings the record back here once the destination's lease died.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -52,14 +54,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Args;
 use ferry_engine::{
-    DestinationMigration, DestinationOptions, MigrationOptions, PreGoHook, PreGoRefusal,
-    SourceMigration,
+    DestinationMigration, DestinationOptions, HandoverOutcome, HandoverRecord, MigrationOptions,
+    PreGoHook, PreGoRefusal, SourceMigration,
 };
 use ferry_scheduler::daemon::client::JsonClient;
 use ferry_scheduler::daemon::metrics::{self, MigrationMeasure, MigrationMetrics};
 use ferry_scheduler::daemon::protocol::{
-    AgentStatus, AgentVm, Done, IncomingReply, IncomingRequest, LoadRequest, MigrateReply,
-    MigrateRequest, Refusal, SwapReport, VmRequest, INCOMING_TIMEOUT,
+    AgentStatus, AgentVm, Done, HandbackReply, HandbackRequest, IncomingReply, IncomingRequest,
+    LoadRequest, MigrateReply, MigrateRequest, Refusal, SwapReport, VmRequest, INCOMING_TIMEOUT,
 };
 use ferry_transport::lanes::MAX_LANES;
 use ferry_transport::{default_lane_count, LaneListener, LaneOptions};
@@ -146,8 +148,12 @@ struct Agent {
     /// address.
     migration_advertise: Option<SocketAddr>,
     vms: Mutex<BTreeMap<String, HostedVm>>,
-    /// Names with a migration in or out in progress.
+    /// Names with a migration out, a start or a hand-back in progress.
     busy: Mutex<std::collections::BTreeSet<String>>,
+    /// What this host, as a destination, did with each incoming
+    /// migration's GO (shared by every incoming migration), to answer a
+    /// source that asks for a hand-back.
+    handovers: HandoverRecord,
     /// The cluster store (`--etcd`): ownership records.
     store: Option<ClusterStore>,
 }
@@ -295,29 +301,124 @@ impl Agent {
         }
     }
 
-    /// A paused copy left by a migration to `dest` (its agent at
-    /// `dest_addr`): follows its record until it runs here or is dropped.
-    /// While the record names the destination, the copy is dropped only
-    /// once the destination's agent reports the VM running: a destination
-    /// killed after GO still has a live lease until it expires, and then
+    /// A paused copy left by migration `migration_id` to `dest` (its agent
+    /// at `dest_addr`): follows its record until it runs here or is
+    /// dropped. While the record names the destination, the source asks
+    /// the destination for a hand-back ([`Agent::hand_back`] there): it
+    /// runs the VM (the copy goes) or gives the record back (the copy
+    /// resumes here). While it cannot be asked (killed, cut off), the copy
+    /// waits: the destination's lease is alive until it expires, and then
     /// the leader brings the record back here, to this copy.
-    fn follow_paused_copy(self: &Arc<Self>, vm: String, dest: String, dest_addr: String) {
+    fn follow_paused_copy(
+        self: &Arc<Self>,
+        vm: String,
+        migration_id: u64,
+        dest: String,
+        dest_addr: String,
+    ) {
         let agent = self.clone();
-        std::thread::spawn(move || loop {
-            if !agent.vms.lock().expect("vms lock").contains_key(&vm) {
-                return;
-            }
-            let follow = match agent.store.as_ref().map(|s| s.record(&vm)) {
-                Some(Ok(Some(r))) if r.host == dest && !runs_at(&dest_addr, &vm) => {
-                    Follow::Undecided
+        std::thread::spawn(move || {
+            let mut last_error = String::new();
+            loop {
+                if !agent.vms.lock().expect("vms lock").contains_key(&vm) {
+                    return;
                 }
-                _ => agent.follow_record(&vm),
-            };
-            match follow {
-                Follow::Undecided => std::thread::sleep(Duration::from_millis(200)),
-                Follow::Runs | Follow::Stopped => return,
+                let follow = match agent.store.as_ref().map(|s| s.record(&vm)) {
+                    Some(Ok(Some(r))) if r.host == dest => {
+                        match ask_hand_back(&dest_addr, &vm, migration_id) {
+                            Ok(HandbackReply::Runs) => agent.follow_record(&vm),
+                            Ok(HandbackReply::HandedBack { epoch, reason }) => {
+                                tracing::warn!(vm = %vm, to = %dest, epoch, %reason, "the destination did not resume the VM and gave its record back");
+                                agent.follow_record(&vm)
+                            }
+                            Err(e) => {
+                                if e != last_error {
+                                    tracing::warn!(vm = %vm, to = %dest, error = %e, "cannot ask the destination for a hand-back yet; the paused copy waits");
+                                    last_error = e;
+                                }
+                                Follow::Undecided
+                            }
+                        }
+                    }
+                    _ => agent.follow_record(&vm),
+                };
+                match follow {
+                    Follow::Undecided => std::thread::sleep(Duration::from_millis(200)),
+                    Follow::Runs | Follow::Stopped => return,
+                }
             }
         });
+    }
+
+    /// Destination side of `POST /v1/handback`: a migration's source keeps
+    /// the guest's paused copy while the record names this host.
+    ///
+    /// Why the VM never runs on two hosts: the source resumes its copy only
+    /// once the record names it again, and this gives the record back only
+    /// when (1) this host holds no copy of the VM, (2) the migration's
+    /// handover is refused here for good ([`HandoverRecord::answer`]
+    /// decides an undecided one: a GO arriving later is answered with
+    /// Abort and the incoming guest is dropped, never resumed), and (3) no
+    /// start of the VM can begin here meanwhile (the VM's name is held in
+    /// `busy`, which a start also takes; once the record names the source,
+    /// a start here is refused as not ours). No other copy exists: the
+    /// source's is the only one the migration left. The swap itself
+    /// compares the record's revision, so any transition since (a
+    /// leader's restart after this host's lease lapsed) wins over it, and
+    /// the source then follows that record instead.
+    fn hand_back(&self, req: &HandbackRequest) -> Result<HandbackReply, Refusal> {
+        let Some(store) = &self.store else {
+            return Err(Refusal::bad_request(format!(
+                "{} keeps no ownership records (no --etcd): nothing to give back",
+                self.host
+            )));
+        };
+        if !self.busy.lock().expect("busy lock").insert(req.vm.clone()) {
+            return Err(Refusal::conflict(format!(
+                "VM {} is migrating or starting on {}; ask again",
+                req.vm, self.host
+            )));
+        }
+        let _unbusy = Unbusy(self, req.vm.clone());
+        if self.vms.lock().expect("vms lock").contains_key(&req.vm) {
+            return Ok(HandbackReply::Runs);
+        }
+        let reason = match self.handovers.answer(req.migration_id) {
+            HandoverOutcome::Resumed(_) => return Ok(HandbackReply::Runs),
+            HandoverOutcome::NotResumed(why) => why,
+        };
+        let rec = store
+            .record(&req.vm)
+            .map_err(|e| {
+                Refusal::unavailable(format!(
+                    "reading {}'s record: {}",
+                    req.vm,
+                    ferry_scheduler::daemon::agent::error_chain(&e)
+                ))
+            })?
+            .filter(|r| r.host == self.host)
+            .ok_or_else(|| {
+                Refusal::conflict(format!(
+                    "VM {}'s record does not name {}: not this host's to give back",
+                    req.vm, self.host
+                ))
+            })?;
+        let back = store.hand_back(&rec).map_err(|e| {
+            let why = ferry_scheduler::daemon::agent::error_chain(&e);
+            match e {
+                StoreError::Unavailable(_) => Refusal::unavailable(why),
+                _ => Refusal::conflict(why),
+            }
+        })?;
+        tracing::warn!(vm = %req.vm, to = ?back.previous, epoch = back.epoch, %reason, "gave a VM's record back to its migration's source: the handover was refused here");
+        eprintln!(
+            "ferry agent {}: gave VM {}'s record back to {} (epoch {}): migration {:#x} was not resumed here ({reason})",
+            self.host, req.vm, back.host, back.epoch, req.migration_id
+        );
+        Ok(HandbackReply::HandedBack {
+            epoch: back.epoch,
+            reason,
+        })
     }
 
     fn status(&self) -> AgentStatus {
@@ -478,10 +579,11 @@ impl Agent {
         let summary = match SourceMigration::new(vm, opts).run_lanes(lanes, |_| {}) {
             Ok(s) => s,
             Err(e) => {
-                if e.source_left_paused() && self.store.is_some() {
+                if let (Some(id), Some(_)) = (e.paused_migration(), &self.store) {
                     // The record decides what becomes of the paused copy.
                     self.follow_paused_copy(
                         req.vm.clone(),
+                        id,
                         req.target_host.clone(),
                         req.target.clone(),
                     );
@@ -582,7 +684,10 @@ impl Agent {
             let result = accepted.and_then(|lanes| {
                 let (vm, _) = DestinationMigration::accept_lanes(
                     lanes,
-                    &DestinationOptions::default(),
+                    &DestinationOptions {
+                        record: agent.handovers.clone(),
+                        ..DestinationOptions::default()
+                    },
                     |layout| Ok(Vm::incoming(layout.bytes(), DirtyBackend::Bitmap)?),
                 )?;
                 Ok(vm)
@@ -610,12 +715,18 @@ impl Agent {
     }
 }
 
-/// Whether the agent at `addr` reports `vm` running (not when it cannot
-/// be asked).
-fn runs_at(addr: &str, vm: &str) -> bool {
-    JsonClient::new(addr, Some(Duration::from_secs(2)))
-        .get::<AgentStatus>("/v1/status")
-        .is_ok_and(|s| s.vms.iter().any(|v| v.name == vm && v.running))
+/// Asks the agent at `addr` (a migration's destination) for a hand-back
+/// of `vm` after migration `migration_id`; why it could not answer.
+fn ask_hand_back(addr: &str, vm: &str, migration_id: u64) -> Result<HandbackReply, String> {
+    JsonClient::new(addr, Some(Duration::from_secs(5)))
+        .post(
+            "/v1/handback",
+            &HandbackRequest {
+                vm: vm.to_owned(),
+                migration_id,
+            },
+        )
+        .map_err(|e| ferry_scheduler::daemon::agent::error_chain(&e))
 }
 
 /// Where a source connects for an incoming migration, when the agent must
@@ -653,6 +764,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 async fn start_vm(State(a): State<Arc<Agent>>, Json(r): Json<VmRequest>) -> Answer<Done> {
+    // Held for the whole start: a migration out or a hand-back of the
+    // VM excludes it (a hand-back decides the record meanwhile).
+    if !a.busy.lock().expect("busy lock").insert(r.vm.clone()) {
+        return Err(Refusal::conflict(format!(
+            "VM {} is migrating or being decided on {}",
+            r.vm, a.host
+        )));
+    }
+    let _unbusy = Unbusy(&a, r.vm.clone());
     let held = a
         .vms
         .lock()
@@ -690,7 +810,8 @@ async fn start_vm(State(a): State<Arc<Agent>>, Json(r): Json<VmRequest>) -> Answ
         );
         return done();
     }
-    blocking(move || a.boot(&r.vm, r.mem_mb, 0.0))
+    let a2 = a.clone();
+    blocking(move || a2.boot(&r.vm, r.mem_mb, 0.0))
         .await
         .map_err(|e| Refusal::failed(format!("{e:#}")))?;
     done()
@@ -750,6 +871,13 @@ async fn incoming(
     Ok(Json(blocking(move || a.incoming(r)).await?))
 }
 
+async fn handback(
+    State(a): State<Arc<Agent>>,
+    Json(r): Json<HandbackRequest>,
+) -> Answer<HandbackReply> {
+    Ok(Json(blocking(move || a.hand_back(&r)).await?))
+}
+
 async fn set_load(State(a): State<Arc<Agent>>, Json(r): Json<LoadRequest>) -> Answer<Done> {
     let mut vms = a.vms.lock().expect("vms lock");
     let h = vms
@@ -790,6 +918,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         migration_advertise: args.migration_advertise,
         vms: Mutex::new(BTreeMap::new()),
         busy: Mutex::new(Default::default()),
+        handovers: HandoverRecord::default(),
         metrics: MigrationMetrics::register(&mut registry, "ferry_agent"),
         fences: {
             let c = prometheus_client::metrics::counter::Counter::default();
@@ -840,6 +969,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         .route("/v1/vms/shutdown", post(shutdown_vm))
         .route("/v1/migrate", post(migrate))
         .route("/v1/incoming", post(incoming))
+        .route("/v1/handback", post(handback))
         .route("/v1/vms/load", post(set_load))
         .route("/v1/vms/{name}", get(guest_status))
         .route(

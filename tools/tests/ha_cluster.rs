@@ -15,6 +15,10 @@
 //!   GO): the VM resumes from the source's paused copy (its heartbeat goes
 //!   on from where it was), never on two hosts, its record back on the
 //!   source by one restart.
+//! - a destination that never answers GO (the proxy holds it; the
+//!   destination lives, no daemon runs any more): the source asks it, it
+//!   refuses that handover for good and gives the record back, and the VM
+//!   resumes from the source's paused copy, never on two hosts.
 //!
 //! - cut an agent off from etcd (a TCP proxy the test closes) but not from
 //!   its VM or the daemon: it pauses its VM, which then runs again on the
@@ -46,7 +50,10 @@ use ferry_scheduler::daemon::api::LeaderView;
 use ferry_scheduler::daemon::client::{JsonClient, Method};
 use ferry_scheduler::daemon::protocol::AgentStatus;
 use ferry_scheduler::ha::failover::{HaEvent, HaEventKind};
-use ferry_scheduler::store::{Decision, DecisionKind, OwnerRecord, Transition};
+use ferry_scheduler::store::etcd::EtcdOptions;
+use ferry_scheduler::store::{
+    ClusterStore, Decision, DecisionKind, OwnerRecord, Transition, DEFAULT_PREFIX,
+};
 use ferry_transport::FrameKind;
 use ferry_vm::testing::kvm_or_skip;
 use ferry_vm::GuestStatus;
@@ -591,9 +598,22 @@ fn a_destination_killed_after_go_leaves_the_vm_on_its_source_copy_once() {
     }
 }
 
-fn destination_killed_after_go(rig: &mut Rig) -> Result<()> {
-    // h2 takes migrations on a fixed port, advertised through a proxy that
-    // holds the first GO toward it (and forwards nothing more on that lane).
+/// A migration of `mover` from h1 to h2 (h2 taking it on a fixed port,
+/// advertised through a fault proxy that holds the first GO toward it and
+/// forwards nothing more on that lane), driven by a maintenance of h1 on
+/// daemon d1, held at GO: the record already moved to h2 (checked), h1
+/// keeps a paused copy.
+struct HeldAtGo {
+    /// d1's API.
+    api: SocketAddr,
+    proxy: FaultProxy,
+    /// mover's record epoch before the migration.
+    epoch: u64,
+    /// mover's heartbeat on h1 before the migration.
+    before: u64,
+}
+
+fn migration_held_at_go(rig: &mut Rig) -> Result<HeldAtGo> {
     let port = free_port()?;
     let proxy = FaultProxy::spawn(
         SocketAddr::from(([127, 0, 0, 1], port)),
@@ -645,6 +665,21 @@ fn destination_killed_after_go(rig: &mut Rig) -> Result<()> {
     if moved.host != "h2" || moved.epoch != epoch + 1 || moved.last != Transition::Migrate {
         bail!("the record did not move to h2 before GO: {moved:?} (was epoch {epoch})");
     }
+    Ok(HeldAtGo {
+        api,
+        proxy,
+        epoch,
+        before,
+    })
+}
+
+fn destination_killed_after_go(rig: &mut Rig) -> Result<()> {
+    let HeldAtGo {
+        api,
+        proxy: _proxy,
+        epoch,
+        before,
+    } = migration_held_at_go(rig)?;
     kill_agent(rig, "h2");
 
     // From the kill on: never on two hosts; back on h1 after the failover.
@@ -680,6 +715,73 @@ fn destination_killed_after_go(rig: &mut Rig) -> Result<()> {
     }
     // It stays so.
     std::thread::sleep(Duration::from_secs(2));
+    if rig.running_on("mover") != ["h1"] {
+        bail!("mover afterwards on {:?}", rig.running_on("mover"));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_destination_that_never_answers_go_gives_the_vm_back_to_its_source_copy() {
+    let Some(mut rig) = Rig::new("a_destination_that_never_answers_go", "ha-silent").unwrap()
+    else {
+        return;
+    };
+    if let Err(e) = destination_silent_after_go(&mut rig) {
+        panic!("{e:#}{}", rig.diag());
+    }
+}
+
+fn destination_silent_after_go(rig: &mut Rig) -> Result<()> {
+    let HeldAtGo {
+        proxy,
+        epoch,
+        before,
+        ..
+    } = migration_held_at_go(rig)?;
+    // No scheduler from here on (none retries the evacuation or restarts
+    // anything): the two agents settle it between them from the record.
+    rig.daemons[0].proc.kill();
+    let store = ClusterStore::on_etcd(
+        &rig.etcd.endpoints(),
+        EtcdOptions::default(),
+        DEFAULT_PREFIX,
+    )?;
+
+    // h2 is alive and still waits for the GO the proxy holds; h1 asks it,
+    // it refuses that handover for good and gives the record back.
+    let on = wait_for("mover to run again", Duration::from_secs(60), || {
+        let on = rig.running_on("mover");
+        (!on.is_empty()).then_some(on)
+    })?;
+    if on != ["h1"] {
+        bail!("mover runs on {on:?}, not on its migration source h1 alone");
+    }
+    // Resumed with its memory: the heartbeat goes on from before the
+    // migration (a boot would start it again from 0), the self-check clean.
+    let first = rig.guest("h1", "mover")?.heartbeat;
+    if first < before {
+        bail!("mover's heartbeat {first} is below {before} from before the migration: booted again, not resumed");
+    }
+    rig.check_alive("h1", "mover", first)?;
+    let rec = store.record("mover")?.context("mover has no record")?;
+    if rec.host != "h1"
+        || rec.epoch != epoch + 2
+        || rec.last != Transition::HandedBack
+        || rec.previous.as_deref() != Some("h2")
+    {
+        bail!("mover's record was not handed back to h1 by h2: {rec:?} (was epoch {epoch})");
+    }
+    if !store.host_alive("h2")? {
+        bail!("h2's lease lapsed: the hand-back was to come from a live destination");
+    }
+    // The held GO never resumes mover at h2, not when its connection ends
+    // either.
+    drop(proxy);
+    std::thread::sleep(Duration::from_secs(2));
+    if let Some(running) = held(rig, "h2", "mover")? {
+        bail!("h2 holds mover (running: {running}) after giving it back");
+    }
     if rig.running_on("mover") != ["h1"] {
         bail!("mover afterwards on {:?}", rig.running_on("mover"));
     }

@@ -779,6 +779,7 @@ impl Session<'_> {
             (hook.0)().map_err(|r| MigrationError::PreGoRefused {
                 reason: r.reason,
                 keep_paused: r.keep_paused,
+                migration_id: self.migration_id,
             })?;
         }
         let pre_go = t_pre_go.elapsed();

@@ -7,6 +7,7 @@
 //! | `GET /v1/status` | - | [`AgentStatus`] |
 //! | `POST /v1/migrate` | [`MigrateRequest`] | [`MigrateReply`] once the VM runs on the target |
 //! | `POST /v1/incoming` | [`IncomingRequest`] | [`IncomingReply`]: a listener for one migration |
+//! | `POST /v1/handback` | [`HandbackRequest`] | [`HandbackReply`]: a migration's source, left with a paused copy, asks the destination |
 //! | `POST /v1/vms/start` | [`VmRequest`] | [`Done`] |
 //! | `POST /v1/vms/shutdown` | [`VmRequest`] | [`Done`] |
 //! | `POST /v1/vms/load` | [`LoadRequest`] | [`Done`]: set a VM's (simulated) CPU demand |
@@ -153,6 +154,40 @@ pub struct IncomingReply {
     pub addr: Option<String>,
 }
 
+/// `POST /v1/handback`: the source of migration `migration_id` of `vm`
+/// kept the guest's paused copy without learning whether the destination
+/// resumed it (GO sent and unanswered, or the ownership swap's outcome
+/// unknown), while the VM's record names the destination. The
+/// destination answers whether it runs the VM; if it does not and never
+/// will (it refuses that migration's handover for good when it is still
+/// undecided), it gives the record back to the source
+/// (`ClusterStore::hand_back`), so that the source's copy may resume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandbackRequest {
+    /// VM name.
+    pub vm: String,
+    /// The migration, as the engine names it (its Hello).
+    pub migration_id: u64,
+}
+
+/// The answer to [`HandbackRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum HandbackReply {
+    /// The destination holds the VM (that migration resumed it there):
+    /// the source's copy must go.
+    Runs,
+    /// The destination never resumed that migration and never will, holds
+    /// no copy, and the record names the source again at `epoch`: the
+    /// source's copy is the VM.
+    HandedBack {
+        /// The record's epoch now.
+        epoch: u64,
+        /// Why the destination did not resume it.
+        reason: String,
+    },
+}
+
 /// `POST /v1/vms/load`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoadRequest {
@@ -242,6 +277,16 @@ mod tests {
         assert_eq!(r.cpu_mips, 0.0, "cpu_mips defaults");
         let old: IncomingReply = serde_json::from_str(r#"{"port":7410}"#).unwrap();
         assert_eq!(old.addr, None, "an agent that names no address");
+        let back: HandbackReply =
+            serde_json::from_str(r#"{"outcome":"handed_back","epoch":3,"reason":"no GO"}"#)
+                .unwrap();
+        assert_eq!(
+            back,
+            HandbackReply::HandedBack {
+                epoch: 3,
+                reason: "no GO".into()
+            }
+        );
         let e = serde_json::from_str::<MigrateRequest>(r#"{"vm":"a"}"#).unwrap_err();
         assert!(e.to_string().contains("target_host"), "{e}");
     }

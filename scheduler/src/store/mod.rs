@@ -66,6 +66,10 @@ pub enum Transition {
     Migrate,
     /// Restarted after its previous host died.
     Restart,
+    /// Given back to a migration's source by the destination, which
+    /// refused that migration's handover for good
+    /// ([`ClusterStore::hand_back`]).
+    HandedBack,
 }
 
 /// Who owns a VM.
@@ -219,6 +223,14 @@ pub enum StoreError {
     DuplicateDecision {
         /// Decision id.
         id: String,
+    },
+    /// A hand-back of a record whose last transition was not a migration.
+    #[error("VM {vm}'s record did not come by a migration (last: {last:?}): nothing to give back")]
+    NotMigrated {
+        /// VM.
+        vm: String,
+        /// Its last transition.
+        last: Transition,
     },
     /// A name that cannot be a key.
     #[error("bad name {name:?}: must be non-empty, without '/' or control characters")]
@@ -376,7 +388,7 @@ impl ClusterStore {
             Compare::ModRevision(self.vm_key(vm), 0),
             Compare::Exists(self.alive_key(host)),
         ];
-        self.swap(leader, &when, rec, None)
+        self.swap(Some(leader), &when, rec, None)
     }
 
     /// Moves `current` to `to` (a live migration: call before GO). Fails
@@ -401,6 +413,42 @@ impl ClusterStore {
         to: &str,
     ) -> Result<OwnerRecord, StoreError> {
         self.transfer(leader, current, to, Transition::Restart)
+    }
+
+    /// Gives `current`, a record a migration moved to its destination,
+    /// back to the migration's source (`current.previous`): the
+    /// destination calls it once it has refused that migration's handover
+    /// for good (it never resumed the guest and never will) while the
+    /// source keeps the guest's paused copy. Fails with
+    /// [`StoreError::Conflict`] when the record changed since `current`,
+    /// [`StoreError::NotMigrated`] when it did not come by a migration,
+    /// [`StoreError::HostDead`] when the source is not alive.
+    ///
+    /// Not fenced by a leader's token: it is no scheduling decision but
+    /// the undoing of a swap whose GO did not take, by the one host that
+    /// knows it did not; the compare on the record's revision makes it
+    /// lose to any transition made since (a leader's restart included).
+    pub fn hand_back(&self, current: &OwnerRecord) -> Result<OwnerRecord, StoreError> {
+        check_name(&current.vm)?;
+        let (Transition::Migrate, Some(to)) = (current.last, current.previous.as_deref()) else {
+            return Err(StoreError::NotMigrated {
+                vm: current.vm.clone(),
+                last: current.last,
+            });
+        };
+        let next = OwnerRecord {
+            vm: current.vm.clone(),
+            host: to.to_owned(),
+            epoch: current.epoch + 1,
+            last: Transition::HandedBack,
+            previous: Some(current.host.clone()),
+            revision: 0,
+        };
+        let when = [
+            Compare::ModRevision(self.vm_key(&current.vm), current.revision),
+            Compare::Exists(self.alive_key(to)),
+        ];
+        self.swap(None, &when, next, Some(current))
     }
 
     fn transfer(
@@ -429,7 +477,7 @@ impl ClusterStore {
             // The owner's lease must be gone: its alive key absent.
             when.push(Compare::CreateRevision(self.alive_key(&current.host), 0));
         }
-        self.swap(leader, &when, next, Some(current))
+        self.swap(Some(leader), &when, next, Some(current))
     }
 
     /// Removes the VM's record (it was deleted), if unchanged.
@@ -445,12 +493,12 @@ impl ClusterStore {
         if self.kv.txn(&when, &ops)?.succeeded {
             return Ok(());
         }
-        Err(self.why_failed(leader, &current.vm, None, None)?)
+        Err(self.why_failed(Some(leader), &current.vm, None, None)?)
     }
 
     fn swap(
         &self,
-        leader: &Leadership,
+        leader: Option<&Leadership>,
         when: &[Compare],
         mut next: OwnerRecord,
         current: Option<&OwnerRecord>,
@@ -475,16 +523,18 @@ impl ClusterStore {
     /// name a later cause, never a wrong kind of failure).
     fn why_failed(
         &self,
-        leader: &Leadership,
+        leader: Option<&Leadership>,
         vm: &str,
         to: Option<&str>,
         restart_from: Option<&str>,
     ) -> Result<StoreError, StoreError> {
-        if self.leader()?.is_none_or(|l| l.token != leader.token) {
-            return Ok(StoreError::NotLeader {
-                candidate: leader.candidate.clone(),
-                token: leader.token,
-            });
+        if let Some(leader) = leader {
+            if self.leader()?.is_none_or(|l| l.token != leader.token) {
+                return Ok(StoreError::NotLeader {
+                    candidate: leader.candidate.clone(),
+                    token: leader.token,
+                });
+            }
         }
         if let Some(host) = restart_from {
             if self.kv.get(&self.alive_key(host))?.is_some() {
