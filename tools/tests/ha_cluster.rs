@@ -48,7 +48,9 @@ use ferry_e2e::process::ProcessGuard;
 use ferry_e2e::tcp_proxy::TcpProxy;
 use ferry_scheduler::daemon::api::LeaderView;
 use ferry_scheduler::daemon::client::{JsonClient, Method};
-use ferry_scheduler::daemon::protocol::AgentStatus;
+use ferry_scheduler::daemon::protocol::{
+    AgentStatus, MigrateReply, MigrateRequest, OwnershipClaim,
+};
 use ferry_scheduler::ha::failover::{HaEvent, HaEventKind};
 use ferry_scheduler::store::etcd::EtcdOptions;
 use ferry_scheduler::store::{
@@ -942,7 +944,10 @@ fn unix_ms() -> u64 {
 /// `FERRY_HA_BENCH_TTL` (default 2s), and print the time from the kill to
 /// the lease seen expired (detection), to the end of the fence margin
 /// (fencing) and to the last VM running elsewhere (restart); then kill -9
-/// the leading daemon and print the time until the follower leads.
+/// the leading daemon and print the time until the follower leads; then
+/// bring the host back and print the ownership swap's cost in the pause
+/// of migrations of up to 10 of the VMs (with the swap before GO, and
+/// back without one).
 #[test]
 #[ignore = "benchmark: prints timings"]
 fn ha_bench() {
@@ -1009,7 +1014,64 @@ fn bench(rig: &mut Rig) -> Result<()> {
         lease_ttl(),
         unix_ms().saturating_sub(killed)
     );
+    swap_cost(rig, b, &names[..n.min(10)])
+}
+
+/// The ownership swap's cost in a migration's pause: h1 back (a fresh
+/// agent), each of `vms` migrated h2 -> h1 with the swap before GO (the
+/// leader `api`'s claim, as its migrations carry), then h1 -> h2 without
+/// one; prints the median swap and both median pauses.
+fn swap_cost(rig: &mut Rig, api: SocketAddr, vms: &[String]) -> Result<()> {
+    rig.agents.retain(|a| a.host != "h1");
+    rig.agent("h1", &[])?;
+    let leader = client(api)
+        .get::<LeaderView>("/v1/ha/leader")?
+        .leader
+        .context("nobody leads")?;
+    let migrate = |vm: &str, from: &str, to: &str, claim: Option<OwnershipClaim>| {
+        JsonClient::new(
+            &rig.agent_addr(from).to_string(),
+            Some(Duration::from_secs(120)),
+        )
+        .post::<_, MigrateReply>(
+            "/v1/migrate",
+            &MigrateRequest {
+                vm: vm.to_owned(),
+                target_host: to.to_owned(),
+                target: rig.agent_addr(to).to_string(),
+                ownership: claim,
+            },
+        )
+        .with_context(|| format!("migrating {vm} {from} -> {to}"))
+    };
+    let (mut swap, mut with, mut without) = (Vec::new(), Vec::new(), Vec::new());
+    for vm in vms {
+        let rec = rig.record(api, vm).context("no record")?;
+        let claim = OwnershipClaim {
+            candidate: leader.candidate.clone(),
+            token: leader.token,
+            epoch: rec.epoch,
+        };
+        let there = migrate(vm, "h2", "h1", Some(claim))?;
+        let swapped = there.ownership.context("no ownership swap reported")?;
+        swap.push(swapped.swap_ms);
+        with.push(there.downtime_ms);
+        without.push(migrate(vm, "h1", "h2", None)?.downtime_ms);
+    }
+    println!(
+        "HA bench: ownership swap ({} migrations of 64 MB guests): swap median {:.2} ms (max {:.2}), pause with the swap median {:.2} ms, without {:.2} ms",
+        vms.len(),
+        median(&mut swap),
+        swap.iter().copied().fold(0.0, f64::max),
+        median(&mut with),
+        median(&mut without)
+    );
     Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// `2s`, `2500ms`, `5` (seconds) in ms.
