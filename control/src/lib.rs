@@ -9,7 +9,8 @@
 //! Inputs typed by people (sizes, rates, durations) are parsed once, with
 //! one meaning, in [`units`]. What the command line prints for scripts
 //! (`--json`) goes through [`json`], which writes every 64-bit integer as
-//! a string.
+//! a string, and reads such lines back into the same types
+//! ([`json::from_str`], [`json::MigrateLine`]).
 //!
 //! Dependencies point one way: `tools -> control -> {engine, vm,
 //! transport}`. The command line only parses arguments into these types

@@ -16,6 +16,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use ferry_control::json::MigrateOutcome;
 use ferry_control::protocol::decision_words;
 use ferry_control::units::{
     format_bytes, format_rate, parse_bytes, parse_duration, parse_rate, BareUnit, MAX_DEADLINE,
@@ -362,21 +363,6 @@ fn encoding_words(c: EncodingChoice) -> &'static str {
     }
 }
 
-/// The last line of `ferry migrate --json`: the summary or the failure
-/// (typed, so [`ferry_control::json`] knows which integers are 64-bit).
-#[derive(serde::Serialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-enum Outcome<'a> {
-    /// Completed.
-    Summary { summary: &'a Summary },
-    /// Failed or cancelled.
-    Failed {
-        phase: Phase,
-        error: Option<&'a str>,
-        guest: ferry_control::GuestHome,
-    },
-}
-
 /// JSON lines: an event only when it differs from the last one printed.
 #[derive(Default)]
 struct JsonLines {
@@ -624,7 +610,9 @@ fn start(args: MigrateArgs) -> anyhow::Result<()> {
         Ok(summary) if args.json => {
             println!(
                 "{}",
-                ferry_control::json::to_string(&Outcome::Summary { summary })?
+                ferry_control::json::to_string(&MigrateOutcome::Summary {
+                    summary: Box::new(summary.clone())
+                })?
             );
             check_limit(summary, args.on_deadline)
         }
@@ -636,9 +624,9 @@ fn start(args: MigrateArgs) -> anyhow::Result<()> {
             if args.json {
                 println!(
                     "{}",
-                    ferry_control::json::to_string(&Outcome::Failed {
+                    ferry_control::json::to_string(&MigrateOutcome::Failed {
                         phase: report.phase,
-                        error: report.error.as_deref(),
+                        error: report.error.clone(),
                         guest: report.guest,
                     })?
                 );
