@@ -579,6 +579,8 @@ pub struct DowntimeParts {
     pub dest_restore_ms: f64,
     pub go_to_resume_ms: f64,
     pub dest_resume_ms: f64,
+    #[serde(default)]
+    pub pre_go_ms: f64,
 }
 
 /// The destination's account of a guest that arrived.
@@ -590,6 +592,9 @@ pub struct ReceivedSummary {
     pub pages: EncodingCounts,
     /// Bytes received.
     pub wire_bytes: u64,
+    /// Bytes received per lane (lane 0 first).
+    #[serde(default)]
+    pub wire_bytes_per_lane: Vec<u64>,
     /// The memory digest verified (a string: 64 bits).
     #[serde(with = "u64_string")]
     pub memory_digest: u64,
@@ -631,6 +636,7 @@ impl From<&ferry_engine::MigrationSummary> for Summary {
                 dest_restore_ms: ms(p.dest_restore),
                 go_to_resume_ms: ms(p.go_to_resume),
                 dest_resume_ms: ms(p.dest_resume),
+                pre_go_ms: ms(p.pre_go),
             },
             guest_bytes: s.guest_bytes,
             wire_bytes: s.wire_bytes,
@@ -657,6 +663,7 @@ impl From<&ferry_engine::DestinationSummary> for ReceivedSummary {
             rounds: s.rounds,
             pages: s.pages,
             wire_bytes: s.wire_bytes,
+            wire_bytes_per_lane: s.wire_bytes_per_lane.clone(),
             memory_digest: s.memory_digest,
             region_digests: s.region_digests.iter().map(Into::into).collect(),
             resumed_at_unix_ns: s.resumed_at_unix_ns,
@@ -836,6 +843,7 @@ mod tests {
             rounds: 1,
             pages: EncodingCounts::default(),
             wire_bytes: 1,
+            wire_bytes_per_lane: vec![1],
             memory_digest: u64::MAX - 1,
             region_digests: vec![RegionDigest {
                 guest_phys_addr: 4 << 30,
@@ -847,10 +855,16 @@ mod tests {
             restore_ms: 0.0,
             total_ms: 0.0,
         };
-        let v = serde_json::to_value(&s).unwrap();
-        assert_eq!(v["memory_digest"], "18446744073709551614");
-        assert_eq!(v["region_digests"][0]["digest"], "18446744073709551613");
-        assert_eq!(serde_json::from_value::<ReceivedSummary>(v).unwrap(), s);
+        let line = serde_json::to_string(&s).unwrap();
+        assert!(
+            line.contains(r#""memory_digest":"18446744073709551614""#),
+            "{line}"
+        );
+        assert!(
+            line.contains(r#""region_digests":[{"guest_phys_addr":4294967296,"bytes":1073741824,"digest":"18446744073709551613"}]"#),
+            "{line}"
+        );
+        assert_eq!(serde_json::from_str::<ReceivedSummary>(&line).unwrap(), s);
     }
 
     #[test]
@@ -859,6 +873,146 @@ mod tests {
         // something else.
         let line = r#"{"reply":"event","event":"teleported","to":"mars"}"#;
         assert!(serde_json::from_str::<Reply>(line).is_err());
+    }
+
+    /// The control types mirror the engine's (they read back, with
+    /// milliseconds and owned strings): what `ferry_control::json` writes
+    /// from each must be the same JSON, so a field the engine gains is
+    /// not lost on the socket.
+    #[test]
+    fn the_mirrors_of_the_engine_types_carry_every_field() {
+        use ferry_engine::encode::{choose_encoding, EncodingChoice, EncodingInputs};
+        use ferry_engine::{DowntimeBreakdown, HandoverStep, ProgressEvent};
+        let same = |engine: String, control: String| {
+            let engine: serde_json::Value = serde_json::from_str(&engine).unwrap();
+            let control: serde_json::Value = serde_json::from_str(&control).unwrap();
+            assert_eq!(engine, control);
+        };
+        let d = |n: u64| Duration::from_micros(n * 1_001);
+        let summary = ferry_engine::MigrationSummary {
+            rounds: 3,
+            total: d(900),
+            downtime: d(2),
+            downtime_parts: DowntimeBreakdown {
+                pause: d(1),
+                vcpu_stop_spread: d(2),
+                final_collect: d(3),
+                final_pages: d(4),
+                state: d(5),
+                ready_wait: d(6),
+                dest_pages: d(7),
+                ready_return: d(8),
+                dest_verify: d(9),
+                dest_restore: d(10),
+                go_to_resume: d(11),
+                dest_resume: d(12),
+                pre_go: d(13),
+            },
+            guest_bytes: 1 << 40,
+            wire_bytes: 1 << 39,
+            memory_bytes: 1 << 30,
+            pages: EncodingCounts {
+                zero: 1,
+                unchanged: 2,
+                xor_delta: 3,
+                lz4: 4,
+                raw: 5,
+            },
+            throughput_bytes_per_sec: 1.5e9,
+            wire_bytes_per_sec: 0.5e9,
+            max_throttle_percent: 60,
+            converge: ferry_engine::ConvergeMode::DirtyLimit,
+            vcpu_max_throttle_percent: vec![60, 0],
+            vcpu_dirty_pages: vec![9, 1],
+            memory_digest: u64::MAX - 5,
+            region_digests: vec![ferry_engine::RegionDigest {
+                guest_phys_addr: 0,
+                bytes: 1 << 30,
+                digest: u64::MAX - 6,
+            }],
+            dirty_log: "kvm-ring",
+            downtime_limit: d(20),
+            over_limit: d(0),
+        };
+        same(
+            crate::json::to_string(&summary).unwrap(),
+            crate::json::to_string(&Summary::from(&summary)).unwrap(),
+        );
+        let received = ferry_engine::DestinationSummary {
+            rounds: 3,
+            pages: summary.pages,
+            wire_bytes: 1 << 39,
+            wire_bytes_per_lane: vec![1 << 38, 1 << 38],
+            memory_digest: u64::MAX - 5,
+            region_digests: summary.region_digests.clone(),
+            resumed_at_unix_ns: u64::MAX - 7,
+            verify: d(3),
+            restore: d(4),
+            total: d(800),
+        };
+        same(
+            crate::json::to_string(&received).unwrap(),
+            crate::json::to_string(&ReceivedSummary::from(&received)).unwrap(),
+        );
+        let inputs = EncodingInputs::prior(Some(1e8), 2);
+        let events = [
+            ProgressEvent::Started {
+                pages: 262_144,
+                guest_bytes: 1 << 30,
+                dirty_log: "kvm-bitmap",
+                workers: 2,
+            },
+            ProgressEvent::RoundProgress {
+                round: 1,
+                pages_done: 7,
+                pages_total: 9,
+                wire_bytes: 11,
+            },
+            ProgressEvent::RoundFinished {
+                round: 2,
+                pages: 9,
+                encodings: summary.pages,
+                wire_bytes: 1 << 33,
+                duration: d(40),
+                dirty_pages: 5,
+                throttle_percent: 30,
+                vcpu_throttles: vec![30, 0],
+                vcpu_dirty_pages: vec![5, 0],
+                assessment: ferry_engine::progress::AssessmentEvent {
+                    dirty_rate_pages_per_sec: 100.0,
+                    bandwidth_bytes_per_sec: 1e9,
+                    bytes_left: 20_480,
+                    expected_downtime: d(3),
+                    shrinking: true,
+                    decision: Decision::LimitVcpus {
+                        vcpus: 1,
+                        max_percent: 30,
+                    },
+                },
+                encoding: Box::new(choose_encoding(&inputs, EncodingChoice::Raw)),
+            },
+            ProgressEvent::StopAndCopy { dirty_pages: 3 },
+            ProgressEvent::Handover {
+                step: HandoverStep::StateSent,
+            },
+            ProgressEvent::Abandoned {
+                reason: "deadline".into(),
+            },
+        ];
+        for e in &events {
+            let mirrored = Event::from_engine(e).expect("a client event");
+            same(
+                crate::json::to_string(e).unwrap(),
+                crate::json::to_string(&mirrored).unwrap(),
+            );
+        }
+        let done = ProgressEvent::Completed {
+            summary: Box::new(summary),
+        };
+        assert!(
+            Event::from_engine(&done).is_none(),
+            "its summary comes in `done`"
+        );
     }
 
     #[test]
