@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 
 use common::fault_proxy::{Action, Direction, Fault, FaultProxy, Place};
 use common::{
-    assert_runs_on_destination, assert_runs_on_source, ferry, figure, last_json_line, status, Pair,
-    FERRY,
+    assert_runs_on_destination, assert_runs_on_source, ferry, outcome, status, summary, Pair, FERRY,
 };
+use ferry_control::json::MigrateOutcome;
+use ferry_control::{Greeting, GuestHome, MigrationReport, Phase, Reply, Role};
 use ferry_e2e::process::ProcessGuard;
 use ferry_transport::FrameKind;
 use ferry_vm::testing::kvm_or_skip;
-use serde_json::Value;
 
 /// Two guests per test on a small machine: one test at a time.
 static KVM: Mutex<()> = Mutex::new(());
@@ -67,7 +67,9 @@ impl Drop for Background {
     }
 }
 
-fn migration_status(api: &Path) -> Option<Value> {
+/// `ferry migrate status --json`, typed; `None` while the process does not
+/// answer.
+fn migration_status(api: &Path) -> Option<MigrationReport> {
     let out = ferry(&[
         "migrate",
         "status",
@@ -75,23 +77,27 @@ fn migration_status(api: &Path) -> Option<Value> {
         "--api",
         api.to_str().unwrap(),
     ]);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).ok())
-        .flatten()
+    out.status.success().then(|| {
+        ferry_control::json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "ferry migrate status --json: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    })
 }
 
 /// Waits until the source's migration is copying round 0 with bytes left.
-fn wait_copying(api: &Path) -> Value {
+fn wait_copying(api: &Path) -> MigrationReport {
     let start = Instant::now();
     loop {
         if let Some(r) = migration_status(api) {
-            if r["phase"] == "copying" && figure(&r["bytes_left"]) > 0 {
+            if r.phase == Phase::Copying && r.bytes_left > 0 {
                 return r;
             }
             assert!(
-                !["completed", "failed", "cancelled"].contains(&r["phase"].as_str().unwrap()),
-                "the migration ended before it could be watched: {r}"
+                !r.phase.is_final(),
+                "the migration ended before it could be watched: {r:?}"
             );
         }
         assert!(
@@ -116,24 +122,18 @@ fn status_from_a_second_client_shows_falling_bytes_left_and_set_retunes() {
     // 16 MiB/s: round 0 of 256 MiB takes many seconds.
     let client = Background::migrate(&p, &["--max-bandwidth", "16M"]);
     let first = wait_copying(&api);
-    assert_eq!(
-        figure(&first["limits"]["max_bandwidth"]),
-        16 << 20,
-        "{first}"
-    );
+    assert_eq!(first.limits.max_bandwidth, Some(16 << 20), "{first:?}");
     let mut falling = None;
     let start = Instant::now();
     while falling.is_none() {
         std::thread::sleep(Duration::from_millis(300));
         let now = migration_status(&api).expect("the source answers");
-        if now["round"] == first["round"]
-            && figure(&now["bytes_left"]) < figure(&first["bytes_left"])
-        {
+        if now.round == first.round && now.bytes_left < first.bytes_left {
             falling = Some(now);
         }
         assert!(
             start.elapsed() < Duration::from_secs(30),
-            "bytes left never fell: {first}"
+            "bytes left never fell: {first:?}"
         );
     }
 
@@ -149,7 +149,7 @@ fn status_from_a_second_client_shows_falling_bytes_left_and_set_retunes() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("bandwidth cap 8.0 MiB/s"));
     let now = migration_status(&api).unwrap();
-    assert_eq!(figure(&now["limits"]["max_bandwidth"]), 8 << 20, "{now}");
+    assert_eq!(now.limits.max_bandwidth, Some(8 << 20), "{now:?}");
     let out = ferry(&[
         "migrate",
         "set",
@@ -173,17 +173,31 @@ fn status_from_a_second_client_shows_falling_bytes_left_and_set_retunes() {
         "{stdout}"
     );
     assert!(lines.windows(2).all(|w| w[0] != w[1]), "{stdout}");
-    let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
-    assert!(last["summary"]["memory_digest"].is_string(), "{last}");
+    // The digest uses all 64 bits: a string, so scripts can trust it.
+    #[derive(serde::Deserialize)]
+    struct Written {
+        summary: WrittenDigest,
+    }
+    #[derive(serde::Deserialize)]
+    struct WrittenDigest {
+        memory_digest: String,
+    }
+    let written: Written = serde_json::from_str(lines.last().unwrap()).unwrap();
+    let summary = summary(&out);
+    assert_eq!(
+        written.summary.memory_digest,
+        summary.memory_digest.to_string()
+    );
     assert_runs_on_destination(&mut p);
 
     // The result stays readable at the destination (the source has exited).
     let dst = migration_status(&p.api("dst")).expect("the destination answers");
-    assert_eq!(dst["phase"], "completed", "{dst}");
-    assert_eq!(dst["role"], "destination", "{dst}");
+    assert_eq!(dst.phase, Phase::Completed, "{dst:?}");
+    assert_eq!(dst.role, Role::Destination, "{dst:?}");
     assert_eq!(
-        dst["received"]["memory_digest"], last["summary"]["memory_digest"],
-        "{dst}"
+        dst.received.as_ref().map(|r| r.memory_digest),
+        Some(summary.memory_digest),
+        "{dst:?}"
     );
 }
 
@@ -209,7 +223,7 @@ fn a_cancel_before_go_keeps_the_guest_at_the_source_and_a_retry_succeeds() {
     );
     assert_runs_on_source(&p);
     let report = migration_status(&api).unwrap();
-    assert_eq!(report["phase"], "cancelled", "{report}");
+    assert_eq!(report.phase, Phase::Cancelled, "{report:?}");
 
     // Nothing left to cancel now; the answer says what happened last.
     let out = ferry(&["migrate", "cancel", "--api", api.to_str().unwrap()]);
@@ -224,14 +238,14 @@ fn a_cancel_before_go_keeps_the_guest_at_the_source_and_a_retry_succeeds() {
     let start = Instant::now();
     loop {
         let r = migration_status(&p.api("dst"));
-        if r.as_ref().is_some_and(|r| r["phase"] == "failed") {
+        if r.as_ref().is_some_and(|r| r.phase == Phase::Failed) {
             break;
         }
         assert!(p.dst.is_running(), "{}", p.log("dst"));
         assert!(start.elapsed() < Duration::from_secs(30), "{r:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(status(&p.api("dst")).unwrap()["state"], "awaiting");
+    assert_eq!(status(&p.api("dst")).unwrap().state, GuestHome::Awaiting);
     let out = p.migrate(&[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_runs_on_destination(&mut p);
@@ -266,7 +280,7 @@ fn a_killed_client_neither_ends_nor_orphans_the_migration() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let dst = migration_status(&p.api("dst")).expect("the destination answers");
-    assert_eq!(dst["phase"], "completed", "{dst}");
+    assert_eq!(dst.phase, Phase::Completed, "{dst:?}");
     assert_runs_on_destination(&mut p);
 }
 
@@ -338,10 +352,14 @@ fn a_cancel_after_go_is_refused_and_the_migration_completes() {
     // when Running does not come): the guest runs on the destination only.
     let out = client.wait();
     assert!(out.status.success(), "{}\n{}", stderr(&out), p.log("src"));
-    assert_eq!(last_json_line(&out)["event"], "summary");
+    assert!(
+        matches!(outcome(&out), MigrateOutcome::Summary { .. }),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_runs_on_destination(&mut p);
     let report = migration_status(&p.api("dst")).expect("the destination answers");
-    assert_eq!(report["phase"], "completed", "{report}");
+    assert_eq!(report.phase, Phase::Completed, "{report:?}");
 }
 
 #[test]
@@ -382,7 +400,7 @@ fn migrating_from_a_destination_without_a_guest_says_so() {
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     let st = status(&api).unwrap();
-    assert_eq!(st["state"], "awaiting", "{st}");
+    assert_eq!(st.state, GuestHome::Awaiting, "{st:?}");
 }
 
 /// The first stderr line of a refused command line, which must name `flag`.
@@ -501,18 +519,17 @@ fn garbage_on_the_control_socket_is_an_error_reply_not_a_crash() {
         let mut c = UnixStream::connect(&api).unwrap();
         let _ = c.write_all(input);
         let _ = c.shutdown(std::net::Shutdown::Write);
-        let lines: Vec<Value> = BufReader::new(c)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect();
+        let lines: Vec<String> = BufReader::new(c).lines().map_while(Result::ok).collect();
         assert_eq!(
             lines.len(),
             2,
             "{:?}: {lines:?}",
             String::from_utf8_lossy(input)
         );
-        assert_eq!(lines[1]["reply"], "error", "{lines:?}");
+        let greeting: Greeting = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(greeting.role, Role::Destination, "{lines:?}");
+        let reply: Reply = serde_json::from_str(&lines[1]).unwrap();
+        assert!(matches!(reply, Reply::Error(_)), "{lines:?}");
         assert!(dst.is_running(), "{}", String::from_utf8_lossy(input));
     }
     assert!(status(&api).is_some());

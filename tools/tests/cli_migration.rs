@@ -8,9 +8,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_runs_on_destination, assert_runs_on_source, events, ferry, figure, last_json_line,
-    status, Pair, FERRY,
+    assert_runs_on_destination, assert_runs_on_source, events, ferry, guest, status, summary, Pair,
+    FERRY,
 };
+use ferry_control::{Event, GuestHome, SecurityMode};
+use ferry_engine::convergence::Decision;
 use ferry_vm::testing::kvm_or_skip;
 
 #[test]
@@ -25,15 +27,17 @@ fn a_dirtying_guest_moves_between_processes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let last = last_json_line(&out);
-    assert_eq!(last["event"], "summary");
-    let summary = &last["summary"];
-    assert!(summary["rounds"].as_u64().unwrap() >= 1);
-    assert!(summary["downtime_ms"].as_f64().unwrap() > 0.0);
+    let summary = summary(&out);
+    assert!(summary.rounds >= 1, "{summary:?}");
+    assert!(summary.downtime_ms > 0.0, "{summary:?}");
 
-    let connected: Vec<_> = events(&out, "connected").collect();
-    assert_eq!(connected.len(), 1, "{connected:?}");
-    assert_eq!(connected[0]["security"], "insecure");
+    let connected: Vec<_> = events(&out)
+        .filter_map(|e| match e {
+            Event::Connected { security, .. } => Some(security),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(connected, [SecurityMode::Insecure]);
     assert_runs_on_destination(&mut p);
 }
 
@@ -63,7 +67,7 @@ fn killing_the_destination_leaves_the_guest_on_the_source() {
     });
     let start = Instant::now();
     while status(&api)
-        .map(|s| s["state"] != "migrating")
+        .map(|s| s.state != GuestHome::Migrating)
         .unwrap_or(true)
     {
         assert!(
@@ -188,16 +192,21 @@ fn dirty_limit_throttles_the_dirtying_vcpu_only() {
         String::from_utf8_lossy(&out.stderr),
         p.log("src")
     );
-    let limited = events(&out, "round_finished")
-        .any(|e| e["assessment"]["decision"]["decision"] == "limit_vcpus");
+    let limited = events(&out).any(|e| {
+        matches!(
+            e,
+            Event::RoundFinished { assessment, .. }
+                if matches!(assessment.decision, Decision::LimitVcpus { .. })
+        )
+    });
     assert!(limited, "dirty-limit never stepped in");
-    let s = &last_json_line(&out)["summary"];
-    assert_eq!(s["converge"], "dirty-limit", "{s}");
-    let t = &s["vcpu_max_throttle_percent"];
-    assert!(t[0].as_u64().unwrap() > 0, "vCPU 0 not throttled: {s}");
-    assert_eq!(t[1].as_u64(), Some(0), "quiet vCPU 1 throttled: {s}");
-    let d = &s["vcpu_dirty_pages"];
-    assert!(figure(&d[0]) > figure(&d[1]), "{s}");
+    let s = summary(&out);
+    assert_eq!(s.converge, "dirty-limit", "{s:?}");
+    let t = &s.vcpu_max_throttle_percent;
+    assert!(t[0] > 0, "vCPU 0 not throttled: {s:?}");
+    assert_eq!(t[1], 0, "quiet vCPU 1 throttled: {s:?}");
+    let d = &s.vcpu_dirty_pages;
+    assert!(d[0] > d[1], "{s:?}");
     assert_runs_on_destination(&mut p);
 }
 
@@ -302,21 +311,34 @@ fn compression_and_deltas_can_be_switched_off() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let last = last_json_line(&out);
-    let pages = &last["summary"]["pages"];
+    let s = summary(&out);
+    let pages = s.pages;
+    assert_eq!(pages.lz4, 0, "{pages:?}");
+    assert_eq!(pages.xor_delta, 0, "{pages:?}");
+    assert!(pages.raw > 10_000, "{pages:?}");
     // 64-bit counts are strings, so scripts with 53-bit numbers can
-    // trust them.
-    assert_eq!(pages["lz4"], "0", "{pages}");
-    assert_eq!(pages["xor_delta"], "0", "{pages}");
-    assert!(figure(&pages["raw"]) > 10_000, "{pages}");
-    assert!(last["summary"]["wire_bytes"].is_string(), "{last}");
-    assert!(last["summary"]["memory_digest"].is_string(), "{last}");
-    assert!(
-        last["summary"]["downtime_ms"].is_f64(),
-        "floats stay numbers: {last}"
-    );
+    // trust them; floats stay numbers.
+    #[derive(serde::Deserialize)]
+    struct Written {
+        summary: WrittenSummary,
+    }
+    #[derive(serde::Deserialize)]
+    struct WrittenSummary {
+        pages: std::collections::BTreeMap<String, String>,
+        wire_bytes: String,
+        memory_digest: String,
+        downtime_ms: f64,
+    }
+    let last = out.stdout.trim_ascii_end().rsplit(|&b| b == b'\n').next();
+    let written: Written = serde_json::from_slice(last.unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let w = written.summary;
+    assert!(!w.pages.is_empty(), "{:?}", w.pages);
+    assert_eq!(w.wire_bytes, s.wire_bytes.to_string());
+    assert_eq!(w.memory_digest, s.memory_digest.to_string());
+    assert_eq!(w.downtime_ms, s.downtime_ms);
     let dst = status(&p.api("dst")).expect("destination answers");
-    assert_eq!(dst["status"]["verify_errors"], "0");
+    assert_eq!(guest(&dst).verify_errors, 0, "{dst:?}");
 }
 
 /// `ferry migrate` on a terminal (a pseudo-terminal from util-linux's

@@ -10,11 +10,12 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use common::{
-    assert_runs_on_destination, assert_runs_on_source, events, ferry, last_json_line, Pair,
+use common::{assert_runs_on_destination, assert_runs_on_source, events, ferry, summary, Pair};
+use ferry_control::{
+    ControlError, Event, Greeting, GuestHome, MigrateRequest, Reply, Request, SecurityMode,
+    SecuritySpec, PROTOCOL_VERSION,
 };
 use ferry_vm::testing::kvm_or_skip;
-use serde_json::Value;
 
 /// `ferry tls gen-certs DIR` (a CA, `source.*` and `destination.*`).
 fn gen_certs(dir: &Path) {
@@ -71,28 +72,53 @@ fn two_lanes_over_mutual_tls_move_the_guest() {
         String::from_utf8_lossy(&out.stderr),
         p.log("dst")
     );
-    let connected: Vec<Value> = events(&out, "connected").collect();
-    assert_eq!(connected.len(), 1, "{connected:?}");
-    assert_eq!(connected[0]["lanes"], 2, "{}", connected[0]);
-    assert_eq!(connected[0]["security"], "tls", "{}", connected[0]);
-    let last = last_json_line(&out);
-    assert_eq!(last["event"], "summary", "{last}");
-    assert!(last["summary"]["rounds"].as_u64().unwrap() >= 1);
+    let connected: Vec<_> = events(&out)
+        .filter_map(|e| match e {
+            Event::Connected {
+                lanes, security, ..
+            } => Some((lanes, security)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(connected, [(2, SecurityMode::Tls)]);
+    let summary = summary(&out);
+    assert!(summary.rounds >= 1, "{summary:?}");
     assert_runs_on_destination(&mut p);
 }
 
-/// Sends one raw control-socket request and returns the final reply line.
-fn raw_request(api: &Path, req: &Value) -> Value {
+/// Sends one control-socket request as it is (no client-side checks) and
+/// returns the error it must end with.
+fn refused_request(api: &Path, req: &Request) -> ControlError {
     let mut conn = UnixStream::connect(api).unwrap();
     let mut line = serde_json::to_vec(req).unwrap();
     line.push(b'\n');
     conn.write_all(&line).unwrap();
-    let replies: Vec<Value> = BufReader::new(conn)
-        .lines()
-        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
-        .collect();
-    assert_eq!(replies[0]["ferry_control"], 1, "the greeting comes first");
-    replies.last().cloned().expect("a reply")
+    let mut lines = BufReader::new(conn).lines().map(Result::unwrap);
+    let greeting: Greeting = serde_json::from_str(&lines.next().expect("a greeting")).unwrap();
+    assert_eq!(
+        greeting.ferry_control, PROTOCOL_VERSION,
+        "the greeting comes first"
+    );
+    let last = lines.last().expect("a reply");
+    match serde_json::from_str(&last).unwrap() {
+        Reply::Error(e) => e,
+        other => panic!("{req:?} was not refused: {other:?}"),
+    }
+}
+
+/// A migrate request to `to` with these lanes and security, nothing else.
+fn migrate_request(to: &str, lanes: Option<u16>, security: Option<SecuritySpec>) -> Request {
+    Request::Migrate(Box::new(MigrateRequest {
+        to: to.to_owned(),
+        lanes,
+        security,
+        limits: Default::default(),
+        workers: None,
+        xor_cache_bytes: None,
+        compress: None,
+        on_deadline: None,
+        converge: None,
+    }))
 }
 
 #[test]
@@ -117,7 +143,11 @@ fn a_destination_from_another_ca_is_refused_and_the_guest_stays() {
             && err.contains("still running on the source"),
         "{err}"
     );
-    assert!(events(&out, "connected").next().is_none());
+    assert!(
+        !events(&out).any(|e| matches!(e, Event::Connected { .. })),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_runs_on_source(&p);
 
     // Plaintext against a TLS destination: refused, and the message says
@@ -132,24 +162,14 @@ fn a_destination_from_another_ca_is_refused_and_the_guest_stays() {
     assert_runs_on_source(&p);
 
     // A request that chooses no security is refused by the source itself.
-    let reply = raw_request(
+    let e = refused_request(&p.api("src"), &migrate_request(&p.addr, None, None));
+    assert!(e.message.contains("no security"), "{e:?}");
+    assert_eq!(e.guest, Some(GuestHome::Here), "{e:?}");
+    let e = refused_request(
         &p.api("src"),
-        &serde_json::json!({"op": "migrate", "to": p.addr}),
+        &migrate_request(&p.addr, Some(0), Some(SecuritySpec::Insecure)),
     );
-    assert_eq!(reply["reply"], "error", "{reply}");
-    assert!(
-        reply["message"].as_str().unwrap().contains("no security"),
-        "{reply}"
-    );
-    assert_eq!(reply["guest"], "here", "{reply}");
-    let reply = raw_request(
-        &p.api("src"),
-        &serde_json::json!({"op": "migrate", "to": p.addr, "lanes": 0, "security": {"mode": "insecure"}}),
-    );
-    assert!(
-        reply["message"].as_str().unwrap().contains("want 1 to 64"),
-        "{reply}"
-    );
+    assert!(e.message.contains("want 1 to 64"), "{e:?}");
     assert_runs_on_source(&p);
 
     // The refused stranger did not end the destination: the right

@@ -22,11 +22,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::fault_proxy::{Action, Direction, Fault, FaultProxy, Place, Rng};
-use common::{ferry, figure, status, Pair, FERRY};
+use common::{ferry, guest, heartbeat, status, Pair, FERRY};
+use ferry_control::json::{MigrateLine, MigrateOutcome};
+use ferry_control::{GuestHome, StatusReply};
 use ferry_e2e::process::ProcessGuard;
 use ferry_transport::FrameKind;
 use ferry_vm::testing::kvm_or_skip;
-use serde_json::Value;
 
 /// What a trial does.
 #[derive(Debug, Clone, Copy)]
@@ -82,8 +83,8 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn is_running_here(s: &Value) -> bool {
-    s["state"] == "here" && s["run_state"] == "Running"
+fn is_running_here(s: &StatusReply) -> bool {
+    s.state == GuestHome::Here && s.run_state.as_deref() == Some("Running")
 }
 
 #[test]
@@ -177,8 +178,10 @@ fn run_trial(trial: &Trial) -> (Home, Duration) {
             !(on_src && on_dst),
             "{trial:?}: the guest runs on both sides:\n{src:?}\n{dst:?}"
         );
-        let in_doubt = src.as_ref().is_some_and(|s| s["state"] == "in_doubt");
-        let migrating = src.as_ref().is_some_and(|s| s["state"] == "migrating");
+        let in_doubt = src.as_ref().is_some_and(|s| s.state == GuestHome::InDoubt);
+        let migrating = src
+            .as_ref()
+            .is_some_and(|s| s.state == GuestHome::Migrating);
         if on_src && !migrating {
             break (Home::Source, src.expect("source status"));
         }
@@ -205,7 +208,7 @@ fn run_trial(trial: &Trial) -> (Home, Duration) {
                 String::from_utf8_lossy(&out.stderr)
             );
             let s = status(&src_api).expect("the source answers");
-            assert!(is_running_here(&s), "{trial:?}: resolved but {s}");
+            assert!(is_running_here(&s), "{trial:?}: resolved but {s:?}");
             break (Home::ResolvedOnSource, s);
         }
         assert!(
@@ -218,8 +221,9 @@ fn run_trial(trial: &Trial) -> (Home, Duration) {
     };
     let settle = after.elapsed();
     assert_eq!(
-        settled["status"]["verify_errors"], "0",
-        "{trial:?}: the guest's self-check failed on {home:?}: {settled}"
+        guest(&settled).verify_errors,
+        0,
+        "{trial:?}: the guest's self-check failed on {home:?}: {settled:?}"
     );
     // The guest keeps running where it ended.
     let api = if home == Home::Destination {
@@ -227,11 +231,10 @@ fn run_trial(trial: &Trial) -> (Home, Duration) {
     } else {
         &src_api
     };
-    let beat = |s: &Value| figure(&s["status"]["heartbeat"]);
     std::thread::sleep(Duration::from_millis(300));
     let later = status(api).expect("the guest's side answers");
     assert!(
-        beat(&later) > beat(&settled),
+        heartbeat(&later) > heartbeat(&settled),
         "{trial:?}: heartbeat stuck on {home:?}"
     );
     // A destination without the guest waits again, and ends on quit with
@@ -240,7 +243,7 @@ fn run_trial(trial: &Trial) -> (Home, Duration) {
         let until = Instant::now() + Duration::from_secs(15);
         loop {
             let s = status(&dst_api);
-            if s.as_ref().is_some_and(|s| s["state"] == "awaiting") {
+            if s.as_ref().is_some_and(|s| s.state == GuestHome::Awaiting) {
                 break;
             }
             assert!(
@@ -282,12 +285,14 @@ fn a_one_ms_limit_is_met_or_the_migration_ends_as_on_deadline_says() {
     }
     let p = Pair::start("64M", "20000");
     let out = p.migrate(&["--max-downtime-ms", "1", "--deadline-s", "4"]);
-    let last = common::last_json_line(&out);
+    let last = common::migrate_lines(&out)
+        .pop()
+        .expect("ferry migrate printed nothing");
     if out.status.success() {
-        let s = &last["summary"];
+        let s = common::summary(&out);
         assert!(
-            s["downtime_ms"].as_f64().unwrap() <= 1.0 && s["over_limit_ms"] == 0.0,
-            "exit 0 with a pause over the limit: {s}"
+            s.downtime_ms <= 1.0 && s.over_limit_ms == 0.0,
+            "exit 0 with a pause over the limit: {s:?}"
         );
     } else {
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -295,7 +300,7 @@ fn a_one_ms_limit_is_met_or_the_migration_ends_as_on_deadline_says() {
             stderr.contains("deadline") || stderr.contains("over the"),
             "the failure names the limit or the deadline: {stderr}"
         );
-        if last["event"] == "failed" {
+        if matches!(last, MigrateLine::Outcome(MigrateOutcome::Failed { .. })) {
             common::assert_runs_on_source(&p);
         }
     }
@@ -314,11 +319,9 @@ fn a_one_ms_limit_is_met_or_the_migration_ends_as_on_deadline_says() {
         "forced: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let s = &common::last_json_line(&out)["summary"];
-    let over = s["over_limit_ms"].as_f64().unwrap();
-    let downtime = s["downtime_ms"].as_f64().unwrap();
+    let s = common::summary(&out);
     assert!(
-        (over - (downtime - 1.0).max(0.0)).abs() < 1e-6,
-        "the excess is the downtime past the limit: {s}"
+        (s.over_limit_ms - (s.downtime_ms - 1.0).max(0.0)).abs() < 1e-6,
+        "the excess is the downtime past the limit: {s:?}"
     );
 }

@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use ferry_control::json::{self, MigrateLine, MigrateOutcome};
+use ferry_control::{Event, GuestHome, StatusReply, Summary};
 use ferry_e2e::process::ProcessGuard;
-use serde_json::Value;
+use ferry_vm::{GuestPhase, GuestStatus};
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
@@ -27,19 +29,25 @@ pub fn ferry(args: &[&str]) -> Output {
     Command::new(FERRY).args(args).output().expect("run ferry")
 }
 
-pub fn status(api: &Path) -> Option<Value> {
+/// `ferry vm status --json`, typed; `None` while the process does not
+/// answer.
+pub fn status(api: &Path) -> Option<StatusReply> {
     let out = ferry(&["vm", "status", "--json", "--api", api.to_str().unwrap()]);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).ok())
-        .flatten()
+    out.status.success().then(|| {
+        json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "ferry vm status --json: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    })
 }
 
-pub fn wait_guest_running(api: &Path, p: &mut ProcessGuard) -> Value {
+pub fn wait_guest_running(api: &Path, p: &mut ProcessGuard) -> StatusReply {
     let start = Instant::now();
     loop {
         if let Some(s) = status(api) {
-            if s["status"]["phase"] == "Running" {
+            if s.status.is_some_and(|g| g.phase == GuestPhase::Running) {
                 return s;
             }
         }
@@ -68,36 +76,54 @@ pub fn wait_api(api: &Path, p: &mut ProcessGuard) {
     }
 }
 
-pub fn heartbeat(v: &Value) -> u64 {
-    figure(&v["status"]["heartbeat"])
+/// The guest's status block of a status reply (there must be a guest).
+pub fn guest(s: &StatusReply) -> GuestStatus {
+    s.status
+        .unwrap_or_else(|| panic!("no guest status in {s:?}"))
 }
 
-/// A 64-bit count or byte figure of ferry's `--json` output, which is
-/// always a decimal string (so scripts with 53-bit numbers can trust it):
-/// anything else fails the test.
-pub fn figure(v: &Value) -> u64 {
-    v.as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("a 64-bit figure must be a decimal string, got {v}"))
+pub fn heartbeat(s: &StatusReply) -> u64 {
+    guest(s).heartbeat
 }
 
-/// The last non-empty stdout line of `ferry migrate --json`, parsed.
-pub fn last_json_line(out: &Output) -> Value {
-    serde_json::from_slice(
-        out.stdout
-            .split(|&b| b == b'\n')
-            .rfind(|l| !l.is_empty())
-            .expect("ferry migrate printed nothing"),
-    )
-    .unwrap()
-}
-
-/// `ferry migrate --json` lines with this `event`.
-pub fn events<'a>(out: &'a Output, event: &'a str) -> impl Iterator<Item = Value> + 'a {
+/// Every stdout line of `ferry migrate --json`, typed (each must be one).
+pub fn migrate_lines(out: &Output) -> Vec<MigrateLine> {
     out.stdout
         .split(|&b| b == b'\n')
-        .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
-        .filter(move |v| v["event"] == event)
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            json::from_slice(l).unwrap_or_else(|e| {
+                panic!(
+                    "not a line of ferry migrate --json: {e}: {}",
+                    String::from_utf8_lossy(l)
+                )
+            })
+        })
+        .collect()
+}
+
+/// The last line of `ferry migrate --json`: its outcome.
+pub fn outcome(out: &Output) -> MigrateOutcome {
+    match migrate_lines(out).pop() {
+        Some(MigrateLine::Outcome(o)) => o,
+        last => panic!("ferry migrate --json did not end with its outcome: {last:?}"),
+    }
+}
+
+/// The summary `ferry migrate --json` ended with (it must have completed).
+pub fn summary(out: &Output) -> Summary {
+    match outcome(out) {
+        MigrateOutcome::Summary { summary } => *summary,
+        failed => panic!("the migration did not complete: {failed:?}"),
+    }
+}
+
+/// The events `ferry migrate --json` printed, in order.
+pub fn events(out: &Output) -> impl Iterator<Item = Event> {
+    migrate_lines(out).into_iter().filter_map(|l| match l {
+        MigrateLine::Event(e) => Some(*e),
+        MigrateLine::Outcome(_) => None,
+    })
 }
 
 pub struct Pair {
@@ -232,21 +258,21 @@ pub fn pause_limit_flags(extra: &[&str]) -> &'static [&'static str] {
 /// The source is still the guest's home, and the guest keeps running there.
 pub fn assert_runs_on_source(p: &Pair) {
     let a = status(&p.api("src")).expect("source still answers");
-    assert_eq!(a["state"], "here", "{a}");
+    assert_eq!(a.state, GuestHome::Here, "{a:?}");
     std::thread::sleep(Duration::from_millis(300));
     let b = status(&p.api("src")).unwrap();
     assert!(
         heartbeat(&b) > heartbeat(&a),
-        "source heartbeat stuck: {a} -> {b}"
+        "source heartbeat stuck: {a:?} -> {b:?}"
     );
-    assert_eq!(b["status"]["verify_errors"], "0");
+    assert_eq!(guest(&b).verify_errors, 0, "{b:?}");
 }
 
 /// The guest arrived at the destination and runs there: heartbeat and dirty
 /// count keep rising, no self-check error, and the source process let go.
 pub fn assert_runs_on_destination(p: &mut Pair) {
     let a = status(&p.api("dst")).expect("destination answers");
-    assert_eq!(a["state"], "here", "{a}");
+    assert_eq!(a.state, GuestHome::Here, "{a:?}");
     let start = Instant::now();
     while p.src.is_running() {
         assert!(
@@ -257,11 +283,11 @@ pub fn assert_runs_on_destination(p: &mut Pair) {
     }
     std::thread::sleep(Duration::from_millis(300));
     let b = status(&p.api("dst")).unwrap();
-    assert!(heartbeat(&b) > heartbeat(&a), "{a} -> {b}");
+    assert!(heartbeat(&b) > heartbeat(&a), "{a:?} -> {b:?}");
     assert!(
-        figure(&b["status"]["pages_dirtied"]) > figure(&a["status"]["pages_dirtied"]),
-        "{a} -> {b}"
+        guest(&b).pages_dirtied > guest(&a).pages_dirtied,
+        "{a:?} -> {b:?}"
     );
-    assert_eq!(b["status"]["verify_errors"], "0", "{b}");
-    assert_eq!(b["status"]["phase"], "Running", "{b}");
+    assert_eq!(guest(&b).verify_errors, 0, "{b:?}");
+    assert_eq!(guest(&b).phase, GuestPhase::Running, "{b:?}");
 }
