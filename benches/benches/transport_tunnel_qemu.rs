@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use ferry_e2e::qemu::{qemu_unavailable, QemuConfig, QemuGuest};
+use ferry_e2e::qmp::MigrationStatus;
 use ferry_transport::tls::generate_cert_set;
 use ferry_transport::tunnel::{Tunnel, TunnelOptions};
 use ferry_transport::{LaneOptions, Security, TlsSettings};
@@ -106,7 +107,10 @@ fn one(variant: Variant, mem_mib: u32, dir: &Path, port: u16) -> Result<Run> {
     let t0 = Instant::now();
     src.qmp.execute("migrate", json!({ "uri": uri }))?;
     let r = src.qmp.wait_migration(Duration::from_secs(300))?;
-    ensure!(r["status"] == "completed", "{variant:?}: {r}");
+    ensure!(
+        r.status == Some(MigrationStatus::Completed),
+        "{variant:?}: {r:?}"
+    );
     while dst.qmp.run_state()? != "running" {
         ensure!(
             t0.elapsed() < Duration::from_secs(300),
@@ -120,9 +124,12 @@ fn one(variant: Variant, mem_mib: u32, dir: &Path, port: u16) -> Result<Run> {
     }
     Ok(Run {
         end_to_end_ms,
-        total_ms: r["total-time"].as_f64().unwrap_or(f64::NAN),
-        downtime_ms: r["downtime"].as_f64().unwrap_or(f64::NAN),
-        bytes: r["ram"]["transferred"].as_f64().unwrap_or(f64::NAN),
+        total_ms: r.total_time.map_or(f64::NAN, |t| t as f64),
+        downtime_ms: r.downtime.map_or(f64::NAN, |t| t as f64),
+        bytes: r
+            .ram
+            .as_ref()
+            .map_or(f64::NAN, |ram| ram.transferred as f64),
     })
 }
 

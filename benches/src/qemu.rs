@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferry_e2e::qmp::Qmp;
+use ferry_e2e::qmp::{MigrationInfo, MigrationStatus, Qmp};
 use serde_json::{json, Value};
 
 use crate::error::BenchError;
@@ -195,14 +195,6 @@ fn start(
     Ok((guard, qmp))
 }
 
-fn u64_at(v: &Value, path: &[&str]) -> Option<u64> {
-    let mut cur = v;
-    for p in path {
-        cur = cur.get(p)?;
-    }
-    cur.as_u64()
-}
-
 /// Runs one QEMU migration of `w` with profile `p` and downtime limit
 /// `downtime_limit_ms`. Failures are in the returned outcome's status;
 /// nothing is left running.
@@ -266,40 +258,26 @@ fn run_inner(
         .execute("migrate", json!({ "uri": uri }))
         .map_err(qmp_err("migrate"))?;
     let deadline = s.deadline_for(w);
-    let mut last = Value::Null;
+    let mut last = MigrationInfo::default();
     let mut link_end = None;
     let result = loop {
-        let info = src_qmp
-            .execute("query-migrate", json!({}))
-            .map_err(qmp_err("query-migrate"))?;
-        let status = info
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        if let (Some(rem), Some(round)) = (
-            u64_at(&info, &["ram", "remaining"]),
-            u64_at(&info, &["ram", "dirty-sync-count"]),
-        ) {
+        let info = src_qmp.query_migrate().map_err(qmp_err("query-migrate"))?;
+        if let Some(ram) = &info.ram {
             out.bytes_left.push(BytesLeft {
                 t_ms: t0.elapsed().as_secs_f64() * 1e3,
-                round,
-                bytes: rem,
+                round: ram.dirty_sync_count,
+                bytes: ram.remaining,
             });
         }
-        match status.as_str() {
-            "completed" => {
+        match info.status {
+            Some(MigrationStatus::Completed) => {
                 out.engine_done_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
                 link_end = ctx.link_tx_bytes();
                 last = info;
                 break Ok(());
             }
-            "failed" | "cancelled" => {
-                let why = info
-                    .get("error-desc")
-                    .and_then(Value::as_str)
-                    .unwrap_or("no error-desc")
-                    .to_string();
+            Some(status @ (MigrationStatus::Failed | MigrationStatus::Cancelled)) => {
+                let why = info.error_desc.as_deref().unwrap_or("no error-desc");
                 break Err(BenchError::Engine(format!(
                     "QEMU migration {status}: {why}"
                 )));
@@ -313,9 +291,10 @@ fn run_inner(
             break Err(BenchError::Deadline(
                 deadline.as_secs(),
                 format!(
-                    "status {status}, {} MiB left in round {}",
-                    u64_at(&info, &["ram", "remaining"]).unwrap_or(0) >> 20,
-                    u64_at(&info, &["ram", "dirty-sync-count"]).unwrap_or(0)
+                    "status {}, {} MiB left in round {}",
+                    info.status.unwrap_or(MigrationStatus::None),
+                    info.ram.as_ref().map_or(0, |r| r.remaining) >> 20,
+                    info.ram.as_ref().map_or(0, |r| r.dirty_sync_count)
                 ),
             ));
         }
@@ -329,12 +308,12 @@ fn run_inner(
     }
     let log = watch.finish();
     run_common::fill_from_watch(out, &log, &base, link_end, 0.0);
-    out.rounds = u64_at(&last, &["ram", "dirty-sync-count"]);
-    out.wire_bytes = u64_at(&last, &["ram", "transferred"]);
-    out.engine_report = last.clone();
+    out.rounds = last.ram.as_ref().map(|r| r.dirty_sync_count);
+    out.wire_bytes = last.ram.as_ref().map(|r| r.transferred);
+    out.engine_report = serde_json::to_value(&last).unwrap_or_default();
     result?;
-    out.engine_total_ms = u64_at(&last, &["total-time"]).map(|v| v as f64);
-    out.downtime_ms = u64_at(&last, &["downtime"]).map(|v| v as f64);
+    out.engine_total_ms = last.total_time.map(|v| v as f64);
+    out.downtime_ms = last.downtime.map(|v| v as f64);
     dst.check_running()?;
     drop(dst_qmp);
     run_common::check_alive(out, dst_pid, &before);

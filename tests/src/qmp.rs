@@ -6,7 +6,163 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+/// A line QEMU writes on a QMP socket.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Message {
+    /// A command's result (its shape depends on the command).
+    Return {
+        #[serde(rename = "return")]
+        value: Value,
+    },
+    /// A command's failure.
+    Error { error: QmpError },
+    /// An asynchronous event.
+    Event {
+        #[allow(dead_code)] // skipped, named only for the message
+        event: String,
+    },
+    /// The greeting, before command mode.
+    Greeting {
+        #[serde(rename = "QMP")]
+        #[allow(dead_code)] // its presence is what counts
+        qmp: Value,
+    },
+}
+
+/// A QMP error reply's `error`.
+#[derive(Debug, Deserialize)]
+pub struct QmpError {
+    /// `GenericError`, `CommandNotFound`, ...
+    pub class: String,
+    /// In words.
+    pub desc: String,
+}
+
+/// `query-status`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct StatusInfo {
+    /// `running`, `paused`, `postmigrate`, `inmigrate`, ...
+    pub status: String,
+    /// Whether the vCPUs run.
+    pub running: bool,
+}
+
+/// A migration's state in `query-migrate` (QAPI `MigrationStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationStatus {
+    /// No migration yet.
+    None,
+    /// Setting up.
+    Setup,
+    /// Being cancelled.
+    Cancelling,
+    /// Cancelled.
+    Cancelled,
+    /// Running.
+    Active,
+    /// Post-copy running.
+    PostcopyActive,
+    /// Post-copy paused.
+    PostcopyPaused,
+    /// Post-copy recovery setting up.
+    PostcopyRecoverSetup,
+    /// Post-copy recovering.
+    PostcopyRecover,
+    /// Done.
+    Completed,
+    /// Failed (`error-desc` says why).
+    Failed,
+    /// COLO.
+    Colo,
+    /// Paused before switching over.
+    PreSwitchover,
+    /// Migrating device state.
+    Device,
+    /// Waiting for devices to unplug.
+    WaitUnplug,
+    /// A state this client does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl MigrationStatus {
+    /// Whether the migration has ended.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// `query-migrate`'s answer (QAPI `MigrationInfo`): the fields ferry reads,
+/// typed, and every other one kept as it came.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationInfo {
+    /// Absent before any migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<MigrationStatus>,
+    /// RAM figures, while and after it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram: Option<RamStats>,
+    /// From the start to completion (or so far), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_time: Option<u64>,
+    /// Downtime of a completed migration, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime: Option<u64>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_desc: Option<String>,
+    /// Every other field, as QEMU wrote it.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+/// `query-migrate`'s `ram` (QAPI `MigrationStats`): the fields ferry reads,
+/// and every other one as it came.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RamStats {
+    /// Bytes sent.
+    pub transferred: u64,
+    /// Bytes left to send.
+    pub remaining: u64,
+    /// Guest RAM, bytes.
+    pub total: u64,
+    /// Dirty bitmap syncs: QEMU's rounds.
+    pub dirty_sync_count: u64,
+    /// Every other field, as QEMU wrote it.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+impl std::fmt::Display for MigrationStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Setup => "setup",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
+            Self::Active => "active",
+            Self::PostcopyActive => "postcopy-active",
+            Self::PostcopyPaused => "postcopy-paused",
+            Self::PostcopyRecoverSetup => "postcopy-recover-setup",
+            Self::PostcopyRecover => "postcopy-recover",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Colo => "colo",
+            Self::PreSwitchover => "pre-switchover",
+            Self::Device => "device",
+            Self::WaitUnplug => "wait-unplug",
+            Self::Unknown => "unknown",
+        })
+    }
+}
 
 /// A QMP connection in command mode.
 #[derive(Debug)]
@@ -39,14 +195,14 @@ impl Qmp {
             writer: stream,
         };
         let greeting = qmp.read_message()?;
-        if greeting.get("QMP").is_none() {
-            bail!("no QMP greeting: {greeting}");
+        if !matches!(greeting, Message::Greeting { .. }) {
+            bail!("no QMP greeting: {greeting:?}");
         }
         qmp.execute("qmp_capabilities", json!({}))?;
         Ok(qmp)
     }
 
-    fn read_message(&mut self) -> Result<Value> {
+    fn read_message(&mut self) -> Result<Message> {
         let mut line = String::new();
         let n = self
             .reader
@@ -72,12 +228,16 @@ impl Qmp {
             .write_all(text.as_bytes())
             .context("writing to QMP")?;
         loop {
-            let m = self.read_message()?;
-            if let Some(r) = m.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = m.get("error") {
-                return Err(anyhow!("QMP {command} failed: {e}"));
+            match self.read_message()? {
+                Message::Return { value } => return Ok(value),
+                Message::Error { error } => {
+                    return Err(anyhow!(
+                        "QMP {command} failed: {} ({})",
+                        error.desc,
+                        error.class
+                    ))
+                }
+                Message::Event { .. } | Message::Greeting { .. } => {}
             }
         }
     }
@@ -97,29 +257,33 @@ impl Qmp {
         parse_xp(&text, count)
     }
 
-    /// `query-status`'s `status` (`running`, `paused`, `postmigrate`, `inmigrate`, ...).
-    pub fn run_state(&mut self) -> Result<String> {
-        let r = self.execute("query-status", json!({}))?;
-        Ok(r["status"].as_str().unwrap_or_default().to_owned())
+    /// Runs a command without arguments and reads its answer as a `T`.
+    pub fn query<T: DeserializeOwned>(&mut self, command: &str) -> Result<T> {
+        let r = self.execute(command, json!({}))?;
+        serde_json::from_value(r.clone()).with_context(|| format!("QMP {command} answered {r}"))
     }
 
-    /// `query-migrate`'s full answer.
-    pub fn query_migrate(&mut self) -> Result<Value> {
-        self.execute("query-migrate", json!({}))
+    /// `query-status`'s `status` (`running`, `paused`, `postmigrate`, `inmigrate`, ...).
+    pub fn run_state(&mut self) -> Result<String> {
+        Ok(self.query::<StatusInfo>("query-status")?.status)
+    }
+
+    /// `query-migrate`'s answer.
+    pub fn query_migrate(&mut self) -> Result<MigrationInfo> {
+        self.query("query-migrate")
     }
 
     /// Polls `query-migrate` until its status is final (`completed`,
     /// `failed`, `cancelled`) or `timeout` passes; returns the last answer.
-    pub fn wait_migration(&mut self, timeout: Duration) -> Result<Value> {
+    pub fn wait_migration(&mut self, timeout: Duration) -> Result<MigrationInfo> {
         let deadline = Instant::now() + timeout;
         loop {
             let r = self.query_migrate()?;
-            let status = r["status"].as_str().unwrap_or_default();
-            if matches!(status, "completed" | "failed" | "cancelled") {
+            if r.status.is_some_and(MigrationStatus::is_final) {
                 return Ok(r);
             }
             if Instant::now() > deadline {
-                bail!("migration not finished after {timeout:?}: {r}");
+                bail!("migration not finished after {timeout:?}: {r:?}");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -170,4 +334,73 @@ pub fn guest_status(qmp: &mut Qmp) -> Result<GuestStatusWords> {
         pages_dirtied: w[3],
         verify_errors: v[0],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_query_migrate_answer_reads_typed_and_keeps_the_rest() {
+        // As QEMU 7.2 answers for a completed precopy migration.
+        let text = r#"{"expected-downtime": 300, "status": "completed", "setup-time": 3,
+            "total-time": 1467, "downtime": 171, "ram": {"total": 1091379200,
+            "postcopy-requests": 0, "dirty-sync-count": 3, "multifd-bytes": 0,
+            "pages-per-second": 32710, "downtime-bytes": 0, "page-size": 4096,
+            "remaining": 0, "postcopy-bytes": 0, "mbps": 2454.3, "transferred": 450158734,
+            "dirty-sync-missed-zero-copy": 0, "precopy-bytes": 450158734,
+            "duplicate": 157003, "dirty-pages-rate": 0, "skipped": 0,
+            "normal-bytes": 446795776, "normal": 109081}}"#;
+        let info: MigrationInfo = serde_json::from_str(text).unwrap();
+        assert_eq!(info.status, Some(MigrationStatus::Completed));
+        assert_eq!((info.total_time, info.downtime), (Some(1467), Some(171)));
+        let ram = info.ram.as_ref().unwrap();
+        assert_eq!(
+            (ram.transferred, ram.remaining, ram.dirty_sync_count),
+            (450_158_734, 0, 3)
+        );
+        assert_eq!(ram.other.get("mbps"), Some(&json!(2454.3)));
+        assert_eq!(info.other.get("setup-time"), Some(&json!(3)));
+        // Written back, nothing is lost.
+        let back = serde_json::to_value(&info).unwrap();
+        assert_eq!(back, serde_json::from_str::<Value>(text).unwrap());
+    }
+
+    #[test]
+    fn before_any_migration_and_in_unknown_states_it_still_reads() {
+        let none: MigrationInfo = serde_json::from_str("{}").unwrap();
+        assert_eq!(none, MigrationInfo::default());
+        let odd: MigrationInfo = serde_json::from_str(r#"{"status": "teleporting"}"#).unwrap();
+        assert_eq!(odd.status, Some(MigrationStatus::Unknown));
+        let failed: MigrationInfo =
+            serde_json::from_str(r#"{"status": "failed", "error-desc": "Unable to write"}"#)
+                .unwrap();
+        assert!(failed.status.is_some_and(MigrationStatus::is_final));
+        assert_eq!(failed.error_desc.as_deref(), Some("Unable to write"));
+        assert_eq!(
+            MigrationStatus::PostcopyActive.to_string(),
+            "postcopy-active"
+        );
+    }
+
+    #[test]
+    fn qmp_lines_read_as_what_they_are() {
+        let m: Message = serde_json::from_str(r#"{"return": {}}"#).unwrap();
+        assert!(matches!(m, Message::Return { .. }));
+        let m: Message = serde_json::from_str(
+            r#"{"error": {"class": "GenericError", "desc": "no such thing"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(m, Message::Error { error } if error.desc == "no such thing"));
+        let m: Message = serde_json::from_str(
+            r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#,
+        )
+        .unwrap();
+        assert!(matches!(m, Message::Event { .. }));
+        let m: Message = serde_json::from_str(
+            r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}}, "capabilities": ["oob"]}}"#,
+        )
+        .unwrap();
+        assert!(matches!(m, Message::Greeting { .. }));
+    }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use ferry_e2e::qemu::{qemu_unavailable, QemuConfig, QemuGuest};
-use ferry_e2e::qmp::guest_status;
+use ferry_e2e::qmp::{guest_status, MigrationStatus};
 use ferry_transport::tls::generate_certs;
 use ferry_transport::tunnel::{Tunnel, TunnelOptions};
 use ferry_transport::{LaneOptions, Security, TlsFiles, TlsSettings};
@@ -184,8 +184,8 @@ fn migrate_through_tunnel(case: Case) -> Result<()> {
         if started.is_ok() {
             let r = src.qmp.wait_migration(Duration::from_secs(60))?;
             ensure!(
-                r["status"] == "failed",
-                "migration without a tunnel did not fail: {r}"
+                r.status == Some(MigrationStatus::Failed),
+                "migration without a tunnel did not fail: {r:?}"
             );
         }
         ensure!(
@@ -208,14 +208,16 @@ fn migrate_through_tunnel(case: Case) -> Result<()> {
     )?;
     let r = src.qmp.wait_migration(Duration::from_secs(180))?;
     ensure!(
-        r["status"] == "completed",
-        "migration did not complete: {r}\nsource log: {}\ndestination log: {}",
+        r.status == Some(MigrationStatus::Completed),
+        "migration did not complete: {r:?}\nsource log: {}\ndestination log: {}",
         std::fs::read_to_string(&src.log).unwrap_or_default(),
         std::fs::read_to_string(&dst.log).unwrap_or_default()
     );
     eprintln!(
-        "migrated: total {} ms, downtime {} ms, {} bytes",
-        r["total-time"], r["downtime"], r["ram"]["transferred"]
+        "migrated: total {:?} ms, downtime {:?} ms, {:?} bytes",
+        r.total_time,
+        r.downtime,
+        r.ram.as_ref().map(|ram| ram.transferred)
     );
     ensure!(
         src.qmp.run_state()? == "postmigrate",

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ferry_e2e::process::ProcessGuard;
 use ferry_e2e::qemu::{qemu_unavailable, QemuConfig, QemuGuest};
-use ferry_e2e::qmp::guest_status;
+use ferry_e2e::qmp::{guest_status, MigrationStatus};
 use serde_json::json;
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
@@ -117,9 +117,9 @@ fn qemu_migrates_through_ferry_tunnel_processes() {
         .unwrap();
     let r = src.qmp.wait_migration(Duration::from_secs(180)).unwrap();
     assert_eq!(
-        r["status"],
-        "completed",
-        "{r}\n{}",
+        r.status,
+        Some(MigrationStatus::Completed),
+        "{r:?}\n{}",
         std::fs::read_to_string(d.join("tun-src.log")).unwrap_or_default()
     );
     let start = Instant::now();
