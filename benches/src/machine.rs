@@ -24,7 +24,7 @@ use crate::procfs;
 const HUGE_ORDER: usize = 9;
 
 /// What the machine looked like at one instant.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct MachineState {
     /// `/sys/kernel/mm/transparent_hugepage/enabled` (the selected word).
     pub thp_enabled: String,

@@ -392,7 +392,7 @@ impl Workload {
 }
 
 /// Which engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Engine {
     /// Stock QEMU (`qemu-system-x86_64 -accel kvm`).

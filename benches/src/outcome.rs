@@ -1,12 +1,12 @@
 //! What one migration run measured, the same fields for both engines.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::machine::MachineState;
 use crate::matrix::{Profile, Workload};
 
 /// How a run ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", content = "reason", rename_all = "snake_case")]
 pub enum RunStatus {
     /// The guest runs on the destination.
@@ -24,7 +24,7 @@ pub enum RunStatus {
 /// (hashed on the source before and on the destination after). Only
 /// `Matched` and `NoStaticRange` count as a success: a digest that could
 /// not be taken is not a match.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", content = "detail", rename_all = "snake_case")]
 pub enum StaticCheck {
     /// Not compared yet (the run ended before the comparison).
@@ -48,7 +48,7 @@ impl StaticCheck {
 }
 
 /// One sample of the bytes still to send, for the plot.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct BytesLeft {
     /// ms since the migration started.
     pub t_ms: f64,
@@ -240,5 +240,46 @@ impl RunOutcome {
     /// Whether the run was skipped (nothing measured, nothing failed).
     pub fn skipped(&self) -> bool {
         matches!(self.status, RunStatus::Skipped(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runs_status_and_check_read_back_from_its_json_line() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Line {
+            #[serde(flatten)]
+            status: RunStatus,
+            static_memory: StaticCheck,
+        }
+        for line in [
+            Line {
+                status: RunStatus::Completed,
+                static_memory: StaticCheck::Matched(1 << 30),
+            },
+            Line {
+                status: RunStatus::Failed("the guest stopped".into()),
+                static_memory: StaticCheck::NotCompared("no digest".into()),
+            },
+            Line {
+                status: RunStatus::Skipped("no QEMU".into()),
+                static_memory: StaticCheck::Pending,
+            },
+        ] {
+            let text = serde_json::to_string(&line).unwrap();
+            assert_eq!(serde_json::from_str::<Line>(&text).unwrap(), line, "{text}");
+        }
+        let text = serde_json::to_string(&Line {
+            status: RunStatus::NotConverged("deadline".into()),
+            static_memory: StaticCheck::NoStaticRange,
+        })
+        .unwrap();
+        assert_eq!(
+            text,
+            r#"{"status":"not_converged","reason":"deadline","static_memory":{"result":"no_static_range"}}"#
+        );
     }
 }

@@ -6,7 +6,10 @@
 use std::path::Path;
 use std::process::Command;
 
-use serde_json::Value;
+use ferry_benches::machine::MachineState;
+use ferry_benches::matrix::Engine;
+use ferry_benches::outcome::{BytesLeft, RunStatus, StaticCheck};
+use serde::Deserialize;
 
 fn skip_reason() -> Option<String> {
     if std::fs::OpenOptions::new()
@@ -54,13 +57,47 @@ fn assert_nothing_left(pid: u32) {
     }
 }
 
-fn runs_of(jsonl: &Path) -> Vec<Value> {
+/// A line of `--json-out`: a run (the bench's `RunOutcome`, the fields
+/// this test reads), or another kind.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Line {
+    Run {
+        run: Box<Run>,
+    },
+    #[serde(other)]
+    Other,
+}
+
+/// The fields of a `RunOutcome` this test checks, with its own types.
+#[derive(Debug, Deserialize)]
+struct Run {
+    engine: Engine,
+    #[serde(flatten)]
+    status: RunStatus,
+    guest_alive: Option<bool>,
+    alive_detail: String,
+    verify_errors: Option<u64>,
+    total_ms: Option<f64>,
+    engine_total_ms: Option<f64>,
+    static_memory: StaticCheck,
+    machine: MachineState,
+    rounds: Option<u64>,
+    heartbeat_gap_ms: Option<f64>,
+    src_cpu_s: Option<f64>,
+    dst_cpu_s: Option<f64>,
+    bytes_left: Vec<BytesLeft>,
+}
+
+fn runs_of(jsonl: &Path) -> Vec<Run> {
     std::fs::read_to_string(jsonl)
         .expect("the JSON lines file exists")
         .lines()
-        .map(|l| serde_json::from_str::<Value>(l).expect("every line is JSON"))
-        .filter(|v| v["kind"] == "run")
-        .map(|v| v["run"].clone())
+        .map(|l| serde_json::from_str::<Line>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .filter_map(|l| match l {
+            Line::Run { run } => Some(*run),
+            Line::Other => None,
+        })
         .collect()
 }
 
@@ -110,36 +147,33 @@ fn quick_compare_measures_both_engines() {
 
     // One JSON run per engine, each migrated with the guest alive after.
     let runs = runs_of(&jsonl);
-    for engine in ["qemu", "ferry"] {
+    for engine in [Engine::Qemu, Engine::Ferry] {
         let r = runs
             .iter()
-            .find(|r| r["engine"] == engine)
+            .find(|r| r.engine == engine)
             .unwrap_or_else(|| panic!("no {engine} run in {runs:?}"));
-        assert_eq!(r["status"], "completed", "{engine}: {r}\n{stderr}");
-        assert_eq!(r["guest_alive"], true, "{engine}: {}", r["alive_detail"]);
-        assert_eq!(r["verify_errors"], 0, "{engine}: {r}");
-        assert!(r["total_ms"].as_f64().unwrap() > 0.0, "{engine}: {r}");
+        assert_eq!(r.status, RunStatus::Completed, "{engine}: {r:?}\n{stderr}");
+        assert_eq!(r.guest_alive, Some(true), "{engine}: {}", r.alive_detail);
+        assert_eq!(r.verify_errors, Some(0), "{engine}: {r:?}");
+        assert!(r.total_ms.unwrap() > 0.0, "{engine}: {r:?}");
         // The harness's clock runs from the migrate command to the guest
         // running on the destination; the engine's own figure is kept beside.
+        assert!(r.engine_total_ms.unwrap() > 0.0, "{engine}: {r:?}");
         assert!(
-            r["engine_total_ms"].as_f64().unwrap() > 0.0,
-            "{engine}: {r}"
+            matches!(r.static_memory, StaticCheck::Matched(_)),
+            "{engine}: {r:?}"
         );
-        assert_eq!(r["static_memory"]["result"], "matched", "{engine}: {r}");
-        assert!(r["machine"]["thp_enabled"].is_string(), "{engine}: {r}");
-        assert!(r["rounds"].as_u64().unwrap() >= 1, "{engine}: {r}");
+        assert!(!r.machine.thp_enabled.is_empty(), "{engine}: {r:?}");
+        assert!(r.rounds.unwrap() >= 1, "{engine}: {r:?}");
         assert!(
-            r["heartbeat_gap_ms"].as_f64().is_some(),
-            "{engine}: no heartbeat gap: {r}"
-        );
-        assert!(
-            r["src_cpu_s"].as_f64().is_some() && r["dst_cpu_s"].as_f64().is_some(),
-            "{engine}: {r}"
+            r.heartbeat_gap_ms.is_some(),
+            "{engine}: no heartbeat gap: {r:?}"
         );
         assert!(
-            !r["bytes_left"].as_array().unwrap().is_empty(),
-            "{engine}: no bytes-left samples"
+            r.src_cpu_s.is_some() && r.dst_cpu_s.is_some(),
+            "{engine}: {r:?}"
         );
+        assert!(!r.bytes_left.is_empty(), "{engine}: no bytes-left samples");
     }
     let plot = std::fs::read_to_string(&svg).expect("the plot was written");
     assert!(plot.contains("qemu:default") && plot.contains("ferry:default"));
@@ -192,20 +226,21 @@ fn missing_qemu_and_a_bad_image_are_reported_per_row() {
     let runs = runs_of(&jsonl);
     let qemu = runs
         .iter()
-        .find(|r| r["engine"] == "qemu")
+        .find(|r| r.engine == Engine::Qemu)
         .expect("a QEMU row");
-    assert_eq!(qemu["status"], "skipped", "{qemu}");
-    assert!(qemu["reason"]
-        .as_str()
-        .unwrap()
-        .contains("apt-get install qemu-system-x86"));
+    assert!(
+        matches!(&qemu.status, RunStatus::Skipped(why) if why.contains("apt-get install qemu-system-x86")),
+        "{qemu:?}"
+    );
     // ferry's row still ran, and says why it failed.
     let ferry = runs
         .iter()
-        .find(|r| r["engine"] == "ferry")
+        .find(|r| r.engine == Engine::Ferry)
         .expect("a ferry row");
-    assert_eq!(ferry["status"], "failed", "{ferry}");
-    assert!(!ferry["reason"].as_str().unwrap().is_empty());
+    assert!(
+        matches!(&ferry.status, RunStatus::Failed(why) if !why.is_empty()),
+        "{ferry:?}"
+    );
     assert!(
         stdout.contains("ferry:default (limit 20 ms): failed:"),
         "{stdout}"
