@@ -536,6 +536,10 @@ pub struct Summary {
     /// How far the downtime went past the limit, ms (0: met).
     #[serde(default)]
     pub over_limit_ms: f64,
+    /// Raw pages that arrived torn (written by the guest while they were
+    /// sent from its memory) and were sent again.
+    #[serde(default)]
+    pub torn_pages_resent: u64,
 }
 
 /// One memory region's digest (the engine's `RegionDigest`).
@@ -653,6 +657,7 @@ impl From<&ferry_engine::MigrationSummary> for Summary {
             dirty_log: s.dirty_log.to_owned(),
             downtime_limit_ms: ms(s.downtime_limit),
             over_limit_ms: ms(s.over_limit),
+            torn_pages_resent: s.torn_pages_resent,
         }
     }
 }
@@ -933,6 +938,7 @@ mod tests {
             dirty_log: "kvm-ring",
             downtime_limit: d(20),
             over_limit: d(0),
+            torn_pages_resent: 17,
         };
         same(
             crate::json::to_string(&summary).unwrap(),
