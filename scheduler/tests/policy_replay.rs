@@ -69,7 +69,10 @@ fn replay(day: &str, hosts: usize) {
         hosts: (0..hosts)
             .map(|i| {
                 let t = &types[i % types.len()];
-                Host::new(&format!("h{i}"), t.pes, t.pe_mips, t.ram_mb as u64)
+                let mut h = Host::new(&format!("h{i}"), t.pes, t.pe_mips, t.ram_mb as u64);
+                // The power curve: consolidation pays back by it.
+                h.power_model = Some(t.power.clone());
+                h
             })
             .collect(),
         vms: (0..n)

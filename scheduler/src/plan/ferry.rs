@@ -13,7 +13,10 @@
 //!    is emptied, all its VMs or none, onto hosts that already run VMs
 //!    (never waking a host to empty another), lightest host first; the
 //!    moves start as the per-host limit allows, the rest follow in later
-//!    rounds while the host stays light.
+//!    rounds while the host stays light. A host is emptied only if that
+//!    pays back its moves within the horizon ([`Payback`]: the power
+//!    saved against the demand lost while the VMs move and the energy of
+//!    the extra load); otherwise it stays on, and the plan's notes say why.
 //! 3. **Place** ([`Round::place`], used by both): the target of a VM is the
 //!    running host left fullest by the estimate that still fits (best fit:
 //!    estimate under `target` of capacity on both windows, memory never
@@ -82,6 +85,101 @@ pub struct FerryParams {
     /// A host that received VMs this round may receive more from the next
     /// donor (it is still never emptied in the same round).
     pub reuse_receivers: bool,
+    /// A host is emptied only if that pays back its moves within the
+    /// horizon ([`Payback`]); `None`: every light host is emptied.
+    pub payback: Option<Payback>,
+}
+
+/// When emptying a host pays back its moves (a move that does not pay
+/// back its cost within the planning horizon is not made).
+///
+/// Benefit: the power the donor and its receivers stop drawing, by their
+/// power curves at the estimated loads before and after (the donor off),
+/// over `horizon_s`. Cost, per move: the VM moves for its memory over
+/// `link_mbit` seconds; meanwhile it loses `degradation` of its demand
+/// (CloudSim's charge, the PDM term of SLAV), priced at `sla_joules` per
+/// MIPS·s, and the receiver runs its demand on top of the source (the
+/// energy of that extra load). Overload relief is never held back by
+/// this rule: its benefit is an SLA the host is breaking or about to.
+/// Hosts without a power curve are emptied unjudged.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Payback {
+    /// Seconds over which the saving is counted: how long the emptied
+    /// host is expected to stay off.
+    pub horizon_s: f64,
+    /// Bandwidth one migration gets (Mbit/s); CloudSim's: half of the
+    /// host's 1 Gbit/s.
+    pub link_mbit: f64,
+    /// Share of a VM's demand lost while it moves (CloudSim: 10 %).
+    pub degradation: f64,
+    /// What one MIPS·s of demand lost to a migration is worth, in joules
+    /// of energy saved.
+    pub sla_joules: f64,
+}
+
+impl Default for Payback {
+    fn default() -> Self {
+        Self {
+            horizon_s: 1200.0,
+            link_mbit: 500.0,
+            degradation: 0.1,
+            sla_joules: 30.0,
+        }
+    }
+}
+
+impl Payback {
+    /// Seconds a VM of `mem_mb` takes to move.
+    pub fn migration_s(&self, mem_mb: f64) -> f64 {
+        mem_mb * 8.0 / self.link_mbit
+    }
+
+    /// MIPS·s a VM of `mem_mb` running `demand` MIPS loses while it moves.
+    pub fn lost_mips_s(&self, mem_mb: f64, demand: f64) -> f64 {
+        self.degradation * demand * self.migration_s(mem_mb)
+    }
+}
+
+/// The payback judgement of emptying one host.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Verdict {
+    /// Moves it takes (room-making ones included).
+    pub moves: usize,
+    /// Seconds of migration, summed over the moves.
+    pub migration_s: f64,
+    /// Demand lost while the VMs move (MIPS·s).
+    pub lost_mips_s: f64,
+    /// Energy of the receivers' extra load while the VMs move (J).
+    pub extra_joules: f64,
+    /// Cost: the lost demand priced, plus the extra energy (J).
+    pub cost_joules: f64,
+    /// Energy saved over the horizon (J).
+    pub saved_joules: f64,
+    /// The horizon (s).
+    pub horizon_s: f64,
+}
+
+impl Verdict {
+    /// Whether the saving covers the cost.
+    pub fn pays(&self) -> bool {
+        self.saved_joules > self.cost_joules
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} move(s), {:.0} s of migration, {:.0} MIPS·s lost and {:.1} kJ of extra load: {:.1} kJ; saves {:.1} kJ over {:.0} s",
+            self.moves,
+            self.migration_s,
+            self.lost_mips_s,
+            self.extra_joules / 1e3,
+            self.cost_joules / 1e3,
+            self.saved_joules / 1e3,
+            self.horizon_s
+        )
+    }
 }
 
 impl FerryParams {
@@ -112,6 +210,7 @@ impl Default for FerryParams {
             swap: true,
             core_safe: true,
             reuse_receivers: true,
+            payback: Some(Payback::default()),
         }
     }
 }
@@ -161,6 +260,9 @@ pub trait ClusterView: RuleSubject {
     /// Memory is never overcommitted (else only CPU is packed: the
     /// CloudSim-compatible model of the simulator).
     fn strict_memory(&self) -> bool;
+    /// Watts `h` draws at `utilization` (0..=1) of its CPU, if its power
+    /// curve is known.
+    fn host_watts(&self, h: HostId, utilization: f64) -> Option<f64>;
 }
 
 /// What the policy remembers between rounds: since when each host has
@@ -185,6 +287,9 @@ pub enum MoveKind {
     Consolidate {
         /// Long-window estimate / capacity of the source.
         load: f64,
+        /// Why emptying it pays (`None`: not judged, no power curve or no
+        /// [`Payback`] set).
+        payback: Option<Verdict>,
     },
     /// Makes room (memory) on its host for a VM of a host being emptied
     /// that fits nowhere else.
@@ -682,6 +787,67 @@ impl<'a, V: ClusterView> Round<'a, V> {
         }
     }
 
+    /// Whether emptying `donor` by the planned (applied) `trial` pays
+    /// back within the horizon; `None` when a host it touches has no power
+    /// curve.
+    fn judge(&self, donor: HostId, trial: &[Trial], pb: &Payback) -> Option<Verdict> {
+        // Each touched host's estimate after the trial (now) and before.
+        let mut hosts: Vec<(HostId, f64, f64)> = vec![(donor, 0.0, 0.0)];
+        for m in trial {
+            for x in [m.from, m.to] {
+                if !hosts.iter().any(|&(y, _, _)| y == x) {
+                    hosts.push((x, 0.0, 0.0));
+                }
+            }
+        }
+        for e in &mut hosts {
+            e.1 = self.host_est[e.0];
+            e.2 = self.host_est[e.0];
+        }
+        let mut verdict = Verdict {
+            moves: trial.len(),
+            migration_s: 0.0,
+            lost_mips_s: 0.0,
+            extra_joules: 0.0,
+            cost_joules: 0.0,
+            saved_joules: 0.0,
+            horizon_s: pb.horizon_s,
+        };
+        for m in trial {
+            let d = self.est[m.vm].min(self.view.vm_cpu(m.vm));
+            for e in &mut hosts {
+                if e.0 == m.to {
+                    e.2 -= d;
+                }
+                if e.0 == m.from {
+                    e.2 += d;
+                }
+            }
+            let mem = self.view.vm_mem(m.vm);
+            let secs = pb.migration_s(mem);
+            // The receiver's draw with the VM's demand on top of what it
+            // runs after the trial, minus without it.
+            let (cap, after) = (self.cap(m.to), self.host_est[m.to]);
+            let with = self.view.host_watts(m.to, after / cap)?;
+            let without = self.view.host_watts(m.to, ((after - d) / cap).max(0.0))?;
+            verdict.migration_s += secs;
+            verdict.lost_mips_s += pb.lost_mips_s(mem, d);
+            verdict.extra_joules += (with - without).max(0.0) * secs;
+        }
+        let mut before = 0.0;
+        let mut after = 0.0;
+        for &(x, now, was) in &hosts {
+            let cap = self.cap(x);
+            before += self.view.host_watts(x, (was / cap).max(0.0))?;
+            if x != donor {
+                after += self.view.host_watts(x, (now / cap).max(0.0))?;
+            }
+        }
+        verdict.cost_joules = verdict.lost_mips_s * pb.sla_joules + verdict.extra_joules;
+        verdict.saved_joules = (before - after) * pb.horizon_s;
+        Some(verdict)
+    }
+
     fn shift(&mut self, v: VmId, from: HostId, to: HostId, sign: f64) {
         let size = self.view.vm_cpu(v);
         let e = self.est[v].min(size) * sign;
@@ -908,6 +1074,17 @@ impl<'a, V: ClusterView> Round<'a, V> {
                 }
             }
             self.donor = None;
+            let verdict = match (ok, p.payback) {
+                (true, Some(pb)) => self.judge(h, &trial, &pb),
+                _ => None,
+            };
+            if let Some(v) = verdict.filter(|v| !v.pays()) {
+                self.notes.push(format!(
+                    "{} stays on: emptying it does not pay back: {v}",
+                    self.view.host_name(h)
+                ));
+                ok = false;
+            }
             if !ok {
                 for m in trial.iter().rev() {
                     self.unapply(m.vm, m.from, m.to);
@@ -940,7 +1117,10 @@ impl<'a, V: ClusterView> Round<'a, V> {
             for m in direct.into_iter().chain(rest).filter(|m| !m.waits) {
                 let kind = match m.room_for {
                     Some(for_vm) => MoveKind::MakeRoom { for_vm, donor: h },
-                    None => MoveKind::Consolidate { load },
+                    None => MoveKind::Consolidate {
+                        load,
+                        payback: verdict,
+                    },
                 };
                 self.moves.push(Move {
                     vm: m.vm,

@@ -466,15 +466,22 @@ pub(crate) mod testkit {
     /// One round of power save (ferry's policy) with light hosts due at
     /// once and a fresh state.
     pub fn power_save_plan(c: &Cluster) -> super::Plan {
-        let params = super::ferry::FerryParams {
-            low_for_s: 0.0,
-            ..Default::default()
-        };
+        power_save_plan_with(
+            c,
+            &super::ferry::FerryParams {
+                low_for_s: 0.0,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// [`power_save_plan`] with `params`.
+    pub fn power_save_plan_with(c: &Cluster, params: &super::ferry::FerryParams) -> super::Plan {
         let w = 3;
         let mut ledger = super::Ledger::new(c, |v| c.vms[v].peak(w));
         super::power_save::plan(
             c,
-            &params,
+            params,
             &super::power_save::PowerSave::default(),
             &mut super::ferry::FerryState::default(),
             &mut ledger,

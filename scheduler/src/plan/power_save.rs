@@ -147,6 +147,12 @@ impl ClusterView for ClusterAdapter<'_> {
     fn strict_memory(&self) -> bool {
         true
     }
+    fn host_watts(&self, h: HostId, utilization: f64) -> Option<f64> {
+        self.c.hosts[h]
+            .power_model
+            .as_ref()
+            .map(|m| m.power(utilization))
+    }
 }
 
 /// The plan: power up ahead of need, ferry's moves (relieve hot hosts;
@@ -229,11 +235,15 @@ pub fn plan(
                 c.vms[m.vm].name,
                 100.0 * params.target,
             ),
-            MoveKind::Consolidate { load } => format!(
-                "ferry: {from} under {:.0}% CPU ({:.0}%) for {:.0} s; emptying it onto {to}",
+            MoveKind::Consolidate { load, payback } => format!(
+                "ferry: {from} under {:.0}% CPU ({:.0}%) for {:.0} s; emptying it onto {to}{}",
                 100.0 * params.low,
                 100.0 * load,
                 params.low_for_s,
+                match payback {
+                    Some(v) => format!(" (pays back: {v})"),
+                    None => String::new(),
+                },
             ),
             MoveKind::MakeRoom { for_vm, donor } => format!(
                 "ferry: makes room on {from} for {} (emptying {}, no host has room for it as it is); {} moves to {to}",
@@ -294,7 +304,40 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::testkit::{add_vm, cluster, power_save_plan};
+    use crate::plan::ferry::Payback;
+    use crate::plan::testkit::{add_vm, cluster, power_save_plan, power_save_plan_with};
+    use crate::power::PowerModel;
+
+    /// HP ProLiant ML110 G4's curve (the simulator's first host type).
+    fn g4() -> PowerModel {
+        PowerModel {
+            name: "G4".into(),
+            watts: [
+                86.0, 89.4, 92.6, 96.0, 99.5, 102.0, 106.0, 108.0, 112.0, 114.0, 117.0,
+            ],
+        }
+    }
+
+    /// Two G4-powered hosts: h0 runs 900 MIPS, h1 one VM of 200 MIPS and
+    /// 1 GiB; `horizon_s` of payback at 10 J per MIPS·s lost.
+    fn light_pair(horizon_s: f64) -> (Cluster, FerryParams) {
+        let mut c = cluster(2);
+        for h in &mut c.hosts {
+            h.power_model = Some(g4());
+        }
+        add_vm(&mut c, 0, 900.0, 1024);
+        add_vm(&mut c, 1, 200.0, 1024);
+        let params = FerryParams {
+            low_for_s: 0.0,
+            payback: Some(Payback {
+                horizon_s,
+                sla_joules: 10.0,
+                ..Payback::default()
+            }),
+            ..Default::default()
+        };
+        (c, params)
+    }
 
     #[test]
     fn empties_the_lightest_host_and_powers_it_down() {
@@ -387,5 +430,83 @@ mod tests {
         assert_eq!(run(&c).migrations(), 0);
         c.now = 23.0 * 3600.0;
         assert_eq!(run(&c).migrations(), 1);
+    }
+
+    #[test]
+    fn a_migration_lasts_what_the_simulator_charges() {
+        // 1,740 MB (VM type 0) over half of 1 Gbit/s: CloudSim's 27.84 s.
+        let pb = Payback::default();
+        let sim = crate::sim::setup::migration_seconds(1740.0, 1000.0);
+        assert!((pb.migration_s(1740.0) - sim).abs() < 1e-9, "{sim}");
+        // 10 % of 500 MIPS for 27.84 s.
+        assert!((pb.lost_mips_s(1740.0, 500.0) - 1392.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_consolidation_is_made_only_if_it_pays_back_within_the_horizon() {
+        // Moving v1 (1 GiB: 16.4 s; 10 % of 200 MIPS lost meanwhile, 328
+        // MIPS·s at 10 J = 3.3 kJ, plus h0's extra load, 53 J) powers h1
+        // down: 86 W saved (89.4 W of h1 at 10 %, h0 3.25 W more at 55 %
+        // than at 45 %). It pays back after 38.7 s.
+        let (c, params) = light_pair(30.0);
+        let plan = power_save_plan_with(&c, &params);
+        assert_eq!(plan.migrations(), 0, "{plan:?}");
+        assert!(
+            plan.notes
+                .iter()
+                .any(|n| n.contains("h1 stays on: emptying it does not pay back")
+                    && n.contains("1 move(s)")
+                    && n.contains("over 30 s")),
+            "{:?}",
+            plan.notes
+        );
+        assert!(!plan
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::PowerOff { host: 1, .. })));
+
+        let (c, params) = light_pair(60.0);
+        let plan = power_save_plan_with(&c, &params);
+        assert_eq!(plan.migrations(), 1, "{plan:?}");
+        assert!(matches!(
+            plan.actions[0],
+            Action::Migrate {
+                vm: 1,
+                from: 1,
+                to: 0,
+                ..
+            }
+        ));
+        let why = plan.actions[0].reason();
+        assert!(
+            why.contains("pays back: 1 move(s), 16 s of migration, 328 MIPS·s lost"),
+            "{why}"
+        );
+        assert!(why.contains("saves 5.2 kJ over 60 s"), "{why}");
+    }
+
+    #[test]
+    fn payback_never_holds_back_overload_relief() {
+        // A horizon no move could pay back within: h0 at 135 % still sheds.
+        let (mut c, params) = light_pair(0.0);
+        add_vm(&mut c, 0, 900.0, 1024);
+        add_vm(&mut c, 0, 900.0, 1024);
+        let plan = power_save_plan_with(&c, &params);
+        assert!(plan.migrations() >= 1, "{plan:?}");
+        assert!(plan
+            .actions
+            .iter()
+            .all(|a| !matches!(a, Action::Migrate { .. }) || a.reason().contains("> 120%")));
+    }
+
+    #[test]
+    fn hosts_without_a_power_curve_are_emptied_unjudged() {
+        let (mut c, params) = light_pair(0.0);
+        for h in &mut c.hosts {
+            h.power_model = None;
+        }
+        let plan = power_save_plan_with(&c, &params);
+        assert_eq!(plan.migrations(), 1, "{plan:?}");
+        assert!(!plan.actions[0].reason().contains("pays back"));
     }
 }

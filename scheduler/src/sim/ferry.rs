@@ -23,7 +23,7 @@ pub struct SimView<'d, 'a> {
     names: &'d Names,
 }
 
-/// Names for rules and notes (built only when there are rules).
+/// Names for rules and notes (VMs' only when there are rules).
 #[derive(Debug, Default)]
 pub struct Names {
     vms: Vec<String>,
@@ -93,6 +93,9 @@ impl ClusterView for SimView<'_, '_> {
     fn strict_memory(&self) -> bool {
         self.dc.memory == MemoryModel::Strict
     }
+    fn host_watts(&self, h: HostId, utilization: f64) -> Option<f64> {
+        Some(self.dc.power(h, utilization))
+    }
 }
 
 /// ferry's policy over a simulated day: its state between steps and the
@@ -130,7 +133,12 @@ impl FerryDriver {
 
 fn resolve(rules: &[Rule], vms: usize, hosts: usize) -> (RuleIndex, Names) {
     if rules.is_empty() {
-        return (RuleIndex::default(), Names::default());
+        // Host names only: the plan's notes name the hosts that stay on.
+        let names = Names {
+            vms: Vec::new(),
+            hosts: (0..hosts).map(|i| format!("h{i}")).collect(),
+        };
+        return (RuleIndex::default(), names);
     }
     let names = Names {
         vms: (0..vms).map(|i| format!("v{i}")).collect(),

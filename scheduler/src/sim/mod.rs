@@ -119,6 +119,9 @@ impl Policy {
                     "swap" => p.swap = x != 0.0,
                     "core" => p.core_safe = x != 0.0,
                     "reuse" => p.reuse_receivers = x != 0.0,
+                    "payback" if x == 0.0 => p.payback = None,
+                    "horizon" => p.payback.get_or_insert_with(Default::default).horizon_s = x,
+                    "sla_j" => p.payback.get_or_insert_with(Default::default).sla_joules = x,
                     _ => return None,
                 }
             }
