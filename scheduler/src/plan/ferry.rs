@@ -32,7 +32,8 @@
 //! donor together or not at all.
 //!
 //! Targets are found through an index of running hosts by estimated load
-//! ([`HostIndex`], one B-tree per host capacity), not a scan of every host
+//! ([`HostIndex`], one B-tree per host capacity) and, under strict memory,
+//! by free memory (one B-tree per host memory), not a scan of every host
 //! per VM moved: a round at 10k hosts / 100k VMs takes milliseconds.
 //!
 //! [`Planner`]: super::planner::Planner
@@ -367,8 +368,11 @@ impl Ord for Key {
 /// Running hosts that may take VMs, by capacity and estimated load: for
 /// each capacity, a B-tree of (-load, host), so the fullest hosts that can
 /// still take a VM are found in O(log n) and visited in best-fit order.
-/// Empty hosts, by capacity, in a second set. A host leaves the index when
-/// it can no longer be a target this round.
+/// Empty hosts, by capacity, in a second set. Under strict memory the
+/// running hosts are also indexed by free memory (a B-tree of (free MB,
+/// host) per host memory), so the best fit by memory is found without a
+/// scan. A host leaves the index when it can no longer be a target this
+/// round.
 #[derive(Debug, Default)]
 pub struct HostIndex {
     /// capacity -> (-estimate, host).
@@ -377,6 +381,10 @@ pub struct HostIndex {
     empty: BTreeMap<Key, BTreeSet<HostId>>,
     /// Each running host's key, when indexed.
     key: Vec<Option<Key>>,
+    /// Strict memory: host memory -> (free memory, host), running hosts.
+    by_mem: BTreeMap<Key, BTreeSet<(Key, HostId)>>,
+    /// Each running host's free-memory key, when indexed by memory.
+    mem_key: Vec<Option<Key>>,
 }
 
 impl HostIndex {
@@ -393,6 +401,30 @@ impl HostIndex {
             let k = Key(-est);
             set.insert((k, h));
             self.key[h] = Some(k);
+        }
+    }
+
+    fn insert_mem(&mut self, mem: f64, h: HostId, free: f64) {
+        let k = Key(free);
+        self.by_mem.entry(Key(mem)).or_default().insert((k, h));
+        self.mem_key[h] = Some(k);
+    }
+
+    fn update_mem(&mut self, mem: f64, h: HostId, free: f64) {
+        if let Some(old) = self.mem_key[h] {
+            let set = self.by_mem.get_mut(&Key(mem)).expect("indexed");
+            set.remove(&(old, h));
+            let k = Key(free);
+            set.insert((k, h));
+            self.mem_key[h] = Some(k);
+        }
+    }
+
+    fn remove_mem(&mut self, mem: f64, h: HostId) {
+        if let Some(old) = self.mem_key[h].take() {
+            if let Some(set) = self.by_mem.get_mut(&Key(mem)) {
+                set.remove(&(old, h));
+            }
         }
     }
 
@@ -449,6 +481,9 @@ struct Round<'a, V: ClusterView> {
     /// Hosts being emptied (rules: affinity partners leave together).
     leaving: Vec<bool>,
     index: HostIndex,
+    /// Strict memory: the VMs' distinct memory sizes, ascending (bounds
+    /// [`Round::find_swap`]'s walk of the memory index).
+    mem_sizes: Vec<f64>,
     moves: Vec<Move>,
     emptied: Vec<HostId>,
     notes: Vec<String>,
@@ -507,8 +542,10 @@ impl<'a, V: ClusterView> Round<'a, V> {
             leaving: vec![false; n],
             index: HostIndex {
                 key: vec![None; n],
+                mem_key: vec![None; n],
                 ..HostIndex::default()
             },
+            mem_sizes: Vec::new(),
             moves: Vec::new(),
             emptied: Vec::new(),
             notes: Vec::new(),
@@ -521,6 +558,15 @@ impl<'a, V: ClusterView> Round<'a, V> {
 
     /// Index every host that may take VMs now (after `skip` is set).
     fn build_index(&mut self) {
+        let by_mem = self.view.strict_memory();
+        if by_mem {
+            self.mem_sizes = (0..self.view.vm_count())
+                .map(|v| Key(self.view.vm_mem(v)))
+                .collect::<BTreeSet<Key>>()
+                .into_iter()
+                .map(|k| k.0)
+                .collect();
+        }
         for h in 0..self.view.host_count() {
             if self.skip[h] || !self.view.host_eligible(h) {
                 continue;
@@ -528,6 +574,10 @@ impl<'a, V: ClusterView> Round<'a, V> {
             let cap = self.cap(h);
             if self.running[h] {
                 self.index.insert(cap, h, self.host_est[h]);
+                if by_mem {
+                    let mem = self.view.host_mem(h);
+                    self.index.insert_mem(mem, h, mem - self.ram[h]);
+                }
             } else {
                 self.index.empty.entry(Key(cap)).or_default().insert(h);
             }
@@ -538,6 +588,7 @@ impl<'a, V: ClusterView> Round<'a, V> {
         self.skip[h] = true;
         let cap = self.cap(h);
         self.index.remove(cap, h);
+        self.index.remove_mem(self.view.host_mem(h), h);
     }
 
     fn movable(&self, v: VmId, urgent: bool) -> bool {
@@ -645,19 +696,35 @@ impl<'a, V: ClusterView> Round<'a, V> {
 
     /// Strict memory: the running host that fits `v` and is left with the
     /// least memory free (CPU left weighted by `memory_fit`), lowest index
-    /// of equals. A scan: the index orders hosts by CPU, not memory.
+    /// of equals. Through the memory index: per host memory, the hosts
+    /// with room for `v`'s memory, least free first, until no later one
+    /// can score better (the CPU term is at least `memory_fit * (1 -
+    /// target)`, its floor where `room` still holds).
     fn place_by_memory(&self, v: VmId) -> Option<HostId> {
+        let need = self.view.vm_mem(v);
+        // `room` holds: estimate + e <= target * capacity, e the estimate
+        // capped at the VM's size; the score's CPU term uses it uncapped.
+        let over = self.est[v] - self.est[v].min(self.view.vm_cpu(v));
+        let min_cap = self.index.running.keys().next().map_or(1.0, |k| k.0);
+        let cpu_floor = self.p.memory_fit * (1.0 - self.p.target - over / min_cap).min(0.0);
         let mut best: Option<(f64, HostId)> = None;
-        for h in 0..self.view.host_count() {
-            if !self.running[h] || self.excluded(h) || !self.room(h, v) {
-                continue;
-            }
-            let mem = self.view.host_mem(h);
-            let mem_left = (mem - self.ram[h] - self.view.vm_mem(v)) / mem;
-            let cpu_left = 1.0 - (self.host_est[h] + self.est[v]) / self.cap(h);
-            let score = mem_left + self.p.memory_fit * cpu_left;
-            if best.is_none_or(|(b, _)| score < b) {
-                best = Some((score, h));
+        let start = (Key(need - need.abs() * 1e-9 - 1e-9), 0);
+        for (mem, set) in &self.index.by_mem {
+            let mem = mem.0;
+            for &(free, h) in set.range(start..) {
+                let mem_left = (free.0 - need) / mem;
+                if best.is_some_and(|(b, _)| mem_left + cpu_floor > b) {
+                    break;
+                }
+                if !self.running[h] || self.excluded(h) || !self.room(h, v) {
+                    continue;
+                }
+                let mem_left = (mem - self.ram[h] - need) / mem;
+                let cpu_left = 1.0 - (self.host_est[h] + self.est[v]) / self.cap(h);
+                let score = mem_left + self.p.memory_fit * cpu_left;
+                if best.is_none_or(|(b, bh)| score < b || (score == b && h < bh)) {
+                    best = Some((score, h));
+                }
             }
         }
         best.map(|(_, h)| h)
@@ -674,36 +741,59 @@ impl<'a, V: ClusterView> Round<'a, V> {
         let size = self.view.vm_cpu(v);
         let e = self.est[v].min(size);
         let mut cands: Vec<(f64, HostId, VmId)> = Vec::new();
-        for t in 0..self.view.host_count() {
-            if !self.running[t]
-                || self.excluded(t)
-                || self.busy[t] + 2 > self.p.limits.max_migrations_per_host
-                || !self
-                    .view
-                    .vm_fits_cores(v, t, if self.p.core_safe { size } else { e })
-            {
-                continue;
-            }
-            let free = self.view.host_mem(t) - self.ram[t];
-            for &w in &self.on[t] {
-                if self.at[w] != Some(t)
-                    || !self.movable(w, false)
-                    || (!self.rules.is_empty() && self.rules.mentions(w))
+        // Only a VM smaller than `v` makes room, so a host needs at least
+        // `need - largest` free; its candidates leave at least `free +
+        // smallest - need`. Walk each memory class from there, least free
+        // first, until no host can beat the TRIES-th best candidate.
+        let below = self.mem_sizes.partition_point(|&m| m < need);
+        let (Some(&smallest), Some(&largest)) =
+            (self.mem_sizes.first(), self.mem_sizes[..below].last())
+        else {
+            return None;
+        };
+        let start = (Key(need - largest - need.abs() * 1e-9 - 1e-9), 0);
+        let mut lefts: BTreeSet<(Key, HostId, VmId)> = BTreeSet::new();
+        for set in self.index.by_mem.values() {
+            for &(free, t) in set.range(start..) {
+                if lefts.len() >= TRIES
+                    && lefts
+                        .iter()
+                        .nth(TRIES - 1)
+                        .is_some_and(|&(k, _, _)| free.0 + smallest - need > k.0)
+                {
+                    break;
+                }
+                if !self.running[t]
+                    || self.excluded(t)
+                    || self.busy[t] + 2 > self.p.limits.max_migrations_per_host
+                    || !self
+                        .view
+                        .vm_fits_cores(v, t, if self.p.core_safe { size } else { e })
                 {
                     continue;
                 }
-                let wm = self.view.vm_mem(w);
-                let left = free + wm - need;
-                if left < 0.0 || wm >= need {
-                    continue;
+                let free = self.view.host_mem(t) - self.ram[t];
+                for &w in &self.on[t] {
+                    if self.at[w] != Some(t)
+                        || !self.movable(w, false)
+                        || (!self.rules.is_empty() && self.rules.mentions(w))
+                    {
+                        continue;
+                    }
+                    let wm = self.view.vm_mem(w);
+                    let left = free + wm - need;
+                    if left < 0.0 || wm >= need {
+                        continue;
+                    }
+                    let ew = self.est[w].min(self.view.vm_cpu(w));
+                    if self.host_est[t] - ew + e > self.p.target * self.cap(t) {
+                        continue;
+                    }
+                    lefts.insert((Key(left), t, w));
                 }
-                let ew = self.est[w].min(self.view.vm_cpu(w));
-                if self.host_est[t] - ew + e > self.p.target * self.cap(t) {
-                    continue;
-                }
-                cands.push((left, t, w));
             }
         }
+        cands.extend(lefts.into_iter().map(|(k, t, w)| (k.0, t, w)));
         cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         for &(_, t, w) in cands.iter().take(TRIES) {
             // `w` may go anywhere but `t` and the donor.
@@ -872,6 +962,10 @@ impl<'a, V: ClusterView> Round<'a, V> {
         let (ef, et) = (self.host_est[from], self.host_est[to]);
         self.index.update(cf, from, ef);
         self.index.update(ct, to, et);
+        let (mf, mt) = (self.view.host_mem(from), self.view.host_mem(to));
+        let (rf, rt) = (self.ram[from], self.ram[to]);
+        self.index.update_mem(mf, from, mf - rf);
+        self.index.update_mem(mt, to, mt - rt);
     }
 
     fn apply(&mut self, v: VmId, from: HostId, to: HostId) {
