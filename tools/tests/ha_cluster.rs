@@ -26,6 +26,10 @@
 //!   its fenced copy (the record names the other host) and resumes
 //!   nothing.
 //!
+//! - a health provider (the command hook) saying `degraded`: the host's VM
+//!   leaves live (heartbeat going on, never on two hosts, its record moved
+//!   by one migration) and comes back live once the hook says `ok`.
+//!
 //! - admission control on a start: a VM shut down by an evacuation does not
 //!   start again on its host when that would break the failover reserve;
 //!   the API says why.
@@ -109,6 +113,9 @@ struct Rig {
     /// VMs configured to shut down (not migrate) when their host is
     /// evacuated.
     shutdown_on_evacuate: Vec<&'static str>,
+    /// A host whose health is a command hook printing this file (and the
+    /// file); the daemons evacuate it while it says `degraded`.
+    health: Option<(&'static str, PathBuf)>,
 }
 
 impl Rig {
@@ -138,6 +145,7 @@ impl Rig {
             agents: Vec::new(),
             daemons: Vec::new(),
             shutdown_on_evacuate: Vec::new(),
+            health: None,
         }))
     }
 
@@ -200,6 +208,9 @@ impl Rig {
     ) -> Result<PathBuf> {
         let mut t =
             format!("[daemon]\nlisten = \"{api}\"\npolicy = \"manual\"\ninterval_s = 1\n\n");
+        if self.health.is_some() {
+            t.push_str("[health]\naction = \"evacuate\"\nrelease_after_s = 0\n\n");
+        }
         for (h, mem) in hosts {
             let a = self
                 .agents
@@ -207,9 +218,16 @@ impl Rig {
                 .find(|a| a.host == *h)
                 .context("agent started before the config")?;
             t.push_str(&format!(
-                "[[host]]\nname = \"{h}\"\ncores = 2\ncore_mips = 1000\nmem_mb = {mem}\nagent = \"{}\"\n\n",
+                "[[host]]\nname = \"{h}\"\ncores = 2\ncore_mips = 1000\nmem_mb = {mem}\nagent = \"{}\"\n",
                 a.addr
             ));
+            if let Some((_, file)) = self.health.as_ref().filter(|(host, _)| host == h) {
+                t.push_str(&format!(
+                    "health = [ {{ provider = \"command\", command = [\"cat\", {:?}] }} ]\n",
+                    file.display().to_string()
+                ));
+            }
+            t.push('\n');
         }
         for (vm, host, restart) in vms {
             t.push_str(&format!(
@@ -786,6 +804,103 @@ fn destination_silent_after_go(rig: &mut Rig) -> Result<()> {
     }
     if rig.running_on("mover") != ["h1"] {
         bail!("mover afterwards on {:?}", rig.running_on("mover"));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_degraded_host_is_evacuated_live_and_its_vm_comes_back_when_it_recovers() {
+    let Some(mut rig) = Rig::new("a_degraded_host_is_evacuated_live", "ha-health").unwrap() else {
+        return;
+    };
+    if let Err(e) = degraded_host(&mut rig) {
+        panic!("{e:#}{}", rig.diag());
+    }
+}
+
+/// Waits until `vm` runs on `host` alone, failing the moment it runs on two
+/// hosts; then checks it was carried over live: its heartbeat at least
+/// `from` (a boot starts again from 0) and rising. Returns the heartbeat.
+fn moved_live(rig: &Rig, vm: &str, host: &str, from: u64) -> Result<u64> {
+    let on = wait_for(
+        &format!("{vm} to run on {host}"),
+        Duration::from_secs(60),
+        || {
+            let on = rig.running_on(vm);
+            (on.len() > 1 || on == [host]).then_some(on)
+        },
+    )?;
+    if on != [host] {
+        bail!("{vm} runs on {on:?} at once");
+    }
+    let hb = rig.guest(host, vm)?.heartbeat;
+    if hb < from {
+        bail!("{vm}'s heartbeat {hb} on {host} is below {from} from before: booted again, not migrated");
+    }
+    rig.check_alive(host, vm, hb)
+}
+
+fn degraded_host(rig: &mut Rig) -> Result<()> {
+    let sensor = rig.dir.path().join("h1-health");
+    std::fs::write(&sensor, "ok\n")?;
+    rig.health = Some(("h1", sensor.clone()));
+    rig.agent("h1", &["mover:64"])?;
+    rig.agent("h2", &[])?;
+    let api = rig.daemon(
+        "d1",
+        &[("h1", 512), ("h2", 512)],
+        &[("mover", "h1", "medium")],
+    )?;
+    wait_for("d1 to lead", Duration::from_secs(20), || {
+        (leader_of(api).as_deref() == Some("d1")).then_some(())
+    })?;
+    wait_for("mover's record", Duration::from_secs(30), || {
+        rig.record(api, "mover")
+    })?;
+    let epoch = rig.record(api, "mover").context("record")?.epoch;
+    let before = rig.check_alive("h1", "mover", 0)?;
+
+    // The hook says degraded: h1 is evacuated, mover leaves live.
+    std::fs::write(&sensor, "degraded FAN2 1200 RPM below 1500\n")?;
+    let away = moved_live(rig, "mover", "h2", before)?;
+    let rec = rig.record(api, "mover").context("record")?;
+    if rec.host != "h2" || rec.epoch != epoch + 1 || rec.last != Transition::Migrate {
+        bail!(
+            "mover's record did not follow it to h2 by one migration: {rec:?} (was epoch {epoch})"
+        );
+    }
+    let events: Vec<HaEvent> = client(api).get("/v1/ha/events")?;
+    if !events.iter().any(|e| {
+        e.kind == HaEventKind::HostDegraded
+            && e.host.as_deref() == Some("h1")
+            && e.message.contains("FAN2 1200 RPM")
+    }) {
+        bail!("no HostDegraded event for h1 with the hook's evidence in {events:?}");
+    }
+    // It stays away while h1 is degraded (rounds every second).
+    std::thread::sleep(Duration::from_secs(3));
+    if rig.running_on("mover") != ["h2"] {
+        bail!(
+            "mover on {:?} while h1 is degraded",
+            rig.running_on("mover")
+        );
+    }
+
+    // The hook says ok: h1 is released and mover comes back, live.
+    std::fs::write(&sensor, "ok\n")?;
+    moved_live(rig, "mover", "h1", away)?;
+    let rec = rig.record(api, "mover").context("record")?;
+    if rec.host != "h1" || rec.epoch != epoch + 2 || rec.last != Transition::Migrate {
+        bail!(
+            "mover's record did not come back to h1 by one migration: {rec:?} (was epoch {epoch})"
+        );
+    }
+    let events: Vec<HaEvent> = client(api).get("/v1/ha/events")?;
+    if !events
+        .iter()
+        .any(|e| e.kind == HaEventKind::HostReleased && e.host.as_deref() == Some("h1"))
+    {
+        bail!("no HostReleased event for h1 in {events:?}");
     }
     Ok(())
 }
