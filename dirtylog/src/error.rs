@@ -77,6 +77,20 @@ pub enum DirtyLogError {
     /// `KVM_RESET_DIRTY_RINGS` failed.
     #[error("KVM_RESET_DIRTY_RINGS failed")]
     ResetRings(#[source] io::Error),
+    /// `KVM_RESET_DIRTY_RINGS` stopped before it had re-protected every
+    /// entry handed back: the pages of the entries it had taken but not
+    /// re-protected stay writable and their next writes are never logged,
+    /// so the log can no longer be trusted (until logging is restarted).
+    #[error(
+        "KVM_RESET_DIRTY_RINGS re-protected {reset} of the {handed_back} entries handed back: \
+         some guest pages may be written without being logged"
+    )]
+    ResetCutShort {
+        /// Entries the ioctl reported reset.
+        reset: usize,
+        /// Entries handed back (flagged RESET) since the previous reset.
+        handed_back: usize,
+    },
     /// A ring entry named a slot or offset the log does not know.
     #[error("dirty ring entry for slot {slot} offset {offset} is outside the tracked slots")]
     RingEntryOutOfRange {

@@ -5,6 +5,17 @@
 //! it after an acquire load of `flags`, then stores `flags = RESET` (release)
 //! to hand it back; `KVM_RESET_DIRTY_RINGS` re-protects the handed-back pages
 //! and recycles their entries. A page can be reported more than once.
+//!
+//! Since Linux 6.17 `KVM_RESET_DIRTY_RINGS` stops early when the calling
+//! thread has a signal pending, and what it stops with is lost: the entries
+//! it had already taken off a ring but not yet re-protected (it coalesces
+//! neighbouring pages, up to 64, before re-protecting them) are recycled
+//! without being re-protected, so those pages stay writable and the
+//! guest's next writes to them are never logged. It still returns a count,
+//! not an error. vCPU threads get kicked with signals and reset on
+//! ring-full exits, so every reset here runs with the calling thread's
+//! signals blocked, and a reset that comes back short fails the log
+//! ([`DirtyLogError::ResetCutShort`]).
 
 use std::os::fd::AsRawFd;
 use std::os::raw::c_ulong;
@@ -163,6 +174,11 @@ struct RingState {
     /// last [`DirtyLog::take_vcpu_dirty_counts`]: which vCPU dirties how
     /// fast, for dirty-limit.
     vcpu_entries: Vec<u64>,
+    /// Entries handed back (flagged RESET) since the last reset.
+    handed_back: usize,
+    /// What a reset that came back short reported (its pages may be written
+    /// unlogged), until the log is started again.
+    cut_short: Option<(usize, usize)>,
 }
 
 impl RingState {
@@ -186,14 +202,63 @@ impl RingState {
             });
             *count += (n - before) as u64;
         }
+        self.handed_back += n;
         (n, unknown)
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS` for every entry handed back so far. Fails
+    /// when it re-protected fewer, and from then on until `start`.
+    fn reset(&mut self, vm: &VmFd) -> Result<usize, DirtyLogError> {
+        if let Some((reset, handed_back)) = self.cut_short {
+            return Err(DirtyLogError::ResetCutShort { reset, handed_back });
+        }
+        let reset = reset_rings(vm)?;
+        let handed_back = std::mem::take(&mut self.handed_back);
+        if reset < handed_back {
+            self.cut_short = Some((reset, handed_back));
+            return Err(DirtyLogError::ResetCutShort { reset, handed_back });
+        }
+        Ok(reset)
     }
 }
 
+/// Every signal blocked on the calling thread while it lives; the previous
+/// mask comes back on drop, and a signal that arrived meanwhile is
+/// delivered then.
+struct SignalsBlocked(libc::sigset_t);
+
+impl SignalsBlocked {
+    fn new() -> Self {
+        // SAFETY: sigset_t is plain data, valid all zero.
+        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: writes only the local set it is given.
+        unsafe { libc::sigfillset(&mut all) };
+        // SAFETY: reads `all`, writes `previous`, both locals that outlive
+        // the call; changes only this thread's mask.
+        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut previous) };
+        Self(previous)
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask `new` saved, on the same thread (the
+        // guard lives in one function call).
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+    }
+}
+
+/// `KVM_RESET_DIRTY_RINGS` with the thread's signals blocked, so that KVM
+/// does not stop midway (see the module docs). Returns the entries reset.
 fn reset_rings(vm: &VmFd) -> Result<usize, DirtyLogError> {
+    let blocked = SignalsBlocked::new();
     // SAFETY: `vm` is a VM fd; KVM_RESET_DIRTY_RINGS takes no argument.
     let ret = unsafe { ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
-    usize::try_from(ret).map_err(|_| DirtyLogError::ResetRings(last_os_error()))
+    let result = usize::try_from(ret).map_err(|_| DirtyLogError::ResetRings(last_os_error()));
+    drop(blocked);
+    result
 }
 
 fn unknown_entry((slot, offset): (u32, u64)) -> DirtyLogError {
@@ -243,7 +308,7 @@ impl RingFullHandler {
         let (n, unknown) = state.harvest_into(&mut pending);
         state.pending = pending;
         state.pending_reported += n;
-        reset_rings(&self.vm)?;
+        state.reset(&self.vm)?;
         unknown.map_or(Ok(n), |u| Err(unknown_entry(u)))
     }
 }
@@ -272,6 +337,8 @@ impl KvmDirtyRing {
                 pending: DirtyBitmap::new(pages),
                 pending_reported: 0,
                 vcpu_entries,
+                handed_back: 0,
+                cut_short: None,
             })),
             pages,
             started: false,
@@ -302,7 +369,11 @@ impl DirtyLog for KvmDirtyRing {
         let state = &mut *guard;
         let mut scratch = DirtyBitmap::new(self.pages);
         let (_, unknown) = state.harvest_into(&mut scratch);
-        reset_rings(&self.vm)?;
+        // The VM turns logging on for its slots just before it starts a
+        // log (vm/src/dirty.rs), which write-protects every page again:
+        // what a short reset left writable is protected once more.
+        state.cut_short = None;
+        state.reset(&self.vm)?;
         state.pending.clear();
         state.pending_reported = 0;
         state.vcpu_entries.fill(0);
@@ -332,7 +403,7 @@ impl DirtyLog for KvmDirtyRing {
             ..Default::default()
         };
         if reprotect != Reprotect::Never {
-            stats.reprotected = reset_rings(&self.vm)?;
+            stats.reprotected = state.reset(&self.vm)?;
             stats.syscalls += 1;
         }
         drop(guard);
