@@ -58,6 +58,7 @@ use ferry_engine::{
     PreGoHook, PreGoRefusal, SourceMigration,
 };
 use ferry_scheduler::daemon::client::JsonClient;
+use ferry_scheduler::daemon::https::{ClientTls, TlsListener};
 use ferry_scheduler::daemon::metrics::{self, MigrationMeasure, MigrationMetrics};
 use ferry_scheduler::daemon::protocol::{
     AgentStatus, AgentVm, Done, HandbackReply, HandbackRequest, IncomingReply, IncomingRequest,
@@ -142,6 +143,9 @@ struct Agent {
     tsc_khz: u32,
     lanes: u16,
     security: SecuritySpec,
+    /// The agent API's mutual TLS (from the same files as the lanes'),
+    /// when this agent serves HTTPS; it also asks other agents with it.
+    api_tls: Option<ClientTls>,
     /// Where incoming migration listeners bind.
     migration_listen: SocketAddr,
     /// What sources are told to connect to, when not the listener's own
@@ -325,7 +329,7 @@ impl Agent {
                 }
                 let follow = match agent.store.as_ref().map(|s| s.record(&vm)) {
                     Some(Ok(Some(r))) if r.host == dest => {
-                        match ask_hand_back(&dest_addr, &vm, migration_id) {
+                        match agent.ask_hand_back(&dest, &dest_addr, &vm, migration_id) {
                             Ok(HandbackReply::Runs) => agent.follow_record(&vm),
                             Ok(HandbackReply::HandedBack { epoch, reason }) => {
                                 tracing::warn!(vm = %vm, to = %dest, epoch, %reason, "the destination did not resume the VM and gave its record back");
@@ -554,7 +558,8 @@ impl Agent {
             .target
             .parse()
             .with_context(|| format!("bad target address {}", req.target))?;
-        let reply: IncomingReply = JsonClient::new(&req.target, Some(Duration::from_secs(30)))
+        let reply: IncomingReply = self
+            .agent_client(&req.target_host, target, Duration::from_secs(30))
             .post(
                 "/v1/incoming",
                 &IncomingRequest {
@@ -715,18 +720,36 @@ impl Agent {
     }
 }
 
-/// Asks the agent at `addr` (a migration's destination) for a hand-back
-/// of `vm` after migration `migration_id`; why it could not answer.
-fn ask_hand_back(addr: &str, vm: &str, migration_id: u64) -> Result<HandbackReply, String> {
-    JsonClient::new(addr, Some(Duration::from_secs(5)))
-        .post(
-            "/v1/handback",
-            &HandbackRequest {
-                vm: vm.to_owned(),
-                migration_id,
-            },
-        )
-        .map_err(|e| ferry_scheduler::daemon::agent::error_chain(&e))
+impl Agent {
+    /// A client for the agent of `host` at `addr`, secured as this agent's
+    /// own API is.
+    fn agent_client(&self, host: &str, addr: SocketAddr, timeout: Duration) -> JsonClient {
+        JsonClient::for_agent(host, addr, self.api_tls.as_ref(), Some(timeout))
+    }
+
+    /// Asks the agent of `host` at `addr` (a migration's destination) for
+    /// a hand-back of `vm` after migration `migration_id`; why it could
+    /// not answer.
+    fn ask_hand_back(
+        &self,
+        host: &str,
+        addr: &str,
+        vm: &str,
+        migration_id: u64,
+    ) -> Result<HandbackReply, String> {
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|_| format!("bad agent address {addr:?}"))?;
+        self.agent_client(host, addr, Duration::from_secs(5))
+            .post(
+                "/v1/handback",
+                &HandbackRequest {
+                    vm: vm.to_owned(),
+                    migration_id,
+                },
+            )
+            .map_err(|e| ferry_scheduler::daemon::agent::error_chain(&e))
+    }
 }
 
 /// Where a source connects for an incoming migration, when the agent must
@@ -903,7 +926,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     // Bad security flags or unreadable TLS files fail here, not at the
     // first migration.
     let security = args.security.spec()?;
-    security.load()?;
+    let tls = match security.load()? {
+        ferry_transport::Security::Tls(settings) => Some(settings),
+        ferry_transport::Security::Insecure => None,
+    };
     let mut registry = prometheus_client::registry::Registry::default();
     let agent = Arc::new(Agent {
         host: args.host.clone(),
@@ -912,6 +938,11 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         tsc_khz: host_tsc_khz().context("asking KVM for the TSC frequency")?,
         lanes: args.lanes.unwrap_or_else(default_lane_count),
         security,
+        api_tls: tls
+            .as_deref()
+            .map(ClientTls::from_settings)
+            .transpose()
+            .context("the agent API's TLS")?,
         migration_listen: args
             .migration_listen
             .unwrap_or(SocketAddr::new(args.listen.ip(), 0)),
@@ -994,17 +1025,25 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
+        let local = listener.local_addr()?;
+        let api = if tls.is_some() {
+            "HTTPS, mutual TLS"
+        } else {
+            "plain HTTP"
+        };
         ferry_scheduler::daemon::notify_systemd(ferry_scheduler::daemon::SystemdState::Ready);
         eprintln!(
-            "ferry agent {}: serving on {} (migrations: {} lanes, {})",
+            "ferry agent {}: serving on {local} ({api}; migrations: {agent_lanes} lanes, {agent_security})",
             args.host,
-            listener.local_addr()?,
-            agent_lanes,
-            agent_security
         );
-        axum::serve(listener, app)
-            .await
-            .context("agent HTTP server")
+        match tls {
+            Some(settings) => axum::serve(TlsListener::new(listener, &settings)?, app)
+                .await
+                .context("agent HTTPS server"),
+            None => axum::serve(listener, app)
+                .await
+                .context("agent HTTP server"),
+        }
     })
 }
 

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ferry_e2e::process::ProcessGuard;
 use ferry_scheduler::daemon::client::{JsonClient, Method};
+use ferry_scheduler::daemon::https::ClientTls;
+use ferry_transport::tls::TlsFiles;
 use ferry_vm::testing::kvm_or_skip;
 use serde_json::{json, Value};
 
@@ -37,6 +39,15 @@ fn free_port() -> u16 {
 }
 
 fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+    call(
+        JsonClient::new(&addr.to_string(), Some(Duration::from_secs(300))),
+        method,
+        path,
+        body,
+    )
+}
+
+fn call(client: JsonClient, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
     let method = match method {
         "GET" => Method::Get,
         "POST" => Method::Post,
@@ -44,10 +55,7 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Res
         "DELETE" => Method::Delete,
         other => bail!("no method {other}"),
     };
-    Ok(
-        JsonClient::new(&addr.to_string(), Some(Duration::from_secs(300)))
-            .call::<Value, Value>(method, path, body)?,
-    )
+    Ok(client.call::<Value, Value>(method, path, body)?)
 }
 
 /// Polls `f` every 200 ms until it gives a value, at most `limit`.
@@ -104,6 +112,8 @@ struct DaemonGuard {
     proc: ProcessGuard,
     api: SocketAddr,
     agents: Vec<SocketAddr>,
+    /// The daemon's certificate: the test asks agents with it too.
+    tls: ClientTls,
     log: PathBuf,
 }
 
@@ -139,9 +149,26 @@ impl DaemonGuard {
         self.agents[HOSTS.iter().position(|h| *h == host).expect("known host")]
     }
 
+    /// A call to `host`'s agent, over its mutual TLS.
+    fn agent_call(
+        &self,
+        host: &str,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value> {
+        let client = JsonClient::for_agent(
+            host,
+            self.agent(host),
+            Some(&self.tls),
+            Some(Duration::from_secs(300)),
+        );
+        call(client, method, path, body)
+    }
+
     /// Names of the VMs `host`'s agent runs.
     fn agent_vms(&self, host: &str) -> Result<Vec<String>> {
-        let s = http(self.agent(host), "GET", "/v1/status", None)?;
+        let s = self.agent_call(host, "GET", "/v1/status", None)?;
         Ok(s["vms"]
             .as_array()
             .context("status without vms")?
@@ -164,13 +191,13 @@ impl DaemonGuard {
 
     /// The guest's status block from the agent running it.
     fn guest(&self, host: &str, vm: &str) -> Result<Value> {
-        http(self.agent(host), "GET", &format!("/v1/vms/{vm}"), None)
+        self.agent_call(host, "GET", &format!("/v1/vms/{vm}"), None)
             .with_context(|| format!("agent {host} about {vm}"))
     }
 
     fn set_load(&self, host: &str, vm: &str, mips: f64) -> Result<()> {
-        http(
-            self.agent(host),
+        self.agent_call(
+            host,
             "POST",
             "/v1/vms/load",
             Some(&json!({"vm": vm, "cpu_mips": mips})),
@@ -241,14 +268,15 @@ impl DaemonGuard {
     }
 }
 
-/// One CA and a certificate per host (`ferry tls gen-certs`), in `dir`:
-/// the agents migrate over mutual TLS.
-fn gen_host_certs(dir: &Path) -> Result<()> {
+/// One CA and a certificate per node (`ferry tls gen-certs`), in `dir`:
+/// the agents serve their API and migrate over mutual TLS, the daemon
+/// (node `sched`) asks them with its own certificate.
+fn gen_certs(dir: &Path, nodes: &[&str]) -> Result<()> {
     let out = Command::new(FERRY)
         .args(["tls", "gen-certs"])
         .arg(dir)
         .arg("--nodes")
-        .args(HOSTS)
+        .args(nodes)
         .output()?;
     if !out.status.success() {
         bail!(
@@ -262,8 +290,13 @@ fn gen_host_certs(dir: &Path) -> Result<()> {
 fn start_daemon(dir: &Path) -> Result<DaemonGuard> {
     let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let certs = dir.join("certs");
-    gen_host_certs(&certs)?;
+    gen_certs(&certs, &[HOSTS[0], HOSTS[1], HOSTS[2], "sched"])?;
     let cert_path = |name: String| certs.join(name).to_string_lossy().into_owned();
+    let tls = ClientTls::load(&TlsFiles {
+        cert: certs.join("sched.pem"),
+        key: certs.join("sched.key"),
+        ca: certs.join("ca.pem"),
+    })?;
     let agents: Vec<SocketAddr> = HOSTS
         .iter()
         .map(|_| format!("127.0.0.1:{}", free_port()).parse())
@@ -272,7 +305,11 @@ fn start_daemon(dir: &Path) -> Result<DaemonGuard> {
     // timer never fires on its own; rounds come from POST /v1/round.
     let mut toml = format!(
         "[daemon]\nlisten = \"{api}\"\npolicy = \"power_save\"\ninterval_s = 86400\n\
-         power_save_duration_s = 0\nmin_move_interval_s = 0\n"
+         power_save_duration_s = 0\nmin_move_interval_s = 0\n\
+         tls = {{ cert = {:?}, key = {:?}, ca = {:?} }}\n",
+        cert_path("sched.pem".into()),
+        cert_path("sched.key".into()),
+        cert_path("ca.pem".into()),
     );
     for (i, host) in HOSTS.iter().enumerate() {
         let listen = agents[i].to_string();
@@ -328,6 +365,7 @@ fn start_daemon(dir: &Path) -> Result<DaemonGuard> {
         proc,
         api,
         agents,
+        tls,
         log,
     };
     wait_for("the daemon's API", Duration::from_secs(30), || {
@@ -372,8 +410,8 @@ fn maintenance_evacuates_live_and_power_save_cycles_an_agent() {
 
     // One real guest per host; demand 800 MIPS each.
     for (vm, host) in VMS.iter().zip(HOSTS) {
-        http(
-            d.agent(host),
+        d.agent_call(
+            host,
             "POST",
             "/v1/vms/start",
             Some(&json!({"vm": vm, "mem_mb": VM_MEM_MB})),
@@ -753,4 +791,173 @@ fn a_fixed_migration_port_takes_one_incoming_migration_at_a_time() {
         msg.contains("409") && msg.contains(&format!("127.0.0.1:{port}")) && msg.contains("taken"),
         "{msg}"
     );
+}
+
+/// The agent API under mutual TLS (`--tls-*`, the lanes' files): the
+/// daemon with the cluster CA's certificate drives the agent (it answers,
+/// reachable); a daemon whose certificate another CA signed, a client
+/// with no certificate and a plain-HTTP client are refused at the
+/// handshake (the agent logs why); a client expecting another host's
+/// name refuses the agent. Each refusal is one line naming what failed.
+#[test]
+fn the_agent_api_takes_only_clients_of_its_ca() {
+    let test = "the_agent_api_takes_only_clients_of_its_ca";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (ours, theirs) = (dir.path().join("ours"), dir.path().join("theirs"));
+    gen_certs(&ours, &["h1", "sched"]).expect("our CA");
+    gen_certs(&theirs, &["h1", "sched"]).expect("another CA");
+    let files = |d: &Path, node: &str| TlsFiles {
+        cert: d.join(format!("{node}.pem")),
+        key: d.join(format!("{node}.key")),
+        ca: ours.join("ca.pem"),
+    };
+    let agent_files = files(&ours, "h1");
+    let api = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let agent_log = dir.path().join("agent.log");
+    let mut agent = ProcessGuard::spawn(
+        "agent",
+        Command::new(FERRY)
+            .args(["agent", "--host", "h1", "--listen", &api.to_string()])
+            .arg("--tls-cert")
+            .arg(&agent_files.cert)
+            .arg("--tls-key")
+            .arg(&agent_files.key)
+            .arg("--tls-ca")
+            .arg(&agent_files.ca)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1"),
+        &agent_log,
+    )
+    .expect("start the agent");
+    let ours_tls = ClientTls::load(&files(&ours, "sched")).expect("our client");
+    let status = |name: &str, tls: Option<&ClientTls>| {
+        JsonClient::for_agent(name, api, tls, Some(Duration::from_secs(10)))
+            .get::<Value>("/v1/status")
+            .map_err(|e| ferry_scheduler::daemon::agent::error_chain(&e))
+    };
+    let s = wait_for("the agent to answer", Duration::from_secs(60), || {
+        assert!(agent.is_running(), "the agent exited: see {agent_log:?}");
+        status("h1", Some(&ours_tls)).ok()
+    })
+    .expect("the agent answers our CA's client");
+    assert_eq!(s["host"], "h1", "{s}");
+
+    // Plain HTTP to the HTTPS API.
+    let e = status("h1", None).expect_err("plain HTTP answered");
+    eprintln!("plain HTTP: {e}");
+    assert!(e.contains("unreachable") && !e.contains('\n'), "{e}");
+    // The agent is not the host the client expects: refused by name.
+    let e = status("h2", Some(&ours_tls)).expect_err("h1's agent taken for h2");
+    eprintln!("expecting h2: {e}");
+    assert!(
+        e.contains("not valid for name \"h2\"") && !e.contains('\n'),
+        "{e}"
+    );
+    // A client certificate from another CA (the client trusts ours).
+    let foreign = ClientTls::load(&files(&theirs, "sched")).expect("their client");
+    let e = status("h1", Some(&foreign)).expect_err("another CA's client answered");
+    eprintln!("another CA's client certificate: {e}");
+    assert!(e.contains("unreachable") && !e.contains('\n'), "{e}");
+    // No client certificate at all (curl, trusting the agent).
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&agent_files.ca)
+        .args([
+            "--resolve",
+            &format!("h1:{}:127.0.0.1", api.port()),
+            &format!("https://h1:{}/v1/status", api.port()),
+        ])
+        .output()
+        .expect("run curl");
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "a client without a certificate was answered: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    eprintln!(
+        "curl without a certificate: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    // The agent says why, one line per refusal, and serves on.
+    let log = wait_for(
+        "the agent to log the refusals",
+        Duration::from_secs(10),
+        || {
+            let log = std::fs::read_to_string(&agent_log).ok()?;
+            // Another CA's certificate: both CAs are named "ferry CA",
+            // so its signature is what fails.
+            (log.contains("invalid peer certificate") && log.contains("peer sent no certificates"))
+                .then_some(log)
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}: {}",
+            std::fs::read_to_string(&agent_log).unwrap_or_default()
+        )
+    });
+    assert!(log.contains("InvalidContentType"), "plain HTTP: {log}");
+    assert!(
+        status("h1", Some(&ours_tls)).is_ok(),
+        "the agent stopped serving"
+    );
+
+    // Daemons: ours reaches the agent, one with another CA's certificate
+    // is refused and says so in the host's health.
+    let daemon = |name: &str, certs: &Path| {
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let f = files(certs, "sched");
+        let config = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[daemon]\nlisten = \"{listen}\"\npolicy = \"manual\"\ninterval_s = 86400\n\
+                 tls = {{ cert = {:?}, key = {:?}, ca = {:?} }}\n\n\
+                 [[host]]\nname = \"h1\"\ncores = 2\ncore_mips = 1000\nmem_mb = 1024\nagent = \"{api}\"\n",
+                f.cert, f.key, f.ca
+            ),
+        )
+        .expect("config");
+        let check = Command::new(FERRY)
+            .args(["sched", "daemon", "--check", "--config"])
+            .arg(&config)
+            .output()
+            .expect("ferry sched daemon --check");
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let proc = ProcessGuard::spawn(
+            name,
+            Command::new(FERRY)
+                .args(["sched", "daemon", "--config"])
+                .arg(&config)
+                .env("NO_COLOR", "1"),
+            &dir.path().join(format!("{name}.log")),
+        )
+        .expect("daemon starts");
+        (proc, listen)
+    };
+    let health = |listen: SocketAddr| {
+        wait_for("the daemon to ask h1", Duration::from_secs(30), || {
+            let _ = http(listen, "POST", "/v1/round", Some(&json!({})));
+            let hosts = http(listen, "GET", "/v1/hosts", None).ok()?;
+            let h = hosts.as_array()?.first()?["health"].clone();
+            (!h["reachable"].is_null()).then_some(h)
+        })
+        .expect("a health reading")
+    };
+    let (_ours_daemon, ours_api) = daemon("ours", &ours);
+    let (_their_daemon, their_api) = daemon("theirs", &theirs);
+    let h = health(ours_api);
+    assert_eq!(h["reachable"], true, "{h}");
+    let h = health(their_api);
+    assert_eq!(h["reachable"], false, "{h}");
+    let e = h["error"].as_str().unwrap_or_default();
+    assert!(e.contains("agent of host h1") && !e.contains('\n'), "{h}");
+    eprintln!("daemon with another CA's certificate: {e}");
 }

@@ -127,9 +127,15 @@ pub struct TlsSettings {
     client: Arc<ClientConfig>,
     server: Arc<ServerConfig>,
     server_name: ServerName<'static>,
+    cert: Vec<CertificateDer<'static>>,
+    /// The key, and the PEM text it was parsed from.
+    key: Arc<(PrivateKeyDer<'static>, Vec<u8>)>,
+    ca: Vec<CertificateDer<'static>>,
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The crypto provider every ferry TLS configuration uses (ring), for
+/// other TLS stacks built from a [`TlsSettings`]'s material.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -176,9 +182,10 @@ impl TlsSettings {
     /// certificate must be valid for `server_name`.
     pub fn from_files(files: &TlsFiles, server_name: &str) -> Result<TlsSettings, TlsError> {
         let cert = parse_certs(&read_file(&files.cert)?, &files.cert)?;
-        let key = parse_key(&read_file(&files.key)?, &files.key)?;
+        let key_pem = read_file(&files.key)?;
+        let key = parse_key(&key_pem, &files.key)?;
         let ca = parse_certs(&read_file(&files.ca)?, &files.ca)?;
-        TlsSettings::new(cert, key, ca, server_name)
+        TlsSettings::new(cert, (key, key_pem), ca, server_name)
     }
 
     /// From PEM text already in memory (the `&str`s name the sources in errors).
@@ -189,20 +196,23 @@ impl TlsSettings {
         server_name: &str,
     ) -> Result<TlsSettings, TlsError> {
         let cert = parse_certs(cert.as_bytes(), Path::new("<certificate>"))?;
-        let key = parse_key(key.as_bytes(), Path::new("<key>"))?;
+        let key = (
+            parse_key(key.as_bytes(), Path::new("<key>"))?,
+            key.as_bytes().to_vec(),
+        );
         let ca = parse_certs(ca.as_bytes(), Path::new("<ca>"))?;
         TlsSettings::new(cert, key, ca, server_name)
     }
 
     fn new(
         cert: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
+        (key, key_pem): (PrivateKeyDer<'static>, Vec<u8>),
         ca: Vec<CertificateDer<'static>>,
         server_name: &str,
     ) -> Result<TlsSettings, TlsError> {
         let mut roots = RootCertStore::empty();
-        for c in ca {
-            roots.add(c).map_err(TlsError::BadCa)?;
+        for c in &ca {
+            roots.add(c.clone()).map_err(TlsError::BadCa)?;
         }
         let roots = Arc::new(roots);
         let server_name = ServerName::try_from(server_name.to_owned())
@@ -214,6 +224,7 @@ impl TlsSettings {
             .with_root_certificates(Arc::clone(&roots))
             .with_client_auth_cert(cert.clone(), key.clone_key())
             .map_err(TlsError::Config)?;
+        let material = (cert.clone(), Arc::new((key.clone_key(), key_pem)));
 
         let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
             .build()
@@ -234,7 +245,37 @@ impl TlsSettings {
             client: Arc::new(client),
             server: Arc::new(server),
             server_name,
+            cert: material.0,
+            key: material.1,
+            ca,
         })
+    }
+
+    /// The listener's configuration (requires and verifies a client
+    /// certificate), for servers on other stacks (the agent's HTTPS API).
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.server)
+    }
+
+    /// This side's certificate chain, as loaded.
+    pub fn cert_chain(&self) -> &[CertificateDer<'static>] {
+        &self.cert
+    }
+
+    /// This side's private key, as loaded.
+    pub fn private_key(&self) -> &PrivateKeyDer<'static> {
+        &self.key.0
+    }
+
+    /// The PEM text [`TlsSettings::private_key`] was parsed from, for TLS
+    /// stacks that take a key only as PEM.
+    pub fn private_key_pem(&self) -> &[u8] {
+        &self.key.1
+    }
+
+    /// The CA certificates peers must chain to, as loaded.
+    pub fn ca_certs(&self) -> &[CertificateDer<'static>] {
+        &self.ca
     }
 
     /// The name the listener's certificate is checked against.

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::client::{CallError, JsonClient};
+use super::https::ClientTls;
 use super::metrics::MigrationMeasure;
 use super::protocol::{
     AgentStatus, Done, MigrateReply, MigrateRequest, OwnershipClaim, SwapReport, VmRequest,
@@ -115,13 +116,17 @@ pub trait Executor: Send + Sync {
     fn start_vm(&self, vm: &str, mem_mb: u64, host: &str) -> Result<(), ExecError>;
 }
 
-/// Agents reached over HTTP.
+/// Agents reached over HTTP: HTTPS with mutual TLS when `tls` is given
+/// (each agent's certificate must carry its host's name), plaintext
+/// otherwise.
 #[derive(Debug, Clone, Default)]
 pub struct HttpAgents {
     /// Agent address per host name.
     pub agents: HashMap<String, SocketAddr>,
     /// Per-request timeout (migrations can take long).
     pub timeout: Option<Duration>,
+    /// The daemon's certificate and the CA agents must chain to.
+    pub tls: Option<ClientTls>,
 }
 
 impl HttpAgents {
@@ -131,7 +136,10 @@ impl HttpAgents {
             .get(host)
             .copied()
             .ok_or_else(|| ExecError::NoAgent(host.to_string()))?;
-        Ok((addr, JsonClient::new(&addr.to_string(), self.timeout)))
+        Ok((
+            addr,
+            JsonClient::for_agent(host, addr, self.tls.as_ref(), self.timeout),
+        ))
     }
 
     fn op(&self, host: &str, path: &str, body: &impl serde::Serialize) -> Result<(), ExecError> {

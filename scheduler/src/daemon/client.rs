@@ -4,12 +4,25 @@
 //! A non-2xx answer becomes [`CallError::Status`] carrying the server's own
 //! reason (the [`ErrorReply`] body).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::https::ClientTls;
 use super::protocol::{ErrorReply, MAX_RESPONSE_BYTES};
+
+/// The settings every client shares: `timeout` bounds a call, connecting
+/// gets 5 s, a non-2xx answer is read (it carries the reason).
+pub(crate) fn base_config(
+    timeout: Option<Duration>,
+) -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
+    ureq::Agent::config_builder()
+        .timeout_global(timeout)
+        .timeout_connect(Some(Duration::from_secs(5)))
+        .http_status_as_error(false)
+}
 
 /// HTTP methods the protocols use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,13 +112,26 @@ impl JsonClient {
         } else {
             format!("http://{addr}")
         };
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(timeout)
-            .timeout_connect(Some(Duration::from_secs(5)))
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent = base_config(timeout).build().into();
         Self { base, agent }
+    }
+
+    /// A client for the agent of `host` at `addr`: HTTPS with `tls` when
+    /// given (the agent's certificate must carry `host`), plain HTTP
+    /// otherwise.
+    pub fn for_agent(
+        host: &str,
+        addr: SocketAddr,
+        tls: Option<&ClientTls>,
+        timeout: Option<Duration>,
+    ) -> Self {
+        match tls {
+            None => Self::new(&addr.to_string(), timeout),
+            Some(tls) => Self {
+                base: format!("https://{host}:{}", addr.port()),
+                agent: tls.agent(addr, timeout),
+            },
+        }
     }
 
     /// The base URL.

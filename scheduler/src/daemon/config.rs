@@ -13,6 +13,9 @@
 //! # balance_duration_s = 600
 //! # min_move_interval_s = 1200
 //! # balance_threshold = 0.8
+//! # mutual TLS to the agents (`ferry tls gen-certs DIR --nodes h1 ... sched`);
+//! # each agent's certificate must carry its host's name:
+//! # tls = { cert = "/etc/ferry/sched.pem", key = "/etc/ferry/sched.key", ca = "/etc/ferry/ca.pem" }
 //!
 //! [[host]]
 //! name = "h1"
@@ -124,6 +127,36 @@ pub struct DaemonSection {
     /// (default: the planner's, 0.8).
     #[serde(default)]
     pub balance_threshold: Option<f64>,
+    /// Mutual TLS to the agents: the daemon's certificate (`ferry tls
+    /// gen-certs`), and the CA every agent's certificate must chain to;
+    /// each agent's certificate must also carry its host's name. Unset:
+    /// plain HTTP (the daemon warns).
+    #[serde(default)]
+    pub tls: Option<AgentTlsEntry>,
+}
+
+/// `[daemon] tls`: the daemon's side of the agent API's mutual TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentTlsEntry {
+    /// The daemon's PEM certificate (a client certificate of the CA).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// The CA.
+    pub ca: PathBuf,
+}
+
+impl AgentTlsEntry {
+    /// The files loaded (the transport's loader: they exist, parse, and
+    /// the key matches the certificate).
+    pub fn load(&self) -> Result<super::https::ClientTls, super::https::AgentTlsError> {
+        super::https::ClientTls::load(&ferry_transport::tls::TlsFiles {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            ca: self.ca.clone(),
+        })
+    }
 }
 
 fn default_policy() -> String {
@@ -466,6 +499,18 @@ impl Config {
                 );
             }
         }
+        if let Some(t) = &raw.daemon.tls {
+            if let Err(e) = t.load() {
+                problem(
+                    &mut problems,
+                    raw.daemon.listen.span().start,
+                    format!(
+                        "[daemon] tls: {}; no agent is reached without it",
+                        super::agent::error_chain(&e)
+                    ),
+                );
+            }
+        }
         let mut hosts: Vec<HostEntry> = Vec::new();
         let all_names: Vec<String> = raw.host.iter().map(|h| h.name.get_ref().clone()).collect();
         for h in raw.host {
@@ -545,6 +590,17 @@ impl Config {
                 }
             }
             if let Some(agent) = &h.agent {
+                if raw.daemon.tls.is_some() && !super::https::valid_tls_name(h.name.get_ref()) {
+                    problem(
+                        &mut problems,
+                        at,
+                        format!(
+                            "host {:?} is not a name a TLS certificate can carry (with [daemon] tls, each agent's certificate must carry its host's name)",
+                            h.name.get_ref()
+                        ),
+                    );
+                    continue;
+                }
                 let Ok(addr) = agent.get_ref().parse::<SocketAddr>() else {
                     problem(
                         &mut problems,
@@ -761,6 +817,55 @@ mem_mb = 512
         let c = Config::parse(Path::new("c.toml"), &neg).unwrap();
         assert!(
             c.problems[0].message.contains("release_after_s"),
+            "{:?}",
+            c.problems
+        );
+    }
+
+    #[test]
+    fn agent_tls_files_are_loaded_and_names_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        ferry_transport::tls::generate_certs(dir.path(), &["h1", "sched"]).unwrap();
+        let p = |f: &str| dir.path().join(f).display().to_string();
+        let with_tls = |cert: &str| {
+            GOOD.replace(
+                "listen = \"127.0.0.1:7070\"\n",
+                &format!(
+                    "listen = \"127.0.0.1:7070\"\ntls = {{ cert = {cert:?}, key = {:?}, ca = {:?} }}\n",
+                    p("sched.key"),
+                    p("ca.pem")
+                ),
+            )
+        };
+        let c = Config::parse(Path::new("c.toml"), &with_tls(&p("sched.pem"))).unwrap();
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        assert!(c.daemon.tls.is_some());
+
+        // A missing file, and a certificate its key does not match.
+        let c = Config::parse(Path::new("c.toml"), &with_tls(&p("nope.pem"))).unwrap();
+        assert_eq!(c.problems.len(), 1, "{:?}", c.problems);
+        let m = &c.problems[0].message;
+        assert!(
+            m.starts_with("[daemon] tls: loading the TLS files: could not read")
+                && m.contains("nope.pem"),
+            "{m}"
+        );
+        let c = Config::parse(Path::new("c.toml"), &with_tls(&p("h1.pem"))).unwrap();
+        assert_eq!(c.problems.len(), 1, "{:?}", c.problems);
+        assert!(
+            c.problems[0].message.contains("invalid TLS configuration"),
+            "{:?}",
+            c.problems
+        );
+
+        // With TLS, an agent host's name must be one a certificate carries.
+        let text = with_tls(&p("sched.pem")).replace("name = \"h2\"", "name = \"h 2\"");
+        let c = Config::parse(Path::new("c.toml"), &text).unwrap();
+        assert_eq!(c.hosts.len(), 1, "{:?}", c.problems);
+        assert!(
+            c.problems[0]
+                .message
+                .contains("host \"h 2\" is not a name a TLS certificate can carry"),
             "{:?}",
             c.problems
         );

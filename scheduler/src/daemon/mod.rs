@@ -8,6 +8,7 @@ pub mod agent;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod https;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod metrics;
@@ -248,6 +249,18 @@ impl Daemon {
             // Validated by Config::parse: a provider that fails to build
             // left its host out already.
             providers.push(h.health.iter().filter_map(|p| p.build().ok()).collect());
+        }
+        match cfg.daemon.tls.as_ref().map(config::AgentTlsEntry::load) {
+            None if !agents.agents.is_empty() => warn!(
+                "the agent API is plain HTTP: anyone who reaches an agent can drive it; give [daemon] tls (and the agents --tls-cert/--tls-key/--tls-ca) for mutual TLS"
+            ),
+            None => {}
+            Some(Ok(tls)) => agents.tls = Some(tls),
+            Some(Err(e)) => {
+                // Reported by Config::parse; never fall back to plaintext.
+                warn!(error = %agent::error_chain(&e), "[daemon] tls unusable: agent hosts left out");
+                agents.agents.clear();
+            }
         }
         let mut executor = ClusterExecutor::default();
         let agent_names: Vec<String> = agents.agents.keys().cloned().collect();
