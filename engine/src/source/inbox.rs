@@ -16,8 +16,18 @@ use crate::protocol::{decode_reason, RoundWritten, TornPage};
 #[derive(Debug)]
 pub(crate) struct Inbox {
     frames: Receiver<Result<Frame, TransportError>>,
-    /// Torn pages the destination reported, not yet taken.
-    torn: Mutex<Vec<TornPage>>,
+    /// What the destination's `Progress` reports said, whichever call read
+    /// them.
+    reported: Mutex<Reported>,
+}
+
+/// The sum of the `Progress` reports read so far.
+#[derive(Debug, Default)]
+struct Reported {
+    /// Torn pages reported, not yet taken.
+    torn: Vec<TornPage>,
+    /// The latest round reported written.
+    written: Option<u32>,
 }
 
 impl Inbox {
@@ -36,29 +46,35 @@ impl Inbox {
             .expect("spawn the inbox thread");
         Self {
             frames,
-            torn: Mutex::default(),
+            reported: Mutex::default(),
         }
     }
 
-    /// A `Progress` frame: keep its torn pages, return its round.
-    fn note_progress(&self, payload: &[u8]) -> Result<u32, MigrationError> {
+    fn reported(&self) -> std::sync::MutexGuard<'_, Reported> {
+        self.reported.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A `Progress` frame: keep its torn pages and its round, whichever
+    /// call read it (a report read by [`Inbox::check`] still answers a
+    /// later [`Inbox::round_written`]).
+    fn note_progress(&self, payload: &[u8]) -> Result<(), MigrationError> {
         let written = RoundWritten::decode(payload).map_err(MigrationError::Message)?;
-        if !written.torn.is_empty() {
-            self.torn
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend_from_slice(&written.torn);
-        }
-        Ok(written.round)
+        let mut reported = self.reported();
+        reported.torn.extend_from_slice(&written.torn);
+        reported.written = reported.written.max(Some(written.round));
+        Ok(())
+    }
+
+    /// Whether the destination reported `round` (or a later one) written.
+    fn has_written(&self, round: u32) -> bool {
+        self.reported().written >= Some(round)
     }
 
     /// The torn pages reported since the last call, reading what already
     /// arrived first (an Abort or a broken connection fails it).
     pub(crate) fn take_torn(&self, during: &'static str) -> Result<Vec<TornPage>, MigrationError> {
         self.check(during)?;
-        Ok(std::mem::take(
-            &mut *self.torn.lock().unwrap_or_else(|p| p.into_inner()),
-        ))
+        Ok(std::mem::take(&mut self.reported().torn))
     }
 
     /// Fail if the destination aborted or the connection broke; otherwise
@@ -90,12 +106,13 @@ impl Inbox {
         const WHAT: &str = "the destination to write the round";
         let deadline = Instant::now() + timeout;
         loop {
+            if self.has_written(round) {
+                return Ok(true);
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             match self.frames.recv_timeout(left) {
                 Ok(Ok(frame)) if frame.kind == FrameKind::Progress => {
-                    if self.note_progress(&frame.payload)? >= round {
-                        return Ok(true);
-                    }
+                    self.note_progress(&frame.payload)?;
                 }
                 Ok(got) => return Err(unexpected(got, "Progress", WHAT)),
                 Err(RecvTimeoutError::Timeout) => return Ok(false),
@@ -227,6 +244,29 @@ mod tests {
             Err(MigrationError::PeerAborted(reason)) => assert_eq!(reason, "disk full"),
             other => panic!("expected the abort, got {other:?}"),
         }
+    }
+
+    /// The CI failure of stop 18: the report of the last round was read by
+    /// a `check` between rounds, and the wait before the pause then waited
+    /// for a frame that had already come, until the handover timeout.
+    #[test]
+    fn a_round_written_read_by_a_check_still_answers_the_wait() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let inbox = Inbox::spawn(FrameReader::new(ours));
+        let mut dst = FrameWriter::new(theirs);
+        written(&mut dst, 0);
+        written(&mut dst, 1);
+        // Both reports are in the inbox's channel before the check reads.
+        let t0 = Instant::now();
+        while inbox.frames.len() < 2 {
+            assert!(t0.elapsed() < LONG, "the inbox thread read nothing");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(inbox.take_torn("test").unwrap().len(), 2);
+        assert!(inbox.frames.is_empty());
+        assert!(inbox.round_written(1, Duration::ZERO).unwrap());
+        assert!(inbox.round_written(0, Duration::ZERO).unwrap());
+        assert!(!inbox.round_written(2, Duration::ZERO).unwrap());
     }
 
     #[test]

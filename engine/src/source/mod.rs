@@ -887,7 +887,7 @@ impl Session<'_> {
             }
             if since.elapsed() >= self.opts.handover_timeout {
                 return Err(MigrationError::Timeout {
-                    waiting_for: "the destination to write the last round",
+                    waiting_for: "report that the last round is written",
                     timeout: self.opts.handover_timeout,
                 });
             }
