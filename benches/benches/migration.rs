@@ -5,9 +5,9 @@
 //! one built next to this bench), `FERRY_BENCH_OUT=DIR` for the JSON lines
 //! and the plot (default `target/bench-compare`).
 
-use ferry_benches::compare::{self, CompareConfig};
-use ferry_benches::matrix::{DirtyLevel, DstMemory, Fill, Link, Profile, QemuProfile};
-use ferry_benches::settings::RunSettings;
+use ferry_harness::bench::compare::{self, CompareConfig};
+use ferry_harness::bench::matrix::{DirtyLevel, DstMemory, Fill, Link, Profile, QemuProfile};
+use ferry_harness::bench::settings::RunSettings;
 
 fn parse_mem(s: &str) -> Option<u64> {
     ferry_vm::parse_size(s.trim(), 1 << 20)
@@ -15,7 +15,7 @@ fn parse_mem(s: &str) -> Option<u64> {
 
 fn main() {
     // cargo passes `--bench`; criterion-style filters are ignored.
-    let Some(ferry_bin) = ferry_benches::locate_ferry() else {
+    let Some(ferry_bin) = ferry_harness::bench::locate_ferry() else {
         eprintln!("SKIP migration bench: no ferry binary (build it: cargo build -p ferry, or set FERRY_BIN)");
         return;
     };

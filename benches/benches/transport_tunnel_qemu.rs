@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use ferry_e2e::qemu::{qemu_unavailable, QemuConfig, QemuGuest};
-use ferry_e2e::qmp::MigrationStatus;
+use ferry_harness::qemu::{qemu_unavailable, QemuConfig, QemuGuest};
+use ferry_harness::qmp::MigrationStatus;
 use ferry_transport::tls::generate_cert_set;
 use ferry_transport::tunnel::{Tunnel, TunnelOptions};
 use ferry_transport::{LaneOptions, Security, TlsSettings};

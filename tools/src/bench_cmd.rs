@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use ferry_benches::compare::{self, CompareConfig};
-use ferry_benches::matrix::{
+use ferry_harness::bench::compare::{self, CompareConfig};
+use ferry_harness::bench::matrix::{
     DirtyLevel, DstMemory, FerryProfile, Fill, Link, Profile, QemuProfile,
 };
-use ferry_benches::settings::RunSettings;
+use ferry_harness::bench::settings::RunSettings;
 
 /// `ferry bench ...`
 #[derive(Args, Debug)]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use ferry_control::{client, Limits, MigrateRequest, SecuritySpec};
-use ferry_e2e::process::ProcessGuard;
+use ferry_harness::process::ProcessGuard;
 use ferry_vm::{GuestPhase, GuestStatus};
 
 use crate::migrate_cmd;

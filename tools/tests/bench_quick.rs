@@ -6,9 +6,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use ferry_benches::machine::MachineState;
-use ferry_benches::matrix::Engine;
-use ferry_benches::outcome::{BytesLeft, RunStatus, StaticCheck};
+use ferry_harness::bench::machine::MachineState;
+use ferry_harness::bench::matrix::Engine;
+use ferry_harness::bench::outcome::{BytesLeft, RunStatus, StaticCheck};
 use serde::Deserialize;
 
 fn skip_reason() -> Option<String> {

@@ -3,7 +3,30 @@
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use anyhow::{Context, Result};
+/// Why a child process could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// Its log file could not be opened.
+    #[error("opening log {path}")]
+    Log {
+        /// The log file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process could not be spawned.
+    #[error("starting {name}: {command}")]
+    Spawn {
+        /// The name given at spawn.
+        name: String,
+        /// The command line, as `Command`'s `Debug` writes it.
+        command: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// A child process killed (SIGKILL) and reaped when the guard drops, on
 /// every path, panics included.
@@ -15,19 +38,27 @@ pub struct ProcessGuard {
 
 impl ProcessGuard {
     /// Spawns `cmd` with stdin closed and stdout/stderr appended to `log`.
-    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<ProcessGuard> {
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<ProcessGuard, ProcessError> {
+        let log_err = |source| ProcessError::Log {
+            path: log.to_path_buf(),
+            source,
+        };
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
-            .with_context(|| format!("opening log {}", log.display()))?;
-        let err = out.try_clone()?;
+            .map_err(log_err)?;
+        let err = out.try_clone().map_err(log_err)?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+            .map_err(|source| ProcessError::Spawn {
+                name: name.to_owned(),
+                command: format!("{cmd:?}"),
+                source,
+            })?;
         Ok(ProcessGuard {
             name: name.to_owned(),
             child: Some(child),

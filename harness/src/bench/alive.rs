@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use ferry_vm::GuestPhase;
 
-use crate::guest_probe::GuestProbe;
+use crate::bench::guest_probe::GuestProbe;
 
 /// The verdict and what it is based on.
 #[derive(Debug, Clone)]

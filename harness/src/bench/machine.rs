@@ -7,7 +7,7 @@
 //! ## Busy runs
 //! The machine counts as busy when processes other than the benchmark (the
 //! harness itself and the engine processes it started) use more than
-//! [`crate::settings::RunSettings::busy_cpus`] CPUs: `/proc/stat`'s busy
+//! [`crate::bench::settings::RunSettings::busy_cpus`] CPUs: `/proc/stat`'s busy
 //! time (user, nice, system, irq, softirq; steal is not another process)
 //! minus the CPU time of our own processes, over the same interval. The
 //! load average cannot tell: the benchmark's own guest spins a vCPU.
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::procfs;
+use crate::bench::procfs;
 
 /// Free blocks of 2 MiB (order 9 with 4 KiB pages) or larger.
 const HUGE_ORDER: usize = 9;

@@ -11,6 +11,9 @@ pub enum BenchError {
     /// Starting a process failed.
     #[error("starting {0}")]
     Spawn(String, #[source] io::Error),
+    /// A child process (or its log file) could not be started.
+    #[error("{0}")]
+    Process(String, #[source] crate::process::ProcessError),
     /// A QMP command failed or QMP could not be reached.
     #[error("QMP {0}: {1}")]
     Qmp(String, String),

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::error::BenchError;
+use crate::bench::error::BenchError;
 
 /// What one ceiling run measured.
 #[derive(Debug, Clone, Copy, Serialize)]

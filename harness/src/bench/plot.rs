@@ -6,9 +6,9 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::error::BenchError;
-use crate::matrix::Engine;
-use crate::outcome::RunOutcome;
+use crate::bench::error::BenchError;
+use crate::bench::matrix::Engine;
+use crate::bench::outcome::RunOutcome;
 
 const QEMU_COLOURS: [RGBColor; 5] = [
     RGBColor(200, 30, 30),

@@ -4,10 +4,35 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use crate::process::{ProcessError, ProcessGuard};
+use crate::qmp::{guest_status, Qmp, QmpError};
 
-use crate::process::ProcessGuard;
-use crate::qmp::{guest_status, Qmp};
+/// What went wrong starting QEMU or waiting for its guest.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// The process did not start.
+    #[error("starting QEMU")]
+    Start(#[source] ProcessError),
+    /// Its QMP socket could not be reached or answered wrongly.
+    #[error("QEMU's QMP (log {log})")]
+    Qmp {
+        /// QEMU's log file.
+        log: PathBuf,
+        /// Why.
+        #[source]
+        source: QmpError,
+    },
+    /// The guest did not reach its dirty loop in time.
+    #[error("guest not running after {timeout:?}: {status}; log {log}")]
+    NotRunning {
+        /// How long it waited.
+        timeout: Duration,
+        /// The guest's last status block.
+        status: String,
+        /// QEMU's log file.
+        log: PathBuf,
+    },
+}
 
 /// Why QEMU tests cannot run here, if they cannot (for a loud SKIP line).
 pub fn qemu_unavailable() -> Option<String> {
@@ -53,7 +78,7 @@ pub struct QemuConfig {
 
 impl QemuGuest {
     /// Starts QEMU named `name` with files (QMP socket, log) in `dir`.
-    pub fn start(name: &str, cfg: &QemuConfig, dir: &Path) -> Result<QemuGuest> {
+    pub fn start(name: &str, cfg: &QemuConfig, dir: &Path) -> Result<QemuGuest, QemuError> {
         let qmp_path = dir.join(format!("{name}-qmp.sock"));
         let log = dir.join(format!("{name}.log"));
         let mut cmd = Command::new("qemu-system-x86_64");
@@ -71,25 +96,37 @@ impl QemuGuest {
         if let Some(uri) = &cfg.incoming {
             cmd.arg("-incoming").arg(uri);
         }
-        let process = ProcessGuard::spawn(name, &mut cmd, &log)?;
-        let qmp = Qmp::connect(&qmp_path, Duration::from_secs(20))?;
+        let process = ProcessGuard::spawn(name, &mut cmd, &log).map_err(QemuError::Start)?;
+        let qmp =
+            Qmp::connect(&qmp_path, Duration::from_secs(20)).map_err(|source| QemuError::Qmp {
+                log: log.clone(),
+                source,
+            })?;
         Ok(QemuGuest { process, qmp, log })
     }
 
     /// Waits until the guest runs its dirty loop (phase 2) with a heartbeat
     /// of at least `min_heartbeat`; returns that heartbeat.
-    pub fn wait_running(&mut self, min_heartbeat: u64, timeout: Duration) -> Result<u64> {
+    pub fn wait_running(
+        &mut self,
+        min_heartbeat: u64,
+        timeout: Duration,
+    ) -> Result<u64, QemuError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let s = guest_status(&mut self.qmp)?;
+            let s = guest_status(&mut self.qmp).map_err(|source| QemuError::Qmp {
+                log: self.log.clone(),
+                source,
+            })?;
             if s.phase == 2 && s.heartbeat >= min_heartbeat {
                 return Ok(s.heartbeat);
             }
             if Instant::now() > deadline {
-                bail!(
-                    "guest not running after {timeout:?}: {s:?}; log {}",
-                    self.log.display()
-                );
+                return Err(QemuError::NotRunning {
+                    timeout,
+                    status: format!("{s:?}"),
+                    log: self.log.clone(),
+                });
             }
             std::thread::sleep(Duration::from_millis(100));
         }

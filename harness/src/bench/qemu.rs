@@ -8,16 +8,16 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferry_e2e::qmp::{MigrationInfo, MigrationStatus, Qmp};
+use crate::qmp::{MigrationInfo, MigrationStatus, Qmp, QmpError};
 use serde_json::{json, Value};
 
-use crate::error::BenchError;
-use crate::guest_probe::StaticDigest;
-use crate::matrix::{DstMemory, Profile, QemuProfile, Workload};
-use crate::outcome::{BytesLeft, RunOutcome, RunStatus};
-use crate::run_common::{self, Baseline, EngineProcess, RunContext};
-use crate::settings::RunSettings;
-use crate::watch::Watch;
+use crate::bench::error::BenchError;
+use crate::bench::guest_probe::StaticDigest;
+use crate::bench::matrix::{DstMemory, Profile, QemuProfile, Workload};
+use crate::bench::outcome::{BytesLeft, RunOutcome, RunStatus};
+use crate::bench::run_common::{self, Baseline, EngineProcess, RunContext};
+use crate::bench::settings::RunSettings;
+use crate::bench::watch::Watch;
 
 /// `max-bandwidth` for uncapped rows: far above loopback, so QEMU's default
 /// 128 MiB/s cap does not decide the result.
@@ -82,8 +82,8 @@ fn qemu_cmd(
     c
 }
 
-fn qmp_err(what: &str) -> impl Fn(anyhow::Error) -> BenchError + '_ {
-    move |e| BenchError::Qmp(what.into(), format!("{e:#}"))
+fn qmp_err(what: &str) -> impl Fn(QmpError) -> BenchError + '_ {
+    move |e| BenchError::Qmp(what.into(), error_chain(&e))
 }
 
 fn capabilities(p: QemuProfile) -> Vec<&'static str> {
@@ -189,7 +189,7 @@ fn start(
     let qmp = Qmp::connect(&sock, connect).map_err(|e| {
         BenchError::Qmp(
             format!("connect ({})", run_common::log_tail(&guard.log)),
-            format!("{e:#}"),
+            error_chain(&e),
         )
     })?;
     Ok((guard, qmp))

@@ -12,8 +12,8 @@ use std::os::unix::fs::FileExt;
 
 use ferry_vm::{GuestStatus, STATUS_ADDR};
 
-use crate::error::BenchError;
-use crate::procfs;
+use crate::bench::error::BenchError;
+use crate::bench::procfs;
 
 /// Reads one process's guest status block.
 #[derive(Debug)]

@@ -2,8 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::machine::MachineState;
-use crate::matrix::{Profile, Workload};
+use crate::bench::machine::MachineState;
+use crate::bench::matrix::{Profile, Workload};
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,7 +64,7 @@ pub struct RunOutcome {
     /// Engine and profile.
     pub profile: Profile,
     /// Engine (`qemu` / `ferry`).
-    pub engine: crate::matrix::Engine,
+    pub engine: crate::bench::matrix::Engine,
     /// The workload.
     pub workload: Workload,
     /// Its label.

@@ -5,7 +5,6 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -20,7 +19,7 @@ enum Message {
         value: Value,
     },
     /// A command's failure.
-    Error { error: QmpError },
+    Error { error: ErrorReply },
     /// An asynchronous event.
     Event {
         #[allow(dead_code)] // skipped, named only for the message
@@ -34,9 +33,83 @@ enum Message {
     },
 }
 
+/// What went wrong talking QMP.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    /// The socket could not be reached (or set up) before the timeout.
+    #[error("connecting to QMP at {path}")]
+    Connect {
+        /// The QMP socket.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading a line from QEMU failed.
+    #[error("reading from QMP")]
+    Read(#[source] std::io::Error),
+    /// Writing a command to QEMU failed.
+    #[error("writing to QMP")]
+    Write(#[source] std::io::Error),
+    /// QEMU closed the connection.
+    #[error("QMP connection closed")]
+    Closed,
+    /// A line QEMU wrote is not a QMP message.
+    #[error("parsing QMP message {line:?}")]
+    Parse {
+        /// The line.
+        line: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The first message was not QMP's greeting.
+    #[error("no QMP greeting: {0}")]
+    NoGreeting(String),
+    /// QEMU refused a command.
+    #[error("QMP {command} failed: {desc} ({class})")]
+    Command {
+        /// The command.
+        command: String,
+        /// QMP's error class: `GenericError`, `CommandNotFound`, ...
+        class: String,
+        /// In words.
+        desc: String,
+    },
+    /// A command's answer is not what ferry reads it as.
+    #[error("QMP {command} answered {answer}")]
+    Answer {
+        /// The command.
+        command: String,
+        /// Its answer.
+        answer: String,
+        /// Why it does not read.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// HMP `xp` wrote something other than the words asked for.
+    #[error("parsing xp output {text:?}: {reason}")]
+    Xp {
+        /// Its output.
+        text: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A migration had not ended when the wait ran out.
+    #[error("migration not finished after {timeout:?}: {last}")]
+    Unfinished {
+        /// How long it waited.
+        timeout: Duration,
+        /// The last `query-migrate` answer.
+        last: String,
+    },
+}
+
+type Result<T, E = QmpError> = std::result::Result<T, E>;
+
 /// A QMP error reply's `error`.
 #[derive(Debug, Deserialize)]
-pub struct QmpError {
+pub struct ErrorReply {
     /// `GenericError`, `CommandNotFound`, ...
     pub class: String,
     /// In words.
@@ -183,20 +256,28 @@ impl Qmp {
                     let _ = e;
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("connecting to QMP at {}", path.display()))
+                Err(source) => {
+                    return Err(QmpError::Connect {
+                        path: path.to_path_buf(),
+                        source,
+                    })
                 }
             }
         };
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let connect_err = |source| QmpError::Connect {
+            path: path.to_path_buf(),
+            source,
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(connect_err)?;
         let mut qmp = Qmp {
-            reader: BufReader::new(stream.try_clone()?),
+            reader: BufReader::new(stream.try_clone().map_err(connect_err)?),
             writer: stream,
         };
         let greeting = qmp.read_message()?;
         if !matches!(greeting, Message::Greeting { .. }) {
-            bail!("no QMP greeting: {greeting:?}");
+            return Err(QmpError::NoGreeting(format!("{greeting:?}")));
         }
         qmp.execute("qmp_capabilities", json!({}))?;
         Ok(qmp)
@@ -204,14 +285,11 @@ impl Qmp {
 
     fn read_message(&mut self) -> Result<Message> {
         let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .context("reading from QMP")?;
+        let n = self.reader.read_line(&mut line).map_err(QmpError::Read)?;
         if n == 0 {
-            bail!("QMP connection closed");
+            return Err(QmpError::Closed);
         }
-        serde_json::from_str(&line).with_context(|| format!("parsing QMP message {line:?}"))
+        serde_json::from_str(&line).map_err(|source| QmpError::Parse { line, source })
     }
 
     /// Runs a command; returns its `return` value, or its error as an error.
@@ -226,16 +304,16 @@ impl Qmp {
         text.push('\n');
         self.writer
             .write_all(text.as_bytes())
-            .context("writing to QMP")?;
+            .map_err(QmpError::Write)?;
         loop {
             match self.read_message()? {
                 Message::Return { value } => return Ok(value),
                 Message::Error { error } => {
-                    return Err(anyhow!(
-                        "QMP {command} failed: {} ({})",
-                        error.desc,
-                        error.class
-                    ))
+                    return Err(QmpError::Command {
+                        command: command.to_owned(),
+                        class: error.class,
+                        desc: error.desc,
+                    })
                 }
                 Message::Event { .. } | Message::Greeting { .. } => {}
             }
@@ -260,7 +338,11 @@ impl Qmp {
     /// Runs a command without arguments and reads its answer as a `T`.
     pub fn query<T: DeserializeOwned>(&mut self, command: &str) -> Result<T> {
         let r = self.execute(command, json!({}))?;
-        serde_json::from_value(r.clone()).with_context(|| format!("QMP {command} answered {r}"))
+        serde_json::from_value(r.clone()).map_err(|source| QmpError::Answer {
+            command: command.to_owned(),
+            answer: r.to_string(),
+            source,
+        })
     }
 
     /// `query-status`'s `status` (`running`, `paused`, `postmigrate`, `inmigrate`, ...).
@@ -283,7 +365,10 @@ impl Qmp {
                 return Ok(r);
             }
             if Instant::now() > deadline {
-                bail!("migration not finished after {timeout:?}: {r:?}");
+                return Err(QmpError::Unfinished {
+                    timeout,
+                    last: format!("{r:?}"),
+                });
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -298,12 +383,15 @@ pub fn parse_xp(text: &str, count: usize) -> Result<Vec<u64>> {
         .flat_map(str::split_whitespace)
         .map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16))
         .collect::<Result<_, _>>()
-        .with_context(|| format!("parsing xp output {text:?}"))?;
+        .map_err(|e| QmpError::Xp {
+            text: text.to_owned(),
+            reason: e.to_string(),
+        })?;
     if words.len() != count {
-        bail!(
-            "xp returned {} words, expected {count}: {text:?}",
-            words.len()
-        );
+        return Err(QmpError::Xp {
+            text: text.to_owned(),
+            reason: format!("{} words, expected {count}", words.len()),
+        });
     }
     Ok(words)
 }

@@ -15,10 +15,10 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::ceiling::Ceiling;
-use crate::matrix::{Engine, FerryProfile, Fill, Link, Profile, Workload};
-use crate::outcome::RunOutcome;
-use crate::stats::Spread;
+use crate::bench::ceiling::Ceiling;
+use crate::bench::matrix::{Engine, FerryProfile, Fill, Link, Profile, Workload};
+use crate::bench::outcome::RunOutcome;
+use crate::bench::stats::Spread;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -613,8 +613,8 @@ pub fn floors_text(f: &[FloorCheck]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::matrix::{DirtyLevel, QemuProfile};
-    use crate::outcome::{RunStatus, StaticCheck};
+    use crate::bench::matrix::{DirtyLevel, QemuProfile};
+    use crate::bench::outcome::{RunStatus, StaticCheck};
 
     const F: Profile = Profile::Ferry(FerryProfile::Default);
     const Q: Profile = Profile::Qemu(QemuProfile::Default);

@@ -9,19 +9,19 @@ use std::path::PathBuf;
 
 use serde_json::json;
 
-use crate::ceiling::{self, Ceiling};
-use crate::error::BenchError;
-use crate::machine::{self, MachineState};
-use crate::matrix::{
+use crate::bench::ceiling::{self, Ceiling};
+use crate::bench::error::BenchError;
+use crate::bench::machine::{self, MachineState};
+use crate::bench::matrix::{
     interleave, DirtyLevel, DstMemory, FerryProfile, Fill, Link, Profile, QemuProfile, Rate,
     Workload,
 };
-use crate::outcome::{RunOutcome, RunStatus};
-use crate::report::{self, Aggregate, FloorCheck};
-use crate::run_common::RunContext;
-use crate::settings::RunSettings;
-use crate::shaped_link::ShapedLink;
-use crate::{ferry, qemu};
+use crate::bench::outcome::{RunOutcome, RunStatus};
+use crate::bench::report::{self, Aggregate, FloorCheck};
+use crate::bench::run_common::RunContext;
+use crate::bench::settings::RunSettings;
+use crate::bench::shaped_link::ShapedLink;
+use crate::bench::{ferry, qemu};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -214,7 +214,7 @@ pub fn run(
     let state = MachineState::now();
     let session = json!({
         "kind": "session",
-        "machine": crate::procfs::machine(),
+        "machine": crate::bench::procfs::machine(),
         "machine_state_start": state,
         "qemu": qemu_version,
         "ferry_bin": s.ferry_bin,
@@ -226,7 +226,7 @@ pub fn run(
     });
     notes.push(format!(
         "machine: {}; at start: {}",
-        crate::procfs::machine(),
+        crate::bench::procfs::machine(),
         state.summary()
     ));
     emit(session)?;
@@ -341,7 +341,7 @@ pub fn run(
         emit(json!({"kind": "floor", "floor": f}))?;
     }
     if let Some(p) = &cfg.plot_out {
-        crate::plot::bytes_left_svg(&runs, p)?;
+        crate::bench::plot::bytes_left_svg(&runs, p)?;
     }
     Ok(CompareReport {
         ceilings,

@@ -11,19 +11,19 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ferry_e2e::process::ProcessGuard;
+use crate::process::ProcessGuard;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::error::BenchError;
-use crate::guest_probe::StaticDigest;
-use crate::matrix::{DstMemory, FerryProfile, Profile, Workload};
-use crate::outcome::{BytesLeft, RunOutcome, RunStatus};
-use crate::procfs;
-use crate::qemu::error_chain;
-use crate::run_common::{self, Baseline, EngineProcess, RunContext};
-use crate::settings::RunSettings;
-use crate::watch::Watch;
+use crate::bench::error::BenchError;
+use crate::bench::guest_probe::StaticDigest;
+use crate::bench::matrix::{DstMemory, FerryProfile, Profile, Workload};
+use crate::bench::outcome::{BytesLeft, RunOutcome, RunStatus};
+use crate::bench::procfs;
+use crate::bench::qemu::error_chain;
+use crate::bench::run_common::{self, Baseline, EngineProcess, RunContext};
+use crate::bench::settings::RunSettings;
+use crate::bench::watch::Watch;
 
 /// The `ferry migrate` flag a profile needs (`None` for the defaults: the
 /// default lane count, `ferry_transport::default_lane_count()`).

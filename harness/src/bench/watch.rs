@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use ferry_vm::GuestStatus;
 
-use crate::guest_probe::GuestProbe;
-use crate::procfs;
+use crate::bench::guest_probe::GuestProbe;
+use crate::bench::procfs;
 
 /// Names of the vCPU thread: QEMU (`-name ...,debug-threads=on`), ferry.
 pub const VCPU_THREAD_NAMES: &[&str] = &["CPU 0/KVM", "vcpu0"];

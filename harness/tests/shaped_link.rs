@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_benches::shaped_link::{interface_exists, ShapedLink};
+use ferry_harness::bench::shaped_link::{interface_exists, ShapedLink};
 
 const CHILD_ENV: &str = "FERRY_SHAPED_LINK_CHILD";
 

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::error::BenchError;
+use crate::bench::error::BenchError;
 
 /// Round-trip time asked of a shaped link (netem delay of half each way).
 pub const TARGET_RTT_US: u64 = 200;

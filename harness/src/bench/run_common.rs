@@ -6,15 +6,15 @@ use std::time::{Duration, Instant};
 
 use ferry_vm::GuestPhase;
 
-use crate::alive;
-use crate::error::BenchError;
-use crate::guest_probe::{GuestProbe, StaticDigest};
-use crate::machine::CpuMark;
-use crate::outcome::{RunOutcome, StaticCheck};
-use crate::procfs;
-use crate::settings::RunSettings;
-use crate::shaped_link::ShapedLink;
-use crate::watch::{CpuMeter, CpuSample, WatchLog};
+use crate::bench::alive;
+use crate::bench::error::BenchError;
+use crate::bench::guest_probe::{GuestProbe, StaticDigest};
+use crate::bench::machine::CpuMark;
+use crate::bench::outcome::{RunOutcome, StaticCheck};
+use crate::bench::procfs;
+use crate::bench::settings::RunSettings;
+use crate::bench::shaped_link::ShapedLink;
+use crate::bench::watch::{CpuMeter, CpuSample, WatchLog};
 
 /// Where a run happens: the session's settings and, for a shaped-link
 /// row, the link the destinations sit behind.
@@ -213,7 +213,7 @@ pub fn check_alive(
 #[derive(Debug)]
 pub struct EngineProcess {
     /// The guard (kills and reaps by PID on drop).
-    pub guard: ferry_e2e::process::ProcessGuard,
+    pub guard: crate::process::ProcessGuard,
     /// stdout + stderr of the process.
     pub log: std::path::PathBuf,
     what: String,
@@ -230,8 +230,8 @@ impl EngineProcess {
         let log = workdir.join(format!("{name}.log"));
         let _ = std::fs::remove_file(&log);
         die_with_parent(cmd);
-        let guard = ferry_e2e::process::ProcessGuard::spawn(name, cmd, &log)
-            .map_err(|e| BenchError::Spawn(what.into(), std::io::Error::other(format!("{e:#}"))))?;
+        let guard = crate::process::ProcessGuard::spawn(name, cmd, &log)
+            .map_err(|e| BenchError::Process(what.into(), e))?;
         Ok(Self {
             guard,
             log,

@@ -72,7 +72,7 @@ pub enum Link {
     /// 127.0.0.1, both sides in this network namespace.
     Loopback,
     /// The destination in a network namespace of its own behind a veth
-    /// pair shaped to this many bits/s ([`crate::shaped_link`]).
+    /// pair shaped to this many bits/s ([`crate::bench::shaped_link`]).
     Shaped {
         /// Rate, bits per second.
         bits_per_sec: u64,

@@ -15,7 +15,7 @@ pub struct RunSettings {
     /// ferry's downtime limit, ms (QEMU's are the session's
     /// `qemu_downtime_limits_ms`, by default the same).
     pub max_downtime_ms: u64,
-    /// Per-row deadline override (default: [`crate::matrix::Workload::default_deadline_secs`]).
+    /// Per-row deadline override (default: [`crate::bench::matrix::Workload::default_deadline_secs`]).
     pub deadline: Option<Duration>,
     /// The `ferry` binary.
     pub ferry_bin: PathBuf,
@@ -26,7 +26,7 @@ pub struct RunSettings {
     /// Print progress to stderr.
     pub verbose: bool,
     /// A run counts as busy when other work used more CPUs than this
-    /// before or during it ([`crate::machine`]).
+    /// before or during it ([`crate::bench::machine`]).
     pub busy_cpus: f64,
     /// How long to wait before each run for the machine to be quiet.
     pub quiet_wait: Duration,
@@ -39,7 +39,7 @@ impl RunSettings {
 
 impl RunSettings {
     /// The migration deadline for a workload.
-    pub fn deadline_for(&self, w: &crate::matrix::Workload) -> Duration {
+    pub fn deadline_for(&self, w: &crate::bench::matrix::Workload) -> Duration {
         self.deadline
             .unwrap_or_else(|| Duration::from_secs(w.default_deadline_secs()))
     }
