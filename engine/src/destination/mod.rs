@@ -465,7 +465,7 @@ impl<S: FrameSink> Receiving<'_, S> {
         info!(pages = layout.pages(), "incoming migration accepted");
 
         let hashes = PageHashes::with_regions(layout.page_index_end(), &layout.page_ranges());
-        let torn = TornSet::default();
+        let torn = TornSet::new(layout.page_index_end());
         let ctx = DecodeContext {
             memory: vm.memory(),
             hashes: &hashes,

@@ -2,7 +2,7 @@
 //! memory, recording each written page's hash for the digest.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -35,11 +35,15 @@ pub(crate) struct Job {
 /// Raw pages that arrived torn (see [`crate::protocol::TornPage`]): the
 /// ones still torn (no later copy came yet) and the ones not yet reported
 /// to the source.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct TornSet {
-    /// Pages still torn, kept apart so that a decoder writing a page
-    /// checks a counter, not a lock, while nothing is torn.
-    open_count: AtomicUsize,
+    /// One bit per page, set while the page is torn: a decoder writing a
+    /// page reads its word and takes no lock unless that page is torn.
+    /// (A count of open pages checked instead sent every decoder through
+    /// the lock, and its cache line from core to core, for every page
+    /// written while any page was torn, which on the idle row is all of
+    /// round 0: the guest's status page tears early in every run.)
+    open_bits: Vec<AtomicU64>,
     state: Mutex<TornState>,
 }
 
@@ -50,7 +54,24 @@ struct TornState {
     unreported: Vec<TornPage>,
 }
 
+/// A page's word in [`TornSet::open_bits`] and its bit there.
+fn torn_bit(page: u64) -> (usize, u64) {
+    (
+        usize::try_from(page / 64).unwrap_or(usize::MAX),
+        1 << (page % 64),
+    )
+}
+
 impl TornSet {
+    /// For pages `0..page_index_end`.
+    pub(crate) fn new(page_index_end: u64) -> Self {
+        let words = usize::try_from(page_index_end.div_ceil(64)).expect("page count fits usize");
+        Self {
+            open_bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            state: Mutex::default(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, TornState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -60,19 +81,28 @@ impl TornSet {
         let mut s = self.lock();
         s.open.insert(page, round);
         s.unreported.push(TornPage { page, round });
-        self.open_count.store(s.open.len(), Ordering::Relaxed);
+        let (word, bit) = torn_bit(page);
+        if let Some(w) = self.open_bits.get(word) {
+            w.fetch_or(bit, Ordering::Relaxed);
+        }
     }
 
     /// A copy of `page` that matches its hash was written. A page's copies
     /// are decoded in order (one lane per page, a barrier per round), so
-    /// a torn copy's record is seen here.
+    /// a torn copy's record (its bit included) is seen here.
     fn written(&self, page: u64) {
-        if self.open_count.load(Ordering::Relaxed) == 0 {
+        let (word, bit) = torn_bit(page);
+        let open = self
+            .open_bits
+            .get(word)
+            .is_none_or(|w| w.load(Ordering::Relaxed) & bit != 0);
+        if !open {
             return;
         }
         let mut s = self.lock();
-        if s.open.remove(&page).is_some() {
-            self.open_count.store(s.open.len(), Ordering::Relaxed);
+        s.open.remove(&page);
+        if let Some(w) = self.open_bits.get(word) {
+            w.fetch_and(!bit, Ordering::Relaxed);
         }
     }
 
@@ -399,7 +429,7 @@ mod tests {
     fn pages_land_in_guest_memory_with_their_hash() {
         let mem = memory();
         let hashes = PageHashes::new(16);
-        let torn = TornSet::default();
+        let torn = TornSet::new(16);
         let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
         let (batch, data) = compressible_batch(3);
         let mut page = Box::new([0u8; PAGE_SIZE]);
@@ -426,7 +456,7 @@ mod tests {
     fn a_zero_page_over_a_written_page_zeroes_it() {
         let mem = memory();
         let hashes = PageHashes::new(16);
-        let torn = TornSet::default();
+        let torn = TornSet::new(16);
         let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
         let mut page = Box::new([0u8; PAGE_SIZE]);
         let (batch, _) = compressible_batch(3);
@@ -449,7 +479,7 @@ mod tests {
         // put there behind the engine's back show that it was not.
         let mem = memory();
         let hashes = PageHashes::new(16);
-        let torn = TornSet::default();
+        let torn = TornSet::new(16);
         let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
         let addr = GuestAddress(4 * PAGE_SIZE as u64);
         mem.write_slice(&[7u8; 8], addr).unwrap();
@@ -468,7 +498,7 @@ mod tests {
     fn a_zero_page_whose_hash_is_not_the_zero_hash_is_refused() {
         let mem = memory();
         let hashes = PageHashes::new(16);
-        let torn = TornSet::default();
+        let torn = TornSet::new(16);
         let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
         let mut batch = BatchBuilder::new();
         batch.push(5, PageEncoding::Zero, &[], zero_page_hash() ^ 1);
@@ -490,7 +520,7 @@ mod tests {
     fn an_encoding_that_was_not_negotiated_is_refused() {
         let mem = memory();
         let hashes = PageHashes::new(16);
-        let torn = TornSet::default();
+        let torn = TornSet::new(16);
         let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES & !FEATURE_LZ4);
         let (batch, _) = compressible_batch(3);
         let mut page = Box::new([0u8; PAGE_SIZE]);
@@ -523,7 +553,7 @@ mod tests {
     fn a_raw_page_that_does_not_match_its_hash_is_torn_until_a_good_copy_comes() {
         let mem = memory();
         let hashes = PageHashes::new(16);
-        let torn = TornSet::default();
+        let torn = TornSet::new(16);
         let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
         let (mut bytes, data) = patterned_raw_batch(5);
         bytes[100] ^= 1; // in the payload: not covered by the frame checksum
@@ -562,7 +592,7 @@ mod tests {
     fn an_lz4_page_that_does_not_match_its_hash_is_refused_and_not_counted() {
         let mem = memory();
         let hashes = PageHashes::new(16);
-        let torn = TornSet::default();
+        let torn = TornSet::new(16);
         let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
         let (batch, data) = compressible_batch(5);
         let mut reader = BatchReader::new(&batch, 16).unwrap();
