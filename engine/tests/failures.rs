@@ -10,14 +10,14 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use common::{
-    assert_alive, boot, kvm_or_skip, migrate_to, Destination, Fault, FrameFault, FrameRelay, Relay,
+    assert_alive, boot, kvm_or_skip, migrate_to, Destination, Fault, FrameFault, FrameRelay,
+    HookedVm, Relay, VmHooks,
 };
 use ferry_engine::protocol::{self, Hello, HelloAck, STREAM_VERSION};
 use ferry_engine::{
     resolve_in_doubt, DestinationMigration, DestinationOptions, DestinationSummary, DeviceSection,
-    GuestMemoryMmap, InDoubtDecision, InDoubtResolution, Incoming, MemoryLayout, MemoryRegion,
-    MigratableVm, MigrationError, MigrationOptions, MigrationSummary, Reconnect, ResolveError,
-    SectionSpec, SourceMigration, VmOpError,
+    InDoubtDecision, InDoubtResolution, Incoming, MemoryLayout, MemoryRegion, MigratableVm,
+    MigrationError, MigrationOptions, MigrationSummary, Reconnect, ResolveError, SourceMigration,
 };
 use ferry_transport::lanes::LaneListener;
 use ferry_transport::{
@@ -656,45 +656,14 @@ fn resolve_resume_runs_the_guest_here_when_the_destination_is_gone() -> Result<(
     Ok(())
 }
 
-/// ferry's VM with one more device section than ferry's VM reads: what a
-/// source VMM with a device the destination lacks sends.
-struct WithExtraSection {
-    vm: Arc<ferry_vm::Vm>,
-    extra: DeviceSection,
-}
+/// One more device section than ferry's VM reads: what a source VMM with
+/// a device the destination lacks sends.
+struct ExtraSection(DeviceSection);
 
-impl MigratableVm for WithExtraSection {
-    fn memory(&self) -> &GuestMemoryMmap {
-        MigratableVm::memory(&*self.vm)
-    }
-    fn pause(&self) -> Result<(), VmOpError> {
-        MigratableVm::pause(&*self.vm)
-    }
-    fn resume(&self) -> Result<(), VmOpError> {
-        MigratableVm::resume(&*self.vm)
-    }
-    fn section_specs(&self) -> Vec<SectionSpec> {
-        self.vm.section_specs()
-    }
-    fn save_sections(&self) -> Result<Vec<DeviceSection>, VmOpError> {
-        let mut s = self.vm.save_sections()?;
-        s.push(self.extra.clone());
-        Ok(s)
-    }
-    fn restore_sections(&self, sections: &[DeviceSection]) -> Result<(), VmOpError> {
-        self.vm.restore_sections(sections)
-    }
-    fn dirty_log(&self) -> Result<Box<dyn ferry_dirtylog::DirtyLog>, VmOpError> {
-        MigratableVm::dirty_log(&*self.vm)
-    }
-    fn set_throttle(&self, percent: u8) {
-        MigratableVm::set_throttle(&*self.vm, percent);
-    }
-    fn vcpu_count(&self) -> usize {
-        MigratableVm::vcpu_count(&*self.vm)
-    }
-    fn set_vcpu_throttle(&self, index: usize, percent: u8) -> Result<(), VmOpError> {
-        MigratableVm::set_vcpu_throttle(&*self.vm, index, percent)
+impl VmHooks for ExtraSection {
+    fn saved_sections(&self, mut sections: Vec<DeviceSection>) -> Vec<DeviceSection> {
+        sections.push(self.0.clone());
+        sections
     }
 }
 
@@ -704,9 +673,9 @@ fn a_refused_section_leaves_the_guest_on_the_source(
 ) -> Result<()> {
     let vm = boot(64, GUEST)?;
     let dest = Destination::spawn(DestinationOptions::default())?;
-    let wrapped: Arc<dyn MigratableVm> = Arc::new(WithExtraSection {
+    let wrapped: Arc<dyn MigratableVm> = Arc::new(HookedVm {
         vm: vm.clone(),
-        extra,
+        hooks: ExtraSection(extra),
     });
     let conn = tcp::connect(dest.addr)?;
     let result = SourceMigration::new(wrapped, quick()).run(conn, |_| {});

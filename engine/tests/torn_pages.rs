@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::{ensure, Result};
-use common::{assert_alive, boot, kvm_or_skip, Destination, FrameFault, FrameRelay};
+use common::{
+    assert_alive, boot, kvm_or_skip, Destination, FrameFault, FrameRelay, HookedVm, VmHooks,
+};
 use ferry_engine::{
-    DestinationOptions, DeviceSection, GuestMemoryMmap, MigratableVm, MigrationError,
-    MigrationOptions, SectionSpec, SourceMigration, VmOpError,
+    DestinationOptions, MigratableVm, MigrationError, MigrationOptions, SourceMigration,
 };
 use ferry_transport::tcp;
 use vm_memory::{Bytes, GuestAddress};
@@ -28,21 +29,20 @@ const IDLE: &str = "rate=0 tsc_khz=2300000";
 /// `ferry_engine::encode::choice::PROBE_STRIDE`).
 const HOT: [u64; 8] = [161, 163, 170, 175, 181, 185, 189, 191];
 
-/// ferry's VM with a writer thread that rewrites [`HOT`] while it runs
+/// A writer thread that rewrites [`HOT`] in ferry's VM while it runs
 /// (through the VMM's write path, which the dirty log sees, as a device
 /// doing DMA would), stopped before the VM pauses.
-struct Rewritten {
-    vm: Arc<ferry_vm::Vm>,
+struct Rewriter {
     stop: Arc<AtomicBool>,
     writes: Arc<AtomicU64>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl Rewritten {
+impl Rewriter {
     fn start(vm: Arc<ferry_vm::Vm>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let writes = Arc::new(AtomicU64::new(0));
-        let (thread_vm, thread_stop, thread_writes) = (vm.clone(), stop.clone(), writes.clone());
+        let (thread_stop, thread_writes) = (stop.clone(), writes.clone());
         let writer = std::thread::spawn(move || {
             let mut page = vec![0u8; 4096];
             let mut n = 0u64;
@@ -52,7 +52,7 @@ impl Rewritten {
                     chunk.copy_from_slice(&(n * 4096 + i as u64).to_le_bytes());
                 }
                 for &p in &HOT {
-                    MigratableVm::memory(&*thread_vm)
+                    MigratableVm::memory(&*vm)
                         .write_slice(&page, GuestAddress(p * 4096))
                         .expect("write a hot page");
                 }
@@ -60,7 +60,6 @@ impl Rewritten {
             }
         });
         Self {
-            vm,
             stop,
             writes,
             writer: Mutex::new(Some(writer)),
@@ -75,43 +74,15 @@ impl Rewritten {
     }
 }
 
-impl Drop for Rewritten {
+impl Drop for Rewriter {
     fn drop(&mut self) {
         self.stop_writing();
     }
 }
 
-impl MigratableVm for Rewritten {
-    fn memory(&self) -> &GuestMemoryMmap {
-        MigratableVm::memory(&*self.vm)
-    }
-    fn pause(&self) -> Result<(), VmOpError> {
+impl VmHooks for Rewriter {
+    fn before_pause(&self) {
         self.stop_writing();
-        MigratableVm::pause(&*self.vm)
-    }
-    fn resume(&self) -> Result<(), VmOpError> {
-        MigratableVm::resume(&*self.vm)
-    }
-    fn section_specs(&self) -> Vec<SectionSpec> {
-        self.vm.section_specs()
-    }
-    fn save_sections(&self) -> Result<Vec<DeviceSection>, VmOpError> {
-        self.vm.save_sections()
-    }
-    fn restore_sections(&self, sections: &[DeviceSection]) -> Result<(), VmOpError> {
-        self.vm.restore_sections(sections)
-    }
-    fn dirty_log(&self) -> Result<Box<dyn ferry_dirtylog::DirtyLog>, VmOpError> {
-        MigratableVm::dirty_log(&*self.vm)
-    }
-    fn set_throttle(&self, percent: u8) {
-        MigratableVm::set_throttle(&*self.vm, percent);
-    }
-    fn vcpu_count(&self) -> usize {
-        MigratableVm::vcpu_count(&*self.vm)
-    }
-    fn set_vcpu_throttle(&self, index: usize, percent: u8) -> Result<(), VmOpError> {
-        MigratableVm::set_vcpu_throttle(&*self.vm, index, percent)
     }
 }
 
@@ -121,9 +92,12 @@ fn pages_torn_while_sent_are_sent_again_and_the_digests_agree() -> Result<()> {
         return Ok(());
     };
     let vm = boot(64, IDLE)?;
-    let rewritten = Arc::new(Rewritten::start(vm.clone()));
+    let rewritten = Arc::new(HookedVm {
+        vm: vm.clone(),
+        hooks: Rewriter::start(vm.clone()),
+    });
     // Let the writer get going before the first round reads the pages.
-    while rewritten.writes.load(Ordering::Relaxed) < 100 {
+    while rewritten.hooks.writes.load(Ordering::Relaxed) < 100 {
         std::thread::yield_now();
     }
     let dest = Destination::spawn(DestinationOptions::default())?;
@@ -145,7 +119,7 @@ fn pages_torn_while_sent_are_sent_again_and_the_digests_agree() -> Result<()> {
     ensure!(
         summary.torn_pages_resent > 0,
         "no page tore in {} rewrites of {} pages while they were sent: {summary:?}",
-        rewritten.writes.load(Ordering::Relaxed),
+        rewritten.hooks.writes.load(Ordering::Relaxed),
         HOT.len()
     );
     ensure!(summary.memory_digest == dest_summary.memory_digest);

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ferry_engine::{
-    DestinationMigration, DestinationOptions, DestinationSummary, MigrationError, MigrationOptions,
-    MigrationSummary, ProgressEvent, SourceMigration,
+    DestinationMigration, DestinationOptions, DestinationSummary, DeviceSection, GuestMemoryMmap,
+    MigratableVm, MigrationError, MigrationOptions, MigrationSummary, ProgressEvent, SectionSpec,
+    SourceMigration, VmOpError,
 };
 use ferry_transport::{tcp, FrameKind, FrameListener};
 use ferry_vm::{DirtyBackend, GuestStatus, RunState, Vm, VmConfig};
@@ -132,6 +133,69 @@ pub fn assert_alive(vm: &Vm, what: &str) -> Result<GuestStatus> {
         bail!("{what}: guest unhealthy: {after:?}");
     }
     Ok(after)
+}
+
+/// What a test changes about ferry's VM as the engine sees it: each hook
+/// does nothing by default.
+pub trait VmHooks: Send + Sync {
+    /// Runs before the VM pauses.
+    fn before_pause(&self) {}
+    /// The device sections the source sends, given those the VM saved.
+    fn saved_sections(&self, sections: Vec<DeviceSection>) -> Vec<DeviceSection> {
+        sections
+    }
+}
+
+/// ferry's VM with a test's [`VmHooks`]: every other [`MigratableVm`]
+/// method (the defaulted ones included) goes to the VM unchanged.
+pub struct HookedVm<H> {
+    pub vm: Arc<Vm>,
+    pub hooks: H,
+}
+
+impl<H: VmHooks> MigratableVm for HookedVm<H> {
+    fn memory(&self) -> &GuestMemoryMmap {
+        MigratableVm::memory(&*self.vm)
+    }
+    fn pause(&self) -> Result<(), VmOpError> {
+        self.hooks.before_pause();
+        MigratableVm::pause(&*self.vm)
+    }
+    fn pause_spread(&self) -> Option<Duration> {
+        MigratableVm::pause_spread(&*self.vm)
+    }
+    fn resume(&self) -> Result<(), VmOpError> {
+        MigratableVm::resume(&*self.vm)
+    }
+    fn prepare_resume(&self) {
+        MigratableVm::prepare_resume(&*self.vm);
+    }
+    fn resumed_at_unix_ns(&self) -> Option<u64> {
+        MigratableVm::resumed_at_unix_ns(&*self.vm)
+    }
+    fn section_specs(&self) -> Vec<SectionSpec> {
+        MigratableVm::section_specs(&*self.vm)
+    }
+    fn save_sections(&self) -> Result<Vec<DeviceSection>, VmOpError> {
+        Ok(self
+            .hooks
+            .saved_sections(MigratableVm::save_sections(&*self.vm)?))
+    }
+    fn restore_sections(&self, sections: &[DeviceSection]) -> Result<(), VmOpError> {
+        MigratableVm::restore_sections(&*self.vm, sections)
+    }
+    fn dirty_log(&self) -> Result<Box<dyn ferry_dirtylog::DirtyLog>, VmOpError> {
+        MigratableVm::dirty_log(&*self.vm)
+    }
+    fn set_throttle(&self, percent: u8) {
+        MigratableVm::set_throttle(&*self.vm, percent);
+    }
+    fn vcpu_count(&self) -> usize {
+        MigratableVm::vcpu_count(&*self.vm)
+    }
+    fn set_vcpu_throttle(&self, index: usize, percent: u8) -> Result<(), VmOpError> {
+        MigratableVm::set_vcpu_throttle(&*self.vm, index, percent)
+    }
 }
 
 /// A TCP relay between the source and a destination that can cut or corrupt
