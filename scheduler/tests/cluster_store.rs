@@ -358,6 +358,54 @@ fn a_hand_back_needs_the_source_alive(store: &ClusterStore) {
     assert_eq!(store.record("web").unwrap(), Some(moved));
 }
 
+fn a_destination_gives_back_only_what_it_neither_holds_nor_resumed(store: &ClusterStore) {
+    use ferry_scheduler::store::GiveBack;
+    let me = lead(store, "sched-a");
+    for h in ["h1", "h2"] {
+        store.join(h, Duration::from_secs(30)).unwrap();
+    }
+    let moved = store
+        .migrate(&me, &store.start(&me, "web", "h1").unwrap(), "h2")
+        .unwrap();
+    let asked = std::cell::Cell::new(0);
+
+    let holds = store.give_back("h2", "web", true, || {
+        asked.set(asked.get() + 1);
+        Err("never asked".into())
+    });
+    let resumed = store.give_back("h2", "web", false, || Ok(()));
+    let not_here = store.give_back("h1", "web", false, || Err("no GO".into()));
+    let back = store
+        .give_back("h2", "web", false, || Err("no GO came".into()))
+        .unwrap();
+    let again = store.give_back("h2", "web", false, || Err("no GO came".into()));
+
+    assert_eq!(holds.unwrap(), GiveBack::Runs);
+    assert_eq!(
+        asked.get(),
+        0,
+        "a destination holding a copy refuses nothing"
+    );
+    assert_eq!(resumed.unwrap(), GiveBack::Runs);
+    assert!(
+        matches!(&not_here, Err(StoreError::Conflict { current: Some(c), .. }) if **c == moved),
+        "the record names h2, not h1: {not_here:?}"
+    );
+    let GiveBack::HandedBack { record, reason } = back else {
+        panic!("not handed back: {back:?}");
+    };
+    assert_eq!(reason, "no GO came");
+    assert_eq!(
+        (record.host.as_str(), record.epoch, record.last),
+        ("h1", moved.epoch + 1, Transition::HandedBack)
+    );
+    assert_eq!(store.record("web").unwrap(), Some(record));
+    assert!(
+        matches!(again, Err(StoreError::Conflict { .. })),
+        "{again:?}"
+    );
+}
+
 macro_rules! backends {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -394,6 +442,7 @@ backends!(
     bad_names_are_refused,
     a_migrated_record_is_handed_back_to_its_source_only_unchanged,
     a_hand_back_needs_the_source_alive,
+    a_destination_gives_back_only_what_it_neither_holds_nor_resumed,
 );
 
 /// Runs `check` on a store over a fresh one-member etcd (SKIP without

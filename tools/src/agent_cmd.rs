@@ -70,7 +70,7 @@ use ferry_vm::{host_tsc_khz, DirtyBackend, GuestParams, Vm, VmConfig};
 
 use ferry_control::units::{parse_duration, BareUnit};
 use ferry_scheduler::ha::lease_keeper::FenceMode;
-use ferry_scheduler::store::{ClusterStore, Leadership, OwnerRecord, StoreError};
+use ferry_scheduler::store::{ClusterStore, GiveBack, Leadership, OwnerRecord, StoreError};
 
 use crate::security_args::{SecurityArgs, SecuritySpec};
 
@@ -355,21 +355,9 @@ impl Agent {
     }
 
     /// Destination side of `POST /v1/handback`: a migration's source keeps
-    /// the guest's paused copy while the record names this host.
-    ///
-    /// Why the VM never runs on two hosts: the source resumes its copy only
-    /// once the record names it again, and this gives the record back only
-    /// when (1) this host holds no copy of the VM, (2) the migration's
-    /// handover is refused here for good ([`HandoverRecord::answer`]
-    /// decides an undecided one: a GO arriving later is answered with
-    /// Abort and the incoming guest is dropped, never resumed), and (3) no
-    /// start of the VM can begin here meanwhile (the VM's name is held in
-    /// `busy`, which a start also takes; once the record names the source,
-    /// a start here is refused as not ours). No other copy exists: the
-    /// source's is the only one the migration left. The swap itself
-    /// compares the record's revision, so any transition since (a
-    /// leader's restart after this host's lease lapsed) wins over it, and
-    /// the source then follows that record instead.
+    /// the guest's paused copy while the record names this host; the
+    /// decision is [`ClusterStore::give_back`]'s, with the VM's name held
+    /// in `busy` (which a start also takes) meanwhile.
     fn hand_back(&self, req: &HandbackRequest) -> Result<HandbackReply, Refusal> {
         let Some(store) = &self.store else {
             return Err(Refusal::bad_request(format!(
@@ -384,36 +372,28 @@ impl Agent {
             )));
         }
         let _unbusy = Unbusy(self, req.vm.clone());
-        if self.vms.lock().expect("vms lock").contains_key(&req.vm) {
-            return Ok(HandbackReply::Runs);
-        }
-        let reason = match self.handovers.answer(req.migration_id) {
-            HandoverOutcome::Resumed(_) => return Ok(HandbackReply::Runs),
-            HandoverOutcome::NotResumed(why) => why,
-        };
-        let rec = store
-            .record(&req.vm)
-            .map_err(|e| {
-                Refusal::unavailable(format!(
-                    "reading {}'s record: {}",
+        let holds_copy = self.vms.lock().expect("vms lock").contains_key(&req.vm);
+        let decided = store.give_back(&self.host, &req.vm, holds_copy, || {
+            match self.handovers.answer(req.migration_id) {
+                HandoverOutcome::Resumed(_) => Ok(()),
+                HandoverOutcome::NotResumed(why) => Err(why),
+            }
+        });
+        let (back, reason) = match decided {
+            Ok(GiveBack::Runs) => return Ok(HandbackReply::Runs),
+            Ok(GiveBack::HandedBack { record, reason }) => (record, reason),
+            Err(e) => {
+                let why = format!(
+                    "giving {}'s record back: {}",
                     req.vm,
                     ferry_scheduler::daemon::agent::error_chain(&e)
-                ))
-            })?
-            .filter(|r| r.host == self.host)
-            .ok_or_else(|| {
-                Refusal::conflict(format!(
-                    "VM {}'s record does not name {}: not this host's to give back",
-                    req.vm, self.host
-                ))
-            })?;
-        let back = store.hand_back(&rec).map_err(|e| {
-            let why = ferry_scheduler::daemon::agent::error_chain(&e);
-            match e {
-                StoreError::Unavailable(_) => Refusal::unavailable(why),
-                _ => Refusal::conflict(why),
+                );
+                return Err(match e {
+                    StoreError::Unavailable(_) => Refusal::unavailable(why),
+                    _ => Refusal::conflict(why),
+                });
             }
-        })?;
+        };
         tracing::warn!(vm = %req.vm, to = ?back.previous, epoch = back.epoch, %reason, "gave a VM's record back to its migration's source: the handover was refused here");
         eprintln!(
             "ferry agent {}: gave VM {}'s record back to {} (epoch {}): migration {:#x} was not resumed here ({reason})",

@@ -352,6 +352,62 @@ impl Rig {
     }
 }
 
+/// The two-host set-up most tests start from: h1's agent running `mover`
+/// (64 MB), h2's agent (with `h2_flags`), daemon d1 leading over both
+/// (512 MB each, mover's restart priority medium), mover's record there
+/// and its guest running.
+struct Mover {
+    /// d1's API.
+    api: SocketAddr,
+    /// mover's record epoch.
+    epoch: u64,
+    /// mover's heartbeat on h1.
+    heartbeat: u64,
+}
+
+impl Rig {
+    fn mover_on_h1(&mut self, h2_flags: &[&str]) -> Result<Mover> {
+        self.agent("h1", &["mover:64"])?;
+        let endpoints = self.endpoints();
+        self.agent_with("h2", &[], &endpoints, h2_flags)?;
+        let api = self.daemon(
+            "d1",
+            &[("h1", 512), ("h2", 512)],
+            &[("mover", "h1", "medium")],
+        )?;
+        wait_for("d1 to lead", Duration::from_secs(20), || {
+            (leader_of(api).as_deref() == Some("d1")).then_some(())
+        })?;
+        let rec = wait_for("mover's record", Duration::from_secs(30), || {
+            self.record(api, "mover")
+        })?;
+        Ok(Mover {
+            api,
+            epoch: rec.epoch,
+            heartbeat: self.check_alive("h1", "mover", 0)?,
+        })
+    }
+
+    /// mover runs again on its migration source h1 alone, resumed from the
+    /// paused copy with its memory: its heartbeat goes on from `before`
+    /// (a boot would start it again from 0), the self-check clean.
+    fn resumed_on_h1(&self, before: u64) -> Result<()> {
+        let on = wait_for("mover to run again", Duration::from_secs(60), || {
+            let on = self.running_on("mover");
+            (!on.is_empty()).then_some(on)
+        })?;
+        if on != ["h1"] {
+            bail!("mover runs on {on:?}, not on its migration source h1 alone");
+        }
+        let first = self.guest("h1", "mover")?.heartbeat;
+        if first < before {
+            bail!("mover's heartbeat {first} is below {before} from before the migration: booted again, not resumed");
+        }
+        self.check_alive("h1", "mover", first)?;
+        Ok(())
+    }
+}
+
 fn kill_agent(rig: &mut Rig, host: &str) {
     let a = rig
         .agents
@@ -644,33 +700,17 @@ fn migration_held_at_go(rig: &mut Rig) -> Result<HeldAtGo> {
             action: Action::Stall(Duration::from_secs(120)),
         },
     )?;
-    rig.agent("h1", &["mover:64"])?;
-    let (endpoints, listen, advertise) = (
-        rig.endpoints(),
-        format!("127.0.0.1:{port}"),
-        proxy.addr.to_string(),
-    );
-    rig.agent_with(
-        "h2",
-        &[],
-        &endpoints,
-        &[
-            "--migration-listen",
-            &listen,
-            "--migration-advertise",
-            &advertise,
-        ],
-    )?;
-    let hosts = [("h1", 512), ("h2", 512)];
-    let api = rig.daemon("d1", &hosts, &[("mover", "h1", "medium")])?;
-    wait_for("d1 to lead", Duration::from_secs(20), || {
-        (leader_of(api).as_deref() == Some("d1")).then_some(())
-    })?;
-    wait_for("mover's record", Duration::from_secs(30), || {
-        rig.record(api, "mover")
-    })?;
-    let epoch = rig.record(api, "mover").context("record")?.epoch;
-    let before = rig.check_alive("h1", "mover", 0)?;
+    let (listen, advertise) = (format!("127.0.0.1:{port}"), proxy.addr.to_string());
+    let Mover {
+        api,
+        epoch,
+        heartbeat: before,
+    } = rig.mover_on_h1(&[
+        "--migration-listen",
+        &listen,
+        "--migration-advertise",
+        &advertise,
+    ])?;
 
     // Maintenance on h1 moves mover to h2, the only other host.
     std::thread::spawn(move || {
@@ -703,20 +743,7 @@ fn destination_killed_after_go(rig: &mut Rig) -> Result<()> {
     kill_agent(rig, "h2");
 
     // From the kill on: never on two hosts; back on h1 after the failover.
-    let on = wait_for("mover to run again", Duration::from_secs(60), || {
-        let on = rig.running_on("mover");
-        (!on.is_empty()).then_some(on)
-    })?;
-    if on != ["h1"] {
-        bail!("mover runs on {on:?}, not on its migration source h1");
-    }
-    // Resumed with its memory: the heartbeat goes on from before the
-    // migration (a boot would start it again from 0), the self-check clean.
-    let first = rig.guest("h1", "mover")?.heartbeat;
-    if first < before {
-        bail!("mover's heartbeat {first} is below {before} from before the migration: booted again, not resumed");
-    }
-    rig.check_alive("h1", "mover", first)?;
+    rig.resumed_on_h1(before)?;
     let rec = rig.record(api, "mover").context("record")?;
     if rec.host != "h1"
         || rec.epoch != epoch + 2
@@ -770,20 +797,7 @@ fn destination_silent_after_go(rig: &mut Rig) -> Result<()> {
 
     // h2 is alive and still waits for the GO the proxy holds; h1 asks it,
     // it refuses that handover for good and gives the record back.
-    let on = wait_for("mover to run again", Duration::from_secs(60), || {
-        let on = rig.running_on("mover");
-        (!on.is_empty()).then_some(on)
-    })?;
-    if on != ["h1"] {
-        bail!("mover runs on {on:?}, not on its migration source h1 alone");
-    }
-    // Resumed with its memory: the heartbeat goes on from before the
-    // migration (a boot would start it again from 0), the self-check clean.
-    let first = rig.guest("h1", "mover")?.heartbeat;
-    if first < before {
-        bail!("mover's heartbeat {first} is below {before} from before the migration: booted again, not resumed");
-    }
-    rig.check_alive("h1", "mover", first)?;
+    rig.resumed_on_h1(before)?;
     let rec = store.record("mover")?.context("mover has no record")?;
     if rec.host != "h1"
         || rec.epoch != epoch + 2
@@ -806,6 +820,30 @@ fn destination_silent_after_go(rig: &mut Rig) -> Result<()> {
         bail!("mover afterwards on {:?}", rig.running_on("mover"));
     }
     Ok(())
+}
+
+/// `vm`'s migration from `from` to `to` by `from`'s agent, with `claim`.
+fn migrate_by_agent(
+    rig: &Rig,
+    vm: &str,
+    from: &str,
+    to: &str,
+    claim: Option<OwnershipClaim>,
+) -> Result<MigrateReply> {
+    JsonClient::new(
+        &rig.agent_addr(from).to_string(),
+        Some(Duration::from_secs(120)),
+    )
+    .post::<_, MigrateReply>(
+        "/v1/migrate",
+        &MigrateRequest {
+            vm: vm.to_owned(),
+            target_host: to.to_owned(),
+            target: rig.agent_addr(to).to_string(),
+            ownership: claim,
+        },
+    )
+    .with_context(|| format!("migrating {vm} {from} -> {to}"))
 }
 
 #[test]
@@ -844,21 +882,11 @@ fn degraded_host(rig: &mut Rig) -> Result<()> {
     let sensor = rig.dir.path().join("h1-health");
     std::fs::write(&sensor, "ok\n")?;
     rig.health = Some(("h1", sensor.clone()));
-    rig.agent("h1", &["mover:64"])?;
-    rig.agent("h2", &[])?;
-    let api = rig.daemon(
-        "d1",
-        &[("h1", 512), ("h2", 512)],
-        &[("mover", "h1", "medium")],
-    )?;
-    wait_for("d1 to lead", Duration::from_secs(20), || {
-        (leader_of(api).as_deref() == Some("d1")).then_some(())
-    })?;
-    wait_for("mover's record", Duration::from_secs(30), || {
-        rig.record(api, "mover")
-    })?;
-    let epoch = rig.record(api, "mover").context("record")?.epoch;
-    let before = rig.check_alive("h1", "mover", 0)?;
+    let Mover {
+        api,
+        epoch,
+        heartbeat: before,
+    } = rig.mover_on_h1(&[])?;
 
     // The hook says degraded: h1 is evacuated, mover leaves live.
     std::fs::write(&sensor, "degraded FAN2 1200 RPM below 1500\n")?;
@@ -1143,22 +1171,8 @@ fn swap_cost(rig: &mut Rig, api: SocketAddr, vms: &[String]) -> Result<()> {
         .get::<LeaderView>("/v1/ha/leader")?
         .leader
         .context("nobody leads")?;
-    let migrate = |vm: &str, from: &str, to: &str, claim: Option<OwnershipClaim>| {
-        JsonClient::new(
-            &rig.agent_addr(from).to_string(),
-            Some(Duration::from_secs(120)),
-        )
-        .post::<_, MigrateReply>(
-            "/v1/migrate",
-            &MigrateRequest {
-                vm: vm.to_owned(),
-                target_host: to.to_owned(),
-                target: rig.agent_addr(to).to_string(),
-                ownership: claim,
-            },
-        )
-        .with_context(|| format!("migrating {vm} {from} -> {to}"))
-    };
+    let migrate =
+        |vm: &str, from: &str, to: &str, claim| migrate_by_agent(rig, vm, from, to, claim);
     let (mut swap, mut with, mut without) = (Vec::new(), Vec::new(), Vec::new());
     for vm in vms {
         let rec = rig.record(api, vm).context("no record")?;

@@ -90,6 +90,22 @@ pub struct OwnerRecord {
     pub revision: Revision,
 }
 
+/// What a migration's destination decided on a hand-back
+/// ([`ClusterStore::give_back`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GiveBack {
+    /// The destination holds the VM (that migration resumed it there).
+    Runs,
+    /// The destination never resumed that migration and never will: the
+    /// record names the source again.
+    HandedBack {
+        /// The record now.
+        record: OwnerRecord,
+        /// Why the destination did not resume it.
+        reason: String,
+    },
+}
+
 /// A host's lease, held by the host's agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostLease {
@@ -449,6 +465,58 @@ impl ClusterStore {
             Compare::Exists(self.alive_key(to)),
         ];
         self.swap(None, &when, next, Some(current))
+    }
+
+    /// A migration's destination `host` decides on its source's request
+    /// for a hand-back of `vm` (the source keeps the guest's paused copy
+    /// while the record names `host`): [`GiveBack::Runs`] when `host`
+    /// holds a copy (`holds_copy`) or resumed that migration, else it
+    /// refuses that migration's handover for good (`refuse_handover`, which
+    /// answers `Ok(())` when it resumed the guest after all, or
+    /// `Err(why)` once refused) and gives the record back with
+    /// [`ClusterStore::hand_back`]. The caller holds the VM's name so that
+    /// no start of it begins on `host` meanwhile.
+    ///
+    /// Why the VM never runs on two hosts: the source resumes its copy only
+    /// once the record names it again, and this gives the record back only
+    /// when (1) `host` holds no copy of the VM, (2) the migration's
+    /// handover is refused there for good (a GO arriving later is answered
+    /// with Abort and the incoming guest is dropped, never resumed), and
+    /// (3) no start of the VM can begin on `host` meanwhile (the caller's
+    /// hold; once the record names the source, a start on `host` is refused
+    /// as not its own). No other copy exists: the source's is the only one
+    /// the migration left. The swap itself compares the record's revision,
+    /// so any transition since (a leader's restart after `host`'s lease
+    /// lapsed) wins over it, and the source then follows that record
+    /// instead. Fails with [`StoreError::Conflict`] when the record does not
+    /// name `host`, and as [`ClusterStore::hand_back`] does.
+    pub fn give_back(
+        &self,
+        host: &str,
+        vm: &str,
+        holds_copy: bool,
+        refuse_handover: impl FnOnce() -> Result<(), String>,
+    ) -> Result<GiveBack, StoreError> {
+        if holds_copy {
+            return Ok(GiveBack::Runs);
+        }
+        let reason = match refuse_handover() {
+            Ok(()) => return Ok(GiveBack::Runs),
+            Err(why) => why,
+        };
+        let rec = match self.record(vm)? {
+            Some(r) if r.host == host => r,
+            other => {
+                return Err(StoreError::Conflict {
+                    vm: vm.to_owned(),
+                    current: other.map(Box::new),
+                })
+            }
+        };
+        Ok(GiveBack::HandedBack {
+            record: self.hand_back(&rec)?,
+            reason,
+        })
     }
 
     fn transfer(
