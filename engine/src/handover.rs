@@ -19,6 +19,11 @@
 //! | resumed | anything | resumed | `Running` (the same payload) |
 //! | refused | GO | refused (the GO is answered with `Abort`) | `Abort` |
 //! | unknown id | `Resolve` | - | `Abort` (no such guest here) |
+//!
+//! A destination host that may no longer run guests (a cluster agent that
+//! fenced itself: its lease could not be renewed) [`HandoverRecord::hold`]s
+//! its record: while held, every GO is refused for good as above, until
+//! [`HandoverRecord::release`].
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -61,12 +66,31 @@ enum State {
 /// destination process, for as long as the process listens.
 #[derive(Debug, Clone, Default)]
 pub struct HandoverRecord {
-    entries: Arc<Mutex<VecDeque<(u64, State)>>>,
+    inner: Arc<Mutex<Entries>>,
+}
+
+#[derive(Debug, Default)]
+struct Entries {
+    entries: VecDeque<(u64, State)>,
+    /// Why every GO is refused now, while held.
+    held: Option<String>,
 }
 
 impl HandoverRecord {
     fn with<T>(&self, f: impl FnOnce(&mut VecDeque<(u64, State)>) -> T) -> T {
-        f(&mut self.entries.lock().unwrap_or_else(|p| p.into_inner()))
+        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()).entries)
+    }
+
+    /// From now on every GO is refused for good with `reason` (this host
+    /// may not run guests: e.g. it fenced itself), until
+    /// [`HandoverRecord::release`]. A guest already resumed stays so.
+    pub fn hold(&self, reason: &str) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).held = Some(reason.to_owned());
+    }
+
+    /// GOs are answered again (migrations refused meanwhile stay refused).
+    pub fn release(&self) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).held = None;
     }
 
     /// A migration was accepted: undecided.
@@ -93,29 +117,34 @@ impl HandoverRecord {
 
     /// GO came: run `resume` if migration `id` is still undecided, and
     /// record what it gave. `Err(reason)` without running it when the
-    /// migration was already refused (e.g. a `Resolve` came first).
+    /// migration was already refused (e.g. a `Resolve` came first) or the
+    /// record is held ([`HandoverRecord::hold`]; the migration is then
+    /// refused for good).
     pub(crate) fn resume_with<E: std::fmt::Display>(
         &self,
         id: u64,
         resume: impl FnOnce() -> Result<Running, E>,
     ) -> Result<Result<Running, E>, String> {
-        self.with(|e| {
-            let Some((_, s)) = e.iter_mut().find(|(i, _)| *i == id) else {
-                return Err(format!("migration {id:#x} is not open here"));
-            };
-            match s {
-                State::Open => {
-                    let got = resume();
-                    *s = match &got {
-                        Ok(running) => State::Resumed(*running),
-                        Err(err) => State::Refused(format!("resuming failed: {err}")),
-                    };
-                    Ok(got)
-                }
-                State::Resumed(_) => Err(format!("migration {id:#x} already resumed")),
-                State::Refused(why) => Err(why.clone()),
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Entries { entries, held } = &mut *inner;
+        let Some((_, s)) = entries.iter_mut().find(|(i, _)| *i == id) else {
+            return Err(format!("migration {id:#x} is not open here"));
+        };
+        if let (State::Open, Some(why)) = (&*s, held.as_deref()) {
+            *s = State::Refused(why.to_owned());
+        }
+        match s {
+            State::Open => {
+                let got = resume();
+                *s = match &got {
+                    Ok(running) => State::Resumed(*running),
+                    Err(err) => State::Refused(format!("resuming failed: {err}")),
+                };
+                Ok(got)
             }
-        })
+            State::Resumed(_) => Err(format!("migration {id:#x} already resumed")),
+            State::Refused(why) => Err(why.clone()),
+        }
     }
 
     /// The answer to "did you resume migration `id`?". An undecided
@@ -353,6 +382,39 @@ mod tests {
         });
         assert!(got.is_err() && !ran, "a refused migration never resumes");
         assert!(matches!(r.answer(7), HandoverOutcome::NotResumed(_)));
+    }
+
+    #[test]
+    fn a_held_record_refuses_go_for_good_until_released() {
+        let r = HandoverRecord::default();
+        r.open(5);
+        r.open(6);
+        r.resume_with(6, || Ok::<_, String>(running()))
+            .unwrap()
+            .unwrap();
+        r.hold("this host is fenced");
+        let mut ran = false;
+        let got = r.resume_with(5, || {
+            ran = true;
+            Ok::<_, String>(running())
+        });
+        assert_eq!(got, Err("this host is fenced".to_owned()));
+        assert!(!ran, "a held record resumes nothing");
+        assert_eq!(r.answer(6), HandoverOutcome::Resumed(running()));
+        r.release();
+        assert!(
+            r.resume_with(5, || Ok::<_, String>(running())).is_err(),
+            "refused while held stays refused"
+        );
+        assert_eq!(
+            r.answer(5),
+            HandoverOutcome::NotResumed("this host is fenced".into())
+        );
+        r.open(8);
+        assert!(r
+            .resume_with(8, || Ok::<_, String>(running()))
+            .unwrap()
+            .is_ok());
     }
 
     #[test]

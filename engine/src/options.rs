@@ -51,6 +51,13 @@ pub struct MigrationOptions {
     /// the destination). Its time is part of the pause
     /// ([`DowntimeBreakdown::pre_go`](crate::DowntimeBreakdown::pre_go)).
     pub pre_go: Option<PreGoHook>,
+    /// Called once the last live round decided on the pause, right before
+    /// it, with the guest still running: the pause (and so GO) follows
+    /// only when it agrees, e.g. the VM's ownership record moved to the
+    /// destination, at no cost to the pause. A refusal abandons the
+    /// migration ([`crate::MigrationError::PreGoRefused`]) with the guest
+    /// running here, or paused when it says `keep_paused`.
+    pub pre_pause: Option<PreGoHook>,
 }
 
 /// Why a [`PreGoHook`] refused GO.
@@ -67,7 +74,8 @@ pub struct PreGoRefusal {
 /// The source's last word before GO: `Ok` sends GO; a refusal abandons
 /// the migration ([`crate::MigrationError::PreGoRefused`]) and resumes the
 /// guest here unless the refusal says to keep it paused. Called once, on
-/// the migration's thread; keep it short: the guest is paused.
+/// the migration's thread; as [`MigrationOptions::pre_go`] keep it short:
+/// the guest is paused (as [`MigrationOptions::pre_pause`] it is not).
 #[derive(Clone)]
 pub struct PreGoHook(pub std::sync::Arc<dyn Fn() -> Result<(), PreGoRefusal> + Send + Sync>);
 
@@ -105,6 +113,7 @@ impl Default for MigrationOptions {
             handover_timeout: Duration::from_secs(30),
             pause_margin: DEFAULT_PAUSE_MARGIN,
             pre_go: None,
+            pre_pause: None,
         }
     }
 }

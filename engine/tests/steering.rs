@@ -177,3 +177,71 @@ fn the_pre_go_hook_decides_whether_go_is_sent() -> Result<()> {
     }
     Ok(())
 }
+
+/// The pre-pause hook runs once, with the guest still running, after the
+/// live rounds and before the pause: when it agrees the migration
+/// completes; a refusal abandons it before the pause, the guest running
+/// here, or paused when the refusal says `keep_paused` (the destination
+/// never runs it either way).
+#[test]
+fn the_pre_pause_hook_decides_before_the_pause() -> Result<()> {
+    use ferry_engine::{PreGoHook, PreGoRefusal};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let Some(_kvm) = kvm_or_skip("the_pre_pause_hook_decides_before_the_pause") else {
+        return Ok(());
+    };
+    let vm = boot(64, GUEST)?;
+    let dst = Destination::spawn(DestinationOptions::default())?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (seen, running_vm) = (calls.clone(), vm.clone());
+    let opts = MigrationOptions {
+        pre_pause: Some(PreGoHook::new(move || {
+            assert!(
+                matches!(running_vm.run_state(), ferry_vm::RunState::Running),
+                "the guest runs when the pre-pause hook runs"
+            );
+            seen.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })),
+        ..MigrationOptions::default()
+    };
+    SourceMigration::new(vm.clone(), opts).run(tcp::connect(dst.addr)?, |_| {})?;
+    let (moved, _) = dst.join()?;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_alive(&moved, "after a migration the pre-pause hook agreed to")?;
+
+    for keep_paused in [true, false] {
+        let vm = boot(64, GUEST)?;
+        let dst = Destination::spawn(DestinationOptions::default())?;
+        let opts = MigrationOptions {
+            pre_pause: Some(PreGoHook::new(move || {
+                Err(PreGoRefusal {
+                    reason: "the ownership swap failed".into(),
+                    keep_paused,
+                })
+            })),
+            ..MigrationOptions::default()
+        };
+        let err = SourceMigration::new(vm.clone(), opts)
+            .run(tcp::connect(dst.addr)?, |_| {})
+            .expect_err("a refusal before the pause fails the migration");
+        assert!(
+            matches!(err, MigrationError::PreGoRefused { keep_paused: k, .. } if k == keep_paused),
+            "{err:?}"
+        );
+        assert_eq!(err.source_left_paused(), keep_paused);
+        assert!(
+            dst.join().is_err(),
+            "the destination must not run the guest"
+        );
+        if keep_paused {
+            let before = vm.status().heartbeat;
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(vm.status().heartbeat, before, "a paused guest does not run");
+        } else {
+            assert_alive(&vm, "after a refusal before the pause")?;
+        }
+    }
+    Ok(())
+}

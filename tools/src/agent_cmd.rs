@@ -31,10 +31,17 @@
 //! when it joins again after fencing it stops every VM whose record moved
 //! elsewhere meanwhile (and resumes the ones still its own); it says so on
 //! stderr and in its log. A migration the daemon asks for with an
-//! ownership claim moves the VM's record to the destination right before
-//! GO (a compare-and-swap under the leader's token, inside the pause); if
-//! the swap fails the migration is abandoned, and the VM resumes here only
-//! if this host still owns it. A source left with a paused copy (the swap's
+//! ownership claim moves the VM's record to the destination once its live
+//! rounds are done, right before the pause (a compare-and-swap under the
+//! leader's token, the guest still running: nothing of it in the pause);
+//! GO follows only that swap. If the swap fails the migration is
+//! abandoned, and the VM keeps running here only if this host still owns
+//! it. If the migration fails after the swap but before GO, the source
+//! gives the record back to itself ([`ClusterStore::hand_back`]: no GO
+//! went out, so the destination never runs the VM). A destination that
+//! fenced itself refuses every GO until it joins again
+//! ([`HandoverRecord::hold`]), so a record moved to a host whose lease
+//! then lapses never has the VM resumed there. A source left with a paused copy (the swap's
 //! outcome unknown, or GO sent and unanswered) follows the record: while
 //! it names the destination, the source asks the destination's agent
 //! (`POST /v1/handback`), which either runs the VM (the copy is dropped)
@@ -207,6 +214,9 @@ impl Agent {
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     fn fence(&self, mode: FenceMode) {
         self.fences.inc();
+        // Before anything else: no incoming guest resumes here from now on.
+        self.handovers
+            .hold("the destination fenced itself: its host lease could not be renewed");
         let mut vms = self.vms.lock().expect("vms lock");
         match mode {
             FenceMode::Pause => {
@@ -421,8 +431,9 @@ impl Agent {
         }
     }
 
-    /// The pre-GO hook moving `rec` to `to` under the leader's token; the
-    /// swap's report lands in `report`.
+    /// The pre-pause hook moving `rec` to `to` under the leader's token
+    /// (the guest still running; GO follows it); the swap's report lands
+    /// in `report`.
     fn ownership_swap(
         &self,
         req: &MigrateRequest,
@@ -468,8 +479,9 @@ impl Agent {
                 }
                 Err(e) => {
                     // Unchanged record (deposed leader, dead destination):
-                    // still ours. Moved elsewhere: not ours. Unknown (the
-                    // store did not answer): keep the guest paused.
+                    // still ours, it runs on. Moved elsewhere: not ours.
+                    // Unknown (the store did not answer): the guest is
+                    // paused and kept so.
                     let keep_paused = match &e {
                         StoreError::NotLeader { .. } | StoreError::HostDead { .. } => false,
                         StoreError::Conflict { current, .. } => {
@@ -489,28 +501,25 @@ impl Agent {
         })))
     }
 
-    /// The record moved to the destination before GO, but the destination
-    /// refused it and the guest resumed here: the record comes back, under
-    /// the same leader's token.
+    /// The record moved to the destination before the pause, but the
+    /// migration failed before GO (or the destination refused it) and the
+    /// guest runs here again: the record comes back by a hand-back to this
+    /// source. No leader token: no GO went out (or it was refused), so the
+    /// destination never runs the VM, and the compare on the record's
+    /// revision loses to any transition made since.
     fn swap_back(&self, req: &MigrateRequest, epoch: u64) {
-        let (Some(store), Some(claim)) = (&self.store, &req.ownership) else {
+        let Some(store) = &self.store else {
             return;
-        };
-        let leader = Leadership {
-            candidate: claim.candidate.clone(),
-            token: claim.token,
-            lease: 0,
-            ttl: Duration::ZERO,
         };
         let back = store.record(&req.vm).and_then(|r| match r {
             Some(r) if r.host == req.target_host && r.epoch == epoch => {
-                store.migrate(&leader, &r, &self.host).map(Some)
+                store.hand_back(&r).map(Some)
             }
             _ => Ok(None),
         });
         match back {
             Ok(Some(r)) => {
-                tracing::warn!(vm = %req.vm, epoch = r.epoch, "the destination refused GO: the record is back here")
+                tracing::warn!(vm = %req.vm, epoch = r.epoch, "the migration failed before GO took: the record is back here")
             }
             Ok(None) => {
                 tracing::error!(vm = %req.vm, "the destination refused GO and the record moved on since: the leader must reconcile")
@@ -556,7 +565,7 @@ impl Agent {
             .with_context(|| format!("opening the migration stream to {}", req.target_host))?;
         let swap = Arc::new(Mutex::new(None));
         let opts = MigrationOptions {
-            pre_go: self
+            pre_pause: self
                 .ownership_swap(req, swap.clone())
                 .map_err(|r| anyhow::anyhow!(r.error))?,
             ..MigrationOptions::default()
@@ -573,8 +582,9 @@ impl Agent {
                         req.target.clone(),
                     );
                 } else if let Some(moved) = swap.lock().expect("swap report lock").take() {
-                    // The destination refused GO after the record moved:
-                    // the guest runs here again, so must its record.
+                    // The migration failed after the record moved, before
+                    // GO took: the guest runs here again, so must its
+                    // record.
                     self.swap_back(req, moved.epoch);
                 }
                 return Err(anyhow::Error::new(e)
@@ -1095,6 +1105,7 @@ fn keep_lease(agent: &Arc<Agent>, args: &AgentArgs) -> anyhow::Result<()> {
                     }
                 }
             };
+            agent.handovers.release();
             eprintln!(
                 "ferry agent {host}: joined again (lease {:x}); VMs follow their records",
                 keeper.lease().lease

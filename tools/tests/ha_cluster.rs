@@ -26,6 +26,12 @@
 //!   its fenced copy (the record names the other host) and resumes
 //!   nothing.
 //!
+//! - the ownership swap, made once a migration's live rounds are done and
+//!   before its pause: refused (a claim of a leader that no longer leads),
+//!   the migration is abandoned with no GO and the VM runs on at its
+//!   source, its record unchanged; under the leader's claim the record
+//!   moves and the VM follows live.
+//!
 //! - a health provider (the command hook) saying `degraded`: the host's VM
 //!   leaves live (heartbeat going on, never on two hosts, its record moved
 //!   by one migration) and comes back live once the hook says `ok`.
@@ -822,6 +828,17 @@ fn destination_silent_after_go(rig: &mut Rig) -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn the_ownership_swap_is_made_before_the_pause_and_gos_only_after_it() {
+    let Some(mut rig) = Rig::new("the_ownership_swap_is_made_before_the_pause", "ha-swap").unwrap()
+    else {
+        return;
+    };
+    if let Err(e) = swap_before_the_pause(&mut rig) {
+        panic!("{e:#}{}", rig.diag());
+    }
+}
+
 /// `vm`'s migration from `from` to `to` by `from`'s agent, with `claim`.
 fn migrate_by_agent(
     rig: &Rig,
@@ -844,6 +861,60 @@ fn migrate_by_agent(
         },
     )
     .with_context(|| format!("migrating {vm} {from} -> {to}"))
+}
+
+/// A migration whose ownership swap (made once the live rounds are done,
+/// before the pause) is refused, here under a claim of a leader that no
+/// longer leads: abandoned with no GO, the guest running on at the source
+/// (never paused for good, never on two hosts), the record unchanged.
+/// Under the leader's claim the record moves and the guest follows, live.
+/// The engine's own tests pin that the hook runs with the guest running.
+fn swap_before_the_pause(rig: &mut Rig) -> Result<()> {
+    let Mover {
+        api,
+        epoch,
+        heartbeat,
+    } = rig.mover_on_h1(&[])?;
+    let leader = client(api)
+        .get::<LeaderView>("/v1/ha/leader")?
+        .leader
+        .context("nobody leads")?;
+    let claim = |token| OwnershipClaim {
+        candidate: leader.candidate.clone(),
+        token,
+        epoch,
+    };
+    let err = match migrate_by_agent(rig, "mover", "h1", "h2", Some(claim(leader.token + 1))) {
+        Ok(r) => bail!("a migration under a deposed leader's claim completed: {r:?}"),
+        Err(e) => format!("{e:#}"),
+    };
+    if !err.contains("ownership swap to h2 failed") || !err.contains("no longer leads") {
+        bail!("the refusal does not say the swap failed for want of leadership: {err}");
+    }
+    if rig.running_on("mover") != ["h1"] || held(rig, "h2", "mover")?.is_some() {
+        bail!(
+            "after the refused swap mover is on {:?}",
+            rig.running_on("mover")
+        );
+    }
+    let hb = rig.check_alive("h1", "mover", heartbeat)?;
+    let rec = rig.record(api, "mover").context("record")?;
+    if rec.host != "h1" || rec.epoch != epoch {
+        bail!("a refused swap changed the record: {rec:?} (was h1 epoch {epoch})");
+    }
+
+    let moved = migrate_by_agent(rig, "mover", "h1", "h2", Some(claim(leader.token)))?;
+    let swap = moved.ownership.context("no ownership swap reported")?;
+    moved_live(rig, "mover", "h2", hb)?;
+    let rec = rig.record(api, "mover").context("record")?;
+    if rec.host != "h2"
+        || rec.epoch != epoch + 1
+        || swap.epoch != rec.epoch
+        || rec.last != Transition::Migrate
+    {
+        bail!("mover's record did not follow it to h2 by one swap: {rec:?}, swap {swap:?}");
+    }
+    Ok(())
 }
 
 #[test]

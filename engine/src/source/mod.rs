@@ -689,6 +689,21 @@ impl Session<'_> {
         if let Some(s) = self.steering {
             s.pausing()?;
         }
+        // The hook's agreement comes before the pause: GO follows it, and
+        // its time is not the guest's.
+        if let Some(hook) = &self.opts.pre_pause {
+            if let Err(r) = (hook.0)() {
+                if r.keep_paused {
+                    self.vm.pause().map_err(MigrationError::Pause)?;
+                    self.paused = true;
+                }
+                return Err(MigrationError::PreGoRefused {
+                    reason: r.reason,
+                    keep_paused: r.keep_paused,
+                    migration_id: self.migration_id,
+                });
+            }
+        }
         // Stop-and-copy. From here every wait ends by the downtime budget
         // plus the margin: what cannot finish by then is aborted before GO.
         let policy = *controller.policy();

@@ -152,7 +152,7 @@ pub struct HaMetrics {
     pub restarts_failed: Counter,
     /// From a host's lease seen expired to its VM running elsewhere.
     pub restart_seconds: Histogram,
-    /// Ownership swaps before GO, inside the migration's pause.
+    /// Ownership swaps of migrations, right before the pause (and GO).
     pub ownership_swap_ms: Histogram,
 }
 
@@ -207,7 +207,7 @@ impl HaMetrics {
         );
         registry.register(
             "ferry_sched_ha_ownership_swap_milliseconds",
-            "Ownership swaps before GO (inside the migration's pause)",
+            "Ownership swaps of migrations, made right before the pause (and GO)",
             m.ownership_swap_ms.clone(),
         );
         m

@@ -835,7 +835,7 @@ impl Daemon {
                     Some(vm),
                     Some(to),
                     format!(
-                        "{vm}: {from} -> {to}, epoch {} (swapped before GO in {:.2} ms, inside the {:.1} ms pause)",
+                        "{vm}: {from} -> {to}, epoch {} (swapped in {:.2} ms before the {:.1} ms pause and GO)",
                         swap.epoch, swap.swap_ms, m.downtime_ms.unwrap_or(0.0)
                     ),
                 );

@@ -6,10 +6,11 @@
 //!   and resolves the decisions a former leader left in flight: a restart
 //!   whose record already moved is made sure to run on its new host, one
 //!   whose record did not move is planned again; a migration left in
-//!   flight is dropped (its pre-GO ownership swap, fenced by the dead
-//!   leader's token, can no longer succeed, so the migration either moved
-//!   the record before or is abandoned with the VM on its source; the
-//!   planner moves it again if it still should).
+//!   flight is dropped (its ownership swap before the pause, fenced by
+//!   the dead leader's token, can no longer succeed, so the migration
+//!   either moved the record before or is abandoned with the VM on its
+//!   source; one that fails after its swap, before GO, gives the record
+//!   back to its source; the planner moves it again if it still should).
 //! - **Adoption.** A VM an agent runs that has no record is recorded as
 //!   started there.
 //! - **Failover.** A host whose lease expired, once the hosts' self-fence

@@ -407,7 +407,8 @@ impl ClusterStore {
         self.swap(Some(leader), &when, rec, None)
     }
 
-    /// Moves `current` to `to` (a live migration: call before GO). Fails
+    /// Moves `current` to `to` (a live migration: call before GO; the
+    /// agent does it right before the pause). Fails
     /// with [`StoreError::Conflict`] when the record changed since
     /// `current` was read, [`StoreError::HostDead`] when `to` is not alive.
     pub fn migrate(
@@ -435,7 +436,9 @@ impl ClusterStore {
     /// back to the migration's source (`current.previous`): the
     /// destination calls it once it has refused that migration's handover
     /// for good (it never resumed the guest and never will) while the
-    /// source keeps the guest's paused copy. Fails with
+    /// source keeps the guest's paused copy, and the source calls it when
+    /// the migration failed after the record moved but before GO went out
+    /// (the swap is made before the pause). Fails with
     /// [`StoreError::Conflict`] when the record changed since `current`,
     /// [`StoreError::NotMigrated`] when it did not come by a migration,
     /// [`StoreError::HostDead`] when the source is not alive.
