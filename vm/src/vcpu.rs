@@ -95,6 +95,16 @@ fn poll_for(limit: Duration, nap: Duration, mut done: impl FnMut() -> bool) -> b
     }
 }
 
+/// Nanoseconds on the monotonic clock since the first call, never 0 (0
+/// means "no slice" in [`VcpuControl::slice_end`]).
+fn mono_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let since = EPOCH.get_or_init(Instant::now).elapsed();
+    u64::try_from(since.as_nanos())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
+}
+
 fn unix_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -106,6 +116,9 @@ pub struct VcpuControl {
     request: AtomicU8,
     /// Share of time (percent) the vCPU sleeps: auto-converge's throttle.
     throttle: AtomicU8,
+    /// Under a throttle: when the vCPU's current run slice ends ([`mono_ns`]),
+    /// so the ticker kicks it then; 0 while it runs no slice.
+    slice_end: AtomicU64,
     state: Mutex<RunState>,
     changed: Condvar,
     /// Armed by [`VcpuThread::prepare_resume`]: the parked thread polls for
@@ -139,6 +152,7 @@ impl VcpuControl {
         Arc::new(Self {
             request: AtomicU8::new(Request::Pause as u8),
             throttle: AtomicU8::new(0),
+            slice_end: AtomicU64::new(0),
             state: Mutex::new(RunState::Paused),
             changed: Condvar::new(),
             hot: AtomicBool::new(false),
@@ -195,20 +209,13 @@ impl VcpuThread {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || run_loop(&c))?;
-        // The ticker kicks the vCPU out of KVM_RUN every 10 ms while a
-        // throttle is set, so the vCPU thread gets a chance to sleep.
+        // The ticker kicks the vCPU out of KVM_RUN when its run slice ends
+        // while a throttle is set, so the vCPU thread gets to sleep.
         let c = ctl.clone();
         let handle_for_ticker = ThreadKicker::of(&thread);
         let ticker = std::thread::Builder::new()
             .name(format!("vcpu{index}-throttle"))
-            .spawn(move || {
-                while !c.exited.load(Ordering::Acquire) {
-                    std::thread::sleep(Duration::from_millis(10));
-                    if c.throttle() > 0 && c.request() == Request::Run {
-                        handle_for_ticker.kick();
-                    }
-                }
-            })?;
+            .spawn(move || throttle_ticker(&c, handle_for_ticker))?;
         Ok(Self {
             ctl,
             thread: Some(thread),
@@ -415,19 +422,82 @@ fn run_loop(ctl: &VcpuControl) {
 /// Longest throttle sleep between two looks at a pause request.
 const THROTTLE_NAP: Duration = Duration::from_micros(500);
 
+/// A throttled vCPU runs the guest this long, then sleeps `p / (100 − p)`
+/// times as long as it ran (QEMU's `cpu_throttle`: a 10 ms timeslice, then
+/// `timeslice × p / (1 − p)` asleep), so it runs `100 − p` % of the time.
+/// Long next to the cost of a `KVM_RUN` round trip (~0.3 ms under PVM).
+const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
+/// A slice that ran longer than this (the kick came late) is charged as
+/// this long, so one late kick cannot put the vCPU to sleep for seconds.
+const THROTTLE_SLICE_CHARGED_MAX: Duration = Duration::from_millis(40);
+
+/// How long a vCPU that ran `ran` sleeps under a throttle of `percent`.
+fn throttle_sleep(percent: u8, ran: Duration) -> Duration {
+    let p = u32::from(percent.min(99));
+    ran.min(THROTTLE_SLICE_CHARGED_MAX) * p / (100 - p)
+}
+
+/// The ticker of one vCPU: while a throttle is set and the vCPU runs, it
+/// kicks the vCPU out of `KVM_RUN` once when its run slice ends (and, until
+/// the vCPU has noticed the throttle, every slice). Kicking on a fixed beat
+/// instead would land kicks in the vCPU's sleep, and each such kick makes
+/// the next `KVM_RUN` return at once: at 50 % and above the guest all but
+/// stopped.
+fn throttle_ticker(c: &VcpuControl, kicker: ThreadKicker) {
+    let mut kicked = 0;
+    while !c.exited.load(Ordering::Acquire) {
+        if c.throttle() == 0 || c.request() != Request::Run {
+            std::thread::sleep(THROTTLE_SLICE);
+            continue;
+        }
+        let end = c.slice_end.load(Ordering::Acquire);
+        let now = mono_ns();
+        if end == 0 {
+            // Running without a slice: the throttle came while it ran.
+            kicker.kick();
+            std::thread::sleep(THROTTLE_SLICE);
+        } else if end == kicked {
+            // Kicked; the vCPU sleeps, then starts a slice at least
+            // THROTTLE_SLICE long, so this look cannot miss its end.
+            std::thread::sleep(THROTTLE_SLICE);
+        } else if now < end {
+            std::thread::sleep(Duration::from_nanos(end - now).min(THROTTLE_SLICE));
+        } else {
+            kicker.kick();
+            kicked = end;
+        }
+    }
+}
+
 /// Runs the guest until a pause/stop request (Ok) or a guest/KVM failure (Err).
 fn run_until_request(ctl: &VcpuControl, fd: &mut VcpuFd) -> Result<(), String> {
+    let outcome = run_slices(ctl, fd);
+    ctl.slice_end.store(0, Ordering::Release);
+    outcome
+}
+
+/// [`run_until_request`]'s loop. Under a throttle the vCPU runs in slices:
+/// [`THROTTLE_SLICE`] of guest time, then [`throttle_sleep`] for what it
+/// ran; exits within a slice (a kick, I/O, a full dirty ring) go straight
+/// back into the guest.
+fn run_slices(ctl: &VcpuControl, fd: &mut VcpuFd) -> Result<(), String> {
+    // When the current slice began; None: no throttle seen yet.
+    let mut slice_start: Option<Instant> = None;
     loop {
         if ctl.request() != Request::Run {
             return Ok(());
         }
         let throttle = ctl.throttle();
-        if throttle > 0 {
-            // Sleep `throttle` % of each 10 ms tick, in naps short enough
-            // that a pause never waits behind the throttle (at 99 % one
-            // sleep would be ~1 s of pause).
-            let us = 10_000 * u64::from(throttle) / u64::from(100 - throttle);
-            let until = Instant::now() + Duration::from_micros(us.min(1_000_000));
+        if throttle == 0 {
+            if slice_start.take().is_some() {
+                ctl.slice_end.store(0, Ordering::Release);
+            }
+        } else if slice_start.is_some_and(|s| s.elapsed() >= THROTTLE_SLICE) {
+            let ran = slice_start.map_or(THROTTLE_SLICE, |s| s.elapsed());
+            // Sleep in naps short enough that a pause never waits behind
+            // the throttle (at 99 % the sleep is ~1 s).
+            let until = Instant::now() + throttle_sleep(throttle, ran);
             loop {
                 if ctl.request() != Request::Run {
                     return Ok(());
@@ -438,6 +508,22 @@ fn run_until_request(ctl: &VcpuControl, fd: &mut VcpuFd) -> Result<(), String> {
                 }
                 std::thread::sleep(left.min(THROTTLE_NAP));
             }
+            // Kicks that landed during the sleep (the ticker's, a
+            // pause's) asked KVM_RUN to return at once; drop them. A pause
+            // is seen by the look at the request below, and a later kick
+            // sets the flag again.
+            fd.set_kvm_immediate_exit(0);
+            if ctl.request() != Request::Run {
+                return Ok(());
+            }
+            slice_start = None;
+        }
+        if throttle > 0 && slice_start.is_none() {
+            let now = Instant::now();
+            slice_start = Some(now);
+            let end = mono_ns()
+                .saturating_add(u64::try_from(THROTTLE_SLICE.as_nanos()).unwrap_or(u64::MAX));
+            ctl.slice_end.store(end, Ordering::Release);
         }
         match fd.run() {
             Ok(exit) => match exit {
@@ -469,5 +555,26 @@ fn run_until_request(ctl: &VcpuControl, fd: &mut VcpuFd) -> Result<(), String> {
             }
             Err(e) => return Err(format!("KVM_RUN failed: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttled_vcpu_sleeps_p_over_100_minus_p_of_what_it_ran() {
+        let ms = Duration::from_millis;
+        assert_eq!(throttle_sleep(0, ms(10)), Duration::ZERO);
+        assert_eq!(throttle_sleep(50, ms(10)), ms(10));
+        assert_eq!(throttle_sleep(80, ms(10)), ms(40));
+        assert_eq!(throttle_sleep(99, ms(10)), ms(990));
+        assert_eq!(
+            throttle_sleep(50, ms(12)),
+            ms(12),
+            "a late kick: ran longer, sleeps longer"
+        );
+        assert_eq!(throttle_sleep(50, ms(500)), ms(40), "charged at most 40 ms");
+        assert_eq!(throttle_sleep(100, ms(10)), ms(990), "100 is taken as 99");
     }
 }
