@@ -36,6 +36,11 @@
 //!   leaves live (heartbeat going on, never on two hosts, its record moved
 //!   by one migration) and comes back live once the hook says `ok`.
 //!
+//! - a dead host with a fence command (cut off from etcd, its agent
+//!   alive): the fence is retried while it fails and the VM waits; once
+//!   it works (it kills the host's agent: the power-off) the VM restarts
+//!   elsewhere, after the fence.
+//!
 //! - admission control on a start: a VM shut down by an evacuation does not
 //!   start again on its host when that would break the failover reserve;
 //!   the API says why.
@@ -122,6 +127,9 @@ struct Rig {
     /// A host whose health is a command hook printing this file (and the
     /// file); the daemons evacuate it while it says `degraded`.
     health: Option<(&'static str, PathBuf)>,
+    /// A host fenced from outside by this shell script (run with the
+    /// host's name; exit 0 confirms the power-off).
+    fence: Option<(&'static str, PathBuf)>,
 }
 
 impl Rig {
@@ -152,6 +160,7 @@ impl Rig {
             daemons: Vec::new(),
             shutdown_on_evacuate: Vec::new(),
             health: None,
+            fence: None,
         }))
     }
 
@@ -231,6 +240,12 @@ impl Rig {
                 t.push_str(&format!(
                     "health = [ {{ provider = \"command\", command = [\"cat\", {:?}] }} ]\n",
                     file.display().to_string()
+                ));
+            }
+            if let Some((_, script)) = self.fence.as_ref().filter(|(host, _)| host == h) {
+                t.push_str(&format!(
+                    "fence = {{ driver = \"command\", command = [\"sh\", {:?}], timeout_s = 30 }}\n",
+                    script.display().to_string()
                 ));
             }
             t.push('\n');
@@ -1083,6 +1098,117 @@ fn cut_off_agent(rig: &mut Rig) -> Result<()> {
             "after h1 came back: {rec2:?}, web on {:?}",
             rig.running_on("web")
         );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_dead_host_is_fenced_from_outside_before_its_vm_restarts() {
+    let Some(mut rig) = Rig::new("a_dead_host_is_fenced_from_outside", "ha-fence").unwrap() else {
+        return;
+    };
+    if let Err(e) = fenced_from_outside(&mut rig) {
+        panic!("{e:#}{}", rig.diag());
+    }
+}
+
+/// h1 cut off from etcd (its agent alive, its lease lapsing) has a fence
+/// command: while the command fails (its BMC "unreachable") the fence is
+/// retried and web is not restarted; once it works it kills h1's agent
+/// process (the power-off) and exits 0, and only then web restarts on h2.
+fn fenced_from_outside(rig: &mut Rig) -> Result<()> {
+    let link = TcpProxy::start(rig.etcd.members[0].client)?;
+    rig.agent_with("h1", &["web:64"], &link.url(), &["--fence", "pause"])?;
+    rig.agent("h2", &[])?;
+    let h1_pid = rig.agents[0].proc.pid();
+    let (calls, works) = (
+        rig.dir.path().join("fence-calls"),
+        rig.dir.path().join("fence-works"),
+    );
+    let script = rig.dir.path().join("fence.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "echo \"$1\" >> {calls:?}\n[ -e {works:?} ] || {{ echo 'BMC 10.0.0.9 unreachable' >&2; exit 1; }}\nkill -9 {h1_pid}\n"
+        ),
+    )?;
+    rig.fence = Some(("h1", script));
+    let api = rig.daemon(
+        "d1",
+        &[("h1", 512), ("h2", 512)],
+        &[("web", "h1", "medium")],
+    )?;
+    let rec = wait_for("web's record", Duration::from_secs(30), || {
+        rig.record(api, "web")
+    })?;
+    rig.check_alive("h1", "web", 0)?;
+    let fence_calls = || {
+        std::fs::read_to_string(&calls)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+
+    link.cut();
+    // The lease lapses; the fence fails and is retried; web stays put.
+    wait_for("h1's fence to fail twice", Duration::from_secs(60), || {
+        (fence_calls().len() >= 2).then_some(())
+    })?;
+    if rig.record(api, "web").as_ref() != Some(&rec) || held(rig, "h2", "web")?.is_some() {
+        bail!(
+            "web restarted before h1's power-off was confirmed: {:?}, on {:?}",
+            rig.record(api, "web"),
+            rig.running_on("web")
+        );
+    }
+    let events: Vec<HaEvent> = client(api).get("/v1/ha/events")?;
+    if !events.iter().any(|e| {
+        e.kind == HaEventKind::FenceFailed
+            && e.host.as_deref() == Some("h1")
+            && e.message.contains("BMC 10.0.0.9 unreachable")
+    }) {
+        bail!("no FenceFailed event for h1 with the command's reason in {events:?}");
+    }
+
+    // The BMC answers: h1 is powered off (its agent killed), web restarts.
+    std::fs::write(&works, "")?;
+    wait_for("web to run on h2", Duration::from_secs(60), || {
+        let on = rig.running_on("web");
+        match on.as_slice() {
+            [h] if h == "h2" => Some(Ok(())),
+            [] | [_] => None,
+            _ => Some(Err(on)),
+        }
+    })?
+    .map_err(|on| anyhow::anyhow!("web runs on {on:?} at once"))?;
+    if rig.agents[0].proc.is_running() {
+        bail!("h1's agent (pid {h1_pid}) still runs after its fence confirmed");
+    }
+    let rec2 = rig.record(api, "web").context("record")?;
+    if rec2.host != "h2" || rec2.epoch != rec.epoch + 1 || rec2.last != Transition::Restart {
+        bail!("web's record did not move to h2 by one restart: {rec2:?}");
+    }
+    let events: Vec<HaEvent> = client(api).get("/v1/ha/events")?;
+    let fenced = events
+        .iter()
+        .position(|e| e.kind == HaEventKind::HostFenced && e.host.as_deref() == Some("h1"));
+    let restarted = events
+        .iter()
+        .position(|e| e.kind == HaEventKind::Restarted && e.vm.as_deref() == Some("web"));
+    match (fenced, restarted) {
+        (Some(f), Some(r)) if f < r => {}
+        _ => bail!("h1 was not fenced before web restarted: {events:?}"),
+    }
+    if let Some(other) = fence_calls().iter().find(|h| *h != "h1") {
+        bail!("the fence command was run for {other}, not h1");
+    }
+    let metrics = ureq_text(api, "/metrics")?;
+    if !metrics
+        .lines()
+        .any(|l| l == "ferry_sched_ha_fences_total 1")
+    {
+        bail!("the daemon's metrics do not count one fence");
     }
     Ok(())
 }

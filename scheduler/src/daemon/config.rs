@@ -24,6 +24,10 @@
 //! mem_mb = 4096
 //! agent = "127.0.0.1:7101"
 //! power = { driver = "wol", mac = "52:54:00:12:34:56", broadcast = "192.168.1.255:9" }
+//! # fenced from outside once its lease expired (crate::ha::fence): a
+//! # command run with the host's name, exit 0 confirming the power-off,
+//! # or { driver = "power" } (the power driver's off); restarts wait for it
+//! # fence = { driver = "command", command = ["/usr/local/bin/fence-bmc"] }
 //!
 //! # hardware warnings (optional): what a degraded host gets, and how long
 //! # it must stay healthy before it is released
@@ -221,6 +225,30 @@ pub struct HostEntry {
     /// Health providers ([`crate::ha::health`]): hardware warnings.
     #[serde(default)]
     pub health: Vec<HealthProviderConfig>,
+    /// How the host is fenced from outside once its lease expired
+    /// ([`crate::ha::fence`]); its VMs restart only after it confirmed.
+    pub fence: Option<FenceConfig>,
+}
+
+/// `[[host]] fence = ...`: how a dead host is powered off from outside.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "driver", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FenceConfig {
+    /// A command (argv, no shell) run with the host's name appended; exit
+    /// status 0 confirms the power-off.
+    Command {
+        /// The argv.
+        command: Vec<String>,
+        /// Longest it may run (seconds, default 60).
+        #[serde(default = "default_fence_timeout")]
+        timeout_s: f64,
+    },
+    /// The host's power driver powers it off.
+    Power,
+}
+
+fn default_fence_timeout() -> f64 {
+    60.0
 }
 
 /// One health provider of a host.
@@ -541,6 +569,18 @@ impl Config {
                     continue;
                 }
             }
+            if let Some(Err(e)) = h
+                .fence
+                .as_ref()
+                .map(|f| crate::ha::fence::Fence::from_config(f, h.power.as_ref()))
+            {
+                problem(
+                    &mut problems,
+                    at,
+                    format!("host {:?}: {e}", h.name.get_ref()),
+                );
+                continue;
+            }
             if let Some(e) = h.health.iter().find_map(|p| p.build().err()) {
                 problem(
                     &mut problems,
@@ -790,6 +830,49 @@ mem_mb = 512
                 .starts_with("c.toml:27: VM \"b\" names unknown host \"nope\""),
             "{p}"
         );
+    }
+
+    #[test]
+    fn fence_drivers_are_read_and_checked() {
+        let text = format!(
+            r#"{GOOD}
+[[host]]
+name = "h3"
+cores = 1
+core_mips = 1
+mem_mb = 1
+fence = {{ driver = "command", command = ["/usr/local/bin/fence-bmc", "-v"] }}
+
+[[host]]
+name = "h4"
+cores = 1
+core_mips = 1
+mem_mb = 1
+fence = {{ driver = "power" }}
+"#
+        );
+        let c = Config::parse(Path::new("c.toml"), &text).unwrap();
+        assert_eq!(c.hosts.len(), 3, "h4 is left out: {:?}", c.problems);
+        assert_eq!(
+            c.hosts[2].fence,
+            Some(FenceConfig::Command {
+                command: vec!["/usr/local/bin/fence-bmc".into(), "-v".into()],
+                timeout_s: 60.0
+            })
+        );
+        assert_eq!(c.problems.len(), 1);
+        assert!(
+            c.problems[0].message.contains("h4")
+                && c.problems[0]
+                    .message
+                    .contains("needs the host's power driver"),
+            "{}",
+            c.problems[0]
+        );
+        let bad = format!(
+            "{GOOD}\n[[host]]\nname = \"h3\"\ncores = 1\ncore_mips = 1\nmem_mb = 1\nfence = {{ driver = \"ipmi\" }}\n"
+        );
+        assert!(Config::parse(Path::new("c.toml"), &bad).is_err());
     }
 
     #[test]

@@ -154,6 +154,10 @@ pub struct HaMetrics {
     pub restart_seconds: Histogram,
     /// Ownership swaps of migrations, right before the pause (and GO).
     pub ownership_swap_ms: Histogram,
+    /// Dead hosts fenced from outside (power-off confirmed).
+    pub fences: Counter,
+    /// Fences that failed (retried; the host's restarts held).
+    pub fences_failed: Counter,
 }
 
 impl HaMetrics {
@@ -169,6 +173,8 @@ impl HaMetrics {
             restart_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 15)),
             // 0.1 ms .. ~1.6 s.
             ownership_swap_ms: Histogram::new(exponential_buckets(0.1, 2.0, 15)),
+            fences: Counter::default(),
+            fences_failed: Counter::default(),
         };
         registry.register(
             "ferry_sched_ha_leaderships",
@@ -209,6 +215,16 @@ impl HaMetrics {
             "ferry_sched_ha_ownership_swap_milliseconds",
             "Ownership swaps of migrations, made right before the pause (and GO)",
             m.ownership_swap_ms.clone(),
+        );
+        registry.register(
+            "ferry_sched_ha_fences",
+            "Dead hosts fenced from outside (power-off confirmed by their fence driver)",
+            m.fences.clone(),
+        );
+        registry.register(
+            "ferry_sched_ha_fences_failed",
+            "Fences that failed (retried; the host's VMs are not restarted meanwhile)",
+            m.fences_failed.clone(),
         );
         m
     }

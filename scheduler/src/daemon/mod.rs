@@ -163,6 +163,9 @@ pub struct Daemon {
     pub executor: Arc<dyn Executor>,
     /// Power driver per host (by index).
     pub drivers: Arc<Vec<Option<Box<dyn PowerDriver>>>>,
+    /// Fence driver per host (by index): how a dead host is powered off
+    /// from outside before its VMs restart ([`crate::ha::fence`]).
+    pub fences: Arc<Vec<Option<crate::ha::fence::Fence>>>,
     /// Prometheus metrics.
     pub metrics: Arc<metrics::DaemonMetrics>,
     /// Serialises planning rounds.
@@ -209,6 +212,7 @@ impl Daemon {
         #[cfg(feature = "libvirt")]
         let mut libvirt_hosts = std::collections::HashMap::new();
         let mut drivers: Vec<Option<Box<dyn PowerDriver>>> = Vec::new();
+        let mut fences = Vec::new();
         let mut providers = Vec::new();
         for h in &cfg.hosts {
             let name = h.name.get_ref().clone();
@@ -246,6 +250,13 @@ impl Daemon {
             }
             cluster.hosts.push(host);
             drivers.push(driver);
+            // Validated by Config::parse: a fence that cannot work left its
+            // host out already.
+            fences.push(
+                h.fence
+                    .as_ref()
+                    .and_then(|f| crate::ha::fence::Fence::from_config(f, h.power.as_ref()).ok()),
+            );
             // Validated by Config::parse: a provider that fails to build
             // left its host out already.
             providers.push(h.health.iter().filter_map(|p| p.build().ok()).collect());
@@ -334,6 +345,7 @@ impl Daemon {
             })),
             executor: Arc::new(executor),
             drivers: Arc::new(drivers),
+            fences: Arc::new(fences),
             metrics: Arc::new(metrics::DaemonMetrics::default()),
             round_lock: Arc::new(tokio::sync::Mutex::new(())),
             ha: None,

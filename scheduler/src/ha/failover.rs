@@ -13,9 +13,14 @@
 //!   back to its source; the planner moves it again if it still should).
 //! - **Adoption.** A VM an agent runs that has no record is recorded as
 //!   started there.
+//! - **Fencing.** A host whose lease expired and that has a fence driver
+//!   ([`super::fence`]) is powered off from outside, from the first pass
+//!   that sees it dead; a fence that fails is an event and a log line, and
+//!   is tried again on every pass, the host's restarts held meanwhile.
 //! - **Failover.** A host whose lease expired, once the hosts' self-fence
 //!   margin has also passed (the agent fenced itself before its lease
-//!   could expire; the margin covers clock rate drift), has its VMs
+//!   could expire; the margin covers clock rate drift) and, where it has
+//!   a fence driver, its power-off is confirmed, has its VMs
 //!   restarted elsewhere: highest priority first, placed with admission
 //!   control's restart planner ([`super::restart::plan_restarts`]), each
 //!   restart recorded as a decision, then a compare-and-swap of the VM's
@@ -78,6 +83,10 @@ pub enum HaEventKind {
     RestartRefused,
     /// A restart's start failed; retried.
     RestartFailed,
+    /// A dead host was fenced from outside (power-off confirmed).
+    HostFenced,
+    /// Fencing a dead host failed; retried, its restarts held.
+    FenceFailed,
     /// A VM start (not a restart) was refused by admission control: no
     /// room, or it would break the failover reserve.
     StartRefused,
@@ -118,6 +127,8 @@ struct Progress {
     acted_token: Option<Revision>,
     /// Hosts seen dead, since when (this daemon's clock).
     dead_since: HashMap<String, Instant>,
+    /// Dead hosts whose fence driver confirmed the power-off.
+    fenced: BTreeSet<String>,
     /// Refusals already reported (vm, epoch).
     refused: BTreeSet<(String, u64)>,
     events: VecDeque<HaEvent>,
@@ -215,6 +226,7 @@ impl ClusterHa {
         for h in &hosts {
             let mut p = self.progress();
             if h.alive {
+                p.fenced.remove(&h.host);
                 if p.dead_since.remove(&h.host).is_some() {
                     drop(p);
                     self.event(
@@ -248,6 +260,10 @@ impl ClusterHa {
                 ready_dead.insert(h.host.clone());
             }
         }
+        // Dead hosts with a fence driver are powered off first; their VMs
+        // wait for the confirmation.
+        let unfenced = self.fence_dead_hosts(d, &hosts);
+        ready_dead.retain(|h| !unfenced.contains(h));
         let records = self.store.records()?;
         self.resolve_decisions(d, me, &records)?;
         let victims: Vec<&OwnerRecord> = records
@@ -280,8 +296,10 @@ impl ClusterHa {
         d.metrics.ha.leaderships.inc();
         let mut p = self.progress();
         p.acted_token = Some(me.token);
-        // Hosts seen dead before count from now: this leader's clock.
+        // Hosts seen dead before count from now: this leader's clock; and
+        // they are fenced again (a power-off twice does no harm).
         p.dead_since.clear();
+        p.fenced.clear();
         drop(p);
         self.event(
             HaEventKind::Leading,
@@ -299,6 +317,69 @@ impl ClusterHa {
             ),
         );
         Ok(())
+    }
+
+    /// Fences every dead host that has a fence driver and is not fenced
+    /// yet, in parallel; returns those whose power-off is not confirmed
+    /// (their restarts wait).
+    fn fence_dead_hosts(&self, d: &Daemon, hosts: &[crate::store::HostStatus]) -> BTreeSet<String> {
+        let due: Vec<(usize, &str)> = {
+            let p = self.progress();
+            let st = crate::daemon::lock(&d.state);
+            hosts
+                .iter()
+                .filter(|h| !h.alive && !p.fenced.contains(&h.host))
+                .filter_map(|h| {
+                    let i = st.cluster.host_by_name(&h.host)?;
+                    d.fences.get(i)?.as_ref().map(|_| (i, h.host.as_str()))
+                })
+                .collect()
+        };
+        let results: Vec<(&str, Result<String, super::fence::FenceError>)> =
+            std::thread::scope(|s| {
+                let running: Vec<_> = due
+                    .iter()
+                    .map(|&(i, host)| {
+                        s.spawn(move || {
+                            let fence = d.fences[i].as_ref().expect("filtered above");
+                            let power = d.drivers.get(i).and_then(|p| p.as_deref());
+                            (host, fence.fence(host, power))
+                        })
+                    })
+                    .collect();
+                running
+                    .into_iter()
+                    .map(|t| t.join().expect("fence thread panicked"))
+                    .collect()
+            });
+        let mut unfenced = BTreeSet::new();
+        for (host, result) in results {
+            match result {
+                Ok(evidence) => {
+                    self.progress().fenced.insert(host.to_owned());
+                    d.metrics.ha.fences.inc();
+                    self.event(
+                        HaEventKind::HostFenced,
+                        None,
+                        Some(host),
+                        format!("host {host} fenced: {evidence}"),
+                    );
+                }
+                Err(e) => {
+                    d.metrics.ha.fences_failed.inc();
+                    let why = error_chain(&e);
+                    warn!(host, error = %why, "fencing a dead host failed; retried next pass, its VMs are not restarted meanwhile");
+                    self.event(
+                        HaEventKind::FenceFailed,
+                        None,
+                        Some(host),
+                        format!("fencing host {host} failed (retried; its VMs are not restarted until it is fenced): {why}"),
+                    );
+                    unfenced.insert(host.to_owned());
+                }
+            }
+        }
+        unfenced
     }
 
     /// Decisions no restart of this pass is carrying out: left by a former

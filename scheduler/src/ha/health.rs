@@ -149,29 +149,12 @@ impl HealthProvider for CommandProvider {
             command: prog.clone(),
             source,
         };
-        let mut child = Command::new(prog)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(spawn)?;
-        let deadline = Instant::now() + self.timeout;
-        loop {
-            if child.try_wait().map_err(spawn)?.is_some() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(HealthError::Timeout {
-                    command: prog.clone(),
-                    timeout: self.timeout,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let out = child.wait_with_output().map_err(spawn)?;
+        let out = run_bounded(Command::new(prog).args(args), self.timeout)
+            .map_err(spawn)?
+            .ok_or_else(|| HealthError::Timeout {
+                command: prog.clone(),
+                timeout: self.timeout,
+            })?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
         let first = stdout.lines().next().unwrap_or("");
@@ -190,6 +173,30 @@ impl HealthProvider for CommandProvider {
             evidence,
         })
     }
+}
+
+/// Runs `cmd` (stdin closed, stdout and stderr captured) for at most
+/// `timeout`: its output, or `None` when it ran longer (it is then killed
+/// and reaped).
+pub(crate) fn run_bounded(
+    cmd: &mut Command,
+    timeout: Duration,
+) -> std::io::Result<Option<std::process::Output>> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + timeout;
+    while child.try_wait()?.is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().map(Some)
 }
 
 /// Limits for [`HwmonProvider`].
