@@ -127,6 +127,11 @@ struct Rig {
     /// A host whose health is a command hook printing this file (and the
     /// file); the daemons evacuate it while it says `degraded`.
     health: Option<(&'static str, PathBuf)>,
+    /// Memory of every configured VM (MB; 64 unless the bench says).
+    vm_mem_mb: u64,
+    /// Cores of every configured host (1000 MIPS each; every VM wants
+    /// 100): 2 unless the bench needs room for more VMs.
+    host_cores: u32,
     /// A host fenced from outside by this shell script (run with the
     /// host's name; exit 0 confirms the power-off).
     fence: Option<(&'static str, PathBuf)>,
@@ -161,6 +166,8 @@ impl Rig {
             shutdown_on_evacuate: Vec::new(),
             health: None,
             fence: None,
+            vm_mem_mb: 64,
+            host_cores: 2,
         }))
     }
 
@@ -201,9 +208,11 @@ impl Rig {
             .iter()
             .map(|v| v.split(':').next().unwrap_or(v))
             .collect();
+        // The agent boots its VMs one after the other, each slower as more
+        // guests share the cores: the wait grows with their number.
         wait_for(
             &format!("agent {host} to run {names:?}"),
-            Duration::from_secs(120),
+            per_vm_wait(120, 10, names.len()),
             || {
                 let s = client(addr).get::<AgentStatus>("/v1/status").ok()?;
                 names
@@ -233,8 +242,8 @@ impl Rig {
                 .find(|a| a.host == *h)
                 .context("agent started before the config")?;
             t.push_str(&format!(
-                "[[host]]\nname = \"{h}\"\ncores = 2\ncore_mips = 1000\nmem_mb = {mem}\nagent = \"{}\"\n",
-                a.addr
+                "[[host]]\nname = \"{h}\"\ncores = {}\ncore_mips = 1000\nmem_mb = {mem}\nagent = \"{}\"\n",
+                self.host_cores, a.addr
             ));
             if let Some((_, file)) = self.health.as_ref().filter(|(host, _)| host == h) {
                 t.push_str(&format!(
@@ -252,7 +261,8 @@ impl Rig {
         }
         for (vm, host, restart) in vms {
             t.push_str(&format!(
-                "[[vm]]\nname = \"{vm}\"\nhost = \"{host}\"\ncpu_mips = 100\nmem_mb = 64\nrestart = \"{restart}\"\n\n"
+                "[[vm]]\nname = \"{vm}\"\nhost = \"{host}\"\ncpu_mips = 100\nmem_mb = {}\nrestart = \"{restart}\"\n\n",
+                self.vm_mem_mb
             ));
             if self.shutdown_on_evacuate.contains(vm) {
                 t.push_str("on_evacuate = \"shutdown\"\n\n");
@@ -427,6 +437,11 @@ impl Rig {
         self.check_alive("h1", "mover", first)?;
         Ok(())
     }
+}
+
+/// `base` seconds plus `each` per VM, for waits on `n` VMs.
+fn per_vm_wait(base: u64, each: u64, n: usize) -> Duration {
+    Duration::from_secs(base + each * n as u64)
 }
 
 fn kill_agent(rig: &mut Rig, host: &str) {
@@ -1280,14 +1295,15 @@ fn unix_ms() -> u64 {
 }
 
 /// The benchmark (not a test: run it by name with `--ignored`): kill -9 a
-/// host running `FERRY_HA_BENCH_VMS` guests (default 1) with leases of
+/// host running `FERRY_HA_BENCH_VMS` guests (default 1) of
+/// `FERRY_HA_BENCH_MEM_MB` (default 64) with leases of
 /// `FERRY_HA_BENCH_TTL` (default 2s), and print the time from the kill to
 /// the lease seen expired (detection), to the end of the fence margin
 /// (fencing) and to the last VM running elsewhere (restart); then kill -9
 /// the leading daemon and print the time until the follower leads; then
-/// bring the host back and print the ownership swap's cost in the pause
-/// of migrations of up to 10 of the VMs (with the swap before GO, and
-/// back without one).
+/// bring the host back and print the ownership swap's cost to the pause
+/// of migrations of up to 10 of the VMs (with the swap, made before the
+/// pause, and back without one).
 #[test]
 #[ignore = "benchmark: prints timings"]
 fn ha_bench() {
@@ -1305,11 +1321,18 @@ fn bench(rig: &mut Rig) -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     let names: Vec<String> = (0..n).map(|i| format!("v{i}")).collect();
-    let specs: Vec<String> = names.iter().map(|v| format!("{v}:64")).collect();
+    let vm_mb: u64 = std::env::var("FERRY_HA_BENCH_MEM_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    rig.vm_mem_mb = vm_mb;
+    // Either host takes every VM (100 MIPS each) after the other failed.
+    rig.host_cores = 2.max(n as u32 / 10 + 1);
+    let specs: Vec<String> = names.iter().map(|v| format!("{v}:{vm_mb}")).collect();
     let specs: Vec<&str> = specs.iter().map(String::as_str).collect();
     rig.agent("h1", &specs)?;
     rig.agent("h2", &[])?;
-    let mem = 64 * n as u64 + 512;
+    let mem = vm_mb * n as u64 + 512;
     let hosts = [("h1", mem), ("h2", mem)];
     let vms: Vec<(&str, &str, &str)> = names.iter().map(|v| (v.as_str(), "h1", "medium")).collect();
     let a = rig.daemon("d1", &hosts, &vms)?;
@@ -1317,12 +1340,12 @@ fn bench(rig: &mut Rig) -> Result<()> {
         (leader_of(a).as_deref() == Some("d1")).then_some(())
     })?;
     let b = rig.daemon("d2", &hosts, &vms)?;
-    wait_for("every record", Duration::from_secs(60), || {
+    wait_for("every record", per_vm_wait(60, 2, n), || {
         (rig.records(a).ok()?.len() == n).then_some(())
     })?;
     let killed = unix_ms();
     kill_agent(rig, "h1");
-    wait_for("every VM on h2", Duration::from_secs(300), || {
+    wait_for("every VM on h2", per_vm_wait(300, 10, n), || {
         let s = client(rig.agent_addr("h2"))
             .get::<AgentStatus>("/v1/status")
             .ok()?;
@@ -1354,14 +1377,14 @@ fn bench(rig: &mut Rig) -> Result<()> {
         lease_ttl(),
         unix_ms().saturating_sub(killed)
     );
-    swap_cost(rig, b, &names[..n.min(10)])
+    swap_cost(rig, b, &names[..n.min(10)], vm_mb)
 }
 
 /// The ownership swap's cost in a migration's pause: h1 back (a fresh
 /// agent), each of `vms` migrated h2 -> h1 with the swap before GO (the
 /// leader `api`'s claim, as its migrations carry), then h1 -> h2 without
 /// one; prints the median swap and both median pauses.
-fn swap_cost(rig: &mut Rig, api: SocketAddr, vms: &[String]) -> Result<()> {
+fn swap_cost(rig: &mut Rig, api: SocketAddr, vms: &[String], vm_mb: u64) -> Result<()> {
     rig.agents.retain(|a| a.host != "h1");
     rig.agent("h1", &[])?;
     let leader = client(api)
@@ -1385,7 +1408,7 @@ fn swap_cost(rig: &mut Rig, api: SocketAddr, vms: &[String]) -> Result<()> {
         without.push(migrate(vm, "h1", "h2", None)?.downtime_ms);
     }
     println!(
-        "HA bench: ownership swap ({} migrations of 64 MB guests): swap median {:.2} ms (max {:.2}), pause with the swap median {:.2} ms, without {:.2} ms",
+        "HA bench: ownership swap ({} migrations of {vm_mb} MB guests): swap median {:.2} ms (max {:.2}), pause with the swap median {:.2} ms, without {:.2} ms",
         vms.len(),
         median(&mut swap),
         swap.iter().copied().fold(0.0, f64::max),
