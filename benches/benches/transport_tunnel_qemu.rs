@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use ferry_harness::qemu::{qemu_unavailable, QemuConfig, QemuGuest};
-use ferry_harness::qmp::MigrationStatus;
+use ferry_harness::qmp::{
+    Migrate, MigrateIncoming, MigrateSetParameters, MigrationStatus, RunState,
+};
 use ferry_transport::tls::generate_cert_set;
 use ferry_transport::tunnel::{Tunnel, TunnelOptions};
 use ferry_transport::{LaneOptions, Security, TlsSettings};
-use serde_json::json;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Variant {
@@ -62,16 +63,16 @@ fn one(variant: Variant, mem_mib: u32, dir: &Path, port: u16) -> Result<Run> {
     let mut src = QemuGuest::start("src", &config(mem_mib, None), dir)?;
     let mut dst = QemuGuest::start("dst", &config(mem_mib, Some("defer")), dir)?;
     for q in [&mut src, &mut dst] {
-        q.qmp.execute(
-            "migrate-set-parameters",
-            json!({ "max-bandwidth": 64u64 << 30 }),
-        )?;
+        q.qmp.run(&MigrateSetParameters {
+            max_bandwidth: Some(64 << 30),
+            ..Default::default()
+        })?;
     }
     let mut tunnels = Vec::new();
     let uri = match variant {
         Variant::DirectTcp => {
             let uri = format!("tcp:127.0.0.1:{port}");
-            dst.qmp.execute("migrate-incoming", json!({ "uri": uri }))?;
+            dst.qmp.run(&MigrateIncoming { uri: &uri })?;
             uri
         }
         Variant::Tunnel | Variant::TunnelTls => {
@@ -83,10 +84,9 @@ fn one(variant: Variant, mem_mib: u32, dir: &Path, port: u16) -> Result<Run> {
             let dst_sock = dir.join("dst.sock");
             let src_sock = dir.join("src.sock");
             let _ = std::fs::remove_file(&dst_sock);
-            dst.qmp.execute(
-                "migrate-incoming",
-                json!({ "uri": format!("unix:{}", dst_sock.display()) }),
-            )?;
+            dst.qmp.run(&MigrateIncoming {
+                uri: &format!("unix:{}", dst_sock.display()),
+            })?;
             let t_dst = Tunnel::destination(
                 "127.0.0.1:0",
                 &dst_sock,
@@ -105,13 +105,13 @@ fn one(variant: Variant, mem_mib: u32, dir: &Path, port: u16) -> Result<Run> {
     };
     src.wait_running(100, Duration::from_secs(120))?;
     let t0 = Instant::now();
-    src.qmp.execute("migrate", json!({ "uri": uri }))?;
+    src.qmp.run(&Migrate { uri: &uri })?;
     let r = src.qmp.wait_migration(Duration::from_secs(300))?;
     ensure!(
         r.status == Some(MigrationStatus::Completed),
         "{variant:?}: {r:?}"
     );
-    while dst.qmp.run_state()? != "running" {
+    while dst.qmp.run_state()? != RunState::Running {
         ensure!(
             t0.elapsed() < Duration::from_secs(300),
             "{variant:?}: destination never ran"

@@ -2,7 +2,7 @@
 //!
 //! ## A connection
 //!
-//! 1. The server writes a [`Greeting`] line: `{"ferry_control":1,"role":"source","pid":..}`.
+//! 1. The server writes a [`Greeting`] line: `{"ferry_control":2,"role":"source","pid":..}`.
 //!    A client that reads anything else is not talking to ferry; a client
 //!    that reads another version refuses to go on ([`PROTOCOL_VERSION`]).
 //! 2. The client writes one [`Request`] line (at most
@@ -43,13 +43,13 @@ use std::time::Duration;
 
 use ferry_engine::convergence::Decision;
 use ferry_engine::encode::{EncodingCounts, EncodingDecision};
-use ferry_vm::GuestStatus;
+use ferry_vm::{GuestStatus, RunState};
 use serde::{Deserialize, Serialize};
 
 use crate::security::{SecurityMode, SecuritySpec};
 
 /// The protocol's version (see the module docs for when it changes).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Longest request line accepted: a migrate request with TLS paths fits
 /// many times over; more is not a request.
@@ -243,8 +243,9 @@ pub struct StatusReply {
     pub role: Role,
     /// Where the guest is.
     pub state: GuestHome,
-    /// The vCPU's state, when there is a guest.
-    pub run_state: Option<String>,
+    /// The vCPU's state, when there is a guest (since version 2 typed:
+    /// `"running"`, `"paused"`, `"stopped"`, `{"failed": "why"}`).
+    pub run_state: Option<RunState>,
     /// The guest's status block, when there is a guest.
     pub status: Option<GuestStatus>,
 }
@@ -834,6 +835,24 @@ mod tests {
         assert_eq!(m.limits.max_downtime_ms, Some(5));
         assert_eq!(m.limits.deadline_s, Some(2.5));
         assert_eq!(m.security, Some(SecuritySpec::Insecure));
+    }
+
+    #[test]
+    fn a_status_reply_carries_the_vcpu_state_typed() {
+        let reply = StatusReply {
+            role: Role::Source,
+            state: GuestHome::Here,
+            run_state: Some(RunState::Failed("triple fault".into())),
+            status: None,
+        };
+        let text = serde_json::to_string(&reply).unwrap();
+        assert!(
+            text.contains(r#""run_state":{"failed":"triple fault"}"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<StatusReply>(&text).unwrap(), reply);
+        let running: Option<RunState> = serde_json::from_str(r#""running""#).unwrap();
+        assert_eq!(running, Some(RunState::Running));
     }
 
     #[test]

@@ -570,7 +570,7 @@ fn status(served: &Served) -> Reply {
     Reply::Status(Box::new(StatusReply {
         role: served.role,
         state: served.home(),
-        run_state: vm.as_ref().map(|v| format!("{:?}", v.run_state())),
+        run_state: vm.as_ref().map(|v| v.run_state()),
         status: vm.as_ref().map(|v| v.status()),
     }))
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 /// A line QEMU writes on a QMP socket.
 #[derive(Debug, Deserialize)]
@@ -44,6 +44,15 @@ pub enum QmpError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// A request could not be written as JSON.
+    #[error("writing QMP {command} as JSON")]
+    Request {
+        /// The command.
+        command: &'static str,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
     },
     /// Reading a line from QEMU failed.
     #[error("reading from QMP")]
@@ -116,11 +125,239 @@ pub struct ErrorReply {
     pub desc: String,
 }
 
+/// A QMP command: its name, its arguments (the struct, serialized as the
+/// request's `arguments`) and the type its `return` reads as.
+pub trait Command: Serialize {
+    /// The command's name (`execute`).
+    const NAME: &'static str;
+    /// What its `return` reads as.
+    type Answer: DeserializeOwned;
+}
+
+/// The request line: `{"execute": NAME, "arguments": {...}}`.
+#[derive(Serialize)]
+struct Request<'a, C> {
+    execute: &'static str,
+    arguments: &'a C,
+}
+
+/// The `return` of commands that answer `{}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Empty {}
+
+/// `qmp_capabilities`: leave the greeting, enter command mode.
+#[derive(Debug, Serialize)]
+pub struct QmpCapabilities {}
+
+impl Command for QmpCapabilities {
+    const NAME: &'static str = "qmp_capabilities";
+    type Answer = Empty;
+}
+
+/// `human-monitor-command`: one HMP command line; answers its text.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct HumanMonitorCommand<'a> {
+    /// The HMP command line, e.g. `xp /2gx 0x1000`.
+    pub command_line: &'a str,
+}
+
+impl Command for HumanMonitorCommand<'_> {
+    const NAME: &'static str = "human-monitor-command";
+    type Answer = String;
+}
+
+/// `query-status`: the VM's run state.
+#[derive(Debug, Serialize)]
+pub struct QueryStatus {}
+
+impl Command for QueryStatus {
+    const NAME: &'static str = "query-status";
+    type Answer = StatusInfo;
+}
+
+/// `query-migrate`: the migration's state and figures.
+#[derive(Debug, Serialize)]
+pub struct QueryMigrate {}
+
+impl Command for QueryMigrate {
+    const NAME: &'static str = "query-migrate";
+    type Answer = MigrationInfo;
+}
+
+/// `migrate`: start migrating to `uri` (`tcp:HOST:PORT`, `unix:PATH`).
+#[derive(Debug, Serialize)]
+pub struct Migrate<'a> {
+    /// Where to.
+    pub uri: &'a str,
+}
+
+impl Command for Migrate<'_> {
+    const NAME: &'static str = "migrate";
+    type Answer = Empty;
+}
+
+/// `migrate-incoming`: a QEMU started with `-incoming defer` listens on `uri`.
+#[derive(Debug, Serialize)]
+pub struct MigrateIncoming<'a> {
+    /// Where to listen.
+    pub uri: &'a str,
+}
+
+impl Command for MigrateIncoming<'_> {
+    const NAME: &'static str = "migrate-incoming";
+    type Answer = Empty;
+}
+
+/// `migrate_cancel`: stop the running migration, the VM stays here.
+#[derive(Debug, Serialize)]
+pub struct MigrateCancel {}
+
+impl Command for MigrateCancel {
+    const NAME: &'static str = "migrate_cancel";
+    type Answer = Empty;
+}
+
+/// A migration capability (QAPI `MigrationCapability`) ferry's tests and
+/// benchmarks turn on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationCapability {
+    /// Several channels (`multifd-channels`).
+    Multifd,
+    /// XOR-delta encoding of pages sent before (`xbzrle-cache-size`).
+    Xbzrle,
+    /// Throttle the vCPUs when rounds do not shrink.
+    AutoConverge,
+}
+
+/// One entry of `migrate-set-capabilities`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CapabilityState {
+    /// Which.
+    pub capability: MigrationCapability,
+    /// On or off.
+    pub state: bool,
+}
+
+/// `migrate-set-capabilities`.
+#[derive(Debug, Serialize)]
+pub struct MigrateSetCapabilities {
+    /// The capabilities to set.
+    pub capabilities: Vec<CapabilityState>,
+}
+
+impl Command for MigrateSetCapabilities {
+    const NAME: &'static str = "migrate-set-capabilities";
+    type Answer = Empty;
+}
+
+/// `multifd-compression`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MultifdCompression {
+    /// None.
+    None,
+    /// zlib.
+    Zlib,
+    /// zstd.
+    Zstd,
+}
+
+/// `migrate-set-parameters` (QAPI `MigrateSetParameters`): the parameters
+/// ferry sets; those left `None` are not sent and keep their value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrateSetParameters {
+    /// Longest pause allowed, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_limit: Option<u64>,
+    /// Bandwidth cap, bytes/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth: Option<u64>,
+    /// Channels with the multifd capability.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multifd_channels: Option<u32>,
+    /// Compression with the multifd capability.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multifd_compression: Option<MultifdCompression>,
+    /// XBZRLE's page cache, bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xbzrle_cache_size: Option<u64>,
+}
+
+impl MigrateSetParameters {
+    /// Whether it sets nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl Command for MigrateSetParameters {
+    const NAME: &'static str = "migrate-set-parameters";
+    type Answer = Empty;
+}
+
+/// `set-vcpu-dirty-limit`: every vCPU's dirty rate capped (needs a dirty
+/// ring, `-accel kvm,dirty-ring-size=N`).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SetVcpuDirtyLimit {
+    /// MB/s per vCPU.
+    pub dirty_rate: u64,
+}
+
+impl Command for SetVcpuDirtyLimit {
+    const NAME: &'static str = "set-vcpu-dirty-limit";
+    type Answer = Empty;
+}
+
+/// A VM's run state (QAPI `RunState`), as `query-status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    /// Debugger attached.
+    Debug,
+    /// Waiting for an incoming migration.
+    Inmigrate,
+    /// Internal error.
+    InternalError,
+    /// I/O error on a disk.
+    IoError,
+    /// Paused by a command.
+    Paused,
+    /// Paused after a migration that completed.
+    Postmigrate,
+    /// Not started yet (`-S`).
+    Prelaunch,
+    /// Paused for the last part of a migration.
+    FinishMigrate,
+    /// Restoring a snapshot.
+    RestoreVm,
+    /// Running.
+    Running,
+    /// Saving a snapshot.
+    SaveVm,
+    /// Shut down (`-no-shutdown`).
+    Shutdown,
+    /// Suspended (ACPI S3).
+    Suspended,
+    /// Watchdog fired.
+    Watchdog,
+    /// Guest panicked.
+    GuestPanicked,
+    /// Colo.
+    Colo,
+    /// A state this client does not know.
+    #[serde(other)]
+    Unknown,
+}
+
 /// `query-status`'s answer.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct StatusInfo {
-    /// `running`, `paused`, `postmigrate`, `inmigrate`, ...
-    pub status: String,
+    /// Running, paused, in or after a migration, ...
+    pub status: RunState,
     /// Whether the vCPUs run.
     pub running: bool,
 }
@@ -279,7 +516,7 @@ impl Qmp {
         if !matches!(greeting, Message::Greeting { .. }) {
             return Err(QmpError::NoGreeting(format!("{greeting:?}")));
         }
-        qmp.execute("qmp_capabilities", json!({}))?;
+        qmp.run(&QmpCapabilities {})?;
         Ok(qmp)
     }
 
@@ -292,41 +529,45 @@ impl Qmp {
         serde_json::from_str(&line).map_err(|source| QmpError::Parse { line, source })
     }
 
-    /// Runs a command; returns its `return` value, or its error as an error.
-    /// Events arriving meanwhile are skipped.
-    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
-        let msg = if arguments.as_object().is_some_and(|o| o.is_empty()) {
-            json!({ "execute": command })
-        } else {
-            json!({ "execute": command, "arguments": arguments })
+    /// Runs `command`; returns its `return` read as the command's answer,
+    /// or its error as [`QmpError::Command`]. Events arriving meanwhile are
+    /// skipped.
+    pub fn run<C: Command>(&mut self, command: &C) -> Result<C::Answer> {
+        let request = Request {
+            execute: C::NAME,
+            arguments: command,
         };
-        let mut text = msg.to_string();
+        let mut text = serde_json::to_string(&request).map_err(|source| QmpError::Request {
+            command: C::NAME,
+            source,
+        })?;
         text.push('\n');
         self.writer
             .write_all(text.as_bytes())
             .map_err(QmpError::Write)?;
-        loop {
+        let value = loop {
             match self.read_message()? {
-                Message::Return { value } => return Ok(value),
+                Message::Return { value } => break value,
                 Message::Error { error } => {
                     return Err(QmpError::Command {
-                        command: command.to_owned(),
+                        command: C::NAME.to_owned(),
                         class: error.class,
                         desc: error.desc,
                     })
                 }
                 Message::Event { .. } | Message::Greeting { .. } => {}
             }
-        }
+        };
+        C::Answer::deserialize(&value).map_err(|source| QmpError::Answer {
+            command: C::NAME.to_owned(),
+            answer: value.to_string(),
+            source,
+        })
     }
 
     /// Runs a human monitor (HMP) command and returns its text.
     pub fn hmp(&mut self, command_line: &str) -> Result<String> {
-        let r = self.execute(
-            "human-monitor-command",
-            json!({ "command-line": command_line }),
-        )?;
-        Ok(r.as_str().unwrap_or_default().to_owned())
+        self.run(&HumanMonitorCommand { command_line })
     }
 
     /// Reads `count` guest-physical u64 words at `addr` (via HMP `xp`).
@@ -335,24 +576,14 @@ impl Qmp {
         parse_xp(&text, count)
     }
 
-    /// Runs a command without arguments and reads its answer as a `T`.
-    pub fn query<T: DeserializeOwned>(&mut self, command: &str) -> Result<T> {
-        let r = self.execute(command, json!({}))?;
-        serde_json::from_value(r.clone()).map_err(|source| QmpError::Answer {
-            command: command.to_owned(),
-            answer: r.to_string(),
-            source,
-        })
-    }
-
-    /// `query-status`'s `status` (`running`, `paused`, `postmigrate`, `inmigrate`, ...).
-    pub fn run_state(&mut self) -> Result<String> {
-        Ok(self.query::<StatusInfo>("query-status")?.status)
+    /// `query-status`'s run state.
+    pub fn run_state(&mut self) -> Result<RunState> {
+        Ok(self.run(&QueryStatus {})?.status)
     }
 
     /// `query-migrate`'s answer.
     pub fn query_migrate(&mut self) -> Result<MigrationInfo> {
-        self.query("query-migrate")
+        self.run(&QueryMigrate {})
     }
 
     /// Polls `query-migrate` until its status is final (`completed`,
@@ -427,6 +658,61 @@ pub fn guest_status(qmp: &mut Qmp) -> Result<GuestStatusWords> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn request_line<C: Command>(command: &C) -> String {
+        serde_json::to_string(&Request {
+            execute: C::NAME,
+            arguments: command,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn requests_are_written_with_qemus_names() {
+        assert_eq!(
+            request_line(&MigrateSetParameters {
+                downtime_limit: Some(20),
+                multifd_compression: Some(MultifdCompression::Zstd),
+                ..Default::default()
+            }),
+            r#"{"execute":"migrate-set-parameters","arguments":{"downtime-limit":20,"multifd-compression":"zstd"}}"#
+        );
+        assert_eq!(
+            request_line(&MigrateSetCapabilities {
+                capabilities: vec![CapabilityState {
+                    capability: MigrationCapability::AutoConverge,
+                    state: true,
+                }],
+            }),
+            r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"auto-converge","state":true}]}}"#
+        );
+        assert_eq!(
+            request_line(&HumanMonitorCommand {
+                command_line: "xp /1gx 0x1000"
+            }),
+            r#"{"execute":"human-monitor-command","arguments":{"command-line":"xp /1gx 0x1000"}}"#
+        );
+        assert_eq!(
+            request_line(&QueryStatus {}),
+            r#"{"execute":"query-status","arguments":{}}"#
+        );
+        assert!(MigrateSetParameters::default().is_empty());
+    }
+
+    #[test]
+    fn run_states_read_typed_and_unknown_ones_still_read() {
+        let s: StatusInfo = serde_json::from_str(
+            r#"{"status": "finish-migrate", "singlestep": false, "running": false}"#,
+        )
+        .unwrap();
+        assert_eq!(s.status, RunState::FinishMigrate);
+        let s: StatusInfo =
+            serde_json::from_str(r#"{"status": "levitating", "running": true}"#).unwrap();
+        assert_eq!(s.status, RunState::Unknown);
+        let empty: Empty = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty, Empty {});
+    }
 
     #[test]
     fn a_query_migrate_answer_reads_typed_and_keeps_the_rest() {

@@ -15,11 +15,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use ferry_e2e::qemu::{qemu_unavailable, QemuConfig, QemuGuest};
-use ferry_e2e::qmp::{guest_status, MigrationStatus};
+use ferry_e2e::qmp::{
+    guest_status, CapabilityState, Migrate, MigrateIncoming, MigrateSetCapabilities,
+    MigrateSetParameters, MigrationCapability, MigrationStatus, RunState,
+};
 use ferry_transport::tls::generate_certs;
 use ferry_transport::tunnel::{Tunnel, TunnelOptions};
 use ferry_transport::{LaneOptions, Security, TlsFiles, TlsSettings};
-use serde_json::json;
 
 const APPEND: &str = "rate=2000 tsc_khz=2300000";
 
@@ -87,18 +89,20 @@ fn security(tls: Tls, dir: &Path) -> Result<(Security, Security)> {
 }
 
 fn enable_multifd(q: &mut QemuGuest, channels: u32) -> Result<()> {
-    q.qmp.execute(
-        "migrate-set-capabilities",
-        json!({ "capabilities": [{ "capability": "multifd", "state": true }] }),
-    )?;
-    q.qmp.execute(
-        "migrate-set-parameters",
-        json!({ "multifd-channels": channels }),
-    )?;
+    q.qmp.run(&MigrateSetCapabilities {
+        capabilities: vec![CapabilityState {
+            capability: MigrationCapability::Multifd,
+            state: true,
+        }],
+    })?;
+    q.qmp.run(&MigrateSetParameters {
+        multifd_channels: Some(channels),
+        ..Default::default()
+    })?;
     Ok(())
 }
 
-fn wait_state(q: &mut QemuGuest, want: &str, timeout: Duration) -> Result<()> {
+fn wait_state(q: &mut QemuGuest, want: RunState, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let s = q.qmp.run_state()?;
@@ -143,15 +147,14 @@ fn migrate_through_tunnel(case: Case) -> Result<()> {
         if let Some(n) = case.multifd_channels {
             enable_multifd(q, n)?;
         }
-        q.qmp.execute(
-            "migrate-set-parameters",
-            json!({ "max-bandwidth": 8u64 << 30 }),
-        )?;
+        q.qmp.run(&MigrateSetParameters {
+            max_bandwidth: Some(8 << 30),
+            ..Default::default()
+        })?;
     }
-    dst.qmp.execute(
-        "migrate-incoming",
-        json!({ "uri": format!("unix:{}", dst_mig.display()) }),
-    )?;
+    dst.qmp.run(&MigrateIncoming {
+        uri: &format!("unix:{}", dst_mig.display()),
+    })?;
 
     let mut dst_opts = TunnelOptions::new(LaneOptions::new(1, dst_sec));
     dst_opts.lz4 = case.lz4;
@@ -177,10 +180,9 @@ fn migrate_through_tunnel(case: Case) -> Result<()> {
         );
         eprintln!("refused as expected: {msg}");
         // QEMU finds nothing listening: the migration fails, the guest runs on.
-        let started = src.qmp.execute(
-            "migrate",
-            json!({ "uri": format!("unix:{}", src_tun.display()) }),
-        );
+        let started = src.qmp.run(&Migrate {
+            uri: &format!("unix:{}", src_tun.display()),
+        });
         if started.is_ok() {
             let r = src.qmp.wait_migration(Duration::from_secs(60))?;
             ensure!(
@@ -189,12 +191,12 @@ fn migrate_through_tunnel(case: Case) -> Result<()> {
             );
         }
         ensure!(
-            src.qmp.run_state()? == "running",
+            src.qmp.run_state()? == RunState::Running,
             "source guest not running after the refusal"
         );
         heartbeat_rises(&mut src, before)?;
         ensure!(
-            dst.qmp.run_state()? == "inmigrate",
+            dst.qmp.run_state()? == RunState::Inmigrate,
             "destination left inmigrate"
         );
         dst_tunnel.stop()?;
@@ -202,10 +204,9 @@ fn migrate_through_tunnel(case: Case) -> Result<()> {
     }
     let src_tunnel = src_tunnel?;
 
-    src.qmp.execute(
-        "migrate",
-        json!({ "uri": format!("unix:{}", src_tun.display()) }),
-    )?;
+    src.qmp.run(&Migrate {
+        uri: &format!("unix:{}", src_tun.display()),
+    })?;
     let r = src.qmp.wait_migration(Duration::from_secs(180))?;
     ensure!(
         r.status == Some(MigrationStatus::Completed),
@@ -220,10 +221,10 @@ fn migrate_through_tunnel(case: Case) -> Result<()> {
         r.ram.as_ref().map(|ram| ram.transferred)
     );
     ensure!(
-        src.qmp.run_state()? == "postmigrate",
+        src.qmp.run_state()? == RunState::Postmigrate,
         "source still running after completion"
     );
-    wait_state(&mut dst, "running", Duration::from_secs(30))?;
+    wait_state(&mut dst, RunState::Running, Duration::from_secs(30))?;
 
     let first = guest_status(&mut dst.qmp)?;
     ensure!(

@@ -550,11 +550,7 @@ fn print_events(events: &Vec<HaEvent>) {
 }
 
 fn print_policy(p: &PolicyView) {
-    println!(
-        "{}",
-        serde_json::to_value(p.mode)
-            .map_or_else(|_| "?".into(), |v| v.as_str().unwrap_or("?").to_owned())
-    );
+    println!("{}", p.mode);
 }
 
 fn daemon(a: DaemonArgs) -> anyhow::Result<()> {

@@ -543,7 +543,10 @@ fn show_status(args: StatusArgs) -> anyhow::Result<()> {
             "{} (guest {}, vCPU {}): heartbeat {} dirtied {} verify_errors {} guest phase {:?}",
             reply.role,
             reply.state.describe(),
-            reply.run_state.as_deref().unwrap_or("none"),
+            reply
+                .run_state
+                .as_ref()
+                .map_or_else(|| "none".to_owned(), ToString::to_string),
             st.heartbeat,
             st.pages_dirtied,
             st.verify_errors,

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use ferry_e2e::process::ProcessGuard;
 use ferry_e2e::qemu::{qemu_unavailable, QemuConfig, QemuGuest};
-use ferry_e2e::qmp::{guest_status, MigrationStatus};
-use serde_json::json;
+use ferry_e2e::qmp::{guest_status, Migrate, MigrateSetParameters, MigrationStatus};
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
@@ -104,16 +103,15 @@ fn qemu_migrates_through_ferry_tunnel_processes() {
 
     let before = src.wait_running(1, Duration::from_secs(60)).unwrap();
     src.qmp
-        .execute(
-            "migrate-set-parameters",
-            json!({"max-bandwidth": 8u64 << 30}),
-        )
+        .run(&MigrateSetParameters {
+            max_bandwidth: Some(8 << 30),
+            ..Default::default()
+        })
         .unwrap();
     src.qmp
-        .execute(
-            "migrate",
-            json!({"uri": format!("unix:{}", src_sock.display())}),
-        )
+        .run(&Migrate {
+            uri: &format!("unix:{}", src_sock.display()),
+        })
         .unwrap();
     let r = src.qmp.wait_migration(Duration::from_secs(180)).unwrap();
     assert_eq!(

@@ -84,7 +84,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 fn is_running_here(s: &StatusReply) -> bool {
-    s.state == GuestHome::Here && s.run_state.as_deref() == Some("Running")
+    s.state == GuestHome::Here && s.run_state == Some(ferry_vm::RunState::Running)
 }
 
 #[test]

@@ -28,7 +28,8 @@ enum Request {
 }
 
 /// Where the vCPU thread is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RunState {
     /// Created, not started or paused by request.
     Paused,
@@ -38,6 +39,17 @@ pub enum RunState {
     Failed(String),
     /// The thread has ended.
     Stopped,
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Paused => f.write_str("paused"),
+            Self::Running => f.write_str("running"),
+            Self::Failed(why) => write!(f, "failed: {why}"),
+            Self::Stopped => f.write_str("stopped"),
+        }
+    }
 }
 
 thread_local! {

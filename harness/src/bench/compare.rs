@@ -5,9 +5,9 @@
 //! shaped link of a workload is set up before its runs and removed after.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use serde_json::json;
+use serde::Serialize;
 
 use crate::bench::ceiling::{self, Ceiling};
 use crate::bench::error::BenchError;
@@ -20,8 +20,65 @@ use crate::bench::outcome::{RunOutcome, RunStatus};
 use crate::bench::report::{self, Aggregate, FloorCheck};
 use crate::bench::run_common::RunContext;
 use crate::bench::settings::RunSettings;
-use crate::bench::shaped_link::ShapedLink;
+use crate::bench::shaped_link::{LinkInfo, ShapedLink};
 use crate::bench::{ferry, qemu};
+
+/// A line of `--json-out` (JSON lines): `{"kind": "session", ...}` first,
+/// then ceilings, shaped links, runs as they finish, aggregates and floors.
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JsonLine<'a> {
+    /// What ran where, once at the start.
+    Session(Session<'a>),
+    /// A plain TCP stream's rate on the same loopback.
+    Ceiling {
+        /// Its figures.
+        ceiling: &'a Ceiling,
+    },
+    /// A shaped link set up for the rows after it.
+    Link {
+        /// How it is shaped.
+        link: &'a LinkInfo,
+    },
+    /// One run of one engine profile on one workload.
+    Run {
+        /// Its outcome.
+        run: &'a RunOutcome,
+    },
+    /// A row's runs of one profile, summarised.
+    Aggregate {
+        /// The summary.
+        aggregate: &'a Aggregate,
+    },
+    /// A promise checked against the aggregates.
+    Floor {
+        /// The check.
+        floor: &'a FloorCheck,
+    },
+}
+
+/// The session line of `--json-out`.
+#[derive(Debug, Serialize)]
+pub struct Session<'a> {
+    /// CPU model and count, kernel.
+    pub machine: String,
+    /// The machine's state at the start.
+    pub machine_state_start: &'a MachineState,
+    /// `qemu-system-x86_64 --version`'s first line, if it ran.
+    pub qemu: Option<String>,
+    /// The ferry binary measured.
+    pub ferry_bin: &'a Path,
+    /// The guest image both engines boot.
+    pub kernel_image: &'a Path,
+    /// ferry's downtime limit, ms.
+    pub max_downtime_ms: u64,
+    /// QEMU's downtime limits, ms.
+    pub qemu_downtime_limits_ms: &'a [u64],
+    /// Other work above this many CPUs marks a run busy.
+    pub busy_cpus: f64,
+    /// Runs per profile and row.
+    pub repeat: u32,
+}
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -199,9 +256,11 @@ pub fn run(
         }
         None => None,
     };
-    let mut emit = |v: serde_json::Value| -> Result<(), BenchError> {
+    let mut emit = |line: JsonLine<'_>| -> Result<(), BenchError> {
         if let (Some(f), Some(p)) = (json_file.as_mut(), cfg.json_out.as_ref()) {
-            writeln!(f, "{v}").map_err(|e| BenchError::Output(p.display().to_string(), e))?;
+            let out_err = |e| BenchError::Output(p.display().to_string(), e);
+            serde_json::to_writer(&mut *f, &line).map_err(|e| out_err(e.into()))?;
+            writeln!(f).map_err(out_err)?;
         }
         Ok(())
     };
@@ -212,28 +271,27 @@ pub fn run(
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|v| v.lines().next().map(str::to_string));
     let state = MachineState::now();
-    let session = json!({
-        "kind": "session",
-        "machine": crate::bench::procfs::machine(),
-        "machine_state_start": state,
-        "qemu": qemu_version,
-        "ferry_bin": s.ferry_bin,
-        "kernel_image": s.kernel,
-        "max_downtime_ms": s.max_downtime_ms,
-        "qemu_downtime_limits_ms": cfg.qemu_downtime_limits_ms,
-        "busy_cpus": s.busy_cpus,
-        "repeat": cfg.repeat,
-    });
+    let session = Session {
+        machine: crate::bench::procfs::machine(),
+        machine_state_start: &state,
+        qemu: qemu_version,
+        ferry_bin: &s.ferry_bin,
+        kernel_image: &s.kernel,
+        max_downtime_ms: s.max_downtime_ms,
+        qemu_downtime_limits_ms: &cfg.qemu_downtime_limits_ms,
+        busy_cpus: s.busy_cpus,
+        repeat: cfg.repeat,
+    };
     notes.push(format!(
         "machine: {}; at start: {}",
         crate::bench::procfs::machine(),
         state.summary()
     ));
-    emit(session)?;
+    emit(JsonLine::Session(session))?;
     let mut ceilings = Vec::new();
     for conns in [1, 4] {
         let c = ceiling::measure(conns, cfg.ceiling_bytes)?;
-        emit(json!({"kind": "ceiling", "ceiling": c}))?;
+        emit(JsonLine::Ceiling { ceiling: &c })?;
         ceilings.push(c);
     }
     let qemu_skip = qemu::available(&s.qemu_bin).err();
@@ -268,7 +326,7 @@ pub fn run(
                 match &made {
                     Ok(l) => {
                         notes.push(l.describe());
-                        emit(json!({"kind": "link", "link": l.info()}))?;
+                        emit(JsonLine::Link { link: l.info() })?;
                     }
                     Err(e) => notes.push(format!("{} rows skipped: {e}", w.link)),
                 }
@@ -309,7 +367,7 @@ pub fn run(
                     }
                     (None, Err(_)) => unreachable!("a failed link is a skip"),
                 };
-                emit(json!({"kind": "run", "run": outcome}))?;
+                emit(JsonLine::Run { run: &outcome })?;
                 progress(&outcome);
                 runs.push(outcome);
             }
@@ -334,11 +392,11 @@ pub fn run(
         .max_by(f64::total_cmp);
     let aggregates = report::aggregate(&runs, ceiling_bps, s.max_downtime_ms);
     for a in &aggregates {
-        emit(json!({"kind": "aggregate", "aggregate": a}))?;
+        emit(JsonLine::Aggregate { aggregate: a })?;
     }
     let floors = report::floors(&aggregates);
     for f in &floors {
-        emit(json!({"kind": "floor", "floor": f}))?;
+        emit(JsonLine::Floor { floor: f })?;
     }
     if let Some(p) = &cfg.plot_out {
         crate::bench::plot::bytes_left_svg(&runs, p)?;
@@ -415,5 +473,45 @@ fn shout_head(s: &str) -> String {
     match s.split_once(':') {
         Some((head, tail)) => format!("{}:{tail}", head.to_uppercase()),
         None => s.to_uppercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_say_their_kind_first() {
+        let c = Ceiling {
+            connections: 4,
+            bytes: 1 << 30,
+            secs: 0.5,
+            bytes_per_sec: 2.0 * f64::from(1u32 << 30),
+        };
+        assert_eq!(
+            serde_json::to_string(&JsonLine::Ceiling { ceiling: &c }).unwrap(),
+            r#"{"kind":"ceiling","ceiling":{"connections":4,"bytes":1073741824,"secs":0.5,"bytes_per_sec":2147483648.0}}"#
+        );
+        let state = MachineState::now();
+        let session = Session {
+            machine: "test".into(),
+            machine_state_start: &state,
+            qemu: None,
+            ferry_bin: Path::new("/bin/ferry"),
+            kernel_image: Path::new("/guest.elf"),
+            max_downtime_ms: 20,
+            qemu_downtime_limits_ms: &[20, 300],
+            busy_cpus: 0.5,
+            repeat: 1,
+        };
+        let line = serde_json::to_string(&JsonLine::Session(session)).unwrap();
+        assert!(
+            line.starts_with(r#"{"kind":"session","machine":"test","#),
+            "{line}"
+        );
+        assert!(
+            line.contains(r#""qemu_downtime_limits_ms":[20,300]"#),
+            "{line}"
+        );
     }
 }

@@ -8,8 +8,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::qmp::{MigrationInfo, MigrationStatus, Qmp, QmpError};
-use serde_json::{json, Value};
+use crate::qmp::{
+    CapabilityState, Migrate, MigrateCancel, MigrateIncoming, MigrateSetCapabilities,
+    MigrateSetParameters, MigrationCapability, MigrationInfo, MigrationStatus, MultifdCompression,
+    Qmp, QmpError, SetVcpuDirtyLimit,
+};
 
 use crate::bench::error::BenchError;
 use crate::bench::guest_probe::StaticDigest;
@@ -86,12 +89,12 @@ fn qmp_err(what: &str) -> impl Fn(QmpError) -> BenchError + '_ {
     move |e| BenchError::Qmp(what.into(), error_chain(&e))
 }
 
-fn capabilities(p: QemuProfile) -> Vec<&'static str> {
+fn capabilities(p: QemuProfile) -> Vec<MigrationCapability> {
     match p {
         QemuProfile::Default => vec![],
-        QemuProfile::Multifd | QemuProfile::MultifdZstd => vec!["multifd"],
-        QemuProfile::Xbzrle => vec!["xbzrle"],
-        QemuProfile::AutoConverge => vec!["auto-converge"],
+        QemuProfile::Multifd | QemuProfile::MultifdZstd => vec![MigrationCapability::Multifd],
+        QemuProfile::Xbzrle => vec![MigrationCapability::Xbzrle],
+        QemuProfile::AutoConverge => vec![MigrationCapability::AutoConverge],
         QemuProfile::DirtyLimit => vec![],
     }
 }
@@ -118,19 +121,24 @@ fn accel(p: QemuProfile) -> String {
 /// while rounds do not shrink.
 const VCPU_DIRTY_LIMIT_MB: u64 = 1;
 
-fn parameters(p: QemuProfile, w: &Workload, downtime_limit_ms: u64, source: bool) -> Value {
-    let mut v = json!({});
+fn parameters(
+    p: QemuProfile,
+    w: &Workload,
+    downtime_limit_ms: u64,
+    source: bool,
+) -> MigrateSetParameters {
+    let mut v = MigrateSetParameters::default();
     if source {
-        v["downtime-limit"] = json!(downtime_limit_ms);
-        v["max-bandwidth"] = json!(w.cap_bytes_per_sec.unwrap_or(UNCAPPED_BANDWIDTH));
+        v.downtime_limit = Some(downtime_limit_ms);
+        v.max_bandwidth = Some(w.cap_bytes_per_sec.unwrap_or(UNCAPPED_BANDWIDTH));
     }
     match p {
-        QemuProfile::Multifd => v["multifd-channels"] = json!(4),
+        QemuProfile::Multifd => v.multifd_channels = Some(4),
         QemuProfile::MultifdZstd => {
-            v["multifd-channels"] = json!(4);
-            v["multifd-compression"] = json!("zstd");
+            v.multifd_channels = Some(4);
+            v.multifd_compression = Some(MultifdCompression::Zstd);
         }
-        QemuProfile::Xbzrle if source => v["xbzrle-cache-size"] = json!(w.mem_bytes / 4),
+        QemuProfile::Xbzrle if source => v.xbzrle_cache_size = Some(w.mem_bytes / 4),
         _ => {}
     }
     v
@@ -143,25 +151,26 @@ fn configure(
     downtime_limit_ms: u64,
     source: bool,
 ) -> Result<(), BenchError> {
-    let caps: Vec<Value> = capabilities(p)
+    let capabilities: Vec<CapabilityState> = capabilities(p)
         .into_iter()
-        .map(|c| json!({"capability": c, "state": true}))
+        .map(|capability| CapabilityState {
+            capability,
+            state: true,
+        })
         .collect();
-    if !caps.is_empty() {
-        q.execute("migrate-set-capabilities", json!({ "capabilities": caps }))
+    if !capabilities.is_empty() {
+        q.run(&MigrateSetCapabilities { capabilities })
             .map_err(qmp_err("migrate-set-capabilities"))?;
     }
     let params = parameters(p, w, downtime_limit_ms, source);
-    if params.as_object().is_some_and(|o| !o.is_empty()) {
-        q.execute("migrate-set-parameters", params)
-            .map_err(qmp_err("migrate-set-parameters"))?;
+    if !params.is_empty() {
+        q.run(&params).map_err(qmp_err("migrate-set-parameters"))?;
     }
     if p == QemuProfile::DirtyLimit && source {
         // Every vCPU limited; one dirtying less than the limit is not slowed.
-        q.execute(
-            "set-vcpu-dirty-limit",
-            json!({ "dirty-rate": VCPU_DIRTY_LIMIT_MB }),
-        )
+        q.run(&SetVcpuDirtyLimit {
+            dirty_rate: VCPU_DIRTY_LIMIT_MB,
+        })
         .map_err(qmp_err("set-vcpu-dirty-limit"))?;
     }
     Ok(())
@@ -248,14 +257,14 @@ fn run_inner(
     let port = run_common::free_port()?;
     let uri = format!("tcp:{}:{port}", ctx.dst_host());
     dst_qmp
-        .execute("migrate-incoming", json!({ "uri": uri }))
+        .run(&MigrateIncoming { uri: &uri })
         .map_err(qmp_err("migrate-incoming"))?;
 
     let base = Baseline::take(ctx, src_pid, dst_pid);
     let t0 = Instant::now();
     let watch = Watch::start(t0, src_pid, dst_pid, w.mem_bytes);
     src_qmp
-        .execute("migrate", json!({ "uri": uri }))
+        .run(&Migrate { uri: &uri })
         .map_err(qmp_err("migrate"))?;
     let deadline = s.deadline_for(w);
     let mut last = MigrationInfo::default();
@@ -287,7 +296,7 @@ fn run_inner(
         src.check_running()?;
         dst.check_running()?;
         if t0.elapsed() > deadline {
-            let _ = src_qmp.execute("migrate_cancel", json!({}));
+            let _ = src_qmp.run(&MigrateCancel {});
             break Err(BenchError::Deadline(
                 deadline.as_secs(),
                 format!(

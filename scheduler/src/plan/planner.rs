@@ -44,6 +44,18 @@ impl std::str::FromStr for PolicyMode {
     }
 }
 
+impl std::fmt::Display for PolicyMode {
+    /// The name `FromStr` reads and the API writes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Balance => "balance",
+            Self::PowerSave => "power_save",
+            Self::Both => "both",
+            Self::Manual => "manual",
+        })
+    }
+}
+
 /// Planner state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Planner {
@@ -163,6 +175,19 @@ mod tests {
     use super::*;
     use crate::plan::testkit::{add_vm, cluster};
     use crate::plan::{apply, Action};
+
+    #[test]
+    fn a_policy_is_written_as_it_is_read_and_sent() {
+        for mode in [
+            PolicyMode::Balance,
+            PolicyMode::PowerSave,
+            PolicyMode::Both,
+            PolicyMode::Manual,
+        ] {
+            assert_eq!(mode.to_string().parse::<PolicyMode>(), Ok(mode));
+            assert_eq!(serde_json::to_string(&mode).unwrap(), format!("\"{mode}\""));
+        }
+    }
 
     #[test]
     fn balance_waits_for_the_duration_then_acts_once() {

@@ -261,12 +261,19 @@ pub fn csv(results: &[DayResult], refs: &[ReferenceRow]) -> String {
     s
 }
 
+/// What [`json`] writes: every run, then the summaries.
+#[derive(Debug, serde::Serialize)]
+struct JsonReport<'a> {
+    runs: &'a [DayResult],
+    summary: &'a [Summary],
+}
+
 /// JSON with runs and summaries.
 pub fn json(results: &[DayResult], summaries: &[Summary]) -> Result<String, ReportError> {
-    Ok(serde_json::to_string_pretty(&serde_json::json!({
-        "runs": results,
-        "summary": summaries,
-    }))?)
+    Ok(serde_json::to_string_pretty(&JsonReport {
+        runs: results,
+        summary: summaries,
+    })?)
 }
 
 /// SVG: cumulative energy (top) and active hosts (bottom) over time for each
