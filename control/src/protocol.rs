@@ -405,7 +405,7 @@ pub fn decision_words(d: &Decision) -> String {
         Decision::Continue => "another round".into(),
         Decision::Throttle { percent } => format!("another round, guest throttled {percent} %"),
         Decision::LimitVcpus { vcpus, max_percent } => format!(
-            "another round, dirty-limit slowed {vcpus} vCPU{} (up to {max_percent} %)",
+            "another round, dirty-limit retuned {vcpus} vCPU{} (up to {max_percent} %)",
             if *vcpus == 1 { "" } else { "s" }
         ),
         Decision::GiveUp => "give up (deadline)".into(),

@@ -180,11 +180,12 @@ pub enum Decision {
         /// Share of vCPU time taken away.
         percent: u8,
     },
-    /// Dirty-limit: run another round with the vCPUs that dirty fastest
-    /// throttled more (each vCPU's throttle:
+    /// Dirty-limit: run another round with the per-vCPU throttles changed
+    /// (raised on the vCPUs dirtying fastest, lowered on those that calmed
+    /// down; each vCPU's throttle:
     /// [`ConvergenceController::vcpu_throttles`]).
     LimitVcpus {
-        /// vCPUs whose throttle went up.
+        /// vCPUs whose throttle changed.
         vcpus: u32,
         /// The highest per-vCPU throttle now, percent.
         max_percent: u8,
@@ -309,21 +310,45 @@ pub fn decide(
     }
 }
 
-/// Dirty-limit's per-vCPU step, when [`decide`] asked for more throttle:
-/// each vCPU whose dirty rate in the round (`dirty_pages[i]` over
-/// `duration`) is above `limit` pages/s gets the throttle that brings it
-/// to the limit, assuming its rate scales with the share of time it runs
-/// (rate / (1 − throttle) unthrottled), and at least one policy step more
-/// than it had (a working set smaller than the rate understates it),
-/// capped at `throttle_max`. vCPUs at or below the limit keep theirs. When
-/// none is above the limit yet the rounds do not shrink, the fastest one
-/// (ties: the lowest index) takes the step. Returns the new throttles.
+/// Dirty-limit leaves a throttle alone while its vCPU dirties at least this
+/// share (percent) of the limit: below it, the throttle comes down.
+pub const LOWER_BELOW_PERCENT: u64 = 50;
+
+/// `--converge auto` moves from auto-converge to dirty-limit once one vCPU
+/// dirtied at least this share (percent) of a round's pages...
+pub const DOMINANT_ENTER_PERCENT: u64 = 70;
+
+/// ...and back to auto-converge once the busiest vCPU dirtied less than
+/// this share (percent): the gap between the two keeps a guest near the
+/// line from switching every round.
+pub const DOMINANT_LEAVE_PERCENT: u64 = 55;
+
+/// Dirty-limit's per-vCPU step after every live round, like QEMU's
+/// `dirtylimit_set_throttle`: a vCPU's rate in the round is
+/// `dirty_pages[i]` over `duration`, and its unthrottled rate is taken as
+/// rate / (1 − throttle) (its rate scales with the time it runs).
+/// - `raise` ([`decide`] asked for more throttle): each vCPU above `limit`
+///   pages/s gets the throttle that brings it to the limit, and at least
+///   one policy step more than it had (a working set smaller than the rate
+///   understates it), capped at `throttle_max`. When none is above the
+///   limit yet the rounds do not shrink, the fastest one (ties: the lowest
+///   index) takes the step.
+/// - Always: a throttled vCPU whose unthrottled rate is below
+///   [`LOWER_BELOW_PERCENT`] % of the limit (its guest calmed down) comes
+///   down one policy step a round, and at once if it dirtied nothing, as
+///   QEMU lowers a vCPU's throttle when its rate falls below its quota. A
+///   vCPU still above that keeps its throttle: the per-round estimate
+///   understates small working sets, so lowering it there would undo the
+///   steps that raised it.
+///
+/// Returns the new throttles.
 pub fn plan_dirty_limit(
     policy: &ConvergencePolicy,
     current: &[u8],
     dirty_pages: &[u64],
     duration: Duration,
     limit: f64,
+    raise: bool,
 ) -> Vec<u8> {
     let secs = duration.as_secs_f64().max(1e-6);
     let step = |cur: u8| {
@@ -333,29 +358,37 @@ pub fn plan_dirty_limit(
             cur.saturating_add(policy.throttle_step)
         }
     };
-    let towards = |cur: u8, rate: f64| -> u8 {
-        let running = f64::from(100 - cur.min(99)) / 100.0;
-        let unthrottled = rate / running;
-        let wanted = (100.0 * (1.0 - limit / unthrottled))
+    let unthrottled = |cur: u8, rate: f64| rate / (f64::from(100 - cur.min(99)) / 100.0);
+    // The throttle that brings a vCPU at `rate` under `cur` to the limit.
+    let at_limit = |cur: u8, rate: f64| -> u8 {
+        (100.0 * (1.0 - limit / unthrottled(cur, rate)))
             .ceil()
-            .clamp(0.0, 99.0) as u8;
-        wanted.max(step(cur)).min(policy.throttle_max)
+            .clamp(0.0, 99.0) as u8
     };
     let mut next: Vec<u8> = current.to_vec();
     next.resize(dirty_pages.len().max(current.len()), 0);
     let mut any = false;
+    let mut lowered = vec![false; next.len()];
     for (i, &pages) in dirty_pages.iter().enumerate() {
         let rate = pages as f64 / secs;
-        if rate > limit && next[i] < policy.throttle_max {
-            next[i] = towards(next[i], rate);
+        let cur = next[i];
+        if raise && rate > limit && cur < policy.throttle_max {
+            next[i] = at_limit(cur, rate).max(step(cur)).min(policy.throttle_max);
             any = true;
+        } else if cur > 0 && pages == 0 {
+            next[i] = 0;
+            lowered[i] = true;
+        } else if cur > 0 && unthrottled(cur, rate) * 100.0 < limit * LOWER_BELOW_PERCENT as f64 {
+            next[i] = cur.saturating_sub(policy.throttle_step);
+            lowered[i] = true;
         }
     }
-    if !any {
+    if raise && !any {
+        // The step goes to the fastest vCPU not just found quiet.
         let fastest = dirty_pages
             .iter()
             .enumerate()
-            .filter(|&(i, &p)| p > 0 && next[i] < policy.throttle_max)
+            .filter(|&(i, &p)| p > 0 && !lowered[i] && next[i] < policy.throttle_max)
             .max_by_key(|&(i, &p)| (p, std::cmp::Reverse(i)));
         if let Some((i, _)) = fastest {
             next[i] = step(next[i]).min(policy.throttle_max);
@@ -364,45 +397,112 @@ pub fn plan_dirty_limit(
     next
 }
 
+/// Under `--converge auto`, the mode after a round whose per-vCPU dirty
+/// counts are `dirty_pages`, in `current` mode: dirty-limit once one vCPU
+/// dirtied at least [`DOMINANT_ENTER_PERCENT`] % of the pages,
+/// auto-converge once the busiest dirtied less than
+/// [`DOMINANT_LEAVE_PERCENT`] %; in between, or when nothing was dirtied
+/// or fewer than two vCPUs are counted, `current`.
+pub fn auto_mode(current: ConvergeMode, dirty_pages: &[u64]) -> ConvergeMode {
+    let total: u64 = dirty_pages.iter().sum();
+    let busiest = dirty_pages.iter().copied().max().unwrap_or(0);
+    if dirty_pages.len() < 2 || total == 0 {
+        return current;
+    }
+    let share = u128::from(busiest) * 100;
+    let total = u128::from(total);
+    if share >= total * u128::from(DOMINANT_ENTER_PERCENT) {
+        ConvergeMode::DirtyLimit
+    } else if share < total * u128::from(DOMINANT_LEAVE_PERCENT) {
+        ConvergeMode::AutoConverge
+    } else {
+        current
+    }
+}
+
+/// How the controller slows the guest down, and what it has set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Slowdown {
+    /// Auto-converge: every vCPU loses the same share of its time
+    /// ([`ControllerState::throttle`]).
+    AutoConverge,
+    /// Dirty-limit: each vCPU's own throttle, percent (index = vCPU).
+    DirtyLimit {
+        /// Each vCPU's throttle in force.
+        vcpu_throttles: Vec<u8>,
+    },
+}
+
 /// Keeps [`ControllerState`] across rounds and applies [`decide`].
 #[derive(Debug, Clone)]
 pub struct ConvergenceController {
     policy: ConvergencePolicy,
     state: ControllerState,
-    /// Dirty-limit in force: each vCPU's throttle (empty: auto-converge).
-    vcpu_throttles: Vec<u8>,
+    /// The mode in force and its throttles.
+    slowdown: Slowdown,
+    /// vCPUs of the VM.
+    vcpus: usize,
+    /// `--converge auto` over per-vCPU dirty counts and several vCPUs: the
+    /// controller may switch mode between rounds ([`auto_mode`]).
+    switchable: bool,
 }
 
 impl ConvergenceController {
-    /// A controller for `policy`, before round 0.
+    /// A controller for `policy`, before round 0: auto-converge over one
+    /// vCPU until [`Self::start`] says otherwise.
     pub fn new(policy: ConvergencePolicy) -> Self {
         Self {
             policy,
             state: ControllerState::default(),
-            vcpu_throttles: Vec::new(),
+            slowdown: Slowdown::AutoConverge,
+            vcpus: 1,
+            switchable: false,
         }
+    }
+
+    /// Start in `mode` (resolved: auto-converge or dirty-limit) over
+    /// `vcpus` vCPUs, all unthrottled. With `--converge auto`, several
+    /// vCPUs and a log that counts pages per vCPU (`per_vcpu_counts`), the
+    /// controller then moves between the two modes as the counts say.
+    pub fn start(&mut self, mode: ConvergeMode, vcpus: usize, per_vcpu_counts: bool) {
+        self.vcpus = vcpus.max(1);
+        self.switchable =
+            self.policy.converge == ConvergeMode::Auto && per_vcpu_counts && self.vcpus > 1;
+        self.slowdown = match mode {
+            ConvergeMode::DirtyLimit => Slowdown::DirtyLimit {
+                vcpu_throttles: vec![0; self.vcpus],
+            },
+            ConvergeMode::Auto | ConvergeMode::AutoConverge => Slowdown::AutoConverge,
+        };
     }
 
     /// Throttle with dirty-limit from now on, over `vcpus` vCPUs (all
-    /// unthrottled).
+    /// unthrottled), never switching.
     pub fn use_dirty_limit(&mut self, vcpus: usize) {
-        self.vcpu_throttles = vec![0; vcpus.max(1)];
+        self.start(ConvergeMode::DirtyLimit, vcpus, false);
+        self.switchable = false;
     }
 
-    /// The mode in force: dirty-limit once [`Self::use_dirty_limit`] was
-    /// called, else auto-converge.
+    /// The mode in force.
     pub fn mode(&self) -> ConvergeMode {
-        if self.vcpu_throttles.is_empty() {
-            ConvergeMode::AutoConverge
-        } else {
-            ConvergeMode::DirtyLimit
+        match self.slowdown {
+            Slowdown::AutoConverge => ConvergeMode::AutoConverge,
+            Slowdown::DirtyLimit { .. } => ConvergeMode::DirtyLimit,
         }
+    }
+
+    /// The mode in force and its throttles.
+    pub fn slowdown(&self) -> &Slowdown {
+        &self.slowdown
     }
 
     /// Dirty-limit: each vCPU's throttle in force, percent (empty with
     /// auto-converge).
     pub fn vcpu_throttles(&self) -> &[u8] {
-        &self.vcpu_throttles
+        match &self.slowdown {
+            Slowdown::AutoConverge => &[],
+            Slowdown::DirtyLimit { vcpu_throttles } => vcpu_throttles,
+        }
     }
 
     /// The policy in force.
@@ -428,7 +528,7 @@ impl ConvergenceController {
             Some(l) => l as f64,
             None => {
                 let page = (PAGE_SIZE + crate::encode::batch::ENTRY_BYTES) as f64;
-                bandwidth_bytes_per_sec / page / 2.0 / self.vcpu_throttles.len().max(1) as f64
+                bandwidth_bytes_per_sec / page / 2.0 / self.vcpus as f64
             }
         }
     }
@@ -440,6 +540,34 @@ impl ConvergenceController {
         decide(&self.policy, &self.state, round).decision == Decision::StopAndCopy
     }
 
+    /// Under `--converge auto`, switch mode if the round's per-vCPU counts
+    /// say so ([`auto_mode`]). Auto-converge's throttle becomes every
+    /// vCPU's (dirty-limit then lowers the quiet ones); dirty-limit's
+    /// highest throttle becomes the whole guest's. Returns the throttle the
+    /// whole guest now needs when it went to auto-converge.
+    fn switch_mode(&mut self, vcpu_dirty_pages: &[u64]) -> Option<u8> {
+        if !self.switchable {
+            return None;
+        }
+        let next = auto_mode(self.mode(), vcpu_dirty_pages);
+        if next == self.mode() {
+            return None;
+        }
+        tracing::info!(from = %self.mode(), to = %next, ?vcpu_dirty_pages, "convergence mode switched");
+        match next {
+            ConvergeMode::DirtyLimit => {
+                self.slowdown = Slowdown::DirtyLimit {
+                    vcpu_throttles: vec![self.state.throttle; self.vcpus],
+                };
+                None
+            }
+            ConvergeMode::Auto | ConvergeMode::AutoConverge => {
+                self.slowdown = Slowdown::AutoConverge;
+                Some(self.state.throttle)
+            }
+        }
+    }
+
     /// Decide after a round, and remember what the next decision needs.
     /// `vcpu_dirty_pages`: pages each vCPU dirtied during the round, when
     /// the dirty log counts them (dirty-limit needs them; with none, a
@@ -448,35 +576,55 @@ impl ConvergenceController {
         let mut assessment = decide(&self.policy, &self.state, round);
         self.state.bandwidth = assessment.bandwidth_bytes_per_sec;
         self.state.previous_dirty_pages = Some(round.dirty_pages);
-        if let Decision::Throttle { percent } = assessment.decision {
-            if self.vcpu_throttles.is_empty() || vcpu_dirty_pages.is_empty() {
-                self.state.throttle = percent;
-                self.vcpu_throttles.iter_mut().for_each(|t| *t = percent);
-            } else {
-                let limit = self.vcpu_dirty_limit(assessment.bandwidth_bytes_per_sec);
+        if matches!(
+            assessment.decision,
+            Decision::StopAndCopy | Decision::GiveUp
+        ) {
+            return assessment;
+        }
+        let to_whole = self.switch_mode(vcpu_dirty_pages);
+        let raise = matches!(assessment.decision, Decision::Throttle { .. });
+        let limit = self.vcpu_dirty_limit(assessment.bandwidth_bytes_per_sec);
+        match &mut self.slowdown {
+            Slowdown::DirtyLimit { vcpu_throttles } if !vcpu_dirty_pages.is_empty() => {
                 let next = plan_dirty_limit(
                     &self.policy,
-                    &self.vcpu_throttles,
+                    vcpu_throttles,
                     vcpu_dirty_pages,
                     round.duration,
                     limit,
+                    raise,
                 );
-                let raised = next
+                let changed = next
                     .iter()
-                    .zip(self.vcpu_throttles.iter().chain(std::iter::repeat(&0)))
-                    .filter(|(n, c)| n > c)
+                    .zip(vcpu_throttles.iter().chain(std::iter::repeat(&0)))
+                    .filter(|(n, c)| n != c)
                     .count();
-                self.vcpu_throttles = next;
-                let max_percent = self.vcpu_throttles.iter().copied().max().unwrap_or(0);
+                *vcpu_throttles = next;
+                let max_percent = vcpu_throttles.iter().copied().max().unwrap_or(0);
                 self.state.throttle = max_percent;
-                assessment.decision = if raised == 0 {
+                assessment.decision = if changed == 0 {
                     Decision::Continue
                 } else {
                     Decision::LimitVcpus {
-                        vcpus: u32::try_from(raised).unwrap_or(u32::MAX),
+                        vcpus: u32::try_from(changed).unwrap_or(u32::MAX),
                         max_percent,
                     }
                 };
+            }
+            Slowdown::DirtyLimit { vcpu_throttles } => {
+                // No per-vCPU counts: a dirty-limit step is a whole-guest step.
+                if let Decision::Throttle { percent } = assessment.decision {
+                    self.state.throttle = percent;
+                    vcpu_throttles.iter_mut().for_each(|t| *t = percent);
+                }
+            }
+            Slowdown::AutoConverge => {
+                if let Decision::Throttle { percent } = assessment.decision {
+                    self.state.throttle = percent;
+                } else if let Some(percent) = to_whole.filter(|&p| p > 0) {
+                    assessment.decision = Decision::Throttle { percent };
+                }
             }
         }
         assessment
@@ -730,30 +878,44 @@ mod tests {
         let policy = ConvergencePolicy::default();
         // 1 s round, limit 1000 pages/s: vCPU 0 dirties 10 000/s
         // (unthrottled), vCPU 1 500/s, vCPU 2 nothing.
-        let next = plan_dirty_limit(&policy, &[0, 0, 0], &[10_000, 500, 0], MS(1000), 1000.0);
+        let next = plan_dirty_limit(
+            &policy,
+            &[0, 0, 0],
+            &[10_000, 500, 0],
+            MS(1000),
+            1000.0,
+            true,
+        );
         assert_eq!(next, vec![90, 0, 0]);
         // Already at 50 % and still 2000/s: unthrottled ~4000/s, so 75 %.
-        let next = plan_dirty_limit(&policy, &[50, 0], &[2000, 10], MS(1000), 1000.0);
+        let next = plan_dirty_limit(&policy, &[50, 0], &[2000, 10], MS(1000), 1000.0, true);
         assert_eq!(next, vec![75, 0]);
         // Just above the limit: at least one policy step.
-        let next = plan_dirty_limit(&policy, &[0, 0], &[1100, 0], MS(1000), 1000.0);
+        let next = plan_dirty_limit(&policy, &[0, 0], &[1100, 0], MS(1000), 1000.0, true);
         assert_eq!(next, vec![policy.throttle_initial, 0]);
         // Capped at the maximum.
         let capped = ConvergencePolicy {
             throttle_max: 80,
             ..policy
         };
-        let next = plan_dirty_limit(&capped, &[0], &[1_000_000], MS(1000), 1000.0);
+        let next = plan_dirty_limit(&capped, &[0], &[1_000_000], MS(1000), 1000.0, true);
         assert_eq!(next, vec![80]);
     }
 
     #[test]
     fn with_every_vcpu_under_the_limit_the_fastest_takes_a_step() {
         let policy = ConvergencePolicy::default();
-        let next = plan_dirty_limit(&policy, &[0, 0, 0], &[300, 900, 900], MS(1000), 1000.0);
+        let next = plan_dirty_limit(
+            &policy,
+            &[0, 0, 0],
+            &[300, 900, 900],
+            MS(1000),
+            1000.0,
+            true,
+        );
         assert_eq!(next, vec![0, 20, 0]);
         // Nobody dirtying: nobody to slow down.
-        let next = plan_dirty_limit(&policy, &[0, 0], &[0, 0], MS(1000), 1000.0);
+        let next = plan_dirty_limit(&policy, &[0, 0], &[0, 0], MS(1000), 1000.0, true);
         assert_eq!(next, vec![0, 0]);
     }
 
@@ -775,6 +937,139 @@ mod tests {
         assert_eq!(c.vcpu_throttles()[1], 0);
         assert!(c.vcpu_throttles()[0] >= 75);
         assert_eq!(c.throttle(), c.vcpu_throttles()[0]);
+    }
+
+    #[test]
+    fn dirty_limit_lowers_the_throttle_of_a_vcpu_gone_quiet() {
+        let policy = ConvergencePolicy::default();
+        // Limit 1000 pages/s. vCPU 0 dirtied nothing: lifted at once.
+        // vCPU 1 at 60 % dirtied 100/s (250/s unthrottled, below half the
+        // limit): down one step. vCPU 2 at 40 % dirtied 600/s (1000/s
+        // unthrottled): kept. vCPU 3 was never throttled.
+        let next = plan_dirty_limit(
+            &policy,
+            &[80, 60, 40, 0],
+            &[0, 100, 600, 10],
+            MS(1000),
+            1000.0,
+            false,
+        );
+        assert_eq!(next, vec![0, 50, 40, 0]);
+        // At 90 %, 60/s is 600/s unthrottled: above half the limit, kept.
+        let next = plan_dirty_limit(&policy, &[90], &[60], MS(1000), 1000.0, false);
+        assert_eq!(next, vec![90]);
+        // Rounds not shrinking and nobody above the limit: the step goes
+        // to the fastest vCPU that is not the one coming down.
+        let next = plan_dirty_limit(&policy, &[90, 0], &[20, 30], MS(1000), 1000.0, true);
+        assert_eq!(next, vec![80, 20]);
+    }
+
+    /// A guest model for the controller: vCPU `i` dirties `rates[i]` pages
+    /// per second unthrottled and `rates[i] * (100 - t) / 100` under a
+    /// throttle `t`; each round lasts 1 s over a 10 MB/s link (2435 pages).
+    fn model_round(c: &mut ConvergenceController, rates: &[u64], second: u64) -> Assessment {
+        let throttles = match c.slowdown() {
+            Slowdown::DirtyLimit { vcpu_throttles } => vcpu_throttles.clone(),
+            Slowdown::AutoConverge => vec![c.throttle(); rates.len()],
+        };
+        let pages: Vec<u64> = rates
+            .iter()
+            .zip(&throttles)
+            .map(|(&r, &t)| r * u64::from(100 - t) / 100)
+            .collect();
+        let r = round(1000, 2435, 10_000_000, pages.iter().sum(), second * 1000);
+        c.assess(&r, &pages)
+    }
+
+    #[test]
+    fn the_controller_lowers_dirty_limit_once_the_hot_vcpu_calms_down() {
+        let mut c = ConvergenceController::new(ConvergencePolicy {
+            vcpu_dirty_limit: Some(1000),
+            ..ConvergencePolicy::default()
+        });
+        c.use_dirty_limit(2);
+        // vCPU 0 hot, vCPU 1 under the limit: only vCPU 0 is slowed.
+        for s in 0..5 {
+            model_round(&mut c, &[20_000, 900], s);
+        }
+        let hot = c.vcpu_throttles()[0];
+        assert!(hot >= 90, "{:?}", c.vcpu_throttles());
+        // vCPU 0 calms down to 100 pages/s: its throttle comes down, a
+        // step a round, to nothing; the rounds still do not shrink, so
+        // vCPU 1 takes the steps up.
+        let mut seen = vec![hot];
+        for s in 5..20 {
+            model_round(&mut c, &[100, 900], s);
+            seen.push(c.vcpu_throttles()[0]);
+        }
+        assert!(seen.windows(2).all(|w| w[1] <= w[0]), "{seen:?}");
+        assert_eq!(*seen.last().unwrap(), 0, "{seen:?}");
+        assert!(c.vcpu_throttles()[1] > 0, "{:?}", c.vcpu_throttles());
+        assert_eq!(c.throttle(), c.vcpu_throttles()[1]);
+    }
+
+    #[test]
+    fn auto_mode_follows_the_busiest_vcpus_share() {
+        use ConvergeMode::*;
+        let cases: &[(ConvergeMode, &[u64], ConvergeMode)] = &[
+            (AutoConverge, &[9_000, 1_000], DirtyLimit),
+            (AutoConverge, &[7_000, 3_000], DirtyLimit),
+            (AutoConverge, &[6_900, 3_100], AutoConverge),
+            (DirtyLimit, &[6_000, 4_000], DirtyLimit),
+            (DirtyLimit, &[5_500, 4_500], DirtyLimit),
+            (DirtyLimit, &[5_400, 4_600], AutoConverge),
+            (DirtyLimit, &[3_000, 3_000, 3_000, 1_000], AutoConverge),
+            (AutoConverge, &[8_000, 1_000, 1_000, 0], DirtyLimit),
+            (AutoConverge, &[0, 0], AutoConverge),
+            (DirtyLimit, &[0, 0], DirtyLimit),
+            (AutoConverge, &[5_000], AutoConverge),
+            (DirtyLimit, &[], DirtyLimit),
+        ];
+        for &(from, counts, to) in cases {
+            assert_eq!(auto_mode(from, counts), to, "{from} {counts:?}");
+        }
+    }
+
+    #[test]
+    fn converge_auto_switches_mode_as_the_dirtying_moves() {
+        let mut c = ConvergenceController::new(ConvergencePolicy {
+            vcpu_dirty_limit: Some(1000),
+            ..ConvergencePolicy::default()
+        });
+        c.start(ConvergeMode::AutoConverge, 2, true);
+        // Both vCPUs dirty alike: auto-converge, the whole guest throttled.
+        for s in 0..3 {
+            model_round(&mut c, &[5_000, 5_000], s);
+        }
+        assert_eq!(c.mode(), ConvergeMode::AutoConverge);
+        let whole = c.throttle();
+        assert!(whole > 0);
+        assert!(c.vcpu_throttles().is_empty());
+        // vCPU 1 goes quiet: dirty-limit, vCPU 0 keeps its throttle (and
+        // more), vCPU 1's comes down.
+        model_round(&mut c, &[5_000, 10], 3);
+        assert_eq!(c.mode(), ConvergeMode::DirtyLimit);
+        let t = c.vcpu_throttles().to_vec();
+        assert!(t[0] >= whole && t[1] < whole, "{whole} -> {t:?}");
+        // Both dirty alike again: back to auto-converge, the whole guest at
+        // the highest vCPU throttle.
+        let highest = c.throttle();
+        let a = model_round(&mut c, &[5_000, 5_000], 4);
+        assert_eq!(c.mode(), ConvergeMode::AutoConverge);
+        assert!(
+            matches!(a.decision, Decision::Throttle { percent } if percent >= highest),
+            "{a:?}"
+        );
+        // A policy that names the mode never switches.
+        let mut fixed = ConvergenceController::new(ConvergencePolicy {
+            converge: ConvergeMode::AutoConverge,
+            ..ConvergencePolicy::default()
+        });
+        fixed.start(ConvergeMode::AutoConverge, 2, true);
+        for s in 0..4 {
+            model_round(&mut fixed, &[5_000, 0], s);
+        }
+        assert_eq!(fixed.mode(), ConvergeMode::AutoConverge);
     }
 
     #[test]

@@ -18,9 +18,7 @@ use ferry_transport::{
 };
 use tracing::{debug, info, warn};
 
-use crate::convergence::{
-    ConvergeMode, ConvergenceController, Decision, OnDeadline, RoundMeasurement,
-};
+use crate::convergence::{ConvergenceController, Decision, OnDeadline, RoundMeasurement};
 use crate::digest::PageHashes;
 use crate::encode::{EncodingCounts, XorDeltaCache, PAGE_SIZE};
 use crate::error::MigrationError;
@@ -531,9 +529,7 @@ impl Session<'_> {
             .converge
             .resolve(vcpus, per_vcpu)
             .ok_or(MigrationError::DirtyLimitUnsupported { dirty_log })?;
-        if converge == ConvergeMode::DirtyLimit {
-            controller.use_dirty_limit(vcpus);
-        }
+        controller.start(converge, vcpus, per_vcpu);
         info!(%converge, vcpus, "convergence mode");
         let mut guest_pages = 0u64;
         let mut counts = EncodingCounts::default();
