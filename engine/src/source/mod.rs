@@ -557,15 +557,15 @@ impl Session<'_> {
             guest_pages += totals.pages;
             counts.add(&totals.counts);
             dirty.clear();
-            self.collect_settling(
+            let mut vcpu_dirty_pages = Vec::new();
+            self.collect_counting(
                 log,
                 &mut dirty,
-                Reprotect::Deferred,
+                &mut vcpu_dirty_pages,
                 round + 1,
                 &mut torn,
                 hashes,
             )?;
-            let mut vcpu_dirty_pages = self.take_vcpu_dirty_counts(log).unwrap_or_default();
             let mut measurement = RoundMeasurement {
                 duration: t0.elapsed(),
                 pages_sent: totals.counts.sent(),
@@ -582,21 +582,14 @@ impl Session<'_> {
                 // milliseconds). Let the destination write them while the
                 // guest runs, then count what the guest dirtied meanwhile.
                 self.await_round_written(round)?;
-                self.collect_settling(
+                self.collect_counting(
                     log,
                     &mut dirty,
-                    Reprotect::Deferred,
+                    &mut vcpu_dirty_pages,
                     round + 1,
                     &mut torn,
                     hashes,
                 )?;
-                let more = self.take_vcpu_dirty_counts(log).unwrap_or_default();
-                if vcpu_dirty_pages.len() < more.len() {
-                    vcpu_dirty_pages.resize(more.len(), 0);
-                }
-                for (n, m) in vcpu_dirty_pages.iter_mut().zip(&more) {
-                    *n += m;
-                }
                 measurement.duration = t0.elapsed();
                 measurement.dirty_pages = dirty.count_ones() as u64;
                 measurement.elapsed = self.started.elapsed();
@@ -607,9 +600,7 @@ impl Session<'_> {
                 one_more = !drained_before;
             }
             drained_before = drained;
-            for (total, n) in vcpu_dirty_total.iter_mut().zip(&vcpu_dirty_pages) {
-                *total += n;
-            }
+            add_per_vcpu(&mut vcpu_dirty_total, &vcpu_dirty_pages);
             let duration = measurement.duration;
             let dirty_pages = measurement.dirty_pages;
             let mut assessment = controller.assess(&measurement, &vcpu_dirty_pages);
@@ -957,6 +948,25 @@ impl Session<'_> {
             .take_vcpu_dirty_counts()
     }
 
+    /// [`Self::collect_settling`] (pages re-protected later) for a live
+    /// round, adding the pages each vCPU dirtied meanwhile, if the log
+    /// counts them, to `vcpu_dirty_pages`.
+    fn collect_counting(
+        &self,
+        log: &Mutex<Box<dyn DirtyLog>>,
+        into: &mut DirtyBitmap,
+        vcpu_dirty_pages: &mut Vec<u64>,
+        round: u32,
+        torn: &mut TornCheck,
+        hashes: &PageHashes,
+    ) -> Result<(), MigrationError> {
+        self.collect_settling(log, into, Reprotect::Deferred, round, torn, hashes)?;
+        if let Some(counts) = self.take_vcpu_dirty_counts(log) {
+            add_per_vcpu(vcpu_dirty_pages, &counts);
+        }
+        Ok(())
+    }
+
     /// Collect the set round `round` sends into `into`, settling the torn
     /// pages the destination reported before it (see [`torn`]).
     fn collect_settling(
@@ -1114,3 +1124,13 @@ impl Session<'_> {
 }
 
 pub(crate) use ferry_transport::error_chain;
+
+/// Adds per-vCPU counts into `into`, growing it to `more`'s vCPUs.
+fn add_per_vcpu(into: &mut Vec<u64>, more: &[u64]) {
+    if into.len() < more.len() {
+        into.resize(more.len(), 0);
+    }
+    for (n, m) in into.iter_mut().zip(more) {
+        *n += m;
+    }
+}
