@@ -194,6 +194,11 @@ pub struct MigrateRequest {
     /// vCPUs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub converge: Option<ferry_engine::ConvergeMode>,
+    /// Dirty-limit: the dirty rate each vCPU is slowed down towards, MB/s
+    /// (MiB/s, like QEMU's `vcpu-dirty-limit`; 1 to 1 000 000). Absent:
+    /// half the link's bandwidth estimate shared among the vCPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_dirty_limit_mbps: Option<u64>,
 }
 
 /// The limits of a migration: set when it starts, changed by `set` while

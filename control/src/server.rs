@@ -203,6 +203,9 @@ impl Limits {
     }
 }
 
+/// Pages of [`ferry_engine::encode::PAGE_SIZE`] in one MB (MiB).
+const MB_IN_PAGES: u64 = (1 << 20) / ferry_engine::encode::PAGE_SIZE as u64;
+
 impl MigrateRequest {
     /// Engine options from this request, every field checked.
     pub fn options(&self) -> Result<MigrationOptions, ControlError> {
@@ -231,6 +234,11 @@ impl MigrateRequest {
         }
         if let Some(c) = self.converge {
             o.convergence.converge = c;
+        }
+        if let Some(l) = self.vcpu_dirty_limit_mbps {
+            crate::units::check_vcpu_dirty_limit(l)
+                .map_err(|e| ControlError::bad_request(format!("vcpu_dirty_limit_mbps: {e}")))?;
+            o.convergence.vcpu_dirty_limit = Some(l * MB_IN_PAGES);
         }
         if let Some(l) = self.lanes {
             if !(1..=MAX_LANES).contains(&l) {
@@ -884,4 +892,38 @@ fn migrate(
         }
     }
     Ok(t.report.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(vcpu_dirty_limit_mbps: Option<u64>) -> MigrateRequest {
+        MigrateRequest {
+            to: "h:1".into(),
+            lanes: None,
+            security: None,
+            limits: Limits::default(),
+            workers: None,
+            xor_cache_bytes: None,
+            compress: None,
+            on_deadline: None,
+            converge: None,
+            vcpu_dirty_limit_mbps,
+        }
+    }
+
+    #[test]
+    fn a_vcpu_dirty_limit_in_mb_per_second_becomes_pages_per_second() {
+        let o = request(Some(64)).options().unwrap();
+        assert_eq!(o.convergence.vcpu_dirty_limit, Some(64 * 256));
+        let o = request(None).options().unwrap();
+        assert_eq!(o.convergence.vcpu_dirty_limit, None);
+        let e = request(Some(0)).options().unwrap_err().to_string();
+        assert!(
+            e.contains("vcpu_dirty_limit_mbps: `0 MB/s` is less than"),
+            "{e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
 }

@@ -127,6 +127,12 @@ pub struct MigrateArgs {
     /// dirty ring, else auto-converge.
     #[arg(long, default_value = "auto", value_parser = parse_converge, conflicts_with = "no_auto_converge")]
     pub converge: ferry_engine::ConvergeMode,
+    /// Dirty-limit: the dirty rate each vCPU is slowed down towards, MB/s
+    /// (like QEMU's `vcpu-dirty-limit`; a bare number is MB/s, or e.g.
+    /// 64M/s; 1 to 1000000). Default: half the link's bandwidth shared
+    /// among the vCPUs.
+    #[arg(long, value_parser = parse_vcpu_dirty_limit_flag, conflicts_with = "no_auto_converge")]
+    pub vcpu_dirty_limit: Option<u64>,
     /// Encoder threads (1 to 256).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: Option<u16>,
@@ -185,6 +191,10 @@ fn parse_cache_size(s: &str) -> Result<u64, String> {
     parse_bytes(s).map_err(|e| e.to_string())
 }
 
+fn parse_vcpu_dirty_limit_flag(s: &str) -> Result<u64, String> {
+    ferry_control::units::parse_vcpu_dirty_limit(s).map_err(|e| e.to_string())
+}
+
 fn parse_converge(s: &str) -> Result<ferry_engine::ConvergeMode, String> {
     s.parse()
 }
@@ -223,6 +233,7 @@ impl MigrateArgs {
             compress: Some(!self.no_compress),
             on_deadline: Some(self.on_deadline.into()),
             converge: Some(self.converge),
+            vcpu_dirty_limit_mbps: self.vcpu_dirty_limit,
         })
     }
 }

@@ -141,6 +141,25 @@ fn bad_command_lines_are_one_line_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("want `auto-converge`, `dirty-limit`"), "{err}");
 
+    for (limit, why) in [
+        ("0", "less than the 1 MB/s a vCPU needed"),
+        ("99999999", "more than the 1000000 MB/s a vCPU allowed"),
+        ("fast", "is not a rate"),
+    ] {
+        let out = ferry(&[
+            "migrate",
+            "--api",
+            "/x",
+            "--to",
+            "h:1",
+            "--vcpu-dirty-limit",
+            limit,
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{limit}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{limit}: {err}");
+    }
+
     let out = ferry(&[
         "migrate",
         "--api",
