@@ -522,7 +522,13 @@ impl Agent {
                 tracing::warn!(vm = %req.vm, epoch = r.epoch, "the migration failed before GO took: the record is back here")
             }
             Ok(None) => {
-                tracing::error!(vm = %req.vm, "the destination refused GO and the record moved on since: the leader must reconcile")
+                // The record moved on since the swap (a restart elsewhere
+                // while the destination's lease lapsed): the guest that
+                // resumed here is not ours any more, and the record says
+                // what becomes of it (stopped when another live host owns
+                // it), so it never runs on two hosts.
+                tracing::error!(vm = %req.vm, "the migration failed before GO and the record moved on since: following the record");
+                self.follow_record(&req.vm);
             }
             Err(e) => {
                 tracing::error!(vm = %req.vm, error = %ferry_scheduler::daemon::agent::error_chain(&e), "the destination refused GO and the record could not come back: the leader must reconcile")
