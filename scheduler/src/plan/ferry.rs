@@ -385,6 +385,12 @@ pub struct HostIndex {
     by_mem: BTreeMap<Key, BTreeSet<(Key, HostId)>>,
     /// Each running host's free-memory key, when indexed by memory.
     mem_key: Vec<Option<Key>>,
+    /// Strict memory, swaps: per VM memory size (an index into the
+    /// round's distinct sizes), the hosts indexed by memory that still
+    /// hold a VM of that size a swap may move, as (free memory, host).
+    swap: Vec<BTreeSet<(Key, HostId)>>,
+    /// Per host: (size, how many of its VMs of that size a swap may move).
+    swap_count: Vec<Vec<(usize, usize)>>,
 }
 
 impl HostIndex {
@@ -408,6 +414,9 @@ impl HostIndex {
         let k = Key(free);
         self.by_mem.entry(Key(mem)).or_default().insert((k, h));
         self.mem_key[h] = Some(k);
+        for &(s, _) in &self.swap_count[h] {
+            self.swap[s].insert((k, h));
+        }
     }
 
     fn update_mem(&mut self, mem: f64, h: HostId, free: f64) {
@@ -417,6 +426,10 @@ impl HostIndex {
             let k = Key(free);
             set.insert((k, h));
             self.mem_key[h] = Some(k);
+            for &(s, _) in &self.swap_count[h] {
+                self.swap[s].remove(&(old, h));
+                self.swap[s].insert((k, h));
+            }
         }
     }
 
@@ -425,6 +438,36 @@ impl HostIndex {
             if let Some(set) = self.by_mem.get_mut(&Key(mem)) {
                 set.remove(&(old, h));
             }
+            for &(s, _) in &self.swap_count[h] {
+                self.swap[s].remove(&(old, h));
+            }
+        }
+    }
+
+    /// `h` holds one more (`add`) or one fewer VM of size `s` that a swap
+    /// may move; a host with none leaves that size's list (entries with a
+    /// count of 0 are dropped, so every entry listed is in the list).
+    fn count_swappable(&mut self, h: HostId, s: usize, add: bool) {
+        let counts = &mut self.swap_count[h];
+        let i = counts.iter().position(|&(x, _)| x == s);
+        match (i, add) {
+            (Some(i), true) => counts[i].1 += 1,
+            (None, true) => {
+                counts.push((s, 1));
+                if let Some(k) = self.mem_key[h] {
+                    self.swap[s].insert((k, h));
+                }
+            }
+            (Some(i), false) => {
+                counts[i].1 -= 1;
+                if counts[i].1 == 0 {
+                    counts.swap_remove(i);
+                    if let Some(k) = self.mem_key[h] {
+                        self.swap[s].remove(&(k, h));
+                    }
+                }
+            }
+            (None, false) => unreachable!("uncounted VM"),
         }
     }
 
@@ -478,6 +521,11 @@ struct Round<'a, V: ClusterView> {
     donor: Option<HostId>,
     /// Where each VM is once the round's moves are done (rules).
     at: Vec<Option<HostId>>,
+    /// Where each VM was when the round started.
+    home: Vec<Option<HostId>>,
+    /// Strict memory, swaps: the size index (into `mem_sizes`) of each VM
+    /// a swap may move (movable, no rule mentions it), else `None`.
+    swap_size: Vec<Option<usize>>,
     /// Hosts being emptied (rules: affinity partners leave together).
     leaving: Vec<bool>,
     index: HostIndex,
@@ -487,7 +535,14 @@ struct Round<'a, V: ClusterView> {
     moves: Vec<Move>,
     emptied: Vec<HostId>,
     notes: Vec<String>,
+    /// Tests: choose targets by plain scans of every host, the reference
+    /// the indexes must match ([`tests::by_scan`]).
+    #[cfg(test)]
+    scan: bool,
 }
+
+/// Swap candidates (t, w) tried, best fit first: bounds the work.
+const TRIES: usize = 16;
 
 impl<'a, V: ClusterView> Round<'a, V> {
     fn new(view: &'a V, p: &'a FerryParams, rules: &'a RuleIndex) -> Self {
@@ -538,17 +593,22 @@ impl<'a, V: ClusterView> Round<'a, V> {
             on,
             skip: vec![false; n],
             donor: None,
+            home: at.clone(),
             at,
+            swap_size: Vec::new(),
             leaving: vec![false; n],
             index: HostIndex {
                 key: vec![None; n],
                 mem_key: vec![None; n],
+                swap_count: vec![Vec::new(); n],
                 ..HostIndex::default()
             },
             mem_sizes: Vec::new(),
             moves: Vec::new(),
             emptied: Vec::new(),
             notes: Vec::new(),
+            #[cfg(test)]
+            scan: tests::SCAN.get(),
         }
     }
 
@@ -566,6 +626,25 @@ impl<'a, V: ClusterView> Round<'a, V> {
                 .into_iter()
                 .map(|k| k.0)
                 .collect();
+        }
+        if by_mem && self.p.swap {
+            self.index.swap = vec![BTreeSet::new(); self.mem_sizes.len()];
+            self.swap_size = (0..self.view.vm_count())
+                .map(|v| {
+                    let movable = self.home[v].is_some()
+                        && self.movable(v, false)
+                        && (self.rules.is_empty() || !self.rules.mentions(v));
+                    movable.then(|| {
+                        let m = self.view.vm_mem(v);
+                        self.mem_sizes.partition_point(|&x| x < m)
+                    })
+                })
+                .collect();
+            for v in 0..self.view.vm_count() {
+                if let Some((h, s)) = self.swappable_at_home(v) {
+                    self.index.count_swappable(h, s, true);
+                }
+            }
         }
         for h in 0..self.view.host_count() {
             if self.skip[h] || !self.view.host_eligible(h) {
@@ -636,6 +715,10 @@ impl<'a, V: ClusterView> Round<'a, V> {
         if !self.rules.is_empty() && self.rules.mentions(v) {
             return self.place_ruled(v, running_only);
         }
+        #[cfg(test)]
+        if self.scan {
+            return self.place_scan(v, running_only);
+        }
         if self.view.strict_memory() && self.p.memory_fit > 0.0 {
             if let Some(h) = self.place_by_memory(v) {
                 return Some((h, Vec::new()));
@@ -701,6 +784,10 @@ impl<'a, V: ClusterView> Round<'a, V> {
     /// can score better (the CPU term is at least `memory_fit * (1 -
     /// target)`, its floor where `room` still holds).
     fn place_by_memory(&self, v: VmId) -> Option<HostId> {
+        #[cfg(test)]
+        if self.scan {
+            return self.place_by_memory_scan(v);
+        }
         let need = self.view.vm_mem(v);
         // `room` holds: estimate + e <= target * capacity, e the estimate
         // capped at the VM's size; the score's CPU term uses it uncapped.
@@ -732,34 +819,35 @@ impl<'a, V: ClusterView> Round<'a, V> {
 
     /// A swap for `v` (leaving `donor`), which fits no host as it is: a
     /// running host `t` where `v` fits once one of its smaller VMs `w`
-    /// moves to a third host. The `t` left with the least memory free
-    /// first, a bounded number tried; `(w, t, u)`.
+    /// moves to a third host. The (t, w) leaving the least memory free
+    /// first (then by host, VM), the best `TRIES` tried; `(w, t, u)`.
     fn find_swap(&mut self, v: VmId, donor: HostId) -> Option<(VmId, HostId, HostId)> {
-        /// Candidates (t, w) tried, best fit first: bounds the work.
-        const TRIES: usize = 16;
+        #[cfg(test)]
+        if self.scan {
+            return self.find_swap_scan(v, donor);
+        }
         let need = self.view.vm_mem(v);
         let size = self.view.vm_cpu(v);
         let e = self.est[v].min(size);
         let mut cands: Vec<(f64, HostId, VmId)> = Vec::new();
-        // Only a VM smaller than `v` makes room, so a host needs at least
-        // `need - largest` free; its candidates leave at least `free +
-        // smallest - need`. Walk each memory class from there, least free
-        // first, until no host can beat the TRIES-th best candidate.
+        // Only a VM smaller than `v` makes room: for each smaller size, the
+        // hosts holding a VM of that size a swap may move (the swap index),
+        // from those with `need - size` free, least free first, until no
+        // host can beat the TRIES-th best candidate (a candidate of that
+        // size leaves exactly `free + size - need`).
         let below = self.mem_sizes.partition_point(|&m| m < need);
-        let (Some(&smallest), Some(&largest)) =
-            (self.mem_sizes.first(), self.mem_sizes[..below].last())
-        else {
-            return None;
-        };
-        let start = (Key(need - largest - need.abs() * 1e-9 - 1e-9), 0);
         let mut lefts: BTreeSet<(Key, HostId, VmId)> = BTreeSet::new();
-        for set in self.index.by_mem.values() {
+        for (s, &m) in self.mem_sizes[..below].iter().enumerate() {
+            let Some(set) = self.index.swap.get(s) else {
+                break;
+            };
+            let start = (Key(need - m - need.abs() * 1e-9 - 1e-9), 0);
             for &(free, t) in set.range(start..) {
                 if lefts.len() >= TRIES
                     && lefts
                         .iter()
                         .nth(TRIES - 1)
-                        .is_some_and(|&(k, _, _)| free.0 + smallest - need > k.0)
+                        .is_some_and(|&(k, _, _)| free.0 + m - need > k.0)
                 {
                     break;
                 }
@@ -774,10 +862,7 @@ impl<'a, V: ClusterView> Round<'a, V> {
                 }
                 let free = self.view.host_mem(t) - self.ram[t];
                 for &w in &self.on[t] {
-                    if self.at[w] != Some(t)
-                        || !self.movable(w, false)
-                        || (!self.rules.is_empty() && self.rules.mentions(w))
-                    {
+                    if self.swap_size[w] != Some(s) || self.at[w] != Some(t) {
                         continue;
                     }
                     let wm = self.view.vm_mem(w);
@@ -917,9 +1002,9 @@ impl<'a, V: ClusterView> Round<'a, V> {
             let secs = pb.migration_s(mem);
             // The receiver's draw with the VM's demand on top of what it
             // runs after the trial, minus without it.
-            let (cap, after) = (self.cap(m.to), self.host_est[m.to]);
-            let with = self.view.host_watts(m.to, after / cap)?;
-            let without = self.view.host_watts(m.to, ((after - d) / cap).max(0.0))?;
+            let after = self.host_est[m.to];
+            let with = self.watts(m.to, after)?;
+            let without = self.watts(m.to, after - d)?;
             verdict.migration_s += secs;
             verdict.lost_mips_s += pb.lost_mips_s(mem, d);
             verdict.extra_joules += (with - without).max(0.0) * secs;
@@ -927,10 +1012,9 @@ impl<'a, V: ClusterView> Round<'a, V> {
         let mut before = 0.0;
         let mut after = 0.0;
         for &(x, now, was) in &hosts {
-            let cap = self.cap(x);
-            before += self.view.host_watts(x, (was / cap).max(0.0))?;
+            before += self.watts(x, was)?;
             if x != donor {
-                after += self.view.host_watts(x, (now / cap).max(0.0))?;
+                after += self.watts(x, now)?;
             }
         }
         verdict.cost_joules = verdict.lost_mips_s * pb.sla_joules + verdict.extra_joules;
@@ -938,7 +1022,22 @@ impl<'a, V: ClusterView> Round<'a, V> {
         Some(verdict)
     }
 
+    /// `v`'s home host and size index while it is at home and a swap may
+    /// move it.
+    fn swappable_at_home(&self, v: VmId) -> Option<(HostId, usize)> {
+        let s = (*self.swap_size.get(v)?)?;
+        let h = self.home[v]?;
+        (self.at[v] == Some(h)).then_some((h, s))
+    }
+
+    /// Watts `h` draws running `est` MIPS (its power curve at that share
+    /// of its capacity, never below idle), if its curve is known.
+    fn watts(&self, h: HostId, est: f64) -> Option<f64> {
+        self.view.host_watts(h, (est / self.cap(h)).max(0.0))
+    }
+
     fn shift(&mut self, v: VmId, from: HostId, to: HostId, sign: f64) {
+        let swappable = self.swappable_at_home(v);
         let size = self.view.vm_cpu(v);
         let e = self.est[v].min(size) * sign;
         let l = self.est_long[v].min(size) * sign;
@@ -966,6 +1065,11 @@ impl<'a, V: ClusterView> Round<'a, V> {
         let (rf, rt) = (self.ram[from], self.ram[to]);
         self.index.update_mem(mf, from, mf - rf);
         self.index.update_mem(mt, to, mt - rt);
+        match (swappable, self.swappable_at_home(v)) {
+            (Some((h, s)), None) => self.index.count_swappable(h, s, false),
+            (None, Some((h, s))) => self.index.count_swappable(h, s, true),
+            _ => {}
+        }
     }
 
     fn apply(&mut self, v: VmId, from: HostId, to: HostId) {
@@ -1224,6 +1328,296 @@ impl<'a, V: ClusterView> Round<'a, V> {
                     rules: m.rules,
                 });
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The indexes against plain scans: [`by_scan`] plans with the
+    //! reference below (every host looked at for every choice, the
+    //! policy's rules written out as they read), and the plans of seeded
+    //! clusters must be the same move for move.
+
+    use super::*;
+    use crate::model::Cluster;
+    use std::cell::Cell;
+
+    thread_local! {
+        pub(super) static SCAN: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// `f` with every round planned by the reference scans.
+    pub(crate) fn by_scan<T>(f: impl FnOnce() -> T) -> T {
+        SCAN.set(true);
+        let out = f();
+        SCAN.set(false);
+        out
+    }
+
+    impl<V: ClusterView> Round<'_, V> {
+        /// A host the round may still send VMs to (what the indexes hold,
+        /// minus the donor).
+        fn target_ok(&self, h: HostId, v: VmId) -> bool {
+            !self.excluded(h) && self.room(h, v)
+        }
+
+        /// [`Round::place`] without rules: best by memory (strict), else
+        /// the running host left fullest (highest fill, lowest index),
+        /// else the empty host of most capacity (highest index of equals).
+        pub(super) fn place_scan(
+            &mut self,
+            v: VmId,
+            running_only: bool,
+        ) -> Option<(HostId, Vec<String>)> {
+            let n = self.view.host_count();
+            if self.view.strict_memory() && self.p.memory_fit > 0.0 {
+                if let Some(h) = self.place_by_memory_scan(v) {
+                    return Some((h, Vec::new()));
+                }
+                if running_only {
+                    return None;
+                }
+            }
+            let mut best: Option<(f64, HostId)> = None;
+            for h in 0..n {
+                if !self.running[h] || !self.target_ok(h, v) {
+                    continue;
+                }
+                let f = (self.host_est[h] + self.est[v]) / self.cap(h);
+                if best.is_none_or(|(bf, _)| f > bf) {
+                    best = Some((f, h));
+                }
+            }
+            if let Some((_, h)) = best {
+                return Some((h, Vec::new()));
+            }
+            if running_only {
+                return None;
+            }
+            let mut empty: Option<HostId> = None;
+            for h in 0..n {
+                if self.running[h] || !self.target_ok(h, v) {
+                    continue;
+                }
+                if empty.is_none_or(|e| self.cap(h) >= self.cap(e)) {
+                    empty = Some(h);
+                }
+            }
+            empty.map(|h| (h, Vec::new()))
+        }
+
+        /// [`Round::place_by_memory`]: the running host with the least
+        /// memory left, CPU left weighted by `memory_fit`, lowest index.
+        pub(super) fn place_by_memory_scan(&self, v: VmId) -> Option<HostId> {
+            let need = self.view.vm_mem(v);
+            let mut best: Option<(f64, HostId)> = None;
+            for h in 0..self.view.host_count() {
+                if !self.running[h] || !self.target_ok(h, v) {
+                    continue;
+                }
+                let mem = self.view.host_mem(h);
+                let mem_left = (mem - self.ram[h] - need) / mem;
+                let cpu_left = 1.0 - (self.host_est[h] + self.est[v]) / self.cap(h);
+                let score = mem_left + self.p.memory_fit * cpu_left;
+                if best.is_none_or(|(b, _)| score < b) {
+                    best = Some((score, h));
+                }
+            }
+            best.map(|(_, h)| h)
+        }
+
+        /// [`Round::find_swap`]: every (t, w) where `v` fits `t` once `w`,
+        /// a smaller VM still on `t` since the round began, moves away;
+        /// least memory left first, then by host and VM; the first
+        /// `TRIES` tried in turn.
+        pub(super) fn find_swap_scan(
+            &mut self,
+            v: VmId,
+            donor: HostId,
+        ) -> Option<(VmId, HostId, HostId)> {
+            let need = self.view.vm_mem(v);
+            let size = self.view.vm_cpu(v);
+            let e = self.est[v].min(size);
+            let mut cands: Vec<(f64, HostId, VmId)> = Vec::new();
+            for t in 0..self.view.host_count() {
+                if !self.running[t]
+                    || self.excluded(t)
+                    || self.busy[t] + 2 > self.p.limits.max_migrations_per_host
+                    || !self
+                        .view
+                        .vm_fits_cores(v, t, if self.p.core_safe { size } else { e })
+                {
+                    continue;
+                }
+                let free = self.view.host_mem(t) - self.ram[t];
+                for &w in &self.on[t] {
+                    let wm = self.view.vm_mem(w);
+                    let left = free + wm - need;
+                    let ew = self.est[w].min(self.view.vm_cpu(w));
+                    if self.at[w] == Some(t)
+                        && self.movable(w, false)
+                        && (self.rules.is_empty() || !self.rules.mentions(w))
+                        && left >= 0.0
+                        && wm < need
+                        && self.host_est[t] - ew + e <= self.p.target * self.cap(t)
+                    {
+                        cands.push((left, t, w));
+                    }
+                }
+            }
+            cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+            for &(_, t, w) in cands.iter().take(TRIES) {
+                let was = self.skip[t];
+                self.skip[t] = true;
+                let u = self.place_by_memory_scan(w);
+                self.skip[t] = was;
+                if let Some(u) = u.filter(|&u| u != donor) {
+                    return Some((w, t, u));
+                }
+            }
+            None
+        }
+    }
+
+    /// SplitMix64: the seeded instances below are the same in every build.
+    struct Seeded(u64);
+    impl Seeded {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// A cluster of `hosts` of three kinds (cores, core MIPS, MB), VMs of
+    /// the CCPE setup's memory sizes and a few others packed until memory
+    /// runs out, bursty demand histories, some VMs moved recently.
+    fn seeded_cluster(seed: u64, hosts: usize) -> (Cluster, Seeded) {
+        use crate::model::{Host, Vm};
+        let mut rng = Seeded(seed);
+        const KINDS: [(u32, f64, u64); 3] =
+            [(2, 1860.0, 4096), (2, 2660.0, 4096), (4, 2000.0, 8192)];
+        const VMS: [(f64, u64); 6] = [
+            (2500.0, 870),
+            (2000.0, 1740),
+            (1000.0, 1740),
+            (500.0, 613),
+            (1000.0, 1024),
+            (1500.0, 2048),
+        ];
+        let mut c = Cluster {
+            now: 100_000.0,
+            ..Cluster::default()
+        };
+        for i in 0..hosts {
+            let (cores, mips, mem) = KINDS[rng.below(3) as usize];
+            c.hosts.push(Host::new(&format!("h{i}"), cores, mips, mem));
+            let mut free = mem;
+            let mut cpu = 0.0;
+            // A third of the hosts run hot VMs, the rest light ones.
+            let hot = rng.below(3) == 0;
+            let level = if hot {
+                0.9
+            } else {
+                rng.below(51) as f64 / 100.0
+            };
+            for _ in 0..rng.below(20) {
+                let (size, mem) = VMS[rng.below(VMS.len() as u64) as usize];
+                if mem > free || size > mips || cpu + size > 1.5 * f64::from(cores) * mips {
+                    continue;
+                }
+                free -= mem;
+                cpu += size;
+                let mut vm = Vm::new(&format!("v{}", c.vms.len()), size, mem);
+                vm.host = Some(i);
+                for _ in 0..4 {
+                    let burst = if rng.below(4) == 0 { 0.5 } else { 0.0 };
+                    vm.record(
+                        size * (level * (0.7 + rng.below(31) as f64 / 100.0) + burst).min(1.0),
+                    );
+                }
+                if rng.below(5) == 0 {
+                    vm.last_moved = Some(c.now - rng.below(3000) as f64);
+                }
+                c.vms.push(vm);
+            }
+        }
+        (c, rng)
+    }
+
+    /// `rounds` rounds of the daemon's planner on `c`, with the indexes
+    /// and with the reference scans; the plans must be equal, each round's
+    /// moves are applied and every VM records a new sample. The plans.
+    fn plans_agree(
+        mut c: Cluster,
+        rng: &mut Seeded,
+        params: &FerryParams,
+        rounds: usize,
+    ) -> Vec<crate::plan::Plan> {
+        use crate::plan::power_save::{self, PowerSave};
+        use crate::plan::Ledger;
+        let mut states = (FerryState::default(), FerryState::default());
+        let mut plans = Vec::new();
+        for round in 0..rounds {
+            let plan = |c: &Cluster, state: &mut FerryState| {
+                let mut ledger = Ledger::new(c, |v| c.vms[v].peak(3));
+                power_save::plan(c, params, &PowerSave::default(), state, &mut ledger)
+            };
+            let indexed = plan(&c, &mut states.0);
+            let scanned = by_scan(|| plan(&c, &mut states.1));
+            assert_eq!(indexed, scanned, "round {round}");
+            for a in &indexed.actions {
+                crate::plan::apply(&mut c, a);
+            }
+            c.now += 300.0;
+            for vm in &mut c.vms {
+                let last = vm.current();
+                let step = (rng.below(61) as f64 - 30.0) / 100.0 * vm.cpu_mips;
+                vm.record((last + step).clamp(0.0, vm.cpu_mips));
+            }
+            plans.push(indexed);
+        }
+        plans
+    }
+
+    fn params(seed: u64) -> FerryParams {
+        FerryParams {
+            low_for_s: 0.0,
+            memory_fit: if seed % 3 == 0 { 0.0 } else { 0.1 },
+            core_safe: seed % 5 != 0,
+            payback: (seed % 2 == 0).then(Payback::default),
+            ..FerryParams::default()
+        }
+    }
+
+    #[test]
+    fn the_indexes_choose_what_a_scan_of_every_host_chooses() {
+        for seed in 0..300 {
+            let (c, mut rng) = seeded_cluster(seed, 3 + (seed as usize * 7) % 40);
+            plans_agree(c, &mut rng, &params(seed), 4);
+        }
+    }
+
+    #[test]
+    fn at_scale_the_indexes_agree_on_relief_consolidation_and_swaps() {
+        let (c, mut rng) = seeded_cluster(1, 400);
+        let plans = plans_agree(c, &mut rng, &params(1), 6);
+        let reasons: Vec<String> = plans
+            .iter()
+            .flat_map(|p| p.actions.iter())
+            .filter(|a| matches!(a, crate::plan::Action::Migrate { .. }))
+            .map(|a| a.reason().to_string())
+            .collect();
+        // The instance exercises every kind of choice.
+        for kind in ["makes room on", "emptying it onto", "CPU >"] {
+            let n = reasons.iter().filter(|r| r.contains(kind)).count();
+            assert!(n > 0, "no '{kind}' move in {} moves", reasons.len());
         }
     }
 }
