@@ -230,9 +230,21 @@ pub enum MigrationError {
         /// The migration, as the destination knows it.
         migration_id: u64,
     },
-    /// The pre-GO hook ([`crate::PreGoHook`]) refused GO: the migration is
-    /// abandoned before GO; the guest is resumed here unless
-    /// `keep_paused`.
+    /// The pre-pause hook ([`crate::MigrationOptions::pre_pause`])
+    /// refused: the migration is abandoned before the pause (so before
+    /// GO); the guest runs on here unless `keep_paused`.
+    #[error("migration stopped before the pause: {reason}{}", if *keep_paused { "; the source guest is paused and stays so" } else { "" })]
+    PrePauseRefused {
+        /// Why.
+        reason: String,
+        /// The guest is paused here and stays so.
+        keep_paused: bool,
+        /// The migration, as the destination knows it.
+        migration_id: u64,
+    },
+    /// The pre-GO hook ([`crate::MigrationOptions::pre_go`]) refused GO:
+    /// the migration is abandoned before GO; the guest is resumed here
+    /// unless `keep_paused`.
     #[error("GO withheld: {reason}{}", if *keep_paused { "; the source guest stays paused" } else { "" })]
     PreGoRefused {
         /// Why.
@@ -287,6 +299,11 @@ impl MigrationError {
     pub fn paused_migration(&self) -> Option<u64> {
         match self {
             Self::InDoubt { migration_id, .. }
+            | Self::PrePauseRefused {
+                keep_paused: true,
+                migration_id,
+                ..
+            }
             | Self::PreGoRefused {
                 keep_paused: true,
                 migration_id,

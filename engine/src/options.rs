@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::convergence::ConvergencePolicy;
+use crate::error::MigrationError;
 use crate::handover::HandoverRecord;
 
 /// The default XOR-delta cache is guest memory divided by this: large
@@ -58,8 +59,8 @@ pub struct MigrationOptions {
     /// it, with the guest still running: the pause (and so GO) follows
     /// only when it agrees, e.g. the VM's ownership record moved to the
     /// destination, at no cost to the pause. A refusal abandons the
-    /// migration ([`crate::MigrationError::PreGoRefused`]) with the guest
-    /// running here, or paused when it says `keep_paused`.
+    /// migration ([`crate::MigrationError::PrePauseRefused`]) with the
+    /// guest running here, or paused when it says `keep_paused`.
     pub pre_pause: Option<PreGoHook>,
 }
 
@@ -74,9 +75,44 @@ pub struct PreGoRefusal {
     pub keep_paused: bool,
 }
 
+/// Where a [`PreGoHook`] runs: names the error its refusal ends the
+/// migration with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HookPoint {
+    /// [`MigrationOptions::pre_pause`]: before the pause, the guest running.
+    PrePause,
+    /// [`MigrationOptions::pre_go`]: after READY, right before GO, the
+    /// guest paused.
+    PreGo,
+}
+
+impl PreGoRefusal {
+    /// The error that ends migration `migration_id` when the hook at
+    /// `point` refused.
+    pub(crate) fn into_error(self, point: HookPoint, migration_id: u64) -> MigrationError {
+        let Self {
+            reason,
+            keep_paused,
+        } = self;
+        match point {
+            HookPoint::PrePause => MigrationError::PrePauseRefused {
+                reason,
+                keep_paused,
+                migration_id,
+            },
+            HookPoint::PreGo => MigrationError::PreGoRefused {
+                reason,
+                keep_paused,
+                migration_id,
+            },
+        }
+    }
+}
+
 /// The source's last word before GO: `Ok` sends GO; a refusal abandons
-/// the migration ([`crate::MigrationError::PreGoRefused`]) and resumes the
-/// guest here unless the refusal says to keep it paused. Called once, on
+/// the migration ([`crate::MigrationError::PreGoRefused`], or
+/// [`crate::MigrationError::PrePauseRefused`] as the pre-pause hook) and
+/// resumes the guest here unless the refusal says to keep it paused. Called once, on
 /// the migration's thread; as [`MigrationOptions::pre_go`] keep it short:
 /// the guest is paused (as [`MigrationOptions::pre_pause`] it is not).
 #[derive(Clone)]

@@ -227,7 +227,7 @@ fn the_pre_pause_hook_decides_before_the_pause() -> Result<()> {
             .run(tcp::connect(dst.addr)?, |_| {})
             .expect_err("a refusal before the pause fails the migration");
         assert!(
-            matches!(err, MigrationError::PreGoRefused { keep_paused: k, .. } if k == keep_paused),
+            matches!(err, MigrationError::PrePauseRefused { keep_paused: k, .. } if k == keep_paused),
             "{err:?}"
         );
         assert_eq!(err.source_left_paused(), keep_paused);

@@ -24,7 +24,7 @@ use crate::encode::{EncodingCounts, XorDeltaCache, PAGE_SIZE};
 use crate::error::MigrationError;
 use crate::handover::{self, HandoverOutcome, Reconnect, Unreachable};
 use crate::layout::MemoryLayout;
-use crate::options::MigrationOptions;
+use crate::options::{HookPoint, MigrationOptions};
 use crate::progress::{HandoverStep, ProgressEvent};
 use crate::protocol::{self, Hello, HelloAck, RoundEnd, Running, STREAM_VERSION};
 use crate::steer::MigrationSteering;
@@ -684,11 +684,7 @@ impl Session<'_> {
                     self.vm.pause().map_err(MigrationError::Pause)?;
                     self.paused = true;
                 }
-                return Err(MigrationError::PreGoRefused {
-                    reason: r.reason,
-                    keep_paused: r.keep_paused,
-                    migration_id: self.migration_id,
-                });
+                return Err(r.into_error(HookPoint::PrePause, self.migration_id));
             }
         }
         // Stop-and-copy. From here every wait ends by the downtime budget
@@ -778,11 +774,7 @@ impl Session<'_> {
         // goes out.
         let t_pre_go = Instant::now();
         if let Some(hook) = &self.opts.pre_go {
-            (hook.0)().map_err(|r| MigrationError::PreGoRefused {
-                reason: r.reason,
-                keep_paused: r.keep_paused,
-                migration_id: self.migration_id,
-            })?;
+            (hook.0)().map_err(|r| r.into_error(HookPoint::PreGo, self.migration_id))?;
         }
         let pre_go = t_pre_go.elapsed();
         self.send(FrameKind::Go, &[])?;
