@@ -19,6 +19,11 @@
 //!   destination lives, no daemon runs any more): the source asks it, it
 //!   refuses that handover for good and gives the record back, and the VM
 //!   resumes from the source's paused copy, never on two hosts.
+//! - a GO that reaches a destination after it fenced itself (cut off from
+//!   etcd, its lease not yet expired; the proxy holds GO until then and
+//!   keeps the source from asking about it): refused for good, the VM
+//!   never runs there; it resumes from the source's paused copy once the
+//!   leader's restart brings the record back, never on two hosts.
 //!
 //! - cut an agent off from etcd (a TCP proxy the test closes) but not from
 //!   its VM or the daemon: it pauses its VM, which then runs again on the
@@ -105,7 +110,11 @@ fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) ->
 
 struct Agent {
     host: String,
+    /// Where it listens (the test asks it here).
     addr: SocketAddr,
+    /// Where the daemons and the other agents reach it: `addr`, or a proxy
+    /// in front ([`Rig::route_api`]).
+    api: SocketAddr,
     proc: ProcessGuard,
 }
 
@@ -202,6 +211,7 @@ impl Rig {
         self.agents.push(Agent {
             host: host.to_owned(),
             addr,
+            api: addr,
             proc,
         });
         let names: Vec<&str> = vms
@@ -243,7 +253,7 @@ impl Rig {
                 .context("agent started before the config")?;
             t.push_str(&format!(
                 "[[host]]\nname = \"{h}\"\ncores = {}\ncore_mips = 1000\nmem_mb = {mem}\nagent = \"{}\"\n",
-                self.host_cores, a.addr
+                self.host_cores, a.api
             ));
             if let Some((_, file)) = self.health.as_ref().filter(|(host, _)| host == h) {
                 t.push_str(&format!(
@@ -308,6 +318,14 @@ impl Rig {
             || client(api).get::<LeaderView>("/v1/ha/leader").ok(),
         )?;
         Ok(api)
+    }
+
+    /// The daemons (configured after this) and the other agents reach
+    /// `host`'s agent at `via` (a proxy in front of it).
+    fn route_api(&mut self, host: &str, via: SocketAddr) {
+        if let Some(a) = self.agents.iter_mut().find(|a| a.host == host) {
+            a.api = via;
+        }
     }
 
     fn agent_addr(&self, host: &str) -> SocketAddr {
@@ -384,9 +402,9 @@ impl Rig {
 }
 
 /// The two-host set-up most tests start from: h1's agent running `mover`
-/// (64 MB), h2's agent (with `h2_flags`), daemon d1 leading over both
-/// (512 MB each, mover's restart priority medium), mover's record there
-/// and its guest running.
+/// (64 MB), h2's agent (unless the test started its own), daemon d1
+/// leading over both (512 MB each, mover's restart priority medium),
+/// mover's record there and its guest running.
 struct Mover {
     /// d1's API.
     api: SocketAddr,
@@ -397,10 +415,11 @@ struct Mover {
 }
 
 impl Rig {
-    fn mover_on_h1(&mut self, h2_flags: &[&str]) -> Result<Mover> {
+    fn mover_on_h1(&mut self) -> Result<Mover> {
         self.agent("h1", &["mover:64"])?;
-        let endpoints = self.endpoints();
-        self.agent_with("h2", &[], &endpoints, h2_flags)?;
+        if !self.agents.iter().any(|a| a.host == "h2") {
+            self.agent("h2", &[])?;
+        }
         let api = self.daemon(
             "d1",
             &[("h1", 512), ("h2", 512)],
@@ -439,6 +458,17 @@ impl Rig {
     }
 }
 
+/// Runs `body` on a fresh rig (skipping loudly without KVM or etcd); a
+/// failure panics with the daemons' and agents' logs.
+fn run(test: &str, tag: &str, body: fn(&mut Rig) -> Result<()>) {
+    let Some(mut rig) = Rig::new(test, tag).unwrap() else {
+        return;
+    };
+    if let Err(e) = body(&mut rig) {
+        panic!("{e:#}{}", rig.diag());
+    }
+}
+
 /// `base` seconds plus `each` per VM, for waits on `n` VMs.
 fn per_vm_wait(base: u64, each: u64, n: usize) -> Duration {
     Duration::from_secs(base + each * n as u64)
@@ -455,13 +485,11 @@ fn kill_agent(rig: &mut Rig, host: &str) {
 
 #[test]
 fn a_killed_agents_vms_run_again_elsewhere_once_by_priority() {
-    let Some(mut rig) = Rig::new("a_killed_agents_vms_run_again_elsewhere", "ha-agent").unwrap()
-    else {
-        return;
-    };
-    if let Err(e) = killed_agent(&mut rig) {
-        panic!("{e:#}{}", rig.diag());
-    }
+    run(
+        "a_killed_agents_vms_run_again_elsewhere",
+        "ha-agent",
+        killed_agent,
+    );
 }
 
 fn killed_agent(rig: &mut Rig) -> Result<()> {
@@ -609,12 +637,7 @@ fn ureq_text(addr: SocketAddr, path: &str) -> Result<String> {
 
 #[test]
 fn a_killed_leader_is_followed_and_its_evacuation_completes_once() {
-    let Some(mut rig) = Rig::new("a_killed_leader_is_followed", "ha-leader").unwrap() else {
-        return;
-    };
-    if let Err(e) = killed_leader(&mut rig) {
-        panic!("{e:#}{}", rig.diag());
-    }
+    run("a_killed_leader_is_followed", "ha-leader", killed_leader);
 }
 
 fn leader_of(api: SocketAddr) -> Option<String> {
@@ -702,19 +725,17 @@ fn killed_leader(rig: &mut Rig) -> Result<()> {
 
 #[test]
 fn a_destination_killed_after_go_leaves_the_vm_on_its_source_copy_once() {
-    let Some(mut rig) = Rig::new("a_destination_killed_after_go", "ha-dest").unwrap() else {
-        return;
-    };
-    if let Err(e) = destination_killed_after_go(&mut rig) {
-        panic!("{e:#}{}", rig.diag());
-    }
+    run(
+        "a_destination_killed_after_go",
+        "ha-dest",
+        destination_killed_after_go,
+    );
 }
 
 /// A migration of `mover` from h1 to h2 (h2 taking it on a fixed port,
-/// advertised through a fault proxy that holds the first GO toward it and
-/// forwards nothing more on that lane), driven by a maintenance of h1 on
-/// daemon d1, held at GO: the record already moved to h2 (checked), h1
-/// keeps a paused copy.
+/// advertised through a fault proxy that does `at_go` to the first GO
+/// toward it), driven by a maintenance of h1 on daemon d1, held at GO: the
+/// record already moved to h2 (checked), h1 keeps a paused copy.
 struct HeldAtGo {
     /// d1's API.
     api: SocketAddr,
@@ -723,9 +744,19 @@ struct HeldAtGo {
     epoch: u64,
     /// mover's heartbeat on h1 before the migration.
     before: u64,
+    /// h2's links, when asked for.
+    links: Option<H2Links>,
 }
 
-fn migration_held_at_go(rig: &mut Rig) -> Result<HeldAtGo> {
+/// Links of h2 (a migration's destination) that a test cuts: to etcd, and
+/// the one the daemon and h1 reach h2's agent API through, cut by the
+/// proxy itself the moment GO reaches it (from then on only the test, at
+/// the agent's own address, asks h2 anything).
+struct H2Links {
+    etcd: TcpProxy,
+}
+
+fn migration_held_at_go(rig: &mut Rig, at_go: Action, linked: bool) -> Result<HeldAtGo> {
     let port = free_port()?;
     let proxy = FaultProxy::spawn(
         SocketAddr::from(([127, 0, 0, 1], port)),
@@ -733,20 +764,33 @@ fn migration_held_at_go(rig: &mut Rig) -> Result<HeldAtGo> {
             connection: 0,
             direction: Direction::ToDestination,
             place: Place::Frame(FrameKind::Go),
-            action: Action::Stall(Duration::from_secs(120)),
+            action: at_go,
         },
     )?;
     let (listen, advertise) = (format!("127.0.0.1:{port}"), proxy.addr.to_string());
-    let Mover {
-        api,
-        epoch,
-        heartbeat: before,
-    } = rig.mover_on_h1(&[
+    let h2_flags = [
         "--migration-listen",
         &listen,
         "--migration-advertise",
         &advertise,
-    ])?;
+    ];
+    let links = if linked {
+        let etcd = TcpProxy::start(rig.etcd.members[0].client)?;
+        rig.agent_with("h2", &[], &etcd.url(), &h2_flags)?;
+        let api_link = TcpProxy::start(rig.agent_addr("h2"))?;
+        rig.route_api("h2", api_link.addr());
+        proxy.on_strike(move || api_link.cut());
+        Some(H2Links { etcd })
+    } else {
+        let endpoints = rig.endpoints();
+        rig.agent_with("h2", &[], &endpoints, &h2_flags)?;
+        None
+    };
+    let Mover {
+        api,
+        epoch,
+        heartbeat: before,
+    } = rig.mover_on_h1()?;
 
     // Maintenance on h1 moves mover to h2, the only other host.
     std::thread::spawn(move || {
@@ -766,6 +810,7 @@ fn migration_held_at_go(rig: &mut Rig) -> Result<HeldAtGo> {
         proxy,
         epoch,
         before,
+        links,
     })
 }
 
@@ -775,10 +820,20 @@ fn destination_killed_after_go(rig: &mut Rig) -> Result<()> {
         proxy: _proxy,
         epoch,
         before,
-    } = migration_held_at_go(rig)?;
+        ..
+    } = migration_held_at_go(rig, Action::Stall(Duration::from_secs(120)), false)?;
     kill_agent(rig, "h2");
 
     // From the kill on: never on two hosts; back on h1 after the failover.
+    restarted_from_paused_copy(rig, api, epoch, before)
+}
+
+/// mover, whose record moved to h2 before a GO that never took there,
+/// runs again on h1 alone, resumed from its paused copy (memory intact:
+/// the heartbeat goes on from `before`) by the leader `api`'s restart once
+/// h2's lease died (`epoch` the record's before the migration), and stays
+/// so.
+fn restarted_from_paused_copy(rig: &Rig, api: SocketAddr, epoch: u64, before: u64) -> Result<()> {
     rig.resumed_on_h1(before)?;
     let rec = rig.record(api, "mover").context("record")?;
     if rec.host != "h1"
@@ -806,13 +861,11 @@ fn destination_killed_after_go(rig: &mut Rig) -> Result<()> {
 
 #[test]
 fn a_destination_that_never_answers_go_gives_the_vm_back_to_its_source_copy() {
-    let Some(mut rig) = Rig::new("a_destination_that_never_answers_go", "ha-silent").unwrap()
-    else {
-        return;
-    };
-    if let Err(e) = destination_silent_after_go(&mut rig) {
-        panic!("{e:#}{}", rig.diag());
-    }
+    run(
+        "a_destination_that_never_answers_go",
+        "ha-silent",
+        destination_silent_after_go,
+    );
 }
 
 fn destination_silent_after_go(rig: &mut Rig) -> Result<()> {
@@ -821,7 +874,7 @@ fn destination_silent_after_go(rig: &mut Rig) -> Result<()> {
         epoch,
         before,
         ..
-    } = migration_held_at_go(rig)?;
+    } = migration_held_at_go(rig, Action::Stall(Duration::from_secs(120)), false)?;
     // No scheduler from here on (none retries the evacuation or restarts
     // anything): the two agents settle it between them from the record.
     rig.daemons[0].proc.kill();
@@ -859,14 +912,79 @@ fn destination_silent_after_go(rig: &mut Rig) -> Result<()> {
 }
 
 #[test]
-fn the_ownership_swap_is_made_before_the_pause_and_gos_only_after_it() {
-    let Some(mut rig) = Rig::new("the_ownership_swap_is_made_before_the_pause", "ha-swap").unwrap()
-    else {
-        return;
-    };
-    if let Err(e) = swap_before_the_pause(&mut rig) {
-        panic!("{e:#}{}", rig.diag());
+fn a_late_go_to_a_destination_that_fenced_itself_is_refused() {
+    run(
+        "a_late_go_to_a_destination_that_fenced_itself",
+        "ha-late-go",
+        late_go_after_fence,
+    );
+}
+
+/// The migration's record moved to h2 and GO is held on its way there
+/// (the proxy also closes the links through which h1 could ask h2 what
+/// became of it: nothing decides the handover before GO comes). h2 loses
+/// etcd and fences itself while its lease still names it alive, and h1
+/// has given up waiting (the handover in doubt, its copy paused); then GO
+/// arrives, late: h2 refuses it for good because it fenced itself, and
+/// never runs mover. mover runs on h1 alone, from its paused copy, once
+/// the leader brought the record back there after h2's lease died.
+fn late_go_after_fence(rig: &mut Rig) -> Result<()> {
+    let HeldAtGo {
+        api,
+        proxy,
+        epoch,
+        before,
+        links,
+    } = migration_held_at_go(rig, Action::Hold, true)?;
+    let links = links.context("h2's links")?;
+    links.etcd.cut();
+    wait_for("h2 to fence itself", Duration::from_secs(60), || {
+        let m = ureq_text(rig.agent_addr("h2"), "/metrics").ok()?;
+        m.lines()
+            .any(|l| l == "ferry_agent_fences_total 1")
+            .then_some(())
+    })?;
+    if held(rig, "h2", "mover")?.is_some() {
+        bail!("h2 holds mover before GO came");
     }
+    let logged = |host: &str, what: &[&str]| {
+        let log = std::fs::read_to_string(rig.dir.path().join(format!("agent-{host}.log")));
+        log.is_ok_and(|log| log.lines().any(|l| what.iter().all(|w| l.contains(w))))
+            .then_some(())
+    };
+    wait_for(
+        "h1 to give up waiting for GO's answer",
+        Duration::from_secs(60),
+        || logged("h1", &["handover in doubt after GO"]),
+    )?;
+
+    proxy.release();
+    wait_for("h2 to refuse the late GO", Duration::from_secs(60), || {
+        logged(
+            "h2",
+            &[
+                "GO arrived after this destination had refused the handover",
+                "the destination fenced itself",
+            ],
+        )
+    })?;
+    if let Some(running) = held(rig, "h2", "mover")? {
+        bail!("h2 holds mover (running: {running}) after refusing its GO");
+    }
+    restarted_from_paused_copy(rig, api, epoch, before)?;
+    if held(rig, "h2", "mover")?.is_some() {
+        bail!("h2 holds mover after the restart on h1");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_ownership_swap_is_made_before_the_pause_and_gos_only_after_it() {
+    run(
+        "the_ownership_swap_is_made_before_the_pause",
+        "ha-swap",
+        swap_before_the_pause,
+    );
 }
 
 /// `vm`'s migration from `from` to `to` by `from`'s agent, with `claim`.
@@ -904,7 +1022,7 @@ fn swap_before_the_pause(rig: &mut Rig) -> Result<()> {
         api,
         epoch,
         heartbeat,
-    } = rig.mover_on_h1(&[])?;
+    } = rig.mover_on_h1()?;
     let leader = client(api)
         .get::<LeaderView>("/v1/ha/leader")?
         .leader
@@ -949,22 +1067,21 @@ fn swap_before_the_pause(rig: &mut Rig) -> Result<()> {
 
 #[test]
 fn a_degraded_host_is_evacuated_live_and_its_vm_comes_back_when_it_recovers() {
-    let Some(mut rig) = Rig::new("a_degraded_host_is_evacuated_live", "ha-health").unwrap() else {
-        return;
-    };
-    if let Err(e) = degraded_host(&mut rig) {
-        panic!("{e:#}{}", rig.diag());
-    }
+    run(
+        "a_degraded_host_is_evacuated_live",
+        "ha-health",
+        degraded_host,
+    );
 }
 
-/// Waits until `vm` runs on `host` alone, failing the moment it runs on two
-/// hosts; then checks it was carried over live: its heartbeat at least
-/// `from` (a boot starts again from 0) and rising. Returns the heartbeat.
-fn moved_live(rig: &Rig, vm: &str, host: &str, from: u64) -> Result<u64> {
+/// Waits until `vm` runs on `host` alone, failing the moment it runs on
+/// two hosts; `watch` is called on every poll.
+fn runs_alone_on(rig: &Rig, vm: &str, host: &str, mut watch: impl FnMut()) -> Result<()> {
     let on = wait_for(
         &format!("{vm} to run on {host}"),
         Duration::from_secs(60),
         || {
+            watch();
             let on = rig.running_on(vm);
             (on.len() > 1 || on == [host]).then_some(on)
         },
@@ -972,6 +1089,14 @@ fn moved_live(rig: &Rig, vm: &str, host: &str, from: u64) -> Result<u64> {
     if on != [host] {
         bail!("{vm} runs on {on:?} at once");
     }
+    Ok(())
+}
+
+/// Waits until `vm` runs on `host` alone, failing the moment it runs on two
+/// hosts; then checks it was carried over live: its heartbeat at least
+/// `from` (a boot starts again from 0) and rising. Returns the heartbeat.
+fn moved_live(rig: &Rig, vm: &str, host: &str, from: u64) -> Result<u64> {
+    runs_alone_on(rig, vm, host, || {})?;
     let hb = rig.guest(host, vm)?.heartbeat;
     if hb < from {
         bail!("{vm}'s heartbeat {hb} on {host} is below {from} from before: booted again, not migrated");
@@ -987,7 +1112,7 @@ fn degraded_host(rig: &mut Rig) -> Result<()> {
         api,
         epoch,
         heartbeat: before,
-    } = rig.mover_on_h1(&[])?;
+    } = rig.mover_on_h1()?;
 
     // The hook says degraded: h1 is evacuated, mover leaves live.
     std::fs::write(&sensor, "degraded FAN2 1200 RPM below 1500\n")?;
@@ -1036,12 +1161,7 @@ fn degraded_host(rig: &mut Rig) -> Result<()> {
 
 #[test]
 fn a_cut_off_agent_fences_itself_and_runs_nothing_it_lost_when_back() {
-    let Some(mut rig) = Rig::new("a_cut_off_agent_fences_itself", "ha-cut").unwrap() else {
-        return;
-    };
-    if let Err(e) = cut_off_agent(&mut rig) {
-        panic!("{e:#}{}", rig.diag());
-    }
+    run("a_cut_off_agent_fences_itself", "ha-cut", cut_off_agent);
 }
 
 /// `vm` as `host`'s agent lists it: `Some(running)`, `None` when not held.
@@ -1050,32 +1170,48 @@ fn held(rig: &Rig, host: &str, vm: &str) -> Result<Option<bool>> {
     Ok(s.vms.iter().find(|v| v.name == vm).map(|v| v.running))
 }
 
+/// The set-up of the tests that cut h1 off from etcd: h1's agent (fencing
+/// by pause) running `web` (64 MB) and reaching etcd through `link`, h2's
+/// agent, daemon d1 over both (512 MB each; `before_daemon` runs before it
+/// starts), web's record there and its guest running.
+struct WebBehindLink {
+    link: TcpProxy,
+    /// d1's API.
+    api: SocketAddr,
+    /// web's record.
+    rec: OwnerRecord,
+}
+
+impl Rig {
+    fn web_behind_link(
+        &mut self,
+        before_daemon: impl FnOnce(&mut Rig) -> Result<()>,
+    ) -> Result<WebBehindLink> {
+        let link = TcpProxy::start(self.etcd.members[0].client)?;
+        self.agent_with("h1", &["web:64"], &link.url(), &["--fence", "pause"])?;
+        self.agent("h2", &[])?;
+        before_daemon(self)?;
+        let hosts = [("h1", 512), ("h2", 512)];
+        let api = self.daemon("d1", &hosts, &[("web", "h1", "medium")])?;
+        let rec = wait_for("web's record", Duration::from_secs(30), || {
+            self.record(api, "web")
+        })?;
+        self.check_alive("h1", "web", 0)?;
+        Ok(WebBehindLink { link, api, rec })
+    }
+}
+
 fn cut_off_agent(rig: &mut Rig) -> Result<()> {
-    let link = TcpProxy::start(rig.etcd.members[0].client)?;
-    rig.agent_with("h1", &["web:64"], &link.url(), &["--fence", "pause"])?;
-    rig.agent("h2", &[])?;
-    let hosts = [("h1", 512), ("h2", 512)];
-    let api = rig.daemon("d1", &hosts, &[("web", "h1", "medium")])?;
-    wait_for("web's record", Duration::from_secs(30), || {
-        rig.record(api, "web")
-    })?;
-    let epoch = rig.record(api, "web").context("record")?.epoch;
-    rig.check_alive("h1", "web", 0)?;
+    let WebBehindLink { link, api, rec } = rig.web_behind_link(|_| Ok(()))?;
+    let epoch = rec.epoch;
 
     link.cut();
     // h1 still answers (only its etcd link is down): web is paused there
     // (fenced) and then runs on h2, never on both.
     let mut fenced_seen = false;
-    wait_for("web to run on h2", Duration::from_secs(60), || {
-        let on = rig.running_on("web");
-        fenced_seen |= held(rig, "h1", "web").ok()? == Some(false);
-        match on.as_slice() {
-            [h] if h == "h2" => Some(Ok(())),
-            [] | [_] => None,
-            _ => Some(Err(on)),
-        }
-    })?
-    .map_err(|on| anyhow::anyhow!("web runs on {on:?} at once"))?;
+    runs_alone_on(rig, "web", "h2", || {
+        fenced_seen |= held(rig, "h1", "web").ok() == Some(Some(false));
+    })?;
     if !fenced_seen || held(rig, "h1", "web")? != Some(false) {
         bail!("h1 did not keep web paused (fenced) while cut off");
     }
@@ -1119,12 +1255,11 @@ fn cut_off_agent(rig: &mut Rig) -> Result<()> {
 
 #[test]
 fn a_dead_host_is_fenced_from_outside_before_its_vm_restarts() {
-    let Some(mut rig) = Rig::new("a_dead_host_is_fenced_from_outside", "ha-fence").unwrap() else {
-        return;
-    };
-    if let Err(e) = fenced_from_outside(&mut rig) {
-        panic!("{e:#}{}", rig.diag());
-    }
+    run(
+        "a_dead_host_is_fenced_from_outside",
+        "ha-fence",
+        fenced_from_outside,
+    );
 }
 
 /// h1 cut off from etcd (its agent alive, its lease lapsing) has a fence
@@ -1132,31 +1267,25 @@ fn a_dead_host_is_fenced_from_outside_before_its_vm_restarts() {
 /// retried and web is not restarted; once it works it kills h1's agent
 /// process (the power-off) and exits 0, and only then web restarts on h2.
 fn fenced_from_outside(rig: &mut Rig) -> Result<()> {
-    let link = TcpProxy::start(rig.etcd.members[0].client)?;
-    rig.agent_with("h1", &["web:64"], &link.url(), &["--fence", "pause"])?;
-    rig.agent("h2", &[])?;
-    let h1_pid = rig.agents[0].proc.pid();
     let (calls, works) = (
         rig.dir.path().join("fence-calls"),
         rig.dir.path().join("fence-works"),
     );
-    let script = rig.dir.path().join("fence.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "echo \"$1\" >> {calls:?}\n[ -e {works:?} ] || {{ echo 'BMC 10.0.0.9 unreachable' >&2; exit 1; }}\nkill -9 {h1_pid}\n"
-        ),
-    )?;
-    rig.fence = Some(("h1", script));
-    let api = rig.daemon(
-        "d1",
-        &[("h1", 512), ("h2", 512)],
-        &[("web", "h1", "medium")],
-    )?;
-    let rec = wait_for("web's record", Duration::from_secs(30), || {
-        rig.record(api, "web")
+    let h1_pid = std::cell::Cell::new(0);
+    let WebBehindLink { link, api, rec } = rig.web_behind_link(|rig| {
+        h1_pid.set(rig.agents[0].proc.pid());
+        let script = rig.dir.path().join("fence.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "echo \"$1\" >> {calls:?}\n[ -e {works:?} ] || {{ echo 'BMC 10.0.0.9 unreachable' >&2; exit 1; }}\nkill -9 {}\n",
+                h1_pid.get()
+            ),
+        )?;
+        rig.fence = Some(("h1", script));
+        Ok(())
     })?;
-    rig.check_alive("h1", "web", 0)?;
+    let h1_pid = h1_pid.get();
     let fence_calls = || {
         std::fs::read_to_string(&calls)
             .unwrap_or_default()
@@ -1188,15 +1317,7 @@ fn fenced_from_outside(rig: &mut Rig) -> Result<()> {
 
     // The BMC answers: h1 is powered off (its agent killed), web restarts.
     std::fs::write(&works, "")?;
-    wait_for("web to run on h2", Duration::from_secs(60), || {
-        let on = rig.running_on("web");
-        match on.as_slice() {
-            [h] if h == "h2" => Some(Ok(())),
-            [] | [_] => None,
-            _ => Some(Err(on)),
-        }
-    })?
-    .map_err(|on| anyhow::anyhow!("web runs on {on:?} at once"))?;
+    runs_alone_on(rig, "web", "h2", || {})?;
     if rig.agents[0].proc.is_running() {
         bail!("h1's agent (pid {h1_pid}) still runs after its fence confirmed");
     }
@@ -1230,13 +1351,11 @@ fn fenced_from_outside(rig: &mut Rig) -> Result<()> {
 
 #[test]
 fn a_start_that_would_break_the_failover_reserve_is_refused() {
-    let Some(mut rig) = Rig::new("a_start_that_would_break_the_reserve", "ha-admit").unwrap()
-    else {
-        return;
-    };
-    if let Err(e) = start_refused(&mut rig) {
-        panic!("{e:#}{}", rig.diag());
-    }
+    run(
+        "a_start_that_would_break_the_reserve",
+        "ha-admit",
+        start_refused,
+    );
 }
 
 fn start_refused(rig: &mut Rig) -> Result<()> {
@@ -1307,12 +1426,7 @@ fn unix_ms() -> u64 {
 #[test]
 #[ignore = "benchmark: prints timings"]
 fn ha_bench() {
-    let Some(mut rig) = Rig::new("ha_bench", "ha-bench").unwrap() else {
-        return;
-    };
-    if let Err(e) = bench(&mut rig) {
-        panic!("{e:#}{}", rig.diag());
-    }
+    run("ha_bench", "ha-bench", bench);
 }
 
 fn bench(rig: &mut Rig) -> Result<()> {

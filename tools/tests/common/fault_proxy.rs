@@ -2,14 +2,15 @@
 //! it forwards every connection to one target and, on the connection and
 //! in the direction a [`Fault`] names, damages the stream once: at a byte
 //! offset or at the first frame of a kind, it cuts, flips a bit,
-//! truncates, or stalls (holds the connection open, forwarding nothing, for
-//! a while). Faults are drawn from a seed ([`Fault::draw`]) so a failing
-//! trial can be replayed.
+//! truncates, stalls (holds the connection open, forwarding nothing, for
+//! a while), or holds the frame until the test releases it
+//! ([`FaultProxy::release`]). Faults are drawn from a seed
+//! ([`Fault::draw`]) so a failing trial can be replayed.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_transport::{FrameKind, HEADER_LEN};
@@ -74,6 +75,10 @@ pub enum Action {
     /// Forward nothing more in this direction for this long (the connection
     /// stays open), then close.
     Stall(Duration),
+    /// Hold the frame (the connection open, nothing more forwarded in this
+    /// direction) and close every connection accepted meanwhile, until
+    /// [`FaultProxy::release`]; then forward it and go on.
+    Hold,
 }
 
 /// One fault of a trial.
@@ -139,10 +144,52 @@ impl Fault {
     }
 }
 
-/// Whether the fault struck, and when.
-#[derive(Debug, Default)]
+/// What runs the moment the fault strikes (see [`FaultProxy::on_strike`]).
+type StrikeHook = Box<dyn FnOnce() + Send>;
+
+/// Whether the fault struck, and when; a held frame's gate.
+#[derive(Default)]
 struct Struck {
     at: Mutex<Option<Instant>>,
+    hook: Mutex<Option<StrikeHook>>,
+    /// Holding: a frame is held ([`Action::Hold`]) and not yet released.
+    holding: Mutex<bool>,
+    released: Condvar,
+}
+
+impl Struck {
+    fn strike(&self, hold: bool) {
+        *lock(&self.at) = Some(Instant::now());
+        *lock(&self.holding) = hold;
+        if let Some(hook) = lock(&self.hook).take() {
+            hook();
+        }
+    }
+
+    fn holding(&self) -> bool {
+        *lock(&self.holding)
+    }
+
+    /// Waits until the held frame is released (or the proxy stops).
+    fn wait_release(&self, stop: &AtomicBool) {
+        let mut holding = lock(&self.holding);
+        while *holding && !stop.load(Ordering::Acquire) {
+            holding = self
+                .released
+                .wait_timeout(holding, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn release(&self) {
+        *lock(&self.holding) = false;
+        self.released.notify_all();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The proxy: a loopback listener; stops accepting when dropped (the
@@ -176,6 +223,11 @@ impl FaultProxy {
                     }
                 };
                 let _ = client.set_nonblocking(false);
+                if struck2.holding() {
+                    // Nothing reaches the target while a frame is held.
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(target) else {
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
@@ -199,8 +251,8 @@ impl FaultProxy {
                     };
                     let mine = (fault.connection == index && fault.direction == direction)
                         .then_some(fault);
-                    let struck = struck2.clone();
-                    std::thread::spawn(move || relay(from, to, mine, &struck));
+                    let (struck, stop) = (struck2.clone(), stop2.clone());
+                    std::thread::spawn(move || relay(from, to, mine, &struck, &stop));
                 }
             }
         });
@@ -214,13 +266,26 @@ impl FaultProxy {
 
     /// When the fault struck, if it did.
     pub fn struck_at(&self) -> Option<Instant> {
-        *self.struck.at.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.struck.at)
+    }
+
+    /// Runs `hook` the moment the fault strikes, before the damaged frame
+    /// goes on (or is held): to change the world around the connection at
+    /// that exact point.
+    pub fn on_strike(&self, hook: impl FnOnce() + Send + 'static) {
+        *lock(&self.struck.hook) = Some(Box::new(hook));
+    }
+
+    /// Forwards a frame held by [`Action::Hold`], and connections again.
+    pub fn release(&self) {
+        self.struck.release();
     }
 }
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        self.struck.released.notify_all();
         for s in self
             .open
             .lock()
@@ -233,7 +298,13 @@ impl Drop for FaultProxy {
 }
 
 /// Copies `from` to `to` frame by frame, applying `fault` once.
-fn relay(mut from: TcpStream, mut to: TcpStream, fault: Option<Fault>, struck: &Struck) {
+fn relay(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    fault: Option<Fault>,
+    struck: &Struck,
+    stop: &AtomicBool,
+) {
     let mut passed = 0u64;
     let mut done = fault.is_none();
     let mut header = [0u8; HEADER_LEN];
@@ -259,7 +330,7 @@ fn relay(mut from: TcpStream, mut to: TcpStream, fault: Option<Fault>, struck: &
             };
             if let Some(at) = at {
                 done = true;
-                *struck.at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                struck.strike(f.action == Action::Hold);
                 match f.action {
                     Action::Cut => {
                         let _ = to.write_all(&frame[..at]);
@@ -284,6 +355,12 @@ fn relay(mut from: TcpStream, mut to: TcpStream, fault: Option<Fault>, struck: &
                         let _ = to.write_all(&frame[..at]);
                         std::thread::sleep(d);
                         break;
+                    }
+                    Action::Hold => {
+                        struck.wait_release(stop);
+                        if stop.load(Ordering::Acquire) {
+                            break;
+                        }
                     }
                 }
             }
