@@ -41,14 +41,14 @@ fn start_creates_epoch_one_and_a_second_start_conflicts(store: &ClusterStore) {
     store.join("h1", Duration::from_secs(30)).unwrap();
     assert_eq!(store.record("web").unwrap(), None);
 
-    let rec = store.start(&me, "web", "h1").unwrap();
+    let rec = store.start(&me.claim, "web", "h1").unwrap();
 
     assert_eq!(
         (rec.host.as_str(), rec.epoch, rec.last),
         ("h1", 1, Transition::Start)
     );
     assert_eq!(store.record("web").unwrap(), Some(rec.clone()));
-    match store.start(&me, "web", "h1") {
+    match store.start(&me.claim, "web", "h1") {
         Err(StoreError::Conflict { vm, current }) => {
             assert_eq!(vm, "web");
             assert_eq!(current.as_deref(), Some(&rec));
@@ -62,11 +62,11 @@ fn migrate_swaps_only_from_the_current_revision_and_epochs_grow(store: &ClusterS
     for h in ["h1", "h2"] {
         store.join(h, Duration::from_secs(30)).unwrap();
     }
-    let r1 = store.start(&me, "web", "h1").unwrap();
+    let r1 = store.start(&me.claim, "web", "h1").unwrap();
 
-    let r2 = store.migrate(&me, &r1, "h2").unwrap();
-    let stale = store.migrate(&me, &r1, "h1");
-    let r3 = store.migrate(&me, &r2, "h1").unwrap();
+    let r2 = store.migrate(&me.claim, &r1, "h2").unwrap();
+    let stale = store.migrate(&me.claim, &r1, "h1");
+    let r3 = store.migrate(&me.claim, &r2, "h1").unwrap();
 
     assert_eq!(
         (r2.host.as_str(), r2.epoch, r2.last),
@@ -87,12 +87,12 @@ fn transitions_need_the_destination_alive(store: &ClusterStore) {
     store.join("h1", Duration::from_secs(30)).unwrap();
 
     assert!(matches!(
-        store.start(&me, "web", "ghost"),
+        store.start(&me.claim, "web", "ghost"),
         Err(StoreError::HostDead { host }) if host == "ghost"
     ));
-    let rec = store.start(&me, "web", "h1").unwrap();
+    let rec = store.start(&me.claim, "web", "h1").unwrap();
     assert!(matches!(
-        store.migrate(&me, &rec, "ghost"),
+        store.migrate(&me.claim, &rec, "ghost"),
         Err(StoreError::HostDead { host }) if host == "ghost"
     ));
     assert_eq!(store.record("web").unwrap(), Some(rec));
@@ -102,11 +102,11 @@ fn restart_waits_for_the_owners_lease_to_end(store: &ClusterStore) {
     let me = lead(store, "sched-a");
     let h1 = store.join("h1", Duration::from_secs(30)).unwrap();
     store.join("h2", Duration::from_secs(30)).unwrap();
-    let rec = store.start(&me, "web", "h1").unwrap();
+    let rec = store.start(&me.claim, "web", "h1").unwrap();
 
-    let early = store.restart(&me, &rec, "h2");
+    let early = store.restart(&me.claim, &rec, "h2");
     store.leave(&h1).unwrap();
-    let restarted = store.restart(&me, &rec, "h2").unwrap();
+    let restarted = store.restart(&me.claim, &rec, "h2").unwrap();
 
     assert!(
         matches!(early, Err(StoreError::OwnerAlive { ref host, .. }) if host == "h1"),
@@ -147,7 +147,7 @@ fn a_deposed_leaders_writes_fail(store: &ClusterStore) {
         .unwrap()
         .expect("first leads");
     assert_eq!(store.campaign("sched-b", TTL).unwrap(), None);
-    let rec = store.start(&old, "web", "h1").unwrap();
+    let rec = store.start(&old.claim, "web", "h1").unwrap();
 
     // sched-a stops renewing; sched-b takes over once its lease expired.
     let mut new = None;
@@ -157,26 +157,26 @@ fn a_deposed_leaders_writes_fail(store: &ClusterStore) {
     }));
     let new = new.unwrap();
 
-    assert!(new.token > old.token, "fencing tokens grow");
+    assert!(new.claim.token > old.claim.token, "fencing tokens grow");
     assert_eq!(
         store.leader().unwrap().map(|l| l.candidate).as_deref(),
         Some("sched-b")
     );
     let deposed = |r: Result<(), StoreError>| {
         assert!(
-            matches!(r, Err(StoreError::NotLeader { ref candidate, token }) if candidate == "sched-a" && token == old.token),
+            matches!(r, Err(StoreError::NotLeader { ref candidate, token }) if candidate == "sched-a" && token == old.claim.token),
             "{r:?}"
         );
     };
-    deposed(store.start(&old, "db", "h1").map(drop));
-    deposed(store.migrate(&old, &rec, "h1").map(drop));
-    deposed(store.remove(&old, &rec));
+    deposed(store.start(&old.claim, "db", "h1").map(drop));
+    deposed(store.migrate(&old.claim, &rec, "h1").map(drop));
+    deposed(store.remove(&old.claim, &rec));
     deposed(store.keep_leading(&old, Duration::from_secs(2)));
-    deposed(store.record_decision(&old, &decision("d1", "web", old.token)));
+    deposed(store.record_decision(&old.claim, &decision("d1", "web", old.claim.token)));
     assert_eq!(store.record("web").unwrap(), Some(rec.clone()));
     // The new leader writes.
     store.keep_leading(&new, Duration::from_secs(2)).unwrap();
-    store.remove(&new, &rec).unwrap();
+    store.remove(&new.claim, &rec).unwrap();
     assert_eq!(store.record("web").unwrap(), None);
 }
 
@@ -186,7 +186,7 @@ fn a_leader_that_resigned_is_fenced_even_with_nobody_leading(store: &ClusterStor
     store.resign(&me).unwrap();
     assert_eq!(store.leader().unwrap(), None);
     assert!(matches!(
-        store.start(&me, "web", "h1"),
+        store.start(&me.claim, "web", "h1"),
         Err(StoreError::NotLeader { .. })
     ));
 }
@@ -198,7 +198,7 @@ fn two_concurrent_migrations_of_one_vm_exactly_one_wins(store: &ClusterStore) {
     }
     for round in 0..10 {
         let vm = format!("vm{round}");
-        let rec = store.start(&me, &vm, "h1").unwrap();
+        let rec = store.start(&me.claim, &vm, "h1").unwrap();
         let gate = Arc::new(Barrier::new(2));
         let racers: Vec<_> = ["h2", "h3"]
             .into_iter()
@@ -206,7 +206,7 @@ fn two_concurrent_migrations_of_one_vm_exactly_one_wins(store: &ClusterStore) {
                 let (store, me, rec, gate) = (store.clone(), me.clone(), rec.clone(), gate.clone());
                 std::thread::spawn(move || {
                     gate.wait();
-                    store.migrate(&me, &rec, to)
+                    store.migrate(&me.claim, &rec, to)
                 })
             })
             .collect();
@@ -240,10 +240,10 @@ fn decision(id: &str, vm: &str, token: i64) -> Decision {
 
 fn decisions_in_flight_are_recorded_once_and_outlive_their_leader(store: &ClusterStore) {
     let old = lead(store, "sched-a");
-    let d = decision("evacuate-h1-web", "web", old.token);
-    store.record_decision(&old, &d).unwrap();
+    let d = decision("evacuate-h1-web", "web", old.claim.token);
+    store.record_decision(&old.claim, &d).unwrap();
     assert!(matches!(
-        store.record_decision(&old, &d),
+        store.record_decision(&old.claim, &d),
         Err(StoreError::DuplicateDecision { id }) if id == "evacuate-h1-web"
     ));
 
@@ -252,10 +252,12 @@ fn decisions_in_flight_are_recorded_once_and_outlive_their_leader(store: &Cluste
 
     assert_eq!(store.decisions().unwrap(), vec![d]);
     assert!(matches!(
-        store.finish_decision(&old, "evacuate-h1-web"),
+        store.finish_decision(&old.claim, "evacuate-h1-web"),
         Err(StoreError::NotLeader { .. })
     ));
-    store.finish_decision(&new, "evacuate-h1-web").unwrap();
+    store
+        .finish_decision(&new.claim, "evacuate-h1-web")
+        .unwrap();
     assert_eq!(store.decisions().unwrap(), vec![]);
 }
 
@@ -267,7 +269,7 @@ fn wait_change_wakes_on_writes_and_on_lease_expiry(store: &ClusterStore) {
         let (store, me) = (store.clone(), me.clone());
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200));
-            store.start(&me, "web", "h1").unwrap()
+            store.start(&me.claim, "web", "h1").unwrap()
         })
     };
     let after = store.wait_change(before, EXPIRY_BOUND).unwrap();
@@ -292,7 +294,10 @@ fn bad_names_are_refused(store: &ClusterStore) {
     let me = lead(store, "sched-a");
     for bad in ["", "a/b", "tab\there"] {
         assert!(
-            matches!(store.start(&me, bad, "h1"), Err(StoreError::BadName { .. })),
+            matches!(
+                store.start(&me.claim, bad, "h1"),
+                Err(StoreError::BadName { .. })
+            ),
             "{bad:?}"
         );
         assert!(
@@ -307,8 +312,8 @@ fn a_migrated_record_is_handed_back_to_its_source_only_unchanged(store: &Cluster
     for h in ["h1", "h2"] {
         store.join(h, Duration::from_secs(30)).unwrap();
     }
-    let started = store.start(&me, "web", "h1").unwrap();
-    let moved = store.migrate(&me, &started, "h2").unwrap();
+    let started = store.start(&me.claim, "web", "h1").unwrap();
+    let moved = store.migrate(&me.claim, &started, "h2").unwrap();
 
     let not_migrated = store.hand_back(&started);
     let back = store.hand_back(&moved).unwrap();
@@ -345,7 +350,11 @@ fn a_hand_back_needs_the_source_alive(store: &ClusterStore) {
     let h1 = store.join("h1", Duration::from_secs(30)).unwrap();
     store.join("h2", Duration::from_secs(30)).unwrap();
     let moved = store
-        .migrate(&me, &store.start(&me, "web", "h1").unwrap(), "h2")
+        .migrate(
+            &me.claim,
+            &store.start(&me.claim, "web", "h1").unwrap(),
+            "h2",
+        )
         .unwrap();
     store.leave(&h1).unwrap();
 
@@ -365,7 +374,11 @@ fn a_destination_gives_back_only_what_it_neither_holds_nor_resumed(store: &Clust
         store.join(h, Duration::from_secs(30)).unwrap();
     }
     let moved = store
-        .migrate(&me, &store.start(&me, "web", "h1").unwrap(), "h2")
+        .migrate(
+            &me.claim,
+            &store.start(&me.claim, "web", "h1").unwrap(),
+            "h2",
+        )
         .unwrap();
     let asked = std::cell::Cell::new(0);
 
@@ -406,6 +419,29 @@ fn a_destination_gives_back_only_what_it_neither_holds_nor_resumed(store: &Clust
     );
 }
 
+fn the_rules_outlive_their_leader_and_a_deposed_one_sets_none(store: &ClusterStore) {
+    use ferry_scheduler::plan::rules::{Rule, RuleKind};
+    assert_eq!(store.rules().unwrap(), None, "none set yet");
+    let old = lead(store, "sched-a");
+    let apart = vec![Rule {
+        name: "apart".into(),
+        kind: RuleKind::AntiAffinity,
+        vms: vec!["web".into(), "db".into()],
+        hosts: vec![],
+    }];
+    store.set_rules(&old.claim, &apart).unwrap();
+    store.resign(&old).unwrap();
+    let new = lead(store, "sched-b");
+    assert_eq!(store.rules().unwrap(), Some(apart.clone()));
+    assert!(matches!(
+        store.set_rules(&old.claim, &[]),
+        Err(StoreError::NotLeader { .. })
+    ));
+    assert_eq!(store.rules().unwrap(), Some(apart));
+    store.set_rules(&new.claim, &[]).unwrap();
+    assert_eq!(store.rules().unwrap(), Some(vec![]));
+}
+
 macro_rules! backends {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -443,6 +479,7 @@ backends!(
     a_migrated_record_is_handed_back_to_its_source_only_unchanged,
     a_hand_back_needs_the_source_alive,
     a_destination_gives_back_only_what_it_neither_holds_nor_resumed,
+    the_rules_outlive_their_leader_and_a_deposed_one_sets_none,
 );
 
 /// Runs `check` on a store over a fresh one-member etcd (SKIP without
@@ -478,17 +515,20 @@ fn three_member_etcd_keeps_working_with_one_member_stopped() {
     let me = lead(&store, "sched-a");
     let h1 = store.join("h1", Duration::from_secs(30)).unwrap();
     store.join("h2", Duration::from_secs(30)).unwrap();
-    let rec = store.start(&me, "web", "h1").unwrap();
+    let rec = store.start(&me.claim, "web", "h1").unwrap();
 
     etcd.members[0].kill();
     etcd.wait_healthy(Duration::from_secs(30)).unwrap();
 
     store.keep_leading(&me, Duration::from_secs(5)).unwrap();
     store.keep_alive(&h1, Duration::from_secs(5)).unwrap();
-    let moved = store.migrate(&me, &rec, "h2").unwrap();
+    let moved = store.migrate(&me.claim, &rec, "h2").unwrap();
     assert_eq!((moved.host.as_str(), moved.epoch), ("h2", 2));
     store.join("h3", Duration::from_secs(30)).unwrap();
     assert_eq!(store.records().unwrap(), vec![moved]);
     assert_eq!(store.hosts().unwrap().len(), 3);
-    assert_eq!(store.leader().unwrap().map(|l| l.token), Some(me.token));
+    assert_eq!(
+        store.leader().unwrap().map(|l| l.token),
+        Some(me.claim.token)
+    );
 }

@@ -77,7 +77,7 @@ use ferry_vm::{host_tsc_khz, DirtyBackend, GuestParams, Vm, VmConfig};
 
 use ferry_control::units::{parse_duration, BareUnit};
 use ferry_scheduler::ha::lease_keeper::FenceMode;
-use ferry_scheduler::store::{ClusterStore, GiveBack, Leadership, OwnerRecord, StoreError};
+use ferry_scheduler::store::{ClusterStore, GiveBack, LeaderClaim, OwnerRecord, StoreError};
 
 use crate::security_args::{SecurityArgs, SecuritySpec};
 
@@ -458,11 +458,9 @@ impl Agent {
                 req.vm, rec.host, rec.epoch, self.host, claim.epoch
             )));
         }
-        let leader = Leadership {
+        let leader = LeaderClaim {
             candidate: claim.candidate.clone(),
             token: claim.token,
-            lease: 0,
-            ttl: Duration::ZERO,
         };
         let (store, to, me) = (store.clone(), req.target_host.clone(), self.host.clone());
         Ok(Some(PreGoHook::new(move || {

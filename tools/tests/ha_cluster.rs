@@ -8,7 +8,8 @@
 //!   with the reason), each record moved by one restart.
 //! - kill -9 the leading daemon during a maintenance evacuation: the
 //!   follower leads and the evacuation completes exactly once (the VM on
-//!   one host, its record moved once).
+//!   one host, its record moved once); a rule set through the API before
+//!   holds on the new leader.
 //!
 //! - kill -9 the destination agent of a scheduler-driven migration right
 //!   after GO (a fault proxy in front of its fixed migration port holds
@@ -72,6 +73,7 @@ use ferry_scheduler::daemon::protocol::{
     AgentStatus, MigrateReply, MigrateRequest, OwnershipClaim,
 };
 use ferry_scheduler::ha::failover::{HaEvent, HaEventKind};
+use ferry_scheduler::plan::rules::{Rule, RuleKind};
 use ferry_scheduler::store::etcd::EtcdOptions;
 use ferry_scheduler::store::{
     ClusterStore, Decision, DecisionKind, OwnerRecord, Transition, DEFAULT_PREFIX,
@@ -668,6 +670,15 @@ fn killed_leader(rig: &mut Rig) -> Result<()> {
     }
     let hb = rig.check_alive("h1", "mover", 0)?;
     let epoch = rig.record(a, "mover").context("record")?.epoch;
+    // A rule set through the API (through the follower, which forwards
+    // it): kept in the store, so the next leader places by it too.
+    let rule = Rule {
+        name: "mover-off-h1".into(),
+        kind: RuleKind::ShouldNotRunOn,
+        vms: vec!["mover".into()],
+        hosts: vec!["h1".into()],
+    };
+    client(b).post::<_, Vec<Rule>>("/v1/rules", &rule)?;
 
     // The evacuation, asked of the leader, from another thread.
     let evacuate = std::thread::spawn(move || {
@@ -719,6 +730,10 @@ fn killed_leader(rig: &mut Rig) -> Result<()> {
     let rec2 = rig.record(b, "mover").context("record")?;
     if rec2.epoch != rec.epoch {
         bail!("mover moved again: {rec2:?}");
+    }
+    let rules: Vec<Rule> = client(b).get("/v1/rules")?;
+    if rules != [rule] {
+        bail!("the new leader lost the rule set through the API: {rules:?}");
     }
     Ok(())
 }

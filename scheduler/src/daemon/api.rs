@@ -15,7 +15,7 @@
 //! | `DELETE /v1/hosts/{name}/maintenance` | leave maintenance: its VMs return; [`RoundView`] |
 //! | `GET /v1/policy` | [`PolicyView`] |
 //! | `PUT /v1/policy` [`PolicyRequest`] | switch policy; [`PolicyView`] |
-//! | `GET /v1/rules` | the [`Rule`]s |
+//! | `GET /v1/rules` | the [`Rule`]s (kept in the cluster store, when there is one) |
 //! | `PUT /v1/rules` `[Rule]` | replace them all (400 naming the rules that contradict); the [`Rule`]s |
 //! | `POST /v1/rules` [`Rule`] | add one (400 if it contradicts the others); the [`Rule`]s |
 //! | `DELETE /v1/rules/{name}` | remove one; the [`Rule`]s |
@@ -112,7 +112,7 @@ async fn forward_to_leader(
         return next.run(req).await;
     };
     let path = req.uri().path().to_owned();
-    if !path.starts_with("/v1/") || path.starts_with("/v1/ha/") || ha.leadership().is_some() {
+    if !path.starts_with("/v1/") || path.starts_with("/v1/ha/") || ha.claim().is_some() {
         return next.run(req).await;
     }
     let method = match *req.method() {
@@ -234,7 +234,7 @@ async fn ha_leader(State(s): State<AppState>) -> Result<Json<LeaderView>, Refusa
         Ok(LeaderView {
             leader: ha.election.leader()?,
             this: ha.election.candidate().to_owned(),
-            leading: ha.leadership().is_some(),
+            leading: ha.claim().is_some(),
         })
     })
     .await
@@ -479,7 +479,7 @@ async fn set_maintenance(s: AppState, name: String, on: bool) -> Result<Json<Rou
         let host = name.clone();
         tokio::task::spawn_blocking(move || {
             let me = ha
-                .leadership()
+                .claim()
                 .ok_or_else(|| Refusal::unavailable("this daemon no longer leads; retry"))?;
             ha.store
                 .set_maintenance(&me, &host, on)
@@ -589,19 +589,38 @@ async fn get_rules(State(s): State<AppState>) -> Json<Vec<Rule>> {
     Json(lock(&s.daemon.state).cluster.rules.clone())
 }
 
-/// Edits the rules with `edit`, under one lock; keeps the result only if
-/// the rules are consistent with each other and the cluster's hosts.
-fn edit_rules(
+/// Edits the rules with `edit`, one edit at a time (a round's turn held);
+/// keeps the result only if the rules are consistent with each other and
+/// the cluster's hosts. With the cluster store they are stored first
+/// (fenced by this leader's claim), so that a new leader places by them.
+async fn edit_rules(
     s: &AppState,
     edit: impl FnOnce(&mut Vec<Rule>) -> Result<(), Refusal>,
 ) -> Result<Json<Vec<Rule>>, Refusal> {
-    let mut st = lock(&s.daemon.state);
-    let mut new = st.cluster.rules.clone();
-    edit(&mut new)?;
-    let hosts: Vec<String> = st.cluster.hosts.iter().map(|h| h.name.clone()).collect();
-    rules::check(&new, &hosts).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    let _turn = s.daemon.take_turn().await;
+    let new = {
+        let st = lock(&s.daemon.state);
+        let mut new = st.cluster.rules.clone();
+        edit(&mut new)?;
+        let hosts: Vec<String> = st.cluster.hosts.iter().map(|h| h.name.clone()).collect();
+        rules::check(&new, &hosts).map_err(|e| Refusal::bad_request(e.to_string()))?;
+        new
+    };
+    if let Some(ha) = s.daemon.ha.clone() {
+        let stored = new.clone();
+        tokio::task::spawn_blocking(move || {
+            let me = ha
+                .claim()
+                .ok_or_else(|| Refusal::unavailable("this daemon no longer leads; retry"))?;
+            ha.store
+                .set_rules(&me, &stored)
+                .map_err(|e| Refusal::unavailable(error_chain(&e)))
+        })
+        .await
+        .map_err(|e| Refusal::failed(e.to_string()))??;
+    }
     info!(rules = new.len(), "rules set");
-    st.cluster.rules = new.clone();
+    lock(&s.daemon.state).cluster.rules = new.clone();
     Ok(Json(new))
 }
 
@@ -613,6 +632,7 @@ async fn set_rules(
         *r = new;
         Ok(())
     })
+    .await
 }
 
 async fn add_rule(
@@ -623,6 +643,7 @@ async fn add_rule(
         r.push(rule);
         Ok(())
     })
+    .await
 }
 
 async fn remove_rule(
@@ -637,6 +658,7 @@ async fn remove_rule(
         }
         Ok(())
     })
+    .await
 }
 
 async fn round(State(s): State<AppState>) -> Result<Json<RoundView>, Refusal> {

@@ -364,7 +364,7 @@ impl Daemon {
 
     /// Whether this daemon acts: it leads, or it is the only one.
     pub fn leads(&self) -> bool {
-        self.ha.as_ref().is_none_or(|ha| ha.leadership().is_some())
+        self.ha.as_ref().is_none_or(|ha| ha.claim().is_some())
     }
 
     /// Replace the executor (e.g. libvirt, or tests).
@@ -399,7 +399,7 @@ impl Daemon {
     fn round_blocking(&self, now: f64) -> RoundReport {
         let running_on = self.refresh_inventory();
         if let Some(ha) = &self.ha {
-            let Some(me) = ha.leadership() else {
+            let Some(me) = ha.claim() else {
                 // A follower keeps its model current, and plans nothing.
                 let leader = ha.election.leader().ok().flatten();
                 return RoundReport {
@@ -584,7 +584,7 @@ impl Daemon {
     fn adopt(
         &self,
         ha: &crate::ha::failover::ClusterHa,
-        me: &crate::store::Leadership,
+        me: &crate::store::LeaderClaim,
         running_on: &std::collections::BTreeMap<String, Vec<String>>,
     ) {
         let records = match ha.store.records() {
@@ -807,7 +807,7 @@ impl Daemon {
             why,
         };
         let me = ha
-            .leadership()
+            .claim()
             .ok_or_else(|| refused("this daemon no longer leads".into()))?;
         let record = match ha.store.record(vm) {
             Ok(Some(r)) => r,

@@ -185,7 +185,7 @@ impl Campaign {
                     {
                         Ok(Some(l)) => {
                             deadline = asked + l.ttl;
-                            info!(candidate = %self.candidate, token = l.token, "leading the cluster");
+                            info!(candidate = %self.candidate, token = l.claim.token, "leading the cluster");
                             let mut s = lock(&self.shared);
                             s.leading = Some(l);
                             s.since = Some(Instant::now());
@@ -203,8 +203,8 @@ impl Campaign {
                     let within = give_up_at.saturating_duration_since(sent);
                     let result = if within.is_zero() {
                         Err(StoreError::NotLeader {
-                            candidate: l.candidate.clone(),
-                            token: l.token,
+                            candidate: l.claim.candidate.clone(),
+                            token: l.claim.token,
                         })
                     } else {
                         self.store.keep_leading(&l, within)
@@ -215,7 +215,7 @@ impl Campaign {
                             let lost = matches!(e, StoreError::NotLeader { .. })
                                 || Instant::now() >= give_up_at;
                             if lost {
-                                warn!(candidate = %self.candidate, token = l.token, error = %error_chain(&e), "no longer leading");
+                                warn!(candidate = %self.candidate, token = l.claim.token, error = %error_chain(&e), "no longer leading");
                                 lock(&self.shared).leading = None;
                                 self.shared.cond.notify_all();
                             } else {

@@ -3,6 +3,7 @@
 //!
 //! - **Takeover.** A daemon that becomes leader loads the maintenance
 //!   flags from the store (an evacuation a dead leader started goes on)
+//!   and the placement rules last set through the API (when any were),
 //!   and resolves the decisions a former leader left in flight: a restart
 //!   whose record already moved is made sure to run on its new host, one
 //!   whose record did not move is planned again; a migration left in
@@ -45,7 +46,7 @@ use crate::daemon::agent::error_chain;
 use crate::daemon::Daemon;
 use crate::model::PowerState;
 use crate::store::{
-    kv::Revision, ClusterStore, Decision, DecisionKind, Leadership, OwnerRecord, StoreError,
+    kv::Revision, ClusterStore, Decision, DecisionKind, LeaderClaim, OwnerRecord, StoreError,
     Transition,
 };
 
@@ -191,16 +192,16 @@ impl ClusterHa {
         self.progress().events.iter().cloned().collect()
     }
 
-    /// The leadership this daemon holds, if it leads.
-    pub fn leadership(&self) -> Option<Leadership> {
-        self.election.leadership()
+    /// The claim its writes carry while this daemon leads.
+    pub fn claim(&self) -> Option<LeaderClaim> {
+        self.election.leadership().map(|l| l.claim)
     }
 
     /// One pass of the leader's loop (a follower does nothing): take over
     /// if newly leading, resolve decisions left in flight, restart the VMs
     /// of dead hosts. Blocking.
     pub fn tick(&self, d: &Daemon) {
-        let Some(me) = self.leadership() else {
+        let Some(me) = self.claim() else {
             d.metrics.ha.leading.set(0);
             return;
         };
@@ -210,7 +211,7 @@ impl ClusterHa {
         }
     }
 
-    fn tick_leading(&self, d: &Daemon, me: &Leadership) -> Result<(), StoreError> {
+    fn tick_leading(&self, d: &Daemon, me: &LeaderClaim) -> Result<(), StoreError> {
         let new_token = self.progress().acted_token != Some(me.token);
         if new_token {
             self.take_over(d, me)?;
@@ -285,14 +286,30 @@ impl ClusterHa {
     }
 
     /// A new leader: maintenance flags from the store, an event.
-    fn take_over(&self, d: &Daemon, me: &Leadership) -> Result<(), StoreError> {
+    fn take_over(&self, d: &Daemon, me: &LeaderClaim) -> Result<(), StoreError> {
         let maintenance: BTreeSet<String> = self.store.maintenance()?.into_iter().collect();
-        {
+        let stored_rules = self.store.rules()?;
+        let rules = {
             let mut st = crate::daemon::lock(&d.state);
             for h in &mut st.cluster.hosts {
                 h.maintenance = maintenance.contains(&h.name);
             }
-        }
+            let hosts: Vec<String> = st.cluster.hosts.iter().map(|h| h.name.clone()).collect();
+            match stored_rules.map(|r| crate::plan::rules::check(&r, &hosts).map(|()| r)) {
+                None => format!("{} as configured", st.cluster.rules.len()),
+                Some(Ok(r)) => {
+                    st.cluster.rules = r;
+                    format!("{} as stored", st.cluster.rules.len())
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, "the stored rules do not fit this daemon's hosts; placing by the configured ones");
+                    format!(
+                        "{} as configured (the stored ones: {e})",
+                        st.cluster.rules.len()
+                    )
+                }
+            }
+        };
         d.metrics.ha.leaderships.inc();
         let mut p = self.progress();
         p.acted_token = Some(me.token);
@@ -306,7 +323,7 @@ impl ClusterHa {
             None,
             None,
             format!(
-                "{} leads (token {}); hosts in maintenance: {}",
+                "{} leads (token {}); rules: {rules}; hosts in maintenance: {}",
                 me.candidate,
                 me.token,
                 if maintenance.is_empty() {
@@ -387,7 +404,7 @@ impl ClusterHa {
     fn resolve_decisions(
         &self,
         d: &Daemon,
-        me: &Leadership,
+        me: &LeaderClaim,
         records: &[OwnerRecord],
     ) -> Result<(), StoreError> {
         for dec in self.store.decisions()? {
@@ -532,7 +549,7 @@ impl ClusterHa {
         jobs
     }
 
-    fn restart(&self, d: &Daemon, me: &Leadership, job: RestartJob, dead_since: Instant) {
+    fn restart(&self, d: &Daemon, me: &LeaderClaim, job: RestartJob, dead_since: Instant) {
         let RestartJob {
             record,
             to,

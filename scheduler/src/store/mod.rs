@@ -21,6 +21,8 @@
 //! - **Decisions in flight**, recorded by the leader before it acts and
 //!   removed when done, so that a new leader neither repeats nor forgets
 //!   them.
+//! - **The placement rules** as last set through the API (fenced like
+//!   every leader write), so that a new leader places by them too.
 //!
 //! The logic is written once over the [`kv::KvBackend`] seam (etcd's v3
 //! data model); [`memory::MemoryKv`] is the embedded default, `EtcdKv`
@@ -31,7 +33,7 @@
 //! use std::time::Duration;
 //! use ferry_scheduler::store::ClusterStore;
 //! let store = ClusterStore::in_memory();
-//! let me = store.campaign("sched-a", Duration::from_secs(5))?.expect("nobody else leads");
+//! let me = store.campaign("sched-a", Duration::from_secs(5))?.expect("nobody else leads").claim;
 //! let _a = store.join("host-a", Duration::from_secs(5))?;
 //! let _b = store.join("host-b", Duration::from_secs(5))?;
 //! let rec = store.start(&me, "web", "host-a")?;
@@ -50,6 +52,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::plan::rules::Rule;
 
 use kv::{Compare, KvBackend, KvEntry, KvError, KvOp, LeaseId, Revision};
 
@@ -126,14 +130,27 @@ pub struct HostStatus {
     pub alive: bool,
 }
 
-/// Proof of leadership: the fencing token every leader write carries.
+/// What every leader write carries: the leader's name and its fencing
+/// token. A write under a claim fails once another leader was elected (a
+/// deposed leader's writes fail). The leader holds it in its
+/// [`Leadership`]; an agent making a write the leader asked for (the
+/// ownership swap of a migration the leader ordered) holds the claim
+/// alone, without the leader's lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Leadership {
+pub struct LeaderClaim {
     /// The candidate's name.
     pub candidate: String,
     /// The fencing token (the leader key's create revision; grows with
     /// every new leader).
     pub token: Revision,
+}
+
+/// A leadership this process holds: its claim and the lease that keeps
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leadership {
+    /// What the leader's writes carry.
+    pub claim: LeaderClaim,
     /// The lease the leader key is attached to.
     pub lease: LeaseId,
     /// Its TTL as granted.
@@ -350,7 +367,10 @@ impl ClusterStore {
     fn decision_key(&self, id: &str) -> String {
         format!("{}decisions/{id}", self.prefix)
     }
-    fn fence(&self, l: &Leadership) -> Compare {
+    fn rules_key(&self) -> String {
+        format!("{}rules", self.prefix)
+    }
+    fn fence(&self, l: &LeaderClaim) -> Compare {
         Compare::CreateRevision(self.leader_key(), l.token)
     }
 
@@ -385,7 +405,7 @@ impl ClusterStore {
     /// [`StoreError::HostDead`] if `host` is not alive.
     pub fn start(
         &self,
-        leader: &Leadership,
+        leader: &LeaderClaim,
         vm: &str,
         host: &str,
     ) -> Result<OwnerRecord, StoreError> {
@@ -413,7 +433,7 @@ impl ClusterStore {
     /// `current` was read, [`StoreError::HostDead`] when `to` is not alive.
     pub fn migrate(
         &self,
-        leader: &Leadership,
+        leader: &LeaderClaim,
         current: &OwnerRecord,
         to: &str,
     ) -> Result<OwnerRecord, StoreError> {
@@ -425,7 +445,7 @@ impl ClusterStore {
     /// the owner's lease is alive.
     pub fn restart(
         &self,
-        leader: &Leadership,
+        leader: &LeaderClaim,
         current: &OwnerRecord,
         to: &str,
     ) -> Result<OwnerRecord, StoreError> {
@@ -524,7 +544,7 @@ impl ClusterStore {
 
     fn transfer(
         &self,
-        leader: &Leadership,
+        leader: &LeaderClaim,
         current: &OwnerRecord,
         to: &str,
         how: Transition,
@@ -552,7 +572,7 @@ impl ClusterStore {
     }
 
     /// Removes the VM's record (it was deleted), if unchanged.
-    pub fn remove(&self, leader: &Leadership, current: &OwnerRecord) -> Result<(), StoreError> {
+    pub fn remove(&self, leader: &LeaderClaim, current: &OwnerRecord) -> Result<(), StoreError> {
         check_name(&current.vm)?;
         let when = [
             self.fence(leader),
@@ -569,7 +589,7 @@ impl ClusterStore {
 
     fn swap(
         &self,
-        leader: Option<&Leadership>,
+        leader: Option<&LeaderClaim>,
         when: &[Compare],
         mut next: OwnerRecord,
         current: Option<&OwnerRecord>,
@@ -594,7 +614,7 @@ impl ClusterStore {
     /// name a later cause, never a wrong kind of failure).
     fn why_failed(
         &self,
-        leader: Option<&Leadership>,
+        leader: Option<&LeaderClaim>,
         vm: &str,
         to: Option<&str>,
         restart_from: Option<&str>,
@@ -732,8 +752,10 @@ impl ClusterStore {
             return Ok(None);
         }
         Ok(Some(Leadership {
-            candidate: candidate.to_owned(),
-            token: out.revision,
+            claim: LeaderClaim {
+                candidate: candidate.to_owned(),
+                token: out.revision,
+            },
             lease,
             ttl,
         }))
@@ -743,12 +765,12 @@ impl ClusterStore {
     /// or another leads.
     pub fn keep_leading(&self, l: &Leadership, within: Duration) -> Result<(), StoreError> {
         let alive = self.kv.keep_alive(l.lease, within)?.is_some();
-        if alive && self.leader()?.is_some_and(|now| now.token == l.token) {
+        if alive && self.leader()?.is_some_and(|now| now.token == l.claim.token) {
             return Ok(());
         }
         Err(StoreError::NotLeader {
-            candidate: l.candidate.clone(),
-            token: l.token,
+            candidate: l.claim.candidate.clone(),
+            token: l.claim.token,
         })
     }
 
@@ -777,7 +799,7 @@ impl ClusterStore {
     /// evacuation on.
     pub fn set_maintenance(
         &self,
-        leader: &Leadership,
+        leader: &LeaderClaim,
         host: &str,
         on: bool,
     ) -> Result<(), StoreError> {
@@ -812,11 +834,39 @@ impl ClusterStore {
             .collect())
     }
 
+    // ---- placement rules ----
+
+    /// Replaces the placement rules every leader places by (fenced: a
+    /// deposed leader's rules do not land).
+    pub fn set_rules(&self, leader: &LeaderClaim, rules: &[Rule]) -> Result<(), StoreError> {
+        let ops = [KvOp::Put {
+            key: self.rules_key(),
+            value: json(&rules),
+            lease: 0,
+        }];
+        if self.kv.txn(&[self.fence(leader)], &ops)?.succeeded {
+            return Ok(());
+        }
+        Err(StoreError::NotLeader {
+            candidate: leader.candidate.clone(),
+            token: leader.token,
+        })
+    }
+
+    /// The placement rules last set, `None` when none were ever set (the
+    /// daemons' configured rules stand).
+    pub fn rules(&self) -> Result<Option<Vec<Rule>>, StoreError> {
+        self.kv
+            .get(&self.rules_key())?
+            .map(|e| parse(&e))
+            .transpose()
+    }
+
     // ---- decisions in flight ----
 
     /// Records a decision before acting on it (fenced; a second record
     /// under the same id fails with [`StoreError::DuplicateDecision`]).
-    pub fn record_decision(&self, leader: &Leadership, d: &Decision) -> Result<(), StoreError> {
+    pub fn record_decision(&self, leader: &LeaderClaim, d: &Decision) -> Result<(), StoreError> {
         check_name(&d.id)?;
         let key = self.decision_key(&d.id);
         let when = [self.fence(leader), Compare::CreateRevision(key.clone(), 0)];
@@ -838,7 +888,7 @@ impl ClusterStore {
     }
 
     /// Removes a decision once carried out (or abandoned), fenced.
-    pub fn finish_decision(&self, leader: &Leadership, id: &str) -> Result<(), StoreError> {
+    pub fn finish_decision(&self, leader: &LeaderClaim, id: &str) -> Result<(), StoreError> {
         check_name(id)?;
         let ops = [KvOp::Delete {
             key: self.decision_key(id),
