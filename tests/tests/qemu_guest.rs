@@ -56,7 +56,9 @@ fn workload_guest_runs_in_qemu() {
 /// With `-smp 2` the guest's BSP wakes the second vCPU itself (INIT/SIPI
 /// into its real-mode entry, vm/guest/GUEST.md: QEMU's firmware leaves the
 /// APs parked), and each vCPU runs its own loop: both heartbeats rise.
-/// With `hz`, the BSP also takes its timer ticks.
+/// The guest numbers the vCPUs by APIC ID (both check in: bits 0 and 1 of
+/// 0xD0). With `hz`, the BSP takes the timer ticks and passes each on to
+/// the AP as an IPI, and both vCPUs halt between ticks (vm/guest/GUEST.md).
 fn two_vcpus_run_a_loop_each_in_qemu(test: &str, hz: u64) {
     if let Some(why) = qemu_unavailable() {
         assert!(
@@ -78,30 +80,56 @@ fn two_vcpus_run_a_loop_each_in_qemu(test: &str, hz: u64) {
     let mut q = QemuGuest::start(test, &cfg, dir.path()).unwrap();
     q.wait_running(1, Duration::from_secs(120)).unwrap();
     // 0xB0: loops running; 0x10 and 0x200: the heartbeats of vCPU 0 and 1;
-    // 0xB8: timer ticks.
+    // 0xB8: timer ticks; 0xC8 and 0x238: the halts of vCPU 0 and 1; 0xD0:
+    // vCPUs checked in.
     let read = |q: &mut QemuGuest| {
-        let cpus = q.qmp.read_phys_u64(0x10B0, 2).unwrap();
+        let w = q.qmp.read_phys_u64(0x10B0, 6).unwrap();
         let hb0 = q.qmp.read_phys_u64(0x1010, 1).unwrap()[0];
-        let hb1 = q.qmp.read_phys_u64(0x1200, 1).unwrap()[0];
-        let errors =
-            q.qmp.read_phys_u64(0x1070, 1).unwrap()[0] + q.qmp.read_phys_u64(0x1220, 1).unwrap()[0];
-        (cpus[0], hb0, hb1, cpus[1], errors)
+        let cpu1 = q.qmp.read_phys_u64(0x1200, 8).unwrap();
+        let errors = q.qmp.read_phys_u64(0x1070, 1).unwrap()[0] + cpu1[4];
+        Sample {
+            loops: w[0],
+            ticks: w[1],
+            online: w[4],
+            heartbeats: [hb0, cpu1[0]],
+            halts: [w[3], cpu1[7]],
+            errors,
+        }
     };
-    let (loops, hb0, hb1, ticks, _) = read(&mut q);
-    assert_eq!(loops, 2, "the guest runs {loops} loop(s) under QEMU -smp 2");
+    let a = read(&mut q);
+    assert_eq!(
+        a.loops, 2,
+        "the guest runs {} loop(s) under QEMU -smp 2",
+        a.loops
+    );
+    assert_eq!(a.online, 0b11, "vCPUs checked in: {:#b}", a.online);
     let start = Instant::now();
     loop {
-        let (_, now0, now1, now_ticks, errors) = read(&mut q);
-        assert_eq!(errors, 0, "verify_errors under QEMU");
-        if now0 > hb0 + 50 && now1 > hb1 + 50 && (hz == 0 || now_ticks > ticks + 50) {
+        let b = read(&mut q);
+        assert_eq!(b.errors, 0, "verify_errors under QEMU");
+        let beating = (0..2).all(|i| b.heartbeats[i] > a.heartbeats[i] + 50);
+        let ticking =
+            hz == 0 || (b.ticks > a.ticks + 50 && (0..2).all(|i| b.halts[i] > a.halts[i] + 20));
+        if beating && ticking {
             break;
         }
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "stuck: heartbeats {hb0}/{hb1} -> {now0}/{now1}, ticks {ticks} -> {now_ticks}"
+            "stuck: {a:?} -> {b:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// What `two_vcpus_run_a_loop_each_in_qemu` reads of the status block.
+#[derive(Debug)]
+struct Sample {
+    loops: u64,
+    ticks: u64,
+    online: u64,
+    heartbeats: [u64; 2],
+    halts: [u64; 2],
+    errors: u64,
 }
 
 #[test]

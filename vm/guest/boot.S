@@ -15,7 +15,7 @@
 #define AP_MAGIC   0x46455241      /* EAX of a vCPU the VMM starts as an AP ("FERA") */
 #define KSTACK     4096            /* per-CPU ring-0 stack (exceptions only) */
 #define USTACK     16384           /* per-CPU ring-3 stack */
-#define IDT_VECS   48              /* 32 exceptions, then the 16 PIC IRQs at 0x20 */
+#define IDT_VECS   64              /* 32 exceptions, the 16 PIC IRQs at 0x20, 16 LAPIC vectors at 0x30 */
 #define ST_TICKS   0xB8            /* status block: timer ticks (vm/guest/GUEST.md) */
 #define ST_HZ      0xC0            /* status block: the rate the PIT runs at */
 #define PIT_HZ     1193182         /* the 8254's input clock */
@@ -23,6 +23,10 @@
 #define SYS_TIMER_START 1          /* ring-3 service (ud2, RAX): program PIC + PIT, RDI = hz */
 #define SYS_HALT        2          /* ring-3 service: hlt unless ticks != RDI */
 #define SYS_IPI         3          /* ring-3 service: write the LAPIC's ICR (low) with RDI */
+#define SYS_AP_TIMER    4          /* ring-3 service (an AP): take the tick IPI, interrupts on */
+#define TICK_VECTOR  0x30          /* the IPI the BSP's timer interrupt sends every AP */
+#define SPURIOUS     0x3F          /* the LAPICs' spurious vector */
+#define LAPIC_SVR  (0x100 | SPURIOUS) /* software-enabled */
 #define TRAMPOLINE 0x7000          /* where the BSP copies the AP real-mode entry (SIPI vector 7) */
 
         .section .multiboot, "a"
@@ -172,8 +176,14 @@ enter_long_mode:
  */
 ap_start32:
         kvmclock_off
-        movl    $1, %ebx
-        lock xaddl %ebx, ap_next       /* EBX = this CPU's index */
+        /* This CPU's index is its (initial) APIC ID, CPUID.1:EBX[31:24]:
+         * ferry gives KVM vCPU i APIC ID i, QEMU -smp N numbers its CPUs
+         * 0..N-1, so status slot i is vCPU i (vm/guest/GUEST.md). */
+        movl    $1, %eax
+        cpuid
+        shrl    $24, %ebx              /* EBX = this CPU's index */
+        testl   %ebx, %ebx
+        jz      ap_park                /* APIC ID 0 is the BSP's */
         cmpl    $MAX_CPUS, %ebx
         jae     ap_park
 1:
@@ -181,7 +191,7 @@ ap_start32:
         cmpl    $0, pt_ready
         je      1b
         jmp     enter_long_mode
-ap_park:                               /* more CPUs than the guest supports */
+ap_park:                               /* an APIC ID the guest has no slot for */
         hlt
         jmp     ap_park
 
@@ -280,6 +290,9 @@ _start64:
         movq    $idt + 0x20 * 16, %rdi
         movq    $timer_irq, %rsi
         call    set_gate
+        movq    $idt + SPURIOUS * 16, %rdi
+        movq    $spurious_irq, %rsi
+        call    set_gate
         movl    $1, idt_ready
         lidt    idt_ptr
 
@@ -333,6 +346,8 @@ service:
         je      sys_halt
         cmpq    $SYS_IPI, %rax
         je      sys_ipi
+        cmpq    $SYS_AP_TIMER, %rax
+        je      sys_ap_timer
         cmpq    $SYS_TIMER_START, %rax
         je      sys_timer_start
         pushq   $6                     /* a real #UD: fatal */
@@ -353,6 +368,16 @@ sys_ipi:
         movl    %edi, 0x300(%rcx)      /* ICR low: sends the IPI */
         popq    %rcx
         iretq
+/* An AP in timer mode: software-enable its local APIC so the BSP's tick
+ * IPIs reach it, and go on in ring 3 with interrupts on. */
+sys_ap_timer:
+        addq    $2, (%rsp)
+        pushq   %rcx
+        movl    $LAPIC, %ecx
+        movl    $LAPIC_SVR, 0xF0(%rcx)
+        popq    %rcx
+        orq     $0x200, 16(%rsp)
+        iretq
 sys_timer_start:
         addq    $2, (%rsp)
         pushq   %rdx
@@ -361,7 +386,7 @@ sys_timer_start:
         /* Local APIC: software-enabled, LINT0 = ExtINT (the PIC's virtual
          * wire, as firmware leaves it), so the PIC's interrupts reach this CPU. */
         movl    $LAPIC, %ecx
-        movl    $0x1FF, 0xF0(%rcx)
+        movl    $LAPIC_SVR, 0xF0(%rcx)
         movl    $0x700, 0x350(%rcx)
         /* PICs: ICW1 edge + ICW4, vectors 0x20 / 0x28, cascade on IRQ 2,
          * 8086 mode; mask everything but IRQ 0. */
@@ -398,13 +423,35 @@ sys_timer_start:
         orq     $0x200, 16(%rsp)       /* ring 3 goes on with interrupts on */
         iretq
 
-/* IRQ 0: one more tick; end of interrupt to the master PIC. */
+/* IRQ 0: one more tick; end of interrupt to the master PIC; then, once
+ * APs take part (tick_ipi), the tick IPI to every other CPU, so an AP
+ * halted until the next tick wakes (vm/guest/GUEST.md). */
 timer_irq:
         pushq   %rax
         lock incq STATUS + ST_TICKS
         movb    $0x20, %al
         outb    %al, $0x20
+        cmpl    $0, tick_ipi
+        je      1f
+        pushq   %rcx
+        movl    $LAPIC, %ecx           /* zero-extended: 0xFEE00000 */
+        movl    $0x000C0000 | TICK_VECTOR, 0x300(%rcx) /* ICR: fixed, all excluding self */
+        popq    %rcx
+1:
         popq    %rax
+        iretq
+
+/* The tick IPI (an AP) and any other LAPIC vector: end of interrupt to the
+ * local APIC. The AP's clock is the BSP's tick count: nothing else to do. */
+lapic_irq:
+        pushq   %rcx
+        movl    $LAPIC, %ecx
+        movl    $0, 0xB0(%rcx)         /* EOI */
+        popq    %rcx
+        iretq
+
+/* The LAPIC's spurious vector: no end of interrupt. */
+spurious_irq:
         iretq
 
 /* Any other IRQ (all masked: spurious): end of interrupt, ignore it. */
@@ -426,9 +473,13 @@ vec_stubs:
         jmp     fatal
         .set vec, vec + 1
         .endr
-        .rept IDT_VECS - 32
+        .rept 16                       /* 0x20-0x2F: the PICs' IRQs */
         .align 16
         jmp     other_irq
+        .endr
+        .rept IDT_VECS - 48            /* 0x30-0x3F: LAPIC vectors */
+        .align 16
+        jmp     lapic_irq
         .endr
 fatal:
         popq    %rax                   /* vector */
@@ -479,8 +530,9 @@ pt_ready:
         .long   0
 idt_ready:
         .long   0
-ap_next:
-        .long   1
+        .globl  tick_ipi
+tick_ipi:                              /* nonzero: timer_irq sends APs the tick IPI */
+        .long   0
         .globl  vmm_starts_aps
 vmm_starts_aps:
         .long   0

@@ -9,9 +9,10 @@
  *         arithmetic say must be there
  * cpus:   one dirty loop per vCPU over its own share of the working set
  *         (vm/guest/GUEST.md); vCPU 0 is the BSP, the others arrive through
- *         guest_ap_main
- * hz:     timer mode: the PIT interrupts the BSP hz times a second, the
- *         ticks are the guest's clock, and the BSP halts between them
+ *         guest_ap_main, numbered by APIC ID; `rates` paces each loop apart
+ * hz:     timer mode: the PIT interrupts the BSP hz times a second, the BSP
+ *         passes each tick on to the APs as an IPI, the ticks are the
+ *         guest's clock, and every vCPU halts between them
  * memory: RAM below 4 GiB (mem_upper) and, from the multiboot memory map,
  *         RAM above the 3-4 GiB hole; pages are numbered across both
  *         (vm/guest/GUEST.md)
@@ -39,15 +40,21 @@ enum {
     /* vm/guest/GUEST.md, timer mode: ticks taken, the rate asked of the PIT,
      * halts (BSP) */
     ST_TICKS = 0xB8 / 8, ST_HZ = 0xC0 / 8, ST_HALTS = 0xC8 / 8,
+    /* vm/guest/GUEST.md: vCPUs checked in (bit i: APIC ID i), halts of the
+     * vCPUs running no loop (timer mode) */
+    ST_ONLINE_MASK = 0xD0 / 8, ST_IDLE_HALTS = 0xD8 / 8,
     /* vm/guest/GUEST.md: the RAM ranges in use, [start, end) each */
     ST_RAM_RANGES = 0x180 / 8, ST_RAM = 0x188 / 8,
 };
 
 /* ring-3 services (boot.S): `ud2` with the function in RAX */
-enum { SYS_TIMER_START = 1, SYS_HALT = 2, SYS_IPI = 3 };
+enum { SYS_TIMER_START = 1, SYS_HALT = 2, SYS_IPI = 3, SYS_AP_TIMER = 4 };
 /* boot.S: whether the VMM started the APs itself (ferry); the AP real-mode
  * entry the BSP copies below 1 MiB otherwise (QEMU) */
 extern volatile u32 vmm_starts_aps;
+/* boot.S: nonzero once the BSP's timer interrupt passes each tick on to the
+ * APs (an IPI, vector 0x30) */
+extern volatile u32 tick_ipi;
 extern const u8 ap_trampoline[], ap_trampoline_end[];
 #define TRAMPOLINE 0x7000UL
 #define MIN_HZ 19       /* the PIT's 16-bit divisor: 1193182 / 19 < 65536 */
@@ -58,8 +65,8 @@ extern const u8 ap_trampoline[], ap_trampoline_end[];
 #define CPU_ENTRY  0x40UL
 /* one vCPU's counters; vCPU 0 keeps the shared GUEST.md offsets */
 enum { C_HEARTBEAT, C_DIRTIED, C_PASSES, C_VERIFIED, C_VERIFY_ERRORS, C_FIRST_BAD,
-       C_PASS_POS, C_FIELDS };
-static const u64 cpu0_field[C_FIELDS] = { 0x10, 0x18, 0x20, 0x60, 0x70, 0x78, 0xA0 };
+       C_PASS_POS, C_HALTS, C_FIELDS };
+static const u64 cpu0_field[C_FIELDS] = { 0x10, 0x18, 0x20, 0x60, 0x70, 0x78, 0xA0, 0xC8 };
 
 enum { PHASE_BOOT = 0, PHASE_FILLING = 1, PHASE_RUNNING = 2, PHASE_FATAL = 0xDEAD };
 enum { FILL_NONE = 0, FILL_RANDOM = 1, FILL_MIX = 2 };
@@ -138,6 +145,8 @@ struct params {
     u64 mix_text;    /* fill=mix: percent of pages that are text-like */
     u64 cpus;        /* vCPUs to wait for (up to 2 s) before the loops start */
     u64 hz;          /* timer mode: PIT interrupts per second; 0 off */
+    u64 rates[MAX_CPUS]; /* `rates`: each loop's own pages/s */
+    u64 nrates;      /* how many `rates` gave; 0: loops split `rate` */
 };
 
 static int streq(const char *a, const char *b, u64 n)
@@ -207,6 +216,19 @@ static void parse_cmdline(const char *c, struct params *p)
             ok = parse_num(val, vlen, 1, &p->verify);
         } else if (streq(key, "cpus", klen)) {
             ok = parse_num(val, vlen, 1, &p->cpus) && p->cpus >= 1;
+        } else if (streq(key, "rates", klen)) {
+            /* rates=R0,R1,...: loop i dirties Ri pages/s (vm/guest/GUEST.md) */
+            p->nrates = 0;
+            u64 at = 0;
+            while (ok && at < vlen) {
+                u64 end = at;
+                while (end < vlen && val[end] != ',') end++;
+                ok = p->nrates < MAX_CPUS && parse_num(val + at, end - at, 1, &p->rates[p->nrates]);
+                p->nrates++;
+                at = end + 1;
+                if (end + 1 == vlen) ok = 0; /* a trailing comma */
+            }
+            if (vlen == 0) ok = 0;
         } else if (streq(key, "hz", klen)) {
             ok = parse_num(val, vlen, 1, &p->hz)
                  && (p->hz == 0 || (p->hz >= MIN_HZ && p->hz <= MAX_HZ));
@@ -234,7 +256,8 @@ struct share {
     u64 first, pages;          /* working-set pages [first, first + pages) */
     u64 stride, stride_inv;    /* walk order within the share */
     u64 rest_first, rest_pages; /* pages past the working set it verifies */
-    u64 rate;                  /* its part of `rate` */
+    u64 rate;                  /* its part of `rate`, or its `rates` entry */
+    int rate_max;              /* unpaced (`rate=max`) */
 };
 
 /* ---- fill=mix: memory like a real guest's (vm/guest/GUEST.md) ---- */
@@ -332,6 +355,7 @@ static void fill_page(u64 page_addr)
 static struct share shares[MAX_CPUS];
 static struct params prm;
 static volatile u64 cpus_online = 1; /* the BSP, then each AP as it arrives */
+static volatile u64 online_mask = 1; /* bit i: the vCPU with APIC ID i checked in */
 static volatile u64 cpus_go;         /* loops to run; 0 until the BSP says go */
 
 /* where page p (index within the share) comes in a pass */
@@ -382,7 +406,7 @@ void guest_main(struct mb_info *mbi);
 
 void guest_main(struct mb_info *mbi)
 {
-    struct params p = { 0, 0, 0, 0, 1, FILL_RANDOM, 256, 40, 30, 1, 0 };
+    struct params p = { 0, 0, 0, 0, 1, FILL_RANDOM, 256, 40, 30, 1, 0, { 0 }, 0 };
     volatile u64 *st = STATUS;
     st[ST_PHASE] = PHASE_BOOT;
     st[ST_MAGIC] = MAGIC;
@@ -436,7 +460,9 @@ void guest_main(struct mb_info *mbi)
         }
     }
     if (!p.tsc_khz) {
-        if (p.rate && !p.rate_max && !p.hz) fatal(REASON_NO_TSC_KHZ);
+        u64 paced = p.rate && !p.rate_max;
+        for (u64 i = 0; i < p.nrates; i++) paced |= p.rates[i];
+        if (paced && !p.hz) fatal(REASON_NO_TSC_KHZ);
         p.tsc_khz = 1000000; /* only the heartbeat's millisecond depends on it */
     }
 
@@ -456,6 +482,7 @@ void guest_main(struct mb_info *mbi)
     st[ST_TICKS] = 0;
     st[ST_HZ] = 0;
     st[ST_HALTS] = 0;
+    st[ST_IDLE_HALTS] = 0;
 
     /* each RAM range: [BASE, low top), then above the hole if any */
     u64 range[2][2] = { { BASE, BASE + low_pages * PAGE },
@@ -525,8 +552,16 @@ static void wake_aps(void)
     send_ipi(0x000C4600 | (TRAMPOLINE >> 12));  /* SIPI again, as the MP spec says */
 }
 
-/* Waits (up to 2 s) for `cpus` vCPUs to check in, splits the work among
- * those that did, and lets the APs go. */
+/* vCPUs 0..n-1 (by APIC ID) all checked in: n */
+static u64 online_prefix(void)
+{
+    u64 m = online_mask, n = 0;
+    while (n < MAX_CPUS && (m >> n) & 1) n++;
+    return n;
+}
+
+/* Waits (up to 2 s) for vCPUs 0..cpus-1 to check in, splits the work among
+ * those of them that did (vCPU i runs loop i), and lets the APs go. */
 static void start_loops(u64 total_pages)
 {
     volatile u64 *st = STATUS;
@@ -534,9 +569,9 @@ static void start_loops(u64 total_pages)
     if (want > 1 && !vmm_starts_aps)
         wake_aps();
     u64 t0 = rdtsc();
-    while (cpus_online < want && rdtsc() - t0 < 2000 * prm.tsc_khz)
+    while (online_prefix() < want && rdtsc() - t0 < 2000 * prm.tsc_khz)
         __asm__ volatile("pause");
-    u64 n = cpus_online;
+    u64 n = online_prefix();
     if (n > want) n = want;
     u64 rest = total_pages - wss_pages;
     for (u64 i = 0; i < n; i++) {
@@ -550,25 +585,50 @@ static void start_loops(u64 total_pages)
         s->pages = part(wss_pages, i + 1, n) - s->first;
         s->rest_first = wss_pages + part(rest, i, n);
         s->rest_pages = wss_pages + part(rest, i + 1, n) - s->rest_first;
-        s->rate = part(prm.rate, i + 1, n) - part(prm.rate, i, n);
+        if (prm.nrates) {
+            s->rate = i < prm.nrates ? prm.rates[i] : 0;
+            s->rate_max = 0;
+        } else {
+            s->rate = part(prm.rate, i + 1, n) - part(prm.rate, i, n);
+            s->rate_max = prm.rate_max;
+        }
         set_walk(s);
     }
     st[ST_CPUS_ONLINE] = cpus_online;
+    st[ST_ONLINE_MASK] = online_mask;
     st[ST_CPUS] = n;
+    /* Timer mode: from now on every tick wakes the APs too */
+    if (prm.hz && cpus_online > 1)
+        tick_ipi = 1;
     __atomic_store_n(&cpus_go, n, __ATOMIC_RELEASE);
 }
 
-/* An AP in ring 3 (boot.S): check in, wait for the BSP, run its share. */
+static void halt_until_tick(u64 seen)
+{
+    __asm__ volatile("ud2" : : "a"((u64)SYS_HALT), "D"(seen) : "memory");
+}
+
+/* An AP in ring 3 (boot.S), `cpu` its APIC ID: check in, wait for the
+ * BSP, run loop `cpu` if there is one. */
 void guest_ap_main(u64 cpu)
 {
+    __atomic_fetch_or(&online_mask, 1UL << cpu, __ATOMIC_ACQ_REL);
     __atomic_fetch_add(&cpus_online, 1, __ATOMIC_ACQ_REL);
     u64 n;
     while ((n = __atomic_load_n(&cpus_go, __ATOMIC_ACQUIRE)) == 0)
         __asm__ volatile("pause");
+    if (prm.hz) /* take the BSP's tick IPIs from now on */
+        __asm__ volatile("ud2" : : "a"((u64)SYS_AP_TIMER) : "memory");
     if (cpu < n)
         run(&shares[cpu]);
-    for (;;) /* not needed: more vCPUs than `cpus` */
-        __asm__ volatile("pause");
+    for (;;) { /* not needed: more vCPUs than `cpus` */
+        if (prm.hz) {
+            halt_until_tick(STATUS[ST_TICKS]);
+            __atomic_fetch_add(&STATUS[ST_IDLE_HALTS], 1, __ATOMIC_RELAXED);
+        } else {
+            __asm__ volatile("pause");
+        }
+    }
 }
 
 /* The guest's clock: the TSC, or in timer mode the ticks (1000 units a
@@ -579,18 +639,15 @@ static inline u64 clock_now(void)
     return rdtsc();
 }
 
-/* Nothing to do until the clock moves on from `now`: the BSP halts until
- * the next tick (ring 0 checks the ticks again with interrupts off, so a
- * tick that came meanwhile is not waited for); an AP, which the PIC does
- * not interrupt, spins. */
+/* Timer mode, nothing to do until the clock moves on from `now`: halt
+ * until the next tick (ring 0 checks the ticks again with interrupts off,
+ * so a tick that came meanwhile is not waited for). The BSP wakes on the
+ * PIT's interrupt, an AP on the tick IPI the BSP sends it after counting
+ * the tick. */
 static void idle(const struct share *s, u64 now)
 {
-    if (s == &shares[0]) {
-        __asm__ volatile("ud2" : : "a"((u64)SYS_HALT), "D"(now / 1000) : "memory");
-        STATUS[ST_HALTS] += 1;
-    } else {
-        __asm__ volatile("pause");
-    }
+    halt_until_tick(now / 1000);
+    *s->f[C_HALTS] += 1;
 }
 
 /* The dirty loop and self-check of one vCPU, forever. */
@@ -618,13 +675,13 @@ static void run(struct share *s)
                 if (++vpage == verify_total) vpage = 0;
             }
         }
-        if ((!s->rate && !p->rate_max) || !s->pages) {
+        if ((!s->rate && !s->rate_max) || !s->pages) {
             if (p->hz) idle(s, now);
             continue;
         }
         /* pages allowed by now: rate * elapsed */
         u64 budget;
-        if (p->rate_max) {
+        if (s->rate_max) {
             budget = 64;
         } else {
             u64 el = now - start;

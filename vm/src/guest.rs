@@ -83,6 +83,9 @@ pub struct VcpuCounters {
     pub verify_errors: u64,
     /// Address of its first bad word.
     pub first_bad_addr: u64,
+    /// Timer mode: times it halted waiting for a tick (vCPU 0: 0xC8).
+    #[serde(default)]
+    pub halts: u64,
 }
 
 /// A snapshot of the status block (GUEST.md).
@@ -127,6 +130,13 @@ pub struct GuestStatus {
     /// Timer mode: times the BSP halted waiting for a tick (0xC8).
     #[serde(default)]
     pub halts: u64,
+    /// vCPUs checked in, bit `i` for the one with APIC ID `i` (0xD0; status
+    /// slot `i` is that vCPU's, which on ferry's VM is KVM vCPU `i`).
+    #[serde(default)]
+    pub online_mask: u64,
+    /// Timer mode: halts of the vCPUs that run no loop (0xD8).
+    #[serde(default)]
+    pub idle_halts: u64,
     /// RAM ranges the guest fills and dirties, `[start, end)` each (0x180:
     /// count, then pairs from 0x188; vm/guest/GUEST.md): from 2 MiB up to
     /// the top below 4 GiB, then RAM above the 3-4 GiB hole. 0 from a guest
@@ -185,6 +195,7 @@ impl GuestStatus {
             pages_verified: w[12],
             verify_errors: w[14],
             first_bad_addr: w[15],
+            halts: 0,
         };
         let mut entries = [VcpuCounters::default(); GUEST_MAX_CPUS];
         entries[0] = cpu0;
@@ -193,6 +204,8 @@ impl GuestStatus {
             ticks: 0,
             hz: 0,
             halts: 0,
+            online_mask: 0,
+            idle_halts: 0,
             ram_ranges: 0,
             ram: [(0, 0); 2],
             vcpu_table: VcpuTable { len: 1, entries },
@@ -224,6 +237,9 @@ impl GuestStatus {
         st.ticks = word(0xB8)?;
         st.hz = word(0xC0)?;
         st.halts = word(0xC8)?;
+        st.vcpu_table.entries[0].halts = st.halts;
+        st.online_mask = word(0xD0)?;
+        st.idle_halts = word(0xD8)?;
         st.ram_ranges = word(0x180)?.min(2);
         for (i, r) in st.ram.iter_mut().enumerate() {
             *r = (word(0x188 + 16 * i as u64)?, word(0x190 + 16 * i as u64)?);
@@ -239,6 +255,7 @@ impl GuestStatus {
                 pages_verified: word(base + 0x18)?,
                 verify_errors: word(base + 0x20)?,
                 first_bad_addr: word(base + 0x28)?,
+                halts: word(base + 0x38)?,
             };
         }
         Ok(st)
@@ -352,6 +369,10 @@ pub struct GuestParams {
     /// Timer mode: PIT interrupts per second (0 off; else
     /// [`GUEST_MIN_HZ`]..=[`GUEST_MAX_HZ`], vm/guest/GUEST.md).
     pub hz: u64,
+    /// Each loop's own pace, pages/s (`rates=R0,R1,...`, vm/guest/GUEST.md):
+    /// loop `i` dirties `rates[i]` (0 past the list) instead of its share
+    /// of `rate`; empty: the loops split `rate`.
+    pub rates: Vec<u64>,
 }
 
 /// Slowest timer the guest programs (the PIT's divisor is 16 bits).
@@ -370,6 +391,7 @@ impl Default for GuestParams {
             verify: 256,
             cpus: 1,
             hz: 0,
+            rates: Vec::new(),
         }
     }
 }
@@ -416,6 +438,22 @@ impl GuestParams {
                         return Err(format!("`cpus={val}`: want 1..={GUEST_MAX_CPUS}"));
                     }
                 }
+                "rates" => {
+                    p.rates = val
+                        .split(',')
+                        .map(|r| {
+                            parse_size(r, 1).ok_or_else(|| {
+                                format!("`rates={val}`: want pages/s per loop, e.g. `rates=8000,500`")
+                            })
+                        })
+                        .collect::<Result<_, _>>()?;
+                    if p.rates.len() > GUEST_MAX_CPUS {
+                        return Err(format!(
+                            "`rates={val}`: {} rates, at most {GUEST_MAX_CPUS} loops",
+                            p.rates.len()
+                        ));
+                    }
+                }
                 "hz" => {
                     p.hz = num(val)?;
                     if p.hz != 0 && !(GUEST_MIN_HZ..=GUEST_MAX_HZ).contains(&p.hz) {
@@ -426,7 +464,7 @@ impl GuestParams {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown guest parameter `{key}` (known: wss, rate, tsc_khz, seed, fill, mix_zero, mix_text, verify, cpus, hz)"
+                        "unknown guest parameter `{key}` (known: wss, rate, rates, tsc_khz, seed, fill, mix_zero, mix_text, verify, cpus, hz)"
                     ))
                 }
             }
@@ -471,6 +509,10 @@ impl GuestParams {
         if self.hz != 0 {
             s.push_str(&format!(" hz={}", self.hz));
         }
+        if !self.rates.is_empty() {
+            let rates: Vec<String> = self.rates.iter().map(u64::to_string).collect();
+            s.push_str(&format!(" rates={}", rates.join(",")));
+        }
         s
     }
 }
@@ -495,10 +537,12 @@ mod tests {
 
     #[test]
     fn params_round_trip() {
-        let p =
-            GuestParams::parse("wss=64 rate=20000 tsc_khz=2300000 seed=7 verify=0 cpus=2 hz=100")
-                .unwrap();
+        let p = GuestParams::parse(
+            "wss=64 rate=20000 tsc_khz=2300000 seed=7 verify=0 cpus=2 hz=100 rates=8000,0",
+        )
+        .unwrap();
         assert_eq!(p.cpus, 2);
+        assert_eq!(p.rates, [8000, 0]);
         assert_eq!(p.hz, 100);
         assert_eq!(p.wss_bytes, Some(64 << 20));
         assert_eq!(p.rate, Some(20000));
@@ -548,6 +592,11 @@ mod tests {
         assert!(GuestParams::parse("hz=18").is_err());
         assert!(GuestParams::parse("hz=10001").is_err());
         assert_eq!(GuestParams::parse("hz=0").unwrap().hz, 0);
+        for bad in ["rates=", "rates=1,", "rates=,1", "rates=fast", "rates=+1"] {
+            assert!(GuestParams::parse(bad).is_err(), "{bad}");
+        }
+        let seventeen = vec!["1"; GUEST_MAX_CPUS + 1].join(",");
+        assert!(GuestParams::parse(&format!("rates={seventeen}")).is_err());
     }
 
     #[test]

@@ -120,3 +120,55 @@ fn a_timer_guest_moved_to_another_vm_keeps_ticking_from_where_it_was() {
         after.ticks - before.ticks
     );
 }
+
+/// Every vCPU halts between ticks (vm/guest/GUEST.md, timer mode): the BSP
+/// on the PIT's interrupt, the APs on the tick IPI the BSP sends them after
+/// each tick, and an AP that runs no loop halts too. Three vCPUs, two
+/// loops: vCPUs 0 and 1 dirty, halt and keep their heartbeats; vCPU 2 only
+/// halts.
+#[test]
+fn every_vcpu_halts_between_ticks_and_the_aps_keep_dirtying() {
+    if !kvm_or_skip(module_path!()) {
+        return;
+    }
+    let vm = boot(64, &format!("rate=2000 wss=8 cpus=2 hz={HZ}"), 3);
+    let a = vm.status();
+    assert_eq!(a.cpus, 2, "{a}");
+    assert_eq!(a.online_mask, 0b111, "{a}");
+    let b = wait_for(&vm, "every vCPU halting and the loops dirtying", |s| {
+        s.ticks >= a.ticks + 50
+            && s.idle_halts > a.idle_halts + 20
+            && s.vcpus().iter().zip(a.vcpus()).all(|(now, then)| {
+                now.halts > then.halts + 20
+                    && now.pages_dirtied > then.pages_dirtied + 100
+                    && now.heartbeat > then.heartbeat
+            })
+    });
+    assert!(b.is_healthy(), "{b}");
+    // An AP halts at most once per tick it is woken by (plus the one it
+    // was halted in): it sleeps until the next tick, it does not spin.
+    for (i, (now, then)) in b.vcpus().iter().zip(a.vcpus()).enumerate() {
+        assert!(
+            now.halts - then.halts <= b.ticks - a.ticks + 1,
+            "vCPU {i}: {} halts over {} ticks",
+            now.halts - then.halts,
+            b.ticks - a.ticks
+        );
+    }
+    assert!(
+        b.idle_halts - a.idle_halts <= b.ticks - a.ticks + 1,
+        "the idle vCPU 2: {} halts over {} ticks",
+        b.idle_halts - a.idle_halts,
+        b.ticks - a.ticks
+    );
+    eprintln!(
+        "{} ticks: halts {:?}, idle vCPU {}",
+        b.ticks - a.ticks,
+        b.vcpus()
+            .iter()
+            .zip(a.vcpus())
+            .map(|(n, t)| n.halts - t.halts)
+            .collect::<Vec<_>>(),
+        b.idle_halts - a.idle_halts
+    );
+}
