@@ -5,7 +5,8 @@
 //! - kill -9 an agent: its VMs run again on the other hosts, each on
 //!   exactly one (every guest asked of every agent), by priority (the
 //!   high and medium ones get the room there is, the low one is refused
-//!   with the reason), each record moved by one restart.
+//!   with the reason), each record moved by one restart; the agent started
+//!   again with its old VM list boots only what it still owns.
 //! - kill -9 the leading daemon during a maintenance evacuation: the
 //!   follower leads and the evacuation completes exactly once (the VM on
 //!   one host, its record moved once); a rule set through the API before
@@ -41,6 +42,10 @@
 //! - a health provider (the command hook) saying `degraded`: the host's VM
 //!   leaves live (heartbeat going on, never on two hosts, its record moved
 //!   by one migration) and comes back live once the hook says `ok`.
+//!
+//! - a three-member etcd with the member first in everyone's endpoints
+//!   killed: no agent fences itself, the daemon keeps leading, and a
+//!   killed agent's VM still restarts on the other host, once.
 //!
 //! - a dead host with a fence command (cut off from etcd, its agent
 //!   alive): the fence is retried while it fails and the VM waits; once
@@ -149,7 +154,8 @@ struct Rig {
 }
 
 impl Rig {
-    fn new(test: &str, tag: &str) -> Result<Option<Self>> {
+    /// A rig on an etcd cluster of `members` members.
+    fn new(test: &str, tag: &str, members: usize) -> Result<Option<Self>> {
         if !kvm_or_skip(test) {
             return Ok(None);
         }
@@ -160,7 +166,7 @@ impl Rig {
         // take one in between; try again with new ones.
         let mut tries = 0;
         let etcd = loop {
-            match EtcdCluster::start(&bin, tag, 1) {
+            match EtcdCluster::start(&bin, tag, members) {
                 Ok(e) => break e,
                 Err(e) if tries < 2 => {
                     eprintln!("etcd did not start ({e:#}); again on other ports");
@@ -460,10 +466,16 @@ impl Rig {
     }
 }
 
-/// Runs `body` on a fresh rig (skipping loudly without KVM or etcd); a
-/// failure panics with the daemons' and agents' logs.
+/// Runs `body` on a fresh rig on a one-member etcd (skipping loudly
+/// without KVM or etcd); a failure panics with the daemons' and agents'
+/// logs.
 fn run(test: &str, tag: &str, body: fn(&mut Rig) -> Result<()>) {
-    let Some(mut rig) = Rig::new(test, tag).unwrap() else {
+    run_on_etcd_of(1, test, tag, body);
+}
+
+/// [`run`] on an etcd cluster of `members` members.
+fn run_on_etcd_of(members: usize, test: &str, tag: &str, body: fn(&mut Rig) -> Result<()>) {
+    let Some(mut rig) = Rig::new(test, tag, members).unwrap() else {
         return;
     };
     if let Err(e) = body(&mut rig) {
@@ -609,6 +621,26 @@ fn killed_agent(rig: &mut Rig) -> Result<()> {
     ] {
         if !metrics.lines().any(|l| l == line) {
             bail!("no {line:?} in the metrics:\n{metrics}");
+        }
+    }
+
+    // h1 comes back with its old `--vm` list: it boots batch (still its
+    // own) and not web (its record names h2), and says why.
+    rig.agents.retain(|a| a.host != "h1");
+    let endpoints = rig.endpoints();
+    rig.agent_with(
+        "h1",
+        &["batch:64"],
+        &endpoints,
+        &["--vm", "web:64", "--vm", "db:64"],
+    )?;
+    let log = std::fs::read_to_string(rig.dir.path().join("agent-h1.log"))?;
+    for vm in ["web", "db"] {
+        if held(rig, "h1", vm)?.is_some() || rig.running_on(vm).len() != 1 {
+            bail!("h1 back booted {vm}: it runs on {:?}", rig.running_on(vm));
+        }
+        if !log.contains(&format!("not starting VM {vm}: it is not ours")) {
+            bail!("h1 back did not say why it does not start {vm}");
         }
     }
     Ok(())
@@ -1264,6 +1296,42 @@ fn cut_off_agent(rig: &mut Rig) -> Result<()> {
             "after h1 came back: {rec2:?}, web on {:?}",
             rig.running_on("web")
         );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_three_member_etcd_with_a_member_stopped_keeps_the_cluster_working() {
+    run_on_etcd_of(
+        3,
+        "a_three_member_etcd_with_a_member_stopped",
+        "ha-three",
+        member_stopped,
+    );
+}
+
+/// Agents and the daemon on a three-member etcd (every endpoint given);
+/// the member first in their lists is killed: the agents keep their
+/// leases (none fences itself), the daemon keeps leading, and the death
+/// of a host is still handled (its VM restarts on the other, once).
+fn member_stopped(rig: &mut Rig) -> Result<()> {
+    let Mover { api, epoch, .. } = rig.mover_on_h1()?;
+    rig.etcd.members[0].kill();
+    rig.etcd.wait_healthy(Duration::from_secs(30))?;
+
+    kill_agent(rig, "h1");
+    runs_alone_on(rig, "mover", "h2", || {})?;
+    rig.check_alive("h2", "mover", 0)?;
+    let rec = rig.record(api, "mover").context("record")?;
+    if rec.host != "h2" || rec.epoch != epoch + 1 || rec.last != Transition::Restart {
+        bail!("mover's record did not move to h2 by one restart: {rec:?} (was epoch {epoch})");
+    }
+    let fences = ureq_text(rig.agent_addr("h2"), "/metrics")?;
+    if !fences.lines().any(|l| l == "ferry_agent_fences_total 0") {
+        bail!("h2 fenced itself with two etcd members of three up:\n{fences}");
+    }
+    if leader_of(api).as_deref() != Some("d1") {
+        bail!("d1 no longer leads: {:?}", leader_of(api));
     }
     Ok(())
 }
