@@ -394,12 +394,6 @@ pub struct HostIndex {
 }
 
 impl HostIndex {
-    fn insert(&mut self, cap: f64, h: HostId, est: f64) {
-        let k = Key(-est);
-        self.running.entry(Key(cap)).or_default().insert((k, h));
-        self.key[h] = Some(k);
-    }
-
     fn update(&mut self, cap: f64, h: HostId, est: f64) {
         if let Some(old) = self.key[h] {
             let set = self.running.get_mut(&Key(cap)).expect("indexed");
@@ -407,15 +401,6 @@ impl HostIndex {
             let k = Key(-est);
             set.insert((k, h));
             self.key[h] = Some(k);
-        }
-    }
-
-    fn insert_mem(&mut self, mem: f64, h: HostId, free: f64) {
-        let k = Key(free);
-        self.by_mem.entry(Key(mem)).or_default().insert((k, h));
-        self.mem_key[h] = Some(k);
-        for &(s, _) in &self.swap_count[h] {
-            self.swap[s].insert((k, h));
         }
     }
 
@@ -523,6 +508,13 @@ struct Round<'a, V: ClusterView> {
     at: Vec<Option<HostId>>,
     /// Where each VM was when the round started.
     home: Vec<Option<HostId>>,
+    /// Per placed VM, read once: (not migrating, not moved within the
+    /// minimum interval) ([`Round::movable`]).
+    calm: Vec<(bool, bool)>,
+    /// Each VM's memory (MB), read once.
+    mem: Vec<f64>,
+    /// Each VM's size (MIPS), read once.
+    cpu: Vec<f64>,
     /// Strict memory, swaps: the size index (into `mem_sizes`) of each VM
     /// a swap may move (movable, no rule mentions it), else `None`.
     swap_size: Vec<Option<usize>>,
@@ -566,16 +558,35 @@ impl<'a, V: ClusterView> Round<'a, V> {
             .collect();
         for h in 0..n {
             for &v in &on[h] {
-                let now = view.vm_now(v);
-                let size = view.vm_cpu(v);
-                est[v] = view.vm_peak(v, p.window_s).max(now);
-                est_long[v] = view.vm_peak(v, long_window).max(now);
-                host_est[h] += est[v].min(size);
-                host_est_long[h] += est_long[v].min(size);
-                ram[h] += view.vm_mem(v);
                 at[v] = Some(h);
             }
             running[h] = !on[h].is_empty();
+        }
+        // Each placed VM's figures read in id order (the view's VMs one
+        // after the other, not scattered host by host), then summed per
+        // host in the host's order.
+        let mem: Vec<f64> = (0..m).map(|v| view.vm_mem(v)).collect();
+        let cpu: Vec<f64> = (0..m).map(|v| view.vm_cpu(v)).collect();
+        let mut calm = vec![(false, false); m];
+        for v in 0..m {
+            if at[v].is_none() {
+                continue;
+            }
+            let now = view.vm_now(v);
+            est[v] = view.vm_peak(v, p.window_s).max(now);
+            est_long[v] = view.vm_peak(v, long_window).max(now);
+            calm[v] = (
+                !view.vm_busy(v),
+                view.vm_last_moved(v)
+                    .is_none_or(|t| view.now() - t >= p.limits.min_move_interval_s),
+            );
+        }
+        for h in 0..n {
+            for &v in &on[h] {
+                host_est[h] += est[v].min(cpu[v]);
+                host_est_long[h] += est_long[v].min(cpu[v]);
+                ram[h] += mem[v];
+            }
         }
         let busy = (0..n).map(|h| view.host_migrations(h)).collect();
         Self {
@@ -594,6 +605,9 @@ impl<'a, V: ClusterView> Round<'a, V> {
             skip: vec![false; n],
             donor: None,
             home: at.clone(),
+            calm,
+            mem,
+            cpu,
             at,
             swap_size: Vec::new(),
             leaving: vec![false; n],
@@ -612,6 +626,14 @@ impl<'a, V: ClusterView> Round<'a, V> {
         }
     }
 
+    fn vm_mem(&self, v: VmId) -> f64 {
+        self.mem[v]
+    }
+
+    fn vm_cpu(&self, v: VmId) -> f64 {
+        self.cpu[v]
+    }
+
     fn cap(&self, h: HostId) -> f64 {
         self.view.host_cpu(h)
     }
@@ -621,7 +643,7 @@ impl<'a, V: ClusterView> Round<'a, V> {
         let by_mem = self.view.strict_memory();
         if by_mem {
             self.mem_sizes = (0..self.view.vm_count())
-                .map(|v| Key(self.view.vm_mem(v)))
+                .map(|v| Key(self.vm_mem(v)))
                 .collect::<BTreeSet<Key>>()
                 .into_iter()
                 .map(|k| k.0)
@@ -635,7 +657,7 @@ impl<'a, V: ClusterView> Round<'a, V> {
                         && self.movable(v, false)
                         && (self.rules.is_empty() || !self.rules.mentions(v));
                     movable.then(|| {
-                        let m = self.view.vm_mem(v);
+                        let m = self.vm_mem(v);
                         self.mem_sizes.partition_point(|&x| x < m)
                     })
                 })
@@ -646,21 +668,49 @@ impl<'a, V: ClusterView> Round<'a, V> {
                 }
             }
         }
+        // The entries gathered first and each set built at once from them
+        // (sorted, then laid out in one pass): the same sets as inserting
+        // host by host, without a search per insert (every round rebuilds
+        // the index, so this was a quarter of a simulated day).
+        let mut running: BTreeMap<Key, Vec<(Key, HostId)>> = BTreeMap::new();
+        let mut empty: BTreeMap<Key, Vec<HostId>> = BTreeMap::new();
+        let mut by_mem_of: BTreeMap<Key, Vec<(Key, HostId)>> = BTreeMap::new();
+        let mut swap: Vec<Vec<(Key, HostId)>> = vec![Vec::new(); self.index.swap.len()];
         for h in 0..self.view.host_count() {
             if self.skip[h] || !self.view.host_eligible(h) {
                 continue;
             }
-            let cap = self.cap(h);
+            let cap = Key(self.cap(h));
             if self.running[h] {
-                self.index.insert(cap, h, self.host_est[h]);
+                let k = Key(-self.host_est[h]);
+                running.entry(cap).or_default().push((k, h));
+                self.index.key[h] = Some(k);
                 if by_mem {
                     let mem = self.view.host_mem(h);
-                    self.index.insert_mem(mem, h, mem - self.ram[h]);
+                    let k = Key(mem - self.ram[h]);
+                    by_mem_of.entry(Key(mem)).or_default().push((k, h));
+                    self.index.mem_key[h] = Some(k);
+                    for &(s, _) in &self.index.swap_count[h] {
+                        swap[s].push((k, h));
+                    }
                 }
             } else {
-                self.index.empty.entry(Key(cap)).or_default().insert(h);
+                empty.entry(cap).or_default().push(h);
             }
         }
+        self.index.running = running
+            .into_iter()
+            .map(|(c, l)| (c, l.into_iter().collect()))
+            .collect();
+        self.index.empty = empty
+            .into_iter()
+            .map(|(c, l)| (c, l.into_iter().collect()))
+            .collect();
+        self.index.by_mem = by_mem_of
+            .into_iter()
+            .map(|(m, l)| (m, l.into_iter().collect()))
+            .collect();
+        self.index.swap = swap.into_iter().map(|l| l.into_iter().collect()).collect();
     }
 
     fn set_skip(&mut self, h: HostId) {
@@ -671,18 +721,14 @@ impl<'a, V: ClusterView> Round<'a, V> {
     }
 
     fn movable(&self, v: VmId, urgent: bool) -> bool {
-        !self.view.vm_busy(v)
-            && (urgent
-                || self
-                    .view
-                    .vm_last_moved(v)
-                    .is_none_or(|t| self.view.now() - t >= self.p.limits.min_move_interval_s))
+        let (idle, settled) = self.calm[v];
+        idle && (urgent || settled)
     }
 
     /// Capacity, memory and limits only (no rules, no skip).
     fn room(&self, h: HostId, v: VmId) -> bool {
         let cap = self.cap(h);
-        let size = self.view.vm_cpu(v);
+        let size = self.vm_cpu(v);
         let e = self.est[v].min(size);
         if !self.view.vm_fits_cores(v, h, e) {
             return false;
@@ -694,7 +740,7 @@ impl<'a, V: ClusterView> Round<'a, V> {
             return false;
         }
         if self.view.strict_memory() {
-            if self.ram[h] + self.view.vm_mem(v) > self.view.host_mem(h) {
+            if self.ram[h] + self.vm_mem(v) > self.view.host_mem(h) {
                 return false;
             }
             if self.p.core_safe && !self.view.vm_fits_cores(v, h, size) {
@@ -727,7 +773,7 @@ impl<'a, V: ClusterView> Round<'a, V> {
                 return None;
             }
         }
-        let e = self.est[v].min(self.view.vm_cpu(v));
+        let e = self.est[v].min(self.vm_cpu(v));
         let fill = |r: &Self, h: HostId| (r.host_est[h] + r.est[v]) / r.cap(h);
         // Best (fill, host) over capacities: highest fill, then lowest index.
         let mut best: Option<(f64, HostId)> = None;
@@ -788,10 +834,10 @@ impl<'a, V: ClusterView> Round<'a, V> {
         if self.scan {
             return self.place_by_memory_scan(v);
         }
-        let need = self.view.vm_mem(v);
+        let need = self.vm_mem(v);
         // `room` holds: estimate + e <= target * capacity, e the estimate
         // capped at the VM's size; the score's CPU term uses it uncapped.
-        let over = self.est[v] - self.est[v].min(self.view.vm_cpu(v));
+        let over = self.est[v] - self.est[v].min(self.vm_cpu(v));
         let min_cap = self.index.running.keys().next().map_or(1.0, |k| k.0);
         let cpu_floor = self.p.memory_fit * (1.0 - self.p.target - over / min_cap).min(0.0);
         let mut best: Option<(f64, HostId)> = None;
@@ -826,8 +872,8 @@ impl<'a, V: ClusterView> Round<'a, V> {
         if self.scan {
             return self.find_swap_scan(v, donor);
         }
-        let need = self.view.vm_mem(v);
-        let size = self.view.vm_cpu(v);
+        let need = self.vm_mem(v);
+        let size = self.vm_cpu(v);
         let e = self.est[v].min(size);
         let mut cands: Vec<(f64, HostId, VmId)> = Vec::new();
         // Only a VM smaller than `v` makes room: for each smaller size, the
@@ -865,12 +911,12 @@ impl<'a, V: ClusterView> Round<'a, V> {
                     if self.swap_size[w] != Some(s) || self.at[w] != Some(t) {
                         continue;
                     }
-                    let wm = self.view.vm_mem(w);
+                    let wm = self.vm_mem(w);
                     let left = free + wm - need;
                     if left < 0.0 || wm >= need {
                         continue;
                     }
-                    let ew = self.est[w].min(self.view.vm_cpu(w));
+                    let ew = self.est[w].min(self.vm_cpu(w));
                     if self.host_est[t] - ew + e > self.p.target * self.cap(t) {
                         continue;
                     }
@@ -989,7 +1035,7 @@ impl<'a, V: ClusterView> Round<'a, V> {
             horizon_s: pb.horizon_s,
         };
         for m in trial {
-            let d = self.est[m.vm].min(self.view.vm_cpu(m.vm));
+            let d = self.est[m.vm].min(self.vm_cpu(m.vm));
             for e in &mut hosts {
                 if e.0 == m.to {
                     e.2 -= d;
@@ -998,7 +1044,7 @@ impl<'a, V: ClusterView> Round<'a, V> {
                     e.2 += d;
                 }
             }
-            let mem = self.view.vm_mem(m.vm);
+            let mem = self.vm_mem(m.vm);
             let secs = pb.migration_s(mem);
             // The receiver's draw with the VM's demand on top of what it
             // runs after the trial, minus without it.
@@ -1038,10 +1084,10 @@ impl<'a, V: ClusterView> Round<'a, V> {
 
     fn shift(&mut self, v: VmId, from: HostId, to: HostId, sign: f64) {
         let swappable = self.swappable_at_home(v);
-        let size = self.view.vm_cpu(v);
+        let size = self.vm_cpu(v);
         let e = self.est[v].min(size) * sign;
         let l = self.est_long[v].min(size) * sign;
-        let mem = self.view.vm_mem(v) * sign;
+        let mem = self.vm_mem(v) * sign;
         self.host_est[from] -= e;
         self.host_est[to] += e;
         self.host_est_long[from] -= l;
@@ -1117,7 +1163,7 @@ impl<'a, V: ClusterView> Round<'a, V> {
                     .iter()
                     .copied()
                     .filter(|&v| self.est[v] >= need)
-                    .min_by(|&a, &b| self.view.vm_mem(a).total_cmp(&self.view.vm_mem(b)));
+                    .min_by(|&a, &b| self.vm_mem(a).total_cmp(&self.vm_mem(b)));
                 let v = enough.unwrap_or_else(|| {
                     cands
                         .iter()
@@ -1166,30 +1212,33 @@ impl<'a, V: ClusterView> Round<'a, V> {
         let now = self.view.now();
         self.long = true;
         let n = self.view.host_count();
-        let mut under: Vec<HostId> = (0..n)
+        let by_memory = self.view.strict_memory() && p.donors_by_memory;
+        // Donors by (memory in use, load), both as fractions (memory only
+        // when donors go by memory), ties by host: each key computed once.
+        let mut under: Vec<(Key, Key, HostId)> = (0..n)
             .filter(|&h| {
                 !self.skip[h] && state.low_since[h].is_some_and(|s| now - s >= p.low_for_s - 1.0)
             })
+            .map(|h| {
+                let m = if by_memory {
+                    self.ram[h] / self.view.host_mem(h)
+                } else {
+                    0.0
+                };
+                (Key(m), Key(self.host_est[h] / self.cap(h)), h)
+            })
             .collect();
-        let by_memory = self.view.strict_memory() && p.donors_by_memory;
-        under.sort_by(|&a, &b| {
-            let ea = self.host_est[a] / self.cap(a);
-            let eb = self.host_est[b] / self.cap(b);
-            if by_memory {
-                let ma = self.ram[a] / self.view.host_mem(a);
-                let mb = self.ram[b] / self.view.host_mem(b);
-                ma.total_cmp(&mb).then(ea.total_cmp(&eb))
-            } else {
-                ea.total_cmp(&eb)
-            }
-        });
+        under.sort_unstable();
         // Hosts that received (or made room) this round: never donors.
         let mut received = vec![false; n];
-        for h in under {
+        // The donor's VMs in the order they are placed (one buffer for
+        // every donor of the round).
+        let mut sorted: Vec<VmId> = Vec::new();
+        for (_, _, h) in under {
             if self.skip[h] || received[h] {
                 continue;
             }
-            let vms: Vec<VmId> = self.on[h].clone();
+            let vms = &self.on[h];
             let allowed = p
                 .limits
                 .max_migrations_per_host
@@ -1202,16 +1251,17 @@ impl<'a, V: ClusterView> Round<'a, V> {
             if ruled && vms.len() > allowed {
                 continue;
             }
+            sorted.clear();
+            sorted.extend_from_slice(vms);
             let load = self.host_est_long[h] / self.cap(h);
             self.donor = Some(h);
             self.leaving[h] = true;
-            let mut sorted = vms.clone();
             if self.view.strict_memory() && p.memory_fit > 0.0 {
                 // Best fit decreasing by memory.
                 sorted.sort_by(|&a, &b| {
                     self.view
                         .vm_mem(b)
-                        .total_cmp(&self.view.vm_mem(a))
+                        .total_cmp(&self.vm_mem(a))
                         .then(self.est[b].total_cmp(&self.est[a]))
                 });
             } else {
@@ -1223,7 +1273,7 @@ impl<'a, V: ClusterView> Round<'a, V> {
             // the room until a later round.
             let mut trial: Vec<Trial> = Vec::new();
             let mut ok = true;
-            for v in sorted {
+            for &v in &sorted {
                 // Never wake a host to empty another.
                 match self.place(v, true) {
                     Some((t, rules)) => {
@@ -1293,7 +1343,7 @@ impl<'a, V: ClusterView> Round<'a, V> {
             // Cheapest moves first; room-making moves all start now.
             let (mut direct, rest): (Vec<Trial>, Vec<Trial>) =
                 trial.into_iter().partition(|m| m.from == h && !m.waits);
-            direct.sort_by(|a, b| self.view.vm_mem(a.vm).total_cmp(&self.view.vm_mem(b.vm)));
+            direct.sort_by(|a, b| self.vm_mem(a.vm).total_cmp(&self.vm_mem(b.vm)));
             let later = direct.split_off(allowed.min(direct.len()));
             for m in later.iter().rev() {
                 self.unapply(m.vm, m.from, m.to);

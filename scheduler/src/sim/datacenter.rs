@@ -6,6 +6,7 @@
 use super::setup::{migration_seconds, HostType, VmType};
 use super::MemoryModel;
 use crate::trace::Trace;
+use std::collections::VecDeque;
 
 /// Host storage in MB and VM image size in MB of the CloudSim setup: at most
 /// 400 VMs fit one host's disk.
@@ -102,7 +103,7 @@ pub struct Datacenter<'a> {
     pub energy_ws: f64,
     /// Migrations started.
     pub migrations: u64,
-    flights: Vec<Flight>,
+    flights: VecDeque<Flight>,
     last_process: f64,
     /// VMs that left the simulation (CloudSim's completed VMs).
     pub removed: usize,
@@ -170,7 +171,7 @@ impl<'a> Datacenter<'a> {
             step,
             energy_ws: 0.0,
             migrations: 0,
-            flights: Vec::new(),
+            flights: VecDeque::new(),
             last_process: 0.0,
             removed: 0,
         }
@@ -466,7 +467,7 @@ impl<'a> Datacenter<'a> {
         self.hosts[target].vms.push(v);
         self.migrations += 1;
         let end = self.now + migration_seconds(self.vms[v].ram_mb, self.hosts[target].bw_mbit);
-        self.flights.push(Flight { end, vm: v, target });
+        self.flights.push_back(Flight { end, vm: v, target });
         let t = self.now;
         self.update_host(target, t, false);
         self.update_host(source, t, false);
@@ -480,19 +481,21 @@ impl<'a> Datacenter<'a> {
     /// Complete every migration that ends before `until`, processing the
     /// data centre at each completion time.
     pub fn complete_migrations_before(&mut self, until: f64) {
-        self.flights.sort_by(|a, b| a.end.total_cmp(&b.end));
-        while let Some(first) = self.flights.first().copied() {
+        self.flights
+            .make_contiguous()
+            .sort_by(|a, b| a.end.total_cmp(&b.end));
+        while let Some(first) = self.flights.front().copied() {
             if first.end >= until {
                 break;
             }
             let te = first.end;
             self.process(te, false);
             let mut touched = Vec::new();
-            while let Some(f) = self.flights.first().copied() {
+            while let Some(f) = self.flights.front().copied() {
                 if f.end != te {
                     break;
                 }
-                self.flights.remove(0);
+                self.flights.pop_front();
                 let source = self.vms[f.vm].host.expect("host");
                 self.plan_remove(source, f.vm);
                 let tgt = &mut self.hosts[f.target];
