@@ -17,44 +17,25 @@
 //! driver's hook on empty hosts, and the rules' validation. The process
 //! power driver with real agents is `sched_e2e.rs`.
 
+mod common;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use common::sched::{free_addr, wait_for, SchedDaemon, CALL_TIMEOUT};
+use common::FERRY;
 
 use ferry_e2e::process::ProcessGuard;
-use ferry_scheduler::daemon::api::{HostView, ProblemsView, RoundView, VmView};
+use ferry_scheduler::daemon::api::{ProblemsView, RoundView, VmView};
 use ferry_scheduler::daemon::client::{JsonClient, Method};
 use ferry_scheduler::daemon::protocol::{AgentStatus, Done};
 use ferry_scheduler::plan::rules::{Rule, RuleKind};
 use ferry_vm::testing::kvm_or_skip;
 use ferry_vm::GuestStatus;
 
-const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 const VM_MEM_MB: u64 = 64;
-/// Each call's bound: an evacuation round moves real guests.
-const CALL_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-}
-
-/// Polls `f` every 100 ms until it gives a value, at most `limit`.
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// A `ferry agent` process (killed on drop).
 struct Agent {
@@ -132,7 +113,8 @@ impl Agent {
                     .all(|vm| s.vms.iter().any(|v| v.name == *vm && v.running))
                     .then_some(())
             },
-        );
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
         agent
     }
 
@@ -172,7 +154,8 @@ impl Agent {
                 let s = self.guest(vm);
                 (s.heartbeat > first.heartbeat).then_some(s)
             },
-        );
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
         assert!(
             last.magic_ok && last.verify_errors == 0,
             "{vm} on {} is not healthy: {last:?}",
@@ -203,98 +186,28 @@ fn vm_toml(vm: &str, host: &str) -> String {
     format!("\n[[vm]]\nname = \"{vm}\"\nhost = \"{host}\"\ncpu_mips = 1000\nmem_mb = {VM_MEM_MB}\n")
 }
 
-/// A `ferry sched daemon` process (killed on drop); rounds only when asked
-/// (`POST /v1/round`, the timer is set to a day).
-struct Daemon {
-    api: SocketAddr,
-    proc: ProcessGuard,
-    log: std::path::PathBuf,
+/// The daemon on a config of `daemon` lines (under `[daemon]`) and then
+/// `rest` (hosts, VMs, other sections).
+fn daemon(dir: &Path, daemon: &str, rest: &str) -> SchedDaemon {
+    SchedDaemon::start(dir, "daemon", daemon, rest).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-impl Daemon {
-    /// Starts the daemon on a config of `daemon` lines (under `[daemon]`)
-    /// and then `rest` (hosts, VMs, other sections).
-    fn start(dir: &Path, daemon: &str, rest: &str) -> Daemon {
-        let api = free_addr();
-        let toml = format!("[daemon]\nlisten = \"{api}\"\ninterval_s = 86400\n{daemon}\n{rest}");
-        let config = dir.join("cluster.toml");
-        std::fs::write(&config, &toml).expect("write cluster.toml");
-        let check = Command::new(FERRY)
-            .args(["sched", "daemon", "--check", "--config"])
-            .arg(&config)
-            .output()
-            .expect("ferry sched daemon --check");
-        assert!(
-            check.status.success(),
-            "{toml}\n{}",
-            String::from_utf8_lossy(&check.stderr)
-        );
-        let log = dir.join("daemon.log");
-        let proc = ProcessGuard::spawn(
-            "ferry sched daemon",
-            Command::new(FERRY)
-                .args(["sched", "daemon", "--config"])
-                .arg(&config)
-                .env("RUST_LOG", "info")
-                .env("NO_COLOR", "1"),
-            &log,
-        )
-        .expect("start the daemon");
-        let mut d = Daemon { api, proc, log };
-        wait_for("the daemon's API", Duration::from_secs(30), || {
-            assert!(d.proc.is_running(), "the daemon exited: {}", d.log_text());
-            d.call::<Vec<HostView>>(Method::Get, "/v1/hosts").ok()
-        });
-        d
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn call<T: serde::de::DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-    ) -> Result<T, String> {
-        self.call_with::<Done, T>(method, path, None)
-    }
-
-    fn call_with<B: serde::Serialize, T: serde::de::DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&B>,
-    ) -> Result<T, String> {
-        JsonClient::new(&self.api.to_string(), Some(CALL_TIMEOUT))
-            .call::<B, T>(method, path, body)
-            .map_err(|e| e.to_string())
-    }
-
-    fn round(&self) -> Result<RoundView, String> {
-        self.call(Method::Post, "/v1/round")
-    }
-
-    fn hosts(&self) -> Vec<HostView> {
-        self.call(Method::Get, "/v1/hosts").expect("GET /v1/hosts")
-    }
-
-    /// A counter of `GET /metrics`.
-    fn metric(&self, name: &str) -> u64 {
-        use std::io::{Read, Write};
-        let mut c = std::net::TcpStream::connect(self.api).expect("connect to the API");
-        write!(
-            c,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .expect("GET /metrics");
-        let mut text = String::new();
-        c.read_to_string(&mut text).expect("metrics text");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {text}"))
-    }
+/// Three agents, `h1` running guests `a` and `b`, `h2` and `h3` as
+/// `spec` makes them, and a manual-policy daemon over the three.
+fn a_and_b_on_h1<'a>(
+    dir: &Path,
+    spec: impl Fn(&'a str) -> AgentSpec<'a>,
+) -> ([Agent; 3], SchedDaemon) {
+    let agents = [
+        Agent::start(dir, &AgentSpec::new("h1", &["a", "b"])),
+        Agent::start(dir, &spec("h2")),
+        Agent::start(dir, &spec("h3")),
+    ];
+    let rest: String = agents.iter().map(|a| host_toml(a, "")).collect::<String>()
+        + &vm_toml("a", "h1")
+        + &vm_toml("b", "h1");
+    let d = daemon(dir, "policy = \"manual\"", &rest);
+    (agents, d)
 }
 
 /// Skips loudly without KVM; the temporary directory of the test.
@@ -307,15 +220,7 @@ fn maintenance_evacuates_live_and_returns_through_the_api() {
     let Some(dir) = setup("maintenance_evacuates_live_and_returns_through_the_api") else {
         return;
     };
-    let agents = [
-        Agent::start(dir.path(), &AgentSpec::new("h1", &["a", "b"])),
-        Agent::start(dir.path(), &AgentSpec::new("h2", &[])),
-        Agent::start(dir.path(), &AgentSpec::new("h3", &[])),
-    ];
-    let rest: String = agents.iter().map(|a| host_toml(a, "")).collect::<String>()
-        + &vm_toml("a", "h1")
-        + &vm_toml("b", "h1");
-    let d = Daemon::start(dir.path(), "policy = \"manual\"", &rest);
+    let (agents, d) = a_and_b_on_h1(dir.path(), |h| AgentSpec::new(h, &[]));
     let hosts = d.hosts();
     assert_eq!(hosts.len(), 3);
     assert_eq!(hosts[0].vms, vec!["a", "b"]);
@@ -374,19 +279,10 @@ fn a_failed_migration_leaves_the_guest_running_on_its_source() {
     };
     let taken = taken_port();
     let port = taken.local_addr().unwrap();
-    let refusing = |host| AgentSpec {
+    let (agents, d) = a_and_b_on_h1(dir.path(), |host| AgentSpec {
         migration_listen: Some(port),
         ..AgentSpec::new(host, &[])
-    };
-    let agents = [
-        Agent::start(dir.path(), &AgentSpec::new("h1", &["a", "b"])),
-        Agent::start(dir.path(), &refusing("h2")),
-        Agent::start(dir.path(), &refusing("h3")),
-    ];
-    let rest: String = agents.iter().map(|a| host_toml(a, "")).collect::<String>()
-        + &vm_toml("a", "h1")
-        + &vm_toml("b", "h1");
-    let d = Daemon::start(dir.path(), "policy = \"manual\"", &rest);
+    });
     let hb = [agents[0].check_alive("a", 0), agents[0].check_alive("b", 0)];
 
     let e = d
@@ -446,7 +342,7 @@ fn a_host_whose_guest_failed_to_leave_is_not_powered_off() {
         )
     };
     let rest = host_toml(&agents[0], &power("h1")) + &host_toml(&agents[1], &power("h2"));
-    let d = Daemon::start(
+    let d = daemon(
         dir.path(),
         "policy = \"power_save\"\npower_save_duration_s = 0\nmin_move_interval_s = 0",
         &rest,
@@ -479,15 +375,7 @@ fn maintenance_honours_an_anti_affinity_rule() {
     let Some(dir) = setup("maintenance_honours_an_anti_affinity_rule") else {
         return;
     };
-    let agents = [
-        Agent::start(dir.path(), &AgentSpec::new("h1", &["a", "b"])),
-        Agent::start(dir.path(), &AgentSpec::new("h2", &[])),
-        Agent::start(dir.path(), &AgentSpec::new("h3", &[])),
-    ];
-    let rest: String = agents.iter().map(|a| host_toml(a, "")).collect::<String>()
-        + &vm_toml("a", "h1")
-        + &vm_toml("b", "h1");
-    let d = Daemon::start(dir.path(), "policy = \"manual\"", &rest);
+    let (agents, d) = a_and_b_on_h1(dir.path(), |h| AgentSpec::new(h, &[]));
     let apart = Rule {
         name: "apart".into(),
         kind: RuleKind::AntiAffinity,
@@ -541,7 +429,7 @@ fn a_guest_running_twice_and_an_agent_with_another_name_are_reported() {
         ),
     ];
     let rest: String = agents.iter().map(|a| host_toml(a, "")).collect();
-    let d = Daemon::start(dir.path(), "policy = \"manual\"", &rest);
+    let d = daemon(dir.path(), "policy = \"manual\"", &rest);
     let _: RoundView = d.round().unwrap();
 
     let p: ProblemsView = d.call(Method::Get, "/v1/problems").unwrap();
@@ -592,7 +480,7 @@ fn a_degraded_health_command_evacuates_the_host_and_recovery_brings_its_guests_b
         vm_toml("a", "h1"),
         vm_toml("b", "h1")
     );
-    let d = Daemon::start(dir.path(), "policy = \"manual\"", &rest);
+    let d = daemon(dir.path(), "policy = \"manual\"", &rest);
     // Healthy: nothing moves.
     let _: RoundView = d.round().unwrap();
     assert_eq!(where_is(&agents, "a"), vec!["h1"]);

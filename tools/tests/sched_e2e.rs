@@ -11,32 +11,29 @@
 //! Planning rounds are triggered through `POST /v1/round` (the timer is set
 //! to a day), so every step is explicit.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use common::sched::{wait_for, SchedDaemon};
+use common::{free_port, FERRY};
 use ferry_e2e::process::ProcessGuard;
 use ferry_scheduler::daemon::client::{JsonClient, Method};
 use ferry_scheduler::daemon::https::ClientTls;
+use ferry_scheduler::daemon::protocol::INCOMING_TIMEOUT;
 use ferry_transport::tls::TlsFiles;
+use ferry_transport::{LaneOptions, Lanes, Security};
 use ferry_vm::testing::kvm_or_skip;
 use serde_json::{json, Value};
 
-const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
 /// Each host's guest, by index (v1 on h1, ...).
 const VMS: [&str; 3] = ["v1", "v2", "v3"];
 const VM_MEM_MB: u64 = 64;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind a free port")
-        .local_addr()
-        .expect("local address")
-        .port()
-}
 
 fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
     call(
@@ -58,91 +55,22 @@ fn call(client: JsonClient, method: &str, path: &str, body: Option<&Value>) -> R
     Ok(client.call::<Value, Value>(method, path, body)?)
 }
 
-/// Polls `f` every 200 ms until it gives a value, at most `limit`.
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if start.elapsed() > limit {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// PIDs whose parent is `parent`, with their command lines.
-fn children(parent: u32) -> Vec<(u32, String)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| {
-        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // "pid (comm) S ppid ...": comm may hold spaces, so split after ')'.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let mut f = rest.split(' ');
-        let state = f.next()?;
-        let ppid: u32 = f.next()?.parse().ok()?;
-        if ppid != parent || state == "Z" {
-            return None;
-        }
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        Some((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")))
-    })
-    .collect()
-}
-
-fn kill(pid: u32) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    // SAFETY: kill(2) with a PID we found as a child of our own daemon and
-    // a constant signal; no memory is shared.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-    }
-}
-
-/// The daemon process; on drop its children (the agents its process
-/// driver started, which a SIGKILLed daemon cannot stop) are killed by
-/// PID first, then the daemon itself.
+/// The daemon (its process driver runs the agents) and how to reach the
+/// agents.
 struct DaemonGuard {
-    proc: ProcessGuard,
-    api: SocketAddr,
+    daemon: SchedDaemon,
     agents: Vec<SocketAddr>,
     /// The daemon's certificate: the test asks agents with it too.
     tls: ClientTls,
-    log: PathBuf,
-}
-
-impl Drop for DaemonGuard {
-    fn drop(&mut self) {
-        let pid = self.proc.pid();
-        for (child, _) in children(pid) {
-            kill(child);
-        }
-        self.proc.kill();
-    }
 }
 
 impl DaemonGuard {
     fn get(&self, path: &str) -> Result<Value> {
-        http(self.api, "GET", path, None)
+        http(self.daemon.api, "GET", path, None)
     }
 
     fn round(&self) -> Result<Value> {
-        http(self.api, "POST", "/v1/round", Some(&json!({})))
-    }
-
-    /// The agent process the daemon's power driver runs for `host`.
-    fn agent_pid(&self, host: &str) -> Option<u32> {
-        let needle = format!(" agent --host {host} ");
-        children(self.proc.pid())
-            .into_iter()
-            .find(|(_, cmd)| cmd.contains(&needle))
-            .map(|(pid, _)| pid)
+        http(self.daemon.api, "POST", "/v1/round", Some(&json!({})))
     }
 
     fn agent(&self, host: &str) -> SocketAddr {
@@ -232,7 +160,7 @@ impl DaemonGuard {
                 .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default())
                 .unwrap_or_else(|e| format!("{e:#}"))
         };
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let log = self.daemon.log_text();
         let lines: Vec<&str> = log.lines().collect();
         let tail = lines[lines.len().saturating_sub(80)..].join("\n");
         format!(
@@ -240,7 +168,7 @@ impl DaemonGuard {
             show("/v1/plan"),
             show("/v1/hosts"),
             show("/v1/vms"),
-            self.log.display()
+            self.daemon.log.display()
         )
     }
 
@@ -288,7 +216,6 @@ fn gen_certs(dir: &Path, nodes: &[&str]) -> Result<()> {
 }
 
 fn start_daemon(dir: &Path) -> Result<DaemonGuard> {
-    let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let certs = dir.join("certs");
     gen_certs(&certs, &[HOSTS[0], HOSTS[1], HOSTS[2], "sched"])?;
     let cert_path = |name: String| certs.join(name).to_string_lossy().into_owned();
@@ -303,14 +230,14 @@ fn start_daemon(dir: &Path) -> Result<DaemonGuard> {
         .collect::<Result<_, _>>()?;
     // Power save empties a light host at once (no waiting time) and the
     // timer never fires on its own; rounds come from POST /v1/round.
-    let mut toml = format!(
-        "[daemon]\nlisten = \"{api}\"\npolicy = \"power_save\"\ninterval_s = 86400\n\
-         power_save_duration_s = 0\nmin_move_interval_s = 0\n\
+    let daemon = format!(
+        "policy = \"power_save\"\npower_save_duration_s = 0\nmin_move_interval_s = 0\n\
          tls = {{ cert = {:?}, key = {:?}, ca = {:?} }}\n",
         cert_path("sched.pem".into()),
         cert_path("sched.key".into()),
         cert_path("ca.pem".into()),
     );
+    let mut toml = String::new();
     for (i, host) in HOSTS.iter().enumerate() {
         let listen = agents[i].to_string();
         let (cert, key, ca) = (
@@ -349,30 +276,11 @@ fn start_daemon(dir: &Path) -> Result<DaemonGuard> {
             "\n[[vm]]\nname = \"{vm}\"\nhost = \"{host}\"\ncpu_mips = 1200\nmem_mb = {VM_MEM_MB}\n"
         );
     }
-    let config = dir.join("cluster.toml");
-    std::fs::write(&config, &toml)?;
-    let log = dir.join("daemon.log");
-    let proc = ProcessGuard::spawn(
-        "ferry sched daemon",
-        Command::new(FERRY)
-            .args(["sched", "daemon", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1"),
-        &log,
-    )?;
-    let d = DaemonGuard {
-        proc,
-        api,
+    Ok(DaemonGuard {
+        daemon: SchedDaemon::start(dir, "daemon", &daemon, &toml)?,
         agents,
         tls,
-        log,
-    };
-    wait_for("the daemon's API", Duration::from_secs(30), || {
-        d.get("/v1/hosts").ok()
     })
-    .with_context(|| d.diag())?;
-    Ok(d)
 }
 
 #[test]
@@ -400,13 +308,21 @@ fn maintenance_evacuates_live_and_power_save_cycles_an_agent() {
             || d.agent_vms(host).ok(),
         )
         .unwrap_or_else(|e| panic!("{e:#}{}", diag(&d)));
-        assert!(d.agent_pid(host).is_some(), "no agent process for {host}");
+        assert!(
+            d.daemon.agent_pid(host).is_some(),
+            "no agent process for {host}"
+        );
     }
-    assert!(d.proc.is_running(), "daemon exited{}", diag(&d));
+    assert!(d.daemon.proc.is_running(), "daemon exited{}", diag(&d));
     // Maintenance first, with no policy of its own running: ferry's policy
     // would consolidate three 40 % hosts at once (light is < 80 %).
-    http(d.api, "PUT", "/v1/policy", Some(&json!({"mode": "manual"})))
-        .unwrap_or_else(|e| panic!("{e:#}{}", diag(&d)));
+    http(
+        d.daemon.api,
+        "PUT",
+        "/v1/policy",
+        Some(&json!({"mode": "manual"})),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}{}", diag(&d)));
 
     // One real guest per host; demand 800 MIPS each.
     for (vm, host) in VMS.iter().zip(HOSTS) {
@@ -429,8 +345,13 @@ fn maintenance_evacuates_live_and_power_save_cycles_an_agent() {
     }
 
     // 1. Maintenance on h1: v1 leaves live, h1 runs nothing.
-    let plan = http(d.api, "POST", "/v1/hosts/h1/maintenance", Some(&json!({})))
-        .unwrap_or_else(|e| panic!("{e:#}{}", diag(&d)));
+    let plan = http(
+        d.daemon.api,
+        "POST",
+        "/v1/hosts/h1/maintenance",
+        Some(&json!({})),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}{}", diag(&d)));
     let at = d.where_is("v1");
     assert_eq!(
         at.len(),
@@ -472,7 +393,7 @@ fn maintenance_evacuates_live_and_power_save_cycles_an_agent() {
     }
 
     // Leaving maintenance brings v1 home, still the same running guest.
-    let plan = http(d.api, "DELETE", "/v1/hosts/h1/maintenance", None)
+    let plan = http(d.daemon.api, "DELETE", "/v1/hosts/h1/maintenance", None)
         .unwrap_or_else(|e| panic!("{e:#}{}", diag(&d)));
     assert_eq!(
         d.where_is("v1"),
@@ -491,7 +412,7 @@ fn maintenance_evacuates_live_and_power_save_cycles_an_agent() {
     // 2. Power save again. Load drop: 560 MIPS each, 1680 in all, needs two
     // hosts' spare capacity, so exactly one host powers down.
     http(
-        d.api,
+        d.daemon.api,
         "PUT",
         "/v1/policy",
         Some(&json!({"mode": "power_save"})),
@@ -502,7 +423,7 @@ fn maintenance_evacuates_live_and_power_save_cycles_an_agent() {
     }
     // The demand estimate is a VM's peak over ferry's windows, one sample
     // per round (the interval here is a day), so the drop shows at once.
-    let pids_before: Vec<Option<u32>> = HOSTS.iter().map(|h| d.agent_pid(h)).collect();
+    let pids_before: Vec<Option<u32>> = HOSTS.iter().map(|h| d.daemon.agent_pid(h)).collect();
     let mut off = None;
     let mut rounds = 0;
     for _ in 0..30 {
@@ -524,7 +445,7 @@ fn maintenance_evacuates_live_and_power_save_cycles_an_agent() {
     let off_plan = d.get("/v1/plan").unwrap();
     eprintln!("load drop: power save powered {off} down after {rounds} rounds (plan {off_plan})");
     assert!(
-        d.agent_pid(&off).is_none(),
+        d.daemon.agent_pid(&off).is_none(),
         "the agent process of {off} still runs after power-off{}",
         diag(&d)
     );
@@ -563,13 +484,13 @@ fn maintenance_evacuates_live_and_power_save_cycles_an_agent() {
     )
     .unwrap_or_else(|e| panic!("{e:#}{}", diag(&d)));
     assert!(
-        d.agent_pid(&off).is_some(),
+        d.daemon.agent_pid(&off).is_some(),
         "no agent process for {off} after power-on{}",
         diag(&d)
     );
     let old_pid = pids_before[HOSTS.iter().position(|h| *h == off).expect("known host")];
     assert_ne!(
-        d.agent_pid(&off),
+        d.daemon.agent_pid(&off),
         old_pid,
         "{off}'s agent process is not a new one{}",
         diag(&d)
@@ -586,22 +507,22 @@ fn maintenance_evacuates_live_and_power_save_cycles_an_agent() {
     }
     eprintln!(
         "load rise: {off} powered up again (new agent pid {:?}); guests on {placed:?}, heartbeats {hb:?}",
-        d.agent_pid(&off)
+        d.daemon.agent_pid(&off)
     );
-    let metrics = http_text(d.api, "/metrics");
+    let metrics = d.daemon.metrics();
     assert!(
         metrics.contains("ferry_sched_power_off_total 1\n")
             && metrics.contains("ferry_sched_migrations_failed_total 0\n"),
         "metrics: {metrics}{}",
         diag(&d)
     );
-    assert!(d.proc.is_running(), "daemon exited{}", diag(&d));
+    assert!(d.daemon.proc.is_running(), "daemon exited{}", diag(&d));
 
     // The daemon dies hard (no destructors): the agents it powered die
     // with it, guests and ports included.
-    let agents: Vec<u32> = HOSTS.iter().filter_map(|h| d.agent_pid(h)).collect();
+    let agents: Vec<u32> = HOSTS.iter().filter_map(|h| d.daemon.agent_pid(h)).collect();
     assert_eq!(agents.len(), 3, "{agents:?}{}", diag(&d));
-    d.proc.kill();
+    d.daemon.proc.kill();
     for pid in agents {
         wait_for(
             &format!("agent {pid} to die with the daemon"),
@@ -615,23 +536,6 @@ fn maintenance_evacuates_live_and_power_save_cycles_an_agent() {
         )
         .unwrap_or_else(|e| panic!("{e:#}"));
     }
-}
-
-/// A plain-text GET (the metrics are not JSON).
-fn http_text(addr: SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = match std::net::TcpStream::connect(addr) {
-        Ok(s) => s,
-        Err(e) => return format!("cannot connect: {e}"),
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-    let _ = write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    );
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
 }
 
 #[test]
@@ -730,10 +634,13 @@ fn the_daemon_notifies_systemd_ready_and_stopping() {
 /// `--migration-listen IP:PORT` fixes the port incoming migrations are
 /// accepted on, `--migration-advertise` is the address sources are told;
 /// a second incoming migration while the port is taken is refused (409)
-/// with the reason, not bound elsewhere.
+/// with the reason, not bound elsewhere; an incoming migration that fails
+/// (its source connects, then goes away) frees the port at once, not only
+/// after the agent's wait for a source ([`INCOMING_TIMEOUT`]).
 #[test]
-fn a_fixed_migration_port_takes_one_incoming_migration_at_a_time() {
-    let test = "a_fixed_migration_port_takes_one_incoming_migration_at_a_time";
+fn a_fixed_migration_port_takes_one_incoming_migration_at_a_time_and_a_failed_one_frees_it() {
+    let test =
+        "a_fixed_migration_port_takes_one_incoming_migration_at_a_time_and_a_failed_one_frees_it";
     if !kvm_or_skip(test) {
         return;
     }
@@ -790,6 +697,43 @@ fn a_fixed_migration_port_takes_one_incoming_migration_at_a_time() {
     assert!(
         msg.contains("409") && msg.contains(&format!("127.0.0.1:{port}")) && msg.contains("taken"),
         "{msg}"
+    );
+
+    // x's source arrives (a lane session, as a migrating agent opens it)
+    // and dies before its first frame: the migration fails and its
+    // listener goes, so y's incoming migration gets the port well before
+    // the agent would have given up waiting for x's source.
+    let source = Lanes::connect(
+        ("127.0.0.1", port),
+        &LaneOptions::new(1, Security::Insecure),
+    )
+    .expect("x's source opens its lane");
+    drop(source);
+    let third = wait_for(
+        "the failed incoming migration to free its port",
+        INCOMING_TIMEOUT / 2,
+        || {
+            http(
+                api,
+                "POST",
+                "/v1/incoming",
+                Some(&json!({"vm": "y", "mem_mb": 64})),
+            )
+            .ok()
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}: {}",
+            std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
+        )
+    });
+    assert_eq!(third["port"], json!(port), "{third}");
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("incoming migration failed") && l.contains("vm=x")),
+        "{log}"
     );
 }
 
@@ -908,39 +852,19 @@ fn the_agent_api_takes_only_clients_of_its_ca() {
     // Daemons: ours reaches the agent, one with another CA's certificate
     // is refused and says so in the host's health.
     let daemon = |name: &str, certs: &Path| {
-        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let f = files(certs, "sched");
-        let config = dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "[daemon]\nlisten = \"{listen}\"\npolicy = \"manual\"\ninterval_s = 86400\n\
-                 tls = {{ cert = {:?}, key = {:?}, ca = {:?} }}\n\n\
-                 [[host]]\nname = \"h1\"\ncores = 2\ncore_mips = 1000\nmem_mb = 1024\nagent = \"{api}\"\n",
+        SchedDaemon::start(
+            dir.path(),
+            name,
+            &format!(
+                "policy = \"manual\"\ntls = {{ cert = {:?}, key = {:?}, ca = {:?} }}\n",
                 f.cert, f.key, f.ca
             ),
+            &format!(
+                "[[host]]\nname = \"h1\"\ncores = 2\ncore_mips = 1000\nmem_mb = 1024\nagent = \"{api}\"\n"
+            ),
         )
-        .expect("config");
-        let check = Command::new(FERRY)
-            .args(["sched", "daemon", "--check", "--config"])
-            .arg(&config)
-            .output()
-            .expect("ferry sched daemon --check");
-        assert!(
-            check.status.success(),
-            "{}",
-            String::from_utf8_lossy(&check.stderr)
-        );
-        let proc = ProcessGuard::spawn(
-            name,
-            Command::new(FERRY)
-                .args(["sched", "daemon", "--config"])
-                .arg(&config)
-                .env("NO_COLOR", "1"),
-            &dir.path().join(format!("{name}.log")),
-        )
-        .expect("daemon starts");
-        (proc, listen)
+        .expect("daemon starts")
     };
     let health = |listen: SocketAddr| {
         wait_for("the daemon to ask h1", Duration::from_secs(30), || {
@@ -951,11 +875,10 @@ fn the_agent_api_takes_only_clients_of_its_ca() {
         })
         .expect("a health reading")
     };
-    let (_ours_daemon, ours_api) = daemon("ours", &ours);
-    let (_their_daemon, their_api) = daemon("theirs", &theirs);
-    let h = health(ours_api);
+    let (ours_daemon, their_daemon) = (daemon("ours", &ours), daemon("theirs", &theirs));
+    let h = health(ours_daemon.api);
     assert_eq!(h["reachable"], true, "{h}");
-    let h = health(their_api);
+    let h = health(their_daemon.api);
     assert_eq!(h["reachable"], false, "{h}");
     let e = h["error"].as_str().unwrap_or_default();
     assert!(e.contains("agent of host h1") && !e.contains('\n'), "{h}");

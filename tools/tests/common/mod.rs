@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 pub mod fault_proxy;
+pub mod sched;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
