@@ -13,7 +13,7 @@ use std::thread;
 use std::time::Instant;
 
 use bytes::Bytes;
-use ferry_transport::lanes::{LaneQueues, OutFrame};
+use ferry_transport::lanes::{LaneQueues, OutFrame, QueueOptions};
 use ferry_transport::tls::generate_cert_set;
 use ferry_transport::zerocopy::{UringReader, ZcSender};
 use ferry_transport::{
@@ -147,10 +147,9 @@ fn lanes_case(
                 thread::spawn(move || {
                     let mut reader: FrameReader<Box<dyn Read + Send>> = match recv {
                         Recv::Read => lane.into_parts().1,
-                        Recv::Uring => {
-                            let (_, raw) = lane.into_raw_parts().unwrap();
-                            FrameReader::new(Box::new(UringReader::new(raw.socket).unwrap()))
-                        }
+                        Recv::Uring => FrameReader::new(Box::new(
+                            UringReader::new(lane.socket_clone().unwrap()).unwrap(),
+                        )),
                     };
                     let mut buf = Vec::with_capacity(FRAME_PAYLOAD + 64);
                     loop {
@@ -162,25 +161,11 @@ fn lanes_case(
                 })
             })
             .collect();
-        let q = match send {
-            Send_::Write => LaneQueues::spawn(
-                client
-                    .into_vec()
-                    .into_iter()
-                    .map(|l| l.into_parts().2)
-                    .collect(),
-                8,
-            ),
-            Send_::ZeroCopy => LaneQueues::spawn_zero_copy(
-                client
-                    .into_vec()
-                    .into_iter()
-                    .map(|l| l.into_raw_parts().unwrap().1)
-                    .collect(),
-                8,
-            )
-            .unwrap(),
+        let ends = match send {
+            Send_::Write => client.into_ends().unwrap(),
+            Send_::ZeroCopy => client.into_ends_zero_copy(8).unwrap(),
         };
+        let q = LaneQueues::spawn(ends.sinks, ends.closers, QueueOptions::new(8));
         let pages_per_frame = (FRAME_PAYLOAD / 4096) as u64;
         for i in 0..frames {
             let off = (i as usize * FRAME_PAYLOAD) % MEMORY;
@@ -197,7 +182,7 @@ fn lanes_case(
             q.send(usize::try_from(i % u64::from(lanes)).unwrap(), frame)
                 .unwrap();
         }
-        q.broadcast(&OutFrame::new(FrameKind::RoundEnd, 0, Vec::new()))
+        q.broadcast(&OutFrame::new(FrameKind::RoundEnd, 0, Vec::new()), None)
             .unwrap();
         q.finish().unwrap();
         for r in receivers {

@@ -97,7 +97,6 @@ mod source;
 pub mod steer;
 mod summary;
 mod vm;
-mod wire;
 
 pub use convergence::{ConvergeMode, ConvergencePolicy, Decision, OnDeadline};
 pub use destination::{DestinationMigration, Incoming};

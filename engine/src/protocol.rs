@@ -93,6 +93,11 @@ use crate::layout::{MemoryLayout, MemoryRegion, MAX_REGIONS};
 /// 7: raw pages may arrive torn and [`RoundWritten`] lists them).
 pub const STREAM_VERSION: u32 = 7;
 
+/// Frame flags of a page batch: its checksum covers the batch's table,
+/// which carries the hash of every page (see `crate::encode::batch`), so
+/// its pages may stay in guest memory until they are written.
+pub(crate) const PAGE_BATCH_FLAGS: u32 = ferry_transport::frame::FLAG_COVERED_SUFFIX;
+
 /// Longest Abort reason kept.
 pub const MAX_REASON_BYTES: usize = 4096;
 

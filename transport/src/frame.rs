@@ -194,6 +194,24 @@ pub enum FrameError {
         /// The payload length.
         len: u32,
     },
+    /// A frame to seal has parts left in place (not in the sealer's
+    /// hands) inside the bytes its checksum must cover.
+    #[error("a frame's checksum must cover {covered} bytes, but only its last {own} bytes are in the sealer's hands")]
+    GatherCovered {
+        /// Bytes the checksum covers.
+        covered: u32,
+        /// Bytes after the last part left in place.
+        own: u32,
+    },
+    /// A part of a frame to seal left in place lies before the previous
+    /// one or outside the frame's own bytes.
+    #[error("a part left in place at offset {at} lies out of order or outside its frame's {len} own bytes")]
+    GatherOutside {
+        /// Where the part was to go.
+        at: u64,
+        /// The frame's own bytes (header included).
+        len: u64,
+    },
     /// The bytes end before the frame does.
     #[error("truncated frame: needed {needed} bytes, got {got}")]
     Truncated {
@@ -314,6 +332,50 @@ pub fn encode_header(
     let mut header = [0u8; HEADER_LEN];
     header[..16].copy_from_slice(&p);
     header[16..].copy_from_slice(&sum.to_le_bytes());
+    Ok(header)
+}
+
+/// Builds the header for a payload of `len` bytes of which only the last
+/// `tail.len()` bytes are at hand (the rest stays where it is, e.g. guest
+/// pages sent in place). The checksum must not need the rest: the frame
+/// carries [`FLAG_COVERED_SUFFIX`] with a covered length within `tail`, or
+/// `tail` is the whole payload.
+pub fn encode_header_for_tail(
+    kind: FrameKind,
+    flags: u32,
+    len: usize,
+    tail: &[u8],
+) -> Result<[u8; HEADER_LEN], FrameError> {
+    let too_long = || FrameError::TooLong {
+        len: u32::try_from(len).unwrap_or(u32::MAX),
+    };
+    let len32 = u32::try_from(len).map_err(|_| too_long())?;
+    if len32 > MAX_PAYLOAD_LEN {
+        return Err(too_long());
+    }
+    let own = u32::try_from(tail.len().min(len)).unwrap_or(len32);
+    let covered = if flags & FLAG_COVERED_SUFFIX == 0 {
+        len32
+    } else {
+        let field = tail.last_chunk::<4>().map_or(0, |b| u32::from_le_bytes(*b));
+        if field < 4 || field > len32 {
+            return Err(FrameError::BadCoverage {
+                covered: field,
+                len: len32,
+            });
+        }
+        field
+    };
+    if covered > own {
+        return Err(FrameError::GatherCovered { covered, own });
+    }
+    let p = prefix(kind, flags, len32);
+    let mut h = Xxh3::new();
+    h.update(&p);
+    h.update(&tail[tail.len() - covered as usize..]);
+    let mut header = [0u8; HEADER_LEN];
+    header[..16].copy_from_slice(&p);
+    header[16..].copy_from_slice(&h.digest().to_le_bytes());
     Ok(header)
 }
 

@@ -5,7 +5,11 @@
 //! payload. [`FrameWriter`] and [`FrameReader`] move frames over any blocking
 //! byte stream; [`tcp`] connects and accepts framed TCP connections. The
 //! engine sends through the [`FrameSink`] / [`FrameSource`] traits, so lanes,
-//! TLS and zero-copy senders slot in behind them. The wire format and the
+//! TLS and zero-copy senders slot in behind them. A session's lanes are
+//! written by the threads of [`lanes::LaneQueues`] and read by those of
+//! [`lanes::LaneInbox`], for the engine and the tunnel alike; bulk frames
+//! are [sealed](sealed) on their producer's thread and verified on their
+//! consumer's. The wire format and the
 //! migration's state machine are specified in `transport/PROTOCOL.md`.
 //!
 //! ```no_run
@@ -30,6 +34,7 @@
 mod error;
 pub mod frame;
 pub mod lanes;
+pub mod sealed;
 pub mod security;
 mod stream;
 pub mod tcp;
@@ -42,6 +47,7 @@ pub use frame::{
     Frame, FrameError, FrameHeader, FrameKind, HEADER_LEN, MAX_PAYLOAD_LEN, PROTOCOL_VERSION,
 };
 pub use lanes::{default_lane_count, lane_for_page, Lane, LaneListener, LaneOptions, Lanes};
+pub use sealed::{FrameReceive, ReceivedFrame, SealedFrame, VerifiedSource, FRAME_HEADROOM};
 pub use security::Security;
 pub use stream::{FrameReader, FrameSink, FrameSource, FrameWriter};
 pub use tcp::{FrameConnection, FrameListener, TcpFrameConnection};

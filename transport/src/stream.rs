@@ -10,6 +10,7 @@ use std::io::{self, IoSlice, Read, Write};
 
 use crate::error::TransportError;
 use crate::frame::{encode_header, Frame, FrameHeader, FrameKind, HEADER_LEN};
+use crate::sealed::ReceivedFrame;
 
 /// Something frames can be sent to: a TCP connection today, lanes, TLS and
 /// zero-copy senders later. All implementations pass the same conformance
@@ -218,6 +219,24 @@ impl<R: Read> FrameReader<R> {
         &mut self,
         payload: &mut Vec<u8>,
     ) -> Result<FrameHeader, TransportError> {
+        let header = self.read_unchecked_into(payload)?;
+        header.verify(payload).map_err(TransportError::Corrupt)?;
+        Ok(header)
+    }
+
+    /// Reads the next frame into `buf` (its allocation reused) without
+    /// checking its checksum: the header is validated (magic, version,
+    /// kind, length bound) and the consumer verifies the payload
+    /// ([`ReceivedFrame::verify`]), on its own thread.
+    pub fn read_unverified(&mut self, mut buf: Vec<u8>) -> Result<ReceivedFrame, TransportError> {
+        let header = self.read_unchecked_into(&mut buf)?;
+        Ok(ReceivedFrame::unverified(header, buf))
+    }
+
+    fn read_unchecked_into(
+        &mut self,
+        payload: &mut Vec<u8>,
+    ) -> Result<FrameHeader, TransportError> {
         let mut head = [0u8; HEADER_LEN];
         let got = read_full(&mut self.inner, &mut head).map_err(TransportError::Read)?;
         if got == 0 {
@@ -251,7 +270,14 @@ impl<R: Read> FrameReader<R> {
             }
         }
         payload.truncate(got);
-        header.verify(payload).map_err(TransportError::Corrupt)?;
+        if got < len {
+            return Err(TransportError::Corrupt(
+                crate::frame::FrameError::Truncated {
+                    needed: HEADER_LEN + len,
+                    got: HEADER_LEN + got,
+                },
+            ));
+        }
         self.bytes_read += (HEADER_LEN + got) as u64;
         self.frames_read += 1;
         Ok(header)

@@ -160,6 +160,23 @@ impl ZcSender {
         self.start(header, frame.parts, ranges)
     }
 
+    /// Queues a frame sealed by its producer (header and checksum in its
+    /// first [`HEADER_LEN`] bytes); blocks while `depth` frames are in
+    /// flight.
+    pub fn send_sealed(&mut self, frame: Bytes) -> Result<(), TransportError> {
+        let Some(head) = frame.first_chunk::<HEADER_LEN>() else {
+            return Err(TransportError::Encode(
+                crate::frame::FrameError::Truncated {
+                    needed: HEADER_LEN,
+                    got: frame.len(),
+                },
+            ));
+        };
+        let header = *head;
+        let ranges = vec![(frame[HEADER_LEN..].as_ptr(), frame.len() - HEADER_LEN)];
+        self.start(header, vec![frame], ranges)
+    }
+
     fn start(
         &mut self,
         header: [u8; HEADER_LEN],

@@ -6,8 +6,8 @@ use std::net::TcpStream;
 use std::thread;
 use std::time::Duration;
 
-use ferry_transport::lanes::queue::{LaneInbox, LaneQueues, OutFrame};
 use ferry_transport::lanes::{LaneHello, MAX_PENDING_SESSIONS, STRIPE_PAGES};
+use ferry_transport::lanes::{LaneInbox, LaneQueues, OutFrame, QueueOptions};
 use ferry_transport::{
     frame, lane_for_page, FrameKind, FrameReader, LaneListener, LaneOptions, Lanes, Security,
     TransportError,
@@ -148,21 +148,14 @@ fn per_page_order(zero_copy: bool) {
     opts.max_bandwidth = Some(1 << 30);
     let sender = thread::spawn(move || {
         let lanes = Lanes::connect(addr, &opts).unwrap();
-        let q = if zero_copy {
-            let raw = lanes
-                .into_vec()
-                .into_iter()
-                .map(|l| l.into_raw_parts().unwrap().1)
-                .collect();
-            LaneQueues::spawn_zero_copy(raw, 2).unwrap()
+        let ends = if zero_copy {
+            lanes.into_ends_zero_copy(2).unwrap()
         } else {
-            let writers = lanes
-                .into_vec()
-                .into_iter()
-                .map(|l| l.into_parts().2)
-                .collect();
-            LaneQueues::spawn(writers, 2)
+            lanes.into_ends().unwrap()
         };
+        let mut qopts = QueueOptions::new(2);
+        qopts.bucket = ends.bucket;
+        let q = LaneQueues::spawn(ends.sinks, ends.closers, qopts);
         for version in 0u32..5 {
             for page in (0..STRIPE_PAGES * 8).step_by((STRIPE_PAGES / 16) as usize) {
                 let mut payload = page.to_le_bytes().to_vec();
@@ -172,16 +165,12 @@ fn per_page_order(zero_copy: bool) {
                     .unwrap();
             }
         }
-        q.broadcast(&OutFrame::new(FrameKind::RoundEnd, 0, Vec::new()))
+        q.broadcast(&OutFrame::new(FrameKind::RoundEnd, 0, Vec::new()), None)
             .unwrap();
         q.finish().unwrap();
     });
     let lanes = l.accept_session().unwrap();
-    let readers = lanes.into_vec().into_iter().map(|l| {
-        let (i, r, _) = l.into_parts();
-        (i, r)
-    });
-    let inbox = LaneInbox::spawn(readers.collect(), 8);
+    let inbox = LaneInbox::spawn(lanes.into_ends().unwrap().readers, 8);
     let mut last: HashMap<u64, u32> = HashMap::new();
     let (mut ends, mut closed) = ([false; 4], [false; 4]);
     while let Some(ev) = inbox.recv() {
@@ -192,7 +181,7 @@ fn per_page_order(zero_copy: bool) {
                 closed[lane] = true;
                 continue;
             }
-            other => other.unwrap(),
+            other => other.unwrap().into_frame().unwrap(),
         };
         assert!(!ends[lane], "frame after RoundEnd on lane {lane}");
         match f.kind {

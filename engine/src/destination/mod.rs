@@ -1,16 +1,15 @@
 //! The destination side: receive pages into a prepared VM, verify, take over.
 
-mod inbound;
 mod workers;
 
 use std::io::IoSlice;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender};
-use ferry_transport::lanes::LaneWrite;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use ferry_transport::lanes::{LaneEnds, LaneInbox, LaneSink, Recycler};
 use ferry_transport::{
-    FrameHeader, FrameKind, FrameSink, FrameSource, FrameWriter, Lanes, TcpFrameConnection,
-    TransportError, HEADER_LEN,
+    FrameKind, FrameReceive, FrameSink, FrameSource, Lanes, ReceivedFrame, TcpFrameConnection,
+    TransportError, VerifiedSource,
 };
 use tracing::{info, warn};
 
@@ -20,13 +19,18 @@ use crate::error::MigrationError;
 use crate::handover::HandoverOutcome;
 use crate::layout::MemoryLayout;
 use crate::options::DestinationOptions;
-use crate::protocol::{self, Hello, HelloAck, RoundEnd, RoundWritten, Running, STREAM_VERSION};
-use crate::source::PAGE_BATCH_FLAGS;
+use crate::protocol::{
+    self, Hello, HelloAck, RoundEnd, RoundWritten, Running, PAGE_BATCH_FLAGS, STREAM_VERSION,
+};
 use crate::summary::DestinationSummary;
 use crate::vm::{MigratableVm, VmOpError};
-use crate::wire::{verify_prefixed, Checked, FrameIn, UncheckedTcp, PREFIX_LEN};
-use inbound::Inbound;
 use workers::{run_worker, DecodeContext, Job, TornSet};
+
+/// Frames waiting to be taken from the lanes, per lane.
+const DEPTH_PER_LANE: usize = 4;
+
+/// A lane's reading half, with its index.
+type LaneReader = (u16, Box<dyn FrameReceive>);
 
 /// How long a lane failure waits for the source's Abort reason on lane 0.
 const ABORT_GRACE: Duration = Duration::from_millis(200);
@@ -76,10 +80,9 @@ impl DestinationMigration {
         make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
     ) -> Result<(V, DestinationSummary), MigrationError> {
         let ferry_transport::FrameConnection { reader, mut writer } = conn;
-        let stream = reader.into_inner();
-        let shutdown = stream.try_clone().ok();
+        let shutdown = reader.get_ref().try_clone().ok();
         // Page batch checksums are verified on the decoder threads.
-        let readers: Vec<Box<dyn FrameIn + Send>> = vec![Box::new(UncheckedTcp(stream))];
+        let readers: Vec<LaneReader> = vec![(0, Box::new(reader))];
         let result = not_a_migration(Self::receive_from(&mut writer, readers, opts, make_vm));
         if result.is_err() {
             // Ends the reader thread, whatever the peer does.
@@ -114,26 +117,13 @@ impl DestinationMigration {
         opts: &DestinationOptions,
         make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
     ) -> Result<Incoming<V>, MigrationError> {
-        let mut closers = Vec::new();
-        let mut readers: Vec<Box<dyn FrameIn + Send>> = Vec::new();
-        let mut control: Option<FrameWriter<LaneWrite>> = None;
-        for lane in lanes.into_vec() {
-            closers.push(lane.closer().map_err(MigrationError::Send)?);
-            if lane.is_plaintext() {
-                let (_, raw) = lane.into_raw_parts().map_err(MigrationError::Send)?;
-                let read = raw
-                    .socket
-                    .try_clone()
-                    .map_err(|e| MigrationError::Send(TransportError::Configure(e)))?;
-                readers.push(Box::new(UncheckedTcp(read)));
-                control.get_or_insert_with(|| FrameWriter::new(Box::new(raw.socket)));
-            } else {
-                let (_, reader, writer) = lane.into_parts();
-                readers.push(Box::new(Checked(reader)));
-                control.get_or_insert(writer);
-            }
-        }
-        let Some(mut control) = control else {
+        let LaneEnds {
+            sinks,
+            readers,
+            closers,
+            ..
+        } = lanes.into_ends().map_err(MigrationError::Send)?;
+        let Some(mut control): Option<Box<dyn LaneSink>> = sinks.into_iter().next() else {
             return Err(MigrationError::PeerClosed {
                 during: "the lane handshake",
             });
@@ -155,25 +145,22 @@ impl DestinationMigration {
         opts: &DestinationOptions,
         make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
     ) -> Result<(V, DestinationSummary), MigrationError> {
-        let readers: Vec<Box<dyn FrameIn + Send>> = vec![Box::new(Checked(source))];
+        let readers: Vec<LaneReader> = vec![(0, Box::new(VerifiedSource(source)))];
         not_a_migration(Self::receive_from(sink, readers, opts, make_vm))
     }
 
     fn receive_from<V: MigratableVm>(
         sink: &mut impl FrameSink,
-        readers: Vec<Box<dyn FrameIn + Send>>,
+        readers: Vec<LaneReader>,
         opts: &DestinationOptions,
         make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
     ) -> Result<Incoming<V>, MigrationError> {
-        let workers = opts.workers.max(1);
-        let (free_tx, free_rx) =
-            crossbeam_channel::bounded::<Vec<u8>>(8 * workers + 8 * readers.len());
         let lanes = readers.len();
-        let inbound = Inbound::spawn(readers, &free_rx);
+        let inbound = LaneInbox::spawn(readers, DEPTH_PER_LANE * lanes.max(1));
         let mut receiver = Receiving {
             sink,
+            free: inbound.recycler(),
             inbound,
-            free: free_tx,
             opts,
             wire_bytes: 0,
             lane_bytes: vec![0; lanes],
@@ -200,9 +187,11 @@ impl DestinationMigration {
 
 struct Receiving<'a, S: FrameSink> {
     sink: &'a mut S,
-    inbound: Inbound,
+    /// The lanes' reader threads (detached: each ends when its lane ends,
+    /// or at its next frame once this is dropped).
+    inbound: LaneInbox,
     /// Spent buffers go back to the lane readers.
-    free: Sender<Vec<u8>>,
+    free: Recycler,
     opts: &'a DestinationOptions,
     wire_bytes: u64,
     lane_bytes: Vec<u64>,
@@ -281,85 +270,73 @@ impl<S: FrameSink> Receiving<'_, S> {
         timeout: Duration,
         control_only: bool,
     ) -> Result<(usize, FrameKind), MigrationError> {
-        match self.recv_maybe_unchecked(buf, during, timeout, control_only)? {
-            (lane, kind, None) => Ok((lane, kind)),
-            (lane, _, Some(header)) => {
-                verify_prefixed(&header, buf).map_err(MigrationError::CorruptFrame)?;
-                buf.drain(..PREFIX_LEN);
-                Ok((lane, header.kind))
-            }
-        }
+        let (lane, frame) = self.recv_frame(during, timeout, control_only)?;
+        let kind = frame.kind();
+        self.take_payload(buf, frame)?;
+        Ok((lane, kind))
     }
 
-    /// The next frame from any lane (per-lane order kept), its payload
-    /// swapped into `buf`. Page batches may come back unverified (with the
-    /// header to verify them against, on a decoder thread); every other
-    /// kind is verified here.
-    fn recv_maybe_unchecked(
+    /// A control frame's payload, verified, swapped into `buf` (the spent
+    /// buffer goes back to the readers). An Abort is the source's reason.
+    fn take_payload(&self, buf: &mut Vec<u8>, frame: ReceivedFrame) -> Result<(), MigrationError> {
+        let kind = frame.kind();
+        let payload = frame.into_payload().map_err(MigrationError::CorruptFrame)?;
+        self.free.recycle(std::mem::replace(buf, payload));
+        if kind == FrameKind::Abort {
+            return Err(MigrationError::PeerAborted(protocol::decode_reason(buf)));
+        }
+        Ok(())
+    }
+
+    /// The next frame from any lane (per-lane order kept), flags checked,
+    /// not yet verified: a page batch is verified on a decoder thread,
+    /// anything else by [`Self::take_payload`].
+    fn recv_frame(
         &mut self,
-        buf: &mut Vec<u8>,
         during: &'static str,
         timeout: Duration,
         control_only: bool,
-    ) -> Result<(usize, FrameKind, Option<FrameHeader>), MigrationError> {
+    ) -> Result<(usize, ReceivedFrame), MigrationError> {
         // Idle means no frame on any lane: a lane may carry nothing for a
         // while (its stripes were clean this round).
         let until = Instant::now() + timeout;
         let event = loop {
             let left = until.saturating_duration_since(Instant::now());
-            let event = self
-                .inbound
-                .recv_timeout(left)
-                .map_err(|timed_out| match timed_out {
-                    true => MigrationError::Timeout {
-                        waiting_for: if control_only {
-                            "frame on lane 0"
-                        } else {
-                            "frame on any lane"
-                        },
-                        timeout,
+            let event = self.inbound.recv_timeout(left).map_err(|e| match e {
+                RecvTimeoutError::Timeout => MigrationError::Timeout {
+                    waiting_for: if control_only {
+                        "frame on lane 0"
+                    } else {
+                        "frame on any lane"
                     },
-                    false => MigrationError::PeerClosed { during },
-                })?;
+                    timeout,
+                },
+                RecvTimeoutError::Disconnected => MigrationError::PeerClosed { during },
+            })?;
             if !control_only || event.lane == 0 {
                 break event;
             }
         };
-        let (header, verified, payload) = match event.frame {
-            Ok(arrival) => arrival,
-            Err(e) => return Err(self.lane_failed(event.lane, e, during)),
+        let lane = usize::from(event.lane);
+        let frame = match event.frame {
+            Ok(frame) => frame,
+            Err(e) => return Err(self.lane_failed(lane, e, during)),
         };
-        let expected_flags = if header.kind == FrameKind::PageBatch {
+        let expected_flags = if frame.kind() == FrameKind::PageBatch {
             PAGE_BATCH_FLAGS
         } else {
             0
         };
-        if header.flags != expected_flags {
+        if frame.flags() != expected_flags {
             return Err(MigrationError::UnexpectedFlags {
-                kind: header.kind,
-                flags: header.flags,
+                kind: frame.kind(),
+                flags: frame.flags(),
             });
         }
-        let spent = std::mem::replace(buf, payload);
-        if spent.capacity() > 0 {
-            let _ = self.free.try_send(spent);
-        }
-        let lane = event.lane;
-        let prefix = if verified { 0 } else { PREFIX_LEN };
-        let frame_bytes = (HEADER_LEN + buf.len() - prefix) as u64;
+        let frame_bytes = frame.wire_len() as u64;
         self.wire_bytes += frame_bytes;
         self.lane_bytes[lane] += frame_bytes;
-        if !verified {
-            if header.kind == FrameKind::PageBatch {
-                return Ok((lane, header.kind, Some(header)));
-            }
-            verify_prefixed(&header, buf).map_err(MigrationError::CorruptFrame)?;
-            buf.drain(..PREFIX_LEN);
-        }
-        if header.kind == FrameKind::Abort {
-            return Err(MigrationError::PeerAborted(protocol::decode_reason(buf)));
-        }
-        Ok((lane, header.kind, None))
+        Ok((lane, frame))
     }
 
     /// A lane ended with `error`. A source that gives up closes every lane
@@ -379,17 +356,13 @@ impl<S: FrameSink> Receiving<'_, S> {
             cause: Box::new(cause),
         };
         let until = Instant::now() + ABORT_GRACE;
-        while let Some(event) = self.inbound.recv_until(until) {
+        while let Some(event) = self.inbound.recv_deadline(until) {
             match event.frame {
-                Ok((header, verified, payload))
-                    if event.lane == 0 && header.kind == FrameKind::Abort =>
-                {
-                    let body = if verified {
-                        &payload[..]
-                    } else {
-                        payload.get(PREFIX_LEN..).unwrap_or_default()
+                Ok(frame) if event.lane == 0 && frame.kind() == FrameKind::Abort => {
+                    return match frame.verify() {
+                        Ok(body) => MigrationError::PeerAborted(protocol::decode_reason(body)),
+                        Err(e) => MigrationError::CorruptFrame(e),
                     };
-                    return MigrationError::PeerAborted(protocol::decode_reason(body));
                 }
                 Err(_) if event.lane == 0 => break,
                 _ => {}
@@ -638,27 +611,22 @@ impl<S: FrameSink> Receiving<'_, S> {
                 }
             }
             let idle = self.opts.idle_timeout;
-            let (lane, kind, unverified) =
-                self.recv_maybe_unchecked(buf, "the page stream", idle, false)?;
-            match kind {
-                FrameKind::PageBatch => {
+            let (lane, frame) = self.recv_frame("the page stream", idle, false)?;
+            let kind = frame.kind();
+            if kind == FrameKind::PageBatch {
+                // Verified on the decoder thread that decodes it.
+                inflight.poll()?;
+                let round = lane_rounds[lane];
+                if jobs.send(Job { frame, round }).is_err() {
+                    // The decoders are gone: report why, if one said.
                     inflight.poll()?;
-                    let batch = std::mem::take(buf);
-                    let round = lane_rounds[lane];
-                    if jobs
-                        .send(Job {
-                            unverified,
-                            batch,
-                            round,
-                        })
-                        .is_err()
-                    {
-                        // The decoders are gone: report why, if one said.
-                        inflight.poll()?;
-                        return Err(MigrationError::WorkerPanicked);
-                    }
-                    inflight.outstanding += 1;
+                    return Err(MigrationError::WorkerPanicked);
                 }
+                inflight.outstanding += 1;
+                continue;
+            }
+            self.take_payload(buf, frame)?;
+            match kind {
                 FrameKind::RoundEnd => {
                     let end = RoundEnd::decode(buf).map_err(MigrationError::Message)?;
                     inflight.drain()?;

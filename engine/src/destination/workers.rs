@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crossbeam_channel::{Receiver, Sender};
-use ferry_transport::FrameHeader;
+use ferry_transport::lanes::Recycler;
+use ferry_transport::ReceivedFrame;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::digest::PageHashes;
@@ -18,16 +19,11 @@ use crate::encode::{
 use crate::error::MigrationError;
 use crate::protocol::{TornPage, MAX_TORN_PER_REPORT};
 use crate::vm::GuestMemoryMmap;
-use crate::wire::{verify_prefixed, PREFIX_LEN};
 
 /// A page batch to decode.
 pub(crate) struct Job {
-    /// The frame header to verify the batch against, unless the transport
-    /// verified it already; then `batch` starts with the frame's 16-byte
-    /// prefix (see `crate::wire`).
-    pub unverified: Option<FrameHeader>,
-    /// The batch.
-    pub batch: Vec<u8>,
+    /// The batch's frame, verified by the decoder thread that decodes it.
+    pub frame: ReceivedFrame,
     /// The round its lane is in.
     pub round: u32,
 }
@@ -145,26 +141,18 @@ pub(crate) fn run_worker(
     ctx: &DecodeContext<'_>,
     jobs: &Receiver<Job>,
     out: &Sender<Result<EncodingCounts, MigrationError>>,
-    free: &Sender<Vec<u8>>,
+    free: &Recycler,
 ) {
     let mut page: Box<Page> = Box::new([0; PAGE_SIZE]);
-    while let Ok(Job {
-        unverified,
-        batch,
-        round,
-    }) = jobs.recv()
-    {
-        let r = match &unverified {
-            Some(header) => match verify_prefixed(header, &batch) {
-                Ok(()) => decode_batch(ctx, &batch[PREFIX_LEN..], round, &mut page),
-                Err(e) => Err(MigrationError::CorruptFrame(e)),
-            },
-            None => decode_batch(ctx, &batch, round, &mut page),
+    while let Ok(Job { frame, round }) = jobs.recv() {
+        let r = match frame.verify() {
+            Ok(batch) => decode_batch(ctx, batch, round, &mut page),
+            Err(e) => Err(MigrationError::CorruptFrame(e)),
         };
         // The batch's pages, written with streaming stores, are ordered
         // before its result is reported.
         store_fence();
-        let _ = free.try_send(batch);
+        free.recycle(frame.into_buffer());
         let failed = r.is_err();
         if out.send(r).is_err() || failed {
             return;

@@ -1,12 +1,13 @@
-//! Frames from the destination, read on their own thread so the source can
-//! notice an Abort or a dropped connection while it streams pages, and
-//! learn which rounds the destination has written.
+//! Frames from the destination, read on the transport's reader thread of
+//! lane 0 so the source can notice an Abort or a dropped connection while
+//! it streams pages, and learn which rounds the destination has written.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
-use ferry_transport::{Frame, FrameKind, FrameSource, TransportError};
+use crossbeam_channel::{RecvTimeoutError, TryRecvError};
+use ferry_transport::lanes::{LaneEvent, LaneInbox};
+use ferry_transport::{Frame, FrameKind, FrameReceive, TransportError};
 
 use crate::error::MigrationError;
 use crate::protocol::{decode_reason, RoundWritten, TornPage};
@@ -15,10 +16,21 @@ use crate::protocol::{decode_reason, RoundWritten, TornPage};
 /// ends when the connection fails or is closed.
 #[derive(Debug)]
 pub(crate) struct Inbox {
-    frames: Receiver<Result<Frame, TransportError>>,
+    frames: LaneInbox,
     /// What the destination's `Progress` reports said, whichever call read
     /// them.
     reported: Mutex<Reported>,
+}
+
+/// Frames from the destination read ahead of the source's checks (it sends
+/// one a round, and a few at the end).
+const FRAMES_AHEAD: usize = 64;
+
+/// A frame from lane 0, checked.
+fn verified(event: LaneEvent) -> Result<Frame, TransportError> {
+    event
+        .frame
+        .and_then(|f| f.into_frame().map_err(TransportError::Corrupt))
 }
 
 /// The sum of the `Progress` reports read so far.
@@ -32,22 +44,22 @@ struct Reported {
 
 impl Inbox {
     /// Start reading `source` until it fails or closes.
-    pub(crate) fn spawn<R: FrameSource + Send + 'static>(mut source: R) -> Self {
-        let (tx, frames) = crossbeam_channel::unbounded();
-        std::thread::Builder::new()
-            .name("ferry-src-inbox".into())
-            .spawn(move || loop {
-                let got = source.recv();
-                let failed = got.is_err();
-                if tx.send(got).is_err() || failed {
-                    return;
-                }
-            })
-            .expect("spawn the inbox thread");
+    pub(crate) fn spawn(source: Box<dyn FrameReceive>) -> Self {
         Self {
-            frames,
+            frames: LaneInbox::spawn(vec![(0, source)], FRAMES_AHEAD),
             reported: Mutex::default(),
         }
+    }
+
+    fn try_recv(&self) -> Result<Result<Frame, TransportError>, TryRecvError> {
+        self.frames.receiver().try_recv().map(verified)
+    }
+
+    fn recv_timeout(
+        &self,
+        timeout: Duration,
+    ) -> Result<Result<Frame, TransportError>, RecvTimeoutError> {
+        self.frames.recv_timeout(timeout).map(verified)
     }
 
     fn reported(&self) -> std::sync::MutexGuard<'_, Reported> {
@@ -82,7 +94,7 @@ impl Inbox {
     /// `Progress` (rounds written), whose torn pages are kept here.
     pub(crate) fn check(&self, during: &'static str) -> Result<(), MigrationError> {
         loop {
-            match self.frames.try_recv() {
+            match self.try_recv() {
                 Err(TryRecvError::Empty) => return Ok(()),
                 Err(TryRecvError::Disconnected) => {
                     return Err(MigrationError::PeerClosed { during })
@@ -110,7 +122,7 @@ impl Inbox {
                 return Ok(true);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.frames.recv_timeout(left) {
+            match self.recv_timeout(left) {
                 Ok(Ok(frame)) if frame.kind == FrameKind::Progress => {
                     self.note_progress(&frame.payload)?;
                 }
@@ -129,7 +141,7 @@ impl Inbox {
         let deadline = std::time::Instant::now() + grace;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.frames.recv_timeout(left) {
+            match self.recv_timeout(left) {
                 Ok(Ok(frame)) if frame.kind == FrameKind::Abort => {
                     return Some(decode_reason(&frame.payload))
                 }
@@ -150,7 +162,7 @@ impl Inbox {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.frames.recv_timeout(left) {
+            match self.recv_timeout(left) {
                 Ok(Ok(frame)) if frame.kind == kind => return Ok(frame.payload),
                 Ok(Ok(frame)) if frame.kind == FrameKind::Progress => {
                     self.note_progress(&frame.payload)?;
@@ -212,7 +224,7 @@ mod tests {
     #[test]
     fn rounds_written_are_waited_for_and_skipped_everywhere_else() {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let inbox = Inbox::spawn(FrameReader::new(ours));
+        let inbox = Inbox::spawn(Box::new(FrameReader::new(ours)));
         let mut dst = FrameWriter::new(theirs);
         // An older round does not answer for a later one; a later one does.
         written(&mut dst, 0);
@@ -252,18 +264,18 @@ mod tests {
     #[test]
     fn a_round_written_read_by_a_check_still_answers_the_wait() {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let inbox = Inbox::spawn(FrameReader::new(ours));
+        let inbox = Inbox::spawn(Box::new(FrameReader::new(ours)));
         let mut dst = FrameWriter::new(theirs);
         written(&mut dst, 0);
         written(&mut dst, 1);
         // Both reports are in the inbox's channel before the check reads.
         let t0 = Instant::now();
-        while inbox.frames.len() < 2 {
+        while inbox.frames.receiver().len() < 2 {
             assert!(t0.elapsed() < LONG, "the inbox thread read nothing");
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(inbox.take_torn("test").unwrap().len(), 2);
-        assert!(inbox.frames.is_empty());
+        assert!(inbox.frames.receiver().is_empty());
         assert!(inbox.round_written(1, Duration::ZERO).unwrap());
         assert!(inbox.round_written(0, Duration::ZERO).unwrap());
         assert!(!inbox.round_written(2, Duration::ZERO).unwrap());
@@ -272,7 +284,7 @@ mod tests {
     #[test]
     fn a_malformed_round_written_fails_the_wait() {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let inbox = Inbox::spawn(FrameReader::new(ours));
+        let inbox = Inbox::spawn(Box::new(FrameReader::new(ours)));
         let mut dst = FrameWriter::new(theirs);
         dst.send(FrameKind::Progress, 0, &[1, 2]).unwrap();
         dst.flush().unwrap();

@@ -1,7 +1,6 @@
 //! The source side: rounds, stop-and-copy, handover.
 
 mod inbox;
-mod outbound;
 mod torn;
 mod workers;
 
@@ -11,10 +10,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ferry_dirtylog::{DirtyBitmap, DirtyLog, Reprotect};
-use ferry_transport::lanes::TokenBucket;
+use ferry_transport::lanes::{
+    FramedSink, LaneCloser, LaneEnds, LaneQueues, LaneSink, OutFrame, QueueOptions, SocketSink,
+    TokenBucket,
+};
 use ferry_transport::{
-    FrameConnection, FrameKind, FrameSink, FrameSource, Lanes, TcpFrameConnection, TransportError,
-    HEADER_LEN,
+    FrameConnection, FrameKind, FrameReceive, FrameSink, FrameSource, Lanes, TcpFrameConnection,
+    TransportError, VerifiedSource, HEADER_LEN,
 };
 use tracing::{debug, info, warn};
 
@@ -31,10 +33,11 @@ use crate::steer::MigrationSteering;
 use crate::summary::{DowntimeBreakdown, MigrationSummary};
 use crate::vm::MigratableVm;
 use inbox::Inbox;
-pub(crate) use outbound::PAGE_BATCH_FLAGS;
-use outbound::{LaneWriter, OutLane, Outbound};
 use torn::TornCheck;
 use workers::{run_worker, Chunk, EncodingSelector, WorkerContext, WorkerOutput, CHUNK_WORDS};
+
+/// Frames a lane's queue holds before its producers wait.
+const QUEUE_DEPTH: usize = 4;
 
 /// How long a failed send waits for the destination's Abort reason.
 const ABORT_GRACE: Duration = Duration::from_millis(200);
@@ -101,14 +104,18 @@ impl SourceMigration {
     ) -> Result<MigrationSummary, MigrationError> {
         let FrameConnection { reader, writer } = conn;
         let stream = writer.into_inner();
-        let shutdown = stream.try_clone().ok();
-        let lane = OutLane {
-            writer: LaneWriter::Sealed(stream),
-            shutdown: shutdown.as_ref().and_then(|s| s.try_clone().ok()),
-        };
-        let result = self.run_inner(vec![lane], reader, None, progress);
-        if let Some(stream) = shutdown {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+        let closer = |s: &std::net::TcpStream| s.try_clone().ok().map(LaneCloser::new);
+        let (after, queued) = (closer(&stream), closer(&stream));
+        let sinks: Vec<Box<dyn LaneSink>> = vec![Box::new(SocketSink::new(stream))];
+        let result = self.run_inner(
+            sinks,
+            queued.into_iter().collect(),
+            Box::new(reader),
+            None,
+            progress,
+        );
+        if let Some(closer) = after {
+            closer.close();
         }
         result
     }
@@ -116,39 +123,31 @@ impl SourceMigration {
     /// Migrate over a session of ferry lanes (plaintext or mutual TLS, see
     /// `ferry_transport::LaneOptions`). Pages are striped over the lanes by
     /// page index (`ferry_transport::lane_for_page`), each lane written by
-    /// its own thread; control frames travel on lane 0. Plaintext lanes get
-    /// their frames built and checksummed on the encoder threads.
+    /// its own thread; control frames travel on lane 0. Page batches are
+    /// sealed (framed and checksummed) on the encoder threads; on plaintext
+    /// lanes their raw pages leave straight from guest memory.
     pub fn run_lanes(
         self,
         lanes: Lanes,
         progress: impl FnMut(ProgressEvent),
     ) -> Result<MigrationSummary, MigrationError> {
-        let mut closers = Vec::new();
-        let mut out = Vec::new();
-        let mut control = None;
-        let mut lane_bucket = None;
-        for lane in lanes.into_vec() {
-            closers.push(lane.closer().map_err(MigrationError::Send)?);
-            let shutdown = lane.socket_clone();
-            let (reader, writer) = if lane.is_plaintext() {
-                let (reader, raw) = lane.into_raw_parts().map_err(MigrationError::Send)?;
-                // The session's own cap, which the transport's writer would
-                // have charged.
-                lane_bucket = lane_bucket.or(raw.bucket);
-                (reader, LaneWriter::Sealed(raw.socket))
-            } else {
-                let (_, reader, writer) = lane.into_parts();
-                (reader, LaneWriter::Framed(Box::new(writer)))
-            };
-            control.get_or_insert(reader);
-            out.push(OutLane { writer, shutdown });
-        }
-        let Some(control) = control else {
+        let LaneEnds {
+            sinks,
+            readers,
+            closers,
+            bucket,
+        } = lanes.into_ends().map_err(MigrationError::Send)?;
+        let Some((_, control)) = readers.into_iter().next() else {
             return Err(MigrationError::PeerClosed {
                 during: "the lane handshake",
             });
         };
-        let result = self.run_inner(out, control, lane_bucket, progress);
+        let queued = closers
+            .iter()
+            .map(LaneCloser::try_clone)
+            .collect::<Result<_, _>>()
+            .map_err(MigrationError::Send)?;
+        let result = self.run_inner(sinks, queued, control, bucket, progress);
         for closer in closers {
             closer.close();
         }
@@ -169,28 +168,28 @@ impl SourceMigration {
         W: FrameSink + Send + 'static,
         R: FrameSource + Send + 'static,
     {
-        let lane = OutLane {
-            writer: LaneWriter::Framed(Box::new(sink)),
-            shutdown: None,
-        };
-        self.run_inner(vec![lane], source, None, progress)
+        let sinks: Vec<Box<dyn LaneSink>> = vec![Box::new(FramedSink(sink))];
+        self.run_inner(
+            sinks,
+            Vec::new(),
+            Box::new(VerifiedSource(source)),
+            None,
+            progress,
+        )
     }
 
+    /// `sinks`: how each lane writes; `closers` shut the lanes down when
+    /// a writer is stuck at the end; `control`: lane 0's reading half;
     /// `lane_bucket`: a bandwidth cap the lanes came with, used when the
     /// options set none.
-    fn run_inner<R>(
+    fn run_inner(
         self,
-        lanes: Vec<OutLane>,
-        source: R,
+        sinks: Vec<Box<dyn LaneSink>>,
+        closers: Vec<LaneCloser>,
+        control: Box<dyn FrameReceive>,
         lane_bucket: Option<Arc<TokenBucket>>,
         mut progress: impl FnMut(ProgressEvent),
-    ) -> Result<MigrationSummary, MigrationError>
-    where
-        R: FrameSource + Send + 'static,
-    {
-        let workers = self.opts.workers.max(1);
-        let (free_tx, free_rx) =
-            crossbeam_channel::bounded::<Vec<u8>>(8 * workers + 8 * lanes.len());
+    ) -> Result<MigrationSummary, MigrationError> {
         let bucket = self
             .opts
             .max_bandwidth
@@ -206,13 +205,15 @@ impl SourceMigration {
         if let (Some(s), Some(b)) = (&self.steering, &bucket) {
             s.attach_bucket(b.clone());
         }
-        let out = Outbound::spawn(lanes, bucket, &free_tx, self.opts.handover_timeout);
-        let inbox = Inbox::spawn(source);
+        let mut queue_opts = QueueOptions::new(QUEUE_DEPTH);
+        queue_opts.stall = self.opts.handover_timeout;
+        queue_opts.bucket = bucket;
+        let out = LaneQueues::spawn(sinks, closers, queue_opts);
+        let inbox = Inbox::spawn(control);
         let mut session = Session {
             vm: &*self.vm,
             opts: &self.opts,
             out: &out,
-            free: &free_rx,
             inbox: &inbox,
             steering: self.steering.as_ref(),
             wire_bytes: 0,
@@ -244,9 +245,7 @@ struct Session<'a> {
     vm: &'a dyn MigratableVm,
     opts: &'a MigrationOptions,
     /// The lanes' writer threads.
-    out: &'a Outbound,
-    /// Sent batch buffers, back from the lane writers for reuse.
-    free: &'a Receiver<Vec<u8>>,
+    out: &'a LaneQueues,
     inbox: &'a Inbox,
     /// Cancel and retune from outside, when asked for.
     steering: Option<&'a MigrationSteering>,
@@ -328,7 +327,8 @@ impl Session<'_> {
     /// Queue a control frame on lane 0.
     fn send(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), MigrationError> {
         let until = self.pause_bound.map(|b| b.until);
-        if let Err(e) = self.out.send_frame(kind, payload.to_vec(), until) {
+        let frame = OutFrame::new(kind, 0, payload.to_vec());
+        if let Err(e) = self.out.send_control(0, frame, until) {
             if let Some(b) = self.pause_bound.filter(|b| b.left().is_zero()) {
                 return Err(b.exceeded("room for a control frame on lane 0"));
             }
@@ -365,11 +365,9 @@ impl Session<'_> {
         // Page batches still queued are dropped so the reason goes out at
         // once; a lane stuck on a peer that stopped reading gets a bounded
         // wait (the guest already runs again here).
-        self.out.abort(
-            FrameKind::Abort,
-            protocol::encode_reason(&error_chain(error)),
-            ABORT_GRACE,
-        );
+        let reason = protocol::encode_reason(&error_chain(error));
+        self.out
+            .abort(OutFrame::new(FrameKind::Abort, 0, reason), ABORT_GRACE);
         if !self.go_sent {
             progress(ProgressEvent::Abandoned {
                 reason: error.to_string(),
@@ -447,8 +445,8 @@ impl Session<'_> {
         let selector = EncodingSelector::new(self.out.cap(), workers, lz4);
         // Plaintext lanes send raw pages from guest memory (a clone of the
         // memory's region handles keeps it mapped while they are queued);
-        // lanes that frame and encrypt copy anyway.
-        let in_place = self.out.sealed().then(|| Arc::new(memory.clone()));
+        // lanes that encrypt copy anyway.
+        let in_place = self.out.gathers().then(|| Arc::new(memory.clone()));
         let ctx = WorkerContext {
             memory,
             in_place: in_place.as_ref(),
@@ -457,7 +455,6 @@ impl Session<'_> {
             cache: &cache,
             batch_bytes: self.opts.batch_bytes.clamp(PAGE_SIZE, 16 << 20),
             cancel: &cancel,
-            free: self.free,
             out: self.out,
             lz4,
             selector: &selector,
@@ -1100,10 +1097,9 @@ impl Session<'_> {
             pages: totals.counts.sent(),
         }
         .encode();
-        if let Err(e) =
-            self.out
-                .broadcast(FrameKind::RoundEnd, &end, self.pause_bound.map(|b| b.until))
-        {
+        let until = self.pause_bound.map(|b| b.until);
+        let frame = OutFrame::new(FrameKind::RoundEnd, 0, end.clone());
+        if let Err(e) = self.out.broadcast(&frame, until) {
             if let Some(b) = self.pause_bound.filter(|b| b.left().is_zero()) {
                 return Err(b.exceeded("room for the last round's end"));
             }

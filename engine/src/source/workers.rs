@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use ferry_dirtylog::DirtyLog;
-use ferry_transport::lanes::STRIPE_PAGES;
-use ferry_transport::{lane_for_page, FrameKind, TransportError, HEADER_LEN};
+use ferry_transport::lanes::{LaneQueues, STRIPE_PAGES};
+use ferry_transport::sealed::GatherPart;
+use ferry_transport::{lane_for_page, FrameKind, SealedFrame, TransportError, FRAME_HEADROOM};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::digest::PageHashes;
@@ -24,10 +25,8 @@ use crate::encode::{
     XorDeltaCache, PAGE_SIZE,
 };
 use crate::error::MigrationError;
+use crate::protocol::PAGE_BATCH_FLAGS;
 use crate::vm::GuestMemoryMmap;
-use crate::wire;
-
-use super::outbound::{InPlace, Outbound, PAGE_BATCH_FLAGS};
 
 /// How often the encoding choice is revisited while pages flow: round 0
 /// of a large guest is most of a migration, so one choice per round would
@@ -113,7 +112,7 @@ impl EncodingSelector {
         base_ns: u64,
         costs: &CodecCosts,
         delta_allowed: bool,
-        out: &Outbound,
+        out: &LaneQueues,
     ) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.window.pages += pages;
@@ -218,12 +217,9 @@ pub(crate) struct WorkerContext<'a> {
     pub cache: &'a XorDeltaCache,
     pub batch_bytes: usize,
     pub cancel: &'a AtomicBool,
-    /// Sent batch buffers, back for reuse.
-    pub free: &'a Receiver<Vec<u8>>,
-    /// The lanes. When every lane is a plaintext socket, each batch's
-    /// complete frame (checksum included) is built here, off the lane's
-    /// writer thread.
-    pub out: &'a Outbound,
+    /// The lanes. Each batch's complete frame (checksum included) is
+    /// sealed here, off the lane's writer thread.
+    pub out: &'a LaneQueues,
     /// LZ4 was negotiated.
     pub lz4: bool,
     /// The encoding choice.
@@ -249,37 +245,38 @@ fn queue_batch(
     lane: usize,
     batch: BatchBuilder,
 ) -> Result<u64, MigrationError> {
-    let (mut bytes, pages) = batch.finish_in_place();
-    let sealed = ctx.out.sealed();
+    let (bytes, pages) = batch.finish_in_place();
     let encode_error = |e| MigrationError::Send(TransportError::Encode(e));
-    let in_place = match ctx.in_place {
+    let frame = match ctx.in_place {
         Some(memory) if !pages.is_empty() => {
-            // Only a sealed lane (a plaintext socket) writes pages in place.
-            debug_assert!(sealed, "pages in place on a framed lane");
-            wire::seal_in_place(
-                &mut bytes,
-                pages.len(),
-                FrameKind::PageBatch,
-                PAGE_BATCH_FLAGS,
-            )
-            .map_err(encode_error)?;
-            Some(InPlace {
-                pages,
-                _memory: Arc::clone(memory),
-            })
-        }
-        _ => {
-            if sealed {
-                wire::seal(&mut bytes, FrameKind::PageBatch, PAGE_BATCH_FLAGS)
-                    .map_err(encode_error)?;
+            let gather = pages
+                .iter()
+                .map(|p| GatherPart {
+                    at: p.at,
+                    addr: p.addr,
+                    len: PAGE_SIZE,
+                })
+                .collect();
+            let owner: Arc<GuestMemoryMmap> = Arc::clone(memory);
+            // SAFETY: each address came from a checked PAGE_SIZE range of
+            // `memory` (`BatchBuilder::push_in_place`), whose mappings the
+            // frame keeps alive through `owner` until it is written.
+            unsafe {
+                SealedFrame::seal_gathered(
+                    bytes,
+                    gather,
+                    owner,
+                    FrameKind::PageBatch,
+                    PAGE_BATCH_FLAGS,
+                )
             }
-            None
         }
-    };
-    let in_place_bytes = in_place.as_ref().map_or(0, |p| p.pages.len() * PAGE_SIZE);
-    let len = bytes.len() + in_place_bytes + if sealed { 0 } else { HEADER_LEN };
+        _ => SealedFrame::seal(bytes, FrameKind::PageBatch, PAGE_BATCH_FLAGS),
+    }
+    .map_err(encode_error)?;
+    let len = frame.wire_len();
     ctx.out
-        .send_batch(lane, sealed, bytes, in_place, ctx.cancel)
+        .send_sealed(lane, frame, ctx.cancel)
         .map_err(MigrationError::Send)?;
     Ok(len as u64)
 }
@@ -320,7 +317,7 @@ fn recycled_batch(
 ) -> BatchBuilder {
     let buffer = spare
         .take()
-        .or_else(|| ctx.free.try_recv().ok())
+        .or_else(|| ctx.out.spare_buffer())
         .unwrap_or_default();
     BatchBuilder::with_headroom(buffer, capacity, headroom)
 }
@@ -406,11 +403,7 @@ fn encode_chunk(
     let lane = lane_for_page(chunk.first_page, ctx.out.lanes());
     let mut wire_bytes = 0u64;
     let capacity = ctx.batch_bytes + PAGE_SIZE + 64;
-    let headroom = if ctx.out.sealed() {
-        wire::FRAME_HEADROOM
-    } else {
-        0
-    };
+    let headroom = FRAME_HEADROOM;
     let mut batch = recycled_batch(ctx, spare, capacity, headroom);
     let mut counts = EncodingCounts::default();
     let mut pages = 0u64;

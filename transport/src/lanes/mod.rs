@@ -16,11 +16,14 @@
 //! Pages are striped over lanes by page index ([`lane_for_page`]): a page is
 //! always sent on the same lane, so per-lane FIFO order keeps a newer copy of a
 //! page behind an older one. A shared [`TokenBucket`] caps the bandwidth of all
-//! lanes together. [`queue`] adds bounded per-lane send queues (back-pressure)
-//! and a merged receiver.
+//! lanes together. [`queue`] runs the lanes' writer threads behind bounded
+//! queues (back-pressure) and [`inbox`] their reader threads, merged into
+//! one channel: [`Lanes::into_ends`] hands a session out in the pieces they
+//! take.
 
 pub mod bucket;
 pub mod handshake;
+pub mod inbox;
 pub mod queue;
 
 use std::collections::HashMap;
@@ -32,10 +35,14 @@ use std::time::{Duration, Instant};
 
 pub use bucket::TokenBucket;
 pub use handshake::{LaneHello, SessionId, MAX_LANES};
-pub use queue::{LaneInbox, LaneQueues, OutFrame};
+pub use inbox::{LaneEvent, LaneInbox, Recycler};
+pub use queue::{
+    FramedSink, LaneQueues, LaneSink, LinkMeter, OutFrame, QueueOptions, SocketSink, ZeroCopySink,
+};
 
 use crate::error::TransportError;
 use crate::frame::FrameKind;
+use crate::sealed::FrameReceive;
 use crate::security::Security;
 use crate::stream::{FrameReader, FrameSink, FrameSource, FrameWriter};
 
@@ -90,48 +97,6 @@ impl LaneOptions {
     }
 }
 
-/// A `Write` that charges a shared [`TokenBucket`] for every byte written.
-#[derive(Debug)]
-pub struct ThrottledWrite<W> {
-    inner: W,
-    bucket: Arc<TokenBucket>,
-}
-
-impl<W: Write> ThrottledWrite<W> {
-    /// Wraps `inner`, charging `bucket`.
-    pub fn new(inner: W, bucket: Arc<TokenBucket>) -> ThrottledWrite<W> {
-        ThrottledWrite { inner, bucket }
-    }
-}
-
-impl<W: Write> Write for ThrottledWrite<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.bucket.charge(n);
-        Ok(n)
-    }
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let n = self.inner.write_vectored(bufs)?;
-        self.bucket.charge(n);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// A plaintext lane taken apart for zero-copy sending: its raw socket and
-/// the session's bandwidth bucket.
-#[derive(Debug)]
-pub struct RawLane {
-    /// The lane's index.
-    pub index: u16,
-    /// The connected socket (plaintext).
-    pub socket: TcpStream,
-    /// The session's `--max-bandwidth` bucket, if any.
-    pub bucket: Option<Arc<TokenBucket>>,
-}
-
 /// One connection of a session.
 pub struct Lane {
     index: u16,
@@ -158,6 +123,19 @@ impl std::fmt::Debug for Lane {
 pub struct LaneCloser(TcpStream);
 
 impl LaneCloser {
+    /// A closer for `socket` (a second handle on a lane's socket).
+    pub fn new(socket: TcpStream) -> LaneCloser {
+        LaneCloser(socket)
+    }
+
+    /// A second closer for the same lane.
+    pub fn try_clone(&self) -> Result<LaneCloser, TransportError> {
+        self.0
+            .try_clone()
+            .map(LaneCloser)
+            .map_err(TransportError::Configure)
+    }
+
     /// Shuts down both directions; errors (already closed) are ignored.
     pub fn close(&self) {
         let _ = self.0.shutdown(std::net::Shutdown::Both);
@@ -175,8 +153,7 @@ impl Lane {
         self.index
     }
 
-    /// Whether the lane is plaintext TCP (then [`Lane::into_raw_parts`]
-    /// succeeds and frames may be written to the socket directly).
+    /// Whether the lane is plaintext TCP.
     pub fn is_plaintext(&self) -> bool {
         self.plaintext
     }
@@ -195,23 +172,9 @@ impl Lane {
             .map_err(TransportError::Configure)
     }
 
-    /// For zero-copy sending: the reader and the raw socket. Fails for a TLS
-    /// lane (encryption copies the bytes anyway).
-    pub fn into_raw_parts(self) -> Result<(FrameReader<LaneRead>, RawLane), TransportError> {
-        if !self.plaintext {
-            return Err(TransportError::ZeroCopyNeedsPlaintext);
-        }
-        Ok((
-            self.reader,
-            RawLane {
-                index: self.index,
-                socket: self.socket,
-                bucket: self.bucket,
-            },
-        ))
-    }
-
-    /// Splits the lane into its index, reader and writer.
+    /// Splits the lane into its index, reader and writer. The writer is
+    /// not charged to the session's bandwidth cap: queues charge it
+    /// ([`Lanes::into_ends`]).
     pub fn into_parts(self) -> (u16, FrameReader<LaneRead>, FrameWriter<LaneWrite>) {
         (self.index, self.reader, self.writer)
     }
@@ -224,6 +187,9 @@ impl FrameSink for Lane {
         flags: u32,
         parts: &[IoSlice<'_>],
     ) -> Result<(), TransportError> {
+        if let Some(b) = &self.bucket {
+            b.charge(crate::frame::HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>());
+        }
         self.writer.write_frame_vectored(kind, flags, parts)
     }
     fn flush(&mut self) -> Result<(), TransportError> {
@@ -263,10 +229,6 @@ fn open_lane(
         security.accept(stream)?
     } else {
         security.connect(stream)?
-    };
-    let write: LaneWrite = match bucket {
-        Some(b) => Box::new(ThrottledWrite::new(write, Arc::clone(b))),
-        None => write,
     };
     Ok(Lane {
         index,
@@ -419,6 +381,78 @@ impl Lanes {
     /// The lanes, in index order, to move into worker threads.
     pub fn into_vec(self) -> Vec<Lane> {
         self.lanes
+    }
+
+    /// The session taken apart for [`LaneQueues`] and [`LaneInbox`]: a
+    /// plaintext lane writes through a [`SocketSink`] (sealed frames
+    /// gather their pages in place), a TLS lane through its TLS stream.
+    pub fn into_ends(self) -> Result<LaneEnds, TransportError> {
+        self.take_apart(|lane| {
+            let sink: Box<dyn LaneSink> = if lane.plaintext {
+                Box::new(SocketSink::new(lane.socket))
+            } else {
+                Box::new(lane.writer)
+            };
+            Ok((sink, lane.reader))
+        })
+    }
+
+    /// [`Lanes::into_ends`] with io_uring zero-copy sinks (up to `depth`
+    /// frames in flight per lane); needs plaintext lanes.
+    pub fn into_ends_zero_copy(self, depth: usize) -> Result<LaneEnds, TransportError> {
+        self.take_apart(|lane| {
+            if !lane.plaintext {
+                return Err(TransportError::ZeroCopyNeedsPlaintext);
+            }
+            let sink: Box<dyn LaneSink> = Box::new(ZeroCopySink::new(lane.socket, depth)?);
+            Ok((sink, lane.reader))
+        })
+    }
+
+    fn take_apart(
+        self,
+        mut split: impl FnMut(
+            Lane,
+        )
+            -> Result<(Box<dyn LaneSink>, FrameReader<LaneRead>), TransportError>,
+    ) -> Result<LaneEnds, TransportError> {
+        let mut ends = LaneEnds {
+            sinks: Vec::with_capacity(self.lanes.len()),
+            readers: Vec::with_capacity(self.lanes.len()),
+            closers: Vec::with_capacity(self.lanes.len()),
+            bucket: None,
+        };
+        for lane in self.lanes {
+            ends.closers.push(lane.closer()?);
+            ends.bucket = ends.bucket.or_else(|| lane.bucket.clone());
+            let index = lane.index;
+            let (sink, reader) = split(lane)?;
+            ends.sinks.push(sink);
+            ends.readers.push((index, Box::new(reader)));
+        }
+        Ok(ends)
+    }
+}
+
+/// A session taken apart ([`Lanes::into_ends`]), in lane-index order.
+pub struct LaneEnds {
+    /// How each lane writes (for [`LaneQueues::spawn`]).
+    pub sinks: Vec<Box<dyn LaneSink>>,
+    /// How each lane reads, with its index (for [`LaneInbox::spawn`]).
+    pub readers: Vec<(u16, Box<dyn FrameReceive>)>,
+    /// Shut each lane down.
+    pub closers: Vec<LaneCloser>,
+    /// The session's bandwidth cap, if it has one: to charge in
+    /// [`QueueOptions::bucket`].
+    pub bucket: Option<Arc<TokenBucket>>,
+}
+
+impl std::fmt::Debug for LaneEnds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LaneEnds")
+            .field("lanes", &self.sinks.len())
+            .field("closers", &self.closers)
+            .finish_non_exhaustive()
     }
 }
 

@@ -1,27 +1,44 @@
-//! Bounded per-lane send queues and a merged receiver.
+//! The lanes' writer threads: one per lane, fed by a bounded queue. The
+//! engine and the tunnel both send through [`LaneQueues`].
 //!
-//! [`LaneQueues`] gives every lane a writer thread fed by a bounded channel:
-//! a producer that runs ahead of the network blocks in [`LaneQueues::send`]
-//! (back-pressure) instead of growing a queue without bound. Payloads are
-//! [`Bytes`], so a page can be queued without copying it (`Bytes::from_owner`
-//! over guest memory) and written with one vectored write.
-//! [`LaneInbox`] reads all lanes on one thread each and hands frames out
-//! through one bounded channel, tagged with their lane.
+//! A producer that runs ahead of the network blocks (back-pressure) instead
+//! of growing a queue without bound. What a queue holds:
+//!
+//! - *sealed frames* ([`SealedFrame`]), built and checksummed on the
+//!   producer's thread: the writer only moves their bytes;
+//! - *bulk frames* ([`OutFrame`]), framed and checksummed by the writer;
+//! - *control frames* ([`OutFrame`] through [`LaneQueues::send_control`]).
+//!
+//! The session's one [`TokenBucket`] caps all lanes together: sealed and
+//! bulk frames are charged before they go out and wait off the debt;
+//! control frames are charged but never wait, so a Go or an Abort never
+//! sits behind the pages' debt. [`LaneQueues::abort`] drops the queued
+//! sealed and bulk frames and sends its frame first. A lane whose queue
+//! takes nothing for the stall time is reported failed, by its index.
+//!
+//! How a lane writes is a [`LaneSink`]: a plaintext socket that gathers
+//! pages in place ([`SocketSink`]), any byte stream (TLS), io_uring
+//! zero-copy ([`ZeroCopySink`]) or any [`FrameSink`] ([`FramedSink`]).
 
-use std::io::IoSlice;
+use std::io::{IoSlice, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
 
-use super::{lane_for_page, LaneRead, LaneWrite, RawLane, TokenBucket};
+use super::{lane_for_page, LaneCloser, TokenBucket};
 use crate::error::TransportError;
-use crate::frame::{Frame, FrameKind};
-use crate::stream::{FrameReader, FrameWriter};
+use crate::frame::{FrameKind, HEADER_LEN};
+use crate::sealed::SealedFrame;
+use crate::stream::{FrameSink, FrameWriter};
 use crate::zerocopy::ZcSender;
 
-/// A frame waiting in a send queue; its payload is the concatenation of `parts`.
+/// A frame the writer thread frames and checksums; its payload is the
+/// concatenation of `parts`.
 #[derive(Debug, Clone)]
 pub struct OutFrame {
     /// Kind.
@@ -41,126 +58,353 @@ impl OutFrame {
             parts: vec![payload.into()],
         }
     }
+
+    fn wire_len(&self) -> usize {
+        HEADER_LEN + self.parts.iter().map(Bytes::len).sum::<usize>()
+    }
 }
 
-type ErrorSlot = Arc<Mutex<Option<TransportError>>>;
+/// How a lane writes frames. One implementation per way of writing; all
+/// pass the lane conformance tests (`tests/lanes.rs`).
+pub trait LaneSink: Send {
+    /// Frames (header and checksum here) and sends one frame.
+    fn send_frame(
+        &mut self,
+        kind: FrameKind,
+        flags: u32,
+        parts: &[IoSlice<'_>],
+    ) -> Result<(), TransportError>;
 
-/// What a lane's writer thread sends queued frames through.
-pub trait QueuedSink: Send {
-    /// Sends (or queues in the kernel) one owned frame.
-    fn put(&mut self, frame: OutFrame) -> Result<(), TransportError>;
-    /// Pushes out everything put so far.
+    /// [`LaneSink::send_frame`] for an owned frame (a zero-copy sink keeps
+    /// it until the kernel releases it).
+    fn send_owned(&mut self, frame: OutFrame) -> Result<(), TransportError> {
+        let parts: Vec<IoSlice<'_>> = frame.parts.iter().map(|p| IoSlice::new(p)).collect();
+        self.send_frame(frame.kind, frame.flags, &parts)
+    }
+
+    /// Sends a frame sealed by its producer; returns its buffer for reuse
+    /// when the sink is done with it.
+    fn send_sealed(&mut self, frame: SealedFrame) -> Result<Option<Vec<u8>>, TransportError>;
+
+    /// Pushes out everything sent so far.
     fn flush(&mut self) -> Result<(), TransportError>;
+
+    /// Whether [`LaneSink::send_sealed`] takes frames with parts left in
+    /// place ([`SealedFrame::seal_gathered`]).
+    fn gathers(&self) -> bool {
+        false
+    }
 }
 
-impl QueuedSink for FrameWriter<LaneWrite> {
-    fn put(&mut self, f: OutFrame) -> Result<(), TransportError> {
-        let slices: Vec<IoSlice<'_>> = f.parts.iter().map(|p| IoSlice::new(p)).collect();
-        self.write_frame_vectored(f.kind, f.flags, &slices)
+/// The control sink of a lane, for frames answered synchronously (the
+/// destination's replies).
+impl FrameSink for Box<dyn LaneSink> {
+    fn send_vectored(
+        &mut self,
+        kind: FrameKind,
+        flags: u32,
+        parts: &[IoSlice<'_>],
+    ) -> Result<(), TransportError> {
+        self.send_frame(kind, flags, parts)
+    }
+    fn flush(&mut self) -> Result<(), TransportError> {
+        LaneSink::flush(&mut **self)
+    }
+}
+
+fn not_gathering() -> TransportError {
+    TransportError::Write(std::io::Error::other(
+        "a frame with parts left in place on a lane that cannot gather them",
+    ))
+}
+
+/// Any byte stream (a TLS session, a plain socket without gathering):
+/// sealed frames are written as they are.
+impl<W: Write + Send> LaneSink for FrameWriter<W> {
+    fn send_frame(
+        &mut self,
+        kind: FrameKind,
+        flags: u32,
+        parts: &[IoSlice<'_>],
+    ) -> Result<(), TransportError> {
+        self.write_frame_vectored(kind, flags, parts)
+    }
+    fn send_sealed(&mut self, frame: SealedFrame) -> Result<Option<Vec<u8>>, TransportError> {
+        let bytes = frame.contiguous().ok_or_else(not_gathering)?;
+        self.get_mut()
+            .write_all(bytes)
+            .map_err(TransportError::Write)?;
+        Ok(Some(frame.into_buffer()))
     }
     fn flush(&mut self) -> Result<(), TransportError> {
         FrameWriter::flush(self)
     }
 }
 
-/// Zero-copy lane sender: frames stay owned until the kernel releases them;
-/// charges the session's bandwidth bucket, if any, per frame.
-struct ZeroCopyLane {
-    sender: ZcSender,
-    bucket: Option<Arc<TokenBucket>>,
+/// A plaintext TCP socket: sealed frames leave with one `sendmsg` that
+/// gathers their parts left in place (guest pages) from where they are.
+#[derive(Debug)]
+pub struct SocketSink(FrameWriter<TcpStream>);
+
+impl SocketSink {
+    /// Writes to `socket`.
+    pub fn new(socket: TcpStream) -> SocketSink {
+        SocketSink(FrameWriter::new(socket))
+    }
 }
 
-impl QueuedSink for ZeroCopyLane {
-    fn put(&mut self, f: OutFrame) -> Result<(), TransportError> {
-        let len = crate::frame::HEADER_LEN + f.parts.iter().map(Bytes::len).sum::<usize>();
-        self.sender.send_owned(f)?;
-        if let Some(b) = &self.bucket {
-            b.charge(len);
+impl LaneSink for SocketSink {
+    fn send_frame(
+        &mut self,
+        kind: FrameKind,
+        flags: u32,
+        parts: &[IoSlice<'_>],
+    ) -> Result<(), TransportError> {
+        self.0.write_frame_vectored(kind, flags, parts)
+    }
+    fn send_sealed(&mut self, frame: SealedFrame) -> Result<Option<Vec<u8>>, TransportError> {
+        match frame.contiguous() {
+            Some(bytes) => self.0.get_mut().write_all(bytes),
+            None => frame.send_to(self.0.get_ref()),
         }
-        Ok(())
+        .map_err(TransportError::Write)?;
+        Ok(Some(frame.into_buffer()))
     }
     fn flush(&mut self) -> Result<(), TransportError> {
-        self.sender.flush()
+        Ok(())
+    }
+    fn gathers(&self) -> bool {
+        true
     }
 }
+
+/// Any [`FrameSink`] (the seam for other transports): it frames and
+/// checksums every frame itself, so a sealed frame's payload is framed
+/// again.
+#[derive(Debug)]
+pub struct FramedSink<S>(pub S);
+
+impl<S: FrameSink + Send> LaneSink for FramedSink<S> {
+    fn send_frame(
+        &mut self,
+        kind: FrameKind,
+        flags: u32,
+        parts: &[IoSlice<'_>],
+    ) -> Result<(), TransportError> {
+        self.0.send_vectored(kind, flags, parts)
+    }
+    fn send_sealed(&mut self, frame: SealedFrame) -> Result<Option<Vec<u8>>, TransportError> {
+        let bytes = frame.contiguous().ok_or_else(not_gathering)?;
+        self.0.send_vectored(
+            frame.kind(),
+            frame.flags(),
+            &[IoSlice::new(&bytes[HEADER_LEN..])],
+        )?;
+        Ok(Some(frame.into_buffer()))
+    }
+    fn flush(&mut self) -> Result<(), TransportError> {
+        self.0.flush()
+    }
+}
+
+/// io_uring zero-copy sends: frames stay owned until the kernel releases
+/// them (their buffers are not reused).
+#[derive(Debug)]
+pub struct ZeroCopySink(ZcSender);
+
+impl ZeroCopySink {
+    /// Sends on `socket` (plaintext) with up to `depth` frames in flight.
+    pub fn new(socket: TcpStream, depth: usize) -> Result<ZeroCopySink, TransportError> {
+        Ok(ZeroCopySink(ZcSender::new(socket, depth)?))
+    }
+}
+
+impl LaneSink for ZeroCopySink {
+    fn send_frame(
+        &mut self,
+        kind: FrameKind,
+        flags: u32,
+        parts: &[IoSlice<'_>],
+    ) -> Result<(), TransportError> {
+        self.0.send_vectored(kind, flags, parts)
+    }
+    fn send_owned(&mut self, frame: OutFrame) -> Result<(), TransportError> {
+        self.0.send_owned(frame)
+    }
+    fn send_sealed(&mut self, frame: SealedFrame) -> Result<Option<Vec<u8>>, TransportError> {
+        if frame.is_gathered() {
+            return Err(not_gathering());
+        }
+        self.0.send_sealed(Bytes::from(frame.into_buffer()))?;
+        Ok(None)
+    }
+    fn flush(&mut self) -> Result<(), TransportError> {
+        self.0.flush()
+    }
+}
+
+/// Settings of a set of lane queues.
+#[derive(Debug, Clone)]
+pub struct QueueOptions {
+    /// Frames a lane's queue holds before its producers wait.
+    pub depth: usize,
+    /// A lane whose queue takes a control frame for this long has failed
+    /// (the peer stopped reading).
+    pub stall: Duration,
+    /// The session's bandwidth cap (its rate may change while it runs).
+    pub bucket: Option<Arc<TokenBucket>>,
+}
+
+impl QueueOptions {
+    /// `depth` frames per queue, a 30 s stall, no cap.
+    pub fn new(depth: usize) -> QueueOptions {
+        QueueOptions {
+            depth,
+            stall: Duration::from_secs(30),
+            bucket: None,
+        }
+    }
+}
+
+/// How fast the lanes take sealed and bulk frames while they write: bytes
+/// written and the time at least one writer was busy writing (waits on the
+/// bandwidth cap included, waits for work not). Bytes over busy time is the
+/// link's rate as the producers see it, whether they or the link are the
+/// bottleneck.
+#[derive(Debug, Default)]
+pub struct LinkMeter {
+    state: Mutex<MeterState>,
+}
+
+#[derive(Debug, Default)]
+struct MeterState {
+    active: u32,
+    since: Option<Instant>,
+    busy: Duration,
+    bytes: u64,
+}
+
+impl LinkMeter {
+    fn begin(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.active == 0 {
+            s.since = Some(Instant::now());
+        }
+        s.active += 1;
+    }
+
+    fn end(&self, bytes: usize) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.active = s.active.saturating_sub(1);
+        s.bytes += bytes as u64;
+        if s.active == 0 {
+            if let Some(since) = s.since.take() {
+                s.busy += since.elapsed();
+            }
+        }
+    }
+
+    /// Bytes written so far and the busy time so far.
+    pub fn totals(&self) -> (u64, Duration) {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let running = s.since.map_or(Duration::ZERO, |t| t.elapsed());
+        (s.bytes, s.busy + running)
+    }
+}
+
+/// Something queued on a lane.
+enum Queued {
+    Control(OutFrame),
+    Bulk(OutFrame),
+    Sealed(SealedFrame),
+}
+
+type ErrorSlot = Arc<Mutex<Option<TransportError>>>;
+
+/// How often a producer waiting on a full queue checks for cancellation.
+const CANCEL_POLL: Duration = Duration::from_millis(50);
+
+/// A bucket rate at or above this (1 TB/s) is no cap: it is what a session
+/// that may be capped later starts with.
+const UNCAPPED_FROM: f64 = 1e12;
 
 /// Writer threads, one per lane, each behind a bounded queue.
 #[derive(Debug)]
 pub struct LaneQueues {
-    queues: Vec<Sender<OutFrame>>,
+    queues: Vec<Sender<Queued>>,
     errors: Vec<ErrorSlot>,
-    threads: Vec<JoinHandle<bool>>,
+    threads: Vec<JoinHandle<()>>,
+    done: Receiver<()>,
+    closers: Vec<LaneCloser>,
+    /// Set by [`LaneQueues::abort`]: writers drop what is queued but
+    /// control frames.
+    aborting: Arc<AtomicBool>,
+    stall: Duration,
+    meter: Arc<LinkMeter>,
+    bucket: Option<Arc<TokenBucket>>,
+    /// Buffers of sealed frames sent, for the producers to reuse.
+    spare: Receiver<Vec<u8>>,
+    gathers: bool,
+}
+
+impl std::fmt::Debug for Queued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Queued::Control(o) | Queued::Bulk(o) => o.fmt(f),
+            Queued::Sealed(s) => s.fmt(f),
+        }
+    }
 }
 
 impl LaneQueues {
-    /// Starts one writer thread per lane (plain `write`, or TLS); each queue
-    /// holds at most `depth` frames.
-    pub fn spawn(writers: Vec<FrameWriter<LaneWrite>>, depth: usize) -> LaneQueues {
-        let sinks = writers
-            .into_iter()
-            .map(|w| Box::new(w) as Box<dyn QueuedSink>)
-            .collect();
-        LaneQueues::spawn_sinks(sinks, depth)
-    }
-
-    /// Starts one zero-copy (io_uring `SENDMSG_ZC`) writer thread per lane;
-    /// needs plaintext lanes ([`Lane::into_raw_parts`]). Up to `depth`
-    /// frames wait in each queue and up to `depth` more are in the kernel.
-    pub fn spawn_zero_copy(
-        lanes: Vec<RawLane>,
-        depth: usize,
-    ) -> Result<LaneQueues, TransportError> {
-        let mut sinks: Vec<Box<dyn QueuedSink>> = Vec::with_capacity(lanes.len());
-        for lane in lanes {
-            sinks.push(Box::new(ZeroCopyLane {
-                sender: ZcSender::new(lane.socket, depth)?,
-                bucket: lane.bucket,
-            }));
-        }
-        Ok(LaneQueues::spawn_sinks(sinks, depth))
-    }
-
-    /// Starts one writer thread per sink.
-    pub fn spawn_sinks(sinks: Vec<Box<dyn QueuedSink>>, depth: usize) -> LaneQueues {
-        let mut queues = Vec::with_capacity(sinks.len());
-        let mut errors = Vec::with_capacity(sinks.len());
-        let mut threads = Vec::with_capacity(sinks.len());
+    /// Starts one writer thread per sink (lane index = position). `closers`
+    /// shut the lanes down when [`LaneQueues::close`] runs out of patience.
+    pub fn spawn(
+        sinks: Vec<Box<dyn LaneSink>>,
+        closers: Vec<LaneCloser>,
+        opts: QueueOptions,
+    ) -> LaneQueues {
+        let depth = opts.depth.max(1);
+        let gathers = !sinks.is_empty() && sinks.iter().all(|s| s.gathers());
+        let (done_tx, done) = crossbeam_channel::unbounded();
+        let (spare_tx, spare) = bounded(2 * depth * sinks.len() + 16);
+        let mut out = LaneQueues {
+            queues: Vec::with_capacity(sinks.len()),
+            errors: Vec::with_capacity(sinks.len()),
+            threads: Vec::with_capacity(sinks.len()),
+            done,
+            closers,
+            aborting: Arc::new(AtomicBool::new(false)),
+            stall: opts.stall,
+            meter: Arc::default(),
+            bucket: opts.bucket,
+            spare,
+            gathers,
+        };
         for (lane, mut sink) in sinks.into_iter().enumerate() {
-            let (tx, rx): (Sender<OutFrame>, Receiver<OutFrame>) = bounded(depth.max(1));
-            let slot: ErrorSlot = Arc::new(Mutex::new(None));
-            let thread_slot = Arc::clone(&slot);
+            let (tx, rx) = bounded::<Queued>(depth);
+            let slot = ErrorSlot::default();
+            let writer = Writer {
+                bucket: out.bucket.clone(),
+                spare: spare_tx.clone(),
+                aborting: Arc::clone(&out.aborting),
+                meter: Arc::clone(&out.meter),
+            };
+            let (done_tx, thread_slot) = (done_tx.clone(), Arc::clone(&slot));
             let handle = std::thread::Builder::new()
                 .name(format!("ferry-lane-{lane}"))
                 .spawn(move || {
-                    let fail = |e| {
+                    if let Err(e) = writer.drain(&mut *sink, &rx) {
                         *thread_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                        false
-                    };
-                    for f in rx.iter() {
-                        if let Err(e) = sink.put(f) {
-                            return fail(e);
-                        }
-                        if rx.is_empty() {
-                            if let Err(e) = sink.flush() {
-                                return fail(e);
-                            }
-                        }
                     }
-                    match sink.flush() {
-                        Ok(()) => true,
-                        Err(e) => fail(e),
-                    }
+                    let _ = done_tx.send(());
                 })
                 .expect("spawning a lane writer thread");
-            queues.push(tx);
-            errors.push(slot);
-            threads.push(handle);
+            out.queues.push(tx);
+            out.errors.push(slot);
+            out.threads.push(handle);
         }
-        LaneQueues {
-            queues,
-            errors,
-            threads,
-        }
+        out
     }
 
     /// Number of lanes.
@@ -168,123 +412,290 @@ impl LaneQueues {
         self.queues.len()
     }
 
-    /// Queues `frame` on `lane`, blocking while that lane's queue is full.
-    pub fn send(&self, lane: usize, frame: OutFrame) -> Result<(), TransportError> {
-        let q = self
-            .queues
-            .get(lane)
-            .ok_or(TransportError::NoSuchLane { lane })?;
-        q.send(frame).map_err(|_| self.take_error(lane))
+    /// Whether every lane sends sealed frames with parts left in place.
+    pub fn gathers(&self) -> bool {
+        self.gathers
     }
 
-    /// Queues a frame of pages starting at `first_page` on that page's lane.
+    /// The bandwidth cap all lanes share now, bytes/s, if any.
+    pub fn cap(&self) -> Option<f64> {
+        self.bucket
+            .as_ref()
+            .map(|b| b.rate())
+            .filter(|&r| r < UNCAPPED_FROM)
+    }
+
+    /// What the writers measured of the link.
+    pub fn meter(&self) -> &LinkMeter {
+        &self.meter
+    }
+
+    /// A buffer of a sealed frame already sent, to build the next one in.
+    pub fn spare_buffer(&self) -> Option<Vec<u8>> {
+        self.spare.try_recv().ok()
+    }
+
+    /// Queues a bulk frame on `lane`, blocking while that lane's queue is
+    /// full.
+    pub fn send(&self, lane: usize, frame: OutFrame) -> Result<(), TransportError> {
+        let q = self.queue(lane)?;
+        q.send(Queued::Bulk(frame)).map_err(|_| self.error(lane))
+    }
+
+    /// Queues a bulk frame of pages starting at `first_page` on that page's
+    /// lane.
     pub fn send_pages(&self, first_page: u64, frame: OutFrame) -> Result<(), TransportError> {
         self.send(lane_for_page(first_page, self.queues.len()), frame)
     }
 
-    /// Queues a copy of `frame` on every lane (e.g. a round marker).
-    pub fn broadcast(&self, frame: &OutFrame) -> Result<(), TransportError> {
-        (0..self.queues.len()).try_for_each(|lane| self.send(lane, frame.clone()))
+    /// Queues a sealed frame on `lane`, waiting while the lane's queue is
+    /// full unless `cancel` is set (then the lane counts as closed).
+    pub fn send_sealed(
+        &self,
+        lane: usize,
+        frame: SealedFrame,
+        cancel: &AtomicBool,
+    ) -> Result<(), TransportError> {
+        let q = self.queue(lane)?;
+        let mut item = Queued::Sealed(frame);
+        loop {
+            match q.send_timeout(item, CANCEL_POLL) {
+                Ok(()) => return Ok(()),
+                Err(SendTimeoutError::Disconnected(_)) => return Err(self.error(lane)),
+                Err(SendTimeoutError::Timeout(back)) => {
+                    if cancel.load(Ordering::Relaxed) {
+                        return Err(TransportError::LaneClosed { lane });
+                    }
+                    item = back;
+                }
+            }
+        }
     }
 
-    fn take_error(&self, lane: usize) -> TransportError {
-        self.errors[lane]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .map(|e| TransportError::Lane {
-                lane,
-                source: Box::new(e),
-            })
+    /// Queues a control frame on `lane`, waiting for room until `until` at
+    /// the latest, and never longer than the stall time (then the lane has
+    /// failed: the peer stopped reading).
+    pub fn send_control(
+        &self,
+        lane: usize,
+        frame: OutFrame,
+        until: Option<Instant>,
+    ) -> Result<(), TransportError> {
+        let q = self.queue(lane)?;
+        let wait = until.map_or(self.stall, |u| {
+            u.saturating_duration_since(Instant::now()).min(self.stall)
+        });
+        match q.send_timeout(Queued::Control(frame), wait) {
+            Ok(()) => Ok(()),
+            Err(SendTimeoutError::Disconnected(_)) => Err(self.error(lane)),
+            Err(SendTimeoutError::Timeout(_)) => Err(stalled(lane, wait)),
+        }
+    }
+
+    /// Queues a copy of control frame `frame` on every lane (a round
+    /// marker); waits as [`LaneQueues::send_control`].
+    pub fn broadcast(
+        &self,
+        frame: &OutFrame,
+        until: Option<Instant>,
+    ) -> Result<(), TransportError> {
+        (0..self.queues.len()).try_for_each(|lane| self.send_control(lane, frame.clone(), until))
+    }
+
+    /// After a failure: every writer drops the sealed and bulk frames still
+    /// queued, and `frame` (an Abort) goes out on lane 0, waiting at most
+    /// `grace` for room. Whether it was queued.
+    pub fn abort(&self, frame: OutFrame, grace: Duration) -> bool {
+        self.aborting.store(true, Ordering::Release);
+        self.queues
+            .first()
+            .is_some_and(|q| q.send_timeout(Queued::Control(frame), grace).is_ok())
+    }
+
+    fn queue(&self, lane: usize) -> Result<&Sender<Queued>, TransportError> {
+        self.queues
+            .get(lane)
+            .ok_or(TransportError::NoSuchLane { lane })
+    }
+
+    /// Why `lane`'s writer stopped.
+    fn error(&self, lane: usize) -> TransportError {
+        self.take_error(lane)
             .unwrap_or(TransportError::LaneClosed { lane })
     }
 
+    /// The error `lane`'s writer stopped with, if any (taken: said once).
+    fn take_error(&self, lane: usize) -> Option<TransportError> {
+        let e = self.errors[lane]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        Some(TransportError::Lane {
+            lane,
+            source: Box::new(e),
+        })
+    }
+
+    /// The first error a writer stopped with, if any, without waiting.
+    pub fn failed(&self) -> Option<TransportError> {
+        (0..self.lanes()).find_map(|lane| self.take_error(lane))
+    }
+
     /// Drains every queue, flushes, stops the threads; the first lane's
-    /// error, if any.
+    /// error, if any. Waits as long as the peer takes to read.
     pub fn finish(self) -> Result<(), TransportError> {
         let LaneQueues {
             queues,
             errors,
             threads,
+            ..
         } = self;
         drop(queues);
-        let mut first_err = None;
-        for (lane, t) in threads.into_iter().enumerate() {
-            if !t.join().unwrap_or(false) {
+        for t in threads {
+            let _ = t.join();
+        }
+        (0..errors.len())
+            .find_map(|lane| {
                 let e = errors[lane]
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .take()
-                    .map(|e| TransportError::Lane {
-                        lane,
-                        source: Box::new(e),
-                    })
-                    .unwrap_or(TransportError::LaneClosed { lane });
-                first_err.get_or_insert(e);
+                    .take()?;
+                Some(TransportError::Lane {
+                    lane,
+                    source: Box::new(e),
+                })
+            })
+            .map_or(Ok(()), Err)
+    }
+
+    /// Lets the writers send what is queued, for up to `grace`; then shuts
+    /// the lanes down (a peer that stopped reading must not hold the
+    /// sender forever) and waits for the threads as long again. A writer
+    /// on a sink without a lane to shut down may stay blocked: it is left
+    /// behind (detached) rather than hang the caller.
+    pub fn close(self, grace: Duration) {
+        let LaneQueues {
+            queues,
+            threads,
+            closers,
+            done,
+            ..
+        } = self;
+        drop(queues);
+        let wait = |finished: &mut usize| {
+            let until = Instant::now() + grace;
+            while *finished < threads.len() {
+                match done.recv_deadline(until) {
+                    Ok(()) => *finished += 1,
+                    Err(_) => break,
+                }
+            }
+        };
+        let mut finished = 0;
+        wait(&mut finished);
+        if finished < threads.len() {
+            closers.iter().for_each(LaneCloser::close);
+            wait(&mut finished);
+        }
+        if finished == threads.len() {
+            for t in threads {
+                let _ = t.join();
             }
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
+    }
+}
+
+/// A lane that took nothing for `stall`: the peer stopped reading.
+fn stalled(lane: usize, stall: Duration) -> TransportError {
+    TransportError::Lane {
+        lane,
+        source: Box::new(TransportError::Write(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer took nothing on this lane for {stall:?}"),
+        ))),
+    }
+}
+
+/// What a writer thread shares with the others.
+struct Writer {
+    bucket: Option<Arc<TokenBucket>>,
+    spare: Sender<Vec<u8>>,
+    aborting: Arc<AtomicBool>,
+    meter: Arc<LinkMeter>,
+}
+
+impl Writer {
+    /// Writes what comes, flushing when the queue runs dry.
+    fn drain(&self, sink: &mut dyn LaneSink, rx: &Receiver<Queued>) -> Result<(), TransportError> {
+        for item in rx.iter() {
+            match item {
+                Queued::Control(frame) => {
+                    // Counts against the cap but never waits: a Go or an
+                    // Abort must not sit behind the pages' debt.
+                    if let Some(b) = &self.bucket {
+                        let _ = b.charge_at(frame.wire_len(), Instant::now());
+                    }
+                    sink.send_owned(frame)?;
+                }
+                Queued::Sealed(frame) if self.aborting.load(Ordering::Acquire) => {
+                    let _ = self.spare.try_send(frame.into_buffer());
+                }
+                Queued::Bulk(_) if self.aborting.load(Ordering::Acquire) => {}
+                Queued::Sealed(frame) => {
+                    let len = self.charge(frame.wire_len());
+                    let sent = sink.send_sealed(frame);
+                    self.meter.end(len);
+                    if let Some(buffer) = sent? {
+                        let _ = self.spare.try_send(buffer);
+                    }
+                }
+                Queued::Bulk(frame) => {
+                    let len = self.charge(frame.wire_len());
+                    let sent = sink.send_owned(frame);
+                    self.meter.end(len);
+                    sent?;
+                }
+            }
+            if rx.is_empty() {
+                sink.flush()?;
+            }
         }
-    }
-}
-
-/// One frame from a [`LaneInbox`], or the end of its lane.
-#[derive(Debug)]
-pub struct LaneEvent {
-    /// Which lane.
-    pub lane: u16,
-    /// The frame, or why the lane ended (`PeerClosed` for a clean close).
-    pub frame: Result<Frame, TransportError>,
-}
-
-/// Reader threads, one per lane, merged into one bounded channel.
-#[derive(Debug)]
-pub struct LaneInbox {
-    rx: Receiver<LaneEvent>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl LaneInbox {
-    /// Starts one reader thread per lane; at most `depth` frames wait unread.
-    pub fn spawn(readers: Vec<(u16, FrameReader<LaneRead>)>, depth: usize) -> LaneInbox {
-        let (tx, rx) = bounded(depth.max(1));
-        let threads = readers
-            .into_iter()
-            .map(|(lane, mut reader)| {
-                let tx = tx.clone();
-                std::thread::Builder::new()
-                    .name(format!("ferry-lane-rx-{lane}"))
-                    .spawn(move || loop {
-                        let frame = reader.read_frame();
-                        let end = frame.is_err();
-                        if tx.send(LaneEvent { lane, frame }).is_err() || end {
-                            return;
-                        }
-                    })
-                    .expect("spawning a lane reader thread")
-            })
-            .collect();
-        LaneInbox { rx, threads }
+        sink.flush()
     }
 
-    /// The next frame from any lane (per-lane order kept), or `None` once
-    /// every lane has ended and its end was delivered.
-    pub fn recv(&self) -> Option<LaneEvent> {
-        self.rx.recv().ok()
-    }
-
-    /// The underlying channel (for `select!`).
-    pub fn receiver(&self) -> &Receiver<LaneEvent> {
-        &self.rx
-    }
-
-    /// Waits for the reader threads (after their lanes ended).
-    pub fn join(self) {
-        drop(self.rx);
-        for t in self.threads {
-            let _ = t.join();
+    /// Starts a bulk write of `len` bytes: charged before it goes out, so
+    /// the lanes sharing one bucket wait off their debt together instead of
+    /// each bursting a frame past the cap.
+    fn charge(&self, len: usize) -> usize {
+        self.meter.begin();
+        if let Some(b) = &self.bucket {
+            b.charge(len);
         }
+        len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_link_meter_counts_overlapping_writes_once_and_idle_time_never() {
+        let meter = LinkMeter::default();
+        let t0 = Instant::now();
+        meter.begin();
+        meter.begin();
+        std::thread::sleep(Duration::from_millis(20));
+        meter.end(1000);
+        meter.end(3000);
+        let wall = t0.elapsed();
+        let (bytes, busy) = meter.totals();
+        assert_eq!(bytes, 4000);
+        assert!(busy >= Duration::from_millis(20), "{busy:?}");
+        // Two overlapping writers: the wall time once, not twice.
+        assert!(busy <= wall, "{busy:?} busy in {wall:?}");
+        // Waiting for work is not writing.
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(meter.totals(), (4000, busy));
     }
 }

@@ -27,8 +27,8 @@ use super::reorder::{Reassembly, ReorderError};
 use super::wire::{TunnelMsg, TunnelWireError, MAX_CHUNK};
 use super::TunnelStats;
 use crate::error::TransportError;
-use crate::lanes::queue::{LaneInbox, LaneQueues};
 use crate::lanes::{LaneCloser, Lanes};
+use crate::lanes::{LaneInbox, LaneQueues, QueueOptions};
 
 /// Most streams a destination opens ahead of the last one it has seen.
 /// Why: ids are sequential, so a far-ahead id is a corrupt or hostile peer,
@@ -180,19 +180,13 @@ impl Session {
         window: u64,
         stats: Arc<TunnelStats>,
     ) -> Result<(Arc<Session>, Dispatcher), TransportError> {
-        let mut closers = Vec::new();
-        let mut readers = Vec::new();
-        let mut writers = Vec::new();
-        for lane in lanes.into_vec() {
-            closers.push(lane.closer()?);
-            let (i, r, w) = lane.into_parts();
-            readers.push((i, r));
-            writers.push(w);
-        }
-        let inbox = LaneInbox::spawn(readers, 256);
+        let ends = lanes.into_ends()?;
+        let inbox = LaneInbox::spawn(ends.readers, 256);
+        let mut opts = QueueOptions::new(64);
+        opts.bucket = ends.bucket;
         let session = Arc::new(Session {
-            queues: LaneQueues::spawn(writers, 64),
-            closers,
+            queues: LaneQueues::spawn(ends.sinks, Vec::new(), opts),
+            closers: ends.closers,
             lz4,
             window,
             streams: Mutex::new(Streams {
@@ -453,7 +447,10 @@ impl Session {
     fn dispatch(self: &Arc<Session>, inbox: &LaneInbox, role: &Role) -> Result<(), SessionError> {
         let mut ready = Vec::new();
         while let Some(ev) = inbox.recv() {
-            let frame = match ev.frame {
+            let frame = match ev
+                .frame
+                .and_then(|f| f.into_frame().map_err(TransportError::Corrupt))
+            {
                 Ok(f) => f,
                 // The peer ended the session (its lanes closed; over TLS
                 // possibly without close_notify). Streams are torn down hard,
