@@ -69,7 +69,7 @@ pub fn default_lane_count() -> u16 {
 
 /// A boxed reading half of a lane (plain TCP or TLS).
 pub type LaneRead = Box<dyn Read + Send>;
-/// A boxed writing half of a lane (plain TCP or TLS, maybe rate-limited).
+/// A boxed writing half of a lane (plain TCP or TLS).
 pub type LaneWrite = Box<dyn Write + Send>;
 
 /// How lanes are set up.
