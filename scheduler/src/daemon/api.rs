@@ -59,7 +59,7 @@ use crate::ha::failover::{ClusterHa, HaEvent};
 use crate::model::Cluster;
 use crate::plan::planner::PolicyMode;
 use crate::plan::rules::{self, Rule};
-use crate::store::{Decision, LeaderInfo, OwnerRecord, StoreError};
+use crate::store::{ClusterStore, Decision, LeaderClaim, LeaderInfo, OwnerRecord, StoreError};
 
 #[derive(Clone)]
 struct AppState {
@@ -459,6 +459,26 @@ async fn problems(State(s): State<AppState>) -> Json<ProblemsView> {
     })
 }
 
+/// With the cluster store, makes `write` there under this daemon's leader
+/// claim, on a blocking thread (503 when it no longer leads or the store
+/// refuses); without one, nothing.
+async fn write_as_leader(
+    s: &AppState,
+    write: impl FnOnce(&ClusterStore, &LeaderClaim) -> Result<(), StoreError> + Send + 'static,
+) -> Result<(), Refusal> {
+    let Some(ha) = s.daemon.ha.clone() else {
+        return Ok(());
+    };
+    tokio::task::spawn_blocking(move || {
+        let me = ha
+            .claim()
+            .ok_or_else(|| Refusal::unavailable("this daemon no longer leads; retry"))?;
+        write(&ha.store, &me).map_err(|e| Refusal::unavailable(error_chain(&e)))
+    })
+    .await
+    .map_err(|e| Refusal::failed(e.to_string()))?
+}
+
 /// Most rounds one maintenance request runs (each moves up to the per-host
 /// limit of VMs) before it answers.
 const MAX_MAINTENANCE_ROUNDS: usize = 32;
@@ -473,21 +493,10 @@ async fn set_maintenance(s: AppState, name: String, on: bool) -> Result<Json<Rou
     // No timer round may act on the flag between setting it and our
     // rounds: their actions are what this request reports.
     let turn = s.daemon.take_turn().await;
-    if let Some(ha) = s.daemon.ha.clone() {
-        // Recorded first: a leader that dies mid-evacuation leaves it to
-        // the next one.
-        let host = name.clone();
-        tokio::task::spawn_blocking(move || {
-            let me = ha
-                .claim()
-                .ok_or_else(|| Refusal::unavailable("this daemon no longer leads; retry"))?;
-            ha.store
-                .set_maintenance(&me, &host, on)
-                .map_err(|e| Refusal::unavailable(error_chain(&e)))
-        })
-        .await
-        .map_err(|e| Refusal::failed(e.to_string()))??;
-    }
+    // Recorded first: a leader that dies mid-evacuation leaves it to the
+    // next one.
+    let host = name.clone();
+    write_as_leader(&s, move |store, me| store.set_maintenance(me, &host, on)).await?;
     let h = {
         let mut st = lock(&s.daemon.state);
         let h = st
@@ -606,19 +615,8 @@ async fn edit_rules(
         rules::check(&new, &hosts).map_err(|e| Refusal::bad_request(e.to_string()))?;
         new
     };
-    if let Some(ha) = s.daemon.ha.clone() {
-        let stored = new.clone();
-        tokio::task::spawn_blocking(move || {
-            let me = ha
-                .claim()
-                .ok_or_else(|| Refusal::unavailable("this daemon no longer leads; retry"))?;
-            ha.store
-                .set_rules(&me, &stored)
-                .map_err(|e| Refusal::unavailable(error_chain(&e)))
-        })
-        .await
-        .map_err(|e| Refusal::failed(e.to_string()))??;
-    }
+    let stored = new.clone();
+    write_as_leader(s, move |store, me| store.set_rules(me, &stored)).await?;
     info!(rules = new.len(), "rules set");
     lock(&s.daemon.state).cluster.rules = new.clone();
     Ok(Json(new))
