@@ -393,7 +393,6 @@ mod tests {
             compress: None,
             on_deadline: None,
             converge: None,
-            vcpu_dirty_limit_mbps: None,
         };
         let got = migrate(&path, req, |e| seen.push(e.clone())).unwrap();
         t.join().unwrap();

@@ -194,11 +194,6 @@ pub struct MigrateRequest {
     /// vCPUs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub converge: Option<ferry_engine::ConvergeMode>,
-    /// Dirty-limit: the dirty rate each vCPU is slowed down towards, MB/s
-    /// (MiB/s, like QEMU's `vcpu-dirty-limit`; 1 to 1 000 000). Absent:
-    /// half the link's bandwidth estimate shared among the vCPUs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vcpu_dirty_limit_mbps: Option<u64>,
 }
 
 /// The limits of a migration: set when it starts, changed by `set` while
@@ -218,6 +213,13 @@ pub struct Limits {
     /// Throttle the guest when rounds stop shrinking.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_converge: Option<bool>,
+    /// Dirty-limit: the dirty rate each vCPU is slowed down towards, MB/s
+    /// (MiB/s, like QEMU's `vcpu-dirty-limit`; 1 to 1 000 000). Absent at
+    /// the start: half the link's bandwidth estimate shared among the
+    /// vCPUs. A `set` takes effect from the next round whenever dirty-limit
+    /// is in force (from the start or after a `--converge auto` switch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_dirty_limit_mbps: Option<u64>,
 }
 
 /// A line the server writes after the greeting.
@@ -519,9 +521,13 @@ pub struct Summary {
     /// Highest throttle (auto-converge, or dirty-limit's highest vCPU),
     /// percent.
     pub max_throttle_percent: u8,
-    /// How the guest was slowed down: `auto-converge` or `dirty-limit`.
+    /// How the guest was slowed down: `auto-converge` or `dirty-limit`, the
+    /// mode it started in.
     #[serde(default)]
     pub converge: String,
+    /// The switches `--converge auto` made from that mode, in order.
+    #[serde(default)]
+    pub converge_switches: Vec<ferry_engine::ConvergeSwitch>,
     /// Highest throttle each vCPU had, percent (index = vCPU).
     #[serde(default)]
     pub vcpu_max_throttle_percent: Vec<u8>,
@@ -656,6 +662,7 @@ impl From<&ferry_engine::MigrationSummary> for Summary {
             wire_bytes_per_sec: s.wire_bytes_per_sec,
             max_throttle_percent: s.max_throttle_percent,
             converge: s.converge.as_str().to_owned(),
+            converge_switches: s.converge_switches.clone(),
             vcpu_max_throttle_percent: s.vcpu_max_throttle_percent.clone(),
             vcpu_dirty_pages: s.vcpu_dirty_pages.clone(),
             memory_digest: s.memory_digest,
@@ -951,6 +958,10 @@ mod tests {
             wire_bytes_per_sec: 0.5e9,
             max_throttle_percent: 60,
             converge: ferry_engine::ConvergeMode::DirtyLimit,
+            converge_switches: vec![ferry_engine::ConvergeSwitch {
+                after_round: 2,
+                to: ferry_engine::ConvergeMode::AutoConverge,
+            }],
             vcpu_max_throttle_percent: vec![60, 0],
             vcpu_dirty_pages: vec![9, 1],
             memory_digest: u64::MAX - 5,

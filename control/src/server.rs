@@ -184,11 +184,20 @@ impl Limits {
         if self.max_bandwidth == Some(0) {
             return Err(bad("max_bandwidth", &"0 bytes/s would never finish"));
         }
+        let vcpu_dirty_limit = self
+            .vcpu_dirty_limit_mbps
+            .map(|l| {
+                crate::units::check_vcpu_dirty_limit(l)
+                    .map(|l| l * MB_IN_PAGES)
+                    .map_err(|e| bad("vcpu_dirty_limit_mbps", &e))
+            })
+            .transpose()?;
         Ok(Retune {
             max_downtime,
             max_bandwidth: self.max_bandwidth,
             deadline,
             auto_converge: self.auto_converge,
+            vcpu_dirty_limit,
         })
     }
 
@@ -199,6 +208,7 @@ impl Limits {
             deadline_s: later.deadline_s.or(self.deadline_s),
             max_bandwidth: later.max_bandwidth.or(self.max_bandwidth),
             auto_converge: later.auto_converge.or(self.auto_converge),
+            vcpu_dirty_limit_mbps: later.vcpu_dirty_limit_mbps.or(self.vcpu_dirty_limit_mbps),
         }
     }
 }
@@ -235,11 +245,6 @@ impl MigrateRequest {
         if let Some(c) = self.converge {
             o.convergence.converge = c;
         }
-        if let Some(l) = self.vcpu_dirty_limit_mbps {
-            crate::units::check_vcpu_dirty_limit(l)
-                .map_err(|e| ControlError::bad_request(format!("vcpu_dirty_limit_mbps: {e}")))?;
-            o.convergence.vcpu_dirty_limit = Some(l * MB_IN_PAGES);
-        }
         if let Some(l) = self.lanes {
             if !(1..=MAX_LANES).contains(&l) {
                 return Err(ControlError::bad_request(format!(
@@ -259,6 +264,7 @@ impl MigrateRequest {
             deadline_s: o.convergence.deadline.map(|d| d.as_secs_f64()),
             max_bandwidth: o.max_bandwidth,
             auto_converge: Some(o.convergence.auto_converge),
+            vcpu_dirty_limit_mbps: o.convergence.vcpu_dirty_limit.map(|p| p / MB_IN_PAGES),
         }
     }
 }
@@ -691,6 +697,9 @@ pub fn describe_limits(l: &Limits) -> String {
     if let Some(a) = l.auto_converge {
         parts.push(format!("auto-converge {}", if a { "on" } else { "off" }));
     }
+    if let Some(mbps) = l.vcpu_dirty_limit_mbps {
+        parts.push(format!("vCPU dirty limit {mbps} MB/s"));
+    }
     parts.join(", ")
 }
 
@@ -903,13 +912,15 @@ mod tests {
             to: "h:1".into(),
             lanes: None,
             security: None,
-            limits: Limits::default(),
+            limits: Limits {
+                vcpu_dirty_limit_mbps,
+                ..Limits::default()
+            },
             workers: None,
             xor_cache_bytes: None,
             compress: None,
             on_deadline: None,
             converge: None,
-            vcpu_dirty_limit_mbps,
         }
     }
 
@@ -925,5 +936,29 @@ mod tests {
             "{e}"
         );
         assert_eq!(e.lines().count(), 1, "{e}");
+    }
+
+    #[test]
+    fn a_set_retunes_the_vcpu_dirty_limit_in_pages_per_second() {
+        let limits = Limits {
+            vcpu_dirty_limit_mbps: Some(8),
+            ..Limits::default()
+        };
+        let r = limits.validate().unwrap();
+        assert_eq!(r.vcpu_dirty_limit, Some(8 * 256));
+        assert!(!r.is_empty());
+        let policy = r.apply(&ferry_engine::ConvergencePolicy::default());
+        assert_eq!(policy.vcpu_dirty_limit, Some(8 * 256));
+        let e = Limits {
+            vcpu_dirty_limit_mbps: Some(2_000_000),
+            ..Limits::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("vcpu_dirty_limit_mbps: "), "{e}");
+        let merged = Limits::default().merged(limits);
+        assert_eq!(merged.vcpu_dirty_limit_mbps, Some(8));
+        assert!(describe_limits(&merged).contains("vCPU dirty limit 8 MB/s"));
     }
 }

@@ -43,6 +43,16 @@ pub enum ConvergeMode {
     DirtyLimit,
 }
 
+/// A switch of `--converge auto` between the two modes mid-migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ConvergeSwitch {
+    /// The live round (from 0) after which the mode changed: the next
+    /// round ran in `to`.
+    pub after_round: u32,
+    /// The mode from then on (`auto-converge` or `dirty-limit`).
+    pub to: ConvergeMode,
+}
+
 impl ConvergeMode {
     /// The mode in force for a VM of `vcpus` whose dirty log does
     /// (`per_vcpu_counts`) or does not count pages per vCPU; `None` when
@@ -445,6 +455,10 @@ pub struct ConvergenceController {
     /// `--converge auto` over per-vCPU dirty counts and several vCPUs: the
     /// controller may switch mode between rounds ([`auto_mode`]).
     switchable: bool,
+    /// Rounds assessed so far.
+    rounds: u32,
+    /// The mode switches made, in order.
+    switches: Vec<ConvergeSwitch>,
 }
 
 impl ConvergenceController {
@@ -457,6 +471,8 @@ impl ConvergenceController {
             slowdown: Slowdown::AutoConverge,
             vcpus: 1,
             switchable: false,
+            rounds: 0,
+            switches: Vec::new(),
         }
     }
 
@@ -489,6 +505,12 @@ impl ConvergenceController {
             Slowdown::AutoConverge => ConvergeMode::AutoConverge,
             Slowdown::DirtyLimit { .. } => ConvergeMode::DirtyLimit,
         }
+    }
+
+    /// The switches `--converge auto` made between the modes, in order
+    /// (empty when the starting mode stayed in force throughout).
+    pub fn switches(&self) -> &[ConvergeSwitch] {
+        &self.switches
     }
 
     /// The mode in force and its throttles.
@@ -554,6 +576,10 @@ impl ConvergenceController {
             return None;
         }
         tracing::info!(from = %self.mode(), to = %next, ?vcpu_dirty_pages, "convergence mode switched");
+        self.switches.push(ConvergeSwitch {
+            after_round: self.rounds.saturating_sub(1),
+            to: next,
+        });
         match next {
             ConvergeMode::DirtyLimit => {
                 self.slowdown = Slowdown::DirtyLimit {
@@ -574,6 +600,7 @@ impl ConvergenceController {
     /// dirty-limit step becomes a whole-guest throttle step).
     pub fn assess(&mut self, round: &RoundMeasurement, vcpu_dirty_pages: &[u64]) -> Assessment {
         let mut assessment = decide(&self.policy, &self.state, round);
+        self.rounds = self.rounds.saturating_add(1);
         self.state.bandwidth = assessment.bandwidth_bytes_per_sec;
         self.state.previous_dirty_pages = Some(round.dirty_pages);
         if matches!(

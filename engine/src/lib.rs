@@ -98,7 +98,7 @@ pub mod steer;
 mod summary;
 mod vm;
 
-pub use convergence::{ConvergeMode, ConvergencePolicy, Decision, OnDeadline};
+pub use convergence::{ConvergeMode, ConvergeSwitch, ConvergencePolicy, Decision, OnDeadline};
 pub use destination::{DestinationMigration, Incoming};
 pub use digest::PageHashes;
 pub use error::MigrationError;
@@ -114,5 +114,7 @@ pub use progress::{HandoverStep, ProgressEvent};
 pub use sections::{DeviceSection, SectionError, SectionSpec};
 pub use source::SourceMigration;
 pub use steer::{MigrationSteering, Retune, SteerError};
-pub use summary::{DestinationSummary, DowntimeBreakdown, MigrationSummary, RegionDigest};
+pub use summary::{
+    describe_converge, DestinationSummary, DowntimeBreakdown, MigrationSummary, RegionDigest,
+};
 pub use vm::{GuestMemoryMmap, MigratableVm, VmOpError};

@@ -50,6 +50,10 @@ pub struct Retune {
     pub deadline: Option<Duration>,
     /// Throttle the guest when rounds stop shrinking.
     pub auto_converge: Option<bool>,
+    /// Dirty-limit: the rate each vCPU is slowed down towards, pages/s
+    /// ([`ConvergencePolicy::vcpu_dirty_limit`]); in force from the next
+    /// round, whenever dirty-limit is.
+    pub vcpu_dirty_limit: Option<u64>,
 }
 
 impl Retune {
@@ -70,6 +74,9 @@ impl Retune {
         if let Some(a) = self.auto_converge {
             p.auto_converge = a;
         }
+        if let Some(l) = self.vcpu_dirty_limit {
+            p.vcpu_dirty_limit = Some(l);
+        }
         p
     }
 
@@ -80,6 +87,7 @@ impl Retune {
             max_bandwidth: later.max_bandwidth.or(self.max_bandwidth),
             deadline: later.deadline.or(self.deadline),
             auto_converge: later.auto_converge.or(self.auto_converge),
+            vcpu_dirty_limit: later.vcpu_dirty_limit.or(self.vcpu_dirty_limit),
         }
     }
 }

@@ -94,9 +94,13 @@ pub struct MigrationSummary {
     /// Highest throttle used (auto-converge, or dirty-limit's highest
     /// vCPU), percent.
     pub max_throttle_percent: u8,
-    /// How the guest was slowed down when rounds stopped shrinking (the
-    /// mode `auto` resolved to).
+    /// How the guest was slowed down when rounds stopped shrinking, at
+    /// the start (the mode `auto` resolved to); `converge_switches` lists
+    /// the changes after that.
     pub converge: crate::ConvergeMode,
+    /// The switches `--converge auto` made between auto-converge and
+    /// dirty-limit, in order (empty: `converge` was in force throughout).
+    pub converge_switches: Vec<crate::convergence::ConvergeSwitch>,
     /// Highest throttle each vCPU had, percent (index = vCPU).
     pub vcpu_max_throttle_percent: Vec<u8>,
     /// Pages each vCPU dirtied over the live rounds, when the dirty log
@@ -121,6 +125,28 @@ pub struct MigrationSummary {
     /// Raw pages that arrived torn (the guest wrote them while they were
     /// sent from its memory) and were sent again.
     pub torn_pages_resent: u64,
+}
+
+impl MigrationSummary {
+    /// The convergence modes in force, in order: the starting one, then
+    /// each `--converge auto` switch, e.g. "auto-converge, dirty-limit
+    /// from round 3".
+    pub fn converge_modes(&self) -> String {
+        describe_converge(self.converge, &self.converge_switches)
+    }
+}
+
+/// "auto-converge" or "auto-converge, dirty-limit from round 3, ..." for a
+/// start mode and its switches.
+pub fn describe_converge(
+    start: crate::ConvergeMode,
+    switches: &[crate::convergence::ConvergeSwitch],
+) -> String {
+    let mut s = start.as_str().to_owned();
+    for sw in switches {
+        s.push_str(&format!(", {} from round {}", sw.to, sw.after_round + 1));
+    }
+    s
 }
 
 /// One memory region's digest (see `crate::digest`).

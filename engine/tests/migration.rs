@@ -226,8 +226,10 @@ fn a_timer_guest_migrates_and_keeps_ticking_with_a_continuous_clock() -> Result<
         1,
     )?;
     let st = vm.status();
+    let st_at = std::time::Instant::now();
     ensure!(st.hz == HZ, "the guest did not start its timer: {st}");
     let ticking = wait_status(&vm, Duration::from_secs(30), |s| s.ticks >= st.ticks + 20);
+    let source_rate = (ticking.ticks - st.ticks) as f64 / st_at.elapsed().as_secs_f64();
     ensure!(
         ticking.ticks >= st.ticks + 20,
         "no ticks on the source: {ticking}"
@@ -242,6 +244,7 @@ fn a_timer_guest_migrates_and_keeps_ticking_with_a_continuous_clock() -> Result<
     let summary = result?;
     let (dest_vm, _) = dest.join()?;
     let first = dest_vm.status();
+    let first_at = std::time::Instant::now();
     // How long the destination had run when `first` was read.
     let ran_ns = unix_ns().saturating_sub(dest_vm.resumed_at_unix_ns());
     let at_switchover = vm.status();
@@ -263,8 +266,21 @@ fn a_timer_guest_migrates_and_keeps_ticking_with_a_continuous_clock() -> Result<
         later.ticks >= at_switchover.ticks + 50 && later.halts > at_switchover.halts,
         "the destination does not tick: {at_switchover} at the switchover, {later} later"
     );
+    let later_at = std::time::Instant::now();
     ensure!(later.is_healthy(), "{later}");
     ensure!(later.pages_dirtied > at_switchover.pages_dirtied, "{later}");
+    // Measured, not asserted (timing): the tick rate on both sides, and
+    // how far the guest's clock fell behind host time across the move
+    // (the ticks of the downtime that are not replayed, vm/guest/GUEST.md).
+    let dest_rate =
+        (later.ticks - first.ticks) as f64 / (later_at - first_at).as_secs_f64().max(1e-3);
+    let host_ms = (later_at - st_at).as_secs_f64() * 1000.0;
+    let lag_ms = host_ms - ((later.ticks - st.ticks) * 1000 / HZ) as f64;
+    eprintln!(
+        "timer guest: {source_rate:.1} ticks/s at the source, {dest_rate:.1} at the destination; \
+         the clock {lag_ms:.0} ms behind host time after a {:?} downtime",
+        summary.downtime
+    );
     // The jump across the switchover, in ms of guest clock, against the
     // host time it can cover: the downtime and how long the destination
     // had run when it was read.
@@ -496,6 +512,130 @@ fn dirty_limit_throttles_only_the_dirtying_vcpu_and_converges() -> Result<()> {
         "the destination starts unthrottled"
     );
     Ok(())
+}
+
+/// Two vCPUs both dirtying, at different paces (`rates=10000,300`,
+/// vm/guest/GUEST.md: vCPU 0 at 10 000 pages/s, vCPU 1 at 300), the dirty
+/// ring on, over a link slower than vCPU 0 alone: dirty-limit throttles
+/// vCPU 0 only (vCPU 1 stays under the per-vCPU limit, ~975 pages/s here:
+/// half the link's 16 MB/s over two vCPUs), the migration converges, and
+/// both vCPUs go on dirtying at the destination with no bad page.
+#[test]
+fn dirty_limit_throttles_only_the_fast_one_of_two_dirtying_vcpus() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("dirty_limit_throttles_only_the_fast_one_of_two_dirtying_vcpus")
+    else {
+        return Ok(());
+    };
+    let vm = boot_cpus(
+        64,
+        &format!("rates=10000,300 wss=16M verify=64 cpus=2 {TSC}"),
+        DirtyBackend::Ring(64 << 10),
+        2,
+    )?;
+    let st = vm.status();
+    ensure!(st.cpus == 2, "the guest runs {} loops: {st}", st.cpus);
+    let both = wait_status(&vm, Duration::from_secs(10), |s| {
+        s.vcpus()
+            .iter()
+            .zip(st.vcpus())
+            .all(|(n, t)| n.pages_dirtied > t.pages_dirtied + 100)
+    });
+    ensure!(
+        both.vcpus()
+            .iter()
+            .zip(st.vcpus())
+            .all(|(n, t)| n.pages_dirtied > t.pages_dirtied + 100),
+        "both loops must dirty: {both}"
+    );
+    let mut opts = faster_than_the_link(true, Duration::from_secs(120));
+    opts.convergence.converge = ConvergeMode::DirtyLimit;
+    opts.convergence.on_deadline = ferry_engine::OnDeadline::Force;
+    let dest = Destination::spawn(DestinationOptions::default())?;
+    let (result, events) = migrate_to(&vm, dest.addr, opts);
+    let summary = result?;
+    let (dest_vm, dest_summary) = dest.join()?;
+    eprintln!(
+        "dirty-limit, fast and slow: {}",
+        serde_json::to_string(&summary)?
+    );
+    ensure!(summary.converge == ConvergeMode::DirtyLimit, "{summary:?}");
+    ensure!(summary.converge_switches.is_empty(), "{summary:?}");
+    let limited = events.iter().any(|e| {
+        matches!(e, ProgressEvent::RoundFinished { assessment, .. } if matches!(assessment.decision, Decision::LimitVcpus { .. }))
+    });
+    ensure!(limited, "converged without dirty-limit stepping in");
+    let throttles = &summary.vcpu_max_throttle_percent;
+    ensure!(
+        throttles.len() == 2 && throttles[0] > 0 && throttles[1] == 0,
+        "only the fast vCPU 0 may be throttled: {throttles:?}"
+    );
+    // Every round's throttles: vCPU 1 never had one.
+    for e in &events {
+        if let ProgressEvent::RoundFinished { vcpu_throttles, .. } = e {
+            ensure!(
+                vcpu_throttles.get(1).copied().unwrap_or(0) == 0,
+                "the slow vCPU 1 was throttled in a round: {vcpu_throttles:?}"
+            );
+        }
+    }
+    let dirtied = &summary.vcpu_dirty_pages;
+    ensure!(
+        dirtied.len() == 2 && dirtied[0] > dirtied[1] && dirtied[1] > 0,
+        "per-vCPU dirty counts: {dirtied:?}"
+    );
+    ensure!(
+        summary.memory_digest == dest_summary.memory_digest,
+        "digests differ"
+    );
+    ensure!(
+        dest_vm.vcpu_throttles().iter().all(|&t| t == 0),
+        "the destination starts unthrottled"
+    );
+    every_vcpu_lives_on(&dest_vm, &vm.status())
+}
+
+/// `--converge auto` on two vCPUs dirtying alike (`rates=6000,6000`) and
+/// the dirty ring: it starts in dirty-limit (several vCPUs, per-vCPU
+/// counts), and once a round shows no vCPU dominating (each ~50 % of the
+/// pages, under the 55 % that keeps dirty-limit) it switches to
+/// auto-converge: the summary names the start mode and lists the switch.
+#[test]
+fn the_summary_lists_the_modes_converge_auto_switched_to() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("the_summary_lists_the_modes_converge_auto_switched_to") else {
+        return Ok(());
+    };
+    let vm = boot_cpus(
+        64,
+        &format!("rates=6000,6000 wss=16M verify=64 cpus=2 {TSC}"),
+        DirtyBackend::Ring(64 << 10),
+        2,
+    )?;
+    let mut opts = faster_than_the_link(true, Duration::from_secs(120));
+    opts.convergence.converge = ConvergeMode::Auto;
+    opts.convergence.on_deadline = ferry_engine::OnDeadline::Force;
+    let dest = Destination::spawn(DestinationOptions::default())?;
+    let (result, _) = migrate_to(&vm, dest.addr, opts);
+    let summary = result?;
+    let (dest_vm, _) = dest.join()?;
+    eprintln!(
+        "converge auto: {} ({})",
+        summary.converge_modes(),
+        serde_json::to_string(&summary.converge_switches)?
+    );
+    ensure!(summary.converge == ConvergeMode::DirtyLimit, "{summary:?}");
+    ensure!(
+        summary.converge_switches.first().map(|s| s.to) == Some(ConvergeMode::AutoConverge),
+        "no switch to auto-converge listed: {:?}",
+        summary.converge_switches
+    );
+    ensure!(
+        summary
+            .converge_modes()
+            .starts_with("dirty-limit, auto-converge from round "),
+        "{}",
+        summary.converge_modes()
+    );
+    every_vcpu_lives_on(&dest_vm, &vm.status())
 }
 
 /// Dirty-limit needs per-vCPU counts: with the bitmap log it is refused

@@ -237,7 +237,6 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         compress: None,
         on_deadline: None,
         converge: None,
-        vcpu_dirty_limit_mbps: None,
     };
     let result = migrate_cmd::migrate(&src_api, req, false);
     done.store(true, Ordering::Release);

@@ -90,6 +90,11 @@ pub struct SetArgs {
     /// Throttle the guest when rounds stop shrinking: `on` or `off`.
     #[arg(long, value_parser = parse_on_off)]
     pub auto_converge: Option<bool>,
+    /// Dirty-limit: the new rate each vCPU is slowed down towards, MB/s
+    /// (as `ferry migrate --vcpu-dirty-limit`); used whenever dirty-limit
+    /// is in force.
+    #[arg(long, value_parser = parse_vcpu_dirty_limit_flag)]
+    pub vcpu_dirty_limit: Option<u64>,
 }
 
 /// `ferry migrate --api PATH --to ADDR ...`
@@ -223,6 +228,7 @@ impl MigrateArgs {
                 deadline_s: Some(self.deadline.as_secs_f64()),
                 max_bandwidth: self.max_bandwidth,
                 auto_converge: Some(!self.no_auto_converge),
+                vcpu_dirty_limit_mbps: self.vcpu_dirty_limit,
             },
             workers: self.workers.map(usize::from),
             xor_cache_bytes: if self.no_delta {
@@ -233,7 +239,6 @@ impl MigrateArgs {
             compress: Some(!self.no_compress),
             on_deadline: Some(self.on_deadline.into()),
             converge: Some(self.converge),
-            vcpu_dirty_limit_mbps: self.vcpu_dirty_limit,
         })
     }
 }
@@ -461,8 +466,11 @@ pub fn print_summary(s: &Summary) {
         c.zero, c.unchanged, c.xor_delta, c.lz4, c.raw
     );
     println!("  max throttle      {} %", s.max_throttle_percent);
-    if !s.converge.is_empty() {
-        println!("  convergence       {}", s.converge);
+    if let Ok(start) = s.converge.parse::<ferry_engine::ConvergeMode>() {
+        println!(
+            "  convergence       {}",
+            ferry_engine::describe_converge(start, &s.converge_switches)
+        );
     }
     if s.vcpu_max_throttle_percent.len() > 1 || !s.vcpu_dirty_pages.is_empty() {
         for (i, t) in s.vcpu_max_throttle_percent.iter().enumerate() {
@@ -601,9 +609,10 @@ pub fn run(cmd: MigrateCmd) -> anyhow::Result<()> {
                 deadline_s: a.deadline.map(|d| d.as_secs_f64()),
                 max_bandwidth: a.max_bandwidth,
                 auto_converge: a.auto_converge,
+                vcpu_dirty_limit_mbps: a.vcpu_dirty_limit,
             };
             if limits == Limits::default() {
-                bail!("ferry migrate set: give at least one of --max-downtime-ms, --max-bandwidth, --deadline-s, --auto-converge");
+                bail!("ferry migrate set: give at least one of --max-downtime-ms, --max-bandwidth, --deadline-s, --auto-converge, --vcpu-dirty-limit");
             }
             let msg = client::set(&a.api, limits).context("ferry migrate set")?;
             println!("{msg}");

@@ -145,11 +145,16 @@ fn status_from_a_second_client_shows_falling_bytes_left_and_set_retunes() {
         api.to_str().unwrap(),
         "--max-bandwidth",
         "8M",
+        "--vcpu-dirty-limit",
+        "4",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("bandwidth cap 8.0 MiB/s"));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("bandwidth cap 8.0 MiB/s"), "{said}");
+    assert!(said.contains("vCPU dirty limit 4 MB/s"), "{said}");
     let now = migration_status(&api).unwrap();
     assert_eq!(now.limits.max_bandwidth, Some(8 << 20), "{now:?}");
+    assert_eq!(now.limits.vcpu_dirty_limit_mbps, Some(4), "{now:?}");
     let out = ferry(&[
         "migrate",
         "set",
@@ -453,6 +458,19 @@ fn bad_inputs_are_refused_naming_the_flag() {
         &["migrate", "set", "--api", "/x.sock", "--max-bandwidth", "0"],
         "--max-bandwidth",
     );
+    for v in ["0", "1000001", "fast"] {
+        refused(
+            &[
+                "migrate",
+                "set",
+                "--api",
+                "/x.sock",
+                "--vcpu-dirty-limit",
+                v,
+            ],
+            "--vcpu-dirty-limit",
+        );
+    }
 }
 
 #[test]

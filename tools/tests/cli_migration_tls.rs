@@ -118,7 +118,6 @@ fn migrate_request(to: &str, lanes: Option<u16>, security: Option<SecuritySpec>)
         compress: None,
         on_deadline: None,
         converge: None,
-        vcpu_dirty_limit_mbps: None,
     }))
 }
 

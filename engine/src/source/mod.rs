@@ -830,6 +830,7 @@ impl Session<'_> {
             wire_bytes_per_sec: self.wire_bytes as f64 / total.as_secs_f64().max(1e-9),
             max_throttle_percent: max_throttle,
             converge,
+            converge_switches: controller.switches().to_vec(),
             vcpu_max_throttle_percent: vcpu_max_throttle,
             vcpu_dirty_pages: vcpu_dirty_total,
             memory_digest: digest,
