@@ -147,6 +147,15 @@ impl EtcdCluster {
         self.members.iter().map(EtcdMember::endpoint).collect()
     }
 
+    /// The index of the member that leads the cluster now, from each
+    /// running member's own `etcd_server_is_leader` metric.
+    pub fn leader(&self) -> Option<usize> {
+        self.members.iter().position(|m| {
+            get(m.client, "/metrics")
+                .is_ok_and(|text| text.lines().any(|l| l == "etcd_server_is_leader 1"))
+        })
+    }
+
     /// Waits until every running member answers `/health` with true.
     pub fn wait_healthy(&mut self, within: Duration) -> Result<()> {
         let end = Instant::now() + within;
@@ -177,13 +186,19 @@ impl EtcdCluster {
 
 /// `GET /health` on a member: whether it says `"health":"true"`.
 fn health(addr: SocketAddr) -> Result<bool> {
+    Ok(get(addr, "/health")?.contains("\"health\":\"true\""))
+}
+
+/// The member's answer to `GET path` (headers and body), over HTTP/1.0.
+fn get(addr: SocketAddr, path: &str) -> Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
     write!(
         s,
-        "GET /health HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )?;
     let mut body = String::new();
-    s.read_to_string(&mut body).context("reading /health")?;
-    Ok(body.contains("\"health\":\"true\""))
+    s.read_to_string(&mut body)
+        .with_context(|| format!("reading {path}"))?;
+    Ok(body)
 }
