@@ -87,14 +87,37 @@ pub struct EtcdCluster {
 
 impl EtcdCluster {
     /// Starts `n` members named `{tag}-0..` and waits until the cluster
-    /// reports healthy (it has a leader).
+    /// reports healthy (it has a leader). The ports are free when picked,
+    /// but another process may take one before etcd binds it: a cluster
+    /// whose member found its port taken is started again on new ports
+    /// (at most 5 tries).
     pub fn start(etcd: &Path, tag: &str, n: usize) -> Result<Self> {
+        let mut tries = 0;
+        loop {
+            match Self::start_once(etcd, tag, n) {
+                Err(e) if tries < 4 && format!("{e:#}").contains("address already in use") => {
+                    tries += 1;
+                    eprintln!("etcd cluster {tag}: a port was taken meanwhile; new ports");
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn start_once(etcd: &Path, tag: &str, n: usize) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("ferry-etcd-{tag}-"))
             .tempdir()?;
-        let ports: Vec<(u16, u16)> = (0..n)
-            .map(|_| Ok((free_port()?, free_port()?)))
-            .collect::<Result<_>>()?;
+        // Every port held at once while picking, so no two are the same.
+        let held: Vec<TcpListener> = (0..2 * n)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<_>>()?;
+        let picked: Vec<u16> = held
+            .iter()
+            .map(|l| Ok(l.local_addr()?.port()))
+            .collect::<std::io::Result<_>>()?;
+        drop(held);
+        let ports: Vec<(u16, u16)> = picked.chunks(2).map(|p| (p[0], p[1])).collect();
         let initial: Vec<String> = ports
             .iter()
             .enumerate()
