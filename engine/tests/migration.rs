@@ -10,8 +10,8 @@ use common::{
     assert_alive, boot, boot_cpus, boot_with, kvm_or_skip, migrate_to, wait_status, Destination,
 };
 use ferry_engine::{
-    ConvergeMode, ConvergencePolicy, Decision, DestinationOptions, MigrationError,
-    MigrationOptions, ProgressEvent,
+    ConvergeMode, ConvergencePolicy, Decision, DestinationOptions, DestinationSummary,
+    MigrationError, MigrationOptions, MigrationSummary, ProgressEvent,
 };
 use ferry_vm::{DirtyBackend, RunState};
 
@@ -479,38 +479,15 @@ fn dirty_limit_throttles_only_the_dirtying_vcpu_and_converges() -> Result<()> {
     let dest = Destination::spawn(DestinationOptions::default())?;
     let (result, events) = migrate_to(&vm, dest.addr, opts);
     let summary = result?;
-    let (dest_vm, _) = dest.join()?;
+    let (dest_vm, dest_summary) = dest.join()?;
     eprintln!("dirty-limit: {}", serde_json::to_string(&summary)?);
-    ensure!(summary.converge == ConvergeMode::DirtyLimit, "{summary:?}");
-    let limited = events.iter().any(|e| {
-        matches!(e, ProgressEvent::RoundFinished { assessment, .. } if matches!(assessment.decision, Decision::LimitVcpus { .. }))
-    });
-    ensure!(limited, "converged without dirty-limit stepping in");
-    let throttles = &summary.vcpu_max_throttle_percent;
-    ensure!(throttles.len() == 2, "{throttles:?}");
-    ensure!(
-        throttles[0] > 0,
-        "the dirtying vCPU 0 was not throttled: {throttles:?}"
-    );
-    ensure!(
-        throttles[1] == 0,
-        "the quiet vCPU 1 was throttled: {throttles:?}"
-    );
-    let dirtied = &summary.vcpu_dirty_pages;
-    ensure!(
-        dirtied.len() == 2 && dirtied[0] > dirtied[1],
-        "per-vCPU dirty counts: {dirtied:?}"
-    );
+    assert_dirty_limited(&summary, &dest_summary, &events, &dest_vm)?;
     ensure!(
         vm.run_state() == RunState::Paused,
         "source is {:?}",
         vm.run_state()
     );
     assert_alive(&dest_vm, "destination")?;
-    ensure!(
-        dest_vm.vcpu_throttles().iter().all(|&t| t == 0),
-        "the destination starts unthrottled"
-    );
     Ok(())
 }
 
@@ -558,8 +535,27 @@ fn dirty_limit_throttles_only_the_fast_one_of_two_dirtying_vcpus() -> Result<()>
         "dirty-limit, fast and slow: {}",
         serde_json::to_string(&summary)?
     );
-    ensure!(summary.converge == ConvergeMode::DirtyLimit, "{summary:?}");
+    assert_dirty_limited(&summary, &dest_summary, &events, &dest_vm)?;
     ensure!(summary.converge_switches.is_empty(), "{summary:?}");
+    ensure!(
+        summary.vcpu_dirty_pages[1] > 0,
+        "the slow vCPU 1 dirtied nothing: {:?}",
+        summary.vcpu_dirty_pages
+    );
+    every_vcpu_lives_on(&dest_vm, &vm.status())
+}
+
+/// What a dirty-limit migration of a two-vCPU guest whose vCPU 0 dirties
+/// fastest must show: dirty-limit stepped in and throttled vCPU 0, never
+/// vCPU 1 (in no round), vCPU 0 dirtied more, both sides' memory digests
+/// agree, and the destination starts unthrottled.
+fn assert_dirty_limited(
+    summary: &MigrationSummary,
+    dest_summary: &DestinationSummary,
+    events: &[ProgressEvent],
+    dest_vm: &ferry_vm::Vm,
+) -> Result<()> {
+    ensure!(summary.converge == ConvergeMode::DirtyLimit, "{summary:?}");
     let limited = events.iter().any(|e| {
         matches!(e, ProgressEvent::RoundFinished { assessment, .. } if matches!(assessment.decision, Decision::LimitVcpus { .. }))
     });
@@ -567,20 +563,19 @@ fn dirty_limit_throttles_only_the_fast_one_of_two_dirtying_vcpus() -> Result<()>
     let throttles = &summary.vcpu_max_throttle_percent;
     ensure!(
         throttles.len() == 2 && throttles[0] > 0 && throttles[1] == 0,
-        "only the fast vCPU 0 may be throttled: {throttles:?}"
+        "only vCPU 0 may be throttled, and must be: {throttles:?}"
     );
-    // Every round's throttles: vCPU 1 never had one.
-    for e in &events {
+    for e in events {
         if let ProgressEvent::RoundFinished { vcpu_throttles, .. } = e {
             ensure!(
                 vcpu_throttles.get(1).copied().unwrap_or(0) == 0,
-                "the slow vCPU 1 was throttled in a round: {vcpu_throttles:?}"
+                "vCPU 1 was throttled in a round: {vcpu_throttles:?}"
             );
         }
     }
     let dirtied = &summary.vcpu_dirty_pages;
     ensure!(
-        dirtied.len() == 2 && dirtied[0] > dirtied[1] && dirtied[1] > 0,
+        dirtied.len() == 2 && dirtied[0] > dirtied[1],
         "per-vCPU dirty counts: {dirtied:?}"
     );
     ensure!(
@@ -591,7 +586,7 @@ fn dirty_limit_throttles_only_the_fast_one_of_two_dirtying_vcpus() -> Result<()>
         dest_vm.vcpu_throttles().iter().all(|&t| t == 0),
         "the destination starts unthrottled"
     );
-    every_vcpu_lives_on(&dest_vm, &vm.status())
+    Ok(())
 }
 
 /// `--converge auto` on two vCPUs dirtying alike (`rates=6000,6000`) and
