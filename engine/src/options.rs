@@ -58,9 +58,11 @@ pub struct MigrationOptions {
     /// Called once the last live round decided on the pause, right before
     /// it, with the guest still running: the pause (and so GO) follows
     /// only when it agrees, e.g. the VM's ownership record moved to the
-    /// destination, at no cost to the pause. A refusal abandons the
-    /// migration ([`crate::MigrationError::PrePauseRefused`]) with the
-    /// guest running here, or paused when it says `keep_paused`.
+    /// destination, at no cost to the pause: what the guest dirtied while
+    /// it ran goes out in one more live round after it, so the pause
+    /// sends only what the guest dirties during that round. A refusal
+    /// abandons the migration ([`crate::MigrationError::PrePauseRefused`])
+    /// with the guest running here, or paused when it says `keep_paused`.
     pub pre_pause: Option<PreGoHook>,
 }
 

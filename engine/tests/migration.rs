@@ -691,3 +691,95 @@ fn without_auto_converge_it_is_abandoned_at_the_deadline_and_keeps_running() -> 
     assert_alive(&vm, "source after giving up")?;
     Ok(())
 }
+
+/// The pre-pause hook's time is not pause time. A hook that holds the
+/// migration while the guest writes thousands of pages (as the HA
+/// ownership swap, an etcd round trip, does on a busy host) must not leave
+/// those pages to the pause: the final, paused round sends at most what
+/// the guest wrote after the hook returned.
+///
+/// The guest's single loop walks 8192 working-set pages with a stride
+/// coprime to their count and counts every write (`pages_dirtied`, after
+/// the write): the hook's 2048 writes land on 2048 distinct pages. The
+/// bound is read from that counter, not from a clock: at the hook's end
+/// and with the guest paused. Besides working-set pages the guest writes
+/// only its status block and stack, and one write may be counted only
+/// after the pause: [`OUTSIDE_THE_LOOP`] pages.
+#[test]
+fn what_the_guest_dirties_during_the_pre_pause_hook_goes_out_before_the_pause() -> Result<()> {
+    use ferry_engine::{PreGoHook, PreGoRefusal};
+    use std::sync::{Arc, Mutex};
+    /// Writes the hook waits for, far more than [`OUTSIDE_THE_LOOP`].
+    const DURING_THE_HOOK: u64 = 2048;
+    /// Pages a final set may hold beyond the loop's counted writes.
+    const OUTSIDE_THE_LOOP: u64 = 16;
+    let Some(_kvm) = kvm_or_skip("what_the_guest_dirties_during_the_pre_pause_hook") else {
+        return Ok(());
+    };
+    let vm = boot(64, &format!("rate=20000 wss=32M {TSC}"))?;
+    ensure!(
+        vm.status().wss_pages == 8192,
+        "working set: {}",
+        vm.status()
+    );
+    // pages_dirtied when the hook started and when it returned.
+    let hook_writes = Arc::new(Mutex::new(None));
+    let (seen, guest) = (hook_writes.clone(), vm.clone());
+    let opts = MigrationOptions {
+        pre_pause: Some(PreGoHook::new(move || {
+            let start = guest.status().pages_dirtied;
+            let end = wait_status(&guest, Duration::from_secs(60), |s| {
+                s.pages_dirtied >= start + DURING_THE_HOOK
+            })
+            .pages_dirtied;
+            *seen.lock().expect("hook lock") = Some((start, end));
+            if end < start + DURING_THE_HOOK {
+                return Err(PreGoRefusal {
+                    reason: format!("the guest wrote {} pages in 60 s", end - start),
+                    keep_paused: false,
+                });
+            }
+            Ok(())
+        })),
+        ..MigrationOptions::default()
+    };
+    let dest = Destination::spawn(DestinationOptions::default())?;
+    let conn = ferry_transport::tcp::connect(dest.addr)?;
+    // (final set, pages_dirtied with the guest paused)
+    let mut at_pause = None;
+    let summary = ferry_engine::SourceMigration::new(vm.clone(), opts).run(conn, |e| {
+        if let ProgressEvent::StopAndCopy { dirty_pages } = e {
+            at_pause = Some((dirty_pages, vm.status().pages_dirtied));
+        }
+    })?;
+    let (dest_vm, dest_summary) = dest.join()?;
+    let (start, end) = hook_writes
+        .lock()
+        .expect("hook lock")
+        .take()
+        .expect("the hook ran");
+    let (final_set, paused) = at_pause.expect("a stop-and-copy");
+    eprintln!(
+        "pre-pause hook: {} writes during it, {} after it, final set {final_set} pages, downtime {:?}",
+        end - start,
+        paused - end,
+        summary.downtime
+    );
+    ensure!(
+        final_set <= paused - end + OUTSIDE_THE_LOOP,
+        "the final set ({final_set} pages) holds what the guest wrote during the hook ({} writes), not only after it ({} writes)",
+        end - start,
+        paused - end
+    );
+    ensure!(
+        summary.memory_digest == dest_summary.memory_digest,
+        "digests differ"
+    );
+    assert_alive(&dest_vm, "destination")?;
+    ensure!(
+        dest_vm.status().verify_errors == 0,
+        "the destination found bad pages: {}",
+        dest_vm.status()
+    );
+    Ok(())
+}

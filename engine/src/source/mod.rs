@@ -538,7 +538,7 @@ impl Session<'_> {
         // Whether the last round ended waiting for the destination to write
         // it (the pipe then held that round only).
         let mut drained_before = false;
-        loop {
+        let decided = loop {
             self.steer(&mut controller)?;
             let throttle = controller.throttle();
             let vcpu_throttles = controller.vcpu_throttles().to_vec();
@@ -635,7 +635,7 @@ impl Session<'_> {
                     if !drained {
                         self.await_round_written(round - 1)?;
                     }
-                    break;
+                    break assessment;
                 }
                 Decision::Continue => {}
                 Decision::Throttle { percent } => {
@@ -668,7 +668,7 @@ impl Session<'_> {
                     })
                 }
             }
-        }
+        };
 
         if let Some(s) = self.steering {
             s.pausing()?;
@@ -683,6 +683,60 @@ impl Session<'_> {
                 }
                 return Err(r.into_error(HookPoint::PrePause, self.migration_id));
             }
+            // The guest kept dirtying while the hook ran (an etcd
+            // compare-and-swap: tens of ms on a busy host). Send the set
+            // the rounds decided on plus that in one more live round, so
+            // the pause sends only what the guest dirties during this
+            // round: the hook's time never becomes pause time.
+            let t0 = Instant::now();
+            let mut vcpu_dirty_pages = Vec::new();
+            self.collect_counting(
+                log,
+                &mut dirty,
+                &mut vcpu_dirty_pages,
+                round,
+                &mut torn,
+                hashes,
+            )?;
+            let mode = RoundMode {
+                round,
+                reprotect: true,
+                force: false,
+                use_delta: self.xor_delta,
+                deadline: None,
+            };
+            let totals = self.send_round(&dirty, mode, pipeline, progress)?;
+            guest_pages += totals.pages;
+            counts.add(&totals.counts);
+            dirty.clear();
+            // Written while the guest runs, as the last round was: the
+            // pause waits for its own pages only.
+            self.await_round_written(round)?;
+            self.collect_counting(
+                log,
+                &mut dirty,
+                &mut vcpu_dirty_pages,
+                round + 1,
+                &mut torn,
+                hashes,
+            )?;
+            add_per_vcpu(&mut vcpu_dirty_total, &vcpu_dirty_pages);
+            progress(ProgressEvent::RoundFinished {
+                round,
+                pages: totals.pages,
+                encodings: totals.counts,
+                wire_bytes: totals.wire_bytes,
+                duration: t0.elapsed(),
+                dirty_pages: dirty.count_ones() as u64,
+                throttle_percent: controller.throttle(),
+                vcpu_throttles: controller.vcpu_throttles().to_vec(),
+                vcpu_dirty_pages,
+                // The decision to stop stands: this round only sends what
+                // the hook's time added.
+                assessment: decided.into(),
+                encoding: Box::new(pipeline.selector.decision()),
+            });
+            round += 1;
         }
         // Stop-and-copy. From here every wait ends by the downtime budget
         // plus the margin: what cannot finish by then is aborted before GO.
