@@ -77,17 +77,9 @@ impl ExecError {
     }
 }
 
-/// `e` and its sources, joined with `": "`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+/// `e` and its sources, joined with `": "` (transport's, the one every
+/// crate uses: the scheduler depends on transport, never the other way).
+pub use ferry_transport::error_chain;
 
 /// Carries out plans on real machines. Blocking: the daemon calls it from
 /// blocking threads.
