@@ -21,7 +21,7 @@ use std::net::TcpListener;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::fault_proxy::{Action, Direction, Fault, FaultProxy, Place, Rng};
+use common::fault_proxy::{pick, Action, Direction, Fault, FaultProxy, Place, Rng};
 use common::{ferry, guest, heartbeat, status, Pair, FERRY};
 use ferry_control::json::{MigrateLine, MigrateOutcome};
 use ferry_control::{GuestHome, StatusReply};
@@ -60,16 +60,19 @@ enum Home {
 }
 
 fn draw(rng: &mut Rng) -> Trial {
-    if rng.below(3) == 0 {
-        let (direction, kind) = *rng.pick(&[
-            (Direction::ToDestination, FrameKind::Go),
-            (Direction::ToSource, FrameKind::Running),
-            (Direction::ToSource, FrameKind::Ready),
-        ]);
+    if rng.u8(..3) == 0 {
+        let (direction, kind) = *pick(
+            rng,
+            &[
+                (Direction::ToDestination, FrameKind::Go),
+                (Direction::ToSource, FrameKind::Running),
+                (Direction::ToSource, FrameKind::Ready),
+            ],
+        );
         Trial::Kill {
             direction,
             kind,
-            who: *rng.pick(&[Who::Source, Who::Destination, Who::Client]),
+            who: *pick(rng, &[Who::Source, Who::Destination, Who::Client]),
         }
     } else {
         Trial::Link(Fault::draw(rng, 2, 64 << 20))
@@ -94,7 +97,7 @@ fn seeded_faults_always_leave_the_guest_running_on_exactly_one_side() {
     }
     let trials = env_u64("FERRY_FAULT_TRIALS", 4);
     let seed = env_u64("FERRY_FAULT_SEED", 12);
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::with_seed(seed);
     let mut table = Vec::new();
     for i in 0..trials {
         let trial = draw(&mut rng);

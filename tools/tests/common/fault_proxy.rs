@@ -15,35 +15,8 @@ use std::time::{Duration, Instant};
 
 use ferry_transport::{FrameKind, HEADER_LEN};
 
-/// A small seeded generator (SplitMix64): enough for drawing faults.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number below `n` (`n` > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// One of `items`.
-    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
+/// The seeded generator faults are drawn from (`Rng::with_seed`).
+pub use fastrand::Rng;
 
 /// Which way the damaged bytes flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,22 +74,28 @@ impl Fault {
     /// control frames (the handover's included) or byte faults at a random
     /// offset of a random lane, either way.
     pub fn draw(rng: &mut Rng, lanes: usize, stream_bytes: u64) -> Fault {
-        let action = *rng.pick(&[
-            Action::Cut,
-            Action::Flip,
-            Action::Truncate,
-            Action::Stall(Duration::from_secs(3)),
-        ]);
-        if rng.below(2) == 0 {
-            let (direction, kind) = *rng.pick(&[
-                (Direction::ToDestination, FrameKind::Hello),
-                (Direction::ToDestination, FrameKind::VcpuState),
-                (Direction::ToDestination, FrameKind::Digest),
-                (Direction::ToDestination, FrameKind::Go),
-                (Direction::ToSource, FrameKind::HelloAck),
-                (Direction::ToSource, FrameKind::Ready),
-                (Direction::ToSource, FrameKind::Running),
-            ]);
+        let action = *pick(
+            rng,
+            &[
+                Action::Cut,
+                Action::Flip,
+                Action::Truncate,
+                Action::Stall(Duration::from_secs(3)),
+            ],
+        );
+        if rng.bool() {
+            let (direction, kind) = *pick(
+                rng,
+                &[
+                    (Direction::ToDestination, FrameKind::Hello),
+                    (Direction::ToDestination, FrameKind::VcpuState),
+                    (Direction::ToDestination, FrameKind::Digest),
+                    (Direction::ToDestination, FrameKind::Go),
+                    (Direction::ToSource, FrameKind::HelloAck),
+                    (Direction::ToSource, FrameKind::Ready),
+                    (Direction::ToSource, FrameKind::Running),
+                ],
+            );
             Fault {
                 connection: 0,
                 direction,
@@ -124,7 +103,7 @@ impl Fault {
                 action,
             }
         } else {
-            let direction = if rng.below(4) == 0 {
+            let direction = if rng.u8(..4) == 0 {
                 Direction::ToSource
             } else {
                 Direction::ToDestination
@@ -135,13 +114,18 @@ impl Fault {
                 Direction::ToSource => 120,
             };
             Fault {
-                connection: rng.below(lanes as u64) as usize,
+                connection: rng.usize(..lanes.max(1)),
                 direction,
-                place: Place::Byte(rng.below(limit.max(1))),
+                place: Place::Byte(rng.u64(..limit.max(1))),
                 action,
             }
         }
     }
+}
+
+/// One of `items` (not empty).
+pub fn pick<'a, T>(rng: &mut Rng, items: &'a [T]) -> &'a T {
+    &items[rng.usize(..items.len())]
 }
 
 /// What runs the moment the fault strikes (see [`FaultProxy::on_strike`]).
@@ -381,7 +365,7 @@ mod tests {
     #[test]
     fn a_seed_draws_the_same_faults() {
         let draw = |seed| {
-            let mut r = Rng::new(seed);
+            let mut r = Rng::with_seed(seed);
             (0..8)
                 .map(|_| Fault::draw(&mut r, 2, 1 << 20))
                 .collect::<Vec<_>>()
