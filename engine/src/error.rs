@@ -83,6 +83,16 @@ pub enum MigrationError {
     /// The destination's caller could not create the VM.
     #[error("could not create the destination VM")]
     MakeVm(#[source] VmOpError),
+    /// The destination VM could not create the vCPUs the source's Hello
+    /// announced (before any page moved: the guest stays on the source).
+    #[error("could not create the {count} vCPU(s) the source announced")]
+    PrepareVcpus {
+        /// The vCPU count in the Hello.
+        count: u32,
+        /// Why.
+        #[source]
+        source: VmOpError,
+    },
     /// The dirty log could not be created.
     #[error("could not create the dirty log")]
     CreateDirtyLog(#[source] VmOpError),

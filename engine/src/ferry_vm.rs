@@ -23,6 +23,10 @@ impl MigratableVm for Vm {
         Ok(Vm::resume(self)?)
     }
 
+    fn prepare_vcpus(&self, count: usize) -> Result<(), VmOpError> {
+        Ok(Vm::prepare_vcpus(self, count)?)
+    }
+
     fn prepare_resume(&self) {
         Vm::prepare_resume(self);
     }

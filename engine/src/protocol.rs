@@ -6,13 +6,16 @@
 //!
 //! ```text
 //! source                                   destination
-//!   Hello {stream version, page size, features, migration id, layout}  ->
+//!   Hello {stream version, page size, features, migration id, vCPUs, layout}  ->
+//!                   (destination: creates the VM and its vCPUs now, so the
+//!                   pause does not wait for them)
 //!                                          <-  HelloAck {stream version, features}  (or Abort)
 //!   round 0..n: PageBatch*, RoundEnd {round, pages}  ->
 //!                                          <-  Progress: RoundWritten {round}
 //!                   (the source waits for it before it pauses the guest)
-//!   (guest paused) final round: PageBatch*, RoundEnd  ->
-//!   VcpuState {device sections}  ->
+//!   (guest paused) VcpuState {device sections}  ->
+//!                   (destination: restores it while the last pages come)
+//!   final round: PageBatch*, RoundEnd  ->
 //!   Digest {memory digest, region count, a digest per layout region}  ->
 //!                   (destination: all pages written, digest equal, state restored)
 //!                                          <-  Ready {digest}               (or Abort)
@@ -90,8 +93,12 @@ use crate::layout::{MemoryLayout, MemoryRegion, MAX_REGIONS};
 /// state sections; 5: the Digest carries a digest per memory region;
 /// 6: the destination reports each round written with [`RoundWritten`],
 /// and `Running` says when the last pages were written and Ready sent;
-/// 7: raw pages may arrive torn and [`RoundWritten`] lists them).
-pub const STREAM_VERSION: u32 = 7;
+/// 7: raw pages may arrive torn and [`RoundWritten`] lists them;
+/// 8: Hello carries the source's vCPU count, and the destination creates
+/// its vCPUs before the pages stream instead of in the pause; VcpuState
+/// comes right after the pause, ahead of the final round, and is restored
+/// on arrival).
+pub const STREAM_VERSION: u32 = 8;
 
 /// Frame flags of a page batch: its checksum covers the batch's table,
 /// which carries the hash of every page (see `crate::encode::batch`), so
@@ -179,6 +186,9 @@ pub struct Hello {
     ///
     /// [`FrameKind::Resolve`]: ferry_transport::FrameKind::Resolve
     pub migration_id: u64,
+    /// The source VM's vCPUs: the destination creates as many before the
+    /// stream, and the state that comes in the pause must carry as many.
+    pub vcpus: u32,
     /// Guest memory layout.
     pub layout: MemoryLayout,
 }
@@ -186,11 +196,12 @@ pub struct Hello {
 impl Hello {
     /// Payload bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(28 + 16 * self.layout.regions.len());
+        let mut out = Vec::with_capacity(32 + 16 * self.layout.regions.len());
         out.extend_from_slice(&self.stream_version.to_le_bytes());
         out.extend_from_slice(&self.page_size.to_le_bytes());
         out.extend_from_slice(&self.features.to_le_bytes());
         out.extend_from_slice(&self.migration_id.to_le_bytes());
+        out.extend_from_slice(&self.vcpus.to_le_bytes());
         let n = u32::try_from(self.layout.regions.len()).unwrap_or(u32::MAX);
         out.extend_from_slice(&n.to_le_bytes());
         for r in &self.layout.regions {
@@ -212,6 +223,7 @@ impl Hello {
                 page_size: 0,
                 features: 0,
                 migration_id: 0,
+                vcpus: 0,
                 layout: MemoryLayout {
                     regions: Vec::new(),
                 },
@@ -220,6 +232,7 @@ impl Hello {
         let page_size = c.u32()?;
         let features = c.u64()?;
         let migration_id = c.u64()?;
+        let vcpus = c.u32()?;
         let n = c.u32()?;
         if n as usize > MAX_REGIONS {
             return Err(c.error(format!("{n} regions (limit {MAX_REGIONS})")));
@@ -237,18 +250,20 @@ impl Hello {
             page_size,
             features,
             migration_id,
+            vcpus,
             layout: MemoryLayout { regions },
         })
     }
 
-    /// Hello for `layout` at this side's version, offering `features`,
-    /// under a fresh random migration id.
-    pub fn new(layout: MemoryLayout, features: u64) -> Self {
+    /// Hello for a VM of `vcpus` vCPUs and memory `layout` at this side's
+    /// version, offering `features`, under a fresh random migration id.
+    pub fn new(layout: MemoryLayout, features: u64, vcpus: u32) -> Self {
         Self {
             stream_version: STREAM_VERSION,
             page_size: PAGE_SIZE as u32,
             features,
             migration_id: new_migration_id(),
+            vcpus,
             layout,
         }
     }
@@ -556,6 +571,7 @@ mod tests {
                 }],
             },
             SUPPORTED_FEATURES,
+            3,
         );
         assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
         let ack = HelloAck {
@@ -567,7 +583,7 @@ mod tests {
 
     #[test]
     fn a_foreign_hello_version_is_reported_not_parsed() {
-        let mut bytes = Hello::new(MemoryLayout { regions: vec![] }, 0).encode();
+        let mut bytes = Hello::new(MemoryLayout { regions: vec![] }, 0, 1).encode();
         bytes[..4].copy_from_slice(&99u32.to_le_bytes());
         bytes.truncate(4);
         assert_eq!(Hello::decode(&bytes).unwrap().stream_version, 99);
@@ -579,6 +595,7 @@ mod tests {
         bytes.extend_from_slice(&4096u32.to_le_bytes());
         bytes.extend_from_slice(&0u64.to_le_bytes());
         bytes.extend_from_slice(&7u64.to_le_bytes());
+        bytes.extend_from_slice(&1u32.to_le_bytes());
         bytes.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(Hello::decode(&bytes).is_err());
     }

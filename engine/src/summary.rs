@@ -19,17 +19,19 @@ pub struct DowntimeBreakdown {
     /// the VM measured it (zero with one vCPU or a VM that does not say).
     #[serde(serialize_with = "as_ms", rename = "vcpu_stop_spread_ms")]
     pub vcpu_stop_spread: Duration,
+    /// Saving the vCPU and device state and sending it (right after the
+    /// pause, ahead of the last pages, so the destination restores it
+    /// while they come).
+    #[serde(serialize_with = "as_ms", rename = "state_ms")]
+    pub state: Duration,
     /// Collecting the final dirty set (no re-protection).
     #[serde(serialize_with = "as_ms", rename = "final_collect_ms")]
     pub final_collect: Duration,
-    /// Sending the last dirty pages.
+    /// Sending the last dirty pages and the digest.
     #[serde(serialize_with = "as_ms", rename = "final_pages_ms")]
     pub final_pages: Duration,
-    /// Saving the state blob and sending it with the digest.
-    #[serde(serialize_with = "as_ms", rename = "state_ms")]
-    pub state: Duration,
     /// From the digest sent to READY received: the destination writes the
-    /// pages still in flight, verifies, restores, answers.
+    /// pages still in flight, verifies, answers.
     #[serde(serialize_with = "as_ms", rename = "ready_wait_ms")]
     pub ready_wait: Duration,
     /// Of `ready_wait`: from the digest sent to the destination's last
@@ -45,7 +47,9 @@ pub struct DowntimeBreakdown {
     /// Of `ready_wait`: the destination checking the memory digest.
     #[serde(serialize_with = "as_ms", rename = "dest_verify_ms")]
     pub dest_verify: Duration,
-    /// Of `ready_wait`: the destination restoring the state blob.
+    /// The destination restoring the state: as soon as it arrives, while
+    /// `final_collect` and `final_pages` run on the source (no longer a
+    /// part of `ready_wait` unless the last pages came first).
     #[serde(serialize_with = "as_ms", rename = "dest_restore_ms")]
     pub dest_restore: Duration,
     /// From READY received to the guest running on the destination: GO on

@@ -12,9 +12,9 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicB
 pub type VmOpError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// A VM the engine can migrate. The source side uses everything; the
-/// destination side `memory`, `section_specs`, `restore_sections` and
-/// `resume` (its VM is created paused, memory prepared, by the caller's
-/// `make_vm`).
+/// destination side `memory`, `prepare_vcpus`, `section_specs`,
+/// `restore_sections` and `resume` (its VM is created paused, memory
+/// prepared, by the caller's `make_vm`).
 ///
 /// vCPU and device state travel as [`DeviceSection`]s: each device of the
 /// VMM saves its own named, versioned sections, and says in
@@ -37,6 +37,16 @@ pub trait MigratableVm: Send + Sync {
     }
     /// Let the vCPUs run again.
     fn resume(&self) -> Result<(), VmOpError>;
+    /// Destination: create the `count` vCPUs the source announced
+    /// (paused), before the stream, so that `restore_sections` in the
+    /// pause only loads their state. A count this VM cannot have is an
+    /// error (the migration is refused before any page moves); the state
+    /// that arrives later must then carry exactly `count` vCPUs. The
+    /// default does nothing: a VMM that makes its vCPUs at restore.
+    fn prepare_vcpus(&self, count: usize) -> Result<(), VmOpError> {
+        let _ = count;
+        Ok(())
+    }
     /// Hint that `resume` comes within a few hundred milliseconds (the
     /// destination calls it when the last pages are in): a VMM can wake its
     /// vCPU threads now so that the resume, which is downtime, is quick.

@@ -280,6 +280,7 @@ fn the_destination_refuses_a_foreign_stream_version_and_says_why() -> Result<()>
             }],
         },
         0,
+        1,
     );
     hello.stream_version = 42;
     conn.writer.send(FrameKind::Hello, 0, &hello.encode())?;
@@ -729,4 +730,105 @@ fn a_newer_device_section_is_refused_before_go_and_the_guest_stays() -> Result<(
         },
         "reads up to version",
     )
+}
+
+/// A Hello announcing a vCPU count ferry's VM cannot have: the destination
+/// refuses it before any page moves and tells the source why.
+#[test]
+fn a_hello_with_an_impossible_vcpu_count_is_refused_with_the_count() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("a_hello_with_an_impossible_vcpu_count_is_refused") else {
+        return Ok(());
+    };
+    for count in [0, ferry_vm::MAX_VCPUS as u32 + 1] {
+        let listener = FrameListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let dest = std::thread::spawn(move || {
+            let conn = listener.accept().unwrap();
+            DestinationMigration::accept(conn, &DestinationOptions::default(), common::incoming)
+                .map(|_| ())
+        });
+        let mut conn = tcp::connect(addr)?;
+        let hello = Hello::new(
+            MemoryLayout {
+                regions: vec![MemoryRegion {
+                    guest_phys_addr: 0,
+                    bytes: 64 << 20,
+                }],
+            },
+            0,
+            count,
+        );
+        conn.writer.send(FrameKind::Hello, 0, &hello.encode())?;
+        let reply = conn.reader.recv()?;
+        ensure!(
+            reply.kind == FrameKind::Abort,
+            "{count} vCPUs: expected an Abort, got {:?}",
+            reply.kind
+        );
+        let reason = protocol::decode_reason(&reply.payload);
+        ensure!(
+            reason.contains(&format!("{count} vCPU")),
+            "the reason should name the count {count}: {reason}"
+        );
+        let err = dest
+            .join()
+            .unwrap()
+            .err()
+            .context("the destination must refuse")?;
+        ensure!(
+            matches!(err, MigrationError::PrepareVcpus { count: c, .. } if c == count),
+            "{err:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Drops the last vCPU's section: a state that carries fewer vCPUs than the
+/// Hello announced (and the destination created).
+struct LastVcpuMissing;
+
+impl VmHooks for LastVcpuMissing {
+    fn saved_sections(&self, mut sections: Vec<DeviceSection>) -> Vec<DeviceSection> {
+        let last = sections
+            .iter()
+            .rposition(|s| s.name == ferry_vm::VCPU_SECTION.name)
+            .expect("a vcpu section");
+        sections.remove(last);
+        sections
+    }
+}
+
+/// The destination creates the vCPUs the Hello announced before the
+/// stream; a state that then carries another count is refused before GO
+/// and the guest runs on at the source.
+#[test]
+fn a_state_with_fewer_vcpus_than_announced_is_refused_and_the_guest_stays() -> Result<()> {
+    let Some(_kvm) = kvm_or_skip("a_state_with_fewer_vcpus_than_announced_is_refused") else {
+        return Ok(());
+    };
+    let vm = common::boot_cpus(64, GUEST, ferry_vm::DirtyBackend::Bitmap, 2)?;
+    let dest = Destination::spawn(DestinationOptions::default())?;
+    let wrapped: Arc<dyn MigratableVm> = Arc::new(HookedVm {
+        vm: vm.clone(),
+        hooks: LastVcpuMissing,
+    });
+    let conn = tcp::connect(dest.addr)?;
+    let result = SourceMigration::new(wrapped, quick()).run(conn, |_| {});
+    let err = result.err().context("the migration must fail")?;
+    ensure!(
+        !err.source_left_paused(),
+        "before GO the source must resume: {err:?}"
+    );
+    let dest_err = dest.join().err().context("the destination must refuse")?;
+    ensure!(
+        matches!(dest_err, MigrationError::RestoreState(_)),
+        "{dest_err:?}"
+    );
+    let chain = format!("{:#}", anyhow::Error::from(dest_err));
+    ensure!(
+        chain.contains("the state carries 1 vCPU(s), this VM has 2"),
+        "the destination says: {chain}"
+    );
+    assert_alive(&vm, "source")?;
+    Ok(())
 }

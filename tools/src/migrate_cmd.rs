@@ -438,16 +438,16 @@ pub fn print_summary(s: &Summary) {
         s.downtime_ms
     );
     println!(
-        "    parts (ms)      pause {:.2} (vCPU stop spread {:.2}), final collect {:.2}, final pages {:.2}, state {:.2}, ready wait {:.2} (last pages written {:.2}, verify {:.2}, restore {:.2}, READY back {:.2}), go to resume {:.2} (resume {:.2})",
+        "    parts (ms)      pause {:.2} (vCPU stop spread {:.2}), state {:.2} (restored at the destination meanwhile in {:.2}), final collect {:.2}, final pages {:.2}, ready wait {:.2} (last pages written {:.2}, verify {:.2}, READY back {:.2}), go to resume {:.2} (resume {:.2})",
         p.pause_ms,
         p.vcpu_stop_spread_ms,
+        p.state_ms,
+        p.dest_restore_ms,
         p.final_collect_ms,
         p.final_pages_ms,
-        p.state_ms,
         p.ready_wait_ms,
         p.dest_pages_ms,
         p.dest_verify_ms,
-        p.dest_restore_ms,
         p.ready_return_ms,
         p.go_to_resume_ms,
         p.dest_resume_ms

@@ -340,9 +340,18 @@ impl Vm {
     }
 
     /// A VM to receive an incoming guest: memory populated, no vCPU yet:
+    /// [`Vm::prepare_vcpus`] creates them ahead of the state, or else
     /// [`Vm::restore_state`] creates as many as the state carries.
     pub fn incoming(mem_bytes: u64, dirty: DirtyBackend) -> Result<Self, VmError> {
         Self::create(mem_bytes, dirty, true)
+    }
+
+    /// Creates an incoming VM's `count` vCPUs (paused) before its state
+    /// arrives, so that [`Vm::restore_state`] only loads them (a
+    /// migration's pause then does not wait for vCPU creation). Once per
+    /// VM; the state must then carry exactly `count` vCPUs.
+    pub fn prepare_vcpus(&self, count: usize) -> Result<(), VmError> {
+        self.create_vcpus(count)
     }
 
     /// Pauses the guest: asks every vCPU to stop at once, then returns once
@@ -483,7 +492,7 @@ impl Vm {
         }
         if vcpus.len() != self.vcpus().len() {
             return Err(VmError::BadState(format!(
-                "the state has {} vCPUs, this VM {}",
+                "the state carries {} vCPU(s), this VM has {} (created as announced)",
                 vcpus.len(),
                 self.vcpus().len()
             )));

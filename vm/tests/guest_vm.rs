@@ -237,6 +237,50 @@ fn two_vcpus_run_a_loop_each_and_move_together() {
     }
 }
 
+/// An incoming VM whose vCPUs were created ahead of the state (as a
+/// migration's destination does at the Hello) takes a state with that many
+/// vCPUs and runs it; one prepared with another count, or prepared twice,
+/// or for 0 vCPUs, refuses.
+#[test]
+fn vcpus_prepared_before_the_state_take_it_and_other_counts_are_refused() {
+    if !kvm_or_skip(module_path!()) {
+        return;
+    }
+    let src = boot_with_cpus(32, "rate=20000 tsc_khz=2300000 wss=4 verify=64 cpus=2", 2);
+    wait_all_heartbeats_above(&src, &src.status());
+    src.pause().unwrap();
+    let before = src.status();
+    let blob = src.save_state().unwrap();
+
+    let zero = Vm::incoming(32 << 20, DirtyBackend::Bitmap).unwrap();
+    let err = zero.prepare_vcpus(0).unwrap_err().to_string();
+    assert!(err.contains("0 vCPUs"), "{err}");
+
+    let one = Vm::incoming(32 << 20, DirtyBackend::Bitmap).unwrap();
+    one.prepare_vcpus(1).unwrap();
+    let err = one.restore_state(&blob).unwrap_err().to_string();
+    assert!(
+        err.contains("the state carries 2 vCPU(s), this VM has 1"),
+        "{err}"
+    );
+
+    let dst = Vm::incoming(32 << 20, DirtyBackend::Bitmap).unwrap();
+    dst.prepare_vcpus(2).unwrap();
+    assert_eq!(dst.vcpu_count(), 2);
+    let err = dst.prepare_vcpus(2).unwrap_err().to_string();
+    assert!(err.contains("already has its vCPUs"), "{err}");
+    let mut buf = vec![0u8; 32 << 20];
+    src.memory().read_slice(&mut buf, GuestAddress(0)).unwrap();
+    dst.memory().write_slice(&buf, GuestAddress(0)).unwrap();
+    dst.restore_state(&blob).unwrap();
+    drop(src);
+    dst.resume().unwrap();
+    let after = wait_all_heartbeats_above(&dst, &before);
+    for (i, v) in after.vcpus().iter().enumerate() {
+        assert_eq!(v.verify_errors, 0, "vCPU {i}: {after}");
+    }
+}
+
 /// Status slot `i` is KVM vCPU `i` (vm/guest/GUEST.md: the guest numbers
 /// its vCPUs by APIC ID, and ferry gives vCPU `i` APIC ID `i`), whatever
 /// order the APs arrive in. Three vCPUs, only loop 2 dirtying

@@ -427,6 +427,19 @@ impl<S: FrameSink> Receiving<'_, S> {
         layout
             .check_covered_by(vm.memory())
             .map_err(MigrationError::Layout)?;
+        // Created now, not in the pause (where restoring used to create
+        // them): the pause then only loads their state.
+        let t_vcpus = Instant::now();
+        vm.prepare_vcpus(hello.vcpus as usize)
+            .map_err(|source| MigrationError::PrepareVcpus {
+                count: hello.vcpus,
+                source,
+            })?;
+        info!(
+            vcpus = hello.vcpus,
+            ms = t_vcpus.elapsed().as_secs_f64() * 1e3,
+            "vCPUs created before the stream"
+        );
         let features = hello.features & protocol::SUPPORTED_FEATURES;
         let ack = HelloAck {
             stream_version: STREAM_VERSION,
@@ -464,13 +477,13 @@ impl<S: FrameSink> Receiving<'_, S> {
                 outstanding: 0,
                 counts: EncodingCounts::default(),
             };
-            let r = self.stream(&mut buf, &job_tx, &mut inflight, &torn);
+            let r = self.stream(&mut buf, &job_tx, &mut inflight, &torn, &vm);
             drop(job_tx);
             let counts = inflight.counts;
             drop(res_rx);
-            r.map(|(rounds, state, digest)| (rounds, state, digest, counts))
+            r.map(|(rounds, restore, digest)| (rounds, restore, digest, counts))
         });
-        let (rounds, state, source_digest, counts) = outcome?;
+        let (rounds, restore, source_digest, counts) = outcome?;
         let pages_written_at = unix_ns();
         // Every page is written: one whose last copy arrived torn was not
         // sent again (the source resends every torn page it hears of
@@ -505,12 +518,6 @@ impl<S: FrameSink> Receiving<'_, S> {
                 differing_regions,
             });
         }
-        let t_restore = Instant::now();
-        let sections = crate::sections::decode(&state, &vm.section_specs())
-            .map_err(MigrationError::Sections)?;
-        vm.restore_sections(&sections)
-            .map_err(MigrationError::RestoreState)?;
-        let restore = t_restore.elapsed();
         // Go comes after one round trip: have the vCPU ready for it.
         vm.prepare_resume();
         let ready_sent_at = unix_ns();
@@ -579,23 +586,28 @@ impl<S: FrameSink> Receiving<'_, S> {
     }
 
     /// Receive rounds until the Digest and every lane's last RoundEnd:
-    /// returns (rounds, state blob, the source's digest), with every page
-    /// written.
+    /// returns (rounds, the time restoring the state took, the source's
+    /// digest), with every page written and the state restored into `vm`.
+    /// The state is restored as soon as it arrives (the source sends it
+    /// right after the pause, ahead of the last pages), while the decoders
+    /// write those pages.
     ///
     /// Each lane ends each round with its own RoundEnd, behind that lane's
     /// pages of the round. A page always travels on the same lane, so
     /// waiting for all decodes in flight at any lane's RoundEnd (a barrier)
     /// is enough to keep a page's copy from one round ahead of its copy
     /// from the round before.
-    fn stream(
+    fn stream<V: MigratableVm>(
         &mut self,
         buf: &mut Vec<u8>,
         jobs: &crossbeam_channel::Sender<Job>,
         inflight: &mut InFlight<'_>,
         torn: &TornSet,
-    ) -> Result<(u32, Vec<u8>, protocol::DigestMessage), MigrationError> {
+        vm: &V,
+    ) -> Result<(u32, Duration, protocol::DigestMessage), MigrationError> {
         let mut lane_rounds = vec![0u32; self.inbound.lanes()];
-        let mut state = None;
+        // How long restoring took, once the state is in.
+        let mut restored: Option<Duration> = None;
         // The source's digest and the round count every lane must reach.
         let mut digest: Option<(protocol::DigestMessage, u32)> = None;
         loop {
@@ -603,11 +615,11 @@ impl<S: FrameSink> Receiving<'_, S> {
                 let rounds = *rounds;
                 if lane_rounds.iter().all(|&r| r == rounds) {
                     inflight.drain()?;
-                    let state = state.take().ok_or(MigrationError::UnexpectedFrame {
+                    let restore = restored.ok_or(MigrationError::UnexpectedFrame {
                         expected: "VcpuState",
                         got: FrameKind::Digest,
                     })?;
-                    return Ok((rounds, state, digest.clone()));
+                    return Ok((rounds, restore, digest.clone()));
                 }
             }
             let idle = self.opts.idle_timeout;
@@ -658,7 +670,7 @@ impl<S: FrameSink> Receiving<'_, S> {
                         self.send(FrameKind::Progress, &written.encode())?;
                     }
                 }
-                FrameKind::VcpuState if digest.is_none() => {
+                FrameKind::VcpuState if digest.is_none() && restored.is_none() => {
                     if buf.len() > protocol::MAX_STATE_BYTES {
                         return Err(MigrationError::Message(protocol::MessageError {
                             message: "VcpuState",
@@ -669,12 +681,17 @@ impl<S: FrameSink> Receiving<'_, S> {
                             ),
                         }));
                     }
-                    state = Some(std::mem::take(buf));
+                    let t_restore = Instant::now();
+                    let sections = crate::sections::decode(buf, &vm.section_specs())
+                        .map_err(MigrationError::Sections)?;
+                    vm.restore_sections(&sections)
+                        .map_err(MigrationError::RestoreState)?;
+                    restored = Some(t_restore.elapsed());
                 }
                 FrameKind::Digest if digest.is_none() => {
                     let d =
                         protocol::DigestMessage::decode(buf).map_err(MigrationError::Message)?;
-                    if state.is_none() {
+                    if restored.is_none() {
                         return Err(MigrationError::UnexpectedFrame {
                             expected: "VcpuState",
                             got: FrameKind::Digest,

@@ -407,7 +407,8 @@ impl Session<'_> {
         if self.opts.xor_cache_bytes_for(layout.bytes()) >= PAGE_SIZE {
             offered |= protocol::FEATURE_XOR_DELTA;
         }
-        let hello = Hello::new(layout.clone(), offered);
+        let vcpus = u32::try_from(self.vm.vcpu_count()).unwrap_or(u32::MAX);
+        let hello = Hello::new(layout.clone(), offered, vcpus);
         self.migration_id = hello.migration_id;
         self.send(FrameKind::Hello, &hello.encode())?;
         let ack = self
@@ -756,6 +757,13 @@ impl Session<'_> {
         self.vm.pause().map_err(MigrationError::Pause)?;
         self.paused = true;
         let pause = t_pause.elapsed();
+        // The state first: the destination restores it while the last
+        // pages are still on their way, not after them.
+        let t_state = Instant::now();
+        let sections = self.vm.save_sections().map_err(MigrationError::SaveState)?;
+        let state = crate::sections::encode(&sections);
+        self.send(FrameKind::VcpuState, &state)?;
+        let state_time = t_state.elapsed();
         let t_collect = Instant::now();
         self.collect_settling(log, &mut dirty, Reprotect::Never, round, &mut torn, hashes)?;
         let final_collect = t_collect.elapsed();
@@ -774,12 +782,6 @@ impl Session<'_> {
         guest_pages += totals.pages;
         counts.add(&totals.counts);
         round += 1;
-        let final_pages = t_final.elapsed();
-
-        let t_state = Instant::now();
-        let sections = self.vm.save_sections().map_err(MigrationError::SaveState)?;
-        let state = crate::sections::encode(&sections);
-        self.send(FrameKind::VcpuState, &state)?;
         let digest = hashes.digest();
         let region_digests = hashes.region_digests();
         let message = protocol::DigestMessage {
@@ -787,7 +789,7 @@ impl Session<'_> {
             regions: region_digests.clone(),
         };
         self.send(FrameKind::Digest, &message.encode())?;
-        let state_time = t_state.elapsed();
+        let final_pages = t_final.elapsed();
         progress(ProgressEvent::Handover {
             step: HandoverStep::StateSent,
         });
