@@ -166,20 +166,25 @@ pub(crate) fn run_worker(
 /// while these pages are the guest's memory arriving before it runs (and
 /// marking cost a tenth of the decoders' time).
 ///
-/// Why pages are read into a buffer first instead of straight into guest
-/// memory (`readv` into place): the batch's table (where each page goes)
-/// travels behind its payloads, the buffer is reused, so it stays in cache
-/// and the kernel's copy out of the socket is cheap; and the one write into
-/// cold guest memory is made with streaming stores, which skip the
-/// read-for-ownership a plain copy (the kernel's into guest memory
-/// included) pays on every cache line. Profiled on the heavy row, that
-/// store drain was the largest share of a decoder's time after the hash.
-///
-/// Reading into place would need the table in front (a wire change) and
-/// would make the kernel's copy the cold write into guest memory, with the
-/// read-for-ownership that the streaming stores here avoid, followed by a
-/// hash pass over it: the same two passes per page as now. So the
-/// destination keeps the buffer.
+/// Why raw pages are read into a buffer first instead of straight into
+/// guest memory (`readv` into place): measured, the buffer costs the
+/// receiving thread less, even against `readv` with no hash at all. The
+/// `destination_landing` bench (`cargo bench -p ferry-benches --bench
+/// destination_landing`: 1 GiB of random pages over loopback TCP in 1 MiB
+/// batches into a populated 1 GiB region, receiver CPU-seconds user +
+/// system, medians of 5 alternating runs, two sessions, on a shared
+/// 2-core machine): buffer + [`copy_hashed`] with streaming stores 0.25 /
+/// 0.19 s (user 0.06-0.10 s), `readv` of the pages into place then one
+/// [`page_hash`] pass there 0.47 / 0.48 s (user 0.15-0.21 s), `readv` into
+/// place alone 0.33 / 0.32 s (all of it the kernel's copy). Why: the
+/// kernel's copy out of the socket into a reused buffer stays in cache,
+/// and the one write into cold guest memory is made here with streaming
+/// stores, which skip the read-for-ownership a plain copy pays on every
+/// cache line; read into place, the kernel's copy is that cold write, and
+/// the hash pass after it costs twice the fused copy and hash (its user
+/// time above: the page is not in cache any more). (Reading into place
+/// would also need the batch's table, which travels behind its payloads,
+/// in front: a wire change that buys nothing here.)
 ///
 /// The hash is computed in the same pass as the copy ([`copy_hashed`],
 /// when the CPU has AVX2), so the page is written before the caller

@@ -1,0 +1,192 @@
+//! Where a migration's raw pages should land on the destination, measured
+//! as the receiving thread's CPU time (getrusage, user + system: the
+//! kernel's copy out of the socket counts): 1 GiB of pseudo-random pages
+//! over one loopback connection in 1 MiB batches into a populated 1 GiB
+//! region laid out like guest memory, with the engine's own page
+//! functions.
+//!
+//! - `buffer`: read each batch into one reused (hot) buffer, then
+//!   `copy_hashed` every page into the region with streaming stores (the
+//!   destination's decoders today).
+//! - `readv+hash`: `readv` the batch's pages straight into the region (one
+//!   iovec per page, as scattered pages would need), then `page_hash`
+//!   each page in place.
+//! - `readv`: as `readv+hash`, no hash (the floor).
+//!
+//! Reports, never asserts. The sender is another thread (the machine's
+//! other core); only the receiver's CPU is compared.
+//!
+//! ```text
+//! cargo bench -p ferry-benches --bench destination_landing
+//! FERRY_BENCH_MEM_MIB=1024 FERRY_BENCH_RUNS=5 cargo bench -p ferry-benches --bench destination_landing
+//! ```
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+
+use ferry_benches::cold_region::ColdRegion;
+use ferry_engine::encode::page_hash::{copy_hashed, page_hash, store_fence};
+
+const PAGE: usize = 4096;
+const BATCH: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Landing {
+    Buffer,
+    ReadvHash,
+    Readv,
+}
+
+impl Landing {
+    const ALL: [Landing; 3] = [Landing::Buffer, Landing::ReadvHash, Landing::Readv];
+
+    fn name(self) -> &'static str {
+        match self {
+            Landing::Buffer => "buffer",
+            Landing::ReadvHash => "readv+hash",
+            Landing::Readv => "readv",
+        }
+    }
+}
+
+/// The calling thread's user and system CPU seconds so far.
+fn thread_cpu_s() -> (f64, f64) {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid rusage to fill.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) };
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (s(u.ru_utime), s(u.ru_stime))
+}
+
+/// `readv` until every byte of `pages` (each PAGE long) has arrived.
+fn readv_all(fd: i32, pages: &mut [libc::iovec]) {
+    let mut at = 0;
+    while at < pages.len() {
+        let rest = &mut pages[at..];
+        let count = i32::try_from(rest.len().min(1024)).expect("iov count");
+        // SAFETY: every iovec points at PAGE writable bytes of the region
+        // (or the tail of one, adjusted below), alive for the call.
+        let k = unsafe { libc::readv(fd, rest.as_ptr(), count) };
+        assert!(k > 0, "readv: {}", std::io::Error::last_os_error());
+        let mut k = k as usize;
+        while k > 0 {
+            let v = &mut pages[at];
+            let take = k.min(v.iov_len);
+            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(take).cast();
+            v.iov_len -= take;
+            k -= take;
+            if v.iov_len == 0 {
+                at += 1;
+            }
+        }
+    }
+}
+
+/// Moves `src` into `dst` along `how`; returns the receiver's user and
+/// system CPU seconds and a fold of the page hashes it computed (0 without
+/// hashing).
+fn land(how: Landing, src: &ColdRegion, dst: &mut ColdRegion) -> ((f64, f64), u64) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::scope(|scope| {
+        let dst = dst.bytes_mut();
+        let receiver = scope.spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let fd = s.as_raw_fd();
+            let mut buf = vec![0u8; BATCH + PAGE];
+            let off = buf.as_ptr().align_offset(PAGE);
+            let mut sum = 0u64;
+            let t0 = thread_cpu_s();
+            for batch in dst.chunks_mut(BATCH) {
+                match how {
+                    Landing::Buffer => {
+                        let buf = &mut buf[off..off + batch.len()];
+                        s.read_exact(buf).expect("read");
+                        for (to, page) in batch.chunks_mut(PAGE).zip(buf.chunks(PAGE)) {
+                            // SAFETY: two separate PAGE-byte ranges.
+                            let h = unsafe { copy_hashed(page.as_ptr(), to.as_mut_ptr(), true) };
+                            sum ^= h.unwrap_or_else(|| {
+                                to.copy_from_slice(page);
+                                page_hash(page)
+                            });
+                        }
+                        store_fence();
+                    }
+                    Landing::ReadvHash | Landing::Readv => {
+                        let mut iov: Vec<libc::iovec> = batch
+                            .chunks_mut(PAGE)
+                            .map(|p| libc::iovec {
+                                iov_base: p.as_mut_ptr().cast(),
+                                iov_len: p.len(),
+                            })
+                            .collect();
+                        readv_all(fd, &mut iov);
+                        if how == Landing::ReadvHash {
+                            for page in batch.chunks(PAGE) {
+                                sum ^= page_hash(page);
+                            }
+                        }
+                    }
+                }
+            }
+            let t1 = thread_cpu_s();
+            ((t1.0 - t0.0, t1.1 - t0.1), sum)
+        });
+        let mut s = TcpStream::connect(addr).expect("connect");
+        for batch in src.bytes().chunks(BATCH) {
+            s.write_all(batch).expect("write");
+        }
+        receiver.join().expect("receiver")
+    })
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("destination_landing: run with `cargo bench` (skipping)");
+        return;
+    }
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let mib = env("FERRY_BENCH_MEM_MIB", 1024);
+    let runs = env("FERRY_BENCH_RUNS", 5);
+    let src = ColdRegion::new(mib << 20, true);
+    let mut dst = ColdRegion::new(mib << 20, false);
+    let want: u64 = src.bytes().chunks(PAGE).fold(0, |s, p| s ^ page_hash(p));
+    println!(
+        "{mib} MiB per run, 1 MiB batches; receiver CPU-seconds: total (user + sys), alternating"
+    );
+    let names: Vec<&str> = Landing::ALL.iter().map(|l| l.name()).collect();
+    println!("| run | {} |", names.join(" | "));
+    println!("|---|{}", "---|".repeat(Landing::ALL.len()));
+    let mut all: Vec<Vec<f64>> = vec![Vec::new(); Landing::ALL.len()];
+    for run in 0..runs {
+        let mut cells = Vec::new();
+        for (i, &how) in Landing::ALL.iter().enumerate() {
+            let ((user, sys), sum) = land(how, &src, &mut dst);
+            let cpu = user + sys;
+            if how != Landing::Readv && sum != want {
+                eprintln!("{}: the pages arrived changed", how.name());
+            }
+            if dst.bytes() != src.bytes() {
+                eprintln!("{}: the region differs from the source", how.name());
+            }
+            all[i].push(cpu);
+            cells.push(format!("{cpu:.3} ({user:.3} + {sys:.3})"));
+        }
+        println!("| {run} | {} |", cells.join(" | "));
+    }
+    let medians: Vec<String> = all
+        .iter_mut()
+        .map(|v| {
+            v.sort_by(f64::total_cmp);
+            format!("{:.3}", v[v.len() / 2])
+        })
+        .collect();
+    println!("| median | {} |", medians.join(" | "));
+}
