@@ -1,5 +1,5 @@
 //! Where a migration's raw pages should land on the destination, measured
-//! as the receiving thread's CPU time (getrusage, user + system: the
+//! as the receiving threads' CPU time (getrusage, user + system: the
 //! kernel's copy out of the socket counts): 1 GiB of pseudo-random pages
 //! over one loopback connection in 1 MiB batches into a populated 1 GiB
 //! region laid out like guest memory, with the engine's own page
@@ -7,7 +7,10 @@
 //!
 //! - `buffer`: read each batch into one reused (hot) buffer, then
 //!   `copy_hashed` every page into the region with streaming stores (the
-//!   destination's decoders today).
+//!   destination's decoders today, without their handoff).
+//! - `buffer, handoff xN`: as `buffer`, the copy on a second thread that
+//!   the reader hands each buffer to (at most N buffers, made as needed):
+//!   the engine's lane reader and decoder threads.
 //! - `readv+hash`: `readv` the batch's pages straight into the region (one
 //!   iovec per page, as scattered pages would need), then `page_hash`
 //!   each page in place.
@@ -34,18 +37,28 @@ const BATCH: usize = 1 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Landing {
     Buffer,
+    /// As `Buffer`, with the copy on another thread: the reader hands each
+    /// batch's buffer over (at most this many buffers, made as needed).
+    Handoff(usize),
     ReadvHash,
     Readv,
 }
 
 impl Landing {
-    const ALL: [Landing; 3] = [Landing::Buffer, Landing::ReadvHash, Landing::Readv];
+    const ALL: [Landing; 5] = [
+        Landing::Buffer,
+        Landing::Handoff(2),
+        Landing::Handoff(21),
+        Landing::ReadvHash,
+        Landing::Readv,
+    ];
 
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            Landing::Buffer => "buffer",
-            Landing::ReadvHash => "readv+hash",
-            Landing::Readv => "readv",
+            Landing::Buffer => "buffer".into(),
+            Landing::Handoff(n) => format!("buffer, handoff x{n}"),
+            Landing::ReadvHash => "readv+hash".into(),
+            Landing::Readv => "readv".into(),
         }
     }
 }
@@ -114,6 +127,7 @@ fn land(how: Landing, src: &ColdRegion, dst: &mut ColdRegion) -> ((f64, f64), u6
                         }
                         store_fence();
                     }
+                    Landing::Handoff(_) => unreachable!("handed off in `handoff`"),
                     Landing::ReadvHash | Landing::Readv => {
                         let mut iov: Vec<libc::iovec> = batch
                             .chunks_mut(PAGE)
@@ -142,6 +156,71 @@ fn land(how: Landing, src: &ColdRegion, dst: &mut ColdRegion) -> ((f64, f64), u6
     })
 }
 
+/// [`Landing::Handoff`]: a reader thread reads each batch into a buffer
+/// (a spare one, or a new one while fewer than `depth` exist) and hands it
+/// to a copying thread, which lands its pages as `Buffer` does and hands
+/// it back. Returns both threads' CPU seconds, added.
+fn handoff(depth: usize, src: &ColdRegion, dst: &mut ColdRegion) -> ((f64, f64), u64) {
+    use std::sync::mpsc::sync_channel;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::scope(|scope| {
+        let dst = dst.bytes_mut();
+        let batches = dst.len().div_ceil(BATCH);
+        let (full_tx, full_rx) = sync_channel::<Vec<u8>>(depth);
+        let (spare_tx, spare_rx) = sync_channel::<Vec<u8>>(depth);
+        let reader = scope.spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let t0 = thread_cpu_s();
+            let mut made = 0;
+            for _ in 0..batches {
+                let mut buf = match spare_rx.try_recv() {
+                    Ok(b) => b,
+                    Err(_) if made < depth => {
+                        made += 1;
+                        Vec::new()
+                    }
+                    Err(_) => spare_rx.recv().expect("a spare buffer"),
+                };
+                buf.resize(BATCH, 0);
+                s.read_exact(&mut buf).expect("read");
+                full_tx.send(buf).expect("hand over");
+            }
+            drop(full_tx);
+            let t1 = thread_cpu_s();
+            (t1.0 - t0.0, t1.1 - t0.1)
+        });
+        let copier = scope.spawn(move || {
+            let t0 = thread_cpu_s();
+            let mut sum = 0u64;
+            for batch in dst.chunks_mut(BATCH) {
+                let buf = full_rx.recv().expect("a batch");
+                for (to, page) in batch.chunks_mut(PAGE).zip(buf.chunks(PAGE)) {
+                    // SAFETY: two separate PAGE-byte ranges.
+                    let h = unsafe { copy_hashed(page.as_ptr(), to.as_mut_ptr(), true) };
+                    sum ^= h.unwrap_or_else(|| {
+                        to.copy_from_slice(page);
+                        page_hash(page)
+                    });
+                }
+                store_fence();
+                let _ = spare_tx.try_send(buf);
+            }
+            let t1 = thread_cpu_s();
+            ((t1.0 - t0.0, t1.1 - t0.1), sum)
+        });
+        let mut s = TcpStream::connect(addr).expect("connect");
+        for batch in src.bytes().chunks(BATCH) {
+            s.write_all(batch).expect("write");
+        }
+        let (r, (c, sum)) = (
+            reader.join().expect("reader"),
+            copier.join().expect("copier"),
+        );
+        ((r.0 + c.0, r.1 + c.1), sum)
+    })
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         eprintln!("destination_landing: run with `cargo bench` (skipping)");
@@ -161,14 +240,17 @@ fn main() {
     println!(
         "{mib} MiB per run, 1 MiB batches; receiver CPU-seconds: total (user + sys), alternating"
     );
-    let names: Vec<&str> = Landing::ALL.iter().map(|l| l.name()).collect();
+    let names: Vec<String> = Landing::ALL.iter().map(|l| l.name()).collect();
     println!("| run | {} |", names.join(" | "));
     println!("|---|{}", "---|".repeat(Landing::ALL.len()));
     let mut all: Vec<Vec<f64>> = vec![Vec::new(); Landing::ALL.len()];
     for run in 0..runs {
         let mut cells = Vec::new();
         for (i, &how) in Landing::ALL.iter().enumerate() {
-            let ((user, sys), sum) = land(how, &src, &mut dst);
+            let ((user, sys), sum) = match how {
+                Landing::Handoff(depth) => handoff(depth, &src, &mut dst),
+                how => land(how, &src, &mut dst),
+            };
             let cpu = user + sys;
             if how != Landing::Readv && sum != want {
                 eprintln!("{}: the pages arrived changed", how.name());
