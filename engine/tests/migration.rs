@@ -705,6 +705,12 @@ fn without_auto_converge_it_is_abandoned_at_the_deadline_and_keeps_running() -> 
 /// and with the guest paused. Besides working-set pages the guest writes
 /// only its status block and stack, and one write may be counted only
 /// after the pause: [`OUTSIDE_THE_LOOP`] pages.
+///
+/// The bound is on the final round's pages whose content changed (sent,
+/// not skipped as unchanged), not on its dirty set: KVM's log here also
+/// holds pages the guest did not write (15-700 per round, every round,
+/// all found unchanged; seen under PVM), so a bound on the set alone
+/// failed about one run in five with the fix in place.
 #[test]
 fn what_the_guest_dirties_during_the_pre_pause_hook_goes_out_before_the_pause() -> Result<()> {
     use ferry_engine::{PreGoHook, PreGoRefusal};
@@ -747,10 +753,15 @@ fn what_the_guest_dirties_during_the_pre_pause_hook_goes_out_before_the_pause() 
     let conn = ferry_transport::tcp::connect(dest.addr)?;
     // (final set, pages_dirtied with the guest paused)
     let mut at_pause = None;
-    let summary = ferry_engine::SourceMigration::new(vm.clone(), opts).run(conn, |e| {
-        if let ProgressEvent::StopAndCopy { dirty_pages } = e {
+    // Pages of the live rounds, by encoding: the summary's totals less
+    // these are the final round's.
+    let mut live = ferry_engine::encode::EncodingCounts::default();
+    let summary = ferry_engine::SourceMigration::new(vm.clone(), opts).run(conn, |e| match e {
+        ProgressEvent::StopAndCopy { dirty_pages } => {
             at_pause = Some((dirty_pages, vm.status().pages_dirtied));
         }
+        ProgressEvent::RoundFinished { encodings, .. } => live.add(&encodings),
+        _ => {}
     })?;
     let (dest_vm, dest_summary) = dest.join()?;
     let (start, end) = hook_writes
@@ -759,15 +770,19 @@ fn what_the_guest_dirties_during_the_pre_pause_hook_goes_out_before_the_pause() 
         .take()
         .expect("the hook ran");
     let (final_set, paused) = at_pause.expect("a stop-and-copy");
+    let all = summary.pages;
+    // Final-round pages whose content had changed since they were sent.
+    let final_changed = (all.zero + all.xor_delta + all.lz4 + all.raw)
+        .saturating_sub(live.zero + live.xor_delta + live.lz4 + live.raw);
     eprintln!(
-        "pre-pause hook: {} writes during it, {} after it, final set {final_set} pages, downtime {:?}",
+        "pre-pause hook: {} writes during it, {} after it, final set {final_set} pages of which {final_changed} changed, downtime {:?}",
         end - start,
         paused - end,
         summary.downtime
     );
     ensure!(
-        final_set <= paused - end + OUTSIDE_THE_LOOP,
-        "the final set ({final_set} pages) holds what the guest wrote during the hook ({} writes), not only after it ({} writes)",
+        final_changed <= paused - end + OUTSIDE_THE_LOOP,
+        "the final round sent {final_changed} changed pages (of a set of {final_set}): what the guest wrote during the hook ({} writes), not only after it ({} writes)",
         end - start,
         paused - end
     );
