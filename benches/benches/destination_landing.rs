@@ -226,12 +226,7 @@ fn main() {
         eprintln!("destination_landing: run with `cargo bench` (skipping)");
         return;
     }
-    let env = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
+    let env = ferry_benches::env_usize;
     let mib = env("FERRY_BENCH_MEM_MIB", 1024);
     let runs = env("FERRY_BENCH_RUNS", 5);
     let src = ColdRegion::new(mib << 20, true);

@@ -22,12 +22,7 @@ fn main() {
         eprintln!("loopback_memory: run with `cargo bench` (skipping)");
         return;
     }
-    let env = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
+    let env = ferry_benches::env_usize;
     let mib = env("FERRY_BENCH_MEM_MIB", 2048);
     let runs = env("FERRY_BENCH_RUNS", 2);
     let src = ColdRegion::new(mib << 20, true);

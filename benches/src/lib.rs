@@ -20,3 +20,12 @@
 
 pub mod cold_region;
 pub mod data_path;
+
+/// The number in environment variable `key`, or `default` when it is unset
+/// or not a number (the benches' `FERRY_BENCH_*` knobs).
+pub fn env_usize(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
