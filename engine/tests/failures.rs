@@ -668,15 +668,17 @@ impl VmHooks for ExtraSection {
     }
 }
 
-fn a_refused_section_leaves_the_guest_on_the_source(
-    extra: DeviceSection,
-    says: &str,
-) -> Result<()> {
-    let vm = boot(64, GUEST)?;
+/// Migrates `vm` seen through `hooks` to a fresh destination that must
+/// refuse it before GO: the source's error (its guest resumed, not left
+/// paused) and the destination's.
+fn refused_before_go(
+    vm: &Arc<Vm>,
+    hooks: impl VmHooks + 'static,
+) -> Result<(MigrationError, MigrationError)> {
     let dest = Destination::spawn(DestinationOptions::default())?;
     let wrapped: Arc<dyn MigratableVm> = Arc::new(HookedVm {
         vm: vm.clone(),
-        hooks: ExtraSection(extra),
+        hooks,
     });
     let conn = tcp::connect(dest.addr)?;
     let result = SourceMigration::new(wrapped, quick()).run(conn, |_| {});
@@ -686,6 +688,15 @@ fn a_refused_section_leaves_the_guest_on_the_source(
         "before GO the source must resume: {err:?}"
     );
     let dest_err = dest.join().err().context("the destination must refuse")?;
+    Ok((err, dest_err))
+}
+
+fn a_refused_section_leaves_the_guest_on_the_source(
+    extra: DeviceSection,
+    says: &str,
+) -> Result<()> {
+    let vm = boot(64, GUEST)?;
+    let (err, dest_err) = refused_before_go(&vm, ExtraSection(extra))?;
     ensure!(
         matches!(dest_err, MigrationError::Sections(_)),
         "{dest_err:?}"
@@ -807,19 +818,7 @@ fn a_state_with_fewer_vcpus_than_announced_is_refused_and_the_guest_stays() -> R
         return Ok(());
     };
     let vm = common::boot_cpus(64, GUEST, ferry_vm::DirtyBackend::Bitmap, 2)?;
-    let dest = Destination::spawn(DestinationOptions::default())?;
-    let wrapped: Arc<dyn MigratableVm> = Arc::new(HookedVm {
-        vm: vm.clone(),
-        hooks: LastVcpuMissing,
-    });
-    let conn = tcp::connect(dest.addr)?;
-    let result = SourceMigration::new(wrapped, quick()).run(conn, |_| {});
-    let err = result.err().context("the migration must fail")?;
-    ensure!(
-        !err.source_left_paused(),
-        "before GO the source must resume: {err:?}"
-    );
-    let dest_err = dest.join().err().context("the destination must refuse")?;
+    let (_, dest_err) = refused_before_go(&vm, LastVcpuMissing)?;
     ensure!(
         matches!(dest_err, MigrationError::RestoreState(_)),
         "{dest_err:?}"
