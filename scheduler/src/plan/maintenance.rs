@@ -24,9 +24,19 @@ pub fn evacuate(
         .copied()
         .filter(|&v| !ledger.moved[v])
         .collect();
-    // Biggest memory first: the hardest to place while room remains.
-    vms.sort_by_key(|&v| std::cmp::Reverse(c.vms[v].mem_mb));
+    // A VM whose affinity partners already left first (its group must not
+    // stay split: the room they left it may go to another VM), then the
+    // biggest memory first: the hardest to place while room remains.
+    vms.sort_by_key(|&v| {
+        (
+            ledger.rules.broken_now(c, v, &ledger.at).is_none(),
+            std::cmp::Reverse(c.vms[v].mem_mb),
+        )
+    });
     for v in vms {
+        if ledger.moved[v] {
+            continue; // went along with the partner it follows
+        }
         match c.vms[v].on_evacuate {
             OnEvacuate::Shutdown => {
                 ledger.moved[v] = true;
@@ -66,6 +76,10 @@ pub fn evacuate(
                     }
                     continue;
                 };
+                // Its affinity partners go with it now, while the room
+                // `fits` counted for them is still free (what the limits
+                // hold back goes first in the next round).
+                let followers = ledger.rules.followers(v, h, &ledger.at);
                 ledger.commit(c, v, mips, to);
                 out.actions.push(Action::Migrate {
                     vm: v,
@@ -76,6 +90,25 @@ pub fn evacuate(
                         c.hosts[h].name, c.vms[v].name, c.hosts[to].name
                     )),
                 });
+                for u in followers {
+                    let mips = c.vms[u].peak(3);
+                    if c.vms[u].on_evacuate != OnEvacuate::Migrate
+                        || !ledger.may_move(c, limits, u, true)
+                        || !ledger.fits(c, limits, u, mips, to, 1.0)
+                    {
+                        continue;
+                    }
+                    ledger.commit(c, u, mips, to);
+                    out.actions.push(Action::Migrate {
+                        vm: u,
+                        from: h,
+                        to,
+                        reason: format!(
+                            "maintenance: evacuating {} ({} -> {}, with {}: affinity)",
+                            c.hosts[h].name, c.vms[u].name, c.hosts[to].name, c.vms[v].name
+                        ),
+                    });
+                }
             }
         }
     }
