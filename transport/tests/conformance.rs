@@ -500,6 +500,17 @@ mod lane_path {
             .unwrap();
         q.send_sealed(1, batch(STRIPE_PAGES, 1, 256, false), &cancel)
             .unwrap();
+        // Lane 1's writer charges its first batch on its own thread: wait
+        // until it has, so the control frames below meet the debt.
+        let deadline = Instant::now() + HANG;
+        let owed_before = loop {
+            let owed = bucket.charge_at(0, Instant::now());
+            if owed > Duration::from_secs(86_400) {
+                break owed;
+            }
+            assert!(Instant::now() < deadline, "lane 1 never charged its batch");
+            thread::sleep(Duration::from_millis(1));
+        };
         for i in 0u8..3 {
             q.send_control(0, OutFrame::new(FrameKind::Progress, 0, vec![i]), None)
                 .unwrap();
@@ -515,10 +526,12 @@ mod lane_path {
             }
         }
         assert_eq!(got.len(), 4);
-        // They were charged: the bucket owes for them too.
+        // They were charged: the bucket owes for them too (each costs tens
+        // of seconds at 1 byte/s, far more than the time this took).
+        let owed_after = bucket.charge_at(0, Instant::now());
         assert!(
-            bucket.charge_at(0, Instant::now()) > Duration::ZERO,
-            "the bucket is in debt"
+            owed_after > owed_before,
+            "control frames were not charged: owed {owed_before:?} before, {owed_after:?} after"
         );
         // Lane 1's writer sleeps off its debt: left behind, not waited for.
         q.close(Duration::ZERO);
