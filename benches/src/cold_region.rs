@@ -23,6 +23,15 @@ impl ColdRegion {
     /// # Panics
     /// When the kernel refuses the mapping.
     pub fn new(len: usize, fill: bool) -> Self {
+        Self::backed(len, fill, true)
+    }
+
+    /// [`ColdRegion::new`], backed by transparent huge pages only when
+    /// `huge` (small pages otherwise: `MADV_NOHUGEPAGE`).
+    ///
+    /// # Panics
+    /// When the kernel refuses the mapping.
+    pub fn backed(len: usize, fill: bool, huge: bool) -> Self {
         // SAFETY: a fresh private anonymous mapping, no fd, no fixed address.
         let ptr = unsafe {
             libc::mmap(
@@ -35,9 +44,14 @@ impl ColdRegion {
             )
         };
         assert!(ptr != libc::MAP_FAILED, "mmap {len} bytes");
+        let advice = if huge {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        };
         // SAFETY: advice on the mapping just made; it never changes what the
         // memory holds.
-        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
+        unsafe { libc::madvise(ptr, len, advice) };
         let mut region = Self {
             ptr: ptr.cast(),
             len,
