@@ -20,7 +20,9 @@ use ferry_transport::{
 };
 use tracing::{debug, info, warn};
 
-use crate::convergence::{ConvergenceController, Decision, OnDeadline, RoundMeasurement};
+use crate::convergence::{
+    Assessment, ConvergenceController, Decision, OnDeadline, RoundMeasurement,
+};
 use crate::digest::PageHashes;
 use crate::encode::{EncodingCounts, XorDeltaCache, PAGE_SIZE};
 use crate::error::MigrationError;
@@ -317,6 +319,76 @@ struct RoundMode {
     deadline: Option<Duration>,
 }
 
+/// What the live rounds carry from one to the next.
+struct RoundState<'a> {
+    log: &'a Mutex<Box<dyn DirtyLog>>,
+    hashes: &'a PageHashes,
+    /// The pages the next round sends.
+    dirty: DirtyBitmap,
+    torn: TornCheck,
+    /// Pages sent so far, and how.
+    guest_pages: u64,
+    counts: EncodingCounts,
+    /// Pages each vCPU dirtied so far, when the log counts them.
+    vcpu_dirty_total: Vec<u64>,
+}
+
+/// Which live round [`SourceMigration::live_round`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LiveRoundKind {
+    /// A round of the rounds loop: it ends by waiting for the destination
+    /// to write it only when the controller would stop after it.
+    Loop,
+    /// The round after the pre-pause hook: it first collects what the
+    /// guest dirtied while the hook ran, and always ends by waiting, so the
+    /// pause waits for its own pages only.
+    AfterHook,
+}
+
+/// A live round sent and measured, not yet reported.
+struct LiveRound {
+    round: u32,
+    totals: RoundTotals,
+    measurement: RoundMeasurement,
+    /// Pages each vCPU dirtied during the round, when the log counts them.
+    vcpu_dirty_pages: Vec<u64>,
+    /// Whether it ended waiting until the destination had written it.
+    drained: bool,
+    /// The throttles in force during the round.
+    throttle_percent: u8,
+    vcpu_throttles: Vec<u8>,
+}
+
+impl LiveRound {
+    /// Adds the round's per-vCPU counts to `state` and reports the round
+    /// with the decision taken after it.
+    fn finish(
+        self,
+        state: &mut RoundState<'_>,
+        assessment: Assessment,
+        pipeline: &Pipeline<'_>,
+        progress: &mut impl FnMut(ProgressEvent),
+    ) {
+        add_per_vcpu(&mut state.vcpu_dirty_total, &self.vcpu_dirty_pages);
+        let round = self.round;
+        let measurement = self.measurement;
+        debug!(round, ?measurement, ?assessment, "round finished");
+        progress(ProgressEvent::RoundFinished {
+            round,
+            pages: self.totals.pages,
+            encodings: self.totals.counts,
+            wire_bytes: self.totals.wire_bytes,
+            duration: measurement.duration,
+            dirty_pages: measurement.dirty_pages,
+            throttle_percent: self.throttle_percent,
+            vcpu_throttles: self.vcpu_throttles,
+            vcpu_dirty_pages: self.vcpu_dirty_pages,
+            assessment: assessment.into(),
+            encoding: Box::new(pipeline.selector.decision()),
+        });
+    }
+}
+
 fn unix_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -505,7 +577,6 @@ impl Session<'_> {
     ) -> Result<MigrationSummary, MigrationError> {
         let index_end = log.lock().unwrap_or_else(|p| p.into_inner()).pages();
         let mut dirty = DirtyBitmap::new(index_end);
-        let mut torn = TornCheck::new(index_end);
         // Round 0: every page. A backend may report (and expect to
         // re-protect) pages already; merge them so they are re-protected.
         self.collect(log, &mut dirty, Reprotect::Deferred)?;
@@ -529,21 +600,24 @@ impl Session<'_> {
             .ok_or(MigrationError::DirtyLimitUnsupported { dirty_log })?;
         controller.start(converge, vcpus, per_vcpu);
         info!(%converge, vcpus, "convergence mode");
-        let mut guest_pages = 0u64;
-        let mut counts = EncodingCounts::default();
+        let mut state = RoundState {
+            log,
+            hashes,
+            dirty,
+            torn: TornCheck::new(index_end),
+            guest_pages: 0,
+            counts: EncodingCounts::default(),
+            vcpu_dirty_total: vec![0u64; if per_vcpu { vcpus } else { 0 }],
+        };
         let mut round = 0u32;
         let mut max_throttle = 0u8;
         let mut vcpu_max_throttle = vec![0u8; vcpus];
-        let mut vcpu_dirty_total = vec![0u64; if per_vcpu { vcpus } else { 0 }];
         let mut expected_downtime;
         // Whether the last round ended waiting for the destination to write
         // it (the pipe then held that round only).
         let mut drained_before = false;
         let decided = loop {
             self.steer(&mut controller)?;
-            let throttle = controller.throttle();
-            let vcpu_throttles = controller.vcpu_throttles().to_vec();
-            let t0 = Instant::now();
             let mode = RoundMode {
                 round,
                 reprotect: true,
@@ -551,57 +625,23 @@ impl Session<'_> {
                 use_delta: self.xor_delta && round > 0,
                 deadline: controller.policy().deadline,
             };
-            let totals = self.send_round(&dirty, mode, pipeline, progress)?;
-            guest_pages += totals.pages;
-            counts.add(&totals.counts);
-            dirty.clear();
-            let mut vcpu_dirty_pages = Vec::new();
-            self.collect_counting(
-                log,
-                &mut dirty,
-                &mut vcpu_dirty_pages,
-                round + 1,
-                &mut torn,
-                hashes,
+            let live = self.live_round(
+                &mut state,
+                mode,
+                LiveRoundKind::Loop,
+                &controller,
+                pipeline,
+                progress,
             )?;
-            let mut measurement = RoundMeasurement {
-                duration: t0.elapsed(),
-                pages_sent: totals.counts.sent(),
-                wire_bytes: totals.wire_bytes,
-                dirty_pages: dirty.count_ones() as u64,
-                elapsed: self.started.elapsed(),
-            };
-            let mut one_more = false;
-            let drained = controller.would_stop(&measurement);
-            if drained {
-                // A round ends when its pages are queued, not delivered:
-                // lane queues and socket buffers may still hold megabytes
-                // that the pause would wait for (on a slow link, tens of
-                // milliseconds). Let the destination write them while the
-                // guest runs, then count what the guest dirtied meanwhile.
-                self.await_round_written(round)?;
-                self.collect_counting(
-                    log,
-                    &mut dirty,
-                    &mut vcpu_dirty_pages,
-                    round + 1,
-                    &mut torn,
-                    hashes,
-                )?;
-                measurement.duration = t0.elapsed();
-                measurement.dirty_pages = dirty.count_ones() as u64;
-                measurement.elapsed = self.started.elapsed();
-                // When the pipe held more than this round (the round
-                // before did not wait), what the guest dirtied while it
-                // emptied is not what a round leaves: one more round, whose
-                // end waits only for its own pages, is measured instead.
-                one_more = !drained_before;
-            }
+            // When the pipe held more than this round (the round before did
+            // not wait), what the guest dirtied while it emptied is not
+            // what a round leaves: one more round, whose end waits only for
+            // its own pages, is measured instead.
+            let drained = live.drained;
+            let one_more = drained && !drained_before;
             drained_before = drained;
-            add_per_vcpu(&mut vcpu_dirty_total, &vcpu_dirty_pages);
-            let duration = measurement.duration;
-            let dirty_pages = measurement.dirty_pages;
-            let mut assessment = controller.assess(&measurement, &vcpu_dirty_pages);
+            let measurement = live.measurement;
+            let mut assessment = controller.assess(&measurement, &live.vcpu_dirty_pages);
             if one_more
                 && assessment.decision == Decision::StopAndCopy
                 && assessment.expected_downtime > controller.policy().settle_downtime
@@ -613,20 +653,7 @@ impl Session<'_> {
                 assessment.decision = Decision::Continue;
             }
             expected_downtime = assessment.expected_downtime;
-            debug!(round, ?measurement, ?assessment, "round finished");
-            progress(ProgressEvent::RoundFinished {
-                round,
-                pages: totals.pages,
-                encodings: totals.counts,
-                wire_bytes: totals.wire_bytes,
-                duration,
-                dirty_pages,
-                throttle_percent: throttle,
-                vcpu_throttles,
-                vcpu_dirty_pages,
-                assessment: assessment.into(),
-                encoding: Box::new(pipeline.selector.decision()),
-            });
+            live.finish(&mut state, assessment, pipeline, progress);
             round += 1;
             match assessment.decision {
                 Decision::StopAndCopy => {
@@ -665,7 +692,7 @@ impl Session<'_> {
                     return Err(MigrationError::DeadlineExceeded {
                         deadline: controller.policy().deadline.unwrap_or_default(),
                         rounds: round,
-                        dirty_pages,
+                        dirty_pages: measurement.dirty_pages,
                     })
                 }
             }
@@ -689,16 +716,6 @@ impl Session<'_> {
             // the rounds decided on plus that in one more live round, so
             // the pause sends only what the guest dirties during this
             // round: the hook's time never becomes pause time.
-            let t0 = Instant::now();
-            let mut vcpu_dirty_pages = Vec::new();
-            self.collect_counting(
-                log,
-                &mut dirty,
-                &mut vcpu_dirty_pages,
-                round,
-                &mut torn,
-                hashes,
-            )?;
             let mode = RoundMode {
                 round,
                 reprotect: true,
@@ -706,39 +723,27 @@ impl Session<'_> {
                 use_delta: self.xor_delta,
                 deadline: None,
             };
-            let totals = self.send_round(&dirty, mode, pipeline, progress)?;
-            guest_pages += totals.pages;
-            counts.add(&totals.counts);
-            dirty.clear();
-            // Written while the guest runs, as the last round was: the
-            // pause waits for its own pages only.
-            self.await_round_written(round)?;
-            self.collect_counting(
-                log,
-                &mut dirty,
-                &mut vcpu_dirty_pages,
-                round + 1,
-                &mut torn,
-                hashes,
+            let live = self.live_round(
+                &mut state,
+                mode,
+                LiveRoundKind::AfterHook,
+                &controller,
+                pipeline,
+                progress,
             )?;
-            add_per_vcpu(&mut vcpu_dirty_total, &vcpu_dirty_pages);
-            progress(ProgressEvent::RoundFinished {
-                round,
-                pages: totals.pages,
-                encodings: totals.counts,
-                wire_bytes: totals.wire_bytes,
-                duration: t0.elapsed(),
-                dirty_pages: dirty.count_ones() as u64,
-                throttle_percent: controller.throttle(),
-                vcpu_throttles: controller.vcpu_throttles().to_vec(),
-                vcpu_dirty_pages,
-                // The decision to stop stands: this round only sends what
-                // the hook's time added.
-                assessment: decided.into(),
-                encoding: Box::new(pipeline.selector.decision()),
-            });
+            // The decision to stop stands: this round only sends what the
+            // hook's time added.
+            live.finish(&mut state, decided, pipeline, progress);
             round += 1;
         }
+        let RoundState {
+            mut dirty,
+            mut torn,
+            mut guest_pages,
+            mut counts,
+            vcpu_dirty_total,
+            ..
+        } = state;
         // Stop-and-copy. From here every wait ends by the downtime budget
         // plus the margin: what cannot finish by then is aborted before GO.
         let policy = *controller.policy();
@@ -903,6 +908,66 @@ impl Session<'_> {
         Ok(summary)
     }
 
+    /// One live round (the guest running): sends `state.dirty`, then
+    /// collects into it what the guest dirtied meanwhile. When `kind` says
+    /// so (see [`LiveRoundKind`]) it then waits until the destination has
+    /// written the round and collects again: a round ends when its pages
+    /// are queued, not delivered, and lane queues and socket buffers may
+    /// still hold megabytes that the pause would wait for (on a slow link,
+    /// tens of milliseconds); the destination writes them while the guest
+    /// runs instead.
+    fn live_round(
+        &mut self,
+        state: &mut RoundState<'_>,
+        mode: RoundMode,
+        kind: LiveRoundKind,
+        controller: &ConvergenceController,
+        pipeline: &Pipeline<'_>,
+        progress: &mut impl FnMut(ProgressEvent),
+    ) -> Result<LiveRound, MigrationError> {
+        let round = mode.round;
+        let throttle_percent = controller.throttle();
+        let vcpu_throttles = controller.vcpu_throttles().to_vec();
+        let t0 = Instant::now();
+        let mut vcpu_dirty_pages = Vec::new();
+        if kind == LiveRoundKind::AfterHook {
+            self.collect_live(state, &mut vcpu_dirty_pages, round)?;
+        }
+        let totals = self.send_round(&state.dirty, mode, pipeline, progress)?;
+        state.guest_pages += totals.pages;
+        state.counts.add(&totals.counts);
+        state.dirty.clear();
+        // The round after the hook always waits: it collects once, after.
+        let wait_always = kind == LiveRoundKind::AfterHook;
+        if !wait_always {
+            self.collect_live(state, &mut vcpu_dirty_pages, round + 1)?;
+        }
+        let mut measurement = RoundMeasurement {
+            duration: t0.elapsed(),
+            pages_sent: totals.counts.sent(),
+            wire_bytes: totals.wire_bytes,
+            dirty_pages: state.dirty.count_ones() as u64,
+            elapsed: self.started.elapsed(),
+        };
+        let drained = wait_always || controller.would_stop(&measurement);
+        if drained {
+            self.await_round_written(round)?;
+            self.collect_live(state, &mut vcpu_dirty_pages, round + 1)?;
+            measurement.duration = t0.elapsed();
+            measurement.dirty_pages = state.dirty.count_ones() as u64;
+            measurement.elapsed = self.started.elapsed();
+        }
+        Ok(LiveRound {
+            round,
+            totals,
+            measurement,
+            vcpu_dirty_pages,
+            drained,
+            throttle_percent,
+            vcpu_throttles,
+        })
+    }
+
     /// Between rounds: a cancel ends the migration, a retune changes the
     /// policy the next decision uses.
     fn steer(&self, controller: &mut ConvergenceController) -> Result<(), MigrationError> {
@@ -994,20 +1059,25 @@ impl Session<'_> {
             .take_vcpu_dirty_counts()
     }
 
-    /// [`Self::collect_settling`] (pages re-protected later) for a live
-    /// round, adding the pages each vCPU dirtied meanwhile, if the log
-    /// counts them, to `vcpu_dirty_pages`.
-    fn collect_counting(
+    /// [`Self::collect_settling`] (pages re-protected later) into
+    /// `state`'s dirty set for live round `round`, adding the pages each
+    /// vCPU dirtied meanwhile, if the log counts them, to
+    /// `vcpu_dirty_pages`.
+    fn collect_live(
         &self,
-        log: &Mutex<Box<dyn DirtyLog>>,
-        into: &mut DirtyBitmap,
+        state: &mut RoundState<'_>,
         vcpu_dirty_pages: &mut Vec<u64>,
         round: u32,
-        torn: &mut TornCheck,
-        hashes: &PageHashes,
     ) -> Result<(), MigrationError> {
-        self.collect_settling(log, into, Reprotect::Deferred, round, torn, hashes)?;
-        if let Some(counts) = self.take_vcpu_dirty_counts(log) {
+        self.collect_settling(
+            state.log,
+            &mut state.dirty,
+            Reprotect::Deferred,
+            round,
+            &mut state.torn,
+            state.hashes,
+        )?;
+        if let Some(counts) = self.take_vcpu_dirty_counts(state.log) {
             add_per_vcpu(vcpu_dirty_pages, &counts);
         }
         Ok(())
