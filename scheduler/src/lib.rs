@@ -46,6 +46,7 @@ pub mod model;
 pub mod plan;
 pub mod power;
 pub mod reference;
+mod rng;
 pub mod sim;
 pub mod store;
 pub mod trace;

@@ -60,15 +60,34 @@ impl Trace {
     /// Utilisation (0..=1) at `time` seconds, linear between samples, the
     /// last sample held (CloudSim's `UtilizationModelPlanetLabInMemory`).
     pub fn utilization_at(&self, time: f64, step: f64) -> f64 {
-        let n = self.samples.len();
-        let pos = (time / step).max(0.0);
-        let i = pos.floor() as usize;
-        let at = |k: usize| f64::from(self.samples[k.min(n - 1)]) / 100.0;
-        let frac = pos - pos.floor();
-        if frac == 0.0 {
-            return at(i);
-        }
-        at(i) + (at(i + 1) - at(i)) * frac
+        let (i, frac) = sample_position(time, step);
+        interpolate(
+            self.sample_utilization(i),
+            self.sample_utilization(i + 1),
+            frac,
+        )
+    }
+
+    /// Utilisation (0..=1) of sample `k`, the last sample held.
+    pub fn sample_utilization(&self, k: usize) -> f64 {
+        f64::from(self.samples[k.min(self.samples.len() - 1)]) / 100.0
+    }
+}
+
+/// Where `time` falls among samples `step` seconds apart: the sample at or
+/// before it and the fraction of the way to the next (0 exactly on a
+/// sample).
+pub fn sample_position(time: f64, step: f64) -> (usize, f64) {
+    let pos = (time / step).max(0.0);
+    (pos.floor() as usize, pos - pos.floor())
+}
+
+/// `a` to `b` linearly at `frac` (`a` itself at 0).
+pub fn interpolate(a: f64, b: f64, frac: f64) -> f64 {
+    if frac == 0.0 {
+        a
+    } else {
+        a + (b - a) * frac
     }
 }
 

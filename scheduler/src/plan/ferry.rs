@@ -1641,20 +1641,8 @@ mod tests {
         }
     }
 
-    /// SplitMix64: the seeded instances below are the same in every build.
-    struct Seeded(u64);
-    impl Seeded {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    // SplitMix64: the seeded instances below are the same in every build.
+    use crate::rng::SplitMix64 as Seeded;
 
     /// A cluster of `hosts` of three kinds (cores, core MIPS, MB), VMs of
     /// the CCPE setup's memory sizes and a few others packed until memory

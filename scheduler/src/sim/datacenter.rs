@@ -5,7 +5,7 @@
 
 use super::setup::{migration_seconds, HostType, VmType};
 use super::MemoryModel;
-use crate::trace::Trace;
+use crate::trace::{self, Trace};
 use std::collections::VecDeque;
 
 /// Host storage in MB and VM image size in MB of the CloudSim setup: at most
@@ -50,6 +50,58 @@ pub struct SimHost {
     ever_updated: bool,
 }
 
+/// The last [`HISTORY_LENGTH`] non-zero utilisation samples of a VM, newest
+/// first: a ring in place (a new sample overwrites the oldest, nothing
+/// shifts).
+#[derive(Debug, Clone, Copy)]
+pub struct History {
+    ring: [f64; HISTORY_LENGTH],
+    /// Slot of the newest sample.
+    newest: usize,
+    len: usize,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        Self {
+            ring: [0.0; HISTORY_LENGTH],
+            newest: 0,
+            len: 0,
+        }
+    }
+}
+
+impl History {
+    /// Record `u` as the newest sample (the oldest drops out when full).
+    pub fn push_newest(&mut self, u: f64) {
+        self.newest = (self.newest + HISTORY_LENGTH - 1) % HISTORY_LENGTH;
+        self.ring[self.newest] = u;
+        self.len = (self.len + 1).min(HISTORY_LENGTH);
+    }
+
+    /// Samples held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no sample is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The samples, newest first.
+    pub fn iter(&self) -> impl Iterator<Item = f64> + '_ {
+        (0..self.len).map(|i| self.ring[(self.newest + i) % HISTORY_LENGTH])
+    }
+}
+
+impl SimHost {
+    /// Lists no VM and drew nothing at its last update (which happened).
+    fn is_idle(&self) -> bool {
+        self.vms.is_empty() && matches!(self.last, Some(e) if !e.flag)
+    }
+}
+
 /// A simulated VM.
 #[derive(Debug, Clone)]
 pub struct SimVm {
@@ -64,7 +116,7 @@ pub struct SimVm {
     /// Migration in flight.
     pub in_migration: bool,
     /// Non-zero utilisation samples, newest first (`PowerVm` history).
-    pub history: Vec<f64>,
+    pub history: History,
     /// Time of the last migration start (`ferry`'s anti-flapping).
     pub last_moved: f64,
     prev_time: f64,
@@ -107,6 +159,20 @@ pub struct Datacenter<'a> {
     last_process: f64,
     /// VMs that left the simulation (CloudSim's completed VMs).
     pub removed: usize,
+    /// `process` skips idle hosts (see [`Datacenter::process`]).
+    skip_idle: bool,
+    /// Per VM: the samples around the sample interval `spans_at`.
+    spans: Vec<DemandSpan>,
+    spans_at: Option<usize>,
+}
+
+/// A VM's utilisation at the two samples around the current time, and its
+/// MIPS (what its demand interpolates between).
+#[derive(Debug, Clone, Copy, Default)]
+struct DemandSpan {
+    from: f64,
+    to: f64,
+    mips: f64,
 }
 
 impl<'a> Datacenter<'a> {
@@ -150,7 +216,7 @@ impl<'a> Datacenter<'a> {
                 trace: i,
                 host: None,
                 in_migration: false,
-                history: Vec::with_capacity(HISTORY_LENGTH),
+                history: History::default(),
                 last_moved: f64::NEG_INFINITY,
                 prev_time: -1.0,
                 last: None,
@@ -174,7 +240,17 @@ impl<'a> Datacenter<'a> {
             flights: VecDeque::new(),
             last_process: 0.0,
             removed: 0,
+            skip_idle: true,
+            spans: vec![DemandSpan::default(); n_vms],
+            spans_at: None,
         }
+    }
+
+    /// Make [`Datacenter::process`] update every host at every event, idle
+    /// or not (CloudSim's loop, literally): the reference the skipping of
+    /// idle hosts is checked against.
+    pub fn recompute_every_host(&mut self) {
+        self.skip_idle = false;
     }
 
     /// Power of host `h` at utilisation `u`.
@@ -202,9 +278,25 @@ impl<'a> Datacenter<'a> {
         f64::from(peak) / 100.0 * self.vms[v].mips
     }
 
+    /// `req` at `t`: each VM's [`Trace::utilization_at`] times its MIPS.
+    /// The two samples around `t` are read from the traces once per sample
+    /// interval into `spans` (every event in between interpolates the same
+    /// pair, with the same arithmetic).
     fn set_demand(&mut self, t: f64) {
-        for (v, vm) in self.vms.iter().enumerate() {
-            self.req[v] = self.traces[vm.trace].utilization_at(t, self.step) * vm.mips;
+        let (i, frac) = trace::sample_position(t, self.step);
+        if self.spans_at != Some(i) {
+            for (span, vm) in self.spans.iter_mut().zip(&self.vms) {
+                let tr = &self.traces[vm.trace];
+                *span = DemandSpan {
+                    from: tr.sample_utilization(i),
+                    to: tr.sample_utilization(i + 1),
+                    mips: vm.mips,
+                };
+            }
+            self.spans_at = Some(i);
+        }
+        for (r, s) in self.req.iter_mut().zip(&self.spans) {
+            *r = trace::interpolate(s.from, s.to, frac) * s.mips;
         }
     }
 
@@ -347,11 +439,23 @@ impl<'a> Datacenter<'a> {
 
     /// Update every host at `t`: allocation, state histories and energy.
     /// `scheduling_event`: a 300 s tick (VM utilisation histories advance).
+    ///
+    /// A host that lists no VM and drew nothing at its last update is left
+    /// as it is (unless [`Datacenter::recompute_every_host`] was called):
+    /// updating it would change nothing but the time of its last entry, which
+    /// counts only after an active entry (active time, violation time and
+    /// shutdowns add up only from an entry with non-zero allocation, and its
+    /// energy term is skipped at zero utilisation). So every figure is the
+    /// same as updating every host, as CloudSim does, while the work per
+    /// event follows the hosts in use, not the data centre's size.
     pub fn process(&mut self, t: f64, scheduling_event: bool) {
         self.now = t;
         self.set_demand(t);
         let dt = t - self.last_process;
         for h in 0..self.hosts.len() {
+            if self.skip_idle && self.hosts[h].is_idle() {
+                continue;
+            }
             let prev = self.hosts[h].util_mips;
             self.update_host(h, t, scheduling_event);
             if dt > 0.0 {
@@ -380,7 +484,7 @@ impl<'a> Datacenter<'a> {
             let mut i = 0;
             while i < self.hosts[h].vms.len() {
                 let v = self.hosts[h].vms[i];
-                if !self.vms[v].in_migration && self.req[v] == 0.0 {
+                if self.req[v] == 0.0 && !self.vms[v].in_migration {
                     self.hosts[h].vms.remove(i);
                     self.vms[v].host = None;
                     self.removed += 1;
@@ -410,8 +514,7 @@ impl<'a> Datacenter<'a> {
             if scheduling_event && t > vm.prev_time {
                 let u = req / vm.mips;
                 if u != 0.0 {
-                    vm.history.insert(0, u);
-                    vm.history.truncate(HISTORY_LENGTH);
+                    vm.history.push_newest(u);
                 }
                 vm.prev_time = t;
             }

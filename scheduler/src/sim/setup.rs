@@ -3,6 +3,7 @@
 //! G5, four single-core VM types assigned by sorted trace index.
 
 use crate::power::PowerModel;
+use crate::rng::SplitMix64;
 
 /// One host type.
 #[derive(Debug, Clone)]
@@ -56,23 +57,16 @@ pub fn vm_type_index(i: usize, n: usize) -> usize {
 
 /// The order in which `n` sorted trace files get their VM types when the
 /// run asks for a shuffle: a Fisher-Yates permutation drawn from SplitMix64
-/// seeded with `seed` (defined here, not by a crate, so a seed names the
-/// same order in every build). `order[i]` is the sorted index of the file
+/// seeded with `seed` (the crate's own `rng::SplitMix64`, not a crate's,
+/// so a seed names the same order in every build). `order[i]` is the sorted index of the file
 /// that becomes VM `i`, so VM `i` gets type `vm_type_index(i, n)`: the same
 /// as renaming the files so that their sorted order is this one.
 pub fn shuffled_order(n: usize, seed: u64) -> Vec<usize> {
-    let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
+    let mut rng = SplitMix64(seed);
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         // Multiply-shift to [0, i] (bias i / 2^64: none that matters).
-        let j = ((u128::from(next()) * (i as u128 + 1)) >> 64) as usize;
+        let j = ((u128::from(rng.next()) * (i as u128 + 1)) >> 64) as usize;
         order.swap(i, j);
     }
     order

@@ -247,3 +247,88 @@ fn shuffle_seed_changes_which_file_gets_which_type() {
     assert!(shuffled[0].bound.mean_load_mips < 1100.0);
     assert!(shuffled[0].energy_kwh < sorted[0].energy_kwh);
 }
+
+/// `process` leaves idle hosts alone; a data centre that updates every host
+/// at every event (CloudSim's loop) must agree with it exactly, event by
+/// event, while random migrations fill empty hosts and empty full ones and
+/// (CloudSim model) VMs that request nothing leave the simulation.
+#[test]
+fn skipping_idle_hosts_changes_no_figure() {
+    use crate::rng::SplitMix64;
+    use datacenter::Datacenter;
+    for (seed, memory) in [(1, MemoryModel::CloudSim), (2, MemoryModel::Strict)] {
+        let mut rng = SplitMix64(seed);
+        // Bursty traces with runs of zeros (VMs that finish in the CloudSim
+        // model), 40 VMs on 30 hosts: many hosts idle, some filling up.
+        let traces: Vec<Trace> = (0..40)
+            .map(|i| Trace {
+                name: format!("v{i}"),
+                samples: (0..SAMPLES_PER_DAY)
+                    .map(|k| match rng.below(10) {
+                        0 | 1 if k > 50 => 0,
+                        2 => 100,
+                        _ => rng.below(60) as u8,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let types: Vec<_> = (0..traces.len())
+            .map(|i| VM_TYPES[vm_type_index(i, traces.len())])
+            .collect();
+        let make = || {
+            let mut dc = Datacenter::new(&traces, host_types(), 30, &types, memory, STEP_SECONDS);
+            baseline::place_all_first_fit(&mut dc).unwrap();
+            dc
+        };
+        let (mut lazy, mut full) = (make(), make());
+        full.recompute_every_host();
+        let mut t = FIRST_EVENT;
+        let mut events = 0;
+        while t + STEP_SECONDS <= DAY_SECONDS {
+            t += STEP_SECONDS;
+            lazy.process(t, true);
+            full.process(t, true);
+            // A few migrations to random hosts, empty ones included.
+            for _ in 0..rng.below(4) {
+                let v = rng.below(traces.len() as u64) as usize;
+                let to = rng.below(30) as usize;
+                let vm = &lazy.vms[v];
+                if vm.in_migration || vm.host.is_none_or(|h| h == to) {
+                    continue;
+                }
+                lazy.start_migration(v, to);
+                full.start_migration(v, to);
+            }
+            lazy.complete_migrations_before(t + STEP_SECONDS);
+            full.complete_migrations_before(t + STEP_SECONDS);
+            events += 1;
+            let at = format!("seed {seed}, {memory:?}, t = {t}");
+            assert_eq!(lazy.energy_ws.to_bits(), full.energy_ws.to_bits(), "{at}");
+            assert_eq!(lazy.slatah().to_bits(), full.slatah().to_bits(), "{at}");
+            assert_eq!(lazy.pdm().to_bits(), full.pdm().to_bits(), "{at}");
+            assert_eq!(
+                lazy.overall_sla().to_bits(),
+                full.overall_sla().to_bits(),
+                "{at}"
+            );
+            assert_eq!(lazy.host_shutdowns(), full.host_shutdowns(), "{at}");
+            assert_eq!(lazy.active_hosts(), full.active_hosts(), "{at}");
+            assert_eq!(lazy.removed, full.removed, "{at}");
+            for h in 0..30 {
+                assert_eq!(lazy.hosts[h].vms, full.hosts[h].vms, "{at}, host {h}");
+                assert_eq!(
+                    lazy.hosts[h].util_mips.to_bits(),
+                    full.hosts[h].util_mips.to_bits(),
+                    "{at}, host {h}"
+                );
+            }
+        }
+        assert!(events > 250);
+        // The setup exercised what the skipping must get right.
+        assert!(lazy.migrations > 100, "{}", lazy.migrations);
+        assert!(lazy.host_shutdowns() > 10, "{}", lazy.host_shutdowns());
+        if memory == MemoryModel::CloudSim {
+            assert!(lazy.removed > 0);
+        }
+    }
+}
