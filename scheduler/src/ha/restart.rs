@@ -111,6 +111,12 @@ pub fn plan_restarts(c: &Cluster, failed: &[HostId], policy: &HaPolicy) -> Resta
         max_migrations_per_host: usize::MAX,
         min_move_interval_s: 0.0,
     };
+    // Disabled VMs stay down: decided, they follow no partner.
+    for &v in &victims {
+        if c.vms[v].restart == RestartPriority::Disabled {
+            ledger.moved[v] = true;
+        }
+    }
     let mut plan = RestartPlan::default();
     for v in victims {
         let vm = &c.vms[v];
@@ -123,14 +129,19 @@ pub fn plan_restarts(c: &Cluster, failed: &[HostId], policy: &HaPolicy) -> Resta
             ));
             continue;
         }
+        if ledger.moved[v] {
+            continue; // restarted with the partner it follows
+        }
         let m = mips(c, v);
         let fit = find_target(c, &ledger, &limits, v, m, policy.cpu_cap, &|h| {
             failed.contains(&h)
         });
         match fit.host {
             Some(to) => {
-                ledger.commit(c, v, m, to);
+                // Its affinity partners restart with it, on its host.
+                let followers = ledger.commit(c, &limits, v, m, to);
                 plan.restarts.push((v, to));
+                plan.restarts.extend(followers.into_iter().map(|u| (u, to)));
             }
             None if !fit.notes.is_empty() => plan.refused.push((
                 v,

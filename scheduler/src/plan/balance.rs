@@ -110,7 +110,7 @@ pub fn plan(
                 }
                 continue;
             };
-            ledger.commit(c, v, est(v), to);
+            let followers = ledger.commit(c, limits, v, est(v), to);
             out.actions.push(Action::Migrate {
                 vm: v,
                 from: h,
@@ -123,6 +123,7 @@ pub fn plan(
                     c.vms[v].mem_mb
                 )),
             });
+            out.followers_moved(c, v, h, to, &followers, &why());
         }
     }
     out

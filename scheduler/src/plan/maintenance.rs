@@ -24,11 +24,14 @@ pub fn evacuate(
         .copied()
         .filter(|&v| !ledger.moved[v])
         .collect();
-    // A VM whose affinity partners already left first (its group must not
-    // stay split: the room they left it may go to another VM), then the
-    // biggest memory first: the hardest to place while room remains.
+    // VMs shut down first (they follow no partner: `Ledger::commit` moves
+    // only the undecided ones), then a VM whose affinity partners already
+    // left (the limit held it back last round: its group must not stay
+    // split), then the biggest memory first: the hardest to place while
+    // room remains.
     vms.sort_by_key(|&v| {
         (
+            c.vms[v].on_evacuate != OnEvacuate::Shutdown,
             ledger.rules.broken_now(c, v, &ledger.at).is_none(),
             std::cmp::Reverse(c.vms[v].mem_mb),
         )
@@ -76,11 +79,9 @@ pub fn evacuate(
                     }
                     continue;
                 };
-                // Its affinity partners go with it now, while the room
-                // `fits` counted for them is still free (what the limits
-                // hold back goes first in the next round).
-                let followers = ledger.rules.followers(v, h, &ledger.at);
-                ledger.commit(c, v, mips, to);
+                // Its affinity partners go with it (what the limits hold
+                // back keeps its room and goes first in the next round).
+                let followers = ledger.commit(c, limits, v, mips, to);
                 out.actions.push(Action::Migrate {
                     vm: v,
                     from: h,
@@ -90,25 +91,8 @@ pub fn evacuate(
                         c.hosts[h].name, c.vms[v].name, c.hosts[to].name
                     )),
                 });
-                for u in followers {
-                    let mips = c.vms[u].peak(3);
-                    if c.vms[u].on_evacuate != OnEvacuate::Migrate
-                        || !ledger.may_move(c, limits, u, true)
-                        || !ledger.fits(c, limits, u, mips, to, 1.0)
-                    {
-                        continue;
-                    }
-                    ledger.commit(c, u, mips, to);
-                    out.actions.push(Action::Migrate {
-                        vm: u,
-                        from: h,
-                        to,
-                        reason: format!(
-                            "maintenance: evacuating {} ({} -> {}, with {}: affinity)",
-                            c.hosts[h].name, c.vms[u].name, c.hosts[to].name, c.vms[v].name
-                        ),
-                    });
-                }
+                let why = format!("maintenance: evacuating {}", c.hosts[h].name);
+                out.followers_moved(c, v, h, to, &followers, &why);
             }
         }
     }
@@ -153,7 +137,7 @@ pub fn return_home(c: &Cluster, h: HostId, limits: &Limits, ledger: &mut Ledger)
                     && ledger.may_move(c, limits, v, true)
                     && ledger.fits(c, limits, v, mips, h, 1.0) =>
             {
-                ledger.commit(c, v, mips, h);
+                let followers = ledger.commit(c, limits, v, mips, h);
                 out.actions.push(Action::Migrate {
                     vm: v,
                     from: cur,
@@ -163,6 +147,8 @@ pub fn return_home(c: &Cluster, h: HostId, limits: &Limits, ledger: &mut Ledger)
                         c.vms[v].name, c.hosts[h].name
                     ),
                 });
+                let why = format!("maintenance over: {} returns", c.vms[v].name);
+                out.followers_moved(c, v, cur, h, &followers, &why);
             }
             _ => {}
         }

@@ -105,6 +105,30 @@ impl Plan {
         self.actions.extend(other.actions);
         self.notes.extend(other.notes);
     }
+
+    /// The migrations of the affinity partners [`Ledger::commit`] moved
+    /// with `leader` from `from` to `to`; `why` begins each reason.
+    pub fn followers_moved(
+        &mut self,
+        c: &Cluster,
+        leader: VmId,
+        from: HostId,
+        to: HostId,
+        followers: &[VmId],
+        why: &str,
+    ) {
+        for &u in followers {
+            self.actions.push(Action::Migrate {
+                vm: u,
+                from,
+                to,
+                reason: format!(
+                    "{why} ({} -> {}, with {}: affinity)",
+                    c.vms[u].name, c.hosts[to].name, c.vms[leader].name
+                ),
+            });
+        }
+    }
 }
 
 /// Limits every plan obeys.
@@ -272,7 +296,7 @@ impl Ledger {
         let host = &c.hosts[to];
         let (mut cpu, mut mem) = (mips, c.vms[vm].mem_mb);
         for u in self.followers(c, vm) {
-            cpu += c.vms[u].peak(3);
+            cpu += follower_mips(c, u);
             mem += c.vms[u].mem_mb;
         }
         host.usable()
@@ -284,14 +308,17 @@ impl Ledger {
             && self.migrations[to] < limits.max_migrations_per_host
     }
 
-    /// Affinity partners that go where `vm` goes: on its host, not moved,
-    /// when that host is being emptied (else they hold `vm` there).
+    /// Affinity partners that go where `vm` goes: on its host, not yet
+    /// decided by this plan (moved, shut down), when that host is being
+    /// emptied (else they hold `vm` there).
     fn followers(&self, c: &Cluster, vm: VmId) -> Vec<VmId> {
         match self.at[vm] {
             Some(from)
                 if !self.rules.is_empty() && (self.leaving[from] || !c.hosts[from].usable()) =>
             {
-                self.rules.followers(vm, from, &self.at)
+                let mut out = self.rules.followers(vm, from, &self.at);
+                out.retain(|&u| !self.moved[u]);
+                out
             }
             _ => Vec::new(),
         }
@@ -308,20 +335,45 @@ impl Ledger {
             .find_map(|v| self.rules.blocker(c, v, to, &self.at, &self.leaving))
     }
 
-    /// Undo [`Ledger::commit`] (a trial that did not work out).
-    pub fn uncommit(&mut self, c: &Cluster, vm: VmId, mips: f64, to: HostId) {
-        let from = c.vms[vm].host.expect("moving VM is placed");
-        self.cpu[from] += mips;
-        self.cpu[to] -= mips;
-        self.mem[to] -= c.vms[vm].mem_mb;
-        self.migrations[from] -= 1;
-        self.migrations[to] -= 1;
-        self.moved[vm] = false;
-        self.at[vm] = Some(from);
+    /// Commit a move in the ledger: `vm` to `to` (demand `mips`) and, when
+    /// it leads its affinity group off a host being emptied, its followers
+    /// too, so that the room [`Ledger::room`] counted for the group is the
+    /// room reserved: no later move of the plan takes it. A follower moves
+    /// now while both hosts have a migration slot under `limits` (a group
+    /// leaving a host being emptied does not wait for the minimum
+    /// interval); one the limit holds back keeps its room on `to` and
+    /// follows in a later round. Returns the followers that move now, in
+    /// order: the caller records their moves.
+    pub fn commit(
+        &mut self,
+        c: &Cluster,
+        limits: &Limits,
+        vm: VmId,
+        mips: f64,
+        to: HostId,
+    ) -> Vec<VmId> {
+        let followers = self.followers(c, vm);
+        self.shift(c, vm, mips, to);
+        let mut moved = Vec::with_capacity(followers.len());
+        for u in followers {
+            let m = follower_mips(c, u);
+            let from = self.at[u].expect("a follower is placed");
+            if self.migrations[from] < limits.max_migrations_per_host
+                && self.migrations[to] < limits.max_migrations_per_host
+            {
+                self.shift(c, u, m, to);
+                moved.push(u);
+            } else {
+                // Held back: its room on `to` stays taken.
+                self.cpu[to] += m;
+                self.mem[to] += c.vms[u].mem_mb;
+            }
+        }
+        moved
     }
 
-    /// Commit a move in the ledger.
-    pub fn commit(&mut self, c: &Cluster, vm: VmId, mips: f64, to: HostId) {
+    /// One VM's move in the ledger.
+    fn shift(&mut self, c: &Cluster, vm: VmId, mips: f64, to: HostId) {
         let from = c.vms[vm].host.expect("moving VM is placed");
         self.cpu[from] -= mips;
         self.cpu[to] += mips;
@@ -332,6 +384,12 @@ impl Ledger {
         self.moved[vm] = true;
         self.at[vm] = Some(to);
     }
+}
+
+/// The CPU demand the ledger counts for a VM that follows its affinity
+/// group's leader ([`Ledger::room`], [`Ledger::commit`]).
+fn follower_mips(c: &Cluster, u: VmId) -> f64 {
+    c.vms[u].peak(3)
 }
 
 /// A target chosen by [`find_target`], with what the rules did to the choice.

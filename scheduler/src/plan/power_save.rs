@@ -224,7 +224,9 @@ pub fn plan(
             });
         }
         let mips = c.vms[m.vm].peak(short).max(c.vms[m.vm].current());
-        ledger.commit(c, m.vm, mips, m.to);
+        // ferry's policy moves only VMs of usable hosts, each member of an
+        // affinity group by its own move: no followers come along here.
+        ledger.commit(c, &params.limits, m.vm, mips, m.to);
         let (from, to) = (&c.hosts[m.from].name, &c.hosts[m.to].name);
         let why = match m.kind {
             MoveKind::Relieve { load, urgent } => format!(

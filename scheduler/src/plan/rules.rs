@@ -589,13 +589,14 @@ pub fn enforce(c: &Cluster, cpu_cap: f64, limits: &Limits, ledger: &mut Ledger) 
             ));
             continue;
         };
-        ledger.commit(c, v, mips, to);
+        let followers = ledger.commit(c, limits, v, mips, to);
         out.actions.push(Action::Migrate {
             vm: v,
             from,
             to,
             reason: fit.reason(format!("rules: {why}; moving it to {}", c.hosts[to].name)),
         });
+        out.followers_moved(c, v, from, to, &followers, &format!("rules: {why}"));
     }
     out
 }
@@ -843,6 +844,54 @@ mod tests {
             assert_eq!(m.len(), 2, "{plan:?}");
             assert!(m.iter().all(|&(_, _, to)| to == 2), "{m:?}");
             assert!(m.iter().any(|&(v, _, _)| v == a) && m.iter().any(|&(v, _, _)| v == b));
+        }
+
+        #[test]
+        fn maintenance_keeps_the_room_of_a_partner_the_limit_holds_back() {
+            // h0 enters maintenance with x (3000 MB) and the pair a + b
+            // (1500 + 1000 MB); two migrations per host. x goes first (to
+            // h3), a leads the pair to h1 (room for both) and takes h0's
+            // second slot: b must wait for the next round. Its room on h1
+            // stays reserved: y (1000 MB, from h2) may not take it.
+            let mut c = cluster(4);
+            add_vm(&mut c, 0, 100.0, 3000); // x
+            let a = add_vm(&mut c, 0, 100.0, 1500);
+            let b = add_vm(&mut c, 0, 100.0, 1000);
+            add_vm(&mut c, 1, 100.0, 1500); // h1: 2596 MB free, a + b fit
+            add_vm(&mut c, 3, 100.0, 1050); // h3: the best fit for x
+            let y = add_vm(&mut c, 2, 100.0, 1000);
+            c.rules = vec![rule("pair", RuleKind::Affinity, &["v1", "v2"], &[])];
+            c.hosts[0].maintenance = true;
+            let limits = Limits {
+                max_migrations_per_host: 2,
+                min_move_interval_s: 0.0,
+            };
+            let mut ledger = Ledger::new(&c, |v| c.vms[v].peak(3));
+            let plan = maintenance::evacuate(&c, 0, 0.8, &limits, &mut ledger).unwrap();
+            assert_eq!(migrations(&plan), vec![(0, 0, 3), (a, 0, 1)], "{plan:?}");
+            assert_eq!(ledger.at[b], Some(0), "held back by h0's limit");
+            let fit = find_target(&c, &ledger, &limits, y, 100.0, 0.8, &|h| h == 2);
+            assert_eq!(fit.host, None, "b's room on h1 went to y");
+        }
+
+        #[test]
+        fn restarts_reserve_a_groups_room_before_other_vms_take_it() {
+            // h0 fails with a (2000 MB) and b (1000 MB), a pair, and c
+            // (1000 MB, restarted before b: same size, lower id). h1 has
+            // 3000 MB free, the best fit for the pair; h2 is empty. c must
+            // not take b's room on h1.
+            use crate::ha::restart::{plan_restarts, HaPolicy};
+            let mut c = cluster(3);
+            let a = add_vm(&mut c, 0, 100.0, 2000);
+            let vc = add_vm(&mut c, 0, 100.0, 1000);
+            let b = add_vm(&mut c, 0, 100.0, 1000);
+            add_vm(&mut c, 1, 100.0, 1096);
+            c.rules = vec![rule("pair", RuleKind::Affinity, &["v0", "v2"], &[])];
+            let plan = plan_restarts(&c, &[0], &HaPolicy::default());
+            assert!(plan.refused.is_empty(), "{plan:?}");
+            let mut r = plan.restarts.clone();
+            r.sort_unstable();
+            assert_eq!(r, vec![(a, 1), (vc, 2), (b, 1)], "{plan:?}");
         }
 
         #[test]
