@@ -32,7 +32,9 @@
 //! donor together or not at all.
 //!
 //! Targets are found through an index of running hosts by estimated load
-//! ([`HostIndex`], one B-tree per host capacity) and, under strict memory,
+//! ([`HostIndex`], B-trees per host capacity, in consolidation one per
+//! slice of the long-window load, without the hosts at their migration
+//! limit) and, under strict memory,
 //! by free memory (one B-tree per host memory), not a scan of every host
 //! per VM moved: a round at 10k hosts / 100k VMs takes milliseconds.
 //!
@@ -382,12 +384,18 @@ type MemClass = (Key, Key);
 /// round.
 #[derive(Debug, Default)]
 pub struct HostIndex {
-    /// capacity -> (-estimate, host).
-    running: BTreeMap<Key, BTreeSet<(Key, HostId)>>,
+    /// capacity -> per load cell ([`Round::cpu_cell`]), (-estimate, host):
+    /// the running hosts below their migration limit (one at the limit is
+    /// never a target: it leaves the index until a move is undone).
+    running: BTreeMap<Key, Vec<BTreeSet<(Key, HostId)>>>,
     /// capacity -> empty hosts.
     empty: BTreeMap<Key, BTreeSet<HostId>>,
-    /// Each running host's key, when indexed.
+    /// Each running host's key, when indexed (in `running` or at its
+    /// migration limit).
     key: Vec<Option<Key>>,
+    /// Each running host's cell in `running`, `None` at its migration
+    /// limit.
+    cell: Vec<Option<usize>>,
     /// Strict memory: (host memory, capacity) -> per load cell, (free
     /// memory, host), running hosts.
     by_mem: BTreeMap<MemClass, Vec<BTreeSet<(Key, HostId)>>>,
@@ -404,13 +412,23 @@ pub struct HostIndex {
 }
 
 impl HostIndex {
-    fn update(&mut self, cap: f64, h: HostId, est: f64) {
+    /// `h` (indexed) now has estimate `est` and belongs in load cell
+    /// `cell` (`None`: at its migration limit, out of `running`).
+    fn update(&mut self, cap: f64, h: HostId, est: f64, cell: Option<usize>) {
         if let Some(old) = self.key[h] {
-            let set = self.running.get_mut(&Key(cap)).expect("indexed");
-            set.remove(&(old, h));
             let k = Key(-est);
-            set.insert((k, h));
+            if k == old && cell == self.cell[h] {
+                return;
+            }
+            let cells = self.running.get_mut(&Key(cap)).expect("indexed");
+            if let Some(c) = self.cell[h] {
+                cells[c].remove(&(old, h));
+            }
+            if let Some(c) = cell {
+                cells[c].insert((k, h));
+            }
             self.key[h] = Some(k);
+            self.cell[h] = cell;
         }
     }
 
@@ -477,8 +495,8 @@ impl HostIndex {
 
     fn remove(&mut self, cap: f64, h: HostId) {
         if let Some(old) = self.key[h].take() {
-            if let Some(set) = self.running.get_mut(&Key(cap)) {
-                set.remove(&(old, h));
+            if let (Some(cells), Some(c)) = (self.running.get_mut(&Key(cap)), self.cell[h].take()) {
+                cells[c].remove(&(old, h));
             }
         }
         if let Some(set) = self.empty.get_mut(&Key(cap)) {
@@ -565,6 +583,8 @@ const UNSLICED: usize = LOAD_SLICES;
 const AT_LIMIT: usize = LOAD_SLICES + 1;
 /// Cells per (memory, capacity) in the memory index.
 const LOAD_CELLS: usize = LOAD_SLICES + 2;
+/// Cells per capacity in the CPU index: the load slices and [`UNSLICED`].
+const CPU_CELLS: usize = LOAD_SLICES + 1;
 
 impl<'a, V: ClusterView> Round<'a, V> {
     fn new(view: &'a V, p: &'a FerryParams, rules: &'a RuleIndex) -> Self {
@@ -643,6 +663,7 @@ impl<'a, V: ClusterView> Round<'a, V> {
             leaving: vec![false; n],
             index: HostIndex {
                 key: vec![None; n],
+                cell: vec![None; n],
                 mem_key: vec![None; n],
                 mem_cell: vec![0; n],
                 swap_count: vec![Vec::new(); n],
@@ -698,6 +719,36 @@ impl<'a, V: ClusterView> Round<'a, V> {
         ((load / self.cap(h) * LOAD_SLICES as f64).floor() as usize).min(LOAD_SLICES - 1)
     }
 
+    /// `h`'s cell in the CPU index ([`HostIndex::running`]): `None` at its
+    /// migration limit (never a target); outside consolidation 0; in
+    /// consolidation (`long`) the slice of its long-window load, which
+    /// bounds both windows' ([`UNSLICED`] if the short estimate is the
+    /// larger, rounding): a host in slice `i > 0` has a long-window load of
+    /// at least `(i - 0.01) / LOAD_SLICES` of its capacity, one below the
+    /// last at most `(i + 1.01) / LOAD_SLICES` ([`Round::place`]'s bounds).
+    fn cpu_cell(&self, h: HostId) -> Option<usize> {
+        if self.busy[h] >= self.p.limits.max_migrations_per_host {
+            return None;
+        }
+        if !self.long {
+            return Some(0);
+        }
+        if self.host_est[h] > self.host_est_long[h] {
+            return Some(UNSLICED);
+        }
+        let load = self.host_est_long[h] / self.cap(h);
+        // `as` saturates: a negative (rounding) or NaN load is slice 0.
+        Some(((load * LOAD_SLICES as f64).floor() as usize).min(LOAD_SLICES - 1))
+    }
+
+    /// Files `h` in the CPU index under its current load cell (if it is
+    /// indexed).
+    fn refile_cpu(&mut self, h: HostId) {
+        let cell = self.cpu_cell(h);
+        let (cap, est) = (self.cap(h), self.host_est[h]);
+        self.index.update(cap, h, est, cell);
+    }
+
     /// Files `h` in the memory index under its current free memory and
     /// load cell (if it is indexed).
     fn refile_mem(&mut self, h: HostId) {
@@ -741,7 +792,7 @@ impl<'a, V: ClusterView> Round<'a, V> {
         // (sorted, then laid out in one pass): the same sets as inserting
         // host by host, without a search per insert (every round rebuilds
         // the index, so this was a quarter of a simulated day).
-        let mut running: BTreeMap<Key, Vec<(Key, HostId)>> = BTreeMap::new();
+        let mut running: BTreeMap<Key, Vec<Vec<(Key, HostId)>>> = BTreeMap::new();
         let mut empty: BTreeMap<Key, Vec<HostId>> = BTreeMap::new();
         let mut by_mem_of: BTreeMap<MemClass, Vec<Vec<(Key, HostId)>>> = BTreeMap::new();
         let mut swap: Vec<Vec<(Key, HostId)>> = vec![Vec::new(); self.index.swap.len()];
@@ -752,8 +803,15 @@ impl<'a, V: ClusterView> Round<'a, V> {
             let cap = Key(self.cap(h));
             if self.running[h] {
                 let k = Key(-self.host_est[h]);
-                running.entry(cap).or_default().push((k, h));
+                let cells = running
+                    .entry(cap)
+                    .or_insert_with(|| vec![Vec::new(); CPU_CELLS]);
+                let cell = self.cpu_cell(h);
+                if let Some(c) = cell {
+                    cells[c].push((k, h));
+                }
                 self.index.key[h] = Some(k);
+                self.index.cell[h] = cell;
                 if by_mem {
                     let class = self.mem_class(h);
                     let k = Key(class.0 .0 - self.ram[h]);
@@ -774,7 +832,12 @@ impl<'a, V: ClusterView> Round<'a, V> {
         }
         self.index.running = running
             .into_iter()
-            .map(|(c, l)| (c, l.into_iter().collect()))
+            .map(|(c, cells)| {
+                (
+                    c,
+                    cells.into_iter().map(|l| l.into_iter().collect()).collect(),
+                )
+            })
             .collect();
         self.index.empty = empty
             .into_iter()
@@ -851,34 +914,57 @@ impl<'a, V: ClusterView> Round<'a, V> {
             }
         }
         let e = self.est[v].min(self.vm_cpu(v));
+        // In consolidation, the long-window estimate a load slice must
+        // leave room for.
+        let el = self.est_long[v].min(self.vm_cpu(v));
         let fill = |r: &Self, h: HostId| (r.host_est[h] + r.est[v]) / r.cap(h);
-        // Best (fill, host) over capacities: highest fill, then lowest index.
+        let slices = LOAD_SLICES as f64;
+        // Best (fill, host) over capacities and load cells: highest fill,
+        // then lowest index.
         let mut best: Option<(f64, HostId)> = None;
-        for (cap, set) in &self.index.running {
-            let bound = self.p.target * cap.0 - e;
+        for (cap, cells) in &self.index.running {
+            let cap = cap.0;
+            let bound = self.p.target * cap - e;
             // Hosts whose estimate leaves room for `e`, fullest first (a
             // small margin: the exact test is `room`).
             let start = (Key(-(bound + bound.abs() * 1e-9 + 1e-9)), 0);
-            let mut found: Option<(f64, HostId)> = None;
-            for &(_, h) in set.range(start..) {
-                if let Some((f, _)) = found {
-                    if fill(self, h) < f {
-                        break;
+            // The unsliced cell first, then the slices, fullest first.
+            for (i, set) in cells.iter().enumerate().rev() {
+                if self.long && i < LOAD_SLICES {
+                    // No host of the slice has room on the long window.
+                    if i > 0 && (i as f64 - 0.01) * cap / slices + el > self.p.target * cap {
+                        continue;
+                    }
+                    // No host of the slice can beat the best found: its
+                    // short-window estimate is at most its long one's.
+                    if i + 1 < LOAD_SLICES {
+                        let top = ((i as f64 + 1.01) * cap / slices + self.est[v]) / cap;
+                        if best.is_some_and(|(bf, _)| top < bf) {
+                            continue;
+                        }
                     }
                 }
-                if self.excluded(h) || !self.room(h, v) {
-                    continue;
+                let mut found: Option<(f64, HostId)> = None;
+                for &(_, h) in set.range(start..) {
+                    if let Some((f, _)) = found {
+                        if fill(self, h) < f {
+                            break;
+                        }
+                    }
+                    if self.excluded(h) || !self.room(h, v) {
+                        continue;
+                    }
+                    let f = fill(self, h);
+                    match found {
+                        None => found = Some((f, h)),
+                        Some((bf, bh)) if f == bf && h < bh => found = Some((f, h)),
+                        _ => {}
+                    }
                 }
-                let f = fill(self, h);
-                match found {
-                    None => found = Some((f, h)),
-                    Some((bf, bh)) if f == bf && h < bh => found = Some((f, h)),
-                    _ => {}
-                }
-            }
-            if let Some((f, h)) = found {
-                if best.is_none_or(|(bf, bh)| f > bf || (f == bf && h < bh)) {
-                    best = Some((f, h));
+                if let Some((f, h)) = found {
+                    if best.is_none_or(|(bf, bh)| f > bf || (f == bf && h < bh)) {
+                        best = Some((f, h));
+                    }
                 }
             }
         }
@@ -1214,8 +1300,9 @@ impl<'a, V: ClusterView> Round<'a, V> {
         }
         let (cf, ct) = (self.cap(from), self.cap(to));
         let (ef, et) = (self.host_est[from], self.host_est[to]);
-        self.index.update(cf, from, ef);
-        self.index.update(ct, to, et);
+        let (of, ot) = (self.cpu_cell(from), self.cpu_cell(to));
+        self.index.update(cf, from, ef, of);
+        self.index.update(ct, to, et, ot);
         self.refile_mem(from);
         self.refile_mem(to);
         match (swappable, self.swappable_at_home(v)) {
@@ -1319,8 +1406,9 @@ impl<'a, V: ClusterView> Round<'a, V> {
         let now = self.view.now();
         self.long = true;
         let n = self.view.host_count();
-        // The memory index's load cells now slice the long window.
+        // The indexes' load cells now slice the long window.
         for h in 0..n {
+            self.refile_cpu(h);
             self.refile_mem(h);
         }
         let by_memory = self.view.strict_memory() && p.donors_by_memory;
