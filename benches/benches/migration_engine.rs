@@ -12,7 +12,7 @@
 //! ```text
 //! cargo bench -p ferry-benches --bench migration_engine
 //! FERRY_BENCH_MEM_MIB=512 FERRY_BENCH_RATES=0,20000 cargo bench -p ferry-benches --bench migration_engine
-//! FERRY_BENCH_SRC_WORKERS=1 FERRY_BENCH_DST_WORKERS=1 cargo bench -p ferry-benches --bench migration_engine
+//! FERRY_BENCH_SRC_WORKERS=1 cargo bench -p ferry-benches --bench migration_engine
 //! ```
 //! Prints a Markdown table (the figures of BENCHMARKS.md, "## Engine").
 
@@ -177,12 +177,7 @@ fn migrate(mem_mib: u64, rate: &str) -> Case {
     let addr = listener.local_addr().expect("addr");
     let dest = std::thread::spawn(move || {
         let conn = listener.accept().expect("accept");
-        let opts = DestinationOptions {
-            workers: env_or("FERRY_BENCH_DST_WORKERS", "2")
-                .parse()
-                .expect("FERRY_BENCH_DST_WORKERS"),
-            ..DestinationOptions::default()
-        };
+        let opts = DestinationOptions::default();
         DestinationMigration::accept(conn, &opts, move |_layout| Ok(dest_vm))
     });
     // Profilers can attach now (`perf record -p PID`).

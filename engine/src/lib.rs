@@ -62,11 +62,13 @@
 //! chunk first, so a later write lands in the next round), encode them and
 //! queue the batches on their lane (a bounded queue: back-pressure); a
 //! writer thread per lane writes. On the destination a reader thread per
-//! lane receives, the calling thread dispatches, and decoder threads write
-//! pages into guest memory. A page always travels on the same lane, and
-//! every lane ends every round with a RoundEnd at which the destination
-//! waits for its decoders (a barrier), so a page's newer copy never
-//! overtakes an older one. Once every lane has ended a round, the
+//! lane receives each page batch, verifies and decodes it and writes its
+//! pages into guest memory, and passes control frames on to the calling
+//! thread. A page always travels on the same lane, whose batches are
+//! written in order, and every lane ends every round with a RoundEnd that
+//! reaches the calling thread only after that lane's pages of the round
+//! are written, so a page's newer copy never overtakes an older one.
+//! Once every lane has ended a round, the
 //! destination says so (`RoundWritten`); before it pauses the guest, the
 //! source waits for that, so the pause carries the last dirty set only,
 //! never pages still queued in lanes and socket buffers.

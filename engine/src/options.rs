@@ -162,8 +162,6 @@ impl Default for MigrationOptions {
 /// Destination-side options.
 #[derive(Debug, Clone)]
 pub struct DestinationOptions {
-    /// Decoder threads (at least 1).
-    pub workers: usize,
     /// Give up when the source sends nothing for this long.
     pub idle_timeout: Duration,
     /// After READY, give up (for good: the handover is refused) when no GO
@@ -179,7 +177,6 @@ pub struct DestinationOptions {
 impl Default for DestinationOptions {
     fn default() -> Self {
         Self {
-            workers: 2,
             idle_timeout: Duration::from_secs(60),
             go_timeout: Duration::from_secs(10),
             record: HandoverRecord::default(),

@@ -242,19 +242,21 @@ fn zero_copy_pipelined_owned_frames_arrive_in_order() {
 // ---------------------------------------------------------------------------
 
 mod lane_path {
+    use std::collections::{HashMap, HashSet};
     use std::net::SocketAddr;
     use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
     use std::thread;
     use std::time::{Duration, Instant};
 
     use ferry_transport::lanes::{
-        LaneEnds, LaneInbox, LaneQueues, OutFrame, QueueOptions, TokenBucket, STRIPE_PAGES,
+        Consumed, LaneConsumer, LaneEnds, LaneInbox, LaneQueues, OutFrame, QueueOptions,
+        TokenBucket, STRIPE_PAGES,
     };
     use ferry_transport::sealed::GatherPart;
     use ferry_transport::{
         frame::FLAG_COVERED_SUFFIX, lane_for_page, FrameKind, LaneListener, LaneOptions, Lanes,
-        SealedFrame, Security, TlsSettings, TransportError, FRAME_HEADROOM,
+        ReceivedFrame, SealedFrame, Security, TlsSettings, TransportError, FRAME_HEADROOM,
     };
 
     /// Longest any wait here may take before the test fails (never reached
@@ -430,6 +432,108 @@ mod lane_path {
         sender.join().unwrap();
         assert_eq!(last.len(), 32);
         assert!(last.values().all(|&v| v == 3));
+    }
+
+    /// Checks page batches on the lane's own reader thread
+    /// ([`LaneInbox::spawn_with`]); passes every other frame on. It hands
+    /// each buffer back with [`MARK_CAPACITY`] reserved, so a batch that
+    /// comes in a smaller buffer was not read into the one handed back.
+    struct BatchChecker {
+        lane: u16,
+        batches: usize,
+        /// Page -> last version seen.
+        last: Arc<Mutex<HashMap<u64, u32>>>,
+        /// Lanes whose batch (after the first) came in another buffer.
+        fresh: Arc<Mutex<HashSet<u16>>>,
+    }
+
+    const MARK_CAPACITY: usize = 1 << 20;
+
+    impl LaneConsumer for BatchChecker {
+        fn consume(&mut self, frame: ReceivedFrame) -> Consumed {
+            if frame.kind() != FrameKind::PageBatch {
+                return Consumed::PassedOn(frame);
+            }
+            let (first, version) = check_batch(frame.verify().unwrap());
+            assert_eq!(
+                usize::from(self.lane),
+                lane_for_page(first, 4),
+                "page {first}"
+            );
+            let prev = self.last.lock().unwrap().insert(first, version);
+            assert_eq!(
+                prev.map_or(0, |p| p + 1),
+                version,
+                "page {first} out of order"
+            );
+            let mut buf = frame.into_buffer();
+            if self.batches > 0 && buf.capacity() < MARK_CAPACITY {
+                self.fresh.lock().unwrap().insert(self.lane);
+            }
+            self.batches += 1;
+            buf.reserve(MARK_CAPACITY.saturating_sub(buf.len()));
+            Consumed::Kept(buf)
+        }
+    }
+
+    /// As [`striped_pages`], the batches taken on each lane's reader
+    /// thread: in order, each into the one buffer its lane reuses, and only
+    /// the round ends reach the channel.
+    fn striped_pages_taken_on_the_readers(sink: Sink) {
+        let Some((tx, rx)) = session(sink, 4) else {
+            return;
+        };
+        let sender = thread::spawn(move || {
+            let q = queues(tx, 2, None);
+            let cancel = AtomicBool::new(false);
+            for version in 0u32..4 {
+                for first in (0..STRIPE_PAGES * 8).step_by(STRIPE_PAGES as usize / 4) {
+                    let lane = lane_for_page(first, q.lanes());
+                    let frame = batch(first, version, 3, q.gathers() && version % 2 == 0);
+                    q.send_sealed(lane, frame, &cancel).unwrap();
+                }
+            }
+            q.broadcast(&OutFrame::new(FrameKind::RoundEnd, 0, Vec::new()), None)
+                .unwrap();
+            q.finish().unwrap();
+        });
+        let last = Arc::new(Mutex::new(HashMap::new()));
+        let fresh = Arc::new(Mutex::new(HashSet::new()));
+        let inbox = LaneInbox::spawn_with(rx.readers, 8, |lane| BatchChecker {
+            lane,
+            batches: 0,
+            last: last.clone(),
+            fresh: fresh.clone(),
+        });
+        let mut ends = [false; 4];
+        while ends.iter().any(|e| !e) {
+            let ev = inbox.recv_timeout(HANG).expect("a frame");
+            let lane = usize::from(ev.lane);
+            let frame = match ev.frame {
+                Err(TransportError::PeerClosed) if ends[lane] => continue,
+                other => other.unwrap(),
+            };
+            assert_eq!(frame.kind(), FrameKind::RoundEnd, "lane {lane}");
+            assert!(!ends[lane], "two round ends on lane {lane}");
+            ends[lane] = true;
+        }
+        sender.join().unwrap();
+        let last = last.lock().unwrap();
+        assert_eq!(last.len(), 32);
+        assert!(last.values().all(|&v| v == 3));
+        // Every batch after a lane's first was read into the buffer the
+        // consumer handed back.
+        assert!(fresh.lock().unwrap().is_empty(), "{fresh:?}");
+    }
+
+    #[test]
+    fn plain_lanes_hand_batches_to_the_reader_threads_consumer() {
+        striped_pages_taken_on_the_readers(Sink::Plain);
+    }
+
+    #[test]
+    fn tls_lanes_hand_batches_to_the_reader_threads_consumer() {
+        striped_pages_taken_on_the_readers(Sink::Tls);
     }
 
     #[test]

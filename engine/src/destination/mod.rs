@@ -1,11 +1,12 @@
 //! The destination side: receive pages into a prepared VM, verify, take over.
 
-mod workers;
+mod landing;
 
 use std::io::IoSlice;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::Receiver;
 use ferry_transport::lanes::{LaneEnds, LaneInbox, LaneSink, Recycler};
 use ferry_transport::{
     FrameKind, FrameReceive, FrameSink, FrameSource, Lanes, ReceivedFrame, TcpFrameConnection,
@@ -14,7 +15,7 @@ use ferry_transport::{
 use tracing::{info, warn};
 
 use crate::digest::PageHashes;
-use crate::encode::{EncodingCounts, PAGE_SIZE};
+use crate::encode::PAGE_SIZE;
 use crate::error::MigrationError;
 use crate::handover::HandoverOutcome;
 use crate::layout::MemoryLayout;
@@ -24,9 +25,10 @@ use crate::protocol::{
 };
 use crate::summary::DestinationSummary;
 use crate::vm::{MigratableVm, VmOpError};
-use workers::{run_worker, DecodeContext, Job, TornSet};
+use landing::{Landing, LandingTarget, LaneLanding, TornSet};
 
-/// Frames waiting to be taken from the lanes, per lane.
+/// Control frames waiting to be taken from the lanes, per lane (page
+/// batches are landed on the lanes' reader threads).
 const DEPTH_PER_LANE: usize = 4;
 
 /// A lane's reading half, with its index.
@@ -81,7 +83,7 @@ impl DestinationMigration {
     ) -> Result<(V, DestinationSummary), MigrationError> {
         let ferry_transport::FrameConnection { reader, mut writer } = conn;
         let shutdown = reader.get_ref().try_clone().ok();
-        // Page batch checksums are verified on the decoder threads.
+        // Page batch checksums are verified on the reader thread.
         let readers: Vec<LaneReader> = vec![(0, Box::new(reader))];
         let result = not_a_migration(Self::receive_from(&mut writer, readers, opts, make_vm));
         if result.is_err() {
@@ -156,11 +158,17 @@ impl DestinationMigration {
         make_vm: impl FnOnce(&MemoryLayout) -> Result<V, VmOpError>,
     ) -> Result<Incoming<V>, MigrationError> {
         let lanes = readers.len();
-        let inbound = LaneInbox::spawn(readers, DEPTH_PER_LANE * lanes.max(1));
+        let (failure_tx, failures) = crossbeam_channel::unbounded();
+        let landing = Arc::new(Landing::new(lanes, failure_tx));
+        let inbound = LaneInbox::spawn_with(readers, DEPTH_PER_LANE * lanes.max(1), |lane| {
+            LaneLanding::new(lane, landing.clone())
+        });
         let mut receiver = Receiving {
             sink,
             free: inbound.recycler(),
             inbound,
+            landing: landing.clone(),
+            failures,
             opts,
             wire_bytes: 0,
             lane_bytes: vec![0; lanes],
@@ -168,6 +176,8 @@ impl DestinationMigration {
             migration_id: None,
         };
         let result = receiver.receive(make_vm);
+        // However it ended, the readers write no page any more.
+        landing.close();
         if let Err(e) = &result {
             warn!(error = %e, "incoming migration failed");
             if let Some(id) = receiver.migration_id {
@@ -192,47 +202,16 @@ struct Receiving<'a, S: FrameSink> {
     inbound: LaneInbox,
     /// Spent buffers go back to the lane readers.
     free: Recycler,
+    /// Where the lanes' readers land page batches.
+    landing: Arc<Landing>,
+    /// A reader's failure to land a batch.
+    failures: Receiver<MigrationError>,
     opts: &'a DestinationOptions,
     wire_bytes: u64,
     lane_bytes: Vec<u64>,
     started: Instant,
     /// The migration's id, once its Hello was accepted.
     migration_id: Option<u64>,
-}
-
-/// Decoded-batch results the receiving thread still waits for.
-struct InFlight<'r> {
-    results: &'r Receiver<Result<EncodingCounts, MigrationError>>,
-    outstanding: usize,
-    counts: EncodingCounts,
-}
-
-impl InFlight<'_> {
-    /// Collect finished batches without blocking; fail on the first error.
-    fn poll(&mut self) -> Result<(), MigrationError> {
-        while let Ok(r) = self.results.try_recv() {
-            self.finish(r)?;
-        }
-        Ok(())
-    }
-
-    /// Wait until every batch sent to the workers is written.
-    fn drain(&mut self) -> Result<(), MigrationError> {
-        while self.outstanding > 0 {
-            let r = self
-                .results
-                .recv()
-                .map_err(|_| MigrationError::WorkerPanicked)?;
-            self.finish(r)?;
-        }
-        Ok(())
-    }
-
-    fn finish(&mut self, r: Result<EncodingCounts, MigrationError>) -> Result<(), MigrationError> {
-        self.outstanding -= 1;
-        self.counts.add(&r?);
-        Ok(())
-    }
 }
 
 fn unix_ns() -> u64 {
@@ -288,9 +267,9 @@ impl<S: FrameSink> Receiving<'_, S> {
         Ok(())
     }
 
-    /// The next frame from any lane (per-lane order kept), flags checked,
-    /// not yet verified: a page batch is verified on a decoder thread,
-    /// anything else by [`Self::take_payload`].
+    /// The next frame from any lane (per-lane order kept) that its reader
+    /// did not land, flags checked, not yet verified (see
+    /// [`Self::take_payload`]); a reader's failure to land a batch.
     fn recv_frame(
         &mut self,
         during: &'static str,
@@ -298,23 +277,40 @@ impl<S: FrameSink> Receiving<'_, S> {
         control_only: bool,
     ) -> Result<(usize, ReceivedFrame), MigrationError> {
         // Idle means no frame on any lane: a lane may carry nothing for a
-        // while (its stripes were clean this round).
-        let until = Instant::now() + timeout;
+        // while (its stripes were clean this round). Batches the readers
+        // landed count: a round over a slow link may bring nothing else
+        // for longer than the timeout.
+        let mut until = Instant::now() + timeout;
+        let mut landed = self.landing.batches();
         let event = loop {
             let left = until.saturating_duration_since(Instant::now());
-            let event = self.inbound.recv_timeout(left).map_err(|e| match e {
-                RecvTimeoutError::Timeout => MigrationError::Timeout {
-                    waiting_for: if control_only {
-                        "frame on lane 0"
-                    } else {
-                        "frame on any lane"
-                    },
-                    timeout,
+            crossbeam_channel::select! {
+                recv(self.inbound.receiver()) -> event => match event {
+                    Ok(event) if !control_only || event.lane == 0 => break event,
+                    Ok(_) => {}
+                    Err(_) => return Err(MigrationError::PeerClosed { during }),
                 },
-                RecvTimeoutError::Disconnected => MigrationError::PeerClosed { during },
-            })?;
-            if !control_only || event.lane == 0 {
-                break event;
+                // The sender lives as long as `self.landing`.
+                recv(self.failures) -> failure => {
+                    if let Ok(e) = failure {
+                        return Err(e);
+                    }
+                }
+                default(left) => {
+                    let now_landed = self.landing.batches();
+                    if now_landed == landed {
+                        return Err(MigrationError::Timeout {
+                            waiting_for: if control_only {
+                                "frame on lane 0"
+                            } else {
+                                "frame on any lane"
+                            },
+                            timeout,
+                        });
+                    }
+                    landed = now_landed;
+                    until = Instant::now() + timeout;
+                }
             }
         };
         let lane = usize::from(event.lane);
@@ -441,6 +437,19 @@ impl<S: FrameSink> Receiving<'_, S> {
             "vCPUs created before the stream"
         );
         let features = hello.features & protocol::SUPPORTED_FEATURES;
+        let hashes = Arc::new(PageHashes::with_regions(
+            layout.page_index_end(),
+            &layout.page_ranges(),
+        ));
+        let torn = Arc::new(TornSet::new(layout.page_index_end()));
+        // Batches land from here on, before the source hears it may send.
+        self.landing.open(LandingTarget {
+            memory: vm.memory().clone(),
+            hashes: hashes.clone(),
+            page_index_end: layout.page_index_end(),
+            features,
+            torn: torn.clone(),
+        });
         let ack = HelloAck {
             stream_version: STREAM_VERSION,
             features,
@@ -450,40 +459,12 @@ impl<S: FrameSink> Receiving<'_, S> {
         self.send(FrameKind::HelloAck, &ack.encode())?;
         info!(pages = layout.pages(), "incoming migration accepted");
 
-        let hashes = PageHashes::with_regions(layout.page_index_end(), &layout.page_ranges());
-        let torn = TornSet::new(layout.page_index_end());
-        let ctx = DecodeContext {
-            memory: vm.memory(),
-            hashes: &hashes,
-            page_index_end: layout.page_index_end(),
-            features,
-            torn: &torn,
-        };
-        let workers = self.opts.workers.max(1);
-        let outcome = std::thread::scope(|scope| {
-            let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(4 * workers);
-            let (res_tx, res_rx) = crossbeam_channel::unbounded();
-            for i in 0..workers {
-                let (ctx, jobs, out, free) =
-                    (&ctx, job_rx.clone(), res_tx.clone(), self.free.clone());
-                std::thread::Builder::new()
-                    .name(format!("ferry-decode-{i}"))
-                    .spawn_scoped(scope, move || run_worker(ctx, &jobs, &out, &free))
-                    .expect("spawn a decoder thread");
-            }
-            drop(res_tx);
-            let mut inflight = InFlight {
-                results: &res_rx,
-                outstanding: 0,
-                counts: EncodingCounts::default(),
-            };
-            let r = self.stream(&mut buf, &job_tx, &mut inflight, &torn, &vm);
-            drop(job_tx);
-            let counts = inflight.counts;
-            drop(res_rx);
-            r.map(|(rounds, restore, digest)| (rounds, restore, digest, counts))
-        });
-        let (rounds, restore, source_digest, counts) = outcome?;
+        let (rounds, restore, source_digest) = self.stream(&mut buf, &torn, &vm)?;
+        let landed = self.landing.take_landed();
+        self.wire_bytes += landed.lane_bytes.iter().sum::<u64>();
+        for (ours, theirs) in self.lane_bytes.iter_mut().zip(&landed.lane_bytes) {
+            *ours += theirs;
+        }
         let pages_written_at = unix_ns();
         // Every page is written: one whose last copy arrived torn was not
         // sent again (the source resends every torn page it hears of
@@ -572,7 +553,7 @@ impl<S: FrameSink> Receiving<'_, S> {
             vm,
             DestinationSummary {
                 rounds,
-                pages: counts,
+                pages: landed.counts,
                 wire_bytes: self.wire_bytes,
                 wire_bytes_per_lane: self.lane_bytes.clone(),
                 memory_digest: digest,
@@ -589,19 +570,17 @@ impl<S: FrameSink> Receiving<'_, S> {
     /// returns (rounds, the time restoring the state took, the source's
     /// digest), with every page written and the state restored into `vm`.
     /// The state is restored as soon as it arrives (the source sends it
-    /// right after the pause, ahead of the last pages), while the decoders
-    /// write those pages.
+    /// right after the pause, ahead of the last pages), while the lanes'
+    /// readers write those pages.
     ///
     /// Each lane ends each round with its own RoundEnd, behind that lane's
-    /// pages of the round. A page always travels on the same lane, so
-    /// waiting for all decodes in flight at any lane's RoundEnd (a barrier)
-    /// is enough to keep a page's copy from one round ahead of its copy
-    /// from the round before.
+    /// pages of the round; its reader lands the lane's batches in order
+    /// and passes the RoundEnd on only after them, so a lane's RoundEnd
+    /// here means its pages of the round are written. On return the
+    /// readers land nothing more.
     fn stream<V: MigratableVm>(
         &mut self,
         buf: &mut Vec<u8>,
-        jobs: &crossbeam_channel::Sender<Job>,
-        inflight: &mut InFlight<'_>,
         torn: &TornSet,
         vm: &V,
     ) -> Result<(u32, Duration, protocol::DigestMessage), MigrationError> {
@@ -614,7 +593,12 @@ impl<S: FrameSink> Receiving<'_, S> {
             if let Some((digest, rounds)) = &digest {
                 let rounds = *rounds;
                 if lane_rounds.iter().all(|&r| r == rounds) {
-                    inflight.drain()?;
+                    // Nothing lands after this (the guest may run): a
+                    // failure before it fails the migration.
+                    self.landing.close();
+                    if let Ok(e) = self.failures.try_recv() {
+                        return Err(e);
+                    }
                     let restore = restored.ok_or(MigrationError::UnexpectedFrame {
                         expected: "VcpuState",
                         got: FrameKind::Digest,
@@ -625,23 +609,10 @@ impl<S: FrameSink> Receiving<'_, S> {
             let idle = self.opts.idle_timeout;
             let (lane, frame) = self.recv_frame("the page stream", idle, false)?;
             let kind = frame.kind();
-            if kind == FrameKind::PageBatch {
-                // Verified on the decoder thread that decodes it.
-                inflight.poll()?;
-                let round = lane_rounds[lane];
-                if jobs.send(Job { frame, round }).is_err() {
-                    // The decoders are gone: report why, if one said.
-                    inflight.poll()?;
-                    return Err(MigrationError::WorkerPanicked);
-                }
-                inflight.outstanding += 1;
-                continue;
-            }
             self.take_payload(buf, frame)?;
             match kind {
                 FrameKind::RoundEnd => {
                     let end = RoundEnd::decode(buf).map_err(MigrationError::Message)?;
-                    inflight.drain()?;
                     let expected = lane_rounds[lane];
                     let past_digest = digest
                         .as_ref()
@@ -658,8 +629,8 @@ impl<S: FrameSink> Receiving<'_, S> {
                     }
                     lane_rounds[lane] += 1;
                     // The last lane to end this round: every page of it is
-                    // written (each lane's RoundEnd drained the decodes
-                    // before it). The source waits for this before it
+                    // written (each lane's reader landed its batches before
+                    // passing its RoundEnd on). The source waits for this before it
                     // pauses; once the Digest is here it waits for Ready.
                     let reached = lane_rounds[lane];
                     if digest.is_none() && lane_rounds.iter().all(|&r| r >= reached) {
@@ -701,7 +672,7 @@ impl<S: FrameSink> Receiving<'_, S> {
                 }
                 other => {
                     return Err(MigrationError::UnexpectedFrame {
-                        expected: "PageBatch, RoundEnd, VcpuState or Digest",
+                        expected: "RoundEnd, VcpuState or Digest",
                         got: other,
                     })
                 }

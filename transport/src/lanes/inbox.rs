@@ -3,10 +3,16 @@
 //! [`LaneInbox`] reads every lane on a thread of its own and hands frames
 //! out tagged with their lane, per-lane order kept. Readers move bytes and
 //! validate headers; checksums are verified by whoever consumes a frame
-//! ([`ReceivedFrame::verify`]), so the hashing is spread over the
-//! consumer's threads (the engine's decoders) instead of one reader per
-//! lane. Buffers go round: a consumer done with a frame hands its buffer
+//! ([`ReceivedFrame::verify`]): the consumer's threads, or the readers
+//! themselves when a [`LaneConsumer`] takes the frames there (the
+//! engine's destination lands its page batches that way). Buffers go round: a consumer done with a frame hands its buffer
 //! back ([`Recycler`]) and the next frame is read into it.
+//!
+//! A consumer may also take frames on the reader threads themselves
+//! ([`LaneInbox::spawn_with`], one [`LaneConsumer`] per lane): each frame
+//! is offered to its lane's consumer first, in the lane's order, and only
+//! what it passes on goes to the channel. A frame it keeps costs no
+//! hand-over, and its buffer is the one the lane's next frame is read into.
 
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,6 +32,34 @@ pub struct LaneEvent {
     pub frame: Result<ReceivedFrame, TransportError>,
 }
 
+/// What a [`LaneConsumer`] did with a frame.
+#[derive(Debug)]
+pub enum Consumed {
+    /// Taken here: the frame's buffer, which the lane's next frame is read
+    /// into.
+    Kept(Vec<u8>),
+    /// Not taken: the frame goes on to the inbox's channel.
+    PassedOn(ReceivedFrame),
+}
+
+/// Takes a lane's frames on that lane's reader thread (see
+/// [`LaneInbox::spawn_with`]), one frame at a time in the lane's order,
+/// before the channel would.
+pub trait LaneConsumer: Send + 'static {
+    /// Offered each frame the lane received (not yet verified).
+    fn consume(&mut self, frame: ReceivedFrame) -> Consumed;
+}
+
+/// The consumer of [`LaneInbox::spawn`]: every frame goes to the channel.
+#[derive(Debug, Clone, Copy)]
+pub struct PassAll;
+
+impl LaneConsumer for PassAll {
+    fn consume(&mut self, frame: ReceivedFrame) -> Consumed {
+        Consumed::PassedOn(frame)
+    }
+}
+
 /// Hands spent frame buffers back to a [`LaneInbox`]'s readers.
 #[derive(Debug, Clone)]
 pub struct Recycler(Sender<Vec<u8>>);
@@ -40,8 +74,8 @@ impl Recycler {
 }
 
 /// Reader threads, one per lane, merged into one bounded channel. Each
-/// thread ends when its lane ends, or at the next frame after the inbox is
-/// dropped.
+/// thread ends when its lane ends, or at the next frame it passes on after
+/// the inbox is dropped.
 #[derive(Debug)]
 pub struct LaneInbox {
     rx: Receiver<LaneEvent>,
@@ -54,6 +88,17 @@ impl LaneInbox {
     /// Starts one reader thread per lane; at most `depth` frames wait
     /// unread.
     pub fn spawn(readers: Vec<(u16, Box<dyn FrameReceive>)>, depth: usize) -> LaneInbox {
+        Self::spawn_with(readers, depth, |_| PassAll)
+    }
+
+    /// [`LaneInbox::spawn`], with each frame offered first to its lane's
+    /// consumer (`consumer_for(lane)`) on the lane's reader thread: only
+    /// the frames it passes on, and the lane's end, reach the channel.
+    pub fn spawn_with<C: LaneConsumer>(
+        readers: Vec<(u16, Box<dyn FrameReceive>)>,
+        depth: usize,
+        mut consumer_for: impl FnMut(u16) -> C,
+    ) -> LaneInbox {
         let lanes = readers.len();
         let (tx, rx) = bounded(depth.max(1));
         let (spare_tx, spare) = bounded(2 * depth.max(1) + 8 * lanes);
@@ -61,11 +106,25 @@ impl LaneInbox {
             .into_iter()
             .map(|(lane, mut reader)| {
                 let (tx, spare) = (tx.clone(), spare.clone());
+                let mut consumer = consumer_for(lane);
+                // The buffer of the last frame the consumer kept.
+                let mut kept = None;
                 std::thread::Builder::new()
                     .name(format!("ferry-lane-rx-{lane}"))
                     .spawn(move || loop {
-                        let buf = spare.try_recv().unwrap_or_default();
-                        let frame = reader.receive(buf);
+                        let buf = kept
+                            .take()
+                            .unwrap_or_else(|| spare.try_recv().unwrap_or_default());
+                        let frame = match reader.receive(buf) {
+                            Ok(frame) => match consumer.consume(frame) {
+                                Consumed::Kept(buf) => {
+                                    kept = Some(buf);
+                                    continue;
+                                }
+                                Consumed::PassedOn(frame) => Ok(frame),
+                            },
+                            Err(e) => Err(e),
+                        };
                         let end = frame.is_err();
                         if tx.send(LaneEvent { lane, frame }).is_err() || end {
                             return;

@@ -1,13 +1,16 @@
-//! Decoder threads: decode page batches and write the pages into guest
-//! memory, recording each written page's hash for the digest.
+//! Landing page batches on the lanes' reader threads: each batch is
+//! verified, decoded and its pages written into guest memory on the thread
+//! that read it (a [`LaneConsumer`] of the transport's `LaneInbox`), each
+//! written page's hash recorded for the digest. Control frames go on to
+//! the session's thread.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 
-use crossbeam_channel::{Receiver, Sender};
-use ferry_transport::lanes::Recycler;
-use ferry_transport::ReceivedFrame;
+use crossbeam_channel::Sender;
+use ferry_transport::lanes::{Consumed, LaneConsumer};
+use ferry_transport::{FrameKind, ReceivedFrame};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::digest::PageHashes;
@@ -17,23 +20,15 @@ use crate::encode::{
     PageEncoding, PAGE_SIZE,
 };
 use crate::error::MigrationError;
-use crate::protocol::{TornPage, MAX_TORN_PER_REPORT};
+use crate::protocol::{TornPage, MAX_TORN_PER_REPORT, PAGE_BATCH_FLAGS};
 use crate::vm::GuestMemoryMmap;
-
-/// A page batch to decode.
-pub(crate) struct Job {
-    /// The batch's frame, verified by the decoder thread that decodes it.
-    pub frame: ReceivedFrame,
-    /// The round its lane is in.
-    pub round: u32,
-}
 
 /// Raw pages that arrived torn (see [`crate::protocol::TornPage`]): the
 /// ones still torn (no later copy came yet) and the ones not yet reported
 /// to the source.
 #[derive(Debug)]
 pub(crate) struct TornSet {
-    /// One bit per page, set while the page is torn: a decoder writing a
+    /// One bit per page, set while the page is torn: a reader writing a
     /// page reads its word and takes no lock unless that page is torn.
     /// (A count of open pages checked instead sent every decoder through
     /// the lock, and its cache line from core to core, for every page
@@ -84,8 +79,9 @@ impl TornSet {
     }
 
     /// A copy of `page` that matches its hash was written. A page's copies
-    /// are decoded in order (one lane per page, a barrier per round), so
-    /// a torn copy's record (its bit included) is seen here.
+    /// are decoded in order (one lane per page, each lane's batches landed
+    /// in order on its reader thread), so a torn copy's record (its bit
+    /// included) is seen here.
     fn written(&self, page: u64) {
         let (word, bit) = torn_bit(page);
         let open = self
@@ -124,7 +120,7 @@ impl TornSet {
     }
 }
 
-/// What decoder threads share.
+/// What decoding a batch needs.
 pub(crate) struct DecodeContext<'a> {
     pub memory: &'a GuestMemoryMmap,
     pub hashes: &'a PageHashes,
@@ -135,28 +131,164 @@ pub(crate) struct DecodeContext<'a> {
     pub torn: &'a TornSet,
 }
 
-/// Decode batches until the job channel closes or the result channel is
-/// dropped.
-pub(crate) fn run_worker(
-    ctx: &DecodeContext<'_>,
-    jobs: &Receiver<Job>,
-    out: &Sender<Result<EncodingCounts, MigrationError>>,
-    free: &Recycler,
-) {
-    let mut page: Box<Page> = Box::new([0; PAGE_SIZE]);
-    while let Ok(Job { frame, round }) = jobs.recv() {
+/// Where one migration's batches land, shared by the lanes' readers.
+pub(crate) struct LandingTarget {
+    /// The guest's memory (a handle on the same mappings as the VM's).
+    pub memory: GuestMemoryMmap,
+    pub hashes: Arc<PageHashes>,
+    pub page_index_end: u64,
+    /// Features accepted in the handshake.
+    pub features: u64,
+    pub torn: Arc<TornSet>,
+}
+
+impl LandingTarget {
+    fn context(&self) -> DecodeContext<'_> {
+        DecodeContext {
+            memory: &self.memory,
+            hashes: &self.hashes,
+            page_index_end: self.page_index_end,
+            features: self.features,
+            torn: &self.torn,
+        }
+    }
+}
+
+/// What the lanes' readers landed so far.
+#[derive(Debug, Default)]
+pub(crate) struct Landed {
+    /// Batches landed.
+    pub batches: u64,
+    pub counts: EncodingCounts,
+    /// Bytes of the batches landed, frame headers included, per lane.
+    pub lane_bytes: Vec<u64>,
+}
+
+/// The session's side of the lanes' readers: where batches land while the
+/// stream is open, what they landed, and where a reader's failure goes.
+pub(crate) struct Landing {
+    /// Set once the Hello is accepted (before the HelloAck), cleared when
+    /// the stream is over: a batch outside it is not landed but passed on
+    /// to the session, which refuses it. A reader holds it (read) while it
+    /// writes a batch, so once [`Landing::close`] returns no page is
+    /// written any more.
+    target: RwLock<Option<LandingTarget>>,
+    landed: Mutex<Landed>,
+    /// A reader's first failure (a corrupt frame, a batch that does not
+    /// decode), to wake the session at once; that reader lands nothing
+    /// after it.
+    failures: Sender<MigrationError>,
+}
+
+impl Landing {
+    /// For `lanes` lanes, failures sent to `failures`.
+    pub(crate) fn new(lanes: usize, failures: Sender<MigrationError>) -> Self {
+        Self {
+            target: RwLock::new(None),
+            landed: Mutex::new(Landed {
+                batches: 0,
+                counts: EncodingCounts::default(),
+                lane_bytes: vec![0; lanes],
+            }),
+            failures,
+        }
+    }
+
+    /// Batches land in `target` from now on.
+    pub(crate) fn open(&self, target: LandingTarget) {
+        *self.target.write().unwrap_or_else(|p| p.into_inner()) = Some(target);
+    }
+
+    /// No batch lands any more (waits for one being written).
+    pub(crate) fn close(&self) {
+        *self.target.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn landed(&self) -> std::sync::MutexGuard<'_, Landed> {
+        self.landed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Batches landed so far (the stream is not idle while they come).
+    pub(crate) fn batches(&self) -> u64 {
+        self.landed().batches
+    }
+
+    /// What was landed so far.
+    pub(crate) fn take_landed(&self) -> Landed {
+        std::mem::take(&mut *self.landed())
+    }
+}
+
+/// One lane's reader, landing its lane's batches in order. A page always
+/// travels on the same lane, so its copies are written in the order they
+/// were sent; a lane's RoundEnd reaches the session only after every batch
+/// of that round on that lane was written (and fenced).
+pub(crate) struct LaneLanding {
+    lane: usize,
+    landing: Arc<Landing>,
+    /// The round this lane is in (RoundEnds passed on so far).
+    round: u32,
+    page: Box<Page>,
+    failed: bool,
+}
+
+impl LaneLanding {
+    pub(crate) fn new(lane: u16, landing: Arc<Landing>) -> Self {
+        Self {
+            lane: usize::from(lane),
+            landing,
+            round: 0,
+            page: Box::new([0; PAGE_SIZE]),
+            failed: false,
+        }
+    }
+}
+
+impl LaneConsumer for LaneLanding {
+    fn consume(&mut self, frame: ReceivedFrame) -> Consumed {
+        if self.failed {
+            // The session fails on this lane's failure: nothing more.
+            return Consumed::Kept(frame.into_buffer());
+        }
+        match frame.kind() {
+            FrameKind::PageBatch if frame.flags() == PAGE_BATCH_FLAGS => {}
+            FrameKind::RoundEnd => {
+                self.round = self.round.wrapping_add(1);
+                return Consumed::PassedOn(frame);
+            }
+            _ => return Consumed::PassedOn(frame),
+        }
+        let open = self
+            .landing
+            .target
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(target) = open.as_ref() else {
+            return Consumed::PassedOn(frame);
+        };
         let r = match frame.verify() {
-            Ok(batch) => decode_batch(ctx, batch, round, &mut page),
+            Ok(batch) => decode_batch(&target.context(), batch, self.round, &mut self.page),
             Err(e) => Err(MigrationError::CorruptFrame(e)),
         };
         // The batch's pages, written with streaming stores, are ordered
-        // before its result is reported.
+        // before anything this lane passes on after it.
         store_fence();
-        free.recycle(frame.into_buffer());
-        let failed = r.is_err();
-        if out.send(r).is_err() || failed {
-            return;
+        drop(open);
+        match r {
+            Ok(counts) => {
+                let mut landed = self.landing.landed();
+                landed.batches += 1;
+                landed.counts.add(&counts);
+                if let Some(b) = landed.lane_bytes.get_mut(self.lane) {
+                    *b += frame.wire_len() as u64;
+                }
+            }
+            Err(e) => {
+                self.failed = true;
+                let _ = self.landing.failures.send(e);
+            }
         }
+        Consumed::Kept(frame.into_buffer())
     }
 }
 
