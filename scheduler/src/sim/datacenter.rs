@@ -115,8 +115,6 @@ pub struct SimVm {
     pub host: Option<usize>,
     /// Migration in flight.
     pub in_migration: bool,
-    /// Non-zero utilisation samples, newest first (`PowerVm` history).
-    pub history: History,
     /// Time of the last migration start (`ferry`'s anti-flapping).
     pub last_moved: f64,
     prev_time: f64,
@@ -146,6 +144,10 @@ pub struct Datacenter<'a> {
     pub vms: Vec<SimVm>,
     /// Memory model.
     pub memory: MemoryModel,
+    /// Per VM: its non-zero utilisation samples, newest first (`PowerVm`
+    /// history; apart from [`SimVm`], which every event reads, as they
+    /// change only at scheduling events).
+    pub histories: Vec<History>,
     /// Demand (requested MIPS) of every VM at `now`.
     pub req: Vec<f64>,
     /// Current simulation time.
@@ -216,7 +218,6 @@ impl<'a> Datacenter<'a> {
                 trace: i,
                 host: None,
                 in_migration: false,
-                history: History::default(),
                 last_moved: f64::NEG_INFINITY,
                 prev_time: -1.0,
                 last: None,
@@ -232,6 +233,7 @@ impl<'a> Datacenter<'a> {
             hosts,
             vms,
             memory,
+            histories: vec![History::default(); n_vms],
             req: vec![0.0; n_vms],
             now: 0.0,
             step,
@@ -418,7 +420,7 @@ impl<'a> Datacenter<'a> {
         let mut hist = [0.0f64; HISTORY_LENGTH];
         for &v in host.vms.iter().chain(extra.iter()) {
             let vm = &self.vms[v];
-            for (i, u) in vm.history.iter().enumerate() {
+            for (i, u) in self.histories[v].iter().enumerate() {
                 hist[i] += u * vm.mips / host.total_mips;
             }
         }
@@ -514,7 +516,7 @@ impl<'a> Datacenter<'a> {
             if scheduling_event && t > vm.prev_time {
                 let u = req / vm.mips;
                 if u != 0.0 {
-                    vm.history.push_newest(u);
+                    self.histories[v].push_newest(u);
                 }
                 vm.prev_time = t;
             }
