@@ -222,8 +222,7 @@ fn handoff(depth: usize, src: &ColdRegion, dst: &mut ColdRegion) -> ((f64, f64),
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        eprintln!("destination_landing: run with `cargo bench` (skipping)");
+    if !ferry_benches::started_by_cargo_bench("destination_landing") {
         return;
     }
     let env = ferry_benches::env_usize;

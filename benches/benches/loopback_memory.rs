@@ -18,8 +18,7 @@ use ferry_benches::cold_region::ColdRegion;
 use ferry_benches::data_path::{stream, DataPath};
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        eprintln!("loopback_memory: run with `cargo bench` (skipping)");
+    if !ferry_benches::started_by_cargo_bench("loopback_memory") {
         return;
     }
     let env = ferry_benches::env_usize;

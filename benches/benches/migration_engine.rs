@@ -222,8 +222,7 @@ fn migrate(mem_mib: u64, rate: &str) -> Case {
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` would pass nothing
     // useful: only run when benchmarking.
-    if !std::env::args().any(|a| a == "--bench") {
-        eprintln!("migration_engine: run with `cargo bench` (skipping)");
+    if !ferry_benches::started_by_cargo_bench("migration_engine") {
         return;
     }
     if std::fs::OpenOptions::new()

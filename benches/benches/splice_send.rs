@@ -43,6 +43,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use ferry_benches::cold_region::ColdRegion;
+use ferry_benches::median;
 
 /// Pages per frame (`FERRY_BENCH_PAGES`, default 64: a 256 KiB batch).
 static PAGES: std::sync::LazyLock<usize> =
@@ -273,14 +274,8 @@ fn run(mode: Mode, src: &ColdRegion, dst: &mut ColdRegion) -> Run {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        eprintln!("splice_send: run with `cargo bench` (skipping)");
+    if !ferry_benches::started_by_cargo_bench("splice_send") {
         return;
     }
     let env = ferry_benches::env_usize;

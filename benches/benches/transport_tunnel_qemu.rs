@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use ferry_benches::median;
 use ferry_harness::qemu::{qemu_unavailable, QemuConfig, QemuGuest};
 use ferry_harness::qmp::{
     Migrate, MigrateIncoming, MigrateSetParameters, MigrationStatus, RunState,
@@ -131,11 +132,6 @@ fn one(variant: Variant, mem_mib: u32, dir: &Path, port: u16) -> Result<Run> {
             .as_ref()
             .map_or(f64::NAN, |ram| ram.transferred as f64),
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() -> Result<()> {

@@ -29,3 +29,20 @@ pub fn env_usize(key: &str, default: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// Whether this bench binary was started by `cargo bench` (which passes
+/// `--bench`); otherwise (`cargo test` builds and runs every bench target)
+/// says that `name` skips, and the bench returns.
+pub fn started_by_cargo_bench(name: &str) -> bool {
+    let bench = std::env::args().any(|a| a == "--bench");
+    if !bench {
+        eprintln!("{name}: run with `cargo bench` (skipping)");
+    }
+    bench
+}
+
+/// The median of `v` (the upper one of an even count; NaN when empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}

@@ -379,14 +379,11 @@ mod lane_path {
         (first, version)
     }
 
-    /// Pages striped over the lanes by page index arrive each on its lane,
-    /// each page's versions in order, every sealed frame verified by the
-    /// consumer; a broadcast round end closes every lane's round.
-    fn striped_pages(sink: Sink) {
-        let Some((tx, rx)) = session(sink, 4) else {
-            return;
-        };
-        let sender = thread::spawn(move || {
+    /// Sends four versions of pages striped over the lanes by page index
+    /// (gathered frames every other version where the sink gathers), then
+    /// a broadcast round end.
+    fn send_striped_versions(tx: LaneEnds) -> thread::JoinHandle<()> {
+        thread::spawn(move || {
             let q = queues(tx, 2, None);
             let cancel = AtomicBool::new(false);
             for version in 0u32..4 {
@@ -399,7 +396,17 @@ mod lane_path {
             q.broadcast(&OutFrame::new(FrameKind::RoundEnd, 0, Vec::new()), None)
                 .unwrap();
             q.finish().unwrap();
-        });
+        })
+    }
+
+    /// Pages striped over the lanes by page index arrive each on its lane,
+    /// each page's versions in order, every sealed frame verified by the
+    /// consumer; a broadcast round end closes every lane's round.
+    fn striped_pages(sink: Sink) {
+        let Some((tx, rx)) = session(sink, 4) else {
+            return;
+        };
+        let sender = send_striped_versions(tx);
         let inbox = LaneInbox::spawn(rx.readers, 8);
         let recycler = inbox.recycler();
         let mut last = std::collections::HashMap::new();
@@ -483,20 +490,7 @@ mod lane_path {
         let Some((tx, rx)) = session(sink, 4) else {
             return;
         };
-        let sender = thread::spawn(move || {
-            let q = queues(tx, 2, None);
-            let cancel = AtomicBool::new(false);
-            for version in 0u32..4 {
-                for first in (0..STRIPE_PAGES * 8).step_by(STRIPE_PAGES as usize / 4) {
-                    let lane = lane_for_page(first, q.lanes());
-                    let frame = batch(first, version, 3, q.gathers() && version % 2 == 0);
-                    q.send_sealed(lane, frame, &cancel).unwrap();
-                }
-            }
-            q.broadcast(&OutFrame::new(FrameKind::RoundEnd, 0, Vec::new()), None)
-                .unwrap();
-            q.finish().unwrap();
-        });
+        let sender = send_striped_versions(tx);
         let last = Arc::new(Mutex::new(HashMap::new()));
         let fresh = Arc::new(Mutex::new(HashSet::new()));
         let inbox = LaneInbox::spawn_with(rx.readers, 8, |lane| BatchChecker {
