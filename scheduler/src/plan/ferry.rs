@@ -586,6 +586,19 @@ const LOAD_CELLS: usize = LOAD_SLICES + 2;
 /// Cells per capacity in the CPU index: the load slices and [`UNSLICED`].
 const CPU_CELLS: usize = LOAD_SLICES + 1;
 
+/// The least load (MIPS) a host of capacity `cap` in load slice `i > 0`
+/// may have ([`Round::mem_cell`]; 0.01 of a slice covers rounding).
+fn slice_floor(i: usize, cap: f64) -> f64 {
+    (i as f64 - 0.01) * cap / LOAD_SLICES as f64
+}
+
+/// The most load (MIPS) a host of capacity `cap` in load slice `i` below
+/// the last may have ([`Round::mem_cell`]; 0.01 of a slice covers
+/// rounding).
+fn slice_ceiling(i: usize, cap: f64) -> f64 {
+    (i as f64 + 1.01) * cap / LOAD_SLICES as f64
+}
+
 impl<'a, V: ClusterView> Round<'a, V> {
     fn new(view: &'a V, p: &'a FerryParams, rules: &'a RuleIndex) -> Self {
         let (n, m) = (view.host_count(), view.vm_count());
@@ -699,10 +712,10 @@ impl<'a, V: ClusterView> Round<'a, V> {
     /// limit (never a target), else the slice of its load, the estimate
     /// [`Round::room`] checks against the target: the short window's, and
     /// in consolidation (`long`) the long window's (then [`UNSLICED`] if
-    /// the short one is larger, rounding, so that a slice bounds both). A host in slice `i > 0` has a load of at least
-    /// `(i - 0.01) / LOAD_SLICES` of its capacity, one below the last at
-    /// most `(i + 1.01) / LOAD_SLICES` ([`Round::place_by_memory`]'s
-    /// bounds; the 0.01 covers rounding).
+    /// the short one is larger, rounding, so that a slice bounds both). A
+    /// host in slice `i > 0` has a load of at least [`slice_floor`], one
+    /// below the last at most [`slice_ceiling`] (the bounds
+    /// [`Round::place`] and [`Round::place_by_memory`] skip cells by).
     fn mem_cell(&self, h: HostId) -> usize {
         if self.busy[h] >= self.p.limits.max_migrations_per_host {
             return AT_LIMIT;
@@ -720,25 +733,16 @@ impl<'a, V: ClusterView> Round<'a, V> {
     }
 
     /// `h`'s cell in the CPU index ([`HostIndex::running`]): `None` at its
-    /// migration limit (never a target); outside consolidation 0; in
-    /// consolidation (`long`) the slice of its long-window load, which
-    /// bounds both windows' ([`UNSLICED`] if the short estimate is the
-    /// larger, rounding): a host in slice `i > 0` has a long-window load of
-    /// at least `(i - 0.01) / LOAD_SLICES` of its capacity, one below the
-    /// last at most `(i + 1.01) / LOAD_SLICES` ([`Round::place`]'s bounds).
+    /// migration limit (never a target); outside consolidation 0 (the CPU
+    /// index is sliced only by the long window); in consolidation (`long`)
+    /// its memory-index cell ([`Round::mem_cell`]), the slice of its
+    /// long-window load or [`UNSLICED`].
     fn cpu_cell(&self, h: HostId) -> Option<usize> {
-        if self.busy[h] >= self.p.limits.max_migrations_per_host {
-            return None;
+        match self.mem_cell(h) {
+            AT_LIMIT => None,
+            _ if !self.long => Some(0),
+            cell => Some(cell),
         }
-        if !self.long {
-            return Some(0);
-        }
-        if self.host_est[h] > self.host_est_long[h] {
-            return Some(UNSLICED);
-        }
-        let load = self.host_est_long[h] / self.cap(h);
-        // `as` saturates: a negative (rounding) or NaN load is slice 0.
-        Some(((load * LOAD_SLICES as f64).floor() as usize).min(LOAD_SLICES - 1))
     }
 
     /// Files `h` in the CPU index under its current load cell (if it is
@@ -918,7 +922,6 @@ impl<'a, V: ClusterView> Round<'a, V> {
         // leave room for.
         let el = self.est_long[v].min(self.vm_cpu(v));
         let fill = |r: &Self, h: HostId| (r.host_est[h] + r.est[v]) / r.cap(h);
-        let slices = LOAD_SLICES as f64;
         // Best (fill, host) over capacities and load cells: highest fill,
         // then lowest index.
         let mut best: Option<(f64, HostId)> = None;
@@ -932,13 +935,13 @@ impl<'a, V: ClusterView> Round<'a, V> {
             for (i, set) in cells.iter().enumerate().rev() {
                 if self.long && i < LOAD_SLICES {
                     // No host of the slice has room on the long window.
-                    if i > 0 && (i as f64 - 0.01) * cap / slices + el > self.p.target * cap {
+                    if i > 0 && slice_floor(i, cap) + el > self.p.target * cap {
                         continue;
                     }
                     // No host of the slice can beat the best found: its
                     // short-window estimate is at most its long one's.
                     if i + 1 < LOAD_SLICES {
-                        let top = ((i as f64 + 1.01) * cap / slices + self.est[v]) / cap;
+                        let top = (slice_ceiling(i, cap) + self.est[v]) / cap;
                         if best.is_some_and(|(bf, _)| top < bf) {
                             continue;
                         }
@@ -1013,7 +1016,6 @@ impl<'a, V: ClusterView> Round<'a, V> {
         } else {
             e
         };
-        let slices = LOAD_SLICES as f64;
         let mut best: Option<(f64, HostId)> = None;
         let start = (Key(need - need.abs() * 1e-9 - 1e-9), 0);
         for (&(mem, cap), cells) in &self.index.by_mem {
@@ -1023,12 +1025,12 @@ impl<'a, V: ClusterView> Round<'a, V> {
                 let sliced = i < LOAD_SLICES;
                 // No host of the cell has room for `v`'s memory.
                 if set.last().is_none_or(|last| *last < start)
-                    || (sliced && i > 0 && (i as f64 - 0.01) * cap / slices + e_cell > limit)
+                    || (sliced && i > 0 && slice_floor(i, cap) + e_cell > limit)
                 {
                     continue;
                 }
                 let floor = if i + 1 < LOAD_SLICES && self.p.memory_fit >= 0.0 {
-                    let top = (i as f64 + 1.01) * cap / slices;
+                    let top = slice_ceiling(i, cap);
                     cpu_floor.max(self.p.memory_fit * (1.0 - (top + self.est[v]) / cap))
                 } else {
                     cpu_floor
