@@ -399,6 +399,20 @@ mod lane_path {
         })
     }
 
+    /// Checks a batch of [`send_striped_versions`] received on `lane`: it
+    /// came on its pages' lane, as the next version of its pages after the
+    /// last one `last` saw.
+    fn check_striped(lane: usize, frame: &ReceivedFrame, last: &mut HashMap<u64, u32>) {
+        let (first, version) = check_batch(frame.verify().unwrap());
+        assert_eq!(lane, lane_for_page(first, 4), "page {first} on lane {lane}");
+        let prev = last.insert(first, version);
+        assert_eq!(
+            prev.map_or(0, |p| p + 1),
+            version,
+            "page {first} out of order"
+        );
+    }
+
     /// Pages striped over the lanes by page index arrive each on its lane,
     /// each page's versions in order, every sealed frame verified by the
     /// consumer; a broadcast round end closes every lane's round.
@@ -409,7 +423,7 @@ mod lane_path {
         let sender = send_striped_versions(tx);
         let inbox = LaneInbox::spawn(rx.readers, 8);
         let recycler = inbox.recycler();
-        let mut last = std::collections::HashMap::new();
+        let mut last = HashMap::new();
         let mut ends = [false; 4];
         while ends.iter().any(|e| !e) {
             let ev = inbox.recv_timeout(HANG).expect("a frame");
@@ -423,14 +437,7 @@ mod lane_path {
             match frame.kind() {
                 FrameKind::RoundEnd => ends[lane] = true,
                 FrameKind::PageBatch => {
-                    let (first, version) = check_batch(frame.verify().unwrap());
-                    assert_eq!(lane, lane_for_page(first, 4), "page {first} on lane {lane}");
-                    let prev = last.insert(first, version);
-                    assert_eq!(
-                        prev.map_or(0, |p| p + 1),
-                        version,
-                        "page {first} out of order"
-                    );
+                    check_striped(lane, &frame, &mut last);
                     recycler.recycle(frame.into_buffer());
                 }
                 other => panic!("unexpected {other}"),
@@ -461,17 +468,10 @@ mod lane_path {
             if frame.kind() != FrameKind::PageBatch {
                 return Consumed::PassedOn(frame);
             }
-            let (first, version) = check_batch(frame.verify().unwrap());
-            assert_eq!(
+            check_striped(
                 usize::from(self.lane),
-                lane_for_page(first, 4),
-                "page {first}"
-            );
-            let prev = self.last.lock().unwrap().insert(first, version);
-            assert_eq!(
-                prev.map_or(0, |p| p + 1),
-                version,
-                "page {first} out of order"
+                &frame,
+                &mut self.last.lock().unwrap(),
             );
             let mut buf = frame.into_buffer();
             if self.batches > 0 && buf.capacity() < MARK_CAPACITY {
