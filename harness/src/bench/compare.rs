@@ -394,7 +394,7 @@ pub fn run(
     for a in &aggregates {
         emit(JsonLine::Aggregate { aggregate: a })?;
     }
-    let floors = report::floors(&aggregates);
+    let floors = report::floors(&aggregates, &ceilings);
     for f in &floors {
         emit(JsonLine::Floor { floor: f })?;
     }
@@ -487,10 +487,11 @@ mod tests {
             bytes: 1 << 30,
             secs: 0.5,
             bytes_per_sec: 2.0 * f64::from(1u32 << 30),
+            cpu_secs: 0.25,
         };
         assert_eq!(
             serde_json::to_string(&JsonLine::Ceiling { ceiling: &c }).unwrap(),
-            r#"{"kind":"ceiling","ceiling":{"connections":4,"bytes":1073741824,"secs":0.5,"bytes_per_sec":2147483648.0}}"#
+            r#"{"kind":"ceiling","ceiling":{"connections":4,"bytes":1073741824,"secs":0.5,"bytes_per_sec":2147483648.0,"cpu_secs":0.25}}"#
         );
         let state = MachineState::now();
         let session = Session {

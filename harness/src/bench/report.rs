@@ -274,11 +274,12 @@ pub fn table(aggs: &[Aggregate], ceilings: &[Ceiling]) -> String {
     for c in ceilings {
         let _ = writeln!(
             s,
-            "TCP ceiling: {} connection(s), {:.0} MB/s ({} MiB in {:.2} s)",
+            "TCP ceiling: {} connection(s), {:.0} MB/s ({} MiB in {:.2} s), {:.2} CPU-s/GiB (sender + receiver)",
             c.connections,
             c.bytes_per_sec / 1e6,
             c.bytes >> 20,
-            c.secs
+            c.secs,
+            c.cpu_per_gib()
         );
     }
     let header = [
@@ -423,7 +424,21 @@ pub struct FloorCheck {
 /// - heartbeat gap <= 1/3 of QEMU's lowest at the same downtime limit;
 /// - engine CPU per GiB (source + destination) <= 0.7x QEMU's best profile's;
 /// - on a capped row, ferry converges in every run (QEMU's profiles listed).
-pub fn floors(aggs: &[Aggregate]) -> Vec<FloorCheck> {
+///
+/// On loopback rows the details also say what the session's TCP ceilings
+/// (`ceilings`) imply: the time a bare TCP stream needs for the bytes ferry
+/// sent, and the CPU it spends on them, each against QEMU's best. Those are
+/// bounds no engine that moves the same bytes over the same sockets can
+/// beat, so a floor below them cannot be met on this machine.
+pub fn floors(aggs: &[Aggregate], ceilings: &[Ceiling]) -> Vec<FloorCheck> {
+    let fastest = ceilings
+        .iter()
+        .max_by(|a, b| a.bytes_per_sec.total_cmp(&b.bytes_per_sec));
+    let cheapest = ceilings
+        .iter()
+        .map(Ceiling::cpu_per_gib)
+        .filter(|c| *c > 0.0)
+        .min_by(f64::total_cmp);
     let mut out = Vec::new();
     let mut rows: Vec<&str> = Vec::new();
     for a in aggs {
@@ -441,6 +456,12 @@ pub fn floors(aggs: &[Aggregate]) -> Vec<FloorCheck> {
         };
         let w = ferry.workload;
         let limit = ferry.downtime_limit_ms;
+        let loopback = matches!(w.link, Link::Loopback);
+        // Ferry's wire bytes as a share of guest memory (what the ceiling's
+        // per-byte figures are scaled by).
+        let wire_share = ferry
+            .wire_mib
+            .map(|m| m.median * f64::from(1u32 << 20) / w.mem_bytes as f64);
         let busy = of_row.iter().any(|a| a.busy > 0);
         let best = qemu_best(aggs, row, limit);
         let ferry_failed = (!ferry.complete()).then(|| {
@@ -515,6 +536,16 @@ pub fn floors(aggs: &[Aggregate]) -> Vec<FloorCheck> {
             if !others.is_empty() {
                 detail += &format!("; QEMU at other limits: {}", others.join(", "));
             }
+            if let (true, Some(c), Some(wire)) = (loopback, fastest, ferry.wire_mib) {
+                let bare_ms = wire.median * f64::from(1u32 << 20) / c.bytes_per_sec * 1e3;
+                detail += &format!(
+                    "; the TCP ceiling ({} connection(s)) alone moves ferry's {:.0} MiB in {bare_ms:.0} ms",
+                    c.connections, wire.median
+                );
+                if let Some(q) = best.and_then(|b| b.total_ms) {
+                    detail += &format!(" = {:.2}x QEMU's best", bare_ms / q.median);
+                }
+            }
             push(
                 format!("total time <= {max}x QEMU's best"),
                 ratio,
@@ -553,13 +584,27 @@ pub fn floors(aggs: &[Aggregate]) -> Vec<FloorCheck> {
             let ratio = q
                 .as_ref()
                 .and_then(|(c, _)| Some(ferry.cpu_per_gib()? / c).filter(|_| *c > 0.0));
-            let detail = format!(
+            let mut detail = format!(
                 "ferry {}, QEMU best profile {}",
                 ferry
                     .cpu_per_gib()
                     .map_or("-".into(), |c| format!("{c:.2} s/GiB")),
-                q.map_or_else(no_qemu, |(c, n)| format!("{c:.2} s/GiB ({n})"))
+                q.as_ref()
+                    .map_or_else(no_qemu, |(c, n)| format!("{c:.2} s/GiB ({n})"))
             );
+            if let (true, Some(bare), Some(share)) = (loopback, cheapest, wire_share) {
+                let bare = bare * share;
+                detail += &format!(
+                    "; bare TCP over loopback costs {bare:.2} s/GiB for ferry's bytes (this session's ceiling)"
+                );
+                if let Some((c, _)) = q.as_ref().filter(|(c, _)| *c > 0.0) {
+                    detail += &format!(
+                        " = {:.2}x QEMU's, leaving {:.2} s/GiB under the floor for all other work",
+                        bare / c,
+                        0.7 * c - bare
+                    );
+                }
+            }
             push(
                 "engine CPU per GiB (source + destination, no vCPU) <= 0.7x QEMU's best profile's"
                     .into(),
@@ -664,9 +709,50 @@ mod tests {
         assert_eq!(qemu_default.total_vs_qemu_best, None);
         assert!(table(&aggs, &[]).contains("1/2 FAILED"));
 
-        let f = floors(&aggs);
+        let f = floors(&aggs, &[]);
         assert_eq!(floor(&f, "total time <= 1x").verdict, Verdict::Met);
         assert_eq!(floor(&f, "guest-seen downtime").verdict, Verdict::Met);
+    }
+
+    #[test]
+    fn loopback_floors_say_what_the_tcp_ceiling_allows() {
+        let w = Workload::new(1 << 30, DirtyLevel::Idle);
+        let with_wire = |mut r: RunOutcome| {
+            r.wire_bytes = Some(1 << 30);
+            r
+        };
+        let runs = vec![
+            with_wire(ok(QM, w, 1000.0, 10.0)),
+            with_wire(ok(F, w, 800.0, 2.0)),
+        ];
+        // 2 GiB in 0.5 s for 1.6 CPU-s: 4 GiB/s at 0.8 s/GiB.
+        let ceiling = Ceiling {
+            connections: 4,
+            bytes: 2 << 30,
+            secs: 0.5,
+            bytes_per_sec: 4.0 * f64::from(1u32 << 30),
+            cpu_secs: 1.6,
+        };
+        let f = floors(&aggregate(&runs, None, 20), &[ceiling]);
+        let total = floor(&f, "total time <= 1x");
+        assert!(
+            total
+                .detail
+                .contains("alone moves ferry's 1024 MiB in 250 ms = 0.25x QEMU's best"),
+            "{total:?}"
+        );
+        // Both engines spent 0.5 + 0.5 s on 1 GiB: ferry's floor is 0.70
+        // s/GiB and a bare stream of its bytes costs 0.80 already.
+        let cpu = floor(&f, "engine CPU per GiB");
+        assert_eq!(cpu.verdict, Verdict::Missed);
+        assert!(
+            cpu.detail
+                .contains("costs 0.80 s/GiB for ferry's bytes (this session's ceiling) = 0.80x QEMU's, leaving -0.10 s/GiB"),
+            "{cpu:?}"
+        );
+        // Without ceilings (or on a shaped link) the details have no bound.
+        let f = floors(&aggregate(&runs, None, 20), &[]);
+        assert!(!floor(&f, "engine CPU per GiB").detail.contains("bare TCP"));
     }
 
     #[test]
@@ -676,7 +762,7 @@ mod tests {
             ok(Q, w, 900.0, 100.0),
             run(F, w, 1.0, 1.0, RunStatus::NotConverged("deadline".into())),
         ];
-        let f = floors(&aggregate(&runs, None, 20));
+        let f = floors(&aggregate(&runs, None, 20), &[]);
         for c in &f {
             assert_eq!(c.verdict, Verdict::Missed, "{c:?}");
             assert!(c.detail.contains("ferry succeeded in 0/1"), "{c:?}");
@@ -720,7 +806,7 @@ mod tests {
         // ferry is compared with QEMU at its own 20 ms limit only.
         let ferry = aggs.iter().find(|a| a.profile == F).unwrap();
         assert_eq!(ferry.total_vs_qemu_best, Some(0.45));
-        let f = floors(&aggs);
+        let f = floors(&aggs, &[]);
         let total = floor(&f, "total time <= 0.5x");
         assert_eq!(total.verdict, Verdict::Busy);
         assert!(
@@ -740,7 +826,7 @@ mod tests {
             run(Q, w, 1.0, 1.0, RunStatus::NotConverged("60 s".into())),
             ok(F, w, 20000.0, 4.0),
         ];
-        let f = floors(&aggregate(&runs, None, 20));
+        let f = floors(&aggregate(&runs, None, 20), &[]);
         let c = floor(&f, "capped");
         assert_eq!(c.verdict, Verdict::Met);
         assert!(c.detail.contains("with: none"), "{}", c.detail);
