@@ -153,6 +153,34 @@ pub fn supported_msrs(kvm: &kvm_ioctls::Kvm) -> Vec<u32> {
     MSRS.iter().copied().filter(|m| list.contains(m)).collect()
 }
 
+/// Reads the MSRs `ids` that the vCPU has, as (index, value), in one
+/// `KVM_GET_MSRS` when it has them all. KVM reads a list up to the first
+/// MSR it refuses and returns how many it read; that one is left out and
+/// the rest is read again from the next, so each refusal costs one more
+/// call. (The vCPU is loaded once per call: 16 MSRs one call each took
+/// 100 us here, all in one call 6.5 us, a part of the pause.)
+fn read_msrs(vcpu: &VcpuFd, ids: &[u32]) -> Result<Vec<(u32, u64)>, VmError> {
+    let mut out = Vec::with_capacity(ids.len());
+    let mut rest = ids;
+    while !rest.is_empty() {
+        let entries: Vec<kvm_msr_entry> = rest
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| VmError::BadState(format!("MSR list: {e:?}")))?;
+        let read = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+        let read = read.min(rest.len());
+        out.extend(msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)));
+        // Skip the refused one (if any) and go on after it.
+        rest = rest.get(read + 1..).unwrap_or_default();
+    }
+    Ok(out)
+}
+
 impl VcpuState {
     /// Reads the state of a stopped vCPU.
     pub fn save(vcpu: &VcpuFd, msr_ids: &[u32]) -> Result<Self, VmError> {
@@ -165,17 +193,7 @@ impl VcpuState {
         // Both fail (ENXIO) without an in-kernel irqchip: nothing to carry.
         let lapic = vcpu.get_lapic().ok();
         let mp_state = vcpu.get_mp_state().ok();
-        let mut msrs = Vec::with_capacity(msr_ids.len());
-        for &index in msr_ids {
-            let mut one = Msrs::from_entries(&[kvm_msr_entry {
-                index,
-                ..Default::default()
-            }])
-            .map_err(|e| VmError::BadState(format!("MSR list: {e:?}")))?;
-            if vcpu.get_msrs(&mut one).map_err(kvm_err("KVM_GET_MSRS"))? == 1 {
-                msrs.push((index, one.as_slice()[0].data));
-            }
-        }
+        let msrs = read_msrs(vcpu, msr_ids)?;
         Ok(Self {
             version: STATE_VERSION,
             regs,
@@ -306,6 +324,35 @@ mod tests {
             .expect("KVM_GET_SUPPORTED_CPUID");
         vcpu.set_cpuid2(&cpuid).expect("KVM_SET_CPUID2");
         (vm, vcpu)
+    }
+
+    /// An MSR the vCPU refuses, between two it has, is left out and the
+    /// one after it is still read, with the value a read of its own gives.
+    #[test]
+    fn a_refused_msr_is_skipped_and_the_rest_read() {
+        if !crate::testing::kvm_or_skip("a_refused_msr_is_skipped") {
+            return;
+        }
+        let kvm = Kvm::new().expect("open /dev/kvm");
+        let (_vm, vcpu) = fresh_vcpu(&kvm);
+        let lstar = 0xFFFF_FFFF_8100_0000u64;
+        let set = Msrs::from_entries(&[kvm_msr_entry {
+            index: 0xC000_0082,
+            data: lstar,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert_eq!(vcpu.set_msrs(&set).expect("KVM_SET_MSRS"), 1);
+        // Not an MSR on any CPU: KVM stops its list there.
+        let bogus = 0x4000_7fff;
+        let ids = [0x174, bogus, 0xC000_0082, bogus, bogus];
+        let got = read_msrs(&vcpu, &ids).expect("read MSRs");
+        assert_eq!(
+            got.iter().map(|m| m.0).collect::<Vec<_>>(),
+            vec![0x174, 0xC000_0082]
+        );
+        assert_eq!(got[1].1, lstar);
+        assert!(read_msrs(&vcpu, &[]).expect("no MSRs").is_empty());
     }
 
     /// Canonical 48-bit addresses, as LSTAR and friends must hold.
