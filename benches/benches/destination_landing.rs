@@ -27,6 +27,8 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::{Scope, ScopedJoinHandle};
 
 use ferry_benches::cold_region::ColdRegion;
 use ferry_engine::encode::page_hash::{copy_hashed, page_hash, store_fence};
@@ -97,9 +99,144 @@ fn readv_all(fd: i32, pages: &mut [libc::iovec]) {
     }
 }
 
-/// Moves `src` into `dst` along `how`; returns the receiver's user and
-/// system CPU seconds and a fold of the page hashes it computed (0 without
-/// hashing).
+/// Copies the pages of `buf` into `batch` with [`copy_hashed`]'s streaming
+/// stores (a plain copy and [`page_hash`] where it cannot), fenced; a
+/// fold of their hashes.
+fn copy_pages(buf: &[u8], batch: &mut [u8]) -> u64 {
+    let mut sum = 0u64;
+    for (to, page) in batch.chunks_mut(PAGE).zip(buf.chunks(PAGE)) {
+        // SAFETY: two separate PAGE-byte ranges.
+        let h = unsafe { copy_hashed(page.as_ptr(), to.as_mut_ptr(), true) };
+        sum ^= h.unwrap_or_else(|| {
+            to.copy_from_slice(page);
+            page_hash(page)
+        });
+    }
+    store_fence();
+    sum
+}
+
+/// A batch read into a buffer, with the place in the region it lands in.
+type Handed<'r> = (Vec<u8>, &'r mut [u8]);
+
+/// How the receiving loop of [`land`] lands each batch (a [`Landing`]
+/// with what it keeps from batch to batch).
+enum BatchLanding<'scope, 'r> {
+    /// [`Landing::Buffer`]: one reused, page-aligned buffer.
+    Buffer { buf: Vec<u8>, off: usize },
+    /// [`Landing::Handoff`]: buffers handed to the copier thread and back.
+    Handoff {
+        full: SyncSender<Handed<'r>>,
+        spare: Receiver<Vec<u8>>,
+        made: usize,
+        depth: usize,
+        copier: ScopedJoinHandle<'scope, ((f64, f64), u64)>,
+    },
+    /// [`Landing::ReadvHash`] (`hash`) and [`Landing::Readv`].
+    Readv { hash: bool },
+}
+
+impl<'scope, 'r: 'scope> BatchLanding<'scope, 'r> {
+    /// For `how`; a handoff's copier thread is started in `scope`.
+    fn new(how: Landing, scope: &'scope Scope<'scope, '_>) -> Self {
+        match how {
+            Landing::Buffer => {
+                let buf = vec![0u8; BATCH + PAGE];
+                let off = buf.as_ptr().align_offset(PAGE);
+                BatchLanding::Buffer { buf, off }
+            }
+            Landing::Handoff(depth) => {
+                let (full, full_rx) = sync_channel::<Handed<'r>>(depth);
+                let (spare_tx, spare) = sync_channel(depth);
+                let copier = scope.spawn(move || {
+                    let t0 = thread_cpu_s();
+                    let mut sum = 0u64;
+                    for (buf, batch) in full_rx {
+                        sum ^= copy_pages(&buf, batch);
+                        let _ = spare_tx.try_send(buf);
+                    }
+                    let t1 = thread_cpu_s();
+                    ((t1.0 - t0.0, t1.1 - t0.1), sum)
+                });
+                BatchLanding::Handoff {
+                    full,
+                    spare,
+                    made: 0,
+                    depth,
+                    copier,
+                }
+            }
+            Landing::ReadvHash => BatchLanding::Readv { hash: true },
+            Landing::Readv => BatchLanding::Readv { hash: false },
+        }
+    }
+
+    /// Reads the next batch from `s` and lands it in `batch` (a handoff:
+    /// reads it into a spare buffer, or a new one while fewer than `depth`
+    /// exist, and hands it to the copier); a fold of the hashes computed.
+    fn land(&mut self, s: &mut TcpStream, batch: &'r mut [u8]) -> u64 {
+        match self {
+            BatchLanding::Buffer { buf, off } => {
+                let buf = &mut buf[*off..*off + batch.len()];
+                s.read_exact(buf).expect("read");
+                copy_pages(buf, batch)
+            }
+            BatchLanding::Handoff {
+                full,
+                spare,
+                made,
+                depth,
+                ..
+            } => {
+                let mut buf = match spare.try_recv() {
+                    Ok(b) => b,
+                    Err(_) if *made < *depth => {
+                        *made += 1;
+                        Vec::new()
+                    }
+                    Err(_) => spare.recv().expect("a spare buffer"),
+                };
+                buf.resize(batch.len(), 0);
+                s.read_exact(&mut buf).expect("read");
+                full.send((buf, batch)).expect("hand over");
+                0
+            }
+            BatchLanding::Readv { hash } => {
+                let mut iov: Vec<libc::iovec> = batch
+                    .chunks_mut(PAGE)
+                    .map(|p| libc::iovec {
+                        iov_base: p.as_mut_ptr().cast(),
+                        iov_len: p.len(),
+                    })
+                    .collect();
+                readv_all(s.as_raw_fd(), &mut iov);
+                if !*hash {
+                    return 0;
+                }
+                batch
+                    .chunks(PAGE)
+                    .fold(0, |sum, page| sum ^ page_hash(page))
+            }
+        }
+    }
+
+    /// With every batch landed: the CPU seconds of the threads besides the
+    /// receiving one (a handoff's copier, once it is done) and the fold of
+    /// the hashes they computed.
+    fn finish(self) -> ((f64, f64), u64) {
+        match self {
+            BatchLanding::Handoff { full, copier, .. } => {
+                drop(full);
+                copier.join().expect("copier")
+            }
+            _ => ((0.0, 0.0), 0),
+        }
+    }
+}
+
+/// Moves `src` into `dst` along `how`; returns the receiving threads' user
+/// and system CPU seconds, added, and a fold of the page hashes they
+/// computed (0 without hashing).
 fn land(how: Landing, src: &ColdRegion, dst: &mut ColdRegion) -> ((f64, f64), u64) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -107,117 +244,21 @@ fn land(how: Landing, src: &ColdRegion, dst: &mut ColdRegion) -> ((f64, f64), u6
         let dst = dst.bytes_mut();
         let receiver = scope.spawn(move || {
             let (mut s, _) = listener.accept().expect("accept");
-            let fd = s.as_raw_fd();
-            let mut buf = vec![0u8; BATCH + PAGE];
-            let off = buf.as_ptr().align_offset(PAGE);
-            let mut sum = 0u64;
+            let mut landing = BatchLanding::new(how, scope);
             let t0 = thread_cpu_s();
+            let mut sum = 0u64;
             for batch in dst.chunks_mut(BATCH) {
-                match how {
-                    Landing::Buffer => {
-                        let buf = &mut buf[off..off + batch.len()];
-                        s.read_exact(buf).expect("read");
-                        for (to, page) in batch.chunks_mut(PAGE).zip(buf.chunks(PAGE)) {
-                            // SAFETY: two separate PAGE-byte ranges.
-                            let h = unsafe { copy_hashed(page.as_ptr(), to.as_mut_ptr(), true) };
-                            sum ^= h.unwrap_or_else(|| {
-                                to.copy_from_slice(page);
-                                page_hash(page)
-                            });
-                        }
-                        store_fence();
-                    }
-                    Landing::Handoff(_) => unreachable!("handed off in `handoff`"),
-                    Landing::ReadvHash | Landing::Readv => {
-                        let mut iov: Vec<libc::iovec> = batch
-                            .chunks_mut(PAGE)
-                            .map(|p| libc::iovec {
-                                iov_base: p.as_mut_ptr().cast(),
-                                iov_len: p.len(),
-                            })
-                            .collect();
-                        readv_all(fd, &mut iov);
-                        if how == Landing::ReadvHash {
-                            for page in batch.chunks(PAGE) {
-                                sum ^= page_hash(page);
-                            }
-                        }
-                    }
-                }
+                sum ^= landing.land(&mut s, batch);
             }
             let t1 = thread_cpu_s();
-            ((t1.0 - t0.0, t1.1 - t0.1), sum)
+            let ((user, sys), more) = landing.finish();
+            ((t1.0 - t0.0 + user, t1.1 - t0.1 + sys), sum ^ more)
         });
         let mut s = TcpStream::connect(addr).expect("connect");
         for batch in src.bytes().chunks(BATCH) {
             s.write_all(batch).expect("write");
         }
         receiver.join().expect("receiver")
-    })
-}
-
-/// [`Landing::Handoff`]: a reader thread reads each batch into a buffer
-/// (a spare one, or a new one while fewer than `depth` exist) and hands it
-/// to a copying thread, which lands its pages as `Buffer` does and hands
-/// it back. Returns both threads' CPU seconds, added.
-fn handoff(depth: usize, src: &ColdRegion, dst: &mut ColdRegion) -> ((f64, f64), u64) {
-    use std::sync::mpsc::sync_channel;
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    std::thread::scope(|scope| {
-        let dst = dst.bytes_mut();
-        let batches = dst.len().div_ceil(BATCH);
-        let (full_tx, full_rx) = sync_channel::<Vec<u8>>(depth);
-        let (spare_tx, spare_rx) = sync_channel::<Vec<u8>>(depth);
-        let reader = scope.spawn(move || {
-            let (mut s, _) = listener.accept().expect("accept");
-            let t0 = thread_cpu_s();
-            let mut made = 0;
-            for _ in 0..batches {
-                let mut buf = match spare_rx.try_recv() {
-                    Ok(b) => b,
-                    Err(_) if made < depth => {
-                        made += 1;
-                        Vec::new()
-                    }
-                    Err(_) => spare_rx.recv().expect("a spare buffer"),
-                };
-                buf.resize(BATCH, 0);
-                s.read_exact(&mut buf).expect("read");
-                full_tx.send(buf).expect("hand over");
-            }
-            drop(full_tx);
-            let t1 = thread_cpu_s();
-            (t1.0 - t0.0, t1.1 - t0.1)
-        });
-        let copier = scope.spawn(move || {
-            let t0 = thread_cpu_s();
-            let mut sum = 0u64;
-            for batch in dst.chunks_mut(BATCH) {
-                let buf = full_rx.recv().expect("a batch");
-                for (to, page) in batch.chunks_mut(PAGE).zip(buf.chunks(PAGE)) {
-                    // SAFETY: two separate PAGE-byte ranges.
-                    let h = unsafe { copy_hashed(page.as_ptr(), to.as_mut_ptr(), true) };
-                    sum ^= h.unwrap_or_else(|| {
-                        to.copy_from_slice(page);
-                        page_hash(page)
-                    });
-                }
-                store_fence();
-                let _ = spare_tx.try_send(buf);
-            }
-            let t1 = thread_cpu_s();
-            ((t1.0 - t0.0, t1.1 - t0.1), sum)
-        });
-        let mut s = TcpStream::connect(addr).expect("connect");
-        for batch in src.bytes().chunks(BATCH) {
-            s.write_all(batch).expect("write");
-        }
-        let (r, (c, sum)) = (
-            reader.join().expect("reader"),
-            copier.join().expect("copier"),
-        );
-        ((r.0 + c.0, r.1 + c.1), sum)
     })
 }
 
@@ -241,10 +282,7 @@ fn main() {
     for run in 0..runs {
         let mut cells = Vec::new();
         for (i, &how) in Landing::ALL.iter().enumerate() {
-            let ((user, sys), sum) = match how {
-                Landing::Handoff(depth) => handoff(depth, &src, &mut dst),
-                how => land(how, &src, &mut dst),
-            };
+            let ((user, sys), sum) = land(how, &src, &mut dst);
             let cpu = user + sys;
             if how != Landing::Readv && sum != want {
                 eprintln!("{}: the pages arrived changed", how.name());
