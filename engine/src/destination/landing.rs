@@ -493,45 +493,117 @@ mod tests {
     use crate::encode::{BatchBuilder, PageEncoder};
     use crate::protocol::{FEATURE_LZ4, SUPPORTED_FEATURES};
 
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * PAGE_SIZE)]).unwrap()
+    /// Pages of guest memory the tests decode into.
+    const PAGES: u64 = 16;
+
+    /// A destination of [`PAGES`] pages: its memory, the pages' hashes,
+    /// its torn set, the features accepted, and a decoder's scratch page.
+    struct Fixture {
+        mem: GuestMemoryMmap,
+        hashes: PageHashes,
+        torn: TornSet,
+        features: u64,
+        page: Box<Page>,
     }
 
-    /// A decoder's view of 16 pages of `mem` with `features` accepted.
-    fn context<'a>(
-        mem: &'a GuestMemoryMmap,
-        hashes: &'a PageHashes,
-        torn: &'a TornSet,
-        features: u64,
-    ) -> DecodeContext<'a> {
-        DecodeContext {
-            memory: mem,
-            hashes,
-            page_index_end: 16,
-            features,
-            torn,
+    impl Fixture {
+        /// With every supported feature accepted.
+        fn new() -> Self {
+            Self::with_features(SUPPORTED_FEATURES)
         }
+
+        fn with_features(features: u64) -> Self {
+            Self {
+                mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), PAGES as usize * PAGE_SIZE)])
+                    .unwrap(),
+                hashes: PageHashes::new(PAGES),
+                torn: TornSet::new(PAGES),
+                features,
+                page: Box::new([0; PAGE_SIZE]),
+            }
+        }
+
+        /// [`decode_batch`] of `batch`, of round `round`, into this
+        /// destination.
+        fn decode(&mut self, batch: &[u8], round: u32) -> Result<EncodingCounts, MigrationError> {
+            let ctx = DecodeContext {
+                memory: &self.mem,
+                hashes: &self.hashes,
+                page_index_end: PAGES,
+                features: self.features,
+                torn: &self.torn,
+            };
+            decode_batch(&ctx, batch, round, &mut self.page)
+        }
+
+        /// Decoding `batch` (round 0) fails as page `page` does not match
+        /// its hash, and no hash is recorded for that page.
+        fn refuses_as_mismatched(&mut self, batch: &[u8], page: u64) {
+            let err = self.decode(batch, 0).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    MigrationError::Decode(DecodeError::HashMismatch { page: p }) if p == page
+                ),
+                "{err:?}"
+            );
+            assert_eq!(
+                self.hashes.get(page),
+                0,
+                "the bad page's hash was not recorded"
+            );
+        }
+
+        /// Page `page` of guest memory as it is now.
+        fn read(&self, page: u64) -> Box<Page> {
+            let mut back = Box::new([0xa5u8; PAGE_SIZE]);
+            self.mem
+                .read_slice(&mut back[..], GuestAddress(page * PAGE_SIZE as u64))
+                .unwrap();
+            back
+        }
+    }
+
+    /// A page whose byte `i` is `byte(i)`.
+    fn page_of(byte: impl Fn(usize) -> u8) -> Box<Page> {
+        let mut data = Box::new([0u8; PAGE_SIZE]);
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = byte(i);
+        }
+        data
+    }
+
+    /// A batch of `data` as page `page`, encoded by `encoder` as `want`.
+    fn batch_of(page: u64, data: &Page, mut encoder: PageEncoder, want: PageEncoding) -> Vec<u8> {
+        let mut batch = BatchBuilder::new();
+        assert_eq!(encoder.encode(page, data, None, &mut batch), want);
+        batch.finish()
     }
 
     fn compressible_batch(page: u64) -> (Vec<u8>, Box<Page>) {
-        let mut data = Box::new([0u8; PAGE_SIZE]);
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = (i % 13) as u8 + 1;
-        }
-        let mut batch = BatchBuilder::new();
-        assert_eq!(
-            PageEncoder::new().encode(page, &data, None, &mut batch),
-            PageEncoding::Lz4
-        );
-        (batch.finish(), data)
+        let data = page_of(|i| (i % 13) as u8 + 1);
+        let batch = batch_of(page, &data, PageEncoder::new(), PageEncoding::Lz4);
+        (batch, data)
+    }
+
+    fn zero_batch(page: u64) -> Vec<u8> {
+        batch_of(
+            page,
+            &page_of(|_| 0),
+            PageEncoder::new(),
+            PageEncoding::Zero,
+        )
+    }
+
+    fn patterned_raw_batch(page: u64) -> (Vec<u8>, Box<Page>) {
+        let data = page_of(|i| (i * 7 % 251) as u8);
+        let raw = PageEncoder::new().with_lz4(false);
+        (batch_of(page, &data, raw, PageEncoding::Raw), data)
     }
 
     #[test]
     fn a_streamed_page_is_an_exact_copy_aligned_or_not() {
-        let mut src = Box::new([0u8; PAGE_SIZE]);
-        for (i, b) in src.iter_mut().enumerate() {
-            *b = (i * 31 % 251) as u8;
-        }
+        let src = page_of(|i| (i * 31 % 251) as u8);
         let mut dst = vec![0u8; 2 * PAGE_SIZE];
         let aligned = dst.as_ptr().align_offset(16);
         for offset in [aligned, aligned + 1] {
@@ -552,49 +624,26 @@ mod tests {
 
     #[test]
     fn pages_land_in_guest_memory_with_their_hash() {
-        let mem = memory();
-        let hashes = PageHashes::new(16);
-        let torn = TornSet::new(16);
-        let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
+        let mut f = Fixture::new();
         let (batch, data) = compressible_batch(3);
-        let mut page = Box::new([0u8; PAGE_SIZE]);
-        let counts = decode_batch(&ctx, &batch, 0, &mut page).unwrap();
+        let counts = f.decode(&batch, 0).unwrap();
         assert_eq!(counts.lz4, 1);
-        let mut back = [0u8; PAGE_SIZE];
-        mem.read_slice(&mut back, GuestAddress(3 * PAGE_SIZE as u64))
-            .unwrap();
-        assert_eq!(&back, &*data);
-        assert_eq!(hashes.get(3), page_hash(&back));
-    }
-
-    fn zero_batch(page: u64) -> Vec<u8> {
-        let mut batch = BatchBuilder::new();
-        let zeros = Box::new([0u8; PAGE_SIZE]);
-        assert_eq!(
-            PageEncoder::new().encode(page, &zeros, None, &mut batch),
-            PageEncoding::Zero
-        );
-        batch.finish()
+        let back = f.read(3);
+        assert_eq!(back, data);
+        assert_eq!(f.hashes.get(3), page_hash(&back[..]));
     }
 
     #[test]
     fn a_zero_page_over_a_written_page_zeroes_it() {
-        let mem = memory();
-        let hashes = PageHashes::new(16);
-        let torn = TornSet::new(16);
-        let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
-        let mut page = Box::new([0u8; PAGE_SIZE]);
+        let mut f = Fixture::new();
         let (batch, _) = compressible_batch(3);
-        decode_batch(&ctx, &batch, 0, &mut page).unwrap();
+        f.decode(&batch, 0).unwrap();
 
-        let counts = decode_batch(&ctx, &zero_batch(3), 0, &mut page).unwrap();
+        let counts = f.decode(&zero_batch(3), 0).unwrap();
 
         assert_eq!(counts.zero, 1);
-        let mut back = [1u8; PAGE_SIZE];
-        mem.read_slice(&mut back, GuestAddress(3 * PAGE_SIZE as u64))
-            .unwrap();
-        assert!(back.iter().all(|&b| b == 0), "the page was zeroed");
-        assert_eq!(hashes.get(3), zero_page_hash());
+        assert!(f.read(3).iter().all(|&b| b == 0), "the page was zeroed");
+        assert_eq!(f.hashes.get(3), zero_page_hash());
     }
 
     #[test]
@@ -602,54 +651,32 @@ mod tests {
         // The destination's memory starts zeroed (MigratableVm::memory), so
         // a zero page for a page never written is not written again. Bytes
         // put there behind the engine's back show that it was not.
-        let mem = memory();
-        let hashes = PageHashes::new(16);
-        let torn = TornSet::new(16);
-        let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
-        let addr = GuestAddress(4 * PAGE_SIZE as u64);
-        mem.write_slice(&[7u8; 8], addr).unwrap();
-        let mut page = Box::new([0u8; PAGE_SIZE]);
+        let mut f = Fixture::new();
+        f.mem
+            .write_slice(&[7u8; 8], GuestAddress(4 * PAGE_SIZE as u64))
+            .unwrap();
 
-        let counts = decode_batch(&ctx, &zero_batch(4), 0, &mut page).unwrap();
+        let counts = f.decode(&zero_batch(4), 0).unwrap();
 
         assert_eq!(counts.zero, 1);
-        assert_eq!(hashes.get(4), zero_page_hash(), "counted in the digest");
-        let mut back = [0u8; 8];
-        mem.read_slice(&mut back, addr).unwrap();
-        assert_eq!(back, [7u8; 8], "not written");
+        assert_eq!(f.hashes.get(4), zero_page_hash(), "counted in the digest");
+        assert_eq!(f.read(4)[..8], [7u8; 8], "not written");
     }
 
     #[test]
     fn a_zero_page_whose_hash_is_not_the_zero_hash_is_refused() {
-        let mem = memory();
-        let hashes = PageHashes::new(16);
-        let torn = TornSet::new(16);
-        let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
+        let mut f = Fixture::new();
         let mut batch = BatchBuilder::new();
         batch.push(5, PageEncoding::Zero, &[], zero_page_hash() ^ 1);
-        let mut page = Box::new([0u8; PAGE_SIZE]);
 
-        let err = decode_batch(&ctx, &batch.finish(), 0, &mut page).unwrap_err();
-
-        assert!(
-            matches!(
-                err,
-                MigrationError::Decode(DecodeError::HashMismatch { page: 5 })
-            ),
-            "{err:?}"
-        );
-        assert_eq!(hashes.get(5), 0);
+        f.refuses_as_mismatched(&batch.finish(), 5);
     }
 
     #[test]
     fn an_encoding_that_was_not_negotiated_is_refused() {
-        let mem = memory();
-        let hashes = PageHashes::new(16);
-        let torn = TornSet::new(16);
-        let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES & !FEATURE_LZ4);
+        let mut f = Fixture::with_features(SUPPORTED_FEATURES & !FEATURE_LZ4);
         let (batch, _) = compressible_batch(3);
-        let mut page = Box::new([0u8; PAGE_SIZE]);
-        let err = decode_batch(&ctx, &batch, 0, &mut page).unwrap_err();
+        let err = f.decode(&batch, 0).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -657,48 +684,28 @@ mod tests {
             ),
             "{err:?}"
         );
-        assert_eq!(hashes.get(3), 0, "nothing written");
-    }
-
-    fn patterned_raw_batch(page: u64) -> (Vec<u8>, Box<Page>) {
-        let mut data = Box::new([0u8; PAGE_SIZE]);
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = (i * 7 % 251) as u8;
-        }
-        let mut batch = BatchBuilder::new();
-        let mut encoder = PageEncoder::new().with_lz4(false);
-        assert_eq!(
-            encoder.encode(page, &data, None, &mut batch),
-            PageEncoding::Raw
-        );
-        (batch.finish(), data)
+        assert_eq!(f.hashes.get(3), 0, "nothing written");
     }
 
     #[test]
     fn a_raw_page_that_does_not_match_its_hash_is_torn_until_a_good_copy_comes() {
-        let mem = memory();
-        let hashes = PageHashes::new(16);
-        let torn = TornSet::new(16);
-        let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
+        let mut f = Fixture::new();
         let (mut bytes, data) = patterned_raw_batch(5);
         bytes[100] ^= 1; // in the payload: not covered by the frame checksum
-        let mut page = Box::new([0u8; PAGE_SIZE]);
 
-        let counts = decode_batch(&ctx, &bytes, 3, &mut page).unwrap();
+        let counts = f.decode(&bytes, 3).unwrap();
 
         assert_eq!(counts.raw, 1);
         // Written as it came, recorded as what was written: the digest
         // differs from the source's until a good copy comes.
-        let mut back = [0u8; PAGE_SIZE];
-        mem.read_slice(&mut back, GuestAddress(5 * PAGE_SIZE as u64))
-            .unwrap();
+        let back = f.read(5);
         assert_eq!(back[100], data[100] ^ 1);
-        assert_eq!(hashes.get(5), page_hash(&back));
-        assert_ne!(hashes.get(5), page_hash(&data[..]));
-        assert_eq!(torn.take_report(), vec![TornPage { page: 5, round: 3 }]);
-        assert!(torn.take_report().is_empty(), "reported once");
+        assert_eq!(f.hashes.get(5), page_hash(&back[..]));
+        assert_ne!(f.hashes.get(5), page_hash(&data[..]));
+        assert_eq!(f.torn.take_report(), vec![TornPage { page: 5, round: 3 }]);
+        assert!(f.torn.take_report().is_empty(), "reported once");
         assert!(matches!(
-            torn.check_none_open(),
+            f.torn.check_none_open(),
             Err(MigrationError::TornAtHandover {
                 count: 1,
                 page: 5,
@@ -707,36 +714,24 @@ mod tests {
         ));
 
         let (good, _) = patterned_raw_batch(5);
-        decode_batch(&ctx, &good, 4, &mut page).unwrap();
+        f.decode(&good, 4).unwrap();
 
-        torn.check_none_open().unwrap();
-        assert_eq!(hashes.get(5), page_hash(&data[..]));
+        f.torn.check_none_open().unwrap();
+        assert_eq!(f.hashes.get(5), page_hash(&data[..]));
     }
 
     #[test]
     fn an_lz4_page_that_does_not_match_its_hash_is_refused_and_not_counted() {
-        let mem = memory();
-        let hashes = PageHashes::new(16);
-        let torn = TornSet::new(16);
-        let ctx = context(&mem, &hashes, &torn, SUPPORTED_FEATURES);
+        let mut f = Fixture::new();
         let (batch, data) = compressible_batch(5);
-        let mut reader = BatchReader::new(&batch, 16).unwrap();
+        let mut reader = BatchReader::new(&batch, PAGES).unwrap();
         let entry = reader.next_entry().unwrap().unwrap();
         let mut lie = BatchBuilder::new();
         lie.push(5, entry.encoding, entry.payload, page_hash(&data[..]) ^ 1);
-        let mut page = Box::new([0u8; PAGE_SIZE]);
 
-        let err = decode_batch(&ctx, &lie.finish(), 0, &mut page).unwrap_err();
+        f.refuses_as_mismatched(&lie.finish(), 5);
 
-        assert!(
-            matches!(
-                err,
-                MigrationError::Decode(DecodeError::HashMismatch { page: 5 })
-            ),
-            "{err:?}"
-        );
-        assert_eq!(hashes.get(5), 0, "the bad page's hash was not recorded");
-        assert_eq!(hashes.digest(), 0);
-        assert!(torn.take_report().is_empty(), "corrupt, not torn");
+        assert_eq!(f.hashes.digest(), 0);
+        assert!(f.torn.take_report().is_empty(), "corrupt, not torn");
     }
 }
