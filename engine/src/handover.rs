@@ -232,42 +232,31 @@ fn ask_once(
 }
 
 /// Send `Resolve(id)` on lane 0 of `lanes` and read the answer.
-fn query(lanes: Lanes, id: u64, until: Instant) -> Result<HandoverOutcome, String> {
-    let lane = lanes
-        .into_vec()
-        .into_iter()
-        .next()
-        .ok_or("the session has no lane")?;
-    if let Some(socket) = lane.socket_clone() {
-        let left = until
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        let _ = socket.set_read_timeout(Some(left));
+///
+/// One frame each way on a fresh session, on a thread that exists only to
+/// ask: the lane's own synchronous exchange
+/// ([`ferry_transport::Lane::request`], the one the lane handshake makes),
+/// whose framing seals the question and verifies the answer, the read
+/// timing out at `until`. The transport's path for streams
+/// (`Lanes::into_ends`, `LaneQueues`, `LaneInbox`) would start a writer
+/// and a reader thread, with their queues, for these two frames.
+fn query(mut lanes: Lanes, id: u64, until: Instant) -> Result<HandoverOutcome, String> {
+    let lane = lanes.lane_mut(0).ok_or("the session has no lane")?;
+    let left = until.saturating_duration_since(Instant::now());
+    let answer = lane.request(FrameKind::Resolve, &protocol::encode_u64(id), left);
+    if let Ok(closer) = lane.closer() {
+        closer.close();
     }
-    let closer = lane.closer().ok();
-    let (_, mut reader, mut writer) = lane.into_parts();
-    let got = (|| {
-        writer
-            .write_frame(FrameKind::Resolve, 0, &protocol::encode_u64(id))
-            .and_then(|()| writer.flush())
-            .map_err(|e| crate::source::error_chain(&e))?;
-        let frame = reader
-            .read_frame()
-            .map_err(|e| crate::source::error_chain(&e))?;
-        match frame.kind {
-            FrameKind::Running => Running::decode(&frame.payload)
-                .map(HandoverOutcome::Resumed)
-                .map_err(|e| e.to_string()),
-            FrameKind::Abort => Ok(HandoverOutcome::NotResumed(protocol::decode_reason(
-                &frame.payload,
-            ))),
-            other => Err(format!("the destination answered with a {other} frame")),
-        }
-    })();
-    if let Some(c) = closer {
-        c.close();
+    let frame = answer.map_err(|e| crate::source::error_chain(&e))?;
+    match frame.kind {
+        FrameKind::Running => Running::decode(&frame.payload)
+            .map(HandoverOutcome::Resumed)
+            .map_err(|e| e.to_string()),
+        FrameKind::Abort => Ok(HandoverOutcome::NotResumed(protocol::decode_reason(
+            &frame.payload,
+        ))),
+        other => Err(format!("the destination answered with a {other} frame")),
     }
-    got
 }
 
 /// An operator's (or a cluster's) decision for a handover left in doubt.

@@ -294,3 +294,58 @@ fn a_connection_that_says_nothing_is_a_named_handshake_timeout() {
     assert!(!text.contains("os error"), "{text}");
     drop(silent);
 }
+
+/// A connected one-lane session: (client, server).
+fn one_lane_session() -> (Lanes, Lanes) {
+    let mut l = listener();
+    let addr = l.local_addr().unwrap();
+    let client = thread::spawn(move || {
+        Lanes::connect(addr, &LaneOptions::new(1, Security::Insecure)).unwrap()
+    });
+    let server = l.accept_session().unwrap();
+    (client.join().unwrap(), server)
+}
+
+#[test]
+fn a_request_gets_the_peers_answer_and_leaves_no_read_timeout() {
+    let (mut client, mut server) = one_lane_session();
+    let answerer = thread::spawn(move || {
+        let lane = server.lane_mut(0).unwrap();
+        let question = lane.reader.read_frame().unwrap();
+        let mut answer = question.payload.clone();
+        answer.reverse();
+        lane.writer
+            .write_frame(FrameKind::Running, 0, &answer)
+            .unwrap();
+        lane.writer.flush().unwrap();
+        (question.kind, server)
+    });
+    let lane = client.lane_mut(0).unwrap();
+    let got = lane
+        .request(FrameKind::Resolve, b"abc", Duration::from_secs(30))
+        .unwrap();
+    let (asked, _server) = answerer.join().unwrap();
+    assert_eq!(asked, FrameKind::Resolve);
+    assert_eq!(
+        (got.kind, &got.payload[..]),
+        (FrameKind::Running, &b"cba"[..])
+    );
+    let socket = lane.socket_clone().unwrap();
+    assert_eq!(socket.read_timeout().unwrap(), None);
+}
+
+#[test]
+fn a_request_nobody_answers_fails_when_its_time_is_up() {
+    let (mut client, _server) = one_lane_session();
+    let lane = client.lane_mut(0).unwrap();
+    let err = lane
+        .request(FrameKind::Resolve, b"abc", Duration::ZERO)
+        .unwrap_err();
+    assert!(
+        matches!(&err, TransportError::Read(e)
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "{err:?}"
+    );
+    let socket = lane.socket_clone().unwrap();
+    assert_eq!(socket.read_timeout().unwrap(), None);
+}

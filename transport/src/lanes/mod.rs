@@ -172,6 +172,42 @@ impl Lane {
             .map_err(TransportError::Configure)
     }
 
+    /// One question and its answer on this lane, on the calling thread:
+    /// sends a `kind` frame of `payload` and reads the peer's next frame,
+    /// waiting at most `timeout` for it (longer: a [`TransportError::Read`]
+    /// of kind `WouldBlock` or `TimedOut`). The question is sealed (header,
+    /// checksum) by the lane's writer and the answer validated and verified
+    /// by its reader, as every frame of the lane is. For exchanges that
+    /// need no threads of their own (the lane handshake, a source's
+    /// question about a handover on a fresh session); a migration's or a
+    /// tunnel's stream goes through [`Lanes::into_ends`]. Like the
+    /// handshake, not charged to the session's bandwidth cap. The lane has
+    /// no read timeout again afterwards.
+    pub fn request(
+        &mut self,
+        kind: FrameKind,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<crate::frame::Frame, TransportError> {
+        // A zero timeout is refused by the socket (it would mean none).
+        let timeout = timeout.max(Duration::from_millis(1));
+        self.socket
+            .set_read_timeout(Some(timeout))
+            .map_err(TransportError::Configure)?;
+        let answer = self
+            .writer
+            .write_frame(kind, 0, payload)
+            .and_then(|()| self.writer.flush())
+            .and_then(|()| self.reader.read_frame());
+        let cleared = self
+            .socket
+            .set_read_timeout(None)
+            .map_err(TransportError::Configure);
+        let answer = answer?;
+        cleared?;
+        Ok(answer)
+    }
+
     /// Splits the lane into its index, reader and writer. The writer is
     /// not charged to the session's bandwidth cap: queues charge it
     /// ([`Lanes::into_ends`]).
@@ -316,14 +352,14 @@ impl Lanes {
                 lane: index,
                 lanes: opts.lanes,
             };
-            lane.writer
-                .write_frame(FrameKind::LaneHello, 0, &hello.encode())?;
-            lane.writer.flush()?;
             // Wait for this lane's welcome before opening the next, so a
             // refusal (TLS alert, Abort) is reported from the lane it concerns.
             let f = lane
-                .reader
-                .read_frame()
+                .request(
+                    FrameKind::LaneHello,
+                    &hello.encode(),
+                    opts.handshake_timeout,
+                )
                 .map_err(|e| explain_refusal(name_timeout(e, opts.handshake_timeout)))?;
             match f.kind {
                 FrameKind::LaneWelcome => hello.check_welcome(&f.payload).map_err(handshake_err)?,
@@ -341,9 +377,6 @@ impl Lanes {
                     ))
                 }
             }
-            lane.socket
-                .set_read_timeout(None)
-                .map_err(TransportError::Configure)?;
             lanes.push(lane);
         }
         let out = lanes;
