@@ -413,17 +413,17 @@ mod lane_path {
         );
     }
 
-    /// Pages striped over the lanes by page index arrive each on its lane,
-    /// each page's versions in order, every sealed frame verified by the
-    /// consumer; a broadcast round end closes every lane's round.
-    fn striped_pages(sink: Sink) {
-        let Some((tx, rx)) = session(sink, 4) else {
-            return;
-        };
-        let sender = send_striped_versions(tx);
-        let inbox = LaneInbox::spawn(rx.readers, 8);
-        let recycler = inbox.recycler();
-        let mut last = HashMap::new();
+    /// Reads `inbox` until each of the 4 lanes of [`send_striped_versions`]
+    /// has passed on its round end, each other frame to `on_frame` (with its
+    /// lane): nothing comes on a lane after its round end (it may close
+    /// cleanly). Then `sender` is done and every page arrived in its last
+    /// version, by `last` (page -> last version seen).
+    fn until_round_ends(
+        inbox: &LaneInbox,
+        sender: thread::JoinHandle<()>,
+        last: &Mutex<HashMap<u64, u32>>,
+        mut on_frame: impl FnMut(usize, ReceivedFrame),
+    ) {
         let mut ends = [false; 4];
         while ends.iter().any(|e| !e) {
             let ev = inbox.recv_timeout(HANG).expect("a frame");
@@ -436,16 +436,33 @@ mod lane_path {
             assert!(!ends[lane], "a frame after lane {lane}'s round end");
             match frame.kind() {
                 FrameKind::RoundEnd => ends[lane] = true,
-                FrameKind::PageBatch => {
-                    check_striped(lane, &frame, &mut last);
-                    recycler.recycle(frame.into_buffer());
-                }
-                other => panic!("unexpected {other}"),
+                _ => on_frame(lane, frame),
             }
         }
         sender.join().unwrap();
+        let last = last.lock().unwrap();
         assert_eq!(last.len(), 32);
         assert!(last.values().all(|&v| v == 3));
+    }
+
+    /// Pages striped over the lanes by page index arrive each on its lane,
+    /// each page's versions in order, every sealed frame verified by the
+    /// consumer; a broadcast round end closes every lane's round.
+    fn striped_pages(sink: Sink) {
+        let Some((tx, rx)) = session(sink, 4) else {
+            return;
+        };
+        let sender = send_striped_versions(tx);
+        let inbox = LaneInbox::spawn(rx.readers, 8);
+        let recycler = inbox.recycler();
+        let last = Mutex::new(HashMap::new());
+        until_round_ends(&inbox, sender, &last, |lane, frame| match frame.kind() {
+            FrameKind::PageBatch => {
+                check_striped(lane, &frame, &mut last.lock().unwrap());
+                recycler.recycle(frame.into_buffer());
+            }
+            other => panic!("unexpected {other}"),
+        });
     }
 
     /// Checks page batches on the lane's own reader thread
@@ -499,22 +516,9 @@ mod lane_path {
             last: last.clone(),
             fresh: fresh.clone(),
         });
-        let mut ends = [false; 4];
-        while ends.iter().any(|e| !e) {
-            let ev = inbox.recv_timeout(HANG).expect("a frame");
-            let lane = usize::from(ev.lane);
-            let frame = match ev.frame {
-                Err(TransportError::PeerClosed) if ends[lane] => continue,
-                other => other.unwrap(),
-            };
-            assert_eq!(frame.kind(), FrameKind::RoundEnd, "lane {lane}");
-            assert!(!ends[lane], "two round ends on lane {lane}");
-            ends[lane] = true;
-        }
-        sender.join().unwrap();
-        let last = last.lock().unwrap();
-        assert_eq!(last.len(), 32);
-        assert!(last.values().all(|&v| v == 3));
+        until_round_ends(&inbox, sender, &last, |lane, frame| {
+            panic!("lane {lane}: a {} reached the channel", frame.kind())
+        });
         // Every batch after a lane's first was read into the buffer the
         // consumer handed back.
         assert!(fresh.lock().unwrap().is_empty(), "{fresh:?}");

@@ -17,15 +17,20 @@ fn listener() -> LaneListener {
     LaneListener::bind("127.0.0.1:0", LaneOptions::new(1, Security::Insecure)).unwrap()
 }
 
-#[test]
-fn lanes_of_a_session_arrive_grouped_and_indexed() {
+/// A connected session of `lanes` plaintext lanes: (client, server).
+fn session(lanes: u16) -> (Lanes, Lanes) {
     let mut l = listener();
     let addr = l.local_addr().unwrap();
     let client = thread::spawn(move || {
-        Lanes::connect(addr, &LaneOptions::new(4, Security::Insecure)).unwrap()
+        Lanes::connect(addr, &LaneOptions::new(lanes, Security::Insecure)).unwrap()
     });
     let server = l.accept_session().unwrap();
-    let client = client.join().unwrap();
+    (client.join().unwrap(), server)
+}
+
+#[test]
+fn lanes_of_a_session_arrive_grouped_and_indexed() {
+    let (client, server) = session(4);
     assert_eq!(server.session(), client.session());
     assert_eq!(server.len(), 4);
     // A frame sent on client lane i arrives on server lane i.
@@ -295,20 +300,9 @@ fn a_connection_that_says_nothing_is_a_named_handshake_timeout() {
     drop(silent);
 }
 
-/// A connected one-lane session: (client, server).
-fn one_lane_session() -> (Lanes, Lanes) {
-    let mut l = listener();
-    let addr = l.local_addr().unwrap();
-    let client = thread::spawn(move || {
-        Lanes::connect(addr, &LaneOptions::new(1, Security::Insecure)).unwrap()
-    });
-    let server = l.accept_session().unwrap();
-    (client.join().unwrap(), server)
-}
-
 #[test]
 fn a_request_gets_the_peers_answer_and_leaves_no_read_timeout() {
-    let (mut client, mut server) = one_lane_session();
+    let (mut client, mut server) = session(1);
     let answerer = thread::spawn(move || {
         let lane = server.lane_mut(0).unwrap();
         let question = lane.reader.read_frame().unwrap();
@@ -336,7 +330,7 @@ fn a_request_gets_the_peers_answer_and_leaves_no_read_timeout() {
 
 #[test]
 fn a_request_nobody_answers_fails_when_its_time_is_up() {
-    let (mut client, _server) = one_lane_session();
+    let (mut client, _server) = session(1);
     let lane = client.lane_mut(0).unwrap();
     let err = lane
         .request(FrameKind::Resolve, b"abc", Duration::ZERO)
