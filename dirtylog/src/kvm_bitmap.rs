@@ -244,7 +244,7 @@ impl DirtyLog for KvmBitmapLog {
             return Err(DirtyLogError::NotStarted);
         }
         let end_page = first_page.saturating_add(words.len() * BITS_PER_WORD);
-        if first_page % BITS_PER_WORD != 0 || end_page > self.pages.next_multiple_of(64) {
+        if !first_page.is_multiple_of(BITS_PER_WORD) || end_page > self.pages.next_multiple_of(64) {
             return Err(DirtyLogError::ReprotectRange {
                 first_page,
                 pages: words.len() * BITS_PER_WORD,

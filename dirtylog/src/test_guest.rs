@@ -153,14 +153,14 @@ impl Mapping {
 
     fn write_u64(&self, offset: u64, value: u64) {
         let offset = offset as usize;
-        assert!(offset + 8 <= self.len && offset % 8 == 0);
+        assert!(offset + 8 <= self.len && offset.is_multiple_of(8));
         let word = self.word(offset);
         word.store(value, Ordering::SeqCst);
     }
 
     fn read_u64(&self, offset: u64) -> u64 {
         let offset = offset as usize;
-        assert!(offset + 8 <= self.len && offset % 8 == 0);
+        assert!(offset + 8 <= self.len && offset.is_multiple_of(8));
         let word = self.word(offset);
         word.load(Ordering::SeqCst)
     }
@@ -263,7 +263,7 @@ impl TestVm {
                 )));
             }
         }
-        if mem_bytes == 0 || mem_bytes % TWO_MIB != 0 || mem_bytes > HARNESS_GPA {
+        if mem_bytes == 0 || !mem_bytes.is_multiple_of(TWO_MIB) || mem_bytes > HARNESS_GPA {
             return Err(TestGuestError::Invalid(format!(
                 "test VM memory {mem_bytes:#x}: must be a non-zero multiple of 2 MiB up to 4 GiB"
             )));

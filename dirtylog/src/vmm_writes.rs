@@ -114,7 +114,7 @@ impl VmmWriteSource for GuestMemoryMmap<AtomicBitmap> {
         for region in self.iter() {
             let first = (region.start_addr().0 / PAGE_SIZE) as usize;
             let words = MmapRegion::bitmap(region).get_and_reset();
-            if first % BITS_PER_WORD == 0 {
+            if first.is_multiple_of(BITS_PER_WORD) {
                 n += out.or_words_at(first, &words);
             } else {
                 let marked = DirtyBitmap::from_words(words);

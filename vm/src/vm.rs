@@ -137,7 +137,7 @@ impl Vm {
     fn create(mem_bytes: u64, dirty: DirtyBackend, populate: bool) -> Result<Self, VmError> {
         let layout = memory_layout(mem_bytes);
         let end = layout.last().map_or(0, |&(gpa, len)| gpa + len);
-        if mem_bytes < MIN_MEM || end > MAX_MEM_END || mem_bytes % (2 << 20) != 0 {
+        if mem_bytes < MIN_MEM || end > MAX_MEM_END || !mem_bytes.is_multiple_of(2 << 20) {
             return Err(VmError::MemorySize {
                 bytes: mem_bytes,
                 why: "must be a multiple of 2 MiB between 4 MiB and 63 GiB (RAM above the 3-4 GiB hole ends by 64 GiB)",

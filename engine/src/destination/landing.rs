@@ -367,7 +367,7 @@ unsafe fn copy_page_streaming(src: &Page, dst: *mut u8) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
-        if (dst as usize) % 16 == 0 {
+        if (dst as usize).is_multiple_of(16) {
             // `loadu` takes any alignment; `dst` is 16-byte aligned (checked
             // just above), as `_mm_stream_si128` needs.
             #[allow(clippy::cast_ptr_alignment)]

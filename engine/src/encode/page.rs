@@ -137,9 +137,9 @@ impl PageEncoder {
     /// force is raw. Such a page goes out raw unless it is zero, so it
     /// needs no copy: see `source::workers`.
     pub fn sends_raw(&self, page: u64, delta: bool) -> bool {
-        page % PROBE_STRIDE != 0
-            && !(delta && self.choice.delta())
-            && !(self.lz4 && self.choice.lz4())
+        !(page.is_multiple_of(PROBE_STRIDE)
+            || (delta && self.choice.delta())
+            || (self.lz4 && self.choice.lz4()))
     }
 
     /// Like [`PageEncoder::encode`] for a page already read into
@@ -160,7 +160,7 @@ impl PageEncoder {
             out.commit_slot(page, PageEncoding::Zero, 0, hash);
             return PageEncoding::Zero;
         }
-        let probe = page % PROBE_STRIDE == 0;
+        let probe = page.is_multiple_of(PROBE_STRIDE);
         if let Some(cache) = delta {
             if self.choice.delta() || probe {
                 let t0 = Instant::now();

@@ -63,7 +63,7 @@ pub fn encode(
 
 fn first_difference(old: &[u8; PAGE_SIZE], new: &[u8; PAGE_SIZE], from: usize) -> Option<usize> {
     let mut pos = from;
-    while pos % 8 != 0 && pos < PAGE_SIZE {
+    while !pos.is_multiple_of(8) && pos < PAGE_SIZE {
         if old[pos] != new[pos] {
             return Some(pos);
         }

@@ -1828,9 +1828,9 @@ mod tests {
     fn params(seed: u64) -> FerryParams {
         FerryParams {
             low_for_s: 0.0,
-            memory_fit: if seed % 3 == 0 { 0.0 } else { 0.1 },
-            core_safe: seed % 5 != 0,
-            payback: (seed % 2 == 0).then(Payback::default),
+            memory_fit: if seed.is_multiple_of(3) { 0.0 } else { 0.1 },
+            core_safe: !seed.is_multiple_of(5),
+            payback: seed.is_multiple_of(2).then(Payback::default),
             ..FerryParams::default()
         }
     }
