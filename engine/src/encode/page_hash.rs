@@ -1,16 +1,16 @@
 //! xxh3-64 of one page, bit for bit what `xxhash_rust::xxh3::xxh3_64`
-//! returns, with its inner loop in AVX2 when the CPU has it.
+//! returns, with its inner loop in AVX-512 or AVX2 when the CPU has them.
 //!
 //! Why: every page sent is hashed once on each side (skip-unchanged, the
 //! per-page check on the destination, the memory digest), and the hash
 //! crate picks its SIMD width when it is compiled: for the default x86_64
 //! target that is SSE2, whatever the CPU. Profiled on a 1 GiB migration,
-//! the SSE2 loop was 17 % of the engine's CPU time; this one picks the
-//! AVX2 loop (about 1.6x the SSE2 one's speed, measured here) when the CPU
-//! has it, decided at run time. (AVX-512 measured 2x, but its intrinsics
-//! need Rust 1.89, above the workspace's MSRV.) Only the 4 KiB page case is
-//! written out (the hash of a page is all the data path computes); any
-//! other length goes to the crate.
+//! the SSE2 loop was 17 % of the engine's CPU time; this module picks the
+//! widest loop the CPU has ([`Simd::best`], decided at run time): AVX-512
+//! (one 512-bit register holds all eight accumulators), else AVX2 (about
+//! 1.6x the SSE2 one's speed, measured here), else the crate. Only the
+//! 4 KiB page case is written out (the hash of a page is all the data path
+//! computes); any other length goes to the crate.
 //!
 //! The algorithm (XXH3's long-input path, default secret, seed 0) for a
 //! 4096-byte input: eight 64-bit accumulators take 64-byte stripes, each
@@ -69,16 +69,76 @@ const MERGE_KEY: usize = 11;
 
 const _: () = assert!(FULL_BLOCKS == 3 && TAIL_STRIPES == 15 && BLOCK == 1024);
 
+/// The vector instructions a page pass runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Simd {
+    /// 512-bit vectors (AVX-512F): one register per 64-byte stripe.
+    Avx512,
+    /// 256-bit vectors (AVX2): two registers per stripe.
+    Avx2,
+    /// No page pass of this module: the hash crate's loop, and the callers
+    /// of [`copy_hashed`] and [`hash_in_place`] copy instead.
+    Scalar,
+}
+
+impl Simd {
+    /// Every width, widest first.
+    pub const ALL: [Simd; 3] = [Simd::Avx512, Simd::Avx2, Simd::Scalar];
+
+    /// The widest this CPU has (what the data path uses).
+    pub fn best() -> Simd {
+        Simd::ALL
+            .into_iter()
+            .find(|s| s.available())
+            .unwrap_or(Simd::Scalar)
+    }
+
+    /// Whether this CPU runs this width.
+    pub fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Simd::Avx512 | Simd::Avx2 => false,
+            Simd::Scalar => true,
+        }
+    }
+
+    /// `self` when the CPU has it, else [`Simd::Scalar`].
+    fn checked(self) -> Simd {
+        if self.available() {
+            self
+        } else {
+            Simd::Scalar
+        }
+    }
+}
+
 /// xxh3-64 of `data` (equal to `xxhash_rust::xxh3::xxh3_64(data)`); fast
 /// for a whole page.
 pub fn page_hash(data: &[u8]) -> u64 {
+    page_hash_with(Simd::best(), data)
+}
+
+/// [`page_hash`] on the given width ([`Simd::Scalar`] when the CPU lacks
+/// it): for benches and tests that compare the widths.
+pub fn page_hash_with(simd: Simd, data: &[u8]) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if let Ok(page) = <&Page>::try_from(data) {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { x86::hash_avx2(page) };
+        let src = page.as_ptr();
+        let none = std::ptr::null_mut();
+        match simd.checked() {
+            // SAFETY: the CPU has AVX-512F (checked); `src` holds PAGE_SIZE
+            // readable bytes; nothing is written.
+            Simd::Avx512 => return unsafe { x86::pass512::<{ x86::HASH_ONLY }>(src, none).0 },
+            // SAFETY: the CPU has AVX2 (checked); as above.
+            Simd::Avx2 => return unsafe { x86::pass::<{ x86::HASH_ONLY }>(src, none).0 },
+            Simd::Scalar => {}
         }
     }
+    let _ = simd;
     xxhash_rust::xxh3::xxh3_64(data)
 }
 
@@ -110,8 +170,8 @@ fn merge(acc: &[u64; 8]) -> u64 {
 
 /// Copy the page at `src` to `dst` and return the xxh3-64 of the bytes
 /// copied, reading them once (the hash is computed from the registers the
-/// copy goes through), when the CPU has AVX2; `None` when it has not (the
-/// caller then copies and hashes in two passes, as before).
+/// copy goes through), when the CPU has AVX-512F or AVX2; `None` when it
+/// has neither (the caller then copies and hashes in two passes, as before).
 ///
 /// One pass instead of two: on the source the page comes from guest
 /// memory (a cold read the copy pays anyway, which hides the hash's
@@ -128,49 +188,98 @@ fn merge(acc: &[u64; 8]) -> u64 {
 /// (guest memory on the destination; see `destination::workers`). They are
 /// weakly ordered: call [`store_fence`] before anything depends on them
 /// (once per batch, not per page: a fence per page made each page wait for
-/// the one before to reach memory). A `dst` not 32-byte aligned gets plain
-/// stores.
+/// the one before to reach memory). A `dst` not aligned to the vector
+/// width (64 bytes for AVX-512, 32 for AVX2) gets plain stores.
 ///
 /// # Safety
 /// `src` must be valid for reads and `dst` for writes of [`PAGE_SIZE`]
 /// bytes, and the two must not overlap.
 pub unsafe fn copy_hashed(src: *const u8, dst: *mut u8, streaming: bool) -> Option<u64> {
+    // SAFETY: the caller vouches for `src` and `dst`.
+    unsafe { copy_hashed_with(Simd::best(), src, dst, streaming) }
+}
+
+/// [`copy_hashed`] on the given width (`None` for [`Simd::Scalar`] or a
+/// width the CPU lacks): for benches and tests that compare the widths.
+///
+/// # Safety
+/// As [`copy_hashed`].
+pub unsafe fn copy_hashed_with(
+    simd: Simd,
+    src: *const u8,
+    dst: *mut u8,
+    streaming: bool,
+) -> Option<u64> {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        let hash = if streaming && (dst as usize) % 32 == 0 {
-            // SAFETY: the CPU has AVX2; the caller vouches for `src` and
-            // `dst`; `dst` is 32-byte aligned (checked).
-            unsafe { x86::pass::<{ x86::STREAMING }>(src, dst).0 }
-        } else {
+    {
+        use x86::{pass, pass512, CACHED, STREAMING};
+        let hashed = match simd.checked() {
+            Simd::Avx512 if streaming && (dst as usize).is_multiple_of(64) => {
+                // SAFETY: the CPU has AVX-512F (checked); the caller vouches
+                // for `src` and `dst`; `dst` is 64-byte aligned (checked).
+                unsafe { pass512::<STREAMING>(src, dst) }
+            }
+            // SAFETY: the CPU has AVX-512F; the caller vouches for `src`
+            // and `dst`.
+            Simd::Avx512 => unsafe { pass512::<CACHED>(src, dst) },
+            Simd::Avx2 if streaming && (dst as usize).is_multiple_of(32) => {
+                // SAFETY: the CPU has AVX2 (checked); the caller vouches for
+                // `src` and `dst`; `dst` is 32-byte aligned (checked).
+                unsafe { pass::<STREAMING>(src, dst) }
+            }
             // SAFETY: the CPU has AVX2; the caller vouches for `src` and `dst`.
-            unsafe { x86::pass::<{ x86::CACHED }>(src, dst).0 }
+            Simd::Avx2 => unsafe { pass::<CACHED>(src, dst) },
+            Simd::Scalar => return None,
         };
-        return Some(hash);
+        Some(hashed.0)
     }
-    let _ = (src, dst, streaming);
-    None
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (simd, src, dst, streaming);
+        None
+    }
 }
 
 /// Hash the page at `src` in one read-only pass and say whether every
-/// byte read was zero, when the CPU has AVX2 (`None` when not: the caller
-/// then copies). For a raw page that goes into the socket straight from
-/// guest memory: the hash and the zero test come from the same loads, so
-/// a page seen as zero hashes as the zero page even if the guest writes it
-/// meanwhile (what the kernel then copies may differ: a torn page, see
-/// [`crate::protocol::TornPage`]). The next page is prefetched as in
-/// [`copy_hashed`].
+/// byte read was zero, when the CPU has AVX-512F or AVX2 (`None` when not:
+/// the caller then copies). For a raw page that goes into the socket
+/// straight from guest memory: the hash and the zero test come from the
+/// same loads, so a page seen as zero hashes as the zero page even if the
+/// guest writes it meanwhile (what the kernel then copies may differ: a
+/// torn page, see [`crate::protocol::TornPage`]). The next page is
+/// prefetched as in [`copy_hashed`].
 ///
 /// # Safety
 /// `src` must be valid for reads of [`PAGE_SIZE`] bytes.
 pub unsafe fn hash_in_place(src: *const u8) -> Option<(u64, bool)> {
+    // SAFETY: the caller vouches for `src`.
+    unsafe { hash_in_place_with(Simd::best(), src) }
+}
+
+/// [`hash_in_place`] on the given width (`None` for [`Simd::Scalar`] or a
+/// width the CPU lacks): for benches and tests that compare the widths.
+///
+/// # Safety
+/// As [`hash_in_place`].
+pub unsafe fn hash_in_place_with(simd: Simd, src: *const u8) -> Option<(u64, bool)> {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2; the caller vouches for `src`; nothing
-        // is written.
-        return Some(unsafe { x86::pass_zero(src) });
+    {
+        use x86::{pass, pass512, ZERO_TEST};
+        let none = std::ptr::null_mut();
+        match simd.checked() {
+            // SAFETY: the CPU has AVX-512F (checked); the caller vouches for
+            // `src`; nothing is written.
+            Simd::Avx512 => Some(unsafe { pass512::<ZERO_TEST>(src, none) }),
+            // SAFETY: the CPU has AVX2 (checked); as above.
+            Simd::Avx2 => Some(unsafe { pass::<ZERO_TEST>(src, none) }),
+            Simd::Scalar => None,
+        }
     }
-    let _ = src;
-    None
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (simd, src);
+        None
+    }
 }
 
 /// Order the streaming stores of [`copy_hashed`] made so far before any
@@ -191,15 +300,18 @@ mod x86 {
     #![allow(clippy::cast_ptr_alignment)]
 
     use std::arch::x86_64::{
-        __m256i, _mm256_add_epi64, _mm256_loadu_si256, _mm256_mul_epu32, _mm256_or_si256,
+        __m256i, __m512i, _mm256_add_epi64, _mm256_loadu_si256, _mm256_mul_epu32, _mm256_or_si256,
         _mm256_set1_epi32, _mm256_setzero_si256, _mm256_shuffle_epi32, _mm256_slli_epi64,
         _mm256_srli_epi64, _mm256_storeu_si256, _mm256_stream_si256, _mm256_testz_si256,
-        _mm256_xor_si256, _mm_prefetch, _MM_HINT_T0,
+        _mm256_xor_si256, _mm512_add_epi64, _mm512_loadu_si512, _mm512_mul_epu32, _mm512_or_si512,
+        _mm512_set1_epi32, _mm512_setzero_si512, _mm512_shuffle_epi32, _mm512_slli_epi64,
+        _mm512_srli_epi64, _mm512_storeu_si512, _mm512_stream_si512, _mm512_ternarylogic_epi64,
+        _mm512_test_epi64_mask, _mm512_xor_si512, _mm_prefetch, _MM_HINT_T1,
     };
 
     use super::{
-        merge, Page, BLOCK_STRIPES, FULL_BLOCKS, INITIAL_ACC, LAST_STRIPE_KEY, PAGE_SIZE,
-        PRIME32_1, SCRAMBLE_KEY, SECRET, STRIPE,
+        merge, BLOCK_STRIPES, FULL_BLOCKS, INITIAL_ACC, LAST_STRIPE_KEY, PAGE_SIZE, PRIME32_1,
+        SCRAMBLE_KEY, SECRET, STRIPE,
     };
 
     /// [`pass`] only hashes.
@@ -211,28 +323,34 @@ mod x86 {
     /// [`pass`] only reads (prefetching the next page) and tests for zeros.
     pub(super) const ZERO_TEST: u8 = 3;
 
-    /// The page's hash and whether every byte read was zero, in one
-    /// read-only pass.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2; `src` must be valid for reads of PAGE_SIZE
-    /// bytes.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn pass_zero(src: *const u8) -> (u64, bool) {
-        // SAFETY: the CPU has AVX2 and `src` holds PAGE_SIZE readable bytes
-        // (the caller vouches); nothing is written.
-        unsafe { pass::<ZERO_TEST>(src, std::ptr::null_mut()) }
+    /// The secret's key for stripe `s` of a page (the last stripe has its
+    /// own).
+    const fn key_at(s: usize) -> usize {
+        if s == PAGE_SIZE / STRIPE - 1 {
+            LAST_STRIPE_KEY
+        } else {
+            (s % BLOCK_STRIPES) * 8
+        }
     }
 
-    /// The page's hash with 256-bit vectors.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn hash_avx2(page: &Page) -> u64 {
-        // SAFETY: the CPU has AVX2 (the caller vouches); `page` holds
-        // PAGE_SIZE readable bytes; nothing is written.
-        unsafe { pass::<HASH_ONLY>(page.as_ptr(), std::ptr::null_mut()).0 }
+    /// Whether the accumulators are scrambled after stripe `s`.
+    const fn scrambles_after(s: usize) -> bool {
+        s % BLOCK_STRIPES == BLOCK_STRIPES - 1 && s < FULL_BLOCKS * BLOCK_STRIPES
+    }
+
+    /// Whether a pass with this sink prefetches the next page: the next
+    /// page's line at the same offset, into L2 ahead of its own pass (the
+    /// hardware prefetcher stops at 4 KiB boundaries; a prefetch never
+    /// faults, so an address past the memory is harmless). Into L2
+    /// (`prefetcht1`), not L1: over 1 GiB of cold guest memory
+    /// (`benches/benches/page_hash.rs`) that took the hash + zero pass
+    /// from 0.116-0.118 to 0.104 CPU-s/GiB and the copy + hash one from
+    /// 0.125-0.127 to 0.116-0.120; two pages ahead instead of one changed
+    /// nothing, `prefetchnta` was slower (0.139), none at all 0.152. Not
+    /// for [`STREAMING`] (its source is a buffer the decoder just filled)
+    /// nor [`HASH_ONLY`].
+    const fn prefetches(sink: u8) -> bool {
+        sink == CACHED || sink == ZERO_TEST
     }
 
     /// One pass over the page at `src`: its xxh3-64, two registers of four
@@ -258,18 +376,10 @@ mod x86 {
         let prime = _mm256_set1_epi32(PRIME32_1 as i32);
         let stripes = PAGE_SIZE / STRIPE;
         for s in 0..stripes {
-            let key_at = if s == stripes - 1 {
-                LAST_STRIPE_KEY
-            } else {
-                (s % BLOCK_STRIPES) * 8
-            };
-            if SINK == CACHED || SINK == ZERO_TEST {
-                // The next page's line at the same offset, into the cache
-                // ahead of its own pass (the hardware prefetcher stops at
-                // 4 KiB boundaries; a prefetch never faults, so an address
-                // past the memory is harmless).
+            let key_at = key_at(s);
+            if prefetches(SINK) {
                 let ahead = src.wrapping_add(PAGE_SIZE + s * STRIPE);
-                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                _mm_prefetch::<_MM_HINT_T1>(ahead.cast());
             }
             for (half, a) in acc.iter_mut().enumerate() {
                 let at = s * STRIPE + 32 * half;
@@ -293,7 +403,7 @@ mod x86 {
                 let swapped = _mm256_shuffle_epi32::<0b01_00_11_10>(data);
                 *a = _mm256_add_epi64(*a, _mm256_add_epi64(product, swapped));
             }
-            if s % BLOCK_STRIPES == BLOCK_STRIPES - 1 && s < FULL_BLOCKS * BLOCK_STRIPES {
+            if scrambles_after(s) {
                 for (half, a) in acc.iter_mut().enumerate() {
                     let at = SCRAMBLE_KEY + 32 * half;
                     let key = load(&SECRET[at..at + 32]);
@@ -315,6 +425,79 @@ mod x86 {
         }
         let zero = SINK == ZERO_TEST && _mm256_testz_si256(seen, seen) == 1;
         (merge(&words), zero)
+    }
+
+    /// [`pass`] with 512-bit vectors: one register holds the eight
+    /// accumulators and one load takes a stripe.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `src` must be valid for reads of
+    /// PAGE_SIZE bytes; unless `SINK` is [`HASH_ONLY`] or [`ZERO_TEST`],
+    /// `dst` must be valid for writes of PAGE_SIZE bytes, not overlap `src`,
+    /// and for [`STREAMING`] be 64-byte aligned.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pass512<const SINK: u8>(src: *const u8, dst: *mut u8) -> (u64, bool) {
+        let mut seen = _mm512_setzero_si512();
+        let mut acc = load512(&INITIAL_ACC_BYTES);
+        let prime = _mm512_set1_epi32(PRIME32_1 as i32);
+        let scramble_key = load512(&SECRET[SCRAMBLE_KEY..SCRAMBLE_KEY + STRIPE]);
+        for s in 0..PAGE_SIZE / STRIPE {
+            let at = s * STRIPE;
+            if prefetches(SINK) {
+                _mm_prefetch::<_MM_HINT_T1>(src.wrapping_add(PAGE_SIZE + at).cast());
+            }
+            // SAFETY: `at + 64 <= PAGE_SIZE`, and `src` is valid for
+            // PAGE_SIZE reads (the caller vouches); any alignment.
+            let data = unsafe { _mm512_loadu_si512(src.wrapping_add(at).cast()) };
+            if SINK == CACHED {
+                // SAFETY: `at + 64 <= PAGE_SIZE`, and `dst` is valid for
+                // PAGE_SIZE writes (the caller vouches); any alignment.
+                unsafe { _mm512_storeu_si512(dst.wrapping_add(at).cast(), data) };
+            } else if SINK == STREAMING {
+                // SAFETY: as above, and `dst` (so `dst + at`, a multiple of
+                // 64 further) is 64-byte aligned (the caller vouches).
+                unsafe { _mm512_stream_si512(dst.wrapping_add(at).cast(), data) };
+            } else if SINK == ZERO_TEST {
+                seen = _mm512_or_si512(seen, data);
+            }
+            let key_at = key_at(s);
+            let key = load512(&SECRET[key_at..key_at + STRIPE]);
+            let data_key = _mm512_xor_si512(data, key);
+            let product = _mm512_mul_epu32(data_key, _mm512_srli_epi64::<32>(data_key));
+            let swapped = _mm512_shuffle_epi32::<0b01_00_11_10>(data);
+            acc = _mm512_add_epi64(acc, _mm512_add_epi64(product, swapped));
+            if scrambles_after(s) {
+                // acc ^ (acc >> 47) ^ key in one instruction (0x96: a ^ b ^ c).
+                let mixed = _mm512_ternarylogic_epi64::<0x96>(
+                    acc,
+                    _mm512_srli_epi64::<47>(acc),
+                    scramble_key,
+                );
+                let lo = _mm512_mul_epu32(mixed, prime);
+                let hi = _mm512_mul_epu32(_mm512_srli_epi64::<32>(mixed), prime);
+                acc = _mm512_add_epi64(lo, _mm512_slli_epi64::<32>(hi));
+            }
+        }
+        let mut out = [0u8; 64];
+        // SAFETY: `out` holds 64 writable bytes; the store takes any
+        // alignment.
+        unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), acc) };
+        let mut words = [0u64; 8];
+        for (w, b) in words.iter_mut().zip(out.chunks_exact(8)) {
+            *w = u64::from_le_bytes(b.try_into().expect("8-byte chunk"));
+        }
+        let zero = SINK == ZERO_TEST && _mm512_test_epi64_mask(seen, seen) == 0;
+        (merge(&words), zero)
+    }
+
+    /// The 64 bytes of `bytes` (exactly 64 long) as a vector.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn load512(bytes: &[u8]) -> __m512i {
+        assert_eq!(bytes.len(), 64);
+        // SAFETY: `bytes` holds 64 readable bytes (asserted); the load
+        // takes any alignment.
+        unsafe { _mm512_loadu_si512(bytes.as_ptr().cast()) }
     }
 
     /// The accumulators' starting values as bytes (little-endian lanes).
@@ -358,30 +541,49 @@ mod tests {
         xxhash_rust::xxh3::xxh3_64(data)
     }
 
-    #[test]
-    fn zero_and_patterned_pages_hash_as_the_crate_does() {
-        let mut page = [0u8; PAGE_SIZE];
-        assert_eq!(page_hash(&page), reference(&page));
-        for (i, b) in page.iter_mut().enumerate() {
-            *b = (i * 7 % 251) as u8;
-        }
-        assert_eq!(page_hash(&page), reference(&page));
-        assert_eq!(page_hash(&page[..100]), reference(&page[..100]));
+    /// The widths this CPU runs, each named once in the test output; the
+    /// ones it lacks say so (they fall back to the crate, which the tests
+    /// would then only compare with itself).
+    fn widths() -> Vec<Simd> {
+        Simd::ALL
+            .into_iter()
+            .filter(|s| {
+                let there = s.available();
+                if !there {
+                    eprintln!("SKIP {s:?} page passes (this CPU lacks them)");
+                }
+                there
+            })
+            .collect()
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn the_avx2_loop_agrees_with_the_crate() {
-        let mut page = [0u8; PAGE_SIZE];
-        for (i, b) in page.iter_mut().enumerate() {
-            *b = (i.wrapping_mul(2_654_435_761) >> 13) as u8;
-        }
-        let want = reference(&page);
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2.
-            assert_eq!(unsafe { x86::hash_avx2(&page) }, want);
-        } else {
-            eprintln!("SKIP avx2 page hash (this CPU has no AVX2)");
+    fn the_widest_width_is_the_default() {
+        let best = Simd::best();
+        assert!(best.available());
+        let wider = Simd::ALL.iter().take_while(|&&s| s != best);
+        assert!(wider.clone().all(|s| !s.available()), "{best:?}");
+        eprintln!("page passes run on {best:?}");
+    }
+
+    #[test]
+    fn zero_and_patterned_pages_hash_as_the_crate_does() {
+        for simd in widths() {
+            let mut page = [0u8; PAGE_SIZE];
+            assert_eq!(page_hash_with(simd, &page), reference(&page), "{simd:?}");
+            for (i, b) in page.iter_mut().enumerate() {
+                *b = (i * 7 % 251) as u8;
+            }
+            assert_eq!(page_hash_with(simd, &page), reference(&page), "{simd:?}");
+            assert_eq!(
+                page_hash_with(simd, &page[..100]),
+                reference(&page[..100]),
+                "{simd:?}"
+            );
+            for (i, b) in page.iter_mut().enumerate() {
+                *b = (i.wrapping_mul(2_654_435_761) >> 13) as u8;
+            }
+            assert_eq!(page_hash_with(simd, &page), reference(&page), "{simd:?}");
         }
     }
 
@@ -391,23 +593,35 @@ mod tests {
         for (i, b) in src.iter_mut().enumerate() {
             *b = (i * 31 % 251) as u8;
         }
-        let mut dst = vec![0u8; 2 * PAGE_SIZE + 64];
-        let aligned = dst.as_ptr().align_offset(32);
-        for (offset, streaming) in [(aligned, true), (aligned, false), (aligned + 1, true)] {
-            dst.fill(0);
-            let at = dst[offset..].as_mut_ptr();
-            // SAFETY: `offset + PAGE_SIZE < dst.len()`: `at` has PAGE_SIZE
-            // writable bytes after it, apart from `src`.
-            let hash = unsafe { copy_hashed(src.as_ptr(), at, streaming) };
-            store_fence();
-            match hash {
-                Some(hash) => {
-                    assert_eq!(hash, reference(&src), "offset {offset}");
-                    assert_eq!(&dst[offset..offset + PAGE_SIZE], &src[..]);
-                    assert!(dst[..offset].iter().all(|&b| b == 0));
-                    assert!(dst[offset + PAGE_SIZE..].iter().all(|&b| b == 0));
-                }
-                None => eprintln!("SKIP one-pass copy and hash (this CPU has no AVX2)"),
+        let mut dst = vec![0u8; 2 * PAGE_SIZE + 128];
+        let aligned = dst.as_ptr().align_offset(64);
+        // Aligned for both widths, for AVX2's streaming stores only, and
+        // not at all (plain stores).
+        let offsets = [
+            (aligned, true),
+            (aligned, false),
+            (aligned + 32, true),
+            (aligned + 1, true),
+        ];
+        for simd in widths() {
+            for (offset, streaming) in offsets {
+                dst.fill(0);
+                let at = dst[offset..].as_mut_ptr();
+                // SAFETY: `offset + PAGE_SIZE < dst.len()`: `at` has
+                // PAGE_SIZE writable bytes after it, apart from `src`.
+                let hash = unsafe { copy_hashed_with(simd, src.as_ptr(), at, streaming) };
+                store_fence();
+                let Some(hash) = hash else {
+                    assert_eq!(simd, Simd::Scalar, "only the crate's width copies nothing");
+                    continue;
+                };
+                assert_eq!(hash, reference(&src), "{simd:?} offset {offset}");
+                assert_eq!(&dst[offset..offset + PAGE_SIZE], &src[..], "{simd:?}");
+                assert!(dst[..offset].iter().all(|&b| b == 0), "{simd:?}");
+                assert!(
+                    dst[offset + PAGE_SIZE..].iter().all(|&b| b == 0),
+                    "{simd:?}"
+                );
             }
         }
     }
@@ -415,18 +629,20 @@ mod tests {
     #[test]
     fn a_hash_in_place_tells_zero_pages_apart() {
         let mut page = vec![0u8; PAGE_SIZE];
-        for spot in [None, Some(0), Some(PAGE_SIZE / 2 + 3), Some(PAGE_SIZE - 1)] {
-            page.fill(0);
-            if let Some(at) = spot {
-                page[at] = 0x40;
-            }
-            // SAFETY: `page` holds PAGE_SIZE readable bytes.
-            match unsafe { hash_in_place(page.as_ptr()) } {
-                Some((hash, zero)) => {
-                    assert_eq!(hash, reference(&page), "{spot:?}");
-                    assert_eq!(zero, spot.is_none(), "{spot:?}");
+        for simd in widths() {
+            for spot in [None, Some(0), Some(PAGE_SIZE / 2 + 3), Some(PAGE_SIZE - 1)] {
+                page.fill(0);
+                if let Some(at) = spot {
+                    page[at] = 0x40;
                 }
-                None => eprintln!("SKIP hash in place (this CPU has no AVX2)"),
+                // SAFETY: `page` holds PAGE_SIZE readable bytes.
+                match unsafe { hash_in_place_with(simd, page.as_ptr()) } {
+                    Some((hash, zero)) => {
+                        assert_eq!(hash, reference(&page), "{simd:?} {spot:?}");
+                        assert_eq!(zero, spot.is_none(), "{simd:?} {spot:?}");
+                    }
+                    None => assert_eq!(simd, Simd::Scalar, "only the crate's width"),
+                }
             }
         }
     }
@@ -441,18 +657,31 @@ mod tests {
             for (at, v) in spots {
                 page[at] = v;
             }
-            prop_assert_eq!(page_hash(&page), reference(&page));
-            let mut copy = [0u8; PAGE_SIZE];
-            // SAFETY: both are separate PAGE_SIZE-byte arrays.
-            if let Some(hash) = unsafe { copy_hashed(page.as_ptr(), copy.as_mut_ptr(), false) } {
-                prop_assert_eq!(hash, reference(&page));
-                prop_assert_eq!(&copy[..], &page[..]);
-            }
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2.
-                prop_assert_eq!(unsafe { x86::hash_avx2(&page) }, reference(&page));
+            let want = reference(&page);
+            let zero = page.iter().all(|&b| b == 0);
+            prop_assert_eq!(page_hash(&page), want);
+            for simd in Simd::ALL.into_iter().filter(|s| s.available()) {
+                prop_assert_eq!(page_hash_with(simd, &page), want, "{:?}", simd);
+                // SAFETY: `page` holds PAGE_SIZE readable bytes.
+                if let Some(got) = unsafe { hash_in_place_with(simd, page.as_ptr()) } {
+                    prop_assert_eq!(got, (want, zero), "{:?}", simd);
+                }
+                for streaming in [false, true] {
+                    let mut copy = Box::new(AlignedPage([0u8; PAGE_SIZE]));
+                    let to = copy.0.as_mut_ptr();
+                    // SAFETY: both are separate PAGE_SIZE-byte arrays.
+                    let got = unsafe { copy_hashed_with(simd, page.as_ptr(), to, streaming) };
+                    store_fence();
+                    if let Some(hash) = got {
+                        prop_assert_eq!(hash, want, "{:?}", simd);
+                        prop_assert_eq!(&copy.0[..], &page[..], "{:?}", simd);
+                    }
+                }
             }
         }
     }
+
+    /// A page aligned as guest memory is (so streaming stores run).
+    #[repr(C, align(4096))]
+    struct AlignedPage([u8; PAGE_SIZE]);
 }
