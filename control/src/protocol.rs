@@ -953,6 +953,7 @@ mod tests {
                 xor_delta: 3,
                 lz4: 4,
                 raw: 5,
+                zstd: 6,
             },
             throughput_bytes_per_sec: 1.5e9,
             wire_bytes_per_sec: 0.5e9,

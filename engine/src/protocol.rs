@@ -282,9 +282,12 @@ pub const FEATURE_LZ4: u64 = 1 << 0;
 /// Feature: XOR deltas ([`crate::encode::PageEncoding::XorRle`] and
 /// `XorRleLz4`; the latter also needs [`FEATURE_LZ4`]).
 pub const FEATURE_XOR_DELTA: u64 = 1 << 1;
+/// Feature: zstd-compressed pages ([`crate::encode::PageEncoding::Zstd`]).
+/// A peer without it never gets one: the source's choice leaves zstd out.
+pub const FEATURE_ZSTD: u64 = 1 << 2;
 /// Every feature this build understands. Zero pages and raw pages are not
 /// features: every side has them.
-pub const SUPPORTED_FEATURES: u64 = FEATURE_LZ4 | FEATURE_XOR_DELTA;
+pub const SUPPORTED_FEATURES: u64 = FEATURE_LZ4 | FEATURE_XOR_DELTA | FEATURE_ZSTD;
 
 /// Destination -> source: the stream version spoken and the features
 /// accepted (a subset of those offered).

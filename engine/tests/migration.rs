@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use common::{
     assert_alive, boot, boot_cpus, boot_with, kvm_or_skip, migrate_to, wait_status, Destination,
+    FrameFault, FrameRelay,
 };
 use ferry_engine::{
     ConvergeMode, ConvergencePolicy, Decision, DestinationOptions, DestinationSummary,
@@ -42,6 +43,19 @@ fn migrates_and_lives_on_with(
     opts: MigrationOptions,
     dirty: DirtyBackend,
 ) -> Result<Vec<ProgressEvent>> {
+    migrates_and_lives_on_through(test, mem_mib, cmdline, opts, dirty, None)
+}
+
+/// As [`migrates_and_lives_on_with`], through a [`FrameRelay`] with
+/// `relay`'s fault when there is one; the summary is the last event's.
+fn migrates_and_lives_on_through(
+    test: &str,
+    mem_mib: u64,
+    cmdline: &str,
+    opts: MigrationOptions,
+    dirty: DirtyBackend,
+    relay: Option<FrameFault>,
+) -> Result<Vec<ProgressEvent>> {
     let Some(_kvm) = kvm_or_skip(test) else {
         return Ok(Vec::new());
     };
@@ -55,9 +69,16 @@ fn migrates_and_lives_on_with(
         });
     }
     let dest = Destination::spawn(DestinationOptions::default())?;
-    let (result, events) = migrate_to(&vm, dest.addr, opts);
+    let relay = relay
+        .map(|fault| FrameRelay::spawn(dest.addr, fault))
+        .transpose()?;
+    let to = relay.as_ref().map_or(dest.addr, |r| r.addr);
+    let (result, events) = migrate_to(&vm, to, opts);
     let summary = result?;
     let (dest_vm, dest_summary) = dest.join()?;
+    if let Some(relay) = relay {
+        relay.join();
+    }
     eprintln!("{test}: {}", serde_json::to_string(&summary)?);
     for e in &events {
         if let ProgressEvent::RoundFinished { .. } = e {
@@ -796,5 +817,85 @@ fn what_the_guest_dirties_during_the_pre_pause_hook_goes_out_before_the_pause() 
         "the destination found bad pages: {}",
         dest_vm.status()
     );
+    Ok(())
+}
+
+/// Memory like a real guest's (`fill=mix`: zero, text-like and
+/// incompressible pages) over a link capped at 40 MB/s: compressing pays.
+const MIX_IDLE: &str = "fill=mix rate=0 tsc_khz=2300000";
+
+fn capped_mix() -> MigrationOptions {
+    MigrationOptions {
+        max_bandwidth: Some(40_000_000),
+        ..MigrationOptions::default()
+    }
+}
+
+/// The encoding decisions of the rounds.
+fn round_choices(events: &[ProgressEvent]) -> Vec<ferry_engine::encode::EncodingDecision> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            ProgressEvent::RoundFinished { encoding, .. } => Some(**encoding),
+            _ => None,
+        })
+        .collect()
+}
+
+/// On a capped link, text-like pages go as zstd (measured by its probes
+/// to shrink them more than LZ4), and the destination ends with the same
+/// memory (digests, the guest's own check of every page).
+#[test]
+fn a_capped_link_sends_text_like_pages_as_zstd() -> Result<()> {
+    let events = migrates_and_lives_on(
+        "a_capped_link_sends_text_like_pages_as_zstd",
+        128,
+        MIX_IDLE,
+        capped_mix(),
+    )?;
+    let Some(ProgressEvent::Completed { summary, .. }) = events.last() else {
+        return Ok(()); // skipped
+    };
+    let choices = round_choices(&events);
+    eprintln!("decisions: {}", serde_json::to_string(&choices)?);
+    ensure!(
+        choices.iter().any(|d| d.choice.zstd()),
+        "zstd never chosen: {choices:?}"
+    );
+    ensure!(
+        summary.pages.zstd > summary.pages.lz4,
+        "zstd chosen, yet {} zstd pages for {} LZ4 ones",
+        summary.pages.zstd,
+        summary.pages.lz4
+    );
+    Ok(())
+}
+
+/// A destination that does not know zstd (its Hello arrives without the
+/// feature, so it does not accept it) never gets a zstd page, probes
+/// included: the same capped migration goes with LZ4.
+#[test]
+fn a_destination_without_zstd_never_gets_a_zstd_page() -> Result<()> {
+    let events = migrates_and_lives_on_through(
+        "a_destination_without_zstd_never_gets_a_zstd_page",
+        128,
+        MIX_IDLE,
+        capped_mix(),
+        DirtyBackend::Bitmap,
+        Some(FrameFault::HelloWithout(
+            ferry_engine::protocol::FEATURE_ZSTD,
+        )),
+    )?;
+    let Some(ProgressEvent::Completed { summary, .. }) = events.last() else {
+        return Ok(()); // skipped
+    };
+    ensure!(summary.pages.zstd == 0, "{:?}", summary.pages);
+    ensure!(summary.pages.lz4 > 0, "LZ4 not used: {:?}", summary.pages);
+    for d in round_choices(&events) {
+        ensure!(
+            !d.choice.zstd() && d.estimates.zstd_ns.is_none(),
+            "zstd considered: {d:?}"
+        );
+    }
     Ok(())
 }

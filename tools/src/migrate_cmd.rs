@@ -376,6 +376,8 @@ fn encoding_words(c: EncodingChoice) -> &'static str {
         EncodingChoice::XorDelta => "XOR deltas",
         EncodingChoice::Lz4 => "LZ4",
         EncodingChoice::XorDeltaLz4 => "XOR deltas + LZ4",
+        EncodingChoice::Zstd => "zstd",
+        EncodingChoice::XorDeltaZstd => "XOR deltas + zstd",
     }
 }
 
@@ -462,8 +464,8 @@ pub fn print_summary(s: &Summary) {
     );
     let c = &s.pages;
     println!(
-        "  pages by encoding zero {}, unchanged {}, xor delta {}, lz4 {}, raw {}",
-        c.zero, c.unchanged, c.xor_delta, c.lz4, c.raw
+        "  pages by encoding zero {}, unchanged {}, xor delta {}, lz4 {}, zstd {}, raw {}",
+        c.zero, c.unchanged, c.xor_delta, c.lz4, c.zstd, c.raw
     );
     println!("  max throttle      {} %", s.max_throttle_percent);
     if let Ok(start) = s.converge.parse::<ferry_engine::ConvergeMode>() {

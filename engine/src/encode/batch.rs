@@ -552,7 +552,7 @@ mod tests {
 
     fn hostile_entry() -> impl Strategy<Value = HostileEntry> {
         let page = prop_oneof![0u64..8, 0u64..8192, any::<u64>()];
-        let encoding = prop_oneof![4 => 1u8..=5, 1 => any::<u8>()];
+        let encoding = prop_oneof![4 => 1u8..=6, 1 => any::<u8>()];
         let payload = prop_oneof![
             Just(Vec::new()),
             proptest::collection::vec(any::<u8>(), 1..64),
@@ -561,6 +561,21 @@ mod tests {
             // Valid LZ4 of a page-ish block, then possibly cut.
             (any::<u8>(), 0usize..2 * PAGE_SIZE)
                 .prop_map(|(b, n)| { lz4_flex::block::compress(&vec![b; n]) }),
+            // A valid zstd frame of a page-ish block, possibly cut or with a
+            // byte flipped.
+            (
+                any::<u8>(),
+                0usize..2 * PAGE_SIZE,
+                any::<u16>(),
+                any::<u8>()
+            )
+                .prop_map(|(b, n, cut, flip)| {
+                    let mut frame = zstd::bulk::compress(&vec![b; n], 1).expect("zstd");
+                    let len = frame.len();
+                    frame[usize::from(cut) % len] ^= flip;
+                    frame.truncate(len - usize::from(cut % 3 == 0));
+                    frame
+                }),
         ];
         // Mostly the payload's true length; sometimes a lie.
         (
@@ -607,9 +622,11 @@ mod tests {
         fn pages_round_trip_through_batches(
             first in proptest::collection::vec(page_strategy(), 1..6),
             edits in proptest::collection::vec((0usize..6, 0usize..PAGE_SIZE, any::<u8>(), 1usize..600), 0..20),
+            choice in proptest::sample::select(crate::encode::EncodingChoice::ALL.to_vec()),
         ) {
             let cache = XorDeltaCache::new(64 * PAGE_SIZE);
-            let mut enc = PageEncoder::new();
+            let mut enc = PageEncoder::new().with_zstd(true);
+            enc.set_choice(choice);
             let mut src: Vec<[u8; PAGE_SIZE]> = first.iter().map(|p| p.as_slice().try_into().unwrap()).collect();
             let mut dst = vec![[0u8; PAGE_SIZE]; src.len()];
             let send = |src: &Vec<[u8; PAGE_SIZE]>, dst: &mut Vec<[u8; PAGE_SIZE]>, enc: &mut PageEncoder| {
@@ -693,7 +710,7 @@ mod tests {
         }
         /// Valid batch structure around hostile payloads never panics.
         #[test]
-        fn hostile_payloads_never_panic(enc in 1u8..=5, payload in proptest::collection::vec(any::<u8>(), 0..PAGE_SIZE)) {
+        fn hostile_payloads_never_panic(enc in 1u8..=6, payload in proptest::collection::vec(any::<u8>(), 0..PAGE_SIZE)) {
             let mut page = [0u8; PAGE_SIZE];
             let _ = decode_page(PageEncoding::from_wire(enc).unwrap(), &payload, &mut page);
         }

@@ -18,11 +18,16 @@
 //! | [`EncodingChoice::XorDelta`] | a XOR delta when the page is cached, else raw |
 //! | [`EncodingChoice::Lz4`] | LZ4 when it shrinks, else raw |
 //! | [`EncodingChoice::XorDeltaLz4`] | a XOR delta (LZ4 on top when that shrinks it) when cached, else LZ4 or raw |
+//! | [`EncodingChoice::Zstd`] | zstd when it shrinks, else raw |
+//! | [`EncodingChoice::XorDeltaZstd`] | a XOR delta (LZ4 on top when that shrinks it) when cached, else zstd or raw |
 //!
 //! The costs are measured, not assumed: one page in [`PROBE_STRIDE`] (by
 //! page index, so the same pages stay in the XOR cache round after round)
 //! is always encoded every way, whatever the choice, so the figures of the
 //! encodings not in use stay current and the choice can change back.
+//! zstd costs about twice LZ4's time, so it is probed on one page in
+//! [`ZSTD_PROBE_STRIDE`] only (a quarter of the probe pages): on loopback,
+//! where its figures only confirm that raw wins, that costs ~0.2 µs a page.
 
 use serde::Serialize;
 
@@ -32,6 +37,11 @@ use super::PAGE_SIZE;
 /// One page in this many (page index multiple of it) is a probe: encoded
 /// with XOR delta and LZ4 whatever the choice, to keep their costs measured.
 pub const PROBE_STRIDE: u64 = 32;
+
+/// One page in this many (a multiple of [`PROBE_STRIDE`]) is a zstd probe.
+pub const ZSTD_PROBE_STRIDE: u64 = 128;
+
+const _: () = assert!(ZSTD_PROBE_STRIDE.is_multiple_of(PROBE_STRIDE));
 
 /// A different choice is taken only when its estimated time per page is
 /// below this share (percent) of the current one: measurements are noisy
@@ -56,25 +66,47 @@ pub enum EncodingChoice {
     Lz4 = 3,
     /// XOR deltas when cached, LZ4 or raw otherwise.
     XorDeltaLz4 = 4,
+    /// zstd when it shrinks a page, raw otherwise.
+    Zstd = 5,
+    /// XOR deltas when cached (LZ4 on top when it shrinks them), zstd or
+    /// raw otherwise.
+    XorDeltaZstd = 6,
 }
 
 impl EncodingChoice {
     /// Every choice, in the order [`EncodingEstimates`] lists them.
-    pub const ALL: [EncodingChoice; 4] = [
+    pub const ALL: [EncodingChoice; 6] = [
         EncodingChoice::Raw,
         EncodingChoice::XorDelta,
         EncodingChoice::Lz4,
         EncodingChoice::XorDeltaLz4,
+        EncodingChoice::Zstd,
+        EncodingChoice::XorDeltaZstd,
     ];
 
     /// Whether pages are XOR-delta coded against the cache.
     pub fn delta(self) -> bool {
-        matches!(self, Self::XorDelta | Self::XorDeltaLz4)
+        matches!(
+            self,
+            Self::XorDelta | Self::XorDeltaLz4 | Self::XorDeltaZstd
+        )
     }
 
-    /// Whether pages (and deltas) are LZ4-compressed when that shrinks them.
+    /// Whether pages are LZ4-compressed when that shrinks them.
     pub fn lz4(self) -> bool {
         matches!(self, Self::Lz4 | Self::XorDeltaLz4)
+    }
+
+    /// Whether pages are zstd-compressed when that shrinks them.
+    pub fn zstd(self) -> bool {
+        matches!(self, Self::Zstd | Self::XorDeltaZstd)
+    }
+
+    /// Whether XOR deltas get LZ4 on top when that shrinks them: with
+    /// either compressing choice (zstd gains nothing on a delta's short
+    /// run-length stream that LZ4 does not).
+    pub fn compresses_deltas(self) -> bool {
+        self.lz4() || self.zstd()
     }
 
     /// The choice for a byte written by `as u8`; `None` for any other byte.
@@ -109,12 +141,23 @@ pub struct EncodingInputs {
     pub delta_allowed: bool,
     /// LZ4 may be used (negotiated).
     pub lz4_allowed: bool,
+    /// One zstd attempt on a page.
+    #[serde(default)]
+    pub zstd_ns_per_page: f64,
+    /// Bytes a page takes after a zstd attempt (raw when it did not shrink).
+    #[serde(default)]
+    pub zstd_bytes_per_page: f64,
+    /// zstd may be used (negotiated; absent in reports of older builds).
+    #[serde(default)]
+    pub zstd_allowed: bool,
 }
 
 impl EncodingInputs {
     /// Figures to start from before anything was measured: a link of
     /// `cap` bytes/s when capped (compression likely pays), else one far
-    /// as fast as loopback (raw); LZ4 assumed to halve a page in 3 µs. The first measurements replace them within milliseconds.
+    /// as fast as loopback (raw); LZ4 assumed to halve a page in 3 µs.
+    /// zstd is not allowed (the source allows it once its probes measured
+    /// it). The first measurements replace them within milliseconds.
     pub fn prior(cap: Option<f64>, workers: u32) -> Self {
         Self {
             link_bytes_per_sec: cap.unwrap_or(3e9),
@@ -127,6 +170,9 @@ impl EncodingInputs {
             xor_bytes_per_hit: 64.0,
             delta_allowed: false,
             lz4_allowed: true,
+            zstd_ns_per_page: 6000.0,
+            zstd_bytes_per_page: PAGE_SIZE as f64 / 2.0,
+            zstd_allowed: false,
         }
     }
 }
@@ -143,6 +189,12 @@ pub struct EncodingEstimates {
     pub lz4_ns: Option<f64>,
     /// [`EncodingChoice::XorDeltaLz4`].
     pub xor_delta_lz4_ns: Option<f64>,
+    /// [`EncodingChoice::Zstd`].
+    #[serde(default)]
+    pub zstd_ns: Option<f64>,
+    /// [`EncodingChoice::XorDeltaZstd`].
+    #[serde(default)]
+    pub xor_delta_zstd_ns: Option<f64>,
 }
 
 impl EncodingEstimates {
@@ -152,6 +204,8 @@ impl EncodingEstimates {
             EncodingChoice::XorDelta => self.xor_delta_ns,
             EncodingChoice::Lz4 => self.lz4_ns,
             EncodingChoice::XorDeltaLz4 => self.xor_delta_lz4_ns,
+            EncodingChoice::Zstd => self.zstd_ns,
+            EncodingChoice::XorDeltaZstd => self.xor_delta_zstd_ns,
         }
     }
 }
@@ -177,6 +231,7 @@ pub struct EncodingDecision {
 ///    - XOR delta: `base + xor`, `hit × delta bytes + miss × 4096`;
 ///    - LZ4: `base + lz4`, LZ4 bytes;
 ///    - both: `base + xor + miss × lz4`, `hit × delta bytes + miss × LZ4 bytes`
+///    - zstd, and XOR delta with zstd: as the two above with zstd's figures
 ///
 ///    (plus each page's batch table entry), plus [`CPU_WEIGHT`] of the
 ///    encoder time.
@@ -194,6 +249,7 @@ pub fn choose_encoding(inputs: &EncodingInputs, current: EncodingChoice) -> Enco
     let hit = i.xor_hit_share.clamp(0.0, 1.0);
     let miss = 1.0 - hit;
     let lz4_bytes = i.lz4_bytes_per_page.clamp(0.0, page);
+    let zstd_bytes = i.zstd_bytes_per_page.clamp(0.0, page);
     let time = |cpu_ns: f64, bytes: f64| {
         (cpu_ns / workers).max((bytes + entry) / link * 1e9) + cpu_ns * CPU_WEIGHT
     };
@@ -212,6 +268,15 @@ pub fn choose_encoding(inputs: &EncodingInputs, current: EncodingChoice) -> Enco
             time(
                 i.base_ns_per_page + i.xor_ns_per_page + miss * i.lz4_ns_per_page,
                 hit * i.xor_bytes_per_hit + miss * lz4_bytes,
+            )
+        }),
+        zstd_ns: i
+            .zstd_allowed
+            .then(|| time(i.base_ns_per_page + i.zstd_ns_per_page, zstd_bytes)),
+        xor_delta_zstd_ns: (i.delta_allowed && i.zstd_allowed).then(|| {
+            time(
+                i.base_ns_per_page + i.xor_ns_per_page + miss * i.zstd_ns_per_page,
+                hit * i.xor_bytes_per_hit + miss * zstd_bytes,
             )
         }),
     };
@@ -262,7 +327,19 @@ mod tests {
             xor_bytes_per_hit: 40.0,
             delta_allowed: delta,
             lz4_allowed: true,
+            zstd_ns_per_page: 2.0 * lz4_ns,
+            zstd_bytes_per_page: lz4_bytes,
+            zstd_allowed: false,
         }
+    }
+
+    /// As [`inputs`], with zstd negotiated at `zstd_ns` a page giving
+    /// `zstd_bytes`.
+    fn with_zstd(mut i: EncodingInputs, zstd_ns: f64, zstd_bytes: f64) -> EncodingInputs {
+        i.zstd_allowed = true;
+        i.zstd_ns_per_page = zstd_ns;
+        i.zstd_bytes_per_page = zstd_bytes;
+        i
     }
 
     #[test]
@@ -332,12 +409,70 @@ mod tests {
                 Raw,
                 Raw,
             ),
+            // The mix's text-like pages (measured per page: LZ4 1.7x in
+            // 13 µs, zstd -1 2.6x in 25 µs, on a loaded core), 1 Gbit/s:
+            // a raw page takes 33 µs on the link, zstd's 12.5 µs per page
+            // on 2 workers hides behind the link and sends fewer bytes.
+            (
+                "gigabit, text-like",
+                with_zstd(
+                    inputs(125.0 * MB, 13_000.0, 2450.0, 0.0, false),
+                    25_000.0,
+                    1550.0,
+                ),
+                Lz4,
+                Zstd,
+            ),
+            // 10 Gbit/s: a raw page takes 3.3 µs on the link; both
+            // codecs' encoders (12.7 and 6.7 µs a page) are slower.
+            (
+                "10 Gbit/s, text-like",
+                with_zstd(
+                    inputs(1.25 * GB, 13_000.0, 2450.0, 0.0, false),
+                    25_000.0,
+                    1550.0,
+                ),
+                Zstd,
+                Raw,
+            ),
+            (
+                "loopback, text-like",
+                with_zstd(
+                    inputs(3.0 * GB, 13_000.0, 2450.0, 0.0, false),
+                    25_000.0,
+                    1550.0,
+                ),
+                Zstd,
+                Raw,
+            ),
+            (
+                "capped, incompressible, zstd negotiated",
+                with_zstd(inputs(50.0 * MB, 4000.0, 4096.0, 0.0, false), 100.0, 4096.0),
+                Raw,
+                Raw,
+            ),
+            (
+                "capped, cached and text-like",
+                with_zstd(
+                    inputs(50.0 * MB, 13_000.0, 2450.0, 0.5, true),
+                    25_000.0,
+                    1550.0,
+                ),
+                XorDeltaLz4,
+                XorDeltaZstd,
+            ),
             // A choice no longer allowed is replaced whatever the margin.
             (
                 "delta no longer allowed",
                 inputs(3.0 * GB, 4000.0, 1000.0, 0.0, false),
                 XorDelta,
                 Raw,
+            ),
+            (
+                "zstd no longer allowed",
+                inputs(125.0 * MB, 13_000.0, 2450.0, 0.0, false),
+                Zstd,
+                Lz4,
             ),
         ];
         for (what, inputs, current, expected) in table {
@@ -355,6 +490,8 @@ mod tests {
         assert_eq!(d.estimates.lz4_ns, None);
         assert_eq!(d.estimates.xor_delta_ns, None);
         assert_eq!(d.estimates.xor_delta_lz4_ns, None);
+        assert_eq!(d.estimates.zstd_ns, None);
+        assert_eq!(d.estimates.xor_delta_zstd_ns, None);
     }
 
     #[test]
@@ -374,6 +511,6 @@ mod tests {
             assert_eq!(EncodingChoice::from_u8(c as u8), Some(c));
         }
         assert_eq!(EncodingChoice::from_u8(0), None);
-        assert_eq!(EncodingChoice::from_u8(5), None);
+        assert_eq!(EncodingChoice::from_u8(7), None);
     }
 }

@@ -474,7 +474,7 @@ impl Session<'_> {
     fn handshake(&mut self, layout: &MemoryLayout) -> Result<u64, MigrationError> {
         let mut offered = 0;
         if self.opts.compress {
-            offered |= protocol::FEATURE_LZ4;
+            offered |= protocol::FEATURE_LZ4 | protocol::FEATURE_ZSTD;
         }
         if self.opts.xor_cache_bytes_for(layout.bytes()) >= PAGE_SIZE {
             offered |= protocol::FEATURE_XOR_DELTA;
@@ -515,7 +515,8 @@ impl Session<'_> {
         let memory = self.vm.memory();
         let workers = self.opts.workers.max(1);
         let lz4 = features & protocol::FEATURE_LZ4 != 0;
-        let selector = EncodingSelector::new(self.out.cap(), workers, lz4);
+        let zstd = features & protocol::FEATURE_ZSTD != 0;
+        let selector = EncodingSelector::new(self.out.cap(), workers, lz4, zstd);
         // Plaintext lanes send raw pages from guest memory (a clone of the
         // memory's region handles keeps it mapped while they are queued);
         // lanes that encrypt copy anyway.
@@ -530,6 +531,7 @@ impl Session<'_> {
             cancel: &cancel,
             out: self.out,
             lz4,
+            zstd,
             selector: &selector,
         };
         progress(ProgressEvent::Started {

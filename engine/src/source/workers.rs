@@ -58,6 +58,9 @@ struct SelectorState {
     window_start: Instant,
     /// The link meter's totals when the window started.
     link_mark: (u64, Duration),
+    /// zstd was negotiated: it becomes a choice once its probes measured
+    /// it (never on the prior's guess).
+    zstd_negotiated: bool,
 }
 
 /// What the chunks of one window cost.
@@ -75,8 +78,8 @@ fn blend(old: f64, new: f64) -> f64 {
 impl EncodingSelector {
     /// Start from the prior figures ([`EncodingInputs::prior`]) for a link
     /// capped at `cap` bytes/s (if it is), `workers` encoder threads and
-    /// LZ4 negotiated or not.
-    pub(crate) fn new(cap: Option<f64>, workers: usize, lz4: bool) -> Self {
+    /// LZ4 and zstd negotiated or not.
+    pub(crate) fn new(cap: Option<f64>, workers: usize, lz4: bool, zstd: bool) -> Self {
         let mut inputs = EncodingInputs::prior(cap, u32::try_from(workers).unwrap_or(u32::MAX));
         inputs.lz4_allowed = lz4;
         let decision = choose_encoding(&inputs, EncodingChoice::Raw);
@@ -87,6 +90,7 @@ impl EncodingSelector {
                 window: CostWindow::default(),
                 window_start: Instant::now(),
                 link_mark: (0, Duration::ZERO),
+                zstd_negotiated: zstd,
             }),
         }
     }
@@ -122,8 +126,17 @@ impl EncodingSelector {
         if s.window_start.elapsed() < DECIDE_EVERY && !changed_rounds {
             return;
         }
-        let w = std::mem::take(&mut s.window);
+        let mut w = std::mem::take(&mut s.window);
         s.window_start = Instant::now();
+        if w.costs.zstd_pages < MIN_PROBES {
+            // zstd probes are 4x rarer: they carry over until there are
+            // enough of them.
+            let c = &mut w.costs;
+            let carried = &mut s.window.costs;
+            (carried.zstd_pages, carried.zstd_ns, carried.zstd_bytes) =
+                (c.zstd_pages, c.zstd_ns, c.zstd_bytes);
+            (c.zstd_pages, c.zstd_ns, c.zstd_bytes) = (0, 0, 0);
+        }
         let mut inputs = s.decision.inputs;
         inputs.delta_allowed = delta_allowed;
         if w.pages > 0 {
@@ -135,6 +148,18 @@ impl EncodingSelector {
             let n = c.lz4_pages as f64;
             inputs.lz4_ns_per_page = blend(inputs.lz4_ns_per_page, c.lz4_ns as f64 / n);
             inputs.lz4_bytes_per_page = blend(inputs.lz4_bytes_per_page, c.lz4_bytes as f64 / n);
+        }
+        if c.zstd_pages >= MIN_PROBES && s.zstd_negotiated {
+            let n = c.zstd_pages as f64;
+            let (ns, bytes) = (c.zstd_ns as f64 / n, c.zstd_bytes as f64 / n);
+            if inputs.zstd_allowed {
+                inputs.zstd_ns_per_page = blend(inputs.zstd_ns_per_page, ns);
+                inputs.zstd_bytes_per_page = blend(inputs.zstd_bytes_per_page, bytes);
+            } else {
+                // The first figures: a choice from now on.
+                (inputs.zstd_ns_per_page, inputs.zstd_bytes_per_page) = (ns, bytes);
+                inputs.zstd_allowed = true;
+            }
         }
         if c.xor_pages >= MIN_PROBES {
             let n = c.xor_pages as f64;
@@ -222,6 +247,8 @@ pub(crate) struct WorkerContext<'a> {
     pub out: &'a LaneQueues,
     /// LZ4 was negotiated.
     pub lz4: bool,
+    /// zstd was negotiated.
+    pub zstd: bool,
     /// The encoding choice.
     pub selector: &'a EncodingSelector,
 }
@@ -288,7 +315,7 @@ pub(crate) fn run_worker(
     jobs: &Receiver<Chunk>,
     out: &Sender<WorkerOutput>,
 ) {
-    let mut encoder = PageEncoder::new().with_lz4(ctx.lz4);
+    let mut encoder = PageEncoder::new().with_lz4(ctx.lz4).with_zstd(ctx.zstd);
     let mut spare = None;
     while let Ok(chunk) = jobs.recv() {
         if ctx.cancel.load(Ordering::Relaxed) {

@@ -229,6 +229,10 @@ pub enum FrameFault {
     /// payload, which the frame checksum does not cover), then go on
     /// relaying.
     CorruptRawPage(u64),
+    /// Clear these feature bits in the Hello (checksum redone), as if the
+    /// destination were a build that does not know them: it accepts only
+    /// the others, and the source must use only those.
+    HelloWithout(u64),
 }
 
 /// In page batch `payload`, the offset of a byte of raw page `page`'s bytes.
@@ -306,6 +310,19 @@ impl FrameRelay {
                             corrupted = true;
                         }
                     }
+                    FrameFault::HelloWithout(features) if kind == FrameKind::Hello.to_wire() => {
+                        let mut hello = ferry_engine::protocol::Hello::decode(&payload)
+                            .expect("the source's Hello decodes");
+                        hello.features &= !features;
+                        payload = hello.encode();
+                        let flags = u32::from_le_bytes(header[8..12].try_into().unwrap());
+                        header = ferry_transport::frame::encode_header(
+                            FrameKind::Hello,
+                            flags,
+                            &[std::io::IoSlice::new(&payload)],
+                        )
+                        .expect("a Hello fits a frame");
+                    }
                     FrameFault::SilenceAfter(k) if k.to_wire() == kind => {
                         silenced.store(true, std::sync::atomic::Ordering::SeqCst);
                         let _ = to.write_all(&header);
@@ -321,6 +338,8 @@ impl FrameRelay {
                     break;
                 }
             }
+            // The source is done (or cut): the destination sees the end.
+            let _ = to.shutdown(Shutdown::Write);
             let _ = back.join();
         });
         Ok(Self { addr, thread })
