@@ -1,6 +1,7 @@
 //! Hostile bytes into what the engine's destination parses from the
 //! network: page batches (every entry decoded into a page, XOR deltas
-//! applied to whatever the page held) and the handshake/handover messages
+//! applied to whatever the page held, LZ4 and zstd frames decompressed into
+//! it: encoding bytes 3 and 6) and the handshake/handover messages
 //! (the source's too: RoundWritten, Running).
 //! Each must return a value or an error, never panic.
 #![no_main]
