@@ -24,6 +24,7 @@
 //! FERRY_BENCH_MEM_MIB=1024 FERRY_BENCH_RUNS=5 cargo bench -p ferry-benches --bench destination_landing
 //! ```
 
+use ferry_harness::bench::procfs::this_thread_cpu;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -67,12 +68,8 @@ impl Landing {
 
 /// The calling thread's user and system CPU seconds so far.
 fn thread_cpu_s() -> (f64, f64) {
-    // SAFETY: getrusage fills the zeroed struct it is given.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `u` is a valid rusage to fill.
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) };
-    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    (s(u.ru_utime), s(u.ru_stime))
+    let t = this_thread_cpu().expect("getrusage");
+    (t.user, t.system)
 }
 
 /// `readv` until every byte of `pages` (each PAGE long) has arrived.

@@ -25,6 +25,7 @@ use ferry_benches::cold_region::ColdRegion;
 use ferry_engine::encode::page_hash::{
     copy_hashed_with, hash_in_place_with, page_hash_with, store_fence, Simd,
 };
+use ferry_harness::bench::procfs::this_thread_cpu;
 
 const PAGE: usize = 4096;
 const HOT: usize = 512 << 10;
@@ -32,12 +33,7 @@ const BATCH: usize = 1 << 20;
 
 /// The calling thread's user + system CPU seconds so far.
 fn thread_cpu_s() -> f64 {
-    // SAFETY: getrusage fills the zeroed struct it is given.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `u` is a valid rusage to fill.
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) };
-    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    s(u.ru_utime) + s(u.ru_stime)
+    this_thread_cpu().expect("getrusage").total()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

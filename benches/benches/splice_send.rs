@@ -37,6 +37,7 @@
 //! FERRY_BENCH_MEM_MIB=1024 FERRY_BENCH_RUNS=5 FERRY_BENCH_MODE=both cargo bench -p ferry-benches --bench splice_send
 //! ```
 
+use ferry_harness::bench::procfs::this_thread_cpu;
 use std::io::{IoSliceMut, Read};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -59,13 +60,9 @@ enum Mode {
     Splice,
 }
 
+/// The calling thread's user + system CPU seconds so far.
 fn thread_cpu() -> f64 {
-    // SAFETY: an all-zero rusage is valid; getrusage fills it.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `ru` is a valid out-pointer.
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    t(ru.ru_utime) + t(ru.ru_stime)
+    this_thread_cpu().expect("getrusage").total()
 }
 
 fn check(ret: isize, what: &str) -> usize {

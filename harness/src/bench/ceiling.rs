@@ -17,6 +17,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::bench::error::BenchError;
+use crate::bench::procfs::this_thread_cpu;
 
 /// What one ceiling run measured.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -40,18 +41,6 @@ impl Ceiling {
     }
 }
 
-/// CPU seconds (user + system) the calling thread has used so far.
-fn this_thread_cpu_secs() -> f64 {
-    // SAFETY: rusage is plain integers, for which all zeros is a value.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes one rusage into the one we own here.
-    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) } != 0 {
-        return 0.0;
-    }
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(u.ru_utime) + secs(u.ru_stime)
-}
-
 const CHUNK: usize = 1 << 20;
 
 /// Sends `total` bytes (in 1 MiB writes of non-zero, non-repeating data)
@@ -67,13 +56,13 @@ pub fn measure(connections: usize, total: u64) -> Result<Ceiling, BenchError> {
         for _ in 0..connections {
             let (mut s, _) = listener.accept()?;
             handles.push(thread::spawn(move || -> std::io::Result<(u64, f64)> {
-                let start_cpu = this_thread_cpu_secs();
+                let start_cpu = this_thread_cpu()?.total();
                 let mut buf = vec![0u8; CHUNK];
                 let mut got = 0u64;
                 loop {
                     let n = s.read(&mut buf)?;
                     if n == 0 {
-                        return Ok((got, this_thread_cpu_secs() - start_cpu));
+                        return Ok((got, this_thread_cpu()?.total() - start_cpu));
                     }
                     got += n as u64;
                 }
@@ -108,7 +97,7 @@ pub fn measure(connections: usize, total: u64) -> Result<Ceiling, BenchError> {
         .map(|mut s| {
             let data = data.clone();
             thread::spawn(move || -> std::io::Result<f64> {
-                let start_cpu = this_thread_cpu_secs();
+                let start_cpu = this_thread_cpu()?.total();
                 let mut left = per_conn;
                 while left > 0 {
                     let n = left.min(CHUNK as u64) as usize;
@@ -116,7 +105,7 @@ pub fn measure(connections: usize, total: u64) -> Result<Ceiling, BenchError> {
                     left -= n as u64;
                 }
                 s.shutdown(std::net::Shutdown::Write)?;
-                Ok(this_thread_cpu_secs() - start_cpu)
+                Ok(this_thread_cpu()?.total() - start_cpu)
             })
         })
         .collect();

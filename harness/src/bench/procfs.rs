@@ -43,6 +43,40 @@ pub fn thread_cpu_secs(pid: u32, tid: u32) -> io::Result<f64> {
     stat_cpu_secs(&s).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad stat"))
 }
 
+/// User and system CPU seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTime {
+    /// User mode.
+    pub user: f64,
+    /// Kernel mode (system calls, and softirq work such as loopback's
+    /// receive processing when it runs in this thread's time).
+    pub system: f64,
+}
+
+impl CpuTime {
+    /// User + system.
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+/// The CPU time the calling thread has used so far, from
+/// `getrusage(RUSAGE_THREAD)` (microseconds, not the clock ticks of
+/// `/proc/PID/task/TID/stat`): for timing a piece of work on one thread.
+pub fn this_thread_cpu() -> io::Result<CpuTime> {
+    // SAFETY: rusage is plain integers, for which all zeros is a value.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage into the one we own here.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(CpuTime {
+        user: secs(u.ru_utime),
+        system: secs(u.ru_stime),
+    })
+}
+
 /// The thread of `pid` whose name is one of `names` (QEMU: `CPU 0/KVM`
 /// with `-name ...,debug-threads=on`; ferry: `vcpu0`).
 pub fn find_thread(pid: u32, names: &[&str]) -> Option<u32> {
@@ -139,6 +173,19 @@ fn parse_map_line(line: &str, min_len: u64) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_threads_cpu_grows_while_it_works() {
+        let before = this_thread_cpu().expect("getrusage");
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let after = this_thread_cpu().expect("getrusage");
+        assert!(after.total() > before.total(), "{before:?} -> {after:?}");
+        assert!(after.user >= before.user && after.system >= before.system);
+    }
 
     #[test]
     fn stat_with_spaces_in_name_parses() {
