@@ -253,32 +253,26 @@ pub fn choose_encoding(inputs: &EncodingInputs, current: EncodingChoice) -> Enco
     let time = |cpu_ns: f64, bytes: f64| {
         (cpu_ns / workers).max((bytes + entry) / link * 1e9) + cpu_ns * CPU_WEIGHT
     };
+    // A page coded by a codec of `ns` a page giving `bytes` (raw: 0 ns,
+    // a whole page); with XOR deltas, only the cache misses go to it.
+    let plain = |ns: f64, bytes: f64| time(i.base_ns_per_page + ns, bytes);
+    let with_delta = |ns: f64, bytes: f64| {
+        time(
+            i.base_ns_per_page + i.xor_ns_per_page + miss * ns,
+            hit * i.xor_bytes_per_hit + miss * bytes,
+        )
+    };
     let estimates = EncodingEstimates {
-        raw_ns: time(i.base_ns_per_page, page),
-        xor_delta_ns: i.delta_allowed.then(|| {
-            time(
-                i.base_ns_per_page + i.xor_ns_per_page,
-                hit * i.xor_bytes_per_hit + miss * page,
-            )
-        }),
-        lz4_ns: i
-            .lz4_allowed
-            .then(|| time(i.base_ns_per_page + i.lz4_ns_per_page, lz4_bytes)),
-        xor_delta_lz4_ns: (i.delta_allowed && i.lz4_allowed).then(|| {
-            time(
-                i.base_ns_per_page + i.xor_ns_per_page + miss * i.lz4_ns_per_page,
-                hit * i.xor_bytes_per_hit + miss * lz4_bytes,
-            )
-        }),
+        raw_ns: plain(0.0, page),
+        xor_delta_ns: i.delta_allowed.then(|| with_delta(0.0, page)),
+        lz4_ns: i.lz4_allowed.then(|| plain(i.lz4_ns_per_page, lz4_bytes)),
+        xor_delta_lz4_ns: (i.delta_allowed && i.lz4_allowed)
+            .then(|| with_delta(i.lz4_ns_per_page, lz4_bytes)),
         zstd_ns: i
             .zstd_allowed
-            .then(|| time(i.base_ns_per_page + i.zstd_ns_per_page, zstd_bytes)),
-        xor_delta_zstd_ns: (i.delta_allowed && i.zstd_allowed).then(|| {
-            time(
-                i.base_ns_per_page + i.xor_ns_per_page + miss * i.zstd_ns_per_page,
-                hit * i.xor_bytes_per_hit + miss * zstd_bytes,
-            )
-        }),
+            .then(|| plain(i.zstd_ns_per_page, zstd_bytes)),
+        xor_delta_zstd_ns: (i.delta_allowed && i.zstd_allowed)
+            .then(|| with_delta(i.zstd_ns_per_page, zstd_bytes)),
     };
     let mut best = EncodingChoice::Raw;
     for c in EncodingChoice::ALL {
