@@ -5,7 +5,7 @@
 //! is a non-2xx answer with the reason).
 //!
 //! Migrations between agents go over `--lanes` lanes (default: one per
-//! core), with mutual TLS (`--tls-cert/--tls-key/--tls-ca`, the same CA on
+//! core, 4 to 8), with mutual TLS (`--tls-cert/--tls-key/--tls-ca`, the same CA on
 //! every host: `ferry tls gen-certs DIR --nodes h1 h2 ...`) or, asked for by
 //! name, `--insecure` plaintext; every agent of a cluster makes the same
 //! choice. (The HTTP control protocol itself is plaintext: keep it on a
@@ -97,7 +97,7 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 1000)]
     pub guest_rate: u64,
     /// Lanes (TCP connections) per outgoing migration (default: one per
-    /// core).
+    /// core, 4 to 8).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_LANES)))]
     pub lanes: Option<u16>,
     /// How migration streams between agents are secured.

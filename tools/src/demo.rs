@@ -32,7 +32,7 @@ pub struct DemoArgs {
     /// Seconds to watch the guest at the destination afterwards.
     #[arg(long, default_value_t = 3.0)]
     pub watch_s: f64,
-    /// TCP lanes for the migration (default from the core count).
+    /// TCP lanes for the migration (default: one per core, 4 to 8).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=i64::from(ferry_transport::lanes::MAX_LANES)))]
     pub lanes: Option<u16>,
     /// Loopback port for the migration (0: pick a free one).

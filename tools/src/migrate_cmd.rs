@@ -106,7 +106,7 @@ pub struct MigrateArgs {
     /// Destination address (`ferry vm receive --listen ADDR`).
     #[arg(long, required = true)]
     pub to: Option<String>,
-    /// TCP lanes to the destination (default from the core count).
+    /// TCP lanes to the destination (default: one per core, 4 to 8).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_LANES)))]
     pub lanes: Option<u16>,
     #[command(flatten)]

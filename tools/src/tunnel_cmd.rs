@@ -43,7 +43,7 @@ pub enum TunnelCmd {
 /// Lanes, compression, bandwidth and security of the tunnel.
 #[derive(Args, Debug)]
 pub struct LinkArgs {
-    /// TCP lanes (the source decides; default from the core count).
+    /// TCP lanes (the source decides; default: one per core, 4 to 8).
     #[arg(long)]
     lanes: Option<u16>,
     /// Compress with LZ4 (chunks that do not shrink go raw).
