@@ -59,12 +59,12 @@ pub fn lane_for_page(page: u64, lanes: usize) -> usize {
 }
 
 /// A sensible lane count for this machine: one per core, at least 4 and at
-/// most 8. Fewer than 4 lose even on a small host: one TCP stream over
-/// loopback moves 2.9 GB/s where 4 move 4.0 GB/s on the same 2 cores (the
-/// bench's TCP ceiling), and each lane's writer and reader thread is one
-/// more share of CPU beside the guest's busy vCPUs. Measured (BENCHMARKS.md,
-/// "Session 13"): with 2 cores, 4 lanes instead of 2 took 1 GiB idle from
-/// 533 to 450 ms and 2 GiB idle from 1,029 to 919 ms.
+/// most 8. Fewer than 4 lose even on a small host: over loopback on 2 cores
+/// one TCP stream moved 3.5-5.9 GB/s where 4 moved 4.4-6.6 GB/s in the same
+/// runs (the bench's TCP ceiling), and each lane's writer and reader thread
+/// is one more share of CPU beside the guest's busy vCPUs. Measured
+/// (BENCHMARKS.md, "Session 13"): with 2 cores, 4 lanes instead of 2 took
+/// 1 GiB idle from 533 to 450 ms and 2 GiB idle from 1,029 to 919 ms.
 pub fn default_lane_count() -> u16 {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
