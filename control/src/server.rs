@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferry_engine::{
@@ -345,6 +345,23 @@ pub struct Served {
     migration: Mutex<Option<Tracked>>,
     /// The handover left in doubt, while the guest is [`GuestHome::InDoubt`].
     in_doubt: Mutex<Option<InDoubtCase>>,
+    /// Requests read and not yet answered ([`Served::wait_answered`]).
+    answering: Mutex<usize>,
+    answered: Condvar,
+}
+
+/// One request being answered: counted from when it was read until its
+/// reply has been written.
+struct Answering<'a>(&'a Served);
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        let mut n = lock(&self.0.answering);
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.0.answered.notify_all();
+        }
+    }
 }
 
 /// What `resolve` needs to ask the destination about a handover in doubt.
@@ -378,7 +395,29 @@ impl Served {
             quit: AtomicBool::new(false),
             migration: Mutex::new(None),
             in_doubt: Mutex::new(None),
+            answering: Mutex::new(0),
+            answered: Condvar::new(),
         })
+    }
+
+    fn answering(&self) -> Answering<'_> {
+        *lock(&self.answering) += 1;
+        Answering(self)
+    }
+
+    /// Waits, at most `timeout`, until every request read so far has had
+    /// its reply written; whether they all did. A process that ends because
+    /// its guest left (or `quit` was asked) calls this first: the state
+    /// that ends it changes before the reply that reports it goes out (a
+    /// migrate's summary, quit's answer), and exiting in between would cut
+    /// the client off with no answer after a migration that succeeded.
+    pub fn wait_answered(&self, timeout: Duration) -> bool {
+        let n = lock(&self.answering);
+        let (n, _) = self
+            .answered
+            .wait_timeout_while(n, timeout, |n| *n > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        *n == 0
     }
 
     /// The guest, once there is one.
@@ -546,6 +585,7 @@ fn handle(conn: UnixStream, served: &Served) -> std::io::Result<()> {
         },
     )?;
     let line = read_request(&conn)?;
+    let answering = served.answering();
     let reply = match parse_request(&line) {
         Err(e) => Reply::Error(e),
         Ok(Request::Status) => status(served),
@@ -576,7 +616,9 @@ fn handle(conn: UnixStream, served: &Served) -> std::io::Result<()> {
             Err(e) => Reply::Error(e),
         },
     };
-    send_line(&mut w, &reply)
+    let sent = send_line(&mut w, &reply);
+    drop(answering);
+    sent
 }
 
 fn status(served: &Served) -> Reply {
@@ -906,6 +948,31 @@ fn migrate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The guard [`handle`] holds from reading a request until its reply is
+    /// written: `wait_answered` returns only after the reply went out, at
+    /// once with nothing in flight, and gives up (false) on a reply that
+    /// never goes.
+    #[test]
+    fn an_exit_waits_for_the_replies_being_answered() {
+        let served = Served::destination();
+        let replied = Arc::new(AtomicBool::new(false));
+        let answering = served.answering();
+        let waiter = std::thread::spawn({
+            let (served, replied) = (served.clone(), replied.clone());
+            move || {
+                let all = served.wait_answered(Duration::from_secs(60));
+                (all, replied.load(Ordering::SeqCst))
+            }
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        replied.store(true, Ordering::SeqCst);
+        drop(answering);
+        assert_eq!(waiter.join().unwrap(), (true, true));
+        assert!(served.wait_answered(Duration::ZERO));
+        let _stuck = served.answering();
+        assert!(!served.wait_answered(Duration::from_millis(10)));
+    }
 
     fn request(vcpu_dirty_limit_mbps: Option<u64>) -> MigrateRequest {
         MigrateRequest {

@@ -416,6 +416,7 @@ fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
             return Err(e);
         }
         if served.quit_asked() {
+            served.wait_answered(ANSWER_GRACE);
             if !session.quiet {
                 eprintln!("ferry: quit asked while waiting; no guest arrived");
             }
@@ -622,6 +623,10 @@ struct StatusLine<'a> {
     status: &'a ferry_vm::GuestStatus,
 }
 
+/// How long a process that is about to end waits for the replies its
+/// control socket still owes ([`Served::wait_answered`]).
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
+
 fn live(served: &Served, display: Display, duration: Option<Duration>) -> anyhow::Result<()> {
     let vm = served.vm().context("no guest")?;
     let bar = if display == Display::Live {
@@ -638,6 +643,9 @@ fn live(served: &Served, display: Display, duration: Option<Duration>) -> anyhow
         std::thread::sleep(Duration::from_millis(100));
         match served.home() {
             GuestHome::MigratedAway => {
+                // The migrate request's reply (its summary) goes out after
+                // the guest is marked gone: let it, before this exits.
+                served.wait_answered(ANSWER_GRACE);
                 bar.finish_and_clear();
                 if display != Display::Json {
                     eprintln!(
@@ -653,6 +661,7 @@ fn live(served: &Served, display: Display, duration: Option<Duration>) -> anyhow
             GuestHome::Here | GuestHome::Migrating | GuestHome::Awaiting => {}
         }
         if served.quit_asked() {
+            served.wait_answered(ANSWER_GRACE);
             bar.finish_and_clear();
             return Ok(());
         }
