@@ -249,17 +249,28 @@ impl SealedFrame {
 #[derive(Debug)]
 pub struct ReceivedFrame {
     header: FrameHeader,
-    payload: Vec<u8>,
+    /// The payload is `buf[..len]`; the rest is stale bytes of earlier
+    /// frames, kept so the buffer is not zeroed again when reused.
+    buf: Vec<u8>,
+    len: usize,
     verified: bool,
 }
 
 impl ReceivedFrame {
-    pub(crate) fn unverified(header: FrameHeader, payload: Vec<u8>) -> Self {
+    /// `buf[..len]` is the payload.
+    pub(crate) fn unverified(header: FrameHeader, buf: Vec<u8>, len: usize) -> Self {
+        debug_assert!(len <= buf.len());
         ReceivedFrame {
             header,
-            payload,
+            buf,
+            len,
             verified: false,
         }
+    }
+
+    fn payload(&self) -> &[u8] {
+        // `len <= buf.len()` by construction; `get` keeps a bad one from panicking.
+        self.buf.get(..self.len).unwrap_or_default()
     }
 
     /// The frame's validated header.
@@ -279,21 +290,23 @@ impl ReceivedFrame {
 
     /// Bytes the frame took on the wire, header included.
     pub fn wire_len(&self) -> usize {
-        HEADER_LEN + self.payload.len()
+        HEADER_LEN + self.len
     }
 
     /// Checks the checksum; the payload, once it matches.
     pub fn verify(&self) -> Result<&[u8], FrameError> {
         if !self.verified {
-            self.header.verify(&self.payload)?;
+            self.header.verify(self.payload())?;
         }
-        Ok(&self.payload)
+        Ok(self.payload())
     }
 
     /// [`ReceivedFrame::verify`], then the payload by value.
     pub fn into_payload(self) -> Result<Vec<u8>, FrameError> {
         self.verify()?;
-        Ok(self.payload)
+        let mut payload = self.buf;
+        payload.truncate(self.len);
+        Ok(payload)
     }
 
     /// [`ReceivedFrame::verify`], then the whole frame.
@@ -309,7 +322,7 @@ impl ReceivedFrame {
     /// The buffer, for the next frame to be read into (its contents are
     /// not to be trusted).
     pub fn into_buffer(self) -> Vec<u8> {
-        self.payload
+        self.buf
     }
 }
 
@@ -336,7 +349,8 @@ impl<S: FrameSource + Send> FrameReceive for VerifiedSource<S> {
         let header = self.0.recv_into(&mut buf)?;
         Ok(ReceivedFrame {
             header,
-            payload: buf,
+            len: buf.len(),
+            buf,
             verified: true,
         })
     }
@@ -366,6 +380,42 @@ mod tests {
             let got = FrameReader::new(&theirs[..]).read_unverified(Vec::new()).unwrap();
             prop_assert_eq!(got.wire_len(), theirs.len());
             prop_assert_eq!(got.verify().unwrap(), &payload[..]);
+        }
+
+        /// One buffer read into again and again (as a lane reader does):
+        /// every frame verifies to exactly its own payload whatever longer
+        /// frame the buffer held before, and the buffer only grows to the
+        /// longest frame (not zeroed again for each frame after a shorter one).
+        #[test]
+        fn a_reused_buffer_yields_each_frame_exactly(
+            payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..9000), 1..6)
+        ) {
+            let mut wire = Vec::new();
+            for p in &payloads {
+                crate::frame::encode_frame(FrameKind::PageBatch, 0, p, &mut wire).unwrap();
+            }
+            let mut reader = FrameReader::new(&wire[..]);
+            let mut buf = Vec::new();
+            let mut longest = 0;
+            for (i, p) in payloads.iter().enumerate() {
+                let got = reader.read_unverified(buf).unwrap();
+                prop_assert_eq!(got.wire_len(), HEADER_LEN + p.len());
+                prop_assert_eq!(got.verify().unwrap(), &p[..]);
+                longest = longest.max(p.len());
+                buf = if i % 2 == 0 {
+                    got.into_buffer()
+                } else {
+                    let exact = got.into_payload().unwrap();
+                    prop_assert_eq!(&exact, p);
+                    exact
+                };
+                if i % 2 == 0 {
+                    prop_assert_eq!(buf.len(), longest);
+                } else {
+                    longest = p.len();
+                }
+            }
+            prop_assert!(matches!(reader.read_unverified(buf), Err(TransportError::PeerClosed)));
         }
 
         /// Hostile bytes never verify unless they are a whole valid frame.
