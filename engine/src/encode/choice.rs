@@ -26,8 +26,11 @@
 //! is always encoded every way, whatever the choice, so the figures of the
 //! encodings not in use stay current and the choice can change back.
 //! zstd costs about twice LZ4's time, so it is probed on one page in
-//! [`ZSTD_PROBE_STRIDE`] only (a quarter of the probe pages): on loopback,
-//! where its figures only confirm that raw wins, that costs ~0.2 µs a page.
+//! [`ZSTD_PROBE_STRIDE`] only (a quarter of the probe pages). While the
+//! codec probes shrink nothing, their strides double, up to 16x (see
+//! `PageEncoder`): on memory that does not compress their figures only
+//! confirm that raw wins, and one probe that shrinks its page restores the
+//! full rate. XOR-delta probes stay at [`PROBE_STRIDE`].
 
 use serde::Serialize;
 
@@ -35,7 +38,8 @@ use super::batch::ENTRY_BYTES;
 use super::PAGE_SIZE;
 
 /// One page in this many (page index multiple of it) is a probe: encoded
-/// with XOR delta and LZ4 whatever the choice, to keep their costs measured.
+/// with XOR delta and LZ4 whatever the choice, to keep their costs measured
+/// (LZ4's stride grows while its probes shrink nothing, see `PageEncoder`).
 pub const PROBE_STRIDE: u64 = 32;
 
 /// One page in this many (a multiple of [`PROBE_STRIDE`]) is a zstd probe.

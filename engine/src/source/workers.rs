@@ -128,14 +128,22 @@ impl EncodingSelector {
         }
         let mut w = std::mem::take(&mut s.window);
         s.window_start = Instant::now();
+        // Probes too few to go by carry over until there are enough of
+        // them: zstd's are 4x rarer than LZ4's, and both thin out on memory
+        // that does not compress (`PageEncoder`).
         if w.costs.zstd_pages < MIN_PROBES {
-            // zstd probes are 4x rarer: they carry over until there are
-            // enough of them.
             let c = &mut w.costs;
             let carried = &mut s.window.costs;
             (carried.zstd_pages, carried.zstd_ns, carried.zstd_bytes) =
                 (c.zstd_pages, c.zstd_ns, c.zstd_bytes);
             (c.zstd_pages, c.zstd_ns, c.zstd_bytes) = (0, 0, 0);
+        }
+        if w.costs.lz4_pages < MIN_PROBES {
+            let c = &mut w.costs;
+            let carried = &mut s.window.costs;
+            (carried.lz4_pages, carried.lz4_ns, carried.lz4_bytes) =
+                (c.lz4_pages, c.lz4_ns, c.lz4_bytes);
+            (c.lz4_pages, c.lz4_ns, c.lz4_bytes) = (0, 0, 0);
         }
         let mut inputs = s.decision.inputs;
         inputs.delta_allowed = delta_allowed;
