@@ -227,6 +227,21 @@ impl DirtyLog for KvmBitmapLog {
         Ok(())
     }
 
+    /// With manual protect, nothing to do: the slots' bits are set
+    /// (`INITIALLY_SET`, or left set by a log before), and a page is
+    /// writable only while its bit is set, so a write is never missed;
+    /// the caller's per-chunk `reprotect` write-protects each chunk before
+    /// it is read. `start`'s clear of all of memory (GET and CLEAR over
+    /// every slot, a few ms per GiB here) is then off the path to the first
+    /// page sent. Without manual protect, GET itself re-protects: as `start`.
+    fn start_full_pass(&mut self) -> Result<(), DirtyLogError> {
+        if !self.manual_protect {
+            return self.start();
+        }
+        self.started = true;
+        Ok(())
+    }
+
     fn collect(
         &mut self,
         out: &mut DirtyBitmap,

@@ -70,7 +70,7 @@ mod xen;
 #[cfg(feature = "test-guest")]
 pub mod test_guest;
 
-pub use bitmap::{words_for, DirtyBitmap, OnesIter, BITS_PER_WORD};
+pub use bitmap::{words_for, zeroed_atomic_words, DirtyBitmap, OnesIter, BITS_PER_WORD};
 pub use error::DirtyLogError;
 pub use kvm_bitmap::{enable_manual_protect, KvmBitmapLog, CLEAR_CHUNK_PAGES};
 pub use kvm_ring::{enable_dirty_ring, KvmDirtyRing, RingFullHandler, KVM_EXIT_DIRTY_RING_FULL};

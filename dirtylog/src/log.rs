@@ -111,6 +111,16 @@ pub trait DirtyLog: Send {
     /// Begins tracking: after it returns, `collect` reports every page written
     /// since (pages written before may be reported too).
     fn start(&mut self) -> Result<(), DirtyLogError>;
+    /// Begins tracking for a caller whose first pass reads every page and
+    /// re-protects each chunk before reading it ([`Reprotect::Deferred`]
+    /// and [`reprotect`](Self::reprotect)), as pre-copy's round 0 does: the
+    /// first `collect` may report every page, and a backend may leave
+    /// pages unprotected until their chunk is re-protected, so protecting
+    /// all of memory is spread over that pass instead of delaying its start.
+    /// The default is [`start`](Self::start).
+    fn start_full_pass(&mut self) -> Result<(), DirtyLogError> {
+        self.start()
+    }
     /// ORs the pages dirtied since the last `collect` (or `start`) into `out`.
     fn collect(
         &mut self,
@@ -144,6 +154,9 @@ impl<T: DirtyLog + ?Sized> DirtyLog for Box<T> {
     }
     fn start(&mut self) -> Result<(), DirtyLogError> {
         (**self).start()
+    }
+    fn start_full_pass(&mut self) -> Result<(), DirtyLogError> {
+        (**self).start_full_pass()
     }
     fn collect(
         &mut self,

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
 
-use crate::bitmap::{words_for, BITS_PER_WORD};
+use crate::bitmap::{words_for, zeroed_atomic_words, BITS_PER_WORD};
 use crate::{CollectStats, DirtyBitmap, DirtyLog, DirtyLogError, Reprotect, PAGE_SIZE};
 
 /// Something that knows which pages the VMM wrote.
@@ -38,7 +38,7 @@ pub trait VmmWriteSource: Send {
 /// `Arc`; marking is lock-free.
 #[derive(Debug)]
 pub struct VmmWriteLog {
-    words: Vec<AtomicU64>,
+    words: Box<[AtomicU64]>,
     pages: usize,
 }
 
@@ -46,7 +46,7 @@ impl VmmWriteLog {
     /// A log of `pages` pages, nothing marked.
     pub fn new(pages: usize) -> Self {
         Self {
-            words: (0..words_for(pages)).map(|_| AtomicU64::new(0)).collect(),
+            words: zeroed_atomic_words(words_for(pages)),
             pages,
         }
     }

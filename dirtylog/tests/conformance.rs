@@ -92,6 +92,36 @@ fn deferred_reprotect_rearms_the_chunks(mut s: Subject) {
     );
 }
 
+/// `start_full_pass`, then a first pass that reads every page chunk by
+/// chunk after re-protecting it: the first collect reports at least the
+/// pages written before it (it may report every page), and after the pass
+/// exactly the pages written since their chunk was re-protected.
+fn a_full_pass_start_misses_nothing(mut s: Subject) {
+    let first = known_pages();
+    let second = vec![2, 64, 1500];
+    s.log.start_full_pass().expect("start_full_pass");
+    s.work.write(&first, 1).expect("write");
+    let mut out = DirtyBitmap::new(s.log.pages());
+    s.log
+        .collect(&mut out, Reprotect::Deferred)
+        .expect("collect");
+    let reported = out.iter_ones().collect::<BTreeSet<_>>();
+    assert!(reported.is_superset(&as_set(&first)), "{}", s.log.name());
+    // The pass: every page, chunk by chunk.
+    let mut all = DirtyBitmap::new(s.log.pages());
+    all.set_range(0, s.log.pages());
+    for (i, chunk) in all.words().chunks(4).enumerate() {
+        s.log.reprotect(i * 256, chunk).expect("reprotect");
+    }
+    s.work.write(&second, 2).expect("write");
+    assert_eq!(
+        collect_set(&mut s, Reprotect::Now),
+        as_set(&second),
+        "{}",
+        s.log.name()
+    );
+}
+
 /// `Never` (final round) still reports every written page.
 fn never_still_reports(mut s: Subject) {
     let pages = known_pages();
@@ -237,6 +267,7 @@ suite!(
     vcpu_counts_account_for_the_reported_pages,
     write_after_collect_is_caught_next_round,
     deferred_reprotect_rearms_the_chunks,
+    a_full_pass_start_misses_nothing,
     never_still_reports,
     racing_writes_are_never_lost,
     misuse_is_refused

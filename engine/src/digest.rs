@@ -21,7 +21,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 /// sent again.
 #[derive(Debug)]
 pub struct PageHashes {
-    hashes: Vec<AtomicU64>,
+    hashes: Box<[AtomicU64]>,
     /// Regions as page ranges `[first, end)`, ascending.
     regions: Vec<(u64, u64)>,
     /// One sum per region, then one for pages outside every region.
@@ -57,7 +57,7 @@ impl PageHashes {
     pub fn with_regions(pages: u64, regions: &[(u64, u64)]) -> Self {
         let n = usize::try_from(pages).expect("page count fits in memory");
         Self {
-            hashes: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            hashes: ferry_dirtylog::zeroed_atomic_words(n),
             regions: regions.to_vec(),
             sums: (0..=regions.len()).map(|_| AtomicU64::new(0)).collect(),
         }

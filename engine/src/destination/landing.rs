@@ -34,7 +34,7 @@ pub(crate) struct TornSet {
     /// the lock, and its cache line from core to core, for every page
     /// written while any page was torn, which on the idle row is all of
     /// round 0: the guest's status page tears early in every run.)
-    open_bits: Vec<AtomicU64>,
+    open_bits: Box<[AtomicU64]>,
     state: Mutex<TornState>,
 }
 
@@ -58,7 +58,7 @@ impl TornSet {
     pub(crate) fn new(page_index_end: u64) -> Self {
         let words = usize::try_from(page_index_end.div_ceil(64)).expect("page count fits usize");
         Self {
-            open_bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            open_bits: ferry_dirtylog::zeroed_atomic_words(words),
             state: Mutex::default(),
         }
     }

@@ -453,16 +453,24 @@ impl Session<'_> {
     ) -> Result<MigrationSummary, MigrationError> {
         let layout = MemoryLayout::of(self.vm.memory());
         layout.validate().map_err(MigrationError::Layout)?;
-        let features = self.handshake(&layout)?;
-
+        let offered = self.send_hello(&layout)?;
+        // The dirty log starts while the Hello crosses and the destination
+        // prepares (KVM turning logging on for the slots takes ~1 ms here):
+        // not after the HelloAck, on the way to the first page.
         let mut log = self
             .vm
             .dirty_log()
             .map_err(MigrationError::CreateDirtyLog)?;
-        log.start().map_err(MigrationError::DirtyLog)?;
-        let dirty_log_name = log.name();
+        // Round 0 reads every page, re-protecting each chunk first.
+        log.start_full_pass().map_err(MigrationError::DirtyLog)?;
         let log = Mutex::new(log);
-        let result = self.migrate_with_log(&layout, &log, dirty_log_name, features, progress);
+        let result = match self.await_hello_ack(offered) {
+            Ok(features) => {
+                let name = log.lock().unwrap_or_else(|p| p.into_inner()).name();
+                self.migrate_with_log(&layout, &log, name, features, progress)
+            }
+            Err(e) => Err(e),
+        };
         let mut log = log.into_inner().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = log.stop() {
             warn!(error = %e, "could not stop the dirty log");
@@ -470,8 +478,8 @@ impl Session<'_> {
         result
     }
 
-    /// Hello/HelloAck; returns the features both sides use.
-    fn handshake(&mut self, layout: &MemoryLayout) -> Result<u64, MigrationError> {
+    /// Sends the Hello; returns the features it offered.
+    fn send_hello(&mut self, layout: &MemoryLayout) -> Result<u64, MigrationError> {
         let mut offered = 0;
         if self.opts.compress {
             offered |= protocol::FEATURE_LZ4 | protocol::FEATURE_ZSTD;
@@ -483,6 +491,12 @@ impl Session<'_> {
         let hello = Hello::new(layout.clone(), offered, vcpus);
         self.migration_id = hello.migration_id;
         self.send(FrameKind::Hello, &hello.encode())?;
+        Ok(offered)
+    }
+
+    /// Waits for the HelloAck to the Hello that offered `offered`; returns
+    /// the features both sides use.
+    fn await_hello_ack(&mut self, offered: u64) -> Result<u64, MigrationError> {
         let ack = self
             .inbox
             .expect(FrameKind::HelloAck, "HelloAck", self.opts.handover_timeout)?;
