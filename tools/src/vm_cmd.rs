@@ -416,7 +416,7 @@ fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
             return Err(e);
         }
         if served.quit_asked() {
-            served.wait_answered(ANSWER_GRACE);
+            let_replies_go_out(&served);
             if !session.quiet {
                 eprintln!("ferry: quit asked while waiting; no guest arrived");
             }
@@ -627,6 +627,18 @@ struct StatusLine<'a> {
 /// control socket still owes ([`Served::wait_answered`]).
 const ANSWER_GRACE: Duration = Duration::from_secs(2);
 
+/// Waits up to [`ANSWER_GRACE`] for the replies the control socket still
+/// owes, and says so when one did not go out (its client then reads the
+/// socket closing instead of an answer).
+fn let_replies_go_out(served: &Served) {
+    if !served.wait_answered(ANSWER_GRACE) {
+        tracing::warn!(
+            grace_s = ANSWER_GRACE.as_secs(),
+            "exiting with a control reply still unsent"
+        );
+    }
+}
+
 fn live(served: &Served, display: Display, duration: Option<Duration>) -> anyhow::Result<()> {
     let vm = served.vm().context("no guest")?;
     let bar = if display == Display::Live {
@@ -645,7 +657,7 @@ fn live(served: &Served, display: Display, duration: Option<Duration>) -> anyhow
             GuestHome::MigratedAway => {
                 // The migrate request's reply (its summary) goes out after
                 // the guest is marked gone: let it, before this exits.
-                served.wait_answered(ANSWER_GRACE);
+                let_replies_go_out(served);
                 bar.finish_and_clear();
                 if display != Display::Json {
                     eprintln!(
@@ -661,7 +673,7 @@ fn live(served: &Served, display: Display, duration: Option<Duration>) -> anyhow
             GuestHome::Here | GuestHome::Migrating | GuestHome::Awaiting => {}
         }
         if served.quit_asked() {
-            served.wait_answered(ANSWER_GRACE);
+            let_replies_go_out(served);
             bar.finish_and_clear();
             return Ok(());
         }
