@@ -80,13 +80,20 @@ fn deferred_reprotect_rearms_the_chunks(mut s: Subject) {
         .collect(&mut out, Reprotect::Deferred)
         .expect("collect");
     assert_eq!(out.iter_ones().collect::<BTreeSet<_>>(), as_set(&first));
-    for (i, chunk) in out.words().chunks(4).enumerate() {
+    rearm_then_catch(&mut s, &out, &second);
+}
+
+/// Re-protects the chunks of `pass` (4 words, 256 pages at a time, as a
+/// deferred pass does), writes `second`, and checks that the next collect
+/// reports exactly `second`.
+fn rearm_then_catch(s: &mut Subject, pass: &DirtyBitmap, second: &[usize]) {
+    for (i, chunk) in pass.words().chunks(4).enumerate() {
         s.log.reprotect(i * 256, chunk).expect("reprotect");
     }
-    s.work.write(&second, 2).expect("write");
+    s.work.write(second, 2).expect("write");
     assert_eq!(
-        collect_set(&mut s, Reprotect::Now),
-        as_set(&second),
+        collect_set(s, Reprotect::Now),
+        as_set(second),
         "{}",
         s.log.name()
     );
@@ -110,16 +117,7 @@ fn a_full_pass_start_misses_nothing(mut s: Subject) {
     // The pass: every page, chunk by chunk.
     let mut all = DirtyBitmap::new(s.log.pages());
     all.set_range(0, s.log.pages());
-    for (i, chunk) in all.words().chunks(4).enumerate() {
-        s.log.reprotect(i * 256, chunk).expect("reprotect");
-    }
-    s.work.write(&second, 2).expect("write");
-    assert_eq!(
-        collect_set(&mut s, Reprotect::Now),
-        as_set(&second),
-        "{}",
-        s.log.name()
-    );
+    rearm_then_catch(&mut s, &all, &second);
 }
 
 /// `Never` (final round) still reports every written page.

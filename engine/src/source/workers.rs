@@ -71,6 +71,17 @@ struct CostWindow {
     costs: CodecCosts,
 }
 
+/// One codec's probe figures in a [`CodecCosts`]: pages, ns, bytes.
+type ProbeFigures = fn(&mut CodecCosts) -> [&mut u64; 3];
+
+fn zstd_probes(c: &mut CodecCosts) -> [&mut u64; 3] {
+    [&mut c.zstd_pages, &mut c.zstd_ns, &mut c.zstd_bytes]
+}
+
+fn lz4_probes(c: &mut CodecCosts) -> [&mut u64; 3] {
+    [&mut c.lz4_pages, &mut c.lz4_ns, &mut c.lz4_bytes]
+}
+
 fn blend(old: f64, new: f64) -> f64 {
     old * (1.0 - NEW_WEIGHT) + new * NEW_WEIGHT
 }
@@ -131,19 +142,14 @@ impl EncodingSelector {
         // Probes too few to go by carry over until there are enough of
         // them: zstd's are 4x rarer than LZ4's, and both thin out on memory
         // that does not compress (`PageEncoder`).
-        if w.costs.zstd_pages < MIN_PROBES {
-            let c = &mut w.costs;
-            let carried = &mut s.window.costs;
-            (carried.zstd_pages, carried.zstd_ns, carried.zstd_bytes) =
-                (c.zstd_pages, c.zstd_ns, c.zstd_bytes);
-            (c.zstd_pages, c.zstd_ns, c.zstd_bytes) = (0, 0, 0);
-        }
-        if w.costs.lz4_pages < MIN_PROBES {
-            let c = &mut w.costs;
-            let carried = &mut s.window.costs;
-            (carried.lz4_pages, carried.lz4_ns, carried.lz4_bytes) =
-                (c.lz4_pages, c.lz4_ns, c.lz4_bytes);
-            (c.lz4_pages, c.lz4_ns, c.lz4_bytes) = (0, 0, 0);
+        for probes in [zstd_probes as ProbeFigures, lz4_probes] {
+            let [pages, ns, bytes] = probes(&mut w.costs);
+            if *pages < MIN_PROBES {
+                let [into_pages, into_ns, into_bytes] = probes(&mut s.window.costs);
+                *into_pages = std::mem::take(pages);
+                *into_ns = std::mem::take(ns);
+                *into_bytes = std::mem::take(bytes);
+            }
         }
         let mut inputs = s.decision.inputs;
         inputs.delta_allowed = delta_allowed;
