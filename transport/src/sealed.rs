@@ -403,17 +403,15 @@ mod tests {
                 prop_assert_eq!(got.verify().unwrap(), &p[..]);
                 longest = longest.max(p.len());
                 buf = if i % 2 == 0 {
-                    got.into_buffer()
+                    let kept = got.into_buffer();
+                    prop_assert_eq!(kept.len(), longest);
+                    kept
                 } else {
                     let exact = got.into_payload().unwrap();
                     prop_assert_eq!(&exact, p);
+                    longest = p.len();
                     exact
                 };
-                if i % 2 == 0 {
-                    prop_assert_eq!(buf.len(), longest);
-                } else {
-                    longest = p.len();
-                }
             }
             prop_assert!(matches!(reader.read_unverified(buf), Err(TransportError::PeerClosed)));
         }

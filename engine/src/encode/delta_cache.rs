@@ -50,22 +50,22 @@ impl XorDeltaCache {
         self.slots
     }
 
-    /// The segment and the index in it of `page`'s slot.
-    fn place(&self, page: u64) -> Option<(&OnceLock<Segment>, usize)> {
+    /// The index of `page`'s segment and of its slot in that segment.
+    fn place(&self, page: u64) -> Option<(usize, usize)> {
         if self.slots == 0 {
             return None;
         }
         let index = usize::try_from(page % self.slots as u64).ok()?;
-        let segment = self.segments.get(index / SEGMENT_SLOTS)?;
-        Some((segment, index % SEGMENT_SLOTS))
+        Some((index / SEGMENT_SLOTS, index % SEGMENT_SLOTS))
     }
 
-    /// `page`'s slot, its segment made if it was not yet.
+    /// `page`'s slot, its segment made if it was not yet (the last segment
+    /// holds what is left of the slots).
     fn slot(&self, page: u64) -> Option<&Mutex<Option<CachedPage>>> {
         let (segment, at) = self.place(page)?;
-        let first = (page % self.slots as u64) as usize - at;
-        let len = SEGMENT_SLOTS.min(self.slots - first);
-        segment
+        let len = SEGMENT_SLOTS.min(self.slots - segment * SEGMENT_SLOTS);
+        self.segments
+            .get(segment)?
             .get_or_init(|| (0..len).map(|_| Mutex::new(None)).collect())
             .get(at)
     }
@@ -108,7 +108,7 @@ impl XorDeltaCache {
         // A segment not made yet holds no page.
         let slot = self
             .place(page)
-            .and_then(|(segment, at)| segment.get()?.get(at));
+            .and_then(|(segment, at)| self.segments.get(segment)?.get()?.get(at));
         if let Some(slot) = slot {
             let mut guard = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             if guard.as_ref().is_some_and(|c| c.page == page) {

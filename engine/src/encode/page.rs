@@ -251,8 +251,7 @@ impl PageEncoder {
             return PageEncoding::Zero;
         }
         let probe = page.is_multiple_of(PROBE_STRIDE);
-        let thinning = self.probe_thinning();
-        let codec_probe = page.is_multiple_of(PROBE_STRIDE << thinning);
+        let codec_probe = self.is_codec_probe(page);
         if let Some(cache) = delta {
             if self.choice.delta() || probe {
                 let t0 = Instant::now();
@@ -299,7 +298,7 @@ impl PageEncoder {
             self.lz4_skip -= 1;
         }
         let use_lz4 = self.lz4 && (codec_probe || (self.choice.lz4() && !backing_off));
-        let zstd_probe = page.is_multiple_of(ZSTD_PROBE_STRIDE << thinning);
+        let zstd_probe = page.is_multiple_of(ZSTD_PROBE_STRIDE << self.probe_thinning());
         let use_zstd = self.zstd.is_some() && self.choice.zstd() && !backing_off;
         let data = out.slot();
         let mut lz4_len = None;
