@@ -35,7 +35,7 @@ use crate::steer::MigrationSteering;
 use crate::summary::{DowntimeBreakdown, MigrationSummary};
 use crate::vm::MigratableVm;
 use inbox::Inbox;
-use torn::TornCheck;
+use torn::{Collect, TornCheck};
 use workers::{run_worker, Chunk, EncodingSelector, WorkerContext, WorkerOutput, CHUNK_WORDS};
 
 /// Frames a lane's queue holds before its producers wait.
@@ -786,7 +786,7 @@ impl Session<'_> {
         self.send(FrameKind::VcpuState, &state)?;
         let state_time = t_state.elapsed();
         let t_collect = Instant::now();
-        self.collect_settling(log, &mut dirty, Reprotect::Never, round, &mut torn, hashes)?;
+        self.collect_settling(log, &mut dirty, Collect::Final, round, &mut torn, hashes)?;
         let final_collect = t_collect.elapsed();
         progress(ProgressEvent::StopAndCopy {
             dirty_pages: dirty.count_ones() as u64,
@@ -1088,7 +1088,7 @@ impl Session<'_> {
         self.collect_settling(
             state.log,
             &mut state.dirty,
-            Reprotect::Deferred,
+            Collect::Live,
             round,
             &mut state.torn,
             state.hashes,
@@ -1100,23 +1100,34 @@ impl Session<'_> {
     }
 
     /// Collect the set round `round` sends into `into`, settling the torn
-    /// pages the destination reported before it (see [`torn`]).
+    /// pages the destination reported before it (see [`torn`]). A live
+    /// collect leaves re-protection to the encoders, chunk by chunk; the
+    /// final one (the guest stopped) re-protects nothing.
     fn collect_settling(
         &self,
         log: &Mutex<Box<dyn DirtyLog>>,
         into: &mut DirtyBitmap,
-        mode: Reprotect,
+        collect: Collect,
         round: u32,
         torn: &mut TornCheck,
         hashes: &PageHashes,
     ) -> Result<(), MigrationError> {
         let reports = self.inbox.take_torn("the page stream")?;
-        self.collect(log, into, mode)?;
-        torn.note_dirty(into, round);
+        let mode = match collect {
+            Collect::Live => Reprotect::Deferred,
+            Collect::Final => Reprotect::Never,
+        };
+        // The torn check counts what the log reported only: `into` may
+        // already hold pages a settle added (a drained round collects twice,
+        // the final collect adds to the last live set).
+        let mut reported = DirtyBitmap::new(into.len());
+        self.collect(log, &mut reported, mode)?;
+        torn.note_dirty(&reported, round);
+        into.merge(&reported);
         if !reports.is_empty() {
             debug!(pages = reports.len(), round, "torn pages to send again");
         }
-        torn.settle(&reports, into, hashes)
+        torn.settle(&reports, into, hashes, collect)
     }
 
     fn collect(
