@@ -54,6 +54,8 @@ pub const SWITCH_PERCENT: f64 = 90.0;
 
 /// Encoder time also counts a little when the link is the bottleneck: it
 /// is taken from the cores the guest runs on. Breaks ties toward less work.
+/// When writing is itself CPU work ([`EncodingInputs::link_cpu_share`]),
+/// encoder time counts by that share instead.
 pub const CPU_WEIGHT: f64 = 0.01;
 
 /// How the non-zero, changed pages of a round are encoded. `0` is not a
@@ -154,6 +156,13 @@ pub struct EncodingInputs {
     /// zstd may be used (negotiated; absent in reports of older builds).
     #[serde(default)]
     pub zstd_allowed: bool,
+    /// Share of the lanes' writing time their writer threads spent on CPU
+    /// (0..=1, `LinkTotals::cpu_share`). Near 1 the link's rate is CPU:
+    /// the kernel's copy and TCP on loopback run on the cores the encoders
+    /// share, so encoder time slows the link by as much. Near 0 the writers
+    /// wait on the link or a cap, and encoder time is nearly free.
+    #[serde(default)]
+    pub link_cpu_share: f64,
 }
 
 impl EncodingInputs {
@@ -177,7 +186,27 @@ impl EncodingInputs {
             zstd_ns_per_page: 6000.0,
             zstd_bytes_per_page: PAGE_SIZE as f64 / 2.0,
             zstd_allowed: false,
+            link_cpu_share: 0.0,
         }
+    }
+
+    /// Whether a page codec could pay for itself at all: whether LZ4 (or
+    /// zstd, where allowed) shrinking a page to nothing would beat raw.
+    /// When it could not, no probe result can change the choice, and the
+    /// encoders thin their codec probes as on memory that does not compress.
+    pub fn compression_could_pay(&self) -> bool {
+        let best_case = |allowed: bool, ns: f64| {
+            let mut perfect = *self;
+            perfect.lz4_allowed = allowed;
+            perfect.lz4_ns_per_page = ns;
+            perfect.lz4_bytes_per_page = 0.0;
+            perfect.zstd_allowed = false;
+            perfect.delta_allowed = false;
+            let e = choose_encoding(&perfect, EncodingChoice::Raw).estimates;
+            e.lz4_ns.is_some_and(|t| t < e.raw_ns)
+        };
+        best_case(self.lz4_allowed, self.lz4_ns_per_page)
+            || best_case(self.zstd_allowed, self.zstd_ns_per_page)
     }
 }
 
@@ -237,8 +266,8 @@ pub struct EncodingDecision {
 ///    - both: `base + xor + miss × lz4`, `hit × delta bytes + miss × LZ4 bytes`
 ///    - zstd, and XOR delta with zstd: as the two above with zstd's figures
 ///
-///    (plus each page's batch table entry), plus [`CPU_WEIGHT`] of the
-///    encoder time.
+///    (plus each page's batch table entry), plus the encoder time weighed
+///    by the link's CPU share (at least [`CPU_WEIGHT`]).
 /// 2. The fastest choice wins, but it replaces `current` only when it is
 ///    estimated at most [`SWITCH_PERCENT`] % of `current`'s time (or
 ///    `current` is no longer allowed): noise must not flip the choice.
@@ -254,8 +283,9 @@ pub fn choose_encoding(inputs: &EncodingInputs, current: EncodingChoice) -> Enco
     let miss = 1.0 - hit;
     let lz4_bytes = i.lz4_bytes_per_page.clamp(0.0, page);
     let zstd_bytes = i.zstd_bytes_per_page.clamp(0.0, page);
+    let weight = CPU_WEIGHT.max(i.link_cpu_share.clamp(0.0, 1.0));
     let time = |cpu_ns: f64, bytes: f64| {
-        (cpu_ns / workers).max((bytes + entry) / link * 1e9) + cpu_ns * CPU_WEIGHT
+        (cpu_ns / workers).max((bytes + entry) / link * 1e9) + cpu_ns * weight
     };
     // A page coded by a codec of `ns` a page giving `bytes` (raw: 0 ns,
     // a whole page); with XOR deltas, only the cache misses go to it.
@@ -328,7 +358,14 @@ mod tests {
             zstd_ns_per_page: 2.0 * lz4_ns,
             zstd_bytes_per_page: lz4_bytes,
             zstd_allowed: false,
+            link_cpu_share: 0.0,
         }
+    }
+
+    /// As [`inputs`], with writing `share` CPU work.
+    fn cpu_bound(mut i: EncodingInputs, share: f64) -> EncodingInputs {
+        i.link_cpu_share = share;
+        i
     }
 
     /// As [`inputs`], with zstd negotiated at `zstd_ns` a page giving
@@ -459,6 +496,36 @@ mod tests {
                 XorDeltaLz4,
                 XorDeltaZstd,
             ),
+            // The heavy guest's pages on loopback: LZ4 halves them in 2.5 µs,
+            // and the link, measured at 1.5 GB/s, looks slower than 2
+            // workers' LZ4. But writing is CPU work on the same 2 cores:
+            // the encoders' time is the link's.
+            (
+                "loopback, cheap compression, writers waiting",
+                inputs(1.5 * GB, 2500.0, 2000.0, 0.0, false),
+                Raw,
+                Lz4,
+            ),
+            (
+                "loopback, cheap compression, writers on CPU",
+                cpu_bound(inputs(1.5 * GB, 2500.0, 2000.0, 0.0, false), 0.9),
+                Lz4,
+                Raw,
+            ),
+            // A capped link's writers sleep on the cap: compression pays.
+            (
+                "capped, writers asleep",
+                cpu_bound(inputs(50.0 * MB, 4000.0, 1000.0, 0.0, false), 0.05),
+                Raw,
+                Lz4,
+            ),
+            // Pages that nearly vanish pay even when writing is CPU work.
+            (
+                "loopback, near-empty pages, writers on CPU",
+                cpu_bound(inputs(1.5 * GB, 300.0, 40.0, 0.0, false), 0.9),
+                Raw,
+                Lz4,
+            ),
             // A choice no longer allowed is replaced whatever the margin.
             (
                 "delta no longer allowed",
@@ -501,6 +568,27 @@ mod tests {
             EncodingChoice::Raw,
         );
         assert_eq!(capped.choice, EncodingChoice::Lz4);
+    }
+
+    #[test]
+    fn compression_could_pay_only_where_a_perfect_codec_would_win() {
+        let fast = inputs(3.0 * GB, 3000.0, 4096.0, 0.0, false);
+        assert!(!fast.compression_could_pay(), "LZ4 slower than the link");
+        assert!(!EncodingInputs::prior(None, 2).compression_could_pay());
+        assert!(EncodingInputs::prior(Some(50.0 * MB), 2).compression_could_pay());
+        let cheap = inputs(1.5 * GB, 2500.0, 4096.0, 0.0, false);
+        assert!(cheap.compression_could_pay());
+        assert!(!cpu_bound(cheap, 0.9).compression_could_pay());
+        // zstd alone (LZ4 not negotiated) counts too.
+        let mut zstd_only = with_zstd(
+            inputs(125.0 * MB, 4000.0, 4096.0, 0.0, false),
+            8000.0,
+            4096.0,
+        );
+        zstd_only.lz4_allowed = false;
+        assert!(zstd_only.compression_could_pay());
+        zstd_only.zstd_allowed = false;
+        assert!(!zstd_only.compression_could_pay(), "no codec at all");
     }
 
     #[test]

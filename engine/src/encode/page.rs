@@ -107,6 +107,9 @@ pub struct PageEncoder {
     /// Codec probes in a row that shrank nothing (see
     /// [`PROBE_MISSES_PER_DOUBLING`]).
     probe_misses: u32,
+    /// Whether a page codec could pay at all now: when not, probes count
+    /// as misses whatever they shrink.
+    compression_could_pay: bool,
     lz4: bool,
     /// `None`: zstd not negotiated (or its context could not be made).
     zstd: Option<zstd::bulk::Compressor<'static>>,
@@ -123,6 +126,7 @@ impl std::fmt::Debug for PageEncoder {
             .field("lz4_failures", &self.lz4_failures)
             .field("lz4_skip", &self.lz4_skip)
             .field("probe_misses", &self.probe_misses)
+            .field("compression_could_pay", &self.compression_could_pay)
             .field("costs", &self.costs)
             .finish_non_exhaustive()
     }
@@ -157,6 +161,7 @@ impl PageEncoder {
             lz4_failures: 0,
             lz4_skip: 0,
             probe_misses: 0,
+            compression_could_pay: true,
             lz4: true,
             zstd: None,
             choice: EncodingChoice::XorDeltaLz4,
@@ -168,6 +173,16 @@ impl PageEncoder {
     /// probe pages, see [`PROBE_STRIDE`], always try every codec).
     pub fn set_choice(&mut self, choice: EncodingChoice) {
         self.choice = choice;
+    }
+
+    /// Whether a page codec could pay for itself at all on the figures the
+    /// choice was made from (`EncodingInputs::compression_could_pay`; yes
+    /// by default). When it could not (a link faster than any codec, whose
+    /// speed is itself CPU the codecs would take), a probe that shrinks its
+    /// page changes nothing, and the probes thin out as on memory that does
+    /// not compress (see [`PROBE_MISSES_PER_DOUBLING`]).
+    pub fn set_compression_could_pay(&mut self, could_pay: bool) {
+        self.compression_could_pay = could_pay;
     }
 
     /// What the codecs cost since the last call.
@@ -334,7 +349,7 @@ impl PageEncoder {
             }
         }
         if codec_probe && (self.lz4 || probe_zstd) {
-            if lz4_len.is_some() || zstd_len.is_some() {
+            if self.compression_could_pay && (lz4_len.is_some() || zstd_len.is_some()) {
                 self.probe_misses = 0;
             } else {
                 self.probe_misses = self.probe_misses.saturating_add(1);
@@ -724,6 +739,30 @@ mod tests {
         let (encoding, _) = encode_one(&mut enc, full, &data, None);
         assert_ne!(encoding, PageEncoding::Raw);
         assert_eq!(enc.take_costs().lz4_pages, 2);
+    }
+
+    #[test]
+    fn codec_probes_thin_out_when_no_compression_could_pay() {
+        let mut enc = PageEncoder::new().with_zstd(true);
+        enc.set_choice(EncodingChoice::Raw);
+        enc.set_compression_could_pay(false);
+        // Pages that compress well, on a link no codec can beat: each probe
+        // shrinks its page and still counts as a miss.
+        let data = compressible();
+        let misses = u64::from(PROBE_MISSES_PER_DOUBLING * MAX_PROBE_THINNING);
+        for i in 0..misses {
+            let page = (i + 1) * (PROBE_STRIDE << MAX_PROBE_THINNING);
+            let (encoding, _) = encode_one(&mut enc, page, &data, None);
+            assert_ne!(encoding, PageEncoding::Raw, "the probe shrank it");
+        }
+        let full = PROBE_STRIDE * 3;
+        assert!(enc.sends_raw(full, false), "thinned 16x");
+        // The figures say a codec could pay again: the next shrinking
+        // probe restores the full rate.
+        enc.set_compression_could_pay(true);
+        let thinned = PROBE_STRIDE << MAX_PROBE_THINNING;
+        encode_one(&mut enc, thinned, &data, None);
+        assert!(!enc.sends_raw(full, false));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use ferry_dirtylog::DirtyLog;
-use ferry_transport::lanes::{LaneQueues, STRIPE_PAGES};
+use ferry_transport::lanes::{LaneQueues, LinkTotals, STRIPE_PAGES};
 use ferry_transport::sealed::GatherPart;
 use ferry_transport::{lane_for_page, FrameKind, SealedFrame, TransportError, FRAME_HEADROOM};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -49,6 +49,8 @@ const NEW_WEIGHT: f64 = 0.5;
 /// are folded in and [`choose_encoding`] decides again.
 pub(crate) struct EncodingSelector {
     choice: AtomicU8,
+    /// [`EncodingInputs::compression_could_pay`] of the last decision.
+    compression_could_pay: AtomicBool,
     state: Mutex<SelectorState>,
 }
 
@@ -57,7 +59,7 @@ struct SelectorState {
     window: CostWindow,
     window_start: Instant,
     /// The link meter's totals when the window started.
-    link_mark: (u64, Duration),
+    link_mark: LinkTotals,
     /// zstd was negotiated: it becomes a choice once its probes measured
     /// it (never on the prior's guess).
     zstd_negotiated: bool,
@@ -96,11 +98,12 @@ impl EncodingSelector {
         let decision = choose_encoding(&inputs, EncodingChoice::Raw);
         Self {
             choice: AtomicU8::new(decision.choice as u8),
+            compression_could_pay: AtomicBool::new(inputs.compression_could_pay()),
             state: Mutex::new(SelectorState {
                 decision,
                 window: CostWindow::default(),
                 window_start: Instant::now(),
-                link_mark: (0, Duration::ZERO),
+                link_mark: LinkTotals::default(),
                 zstd_negotiated: zstd,
             }),
         }
@@ -109,6 +112,12 @@ impl EncodingSelector {
     /// The choice in force.
     pub(crate) fn choice(&self) -> EncodingChoice {
         EncodingChoice::from_u8(self.choice.load(Ordering::Relaxed)).unwrap_or(EncodingChoice::Raw)
+    }
+
+    /// Whether a page codec could pay for itself on the figures of the
+    /// last decision ([`EncodingInputs::compression_could_pay`]).
+    pub(crate) fn compression_could_pay(&self) -> bool {
+        self.compression_could_pay.load(Ordering::Relaxed)
     }
 
     /// The last decision and the figures it was made from.
@@ -186,13 +195,16 @@ impl EncodingSelector {
                 );
             }
         }
-        let (bytes, busy) = out.meter().totals();
-        let (bytes0, busy0) = s.link_mark;
-        let busy_delta = busy.saturating_sub(busy0);
-        if busy_delta >= MIN_LINK_BUSY && bytes > bytes0 {
-            let rate = (bytes - bytes0) as f64 / busy_delta.as_secs_f64();
+        let now = out.meter().totals();
+        let then = s.link_mark;
+        let busy_delta = now.busy.saturating_sub(then.busy);
+        if busy_delta >= MIN_LINK_BUSY && now.bytes > then.bytes {
+            let rate = (now.bytes - then.bytes) as f64 / busy_delta.as_secs_f64();
             inputs.link_bytes_per_sec = blend(inputs.link_bytes_per_sec, rate);
-            s.link_mark = (bytes, busy);
+            if let Some(share) = now.cpu_share(&then) {
+                inputs.link_cpu_share = blend(inputs.link_cpu_share, share);
+            }
+            s.link_mark = now;
         }
         // A cap set (or lowered) while pages flow counts at once.
         if let Some(cap) = out.cap() {
@@ -203,6 +215,8 @@ impl EncodingSelector {
             tracing::debug!(?decision, "encoding choice changed");
         }
         self.choice.store(decision.choice as u8, Ordering::Relaxed);
+        self.compression_could_pay
+            .store(inputs.compression_could_pay(), Ordering::Relaxed);
         s.decision = decision;
     }
 }
@@ -441,6 +455,7 @@ fn encode_chunk(
     let started = Instant::now();
     let mut queue_time = Duration::ZERO;
     encoder.set_choice(ctx.selector.choice());
+    encoder.set_compression_could_pay(ctx.selector.compression_could_pay());
     let lane = lane_for_page(chunk.first_page, ctx.out.lanes());
     let mut wire_bytes = 0u64;
     let capacity = ctx.batch_bytes + PAGE_SIZE + 64;

@@ -37,7 +37,8 @@ pub use bucket::TokenBucket;
 pub use handshake::{LaneHello, SessionId, MAX_LANES};
 pub use inbox::{Consumed, LaneConsumer, LaneEvent, LaneInbox, PassAll, Recycler};
 pub use queue::{
-    FramedSink, LaneQueues, LaneSink, LinkMeter, OutFrame, QueueOptions, SocketSink, ZeroCopySink,
+    FramedSink, LaneQueues, LaneSink, LinkMeter, LinkTotals, OutFrame, QueueOptions, SocketSink,
+    ZeroCopySink,
 };
 
 use crate::error::TransportError;

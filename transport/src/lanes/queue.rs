@@ -271,9 +271,19 @@ impl QueueOptions {
 /// bandwidth cap included, waits for work not). Bytes over busy time is the
 /// link's rate as the producers see it, whether they or the link are the
 /// bottleneck.
+///
+/// It also tells which of the two it is ([`LinkTotals::cpu_share`]): the
+/// writer threads' time on a CPU or waiting for one (the scheduler's own
+/// figures, `/proc/self/task/<tid>/schedstat`) against their writing time.
+/// Near 1, writing is CPU work on busy cores (loopback, where the kernel's
+/// copy and TCP run on the writer's core, which the encoders and the guest
+/// share); near 0, the writers sleep on the link (a full send buffer on a
+/// slower link, a cap).
 #[derive(Debug, Default)]
 pub struct LinkMeter {
     state: Mutex<MeterState>,
+    /// The writer threads' ids, while they run.
+    writers: Mutex<Vec<libc::pid_t>>,
 }
 
 #[derive(Debug, Default)]
@@ -282,21 +292,63 @@ struct MeterState {
     since: Option<Instant>,
     busy: Duration,
     bytes: u64,
+    /// Writing time summed over writers (overlaps counted per writer).
+    writing: Duration,
+}
+
+/// What a [`LinkMeter`] has counted so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkTotals {
+    /// Bytes written.
+    pub bytes: u64,
+    /// Time at least one writer was writing.
+    pub busy: Duration,
+    /// Writing time summed over the writers, finished writes only.
+    pub writing: Duration,
+    /// The running writer threads' time on a CPU and waiting for one, in
+    /// all; `None` where the scheduler's figures cannot be read.
+    pub writers_on_cpu: Option<Duration>,
+}
+
+impl LinkTotals {
+    /// The writers' time on a CPU or waiting for one over their writing
+    /// time since `earlier` (0..=1); `None` without a finished write or
+    /// the scheduler's figures in both.
+    pub fn cpu_share(&self, earlier: &LinkTotals) -> Option<f64> {
+        let wall = self.writing.saturating_sub(earlier.writing);
+        let cpu = self.writers_on_cpu?.checked_sub(earlier.writers_on_cpu?)?;
+        (!wall.is_zero()).then(|| (cpu.as_secs_f64() / wall.as_secs_f64()).clamp(0.0, 1.0))
+    }
+}
+
+/// A thread's time on a CPU and waiting on a run queue, from the first two
+/// fields of `/proc/self/task/<tid>/schedstat` (nanoseconds); `None` if it
+/// cannot be read.
+fn on_cpu_and_waiting(tid: libc::pid_t) -> Option<Duration> {
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+    let mut fields = text.split_ascii_whitespace().map(str::parse::<u64>);
+    let on_cpu = fields.next()?.ok()?;
+    let waiting = fields.next()?.ok()?;
+    Some(Duration::from_nanos(on_cpu.saturating_add(waiting)))
 }
 
 impl LinkMeter {
-    fn begin(&self) {
+    fn begin(&self) -> Instant {
+        let now = Instant::now();
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if s.active == 0 {
-            s.since = Some(Instant::now());
+            s.since = Some(now);
         }
         s.active += 1;
+        now
     }
 
-    fn end(&self, bytes: usize) {
+    /// Ends the write of `bytes` begun at `began`.
+    fn end(&self, bytes: usize, began: Instant) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.active = s.active.saturating_sub(1);
         s.bytes += bytes as u64;
+        s.writing += began.elapsed();
         if s.active == 0 {
             if let Some(since) = s.since.take() {
                 s.busy += since.elapsed();
@@ -304,11 +356,51 @@ impl LinkMeter {
         }
     }
 
-    /// Bytes written so far and the busy time so far.
-    pub fn totals(&self) -> (u64, Duration) {
+    /// Counts the calling thread as a writer until the guard drops.
+    fn writer_thread(self: &Arc<Self>) -> WriterThread {
+        // SAFETY: gettid has no preconditions and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        self.writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tid);
+        WriterThread {
+            meter: Arc::clone(self),
+            tid,
+        }
+    }
+
+    /// What the writers did so far (a write in progress counts in `busy`).
+    pub fn totals(&self) -> LinkTotals {
+        let tids = self
+            .writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let writers_on_cpu = (!tids.is_empty())
+            .then(|| tids.into_iter().map(on_cpu_and_waiting).sum())
+            .flatten();
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let running = s.since.map_or(Duration::ZERO, |t| t.elapsed());
-        (s.bytes, s.busy + running)
+        LinkTotals {
+            bytes: s.bytes,
+            busy: s.busy + running,
+            writing: s.writing,
+            writers_on_cpu,
+        }
+    }
+}
+
+/// A writer thread counted by its [`LinkMeter`]: uncounted on drop.
+struct WriterThread {
+    meter: Arc<LinkMeter>,
+    tid: libc::pid_t,
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        let mut writers = self.meter.writers.lock().unwrap_or_else(|p| p.into_inner());
+        writers.retain(|&t| t != self.tid);
     }
 }
 
@@ -394,6 +486,7 @@ impl LaneQueues {
             let handle = std::thread::Builder::new()
                 .name(format!("ferry-lane-{lane}"))
                 .spawn(move || {
+                    let _counted = writer.meter.writer_thread();
                     if let Err(e) = writer.drain(&mut *sink, &rx) {
                         *thread_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                     }
@@ -642,17 +735,17 @@ impl Writer {
                 }
                 Queued::Bulk(_) if self.aborting.load(Ordering::Acquire) => {}
                 Queued::Sealed(frame) => {
-                    let len = self.charge(frame.wire_len());
+                    let (len, span) = self.charge(frame.wire_len());
                     let sent = sink.send_sealed(frame);
-                    self.meter.end(len);
+                    self.meter.end(len, span);
                     if let Some(buffer) = sent? {
                         let _ = self.spare.try_send(buffer);
                     }
                 }
                 Queued::Bulk(frame) => {
-                    let len = self.charge(frame.wire_len());
+                    let (len, span) = self.charge(frame.wire_len());
                     let sent = sink.send_owned(frame);
-                    self.meter.end(len);
+                    self.meter.end(len, span);
                     sent?;
                 }
             }
@@ -666,12 +759,12 @@ impl Writer {
     /// Starts a bulk write of `len` bytes: charged before it goes out, so
     /// the lanes sharing one bucket wait off their debt together instead of
     /// each bursting a frame past the cap.
-    fn charge(&self, len: usize) -> usize {
-        self.meter.begin();
+    fn charge(&self, len: usize) -> (usize, Instant) {
+        let span = self.meter.begin();
         if let Some(b) = &self.bucket {
             b.charge(len);
         }
-        len
+        (len, span)
     }
 }
 
@@ -683,19 +776,63 @@ mod tests {
     fn the_link_meter_counts_overlapping_writes_once_and_idle_time_never() {
         let meter = LinkMeter::default();
         let t0 = Instant::now();
-        meter.begin();
-        meter.begin();
+        let a = meter.begin();
+        let b = meter.begin();
         std::thread::sleep(Duration::from_millis(20));
-        meter.end(1000);
-        meter.end(3000);
+        meter.end(1000, a);
+        meter.end(3000, b);
         let wall = t0.elapsed();
-        let (bytes, busy) = meter.totals();
-        assert_eq!(bytes, 4000);
-        assert!(busy >= Duration::from_millis(20), "{busy:?}");
+        let totals = meter.totals();
+        assert_eq!(totals.bytes, 4000);
+        assert!(totals.busy >= Duration::from_millis(20), "{totals:?}");
         // Two overlapping writers: the wall time once, not twice.
-        assert!(busy <= wall, "{busy:?} busy in {wall:?}");
+        assert!(totals.busy <= wall, "{totals:?} in {wall:?}");
+        // ... but their writing time each.
+        assert!(totals.writing >= Duration::from_millis(40), "{totals:?}");
         // Waiting for work is not writing.
         std::thread::sleep(Duration::from_millis(30));
-        assert_eq!(meter.totals(), (4000, busy));
+        assert_eq!(meter.totals(), totals);
+    }
+
+    #[test]
+    fn the_link_meter_tells_a_writer_that_waits_from_one_that_works() {
+        let meter = Arc::new(LinkMeter::default());
+        let start = meter.totals();
+        assert_eq!(start.writers_on_cpu, None, "no writer yet");
+        let writer = {
+            let meter = Arc::clone(&meter);
+            move || {
+                let _counted = meter.writer_thread();
+                // A write that waits (a full send buffer, a cap): no CPU.
+                let began = meter.begin();
+                std::thread::sleep(Duration::from_millis(40));
+                meter.end(1, began);
+                let waited = meter.totals();
+                // A write that works (the kernel's copy on loopback).
+                let began = meter.begin();
+                let t0 = Instant::now();
+                let mut x = 0u64;
+                while t0.elapsed() < Duration::from_millis(40) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+                meter.end(1, began);
+                (waited, meter.totals())
+            }
+        };
+        let first = meter.totals();
+        let (waited, worked) = std::thread::spawn(writer).join().expect("writer");
+        assert!(first.writers_on_cpu.is_none());
+        let slept = waited.cpu_share(&LinkTotals {
+            writers_on_cpu: Some(Duration::ZERO),
+            ..start
+        });
+        let slept = slept.expect("schedstat readable here");
+        // The thread's whole life so far, spawn included, is in `slept`:
+        // well under the sleep's 40 ms still.
+        assert!(slept < 0.5, "a sleeping writer's share {slept}");
+        let busy = worked.cpu_share(&waited).expect("schedstat readable here");
+        // On a CPU or waiting for one, the whole spin.
+        assert!(busy > 0.8, "a spinning writer's share {busy}");
+        assert_eq!(meter.totals().writers_on_cpu, None, "the writer left");
     }
 }
