@@ -156,8 +156,9 @@ pub struct EncodingInputs {
     /// zstd may be used (negotiated; absent in reports of older builds).
     #[serde(default)]
     pub zstd_allowed: bool,
-    /// Share of the lanes' writing time their writer threads spent on CPU
-    /// (0..=1, `LinkTotals::cpu_share`). Near 1 the link's rate is CPU:
+    /// Share of the lanes' writing time their writer threads spent on a
+    /// CPU or waiting for one (0..=1, `LinkTotals::cpu_share`). Near 1 the
+    /// link's rate is CPU:
     /// the kernel's copy and TCP on loopback run on the cores the encoders
     /// share, so encoder time slows the link by as much. Near 0 the writers
     /// wait on the link or a cap, and encoder time is nearly free.
