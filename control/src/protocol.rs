@@ -552,6 +552,44 @@ pub struct Summary {
     /// sent from its memory) and were sent again.
     #[serde(default)]
     pub torn_pages_resent: u64,
+    /// The stopped round, expected and sent.
+    #[serde(default)]
+    pub final_round: FinalRound,
+}
+
+/// The stopped round as the decision to pause expected it and as it went
+/// (the engine's `FinalRound`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct FinalRound {
+    /// Dirty pages the decision counted on.
+    pub expected_pages: u64,
+    /// Wire bytes it expected them to take.
+    pub expected_bytes: u64,
+    /// The link's bandwidth it assumed, bytes/s.
+    pub expected_bandwidth_bytes_per_sec: f64,
+    /// How long it expected them to take (the link's time and the
+    /// encoders'), ms.
+    pub expected_ms: f64,
+    /// Dirty pages the stopped round found (the final collect included).
+    pub pages: u64,
+    /// Wire bytes it sent.
+    pub wire_bytes: u64,
+    /// The encoder threads' time on it over their number, ms.
+    pub encode_ms: f64,
+}
+
+impl From<&ferry_engine::FinalRound> for FinalRound {
+    fn from(f: &ferry_engine::FinalRound) -> Self {
+        Self {
+            expected_pages: f.expected_pages,
+            expected_bytes: f.expected_bytes,
+            expected_bandwidth_bytes_per_sec: f.expected_bandwidth_bytes_per_sec,
+            expected_ms: ms(f.expected),
+            pages: f.pages,
+            wire_bytes: f.wire_bytes,
+            encode_ms: ms(f.encode),
+        }
+    }
 }
 
 /// One memory region's digest (the engine's `RegionDigest`).
@@ -671,6 +709,7 @@ impl From<&ferry_engine::MigrationSummary> for Summary {
             downtime_limit_ms: ms(s.downtime_limit),
             over_limit_ms: ms(s.over_limit),
             torn_pages_resent: s.torn_pages_resent,
+            final_round: (&s.final_round).into(),
         }
     }
 }
@@ -975,6 +1014,15 @@ mod tests {
             downtime_limit: d(20),
             over_limit: d(0),
             torn_pages_resent: 17,
+            final_round: ferry_engine::FinalRound {
+                expected_pages: 120,
+                expected_bytes: 500_000,
+                expected_bandwidth_bytes_per_sec: 5e7,
+                expected: d(10),
+                pages: 130,
+                wire_bytes: 540_000,
+                encode: d(3),
+            },
         };
         same(
             crate::json::to_string(&summary).unwrap(),

@@ -167,6 +167,13 @@ impl Default for ConvergencePolicy {
 pub struct RoundMeasurement {
     /// How long the round took (first page read to last page written).
     pub duration: Duration,
+    /// Dirty pages the round read (pages found unchanged included).
+    pub pages_read: u64,
+    /// The encoder threads' time on the round's pages (reading, hashing,
+    /// compressing, framing; waits for room on the lanes excluded) over
+    /// their number: the round's encoding as a stretch of wall time, all
+    /// of them at work.
+    pub encode_time: Duration,
     /// Pages the round sent (unchanged pages skipped are not counted).
     pub pages_sent: u64,
     /// Bytes the round put on the wire, frame headers included.
@@ -214,7 +221,8 @@ pub struct Assessment {
     pub bandwidth_bytes_per_sec: f64,
     /// Wire bytes the dirty pages are expected to take.
     pub bytes_left: u64,
-    /// `bytes_left / bandwidth`.
+    /// `bytes_left / bandwidth`, plus the encoders' time for the dirty
+    /// pages at the round's time per page read (see [`decide`]).
     pub expected_downtime: Duration,
     /// True when the round left fewer dirty pages than the one before.
     pub shrinking: bool,
@@ -240,7 +248,11 @@ pub struct ControllerState {
 ///    [`MIN_BYTES_FOR_BANDWIDTH`] (this round's figure if none did yet).
 /// 2. Bytes left = dirty pages × this round's wire bytes per page sent (a
 ///    full page plus header when it sent nothing), so compression and XOR
-///    deltas count. Expected downtime = bytes left / bandwidth.
+///    deltas count. Expected downtime = bytes left / bandwidth + dirty
+///    pages × this round's encoding time per page read. The two add up
+///    rather than overlap: a final round is a few batches, each encoded
+///    before it goes out, and on a slow link that compresses, the codecs'
+///    time is as long as the wire's.
 /// 3. It fits `max_downtime` → **stop-and-copy** (even past the deadline:
 ///    the last round is cheap), unless it is still above `settle_downtime`,
 ///    the round at least halved the dirty set (round 0: left at most half
@@ -271,12 +283,22 @@ pub fn decide(
         round.wire_bytes.div_ceil(round.pages_sent)
     };
     let bytes_left = round.dirty_pages.saturating_mul(bytes_per_page);
+    let encoding_left = if round.pages_read == 0 {
+        Duration::ZERO
+    } else {
+        Duration::try_from_secs_f64(
+            round.encode_time.as_secs_f64() * round.dirty_pages as f64 / round.pages_read as f64,
+        )
+        .unwrap_or(Duration::MAX)
+    };
     let expected_downtime = if bytes_left == 0 {
         Duration::ZERO
     } else if bandwidth <= 0.0 {
         Duration::MAX
     } else {
-        Duration::try_from_secs_f64(bytes_left as f64 / bandwidth).unwrap_or(Duration::MAX)
+        Duration::try_from_secs_f64(bytes_left as f64 / bandwidth)
+            .unwrap_or(Duration::MAX)
+            .saturating_add(encoding_left)
     };
     let shrinking = match state.previous_dirty_pages {
         None => true,
@@ -674,6 +696,8 @@ mod tests {
     ) -> RoundMeasurement {
         RoundMeasurement {
             duration: MS(duration_ms),
+            pages_read: pages_sent,
+            encode_time: Duration::ZERO,
             pages_sent,
             wire_bytes,
             dirty_pages,
@@ -878,6 +902,41 @@ mod tests {
         assert_eq!(got.bytes_left, 10 * MIB);
         assert_eq!(got.expected_downtime, MS(100));
         assert_eq!(got.dirty_rate_pages_per_sec, 2560.0);
+    }
+
+    #[test]
+    fn expected_downtime_adds_the_encoders_time_for_the_pages_left() {
+        let policy = ConvergencePolicy {
+            max_downtime: MS(8),
+            ..ConvergencePolicy::default()
+        };
+        // 50 MiB/s, 1 KiB per page on the wire (compressed): 250 pages
+        // take 4.88 ms on the link; the encoders took 20 ms for 1000 pages,
+        // so 5 ms for 250. The previous round left 300: not halving.
+        let encoded = RoundMeasurement {
+            encode_time: MS(20),
+            ..round(100, 1000, 1000 * 1024, 250, 1000)
+        };
+        let link_only = RoundMeasurement {
+            encode_time: Duration::ZERO,
+            ..encoded
+        };
+        let at = state(50.0 * MIB as f64, Some(300), 0);
+        let without = decide(&policy, &at, &link_only);
+        assert_eq!(without.expected_downtime, Duration::from_nanos(4_882_812));
+        assert_eq!(without.decision, Decision::StopAndCopy);
+        let with = decide(&policy, &at, &encoded);
+        assert_eq!(with.bytes_left, without.bytes_left);
+        assert_eq!(with.expected_downtime, Duration::from_nanos(9_882_812));
+        assert_eq!(with.decision, Decision::Continue);
+        // Pages read but not sent (unchanged) count: the time is per page
+        // read, as the final round reads every dirty page.
+        let half_unchanged = RoundMeasurement {
+            pages_read: 2000,
+            ..encoded
+        };
+        let got = decide(&policy, &at, &half_unchanged);
+        assert_eq!(got.expected_downtime, Duration::from_nanos(7_382_812));
     }
 
     #[test]

@@ -117,6 +117,7 @@ pub use sections::{DeviceSection, SectionError, SectionSpec};
 pub use source::SourceMigration;
 pub use steer::{MigrationSteering, Retune, SteerError};
 pub use summary::{
-    describe_converge, DestinationSummary, DowntimeBreakdown, MigrationSummary, RegionDigest,
+    describe_converge, DestinationSummary, DowntimeBreakdown, FinalRound, MigrationSummary,
+    RegionDigest,
 };
 pub use vm::{GuestMemoryMmap, MigratableVm, VmOpError};

@@ -129,6 +129,33 @@ pub struct MigrationSummary {
     /// Raw pages that arrived torn (the guest wrote them while they were
     /// sent from its memory) and were sent again.
     pub torn_pages_resent: u64,
+    /// The stopped round as the decision to pause expected it and as it
+    /// went: where a pause past the limit came from.
+    pub final_round: FinalRound,
+}
+
+/// The stopped round: what the decision to pause assumed, and what it
+/// sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct FinalRound {
+    /// Dirty pages the decision counted on.
+    pub expected_pages: u64,
+    /// Wire bytes it expected them to take.
+    pub expected_bytes: u64,
+    /// The link's bandwidth it assumed, bytes/s.
+    pub expected_bandwidth_bytes_per_sec: f64,
+    /// How long it expected them to take: `expected_bytes` over that
+    /// bandwidth plus the encoders' time per page (the last live round's)
+    /// for `expected_pages`.
+    #[serde(serialize_with = "as_ms", rename = "expected_ms")]
+    pub expected: Duration,
+    /// Dirty pages the stopped round found (the final collect included).
+    pub pages: u64,
+    /// Wire bytes it sent.
+    pub wire_bytes: u64,
+    /// The encoder threads' time on it over their number.
+    #[serde(serialize_with = "as_ms", rename = "encode_ms")]
+    pub encode: Duration,
 }
 
 impl MigrationSummary {

@@ -454,6 +454,17 @@ pub fn print_summary(s: &Summary) {
         p.go_to_resume_ms,
         p.dest_resume_ms
     );
+    let f = &s.final_round;
+    println!(
+        "  final round       {} pages, {} (expected {} pages, {}, {:.2} ms at {}; encoding took {:.2} ms)",
+        f.pages,
+        format_bytes(f.wire_bytes),
+        f.expected_pages,
+        format_bytes(f.expected_bytes),
+        f.expected_ms,
+        format_rate(f.expected_bandwidth_bytes_per_sec),
+        f.encode_ms
+    );
     println!("  guest memory      {}", format_bytes(s.memory_bytes));
     println!("  guest bytes sent  {}", format_bytes(s.guest_bytes));
     println!("  wire bytes        {}", format_bytes(s.wire_bytes));

@@ -32,7 +32,7 @@ use crate::options::{HookPoint, MigrationOptions};
 use crate::progress::{HandoverStep, ProgressEvent};
 use crate::protocol::{self, Hello, HelloAck, RoundEnd, Running, STREAM_VERSION};
 use crate::steer::MigrationSteering;
-use crate::summary::{DowntimeBreakdown, MigrationSummary};
+use crate::summary::{DowntimeBreakdown, FinalRound, MigrationSummary};
 use crate::vm::MigratableVm;
 use inbox::Inbox;
 use torn::{Collect, TornCheck};
@@ -298,6 +298,8 @@ struct RoundTotals {
     pages: u64,
     counts: EncodingCounts,
     wire_bytes: u64,
+    /// The encoder threads' time on the round, summed.
+    encode_busy: Duration,
 }
 
 /// The channels to and from the encoder threads.
@@ -306,6 +308,8 @@ struct Pipeline<'a> {
     results: &'a Receiver<WorkerOutput>,
     /// The encoding choice (reported with each round).
     selector: &'a EncodingSelector,
+    /// Encoder threads.
+    workers: usize,
 }
 
 /// How a round is sent.
@@ -573,6 +577,7 @@ impl Session<'_> {
                 jobs: &job_tx,
                 results: &out_rx,
                 selector: &selector,
+                workers,
             };
             let result = self.rounds(layout, log, &hashes, dirty_log, &pipeline, progress);
             cancel.store(true, Ordering::Relaxed);
@@ -632,7 +637,7 @@ impl Session<'_> {
         // Whether the last round ended waiting for the destination to write
         // it (the pipe then held that round only).
         let mut drained_before = false;
-        let decided = loop {
+        let (decided, decided_pages) = loop {
             self.steer(&mut controller)?;
             let mode = RoundMode {
                 round,
@@ -679,7 +684,7 @@ impl Session<'_> {
                     if !drained {
                         self.await_round_written(round - 1)?;
                     }
-                    break assessment;
+                    break (assessment, measurement.dirty_pages);
                 }
                 Decision::Continue => {}
                 Decision::Throttle { percent } => {
@@ -788,8 +793,9 @@ impl Session<'_> {
         let t_collect = Instant::now();
         self.collect_settling(log, &mut dirty, Collect::Final, round, &mut torn, hashes)?;
         let final_collect = t_collect.elapsed();
+        let final_dirty = dirty.count_ones() as u64;
         progress(ProgressEvent::StopAndCopy {
-            dirty_pages: dirty.count_ones() as u64,
+            dirty_pages: final_dirty,
         });
         let t_final = Instant::now();
         let mode = RoundMode {
@@ -803,6 +809,15 @@ impl Session<'_> {
         guest_pages += totals.pages;
         counts.add(&totals.counts);
         round += 1;
+        let final_round = FinalRound {
+            expected_pages: decided_pages,
+            expected_bytes: decided.bytes_left,
+            expected_bandwidth_bytes_per_sec: decided.bandwidth_bytes_per_sec,
+            expected: decided.expected_downtime,
+            pages: final_dirty,
+            wire_bytes: totals.wire_bytes,
+            encode: totals.encode_busy / u32::try_from(pipeline.workers.max(1)).unwrap_or(u32::MAX),
+        };
         let digest = hashes.digest();
         let region_digests = hashes.region_digests();
         let message = protocol::DigestMessage {
@@ -916,6 +931,7 @@ impl Session<'_> {
             downtime_limit: policy.max_downtime,
             over_limit,
             torn_pages_resent: torn.resent(),
+            final_round,
         };
         info!(rounds = round, ?total, ?downtime, "migration completed");
         progress(ProgressEvent::Completed {
@@ -958,8 +974,11 @@ impl Session<'_> {
         if !wait_always {
             self.collect_live(state, &mut vcpu_dirty_pages, round + 1)?;
         }
+        let workers = u32::try_from(pipeline.workers.max(1)).unwrap_or(u32::MAX);
         let mut measurement = RoundMeasurement {
             duration: t0.elapsed(),
+            pages_read: totals.pages,
+            encode_time: totals.encode_busy / workers,
             pages_sent: totals.counts.sent(),
             wire_bytes: totals.wire_bytes,
             dirty_pages: state.dirty.count_ones() as u64,
@@ -1180,9 +1199,11 @@ impl Session<'_> {
                     pages,
                     counts,
                     wire_bytes,
+                    busy,
                 }) => {
                     done += 1;
                     totals.pages += pages;
+                    totals.encode_busy += busy;
                     totals.counts.add(&counts);
                     self.wire_bytes += wire_bytes;
                     last_chunk = Instant::now();

@@ -253,6 +253,8 @@ pub(crate) enum WorkerOutput {
         counts: EncodingCounts,
         /// Frame bytes queued for it.
         wire_bytes: u64,
+        /// The worker's time on it, waits for room on the lane excluded.
+        busy: Duration,
     },
     /// A chunk failed; the migration must stop.
     Failed(MigrationError),
@@ -538,6 +540,7 @@ fn encode_chunk(
             pages,
             counts,
             wire_bytes,
+            busy,
         })
         .is_ok())
 }
