@@ -90,21 +90,25 @@ const HOT_POLL: Duration = Duration::from_millis(200);
 /// The armed thread's nap between two looks at the request.
 const HOT_NAP: Duration = Duration::from_micros(20);
 
-/// Check `done` until it holds or `limit` passes, napping `nap` between
-/// checks. Naps, not `sched_yield`: a yielding poller can keep the thread it
-/// waits for off a shared core for a whole time slice (milliseconds, seen
-/// here), while a sleeping one never holds a core.
-fn poll_for(limit: Duration, nap: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = std::time::Instant::now();
-    loop {
-        if done() {
-            return true;
-        }
-        if start.elapsed() >= limit {
-            return false;
-        }
-        std::thread::sleep(nap);
+/// An armed parked thread ([`VcpuThread::prepare_resume`]): waits for a
+/// request other than Pause for up to [`HOT_POLL`], on the condvar that
+/// [`VcpuThread::wake`] notifies, so a Run wakes it at once, but never
+/// longer than [`HOT_NAP`] at a time: its core does not go idle, and waking
+/// an idle core is what the arming avoids. Naps, not `sched_yield`: a
+/// yielding poller can keep the thread it waits for off a shared core for
+/// a whole time slice (milliseconds, seen here), while a sleeping one never
+/// holds a core. (A poller that only slept its naps saw the Run when its
+/// nap ended; on two busy cores its next turn could then be 1-3 ms away.)
+fn wait_armed<'a>(ctl: &VcpuControl, mut st: MutexGuard<'a, RunState>) -> MutexGuard<'a, RunState> {
+    let until = Instant::now() + HOT_POLL;
+    while ctl.request() == Request::Pause && Instant::now() < until {
+        st = ctl
+            .changed
+            .wait_timeout(st, HOT_NAP)
+            .expect("vcpu state lock")
+            .0;
     }
+    st
 }
 
 /// Nanoseconds on the monotonic clock since the first call, never 0 (0
@@ -239,26 +243,34 @@ impl VcpuThread {
         self.thread.as_ref().map(ThreadKicker::of)
     }
 
-    /// Asks the thread to run the guest, without waiting.
-    pub fn request_run(&self) -> Result<(), String> {
+    /// Asks the thread to run the guest, without waking it yet
+    /// ([`VcpuThread::wake`]): a VM resuming several vCPUs stores every
+    /// request first, so a woken vCPU that takes this thread's core does
+    /// not hold back the requests of the others (measured: the second
+    /// request then came up to 1.9 ms after the first). An armed thread
+    /// ([`VcpuThread::prepare_resume`]) sees it on its next look.
+    pub fn set_run_request(&self) -> Result<(), String> {
         if let RunState::Failed(why) = self.ctl.state() {
             return Err(why);
         }
-        {
-            // Stored under the state lock: the parked thread reads the
-            // request under it and then waits on the condvar, so a store
-            // between its read and its wait would be a lost wake-up.
-            let _st = self.ctl.state.lock().expect("vcpu state lock");
-            self.ctl.hot.store(false, Ordering::Release);
-            self.ctl
-                .request
-                .store(Request::Run as u8, Ordering::Release);
-        }
-        self.ctl.changed.notify_all();
+        // Stored under the state lock: the parked thread reads the request
+        // under it and then waits on the condvar, so a store between its
+        // read and its wait would be a lost wake-up.
+        let _st = self.ctl.state.lock().expect("vcpu state lock");
+        self.ctl.hot.store(false, Ordering::Release);
+        self.ctl
+            .request
+            .store(Request::Run as u8, Ordering::Release);
         Ok(())
     }
 
-    /// Waits until the thread runs the guest after [`VcpuThread::request_run`].
+    /// Wakes the parked thread to look at its request.
+    pub fn wake(&self) {
+        self.ctl.changed.notify_all();
+    }
+
+    /// Waits until the thread runs the guest after [`VcpuThread::set_run_request`]
+    /// and [`VcpuThread::wake`].
     pub fn wait_running(&self) -> Result<(), String> {
         let mut st = self.ctl.state.lock().expect("vcpu state lock");
         while *st == RunState::Paused {
@@ -400,21 +412,23 @@ fn run_loop(ctl: &VcpuControl) {
                             ctl.changed.notify_all();
                         }
                         if ctl.hot.swap(false, Ordering::AcqRel) {
-                            drop(st);
-                            poll_for(HOT_POLL, HOT_NAP, || ctl.request() != Request::Pause);
-                            st = ctl.state.lock().expect("vcpu state lock");
+                            st = wait_armed(ctl, st);
                             continue;
                         }
                         st = ctl.changed.wait(st).expect("vcpu state lock");
                     }
                 }
             }
+            // The guest runs from the KVM_RUN right after the fd lock below
+            // (free now: its other users take it only while paused).
+            // Stamped before Running is published, so a caller that saw
+            // Running (`wait_running`, then `Vm::resumed_at_unix_ns`) reads
+            // this resume's instant, not the last one's (or 0).
+            ctl.resumed_at.store(unix_ns(), Ordering::Release);
             *st = RunState::Running;
             ctl.changed.notify_all();
         }
         let mut fd = ctl.fd.lock().expect("vcpu fd lock");
-        // The guest runs from the KVM_RUN right after this.
-        ctl.resumed_at.store(unix_ns(), Ordering::Release);
         let exit_ptr: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|p| p.set(exit_ptr));
         let outcome = run_until_request(ctl, &mut fd);

@@ -391,8 +391,13 @@ impl Vm {
         if vcpus.is_empty() {
             return Err(VmError::VcpuGone("the VM has no vCPU yet".into()));
         }
+        // Every request before any wake-up: a woken vCPU may take this
+        // thread's core before it gets to the next one.
         for v in vcpus {
-            v.request_run().map_err(VmError::VcpuGone)?;
+            v.set_run_request().map_err(VmError::VcpuGone)?;
+        }
+        for v in vcpus {
+            v.wake();
         }
         for v in vcpus {
             v.wait_running().map_err(VmError::VcpuGone)?;
@@ -417,6 +422,17 @@ impl Vm {
             .map(VcpuThread::resumed_at_unix_ns)
             .max()
             .unwrap_or(0)
+    }
+
+    /// When each vCPU last started running the guest after a pause (ns
+    /// since the Unix epoch, realtime clock; 0 before it first ran), by
+    /// vCPU index. Once [`Vm::resume`] returned, every one of them is this
+    /// resume's.
+    pub fn vcpu_resumed_at_unix_ns(&self) -> Vec<u64> {
+        self.vcpus()
+            .iter()
+            .map(VcpuThread::resumed_at_unix_ns)
+            .collect()
     }
 
     /// The number of vCPUs (0 for an incoming VM before its state arrived).

@@ -87,7 +87,7 @@ fn a_resume_prepared_in_advance_runs_the_guest_and_says_when() {
     if !kvm_or_skip(module_path!()) {
         return;
     }
-    let vm = boot(32, "rate=2000 tsc_khz=2300000");
+    let vm = boot_with_cpus(32, "rate=2000 tsc_khz=2300000 cpus=2", 2);
     wait_heartbeat_above(&vm, 5);
     let first_run = vm.resumed_at_unix_ns();
     assert!(first_run > 0, "the boot's own run is recorded");
@@ -106,19 +106,18 @@ fn a_resume_prepared_in_advance_runs_the_guest_and_says_when() {
         assert_eq!(vm.status(), a, "a prepared guest must stay paused");
         let before = unix_ns();
         vm.resume().unwrap();
-        // Recorded by the vCPU thread right before it enters the guest,
-        // which may be just after `resume` returned.
-        let start = Instant::now();
-        let mut at = vm.resumed_at_unix_ns();
-        while at < before && start.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(1));
-            at = vm.resumed_at_unix_ns();
-        }
         let after = unix_ns();
-        assert!(
-            (before..=after).contains(&at),
-            "resumed at {at}, outside {before}..={after}"
-        );
+        // Recorded by each vCPU thread before `resume` returns: every
+        // vCPU's instant is this resume's, and the VM's is the last one.
+        let each = vm.vcpu_resumed_at_unix_ns();
+        assert_eq!(each.len(), 2);
+        for (i, at) in each.iter().enumerate() {
+            assert!(
+                (before..=after).contains(at),
+                "vCPU {i} resumed at {at}, outside {before}..={after}"
+            );
+        }
+        assert_eq!(vm.resumed_at_unix_ns(), each.iter().copied().max().unwrap());
         wait_heartbeat_above(&vm, a.heartbeat);
     }
     // A preparation that no resume follows lapses; the guest stays paused
