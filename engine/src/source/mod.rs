@@ -312,6 +312,14 @@ struct Pipeline<'a> {
     workers: usize,
 }
 
+impl Pipeline<'_> {
+    /// The encoders' summed time `busy` as a stretch of wall time, all of
+    /// them at work.
+    fn encode_time(&self, busy: Duration) -> Duration {
+        busy / u32::try_from(self.workers.max(1)).unwrap_or(u32::MAX)
+    }
+}
+
 /// How a round is sent.
 #[derive(Debug, Clone, Copy)]
 struct RoundMode {
@@ -816,7 +824,7 @@ impl Session<'_> {
             expected: decided.expected_downtime,
             pages: final_dirty,
             wire_bytes: totals.wire_bytes,
-            encode: totals.encode_busy / u32::try_from(pipeline.workers.max(1)).unwrap_or(u32::MAX),
+            encode: pipeline.encode_time(totals.encode_busy),
         };
         let digest = hashes.digest();
         let region_digests = hashes.region_digests();
@@ -974,11 +982,10 @@ impl Session<'_> {
         if !wait_always {
             self.collect_live(state, &mut vcpu_dirty_pages, round + 1)?;
         }
-        let workers = u32::try_from(pipeline.workers.max(1)).unwrap_or(u32::MAX);
         let mut measurement = RoundMeasurement {
             duration: t0.elapsed(),
             pages_read: totals.pages,
-            encode_time: totals.encode_busy / workers,
+            encode_time: pipeline.encode_time(totals.encode_busy),
             pages_sent: totals.counts.sent(),
             wire_bytes: totals.wire_bytes,
             dirty_pages: state.dirty.count_ones() as u64,
