@@ -36,7 +36,7 @@ use crate::summary::{DowntimeBreakdown, FinalRound, MigrationSummary};
 use crate::vm::MigratableVm;
 use inbox::Inbox;
 use torn::{Collect, TornCheck};
-use workers::{run_worker, Chunk, EncodingSelector, WorkerContext, WorkerOutput, CHUNK_WORDS};
+use workers::{group_stretches, run_worker, Chunk, EncodingSelector, WorkerContext, WorkerOutput};
 
 /// Frames a lane's queue holds before its producers wait.
 const QUEUE_DEPTH: usize = 4;
@@ -1179,13 +1179,9 @@ impl Session<'_> {
         let wire_before = self.wire_bytes;
         let pages_total = dirty.count_ones() as u64;
         let mut chunks = 0usize;
-        for (i, words) in dirty.words().chunks(CHUNK_WORDS).enumerate() {
-            if words.iter().all(|&w| w == 0) {
-                continue;
-            }
+        for stretches in group_stretches(dirty.words(), self.out.lanes()) {
             let chunk = Chunk {
-                first_page: (i * CHUNK_WORDS * 64) as u64,
-                words: words.to_vec(),
+                stretches,
                 reprotect: mode.reprotect,
                 force: mode.force,
                 use_delta: mode.use_delta,

@@ -221,25 +221,77 @@ impl EncodingSelector {
     }
 }
 
-/// Dirty-bitmap words per chunk: 16 words = 1024 pages = 4 MiB of guest
-/// memory, re-protected with one call. A chunk is exactly one lane stripe,
-/// so all its pages travel on one lane.
+/// Dirty-bitmap words per [`Stretch`]: 16 words = 1024 pages = 4 MiB of
+/// guest memory, re-protected with one call. A stretch is exactly one lane
+/// stripe, so all its pages travel on one lane.
 pub(crate) const CHUNK_WORDS: usize = 16;
 
 const _: () = assert!(CHUNK_WORDS as u64 * 64 == STRIPE_PAGES);
 
-/// A piece of a round's work: the dirty pages of `words`, starting at
-/// page `first_page` (a multiple of 64).
+/// A piece of a round's work: one or more stretches of the dirty bitmap,
+/// all on one lane ([`lane_for_page`]), encoded into the same batches.
+/// A dense stretch is a job of its own; sparse ones (a late round's few
+/// pages spread over memory) are grouped up to [`JOB_PAGES`] dirty pages,
+/// so a round of scattered pages goes out in full frames, not in one small
+/// frame (a lane wake-up, a header, a checksum) per stretch.
 #[derive(Debug)]
 pub(crate) struct Chunk {
-    pub first_page: u64,
-    pub words: Vec<u64>,
-    /// Call `DirtyLog::reprotect` for these words before reading.
+    pub stretches: Vec<Stretch>,
+    /// Call `DirtyLog::reprotect` for every stretch's words before
+    /// reading any of its pages.
     pub reprotect: bool,
     /// Send every page, even one whose hash matches (round 0).
     pub force: bool,
     /// Use and update the XOR-delta cache.
     pub use_delta: bool,
+}
+
+/// [`CHUNK_WORDS`] words of the dirty bitmap: the dirty pages from page
+/// `first_page` (a multiple of [`STRIPE_PAGES`]) on.
+#[derive(Debug)]
+pub(crate) struct Stretch {
+    pub first_page: u64,
+    pub words: Vec<u64>,
+}
+
+/// Dirty pages a job gathers from sparse stretches before it goes to an
+/// encoder: a full stretch's worth.
+pub(crate) const JOB_PAGES: u64 = STRIPE_PAGES;
+
+/// A round's dirty bitmap as the stretches of each job, in the order the
+/// jobs fill: a lane's stretches gather until they hold [`JOB_PAGES`]
+/// dirty pages (a dense stretch is a job at once), and what each lane
+/// gathered short of that goes last.
+pub(crate) fn group_stretches(words: &[u64], lanes: usize) -> Vec<Vec<Stretch>> {
+    let mut jobs = Vec::new();
+    let mut gathering: Vec<(Vec<Stretch>, u64)> =
+        (0..lanes.max(1)).map(|_| (Vec::new(), 0)).collect();
+    for (first_page, words) in (0u64..)
+        .step_by(CHUNK_WORDS * 64)
+        .zip(words.chunks(CHUNK_WORDS))
+    {
+        let pages: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
+        if pages == 0 {
+            continue;
+        }
+        let (stretches, gathered) = &mut gathering[lane_for_page(first_page, lanes)];
+        stretches.push(Stretch {
+            first_page,
+            words: words.to_vec(),
+        });
+        *gathered += pages;
+        if *gathered >= JOB_PAGES {
+            jobs.push(std::mem::take(stretches));
+            *gathered = 0;
+        }
+    }
+    jobs.extend(
+        gathering
+            .into_iter()
+            .map(|(stretches, _)| stretches)
+            .filter(|s| !s.is_empty()),
+    );
+    jobs
 }
 
 /// What workers hand back (their batches go straight to the lanes).
@@ -448,17 +500,29 @@ fn encode_chunk(
     spare: &mut Option<Vec<u8>>,
     out: &Sender<WorkerOutput>,
 ) -> Result<bool, MigrationError> {
+    let Some(first) = chunk.stretches.first() else {
+        return Ok(out
+            .send(WorkerOutput::ChunkDone {
+                pages: 0,
+                counts: EncodingCounts::default(),
+                wire_bytes: 0,
+                busy: Duration::ZERO,
+            })
+            .is_ok());
+    };
     if chunk.reprotect {
-        let first = usize::try_from(chunk.first_page).expect("page index fits usize");
         let mut log = ctx.log.lock().unwrap_or_else(|p| p.into_inner());
-        log.reprotect(first, &chunk.words)
-            .map_err(MigrationError::DirtyLog)?;
+        for stretch in &chunk.stretches {
+            let first = usize::try_from(stretch.first_page).expect("page index fits usize");
+            log.reprotect(first, &stretch.words)
+                .map_err(MigrationError::DirtyLog)?;
+        }
     }
     let started = Instant::now();
     let mut queue_time = Duration::ZERO;
     encoder.set_choice(ctx.selector.choice());
     encoder.set_compression_could_pay(ctx.selector.compression_could_pay());
-    let lane = lane_for_page(chunk.first_page, ctx.out.lanes());
+    let lane = lane_for_page(first.first_page, ctx.out.lanes());
     let mut wire_bytes = 0u64;
     let capacity = ctx.batch_bytes + PAGE_SIZE + 64;
     let headroom = FRAME_HEADROOM;
@@ -467,12 +531,18 @@ fn encode_chunk(
     let mut pages = 0u64;
     let mut digest_delta = ctx.hashes.delta();
     let delta = chunk.use_delta.then_some(ctx.cache);
-    for (i, &word) in chunk.words.iter().enumerate() {
+    let words = chunk.stretches.iter().flat_map(|stretch| {
+        debug_assert_eq!(lane_for_page(stretch.first_page, ctx.out.lanes()), lane);
+        (0u64..)
+            .zip(&stretch.words)
+            .map(move |(i, &word)| (stretch.first_page + 64 * i, word))
+    });
+    for (word_first_page, word) in words {
         let mut bits = word;
         while bits != 0 {
             let bit = u64::from(bits.trailing_zeros());
             bits &= bits - 1;
-            let index = chunk.first_page + 64 * i as u64 + bit;
+            let index = word_first_page + bit;
             let in_place = match ctx.in_place {
                 Some(_) if encoder.sends_raw(index, delta.is_some()) => {
                     hash_page_in_place(ctx.memory, index)?
@@ -543,4 +613,85 @@ fn encode_chunk(
             busy,
         })
         .is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pages_of(stretches: &[Stretch]) -> Vec<u64> {
+        let mut pages = Vec::new();
+        for s in stretches {
+            for (i, &w) in (0u64..).zip(&s.words) {
+                let mut bits = w;
+                while bits != 0 {
+                    pages.push(s.first_page + 64 * i + u64::from(bits.trailing_zeros()));
+                    bits &= bits - 1;
+                }
+            }
+        }
+        pages
+    }
+
+    #[test]
+    fn scattered_pages_go_out_in_one_job_per_lane_and_dense_stretches_alone() {
+        // One dirty page in each of 256 stretches (1 GiB), 4 lanes.
+        let mut words = vec![0u64; 256 * CHUNK_WORDS];
+        for s in 0..256 {
+            words[s * CHUNK_WORDS + 3] = 1 << 7;
+        }
+        let jobs = group_stretches(&words, 4);
+        assert_eq!(jobs.len(), 4);
+        assert!(jobs.iter().all(|j| j.len() == 64));
+        // Every page dirty: each stretch is a job of its own.
+        let jobs = group_stretches(&vec![u64::MAX; 256 * CHUNK_WORDS], 4);
+        assert_eq!(jobs.len(), 256);
+        assert!(jobs.iter().all(|j| j.len() == 1));
+    }
+
+    proptest! {
+        #[test]
+        fn grouping_covers_each_dirty_page_once_on_its_own_lane(
+            words in prop::collection::vec(
+                prop_oneof![
+                    4 => Just(0u64),
+                    2 => any::<u64>().prop_map(|w| w & (w >> 7) & (w >> 13)),
+                    1 => Just(u64::MAX),
+                ],
+                0..(64 * CHUNK_WORDS),
+            ),
+            lanes in 1usize..9,
+        ) {
+            let jobs = group_stretches(&words, lanes);
+            let mut seen = Vec::new();
+            for job in &jobs {
+                prop_assert!(!job.is_empty());
+                let lane = lane_for_page(job[0].first_page, lanes);
+                let mut before_last = 0u64;
+                for (k, s) in job.iter().enumerate() {
+                    prop_assert_eq!(lane_for_page(s.first_page, lanes), lane);
+                    prop_assert_eq!(s.first_page % STRIPE_PAGES, 0);
+                    let pages = pages_of(std::slice::from_ref(s)).len() as u64;
+                    prop_assert!(pages > 0);
+                    if k + 1 < job.len() {
+                        before_last += pages;
+                    }
+                }
+                // A job stops gathering once it holds JOB_PAGES.
+                prop_assert!(before_last < JOB_PAGES);
+                seen.extend(pages_of(job));
+            }
+            seen.sort_unstable();
+            let mut expected = Vec::new();
+            for (i, &w) in (0u64..).zip(&words) {
+                let mut bits = w;
+                while bits != 0 {
+                    expected.push(64 * i + u64::from(bits.trailing_zeros()));
+                    bits &= bits - 1;
+                }
+            }
+            prop_assert_eq!(seen, expected);
+        }
+    }
 }
