@@ -7,7 +7,7 @@
 
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -146,6 +146,15 @@ pub struct VcpuControl {
     /// When the thread last came out of `KVM_RUN` for a pause, ns since
     /// the Unix epoch.
     stopped_at: AtomicU64,
+    /// The thread's id (0 until it starts), for its CPU affinity.
+    tid: AtomicI32,
+    /// The CPU the thread was on when it last started running the guest.
+    cpu: AtomicI32,
+    /// The affinity to give back once the thread runs, when a resume
+    /// narrowed it ([`VcpuThread::move_off`]). Taken under this lock by
+    /// whichever side sees the thread running: the thread itself, or
+    /// nobody when the resume found it running already.
+    moved_from: Mutex<Option<CpuSet>>,
     /// The vCPU fd; the thread holds the lock while it runs the guest.
     pub(crate) fd: Mutex<VcpuFd>,
     /// Called on `KVM_EXIT_DIRTY_RING_FULL` to drain the ring.
@@ -174,6 +183,9 @@ impl VcpuControl {
             hot: AtomicBool::new(false),
             resumed_at: AtomicU64::new(0),
             stopped_at: AtomicU64::new(0),
+            tid: AtomicI32::new(0),
+            cpu: AtomicI32::new(-1),
+            moved_from: Mutex::new(None),
             fd: Mutex::new(fd),
             ring_full: Mutex::new(None),
             exited: AtomicBool::new(false),
@@ -282,6 +294,83 @@ impl VcpuThread {
         }
     }
 
+    /// Like [`VcpuThread::wait_running`], but only until `deadline`:
+    /// `Ok(false)` when the thread is not running the guest by then.
+    pub fn wait_running_until(&self, deadline: Instant) -> Result<bool, String> {
+        let mut st = self.ctl.state.lock().expect("vcpu state lock");
+        while *st == RunState::Paused {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            st = self
+                .ctl
+                .changed
+                .wait_timeout(st, left)
+                .expect("vcpu state lock")
+                .0;
+        }
+        match &*st {
+            RunState::Running => Ok(true),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    /// The CPU this thread started its current run of the guest on, while
+    /// it runs the guest.
+    pub fn running_on(&self) -> Option<usize> {
+        if self.ctl.state() != RunState::Running {
+            return None;
+        }
+        usize::try_from(self.ctl.cpu.load(Ordering::Acquire)).ok()
+    }
+
+    /// The thread's id (for `taskset -p`, `/proc/PID/task/TID`), once it
+    /// has started.
+    pub fn tid(&self) -> Option<i32> {
+        Some(self.ctl.tid.load(Ordering::Acquire)).filter(|&t| t > 0)
+    }
+
+    /// A thread asked to run but still waiting for a CPU: takes `busy`
+    /// (the CPUs its sibling vCPUs just started on) out of its affinity
+    /// until it runs, so the kernel moves it to another CPU it may use
+    /// rather than leave it queued behind a sibling that runs the guest.
+    /// Its own affinity comes back as soon as it runs (and the CPUs it
+    /// may use are only ever narrowed, so an operator's pinning holds).
+    /// Returns whether the thread was moved: not when it already runs,
+    /// when nothing would be left, or when the kernel refuses.
+    ///
+    /// Why: a woken thread goes to its last CPU, or to its waker's. On this
+    /// project's 2-core build machines (a nested KVM), `sched_switch`
+    /// traces showed both vCPUs of a resume queued on one CPU while the
+    /// other idled for 2-5 ms: the idle CPU does not pull a thread that ran
+    /// within the last 0.5 ms, so it waited for the periodic load balance
+    /// (BENCHMARKS.md, session 17).
+    pub fn move_off(&self, busy: &[usize]) -> bool {
+        let mut slot = self.ctl.moved_from.lock().expect("vcpu affinity lock");
+        if slot.is_some() || self.ctl.state() != RunState::Paused {
+            return false;
+        }
+        let Some(tid) = self.tid() else {
+            return false;
+        };
+        let Ok(own) = CpuSet::of(tid) else {
+            return false;
+        };
+        let mut narrowed = own;
+        for &cpu in busy {
+            narrowed.remove(cpu);
+        }
+        if narrowed.is_empty() || narrowed == own {
+            return false;
+        }
+        if narrowed.apply(tid).is_err() {
+            return false;
+        }
+        *slot = Some(own);
+        true
+    }
+
     /// Asks the thread to leave `KVM_RUN` and park, without waiting.
     pub fn request_pause(&self) {
         self.ctl
@@ -377,6 +466,75 @@ impl Drop for VcpuThread {
 }
 
 /// Sends the kick signal to one thread.
+/// A thread's CPU affinity mask.
+#[derive(Clone, Copy)]
+pub(crate) struct CpuSet(libc::cpu_set_t);
+
+impl PartialEq for CpuSet {
+    fn eq(&self, other: &Self) -> bool {
+        // SAFETY: CPU_EQUAL only reads the two sets.
+        unsafe { libc::CPU_EQUAL(&self.0, &other.0) }
+    }
+}
+
+impl std::fmt::Debug for CpuSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| self.contains(c))
+            .collect();
+        f.debug_tuple("CpuSet").field(&cpus).finish()
+    }
+}
+
+impl CpuSet {
+    /// Thread `tid`'s affinity (0: the calling thread).
+    fn of(tid: i32) -> std::io::Result<Self> {
+        // SAFETY: an all-zero cpu_set_t is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the kernel writes at most size_of::<cpu_set_t>() bytes
+        // into `set`, which lives for the call.
+        let rc = unsafe {
+            libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set)
+        };
+        if rc == 0 {
+            Ok(Self(set))
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Makes this thread `tid`'s affinity (0: the calling thread).
+    fn apply(&self, tid: i32) -> std::io::Result<()> {
+        // SAFETY: the kernel reads size_of::<cpu_set_t>() bytes of `self.0`.
+        let rc = unsafe {
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &self.0)
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    fn contains(&self, cpu: usize) -> bool {
+        // SAFETY: CPU_ISSET reads the set; it checks `cpu` against the
+        // set's size.
+        cpu < libc::CPU_SETSIZE as usize && unsafe { libc::CPU_ISSET(cpu, &self.0) }
+    }
+
+    fn remove(&mut self, cpu: usize) {
+        if cpu < libc::CPU_SETSIZE as usize {
+            // SAFETY: CPU_CLR writes the bit of `cpu`, which is in range.
+            unsafe { libc::CPU_CLR(cpu, &mut self.0) };
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        // SAFETY: CPU_COUNT only reads the set.
+        unsafe { libc::CPU_COUNT(&self.0) == 0 }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct ThreadKicker(libc::pthread_t);
 
@@ -394,6 +552,8 @@ impl ThreadKicker {
 }
 
 fn run_loop(ctl: &VcpuControl) {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    ctl.tid.store(unsafe { libc::gettid() }, Ordering::Release);
     loop {
         // Parked: wait for Run or Stop.
         {
@@ -425,8 +585,19 @@ fn run_loop(ctl: &VcpuControl) {
             // Running (`wait_running`, then `Vm::resumed_at_unix_ns`) reads
             // this resume's instant, not the last one's (or 0).
             ctl.resumed_at.store(unix_ns(), Ordering::Release);
+            // SAFETY: sched_getcpu takes no arguments; -1 on failure.
+            ctl.cpu
+                .store(unsafe { libc::sched_getcpu() }, Ordering::Release);
             *st = RunState::Running;
             ctl.changed.notify_all();
+        }
+        // Running is published: a resume that moved this thread off a
+        // sibling's CPU stored the affinity to give back before that.
+        let moved_from = ctl.moved_from.lock().expect("vcpu affinity lock").take();
+        if let Some(set) = moved_from {
+            if let Err(e) = set.apply(0) {
+                tracing::warn!(error = %e, "could not give a vCPU thread its CPU affinity back");
+            }
         }
         let mut fd = ctl.fd.lock().expect("vcpu fd lock");
         let exit_ptr: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
@@ -602,5 +773,61 @@ mod tests {
         );
         assert_eq!(throttle_sleep(50, ms(500)), ms(40), "charged at most 40 ms");
         assert_eq!(throttle_sleep(100, ms(10)), ms(990), "100 is taken as 99");
+    }
+
+    #[test]
+    fn a_vcpu_moved_off_busy_cpus_gets_its_own_affinity_back_once_it_runs() {
+        if !crate::testing::kvm_or_skip(module_path!()) {
+            return;
+        }
+        let own = CpuSet::of(0).expect("this thread's affinity");
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| own.contains(c))
+            .collect();
+        if cpus.len() < 2 {
+            assert!(
+                std::env::var_os("FERRY_NO_SKIP").is_none(),
+                "FERRY_NO_SKIP is set, so this test may not skip"
+            );
+            eprintln!("SKIPPED: {}: needs 2 CPUs, has {cpus:?}", module_path!());
+            return;
+        }
+        let kvm = kvm_ioctls::Kvm::new().expect("open /dev/kvm");
+        let vm = kvm.create_vm().expect("create a VM");
+        let thread = VcpuThread::spawn(vm.create_vcpu(0).expect("a vCPU"), 0).expect("spawn");
+        let started = Instant::now();
+        let tid = loop {
+            if let Some(tid) = thread.tid() {
+                break tid;
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "no tid");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let before = CpuSet::of(tid).expect("the vCPU thread's affinity");
+        assert!(!thread.move_off(&cpus), "with every CPU busy it stays");
+        assert_eq!(CpuSet::of(tid).unwrap(), before);
+        assert!(thread.move_off(&cpus[..1]));
+        let moved = CpuSet::of(tid).unwrap();
+        assert!(!moved.contains(cpus[0]), "{moved:?} still has {}", cpus[0]);
+        assert!(moved.contains(cpus[1]), "{moved:?} lost {}", cpus[1]);
+        assert!(!thread.move_off(&cpus[1..2]), "moved once until it runs");
+        assert_eq!(CpuSet::of(tid).unwrap(), moved);
+        // Run it (a vCPU with no memory: whatever KVM_RUN then does, the
+        // affinity comes back before it).
+        thread.set_run_request().expect("run request");
+        thread.wake();
+        while thread.ctl.state() == RunState::Paused {
+            assert!(started.elapsed() < Duration::from_secs(5), "never ran");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while CpuSet::of(tid).unwrap() != before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(CpuSet::of(tid).unwrap(), before, "its own affinity again");
+        assert!(
+            !thread.move_off(&cpus[..1]),
+            "a thread that runs is not moved"
+        );
     }
 }
