@@ -77,16 +77,30 @@ pub fn this_thread_cpu() -> io::Result<CpuTime> {
     })
 }
 
-/// The thread of `pid` whose name is one of `names` (QEMU: `CPU 0/KVM`
-/// with `-name ...,debug-threads=on`; ferry: `vcpu0`).
-pub fn find_thread(pid: u32, names: &[&str]) -> Option<u32> {
-    for e in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
-        let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-        if names.contains(&comm.trim_end()) {
-            return e.file_name().to_str()?.parse().ok();
-        }
-    }
-    None
+/// Whether a thread named `comm` runs a guest vCPU: QEMU's `CPU N/KVM`
+/// (with `-name ...,debug-threads=on`), ferry's `vcpuN` (not its
+/// `vcpuN-throttle` tickers, which are the VMM's own work).
+pub fn is_vcpu_thread(comm: &str) -> bool {
+    let number = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+    comm.strip_prefix("vcpu").is_some_and(number)
+        || comm
+            .strip_prefix("CPU ")
+            .and_then(|r| r.strip_suffix("/KVM"))
+            .is_some_and(number)
+}
+
+/// The threads of `pid` that run guest vCPUs ([`is_vcpu_thread`]).
+pub fn vcpu_threads(pid: u32) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter(|e| {
+            let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            is_vcpu_thread(comm.trim_end())
+        })
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
 }
 
 /// Bytes the process has read through read-like system calls (`rchar` of
@@ -173,6 +187,56 @@ fn parse_map_line(line: &str, min_len: u64) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_vcpu_thread_is_found_and_nothing_else() {
+        for (comm, vcpu) in [
+            ("vcpu0", true),
+            ("vcpu12", true),
+            ("CPU 0/KVM", true),
+            ("CPU 3/KVM", true),
+            ("vcpu0-throttle", false),
+            ("vcpu", false),
+            ("CPU /KVM", false),
+            ("live_migration", false),
+            ("ferry-lane-0", false),
+        ] {
+            assert_eq!(is_vcpu_thread(comm), vcpu, "{comm}");
+        }
+        // Threads of this very process, named as a VMM names them.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let threads: Vec<_> = ["vcpu0", "vcpu1", "vcpu0-throttle", "CPU 2/KVM"]
+            .into_iter()
+            .map(|name| {
+                let (stop, tx) = (stop.clone(), tx.clone());
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || {
+                        // SAFETY: gettid takes no arguments and cannot fail.
+                        let tid = unsafe { libc::gettid() } as u32;
+                        tx.send((name, tid)).unwrap();
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                        }
+                    })
+                    .unwrap()
+            })
+            .collect();
+        let named: Vec<(&str, u32)> = rx.iter().take(4).collect();
+        let found = vcpu_threads(std::process::id());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
+        for (name, tid) in named {
+            assert_eq!(
+                found.contains(&tid),
+                name != "vcpu0-throttle",
+                "{name}: {found:?}"
+            );
+        }
+    }
 
     #[test]
     fn this_threads_cpu_grows_while_it_works() {

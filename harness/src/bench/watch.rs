@@ -24,53 +24,57 @@ use ferry_vm::GuestStatus;
 use crate::bench::guest_probe::GuestProbe;
 use crate::bench::procfs;
 
-/// Names of the vCPU thread: QEMU (`-name ...,debug-threads=on`), ferry.
-pub const VCPU_THREAD_NAMES: &[&str] = &["CPU 0/KVM", "vcpu0"];
-
 /// CPU seconds of one engine process at one instant.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuSample {
     /// Whole process.
     pub process: f64,
-    /// Its vCPU thread (the guest's own run time), when found.
+    /// Its vCPU threads together (the guest's own run time), those found.
     pub vcpu: f64,
 }
 
 /// Reads [`CpuSample`]s of one process.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CpuMeter {
     pid: u32,
-    vcpu_tid: Option<u32>,
-    /// The vCPU thread's time at the last read that found it: a thread
-    /// that exited keeps its last figure.
-    vcpu_last: f64,
+    /// Each vCPU thread found so far and its time at the last read that
+    /// found it: a thread that exited keeps its last figure.
+    vcpus: Vec<(u32, f64)>,
 }
 
 impl CpuMeter {
-    /// For `pid`, finding its vCPU thread now if it has one yet.
+    /// For `pid`, finding its vCPU threads now if it has any yet.
     pub fn new(pid: u32) -> Self {
-        Self {
+        let mut meter = Self {
             pid,
-            vcpu_tid: procfs::find_thread(pid, VCPU_THREAD_NAMES),
-            vcpu_last: 0.0,
+            vcpus: Vec::new(),
+        };
+        meter.find_vcpus();
+        meter
+    }
+
+    /// Adds vCPU threads that appeared since the last look (a destination
+    /// creates its vCPUs as the migration starts).
+    fn find_vcpus(&mut self) {
+        for tid in procfs::vcpu_threads(self.pid) {
+            if !self.vcpus.iter().any(|&(t, _)| t == tid) {
+                self.vcpus.push((tid, 0.0));
+            }
         }
     }
 
     /// The process's CPU time now, `None` once it is gone.
     pub fn sample(&mut self) -> Option<CpuSample> {
-        if self.vcpu_tid.is_none() {
-            self.vcpu_tid = procfs::find_thread(self.pid, VCPU_THREAD_NAMES);
-        }
+        self.find_vcpus();
         let process = procfs::process_cpu_secs(self.pid).ok()?;
-        if let Some(v) = self
-            .vcpu_tid
-            .and_then(|t| procfs::thread_cpu_secs(self.pid, t).ok())
-        {
-            self.vcpu_last = v;
+        for (tid, last) in &mut self.vcpus {
+            if let Ok(v) = procfs::thread_cpu_secs(self.pid, *tid) {
+                *last = v;
+            }
         }
         Some(CpuSample {
             process,
-            vcpu: self.vcpu_last,
+            vcpu: self.vcpus.iter().map(|&(_, v)| v).sum(),
         })
     }
 }
