@@ -151,9 +151,10 @@ pub struct VcpuControl {
     /// The CPU the thread was on when it last started running the guest.
     cpu: AtomicI32,
     /// The affinity to give back once the thread runs, when a resume
-    /// narrowed it ([`VcpuThread::move_off`]). Taken under this lock by
-    /// whichever side sees the thread running: the thread itself, or
-    /// nobody when the resume found it running already.
+    /// narrowed it ([`VcpuThread::move_off`]). The resume stores it under
+    /// this lock only while the thread is not running yet; the thread takes
+    /// it under the lock right after it publishes Running, so one that
+    /// started meanwhile still finds it.
     moved_from: Mutex<Option<CpuSet>>,
     /// The vCPU fd; the thread holds the lock while it runs the guest.
     pub(crate) fd: Mutex<VcpuFd>,
@@ -465,7 +466,6 @@ impl Drop for VcpuThread {
     }
 }
 
-/// Sends the kick signal to one thread.
 /// A thread's CPU affinity mask.
 #[derive(Clone, Copy)]
 pub(crate) struct CpuSet(libc::cpu_set_t);
@@ -535,6 +535,7 @@ impl CpuSet {
     }
 }
 
+/// Sends the kick signal to one thread.
 #[derive(Debug, Clone, Copy)]
 struct ThreadKicker(libc::pthread_t);
 
