@@ -40,7 +40,15 @@ pub struct CpuMeter {
     /// Each vCPU thread found so far and its time at the last read that
     /// found it: a thread that exited keeps its last figure.
     vcpus: Vec<(u32, f64)>,
+    /// Samples taken: once a vCPU thread is known, the threads are listed
+    /// again only every [`RESCAN_EVERY`] samples (a VMM starts its vCPUs
+    /// together, and listing them is `/proc` work the engines share the
+    /// cores with).
+    samples: u32,
 }
+
+/// See [`CpuMeter::samples`].
+const RESCAN_EVERY: u32 = 16;
 
 impl CpuMeter {
     /// For `pid`, finding its vCPU threads now if it has any yet.
@@ -48,6 +56,7 @@ impl CpuMeter {
         let mut meter = Self {
             pid,
             vcpus: Vec::new(),
+            samples: 0,
         };
         meter.find_vcpus();
         meter
@@ -65,7 +74,10 @@ impl CpuMeter {
 
     /// The process's CPU time now, `None` once it is gone.
     pub fn sample(&mut self) -> Option<CpuSample> {
-        self.find_vcpus();
+        if self.vcpus.is_empty() || self.samples.is_multiple_of(RESCAN_EVERY) {
+            self.find_vcpus();
+        }
+        self.samples = self.samples.wrapping_add(1);
         let process = procfs::process_cpu_secs(self.pid).ok()?;
         for (tid, last) in &mut self.vcpus {
             if let Ok(v) = procfs::thread_cpu_secs(self.pid, *tid) {
