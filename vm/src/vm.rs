@@ -390,10 +390,10 @@ impl Vm {
     }
 
     /// Resumes the guest: every vCPU is asked to run, then this waits until
-    /// all do. With several vCPUs, one still waiting for a CPU after
-    /// 100 µs while a sibling runs the guest is moved
-    /// off that sibling's CPU until it runs (its affinity is narrowed,
-    /// never widened, and given back as it starts).
+    /// all do. With several vCPUs, one still waiting for a CPU after 100 µs
+    /// while a sibling runs the guest is moved off that sibling's CPU until
+    /// it runs (its affinity is narrowed, never widened, and given back as
+    /// it starts).
     pub fn resume(&self) -> Result<(), VmError> {
         let vcpus = self.vcpus();
         if vcpus.is_empty() {

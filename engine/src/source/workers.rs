@@ -500,16 +500,6 @@ fn encode_chunk(
     spare: &mut Option<Vec<u8>>,
     out: &Sender<WorkerOutput>,
 ) -> Result<bool, MigrationError> {
-    let Some(first) = chunk.stretches.first() else {
-        return Ok(out
-            .send(WorkerOutput::ChunkDone {
-                pages: 0,
-                counts: EncodingCounts::default(),
-                wire_bytes: 0,
-                busy: Duration::ZERO,
-            })
-            .is_ok());
-    };
     if chunk.reprotect {
         let mut log = ctx.log.lock().unwrap_or_else(|p| p.into_inner());
         for stretch in &chunk.stretches {
@@ -522,7 +512,11 @@ fn encode_chunk(
     let mut queue_time = Duration::ZERO;
     encoder.set_choice(ctx.selector.choice());
     encoder.set_compression_could_pay(ctx.selector.compression_could_pay());
-    let lane = lane_for_page(first.first_page, ctx.out.lanes());
+    // Every stretch of a job is on one lane (`group_stretches`).
+    let lane = chunk
+        .stretches
+        .first()
+        .map_or(0, |s| lane_for_page(s.first_page, ctx.out.lanes()));
     let mut wire_bytes = 0u64;
     let capacity = ctx.batch_bytes + PAGE_SIZE + 64;
     let headroom = FRAME_HEADROOM;
