@@ -10,6 +10,15 @@
 //!   ferry's: a profile that worked once in three is no one's best.
 //! - A floor whose ferry runs failed is missed, not n/a; one with a run
 //!   measured while the machine was busy says so instead of a verdict.
+//!
+//! ## Noise is not a verdict
+//! A ratio floor is decided by the interval of ferry's runs against
+//! QEMU's ([`RatioInterval`]: every run against every run, 97 % for 5
+//! against 5, 90 % for 3 against 3), not by the medians alone: met when
+//! all of it is within the floor, missed when none of it is, and
+//! *unresolved* when the floor lies inside it (the medians' ratio still
+//! shows which side they fell on). With fewer runs than that, the medians
+//! decide and the detail says so.
 
 use std::fmt::Write as _;
 
@@ -18,7 +27,7 @@ use serde::Serialize;
 use crate::bench::ceiling::Ceiling;
 use crate::bench::matrix::{Engine, FerryProfile, Fill, Link, Profile, Workload};
 use crate::bench::outcome::RunOutcome;
-use crate::bench::stats::Spread;
+use crate::bench::stats::{RatioInterval, Spread, Standing};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -92,6 +101,20 @@ pub struct Aggregate {
     /// Median engine CPU per GiB (source + destination, vCPU excluded) /
     /// that of QEMU's best-total profile.
     pub cpu_vs_qemu_best: Option<f64>,
+    /// The successful runs' own figures, for intervals on the ratios.
+    #[serde(skip)]
+    pub samples: Samples,
+}
+
+/// One aggregate's successful runs, figure by figure (in run order).
+#[derive(Debug, Clone, Default)]
+pub struct Samples {
+    /// Total time, ms.
+    pub total_ms: Vec<f64>,
+    /// Heartbeat gap, ms.
+    pub heartbeat_gap_ms: Vec<f64>,
+    /// Engine CPU per GiB, source + destination.
+    pub cpu_per_gib: Vec<f64>,
 }
 
 impl Aggregate {
@@ -224,6 +247,14 @@ fn summarise(all: &[&RunOutcome], ceiling_bps: Option<f64>) -> Aggregate {
         total_vs_qemu_best: None,
         downtime_vs_qemu_best: None,
         cpu_vs_qemu_best: None,
+        samples: Samples {
+            total_ms: ok.iter().filter_map(|r| r.total_ms).collect(),
+            heartbeat_gap_ms: ok.iter().filter_map(|r| r.heartbeat_gap_ms).collect(),
+            cpu_per_gib: ok
+                .iter()
+                .filter_map(|r| Some((r.src_engine_cpu_s? + r.dst_engine_cpu_s?) / (mem / GIB)))
+                .collect(),
+        },
     }
 }
 
@@ -403,7 +434,15 @@ pub enum Verdict {
     NotApplicable,
     /// Some run behind it was measured while the machine was busy: no verdict.
     Busy,
+    /// The ratio's confidence interval ([`RatioInterval`]) holds the floor:
+    /// the median ratio falls on one side, but these runs cannot tell.
+    Unresolved,
 }
+
+/// The least confidence an interval needs to decide a floor (3 runs
+/// against 3 give 0.9); with fewer runs the medians' ratio decides alone,
+/// and the detail says so.
+pub const MIN_CONFIDENCE: f64 = 0.85;
 
 /// One floor of the issue, checked (reported, never asserted).
 #[derive(Debug, Clone, Serialize)]
@@ -414,6 +453,8 @@ pub struct FloorCheck {
     pub row: String,
     /// The verdict.
     pub verdict: Verdict,
+    /// The ratio's interval, when there was one to compute.
+    pub interval: Option<RatioInterval>,
     /// The figures behind it.
     pub detail: String,
 }
@@ -487,18 +528,42 @@ pub fn floors(aggs: &[Aggregate], ceilings: &[Ceiling]) -> Vec<FloorCheck> {
                 }
             )
         };
-        let mut push = |floor: String, ratio: Option<f64>, max: f64, detail: String| {
+        let mut push = |floor: String,
+                        ratio: Option<f64>,
+                        interval: Option<RatioInterval>,
+                        max: f64,
+                        mut detail: String| {
+            let decisive = interval.filter(|i| i.confidence >= MIN_CONFIDENCE);
             let verdict = if ferry_failed.is_some() {
                 Verdict::Missed
             } else if busy {
                 Verdict::Busy
             } else {
-                match ratio {
-                    Some(r) if r <= max => Verdict::Met,
-                    Some(_) => Verdict::Missed,
-                    None => Verdict::NotApplicable,
+                match (ratio, decisive.map(|i| i.against(max))) {
+                    (None, _) => Verdict::NotApplicable,
+                    (Some(_), Some(Standing::Below)) => Verdict::Met,
+                    (Some(_), Some(Standing::Above)) => Verdict::Missed,
+                    (Some(_), Some(Standing::Straddles)) => Verdict::Unresolved,
+                    (Some(r), None) if r <= max => Verdict::Met,
+                    (Some(_), None) => Verdict::Missed,
                 }
             };
+            if let (Some(_), Some(i)) = (ratio, interval) {
+                detail += &if decisive.is_some() {
+                    format!(
+                        "; runs against runs {:.2}x, {:.0} % interval {:.2}-{:.2}x",
+                        i.estimate,
+                        i.confidence * 100.0,
+                        i.low,
+                        i.high
+                    )
+                } else {
+                    format!(
+                        "; too few runs for an interval ({:.0} % at most): the medians decide",
+                        i.confidence * 100.0
+                    )
+                };
+            }
             let detail = match &ferry_failed {
                 Some(f) => format!("{f}; {detail}"),
                 None => detail,
@@ -507,6 +572,7 @@ pub fn floors(aggs: &[Aggregate], ceilings: &[Ceiling]) -> Vec<FloorCheck> {
                 floor,
                 row: row.into(),
                 verdict,
+                interval,
                 detail,
             });
         };
@@ -546,9 +612,12 @@ pub fn floors(aggs: &[Aggregate], ceilings: &[Ceiling]) -> Vec<FloorCheck> {
                     detail += &format!(" = {:.2}x QEMU's best", bare_ms / q.median);
                 }
             }
+            let interval =
+                best.and_then(|b| RatioInterval::of(&ferry.samples.total_ms, &b.samples.total_ms));
             push(
                 format!("total time <= {max}x QEMU's best"),
                 ratio,
+                interval,
                 max,
                 detail,
             );
@@ -559,22 +628,26 @@ pub fn floors(aggs: &[Aggregate], ceilings: &[Ceiling]) -> Vec<FloorCheck> {
                 .filter(|a| {
                     a.engine == Engine::Qemu && a.downtime_limit_ms == limit && a.complete()
                 })
-                .filter_map(|a| a.heartbeat_gap_ms.map(|g| (g.median, a.name())))
+                .filter_map(|a| a.heartbeat_gap_ms.map(|g| (g.median, a.name(), *a)))
                 .min_by(|a, b| a.0.total_cmp(&b.0));
             let ratio = lowest
                 .as_ref()
-                .and_then(|(q, _)| Some(ferry.heartbeat_gap_ms?.median / q));
+                .and_then(|(q, _, _)| Some(ferry.heartbeat_gap_ms?.median / q));
+            let interval = lowest.as_ref().and_then(|(_, _, a)| {
+                RatioInterval::of(&ferry.samples.heartbeat_gap_ms, &a.samples.heartbeat_gap_ms)
+            });
             let detail = format!(
                 "ferry {}, QEMU lowest {}",
                 ferry
                     .heartbeat_gap_ms
                     .map_or("-".into(), |g| format!("{:.1} ms", g.median)),
-                lowest.map_or_else(no_qemu, |(g, n)| format!("{g:.1} ms ({n})"))
+                lowest.map_or_else(no_qemu, |(g, n, _)| format!("{g:.1} ms ({n})"))
             );
             push(
                 "guest-seen downtime (heartbeat gap) <= 1/3 of QEMU's lowest at the same limit"
                     .into(),
                 ratio,
+                interval,
                 1.0 / 3.0,
                 detail,
             );
@@ -605,10 +678,14 @@ pub fn floors(aggs: &[Aggregate], ceilings: &[Ceiling]) -> Vec<FloorCheck> {
                     );
                 }
             }
+            let interval = best.and_then(|b| {
+                RatioInterval::of(&ferry.samples.cpu_per_gib, &b.samples.cpu_per_gib)
+            });
             push(
                 "engine CPU per GiB (source + destination, no vCPU) <= 0.7x QEMU's best profile's"
                     .into(),
                 ratio,
+                interval,
                 0.7,
                 detail,
             );
@@ -632,6 +709,7 @@ pub fn floors(aggs: &[Aggregate], ceilings: &[Ceiling]) -> Vec<FloorCheck> {
             push(
                 "capped: ferry converges (in every run)".into(),
                 Some(if ferry.complete() { 0.0 } else { 1.0 }),
+                None,
                 0.5,
                 detail,
             );
@@ -649,6 +727,7 @@ pub fn floors_text(f: &[FloorCheck]) -> String {
             Verdict::Missed => "MISSED",
             Verdict::NotApplicable => "n/a",
             Verdict::Busy => "BUSY: no verdict",
+            Verdict::Unresolved => "UNRESOLVED: within the runs' spread",
         };
         let _ = writeln!(s, "floor [{verdict}] {} — {}: {}", c.floor, c.row, c.detail);
     }
@@ -753,6 +832,49 @@ mod tests {
         // Without ceilings (or on a shaped link) the details have no bound.
         let f = floors(&aggregate(&runs, None, 20), &[]);
         assert!(!floor(&f, "engine CPU per GiB").detail.contains("bare TCP"));
+    }
+
+    #[test]
+    fn overlapping_runs_leave_a_floor_unresolved_and_apart_ones_decide_it() {
+        let w = Workload::new(1 << 30, DirtyLevel::Idle);
+        let rows = |ferry: [f64; 5], qemu: [f64; 5]| {
+            let mut runs = Vec::new();
+            for (f, q) in ferry.iter().zip(&qemu) {
+                runs.push(ok(QM, w, *q, 30.0));
+                runs.push(ok(F, w, *f, 3.0));
+            }
+            floors(&aggregate(&runs, None, 20), &[])
+        };
+        // Session 17's 1G idle totals: ferry's median is 1.08x QEMU's, but
+        // the runs overlap.
+        let f = rows(
+            [403.0, 356.0, 408.0, 437.0, 337.0],
+            [464.0, 348.0, 389.0, 371.0, 373.0],
+        );
+        let total = floor(&f, "total time <= 1x");
+        assert_eq!(total.verdict, Verdict::Unresolved, "{total:?}");
+        let i = total.interval.unwrap();
+        assert!(i.low < 1.0 && i.high > 1.0 && i.confidence > 0.96, "{i:?}");
+        assert!(total.detail.contains("97 % interval"), "{total:?}");
+        assert!(floors_text(&f).contains("UNRESOLVED"));
+        // Gaps 3 ms against 30 ms in every run: shown.
+        assert_eq!(floor(&f, "guest-seen downtime").verdict, Verdict::Met);
+        // Ferry slower in every run, and faster in every run.
+        let slower = rows(
+            [450.0, 460.0, 455.0, 470.0, 452.0],
+            [380.0, 375.0, 390.0, 385.0, 379.0],
+        );
+        assert_eq!(floor(&slower, "total time <= 1x").verdict, Verdict::Missed);
+        let faster = rows(
+            [350.0, 360.0, 355.0, 340.0, 352.0],
+            [380.0, 375.0, 390.0, 385.0, 379.0],
+        );
+        assert_eq!(floor(&faster, "total time <= 1x").verdict, Verdict::Met);
+        // Equal CPU in every run: the interval is the point 1.0x, over 0.7x.
+        assert_eq!(
+            floor(&faster, "engine CPU per GiB").verdict,
+            Verdict::Missed
+        );
     }
 
     #[test]
