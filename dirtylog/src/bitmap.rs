@@ -1,7 +1,5 @@
 //! [`DirtyBitmap`]: a dense bitmap, one bit per 4 KiB page.
 
-use std::sync::atomic::AtomicU64;
-
 /// Bits per word of a [`DirtyBitmap`].
 pub const BITS_PER_WORD: usize = 64;
 
@@ -256,51 +254,11 @@ impl Iterator for OnesIter<'_> {
     }
 }
 
-/// `n` atomic words, all zero, from zeroed memory (`alloc_zeroed`): for a
-/// large table the allocator hands out fresh pages the kernel zeroes on
-/// first touch, so making it costs nothing up front, where building it
-/// word by word touches every page at once (about 1 ms per 2 MiB here: the
-/// page hashes of a 1 GiB guest, made while the migration waits to start).
-pub fn zeroed_atomic_words(n: usize) -> Box<[AtomicU64]> {
-    let Ok(layout) = std::alloc::Layout::array::<AtomicU64>(n) else {
-        // More words than an address space holds: as `vec!` would.
-        panic!("{n} atomic words do not fit in memory");
-    };
-    if layout.size() == 0 {
-        return Box::new([]);
-    }
-    // The allocation has `layout`'s alignment, `AtomicU64`'s.
-    #[allow(clippy::cast_ptr_alignment)]
-    // SAFETY: `layout` has a non-zero size (checked above).
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<AtomicU64>();
-    if ptr.is_null() {
-        std::alloc::handle_alloc_error(layout);
-    }
-    // SAFETY: `ptr` is a live allocation from the global allocator with the
-    // layout of `[AtomicU64; n]`, as `Box<[AtomicU64]>` frees it; all-zero
-    // bytes are a valid `AtomicU64` (it has the bit validity of `u64`), so
-    // the `n` elements are initialised; nothing else owns the allocation.
-    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n)) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
-
-    #[test]
-    fn zeroed_atomic_words_are_zero_and_usable() {
-        use std::sync::atomic::Ordering;
-        assert!(zeroed_atomic_words(0).is_empty());
-        let words = zeroed_atomic_words(300_000);
-        assert_eq!(words.len(), 300_000);
-        assert!(words.iter().all(|w| w.load(Ordering::Relaxed) == 0));
-        words[299_999].store(7, Ordering::Relaxed);
-        words[0].fetch_or(1, Ordering::Relaxed);
-        assert_eq!(words[299_999].load(Ordering::Relaxed), 7);
-        assert_eq!(words[0].load(Ordering::Relaxed), 1);
-    }
 
     #[test]
     fn new_bitmap_is_empty() {

@@ -64,13 +64,14 @@ mod kvm_sys;
 mod log;
 mod process;
 mod vmm_writes;
+mod words;
 #[cfg(feature = "xen")]
 mod xen;
 
 #[cfg(feature = "test-guest")]
 pub mod test_guest;
 
-pub use bitmap::{words_for, zeroed_atomic_words, DirtyBitmap, OnesIter, BITS_PER_WORD};
+pub use bitmap::{words_for, DirtyBitmap, OnesIter, BITS_PER_WORD};
 pub use error::DirtyLogError;
 pub use kvm_bitmap::{enable_manual_protect, KvmBitmapLog, CLEAR_CHUNK_PAGES};
 pub use kvm_ring::{enable_dirty_ring, KvmDirtyRing, RingFullHandler, KVM_EXIT_DIRTY_RING_FULL};
@@ -79,5 +80,6 @@ pub use process::{
     create_userfaultfd, soft_dirty_supported, MemoryRange, ProcessMemoryLog, SoftDirtyLog,
 };
 pub use vmm_writes::{VmmWriteLog, VmmWriteSource, WithVmmWrites};
+pub use words::{zeroed_atomic_words, AtomicWords, HUGE_PAGE};
 #[cfg(feature = "xen")]
 pub use xen::XenLogDirty;

@@ -15,13 +15,14 @@
 //! Draining swaps each word with zero atomically, so a mark racing with a
 //! drain lands in this round or the next, never nowhere.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
 
-use crate::bitmap::{words_for, zeroed_atomic_words, BITS_PER_WORD};
+use crate::bitmap::{words_for, BITS_PER_WORD};
+use crate::words::{zeroed_atomic_words, AtomicWords};
 use crate::{CollectStats, DirtyBitmap, DirtyLog, DirtyLogError, Reprotect, PAGE_SIZE};
 
 /// Something that knows which pages the VMM wrote.
@@ -38,7 +39,7 @@ pub trait VmmWriteSource: Send {
 /// `Arc`; marking is lock-free.
 #[derive(Debug)]
 pub struct VmmWriteLog {
-    words: Box<[AtomicU64]>,
+    words: AtomicWords,
     pages: usize,
 }
 

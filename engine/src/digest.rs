@@ -21,7 +21,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 /// sent again.
 #[derive(Debug)]
 pub struct PageHashes {
-    hashes: Box<[AtomicU64]>,
+    hashes: ferry_dirtylog::AtomicWords,
     /// Regions as page ranges `[first, end)`, ascending.
     regions: Vec<(u64, u64)>,
     /// One sum per region, then one for pages outside every region.

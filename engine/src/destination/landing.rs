@@ -5,7 +5,7 @@
 //! the session's thread.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 
 use crossbeam_channel::Sender;
@@ -34,7 +34,7 @@ pub(crate) struct TornSet {
     /// the lock, and its cache line from core to core, for every page
     /// written while any page was torn, which on the idle row is all of
     /// round 0: the guest's status page tears early in every run.)
-    open_bits: Box<[AtomicU64]>,
+    open_bits: ferry_dirtylog::AtomicWords,
     state: Mutex<TornState>,
 }
 
