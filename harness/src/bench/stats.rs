@@ -5,8 +5,9 @@
 //! the next. [`RatioInterval`] says how far the ratio can be trusted: the
 //! Hodges-Lehmann estimate of the ratio of two samples' locations (the
 //! median of every pairwise ratio) with its distribution-free confidence
-//! interval from the exact Mann-Whitney distribution (Bauer 1972; what R's
-//! `wilcox.test(log(x), log(y), conf.int = TRUE)` gives, exponentiated).
+//! interval from the exact Mann-Whitney distribution (Bauer 1972; the
+//! exact procedure of R's `wilcox.test(log(x), log(y), conf.int = TRUE)`,
+//! exponentiated).
 //! It assumes only that the runs of each engine are independent draws and
 //! that the engines differ by a factor. Written out here because no
 //! well-kept crate offers the exact interval (criterion bootstraps inside
@@ -207,7 +208,7 @@ mod tests {
     }
 
     #[test]
-    fn the_interval_is_the_one_r_gives() {
+    fn the_interval_follows_the_exact_procedure_r_uses() {
         // R's procedure (`wilcox.test(log(x), log(y), conf.int = TRUE)`,
         // exact): qwilcox(0.025, 5, 5) = 3, so the interval runs from the
         // 3rd smallest to the 3rd largest of the 25 pairwise differences
