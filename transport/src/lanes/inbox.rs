@@ -13,6 +13,9 @@
 //! is offered to its lane's consumer first, in the lane's order, and only
 //! what it passes on goes to the channel. A frame it keeps costs no
 //! hand-over, and its buffer is the one the lane's next frame is read into.
+//! A small frame passed on after large ones (a round's end between page
+//! batches) goes in a buffer of its own size
+//! ([`ReceivedFrame::compacted`]): the lane keeps the buffer it grew.
 
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -121,7 +124,14 @@ impl LaneInbox {
                                     kept = Some(buf);
                                     continue;
                                 }
-                                Consumed::PassedOn(frame) => Ok(frame),
+                                Consumed::PassedOn(frame) => {
+                                    // A small frame leaves in a buffer of
+                                    // its own; the lane keeps the one it
+                                    // grew for its bulk frames.
+                                    let (frame, buf) = frame.compacted();
+                                    kept = buf;
+                                    Ok(frame)
+                                }
                             },
                             Err(e) => Err(e),
                         };
@@ -179,5 +189,58 @@ impl LaneInbox {
         for t in self.threads {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{encode_frame, FrameKind};
+    use crate::stream::FrameReader;
+
+    /// Keeps page batches, noting the address of each one's buffer; passes
+    /// everything else on.
+    struct KeepBatches(std::sync::mpsc::Sender<usize>);
+
+    impl LaneConsumer for KeepBatches {
+        fn consume(&mut self, frame: ReceivedFrame) -> Consumed {
+            if frame.kind() != FrameKind::PageBatch {
+                return Consumed::PassedOn(frame);
+            }
+            let buf = frame.into_buffer();
+            let _ = self.0.send(buf.as_ptr() as usize);
+            Consumed::Kept(buf)
+        }
+    }
+
+    #[test]
+    fn a_round_end_between_batches_leaves_the_lane_its_grown_buffer() {
+        let mut wire = Vec::new();
+        let batch = vec![3u8; 512 << 10];
+        for (kind, payload) in [
+            (FrameKind::PageBatch, &batch[..]),
+            (FrameKind::RoundEnd, &b"end of round 1"[..]),
+            (FrameKind::PageBatch, &batch[..]),
+        ] {
+            encode_frame(kind, 0, payload, &mut wire).unwrap();
+        }
+        let (tx, batches) = std::sync::mpsc::channel();
+        let reader: Box<dyn FrameReceive> = Box::new(FrameReader::new(std::io::Cursor::new(wire)));
+        let inbox = LaneInbox::spawn_with(vec![(0, reader)], 4, |_| KeepBatches(tx.clone()));
+        drop(tx);
+        // The round end comes through (and is held here, with its buffer,
+        // while the second batch is read), then the lane's clean end.
+        let end = inbox.recv().unwrap();
+        let end = end.frame.unwrap();
+        assert_eq!(end.kind(), FrameKind::RoundEnd);
+        assert!(matches!(
+            inbox.recv().unwrap().frame,
+            Err(TransportError::PeerClosed)
+        ));
+        let at: Vec<usize> = batches.iter().collect();
+        assert_eq!(at.len(), 2);
+        assert_eq!(at[0], at[1], "the second batch was read into a new buffer");
+        assert_eq!(end.verify().unwrap(), b"end of round 1");
+        inbox.join();
     }
 }
