@@ -515,8 +515,9 @@ fn dirty_limit_throttles_only_the_dirtying_vcpu_and_converges() -> Result<()> {
 /// Two vCPUs both dirtying, at different paces (`rates=10000,300`,
 /// vm/guest/GUEST.md: vCPU 0 at 10 000 pages/s, vCPU 1 at 300), the dirty
 /// ring on, over a link slower than vCPU 0 alone: dirty-limit throttles
-/// vCPU 0 only (vCPU 1 stays under the per-vCPU limit, ~975 pages/s here:
-/// half the link's 16 MB/s over two vCPUs), the migration converges, and
+/// vCPU 0, and vCPU 1 not or less (it stays under the per-vCPU limit, ~975
+/// pages/s here: half the link's 16 MB/s over two vCPUs, but for the
+/// bursts `assert_dirty_limited` describes), the migration converges, and
 /// both vCPUs go on dirtying at the destination with no bad page.
 #[test]
 fn dirty_limit_throttles_only_the_fast_one_of_two_dirtying_vcpus() -> Result<()> {
@@ -581,16 +582,26 @@ fn assert_dirty_limited(
         matches!(e, ProgressEvent::RoundFinished { assessment, .. } if matches!(assessment.decision, Decision::LimitVcpus { .. }))
     });
     ensure!(limited, "converged without dirty-limit stepping in");
+    // vCPU 0 is throttled, and harder than vCPU 1 in every round. vCPU 1
+    // may be held back a little now and then: its loop is paced by the
+    // guest's clock, so after the host has kept it off a core for a while
+    // it dirties the pages it owes back to back, and a round that sees
+    // that burst sees it over the limit (CI, `46cb0e3`'s tree, once in
+    // eight runs: maximum throttles [99, 20], 3,231 pages against 11,364).
     let throttles = &summary.vcpu_max_throttle_percent;
     ensure!(
-        throttles.len() == 2 && throttles[0] > 0 && throttles[1] == 0,
-        "only vCPU 0 may be throttled, and must be: {throttles:?}"
+        throttles.len() == 2 && throttles[0] > 0 && throttles[1] < throttles[0],
+        "vCPU 0 must be throttled, and harder than vCPU 1: {throttles:?}"
     );
     for e in events {
         if let ProgressEvent::RoundFinished { vcpu_throttles, .. } = e {
+            let (fast, slow) = (
+                vcpu_throttles.first().copied().unwrap_or(0),
+                vcpu_throttles.get(1).copied().unwrap_or(0),
+            );
             ensure!(
-                vcpu_throttles.get(1).copied().unwrap_or(0) == 0,
-                "vCPU 1 was throttled in a round: {vcpu_throttles:?}"
+                slow == 0 || slow < fast,
+                "vCPU 1 was throttled more than vCPU 0 in a round: {vcpu_throttles:?}"
             );
         }
     }
