@@ -80,6 +80,6 @@ pub use process::{
     create_userfaultfd, soft_dirty_supported, MemoryRange, ProcessMemoryLog, SoftDirtyLog,
 };
 pub use vmm_writes::{VmmWriteLog, VmmWriteSource, WithVmmWrites};
-pub use words::{zeroed_atomic_words, AtomicWords, HUGE_PAGE};
+pub use words::{advise_huge_pages, AtomicWords};
 #[cfg(feature = "xen")]
 pub use xen::XenLogDirty;

@@ -22,7 +22,7 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
 
 use crate::bitmap::{words_for, BITS_PER_WORD};
-use crate::words::{zeroed_atomic_words, AtomicWords};
+use crate::words::AtomicWords;
 use crate::{CollectStats, DirtyBitmap, DirtyLog, DirtyLogError, Reprotect, PAGE_SIZE};
 
 /// Something that knows which pages the VMM wrote.
@@ -47,7 +47,7 @@ impl VmmWriteLog {
     /// A log of `pages` pages, nothing marked.
     pub fn new(pages: usize) -> Self {
         Self {
-            words: zeroed_atomic_words(words_for(pages)),
+            words: AtomicWords::zeroed(words_for(pages)),
             pages,
         }
     }

@@ -8,7 +8,7 @@
 //! fault costs 1.6 us quiet and 15-25 us while the engine's threads and the
 //! guest share the cores), the page hashes of a 1 GiB guest (2 MiB, on
 //! each side) took 20-25 ms of the engine's CPU in faults while the first
-//! round wrote them. A table of [`HUGE_PAGE`] bytes or more is therefore
+//! round wrote them. A table of 2 MiB or more is therefore
 //! mapped on its own, 2 MiB aligned, backed by transparent huge pages
 //! where the host allows, and populated when it is made
 //! (`MADV_POPULATE_WRITE`): one 2 MiB page cleared per 2 MiB of table
@@ -19,7 +19,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::AtomicU64;
 
 /// Size of a transparent huge page on x86_64.
-pub const HUGE_PAGE: usize = 2 << 20;
+const HUGE_PAGE: usize = 2 << 20;
 
 /// `n` atomic words, all zero (see the module docs for where they live).
 /// Dereferences to `[AtomicU64]`.
@@ -117,15 +117,12 @@ impl AtomicWords {
         // `offset < HUGE_PAGE`, so `table` bytes from there stay inside
         // the `len` mapped.
         let start = base.as_ptr().cast::<u8>().wrapping_add(offset);
-        // Both are advice: without huge pages the table is made of small
-        // pages; without MADV_POPULATE_WRITE (Linux 5.14; EINVAL before) or
-        // memory to populate it now (ENOMEM), its pages fault in on use.
-        for advice in [libc::MADV_HUGEPAGE, libc::MADV_POPULATE_WRITE] {
-            // SAFETY: `start..start + table` lies inside the mapping made
-            // above, which nothing else uses yet; advice does not change
-            // what the memory holds (zeros).
-            unsafe { libc::madvise(start.cast(), table, advice) };
-        }
+        // Advice only: without huge pages the table is made of small pages;
+        // without memory to populate it now (ENOMEM), its pages fault in on
+        // use.
+        // SAFETY: `start..start + table` lies inside the private anonymous
+        // mapping made above, which nothing else uses yet.
+        let _ = unsafe { advise_huge_pages(start, table, true) };
         // Anonymous memory is zeroed and all-zero bytes are a valid
         // `AtomicU64`; `start` is 2 MiB aligned, so aligned for it.
         #[allow(clippy::cast_ptr_alignment)]
@@ -167,9 +164,27 @@ impl Drop for AtomicWords {
     }
 }
 
-/// `n` zeroed atomic words ([`AtomicWords::zeroed`]).
-pub fn zeroed_atomic_words(n: usize) -> AtomicWords {
-    AtomicWords::zeroed(n)
+/// Asks the kernel to back `len` bytes at `addr` with transparent huge
+/// pages (advice: no error when it cannot) and, with `populate`, to
+/// allocate them now (`MADV_POPULATE_WRITE`) instead of at first touch. A
+/// kernel without it (before Linux 5.14: EINVAL) leaves the pages to fault
+/// in on use; any other failure to populate (ENOMEM: the host cannot back
+/// the range now) is returned. For guest RAM and for [`AtomicWords`].
+///
+/// # Safety
+/// `addr..addr + len` must be a private anonymous mapping the caller owns:
+/// the advice changes how it is backed, never what it holds.
+pub unsafe fn advise_huge_pages(addr: *mut u8, len: usize, populate: bool) -> std::io::Result<()> {
+    // SAFETY: the caller vouches for the range (above).
+    let _ = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
+    // SAFETY: as above; populating writes zeros into fresh anonymous pages.
+    if populate && unsafe { libc::madvise(addr.cast(), len, libc::MADV_POPULATE_WRITE) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -178,7 +193,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     fn check(n: usize) {
-        let words = zeroed_atomic_words(n);
+        let words = AtomicWords::zeroed(n);
         assert_eq!(words.len(), n);
         assert!(words.iter().all(|w| w.load(Ordering::Relaxed) == 0));
         if n > 0 {
@@ -194,7 +209,7 @@ mod tests {
         check(0);
         check(1);
         check(300);
-        let w = zeroed_atomic_words(300);
+        let w = AtomicWords::zeroed(300);
         assert!(format!("{w:?}").contains("mapped: false"));
     }
 
@@ -203,7 +218,7 @@ mod tests {
         // 2 MiB and 2 MiB + 8 bytes, over the threshold; odd lengths too.
         for n in [HUGE_PAGE / 8, HUGE_PAGE / 8 + 1, 300_000] {
             check(n);
-            let w = zeroed_atomic_words(n);
+            let w = AtomicWords::zeroed(n);
             assert!(format!("{w:?}").contains("mapped: true"), "{n}");
             assert!((w.as_ptr() as usize).is_multiple_of(HUGE_PAGE));
         }
@@ -211,7 +226,7 @@ mod tests {
         // of 4 MiB each would show in the process's mappings).
         let before = mapped_bytes();
         for _ in 0..64 {
-            drop(zeroed_atomic_words(HUGE_PAGE / 8));
+            drop(AtomicWords::zeroed(HUGE_PAGE / 8));
         }
         assert!(mapped_bytes() < before + (16 << 20));
     }
@@ -240,7 +255,7 @@ mod tests {
 
     #[test]
     fn writing_a_large_table_does_not_fault_page_by_page() {
-        let words = zeroed_atomic_words(HUGE_PAGE / 4);
+        let words = AtomicWords::zeroed(HUGE_PAGE / 4);
         let before = minor_faults();
         for w in words.iter().step_by(512) {
             w.store(1, Ordering::Relaxed);
@@ -252,7 +267,7 @@ mod tests {
 
     #[test]
     fn tables_are_shared_across_threads() {
-        let words = std::sync::Arc::new(zeroed_atomic_words(HUGE_PAGE / 8));
+        let words = std::sync::Arc::new(AtomicWords::zeroed(HUGE_PAGE / 8));
         let handles: Vec<_> = (0..4)
             .map(|t| {
                 let words = words.clone();

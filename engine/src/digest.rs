@@ -57,7 +57,7 @@ impl PageHashes {
     pub fn with_regions(pages: u64, regions: &[(u64, u64)]) -> Self {
         let n = usize::try_from(pages).expect("page count fits in memory");
         Self {
-            hashes: ferry_dirtylog::zeroed_atomic_words(n),
+            hashes: ferry_dirtylog::AtomicWords::zeroed(n),
             regions: regions.to_vec(),
             sums: (0..=regions.len()).map(|_| AtomicU64::new(0)).collect(),
         }

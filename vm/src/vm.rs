@@ -750,21 +750,9 @@ fn map_guest_memory(layout: &[(u64, u64)], host: u64) -> Result<GuestMem, VmErro
 /// (PLATFORM.md). Populating fails (ENOMEM) when the host cannot back the
 /// whole guest: that destination could never hold it.
 fn advise(addr: *mut u8, len: usize, populate: bool) -> Result<(), std::io::Error> {
-    // SAFETY: the range is a private anonymous mapping owned by the caller;
-    // madvise only changes how the kernel backs it, never its contents' validity.
-    let _ = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
-    if populate {
-        // MADV_POPULATE_WRITE (Linux 5.14); older kernels (EINVAL): pages
-        // fault in on use.
-        // SAFETY: as above; populating writes zeros into fresh anonymous pages.
-        if unsafe { libc::madvise(addr.cast(), len, 23) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINVAL) {
-                return Err(e);
-            }
-        }
-    }
-    Ok(())
+    // SAFETY: the range is a private anonymous mapping of guest memory
+    // owned by the caller.
+    unsafe { ferry_dirtylog::advise_huge_pages(addr, len, populate) }
 }
 
 /// The TSC frequency (kHz) KVM gives guests on this host, which the workload

@@ -58,7 +58,7 @@ impl TornSet {
     pub(crate) fn new(page_index_end: u64) -> Self {
         let words = usize::try_from(page_index_end.div_ceil(64)).expect("page count fits usize");
         Self {
-            open_bits: ferry_dirtylog::zeroed_atomic_words(words),
+            open_bits: ferry_dirtylog::AtomicWords::zeroed(words),
             state: Mutex::default(),
         }
     }
