@@ -37,17 +37,23 @@ impl Spread {
         }
         v.sort_by(f64::total_cmp);
         let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
         Some(Self {
-            median,
+            median: median_of_sorted(&v),
             min: v[0],
             max: v[n - 1],
             n,
         })
+    }
+}
+
+/// The median of sorted, non-empty `v` (the mean of the middle two for an
+/// even count).
+fn median_of_sorted(v: &[f64]) -> f64 {
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 
@@ -91,11 +97,7 @@ impl RatioInterval {
             .collect();
         diffs.sort_by(f64::total_cmp);
         let nm = diffs.len();
-        let estimate = if nm % 2 == 1 {
-            diffs[nm / 2]
-        } else {
-            (diffs[nm / 2 - 1] + diffs[nm / 2]) / 2.0
-        };
+        let estimate = median_of_sorted(&diffs);
         // The smallest u with P(U <= u) >= alpha / 2 (at least 1): the
         // interval runs from the u-th smallest difference to the u-th
         // largest, and misses with probability 2 P(U <= u - 1).
