@@ -239,7 +239,8 @@ pub struct ReceiveArgs {
     pub dirty_log: DirtyBackend,
     /// Prepare (allocate and populate) this much guest memory before the
     /// source connects, as a VMM started with `-m` would; used when the
-    /// incoming guest has this size.
+    /// incoming guest has this size. The lanes' read buffers are made
+    /// ready with it.
     #[arg(long, value_parser = parse_mem)]
     pub mem: Option<u64>,
     /// Print JSON status lines instead of a live display.
@@ -358,11 +359,16 @@ fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
         mem.map(|m| Vm::incoming(m, dirty).context("preparing the destination VM"))
             .transpose()
     };
+    let opts = DestinationOptions::default();
+    if mem.is_some() {
+        // Prepared with the memory, for the same reason.
+        opts.prepare_lane_buffers();
+    }
     let session = Arc::new(Receiver {
         prepared: std::sync::Mutex::new(prepare()?),
         taken: std::sync::atomic::AtomicBool::new(false),
         served: Served::destination(),
-        opts: DestinationOptions::default(),
+        opts,
         dirty,
         mem,
         quiet: args.quiet || args.json,
@@ -499,6 +505,9 @@ impl Receiver {
                     match again {
                         Ok(vm) => *self.prepared.lock().expect("prepared lock") = vm,
                         Err(e) => eprintln!("ferry: {e:#}"),
+                    }
+                    if self.mem.is_some() {
+                        self.opts.prepare_lane_buffers();
                     }
                     self.taken.store(false, Ordering::Release);
                     eprintln!("ferry: guest memory freed; waiting for the source again");

@@ -160,9 +160,12 @@ impl DestinationMigration {
         let lanes = readers.len();
         let (failure_tx, failures) = crossbeam_channel::unbounded();
         let landing = Arc::new(Landing::new(lanes, failure_tx));
-        let inbound = LaneInbox::spawn_with(readers, DEPTH_PER_LANE * lanes.max(1), |lane| {
-            LaneLanding::new(lane, landing.clone())
-        });
+        let inbound = LaneInbox::spawn_primed(
+            readers,
+            DEPTH_PER_LANE * lanes.max(1),
+            opts.lane_buffers.take(lanes),
+            |lane| LaneLanding::new(lane, landing.clone()),
+        );
         let mut receiver = Receiving {
             sink,
             free: inbound.recycler(),

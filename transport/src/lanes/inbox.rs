@@ -16,7 +16,14 @@
 //! A small frame passed on after large ones (a round's end between page
 //! batches) goes in a buffer of its own size
 //! ([`ReceivedFrame::compacted`]): the lane keeps the buffer it grew.
+//!
+//! A receiver that waits for a session can make its lanes' buffers
+//! beforehand ([`PreparedBuffers`], handed to [`LaneInbox::spawn_primed`]),
+//! as it prepares guest memory: a buffer grown when the first frames
+//! arrive is faulted in page by page while the session's threads compete
+//! for the cores.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -100,11 +107,29 @@ impl LaneInbox {
     pub fn spawn_with<C: LaneConsumer>(
         readers: Vec<(u16, Box<dyn FrameReceive>)>,
         depth: usize,
+        consumer_for: impl FnMut(u16) -> C,
+    ) -> LaneInbox {
+        Self::spawn_primed(readers, depth, Vec::new(), consumer_for)
+    }
+
+    /// [`LaneInbox::spawn_with`], the lanes' first frames read into
+    /// `buffers` (made ready beforehand, see [`PreparedBuffers`]) rather
+    /// than into buffers grown as they arrive. Buffers beyond what the
+    /// inbox keeps spare are dropped.
+    pub fn spawn_primed<C: LaneConsumer>(
+        readers: Vec<(u16, Box<dyn FrameReceive>)>,
+        depth: usize,
+        buffers: Vec<Vec<u8>>,
         mut consumer_for: impl FnMut(u16) -> C,
     ) -> LaneInbox {
         let lanes = readers.len();
         let (tx, rx) = bounded(depth.max(1));
         let (spare_tx, spare) = bounded(2 * depth.max(1) + 8 * lanes);
+        for buffer in buffers {
+            if spare_tx.try_send(buffer).is_err() {
+                break;
+            }
+        }
         let threads = readers
             .into_iter()
             .map(|(lane, mut reader)| {
@@ -192,6 +217,58 @@ impl LaneInbox {
     }
 }
 
+/// Frame buffers made (and their memory faulted in) before a session
+/// starts, for its lane readers ([`LaneInbox::spawn_primed`]). Shared: a
+/// receiver prepares them while it waits, and the session that comes
+/// takes them.
+///
+/// ```
+/// use ferry_transport::lanes::PreparedBuffers;
+///
+/// let buffers = PreparedBuffers::default();
+/// buffers.prepare(4, 1 << 20);
+/// let taken = buffers.take(2);
+/// assert_eq!(taken.len(), 2);
+/// assert!(taken.iter().all(|b| b.len() == 1 << 20));
+/// assert_eq!(buffers.len(), 2);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct PreparedBuffers(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl PreparedBuffers {
+    /// Makes ready buffers until `count` wait, each of `bytes` bytes, every
+    /// page of them written once (so the frames read into them later fault
+    /// nothing in). A frame longer than `bytes` grows its buffer as usual.
+    pub fn prepare(&self, count: usize, bytes: usize) {
+        let mut ready = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        while ready.len() < count {
+            // `resize` writes the zeros: `vec![0; n]` takes the kernel's
+            // zeroed pages untouched, which is what this is here to avoid.
+            #[allow(clippy::slow_vector_initialization)]
+            let mut buffer = Vec::with_capacity(bytes);
+            buffer.resize(bytes, 0);
+            ready.push(buffer);
+        }
+    }
+
+    /// Up to `n` of the buffers made ready (fewer when fewer wait).
+    pub fn take(&self, n: usize) -> Vec<Vec<u8>> {
+        let mut ready = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let keep = ready.len().saturating_sub(n);
+        ready.split_off(keep)
+    }
+
+    /// Buffers waiting.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Whether none waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,5 +319,59 @@ mod tests {
         assert_eq!(at[0], at[1], "the second batch was read into a new buffer");
         assert_eq!(end.verify().unwrap(), b"end of round 1");
         inbox.join();
+    }
+
+    #[test]
+    fn a_primed_lane_reads_its_first_frames_into_the_buffer_made_for_it() {
+        let mut wire = Vec::new();
+        let batch = vec![5u8; 768 << 10];
+        for _ in 0..2 {
+            encode_frame(FrameKind::PageBatch, 0, &batch, &mut wire).unwrap();
+        }
+        let prepared = PreparedBuffers::default();
+        prepared.prepare(1, 1 << 20);
+        let primed = prepared.take(1);
+        assert!(prepared.is_empty());
+        let at = primed[0].as_ptr() as usize;
+        let (tx, batches) = std::sync::mpsc::channel();
+        let reader: Box<dyn FrameReceive> = Box::new(FrameReader::new(std::io::Cursor::new(wire)));
+        let inbox =
+            LaneInbox::spawn_primed(vec![(0, reader)], 4, primed, |_| KeepBatches(tx.clone()));
+        drop(tx);
+        assert!(matches!(
+            inbox.recv().unwrap().frame,
+            Err(TransportError::PeerClosed)
+        ));
+        let got: Vec<usize> = batches.iter().collect();
+        assert_eq!(got, vec![at, at], "a batch was read into another buffer");
+        inbox.join();
+    }
+
+    /// Minor page faults of this thread so far.
+    fn minor_faults() -> i64 {
+        // SAFETY: an all-zero `rusage` is a valid value; getrusage fills it.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `usage` is a valid, writable rusage.
+        let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+        assert_eq!(rc, 0);
+        usage.ru_minflt
+    }
+
+    #[test]
+    fn prepared_buffers_are_faulted_in_before_they_are_taken() {
+        let prepared = PreparedBuffers::default();
+        prepared.prepare(2, 4 << 20);
+        prepared.prepare(2, 4 << 20);
+        assert_eq!(prepared.len(), 2, "prepare tops up to the count");
+        let mut buffers = prepared.take(3);
+        assert_eq!(buffers.len(), 2);
+        let before = minor_faults();
+        for buffer in &mut buffers {
+            buffer.fill(7);
+        }
+        let faults = minor_faults() - before;
+        // 2 x 1,024 pages were written; a buffer left to fault in on first
+        // write would fault at least once per huge page (4 here).
+        assert!(faults < 4, "{faults} page faults writing prepared buffers");
     }
 }

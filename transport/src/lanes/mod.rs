@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 pub use bucket::TokenBucket;
 pub use handshake::{LaneHello, SessionId, MAX_LANES};
-pub use inbox::{Consumed, LaneConsumer, LaneEvent, LaneInbox, PassAll, Recycler};
+pub use inbox::{Consumed, LaneConsumer, LaneEvent, LaneInbox, PassAll, PreparedBuffers, Recycler};
 pub use queue::{
     FramedSink, LaneQueues, LaneSink, LinkMeter, LinkTotals, OutFrame, QueueOptions, SocketSink,
     ZeroCopySink,
