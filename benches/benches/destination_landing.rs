@@ -267,10 +267,7 @@ fn main() {
     let mib = env("FERRY_BENCH_MEM_MIB", 1024);
     let runs = env("FERRY_BENCH_RUNS", 5);
     let src = ColdRegion::new(mib << 20, true);
-    // The engine's guest memory is huge-page backed where the host allows
-    // (`FERRY_BENCH_DST_HUGE=0` for small pages, as sessions 10-18 ran it).
-    let dst_huge = env("FERRY_BENCH_DST_HUGE", 1) != 0;
-    let mut dst = ColdRegion::new(mib << 20, dst_huge);
+    let mut dst = ColdRegion::new(mib << 20, false);
     let want: u64 = src.bytes().chunks(PAGE).fold(0, |s, p| s ^ page_hash(p));
     println!(
         "{mib} MiB per run, 1 MiB batches; receiver CPU-seconds: total (user + sys), alternating"
