@@ -175,20 +175,20 @@ pub struct DestinationOptions {
     /// every session a destination process accepts.
     pub record: HandoverRecord,
     /// The lanes' read buffers, made ready while the destination waits
-    /// ([`DestinationOptions::prepare_lane_buffers`]); the next migration
-    /// takes them. Empty: each lane grows its own as the first frames come.
+    /// ([`DestinationOptions::prepare_lane_buffers`]); the next incoming
+    /// session takes them (one per lane, as far as they go). Empty: each
+    /// lane grows its own as its first frame comes.
     pub lane_buffers: PreparedBuffers,
 }
 
 impl DestinationOptions {
-    /// Makes ready, now, a read buffer for each lane a source opens by
-    /// default, sized for its page batches, as a destination that waits
-    /// prepares guest memory: grown when the first batches arrive, they
-    /// were faulted in 4 KiB at a time while the migration's threads
-    /// compete for the cores (1,000 faults for 4 lanes; on this machine, a
-    /// nested KVM whose host takes back freed memory, 1.5 us each, or up
-    /// to 35 us: 0-37 ms of the destination's CPU per migration, in
-    /// `perf`).
+    /// Makes ready, now, one read buffer per lane that a source on this
+    /// host would open by default (a source elsewhere may open more or
+    /// fewer; lanes beyond them grow their own), each sized for a default
+    /// page batch: as a waiting destination prepares guest memory, so that
+    /// the first batches do not fault their buffers in 4 KiB at a time
+    /// while the migration's threads compete for the cores (see
+    /// BENCHMARKS.md, session 19).
     pub fn prepare_lane_buffers(&self) {
         let batch = MigrationOptions::default().batch_bytes;
         self.lane_buffers.prepare(

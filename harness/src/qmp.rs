@@ -777,6 +777,9 @@ mod tests {
     /// answers one command with an empty return.
     fn serve(first: String) -> (Qmp, std::thread::JoinHandle<String>) {
         let (ours, theirs) = UnixStream::pair().unwrap();
+        // A client that waits for more than the server wrote fails, not hangs.
+        ours.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let server = std::thread::spawn(move || {
             let mut out = theirs.try_clone().unwrap();
             out.write_all(first.as_bytes()).unwrap();

@@ -353,26 +353,16 @@ fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
     // Bad security flags fail before anything is allocated.
     let spec = args.security.spec()?;
     let security = spec.load()?;
-    let dirty = args.dirty_log;
-    let mem = args.mem;
-    let prepare = move || {
-        mem.map(|m| Vm::incoming(m, dirty).context("preparing the destination VM"))
-            .transpose()
-    };
-    let opts = DestinationOptions::default();
-    if mem.is_some() {
-        // Prepared with the memory, for the same reason.
-        opts.prepare_lane_buffers();
-    }
     let session = Arc::new(Receiver {
-        prepared: std::sync::Mutex::new(prepare()?),
+        prepared: std::sync::Mutex::new(None),
         taken: std::sync::atomic::AtomicBool::new(false),
         served: Served::destination(),
-        opts,
-        dirty,
-        mem,
+        opts: DestinationOptions::default(),
+        dirty: args.dirty_log,
+        mem: args.mem,
         quiet: args.quiet || args.json,
     });
+    session.ready_for_next()?;
     let served = session.served.clone();
     let mut listener = LaneListener::bind(args.listen.as_str(), LaneOptions::new(1, security))
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -447,6 +437,32 @@ struct Receiver {
 }
 
 impl Receiver {
+    /// With `--mem`: the next guest's memory and the lanes' read buffers
+    /// made ready (whatever of them is not ready already), before a source
+    /// connects.
+    fn ready_for_next(&self) -> anyhow::Result<()> {
+        let Some(mem) = self.mem else {
+            return Ok(());
+        };
+        self.opts.prepare_lane_buffers();
+        let mut prepared = self.prepared.lock().expect("prepared lock");
+        if prepared.is_none() {
+            *prepared =
+                Some(Vm::incoming(mem, self.dirty).context("preparing the destination VM")?);
+        }
+        Ok(())
+    }
+
+    /// After a session that was no migration here (a question, a refusal,
+    /// a failure before the guest's memory was claimed): its lanes took
+    /// read buffers made ready; make them again while no migration is
+    /// under way.
+    fn replace_taken_buffers(&self) {
+        if self.mem.is_some() && !self.taken.load(std::sync::atomic::Ordering::Acquire) {
+            self.opts.prepare_lane_buffers();
+        }
+    }
+
     /// Serves one session: a migration (refused while another is under
     /// way or its guest runs here) or a question about an earlier
     /// handover. True when a guest arrived and runs here.
@@ -476,6 +492,8 @@ impl Receiver {
                     );
                 }
                 self.served.arrived(Arc::new(vm), &summary);
+                // Buffers the source's lanes did not take are not needed.
+                self.opts.lane_buffers.clear();
                 true
             }
             Ok(Incoming::Answered {
@@ -487,6 +505,7 @@ impl Receiver {
                     HandoverOutcome::NotResumed(why) => format!("not resumed ({why})"),
                 };
                 eprintln!("ferry: a source asked about migration {migration_id:#x}: {answer}");
+                self.replace_taken_buffers();
                 false
             }
             Err(e) => {
@@ -496,21 +515,13 @@ impl Receiver {
                     // Its guest memory is freed (the VM was dropped): get
                     // ready for the next source as at the start.
                     self.served.receive_failed(&why);
-                    let again = self
-                        .mem
-                        .map(|m| {
-                            Vm::incoming(m, self.dirty).context("preparing the destination VM")
-                        })
-                        .transpose();
-                    match again {
-                        Ok(vm) => *self.prepared.lock().expect("prepared lock") = vm,
-                        Err(e) => eprintln!("ferry: {e:#}"),
-                    }
-                    if self.mem.is_some() {
-                        self.opts.prepare_lane_buffers();
+                    if let Err(e) = self.ready_for_next() {
+                        eprintln!("ferry: {e:#}");
                     }
                     self.taken.store(false, Ordering::Release);
                     eprintln!("ferry: guest memory freed; waiting for the source again");
+                } else {
+                    self.replace_taken_buffers();
                 }
                 false
             }

@@ -112,10 +112,11 @@ impl LaneInbox {
         Self::spawn_primed(readers, depth, Vec::new(), consumer_for)
     }
 
-    /// [`LaneInbox::spawn_with`], the lanes' first frames read into
-    /// `buffers` (made ready beforehand, see [`PreparedBuffers`]) rather
-    /// than into buffers grown as they arrive. Buffers beyond what the
-    /// inbox keeps spare are dropped.
+    /// [`LaneInbox::spawn_with`], with `buffers` (made ready beforehand,
+    /// see [`PreparedBuffers`]) put in the readers' shared pool of spare
+    /// buffers before they start: each reader takes one for its first
+    /// frame, where it would otherwise grow an empty one as the frame
+    /// arrives. Buffers beyond what the pool holds are dropped.
     pub fn spawn_primed<C: LaneConsumer>(
         readers: Vec<(u16, Box<dyn FrameReceive>)>,
         depth: usize,
@@ -240,15 +241,22 @@ impl PreparedBuffers {
     /// page of them written once (so the frames read into them later fault
     /// nothing in). A frame longer than `bytes` grows its buffer as usual.
     pub fn prepare(&self, count: usize, bytes: usize) {
+        // Made outside the lock: a session that starts meanwhile takes
+        // what is ready without waiting for the page faults.
+        let missing = count.saturating_sub(self.len());
+        let made: Vec<Vec<u8>> = (0..missing)
+            .map(|_| {
+                // `resize` writes the zeros: `vec![0; n]` takes the kernel's
+                // zeroed pages untouched, which is what this is here to avoid.
+                #[allow(clippy::slow_vector_initialization)]
+                let mut buffer = Vec::with_capacity(bytes);
+                buffer.resize(bytes, 0);
+                buffer
+            })
+            .collect();
         let mut ready = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        while ready.len() < count {
-            // `resize` writes the zeros: `vec![0; n]` takes the kernel's
-            // zeroed pages untouched, which is what this is here to avoid.
-            #[allow(clippy::slow_vector_initialization)]
-            let mut buffer = Vec::with_capacity(bytes);
-            buffer.resize(bytes, 0);
-            ready.push(buffer);
-        }
+        let room = count.saturating_sub(ready.len());
+        ready.extend(made.into_iter().take(room));
     }
 
     /// Up to `n` of the buffers made ready (fewer when fewer wait).
@@ -256,6 +264,11 @@ impl PreparedBuffers {
         let mut ready = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let keep = ready.len().saturating_sub(n);
         ready.split_off(keep)
+    }
+
+    /// Drops every buffer waiting.
+    pub fn clear(&self) {
+        drop(self.take(usize::MAX));
     }
 
     /// Buffers waiting.
@@ -359,19 +372,26 @@ mod tests {
 
     #[test]
     fn prepared_buffers_are_faulted_in_before_they_are_taken() {
+        // Larger than glibc's largest mmap threshold (32 MiB), so each
+        // buffer is a fresh mapping whatever other tests freed before:
+        // one left to fault in on first write would fault at least once
+        // per 2 MiB.
+        const BYTES: usize = 33 << 20;
         let prepared = PreparedBuffers::default();
-        prepared.prepare(2, 4 << 20);
-        prepared.prepare(2, 4 << 20);
+        prepared.prepare(2, BYTES);
+        prepared.prepare(2, BYTES);
         assert_eq!(prepared.len(), 2, "prepare tops up to the count");
         let mut buffers = prepared.take(3);
         assert_eq!(buffers.len(), 2);
+        assert!(prepared.is_empty());
         let before = minor_faults();
         for buffer in &mut buffers {
             buffer.fill(7);
         }
         let faults = minor_faults() - before;
-        // 2 x 1,024 pages were written; a buffer left to fault in on first
-        // write would fault at least once per huge page (4 here).
-        assert!(faults < 4, "{faults} page faults writing prepared buffers");
+        assert!(faults < 8, "{faults} page faults writing prepared buffers");
+        prepared.prepare(1, 4096);
+        prepared.clear();
+        assert!(prepared.is_empty());
     }
 }
