@@ -152,7 +152,7 @@ impl Default for MigrationOptions {
             workers: 2,
             xor_cache_bytes: None,
             compress: true,
-            batch_bytes: 1 << 20,
+            batch_bytes: DEFAULT_BATCH_BYTES,
             handover_timeout: Duration::from_secs(30),
             pause_margin: DEFAULT_PAUSE_MARGIN,
             pre_go: None,
@@ -190,13 +190,15 @@ impl DestinationOptions {
     /// while the migration's threads compete for the cores (see
     /// BENCHMARKS.md, session 19).
     pub fn prepare_lane_buffers(&self) {
-        let batch = MigrationOptions::default().batch_bytes;
         self.lane_buffers.prepare(
             usize::from(ferry_transport::default_lane_count()),
-            batch + LANE_BUFFER_SLACK,
+            DEFAULT_BATCH_BYTES + LANE_BUFFER_SLACK,
         );
     }
 }
+
+/// [`MigrationOptions::batch_bytes`] by default.
+const DEFAULT_BATCH_BYTES: usize = 1 << 20;
 
 /// Room in a prepared lane buffer beyond a default batch's pages: the
 /// batch's entry table and headers.

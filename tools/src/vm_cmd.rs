@@ -445,10 +445,12 @@ impl Receiver {
             return Ok(());
         };
         self.opts.prepare_lane_buffers();
-        let mut prepared = self.prepared.lock().expect("prepared lock");
-        if prepared.is_none() {
-            *prepared =
-                Some(Vm::incoming(mem, self.dirty).context("preparing the destination VM")?);
+        // Populated outside the lock (a second or more for large guests): no
+        // session claims the memory meanwhile (none has, or the one that
+        // failed still holds `taken`).
+        if self.prepared.lock().expect("prepared lock").is_none() {
+            let vm = Vm::incoming(mem, self.dirty).context("preparing the destination VM")?;
+            *self.prepared.lock().expect("prepared lock") = Some(vm);
         }
         Ok(())
     }
